@@ -78,7 +78,7 @@ SPECS: tuple[ArchSpec, ...] = (
              tiny_overrides={"pad_token_id": 0}),
     ArchSpec("olmo2", ("olmo2",), "Olmo2ForCausalLM", "Olmo2Config", **_POST_NORM),
     ArchSpec("deepseek_v3", ("deepseek_v3",), "DeepseekV3ForCausalLM", "DeepseekV3Config", **_PRE_NORM,
-             tiny_overrides={"kv_lora_rank": 16, "q_lora_rank": 24, "qk_rope_head_dim": 8,
+             tiny_overrides={"num_key_value_heads": 4, "kv_lora_rank": 16, "q_lora_rank": 24, "qk_rope_head_dim": 8,
                              "qk_nope_head_dim": 8, "v_head_dim": 16, "n_routed_experts": 4,
                              "num_experts_per_tok": 2, "n_group": 1, "topk_group": 1,
                              "moe_intermediate_size": 32, "first_k_dense_replace": 1,

@@ -144,7 +144,11 @@ class _DroppedConfigMixin:
     @property
     def kv_sharing_modes(self) -> list[str | None]:
         dropped = set(self.drop_attn_list)
-        return ["reuse" if i in dropped else None for i in range(self.num_hidden_layers)]
+        modes = ["reuse" if i in dropped else None for i in range(self.num_hidden_layers)]
+        if all(modes):
+            # No layer attends: keep one (never written, so empty) slot so the cache can still report a length.
+            modes[0] = None
+        return modes
 
 
 class _DroppedModelMixin:
