@@ -1,0 +1,291 @@
+"""Dropped Llama-family models in NVIDIA's Nemotron-NAS (`DeciLMForCausalLM`) layout.
+
+Nemotron-NAS checkpoints (Llama-3_1-Nemotron-51B, Llama-3_3-Nemotron-Super-49B, ...) describe each
+decoder block in `config.json["block_configs"]`:
+`{"attention": {"no_op": bool, "replace_with_linear": false, "n_heads_in_group": H/KV or null},
+  "ffn": {"no_op": bool, "replace_with_linear": false, "ffn_mult": float or null}}`
+and otherwise use Llama's tensor names, minus the modules of no-op sublayers. A layer whose attention
+(or MLP) this package dropped is exactly such a no-op, so the export is a relabelling plus two details:
+
+- MLP width: engines do not read `intermediate_size`; they recompute it per block as
+  `_find_multiple(int(2 * ffn_mult * hidden_size / 3), 256)` (vLLM `nemotron_nas.py`, llama.cpp
+  `conversion/deci.py`). When the model's `intermediate_size` is not a multiple of 256 (SmolLM2-135M's 1536
+  is; small test models are not) the MLP weights are zero-padded to that width: the extra units compute
+  silu(0) * 0 = 0, so outputs are bit-for-bit unchanged. `ffn_mult` is chosen so the formula gives the
+  stored width exactly; `config["lightning_drop"]["intermediate_size"]` keeps the original width, and
+  `load_nemotron_nas` strips the (all-zero) padding again.
+- `auto_map.AutoConfig` names a bundled `configuration_decilm.py` (our own, depends only on transformers)
+  so `AutoConfig.from_pretrained(dir, trust_remote_code=True)` yields attribute-style `block_configs`.
+
+Which engines load this layout (from their source; only llama.cpp was run here):
+- vLLM: `vllm/model_executor/models/nemotron_nas.py` (`DeciLMForCausalLM`) builds attention only where
+  `block_config.attention.no_op` is false (KV heads = num_attention_heads // n_heads_in_group) and an MLP
+  only where `ffn.no_op` is false, sized from `ffn_mult` as above; it needs `trust_remote_code=True` for the
+  config class and at least one attention block (it derives the KV-head count from the first one).
+  Not run here (no GPU/vLLM in this environment).
+- llama.cpp: `convert_hf_to_gguf.py` (`DeciModel`, in the llama-cpp-python 0.3.36 sdist) converts this
+  layout to its `deci` architecture; `lightning_drop.export.gguf_deci.export_gguf` writes that GGUF
+  directly and is what the tests and `benchmarks/llamacpp_engine.py` run.
+- TensorRT-LLM ships a Nemotron-NAS/DeciLM model that reads the same `block_configs`; not run here.
+- lightning_drop itself: `load_nemotron_nas(dir)` and `lightning_drop.models.load_model(dir)`.
+
+Supported sources: `llama`, and `mistral` when it has no sliding window shorter than its context (then
+it is numerically a Llama). Other families raise ValueError.
+"""
+
+from __future__ import annotations
+
+import json
+import os
+import shutil
+from pathlib import Path
+from typing import Any
+
+import torch
+from torch import nn
+
+SUPPORTED_FAMILIES = ("llama", "mistral")
+_DTYPES = {"bf16": torch.bfloat16, "f16": torch.float16, "f32": torch.float32}
+_MULTIPLE = 256
+_HERE = Path(__file__).resolve().parent
+
+
+def _find_multiple(n: int, k: int) -> int:
+    return n if n % k == 0 else n + k - (n % k)
+
+
+def ffn_mult_to_intermediate_size(ffn_mult: float, hidden_size: int) -> int:
+    """The MLP width engines derive from `ffn_mult` (same formula as vLLM and llama.cpp)."""
+    return _find_multiple(int(2 * ffn_mult * hidden_size / 3), _MULTIPLE)
+
+
+def choose_ffn_mult(intermediate_size: int, hidden_size: int) -> tuple[float, int]:
+    """(ffn_mult, stored width): the width is `intermediate_size` rounded up to a multiple of 256."""
+    width = _find_multiple(intermediate_size, _MULTIPLE)
+    mult = round(3 * width / (2 * hidden_size), 8)
+    if ffn_mult_to_intermediate_size(mult, hidden_size) != width:  # pragma: no cover - float corner case
+        mult = 3 * width / (2 * hidden_size)
+    assert ffn_mult_to_intermediate_size(mult, hidden_size) == width
+    return mult, width
+
+
+def _source(src: Any, tokenizer: Any = None) -> tuple[nn.Module, Any]:
+    """(model, tokenizer) from a model object or anything `lightning_drop.models.load_model` accepts."""
+    if isinstance(src, nn.Module):
+        return src, tokenizer
+    from ..models import load_model
+
+    path = Path(src)
+    if not path.exists() and not str(src).startswith(("tiny-", "smollm2")):
+        raise FileNotFoundError(f"model directory not found: {src}")
+    model, tok = load_model(str(src), dtype=torch.float32)
+    return model, tokenizer if tokenizer is not None else tok
+
+
+def check_llama_family(config: Any, target: str) -> str:
+    """The base family of `config`, or ValueError when `target` cannot represent it exactly."""
+    base = getattr(config, "base_model_type", None) or config.model_type
+    if base.startswith("dropped_"):
+        base = base[len("dropped_"):]
+    if base not in SUPPORTED_FAMILIES:
+        raise ValueError(
+            f"{target} export supports Llama-family models only ({', '.join(SUPPORTED_FAMILIES)}), got '{base}'"
+        )
+    if base == "mistral":
+        window = getattr(config, "sliding_window", None)
+        if window is not None and window < config.max_position_embeddings:
+            raise ValueError(
+                f"{target} export: this mistral model uses a {window}-token sliding window, which "
+                f"Nemotron-NAS/deci engines do not implement; only window-free mistral models are exported"
+            )
+    return base
+
+
+def block_plan(model: nn.Module, target: str) -> tuple[list[int], list[int]]:
+    """(dropped attention, dropped MLP) indices, refusing drops the engines cannot run."""
+    from ..modeling_dropped import dropped_layers
+
+    attn, mlp = dropped_layers(model)
+    n = model.config.num_hidden_layers
+    if len(attn) == n:
+        raise ValueError(
+            f"{target} export: every attention layer is dropped; vLLM/llama.cpp need at least one attention block"
+        )
+    return attn, mlp
+
+
+def export_nemotron_nas(src: Any, out_dir: str | os.PathLike, dtype: str = "bf16", tokenizer: Any = None) -> Path:
+    """Write a dropped Llama-family model (directory, catalogue name or model object) as Nemotron-NAS.
+
+    `dtype` is one of bf16 (Nemotron's own), f16, f32. The write is atomic (temp dir + rename).
+    """
+    from safetensors.torch import save_file
+
+    from ..checkpoint import atomic_dir
+
+    if dtype not in _DTYPES:
+        raise ValueError(f"dtype must be one of {', '.join(_DTYPES)}, got '{dtype}'")
+    model, tok = _source(src, tokenizer)
+    config = model.config
+    base = check_llama_family(config, "Nemotron-NAS")
+    attn, mlp = block_plan(model, "Nemotron-NAS")
+    n = config.num_hidden_layers
+    hidden, heads = config.hidden_size, config.num_attention_heads
+    kv_heads = getattr(config, "num_key_value_heads", None) or heads
+    inter = config.intermediate_size
+    mult, width = choose_ffn_mult(inter, hidden)
+
+    blocks = []
+    for i in range(n):
+        a_off, f_off = i in attn, i in mlp
+        blocks.append({
+            "attention": {"no_op": a_off, "replace_with_linear": False,
+                          "n_heads_in_group": None if a_off else heads // kv_heads},
+            "ffn": {"no_op": f_off, "replace_with_linear": False, "ffn_mult": None if f_off else mult},
+        })
+
+    state = {}
+    tied = bool(getattr(config, "tie_word_embeddings", False))
+    for key, value in model.state_dict().items():
+        if tied and key == "lm_head.weight":
+            continue
+        value = value.detach().to(_DTYPES[dtype])
+        if width != inter and ".mlp." in key:
+            if key.endswith(("gate_proj.weight", "up_proj.weight", "gate_proj.bias", "up_proj.bias")):
+                value = _pad(value, 0, width)
+            elif key.endswith("down_proj.weight"):
+                value = _pad(value, 1, width)
+        state[key] = value.contiguous()
+
+    cfg = config.to_dict()
+    for key in ("drop_attn_list", "drop_mlp_list", "base_model_type", "auto_map", "architectures", "model_type",
+                "transformers_version", "_name_or_path", "layer_types", "sliding_window", "use_sliding_window",
+                "max_window_layers", "lightning_drop", "dtype", "torch_dtype"):
+        cfg.pop(key, None)
+    previous = getattr(config, "lightning_drop", None) or {}
+    cfg.update({
+        "model_type": "nemotron-nas",
+        "architectures": ["DeciLMForCausalLM"],
+        "auto_map": {"AutoConfig": "configuration_decilm.DeciLMConfig"},
+        "block_configs": blocks,
+        "intermediate_size": width,
+        "num_key_value_heads": kv_heads,
+        "dtype": str(_DTYPES[dtype]).replace("torch.", ""),
+        "lightning_drop": {**previous, "source_model_type": base, "intermediate_size": inter,
+                           "drop_attn_list": attn, "drop_mlp_list": mlp},
+    })
+    out_dir = Path(out_dir)
+    with atomic_dir(out_dir) as tmp:
+        save_file(state, str(tmp / "model.safetensors"), metadata={"format": "pt"})
+        (tmp / "config.json").write_text(json.dumps(cfg, indent=2, sort_keys=True) + "\n")
+        shutil.copyfile(_HERE / "configuration_decilm.py", tmp / "configuration_decilm.py")
+        gen = getattr(model, "generation_config", None)
+        if gen is not None:
+            gen.save_pretrained(tmp)
+        if tok is not None:
+            tok.save_pretrained(tmp)
+    return out_dir
+
+
+def _pad(t: torch.Tensor, dim: int, size: int) -> torch.Tensor:
+    shape = list(t.shape)
+    shape[dim] = size - shape[dim]
+    return torch.cat([t, t.new_zeros(shape)], dim=dim)
+
+
+def load_nemotron_nas(directory: str | os.PathLike, dtype: torch.dtype = torch.float32) -> tuple[nn.Module, Any]:
+    """(model, tokenizer) from a Nemotron-NAS directory, as this package's dropped Llama model.
+
+    Reads exports of `export_nemotron_nas` and other Nemotron-NAS checkpoints whose blocks are each either
+    a no-op or the same Llama attention/MLP (one `n_heads_in_group`, one `ffn_mult`, no `replace_with_linear`);
+    heterogeneous widths, as in NVIDIA's 49B/51B models, raise ValueError.
+    """
+    import transformers
+    from safetensors.torch import load_file
+
+    from ..checkpoint import read_config
+    from ..modeling_dropped import apply_drop
+
+    directory = Path(directory)
+    cfg = read_config(directory)
+    if cfg.get("model_type") not in ("nemotron-nas", "deci") or "block_configs" not in cfg:
+        raise ValueError(f"{directory} is not a Nemotron-NAS checkpoint (model_type 'nemotron-nas' with block_configs)")
+    blocks = cfg["block_configs"]
+    n, heads, hidden = cfg["num_hidden_layers"], cfg["num_attention_heads"], cfg["hidden_size"]
+    if len(blocks) != n:
+        raise ValueError(f"{directory}: {len(blocks)} block_configs for {n} layers")
+    attn = [i for i, b in enumerate(blocks) if b["attention"].get("no_op")]
+    mlp = [i for i, b in enumerate(blocks) if b["ffn"].get("no_op")]
+    if any(b["attention"].get("replace_with_linear") or b["ffn"].get("replace_with_linear") for b in blocks):
+        raise ValueError(f"{directory}: 'replace_with_linear' blocks have no Llama equivalent; cannot load")
+    groups = {b["attention"]["n_heads_in_group"] for i, b in enumerate(blocks) if i not in attn}
+    mults = {b["ffn"]["ffn_mult"] for i, b in enumerate(blocks) if i not in mlp}
+    if len(groups) > 1 or len(mults) > 1:
+        raise ValueError(
+            f"{directory}: blocks differ in n_heads_in_group {sorted(groups)} or ffn_mult {sorted(mults)}; "
+            f"only uniform Llama blocks (with no-ops) can be loaded"
+        )
+    kv_heads = heads // groups.pop() if groups else cfg.get("num_key_value_heads", heads)
+    width = ffn_mult_to_intermediate_size(mults.pop(), hidden) if mults else cfg.get("intermediate_size")
+    meta = cfg.get("lightning_drop") or {}
+
+    state = {}
+    for f in sorted(directory.glob("*.safetensors")):
+        state.update(load_file(str(f)))
+    if not state:
+        raise FileNotFoundError(f"no *.safetensors weights in {directory}")
+    inter = meta.get("intermediate_size", width)
+    if inter != width and all(_zero_tail(state, k, inter) for k in state if ".mlp." in k):
+        for k in list(state):
+            if k.endswith(("gate_proj.weight", "up_proj.weight", "gate_proj.bias", "up_proj.bias")):
+                state[k] = state[k][:inter]
+            elif k.endswith("down_proj.weight"):
+                state[k] = state[k][:, :inter]
+    else:
+        inter = width
+
+    llama_cfg = {k: v for k, v in cfg.items() if k not in (
+        "block_configs", "auto_map", "architectures", "model_type", "lightning_drop", "transformers_version")}
+    llama_cfg.update(intermediate_size=inter, num_key_value_heads=kv_heads)
+    config = transformers.LlamaConfig(**llama_cfg)
+    with torch.device("meta"):
+        model = transformers.LlamaForCausalLM(config)
+    apply_drop(model, attn=attn, mlp=mlp)
+    if config.tie_word_embeddings:
+        state.pop("lm_head.weight", None)
+    missing = set(model.state_dict()) - set(state) - ({"lm_head.weight"} if config.tie_word_embeddings else set())
+    extra = set(state) - set(model.state_dict())
+    if missing or extra:
+        raise ValueError(f"{directory}: weights do not match block_configs (missing {sorted(missing)[:4]}, "
+                         f"unexpected {sorted(extra)[:4]})")
+    model.load_state_dict(state, strict=False, assign=True)
+    if config.tie_word_embeddings:
+        model.tie_weights()
+    model = model.to(dtype).eval()
+    # Buffers (rotary inv_freq) were created on meta: rebuild them on CPU.
+    _rebuild_rotary(model)
+    tok = None
+    try:
+        from transformers import AutoTokenizer
+
+        tok = AutoTokenizer.from_pretrained(str(directory))
+    except (OSError, ValueError):
+        tok = None
+    return model, tok
+
+
+def _zero_tail(state: dict, key: str, inter: int) -> bool:
+    t = state[key]
+    if key.endswith(("gate_proj.weight", "up_proj.weight", "gate_proj.bias", "up_proj.bias")):
+        return bool((t[inter:] == 0).all())
+    if key.endswith("down_proj.weight"):
+        return bool((t[:, inter:] == 0).all())
+    return True
+
+
+def _rebuild_rotary(model: nn.Module) -> None:
+    for module in model.modules():
+        if type(module).__name__.endswith("RotaryEmbedding"):
+            fresh = type(module)(config=model.config)
+            for name, buf in fresh.named_buffers(recurse=False):
+                setattr(module, name, buf)
