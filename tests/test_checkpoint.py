@@ -1,0 +1,180 @@
+"""Dropped checkpoints load three ways; LLM-Drop configs load; writes are atomic."""
+
+from __future__ import annotations
+
+import json
+import os
+import subprocess
+import sys
+import textwrap
+from pathlib import Path
+
+import pytest
+import torch
+from safetensors import safe_open
+from transformers import AutoModelForCausalLM
+
+from lightning_drop import apply_drop, dropped_layers, load_dropped, save_dropped
+from lightning_drop.checkpoint import checkpoint_kind
+from lightning_drop.models import load_model, tiny_model
+
+X = torch.arange(40).reshape(2, 20) % 250
+
+
+def _logits(model):
+    with torch.no_grad():
+        return model(X).logits
+
+
+def _saved_keys(directory: Path) -> set[str]:
+    keys: set[str] = set()
+    for f in directory.glob("*.safetensors"):
+        with safe_open(str(f), "pt") as fh:
+            keys |= set(fh.keys())
+    return keys
+
+
+def _weight_bytes(directory: Path) -> int:
+    return sum(f.stat().st_size for f in directory.glob("*.safetensors"))
+
+
+@pytest.mark.parametrize("family", ["llama", "gemma2", "olmo2", "qwen2"])
+def test_sublayer_drop_roundtrips_through_auto_class(tmp_path, family):
+    base, tok = tiny_model(family)
+    save_dropped(base, tmp_path / "base", tok)
+    model, _ = tiny_model(family)
+    apply_drop(model, attn=[0, 2], mlp=[1])
+    expected = _logits(model)
+    out = save_dropped(model, tmp_path / "drop", tok)
+    config = json.loads((out / "config.json").read_text())
+    assert config["drop_attn_list"] == [0, 2] and config["drop_mlp_list"] == [1]
+    assert config["auto_map"]["AutoModelForCausalLM"].startswith("modeling_dropped.")
+    assert (out / "modeling_dropped.py").is_file() and (out / "architectures.py").is_file()
+    assert not any(".0.self_attn." in k or ".1.mlp." in k or ".0.input_layernorm." in k for k in _saved_keys(out))
+    assert _weight_bytes(out) < _weight_bytes(tmp_path / "base")
+    loaded = AutoModelForCausalLM.from_pretrained(out)  # no trust_remote_code: registered classes
+    assert type(loaded).__name__.startswith("Dropped")
+    torch.testing.assert_close(_logits(loaded), expected, atol=1e-5, rtol=1e-5)
+    assert dropped_layers(loaded) == ([0, 2], [1])
+
+
+def test_block_only_drop_is_a_plain_checkpoint(tmp_path):
+    model, tok = tiny_model("gemma2", num_layers=4)  # sliding/full alternate: types must follow their layers
+    types_before = list(model.config.layer_types)
+    apply_drop(model, attn=[0, 3], mlp=[0, 3])
+    assert checkpoint_kind(model) == "blocks"
+    expected = _logits(model)
+    out = save_dropped(model, tmp_path / "blocks", tok)
+    config = json.loads((out / "config.json").read_text())
+    assert config["model_type"] == "gemma2" and "auto_map" not in config
+    assert config["num_hidden_layers"] == 2
+    assert config["layer_types"] == [types_before[1], types_before[2]]
+    assert config["lightning_drop"]["dropped_blocks"] == [0, 3]
+    assert not (out / "modeling_dropped.py").exists()
+    # a plain transformers class reads it
+    from transformers import Gemma2ForCausalLM
+
+    plain = Gemma2ForCausalLM.from_pretrained(out).eval()
+    torch.testing.assert_close(_logits(plain), expected, atol=1e-5, rtol=1e-5)
+
+
+CLEAN_ENV_SCRIPT = textwrap.dedent(
+    """
+    import sys, torch
+    assert "lightning_drop" not in sys.modules
+    try:
+        import lightning_drop  # noqa: F401
+        raise SystemExit("lightning_drop must not be importable here")
+    except ImportError:
+        pass
+    from transformers import AutoModelForCausalLM
+    m = AutoModelForCausalLM.from_pretrained(sys.argv[1], trust_remote_code=True).eval()
+    x = torch.arange(40).reshape(2, 20) % 250
+    with torch.no_grad():
+        torch.save(m(x).logits, sys.argv[2])
+    """
+)
+
+
+def test_trust_remote_code_load_without_the_package(tmp_path):
+    model, tok = tiny_model("qwen3")
+    apply_drop(model, attn=[1, 3], mlp=[0])
+    expected = _logits(model)
+    out = save_dropped(model, tmp_path / "ckpt", tok)
+    script = tmp_path / "clean.py"
+    script.write_text(CLEAN_ENV_SCRIPT)
+    # The package is hidden from the child: a meta-path finder refuses it, as in an env without it.
+    hide = ("import sys\n"
+            "class _Hide:\n"
+            "    def find_spec(self, name, path=None, target=None):\n"
+            "        if name.split('.')[0] == 'lightning_drop':\n"
+            "            raise ImportError('hidden')\n"
+            "sys.meta_path.insert(0, _Hide())\n")
+    script.write_text(hide + CLEAN_ENV_SCRIPT)
+    env = dict(os.environ, HF_MODULES_CACHE=str(tmp_path / "modules"))
+    result = subprocess.run([sys.executable, str(script), str(out), str(tmp_path / "logits.pt")],
+                            cwd=tmp_path, env=env, capture_output=True, text=True, timeout=300)
+    assert result.returncode == 0, result.stderr[-3000:]
+    torch.testing.assert_close(torch.load(tmp_path / "logits.pt"), expected, atol=1e-5, rtol=1e-5)
+
+
+def test_llm_drop_reference_configs_load(tmp_path):
+    """LLM-Drop writes the base model_type, all weights, and index lists or per-layer booleans."""
+    model, tok = tiny_model("llama")
+    model.save_pretrained(tmp_path / "ref")  # the reference keeps dropped weights on disk
+    tok.save_pretrained(tmp_path / "ref")
+    cfg_path = tmp_path / "ref" / "config.json"
+    config = json.loads(cfg_path.read_text())
+    config["drop_attn_list"] = [False, True, False, True]
+    config["drop_mlp_list"] = [2]
+    config["auto_map"] = {"AutoConfig": "configuration_dropped_llama.LlamaConfig",
+                          "AutoModelForCausalLM": "modeling_dropped_llama.LlamaForCausalLM"}
+    cfg_path.write_text(json.dumps(config))
+    loaded, _ = load_model(str(tmp_path / "ref"))
+    assert dropped_layers(loaded) == ([1, 3], [2])
+    expected, _ = tiny_model("llama")
+    apply_drop(expected, attn=[1, 3], mlp=[2])
+    torch.testing.assert_close(_logits(loaded), _logits(expected), atol=1e-5, rtol=1e-5)
+
+
+def test_failed_write_leaves_destination_untouched(tmp_path, monkeypatch):
+    model, tok = tiny_model("llama")
+    dest = save_dropped(model, tmp_path / "ckpt", tok)
+    before = {p.name: p.read_bytes() for p in dest.iterdir()}
+    apply_drop(model, attn=[1])
+
+    def boom(*args, **kwargs):
+        raise OSError("disk full")
+
+    monkeypatch.setattr(type(tok), "save_pretrained", boom)
+    with pytest.raises(OSError, match="disk full"):
+        save_dropped(model, dest, tok)
+    assert {p.name: p.read_bytes() for p in dest.iterdir()} == before
+    assert [p.name for p in tmp_path.iterdir()] == ["ckpt"]  # no temporary leftovers
+
+
+def test_missing_directory_errors(tmp_path):
+    with pytest.raises(FileNotFoundError, match="config.json"):
+        load_dropped(tmp_path)
+    with pytest.raises(FileNotFoundError, match="not found"):
+        load_model(str(tmp_path / "nope" / "model"))
+
+
+@pytest.mark.slow
+def test_smollm2_answers_and_dropped_roundtrip(tmp_path):
+    model, tok = load_model("smollm2-135m")
+    assert model.config.num_hidden_layers == 30
+    messages = [{"role": "user", "content": "What is the capital of France?"}]
+    prompt = tok.apply_chat_template(messages, add_generation_prompt=True, return_tensors="pt", return_dict=True)
+    with torch.no_grad():
+        out = model.generate(**prompt, max_new_tokens=12, do_sample=False)
+    answer = tok.decode(out[0, prompt["input_ids"].shape[1]:], skip_special_tokens=True)
+    assert "Paris" in answer
+    apply_drop(model, attn=[0, 5, 20, 25], mlp=[28])
+    ids = tok("Paris is the capital of", return_tensors="pt")["input_ids"]
+    with torch.no_grad():
+        expected = model(ids).logits
+    dest = save_dropped(model, tmp_path / "smol", tok)
+    reloaded = AutoModelForCausalLM.from_pretrained(dest).eval()
+    with torch.no_grad():
+        torch.testing.assert_close(reloaded(ids).logits, expected, atol=1e-4, rtol=1e-4)
