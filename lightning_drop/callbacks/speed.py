@@ -1,0 +1,106 @@
+"""Speed and memory at fit end (`SpeedBenchmark`): prefill / decode timing, KV bytes, sizes, SDR.
+
+Runs in `on_train_end` on `trainer.strategy.root_device`; logs through `trainer.loggers`; rank zero only.
+"""
+
+from __future__ import annotations
+
+from typing import Any
+
+import lightning.pytorch as pl
+from lightning.pytorch.callbacks import Callback
+
+from lightning_drop.callbacks.evaluation import LMEvalCallback, _on_root_device, hf_model, log_to_loggers
+
+
+class SpeedBenchmark(Callback):
+    """Time the trained (dropped) model, alternately with a baseline when one is named.
+
+    Args:
+        baseline: model reference for `lightning_drop.models.load_model` (dir, catalogue name, hub id); with
+            it the speedup, KV and parameter ratios are reported, and the SDR when `baseline_avg` is given and
+            an `LMEvalCallback` earlier in the callback list produced the dropped model's average.
+        batch_size, prompt_len, gen_len, repeats, warmup: the workload (median of `repeats` after `warmup`).
+        ideal: also profile the baseline for the ideal speedup of this model's drop and the realized gain.
+        baseline_avg: the baseline's average quality (same tasks as the LMEvalCallback), for the SDR.
+        output: JSON file (atomic, rank zero).
+    """
+
+    def __init__(self, baseline: str | None = None, batch_size: int = 1, prompt_len: int = 128, gen_len: int = 128,
+                 repeats: int = 3, warmup: int = 1, ideal: bool = False, baseline_avg: float | None = None,
+                 output: str | None = None, prefix: str = "speed/") -> None:
+        for arg, v, lo in (("batch_size", batch_size, 1), ("prompt_len", prompt_len, 1), ("gen_len", gen_len, 2),
+                           ("repeats", repeats, 1), ("warmup", warmup, 0)):
+            if not isinstance(v, int) or isinstance(v, bool) or v < lo:
+                raise ValueError(f"SpeedBenchmark: {arg} must be an integer >= {lo}, got {v!r}")
+        if ideal and not baseline:
+            raise ValueError("SpeedBenchmark: ideal=True needs a `baseline` to profile")
+        if baseline_avg is not None and not baseline_avg > 0:
+            raise ValueError(f"SpeedBenchmark: baseline_avg must be > 0, got {baseline_avg!r}")
+        self.baseline, self.batch_size, self.prompt_len, self.gen_len = baseline, batch_size, prompt_len, gen_len
+        self.repeats, self.warmup, self.ideal, self.baseline_avg = repeats, warmup, ideal, baseline_avg
+        self.output, self.prefix = output, prefix
+        self.results: dict[str, Any] | None = None
+
+    def measure(self, model: Any, base: Any = None, dropped_avg: float | None = None) -> dict[str, Any]:
+        from lightning_drop import speed
+
+        args = (self.batch_size, self.prompt_len, self.gen_len, self.repeats, self.warmup)
+        if base is None:
+            res = {"dropped": speed.measure_generation(model, *args), "peak_rss_bytes": speed.peak_rss_bytes()}
+            return res
+        res = speed.compare_speed(base, model, *args)
+        if self.ideal:
+            from lightning_drop.modeling_dropped import dropped_layers
+
+            attn, mlp = dropped_layers(model)
+            prof = speed.profile_drop(base, attn, mlp, *args)
+            res["ideal_speedup"] = prof["total"]["ideal_speedup"]
+            if res["ideal_speedup"] != 1:
+                res["realized_gain"] = speed.realized_gain(res["speedup"]["total"], res["ideal_speedup"])
+        if self.baseline_avg is not None and dropped_avg is not None:
+            res["sdr"] = speed.sdr(self.baseline_avg, dropped_avg, res["speedup"]["total"])
+        return res
+
+    def on_train_end(self, trainer: pl.Trainer, pl_module: pl.LightningModule) -> None:
+        if trainer.is_global_zero:
+            from lightning_drop.models import load_model
+
+            model = hf_model(pl_module)
+            _on_root_device(trainer, model)
+            base = None
+            if self.baseline:
+                base, _ = load_model(self.baseline, dtype=next(model.parameters()).dtype)
+                base.to(trainer.strategy.root_device)
+            dropped_avg = None
+            for cb in trainer.callbacks:
+                if isinstance(cb, LMEvalCallback) and cb.results is not None:
+                    dropped_avg = cb.results.get("average")
+            res = self.measure(model, base, dropped_avg)
+            res["global_step"] = trainer.global_step
+            self.results = res
+            d = res["dropped"]
+            metrics = {"prefill_s": d["prefill_s"], "decode_s": d["decode_s"],
+                       "decode_tokens_per_s": d["decode_tokens_per_s"], "kv_bytes_per_token": d["kv_bytes_per_token"],
+                       "params": d["params"], "weight_bytes": d["weight_bytes"], "peak_rss_bytes": res["peak_rss_bytes"]}
+            for k, v in (res.get("speedup") or {}).items():
+                metrics[f"speedup_{k}"] = v
+            for k in ("kv_ratio", "ideal_speedup", "realized_gain", "sdr"):
+                if res.get(k) is not None:
+                    metrics[k] = res[k]
+            log_to_loggers(trainer, {f"{self.prefix}{k}": v for k, v in metrics.items()})
+            if self.output:
+                from lightning_drop.evaluation import write_json
+
+                write_json(self.output, res)
+            from lightning_drop.speed import print_speed
+
+            print_speed(res)
+            del base
+        trainer.strategy.barrier("SpeedBenchmark")
+
+    def state_dict(self) -> dict[str, Any]:
+        return {"results": self.results}
+
+    def load_state_dict(self, state_dict: dict[str, Any]) -> None:
+        self.results = state_dict.get("results")

@@ -1,0 +1,414 @@
+"""Speed and memory of a (dropped) model, measured the way the paper does.
+
+- prefill: wall time of the forward over the prompt (batch x prompt_len tokens), filling a KV cache;
+- decode: greedy generation of gen_len tokens, one token per step with the cache fed back;
+- after warming up the model itself, median over repeats; `compare_speed` measures base and dropped
+  alternately in one run so that drifting machine load hits both.
+
+Also: parameters, weight bytes, KV-cache bytes per token (measured from a real cache), peak memory, the
+SDR (`gamma = dAvg% / dSpeedup%`) and the ideal speedup of a drop, obtained by profiling the base model's
+sublayers (and their norms) that the drop removes.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import resource
+import statistics
+import sys
+import time
+from collections.abc import Iterable, Iterator, Mapping, Sequence
+from typing import Any
+
+import torch
+from torch import nn
+
+
+# --------------------------------------------------------------------------------------------------
+# Sizes
+# --------------------------------------------------------------------------------------------------
+def count_params(model: nn.Module) -> int:
+    """Number of parameters (tied weights counted once)."""
+    return sum(p.numel() for p in model.parameters())
+
+
+def weight_bytes(model: nn.Module) -> int:
+    """Bytes of parameters and persistent buffers (tied tensors counted once)."""
+    seen: set[int] = set()
+    total = 0
+    for t in list(model.parameters()) + list(model.buffers()):
+        if t.data_ptr() in seen:
+            continue
+        seen.add(t.data_ptr())
+        total += t.numel() * t.element_size()
+    return total
+
+
+def _device(model: nn.Module) -> torch.device:
+    return next(model.parameters()).device
+
+
+def _sync(device: torch.device) -> None:
+    if device.type == "cuda":
+        torch.cuda.synchronize(device)
+
+
+def _new_cache(model: nn.Module) -> Any:
+    from transformers import DynamicCache
+
+    return DynamicCache(config=model.config)
+
+
+def cache_bytes(cache: Any) -> int:
+    """Bytes held by the key/value tensors of a transformers cache (shared tensors counted once)."""
+    seen: set[int] = set()
+    total = 0
+    layers = getattr(cache, "layers", None)
+    if layers is None:
+        raise TypeError(f"unsupported cache type {type(cache).__name__} (expected a transformers Cache with .layers)")
+    for layer in layers:
+        for name in ("keys", "values"):
+            t = getattr(layer, name, None)
+            if isinstance(t, torch.Tensor) and t.numel() and t.data_ptr() not in seen:
+                seen.add(t.data_ptr())
+                total += t.numel() * t.element_size()
+    return total
+
+
+def _random_prompt(model: nn.Module, batch_size: int, prompt_len: int, seed: int = 0) -> torch.Tensor:
+    vocab = int(model.config.vocab_size if hasattr(model.config, "vocab_size") else model.config.get_text_config().vocab_size)
+    g = torch.Generator().manual_seed(seed)
+    # Avoid the very top of the vocabulary, where special tokens usually live.
+    high = max(2, min(vocab, vocab - 512) if vocab > 1024 else vocab)
+    return torch.randint(0, high, (batch_size, prompt_len), generator=g).to(_device(model))
+
+
+@torch.inference_mode()
+def kv_cache_bytes_per_token(model: nn.Module, prompt_len: int = 32, batch_size: int = 1) -> float:
+    """KV-cache bytes per token, measured: run a prompt, sum the cache's key/value bytes, divide by tokens.
+
+    Keep `prompt_len` below any sliding window, or windowed layers are undercounted.
+    """
+    if prompt_len < 1 or batch_size < 1:
+        raise ValueError(f"prompt_len and batch_size must be >= 1, got {prompt_len}, {batch_size}")
+    ids = _random_prompt(model, batch_size, prompt_len)
+    cache = _new_cache(model)
+    model(input_ids=ids, past_key_values=cache, use_cache=True, logits_to_keep=1)
+    return cache_bytes(cache) / (batch_size * prompt_len)
+
+
+def peak_rss_bytes() -> int:
+    """Peak resident memory of this process so far (bytes; Linux reports KiB, macOS bytes)."""
+    peak = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss
+    return int(peak if sys.platform == "darwin" else peak * 1024)
+
+
+def rss_bytes() -> int:
+    """Current resident memory of this process (bytes)."""
+    import psutil
+
+    return int(psutil.Process().memory_info().rss)
+
+
+# --------------------------------------------------------------------------------------------------
+# Timing
+# --------------------------------------------------------------------------------------------------
+@torch.inference_mode()
+def _generate_once(model: nn.Module, ids: torch.Tensor, gen_len: int,
+                   phase: dict[str, str] | None = None) -> tuple[float, float, torch.Tensor]:
+    """(prefill seconds, decode seconds, generated tokens [B, gen_len]) for one greedy run with a KV cache."""
+    device = ids.device
+    cache = _new_cache(model)
+    if phase is not None:
+        phase["name"] = "prefill"
+    _sync(device)
+    t0 = time.perf_counter()
+    out = model(input_ids=ids, past_key_values=cache, use_cache=True, logits_to_keep=1)
+    nxt = out.logits[:, -1].argmax(-1, keepdim=True)
+    _sync(device)
+    t1 = time.perf_counter()
+    if phase is not None:
+        phase["name"] = "decode"
+    generated = [nxt]
+    pos = ids.shape[1]
+    for _ in range(gen_len - 1):
+        cache_position = torch.tensor([pos], device=device)
+        out = model(input_ids=nxt, past_key_values=cache, use_cache=True, cache_position=cache_position,
+                    position_ids=cache_position.expand(ids.shape[0], 1))
+        nxt = out.logits[:, -1].argmax(-1, keepdim=True)
+        generated.append(nxt)
+        pos += 1
+    _sync(device)
+    t2 = time.perf_counter()
+    if phase is not None:
+        phase["name"] = ""
+    return t1 - t0, t2 - t1, torch.cat(generated, dim=1)
+
+
+def _check_args(batch_size: int, prompt_len: int, gen_len: int, repeats: int, warmup: int) -> None:
+    for name, v, lo in (("batch_size", batch_size, 1), ("prompt_len", prompt_len, 1), ("gen_len", gen_len, 2),
+                        ("repeats", repeats, 1), ("warmup", warmup, 0)):
+        if not isinstance(v, int) or v < lo:
+            raise ValueError(f"{name} must be an integer >= {lo}, got {v!r}")
+
+
+def _summary(prefill: list[float], decode: list[float], batch_size: int, prompt_len: int, gen_len: int) -> dict[str, Any]:
+    p, d = statistics.median(prefill), statistics.median(decode)
+    return {
+        "prefill_s": p, "decode_s": d, "total_s": statistics.median([a + b for a, b in zip(prefill, decode)]),
+        "prefill_tokens": batch_size * prompt_len, "decode_tokens": batch_size * gen_len,
+        "prefill_tokens_per_s": batch_size * prompt_len / p,
+        # gen_len tokens: the first comes out of the prefill forward, the other gen_len - 1 from decode steps.
+        "decode_tokens_per_s": batch_size * (gen_len - 1) / d,
+        "prefill_runs_s": list(prefill), "decode_runs_s": list(decode),
+    }
+
+
+def measure_generation(model: nn.Module, batch_size: int = 1, prompt_len: int = 128, gen_len: int = 128,
+                       repeats: int = 3, warmup: int = 1, seed: int = 0) -> dict[str, Any]:
+    """Prefill and greedy decode timings (median of `repeats`, after `warmup` runs of the model itself)."""
+    return compare_speed({"model": model}, batch_size=batch_size, prompt_len=prompt_len, gen_len=gen_len,
+                         repeats=repeats, warmup=warmup, seed=seed)["model"]
+
+
+def compare_speed(base: nn.Module | Mapping[str, nn.Module], dropped: nn.Module | None = None, batch_size: int = 1,
+                  prompt_len: int = 128, gen_len: int = 128, repeats: int = 3, warmup: int = 1,
+                  seed: int = 0) -> dict[str, Any]:
+    """Measure models ALTERNATELY in one run (same prompt): base, dropped, base, dropped, ...
+
+    Returns {"base": stats, "dropped": stats, "speedup": {"prefill", "decode", "total"}, ...} where a speedup
+    is base time / dropped time of the medians. `base` may also be a {name: model} mapping (no ratios then).
+    """
+    _check_args(batch_size, prompt_len, gen_len, repeats, warmup)
+    models = dict(base) if isinstance(base, Mapping) else {"base": base, "dropped": dropped}
+    if any(m is None for m in models.values()):
+        raise ValueError("compare_speed needs both a base and a dropped model")
+    first = next(iter(models.values()))
+    ids = _random_prompt(first, batch_size, prompt_len, seed)
+    states = {name: m.training for name, m in models.items()}
+    for m in models.values():
+        m.eval()
+    times: dict[str, tuple[list[float], list[float]]] = {name: ([], []) for name in models}
+    try:
+        for _ in range(warmup):
+            for m in models.values():
+                _generate_once(m, ids.to(_device(m)), gen_len)
+        order = list(models)
+        for r in range(repeats):
+            for name in (order if r % 2 == 0 else order[::-1]):  # alternate, and alternate who goes first
+                m = models[name]
+                if _device(m).type == "cuda":
+                    torch.cuda.reset_peak_memory_stats(_device(m))
+                p, d, toks = _generate_once(m, ids.to(_device(m)), gen_len)
+                assert toks.shape == (batch_size, gen_len)
+                times[name][0].append(p)
+                times[name][1].append(d)
+    finally:
+        for name, m in models.items():
+            m.train(states[name])
+    result: dict[str, Any] = {}
+    for name, m in models.items():
+        stats = _summary(*times[name], batch_size, prompt_len, gen_len)
+        stats.update(params=count_params(m), weight_bytes=weight_bytes(m),
+                     kv_bytes_per_token=kv_cache_bytes_per_token(m, prompt_len=min(prompt_len, 32)))
+        if _device(m).type == "cuda":
+            stats["peak_cuda_bytes"] = int(torch.cuda.max_memory_allocated(_device(m)))
+        result[name] = stats
+    result["peak_rss_bytes"] = peak_rss_bytes()
+    result["setup"] = dict(batch_size=batch_size, prompt_len=prompt_len, gen_len=gen_len, repeats=repeats,
+                           warmup=warmup, device=str(_device(first)), threads=torch.get_num_threads())
+    if set(models) == {"base", "dropped"}:
+        b, d = result["base"], result["dropped"]
+        result["speedup"] = {k: b[f"{k}_s"] / d[f"{k}_s"] for k in ("prefill", "decode", "total")}
+        result["kv_ratio"] = d["kv_bytes_per_token"] / b["kv_bytes_per_token"] if b["kv_bytes_per_token"] else None
+        result["param_ratio"] = d["params"] / b["params"]
+    return result
+
+
+def sdr(base_avg: float, dropped_avg: float, speedup: float) -> float | None:
+    """Speed-degradation ratio `gamma = dAvg% / dSpeedup%` (lower is better; None without a speedup).
+
+    dAvg% = 100 (base_avg - dropped_avg) / base_avg; dSpeedup% = 100 (speedup - 1).
+    """
+    if base_avg <= 0:
+        raise ValueError(f"base_avg must be > 0, got {base_avg}")
+    d_speed = 100.0 * (speedup - 1.0)
+    if d_speed == 0:
+        return None
+    return (100.0 * (base_avg - dropped_avg) / base_avg) / d_speed
+
+
+# --------------------------------------------------------------------------------------------------
+# Ideal speedup by profiling the base model
+# --------------------------------------------------------------------------------------------------
+def dropped_part_modules(model: nn.Module, attn: Iterable[int] = (), mlp: Iterable[int] = ()) -> list[nn.Module]:
+    """The base model's modules a drop removes: each dropped sublayer and its norms (from the ArchSpec)."""
+    from lightning_drop.architectures import get_spec
+
+    spec = get_spec(model)
+    layers = spec.get_layers(model)
+    mods: list[nn.Module] = []
+    for names, idx in (((spec.attn, *spec.attn_norms), attn), ((spec.mlp, *spec.mlp_norms), mlp)):
+        for i in idx:
+            if not 0 <= i < len(layers):
+                raise ValueError(f"layer index {i} out of range (model has {len(layers)} layers)")
+            for n in names:
+                mods.append(getattr(layers[i], n))
+    return mods
+
+
+@contextlib.contextmanager
+def _time_modules(modules: Sequence[nn.Module], phase: dict[str, str], acc: dict[str, float]) -> Iterator[None]:
+    """Accumulate, per phase, the wall time spent inside `modules` (pre-hook to hook); hooks always removed."""
+    start: dict[int, float] = {}
+    handles = []
+
+    def pre(mod: nn.Module, *_: Any) -> None:
+        _sync(_device_of(mod))
+        start[id(mod)] = time.perf_counter()
+
+    def post(mod: nn.Module, *_: Any) -> None:
+        _sync(_device_of(mod))
+        acc[phase["name"]] = acc.get(phase["name"], 0.0) + time.perf_counter() - start.pop(id(mod))
+
+    try:
+        for m in modules:
+            handles.append(m.register_forward_pre_hook(pre))
+            handles.append(m.register_forward_hook(post))
+        yield
+    finally:
+        for h in handles:
+            h.remove()
+
+
+def _device_of(mod: nn.Module) -> torch.device:
+    for p in mod.parameters():
+        return p.device
+    return torch.device("cpu")
+
+
+def profile_drop(base_model: nn.Module, attn: Iterable[int] = (), mlp: Iterable[int] = (), batch_size: int = 1,
+                 prompt_len: int = 128, gen_len: int = 128, repeats: int = 3, warmup: int = 1,
+                 seed: int = 0) -> dict[str, Any]:
+    """Time the base model (no hooks) and, in alternate runs, the time it spends in the parts a drop removes.
+
+    Returns per phase (prefill, decode, total): base seconds, seconds in dropped parts, and the ideal speedup
+    T_base / (T_base - T_parts).
+    """
+    _check_args(batch_size, prompt_len, gen_len, repeats, warmup)
+    attn, mlp = list(attn), list(mlp)
+    mods = dropped_part_modules(base_model, attn, mlp)
+    ids = _random_prompt(base_model, batch_size, prompt_len, seed)
+    was_training = base_model.training
+    base_model.eval()
+    base_p, base_d, part_p, part_d = [], [], [], []
+    phase = {"name": ""}
+    try:
+        for _ in range(warmup):
+            _generate_once(base_model, ids, gen_len)
+        for _ in range(repeats):
+            p, d, _ = _generate_once(base_model, ids, gen_len)
+            base_p.append(p)
+            base_d.append(d)
+            acc: dict[str, float] = {}
+            with _time_modules(mods, phase, acc):
+                _generate_once(base_model, ids, gen_len, phase=phase)
+            part_p.append(acc.get("prefill", 0.0))
+            part_d.append(acc.get("decode", 0.0))
+    finally:
+        base_model.train(was_training)
+    med = statistics.median
+    out: dict[str, Any] = {"attn": attn, "mlp": mlp, "setup": dict(batch_size=batch_size, prompt_len=prompt_len,
+                                                                   gen_len=gen_len, repeats=repeats)}
+    for name, b, q in (("prefill", base_p, part_p), ("decode", base_d, part_d),
+                       ("total", [x + y for x, y in zip(base_p, base_d)], [x + y for x, y in zip(part_p, part_d)])):
+        tb, tq = med(b), med(q)
+        out[name] = {"base_s": tb, "dropped_parts_s": tq, "ideal_speedup": tb / (tb - tq) if tb > tq else float("inf")}
+    return out
+
+
+def ideal_speedup(base_model: nn.Module, attn_drop: Iterable[int] = (), mlp_drop: Iterable[int] = (),
+                  batch_size: int = 1, prompt_len: int = 128, gen_len: int = 128, repeats: int = 3,
+                  warmup: int = 1, phase: str = "total") -> float:
+    """T_base / (T_base - T_dropped_parts) over prefill + decode (or one `phase`), by profiling `base_model`."""
+    if phase not in ("prefill", "decode", "total"):
+        raise ValueError(f"phase must be prefill, decode or total, got {phase!r}")
+    prof = profile_drop(base_model, attn_drop, mlp_drop, batch_size, prompt_len, gen_len, repeats, warmup)
+    return prof[phase]["ideal_speedup"]
+
+
+def realized_gain(measured: float, ideal: float) -> float:
+    """(measured - 1) / (ideal - 1): the share of the ideal gain the drop really delivers."""
+    if ideal == 1:
+        raise ValueError("ideal speedup is 1: nothing to realize")
+    return (measured - 1.0) / (ideal - 1.0)
+
+
+# --------------------------------------------------------------------------------------------------
+# Command
+# --------------------------------------------------------------------------------------------------
+def _read_average(path: str | None) -> float | None:
+    if not path:
+        return None
+    import json
+
+    with open(path) as fh:
+        data = json.load(fh)
+    avg = data.get("average")
+    if avg is None:
+        raise ValueError(f"{path} has no 'average' (expected the JSON written by `lightning-drop eval`)")
+    return float(avg)
+
+
+def speed_main(model: str, baseline: str | None = None, batch_size: int = 1, prompt_len: int = 128,
+               gen_len: int = 128, repeats: int = 3, warmup: int = 1, output: str | None = None,
+               eval_results: str | None = None, baseline_eval_results: str | None = None,
+               ideal: bool = False) -> dict[str, Any]:
+    """`lightning-drop speed`: time a saved model, alternately with `baseline` when given.
+
+    `eval_results` / `baseline_eval_results`: JSON files from `lightning-drop eval` (for the SDR).
+    `ideal`: also profile the baseline for the ideal speedup of the model's drop.
+    """
+    from lightning_drop.evaluation import write_json
+    from lightning_drop.models import load_model
+
+    net, _ = load_model(model)
+    if baseline:
+        base, _ = load_model(baseline)
+        res = compare_speed(base, net, batch_size, prompt_len, gen_len, repeats, warmup)
+    else:
+        res = {"dropped": measure_generation(net, batch_size, prompt_len, gen_len, repeats, warmup)}
+        res["peak_rss_bytes"] = peak_rss_bytes()
+    res["model"], res["baseline"] = model, baseline
+    if baseline and ideal:
+        from lightning_drop.modeling_dropped import dropped_layers
+
+        a, m = dropped_layers(net)
+        prof = profile_drop(base, a, m, batch_size, prompt_len, gen_len, repeats, warmup)
+        res["ideal_speedup"] = prof["total"]["ideal_speedup"]
+        res["realized_gain"] = realized_gain(res["speedup"]["total"], res["ideal_speedup"])
+    d_avg, b_avg = _read_average(eval_results), _read_average(baseline_eval_results)
+    if baseline and d_avg is not None and b_avg is not None:
+        res["sdr"] = sdr(b_avg, d_avg, res["speedup"]["total"])
+    if output:
+        write_json(output, res)
+    print_speed(res)
+    return res
+
+
+def print_speed(res: Mapping[str, Any]) -> None:
+    for name in ("base", "dropped"):
+        if name in res:
+            s = res[name]
+            print(f"{name:<8} prefill {s['prefill_s'] * 1e3:8.1f} ms ({s['prefill_tokens_per_s']:9.1f} tok/s)  "
+                  f"decode {s['decode_s'] * 1e3:8.1f} ms ({s['decode_tokens_per_s']:8.1f} tok/s)  "
+                  f"params {s['params'] / 1e6:7.2f}M  weights {s['weight_bytes'] / 2**20:7.1f} MiB  "
+                  f"KV {s['kv_bytes_per_token'] / 1024:6.1f} KiB/token")
+    if "speedup" in res:
+        sp = res["speedup"]
+        print(f"speedup  prefill {sp['prefill']:.3f}x  decode {sp['decode']:.3f}x  total {sp['total']:.3f}x  "
+              f"KV ratio {res['kv_ratio']:.3f}")
+    for k in ("ideal_speedup", "realized_gain", "sdr"):
+        if res.get(k) is not None:
+            print(f"{k} {res[k]:.3f}")
+    print(f"peak RSS {res['peak_rss_bytes'] / 2**20:.0f} MiB")

@@ -1,0 +1,130 @@
+"""Speed harness: counts, sizes, measured KV bytes, profiling, SDR, SpeedBenchmark. No timing assertions."""
+
+from __future__ import annotations
+
+import json
+import os
+from pathlib import Path
+
+import pytest
+import torch
+
+os.environ.setdefault("HF_HUB_OFFLINE", "1")
+os.environ.setdefault("HF_DATASETS_OFFLINE", "1")
+
+import lightning.pytorch as pl  # noqa: E402
+from torch.utils.data import DataLoader  # noqa: E402
+
+from lightning_drop import apply_drop  # noqa: E402
+from lightning_drop.callbacks.speed import SpeedBenchmark  # noqa: E402
+from lightning_drop.models import load_model  # noqa: E402
+from lightning_drop.speed import (  # noqa: E402
+    compare_speed, count_params, dropped_part_modules, kv_cache_bytes_per_token, measure_generation, profile_drop,
+    realized_gain, sdr, weight_bytes,
+)
+
+
+def _tiny(family="llama", attn=(), mlp=()):
+    model, tok = load_model(f"tiny-{family}")
+    if attn or mlp:
+        apply_drop(model, attn=list(attn), mlp=list(mlp))
+    return model
+
+
+def test_measure_generation_counts_and_positive_times():
+    r = measure_generation(_tiny(), batch_size=2, prompt_len=10, gen_len=5, repeats=3, warmup=1)
+    assert r["prefill_tokens"] == 20 and r["decode_tokens"] == 10
+    assert r["prefill_s"] > 0 and r["decode_s"] > 0 and r["decode_tokens_per_s"] > 0
+    assert len(r["prefill_runs_s"]) == len(r["decode_runs_s"]) == 3
+    assert r["params"] > 0 and r["weight_bytes"] >= 4 * r["params"] and r["kv_bytes_per_token"] > 0
+
+
+def test_measure_generation_validates_arguments():
+    with pytest.raises(ValueError, match="gen_len"):
+        measure_generation(_tiny(), gen_len=1)
+    with pytest.raises(ValueError, match="repeats"):
+        measure_generation(_tiny(), repeats=0)
+
+
+def test_kv_bytes_of_base_match_the_config():
+    model = _tiny()
+    c = model.config
+    head_dim = getattr(c, "head_dim", None) or c.hidden_size // c.num_attention_heads
+    expected = 2 * c.num_hidden_layers * c.num_key_value_heads * head_dim * 4  # fp32 keys + values
+    assert kv_cache_bytes_per_token(model) == expected
+
+
+@pytest.mark.parametrize("family", ["llama", "mistral", "qwen3", "gemma2"])
+def test_kv_bytes_halve_when_half_the_attention_layers_go(family):
+    base = _tiny(family)
+    n = base.config.num_hidden_layers
+    dropped = _tiny(family, attn=range(0, n, 2))  # layer 0 included
+    kv_b, kv_d = kv_cache_bytes_per_token(base, prompt_len=6), kv_cache_bytes_per_token(dropped, prompt_len=6)
+    assert kv_b > 0 and kv_d == kv_b / 2
+
+
+def test_mlp_drop_keeps_kv_but_removes_weights():
+    base, dropped = _tiny(), _tiny(mlp=[1, 2])
+    assert kv_cache_bytes_per_token(dropped) == kv_cache_bytes_per_token(base)
+    removed = sum(p.numel() for m in dropped_part_modules(base, mlp=[1, 2]) for p in m.parameters())
+    assert count_params(base) - count_params(dropped) == removed > 0
+    assert weight_bytes(base) - weight_bytes(dropped) == 4 * removed
+
+
+def test_compare_speed_alternates_and_reports_ratios():
+    base, dropped = _tiny(), _tiny(attn=[0, 2])
+    r = compare_speed(base, dropped, batch_size=1, prompt_len=8, gen_len=4, repeats=2, warmup=1)
+    for name in ("base", "dropped"):
+        assert r[name]["decode_tokens"] == 4 and len(r[name]["decode_runs_s"]) == 2
+    assert set(r["speedup"]) == {"prefill", "decode", "total"} and all(v > 0 for v in r["speedup"].values())
+    assert r["kv_ratio"] == 0.5 and r["param_ratio"] < 1 and r["peak_rss_bytes"] > 0
+
+
+def test_profile_drop_finds_time_in_dropped_parts():
+    base = _tiny()
+    assert len(dropped_part_modules(base, attn=[1], mlp=[2])) == 4  # two sublayers + their pre-norms
+    prof = profile_drop(base, attn=[0, 1], batch_size=1, prompt_len=8, gen_len=4, repeats=1, warmup=0)
+    for phase in ("prefill", "decode", "total"):
+        assert 0 < prof[phase]["dropped_parts_s"] < prof[phase]["base_s"] * 1.5  # hooked run vs plain run
+        assert prof[phase]["ideal_speedup"] > 1
+    with pytest.raises(ValueError, match="out of range"):
+        dropped_part_modules(base, attn=[99])
+
+
+def test_sdr_and_realized_gain():
+    # -2.4 points of 73.9 for a 1.48x speedup (paper, Llama-2-70B): gamma = 3.25% / 48%
+    assert sdr(73.9, 71.5, 1.48) == pytest.approx((2.4 / 73.9 * 100) / 48.0)
+    assert sdr(50.0, 49.0, 1.0) is None
+    assert realized_gain(1.18, 1.2) == pytest.approx(0.9)
+
+
+class _Wrap(pl.LightningModule):
+    def __init__(self, model):
+        super().__init__()
+        self.model = model
+
+    def training_step(self, batch, batch_idx):
+        return self.model(input_ids=batch, labels=batch).loss
+
+    def configure_optimizers(self):
+        return torch.optim.SGD(self.parameters(), lr=0.0)
+
+    def train_dataloader(self):
+        return DataLoader(torch.randint(0, 256, (2, 8)), batch_size=2)
+
+
+def test_speed_benchmark_callback(tmp_path):
+    with pytest.raises(ValueError, match="gen_len"):
+        SpeedBenchmark(gen_len=1)
+    with pytest.raises(ValueError, match="baseline"):
+        SpeedBenchmark(ideal=True)
+    cb = SpeedBenchmark(baseline="tiny-llama", batch_size=1, prompt_len=8, gen_len=4, repeats=1, warmup=0,
+                        ideal=True, output=str(tmp_path / "speed.json"))
+    trainer = pl.Trainer(max_steps=1, accelerator="cpu", devices=1, callbacks=[cb], logger=pl.loggers.CSVLogger(tmp_path),
+                         enable_checkpointing=False, enable_progress_bar=False, enable_model_summary=False)
+    trainer.fit(_Wrap(_tiny(attn=[0, 2])))
+    saved = json.loads((tmp_path / "speed.json").read_text())
+    assert saved["kv_ratio"] == 0.5 and saved["ideal_speedup"] > 1 and "realized_gain" in saved
+    assert cb.state_dict()["results"]["kv_ratio"] == 0.5
+    logged = Path(trainer.logger.log_dir, "metrics.csv").read_text()
+    assert "speed/speedup_total" in logged and "speed/kv_bytes_per_token" in logged
