@@ -1,0 +1,44 @@
+"""Shared fixtures. Tests run offline: no hub access, data from the shared folder next to the repo."""
+
+from __future__ import annotations
+
+import os
+from pathlib import Path
+
+import pytest
+
+os.environ["HF_HUB_OFFLINE"] = "1"
+os.environ["HF_DATASETS_OFFLINE"] = "1"
+os.environ.setdefault("TOKENIZERS_PARALLELISM", "false")
+
+REPO_ROOT = Path(__file__).resolve().parents[1]
+
+
+def _shared_dir() -> Path:
+    return Path(os.environ.get("LIGHTNING_DROP_SHARED") or REPO_ROOT.parent / "shared")
+
+
+@pytest.fixture(scope="session")
+def shared_dir() -> Path:
+    """`$LIGHTNING_DROP_SHARED` or `../shared` next to the repo (test data lives in its `data/`)."""
+    path = _shared_dir()
+    if not (path / "data").is_dir():
+        pytest.skip(f"shared data folder not found at {path} (set LIGHTNING_DROP_SHARED)")
+    return path
+
+
+@pytest.fixture(scope="session")
+def c4_path(shared_dir: Path) -> Path:
+    """300 real C4 documents, one `{"text": ...}` per line."""
+    path = shared_dir / "data" / "c4_demo.jsonl"
+    if not path.is_file():
+        pytest.skip(f"{path} not present")
+    return path
+
+
+@pytest.fixture(scope="session")
+def byte_tokenizer():
+    """Offline byte-level tokenizer (256 bytes + `<|endoftext|>` EOS) from the model catalogue."""
+    from lightning_drop.models import load_tokenizer
+
+    return load_tokenizer("tiny-llama")
