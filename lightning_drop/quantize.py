@@ -1,0 +1,409 @@
+"""4-bit (or 8-bit) GPTQ and AWQ of a dropped model, saved so that `load_model` reloads it.
+
+Backend: `gptqmodel` (the maintained successor of AutoGPTQ, which also carries AWQ). It runs on CPU with
+torch 2.13 / transformers 5.x: GPTQ in float32, AWQ in bfloat16 with its torch AWQ kernel. Install it with
+the `quant` extra, keeping torch pinned (`pip install -c constraints.txt "lightning-drop[quant]"` where the
+constraints file holds `torch==<version>`; unpinned, pip may pull a CUDA torch).
+
+`autoawq` and `auto-gptq` are kept as named backends only to say why they cannot run on this stack.
+
+Dropped checkpoints (`model_type: dropped_<base>`) are quantized through gptqmodel's definition of the base
+family, registered under the dropped model type with `layer_modules_strict = False`, so the sublayers that
+are gone are simply skipped. The model is always read from a directory (gptqmodel's offloading re-reads
+weights by name from the source checkpoint, which would silently undo an in-memory drop) and with
+`offload_to_disk=False`.
+"""
+
+from __future__ import annotations
+
+import json
+import logging
+import os
+import shutil
+import tempfile
+import time
+from dataclasses import asdict, dataclass, field
+from pathlib import Path
+from typing import Any, Iterable, Sequence
+
+import torch
+from torch import nn
+
+log = logging.getLogger(__name__)
+
+METHODS = ("gptq", "awq")
+BITS = (4, 8)
+BACKENDS = ("gptqmodel", "autoawq", "auto-gptq")
+GROUP_SIZES = (128, 64, 32)
+AWQ_OUT_MULTIPLE = 64  # gptqmodel's AWQ clip search processes output channels in batches of 64 (or 256)
+EXTRA_HINT = ("pip install -c constraints.txt 'lightning-drop[quant]' "
+              "(constraints.txt pins torch==<your torch version>, so pip cannot swap in a CUDA torch)")
+QUANT_REPORT = "lightning_drop_quant.json"
+
+
+class QuantizationBackendError(RuntimeError):
+    """A quantization backend is missing or cannot run on this machine/stack."""
+
+
+@dataclass
+class QuantizeResult:
+    """What `quantize` did: where it wrote, with which settings, how long it took and the sizes on disk."""
+
+    out_dir: str
+    method: str
+    bits: int
+    group_size: int
+    backend: str
+    num_samples: int
+    seq_len: int
+    seconds: float
+    size_before_bytes: int
+    size_after_bytes: int
+    quantized_modules: int
+    extra: dict = field(default_factory=dict)
+
+    def to_dict(self) -> dict:
+        return asdict(self)
+
+
+# --------------------------------------------------------------------------------------------------
+# Argument checks and backend availability
+# --------------------------------------------------------------------------------------------------
+def check_args(method: str, bits: int, backend: str = "gptqmodel") -> tuple[str, int, str]:
+    """Normalize and validate (method, bits, backend); one-line ValueError on bad input."""
+    m = str(method).lower()
+    if m not in METHODS:
+        raise ValueError(f"unknown quantization method {method!r}: choose one of {', '.join(METHODS)}")
+    if isinstance(bits, bool) or not isinstance(bits, int) or bits not in BITS:
+        raise ValueError(f"bits must be one of {', '.join(map(str, BITS))}, got {bits!r}")
+    b = str(backend).lower().replace("_", "-")
+    if b not in BACKENDS:
+        raise ValueError(f"unknown quantization backend {backend!r}: choose one of {', '.join(BACKENDS)}")
+    return m, bits, b
+
+
+def backend_status(backend: str = "gptqmodel") -> str | None:
+    """None when `backend` can run here, else a one-line reason (with what it needs)."""
+    import importlib.util
+
+    backend = check_args("gptq", 4, backend)[2]
+    if backend == "autoawq":
+        return ("backend 'autoawq' does not run on this stack: AutoAWQ 0.2.9 is deprecated by its authors "
+                "(transformers 5 unsupported) and its forward pass needs CUDA; use backend='gptqmodel', "
+                f"which does AWQ on CPU and GPU ({EXTRA_HINT})")
+    if backend == "auto-gptq":
+        return ("backend 'auto-gptq' does not run on this stack: auto-gptq 0.7.1 fails to import with "
+                "transformers 5 (no_init_weights) and is unmaintained; use backend='gptqmodel', its successor "
+                f"({EXTRA_HINT})")
+    missing = [name for name in ("gptqmodel", "optimum") if importlib.util.find_spec(name) is None]
+    if missing:
+        return (f"quantization needs {' and '.join(missing)}, not installed in this environment: {EXTRA_HINT}")
+    return None
+
+
+def require_backend(backend: str = "gptqmodel") -> None:
+    reason = backend_status(backend)
+    if reason is not None:
+        raise QuantizationBackendError(reason)
+
+
+def _import_gptqmodel() -> Any:
+    os.environ.setdefault("GPTQMODEL_CPU_WORKERS", str(min(2, os.cpu_count() or 1)))
+    os.environ.setdefault("TOKENIZERS_PARALLELISM", "false")
+    import gptqmodel  # noqa: F401  (heavy: imports its kernels)
+
+    return gptqmodel
+
+
+def register_dropped_definitions() -> list[str]:
+    """Make gptqmodel quantize `dropped_<base>` checkpoints with the base family's module tree.
+
+    The dropped classes are the base classes with some sublayers replaced by parameter-free stand-ins, so
+    the base definition fits once it is told that listed modules may be missing (`layer_modules_strict`).
+    Returns the model types registered.
+    """
+    _import_gptqmodel()
+    from gptqmodel.models import auto
+
+    from .architectures import DROPPED_PREFIX, SPECS
+
+    done = []
+    for spec in SPECS:
+        for base in spec.model_types:
+            dropped = DROPPED_PREFIX + base
+            base_def = auto.MODEL_MAP.get(base)
+            if base_def is None:
+                continue
+            if dropped not in auto.MODEL_MAP:
+                auto.MODEL_MAP[dropped] = type(f"Dropped{base_def.__name__}", (base_def,),
+                                               {"layer_modules_strict": False})
+            if dropped not in auto.SUPPORTED_MODELS:
+                auto.SUPPORTED_MODELS.append(dropped)
+            done.append(dropped)
+    return done
+
+
+# --------------------------------------------------------------------------------------------------
+# Shapes: group size and what will be quantized
+# --------------------------------------------------------------------------------------------------
+def quantized_linears(model_dir: str | os.PathLike) -> dict[str, tuple[int, int]]:
+    """{name: (in_features, out_features)} of the Linear layers inside decoder layers (built on meta)."""
+    from transformers import AutoConfig, AutoModelForCausalLM
+
+    from .architectures import get_spec
+    from .modeling_dropped import register_auto_classes
+
+    register_auto_classes()
+    config = AutoConfig.from_pretrained(str(model_dir))
+    with torch.device("meta"):
+        model = AutoModelForCausalLM.from_config(config)
+    prefix = get_spec(model).layer_prefix + "."
+    return {name: (m.in_features, m.out_features) for name, m in model.named_modules()
+            if isinstance(m, nn.Linear) and name.startswith(prefix)}
+
+
+def auto_group_size(in_features: Iterable[int]) -> int:
+    """Largest of 128/64/32 that divides every quantized input width; -1 (per channel) if none does."""
+    widths = set(in_features)
+    if not widths:
+        raise ValueError("nothing to quantize: the model has no Linear layers inside its decoder layers")
+    for g in GROUP_SIZES:
+        if all(w % g == 0 for w in widths):
+            return g
+    return -1
+
+
+def check_shapes(linears: dict[str, tuple[int, int]], method: str, group_size: int) -> None:
+    if not linears:
+        raise ValueError("nothing to quantize: the model has no Linear layers inside its decoder layers")
+    if group_size != -1:
+        bad = sorted({i for i, _ in linears.values() if i % group_size})
+        if bad:
+            raise ValueError(f"group_size {group_size} does not divide the input widths {bad}; "
+                             f"leave group_size unset to pick one, or use -1 (per output channel)")
+    if method == "awq":
+        bad = sorted({o for _, o in linears.values() if o % AWQ_OUT_MULTIPLE})
+        if bad:
+            raise ValueError(f"AWQ (gptqmodel) needs every quantized output width to be a multiple of "
+                             f"{AWQ_OUT_MULTIPLE}; this model has {bad}: use method='gptq'")
+
+
+# --------------------------------------------------------------------------------------------------
+# Calibration text
+# --------------------------------------------------------------------------------------------------
+def read_texts(source: str | os.PathLike | Sequence[str], field: str = "text") -> list[str]:
+    """Texts from a list, a `.jsonl` file (`{field: ...}` per line) or a plain text file."""
+    if isinstance(source, (str, os.PathLike)):
+        from .evaluation import read_jsonl_texts
+
+        if not Path(source).is_file():
+            raise FileNotFoundError(f"calibration text not found: {source} (pass texts or a .jsonl/.txt file)")
+        return read_jsonl_texts(source, field)
+    texts = [str(t) for t in source]
+    if not texts:
+        raise ValueError("calibration texts are empty")
+    return texts
+
+
+# --------------------------------------------------------------------------------------------------
+# Quantization
+# --------------------------------------------------------------------------------------------------
+def dir_size(path: str | os.PathLike, pattern: str = "*.safetensors") -> int:
+    return sum(p.stat().st_size for p in Path(path).glob(pattern))
+
+
+def _source_dir(model: str | os.PathLike, stack: list) -> Path:
+    """A directory for `model`: an existing checkpoint dir, or a catalogue name saved to a temp dir."""
+    from .models import TINY_PREFIX, load_model, resolve
+
+    ref = str(model)
+    if ref.startswith(TINY_PREFIX):
+        from .checkpoint import save_dropped
+
+        m, tok = load_model(ref)
+        tmp = Path(tempfile.mkdtemp(prefix="ld-quant-src-"))
+        stack.append(tmp)
+        return save_dropped(m, tmp / "model", tokenizer=tok)
+    path = Path(resolve(ref))
+    if not (path / "config.json").is_file():
+        raise FileNotFoundError(f"model directory not found (or no config.json): {model}")
+    return path
+
+
+def quantize(
+    model_dir: str | os.PathLike,
+    out_dir: str | os.PathLike,
+    method: str = "gptq",
+    bits: int = 4,
+    group_size: int | None = None,
+    calibration: str | os.PathLike | Sequence[str] | None = None,
+    num_samples: int = 64,
+    seq_len: int = 512,
+    backend: str = "gptqmodel",
+    sym: bool = True,
+    batch_size: int = 1,
+    dtype: torch.dtype | str | None = None,
+) -> QuantizeResult:
+    """Quantize the checkpoint at `model_dir` (plain, block-dropped or sublayer-dropped) into `out_dir`.
+
+    `calibration`: texts, or a `.jsonl`/`.txt` file; cut into `num_samples` blocks of `seq_len` tokens
+    (EOS after each document). `group_size=None` picks the largest of 128/64/32 dividing every quantized
+    width. `dtype` is the precision the model is calibrated in and its unquantized tensors (embeddings,
+    norms, lm_head) are saved in: default bfloat16 on CPU (gptqmodel's CPU AWQ kernel needs a half type)
+    and float16 on GPU; float32 works for GPTQ. The result is written atomically and reloads with
+    `lightning_drop.models.load_model(out_dir)`.
+    """
+    method, bits, backend = check_args(method, bits, backend)
+    if calibration is None:
+        raise ValueError("quantization needs calibration text: pass texts or a .jsonl/.txt file")
+    if num_samples < 1:
+        raise ValueError(f"num_samples must be >= 1, got {num_samples}")
+    if group_size is not None and (isinstance(group_size, bool) or not isinstance(group_size, int)
+                                   or (group_size != -1 and group_size < 1)):
+        raise ValueError(f"group_size must be a positive integer or -1 (per output channel), got {group_size!r}")
+    on_cpu = not torch.cuda.is_available()
+    if isinstance(dtype, str):
+        dtype = getattr(torch, dtype, None) if dtype != "auto" else None
+        if not isinstance(dtype, torch.dtype):
+            raise ValueError("dtype must be one of bfloat16, float16, float32 or auto")
+    if dtype is None:
+        dtype = torch.bfloat16 if on_cpu else torch.float16
+    if dtype not in (torch.bfloat16, torch.float16, torch.float32):
+        raise ValueError(f"dtype must be bfloat16, float16 or float32, got {dtype}")
+    if method == "awq" and dtype == torch.float32:
+        raise ValueError("AWQ (gptqmodel) calibrates in bfloat16 or float16, not float32")
+    require_backend(backend)
+    cleanup: list[Path] = []
+    try:
+        src = _source_dir(model_dir, cleanup)
+        linears = quantized_linears(src)
+        if group_size is None:
+            group_size = auto_group_size(i for i, _ in linears.values())
+        check_shapes(linears, method, group_size)
+        texts = read_texts(calibration)
+
+        from transformers import AutoTokenizer
+
+        from .evaluation import text_windows
+
+        tokenizer = AutoTokenizer.from_pretrained(str(src))
+        blocks = text_windows(tokenizer, texts, seq_len, num_samples)
+        calib = [{"input_ids": row.tolist(), "attention_mask": [1] * row.numel()} for row in blocks]
+
+        _import_gptqmodel()
+        from gptqmodel import BACKEND, GPTQModel, QuantizeConfig
+
+        from .checkpoint import atomic_dir
+
+        register_dropped_definitions()
+        kwargs: dict[str, Any] = dict(bits=bits, group_size=group_size, sym=sym, offload_to_disk=False,
+                                      device="cpu" if on_cpu else None)
+        if method == "awq":
+            kwargs.update(method="awq", format="gemm")
+        qconfig = QuantizeConfig(**kwargs)
+        q_backend = BACKEND.AWQ_TORCH if method == "awq" and on_cpu else BACKEND.AUTO
+        start = time.perf_counter()
+        qmodel = GPTQModel.load(str(src), qconfig, dtype=dtype)
+        qmodel.quantize(calib, batch_size=batch_size, backend=q_backend)
+        out_dir = Path(out_dir)
+        with atomic_dir(out_dir) as tmp:
+            qmodel.save(str(tmp))
+            _copy_remote_code(src, tmp)
+            seconds = time.perf_counter() - start
+            result = QuantizeResult(
+                out_dir=str(out_dir), method=method, bits=bits, group_size=group_size, backend=backend,
+                num_samples=int(blocks.shape[0]), seq_len=seq_len, seconds=round(seconds, 2),
+                size_before_bytes=dir_size(src), size_after_bytes=dir_size(tmp),
+                quantized_modules=len(linears),
+            )
+            (tmp / QUANT_REPORT).write_text(json.dumps(result.to_dict(), indent=2) + "\n")
+        del qmodel
+        log.info("quantized %s -> %s (%s %d-bit, group %d) in %.1f s: %.2f MB -> %.2f MB", model_dir, out_dir,
+                 method, bits, group_size, seconds, result.size_before_bytes / 1e6, result.size_after_bytes / 1e6)
+        return result
+    finally:
+        for p in cleanup:
+            shutil.rmtree(p, ignore_errors=True)
+
+
+def _copy_remote_code(src: Path, dst: Path) -> None:
+    """Keep the `auto_map` modeling files of a dropped checkpoint next to its quantized copy."""
+    config = json.loads((dst / "config.json").read_text()) if (dst / "config.json").is_file() else {}
+    refs = {v.split(".")[0] for v in (config.get("auto_map") or {}).values() if isinstance(v, str)}
+    for f in src.glob("*.py"):
+        if f.stem in refs or f.name == "architectures.py" and refs:
+            shutil.copyfile(f, dst / f.name)
+
+
+def quantize_model(model: nn.Module, tokenizer: Any, out_dir: str | os.PathLike, **kwargs: Any) -> QuantizeResult:
+    """Save an in-memory (dropped) model to a temporary directory, then `quantize` it into `out_dir`."""
+    from .checkpoint import save_dropped
+
+    tmp = Path(tempfile.mkdtemp(prefix="ld-quant-"))
+    try:
+        src = save_dropped(model, tmp / "model", tokenizer=tokenizer)
+        return quantize(src, out_dir, **kwargs)
+    finally:
+        shutil.rmtree(tmp, ignore_errors=True)
+
+
+def is_quantized_dir(path: str | os.PathLike) -> bool:
+    p = Path(path) / "config.json"
+    return p.is_file() and json.loads(p.read_text()).get("quantization_config") is not None
+
+
+def quality_report(source: str | os.PathLike, quantized: str | os.PathLike, data: str | os.PathLike,
+                   seq_len: int = 512, num_windows: int = 16, skip_windows: int = 0, batch_size: int = 4,
+                   field: str = "text") -> dict[str, Any]:
+    """Perplexity of the source (dropped) model and of its quantized copy on the same held-out windows.
+
+    The shape of the paper's Table 10: quality of the dropped model before and after 4-bit quantization.
+    """
+    from .evaluation import perplexity, read_jsonl_texts, text_windows
+    from .models import load_model
+
+    out: dict[str, Any] = {"data": str(data), "seq_len": seq_len}
+    windows = None
+    for key, ref in (("source", source), ("quantized", quantized)):
+        model, tok = load_model(str(ref))
+        if windows is None:
+            windows = text_windows(tok, read_jsonl_texts(data, field), seq_len, skip_windows + num_windows)
+            windows = windows[skip_windows:]
+            if windows.shape[0] == 0:
+                raise ValueError(f"{data} has no windows left after skipping {skip_windows}")
+            out["num_windows"] = int(windows.shape[0])
+        out[f"{key}_perplexity"] = perplexity(model, windows, batch_size)
+        del model
+    out["perplexity_increase_pct"] = 100.0 * (out["quantized_perplexity"] / out["source_perplexity"] - 1.0)
+    return out
+
+
+def quantize_main(model: str, output: str, method: str = "gptq", bits: int = 4, group_size: int | None = None,
+                  calibration: str | None = None, num_samples: int = 64, seq_len: int = 512,
+                  backend: str = "gptqmodel", eval_data: str | None = None, eval_windows: int = 16,
+                  eval_skip_windows: int = 0, dtype: str | None = None) -> dict[str, Any]:
+    """`lightning-drop quantize`: quantize a saved (dropped) model; with `eval_data`, compare perplexity.
+
+    Writes `output/lightning_drop_quant.json` with the settings, time, sizes and (if measured) the
+    perplexity of the model before and after quantization. Returns the same dictionary.
+    """
+    from .checkpoint import atomic_write_text
+
+    res = quantize(model, output, method=method, bits=bits, group_size=group_size, calibration=calibration,
+                   num_samples=num_samples, seq_len=seq_len, backend=backend, dtype=dtype).to_dict()
+    res["model"] = str(model)
+    if eval_data:
+        res.update(quality_report(model, output, eval_data, seq_len=seq_len, num_windows=eval_windows,
+                                  skip_windows=eval_skip_windows))
+    atomic_write_text(Path(output) / QUANT_REPORT, json.dumps(res, indent=2, sort_keys=True, default=str) + "\n")
+    print(format_report(res))
+    return res
+
+
+def format_report(res: dict[str, Any]) -> str:
+    lines = [f"{res['method']} {res['bits']}-bit (group {res['group_size']}, {res['backend']}) "
+             f"in {res['seconds']:.1f} s: {res['size_before_bytes'] / 1e6:.2f} MB -> {res['size_after_bytes'] / 1e6:.2f} MB"]
+    if "quantized_perplexity" in res:
+        lines.append(f"perplexity {res['source_perplexity']:.4f} -> {res['quantized_perplexity']:.4f} "
+                     f"({res['perplexity_increase_pct']:+.2f}%) over {res['num_windows']} x {res['seq_len']} tokens")
+    return "\n".join(lines)
