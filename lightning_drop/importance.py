@@ -1,0 +1,262 @@
+"""Module importance from one calibration pass: blocks, attention and MLP sublayers together.
+
+For every decoder layer three residual-stream states are captured with hooks: X (layer input), h (the
+input of `spec.mlp_entry`, i.e. after the attention residual) and Y (layer output). Attention is scored
+on (X, h), the MLP on (h, Y) and the block on (X, Y). Per-token scores are reduced immediately over
+real tokens only, into torchmetrics states (float64), so DDP ranks end with identical scores.
+"""
+
+from __future__ import annotations
+
+import math
+from contextlib import contextmanager
+from dataclasses import asdict, dataclass, field
+from typing import Any, Callable, Iterable, Iterator
+
+import torch
+import torch.nn.functional as F
+from torch import nn
+from torchmetrics import Metric
+
+from .architectures import ArchSpec, get_spec
+from .modeling_dropped import dropped_layers
+
+METRICS = ("cosine", "cosine_no_residual", "angular", "relative_magnitude", "reverse", "random")
+KINDS = ("attn", "mlp", "block")
+
+
+def token_scores(metric: str, x: torch.Tensor, y: torch.Tensor) -> torch.Tensor:
+    """Per-token score of a module mapping x -> y (last dim is hidden). Lower = more redundant."""
+    x, y = x.float(), y.float()
+    if metric in ("cosine", "cosine_no_residual"):
+        return 1.0 - F.cosine_similarity(x, y, dim=-1)
+    if metric == "angular":
+        return torch.arccos(F.cosine_similarity(x, y, dim=-1).clamp(-1.0, 1.0)) / math.pi
+    if metric == "relative_magnitude":  # ShortGPT: ||f(x)|| / ||x + f(x)||
+        return (y - x).norm(dim=-1) / y.norm(dim=-1).clamp_min(1e-12)
+    raise ValueError(f"metric '{metric}' has no per-token form; choose from {', '.join(METRICS)}")
+
+
+class LayerScoreMean(Metric):
+    """Token-weighted mean score per layer; sums and counts reduce by `sum` across processes."""
+
+    full_state_update = False
+
+    def __init__(self, num_layers: int, **kwargs: Any) -> None:
+        super().__init__(**kwargs)
+        self.add_state("total", torch.zeros(num_layers, dtype=torch.float64), dist_reduce_fx="sum")
+        self.add_state("count", torch.zeros(num_layers, dtype=torch.float64), dist_reduce_fx="sum")
+
+    def update(self, layer: int, scores: torch.Tensor) -> None:  # type: ignore[override]
+        self.total[layer] += scores.double().sum().to(self.total.device)
+        self.count[layer] += scores.numel()
+
+    def compute(self) -> torch.Tensor:
+        return self.total / self.count
+
+
+@dataclass
+class ImportanceScores:
+    """Scores per layer for each kind; `None` marks a module that is already dropped."""
+
+    metric: str
+    attn: list[float | None]
+    mlp: list[float | None]
+    block: list[float | None]
+    num_tokens: int = 0
+    extra: dict[str, Any] = field(default_factory=dict)
+
+    def to_dict(self) -> dict[str, Any]:
+        return asdict(self)
+
+    def row(self, kind: str) -> list[float | None]:
+        if kind not in KINDS:
+            raise ValueError(f"unknown kind '{kind}'; choose from {', '.join(KINDS)}")
+        return getattr(self, kind)
+
+
+def _hidden(value: Any) -> torch.Tensor:
+    return value[0] if isinstance(value, (tuple, list)) else value
+
+
+def _hidden_arg(args: tuple, kwargs: dict) -> torch.Tensor:
+    return args[0] if args else kwargs["hidden_states"]
+
+
+class ImportanceAccumulator:
+    """Installs scoring hooks on a model while active (`with acc.hooks(): model(...)`)."""
+
+    def __init__(self, model: nn.Module, metric: str = "cosine", spec: ArchSpec | None = None) -> None:
+        if metric not in METRICS:
+            raise ValueError(f"unknown metric '{metric}'; choose from {', '.join(METRICS)}")
+        self.model = model
+        self.metric = metric
+        self.spec = spec or get_spec(model)
+        self.layers = self.spec.get_layers(model)
+        n = len(self.layers)
+        self.metrics = nn.ModuleDict({k: LayerScoreMean(n) for k in KINDS})
+        self.mask: torch.Tensor | None = None
+        self.num_tokens = 0
+
+    def _reduce(self, kind: str, layer: int, x: torch.Tensor, y: torch.Tensor) -> None:
+        scores = token_scores(self.metric, x, y)
+        if self.mask is not None:
+            scores = scores[self.mask]
+        self.metrics[kind].update(layer, scores)
+
+    @contextmanager
+    def hooks(self) -> Iterator["ImportanceAccumulator"]:
+        spec, handles = self.spec, []
+        state: dict[int, dict[str, torch.Tensor]] = {}
+
+        def layer_pre(i: int) -> Callable:
+            def fn(module: nn.Module, args: tuple, kwargs: dict) -> None:
+                state[i] = {"x": _hidden_arg(args, kwargs)}
+            return fn
+
+        def entry_pre(i: int) -> Callable:
+            def fn(module: nn.Module, args: tuple, kwargs: dict) -> None:
+                state[i]["h"] = _hidden_arg(args, kwargs)
+            return fn
+
+        def layer_post(i: int) -> Callable:
+            def fn(module: nn.Module, args: tuple, kwargs: dict, output: Any) -> None:
+                s = state.pop(i)
+                y = _hidden(output)
+                if self.metric == "cosine_no_residual":
+                    self._reduce("block", i, s["x"], y - s["x"])
+                    return
+                self._reduce("attn", i, s["x"], s["h"])
+                self._reduce("mlp", i, s["h"], y)
+                self._reduce("block", i, s["x"], y)
+            return fn
+
+        def sub_pre(i: int, kind: str) -> Callable:
+            def fn(module: nn.Module, args: tuple, kwargs: dict) -> None:
+                state.setdefault(i, {})[f"{kind}_in"] = _hidden_arg(args, kwargs)
+            return fn
+
+        def sub_post(i: int, kind: str) -> Callable:
+            def fn(module: nn.Module, args: tuple, kwargs: dict, output: Any) -> None:
+                x = state[i].pop(f"{kind}_in")
+                out = _hidden(output)
+                if out.dim() == 0:  # a dropped stand-in: nothing to score
+                    return
+                self._reduce(kind, i, x, out)
+            return fn
+
+        try:
+            for i, layer in enumerate(self.layers):
+                handles.append(layer.register_forward_pre_hook(layer_pre(i), with_kwargs=True))
+                handles.append(layer.register_forward_hook(layer_post(i), with_kwargs=True))
+                if self.metric == "cosine_no_residual":
+                    for kind, name in (("attn", spec.attn), ("mlp", spec.mlp)):
+                        sub = getattr(layer, name)
+                        handles.append(sub.register_forward_pre_hook(sub_pre(i, kind), with_kwargs=True))
+                        handles.append(sub.register_forward_hook(sub_post(i, kind), with_kwargs=True))
+                else:
+                    entry = getattr(layer, spec.mlp_entry)
+                    handles.append(entry.register_forward_pre_hook(entry_pre(i), with_kwargs=True))
+            yield self
+        finally:
+            for h in handles:
+                h.remove()
+
+    def scores(self) -> ImportanceScores:
+        """Synchronized (DDP) per-layer means; dropped modules become None; NaN is refused."""
+        n = len(self.layers)
+        attn_dropped, mlp_dropped = dropped_layers(self.model) if _has_drops(self.model) else ([], [])
+        rows: dict[str, list[float | None]] = {}
+        for kind in KINDS:
+            values = self.metrics[kind].compute().tolist() if self.metrics[kind].count.sum() > 0 else [math.nan] * n
+            rows[kind] = values
+        gone = {"attn": set(attn_dropped), "mlp": set(mlp_dropped),
+                "block": set(attn_dropped) & set(mlp_dropped)}
+        for kind in KINDS:
+            rows[kind] = [None if i in gone[kind] else v for i, v in enumerate(rows[kind])]
+            bad = [i for i, v in enumerate(rows[kind]) if v is not None and not math.isfinite(v)]
+            if bad:
+                raise ValueError(
+                    f"non-finite {kind} importance scores for layers {bad}: the model produced NaN/inf hidden "
+                    "states (try float32) or the calibration data had no real tokens"
+                )
+        return ImportanceScores(self.metric, rows["attn"], rows["mlp"], rows["block"], self.num_tokens)
+
+
+def _has_drops(model: nn.Module) -> bool:
+    try:
+        attn, mlp = dropped_layers(model)
+    except (ValueError, AttributeError):
+        return False
+    return bool(attn or mlp)
+
+
+def _as_batch(batch: Any, device: torch.device) -> dict[str, torch.Tensor]:
+    if isinstance(batch, torch.Tensor):
+        batch = {"input_ids": batch}
+    if "input_ids" not in batch:
+        raise ValueError("calibration batches need 'input_ids'")
+    out = {"input_ids": batch["input_ids"].to(device)}
+    if batch.get("attention_mask") is not None:
+        out["attention_mask"] = batch["attention_mask"].to(device)
+    return out
+
+
+def _positional_scores(metric: str, n: int, seed: int) -> list[float]:
+    if metric == "reverse":  # deepest first: the last layer gets the lowest score
+        return [float(n - 1 - i) for i in range(n)]
+    g = torch.Generator().manual_seed(seed)
+    return torch.rand(n, generator=g, dtype=torch.float64).tolist()
+
+
+def _decoder(model: nn.Module) -> nn.Module:
+    """The model without its LM head: scores need hidden states, not logits."""
+    inner = getattr(model, "model", None)
+    return inner if isinstance(inner, nn.Module) and hasattr(inner, "layers") else model
+
+
+@torch.no_grad()
+def compute_importance(model: nn.Module, batches: Iterable[Any], metric: str = "cosine", seed: int = 0,
+                       progress: bool = False) -> ImportanceScores:
+    """Score every block, attention and MLP sublayer of `model` over `batches` in one pass."""
+    if metric not in METRICS:
+        raise ValueError(f"unknown metric '{metric}'; choose from {', '.join(METRICS)}")
+    spec = get_spec(model)
+    n = len(spec.get_layers(model))
+    if metric in ("reverse", "random"):
+        rows = {k: _positional_scores(metric, n, seed + j) for j, k in enumerate(KINDS)}
+        acc = ImportanceAccumulator(model, "cosine", spec)
+        scores = ImportanceScores(metric, rows["attn"], rows["mlp"], rows["block"], 0)
+        attn_d, mlp_d = dropped_layers(model) if _has_drops(model) else ([], [])
+        scores.attn = [None if i in attn_d else v for i, v in enumerate(scores.attn)]
+        scores.mlp = [None if i in mlp_d else v for i, v in enumerate(scores.mlp)]
+        scores.block = [None if (i in attn_d and i in mlp_d) else v for i, v in enumerate(scores.block)]
+        del acc
+        return scores
+    acc = ImportanceAccumulator(model, metric, spec)
+    device = next(model.parameters()).device
+    acc.metrics.to(device)
+    was_training = model.training
+    model.eval()
+    runner = _decoder(model)
+    batches = list(batches) if progress else batches
+    iterator: Iterable[Any] = batches
+    if progress:
+        from tqdm.auto import tqdm
+
+        iterator = tqdm(batches, desc="calibration", unit="batch")
+    seen = 0
+    try:
+        with acc.hooks():
+            for batch in iterator:
+                inputs = _as_batch(batch, device)
+                mask = inputs.get("attention_mask")
+                acc.mask = mask.bool() if mask is not None else None
+                acc.num_tokens += int(mask.sum()) if mask is not None else inputs["input_ids"].numel()
+                runner(**inputs, use_cache=False)
+                seen += 1
+    finally:
+        model.train(was_training)
+    if seen == 0 or acc.num_tokens == 0:
+        raise ValueError("no calibration data: the batches held no real tokens")
+    return acc.scores()

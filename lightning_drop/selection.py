@@ -1,0 +1,108 @@
+"""Choosing what to drop from importance scores: one-shot or iterative, per kind or jointly."""
+
+from __future__ import annotations
+
+from dataclasses import dataclass, field
+from typing import Any, Callable, Iterable, Sequence
+
+from torch import nn
+
+from .importance import METRICS, ImportanceScores, compute_importance
+from .modeling_dropped import apply_drop, dropped_layers
+
+TARGETS = ("block", "attn", "mlp", "joint")
+SCHEDULES = ("one-shot", "iterative")
+
+
+def candidates(scores: ImportanceScores, target: str, keep: Sequence[int] = ()) -> list[tuple[float, int, str, int]]:
+    """Sort keys (score, kind order, layer, kind) of droppable modules: lowest score first, ties by kind then layer."""
+    if target not in TARGETS:
+        raise ValueError(f"unknown target '{target}'; choose from {', '.join(TARGETS)}")
+    kinds = {"block": ["block"], "attn": ["attn"], "mlp": ["mlp"], "joint": ["attn", "mlp"]}[target]
+    protected = set(keep)
+    out = []
+    for order, kind in enumerate(kinds):
+        for i, s in enumerate(scores.row(kind)):
+            if s is not None and i not in protected:
+                out.append((float(s), order, i, kind))
+    return sorted(out)
+
+
+def resolve_num(total: int, num: int | None, ratio: float | None) -> int:
+    """Number of modules to drop from `num` or `ratio` of `total` (exactly one of them)."""
+    if (num is None) == (ratio is None):
+        raise ValueError("give exactly one of num or ratio")
+    if ratio is not None:
+        if not 0.0 < ratio < 1.0:
+            raise ValueError(f"ratio must be in (0, 1), got {ratio}")
+        num = max(1, round(ratio * total))
+    assert num is not None
+    if num < 1:
+        raise ValueError(f"num must be at least 1, got {num}")
+    return num
+
+
+def select_modules(scores: ImportanceScores, target: str, num: int, keep: Sequence[int] = ()) -> tuple[list[int], list[int]]:
+    """(attention indices, MLP indices) of the `num` lowest-scoring modules; a block counts as both."""
+    ranked = candidates(scores, target, keep)
+    if num > len(ranked):
+        raise ValueError(f"cannot drop {num} {target} modules: only {len(ranked)} can be dropped"
+                         f"{' (after --keep)' if keep else ''}")
+    attn: list[int] = []
+    mlp: list[int] = []
+    for _, _, i, kind in ranked[:num]:
+        if kind in ("attn", "block"):
+            attn.append(i)
+        if kind in ("mlp", "block"):
+            mlp.append(i)
+    return sorted(attn), sorted(mlp)
+
+
+def total_modules(num_layers: int, target: str) -> int:
+    return 2 * num_layers if target == "joint" else num_layers
+
+
+@dataclass
+class DropResult:
+    """What was dropped (original layer indices) and the scores of every round."""
+
+    attn: list[int]
+    mlp: list[int]
+    rounds: list[ImportanceScores] = field(default_factory=list)
+    round_drops: list[dict[str, list[int]]] = field(default_factory=list)
+
+    def to_dict(self) -> dict[str, Any]:
+        return {"drop_attn_list": self.attn, "drop_mlp_list": self.mlp,
+                "rounds": [{"scores": r.to_dict(), **d} for r, d in zip(self.rounds, self.round_drops)]}
+
+
+def drop_by_importance(model: nn.Module, batches: Iterable[Any] | Callable[[], Iterable[Any]], target: str,
+                       num: int, metric: str = "cosine", schedule: str = "one-shot", step: int = 1,
+                       keep: Sequence[int] = (), seed: int = 0, progress: bool = False) -> DropResult:
+    """Score, select and drop `num` modules of `model` in place.
+
+    One-shot scores once. Iterative drops `step` modules, re-scores the dropped model, and repeats.
+    `batches` may be a callable returning a fresh iterable (needed when it is a one-pass generator).
+    """
+    if target not in TARGETS:
+        raise ValueError(f"unknown target '{target}'; choose from {', '.join(TARGETS)}")
+    if metric not in METRICS:
+        raise ValueError(f"unknown metric '{metric}'; choose from {', '.join(METRICS)}")
+    if schedule not in SCHEDULES:
+        raise ValueError(f"unknown schedule '{schedule}'; choose from {', '.join(SCHEDULES)}")
+    if step < 1:
+        raise ValueError(f"step must be at least 1, got {step}")
+    get_batches = batches if callable(batches) else (lambda data=list(batches): data)
+    result = DropResult([], [])
+    remaining = num
+    while remaining > 0:
+        scores = compute_importance(model, get_batches(), metric=metric, seed=seed + len(result.rounds),
+                                    progress=progress)
+        k = remaining if schedule == "one-shot" else min(step, remaining)
+        attn, mlp = select_modules(scores, target, k, keep)
+        apply_drop(model, attn=attn, mlp=mlp)
+        result.rounds.append(scores)
+        result.round_drops.append({"drop_attn": attn, "drop_mlp": mlp})
+        remaining -= k
+    result.attn, result.mlp = dropped_layers(model)
+    return result

@@ -1,0 +1,191 @@
+"""Importance scores equal a direct computation; padding is excluded; DDP agrees; selection is right."""
+
+from __future__ import annotations
+
+import math
+import os
+import statistics
+
+import pytest
+import torch
+import torch.nn.functional as F
+
+from lightning_drop import apply_drop, dropped_layers
+from lightning_drop.importance import METRICS, compute_importance, token_scores
+from lightning_drop.models import tiny_model
+from lightning_drop.selection import drop_by_importance, resolve_num, select_modules
+
+
+def _windows(n=3, seq=24, seed=0):
+    g = torch.Generator().manual_seed(seed)
+    return torch.randint(0, 256, (n, seq), generator=g)
+
+
+@torch.no_grad()
+def direct_scores(model, ids, metric="cosine"):
+    """Layer by layer, without hooks: X, h and Y computed from the modules themselves."""
+    inner = model.model
+    x = inner.embed_tokens(ids)  # Gemma's embedding module applies its own sqrt(hidden) scale
+    pos = torch.arange(ids.shape[1]).unsqueeze(0)
+    pe = inner.rotary_emb(x, position_ids=pos)
+    t = ids.shape[1]
+    causal = torch.full((t, t), float("-inf")).triu(1)[None, None]  # explicit: eager attention adds no mask itself
+    sums = {k: [0.0] * len(inner.layers) for k in ("attn", "mlp", "block")}
+    sandwich = hasattr(inner.layers[0], "pre_feedforward_layernorm")
+    for i, layer in enumerate(inner.layers):
+        a = layer.self_attn(hidden_states=layer.input_layernorm(x), position_embeddings=pe, attention_mask=causal)[0]
+        h = x + (layer.post_attention_layernorm(a) if sandwich else a)
+        if sandwich:
+            y = h + layer.post_feedforward_layernorm(layer.mlp(layer.pre_feedforward_layernorm(h)))
+        else:
+            y = h + layer.mlp(layer.post_attention_layernorm(h))
+        torch.testing.assert_close(y, layer(x, position_embeddings=pe, attention_mask=causal), atol=1e-5, rtol=1e-5)
+        for kind, (a_, b_) in {"attn": (x, h), "mlp": (h, y), "block": (x, y)}.items():
+            sums[kind][i] = token_scores(metric, a_, b_).double().mean().item()
+        x = y
+    return sums
+
+
+@pytest.mark.parametrize("family", ["llama", "gemma2"])
+@pytest.mark.parametrize("metric", ["cosine", "angular", "relative_magnitude"])
+def test_scores_equal_direct_computation(family, metric):
+    model, _ = tiny_model(family, num_layers=3, sliding_window=64) if family == "gemma2" else tiny_model(family, 3)
+    ids = _windows()
+    got = compute_importance(model, [ids[:2], ids[2:]], metric=metric)
+    ref = direct_scores(model, ids, metric)
+    for kind in ("attn", "mlp", "block"):
+        assert got.row(kind) == pytest.approx(ref[kind], abs=1e-5)
+    assert got.num_tokens == ids.numel()
+
+
+def test_padding_tokens_are_excluded():
+    model, _ = tiny_model("llama")
+    a, b = _windows(1, 20, 1), _windows(1, 12, 2)
+    padded = torch.cat([b, torch.zeros(1, 8, dtype=torch.long)], dim=1)
+    batch = {"input_ids": torch.cat([a, padded]), "attention_mask": torch.cat([torch.ones(1, 20), torch.cat(
+        [torch.ones(1, 12), torch.zeros(1, 8)], dim=1)]).long()}
+    got = compute_importance(model, [batch])
+    sa, sb = compute_importance(model, [a]), compute_importance(model, [b])
+    for kind in ("attn", "mlp", "block"):
+        expected = [(20 * x + 12 * y) / 32 for x, y in zip(sa.row(kind), sb.row(kind))]
+        assert got.row(kind) == pytest.approx(expected, abs=1e-6)
+    assert got.num_tokens == 32
+
+
+def test_no_residual_scores_sublayer_output_against_its_input():
+    model, _ = tiny_model("llama", 2)
+    ids = _windows(2, 16)
+    got = compute_importance(model, [ids], metric="cosine_no_residual")
+    inner = model.model
+    with torch.no_grad():
+        x = inner.embed_tokens(ids)
+        pe = inner.rotary_emb(x, position_ids=torch.arange(16).unsqueeze(0))
+        layer = inner.layers[0]
+        n = layer.input_layernorm(x)
+        a = layer.self_attn(hidden_states=n, position_embeddings=pe, attention_mask=None)[0]
+    expected = (1 - F.cosine_similarity(n, a, dim=-1)).double().mean().item()
+    assert got.attn[0] == pytest.approx(expected, abs=1e-5)
+    assert got.attn != compute_importance(model, [ids]).attn
+
+
+def test_dropped_modules_score_none_and_survivor_still_scored():
+    model, _ = tiny_model("llama")
+    apply_drop(model, attn=[1])
+    s = compute_importance(model, [_windows()])
+    assert s.attn[1] is None and s.mlp[1] is not None and s.mlp[1] > 0 and s.block[1] is not None
+
+
+def test_positional_metrics():
+    model, _ = tiny_model("llama")
+    rev = compute_importance(model, [_windows()], metric="reverse")
+    assert select_modules(rev, "attn", 2) == ([2, 3], [])
+    r1 = compute_importance(model, [_windows()], metric="random", seed=3)
+    r2 = compute_importance(model, [_windows()], metric="random", seed=3)
+    assert r1.attn == r2.attn and r1.attn != compute_importance(model, [_windows()], metric="random", seed=4).attn
+
+
+def test_selection_targets_and_ties():
+    from lightning_drop.importance import ImportanceScores
+
+    s = ImportanceScores("cosine", attn=[0.5, 0.1, 0.1, 0.9], mlp=[0.05, 0.3, 0.2, 0.95], block=[0.6, 0.4, 0.3, 1.0])
+    assert select_modules(s, "attn", 2) == ([1, 2], [])
+    assert select_modules(s, "mlp", 2) == ([], [0, 2])
+    assert select_modules(s, "block", 1) == ([2], [2])
+    assert select_modules(s, "joint", 3) == ([1, 2], [0])
+    assert select_modules(s, "attn", 1, keep=[1]) == ([2], [])
+    with pytest.raises(ValueError, match="only 4"):
+        select_modules(s, "attn", 5)
+    with pytest.raises(ValueError, match="unknown target"):
+        select_modules(s, "heads", 1)
+    assert resolve_num(30, None, 0.25) == 8
+    with pytest.raises(ValueError, match="exactly one"):
+        resolve_num(30, 3, 0.1)
+
+
+def test_one_shot_and_iterative_give_valid_selections():
+    ids = _windows(4, 24)
+    m1, _ = tiny_model("qwen2", 6)
+    m2, _ = tiny_model("qwen2", 6)
+    one = drop_by_importance(m1, [ids], "joint", 4, schedule="one-shot")
+    it = drop_by_importance(m2, [ids], "joint", 4, schedule="iterative", step=1)
+    assert len(one.rounds) == 1 and len(it.rounds) == 4
+    for res, m in ((one, m1), (it, m2)):
+        assert len(res.attn) + len(res.mlp) == 4
+        assert dropped_layers(m) == (res.attn, res.mlp)
+    # the first iterative round sees the same model as the one-shot round
+    assert it.rounds[0].attn == pytest.approx(one.rounds[0].attn)
+
+
+def test_bad_inputs():
+    model, _ = tiny_model("llama")
+    with pytest.raises(ValueError, match="no calibration data"):
+        compute_importance(model, [])
+    with pytest.raises(ValueError, match="unknown metric"):
+        compute_importance(model, [_windows()], metric="taylor")
+    with pytest.raises(ValueError, match="unknown schedule"):
+        drop_by_importance(model, [_windows()], "attn", 1, schedule="greedy")
+    nan_model, _ = tiny_model("llama")
+    with torch.no_grad():
+        nan_model.model.layers[1].mlp.down_proj.weight.fill_(float("nan"))
+    with pytest.raises(ValueError, match="non-finite"):
+        compute_importance(nan_model, [_windows()])
+
+
+def _ddp_worker(rank, world, init_file, ids, out):
+    import torch.distributed as dist
+
+    torch.set_num_threads(1)
+    dist.init_process_group("gloo", init_method=f"file://{init_file}", rank=rank, world_size=world)
+    model, _ = tiny_model("llama")
+    shard = ids[rank::world]
+    scores = compute_importance(model, [shard])
+    torch.save(scores.to_dict(), f"{out}.{rank}")
+    dist.destroy_process_group()
+
+
+def test_ddp_two_processes_match_one(tmp_path):
+    import torch.multiprocessing as mp
+
+    ids = _windows(4, 24)
+    mp.spawn(_ddp_worker, args=(2, str(tmp_path / "init"), ids, str(tmp_path / "scores")), nprocs=2, join=True)
+    r0, r1 = torch.load(f"{tmp_path}/scores.0"), torch.load(f"{tmp_path}/scores.1")
+    model, _ = tiny_model("llama")
+    single = compute_importance(model, [ids])
+    for kind in ("attn", "mlp", "block"):
+        assert r0[kind] == r1[kind]  # identical on every rank
+        assert r0[kind] == pytest.approx(single.row(kind), abs=1e-6)
+
+
+@pytest.mark.slow
+def test_smollm2_attention_scores_lower_than_mlp(shared_dir):
+    from lightning_drop.models import load_model
+
+    model, tok = load_model("smollm2-135m")
+    import json
+
+    docs = [json.loads(line)["text"] for line in open(shared_dir / "data" / "c4_demo.jsonl")][:40]
+    ids = tok("\n".join(docs), return_tensors="pt")["input_ids"][0]
+    windows = ids[: 4 * 256].view(4, 256)
+    s = compute_importance(model, [windows[:2], windows[2:]])
+    assert statistics.mean(s.attn) < statistics.mean(s.mlp)
+    assert all(math.isfinite(v) for v in s.attn + s.mlp + s.block)
