@@ -77,12 +77,13 @@ def fetch_sample_file(name: str) -> Path:
                     raise
     path = out / name
     if not path.is_file():
-        raise FileNotFoundError(f"{name} is not in the {EXLLAMAV2} wheel data ({sorted(p.name for p in out.iterdir())})")
+        have = sorted(p.name for p in out.iterdir())
+        raise FileNotFoundError(f"{name} is not in the {EXLLAMAV2} wheel data; it has {have}")
     return path
 
 
 def _split_sample(name: str, text: str) -> list[str]:
-    """Each exllamav2 file separates documents its own way (looked at the files)."""
+    """Each exllamav2 file (`name` as in SAMPLES) separates documents its own way (looked at the files)."""
     if name == "c4.utf8":  # one document per line (C4 newlines already flattened to spaces)
         docs = text.splitlines()
     elif name == "wiki.utf8":  # wikiextractor output: <doc id=.. url=.. title=..>\nTitle\n\nBody\n</doc>
@@ -216,7 +217,7 @@ def load_documents(source: str | os.PathLike, text_field: str = "text", split: s
         path = sample_source(source)
         if path.suffix != ".utf8":
             return load_documents(path, text_field="text", limit=limit)
-        texts: Sequence[str] = _split_sample(path.name, path.read_text(encoding="utf-8"))
+        texts: Sequence[str] = _split_sample(SAMPLES[source], path.read_text(encoding="utf-8"))
         label = f"{source} ({path})"
     elif _looks_local(source):
         path = Path(source).expanduser()
