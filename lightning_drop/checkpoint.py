@@ -17,7 +17,7 @@ import shutil
 import tempfile
 from contextlib import contextmanager
 from pathlib import Path
-from typing import Any, Iterator
+from typing import Any, Callable, Iterator
 
 import torch
 from torch import nn
@@ -117,8 +117,11 @@ def checkpoint_kind(model: nn.Module) -> str:
 
 
 def save_dropped(model: nn.Module, out_dir: str | os.PathLike, tokenizer: Any = None,
-                 max_shard_size: str = "2GB") -> Path:
-    """Save `model` (dropped or not) to `out_dir` atomically in safetensors; returns the path."""
+                 max_shard_size: str = "2GB", extra: Callable[[Path], None] | None = None) -> Path:
+    """Save `model` (dropped or not) to `out_dir` atomically in safetensors; returns the path.
+
+    `extra(tmp_dir)` may add files (reports) that must appear together with the checkpoint.
+    """
     spec = get_spec(model)
     attn, mlp = dropped_layers(model)
     kind = checkpoint_kind(model)
@@ -134,6 +137,8 @@ def save_dropped(model: nn.Module, out_dir: str | os.PathLike, tokenizer: Any = 
             _add_remote_code(tmp, model)
         if tokenizer is not None:
             tokenizer.save_pretrained(tmp)
+        if extra is not None:
+            extra(tmp)
     return out_dir
 
 

@@ -1,0 +1,96 @@
+"""The one-shot/iterative drop job: calibrate, score, select, drop, save checkpoint + report."""
+
+from __future__ import annotations
+
+import json
+import os
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any, Sequence
+
+import torch
+
+from .checkpoint import save_dropped
+from .data import CalibrationConfig, calibration_windows
+from .importance import METRICS
+from .models import load_model
+from .selection import SCHEDULES, TARGETS, DropResult, drop_by_importance, resolve_num, total_modules
+
+
+@dataclass
+class DropJob:
+    """Everything `lightning-drop drop` needs; validated on construction."""
+
+    model: str
+    target: str = "attn"
+    num: int | None = None
+    ratio: float | None = None
+    metric: str = "cosine"
+    schedule: str = "one-shot"
+    step: int = 1
+    keep: Sequence[int] = ()
+    calibration: CalibrationConfig = field(default_factory=CalibrationConfig)
+    batch_size: int = 4
+    dtype: str = "float32"
+    tokenizer: str | None = None
+    output: str | None = None
+    overwrite: bool = False
+
+    def __post_init__(self) -> None:
+        for name, value, allowed in (("target", self.target, TARGETS), ("metric", self.metric, METRICS),
+                                     ("schedule", self.schedule, SCHEDULES)):
+            if value not in allowed:
+                raise ValueError(f"unknown {name} '{value}'; choose from {', '.join(allowed)}")
+        if (self.num is None) == (self.ratio is None):
+            raise ValueError("give exactly one of --num or --ratio")
+        if self.batch_size < 1 or self.step < 1:
+            raise ValueError("--batch-size and --step must be at least 1")
+        if self.output is not None:
+            out = Path(self.output)
+            if out.exists() and not out.is_dir():
+                raise ValueError(f"--output {out} exists and is not a directory")
+            if out.is_dir() and any(out.iterdir()) and not self.overwrite:
+                raise ValueError(f"--output {out} already exists and is not empty (pass --overwrite to replace it)")
+
+
+def run_drop(job: DropJob, progress: bool = True) -> dict[str, Any]:
+    """Run `job`; returns the report (also written to OUTPUT/importance.json with a PNG beside it)."""
+    model, tok = load_model(job.model, dtype=job.dtype, tokenizer=job.tokenizer)
+    max_pos = getattr(model.config, "max_position_embeddings", None)
+    windows = calibration_windows(tok, job.calibration, max_positions=max_pos)
+    batches = [windows[i:i + job.batch_size] for i in range(0, len(windows), job.batch_size)]
+    n_layers = model.config.num_hidden_layers
+    num = resolve_num(total_modules(n_layers, job.target), job.num, job.ratio)
+    result = drop_by_importance(model, batches, job.target, num, metric=job.metric, schedule=job.schedule,
+                                step=job.step, keep=list(job.keep), seed=job.calibration.seed, progress=progress)
+    report = build_report(job, result, windows)
+    if job.output is not None:
+        save_dropped(model, job.output, tok, extra=lambda tmp: write_report(tmp, report, result))
+    return report
+
+
+def build_report(job: DropJob, result: DropResult, windows: torch.Tensor) -> dict[str, Any]:
+    first = result.rounds[0]
+    calib = {**job.calibration.to_dict(), "num_samples": int(windows.shape[0]), "seq_len": int(windows.shape[1]),
+             "num_tokens": int(windows.numel())}
+    report: dict[str, Any] = {
+        "model": job.model, "metric": job.metric, "target": job.target, "schedule": job.schedule,
+        "num": len(result.attn) + len(result.mlp) if job.target != "block" else len(result.attn),
+        "attn": first.attn, "mlp": first.mlp, "block": first.block,
+        "drop_attn_list": result.attn, "drop_mlp_list": result.mlp, "keep": list(job.keep),
+        "calibration": calib,
+    }
+    if job.schedule == "iterative":
+        report["rounds"] = result.to_dict()["rounds"]
+    return report
+
+
+def write_report(directory: str | os.PathLike, report: dict[str, Any], result: DropResult) -> None:
+    """importance.json and importance.png into `directory`."""
+    from .plots import plot_importance
+
+    directory = Path(directory)
+    (directory / "importance.json").write_text(json.dumps(report, indent=2) + "\n")
+    plot_importance(result.rounds[0], directory / "importance.png", result.attn, result.mlp,
+                    title=f"{report['model']}: {report['metric']} importance, dropped {report['target']} "
+                          f"({report['schedule']}) in red")
