@@ -56,11 +56,18 @@ class DropJob:
 def run_drop(job: DropJob, progress: bool = True) -> dict[str, Any]:
     """Run `job`; returns the report (also written to OUTPUT/importance.json with a PNG beside it)."""
     model, tok = load_model(job.model, dtype=job.dtype, tokenizer=job.tokenizer)
+    n_layers = model.config.num_hidden_layers
+    bad_keep = [i for i in job.keep if not 0 <= i < n_layers]
+    if bad_keep:
+        raise ValueError(f"--keep {bad_keep} out of range: the model has {n_layers} layers")
+    total = total_modules(n_layers, job.target)
+    num = resolve_num(total, job.num, job.ratio)
+    droppable = total - len(set(job.keep)) * (2 if job.target == "joint" else 1)
+    if num > droppable:  # fail before the (long) calibration pass
+        raise ValueError(f"cannot drop {num} {job.target} modules: only {droppable} can be dropped")
     max_pos = getattr(model.config, "max_position_embeddings", None)
     windows = calibration_windows(tok, job.calibration, max_positions=max_pos)
     batches = [windows[i:i + job.batch_size] for i in range(0, len(windows), job.batch_size)]
-    n_layers = model.config.num_hidden_layers
-    num = resolve_num(total_modules(n_layers, job.target), job.num, job.ratio)
     result = drop_by_importance(model, batches, job.target, num, metric=job.metric, schedule=job.schedule,
                                 step=job.step, keep=list(job.keep), seed=job.calibration.seed, progress=progress)
     report = build_report(job, result, windows)
