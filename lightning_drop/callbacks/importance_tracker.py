@@ -1,0 +1,182 @@
+"""`ImportanceTracker`: block / attention / MLP importance over training, on a fixed calibration batch.
+
+Scores at fit start (`on_train_start`, after any checkpoint restore), every `every_n_steps` optimizer steps
+and at fit end (`on_train_end`, while the model is still on the accelerator). All ranks compute (the scores
+are torchmetrics states, synchronized across processes); global rank zero writes
+`importance_history.json` / `.csv` and `importance_heatmap.png` atomically. Scalars and the layer x step
+heatmap go through every Lightning logger (`trainer.loggers`, as `LearningRateMonitor` does): TensorBoard
+gets `add_figure`, loggers with `log_image` (W&B, ...) get the image.
+"""
+
+from __future__ import annotations
+
+import csv
+import io
+import json
+import math
+import os
+import tempfile
+from pathlib import Path
+from typing import Any
+
+import lightning.pytorch as pl
+from lightning.pytorch.callbacks import Callback
+from lightning.pytorch.utilities.exceptions import MisconfigurationException
+
+from ._common import CalibrationSource, hf_of, log_metrics
+
+KINDS = ("attn", "mlp", "block")
+
+
+class ImportanceTracker(Callback):
+    """Track how important every block, attention and MLP sublayer is as training goes.
+
+    Args:
+        every_n_steps: score every this many optimizer steps (also at fit start and fit end).
+        metric: importance metric (`lightning_drop.importance.METRICS`).
+        calibration_source / calibration_samples / calibration_seq_len / calibration_batch_size: as on
+            `LayerDrop` (None = the datamodule's `calibration_batch()`).
+        output_dir: where the history files and the PNG go (default: the trainer's log dir).
+        log_scalars: log `importance/<kind>/layer_XX` through the loggers.
+        heatmap: draw the layer x step heatmap (PNG file and loggers).
+        at_fit_start / at_fit_end: score at those points too.
+    """
+
+    def __init__(
+        self,
+        every_n_steps: int = 50,
+        metric: str = "cosine",
+        calibration_source: str | None = None,
+        calibration_samples: int = 16,
+        calibration_seq_len: int = 256,
+        calibration_batch_size: int = 8,
+        output_dir: str | None = None,
+        log_scalars: bool = True,
+        heatmap: bool = True,
+        at_fit_start: bool = True,
+        at_fit_end: bool = True,
+        prefix: str = "importance/",
+    ) -> None:
+        from lightning_drop.importance import METRICS
+
+        if not isinstance(every_n_steps, int) or isinstance(every_n_steps, bool) or every_n_steps < 1:
+            raise MisconfigurationException(f"ImportanceTracker: every_n_steps must be an integer >= 1, got {every_n_steps!r}")
+        if metric not in METRICS:
+            raise MisconfigurationException(
+                f"ImportanceTracker: unknown metric {metric!r}; choose from {', '.join(METRICS)}")
+        self.every_n_steps, self.metric = every_n_steps, metric
+        self.calibration = CalibrationSource(calibration_source, calibration_samples, calibration_seq_len,
+                                             calibration_batch_size, "ImportanceTracker")
+        self.output_dir, self.log_scalars, self.heatmap = output_dir, log_scalars, heatmap
+        self.at_fit_start, self.at_fit_end, self.prefix = at_fit_start, at_fit_end, prefix
+        self.history: list[dict[str, Any]] = []
+        self._last_seen_step = -1
+
+    # ------------------------------------------------------------------------------------------ state
+    def state_dict(self) -> dict[str, Any]:
+        return {"history": self.history, "metric": self.metric}
+
+    def load_state_dict(self, state_dict: dict[str, Any]) -> None:
+        self.history = list(state_dict["history"])
+
+    # ---------------------------------------------------------------------------------------- scoring
+    def score(self, trainer: pl.Trainer, pl_module: pl.LightningModule, event: str) -> dict[str, Any]:
+        """Score now (every rank), append to the history, write files and log (rank zero)."""
+        from lightning_drop.importance import compute_importance
+
+        scores = compute_importance(hf_of(pl_module), self.calibration.batches(trainer, pl_module),
+                                    metric=self.metric)
+        entry = {"step": trainer.global_step, "event": event, "metric": self.metric,
+                 "num_tokens": scores.num_tokens, **{k: scores.row(k) for k in KINDS}}
+        self.history.append(entry)
+        if self.log_scalars:
+            log_metrics(trainer, {f"{self.prefix}{k}/layer_{i:02d}": float(v) for k in KINDS
+                                  for i, v in enumerate(entry[k]) if v is not None})
+        if trainer.is_global_zero:
+            out = self._out_dir(trainer)
+            self.write_history(out)
+            if self.heatmap:
+                self._heatmap(trainer, out)
+        return entry
+
+    def _out_dir(self, trainer: pl.Trainer) -> Path:
+        return Path(self.output_dir or trainer.log_dir or trainer.default_root_dir)
+
+    def write_history(self, out_dir: str | os.PathLike) -> None:
+        """`importance_history.json` (all entries) and `.csv` (one row per step x kind), atomically."""
+        from lightning_drop.checkpoint import atomic_write_text
+
+        out_dir = Path(out_dir)
+        n = max((len(e["attn"]) for e in self.history), default=0)
+        atomic_write_text(out_dir / "importance_history.json",
+                          json.dumps({"metric": self.metric, "num_layers": n, "history": self.history}, indent=1) + "\n")
+        buf = io.StringIO()
+        w = csv.writer(buf)
+        w.writerow(["step", "event", "kind"] + [f"layer_{i}" for i in range(n)])
+        for e in self.history:
+            for k in KINDS:
+                w.writerow([e["step"], e["event"], k] + ["" if v is None else f"{v:.8g}" for v in e[k]])
+        atomic_write_text(out_dir / "importance_history.csv", buf.getvalue())
+
+    def figure(self) -> Any:
+        """Matplotlib figure: one layer x step panel per kind (dropped modules blank)."""
+        import matplotlib
+
+        matplotlib.use("Agg", force=False)
+        import matplotlib.pyplot as plt
+        import numpy as np
+
+        steps = [e["step"] for e in self.history]
+        fig, axes = plt.subplots(1, 3, figsize=(13, 4.2), constrained_layout=True)
+        for ax, kind in zip(axes, KINDS):
+            data = np.array([[math.nan if v is None else v for v in e[kind]] for e in self.history], dtype=float).T
+            im = ax.imshow(np.ma.masked_invalid(data), aspect="auto", origin="lower", cmap="viridis",
+                           interpolation="nearest")
+            ax.set_title(f"{kind} importance ({self.metric})")
+            ax.set_ylabel("layer")
+            ax.set_xlabel("training step")
+            ticks = list(range(len(steps)))
+            stride = max(1, len(ticks) // 8)
+            ax.set_xticks(ticks[::stride])
+            ax.set_xticklabels([str(s) for s in steps[::stride]])
+            fig.colorbar(im, ax=ax, shrink=0.85)
+        return fig
+
+    def _heatmap(self, trainer: pl.Trainer, out_dir: Path) -> None:
+        import matplotlib.pyplot as plt
+
+        fig = self.figure()
+        try:
+            out_dir.mkdir(parents=True, exist_ok=True)
+            fd, tmp = tempfile.mkstemp(prefix=".importance_heatmap.", suffix=".png", dir=out_dir)
+            os.close(fd)
+            fig.savefig(tmp, dpi=110)
+            os.replace(tmp, out_dir / "importance_heatmap.png")
+            for logger in trainer.loggers:
+                tag = f"{self.prefix}heatmap"
+                exp = getattr(logger, "experiment", None)
+                if hasattr(exp, "add_figure"):  # TensorBoard
+                    exp.add_figure(tag, fig, global_step=trainer.global_step, close=False)
+                elif hasattr(logger, "log_image"):  # W&B, Neptune, ...
+                    logger.log_image(key=tag, images=[str(out_dir / "importance_heatmap.png")], step=trainer.global_step)
+        finally:
+            plt.close(fig)
+
+    # ------------------------------------------------------------------------------------------- hooks
+    def on_train_start(self, trainer: pl.Trainer, pl_module: pl.LightningModule) -> None:
+        self._last_seen_step = trainer.global_step
+        if self.at_fit_start and not any(e["step"] == trainer.global_step for e in self.history):
+            self.score(trainer, pl_module, "fit_start")
+
+    def on_train_batch_end(self, trainer: pl.Trainer, pl_module: pl.LightningModule, outputs: Any, batch: Any,
+                           batch_idx: int) -> None:
+        step = trainer.global_step
+        if step == self._last_seen_step:
+            return
+        self._last_seen_step = step
+        if step % self.every_n_steps == 0:
+            self.score(trainer, pl_module, "step")
+
+    def on_train_end(self, trainer: pl.Trainer, pl_module: pl.LightningModule) -> None:
+        if self.at_fit_end and not (self.history and self.history[-1]["step"] == trainer.global_step):
+            self.score(trainer, pl_module, "fit_end")

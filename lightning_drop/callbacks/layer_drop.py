@@ -1,0 +1,208 @@
+"""`LayerDrop`: remove the least important blocks / attention / MLP sublayers at fit start, a step, or fit end.
+
+Where the drop happens follows Lightning's hook order (GUIDE §6): at fit start it is done in `setup`, before
+the strategy moves the model and builds optimizers (as `BaseFinetuning.setup` changes the model); during
+training it happens after an optimizer step and is followed by a rebuild of DDP, optimizers and
+schedulers (`trainer.strategy.setup_optimizers`); at fit end in `on_train_end`. Scores are synchronized
+across processes (torchmetrics states) and the selection is broadcast from rank zero, so every rank drops
+the same modules. Like `ModelPruning`, the structural change itself lives in the model (`DropModule`
+writes the drop plan into every checkpoint); this callback's `state_dict` keeps the schedule position and
+the per-round record.
+"""
+
+from __future__ import annotations
+
+from typing import Any, Literal, Sequence
+
+import lightning.pytorch as pl
+from lightning.pytorch.callbacks import Callback
+from lightning.pytorch.utilities import rank_zero_info
+from lightning.pytorch.utilities.exceptions import MisconfigurationException
+
+from ._common import CalibrationSource, hf_of, log_metrics, model_device_for_scoring, rebuild_optimizers
+
+WHEN = ("fit_start", "step", "fit_end")
+
+
+class LayerDrop(Callback):
+    """Drop `num` (or `ratio` of the) `target` modules with the lowest `metric` scores.
+
+    Args:
+        target: `block`, `attn`, `mlp` or `joint` (attention and MLP ranked together).
+        num / ratio: how many modules in total (exactly one of them; ratio of the layers, or of 2x the
+            layers for `joint`).
+        metric: importance metric of `lightning_drop.importance.METRICS` (`cosine` is the paper's).
+        schedule: `one-shot` (score once, drop all) or `iterative` (drop `step` modules per round and
+            re-score the dropped model before the next round).
+        step: modules per iterative round.
+        every_n_steps: training steps between iterative rounds (0: all rounds back to back, as the paper).
+        when: `fit_start`, `step` (first round after optimizer step `at_step`) or `fit_end`.
+        at_step: the global step of the first round when `when="step"`.
+        keep: layer indices never dropped.
+        seed: seed of the `random` metric.
+        calibration_source: None for the datamodule's `calibration_batch()`, else a source for
+            `lightning_drop.data.load_documents` (`c4-sample`, a .jsonl file, ...), cut into
+            `calibration_samples` windows of `calibration_seq_len` tokens.
+        calibration_batch_size: windows per forward pass while scoring.
+        verbose: print each round's decision (rank zero).
+    """
+
+    def __init__(
+        self,
+        target: Literal["block", "attn", "mlp", "joint"] = "attn",
+        num: int | None = None,
+        ratio: float | None = None,
+        metric: str = "cosine",
+        schedule: Literal["one-shot", "iterative"] = "one-shot",
+        step: int = 1,
+        every_n_steps: int = 0,
+        when: Literal["fit_start", "step", "fit_end"] = "fit_start",
+        at_step: int | None = None,
+        keep: Sequence[int] = (),
+        seed: int = 0,
+        calibration_source: str | None = None,
+        calibration_samples: int = 16,
+        calibration_seq_len: int = 256,
+        calibration_batch_size: int = 8,
+        verbose: bool = True,
+    ) -> None:
+        from lightning_drop.importance import METRICS
+        from lightning_drop.selection import SCHEDULES, TARGETS
+
+        if target not in TARGETS:
+            raise MisconfigurationException(f"LayerDrop: unknown target {target!r}; choose from {', '.join(TARGETS)}")
+        if (num is None) == (ratio is None):
+            raise MisconfigurationException("LayerDrop: give exactly one of `num` or `ratio`")
+        if num is not None and (not isinstance(num, int) or isinstance(num, bool) or num < 1):
+            raise MisconfigurationException(f"LayerDrop: num must be an integer >= 1, got {num!r}")
+        if ratio is not None and not 0.0 < ratio < 1.0:
+            raise MisconfigurationException(f"LayerDrop: ratio must be in (0, 1), got {ratio!r}")
+        if metric not in METRICS:
+            raise MisconfigurationException(f"LayerDrop: unknown metric {metric!r}; choose from {', '.join(METRICS)}")
+        if schedule not in SCHEDULES:
+            raise MisconfigurationException(
+                f"LayerDrop: unknown schedule {schedule!r}; choose from {', '.join(SCHEDULES)}")
+        if not isinstance(step, int) or step < 1:
+            raise MisconfigurationException(f"LayerDrop: step must be an integer >= 1, got {step!r}")
+        if not isinstance(every_n_steps, int) or every_n_steps < 0:
+            raise MisconfigurationException(f"LayerDrop: every_n_steps must be an integer >= 0, got {every_n_steps!r}")
+        if when not in WHEN:
+            raise MisconfigurationException(f"LayerDrop: unknown when {when!r}; choose from {', '.join(WHEN)}")
+        if when == "step" and (not isinstance(at_step, int) or at_step < 1):
+            raise MisconfigurationException(f"LayerDrop: when='step' needs at_step >= 1, got {at_step!r}")
+        if when != "step" and at_step is not None:
+            raise MisconfigurationException(f"LayerDrop: at_step is only used with when='step' (when={when!r})")
+        if when == "fit_end" and every_n_steps:
+            raise MisconfigurationException("LayerDrop: when='fit_end' cannot train between rounds: set every_n_steps=0")
+        if any(not isinstance(i, int) or i < 0 for i in keep):
+            raise MisconfigurationException(f"LayerDrop: keep must hold layer indices >= 0, got {list(keep)!r}")
+        self.target, self.num, self.ratio, self.metric = target, num, ratio, metric
+        self.schedule, self.step, self.every_n_steps = schedule, step, every_n_steps
+        self.when, self.at_step, self.keep, self.seed, self.verbose = when, at_step, list(keep), seed, verbose
+        self.calibration = CalibrationSource(calibration_source, calibration_samples, calibration_seq_len,
+                                             calibration_batch_size, "LayerDrop")
+        # schedule position (saved in checkpoints)
+        self.total: int | None = None
+        self.rounds: list[dict[str, Any]] = []
+        self.next_step: int | None = at_step if when == "step" else None
+        self._last_seen_step = -1
+
+    # ------------------------------------------------------------------------------------------ state
+    @property
+    def dropped_count(self) -> int:
+        return sum(len(r["modules"]) for r in self.rounds)
+
+    @property
+    def finished(self) -> bool:
+        return self.total is not None and self.dropped_count >= self.total
+
+    def state_dict(self) -> dict[str, Any]:
+        return {"total": self.total, "rounds": self.rounds, "next_step": self.next_step}
+
+    def load_state_dict(self, state_dict: dict[str, Any]) -> None:
+        self.total = state_dict["total"]
+        self.rounds = list(state_dict["rounds"])
+        self.next_step = state_dict["next_step"]
+
+    # ---------------------------------------------------------------------------------------- dropping
+    def _resolve_total(self, pl_module: pl.LightningModule) -> int:
+        from lightning_drop.architectures import get_spec
+        from lightning_drop.selection import resolve_num, total_modules
+
+        model = hf_of(pl_module)
+        n = len(get_spec(model).get_layers(model))
+        return resolve_num(total_modules(n, self.target), self.num, self.ratio)
+
+    def drop_round(self, trainer: pl.Trainer, pl_module: pl.LightningModule) -> dict[str, Any]:
+        """Score the current model and drop the next round's modules (on every rank identically)."""
+        from lightning_drop.importance import compute_importance
+        from lightning_drop.modeling_dropped import apply_drop
+        from lightning_drop.selection import select_modules
+
+        if self.total is None:
+            self.total = self._resolve_total(pl_module)
+        model = hf_of(pl_module)
+        remaining = self.total - self.dropped_count
+        k = remaining if self.schedule == "one-shot" else min(self.step, remaining)
+        scores = compute_importance(model, self.calibration.batches(trainer, pl_module), metric=self.metric,
+                                    seed=self.seed + len(self.rounds))
+        attn, mlp = select_modules(scores, self.target, k, self.keep)
+        attn, mlp = trainer.strategy.broadcast((attn, mlp), src=0)
+        apply_drop(model, attn=attn, mlp=mlp)
+        if self.target == "block":
+            modules = [f"block.{i}" for i in attn]
+        else:
+            modules = [f"attn.{i}" for i in attn] + [f"mlp.{i}" for i in mlp]
+        record = {"step": trainer.global_step, "attn": list(attn), "mlp": list(mlp), "modules": modules,
+                  "scores": scores.to_dict()}
+        self.rounds.append(record)
+        if self.verbose:
+            rank_zero_info(f"LayerDrop round {len(self.rounds)} at step {trainer.global_step}: dropped attention "
+                           f"{attn}, MLP {mlp} ({self.dropped_count}/{self.total} {self.target} modules)")
+        cur_attn, cur_mlp = dropped_layers_of(model)
+        log_metrics(trainer, {"drop/num_attn_dropped": float(len(cur_attn)), "drop/num_mlp_dropped": float(len(cur_mlp))})
+        return record
+
+    def _drop_rounds_now(self, trainer: pl.Trainer, pl_module: pl.LightningModule) -> bool:
+        """One round, or all rounds back to back when no training is wanted between them."""
+        did = False
+        while not self.finished:
+            self.drop_round(trainer, pl_module)
+            did = True
+            if self.every_n_steps:
+                break
+        if not self.finished:
+            self.next_step = trainer.global_step + self.every_n_steps
+        else:
+            self.next_step = None
+        return did
+
+    # ------------------------------------------------------------------------------------------- hooks
+    def setup(self, trainer: pl.Trainer, pl_module: pl.LightningModule, stage: str) -> None:
+        if stage != "fit":
+            return
+        self.total = self._resolve_total(pl_module)
+        if self.when == "fit_start" and not self.rounds:
+            model_device_for_scoring(trainer, hf_of(pl_module))
+            self._drop_rounds_now(trainer, pl_module)  # before optimizers exist: nothing to rebuild
+
+    def on_train_batch_end(self, trainer: pl.Trainer, pl_module: pl.LightningModule, outputs: Any, batch: Any,
+                           batch_idx: int) -> None:
+        step = trainer.global_step
+        if step == self._last_seen_step:  # gradient accumulation: no optimizer step happened
+            return
+        self._last_seen_step = step
+        if self.finished or self.next_step is None or step < self.next_step:
+            return
+        if self._drop_rounds_now(trainer, pl_module):
+            rebuild_optimizers(trainer, pl_module)
+
+    def on_train_end(self, trainer: pl.Trainer, pl_module: pl.LightningModule) -> None:
+        if self.when == "fit_end" and not self.finished:
+            self._drop_rounds_now(trainer, pl_module)
+
+
+def dropped_layers_of(model: Any) -> tuple[list[int], list[int]]:
+    from lightning_drop.modeling_dropped import dropped_layers
+
+    return dropped_layers(model)

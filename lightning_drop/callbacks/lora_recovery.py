@@ -1,0 +1,104 @@
+"""`LoRARecovery`: after a drop, freeze the model and train LoRA adapters (peft) to recover quality.
+
+The adapters are attached through `DropModule.add_lora` (the module records them in every checkpoint so a
+resume rebuilds the same wrapped model before the weights load) and merged back at the end of training
+(`merge_and_unload`), leaving the plain dropped model class that `save_dropped` writes.
+"""
+
+from __future__ import annotations
+
+from typing import Any, Literal, Sequence
+
+import lightning.pytorch as pl
+from lightning.pytorch.callbacks import Callback
+from lightning.pytorch.utilities import rank_zero_info
+from lightning.pytorch.utilities.exceptions import MisconfigurationException
+
+from ._common import rebuild_optimizers
+from .layer_drop import LayerDrop
+
+DEFAULT_TARGETS = ("q_proj", "k_proj", "v_proj", "o_proj", "gate_proj", "up_proj", "down_proj")
+
+
+class LoRARecovery(Callback):
+    """Train LoRA adapters on the frozen (dropped) model.
+
+    Args:
+        r, alpha, dropout: LoRA rank, scaling numerator (`lora_alpha`) and dropout.
+        target_modules: module names to adapt (peft `target_modules`), e.g. `[q_proj, v_proj]`.
+        when: `after_drop` (as soon as every `LayerDrop` callback has finished its schedule; at setup if
+            they drop at fit start or there is none) or `fit_start` (at setup, even before later drops).
+        merge: merge the adapters into the weights at the end of training (so evaluation callbacks that
+            follow and `DropModule(save_dir=...)` see a plain dropped model).
+    """
+
+    def __init__(self, r: int = 8, alpha: int = 16, dropout: float = 0.05,
+                 target_modules: Sequence[str] = DEFAULT_TARGETS,
+                 when: Literal["after_drop", "fit_start"] = "after_drop", merge: bool = True) -> None:
+        if not isinstance(r, int) or isinstance(r, bool) or r < 1:
+            raise MisconfigurationException(f"LoRARecovery: r must be an integer >= 1, got {r!r}")
+        if not alpha > 0:
+            raise MisconfigurationException(f"LoRARecovery: alpha must be > 0, got {alpha!r}")
+        if not 0.0 <= dropout < 1.0:
+            raise MisconfigurationException(f"LoRARecovery: dropout must be in [0, 1), got {dropout!r}")
+        if isinstance(target_modules, str):
+            target_modules = [t.strip() for t in target_modules.split(",") if t.strip()]
+        if not target_modules or not all(isinstance(t, str) and t for t in target_modules):
+            raise MisconfigurationException(
+                f"LoRARecovery: target_modules must be a non-empty list of module names, got {target_modules!r}")
+        if when not in ("after_drop", "fit_start"):
+            raise MisconfigurationException(f"LoRARecovery: unknown when {when!r}; choose after_drop or fit_start")
+        self.r, self.alpha, self.dropout, self.target_modules = r, alpha, dropout, list(target_modules)
+        self.when, self.merge = when, merge
+        self.attached_at: int | None = None
+        self.merged = False
+
+    def state_dict(self) -> dict[str, Any]:
+        return {"attached_at": self.attached_at, "merged": self.merged}
+
+    def load_state_dict(self, state_dict: dict[str, Any]) -> None:
+        self.attached_at = state_dict["attached_at"]
+        self.merged = state_dict["merged"]
+
+    # -------------------------------------------------------------------------------------------------
+    @staticmethod
+    def _drops(trainer: pl.Trainer) -> list[LayerDrop]:
+        return [cb for cb in trainer.callbacks if isinstance(cb, LayerDrop)]
+
+    def _attach(self, trainer: pl.Trainer, pl_module: pl.LightningModule) -> None:
+        if not hasattr(pl_module, "add_lora"):
+            raise MisconfigurationException(
+                f"LoRARecovery needs a module with `add_lora` (lightning_drop.DropModule), got {type(pl_module).__name__}")
+        if getattr(pl_module, "lora_config", None) is None:
+            pl_module.add_lora(r=self.r, alpha=self.alpha, dropout=self.dropout, target_modules=self.target_modules)
+        self.attached_at = trainer.global_step
+        trainable = sum(p.numel() for p in pl_module.parameters() if p.requires_grad)
+        total = sum(p.numel() for p in pl_module.parameters())
+        rank_zero_info(f"LoRARecovery: LoRA r={self.r} on {self.target_modules} at step {trainer.global_step}: "
+                       f"{trainable:,} trainable of {total:,} parameters")
+
+    def setup(self, trainer: pl.Trainer, pl_module: pl.LightningModule, stage: str) -> None:
+        if stage != "fit":
+            return
+        me = trainer.callbacks.index(self)
+        for cb in self._drops(trainer):
+            if cb.when == "fit_start" and trainer.callbacks.index(cb) > me:
+                raise MisconfigurationException(
+                    "LoRARecovery must come after the LayerDrop callbacks in `trainer.callbacks`: a fit-start "
+                    "drop has to happen before the adapters are attached")
+        if self.when == "fit_start" or all(cb.finished for cb in self._drops(trainer)):
+            self._attach(trainer, pl_module)  # before optimizers exist: nothing to rebuild
+
+    def on_train_batch_end(self, trainer: pl.Trainer, pl_module: pl.LightningModule, outputs: Any, batch: Any,
+                           batch_idx: int) -> None:
+        if getattr(pl_module, "lora_config", None) is not None or self.merged:
+            return
+        if all(cb.finished for cb in self._drops(trainer)):
+            self._attach(trainer, pl_module)
+            rebuild_optimizers(trainer, pl_module)
+
+    def on_train_end(self, trainer: pl.Trainer, pl_module: pl.LightningModule) -> None:
+        if self.merge and getattr(pl_module, "lora_config", None) is not None:
+            pl_module.merge_lora()
+            self.merged = True
+            rank_zero_info("LoRARecovery: adapters merged into the weights")

@@ -1,0 +1,334 @@
+"""`DropModule`: a LightningModule around a (possibly dropped, possibly LoRA-wrapped) causal LM.
+
+The wrapped Hugging Face model is `self.model` (a peft model while LoRA adapters are attached);
+`self.hf_model` is always the plain transformers model underneath, the one `apply_drop`, the importance
+hooks and `save_dropped` work on. Drops and LoRA wrapping are done by callbacks
+(`lightning_drop.callbacks`); this module only knows how to record them in a Lightning checkpoint and put
+them back on resume:
+
+- `on_save_checkpoint` writes the drop plan (`dropped_layers`), the LoRA settings and the model config
+  under `checkpoint["lightning_drop"]`;
+- `on_load_checkpoint` runs before Lightning loads the weights (Lightning 2.6 `restore_model`: hook first,
+  then `load_model_state_dict`), and rebuilds the same architecture there, so the weights fit.
+"""
+
+from __future__ import annotations
+
+import math
+import os
+from typing import Any, Literal
+
+import lightning.pytorch as pl
+import torch
+from lightning.pytorch.utilities import rank_zero_info
+from torch import nn
+
+from .modeling_dropped import apply_drop, dropped_layers
+
+OPTIMIZERS = ("adamw", "adam", "sgd")
+SCHEDULERS = ("constant", "cosine", "linear")
+CKPT_KEY = "lightning_drop"
+
+
+def build_model(model: str | None, init_config: dict[str, Any] | None, dtype: str = "float32",
+                tokenizer: str | None = None) -> tuple[nn.Module, Any]:
+    """(model, tokenizer) from a reference (`lightning_drop.models.load_model`) or a random-init config.
+
+    `model="tiny-<family>"` with `init_config` overrides the tiny config (e.g. more layers); `model=None`
+    with `init_config={"model_type": "llama", ...}` builds that family at random init with the byte-level
+    tokenizer's special ids and the tiny defaults for anything not given.
+    """
+    from .models import TINY_PREFIX, load_model, load_tokenizer, tiny_config
+
+    torch_dtype = getattr(torch, dtype, None)
+    if not isinstance(torch_dtype, torch.dtype):
+        raise ValueError(f"dtype must name a torch dtype such as 'float32' or 'bfloat16', got {dtype!r}")
+    if model is None and not init_config:
+        raise ValueError("DropModule needs `model` (catalogue name, path or hub id) or `init_config` (random init)")
+    random_init = model is None or model.startswith(TINY_PREFIX)
+    if not random_init:
+        if init_config:
+            raise ValueError(f"init_config is only for random init (model=None or 'tiny-<family>'), not {model!r}")
+        return load_model(model, dtype=torch_dtype, tokenizer=tokenizer)
+    import transformers
+
+    from .architectures import get_spec
+
+    overrides = dict(init_config or {})
+    if model is not None:
+        family = model[len(TINY_PREFIX):]
+        if "model_type" in overrides:
+            raise ValueError(f"init_config.model_type conflicts with model={model!r}: give one of them")
+    else:
+        if "model_type" not in overrides:
+            raise ValueError("init_config needs 'model_type' (e.g. llama) when `model` is not given")
+        family = get_spec(str(overrides.pop("model_type"))).family
+    num_layers = int(overrides.pop("num_hidden_layers", 4))
+    config = tiny_config(family, num_layers, **overrides)
+    spec = get_spec(config)
+    hf = getattr(transformers, spec.causal_lm_class)(config).to(torch_dtype)
+    tok = load_tokenizer(tokenizer or f"{TINY_PREFIX}{family}")
+    if len(tok) > config.vocab_size:
+        raise ValueError(f"tokenizer has {len(tok)} tokens but init_config.vocab_size is {config.vocab_size}")
+    return hf, tok
+
+
+def is_peft(model: nn.Module) -> bool:
+    try:
+        from peft import PeftModel
+    except ImportError:  # pragma: no cover - peft is a dependency
+        return False
+    return isinstance(model, PeftModel)
+
+
+class DropModule(pl.LightningModule):
+    """Causal-LM training of a transformer that callbacks may drop layers from and attach LoRA to.
+
+    Args:
+        model: catalogue name (`smollm2-135m`, `tiny-llama`, ...), checkpoint directory (plain or dropped),
+            `.gguf` file or hub id, for `lightning_drop.models.load_model`. `tiny-<family>` is random init.
+        init_config: random init: config fields, e.g. `{model_type: llama, hidden_size: 128,
+            num_hidden_layers: 8}` (with `model=None`), or overrides of a `tiny-<family>` model.
+        tokenizer_name: tokenizer reference when the model's own is not wanted (named so, not `tokenizer`,
+            because Lightning merges module and datamodule hyperparameters and they must not clash).
+        dtype: parameter dtype (`float32`, `bfloat16`, ...).
+        optimizer: `adamw`, `adam` or `sgd`. lr, weight_decay, betas, momentum: its settings (no decay on
+            biases and norm weights).
+        scheduler: `constant`, `cosine` or `linear` (decay to `min_lr_ratio * lr` at `max_steps`, default
+            the trainer's estimated stepping batches), after `warmup_steps` of linear warmup.
+        save_dir: when set, the final model (dropped, LoRA merged if a callback merged it) is saved there
+            with `save_pretrained` at the end of fit (global rank zero).
+    """
+
+    def __init__(
+        self,
+        model: str | None = None,
+        init_config: dict[str, Any] | None = None,
+        tokenizer_name: str | None = None,
+        dtype: str = "float32",
+        optimizer: Literal["adamw", "adam", "sgd"] = "adamw",
+        lr: float = 3e-4,
+        weight_decay: float = 0.0,
+        betas: tuple[float, float] = (0.9, 0.95),
+        momentum: float = 0.9,
+        scheduler: Literal["constant", "cosine", "linear"] = "constant",
+        warmup_steps: int = 0,
+        max_steps: int | None = None,
+        min_lr_ratio: float = 0.0,
+        save_dir: str | None = None,
+    ) -> None:
+        super().__init__()
+        if optimizer not in OPTIMIZERS:
+            raise ValueError(f"unknown optimizer '{optimizer}'; choose from {', '.join(OPTIMIZERS)}")
+        if scheduler not in SCHEDULERS:
+            raise ValueError(f"unknown scheduler '{scheduler}'; choose from {', '.join(SCHEDULERS)}")
+        if not lr > 0:
+            raise ValueError(f"lr must be > 0, got {lr}")
+        if weight_decay < 0:
+            raise ValueError(f"weight_decay must be >= 0, got {weight_decay}")
+        if not isinstance(warmup_steps, int) or warmup_steps < 0:
+            raise ValueError(f"warmup_steps must be an integer >= 0, got {warmup_steps!r}")
+        if max_steps is not None and (not isinstance(max_steps, int) or max_steps < 1):
+            raise ValueError(f"max_steps must be an integer >= 1 or None, got {max_steps!r}")
+        if not 0.0 <= min_lr_ratio <= 1.0:
+            raise ValueError(f"min_lr_ratio must be in [0, 1], got {min_lr_ratio}")
+        self.save_hyperparameters()
+        self.model, self.tokenizer = build_model(model, init_config, dtype, tokenizer_name)
+        self.lora_config: dict[str, Any] | None = None
+        # Step at which the current optimizer/scheduler were built (after a drop or LoRA wrap mid-fit),
+        # so a rebuilt scheduler continues the schedule instead of restarting it.
+        self.lr_step_offset = 0
+
+    # ------------------------------------------------------------------------------------------ model
+    @property
+    def hf_model(self) -> nn.Module:
+        """The transformers model under any peft wrapper (what drops, scores and saving act on)."""
+        return self.model.get_base_model() if is_peft(self.model) else self.model
+
+    def drop_plan(self) -> tuple[list[int], list[int]]:
+        """(attention, MLP) indices dropped so far (original numbering)."""
+        return dropped_layers(self.hf_model)
+
+    def apply_drop(self, attn: list[int] = (), mlp: list[int] = ()) -> None:  # type: ignore[assignment]
+        """Drop more sublayers in place (the optimizer must be rebuilt if one exists)."""
+        apply_drop(self.hf_model, attn=list(attn), mlp=list(mlp))
+
+    def add_lora(self, r: int = 8, alpha: int = 16, dropout: float = 0.0,
+                 target_modules: list[str] | None = None) -> None:
+        """Freeze the model and attach LoRA adapters (peft) to `target_modules` of the live layers."""
+        from peft import LoraConfig, get_peft_model
+
+        if self.lora_config is not None:
+            raise ValueError("LoRA adapters are already attached")
+        targets = list(target_modules or ["q_proj", "k_proj", "v_proj", "o_proj", "gate_proj", "up_proj",
+                                          "down_proj"])
+        config = LoraConfig(r=r, lora_alpha=alpha, lora_dropout=dropout, target_modules=targets, bias="none",
+                            task_type="CAUSAL_LM")
+        try:
+            self.model = get_peft_model(self.model, config)
+        except ValueError as err:
+            raise ValueError(f"LoRA target_modules {targets} match no module of the (dropped) model: {err}") from err
+        self.lora_config = {"r": r, "alpha": alpha, "dropout": dropout, "target_modules": targets}
+
+    def merge_lora(self) -> None:
+        """Fold the LoRA adapters into the weights; the model becomes the plain (dropped) class again."""
+        if self.lora_config is None:
+            return
+        plan = self.drop_plan()
+        merged = self.model.merge_and_unload()
+        if (plan[0] or plan[1]) and not type(merged).__name__.startswith("Dropped"):
+            apply_drop(merged)  # re-mark the class (no new drops): cannot happen with peft 0.21, kept as a guard
+        if dropped_layers(merged) != plan:
+            raise RuntimeError(f"LoRA merge changed the drop plan {plan} -> {dropped_layers(merged)}")
+        for p in merged.parameters():
+            p.requires_grad_(True)
+        self.model = merged
+        self.lora_config = None
+
+    def save_pretrained(self, out_dir: str | os.PathLike, merge: bool = True) -> str:
+        """Save the current model with `save_dropped` (dropped weights physically absent).
+
+        With LoRA attached and `merge=True`, a merged copy is saved and the module keeps its adapters.
+        """
+        from .checkpoint import save_dropped
+
+        model = self.model
+        if self.lora_config is not None:
+            if not merge:
+                raise ValueError("save_pretrained of a LoRA-wrapped model needs merge=True (or call merge_lora())")
+            import copy
+
+            model = copy.deepcopy(self.model).merge_and_unload()
+        return str(save_dropped(model, out_dir, tokenizer=self.tokenizer))
+
+    # --------------------------------------------------------------------------------------- training
+    def forward(self, input_ids: torch.Tensor, attention_mask: torch.Tensor | None = None, **kwargs: Any) -> Any:
+        return self.model(input_ids=input_ids, attention_mask=attention_mask, **kwargs)
+
+    def _loss(self, batch: Any) -> torch.Tensor:
+        if isinstance(batch, torch.Tensor):
+            batch = {"input_ids": batch}
+        ids = batch["input_ids"]
+        mask = batch.get("attention_mask")
+        labels = batch.get("labels")
+        if labels is None:
+            labels = ids if mask is None else ids.masked_fill(mask == 0, -100)
+        return self.model(input_ids=ids, attention_mask=mask, labels=labels, use_cache=False).loss
+
+    def training_step(self, batch: Any, batch_idx: int) -> torch.Tensor:
+        loss = self._loss(batch)
+        self.log("train/loss", loss, prog_bar=True, batch_size=batch["input_ids"].shape[0])
+        return loss
+
+    def validation_step(self, batch: Any, batch_idx: int) -> None:
+        loss = self._loss(batch)
+        self.log("val/loss", loss, prog_bar=True, sync_dist=True, batch_size=batch["input_ids"].shape[0])
+
+    def test_step(self, batch: Any, batch_idx: int) -> None:
+        loss = self._loss(batch)
+        self.log("test/loss", loss, sync_dist=True, batch_size=batch["input_ids"].shape[0])
+
+    def on_validation_epoch_end(self) -> None:
+        loss = self.trainer.callback_metrics.get("val/loss")
+        if loss is not None:
+            self.log("val/ppl", math.exp(min(float(loss), 50.0)), sync_dist=False)
+
+    def setup(self, stage: str) -> None:
+        dm = getattr(self.trainer, "datamodule", None) if self._trainer is not None else None
+        tok = getattr(dm, "tokenizer", None) if dm is not None else None
+        emb = self.hf_model.get_input_embeddings()
+        if tok is not None and emb is not None and len(tok) > emb.num_embeddings:
+            raise ValueError(f"the datamodule's tokenizer has {len(tok)} tokens but the model embeds only "
+                             f"{emb.num_embeddings}: set the datamodule's tokenizer to the model's")
+
+    def configure_optimizers(self) -> Any:
+        hp = self.hparams
+        decay, no_decay = [], []
+        for name, p in self.named_parameters():
+            if p.requires_grad:
+                (decay if p.ndim >= 2 else no_decay).append(p)
+        if not decay and not no_decay:
+            raise ValueError("no trainable parameters (everything is frozen)")
+        groups = [g for g in ({"params": decay, "weight_decay": hp.weight_decay},
+                              {"params": no_decay, "weight_decay": 0.0}) if g["params"]]
+        if hp.optimizer == "adamw":
+            opt = torch.optim.AdamW(groups, lr=hp.lr, betas=tuple(hp.betas))
+        elif hp.optimizer == "adam":
+            opt = torch.optim.Adam(groups, lr=hp.lr, betas=tuple(hp.betas))
+        else:
+            opt = torch.optim.SGD(groups, lr=hp.lr, momentum=hp.momentum)
+        if hp.scheduler == "constant" and hp.warmup_steps == 0:
+            return opt
+        total = hp.max_steps
+        if total is None:
+            total = self.trainer.estimated_stepping_batches if self._trainer is not None else 1000
+            total = int(total) if math.isfinite(total) else 1000
+        warmup, kind, floor, offset = hp.warmup_steps, hp.scheduler, hp.min_lr_ratio, self.lr_step_offset
+
+        def factor(step: int) -> float:
+            s = step + offset
+            if s < warmup:
+                return (s + 1) / warmup
+            if kind == "constant":
+                return 1.0
+            progress = min(1.0, (s - warmup) / max(1, total - warmup))
+            shape = 0.5 * (1.0 + math.cos(math.pi * progress)) if kind == "cosine" else 1.0 - progress
+            return floor + (1.0 - floor) * shape
+
+        sched = torch.optim.lr_scheduler.LambdaLR(opt, factor)
+        return {"optimizer": opt, "lr_scheduler": {"scheduler": sched, "interval": "step"}}
+
+    def on_train_end(self) -> None:
+        if self.hparams.save_dir and self.trainer.is_global_zero:
+            path = self.save_pretrained(self.hparams.save_dir)
+            rank_zero_info(f"saved the {'dropped ' if any(self.drop_plan()) else ''}model to {path}")
+        if self.hparams.save_dir:
+            self.trainer.strategy.barrier("drop_module_save")
+
+    # ------------------------------------------------------------------------------------- checkpoints
+    def on_save_checkpoint(self, checkpoint: dict[str, Any]) -> None:
+        attn, mlp = self.drop_plan()
+        checkpoint[CKPT_KEY] = {
+            "drop_attn_list": attn,
+            "drop_mlp_list": mlp,
+            "lora": self.lora_config,
+            "lr_step_offset": self.lr_step_offset,
+            "hf_config": self.hf_model.config.to_dict(),
+        }
+
+    def on_load_checkpoint(self, checkpoint: dict[str, Any]) -> None:
+        """Rebuild the saved architecture (drops, LoRA) before Lightning loads the weights into it."""
+        state = checkpoint.get(CKPT_KEY)
+        if not state:
+            return
+        saved = (list(state["drop_attn_list"]), list(state["drop_mlp_list"]))
+        lora = state.get("lora")
+        self.lr_step_offset = int(state.get("lr_step_offset", 0))
+        current = self.drop_plan()
+        if current == saved and self.lora_config == lora:
+            return
+        subset = set(current[0]) <= set(saved[0]) and set(current[1]) <= set(saved[1])
+        if subset and (self.lora_config is None or self.lora_config == lora):
+            # Same base model with fewer drops so far (e.g. resuming after a mid-training drop).
+            self.apply_drop(sorted(set(saved[0]) - set(current[0])), sorted(set(saved[1]) - set(current[1])))
+        else:
+            # The run already changed the model differently (a callback re-decided at setup): start again
+            # from the saved config; every weight comes from the checkpoint next.
+            self.model = self._model_from_config(state["hf_config"])
+            self.lora_config = None
+        if lora is not None and self.lora_config is None:
+            self.add_lora(r=lora["r"], alpha=lora["alpha"], dropout=lora["dropout"],
+                          target_modules=lora["target_modules"])
+
+    def _model_from_config(self, config: dict[str, Any]) -> nn.Module:
+        from transformers import AutoConfig, AutoModelForCausalLM
+
+        from .modeling_dropped import register_auto_classes
+
+        register_auto_classes()
+        cfg = dict(config)
+        for key in ("auto_map", "architectures", "transformers_version"):
+            cfg.pop(key, None)
+        hf_config = AutoConfig.for_model(cfg.pop("model_type"), **cfg)
+        dtype = getattr(torch, self.hparams.dtype)
+        return AutoModelForCausalLM.from_config(hf_config).to(dtype)
