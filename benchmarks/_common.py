@@ -1,0 +1,31 @@
+"""Shared by the benchmarks: SmolLM2 with N attention layers dropped, chosen by cosine importance."""
+
+from __future__ import annotations
+
+import os
+from pathlib import Path
+
+os.environ.setdefault("HF_HUB_OFFLINE", "1")
+os.environ.setdefault("HF_DATASETS_OFFLINE", "1")
+os.environ.setdefault("TOKENIZERS_PARALLELISM", "false")
+
+C4 = Path(__file__).resolve().parents[2] / "shared" / "data" / "c4_demo.jsonl"
+
+
+def attention_drop(model, tokenizer, num: int, calib_windows: int = 8, seq_len: int = 256) -> tuple[list[int], str]:
+    """Attention layers to drop: lowest cosine importance when `lightning_drop.importance` is there and the
+    C4 sample exists, else the deepest `num` layers. Returns (indices, how they were chosen)."""
+    n = model.config.num_hidden_layers
+    try:
+        from lightning_drop.importance import compute_importance
+        from lightning_drop.selection import select_modules
+    except ImportError:
+        return list(range(n - num, n)), "deepest (lightning_drop.importance not available)"
+    if not C4.is_file():
+        return list(range(n - num, n)), f"deepest ({C4} not found)"
+    from lightning_drop.evaluation import read_jsonl_texts, text_windows
+
+    windows = text_windows(tokenizer, read_jsonl_texts(C4), seq_len, calib_windows)
+    scores = compute_importance(model, list(windows.split(2)), metric="cosine")
+    attn, _ = select_modules(scores, "attn", num)
+    return sorted(attn), f"cosine importance on {calib_windows} x {seq_len} C4 tokens"
