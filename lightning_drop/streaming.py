@@ -1,0 +1,489 @@
+"""Models larger than memory: layer-streamed scoring and shard-by-shard dropped checkpoints.
+
+The reference code fits 70B models by propagating the calibration hidden states one decoder layer at a
+time. `stream_importance` does the same without ever building the model: the whole CausalLM exists only
+on the meta device (no storage), the embedding is read from the safetensors files, the hidden states of all
+calibration windows are kept on CPU (or memory-mapped under `offload_dir`), and then for each layer i the
+tensors of that one layer are read, assigned into the meta layer (`load_state_dict(assign=True)`), run over
+every window batch, scored with the very hooks of `lightning_drop.importance`, and released again.
+
+What each layer receives besides its hidden states (causal/sliding-window masks for `config.layer_types[i]`,
+rotary position embeddings, position ids) is not re-implemented here: a probe stands in for the layers and
+the family's own decoder `forward` is run until it calls layer i, so the arguments are exactly the ones the
+full model would pass. The layer-0 hidden states are captured the same way from a real embedding.
+
+Peak memory ~ one layer + all hidden states (N x seq_len x hidden x dtype bytes) + the embedding (only
+during the first pass) + one batch of activations.
+
+`write_dropped_streaming` writes the same checkpoint as `checkpoint.save_dropped` would for the in-memory
+model (same tensors, names, config, remote code, tokenizer files), one output shard at a time, copying
+tensors from the source shards and skipping the dropped modules' tensors.
+"""
+
+from __future__ import annotations
+
+import json
+import os
+import re
+import tempfile
+from contextlib import ExitStack
+from pathlib import Path
+from typing import Any, Callable, Iterable, Sequence
+
+import torch
+from torch import nn
+
+from .architectures import ArchSpec, get_spec
+from .checkpoint import _add_remote_code, _compact_blocks, atomic_dir, checkpoint_kind, is_llm_drop_config, read_config
+from .importance import (METRICS, ImportanceAccumulator, ImportanceScores, _as_batch, _decoder, _hidden,
+                         compute_importance)
+from .modeling_dropped import apply_drop, dropped_classes, dropped_layers, normalize_drop_list, register_auto_classes
+
+INDEX_NAME = "model.safetensors.index.json"
+SINGLE_NAME = "model.safetensors"
+_DTYPE_BYTES = {"F64": 8, "F32": 4, "F16": 2, "BF16": 2, "I64": 8, "I32": 4, "I16": 2, "I8": 1, "U8": 1,
+                "BOOL": 1, "F8_E4M3": 1, "F8_E5M2": 1}
+
+
+# ------------------------------------------------------------------------------------------ checkpoint files
+class CheckpointTensors:
+    """Tensor name -> file of a (possibly sharded) safetensors checkpoint; reads only the tensors asked for."""
+
+    def __init__(self, directory: str | os.PathLike) -> None:
+        from safetensors import safe_open
+
+        self.directory = Path(directory)
+        index = self.directory / INDEX_NAME
+        single = self.directory / SINGLE_NAME
+        if index.is_file():
+            weight_map = json.loads(index.read_text())["weight_map"]
+            self.weight_map = {k: self.directory / v for k, v in weight_map.items()}
+        elif single.is_file():
+            with safe_open(str(single), framework="pt") as f:
+                self.weight_map = {k: single for k in f.keys()}
+        else:
+            raise FileNotFoundError(f"no {SINGLE_NAME} or {INDEX_NAME} in {self.directory}: streaming reads "
+                                    "safetensors checkpoints only")
+        missing = sorted({str(p.name) for p in self.weight_map.values() if not p.is_file()})
+        if missing:
+            raise FileNotFoundError(f"shards listed in {index} are missing: {', '.join(missing)}")
+        self._stack = ExitStack()
+        self._handles: dict[Path, Any] = {}
+
+    def __enter__(self) -> "CheckpointTensors":
+        return self
+
+    def __exit__(self, *exc: Any) -> None:
+        self.close()
+
+    def close(self) -> None:
+        self._stack.close()
+        self._handles.clear()
+
+    def _handle(self, path: Path) -> Any:
+        from safetensors import safe_open
+
+        if path not in self._handles:
+            self._handles[path] = self._stack.enter_context(safe_open(str(path), framework="pt", device="cpu"))
+        return self._handles[path]
+
+    def keys(self) -> list[str]:
+        return list(self.weight_map)
+
+    def __contains__(self, name: str) -> bool:
+        return name in self.weight_map
+
+    def get(self, name: str) -> torch.Tensor:
+        if name not in self.weight_map:
+            raise KeyError(name)
+        return self._handle(self.weight_map[name]).get_tensor(name)
+
+    def get_many(self, names: Iterable[str], what: str = "") -> dict[str, torch.Tensor]:
+        names = list(names)
+        missing = [n for n in names if n not in self.weight_map]
+        if missing:
+            raise ValueError(f"{self.directory} lacks tensors{' of ' + what if what else ''}: "
+                             f"{', '.join(missing[:5])}{' ...' if len(missing) > 5 else ''}")
+        return {n: self.get(n) for n in names}
+
+    def nbytes(self, name: str, dtype: torch.dtype | None = None) -> int:
+        sl = self._handle(self.weight_map[name]).get_slice(name)
+        numel = 1
+        for d in sl.get_shape():
+            numel *= int(d)
+        size = dtype.itemsize if dtype is not None else _DTYPE_BYTES.get(sl.get_dtype(), 4)
+        return numel * size
+
+    def dtype_of(self, name: str) -> str:
+        return self._handle(self.weight_map[name]).get_slice(name).get_dtype()
+
+
+# ------------------------------------------------------------------------------------------------ meta model
+def load_config(model_dir: str | os.PathLike) -> Any:
+    """The transformers config of a checkpoint directory (plain, dropped, or LLM-Drop reference format)."""
+    from transformers import AutoConfig
+
+    register_auto_classes()
+    raw = read_config(model_dir)
+    if is_llm_drop_config(raw):
+        spec = get_spec(raw["model_type"])
+        config_cls, _ = dropped_classes(spec)
+        cfg = dict(raw)
+        for key in ("auto_map", "architectures", "model_type"):
+            cfg.pop(key, None)
+        n = cfg.get("num_hidden_layers")
+        cfg["drop_attn_list"] = normalize_drop_list(cfg.get("drop_attn_list"), n)
+        cfg["drop_mlp_list"] = normalize_drop_list(cfg.get("drop_mlp_list"), n)
+        cfg["base_model_type"] = raw["model_type"]
+        return config_cls(**cfg)
+    get_spec(str(raw.get("model_type", "")))  # one-line error for an unsupported architecture
+    return AutoConfig.from_pretrained(str(model_dir))
+
+
+def meta_model(config: Any, dtype: torch.dtype = torch.float32) -> nn.Module:
+    """The CausalLM of `config` on the meta device (no storage), dropped stand-ins in place."""
+    import transformers
+
+    spec = get_spec(config)
+    config_cls, model_cls = dropped_classes(spec)
+    cls = model_cls if isinstance(config, config_cls) else getattr(transformers, spec.causal_lm_class)
+    with torch.device("meta"):
+        model = cls(config)
+    return model.to(dtype).eval()
+
+
+def _generation_config(model_dir: Path, config: Any) -> Any:
+    from transformers import GenerationConfig
+
+    if (model_dir / "generation_config.json").is_file():
+        return GenerationConfig.from_pretrained(str(model_dir))
+    return GenerationConfig.from_model_config(config)
+
+
+# ------------------------------------------------------------------------------------ layer argument probing
+class _Reached(Exception):
+    def __init__(self, args: tuple, kwargs: dict) -> None:
+        super().__init__("probe reached")
+        self.args, self.kwargs = args, kwargs
+
+
+class _Probe(nn.Module):
+    """Stands in for decoder layer `index`: passes the hidden states on, or stops the forward at the target."""
+
+    def __init__(self, index: int, target: list[int]) -> None:
+        super().__init__()
+        self.index, self.target = index, target
+
+    def forward(self, *args: Any, **kwargs: Any) -> Any:
+        if self.index == self.target[0]:
+            raise _Reached(args, kwargs)
+        return args[0] if args else kwargs["hidden_states"]
+
+
+class _LayerArgs:
+    """The exact (args, kwargs) the family's decoder forward passes to layer i, for one batch.
+
+    The decoder runs with probes in place of its layers; masks, rotary embeddings and position ids are
+    built by the family's own code from the batch's shape and attention mask.
+    """
+
+    def __init__(self, decoder: nn.Module, num_layers: int) -> None:
+        self.decoder = decoder
+        self.target = [0]
+        self.probes = nn.ModuleList([_Probe(j, self.target) for j in range(num_layers)])
+
+    def __call__(self, i: int, attention_mask: torch.Tensor | None, input_ids: torch.Tensor | None = None,
+                 inputs_embeds: torch.Tensor | None = None) -> tuple[tuple, dict]:
+        real = self.decoder.layers
+        self.target[0] = i
+        self.decoder.layers = self.probes
+        try:
+            self.decoder(input_ids=input_ids, inputs_embeds=inputs_embeds, attention_mask=attention_mask,
+                         use_cache=False)
+        except _Reached as reached:
+            return reached.args, reached.kwargs
+        finally:
+            self.decoder.layers = real
+        raise RuntimeError(f"{type(self.decoder).__name__}.forward never called layer {i}")
+
+
+def _materialize_outside_layers(model: nn.Module, decoder: nn.Module, tensors: CheckpointTensors,
+                                config: Any, dtype: torch.dtype, device: torch.device) -> None:
+    """Real embedding (from the checkpoint) and rotary embedding on `device`; layers and norm stay meta."""
+    prefix = next(name for name, mod in model.named_modules() if mod is decoder)
+    embed = decoder.get_input_embeddings()
+    embed_name = next(name for name, mod in decoder.named_children() if mod is embed)
+    # Non-persistent buffers (e.g. Gemma's embed_scale) come from the family's own initializer.
+    for name, buf in list(embed.named_buffers(recurse=False)):
+        embed._buffers[name] = torch.empty_like(buf, device="cpu")
+    model._init_weights(embed)
+    keys = {k: f"{prefix}.{embed_name}.{k}" for k in embed.state_dict()}
+    state = tensors.get_many(keys.values(), what="the embedding")
+    embed.load_state_dict({k: state[v].to(dtype) for k, v in keys.items()}, assign=True, strict=True)
+    embed.to(device)
+    rotary = getattr(decoder, "rotary_emb", None)
+    if isinstance(rotary, nn.Module):
+        with torch.device(device):
+            decoder.rotary_emb = type(rotary)(config)
+
+
+def _release(module: nn.Module) -> None:
+    """Give a module's storage back (its parameters become meta tensors again)."""
+    module.to_empty(device="meta")
+
+
+# --------------------------------------------------------------------------------------------- hidden states
+class _HiddenStore:
+    """Hidden states of every calibration batch: CPU tensors, or files memory-mapped under `offload_dir`."""
+
+    def __init__(self, offload_dir: str | os.PathLike | None) -> None:
+        self.items: list[torch.Tensor] = []
+        self._tmp: tempfile.TemporaryDirectory | None = None
+        if offload_dir is not None:
+            Path(offload_dir).mkdir(parents=True, exist_ok=True)
+            self._tmp = tempfile.TemporaryDirectory(prefix="hidden-", dir=offload_dir)
+
+    def add(self, value: torch.Tensor) -> None:
+        value = value.detach().to("cpu")
+        if self._tmp is None:
+            self.items.append(value.clone() if value.is_shared() else value)
+            return
+        path = Path(self._tmp.name) / f"batch-{len(self.items):06d}.bin"
+        stored = torch.from_file(str(path), shared=True, size=value.numel(), dtype=value.dtype).view(value.shape)
+        stored.copy_(value)
+        self.items.append(stored)
+
+    def set(self, b: int, value: torch.Tensor) -> None:
+        if self._tmp is None:
+            self.items[b] = value.detach().to("cpu")
+        else:
+            self.items[b].copy_(value)
+
+    def nbytes(self) -> int:
+        return sum(t.numel() * t.element_size() for t in self.items)
+
+    def close(self) -> None:
+        self.items.clear()
+        if self._tmp is not None:
+            self._tmp.cleanup()
+
+
+def _batches(windows: Any, batch_size: int) -> list[dict[str, torch.Tensor]]:
+    if isinstance(windows, torch.Tensor):
+        if windows.dim() != 2:
+            raise ValueError(f"calibration windows must be a 2-D LongTensor (samples x seq_len), got {tuple(windows.shape)}")
+        if batch_size < 1:
+            raise ValueError(f"batch_size must be at least 1, got {batch_size}")
+        return [{"input_ids": windows[i:i + batch_size]} for i in range(0, len(windows), batch_size)]
+    return [_as_batch(b, torch.device("cpu")) for b in windows]
+
+
+# ---------------------------------------------------------------------------------------------------- scoring
+@torch.no_grad()
+def stream_importance(model_dir: str | os.PathLike, windows: Any, metric: str = "cosine", batch_size: int = 4,
+                      device: str | torch.device = "cpu", offload_dir: str | os.PathLike | None = None,
+                      dtype: torch.dtype | str = torch.float32, drop_attn: Sequence[int] = (),
+                      drop_mlp: Sequence[int] = (), seed: int = 0, progress: bool = False,
+                      stats: dict[str, Any] | None = None) -> ImportanceScores:
+    """`compute_importance` of the checkpoint in `model_dir` with one decoder layer in memory at a time.
+
+    `windows` is a LongTensor (samples x seq_len, cut into `batch_size` batches) or an iterable of batches
+    (dicts with `input_ids` and optional `attention_mask`). `drop_attn`/`drop_mlp` drop further sublayers
+    on top of what the checkpoint already dropped (iterative re-scoring). `stats`, when given, receives the
+    sizes that bound memory (bytes of the largest layer, the embedding and the hidden states).
+    """
+    if metric not in METRICS:
+        raise ValueError(f"unknown metric '{metric}'; choose from {', '.join(METRICS)}")
+    if isinstance(dtype, str):
+        dtype = getattr(torch, dtype)
+    device = torch.device(device)
+    model_dir = Path(model_dir)
+    config = load_config(model_dir)
+    model = meta_model(config, dtype)
+    if drop_attn or drop_mlp:
+        apply_drop(model, attn=list(drop_attn), mlp=list(drop_mlp))
+    if metric in ("reverse", "random"):  # positional: no data pass, nothing loaded
+        return compute_importance(model, [], metric=metric, seed=seed)
+    spec = get_spec(model)
+    layers = spec.get_layers(model)
+    decoder = _decoder(model)
+    batches = _batches(windows, batch_size)
+    if not batches:
+        raise ValueError("no calibration data: the batches held no real tokens")
+    acc = ImportanceAccumulator(model, metric, spec)
+    acc.metrics.to(device)
+    store = _HiddenStore(offload_dir)
+    layer_bytes = 0
+    try:
+        with CheckpointTensors(model_dir) as tensors:
+            _materialize_outside_layers(model, decoder, tensors, config, dtype, device)
+            embed = decoder.get_input_embeddings()
+            embed_bytes = sum(p.numel() * p.element_size() for p in embed.parameters())
+            probe = _LayerArgs(decoder, len(layers))
+            for batch in batches:  # layer-0 inputs, exactly as the decoder computes them
+                mask = batch.get("attention_mask")
+                args, kwargs = probe(0, mask.to(device) if mask is not None else None,
+                                     input_ids=batch["input_ids"].to(device))
+                store.add(args[0] if args else kwargs["hidden_states"])
+                acc.num_tokens += int(mask.sum()) if mask is not None else batch["input_ids"].numel()
+            if acc.num_tokens == 0:
+                raise ValueError("no calibration data: the batches held no real tokens")
+            _release(embed)
+            order: Iterable[int] = range(len(layers))
+            if progress:
+                from tqdm.auto import tqdm
+
+                order = tqdm(order, desc="layers (streamed)", unit="layer")
+            with acc.hooks():
+                for i in order:
+                    layer = layers[i]
+                    names = {k: f"{spec.layer_prefix}.{i}.{k}" for k in layer.state_dict()}
+                    state = tensors.get_many(names.values(), what=f"layer {i}")
+                    layer.load_state_dict({k: state[v].to(dtype) for k, v in names.items()}, assign=True,
+                                          strict=True)
+                    del state
+                    layer.to(device)
+                    layer_bytes = max(layer_bytes, sum(p.numel() * p.element_size() for p in layer.parameters()))
+                    for b, batch in enumerate(batches):
+                        mask = batch.get("attention_mask")
+                        mask = mask.to(device) if mask is not None else None
+                        hidden = store.items[b].to(device)
+                        args, kwargs = probe(i, mask, inputs_embeds=hidden)
+                        acc.mask = mask.bool() if mask is not None else None
+                        if args:
+                            out = layer(hidden, *args[1:], **kwargs)
+                        else:
+                            out = layer(**{**kwargs, "hidden_states": hidden})
+                        store.set(b, _hidden(out))
+                        del out, hidden, args, kwargs
+                    _release(layer)
+        if stats is not None:
+            stats.update(layer_bytes=layer_bytes, embedding_bytes=embed_bytes, hidden_bytes=store.nbytes())
+    finally:
+        store.close()
+    scores = acc.scores()
+    scores.extra["streamed"] = True
+    return scores
+
+
+# ------------------------------------------------------------------------------------------ dropped writing
+def _parse_size(size: int | str) -> int:
+    if isinstance(size, int):
+        return size
+    m = re.fullmatch(r"\s*(\d+(?:\.\d+)?)\s*([KMG]i?B|B)?\s*", size, flags=re.IGNORECASE)
+    if not m:
+        raise ValueError(f"cannot read shard size '{size}' (e.g. 2GB, 500MB)")
+    unit = (m.group(2) or "B").upper()
+    factor = {"B": 1, "KB": 10**3, "MB": 10**6, "GB": 10**9, "KIB": 2**10, "MIB": 2**20, "GIB": 2**30}[unit]
+    return int(float(m.group(1)) * factor)
+
+
+def _target_model(model_dir: Path, config: Any, dtype: torch.dtype, attn: Sequence[int],
+                  mlp: Sequence[int]) -> tuple[nn.Module, nn.Module, str, dict[int, int]]:
+    """(dropped meta model, model to save, kind, layer renumbering) — the choices `save_dropped` makes."""
+    model = meta_model(config, dtype)
+    model.generation_config = _generation_config(model_dir, config)
+    old_attn, old_mlp = dropped_layers(model) if isinstance(config, dropped_classes(get_spec(config))[0]) else ([], [])
+    new_attn = sorted(set(attn) - set(old_attn))
+    new_mlp = sorted(set(mlp) - set(old_mlp))
+    if new_attn or new_mlp:
+        apply_drop(model, attn=new_attn, mlp=new_mlp)
+    spec = get_spec(model)
+    kind = checkpoint_kind(model)
+    target, remap = model, {}
+    if kind == "blocks":
+        blocks = dropped_layers(model)[0]
+        target = _compact_blocks(model, spec, blocks) or model
+        if target is model:
+            kind = "dropped"
+        else:
+            keep = [i for i in range(config.num_hidden_layers) if i not in set(blocks)]
+            remap = {old: new for new, old in enumerate(keep)}
+    return model, target, kind, remap
+
+
+def write_dropped_streaming(model_dir: str | os.PathLike, out_dir: str | os.PathLike, attn: Sequence[int] = (),
+                            mlp: Sequence[int] = (), tokenizer: Any = None, dtype: torch.dtype | str | None = None,
+                            max_shard_size: int | str = "2GB",
+                            extra: Callable[[Path], None] | None = None) -> Path:
+    """Write what `save_dropped(load_model(model_dir) with attn/mlp dropped)` writes, one shard at a time.
+
+    `attn`/`mlp` are the drop lists (original layer indices; the checkpoint's own drops are kept either way).
+    Tensors are cast to `dtype` (default: the checkpoint's own `dtype`), as the in-memory path saves the
+    model in the dtype it was loaded with. Memory: one output shard (`max_shard_size`) at a time.
+    """
+    from safetensors.torch import save_file
+    from transformers.modeling_utils import remove_tied_weights_from_state_dict
+
+    model_dir, out_dir = Path(model_dir), Path(out_dir)
+    config = load_config(model_dir)
+    if dtype is None:
+        dtype = config.dtype if isinstance(config.dtype, torch.dtype) else getattr(torch, str(config.dtype or "float32"))
+    if isinstance(dtype, str):
+        dtype = getattr(torch, dtype)
+    model, target, kind, remap = _target_model(model_dir, config, dtype, attn, mlp)
+    spec = get_spec(model)
+    expected = list(remove_tied_weights_from_state_dict(target.state_dict(), target))
+    layer_re = re.compile(rf"^{re.escape(spec.layer_prefix)}\.(\d+)\.")
+
+    def rename(key: str) -> str:
+        m = layer_re.match(key)
+        if m and remap:
+            old = int(m.group(1))
+            return f"{spec.layer_prefix}.{remap[old]}." + key[m.end():] if old in remap else ""
+        return key
+
+    limit = _parse_size(max_shard_size)
+    with CheckpointTensors(model_dir) as tensors:
+        source = {}
+        for key in tensors.keys():
+            new = rename(key)
+            if new:
+                source.setdefault(new, key)
+        missing = [k for k in expected if k not in source]
+        if missing:
+            raise ValueError(f"{model_dir} lacks tensors the dropped model needs: {', '.join(missing[:5])}"
+                             f"{' ...' if len(missing) > 5 else ''}")
+        shards: list[list[str]] = [[]]
+        size = 0
+        sizes = {k: tensors.nbytes(source[k], dtype if _is_float(tensors.dtype_of(source[k])) else None)
+                 for k in expected}
+        for key in expected:
+            if shards[-1] and size + sizes[key] > limit:
+                shards.append([])
+                size = 0
+            shards[-1].append(key)
+            size += sizes[key]
+        names = ([SINGLE_NAME] if len(shards) == 1 else
+                 [f"model-{i + 1:05d}-of-{len(shards):05d}.safetensors" for i in range(len(shards))])
+        with atomic_dir(out_dir) as tmp:
+            weight_map = {}
+            for name, keys in zip(names, shards):
+                shard = {}
+                for key in keys:
+                    t = tensors.get(source[key])
+                    shard[key] = (t.to(dtype) if t.is_floating_point() else t).contiguous()
+                    weight_map[key] = name
+                save_file(shard, str(tmp / name), metadata={"format": "pt"})
+                del shard
+            if len(shards) > 1:
+                index = {"metadata": {"total_parameters": target.num_parameters(), "total_size": sum(sizes.values())},
+                         "weight_map": dict(sorted(weight_map.items()))}
+                (tmp / INDEX_NAME).write_text(json.dumps(index, indent=2, sort_keys=True) + "\n")
+            # config.json / generation_config.json exactly as `save_pretrained` writes them
+            target.config.dtype = str(dtype).split(".")[1]
+            target.config.architectures = [type(target).__name__]
+            target.config.save_pretrained(tmp)
+            if target.can_generate():
+                target.generation_config.save_pretrained(tmp)
+            if kind == "dropped":
+                _add_remote_code(tmp, model)
+            if tokenizer is not None:
+                tokenizer.save_pretrained(tmp)
+            if extra is not None:
+                extra(tmp)
+    return out_dir
+
+
+def _is_float(st_dtype: str) -> bool:
+    return st_dtype.startswith(("F", "BF"))
