@@ -58,7 +58,15 @@ def _add_drop(sub: argparse._SubParsersAction) -> None:
     p.add_argument("--batch-size", type=int, default=4, help="windows per forward pass")
     p.add_argument("--dtype", default="float32", choices=("float32", "bfloat16", "float16"),
                    help="weights dtype while scoring (scores accumulate in float64 regardless)")
-    p.add_argument("--tokenizer", default=None, help="tokenizer reference when the model dir has none")
+    p.add_argument("--tokenizer", default=None,
+                   help="tokenizer (directory, hub id or catalogue name) when the model dir has none")
+    p.add_argument("--stream", action="store_true",
+                   help="models larger than memory: score one decoder layer at a time from the safetensors "
+                        "shards and write the dropped checkpoint shard by shard (needs a local checkpoint dir)")
+    p.add_argument("--device", default="cpu", help="--stream: device each layer runs on (cpu, cuda, cuda:1)")
+    p.add_argument("--offload-dir", default=None,
+                   help="--stream: keep the calibration hidden states memory-mapped in this directory, not in RAM")
+    p.add_argument("--max-shard-size", default="2GB", help="--stream: largest output shard (e.g. 2GB, 500MB)")
     p.add_argument("--output", required=True, help="directory for the dropped checkpoint and the report")
     p.add_argument("--overwrite", action="store_true", help="replace a non-empty --output directory")
     p.set_defaults(func=_run_drop)
@@ -70,7 +78,8 @@ def _run_drop(a: argparse.Namespace) -> None:
 
     job = DropJob(model=a.model, target=a.target, num=a.num, ratio=a.ratio, metric=a.metric, schedule=a.schedule,
                   step=a.step, keep=a.keep, batch_size=a.batch_size, dtype=a.dtype, tokenizer=a.tokenizer,
-                  output=a.output, overwrite=a.overwrite,
+                  output=a.output, overwrite=a.overwrite, stream=a.stream, device=a.device,
+                  offload_dir=a.offload_dir, max_shard_size=a.max_shard_size,
                   calibration=CalibrationConfig(source=a.calibration, text_field=a.text_field,
                                                 num_samples=a.num_samples, seq_len=a.seq_len, shuffle=a.shuffle,
                                                 seed=a.seed))

@@ -35,6 +35,10 @@ class DropJob:
     tokenizer: str | None = None
     output: str | None = None
     overwrite: bool = False
+    stream: bool = False
+    device: str = "cpu"
+    offload_dir: str | None = None
+    max_shard_size: str = "2GB"
 
     def __post_init__(self) -> None:
         for name, value, allowed in (("target", self.target, TARGETS), ("metric", self.metric, METRICS),
@@ -55,16 +59,10 @@ class DropJob:
 
 def run_drop(job: DropJob, progress: bool = True) -> dict[str, Any]:
     """Run `job`; returns the report (also written to OUTPUT/importance.json with a PNG beside it)."""
+    if job.stream:
+        return run_drop_streamed(job, progress)
     model, tok = load_model(job.model, dtype=job.dtype, tokenizer=job.tokenizer)
-    n_layers = model.config.num_hidden_layers
-    bad_keep = [i for i in job.keep if not 0 <= i < n_layers]
-    if bad_keep:
-        raise ValueError(f"--keep {bad_keep} out of range: the model has {n_layers} layers")
-    total = total_modules(n_layers, job.target)
-    num = resolve_num(total, job.num, job.ratio)
-    droppable = total - len(set(job.keep)) * (2 if job.target == "joint" else 1)
-    if num > droppable:  # fail before the (long) calibration pass
-        raise ValueError(f"cannot drop {num} {job.target} modules: only {droppable} can be dropped")
+    num = _check_request(job, model.config.num_hidden_layers)
     max_pos = getattr(model.config, "max_position_embeddings", None)
     windows = calibration_windows(tok, job.calibration, max_positions=max_pos)
     batches = [windows[i:i + job.batch_size] for i in range(0, len(windows), job.batch_size)]
@@ -73,6 +71,74 @@ def run_drop(job: DropJob, progress: bool = True) -> dict[str, Any]:
     report = build_report(job, result, windows)
     if job.output is not None:
         save_dropped(model, job.output, tok, extra=lambda tmp: write_report(tmp, report, result))
+    return report
+
+
+def _check_request(job: DropJob, n_layers: int) -> int:
+    """Number of modules to drop; errors for bad --keep/--num before the (long) calibration pass."""
+    bad_keep = [i for i in job.keep if not 0 <= i < n_layers]
+    if bad_keep:
+        raise ValueError(f"--keep {bad_keep} out of range: the model has {n_layers} layers")
+    total = total_modules(n_layers, job.target)
+    num = resolve_num(total, job.num, job.ratio)
+    droppable = total - len(set(job.keep)) * (2 if job.target == "joint" else 1)
+    if num > droppable:
+        raise ValueError(f"cannot drop {num} {job.target} modules: only {droppable} can be dropped")
+    return num
+
+
+def run_drop_streamed(job: DropJob, progress: bool = True) -> dict[str, Any]:
+    """`run_drop` for models larger than memory: layer-streamed scoring, shard-by-shard checkpoint.
+
+    Same selection, report and checkpoint as the in-memory path; the model is never built (see
+    `lightning_drop.streaming`). The model must be a local safetensors checkpoint (or `smollm2-135m`).
+    """
+    from .checkpoint import read_config
+    from .models import load_tokenizer, resolve
+    from .selection import select_modules
+    from .streaming import stream_importance, write_dropped_streaming
+
+    path = Path(resolve(job.model))
+    if not (path / "config.json").is_file():
+        raise ValueError(f"--stream needs a local checkpoint directory with config.json and safetensors files, "
+                         f"got '{job.model}'")
+    config = read_config(path)
+    n_layers = int(config["num_hidden_layers"])
+    num = _check_request(job, n_layers)
+    if job.tokenizer:
+        tok = load_tokenizer(job.tokenizer)
+    else:
+        try:
+            tok = load_tokenizer(str(path))
+        except (OSError, ValueError):
+            raise ValueError(f"no tokenizer found with {job.model}: pass --tokenizer (a path or catalogue name)") from None
+    windows = calibration_windows(tok, job.calibration, max_positions=config.get("max_position_embeddings"))
+    from .modeling_dropped import normalize_drop_list
+
+    base_attn = normalize_drop_list(config.get("drop_attn_list"), n_layers)
+    base_mlp = normalize_drop_list(config.get("drop_mlp_list"), n_layers)
+    result = DropResult([], [])
+    attn: list[int] = []
+    mlp: list[int] = []
+    remaining = num
+    while remaining > 0:
+        scores = stream_importance(path, windows, metric=job.metric, batch_size=job.batch_size, device=job.device,
+                                   offload_dir=job.offload_dir, dtype=job.dtype, drop_attn=attn, drop_mlp=mlp,
+                                   seed=job.calibration.seed + len(result.rounds), progress=progress)
+        k = remaining if job.schedule == "one-shot" else min(job.step, remaining)
+        new_attn, new_mlp = select_modules(scores, job.target, k, list(job.keep))
+        attn, mlp = sorted(set(attn) | set(new_attn)), sorted(set(mlp) | set(new_mlp))
+        result.rounds.append(scores)
+        result.round_drops.append({"drop_attn": new_attn, "drop_mlp": new_mlp})
+        remaining -= k
+    result.attn = sorted(set(base_attn) | set(attn))
+    result.mlp = sorted(set(base_mlp) | set(mlp))
+    report = build_report(job, result, windows)
+    report["streamed"] = True
+    if job.output is not None:
+        write_dropped_streaming(path, job.output, result.attn, result.mlp, tokenizer=tok, dtype=job.dtype,
+                                max_shard_size=job.max_shard_size,
+                                extra=lambda tmp: write_report(tmp, report, result))
     return report
 
 

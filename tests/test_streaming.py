@@ -1,0 +1,250 @@
+"""Layer-streamed scoring and shard-by-shard dropping equal the in-memory path; FSDP wrap policy."""
+
+from __future__ import annotations
+
+import json
+import math
+from pathlib import Path
+
+import pytest
+import torch
+from safetensors.torch import load_file
+
+from lightning_drop import streaming
+from lightning_drop.checkpoint import load_dropped, save_dropped
+from lightning_drop.cli import main
+from lightning_drop.importance import compute_importance
+from lightning_drop.modeling_dropped import apply_drop
+from lightning_drop.models import tiny_model
+from lightning_drop.streaming import stream_importance, write_dropped_streaming
+
+SEQ = 32  # longer than the tiny families' sliding window (8)
+
+
+def _save(tmp_path: Path, family: str, tokenizer: bool = True, **overrides) -> Path:
+    model, tok = tiny_model(family, **overrides)
+    out = tmp_path / f"src-{family}"
+    model.save_pretrained(out, max_shard_size="150KB")  # several shards + model.safetensors.index.json
+    if tokenizer:
+        tok.save_pretrained(out)
+    return out
+
+
+def _windows(n: int = 5, seq: int = SEQ) -> torch.Tensor:
+    return torch.randint(0, 256, (n, seq), generator=torch.Generator().manual_seed(0))
+
+
+def _assert_close(ref, got, tol: float = 1e-5) -> None:
+    assert ref.num_tokens == got.num_tokens
+    for kind in ("attn", "mlp", "block"):
+        for a, b in zip(ref.row(kind), got.row(kind), strict=True):
+            assert (a is None) == (b is None), kind
+            if a is not None:
+                assert math.isclose(a, b, abs_tol=tol), (kind, ref.row(kind), got.row(kind))
+
+
+@pytest.mark.parametrize("family,overrides", [
+    ("llama", {}),
+    ("qwen2", {"sliding_window": 8}),    # window < seq_len: sliding layers really slide
+    ("qwen2", {"sliding_window": 64}),   # window > seq_len
+    ("gemma2", {}),                      # sandwich norms, sliding/global alternation, scaled embedding
+    ("gemma3", {}),                      # per-layer-type rotary embeddings
+])
+def test_streamed_scores_equal_in_memory(tmp_path, family, overrides):
+    src = _save(tmp_path, family, **overrides)
+    assert (src / streaming.INDEX_NAME).is_file()
+    windows = _windows()
+    ref = compute_importance(load_dropped(src), [windows[i:i + 2] for i in range(0, len(windows), 2)])
+    got = stream_importance(src, windows, batch_size=2)
+    _assert_close(ref, got)
+    assert got.extra["streamed"] is True
+
+
+def test_padded_batches_and_offload_dir(tmp_path):
+    src = _save(tmp_path, "qwen2")
+    ids = _windows(4)
+    mask = torch.ones_like(ids)
+    mask[0, :9] = 0  # left padding
+    mask[3, -5:] = 0  # right padding
+    batches = [{"input_ids": ids[:2], "attention_mask": mask[:2]}, {"input_ids": ids[2:], "attention_mask": mask[2:]}]
+    ref = compute_importance(load_dropped(src), batches)
+    offload = tmp_path / "offload"
+    got = stream_importance(src, batches, offload_dir=offload)
+    _assert_close(ref, got)
+    assert list(offload.iterdir()) == []  # memory-mapped hidden states are cleaned up
+
+
+@pytest.mark.parametrize("metric", ["angular", "relative_magnitude", "cosine_no_residual", "reverse", "random"])
+def test_every_metric(tmp_path, metric):
+    src = _save(tmp_path, "llama")
+    windows = _windows(4)
+    ref = compute_importance(load_dropped(src), [windows[:2], windows[2:]], metric=metric, seed=3)
+    got = stream_importance(src, windows, metric=metric, batch_size=2, seed=3)
+    if metric in ("reverse", "random"):
+        assert ref.to_dict() == got.to_dict()
+    else:
+        _assert_close(ref, got)
+
+
+def test_dropped_checkpoint_and_extra_drops(tmp_path):
+    src = _save(tmp_path, "gemma2")
+    model = load_dropped(src)
+    apply_drop(model, attn=[1], mlp=[2])
+    dropped_dir = save_dropped(model, tmp_path / "dropped")
+    windows = _windows(4)
+    ref = compute_importance(load_dropped(dropped_dir), [windows[:2], windows[2:]])
+    got = stream_importance(dropped_dir, windows, batch_size=2)  # stand-ins from modeling_dropped apply
+    _assert_close(ref, got)
+    assert got.attn[1] is None and got.mlp[2] is None and got.block[1] is not None
+    # the same drop requested on top of the plain checkpoint (iterative re-scoring) scores the same
+    _assert_close(ref, stream_importance(src, windows, batch_size=2, drop_attn=[1], drop_mlp=[2]))
+
+
+def test_one_layer_in_memory_at_a_time(tmp_path, monkeypatch):
+    src = _save(tmp_path, "llama")
+    seen = {}
+    real_meta, real_release = streaming.meta_model, streaming._release
+
+    def spy_meta(config, dtype=torch.float32):
+        seen["model"] = real_meta(config, dtype)
+        return seen["model"]
+
+    def spy_release(module):
+        layers = seen["model"].model.layers
+        live = [i for i, layer in enumerate(layers) if any(p.device.type != "meta" for p in layer.parameters())]
+        seen.setdefault("live", []).append(live)
+        real_release(module)
+
+    monkeypatch.setattr(streaming, "meta_model", spy_meta)
+    monkeypatch.setattr(streaming, "_release", spy_release)
+    stats: dict = {}
+    stream_importance(src, _windows(4), batch_size=2, stats=stats)
+    assert seen["live"] == [[], [0], [1], [2], [3]]  # embedding release, then each layer alone
+    layer_params = sum(p.numel() for p in tiny_model("llama")[0].model.layers[0].parameters())
+    assert stats["layer_bytes"] == layer_params * 4
+    assert stats["hidden_bytes"] == 4 * SEQ * 64 * 4
+
+
+def _tensors(directory: Path) -> dict[str, torch.Tensor]:
+    out: dict[str, torch.Tensor] = {}
+    for path in sorted(directory.glob("*.safetensors")):
+        out.update(load_file(path))
+    return out
+
+
+def _assert_same_checkpoint(a: Path, b: Path) -> None:
+    ta, tb = _tensors(a), _tensors(b)
+    assert ta.keys() == tb.keys()
+    assert all(torch.equal(ta[k], tb[k]) and ta[k].dtype == tb[k].dtype for k in ta)
+    assert json.loads((a / "config.json").read_text()) == json.loads((b / "config.json").read_text())
+    files = lambda d: {p.name for p in d.iterdir() if "safetensors" not in p.name}  # noqa: E731
+    assert files(a) == files(b)
+    for name in files(a) - {"importance.png", "importance.json"}:  # reports compared by the callers
+        if name.endswith((".json", ".py")):
+            assert (a / name).read_text() == (b / name).read_text(), name
+
+
+@pytest.mark.parametrize("family,attn,mlp", [("llama", [1], [2]), ("llama", [0, 3], [0, 3]), ("gemma2", [2], [])])
+def test_sharded_writer_equals_save_dropped(tmp_path, family, attn, mlp):
+    src = _save(tmp_path, family)
+    model = load_dropped(src)
+    apply_drop(model, attn=attn, mlp=mlp)
+    _, tok = tiny_model(family)
+    save_dropped(model, tmp_path / "mem", tok)
+    write_dropped_streaming(src, tmp_path / "str", attn, mlp, tok, dtype=torch.float32, max_shard_size="100KB")
+    index = json.loads((tmp_path / "str" / streaming.INDEX_NAME).read_text())
+    assert len(set(index["weight_map"].values())) > 1
+    _assert_same_checkpoint(tmp_path / "mem", tmp_path / "str")
+    reloaded = load_dropped(tmp_path / "str")
+    ids = _windows(1)
+    assert torch.allclose(reloaded(ids).logits, model(ids).logits, atol=1e-5)
+
+
+@pytest.mark.parametrize("target,num", [("attn", 2), ("block", 1), ("joint", 3)])
+def test_drop_stream_command_matches_in_memory(tmp_path, c4_path, target, num):
+    src = _save(tmp_path, "llama")
+    common = ["drop", "--model", str(src), "--calibration", str(c4_path), "--num-samples", "4", "--seq-len", "48",
+              "--batch-size", "2", "--target", target, "--num", str(num)]
+    assert main([*common, "--output", str(tmp_path / "mem")]) == 0
+    assert main([*common, "--output", str(tmp_path / "str"), "--stream", "--max-shard-size", "100KB"]) == 0
+    _assert_same_checkpoint(tmp_path / "mem", tmp_path / "str")
+    rep_mem = json.loads((tmp_path / "mem" / "importance.json").read_text())
+    rep_str = json.loads((tmp_path / "str" / "importance.json").read_text())
+    assert rep_str.pop("streamed") is True
+    for kind in ("attn", "mlp", "block"):
+        assert rep_mem.pop(kind) == pytest.approx(rep_str.pop(kind), abs=1e-5)
+    assert rep_mem == rep_str
+
+
+def test_drop_stream_iterative(tmp_path, c4_path):
+    src = _save(tmp_path, "llama")
+    common = ["drop", "--model", str(src), "--calibration", str(c4_path), "--num-samples", "2", "--seq-len", "32",
+              "--target", "attn", "--num", "2", "--schedule", "iterative"]
+    assert main([*common, "--output", str(tmp_path / "mem")]) == 0
+    assert main([*common, "--output", str(tmp_path / "str"), "--stream"]) == 0
+    _assert_same_checkpoint(tmp_path / "mem", tmp_path / "str")
+    rounds = json.loads((tmp_path / "str" / "importance.json").read_text())["rounds"]
+    assert len(rounds) == 2 and rounds[1]["scores"]["attn"].count(None) == 1
+
+
+@pytest.mark.parametrize("stream", [False, True])
+def test_tokenizer_option(tmp_path, c4_path, capsys, stream):
+    src = _save(tmp_path, "llama", tokenizer=False)
+    args = ["drop", "--model", str(src), "--calibration", str(c4_path), "--num-samples", "2", "--seq-len", "32",
+            "--num", "1", *(["--stream"] if stream else [])]
+    assert main([*args, "--output", str(tmp_path / "a")]) == 2
+    assert "--tokenizer" in capsys.readouterr().err.replace("pass a tokenizer reference", "--tokenizer")
+    assert main([*args, "--output", str(tmp_path / "b"), "--tokenizer", "tiny-llama"]) == 0
+    assert (tmp_path / "b" / "tokenizer.json").is_file()
+
+
+def test_stream_errors_are_one_line(tmp_path, c4_path, capsys):
+    assert main(["drop", "--model", "tiny-llama", "--num", "1", "--stream", "--output", str(tmp_path / "o")]) == 2
+    assert "--stream needs a local checkpoint directory" in capsys.readouterr().err
+    bare = tmp_path / "bare"
+    bare.mkdir()
+    (bare / "config.json").write_text(json.dumps(tiny_model("llama")[0].config.to_dict()))
+    with pytest.raises(FileNotFoundError, match="safetensors"):
+        stream_importance(bare, _windows(2))
+
+
+@pytest.mark.slow
+def test_smollm2_streamed_scores_equal_in_memory(c4_path):
+    from lightning_drop.data import CalibrationConfig, calibration_windows
+    from lightning_drop.models import load_model, resolve
+
+    model, tok = load_model("smollm2-135m")
+    windows = calibration_windows(tok, CalibrationConfig(source=str(c4_path), num_samples=4, seq_len=128))
+    ref = compute_importance(model, [windows[:2], windows[2:]])
+    del model
+    got = stream_importance(resolve("smollm2-135m"), windows, batch_size=2)
+    _assert_close(ref, got)
+
+
+# ------------------------------------------------------------------------------------------------------ FSDP
+def test_fsdp_policy_wraps_exactly_the_decoder_layers():
+    from torch.distributed.fsdp.wrap import ModuleWrapPolicy
+    from transformers.models.gemma2.modeling_gemma2 import Gemma2DecoderLayer
+    from transformers.models.llama.modeling_llama import LlamaDecoderLayer
+
+    from lightning_drop.distributed import DecoderLayerFSDPStrategy, decoder_layer_classes, fsdp_auto_wrap_policy
+
+    model, _ = tiny_model("llama")
+    apply_drop(model, attn=[1], mlp=[1])  # dropped layers keep the family's class
+    assert decoder_layer_classes(model) == {LlamaDecoderLayer}
+    policy = fsdp_auto_wrap_policy(torch.nn.ModuleDict({"lightning_module_child": model}))
+    assert isinstance(policy, ModuleWrapPolicy)
+    wrapped = policy._run_policy(model, ignored_modules=set(), root_kwargs={})
+    assert set(wrapped) == set(model.model.layers)  # each decoder layer, nothing else (FSDP wraps the root)
+    assert decoder_layer_classes(tiny_model("gemma2")[0]) == {Gemma2DecoderLayer}
+    with pytest.raises(ValueError, match="no decoder layers"):
+        decoder_layer_classes(torch.nn.Linear(2, 2))
+    strategy = DecoderLayerFSDPStrategy()
+    assert "auto_wrap_policy" not in strategy.kwargs  # filled from the model at setup
+
+
+def test_lightning_fsdp_refuses_cpu():
+    import lightning.pytorch as pl
+
+    with pytest.raises(ValueError, match="requires a GPU accelerator"):
+        pl.Trainer(accelerator="cpu", strategy="fsdp", devices=2, logger=False)
