@@ -30,17 +30,18 @@ class QuantizeCallback(Callback):
         output: directory for the quantized checkpoint (replaced atomically if it exists).
         method: "gptq" or "awq".
         bits: 4 or 8.
-        calibration: `.jsonl` (`{"text": ...}` per line) or plain text file with calibration text.
+        calibration: calibration text: a `.jsonl`/`.json`/`.txt`/`.parquet` file, an offline sample
+            (`c4-sample`, the default) or a hub dataset spec (see `lightning_drop.data.load_documents`).
         num_samples, seq_len: calibration blocks (EOS after each document, concatenated, cut).
         group_size: None picks the largest of 128/64/32 dividing every quantized width.
         backend: "gptqmodel" (runs on CPU and GPU); "autoawq" and "auto-gptq" only explain why they cannot.
-        eval_data: held-out text file; when given, perplexity of the dropped model and of its quantized copy.
+        eval_data: held-out text (same kinds of source as `calibration`); when given, perplexity of the dropped model and of its quantized copy.
         eval_windows, eval_seq_len, eval_skip_windows: held-out windows (skip those used for calibration).
         dtype: calibration precision (None: bfloat16 on CPU, float16 on GPU).
         name: prefix of the logged metrics.
     """
 
-    def __init__(self, output: str, method: str = "gptq", bits: int = 4, calibration: str | None = None,
+    def __init__(self, output: str, method: str = "gptq", bits: int = 4, calibration: str = "c4-sample",
                  num_samples: int = 64, seq_len: int = 512, group_size: int | None = None,
                  backend: str = "gptqmodel", eval_data: str | None = None, eval_windows: int = 16,
                  eval_seq_len: int = 512, eval_skip_windows: int = 0, dtype: str | None = None,
@@ -50,11 +51,13 @@ class QuantizeCallback(Callback):
             raise ValueError("QuantizeCallback: output must be a directory path")
         if Path(output).exists() and not Path(output).is_dir():
             raise ValueError(f"QuantizeCallback: output {output} exists and is not a directory")
-        if calibration is None:
-            raise ValueError("QuantizeCallback: calibration must name a .jsonl or text file")
-        for arg, path in (("calibration", calibration), ("eval_data", eval_data)):
-            if path is not None and not os.path.isfile(path):
-                raise FileNotFoundError(f"QuantizeCallback: {arg} file not found: {path}")
+        from lightning_drop.data import LOCAL_SUFFIXES
+
+        for arg, src in (("calibration", calibration), ("eval_data", eval_data)):
+            if arg == "calibration" and (not isinstance(src, str) or not src.strip()):
+                raise ValueError("QuantizeCallback: calibration must name a text file, a sample or a hub dataset")
+            if src is not None and Path(src).suffix in LOCAL_SUFFIXES and not os.path.isfile(src):
+                raise FileNotFoundError(f"QuantizeCallback: {arg} file not found: {src}")
         for arg, v, lo in (("num_samples", num_samples, 1), ("seq_len", seq_len, 2), ("eval_windows", eval_windows, 1),
                            ("eval_seq_len", eval_seq_len, 2), ("eval_skip_windows", eval_skip_windows, 0)):
             if isinstance(v, bool) or not isinstance(v, int) or v < lo:
