@@ -1,0 +1,268 @@
+"""Vision dropping: zeroed-sublayer equivalence per family, physical removal, hook counts, scores,
+checkpoints in three shapes, bad requests."""
+
+from __future__ import annotations
+
+import json
+import os
+import subprocess
+import sys
+import textwrap
+from contextlib import contextmanager
+
+import pytest
+import torch
+import transformers
+from safetensors import safe_open
+
+from lightning_drop.vision import (apply_drop, dropped_layers, get_vision_spec, load_vision_dropped,
+                                   save_vision_dropped)
+from lightning_drop.vision.checkpoint import checkpoint_kind
+from lightning_drop.vision.importance import compute_vision_importance, vision_drop_by_importance
+from lightning_drop.vision.module import tiny_vision_model
+from lightning_drop.vision.speed import check_really_skipped, compare_speed, flops_per_image, sublayer_call_counts
+
+FAMILIES = ["vit", "dinov2", "dinov2_with_registers", "dinov3_vit", "swinv2"]
+X = torch.randn(2, 3, 32, 32, generator=torch.Generator().manual_seed(0))
+
+
+def _out(model, x=X):
+    with torch.no_grad():
+        o = model(pixel_values=x)
+    return o.logits if hasattr(o, "logits") else o.last_hidden_state
+
+
+@contextmanager
+def zeroed_sublayers(model, attn, mlp):
+    """Reference: the ORIGINAL model with the chosen sublayers' residual contributions set to zero.
+
+    The zero is applied at `spec.attn_out` / `spec.mlp_out` (after LayerScale / post-norm), i.e. the whole Y.
+    """
+    spec = get_vision_spec(model)
+    layers = spec.get_layers(model)
+
+    def zero(mod, args, out):
+        if isinstance(out, tuple):
+            return (torch.zeros_like(out[0]),) + tuple(out[1:])
+        return torch.zeros_like(out)
+
+    handles = [getattr(layers[i], spec.attn_out).register_forward_hook(zero) for i in attn]
+    handles += [getattr(layers[i], spec.mlp_out).register_forward_hook(zero) for i in mlp]
+    try:
+        yield model
+    finally:
+        for h in handles:
+            h.remove()
+
+
+@pytest.mark.parametrize("family", FAMILIES)
+@pytest.mark.parametrize("attn,mlp", [([0, 2], [1]), ([1], [1, 3]), ([0, 1, 2, 3], [2])])
+def test_forward_equals_zeroed_reference(family, attn, mlp):
+    model = tiny_vision_model(family)
+    with zeroed_sublayers(model, attn, mlp):
+        ref = _out(model)
+    assert not torch.allclose(ref, _out(model))  # the reference really differs from the full model
+    n_params = sum(p.numel() for p in model.parameters())
+    apply_drop(model, attn=attn, mlp=mlp)
+    torch.testing.assert_close(_out(model), ref, atol=1e-5, rtol=1e-5)
+    assert sum(p.numel() for p in model.parameters()) < n_params
+    spec = get_vision_spec(model)
+    prefixes = spec.layer_prefixes(model)
+    keys = list(model.state_dict())
+    for i in attn:
+        for name in spec.attn_modules():  # attention, its norm and (DINO) its LayerScale are gone
+            assert not any(k.startswith(prefixes[i] + name + ".") for k in keys), (i, name)
+    for i in mlp:
+        for name in spec.mlp_modules():
+            assert not any(k.startswith(prefixes[i] + name + ".") for k in keys), (i, name)
+    assert dropped_layers(model) == (sorted(attn), sorted(mlp))
+    assert model.config.drop_attn_list == sorted(attn) and model.config.drop_mlp_list == sorted(mlp)
+
+
+@pytest.mark.parametrize("family", FAMILIES)
+def test_hook_counts_show_dropped_sublayers_never_run(family):
+    model = tiny_vision_model(family)
+    apply_drop(model, attn=[0, 3], mlp=[1, 3])
+    rows = check_really_skipped(model, X)
+    calls = {(r["block"], k): r[f"{k}_calls"] for r in rows for k in ("attn", "mlp")}
+    for i in range(4):
+        assert (calls[(i, "attn")] == 0) == (i in (0, 3))
+        assert (calls[(i, "mlp")] == 0) == (i in (1, 3))
+    # FLOPs follow what runs
+    assert flops_per_image(model) < flops_per_image(tiny_vision_model(family))
+
+
+def test_really_skipped_check_catches_a_running_sublayer(monkeypatch):
+    model = tiny_vision_model("vit")
+    apply_drop(model, attn=[1])
+    rows = sublayer_call_counts(model, X)
+    assert rows[1]["attn_calls"] == 0 and rows[1]["mlp_calls"] > 0
+    from lightning_drop.vision import speed
+
+    monkeypatch.setattr(speed, "dropped_layers", lambda m: ([1, 2], []))  # claim 2 is dropped: it runs
+    with pytest.raises(RuntimeError, match="dropped attn ran"):
+        speed.check_really_skipped(model, X)
+
+
+def test_dinov2_layerscale_is_inside_y():
+    """With LayerScale ~0 the attention/MLP contributions vanish: scores must be ~0 (hooks after LayerScale)."""
+    model = tiny_vision_model("dinov2", layerscale_value=1e-7)
+    s = compute_vision_importance(model, [X])
+    assert max(s.attn) < 1e-6 and max(s.mlp) < 1e-6
+    big = compute_vision_importance(tiny_vision_model("dinov2", layerscale_value=1.0), [X])
+    assert min(big.mlp) > 1e-4
+
+
+def test_vit_block_scores_match_hidden_states():
+    model = tiny_vision_model("vit")
+    s = compute_vision_importance(model, [X])
+    with torch.no_grad():
+        hs = model(pixel_values=X, output_hidden_states=True).hidden_states
+    for i in range(4):
+        expected = (1 - torch.nn.functional.cosine_similarity(hs[i], hs[i + 1], dim=-1)).mean().item()
+        assert s.block[i] == pytest.approx(expected, rel=1e-5, abs=1e-7)
+    assert s.num_tokens == 2 * (16 + 1)  # all patch tokens + CLS
+
+
+@pytest.mark.parametrize("family", ["vit", "swinv2"])
+def test_scores_skip_dropped_and_drop_by_importance(family):
+    model = tiny_vision_model(family)
+    result = vision_drop_by_importance(model, [X], target="attn", num=2, schedule="iterative")
+    assert len(result.rounds) == 2 and len(result.attn) == 2
+    assert result.rounds[1].attn[result.round_drops[0]["drop_attn"][0]] is None
+    s = compute_vision_importance(model, [X], metric="cosine_no_residual")
+    assert [v is None for v in s.attn] == [i in result.attn for i in range(4)]
+
+
+def test_swinv2_two_level_names():
+    model = tiny_vision_model("swinv2")
+    spec = get_vision_spec(model)
+    assert spec.block_names(model) == ["0.0", "0.1", "1.0", "1.1"]
+    assert spec.flat_index(model, "1.0") == 2
+    apply_drop(model, attn=["1.0"], mlp=[0])
+    assert dropped_layers(model) == ([2], [0])
+    with pytest.raises(ValueError, match="no block '3.0'"):
+        spec.flat_index(model, "3.0")
+
+
+@pytest.mark.parametrize(
+    "attn,mlp,message",
+    [([4], [], "out of range"), ([-1], [], "out of range"), ([1, 1], [], "listed twice"),
+     ([0, 1, 2, 3], [0, 1, 2, 3], "every block"), (["a"], [], "not a flat block index")],
+)
+def test_bad_requests(attn, mlp, message):
+    model = tiny_vision_model("vit")
+    with pytest.raises(ValueError, match=message):
+        apply_drop(model, attn=attn, mlp=mlp)
+    assert dropped_layers(model) == ([], [])
+
+
+def test_bad_inputs_and_unsupported():
+    model = tiny_vision_model("vit")
+    apply_drop(model, attn=[1])
+    with pytest.raises(ValueError, match="already dropped"):
+        apply_drop(model, attn=[1])
+    with pytest.raises(ValueError, match="unsupported vision architecture 'llama'"):
+        get_vision_spec("llama")
+    with pytest.raises(ValueError, match="unknown metric"):
+        compute_vision_importance(model, [X], metric="nope")
+    with pytest.raises(ValueError, match=r"\(batch, channels, height, width\)"):
+        compute_vision_importance(model, [torch.randn(3, 32, 32)])
+    with pytest.raises(ValueError, match="no calibration data"):
+        compute_vision_importance(model, [])
+
+
+def _saved_keys(directory):
+    keys = set()
+    for f in directory.glob("*.safetensors"):
+        with safe_open(str(f), "pt") as fh:
+            keys |= set(fh.keys())
+    return keys
+
+
+@pytest.mark.parametrize("family", FAMILIES)
+def test_sublayer_drop_roundtrips_through_auto_class(tmp_path, family):
+    model = tiny_vision_model(family)
+    apply_drop(model, attn=[0, 2], mlp=[1])
+    expected = _out(model)
+    out = save_vision_dropped(model, tmp_path / "drop")
+    config = json.loads((out / "config.json").read_text())
+    assert config["model_type"] == f"dropped_{family}" and config["drop_attn_list"] == [0, 2]
+    assert (out / "modeling_dropped.py").is_file() and (out / "architectures.py").is_file()
+    prefixes = get_vision_spec(model).layer_prefixes(model)
+    keys = _saved_keys(out)
+    assert not any(k.startswith(prefixes[0] + "attention.") or k.startswith(prefixes[1] + "mlp.")
+                   or k.startswith(prefixes[1] + "intermediate.") for k in keys)
+    auto = transformers.AutoModel if family == "dinov3_vit" else transformers.AutoModelForImageClassification
+    assert auto.__name__ in " ".join(config["auto_map"])
+    loaded = auto.from_pretrained(out).eval()  # registered classes, no trust_remote_code
+    assert type(loaded).__name__.startswith("Dropped")
+    torch.testing.assert_close(_out(loaded), expected, atol=1e-5, rtol=1e-5)
+    assert dropped_layers(loaded) == ([0, 2], [1])
+
+
+@pytest.mark.parametrize("family,blocks,kind,plain", [
+    ("vit", [1, 3], "blocks", True), ("dinov2", [0], "blocks", True), ("dinov3_vit", [2], "blocks", True),
+    ("swinv2", [1], "blocks", True),    # stage 0 keeps block 0 (no shift): plain with depths [1, 2]
+    ("swinv2", [2], "blocks", False),   # stage 1 block 1 (shifted) would become block 0: dropped format
+])
+def test_block_only_drop_is_a_plain_checkpoint(tmp_path, family, blocks, kind, plain):
+    model = tiny_vision_model(family)
+    apply_drop(model, attn=blocks, mlp=blocks)
+    assert checkpoint_kind(model) == kind
+    expected = _out(model)
+    out = save_vision_dropped(model, tmp_path / "blocks")
+    config = json.loads((out / "config.json").read_text())
+    if plain:
+        assert config["model_type"] == family and "auto_map" not in config
+        assert config["lightning_drop"]["dropped_blocks"] == blocks
+        if family == "swinv2":
+            assert config["depths"] == [1, 2] and config["lightning_drop"]["original_depths"] == [2, 2]
+        else:
+            assert config["num_hidden_layers"] == 4 - len(blocks)
+        cls = getattr(transformers, config["architectures"][0])  # a plain transformers class reads it
+        loaded = cls.from_pretrained(out).eval()
+    else:
+        assert config["model_type"] == f"dropped_{family}"
+        loaded = load_vision_dropped(out)
+    torch.testing.assert_close(_out(loaded), expected, atol=1e-5, rtol=1e-5)
+
+
+CLEAN_ENV_SCRIPT = textwrap.dedent(
+    """
+    import sys, torch
+    class _Hide:
+        def find_spec(self, name, path=None, target=None):
+            if name.split('.')[0] == 'lightning_drop':
+                raise ImportError('hidden')
+    sys.meta_path.insert(0, _Hide())
+    from transformers import AutoModelForImageClassification
+    m = AutoModelForImageClassification.from_pretrained(sys.argv[1], trust_remote_code=True).eval()
+    x = torch.load(sys.argv[2])
+    with torch.no_grad():
+        torch.save(m(pixel_values=x).logits, sys.argv[3])
+    """
+)
+
+
+def test_trust_remote_code_load_without_the_package(tmp_path):
+    model = tiny_vision_model("dinov2")
+    apply_drop(model, attn=[1, 3], mlp=[0])
+    expected = _out(model)
+    out = save_vision_dropped(model, tmp_path / "ckpt")
+    (tmp_path / "clean.py").write_text(CLEAN_ENV_SCRIPT)
+    torch.save(X, tmp_path / "x.pt")
+    env = dict(os.environ, HF_MODULES_CACHE=str(tmp_path / "modules"), HF_HUB_OFFLINE="1")
+    result = subprocess.run([sys.executable, str(tmp_path / "clean.py"), str(out), str(tmp_path / "x.pt"),
+                             str(tmp_path / "logits.pt")], cwd=tmp_path, env=env, capture_output=True, text=True,
+                            timeout=600)
+    assert result.returncode == 0, result.stderr[-3000:]
+    torch.testing.assert_close(torch.load(tmp_path / "logits.pt"), expected, atol=1e-5, rtol=1e-5)
+
+
+def test_compare_speed_reports_flops_ratio():
+    base, dropped = tiny_vision_model("vit"), tiny_vision_model("vit")
+    apply_drop(dropped, attn=[0, 1], mlp=[0, 1])
+    r = compare_speed(base, dropped, batch_size=4, iters=1, rounds=1)
+    assert 0.3 < r["flops_ratio"] < 0.7 and r["dropped_params"] < r["base_params"]
+    assert r["base_images_per_s"] > 0 and r["dropped"] == {"attn": [0, 1], "mlp": [0, 1]}
