@@ -193,8 +193,30 @@ def _load_local(path: Path, dtype: torch.dtype) -> nn.Module:
     if config.get("quantization_config") is None:
         get_spec(model_type)  # refuse unsupported architectures with the list of supported ones
     from transformers import AutoModelForCausalLM
+    from transformers.models.auto.configuration_auto import CONFIG_MAPPING
 
+    if model_type not in CONFIG_MAPPING:
+        return _load_remote_code(path, config, dtype)
     return AutoModelForCausalLM.from_pretrained(path, dtype=dtype)
+
+
+def _load_remote_code(path: Path, config: dict, dtype: torch.dtype) -> nn.Module:
+    """Families that ship only their own modeling code (Baichuan): run it only if it is present locally."""
+    from transformers import AutoModelForCausalLM
+
+    model_type = config.get("model_type")
+    target = (config.get("auto_map") or {}).get("AutoModelForCausalLM")
+    if not target:
+        raise ValueError(f"{path}: model_type '{model_type}' is not built into transformers and config.json has no "
+                         "auto_map to modeling code")
+    module_file = path / (target.split("--")[-1].rsplit(".", 1)[0] + ".py")
+    if not module_file.is_file():
+        raise FileNotFoundError(f"{model_type} needs its own modeling code, {module_file.name}, which is not in "
+                                f"{path}: copy the model's modeling/configuration files there")
+    if os.environ.get("LIGHTNING_DROP_TRUST_REMOTE_CODE") != "1":
+        raise ValueError(f"{path} runs its own code ({module_file.name}); set LIGHTNING_DROP_TRUST_REMOTE_CODE=1 "
+                         "to allow it")
+    return AutoModelForCausalLM.from_pretrained(path, dtype=dtype, trust_remote_code=True)
 
 
 def _load_hub(ref: str, dtype: torch.dtype) -> nn.Module:

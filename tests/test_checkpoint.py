@@ -178,3 +178,20 @@ def test_smollm2_answers_and_dropped_roundtrip(tmp_path):
     reloaded = AutoModelForCausalLM.from_pretrained(dest).eval()
     with torch.no_grad():
         torch.testing.assert_close(reloaded(ids).logits, expected, atol=1e-4, rtol=1e-4)
+
+
+def test_remote_code_family_needs_its_local_code(tmp_path, monkeypatch):
+    (tmp_path / "config.json").write_text(json.dumps({
+        "model_type": "baichuan", "auto_map": {"AutoModelForCausalLM": "modeling_baichuan.BaichuanForCausalLM"}}))
+    with pytest.raises(FileNotFoundError, match="modeling_baichuan.py"):
+        load_model(str(tmp_path))
+    (tmp_path / "modeling_baichuan.py").write_text("# the model's own code would be here\n")
+    monkeypatch.delenv("LIGHTNING_DROP_TRUST_REMOTE_CODE", raising=False)
+    with pytest.raises(ValueError, match="LIGHTNING_DROP_TRUST_REMOTE_CODE=1"):
+        load_model(str(tmp_path))
+
+
+def test_unsupported_architecture_is_refused(tmp_path):
+    (tmp_path / "config.json").write_text(json.dumps({"model_type": "gpt2"}))
+    with pytest.raises(ValueError, match="unsupported architecture 'gpt2'; supported model types"):
+        load_model(str(tmp_path))
