@@ -60,7 +60,7 @@ def _pre_tokenizer_name(tok: Any) -> str:
     raise ValueError(f"GGUF export: no llama.cpp pre-tokenizer known for {kinds}; use llama.cpp's converter")
 
 
-def _add_tokenizer(writer: Any, tok: Any, vocab_size: int) -> None:
+def _add_tokenizer(writer: Any, tok: Any, vocab_size: int, pre: str | None = None) -> None:
     import gguf
 
     vocab = tok.get_vocab()
@@ -82,7 +82,7 @@ def _add_tokenizer(writer: Any, tok: Any, vocab_size: int) -> None:
             types.append(gguf.TokenType.NORMAL)
         tokens.append(token)
     writer.add_tokenizer_model("gpt2")
-    writer.add_tokenizer_pre(_pre_tokenizer_name(tok))
+    writer.add_tokenizer_pre(pre or _pre_tokenizer_name(tok))
     writer.add_token_list(tokens)
     writer.add_token_types(types)
     with tempfile.TemporaryDirectory() as tmp:
@@ -132,8 +132,13 @@ def deci_layer_plan(model: nn.Module) -> list[dict]:
     return plan
 
 
-def export_gguf(src: Any, out_file: str | os.PathLike, dtype: str = "f16", tokenizer: Any = None) -> Path:
-    """Write a (dropped) Llama-family model as a llama.cpp `deci` GGUF file, atomically."""
+def export_gguf(src: Any, out_file: str | os.PathLike, dtype: str = "f16", tokenizer: Any = None,
+                tokenizer_pre: str | None = None) -> Path:
+    """Write a (dropped) Llama-family model as a llama.cpp `deci` GGUF file, atomically.
+
+    `tokenizer_pre` overrides the detected llama.cpp pre-tokenizer name (`tokenizer.ggml.pre`), e.g.
+    "smollm" for a SmolLM2 tokenizer whose digit-splitting step was lost in a conversion.
+    """
     import gguf
 
     if dtype not in DTYPES:
@@ -179,7 +184,7 @@ def export_gguf(src: Any, out_file: str | os.PathLike, dtype: str = "f16", token
         writer.add_rope_dimension_count(head_dim)
         writer.add_vocab_size(config.vocab_size)
         writer.add_file_type(ftype)
-        _add_tokenizer(writer, tok, config.vocab_size)
+        _add_tokenizer(writer, tok, config.vocab_size, tokenizer_pre)
 
         names = gguf.get_tensor_name_map(gguf.MODEL_ARCH.DECI, n)
         for key, value in _tensors(model, plan, head_dim):
