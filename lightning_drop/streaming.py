@@ -26,7 +26,6 @@ import json
 import os
 import re
 import tempfile
-from contextlib import ExitStack
 from pathlib import Path
 from typing import Any, Callable, Iterable, Sequence
 
@@ -67,9 +66,10 @@ class CheckpointTensors:
         missing = sorted({str(p.name) for p in self.weight_map.values() if not p.is_file()})
         if missing:
             raise FileNotFoundError(f"shards listed in {index} are missing: {', '.join(missing)}")
-        self._stack = ExitStack()
-        self._handles: dict[Path, Any] = {}
+        self._headers: dict[Path, dict[str, tuple[str, list[int]]]] = {}
 
+    # Files are opened per read and closed again: safetensors memory-maps the whole file, so keeping every
+    # shard open would map the whole model into the address space (and count against `ulimit -v`).
     def __enter__(self) -> "CheckpointTensors":
         return self
 
@@ -77,15 +77,7 @@ class CheckpointTensors:
         self.close()
 
     def close(self) -> None:
-        self._stack.close()
-        self._handles.clear()
-
-    def _handle(self, path: Path) -> Any:
-        from safetensors import safe_open
-
-        if path not in self._handles:
-            self._handles[path] = self._stack.enter_context(safe_open(str(path), framework="pt", device="cpu"))
-        return self._handles[path]
+        self._headers.clear()
 
     def keys(self) -> list[str]:
         return list(self.weight_map)
@@ -93,29 +85,51 @@ class CheckpointTensors:
     def __contains__(self, name: str) -> bool:
         return name in self.weight_map
 
-    def get(self, name: str) -> torch.Tensor:
+    def get(self, name: str, dtype: torch.dtype | None = None) -> torch.Tensor:
         if name not in self.weight_map:
             raise KeyError(name)
-        return self._handle(self.weight_map[name]).get_tensor(name)
+        return self.get_many([name], dtype=dtype)[name]
 
-    def get_many(self, names: Iterable[str], what: str = "") -> dict[str, torch.Tensor]:
+    def get_many(self, names: Iterable[str], what: str = "", dtype: torch.dtype | None = None) -> dict[str, torch.Tensor]:
+        """Read `names` (file by file); floating tensors are cast to `dtype` one at a time as they are read."""
+        from safetensors import safe_open
+
         names = list(names)
         missing = [n for n in names if n not in self.weight_map]
         if missing:
             raise ValueError(f"{self.directory} lacks tensors{' of ' + what if what else ''}: "
                              f"{', '.join(missing[:5])}{' ...' if len(missing) > 5 else ''}")
-        return {n: self.get(n) for n in names}
+        by_file: dict[Path, list[str]] = {}
+        for n in names:
+            by_file.setdefault(self.weight_map[n], []).append(n)
+        out: dict[str, torch.Tensor] = {}
+        for path, group in by_file.items():
+            with safe_open(str(path), framework="pt", device="cpu") as f:
+                for n in group:
+                    t = f.get_tensor(n)
+                    out[n] = t.to(dtype) if dtype is not None and t.is_floating_point() else t
+        return {n: out[n] for n in names}
+
+    def _header(self, name: str) -> tuple[str, list[int]]:
+        from safetensors import safe_open
+
+        path = self.weight_map[name]
+        if path not in self._headers:
+            with safe_open(str(path), framework="pt", device="cpu") as f:
+                self._headers[path] = {k: (f.get_slice(k).get_dtype(), list(f.get_slice(k).get_shape()))
+                                       for k in f.keys()}
+        return self._headers[path][name]
 
     def nbytes(self, name: str, dtype: torch.dtype | None = None) -> int:
-        sl = self._handle(self.weight_map[name]).get_slice(name)
+        st_dtype, shape = self._header(name)
         numel = 1
-        for d in sl.get_shape():
+        for d in shape:
             numel *= int(d)
-        size = dtype.itemsize if dtype is not None else _DTYPE_BYTES.get(sl.get_dtype(), 4)
+        size = dtype.itemsize if dtype is not None else _DTYPE_BYTES.get(st_dtype, 4)
         return numel * size
 
     def dtype_of(self, name: str) -> str:
-        return self._handle(self.weight_map[name]).get_slice(name).get_dtype()
+        return self._header(name)[0]
 
 
 # ------------------------------------------------------------------------------------------------ meta model
@@ -218,8 +232,8 @@ def _materialize_outside_layers(model: nn.Module, decoder: nn.Module, tensors: C
         embed._buffers[name] = torch.empty_like(buf, device="cpu")
     model._init_weights(embed)
     keys = {k: f"{prefix}.{embed_name}.{k}" for k in embed.state_dict()}
-    state = tensors.get_many(keys.values(), what="the embedding")
-    embed.load_state_dict({k: state[v].to(dtype) for k, v in keys.items()}, assign=True, strict=True)
+    state = tensors.get_many(keys.values(), what="the embedding", dtype=dtype)
+    embed.load_state_dict({k: state[v] for k, v in keys.items()}, assign=True, strict=True)
     embed.to(device)
     rotary = getattr(decoder, "rotary_emb", None)
     if isinstance(rotary, nn.Module):
@@ -338,9 +352,8 @@ def stream_importance(model_dir: str | os.PathLike, windows: Any, metric: str = 
                 for i in order:
                     layer = layers[i]
                     names = {k: f"{spec.layer_prefix}.{i}.{k}" for k in layer.state_dict()}
-                    state = tensors.get_many(names.values(), what=f"layer {i}")
-                    layer.load_state_dict({k: state[v].to(dtype) for k, v in names.items()}, assign=True,
-                                          strict=True)
+                    state = tensors.get_many(names.values(), what=f"layer {i}", dtype=dtype)
+                    layer.load_state_dict({k: state[v] for k, v in names.items()}, assign=True, strict=True)
                     del state
                     layer.to(device)
                     layer_bytes = max(layer_bytes, sum(p.numel() * p.element_size() for p in layer.parameters()))
@@ -460,9 +473,9 @@ def write_dropped_streaming(model_dir: str | os.PathLike, out_dir: str | os.Path
             weight_map = {}
             for name, keys in zip(names, shards):
                 shard = {}
+                read = tensors.get_many([source[k] for k in keys], dtype=dtype)
                 for key in keys:
-                    t = tensors.get(source[key])
-                    shard[key] = (t.to(dtype) if t.is_floating_point() else t).contiguous()
+                    shard[key] = read.pop(source[key]).contiguous()
                     weight_map[key] = name
                 save_file(shard, str(tmp / name), metadata={"format": "pt"})
                 del shard

@@ -1,0 +1,160 @@
+"""Layer-streamed scoring of a model larger than the memory the process may use.
+
+1. Writes a random-init Llama checkpoint (default: hidden 4096, MLP 11008, 10 layers, vocab 32000, bf16,
+   ~4.6 GB) shard by shard, one decoder layer per shard, never holding more than one layer.
+2. Scores it with `lightning_drop.streaming.stream_importance` (float32 compute) in a subprocess whose
+   address space is capped with `resource.setrlimit(RLIMIT_AS)` below the model size.
+3. Prints the measured peak RSS against the model size and the bound
+   (one float32 layer + hidden states + embedding), then deletes the checkpoint.
+
+    .venv/bin/python benchmarks/streaming_memory.py [--layers 10] [--limit-gib 3.0] [--dir /tmp/x]
+
+Measured (2 shared CPU cores, torch 2.13, transformers 5.23; defaults):
+
+    wrote /tmp/ld-stream-bench-2rfrc4xi/llama-random: 10 layers, hidden 4096, bf16, 4.26 GiB on disk (306 s, writer peak RSS 1.30 GiB)
+    scored 10 layers x 4 windows x 128 tokens in 222 s under RLIMIT_AS = 3.00 GiB (model on disk: 4.26 GiB bf16, 8.52 GiB as float32)
+      bound: one float32 layer 0.754 + hidden states 0.0078 + float32 embedding 0.488 = 1.250 GiB (+ the Python/torch runtime)
+      measured peak RSS 1.756 GiB, peak virtual 2.343 GiB
+
+The runtime (Python + torch + transformers imported) is ~0.45 GiB RSS / ~1.0 GiB virtual, so the peak is the
+bound plus the runtime; loading the same model in memory would need 8.5 GiB as float32 and fails under the cap.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import os
+import resource
+import shutil
+import subprocess
+import sys
+import tempfile
+import time
+from pathlib import Path
+
+GiB = 2**30
+
+
+def write_checkpoint(out: Path, hidden: int, inter: int, layers: int, vocab: int, heads: int) -> int:
+    """Random-init LlamaForCausalLM, one safetensors shard per decoder layer; returns bytes on disk."""
+    import torch
+    from safetensors.torch import save_file
+    from transformers import LlamaConfig
+
+    config = LlamaConfig(hidden_size=hidden, intermediate_size=inter, num_hidden_layers=layers, vocab_size=vocab,
+                         num_attention_heads=heads, num_key_value_heads=heads, max_position_embeddings=4096,
+                         tie_word_embeddings=False, dtype="bfloat16")
+    out.mkdir(parents=True, exist_ok=True)
+    g = torch.Generator().manual_seed(0)
+
+    def rnd(*shape: int) -> torch.Tensor:
+        return (torch.randn(*shape, generator=g) * 0.02).to(torch.bfloat16)
+
+    n_shards = layers + 2
+    names = [f"model-{i + 1:05d}-of-{n_shards:05d}.safetensors" for i in range(n_shards)]
+    weight_map: dict[str, str] = {}
+    total = 0
+
+    def write(name: str, tensors: dict) -> None:
+        nonlocal total
+        save_file(tensors, str(out / name), metadata={"format": "pt"})
+        for k, v in tensors.items():
+            weight_map[k] = name
+            total += v.numel() * v.element_size()
+
+    write(names[0], {"model.embed_tokens.weight": rnd(vocab, hidden)})
+    for i in range(layers):
+        p = f"model.layers.{i}."
+        write(names[i + 1], {
+            p + "self_attn.q_proj.weight": rnd(hidden, hidden), p + "self_attn.k_proj.weight": rnd(hidden, hidden),
+            p + "self_attn.v_proj.weight": rnd(hidden, hidden), p + "self_attn.o_proj.weight": rnd(hidden, hidden),
+            p + "mlp.gate_proj.weight": rnd(inter, hidden), p + "mlp.up_proj.weight": rnd(inter, hidden),
+            p + "mlp.down_proj.weight": rnd(hidden, inter),
+            p + "input_layernorm.weight": torch.ones(hidden, dtype=torch.bfloat16),
+            p + "post_attention_layernorm.weight": torch.ones(hidden, dtype=torch.bfloat16),
+        })
+    write(names[-1], {"model.norm.weight": torch.ones(hidden, dtype=torch.bfloat16), "lm_head.weight": rnd(vocab, hidden)})
+    index = {"metadata": {"total_size": total}, "weight_map": dict(sorted(weight_map.items()))}
+    (out / "model.safetensors.index.json").write_text(json.dumps(index, indent=2))
+    config.save_pretrained(out)
+    return total
+
+
+def _worker(model_dir: str, samples: int, seq_len: int, batch_size: int, limit: int) -> None:
+    """Runs in the capped subprocess: score, then report peak RSS and the sizes that bound it."""
+    import torch
+
+    from lightning_drop.streaming import stream_importance
+
+    torch.set_num_threads(2)
+    windows = torch.randint(0, 32000, (samples, seq_len), generator=torch.Generator().manual_seed(0))
+    stats: dict = {}
+    t0 = time.perf_counter()
+    scores = stream_importance(model_dir, windows, batch_size=batch_size, dtype=torch.float32, stats=stats)
+    status = Path("/proc/self/status").read_text()
+    fields = {line.split(":")[0]: int(line.split()[1]) * 1024 for line in status.splitlines()
+              if line.startswith(("VmHWM", "VmPeak"))}
+    print(json.dumps({"seconds": time.perf_counter() - t0, "peak_rss": fields["VmHWM"],
+                      "peak_virtual": fields["VmPeak"], "rlimit_as": limit, **stats,
+                      "attn": scores.attn, "block": scores.block}))
+
+
+def main() -> None:
+    ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    ap.add_argument("--layers", type=int, default=10)
+    ap.add_argument("--hidden", type=int, default=4096)
+    ap.add_argument("--intermediate", type=int, default=11008)
+    ap.add_argument("--heads", type=int, default=32)
+    ap.add_argument("--vocab", type=int, default=32000)
+    ap.add_argument("--samples", type=int, default=4)
+    ap.add_argument("--seq-len", type=int, default=128)
+    ap.add_argument("--batch-size", type=int, default=2)
+    ap.add_argument("--limit-gib", type=float, default=3.0, help="RLIMIT_AS of the scoring process")
+    ap.add_argument("--dir", default=None, help="where to write the checkpoint (deleted at the end)")
+    ap.add_argument("--keep", action="store_true", help="do not delete the checkpoint")
+    ap.add_argument("--_worker", nargs=5, help=argparse.SUPPRESS)
+    a = ap.parse_args()
+    if a._worker:
+        d, s, q, b, lim = a._worker
+        _worker(d, int(s), int(q), int(b), int(lim))
+        return
+
+    root = Path(a.dir) if a.dir else Path(tempfile.mkdtemp(prefix="ld-stream-bench-"))
+    model_dir = root / "llama-random"
+    try:
+        t0 = time.perf_counter()
+        size = write_checkpoint(model_dir, a.hidden, a.intermediate, a.layers, a.vocab, a.heads)
+        print(f"wrote {model_dir}: {a.layers} layers, hidden {a.hidden}, bf16, {size / GiB:.2f} GiB on disk "
+              f"({time.perf_counter() - t0:.0f} s, writer peak RSS "
+              f"{resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 2**20:.2f} GiB)")
+        limit = int(a.limit_gib * GiB)
+
+        def cap() -> None:
+            resource.setrlimit(resource.RLIMIT_AS, (limit, limit))
+
+        env = {**os.environ, "OMP_NUM_THREADS": "2", "MALLOC_ARENA_MAX": "2", "TOKENIZERS_PARALLELISM": "false"}
+        cmd = [sys.executable, __file__, "--_worker", str(model_dir), str(a.samples), str(a.seq_len),
+               str(a.batch_size), str(limit)]
+        proc = subprocess.run(cmd, capture_output=True, text=True, preexec_fn=cap, env=env)
+        if proc.returncode != 0:
+            print(proc.stderr[-3000:], file=sys.stderr)
+            raise SystemExit(f"scoring under RLIMIT_AS={a.limit_gib} GiB failed (exit {proc.returncode})")
+        r = json.loads(proc.stdout.strip().splitlines()[-1])
+        bound = r["layer_bytes"] + r["hidden_bytes"] + r["embedding_bytes"]
+        print(f"scored {a.layers} layers x {a.samples} windows x {a.seq_len} tokens in {r['seconds']:.0f} s "
+              f"under RLIMIT_AS = {a.limit_gib:.2f} GiB (model on disk: {size / GiB:.2f} GiB bf16, "
+              f"{2 * size / GiB:.2f} GiB as float32)")
+        print(f"  bound: one float32 layer {r['layer_bytes'] / GiB:.3f} + hidden states {r['hidden_bytes'] / GiB:.4f} "
+              f"+ float32 embedding {r['embedding_bytes'] / GiB:.3f} = {bound / GiB:.3f} GiB (+ the Python/torch runtime)")
+        print(f"  measured peak RSS {r['peak_rss'] / GiB:.3f} GiB, peak virtual {r['peak_virtual'] / GiB:.3f} GiB")
+        print(f"  attn scores: {[round(x, 4) for x in r['attn']]}")
+    finally:
+        if not a.keep:
+            shutil.rmtree(model_dir, ignore_errors=True)
+            if not a.dir:
+                shutil.rmtree(root, ignore_errors=True)
+
+
+if __name__ == "__main__":
+    main()
