@@ -37,6 +37,9 @@ def main(argv=None) -> int:
     ap.add_argument("--strict", action="store_true", help="exit 1 when a realized gain is below --target")
     ap.add_argument("--threads", type=int, default=None,
                     help="torch threads (default: torch's own); on an oversubscribed machine 1 is far steadier")
+    ap.add_argument("--clock", choices=["wall", "process"], default="wall",
+                    help="process = CPU time of this process: with --threads 1 it equals wall time on an idle "
+                         "machine and is barely disturbed by other processes on a shared one")
     ap.add_argument("--json", help="write the results here")
     args = ap.parse_args(argv)
 
@@ -47,12 +50,12 @@ def main(argv=None) -> int:
     attn, how = _common.attention_drop(base, tok, args.num_drop)
     dropped = apply_drop(copy.deepcopy(base), attn=attn)
     print(f"{args.model}: dropping attention layers {attn} ({how}); torch threads {torch.get_num_threads()}", flush=True)
-    print(f"workload: prompt {args.prompt_len} + decode {args.gen_len} tokens, median of {args.repeats}")
+    print(f"workload: prompt {args.prompt_len} + decode {args.gen_len} tokens, median of {args.repeats}, {args.clock} clock", flush=True)
     print(f"{'batch':>5} {'phase':>8} {'base ms':>9} {'dropped ms':>10} {'measured':>9} {'ideal':>7} {'gain':>6}   | same from the fastest run")
     rows, ok = [], True
     for bs in args.batch_sizes:
         kw = dict(batch_size=bs, prompt_len=args.prompt_len, gen_len=args.gen_len, repeats=args.repeats,
-                  warmup=args.warmup)
+                  warmup=args.warmup, clock=args.clock)
         cmp = compare_speed(base, dropped, **kw)
         prof = profile_drop(base, attn, [], **kw)
         for phase in ("prefill", "decode", "total"):

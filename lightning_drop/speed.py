@@ -113,20 +113,33 @@ def rss_bytes() -> int:
 # --------------------------------------------------------------------------------------------------
 # Timing
 # --------------------------------------------------------------------------------------------------
+#: "wall": elapsed time (what the paper reports). "process": CPU time of this process, which other
+#: processes on a shared machine barely disturb; it equals wall time for a single-threaded CPU run
+#: (`torch.set_num_threads(1)`), and is meaningless on a GPU.
+CLOCKS = {"wall": time.perf_counter, "process": time.process_time}
+
+
+def _clock(name: str):
+    if name not in CLOCKS:
+        raise ValueError(f"clock must be one of {sorted(CLOCKS)}, got {name!r}")
+    return CLOCKS[name]
+
+
 @torch.inference_mode()
-def _generate_once(model: nn.Module, ids: torch.Tensor, gen_len: int,
-                   phase: dict[str, str] | None = None) -> tuple[float, float, torch.Tensor]:
+def _generate_once(model: nn.Module, ids: torch.Tensor, gen_len: int, phase: dict[str, str] | None = None,
+                   clock: str = "wall") -> tuple[float, float, torch.Tensor]:
     """(prefill seconds, decode seconds, generated tokens [B, gen_len]) for one greedy run with a KV cache."""
     device = ids.device
+    now = _clock(clock)
     cache = _new_cache(model)
     if phase is not None:
         phase["name"] = "prefill"
     _sync(device)
-    t0 = time.perf_counter()
+    t0 = now()
     out = model(input_ids=ids, past_key_values=cache, use_cache=True, logits_to_keep=1)
     nxt = out.logits[:, -1].argmax(-1, keepdim=True)
     _sync(device)
-    t1 = time.perf_counter()
+    t1 = now()
     if phase is not None:
         phase["name"] = "decode"
     generated = [nxt]
@@ -139,7 +152,7 @@ def _generate_once(model: nn.Module, ids: torch.Tensor, gen_len: int,
         generated.append(nxt)
         pos += 1
     _sync(device)
-    t2 = time.perf_counter()
+    t2 = now()
     if phase is not None:
         phase["name"] = ""
     return t1 - t0, t2 - t1, torch.cat(generated, dim=1)
@@ -169,21 +182,22 @@ def _summary(prefill: list[float], decode: list[float], batch_size: int, prompt_
 
 
 def measure_generation(model: nn.Module, batch_size: int = 1, prompt_len: int = 128, gen_len: int = 128,
-                       repeats: int = 3, warmup: int = 1, seed: int = 0) -> dict[str, Any]:
+                       repeats: int = 3, warmup: int = 1, seed: int = 0, clock: str = "wall") -> dict[str, Any]:
     """Prefill and greedy decode timings (median of `repeats`, after `warmup` runs of the model itself)."""
     return compare_speed({"model": model}, batch_size=batch_size, prompt_len=prompt_len, gen_len=gen_len,
-                         repeats=repeats, warmup=warmup, seed=seed)["model"]
+                         repeats=repeats, warmup=warmup, seed=seed, clock=clock)["model"]
 
 
 def compare_speed(base: nn.Module | Mapping[str, nn.Module], dropped: nn.Module | None = None, batch_size: int = 1,
                   prompt_len: int = 128, gen_len: int = 128, repeats: int = 3, warmup: int = 1,
-                  seed: int = 0) -> dict[str, Any]:
+                  seed: int = 0, clock: str = "wall") -> dict[str, Any]:
     """Measure models ALTERNATELY in one run (same prompt): base, dropped, base, dropped, ...
 
     Returns {"base": stats, "dropped": stats, "speedup": {"prefill", "decode", "total"}, ...} where a speedup
     is base time / dropped time of the medians. `base` may also be a {name: model} mapping (no ratios then).
     """
     _check_args(batch_size, prompt_len, gen_len, repeats, warmup)
+    _clock(clock)
     models = dict(base) if isinstance(base, Mapping) else {"base": base, "dropped": dropped}
     if any(m is None for m in models.values()):
         raise ValueError("compare_speed needs both a base and a dropped model")
@@ -203,7 +217,7 @@ def compare_speed(base: nn.Module | Mapping[str, nn.Module], dropped: nn.Module 
                 m = models[name]
                 if _device(m).type == "cuda":
                     torch.cuda.reset_peak_memory_stats(_device(m))
-                p, d, toks = _generate_once(m, ids.to(_device(m)), gen_len)
+                p, d, toks = _generate_once(m, ids.to(_device(m)), gen_len, clock=clock)
                 assert toks.shape == (batch_size, gen_len)
                 times[name][0].append(p)
                 times[name][1].append(d)
@@ -220,7 +234,8 @@ def compare_speed(base: nn.Module | Mapping[str, nn.Module], dropped: nn.Module 
         result[name] = stats
     result["peak_rss_bytes"] = peak_rss_bytes()
     result["setup"] = dict(batch_size=batch_size, prompt_len=prompt_len, gen_len=gen_len, repeats=repeats,
-                           warmup=warmup, device=str(_device(first)), threads=torch.get_num_threads())
+                           warmup=warmup, device=str(_device(first)), threads=torch.get_num_threads(),
+                           clock=clock)
     if set(models) == {"base", "dropped"}:
         b, d = result["base"], result["dropped"]
         result["speedup"] = {k: b[f"{k}_s"] / d[f"{k}_s"] for k in ("prefill", "decode", "total")}
@@ -263,18 +278,20 @@ def dropped_part_modules(model: nn.Module, attn: Iterable[int] = (), mlp: Iterab
 
 
 @contextlib.contextmanager
-def _time_modules(modules: Sequence[nn.Module], phase: dict[str, str], acc: dict[str, float]) -> Iterator[None]:
+def _time_modules(modules: Sequence[nn.Module], phase: dict[str, str], acc: dict[str, float],
+                  clock: str = "wall") -> Iterator[None]:
     """Accumulate, per phase, the wall time spent inside `modules` (pre-hook to hook); hooks always removed."""
     start: dict[int, float] = {}
     handles = []
+    now = _clock(clock)
 
     def pre(mod: nn.Module, *_: Any) -> None:
         _sync(_device_of(mod))
-        start[id(mod)] = time.perf_counter()
+        start[id(mod)] = now()
 
     def post(mod: nn.Module, *_: Any) -> None:
         _sync(_device_of(mod))
-        acc[phase["name"]] = acc.get(phase["name"], 0.0) + time.perf_counter() - start.pop(id(mod))
+        acc[phase["name"]] = acc.get(phase["name"], 0.0) + now() - start.pop(id(mod))
 
     try:
         for m in modules:
@@ -294,7 +311,7 @@ def _device_of(mod: nn.Module) -> torch.device:
 
 def profile_drop(base_model: nn.Module, attn: Iterable[int] = (), mlp: Iterable[int] = (), batch_size: int = 1,
                  prompt_len: int = 128, gen_len: int = 128, repeats: int = 3, warmup: int = 1,
-                 seed: int = 0) -> dict[str, Any]:
+                 seed: int = 0, clock: str = "wall") -> dict[str, Any]:
     """Time the base model (no hooks) and, in alternate runs, the time it spends in the parts a drop removes.
 
     Returns per phase (prefill, decode, total): base seconds, seconds in dropped parts, and the ideal speedup
@@ -312,19 +329,19 @@ def profile_drop(base_model: nn.Module, attn: Iterable[int] = (), mlp: Iterable[
         for _ in range(warmup):
             _generate_once(base_model, ids, gen_len)
         for _ in range(repeats):
-            p, d, _ = _generate_once(base_model, ids, gen_len)
+            p, d, _ = _generate_once(base_model, ids, gen_len, clock=clock)
             base_p.append(p)
             base_d.append(d)
             acc: dict[str, float] = {}
-            with _time_modules(mods, phase, acc):
-                _generate_once(base_model, ids, gen_len, phase=phase)
+            with _time_modules(mods, phase, acc, clock):
+                _generate_once(base_model, ids, gen_len, phase=phase, clock=clock)
             part_p.append(acc.get("prefill", 0.0))
             part_d.append(acc.get("decode", 0.0))
     finally:
         base_model.train(was_training)
     med = statistics.median
     out: dict[str, Any] = {"attn": attn, "mlp": mlp, "setup": dict(batch_size=batch_size, prompt_len=prompt_len,
-                                                                   gen_len=gen_len, repeats=repeats)}
+                                                                   gen_len=gen_len, repeats=repeats, clock=clock)}
     for name, b, q in (("prefill", base_p, part_p), ("decode", base_d, part_d),
                        ("total", [x + y for x, y in zip(base_p, base_d)], [x + y for x, y in zip(part_p, part_d)])):
         tb, tq = med(b), med(q)
@@ -336,11 +353,11 @@ def profile_drop(base_model: nn.Module, attn: Iterable[int] = (), mlp: Iterable[
 
 def ideal_speedup(base_model: nn.Module, attn_drop: Iterable[int] = (), mlp_drop: Iterable[int] = (),
                   batch_size: int = 1, prompt_len: int = 128, gen_len: int = 128, repeats: int = 3,
-                  warmup: int = 1, phase: str = "total") -> float:
+                  warmup: int = 1, phase: str = "total", clock: str = "wall") -> float:
     """T_base / (T_base - T_dropped_parts) over prefill + decode (or one `phase`), by profiling `base_model`."""
     if phase not in ("prefill", "decode", "total"):
         raise ValueError(f"phase must be prefill, decode or total, got {phase!r}")
-    prof = profile_drop(base_model, attn_drop, mlp_drop, batch_size, prompt_len, gen_len, repeats, warmup)
+    prof = profile_drop(base_model, attn_drop, mlp_drop, batch_size, prompt_len, gen_len, repeats, warmup, clock=clock)
     return prof[phase]["ideal_speedup"]
 
 

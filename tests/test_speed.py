@@ -145,3 +145,10 @@ def test_speed_main_with_baseline_and_sdr(tmp_path):
     assert res["kv_ratio"] == 0.5
     assert res["sdr"] == pytest.approx(20.0 / (100 * (res["speedup"]["total"] - 1)))
     assert json.loads((tmp_path / "s.json").read_text())["kv_ratio"] == 0.5
+
+
+def test_process_clock_and_bad_clock():
+    r = measure_generation(_tiny(), batch_size=1, prompt_len=4, gen_len=3, repeats=1, warmup=0, clock="process")
+    assert r["prefill_s"] > 0 and r["decode_s"] > 0
+    with pytest.raises(ValueError, match="clock"):
+        measure_generation(_tiny(), clock="sundial")
