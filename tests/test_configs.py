@@ -1,0 +1,104 @@
+"""Every shipped LightningCLI config runs (as litgpt's test_config_hub does: the real file, shrunk).
+
+The fast tests swap the model for a tiny random-init one of the same family (enough layers for the
+config's drop), shrink data and steps and send every output to tmp; the slow test runs the real model.
+configs/study/ and configs/vision_digits.yaml are tested by their owners.
+"""
+
+from __future__ import annotations
+
+import os
+from pathlib import Path
+
+import pytest
+import yaml
+
+from lightning_drop.lightning_cli import run_lightning_cli
+
+REPO = Path(__file__).resolve().parents[1]
+# configs/study/ and configs/vision_digits.yaml are tested by their owners' test files.
+OTHERS = {"study", "vision_digits.yaml"}
+CONFIGS = sorted(p for p in (REPO / "configs").rglob("*.yaml")
+                 if not OTHERS & set(p.relative_to(REPO / "configs").parts))
+
+
+def shrink(config: dict, tmp_path: Path, c4_path: Path, tiny: bool = True) -> dict:
+    model = config["model"]["init_args"]
+    if tiny and not str(model.get("model", "")).startswith("tiny-") and model.get("model") != "tiny-llama":
+        if "model" in model and model.get("init_config") is None:
+            model["model"] = "tiny-llama"
+            model["init_config"] = {"num_hidden_layers": 10}  # room to drop 8 attention layers
+            config["data"]["init_args"]["tokenizer"] = "tiny-llama"
+    if tiny and str(model.get("model", "")).startswith("tiny-") and model.get("init_config"):
+        model["init_config"] = {**model["init_config"], "hidden_size": 32, "intermediate_size": 64}
+    if model.get("save_dir"):
+        model["save_dir"] = str(tmp_path / "saved")
+    data = config["data"]["init_args"]
+    if "source" in data:
+        data.update(source=str(c4_path), seq_len=32, batch_size=2, limit_documents=20, calibration_samples=2)
+    trainer = config.setdefault("trainer", {})
+    trainer.update(max_steps=4, val_check_interval=2, limit_val_batches=1, num_sanity_val_steps=0,
+                   accelerator="cpu", enable_progress_bar=False, default_root_dir=str(tmp_path))
+    logger = trainer.get("logger")
+    if isinstance(logger, dict):
+        logger.setdefault("init_args", {})["save_dir"] = str(tmp_path / "logs")
+    for cb in trainer.get("callbacks") or []:
+        args = cb.setdefault("init_args", {})
+        name = cb["class_path"].rsplit(".", 1)[-1]
+        if name == "ImportanceTracker":
+            args["every_n_steps"] = 2
+        if name == "LayerDrop" and args.get("every_n_steps"):
+            args.update(every_n_steps=1, num=3)  # 3 rounds: fit start, after steps 1 and 2
+        for key in ("output", "output_dir"):
+            if args.get(key):
+                args[key] = str(tmp_path / Path(args[key]).name)
+    return config
+
+
+def run_config(path: Path, tmp_path: Path, c4_path: Path, tiny: bool = True):
+    config = shrink(yaml.safe_load(path.read_text()), tmp_path, c4_path, tiny)
+    small = tmp_path / path.name
+    small.write_text(yaml.safe_dump(config))
+    return run_lightning_cli(["fit", "--config", str(small)])
+
+
+@pytest.mark.parametrize("path", CONFIGS, ids=[str(p.relative_to(REPO / "configs")) for p in CONFIGS])
+def test_config_runs(path, tmp_path, c4_path, monkeypatch):
+    monkeypatch.chdir(tmp_path)
+    cli = run_config(path, tmp_path, c4_path)
+    trainer = cli.trainer
+    assert trainer.global_step == 4
+    names = {type(cb).__name__: cb for cb in trainer.callbacks}
+    if "LayerDrop" in names:
+        assert names["LayerDrop"].finished
+        assert any(cli.model.drop_plan())
+    if "ImportanceTracker" in names:
+        assert [e["step"] for e in names["ImportanceTracker"].history][:3] == [0, 2, 4]
+    if cli.model.hparams.get("save_dir"):
+        assert (Path(cli.model.hparams.save_dir) / "config.json").is_file()
+
+
+def test_print_config_and_cli_overrides(tmp_path, capsys):
+    with pytest.raises(SystemExit):
+        run_lightning_cli(["fit", "--config", str(REPO / "configs" / "drop_and_recover.yaml"),
+                           "--model.lr", "1e-3", "--print_config"])
+    printed = yaml.safe_load(capsys.readouterr().out)
+    assert printed["model"]["init_args"]["lr"] == 1e-3
+    assert printed["trainer"]["callbacks"][0]["class_path"] == "lightning_drop.callbacks.LayerDrop"
+    assert printed["trainer"]["callbacks"][0]["init_args"]["num"] == 8
+
+
+def test_unknown_subcommand():
+    with pytest.raises(SystemExit, match="unknown subcommand"):
+        run_lightning_cli(["train"])
+
+
+@pytest.mark.slow
+@pytest.mark.parametrize("name", ["drop_and_recover.yaml", "iterative_vs_oneshot/iterative.yaml"])
+def test_real_model_configs(name, tmp_path, c4_path, monkeypatch):
+    """SmolLM2-135M as shipped, a few steps."""
+    monkeypatch.chdir(tmp_path)
+    cli = run_config(REPO / "configs" / name, tmp_path, c4_path, tiny=False)
+    attn, mlp = cli.model.drop_plan()
+    assert len(attn) >= 4 and mlp == []
+    assert cli.model.hf_model.config.num_hidden_layers == 30
