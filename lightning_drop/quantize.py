@@ -105,6 +105,15 @@ def backend_status(backend: str = "gptqmodel") -> str | None:
     return None
 
 
+def cpu_has_fast_bf16() -> bool:
+    """Whether this CPU multiplies bfloat16 in hardware (AVX512-BF16 or AMX); Linux only, else False."""
+    try:
+        flags = Path("/proc/cpuinfo").read_text()
+    except OSError:
+        return False
+    return "avx512_bf16" in flags or "amx_bf16" in flags
+
+
 def require_backend(backend: str = "gptqmodel") -> None:
     reason = backend_status(backend)
     if reason is not None:
@@ -254,8 +263,8 @@ def quantize(
     `calibration`: texts, a file or a sample name (see `read_texts`; default the offline C4 sample); cut into `num_samples` blocks of `seq_len` tokens
     (EOS after each document). `group_size=None` picks the largest of 128/64/32 dividing every quantized
     width. `dtype` is the precision the model is calibrated in and its unquantized tensors (embeddings,
-    norms, lm_head) are saved in: default bfloat16 on CPU (gptqmodel's CPU AWQ kernel needs a half type)
-    and float16 on GPU; float32 works for GPTQ. The result is written atomically and reloads with
+    norms, lm_head) are saved in: default float16 on GPU; on CPU bfloat16 for AWQ (gptqmodel's CPU AWQ
+    kernel needs a half type) and for GPTQ float32 unless the CPU has bfloat16 hardware (avx512_bf16/amx). The result is written atomically and reloads with
     `lightning_drop.models.load_model(out_dir)`.
     """
     method, bits, backend = check_args(method, bits, backend)
@@ -271,13 +280,20 @@ def quantize(
         dtype = getattr(torch, dtype, None) if dtype != "auto" else None
         if not isinstance(dtype, torch.dtype):
             raise ValueError("dtype must be one of bfloat16, float16, float32 or auto")
-    if dtype is None:
-        dtype = torch.bfloat16 if on_cpu else torch.float16
+    if dtype is None:  # CPUs without bf16 hardware emulate half matmuls (slow); AWQ's CPU kernel needs half
+        if not on_cpu:
+            dtype = torch.float16
+        else:
+            dtype = torch.bfloat16 if method == "awq" or cpu_has_fast_bf16() else torch.float32
     if dtype not in (torch.bfloat16, torch.float16, torch.float32):
         raise ValueError(f"dtype must be bfloat16, float16 or float32, got {dtype}")
     if method == "awq" and dtype == torch.float32:
         raise ValueError("AWQ (gptqmodel) calibrates in bfloat16 or float16, not float32")
     require_backend(backend)
+    if on_cpu and dtype != torch.float32 and not cpu_has_fast_bf16():
+        log.warning("%s on a CPU without bfloat16 hardware (no avx512_bf16/amx_bf16): half-precision matmuls are "
+                    "emulated and slow%s", method.upper(), " (AWQ cannot use float32 here)" if method == "awq"
+                    else "; dtype='float32' is faster for GPTQ")
     cleanup: list[Path] = []
     try:
         src = _source_dir(model_dir, cleanup)

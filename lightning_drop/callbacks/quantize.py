@@ -37,7 +37,7 @@ class QuantizeCallback(Callback):
         backend: "gptqmodel" (runs on CPU and GPU); "autoawq" and "auto-gptq" only explain why they cannot.
         eval_data: held-out text (same kinds of source as `calibration`); when given, perplexity of the dropped model and of its quantized copy.
         eval_windows, eval_seq_len, eval_skip_windows: held-out windows (skip those used for calibration).
-        dtype: calibration precision (None: bfloat16 on CPU, float16 on GPU).
+        dtype: calibration precision (None: see `lightning_drop.quantize.quantize`).
         name: prefix of the logged metrics.
     """
 
