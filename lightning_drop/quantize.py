@@ -402,9 +402,11 @@ def quality_report(source: str | os.PathLike, quantized: str | os.PathLike, data
 def quantize_main(model: str, output: str, method: str = "gptq", bits: int = 4, group_size: int | None = None,
                   calibration: str | None = "c4-sample", num_samples: int = 64, seq_len: int = 512,
                   backend: str = "gptqmodel", eval_data: str | None = None, eval_windows: int = 16,
-                  eval_skip_windows: int = 0, dtype: str | None = None) -> dict[str, Any]:
+                  eval_skip_windows: int | None = None, dtype: str | None = None) -> dict[str, Any]:
     """`lightning-drop quantize`: quantize a saved (dropped) model; with `eval_data`, compare perplexity.
 
+    `eval_skip_windows=None` skips as many held-out tokens as calibration used (`num_samples` windows), so
+    evaluating on the calibration source does not score text the quantizer has seen.
     Writes `output/lightning_drop_quant.json` with the settings, time, sizes and (if measured) the
     perplexity of the model before and after quantization. Returns the same dictionary.
     """
@@ -415,8 +417,9 @@ def quantize_main(model: str, output: str, method: str = "gptq", bits: int = 4, 
                    num_samples=num_samples, seq_len=seq_len, backend=backend, dtype=dtype).to_dict()
     res["model"], res["calibration"] = str(model), str(calibration or "c4-sample")
     if eval_data:
+        skip = num_samples if eval_skip_windows is None else eval_skip_windows
         res.update(quality_report(model, output, eval_data, seq_len=seq_len, num_windows=eval_windows,
-                                  skip_windows=eval_skip_windows))
+                                  skip_windows=skip))
     atomic_write_text(Path(output) / QUANT_REPORT, json.dumps(res, indent=2, sort_keys=True, default=str) + "\n")
     print(format_report(res))
     return res

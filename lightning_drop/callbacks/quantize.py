@@ -36,7 +36,8 @@ class QuantizeCallback(Callback):
         group_size: None picks the largest of 128/64/32 dividing every quantized width.
         backend: "gptqmodel" (runs on CPU and GPU); "autoawq" and "auto-gptq" only explain why they cannot.
         eval_data: held-out text (same kinds of source as `calibration`); when given, perplexity of the dropped model and of its quantized copy.
-        eval_windows, eval_seq_len, eval_skip_windows: held-out windows (skip those used for calibration).
+        eval_windows, eval_seq_len, eval_skip_windows: held-out windows; `eval_skip_windows=None` skips as many
+            tokens as calibration used (`num_samples * seq_len`), so the calibration text is not scored.
         dtype: calibration precision (None: see `lightning_drop.quantize.quantize`).
         name: prefix of the logged metrics.
     """
@@ -44,7 +45,7 @@ class QuantizeCallback(Callback):
     def __init__(self, output: str, method: str = "gptq", bits: int = 4, calibration: str = "c4-sample",
                  num_samples: int = 64, seq_len: int = 512, group_size: int | None = None,
                  backend: str = "gptqmodel", eval_data: str | None = None, eval_windows: int = 16,
-                 eval_seq_len: int = 512, eval_skip_windows: int = 0, dtype: str | None = None,
+                 eval_seq_len: int = 512, eval_skip_windows: int | None = None, dtype: str | None = None,
                  name: str = "quant") -> None:
         method, bits, backend = check_args(method, bits, backend)
         if not isinstance(output, (str, os.PathLike)) or not str(output).strip():
@@ -59,9 +60,13 @@ class QuantizeCallback(Callback):
             if src is not None and Path(src).suffix in LOCAL_SUFFIXES and not os.path.isfile(src):
                 raise FileNotFoundError(f"QuantizeCallback: {arg} file not found: {src}")
         for arg, v, lo in (("num_samples", num_samples, 1), ("seq_len", seq_len, 2), ("eval_windows", eval_windows, 1),
-                           ("eval_seq_len", eval_seq_len, 2), ("eval_skip_windows", eval_skip_windows, 0)):
+                           ("eval_seq_len", eval_seq_len, 2)):
             if isinstance(v, bool) or not isinstance(v, int) or v < lo:
                 raise ValueError(f"QuantizeCallback: {arg} must be an integer >= {lo}, got {v!r}")
+        if eval_skip_windows is None:
+            eval_skip_windows = -(-num_samples * seq_len // eval_seq_len)
+        if isinstance(eval_skip_windows, bool) or not isinstance(eval_skip_windows, int) or eval_skip_windows < 0:
+            raise ValueError(f"QuantizeCallback: eval_skip_windows must be an integer >= 0, got {eval_skip_windows!r}")
         require_backend(backend)  # fail before training, not after it
         self.output, self.method, self.bits, self.backend = str(output), method, bits, backend
         self.calibration, self.num_samples, self.seq_len, self.group_size = calibration, num_samples, seq_len, group_size
