@@ -1,0 +1,370 @@
+"""The study report: PNG figures, a self-contained `report.html` (figures embedded as base64) and `report.md`.
+
+Figures: importance heatmap (layers x {attention, MLP, block}), quality vs number dropped per target,
+quality vs decode speedup (Pareto view), and the dropping order (which layers go first as n grows, paper
+Fig. 6). The table has the paper's shape: baseline, then drop-n for each target.
+"""
+
+from __future__ import annotations
+
+import base64
+import html
+import json
+import os
+from pathlib import Path
+from typing import Any, Mapping, Sequence
+
+import matplotlib
+
+matplotlib.use("Agg")
+import matplotlib.pyplot as plt  # noqa: E402
+from matplotlib.colors import LogNorm  # noqa: E402
+from matplotlib.ticker import FuncFormatter, MaxNLocator  # noqa: E402
+
+_PLAIN = FuncFormatter(lambda v, _: f"{v:g}")
+
+
+def _log_y(ax: Any) -> None:
+    """Log y axis with plain numbers (20, 50, 100) instead of 2 x 10^1."""
+    ax.set_yscale("log")
+    ax.yaxis.set_major_formatter(_PLAIN)
+    ax.yaxis.set_minor_formatter(_PLAIN)
+    ax.tick_params(axis="y", which="minor", labelsize=7)
+
+COLORS = {"attn": "#1f77b4", "mlp": "#ff7f0e", "block": "#2ca02c", "joint": "#9467bd", "baseline": "#000000"}
+LABELS = {"attn": "attention", "mlp": "MLP", "block": "block", "joint": "joint (attn + MLP)"}
+MARKERS = ["o", "s", "^", "D", "v", "P", "X", "*"]
+LINESTYLES = ["-", "--", ":", "-."]
+
+
+def _save(fig: Any, path: Path) -> Path:
+    tmp = path.with_name(f".{path.name}.tmp.png")
+    fig.savefig(tmp, dpi=110, bbox_inches="tight")
+    plt.close(fig)
+    os.replace(tmp, path)
+    return path
+
+
+def _main_sweep(doc: Mapping[str, Any]) -> str:
+    return doc["config"]["sweeps"][0]["name"]
+
+
+def _baseline(rows: Sequence[Mapping[str, Any]]) -> Mapping[str, Any]:
+    return next(r for r in rows if r["num"] == 0)
+
+
+def _series(rows: Sequence[Mapping[str, Any]]) -> dict[tuple[str, str], list[Mapping[str, Any]]]:
+    """{(sweep, target): rows sorted by num, baseline included at n = 0}."""
+    base = _baseline(rows)
+    out: dict[tuple[str, str], list[Mapping[str, Any]]] = {}
+    for r in rows:
+        if r["num"] > 0:
+            out.setdefault((r["sweep"], r["target"]), []).append(r)
+    return {k: [base] + sorted(v, key=lambda r: r["num"]) for k, v in out.items()}
+
+
+def _style(sweeps: list[str], sweep: str) -> dict[str, Any]:
+    i = sweeps.index(sweep)
+    return {"linestyle": LINESTYLES[i % len(LINESTYLES)], "marker": MARKERS[i % len(MARKERS)]}
+
+
+# ------------------------------------------------------------------------------------------------ figures
+def plot_importance_heatmap(doc: Mapping[str, Any], path: Path) -> Path:
+    scores = doc["scores"]
+    if not scores:
+        fig, ax = plt.subplots(figsize=(6, 1.5))
+        ax.text(0.5, 0.5, "no importance scores (baseline only)", ha="center", va="center")
+        ax.axis("off")
+        return _save(fig, path)
+    n = len(next(iter(scores.values()))["attn"])
+    fig, axes = plt.subplots(len(scores), 1, figsize=(max(7.0, 0.3 * n + 3), 1.9 * len(scores) + 0.8),
+                             squeeze=False)
+    for ax, (label, s) in zip(axes[:, 0], scores.items()):
+        rows = [[v if v is not None else float("nan") for v in s[k]] for k in ("attn", "mlp", "block")]
+        flat = [v for r in rows for v in r if v == v]
+        pos = [v for v in flat if v > 0]
+        norm = LogNorm(vmin=min(pos), vmax=max(pos)) if pos and len(pos) == len(flat) and min(pos) < max(pos) else None
+        im = ax.imshow(rows, aspect="auto", cmap="viridis", norm=norm, interpolation="nearest")
+        ax.set_yticks(range(3), [LABELS["attn"], LABELS["mlp"], LABELS["block"]])
+        ax.set_xticks(range(n), [str(i) for i in range(n)], fontsize=7)
+        ax.set_title(f"importance ({label}); lower = more redundant, dropped first", fontsize=10)
+        cb = fig.colorbar(im, ax=ax, pad=0.01)
+        metric = s.get("metric", "")
+        cb.set_label({"cosine": "1 - cos(X, Y)", "cosine_no_residual": "1 - cos (no residual)",
+                      "angular": "arccos(cos)/pi", "relative_magnitude": "||f(x)||/||x+f(x)||"}.get(metric, metric)
+                     + (" (log)" if norm is not None else ""), fontsize=8)
+    axes[-1, 0].set_xlabel("layer index")
+    fig.tight_layout()
+    return _save(fig, path)
+
+
+def plot_quality_vs_num(doc: Mapping[str, Any], path: Path) -> Path:
+    rows = doc["rows"]
+    series = _series(rows)
+    sweeps = [s["name"] for s in doc["config"]["sweeps"]]
+    has_mc = any(r.get("mc_acc") is not None for r in rows)
+    fig, axes = plt.subplots(1, 2 if has_mc else 1, figsize=(12 if has_mc else 6.5, 4.6), squeeze=False)
+    ax_p = axes[0, 0]
+    for (sweep, target), rs in series.items():
+        label = LABELS.get(target, target) + ("" if sweep == sweeps[0] else f" [{sweep}]")
+        st = _style(sweeps, sweep)
+        xs = [r["num"] for r in rs]
+        ax_p.plot(xs, [r["perplexity"] for r in rs], color=COLORS.get(target), label=label, **st)
+        if has_mc:
+            axes[0, 1].plot(xs, [r.get("mc_acc") for r in rs], color=COLORS.get(target), label=label, **st)
+    base = _baseline(rows)
+    ax_p.axhline(base["perplexity"], color="gray", lw=0.8, ls=":", label="baseline")
+    _log_y(ax_p)
+    for ax in axes[0]:
+        ax.xaxis.set_major_locator(MaxNLocator(integer=True))
+    ax_p.set_xlabel("number of modules dropped (n)")
+    ax_p.set_ylabel("held-out perplexity (log scale, lower is better)")
+    ax_p.set_title("perplexity vs number dropped")
+    ax_p.grid(alpha=0.3, which="both")
+    ax_p.legend(fontsize=8)
+    if has_mc:
+        ax = axes[0, 1]
+        ax.axhline(base.get("mc_acc"), color="gray", lw=0.8, ls=":", label="baseline")
+        ax.axhline(0.25, color="red", lw=0.8, ls="--", label="chance (4 choices)")
+        ax.set_xlabel("number of modules dropped (n)")
+        n_mc = base.get("mc_n")
+        ax.set_ylabel("multiple-choice accuracy (acc_norm)")
+        ax.set_title(f"HellaSwag sample accuracy (n={n_mc})")
+        ax.grid(alpha=0.3)
+        ax.legend(fontsize=8)
+    fig.tight_layout()
+    return _save(fig, path)
+
+
+def pareto_front(points: Sequence[tuple[float, float]]) -> list[tuple[float, float]]:
+    """Points (speedup, loss) not dominated by another (higher speedup with lower or equal loss)."""
+    front = []
+    for s, q in sorted(points, key=lambda p: (-p[0], p[1])):
+        if not front or q < front[-1][1]:
+            front.append((s, q))
+    return sorted(front)
+
+
+def plot_quality_vs_speedup(doc: Mapping[str, Any], path: Path) -> Path:
+    rows = [r for r in doc["rows"] if r.get("decode_speedup") is not None]
+    sweeps = [s["name"] for s in doc["config"]["sweeps"]]
+    has_mc = any(r.get("mc_acc") is not None for r in rows)
+    fig, axes = plt.subplots(1, 2 if has_mc else 1, figsize=(12 if has_mc else 6.5, 4.8), squeeze=False)
+    panels = [("perplexity", "held-out perplexity (log scale, lower is better)", True)]
+    if has_mc:
+        panels.append(("mc_acc", "multiple-choice accuracy (acc_norm, higher is better)", False))
+    for ax, (key, ylabel, log) in zip(axes[0], panels):
+        seen = set()
+        pts = []
+        for r in rows:
+            if r.get(key) is None:
+                continue
+            target = r["target"]
+            lab = LABELS.get(target, target) + ("" if r["sweep"] == sweeps[0] else f" [{r['sweep']}]")
+            st = _style(sweeps, r["sweep"]) if r["num"] else {"marker": "*"}
+            ax.scatter(r["decode_speedup"], r[key], color=COLORS.get(target), marker=st["marker"], s=60 if r["num"] else 160,
+                       label=None if lab in seen else ("baseline" if target == "baseline" else lab), zorder=3)
+            seen.add(lab)
+            if r["num"]:
+                ax.annotate(str(r["num"]), (r["decode_speedup"], r[key]), textcoords="offset points",
+                            xytext=(4, 4), fontsize=7)
+            pts.append((r["decode_speedup"], r[key] if log else -r[key]))
+        front = pareto_front(pts)
+        if len(front) > 1:
+            ax.plot([p[0] for p in front], [p[1] if log else -p[1] for p in front], color="gray", lw=1, ls="--",
+                    label="Pareto front", zorder=2)
+        if log:
+            _log_y(ax)
+        ax.axvline(1.0, color="gray", lw=0.6, ls=":")
+        ax.set_xlabel("decode speedup vs base (x, measured alternately)")
+        ax.set_ylabel(ylabel)
+        ax.grid(alpha=0.3, which="both")
+        ax.legend(fontsize=8)
+    axes[0, 0].set_title("quality vs speed (numbers = modules dropped)")
+    if has_mc:
+        axes[0, 1].set_title("accuracy vs speed (SDR gamma in the table)")
+    fig.tight_layout()
+    return _save(fig, path)
+
+
+def drop_order(scores: Mapping[str, Any], kind: str) -> list[int]:
+    """Layers in the order a one-shot drop of `kind` removes them (lowest score first, ties by layer)."""
+    vals = scores[kind]
+    return [i for _, i in sorted((v, i) for i, v in enumerate(vals) if v is not None)]
+
+
+def plot_drop_order(doc: Mapping[str, Any], path: Path) -> Path:
+    """Paper Fig. 6: rows n = 1..L, a filled cell = that layer is dropped when n modules go (one-shot)."""
+    import numpy as np
+
+    main = doc["config"]["sweeps"][0]
+    label = next((k for k in doc["scores"] if k.startswith(f"{main['metric']} |")), None)
+    if label is None or main["schedule"] != "one-shot":
+        label = next(iter(doc["scores"]), None)
+    if label is None:
+        fig, ax = plt.subplots(figsize=(6, 1.5))
+        ax.text(0.5, 0.5, "no importance scores (baseline only)", ha="center", va="center")
+        ax.axis("off")
+        return _save(fig, path)
+    s = doc["scores"][label]
+    n = len(s["attn"])
+    kinds = ["attn", "mlp", "block"]
+    fig, axes = plt.subplots(1, 3, figsize=(max(12.0, 0.33 * n * 3), max(4.0, 0.16 * n + 1.8)), sharey=True)
+    marks = {}
+    for r in doc["rows"]:
+        if r["sweep"] == main["name"] and r["num"] > 0:
+            marks.setdefault(r["target"], set()).add(r["num"])
+    for ax, kind in zip(axes, kinds):
+        order = drop_order(s, kind)
+        grid = np.zeros((n, n))
+        for k in range(1, n + 1):
+            for j, layer in enumerate(order[:k]):
+                grid[k - 1, layer] = 1.0
+        ax.imshow(grid, aspect="auto", cmap="Blues", vmin=0, vmax=1.4, origin="lower",
+                  extent=(-0.5, n - 0.5, 0.5, n + 0.5), interpolation="nearest")
+        for k in sorted(marks.get(kind, ())):
+            ax.axhline(k, color=COLORS[kind], lw=1.2)
+            ax.text(n - 0.4, k, f" n={k}", color=COLORS[kind], va="center", fontsize=7)
+        ax.set_title(f"{LABELS[kind]}: first dropped = layer {order[0] if order else '-'}")
+        ax.set_xlabel("layer index")
+        ax.set_xticks(range(0, n, max(1, n // 15)))
+        ax.yaxis.set_major_locator(MaxNLocator(integer=True))
+    axes[0].set_ylabel("number dropped n (filled = layer dropped)")
+    fig.suptitle(f"dropping order, one-shot {label} (lines: n evaluated in the sweep)", fontsize=11)
+    fig.tight_layout()
+    return _save(fig, path)
+
+
+# ------------------------------------------------------------------------------------------------ table
+TABLE_COLUMNS = [("config", None), ("perplexity", ".2f"), ("ppl change", "%"), ("MC acc", ".3f"),
+                 ("decode speedup", ".3f"), ("prefill speedup", ".3f"), ("SDR gamma", ".2f"),
+                 ("KV bytes/token", ",.0f"), ("KV vs base", ".2f"), ("params (M)", ".1f"),
+                 ("params vs base", ".3f"), ("dropped attention", None), ("dropped MLP", None)]
+
+
+def table_rows(doc: Mapping[str, Any]) -> list[list[str]]:
+    """Paper-shaped rows: baseline, then drop-n for each target of each sweep."""
+    out = []
+    main = _main_sweep(doc)
+    rows = sorted(doc["rows"], key=lambda r: (r["num"] > 0, r["sweep"] != main, r["sweep"],
+                                               list(LABELS).index(r["target"]) if r["target"] in LABELS else 9, r["num"]))
+    seen = set()
+    for r in rows:
+        name = "baseline" if r["num"] == 0 else f"{r['target']}-{r['num']}" + ("" if r["sweep"] == main else
+                                                                                f" [{r['sweep']}]")
+        if name in seen:
+            continue
+        seen.add(name)
+        vals = {"config": name, "perplexity": r.get("perplexity"), "ppl change": r.get("ppl_loss"),
+                "MC acc": r.get("mc_acc"), "decode speedup": r.get("decode_speedup"),
+                "prefill speedup": r.get("prefill_speedup"), "SDR gamma": r.get("sdr"),
+                "KV bytes/token": r.get("kv_bytes_per_token"), "KV vs base": r.get("kv_ratio"),
+                "params (M)": r["params"] / 1e6 if r.get("params") else None, "params vs base": r.get("param_ratio"),
+                "dropped attention": _compact(r.get("drop_attn")), "dropped MLP": _compact(r.get("drop_mlp"))}
+        line = []
+        for col, spec in TABLE_COLUMNS:
+            v = vals[col]
+            if v is None:
+                line.append("-")
+            elif spec == "%":
+                line.append(f"{100 * v:+.1f}%")
+            elif spec:
+                line.append(format(v, spec))
+            else:
+                line.append(str(v))
+        out.append(line)
+    return out
+
+
+def _compact(xs: Sequence[int] | None) -> str | None:
+    if not xs:
+        return None
+    return ",".join(map(str, xs))
+
+
+# ------------------------------------------------------------------------------------------------ documents
+FIGURES = [("importance.png", "Importance per layer", plot_importance_heatmap,
+            "Scores of every attention sublayer, MLP sublayer and block (one calibration pass). Lower = the module "
+            "changes its input less = more redundant."),
+           ("quality_vs_num.png", "Quality vs number dropped", plot_quality_vs_num,
+            "One-shot drops of the n lowest-scoring modules of each kind."),
+           ("quality_vs_speedup.png", "Quality vs speedup (Pareto view)", plot_quality_vs_speedup,
+            "Decode speedup measured base vs dropped alternately in one run (medians)."),
+           ("drop_order.png", "Dropping order", plot_drop_order,
+            "Which layers go first as n grows (paper Fig. 6).")]
+
+
+def write_report(doc: Mapping[str, Any], out_dir: str | os.PathLike) -> Path:
+    """Write the figures, report.md and the self-contained report.html into `out_dir`; returns report.html."""
+    out = Path(out_dir)
+    fig_dir = out / "figures"
+    fig_dir.mkdir(parents=True, exist_ok=True)
+    figs = [(name, title, fn(doc, fig_dir / name), caption) for name, title, fn, caption in FIGURES]
+    table = table_rows(doc)
+    summary = _summary_lines(doc)
+    from .evaluation import _atomic_write_text
+
+    # Markdown + PNG
+    md = [f"# Layer-drop study: {doc['name']}", ""] + [f"- {s}" for s in summary] + ["", "## Results", ""]
+    md.append("| " + " | ".join(c for c, _ in TABLE_COLUMNS) + " |")
+    md.append("|" + "---|" * len(TABLE_COLUMNS))
+    md += ["| " + " | ".join(row) + " |" for row in table]
+    for name, title, _, caption in figs:
+        md += ["", f"## {title}", "", caption, "", f"![{title}](figures/{name})"]
+    if doc.get("selection"):
+        md += ["", "## Automated selection", "", doc["selection"]["message"]]
+    if doc.get("notes"):
+        md += ["", "## Notes", ""] + [f"- {n}" for n in doc["notes"]]
+    _atomic_write_text(out / "report.md", "\n".join(md) + "\n")
+
+    # HTML with embedded figures
+    esc = html.escape
+    parts = [f"<!doctype html><html><head><meta charset='utf-8'><title>Layer-drop study: {esc(doc['name'])}</title>",
+             "<style>body{font-family:system-ui,sans-serif;max-width:1200px;margin:2em auto;padding:0 1em;color:#222}"
+             "table{border-collapse:collapse;font-size:13px}td,th{border:1px solid #ccc;padding:3px 7px;text-align:right}"
+             "td:first-child,th:first-child{text-align:left}tr:first-child td{font-weight:bold;background:#f3f3f3}"
+             "img{max-width:100%;border:1px solid #eee}figcaption{color:#555;font-size:13px}"
+             "code,pre{background:#f6f6f6}</style></head><body>",
+             f"<h1>Layer-drop study: {esc(doc['name'])}</h1><ul>"]
+    parts += [f"<li>{esc(s)}</li>" for s in summary]
+    parts.append("</ul><h2>Results</h2><table><tr>" + "".join(f"<th>{esc(c)}</th>" for c, _ in TABLE_COLUMNS) + "</tr>")
+    parts += ["<tr>" + "".join(f"<td>{esc(v)}</td>" for v in row) + "</tr>" for row in table]
+    parts.append("</table><p style='font-size:13px;color:#555'>ppl change: relative to the baseline. SDR gamma = "
+                 "dAcc% / dSpeedup% on the multiple-choice accuracy and decode speedup (lower is better). "
+                 "KV: KV-cache bytes per token measured from a real cache.</p>")
+    if doc.get("selection"):
+        parts.append(f"<h2>Automated selection</h2><p>{esc(doc['selection']['message'])}</p>")
+    for name, title, path, caption in figs:
+        data = base64.b64encode(Path(path).read_bytes()).decode()
+        parts.append(f"<h2>{esc(title)}</h2><figure><img alt='{esc(title)}' src='data:image/png;base64,{data}'>"
+                     f"<figcaption>{esc(caption)}</figcaption></figure>")
+    if doc.get("notes"):
+        parts.append("<h2>Notes</h2><ul>" + "".join(f"<li>{esc(n)}</li>" for n in doc["notes"]) + "</ul>")
+    parts.append("<h2>Configuration</h2><pre>" + esc(json.dumps(doc["config"], indent=2)) + "</pre></body></html>")
+    path = out / "report.html"
+    _atomic_write_text(path, "\n".join(parts))
+    return path
+
+
+def _summary_lines(doc: Mapping[str, Any]) -> list[str]:
+    cfg = doc["config"]
+    cal, ppl, mc, sp = cfg["calibration"], cfg["eval"]["perplexity"], cfg["eval"].get("mc"), cfg["speed"]
+    lines = [f"model: {doc['model']} ({doc.get('num_layers')} layers)",
+             f"calibration: {cal['num_samples']} x {cal['seq_len']} tokens of {cal['source']}",
+             "perplexity: " + (f"{ppl['num_windows']} x {ppl['seq_len']} held-out tokens of {cal['source']} "
+                               "(the windows after the calibration ones)" if ppl["source"] == "calibration" else
+                               f"{ppl['num_windows']} x {ppl['seq_len']} tokens of {ppl['source']}")]
+    base = _baseline(doc["rows"])
+    if mc and base.get("mc_acc") is not None:
+        lines.append(f"multiple choice: {mc['task']} ({base.get('mc_n')} examples, acc_norm, zero-shot)")
+    lines.append(f"speed: batch {sp['batch_size']}, prompt {sp['prompt_len']}, generate {sp['gen_len']} tokens, "
+                 f"median of {sp['repeats']} alternate runs (base vs dropped), CPU threads {_threads()}")
+    sweeps = [f"{s['name']}: {s['metric']}, {s['schedule']}" for s in cfg["sweeps"]]
+    lines.append("sweeps: " + "; ".join(sweeps))
+    return lines
+
+
+def _threads() -> int:
+    import torch
+
+    return torch.get_num_threads()

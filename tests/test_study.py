@@ -1,0 +1,262 @@
+"""`lightning-drop study`: sweep, cache/resume, report, automated selection, config errors (tiny model)."""
+
+from __future__ import annotations
+
+import base64
+import copy
+import json
+from pathlib import Path
+
+import pytest
+import yaml
+
+from lightning_drop.study import (Study, StudyConfig, auto_select, format_table, load_config, parse_budget,
+                                  study_main)
+
+REPO = Path(__file__).resolve().parents[1]
+
+
+def tiny_config(out: Path, c4: Path, **over) -> dict:
+    cfg = {
+        "name": "tiny", "model": "tiny-llama", "output": str(out),
+        "calibration": {"source": str(c4), "num_samples": 2, "seq_len": 32},
+        "eval": {"perplexity": {"num_windows": 1, "seq_len": 32}, "mc": None},
+        "speed": {"prompt_len": 4, "gen_len": 2, "repeats": 1, "warmup": 0},
+        "sweeps": [{"name": "main", "targets": ["attn", "mlp"], "nums": [0, 1, 2]}],
+    }
+    cfg.update(over)
+    return cfg
+
+
+def run(cfg: dict, **kw):
+    study = Study(StudyConfig.from_dict(cfg), verbose=False)
+    return study, study.run(**kw)
+
+
+def test_sweep_writes_everything_and_rerun_recomputes_nothing(tmp_path, c4_path, shared_dir):
+    out = tmp_path / "out"
+    cfg = tiny_config(out, c4_path, checkpoint={"target": "attn", "num": 2},
+                      eval={"perplexity": {"num_windows": 1, "seq_len": 32},
+                            "mc": {"data": str(shared_dir / "data" / "hellaswag_val_first1000.jsonl"), "limit": 2,
+                                   "batch_size": 2}})
+    cfg["sweeps"][0]["nums_per_target"] = {"joint": [2]}
+    _, doc = run(cfg)
+    # one scoring pass serves every one-shot target and num
+    assert doc["computed_this_run"]["scores"] == 1
+    labels = {(r["target"], r["num"]) for r in doc["rows"]}
+    assert {("attn", 1), ("attn", 2), ("mlp", 1), ("mlp", 2), ("joint", 2), ("baseline", 0)} <= labels
+    for name in ("results.json", "results.csv", "report.html", "report.md", "figures/importance.png",
+                 "figures/quality_vs_num.png", "figures/quality_vs_speedup.png", "figures/drop_order.png"):
+        assert (out / name).is_file(), name
+    rows = {(r["target"], r["num"]): r for r in doc["rows"]}
+    assert rows[("attn", 2)]["kv_ratio"] == pytest.approx(0.5)
+    assert rows[("mlp", 2)]["kv_ratio"] == pytest.approx(1.0)
+    assert rows[("baseline", 0)]["mc_acc"] is not None and rows[("baseline", 0)]["mc_n"] == 2
+    html = (out / "report.html").read_text()
+    assert html.count("data:image/png;base64,") == 4 and "attn-2" in html and "baseline" in html
+    png = html.split("data:image/png;base64,")[1].split("'")[0]
+    assert base64.b64decode(png)[:4] == b"\x89PNG"
+    csv_lines = (out / "results.csv").read_text().splitlines()
+    assert csv_lines[0].startswith("sweep,target,num") and len(csv_lines) == len(doc["rows"]) + 1
+    # the checkpoint loads and is dropped as recorded
+    from lightning_drop.modeling_dropped import dropped_layers
+    from lightning_drop.models import load_model
+
+    model, _ = load_model(doc["checkpoint"]["path"])
+    assert dropped_layers(model)[0] == rows[("attn", 2)]["drop_attn"]
+
+    cache_files = {p: p.stat().st_mtime_ns for p in (out / "cache").glob("*.json")}
+    study, doc2 = run(cfg)
+    assert doc2["computed_this_run"] == {"scores": 0, "drops": 0, "points": 0}
+    assert study._model is None  # a fully cached re-run never even loads the model
+    assert {p: p.stat().st_mtime_ns for p in (out / "cache").glob("*.json")} == cache_files
+    assert [r["perplexity"] for r in doc2["rows"]] == [r["perplexity"] for r in doc["rows"]]
+
+
+def test_extended_sweep_computes_only_new_points(tmp_path, c4_path):
+    cfg = tiny_config(tmp_path, c4_path, speed={"enabled": False})
+    _, doc = run(cfg)
+    assert doc["computed_this_run"]["points"] == 5  # baseline + 2 targets x 2 nums
+    cfg["sweeps"][0]["nums"] = [0, 1, 2, 3]
+    cfg["sweeps"][0]["targets"] = ["attn", "mlp", "block"]
+    _, doc = run(cfg)
+    assert doc["computed_this_run"]["scores"] == 0
+    # new: attn-3, mlp-3, block-1, block-2, block-3 (distinct drop sets)
+    assert doc["computed_this_run"]["points"] == 5
+    assert doc["reused_this_run"]["points"] >= 5
+
+
+def test_interrupted_sweep_resumes(tmp_path, c4_path, monkeypatch):
+    cfg = tiny_config(tmp_path, c4_path, speed={"enabled": False})
+    calls = {"n": 0}
+    original = Study.evaluate
+
+    def flaky(self, attn, mlp):
+        if calls["n"] == 3:
+            raise KeyboardInterrupt
+        calls["n"] += 1
+        return original(self, attn, mlp)
+
+    monkeypatch.setattr(Study, "evaluate", flaky)
+    with pytest.raises(KeyboardInterrupt):
+        run(cfg)
+    assert len(list((tmp_path / "cache").glob("points-*.json"))) == 3
+    assert not list((tmp_path / "cache").glob(".*tmp"))  # nothing half-written
+    monkeypatch.setattr(Study, "evaluate", original)
+    _, doc = run(cfg)
+    assert doc["computed_this_run"]["points"] == 2 and doc["computed_this_run"]["scores"] == 0
+
+
+def test_iterative_rescoring_and_ablation_axes(tmp_path, c4_path):
+    cfg = tiny_config(tmp_path, c4_path, speed={"enabled": False})
+    cfg["sweeps"] = [{"name": "main", "targets": ["attn"], "nums": [0, 2]},
+                     {"name": "iter", "targets": ["attn"], "nums": [1, 2], "schedule": "iterative"},
+                     {"name": "nores", "targets": ["mlp"], "nums": [1], "metric": "cosine_no_residual"},
+                     {"name": "wiki", "targets": ["attn"], "nums": [1], "calibration": {"num_samples": 3}}]
+    _, doc = run(cfg)
+    assert doc["computed_this_run"]["scores"] == 3  # cosine x2 calibrations, no-residual; iterative re-scores apart
+    assert doc["computed_this_run"]["drops"] == 1  # one iterative direction, extended to 2 in one walk
+    it = [r for r in doc["rows"] if r["sweep"] == "iter"]
+    assert [len(r["drop_attn"]) for r in it] == [1, 2] and it[0]["drop_attn"][0] in it[1]["drop_attn"]
+    assert len(doc["scores"]) == 3
+    cfg["sweeps"][1]["nums"] = [1, 2, 3]
+    _, doc = run(cfg)
+    assert doc["computed_this_run"] == {"scores": 0, "drops": 1, "points": 1}
+
+
+def test_budget_selection_on_synthetic_table():
+    table = {  # direction -> n -> (perplexity, decode speedup, param ratio, kv ratio)
+        "attn": {2: (10.5, 1.05, .95, .9), 4: (11.0, 1.12, .9, .8), 8: (12.0, 1.25, .8, .6), 12: (20.0, 1.4, .7, .4)},
+        "mlp": {2: (12.0, 1.02, .85, 1), 4: (30.0, 1.05, .7, 1), 8: (90.0, 1.1, .4, 1)},
+        "block": {2: (13.0, 1.1, .8, .9), 4: (40.0, 1.2, .6, .8), 8: (300.0, 1.45, .3, .6)},
+    }
+    asked = []
+
+    def evaluate(d, n):
+        asked.append((d, n))
+        p, s, pr, kv = table[d][n]
+        return {"perplexity": p, "decode_speedup": s, "param_ratio": pr, "kv_ratio": kv}
+
+    base = {"perplexity": 10.0}
+    dirs = {d: [0] + list(v) for d, v in table.items()}
+    res = auto_select(dirs, evaluate, base, budget="speedup=1.2", max_quality_loss=0.3)
+    assert (res["best"]["direction"], res["best"]["num"]) == ("attn", 8)
+    # mlp stops at n=4 (loss 200% > 30%), block at n=4; attn stops once the budget is met at n=8
+    assert ("mlp", 8) not in asked and ("block", 8) not in asked and ("attn", 12) not in asked
+    assert "quality floor" in res["directions"]["mlp"]["stopped"]
+    res = auto_select(dirs, evaluate, base, budget="params=0.8", max_quality_loss=0.35)
+    assert (res["best"]["direction"], res["best"]["num"]) == ("attn", 8)  # 20% loss beats block-2's 30%
+    res = auto_select(dirs, evaluate, base, budget="kv=0.5", max_quality_loss=0.5)
+    assert res["best"] is None and "no configuration" in res["message"]
+    res = auto_select(dirs, evaluate, base, budget=None, max_quality_loss=0.25)
+    assert (res["best"]["direction"], res["best"]["num"]) == ("attn", 8)  # fastest within the floor
+
+
+@pytest.mark.parametrize("text", ["speedup", "speed=1.2", "speedup=abc", "speedup=0.9", "kv=1.5"])
+def test_bad_budgets(text):
+    with pytest.raises(ValueError, match="budget"):
+        parse_budget(text)
+
+
+@pytest.mark.parametrize("patch, message", [
+    ({"sweeps": [{"targets": ["attention"]}]}, r"sweeps\[0\] \(main\): unknown target 'attention'"),
+    ({"sweeps": [{"metric": "cos"}]}, r"unknown metric 'cos'"),
+    ({"sweeps": [{"nums": [0, -2]}]}, r"must be >= 0"),
+    ({"sweeps": [{"nums": ["four"]}]}, r"sweeps\[0\]\.nums\[0\]: expected an integer"),
+    ({"calibration": {"num_samples": 0}}, r"calibration\.num_samples must be >= 1"),
+    ({"calibration": {"samples": 4}}, r"calibration: unknown key\(s\) \['samples'\]"),
+    ({"speed": {"gen_len": 1}}, r"speed\.gen_len must be >= 2"),
+    ({"eval": {"mc": {"limit": 0}}}, r"eval\.mc\.limit"),
+    ({"checkpoint": {"target": "attn", "num": 2, "sweep": "nope"}}, r"checkpoint\.sweep: no sweep named 'nope'"),
+    ({"selection": {"budget": "fast"}}, r"budget 'fast'"),
+    ({"speed": {"enabled": "yes"}}, r"speed\.enabled: expected true/false"),
+    ({"modle": "x"}, r"unknown key\(s\) \['modle'\]"),
+])
+def test_bad_configs_error_clearly(tmp_path, patch, message):
+    cfg = {"model": "tiny-llama"}
+    cfg.update(patch)
+    path = tmp_path / "bad.yaml"
+    path.write_text(yaml.safe_dump(cfg))
+    with pytest.raises(ValueError, match=message):
+        load_config(path)
+
+
+def test_missing_model_and_file_errors(tmp_path, capsys):
+    path = tmp_path / "c.yaml"
+    path.write_text("name: x\n")
+    with pytest.raises(ValueError, match=r"missing required key\(s\) \['model'\]"):
+        load_config(path)
+    with pytest.raises(FileNotFoundError, match="study config not found"):
+        load_config(tmp_path / "nope.yaml")
+    from lightning_drop.cli import main
+
+    assert main(["study", "--config", str(path)]) == 2
+    assert "lightning-drop study: error:" in capsys.readouterr().err
+    path.write_text("model: tiny-llama\n")
+    with pytest.raises(ValueError, match="--max-quality-loss"):
+        study_main(str(path), output=str(tmp_path / "o"), max_quality_loss=-1)
+
+
+def test_mc_data_missing_is_optional_with_a_note(tmp_path, c4_path, capsys):
+    cfg = tiny_config(tmp_path, c4_path, speed={"enabled": False})
+    cfg["eval"]["mc"] = {"data": str(tmp_path / "absent.jsonl")}
+    cfg["sweeps"][0].update(targets=["attn"], nums=[0])
+    _, doc = run(cfg)
+    assert doc["rows"][0].get("mc_acc") is None
+    assert any("multiple-choice data file not found" in n for n in doc["notes"])
+    cfg["eval"]["mc"]["required"] = True
+    with pytest.raises(FileNotFoundError, match="absent.jsonl"):
+        run(cfg)
+
+
+def test_heldout_windows_follow_calibration(tmp_path, c4_path):
+    cfg = tiny_config(tmp_path, c4_path)
+    study = Study(StudyConfig.from_dict(cfg), verbose=False)
+    calib = study.calibration_batches(study.cfg.calibration)
+    held = study.heldout_windows()
+    from lightning_drop.data import make_windows
+
+    stream = make_windows(study.tokenizer, study.docs(str(c4_path), "text"), 32, 3)
+    assert calib[0].tolist() == stream[:2].tolist()
+    assert held.tolist() == stream[2:3].tolist()  # the window right after calibration, no overlap
+
+
+def test_cli_study_with_budget_prints_table_and_selection(tmp_path, c4_path, capsys):
+    from lightning_drop.cli import main
+
+    cfg = tiny_config(tmp_path / "out", c4_path)
+    path = tmp_path / "s.yaml"
+    path.write_text(yaml.safe_dump(cfg))
+    assert main(["study", "--config", str(path), "--budget", "kv=0.6", "--max-quality-loss", "100"]) == 0
+    out = capsys.readouterr().out
+    assert "baseline" in out and "attn-2" in out and "report:" in out
+    sel = json.loads((tmp_path / "out" / "selection.json").read_text())
+    assert sel["best"]["direction"] == "attn" and sel["best"]["num"] == 2
+    assert sel["best"]["kv_ratio"] == pytest.approx(0.5)
+
+
+def test_format_table_shape():
+    rows = [{"sweep": "main", "target": "baseline", "num": 0, "perplexity": 10.0, "params": 1e6},
+            {"sweep": "main", "target": "attn", "num": 4, "perplexity": 11.0, "decode_speedup": 1.2,
+             "kv_ratio": .5, "params": 9e5, "mc_acc": 0.4, "sdr": 0.3}]
+    text = format_table(rows)
+    assert text.splitlines()[1].startswith("baseline") and "attn-4" in text and "1.200" in text
+
+
+@pytest.mark.parametrize("name", sorted(p.name for p in (REPO / "configs" / "study").glob("*.yaml")))
+def test_shipped_study_configs_parse(name):
+    cfg = load_config(REPO / "configs" / "study" / name)
+    assert cfg.model and cfg.sweeps[0].plan()
+
+
+@pytest.mark.slow
+def test_quickstart_shape_on_smollm2(tmp_path):
+    """A cut-down quickstart on the real model: attention drops hurt perplexity far less than MLP drops."""
+    cfg = load_config(REPO / "configs" / "study" / "quickstart.yaml")
+    cfg = copy.deepcopy(cfg)
+    cfg.sweeps[0].targets, cfg.sweeps[0].nums, cfg.sweeps[0].nums_per_target = ["attn", "mlp"], [0, 4], {}
+    cfg.calibration.num_samples, cfg.eval.perplexity.num_windows, cfg.eval.mc = 4, 2, None
+    cfg.speed.enabled, cfg.checkpoint = False, None
+    doc = Study(cfg, tmp_path, verbose=False).run()
+    rows = {(r["target"], r["num"]): r for r in doc["rows"]}
+    assert rows[("attn", 4)]["perplexity"] < rows[("mlp", 4)]["perplexity"]
