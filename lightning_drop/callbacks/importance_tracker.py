@@ -39,6 +39,7 @@ class ImportanceTracker(Callback):
         output_dir: where the history files and the PNG go (default: the trainer's log dir).
         log_scalars: log `importance/<kind>/layer_XX` through the loggers.
         heatmap: draw the layer x step heatmap (PNG file and loggers).
+        log_color: logarithmic color scale in the heatmap.
         at_fit_start / at_fit_end: score at those points too.
     """
 
@@ -53,6 +54,7 @@ class ImportanceTracker(Callback):
         output_dir: str | None = None,
         log_scalars: bool = True,
         heatmap: bool = True,
+        log_color: bool = True,
         at_fit_start: bool = True,
         at_fit_end: bool = True,
         prefix: str = "importance/",
@@ -67,7 +69,7 @@ class ImportanceTracker(Callback):
         self.every_n_steps, self.metric = every_n_steps, metric
         self.calibration = CalibrationSource(calibration_source, calibration_samples, calibration_seq_len,
                                              calibration_batch_size, "ImportanceTracker")
-        self.output_dir, self.log_scalars, self.heatmap = output_dir, log_scalars, heatmap
+        self.output_dir, self.log_scalars, self.heatmap, self.log_color = output_dir, log_scalars, heatmap, log_color
         self.at_fit_start, self.at_fit_end, self.prefix = at_fit_start, at_fit_end, prefix
         self.history: list[dict[str, Any]] = []
         self._last_seen_step = -1
@@ -130,8 +132,14 @@ class ImportanceTracker(Callback):
         fig, axes = plt.subplots(1, 3, figsize=(13, 4.2), constrained_layout=True)
         for ax, kind in zip(axes, KINDS):
             data = np.array([[math.nan if v is None else v for v in e[kind]] for e in self.history], dtype=float).T
+            finite = data[np.isfinite(data) & (data > 0)]
+            norm = None
+            if self.log_color and finite.size:  # layer 0 often dwarfs the rest: a log scale shows them all
+                from matplotlib.colors import LogNorm
+
+                norm = LogNorm(vmin=max(float(finite.min()), 1e-6), vmax=float(finite.max()))
             im = ax.imshow(np.ma.masked_invalid(data), aspect="auto", origin="lower", cmap="viridis",
-                           interpolation="nearest")
+                           interpolation="nearest", norm=norm)
             ax.set_title(f"{kind} importance ({self.metric})")
             ax.set_ylabel("layer")
             ax.set_xlabel("training step")
