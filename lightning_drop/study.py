@@ -612,6 +612,8 @@ class Study:
 
         from .data import _token_chunks
 
+        if getattr(self, "_heldout", None) is not None:
+            return self._heldout
         spec = self.cfg.eval.perplexity
         if spec.source == "calibration":
             base = self.cfg.calibration
@@ -633,7 +635,8 @@ class Study:
         if n < spec.num_windows:
             self.notes.append(f"only {n} held-out perplexity windows of {spec.seq_len} tokens available "
                               f"({spec.num_windows} asked)")
-        return torch.tensor(stream[skip:skip + n * spec.seq_len], dtype=torch.long).view(n, spec.seq_len)
+        self._heldout = torch.tensor(stream[skip:skip + n * spec.seq_len], dtype=torch.long).view(n, spec.seq_len)
+        return self._heldout
 
     # ---- scores and drop sets
     def scores(self, calib: CalibrationSpec, metric: str) -> dict[str, Any]:
@@ -785,24 +788,39 @@ class Study:
                 "mc_n": int(n.get("effective", n.get("original", 0))) if n else mc.limit}
 
     # ---- the sweep
-    def rows(self, only: Iterable[str] | None = None) -> list[dict[str, Any]]:
-        """Every (sweep, target, num) point; computed or read from the cache, in sweep order."""
+    def rows(self, cached_only: bool = False) -> list[dict[str, Any]]:
+        """Every (sweep, target, num) point in sweep order: computed, or read from the cache.
+
+        `cached_only`: the points already evaluated, nothing computed (the report of a budget search).
+        """
         out = []
         base_row = None
         for sweep in self.cfg.sweeps:
-            if only is not None and sweep.name not in only:
-                continue
             for target, nums in sweep.plan().items():
                 for num in nums:
-                    out.append(self.row(sweep, target, num))
+                    r = self.row(sweep, target, num, compute=not cached_only)
+                    if r is None:
+                        continue
+                    out.append(r)
                     if num == 0:
                         base_row = out[-1]
         if base_row is None:
             out.insert(0, self.row(self.cfg.sweeps[0], "baseline", 0))
         return out
 
-    def row(self, sweep: SweepSpec, target: str, num: int) -> dict[str, Any]:
+    def row(self, sweep: SweepSpec, target: str, num: int, compute: bool = True) -> dict[str, Any] | None:
+        if not compute and num > 0 and sweep.schedule == "iterative":
+            calib = self.cfg.calibration_for(sweep)
+            key = key_of({"kind": "drops", **self.model_key(), "calibration": self.calib_key(calib),
+                          "metric": sweep.metric, "target": target, "step": sweep.step, "seed": self.cfg.seed})
+            if str(num) not in (self.cache.get("drops", key) or {"sets": {}})["sets"]:
+                return None
         attn, mlp = self.drop_set(sweep, target, num)
+        if not compute:
+            key = key_of({"kind": "point", **self.model_key(), "eval": self.eval_key(), "attn": sorted(attn),
+                          "mlp": sorted(mlp)})
+            if self.cache.get("points", key) is None:
+                return None
         p = self.point(attn, mlp)
         calib = self.cfg.calibration_for(sweep)
         return {"sweep": sweep.name, "target": target if num else "baseline", "num": num, "metric": sweep.metric,
@@ -816,7 +834,7 @@ class Study:
         selection = None
         if budget is not None or max_loss is not None:
             selection = self.select(budget, max_loss)  # lazily walks the selection sweep first
-        rows = self.rows()
+        rows = self.rows(cached_only=selection is not None)  # a budget search computes only what it walks
         base = next(r for r in rows if r["num"] == 0)
         for r in rows:
             _derive(r, base)

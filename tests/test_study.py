@@ -225,6 +225,7 @@ def test_cli_study_with_budget_prints_table_and_selection(tmp_path, c4_path, cap
     from lightning_drop.cli import main
 
     cfg = tiny_config(tmp_path / "out", c4_path)
+    cfg["sweeps"][0]["nums"] = [0, 1, 2, 3]
     path = tmp_path / "s.yaml"
     path.write_text(yaml.safe_dump(cfg))
     assert main(["study", "--config", str(path), "--budget", "kv=0.6", "--max-quality-loss", "100"]) == 0
@@ -233,6 +234,9 @@ def test_cli_study_with_budget_prints_table_and_selection(tmp_path, c4_path, cap
     sel = json.loads((tmp_path / "out" / "selection.json").read_text())
     assert sel["best"]["direction"] == "attn" and sel["best"]["num"] == 2
     assert sel["best"]["kv_ratio"] == pytest.approx(0.5)
+    # the search stopped the attention direction once the budget was met: attn-3 was never computed
+    assert sel["directions"]["attn"]["visited"] == [1, 2] and "attn-3" not in out
+    assert sel["directions"]["mlp"]["visited"] == [1, 2, 3]
 
 
 def test_format_table_shape():
