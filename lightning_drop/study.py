@@ -649,9 +649,10 @@ class Study:
             from .importance import compute_importance
 
             self.log(f"scoring {metric} on {calib.num_samples} x {calib.seq_len} tokens of {calib.source}")
-            t0 = time.perf_counter()
+            t0, c0 = time.perf_counter(), time.process_time()
             s = compute_importance(self.model, self.calibration_batches(calib), metric=metric, seed=self.cfg.seed)
-            return {**s.to_dict(), "seconds": time.perf_counter() - t0, "calibration": dataclasses.asdict(calib)}
+            return {**s.to_dict(), "seconds": time.perf_counter() - t0, "cpu_seconds": time.process_time() - c0,
+                    "calibration": dataclasses.asdict(calib)}
 
         self._scores[key] = self.cache.get_or_compute("scores", key, compute)
         return self._scores[key]
@@ -727,7 +728,7 @@ class Study:
 
         base = self.model
         self.log(f"evaluating drop attention {attn} MLP {mlp}")
-        t0 = time.perf_counter()
+        t0, c0 = time.perf_counter(), time.process_time()
         model = copy.deepcopy(base)
         if attn or mlp:
             apply_drop(model, attn=attn, mlp=mlp)
@@ -759,6 +760,7 @@ class Study:
             if row["base_kv_bytes_per_token"] else None
         row["param_ratio"] = row["params"] / row["base_params"]
         row["seconds"] = time.perf_counter() - t0
+        row["cpu_seconds"] = time.process_time() - c0  # CPU time of all threads: comparable under machine load
         del model
         return row
 
