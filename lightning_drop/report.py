@@ -209,7 +209,7 @@ def plot_drop_order(doc: Mapping[str, Any], path: Path) -> Path:
     s = doc["scores"][label]
     n = len(s["attn"])
     kinds = ["attn", "mlp", "block"]
-    fig, axes = plt.subplots(1, 3, figsize=(max(12.0, 0.33 * n * 3), max(4.0, 0.16 * n + 1.8)), sharey=True)
+    fig, axes = plt.subplots(1, 3, figsize=(15.0, 5.0), sharey=True)
     marks = {}
     for r in doc["rows"]:
         if r["sweep"] == main["name"] and r["num"] > 0:
@@ -237,7 +237,8 @@ def plot_drop_order(doc: Mapping[str, Any], path: Path) -> Path:
 
 # ------------------------------------------------------------------------------------------------ table
 TABLE_COLUMNS = [("config", None), ("perplexity", ".2f"), ("ppl change", "%"), ("MC acc", ".3f"),
-                 ("decode speedup", ".3f"), ("prefill speedup", ".3f"), ("SDR gamma", ".2f"),
+                 ("decode speedup", ".3f"), ("prefill speedup", ".3f"), ("SDR gamma (MC)", ".2f"),
+                 ("SDR (ppl)", ".1f"),
                  ("KV bytes/token", ",.0f"), ("KV vs base", ".2f"), ("params (M)", ".1f"),
                  ("params vs base", ".3f"), ("dropped attention", None), ("dropped MLP", None)]
 
@@ -257,7 +258,8 @@ def table_rows(doc: Mapping[str, Any]) -> list[list[str]]:
         seen.add(name)
         vals = {"config": name, "perplexity": r.get("perplexity"), "ppl change": r.get("ppl_loss"),
                 "MC acc": r.get("mc_acc"), "decode speedup": r.get("decode_speedup"),
-                "prefill speedup": r.get("prefill_speedup"), "SDR gamma": r.get("sdr"),
+                "prefill speedup": r.get("prefill_speedup"), "SDR gamma (MC)": r.get("sdr"),
+                "SDR (ppl)": r.get("sdr_ppl"),
                 "KV bytes/token": r.get("kv_bytes_per_token"), "KV vs base": r.get("kv_ratio"),
                 "params (M)": r["params"] / 1e6 if r.get("params") else None, "params vs base": r.get("param_ratio"),
                 "dropped attention": _compact(r.get("drop_attn")), "dropped MLP": _compact(r.get("drop_mlp"))}
@@ -330,7 +332,8 @@ def write_report(doc: Mapping[str, Any], out_dir: str | os.PathLike) -> Path:
     parts.append("</ul><h2>Results</h2><table><tr>" + "".join(f"<th>{esc(c)}</th>" for c, _ in TABLE_COLUMNS) + "</tr>")
     parts += ["<tr>" + "".join(f"<td>{esc(v)}</td>" for v in row) + "</tr>" for row in table]
     parts.append("</table><p style='font-size:13px;color:#555'>ppl change: relative to the baseline. SDR gamma = "
-                 "dAcc% / dSpeedup% on the multiple-choice accuracy and decode speedup (lower is better). "
+                 "dAcc% / dSpeedup% on the multiple-choice accuracy and decode speedup (lower is better; meaningless while "
+                 "the MC sample is small and near chance), SDR (ppl) = dPerplexity% / dSpeedup%. "
                  "KV: KV-cache bytes per token measured from a real cache.</p>")
     if doc.get("selection"):
         parts.append(f"<h2>Automated selection</h2><p>{esc(doc['selection']['message'])}</p>")

@@ -912,6 +912,9 @@ def _derive(row: dict[str, Any], base: Mapping[str, Any]) -> None:
     row["mc_loss"] = quality_loss(row, base, "mc")
     sp = row.get("decode_speedup")
     row["sdr"] = None
+    # the same ratio on perplexity (dPPL% / dSpeedup%): meaningful even when a small MC sample is at chance
+    row["sdr_ppl"] = (100 * row["ppl_loss"]) / (100 * (sp - 1.0)) \
+        if row["num"] > 0 and row.get("ppl_loss") is not None and sp is not None and abs(sp - 1.0) > 1e-9 else None
     if row.get("mc_acc") is not None and base.get("mc_acc") and sp is not None and abs(sp - 1.0) > 1e-9 \
             and row["num"] > 0:
         from .speed import sdr
@@ -921,7 +924,7 @@ def _derive(row: dict[str, Any], base: Mapping[str, Any]) -> None:
 
 CSV_COLUMNS = ("sweep", "target", "num", "metric", "schedule", "step", "calibration", "num_samples", "perplexity",
                "ppl_loss", "mc_acc", "mc_loss", "mc_n", "decode_speedup", "prefill_speedup", "total_speedup",
-               "sdr", "kv_bytes_per_token", "kv_ratio", "params", "param_ratio", "drop_attn", "drop_mlp")
+               "sdr", "sdr_ppl", "kv_bytes_per_token", "kv_ratio", "params", "param_ratio", "drop_attn", "drop_mlp")
 
 
 def write_csv(path: Path, rows: Sequence[Mapping[str, Any]]) -> None:
@@ -939,7 +942,7 @@ def write_csv(path: Path, rows: Sequence[Mapping[str, Any]]) -> None:
 # ------------------------------------------------------------------------------------------------ terminal
 def format_table(rows: Sequence[Mapping[str, Any]], sweep: str | None = None) -> str:
     """The paper-shaped table as text: baseline, then drop-n per target."""
-    lines = [f"{'config':<16}{'perplexity':>11}{'MC acc':>8}{'decode x':>9}{'KV':>7}{'params':>9}{'SDR':>7}"]
+    lines = [f"{'config':<16}{'perplexity':>11}{'MC acc':>8}{'decode x':>9}{'KV':>7}{'params':>9}{'SDR ppl':>9}"]
     seen = set()
     for r in rows:
         if sweep is not None and r["sweep"] != sweep and r["num"] > 0:
@@ -950,7 +953,7 @@ def format_table(rows: Sequence[Mapping[str, Any]], sweep: str | None = None) ->
         seen.add(label)
         lines.append(f"{label:<16}{_fmt(r.get('perplexity'), '.2f'):>11}{_fmt(r.get('mc_acc'), '.3f'):>8}"
                      f"{_fmt(r.get('decode_speedup'), '.3f'):>9}{_fmt(r.get('kv_ratio'), '.2f'):>7}"
-                     f"{r['params'] / 1e6:>8.1f}M{_fmt(r.get('sdr'), '.2f'):>7}")
+                     f"{r['params'] / 1e6:>8.1f}M{_fmt(r.get('sdr_ppl'), '.1f'):>9}")
     return "\n".join(lines)
 
 
@@ -970,7 +973,8 @@ def study_main(config: str, output: str | None = None, budget: str | None = None
     print(format_table(doc["rows"], sweep=main))
     print(f"(perplexity on {cfg.eval.perplexity.num_windows} x {cfg.eval.perplexity.seq_len} held-out tokens; "
           f"MC acc = {cfg.eval.mc.task if cfg.eval.mc else 'n/a'} acc_norm; decode x = decode speedup vs base, "
-          "measured alternately; KV = KV-cache bytes/token vs base)")
+          "measured alternately; KV = KV-cache bytes/token vs base; SDR ppl = "
+          "perplexity change % / speedup %, lower is better)")
     if doc.get("selection"):
         print(doc["selection"]["message"])
         print(f"selection written to {out / 'selection.json'}")
