@@ -9,7 +9,7 @@ export HF_HUB_OFFLINE ?= 1
 export HF_DATASETS_OFFLINE ?= 1
 export TOKENIZERS_PARALLELISM ?= false
 
-.PHONY: setup run test test-fast bench clean
+.PHONY: setup setup-quant run test test-fast test-quant bench clean
 
 setup: $(STAMP)
 
@@ -33,6 +33,16 @@ test-fast: $(STAMP)
 
 bench: $(STAMP)
 	for f in benchmarks/*.py; do $(PY) $$f || exit 1; done
+
+# Optional: GPTQ/AWQ backend (gptqmodel) pinned against the installed torch/transformers.
+CONSTRAINTS := $(VENV)/constraints.txt
+setup-quant: $(STAMP)
+	printf 'torch==$(TORCH_VERSION)\n' > $(CONSTRAINTS)
+	$(PY) -c "import transformers; print('transformers==' + transformers.__version__)" >> $(CONSTRAINTS)
+	GPTQMODEL_CPU_WORKERS=2 $(PIP) install -q -c $(CONSTRAINTS) -e ".[quant]"
+
+test-quant: setup-quant
+	$(PY) -m pytest -q tests/test_quantize.py
 
 clean:
 	rm -rf $(VENV) build *.egg-info

@@ -29,7 +29,7 @@ _TINY_BASE = dict(vocab_size=320, hidden_size=64, intermediate_size=128, num_hid
 
 def cache_dir() -> Path:
     """`$LIGHTNING_DROP_CACHE`, default `~/.cache/lightning_drop`."""
-    path = Path(os.environ.get("LIGHTNING_DROP_CACHE", Path.home() / ".cache" / "lightning_drop"))
+    path = Path(os.environ.get("LIGHTNING_DROP_CACHE") or Path.home() / ".cache" / "lightning_drop")
     path.mkdir(parents=True, exist_ok=True)
     return path
 
