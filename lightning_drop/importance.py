@@ -47,9 +47,10 @@ class LayerScoreMean(Metric):
         self.add_state("total", torch.zeros(num_layers, dtype=torch.float64), dist_reduce_fx="sum")
         self.add_state("count", torch.zeros(num_layers, dtype=torch.float64), dist_reduce_fx="sum")
 
-    def update(self, layer: int, scores: torch.Tensor) -> None:  # type: ignore[override]
-        self.total[layer] += scores.double().sum().to(self.total.device)
-        self.count[layer] += scores.numel()
+    def update(self, layer: int, total: torch.Tensor, count: float) -> None:  # type: ignore[override]
+        """Add a (float64) sum of per-token scores over `count` real tokens."""
+        self.total[layer] += total.to(self.total.device, torch.float64)
+        self.count[layer] += count
 
     def compute(self) -> torch.Tensor:
         return self.total / self.count
@@ -95,14 +96,38 @@ class ImportanceAccumulator:
         self.layers = self.spec.get_layers(model)
         n = len(self.layers)
         self.metrics = nn.ModuleDict({k: LayerScoreMean(n) for k in KINDS})
-        self.mask: torch.Tensor | None = None
+        self.set_mask(None)
         self.num_tokens = 0
 
+    def set_mask(self, mask: torch.Tensor | None) -> None:
+        """Real-token mask of the next batch (None = every token is real)."""
+        self.mask = mask.bool() if mask is not None else None
+        self._mask_f = mask.to(torch.float32) if mask is not None else None
+        self._mask_count = float(mask.sum()) if mask is not None else None
+
+    def _accumulate(self, kind: str, layer: int, scores: torch.Tensor) -> None:
+        # A masked sum instead of boolean indexing: no gather, one reduction.
+        if self._mask_f is None:
+            total, count = scores.sum(dtype=torch.float64), float(scores.numel())
+        else:
+            total, count = (scores * self._mask_f).sum(dtype=torch.float64), self._mask_count
+        self.metrics[kind].update(layer, total, count)
+
     def _reduce(self, kind: str, layer: int, x: torch.Tensor, y: torch.Tensor) -> None:
-        scores = token_scores(self.metric, x, y)
-        if self.mask is not None:
-            scores = scores[self.mask]
-        self.metrics[kind].update(layer, scores)
+        self._accumulate(kind, layer, token_scores(self.metric, x, y))
+
+    def _reduce_layer(self, layer: int, x: torch.Tensor, h: torch.Tensor, y: torch.Tensor) -> None:
+        """All three scores of one layer; cosine-based metrics share the three norms (the costly part)."""
+        if self.metric not in ("cosine", "angular"):
+            for kind, (a, b) in (("attn", (x, h)), ("mlp", (h, y)), ("block", (x, y))):
+                self._reduce(kind, layer, a, b)
+            return
+        x, h, y = x.float(), h.float(), y.float()
+        nx, nh, ny = (torch.linalg.vector_norm(t, dim=-1) for t in (x, h, y))
+        for kind, (a, b, na, nb) in (("attn", (x, h, nx, nh)), ("mlp", (h, y, nh, ny)), ("block", (x, y, nx, ny))):
+            cos = torch.linalg.vecdot(a, b) / (na * nb).clamp_min(1e-8)
+            scores = 1.0 - cos if self.metric == "cosine" else torch.arccos(cos.clamp(-1.0, 1.0)) / math.pi
+            self._accumulate(kind, layer, scores)
 
     @contextmanager
     def hooks(self) -> Iterator["ImportanceAccumulator"]:
@@ -126,9 +151,7 @@ class ImportanceAccumulator:
                 if self.metric == "cosine_no_residual":
                     self._reduce("block", i, s["x"], y - s["x"])
                     return
-                self._reduce("attn", i, s["x"], s["h"])
-                self._reduce("mlp", i, s["h"], y)
-                self._reduce("block", i, s["x"], y)
+                self._reduce_layer(i, s["x"], s["h"], y)
             return fn
 
         def sub_pre(i: int, kind: str) -> Callable:
@@ -251,7 +274,7 @@ def compute_importance(model: nn.Module, batches: Iterable[Any], metric: str = "
             for batch in iterator:
                 inputs = _as_batch(batch, device)
                 mask = inputs.get("attention_mask")
-                acc.mask = mask.bool() if mask is not None else None
+                acc.set_mask(mask)
                 acc.num_tokens += int(mask.sum()) if mask is not None else inputs["input_ids"].numel()
                 runner(**inputs, use_cache=False)
                 seen += 1

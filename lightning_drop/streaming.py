@@ -362,7 +362,7 @@ def stream_importance(model_dir: str | os.PathLike, windows: Any, metric: str = 
                         mask = mask.to(device) if mask is not None else None
                         hidden = store.items[b].to(device)
                         args, kwargs = probe(i, mask, inputs_embeds=hidden)
-                        acc.mask = mask.bool() if mask is not None else None
+                        acc.set_mask(mask)
                         if args:
                             out = layer(hidden, *args[1:], **kwargs)
                         else:

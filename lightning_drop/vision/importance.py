@@ -47,7 +47,8 @@ class VisionImportanceAccumulator:
     def _reduce(self, kind: str, i: int, x: torch.Tensor, y: torch.Tensor) -> None:
         if y.dim() == 0:  # a dropped stand-in contributes nothing: no score
             return
-        self.metrics[kind].update(i, token_scores(self.metric, x, y.expand_as(x) if y.shape != x.shape else y))
+        scores = token_scores(self.metric, x, y.expand_as(x) if y.shape != x.shape else y)
+        self.metrics[kind].update(i, scores.sum(dtype=torch.float64), float(scores.numel()))
 
     @contextmanager
     def hooks(self) -> Iterator["VisionImportanceAccumulator"]:
