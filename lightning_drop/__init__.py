@@ -7,6 +7,8 @@ from .models import load_model, load_tokenizer
 
 register_auto_classes()
 
+from . import vision  # noqa: E402  (registers the dropped vision classes too)
+
 __version__ = "0.1.0"
 __all__ = [
     "ArchSpec", "apply_drop", "dropped_layers", "get_spec", "load_dropped", "load_model", "load_tokenizer",
