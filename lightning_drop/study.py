@@ -670,49 +670,73 @@ class Study:
             return select_modules(s, target, num)
         return self.iterative_drop_set(sweep, calib, target, num)
 
+    def drops_key(self, sweep: SweepSpec, calib: CalibrationSpec, target: str) -> str:
+        return key_of({"kind": "drops", **self.model_key(), "calibration": self.calib_key(calib),
+                       "metric": sweep.metric, "target": target, "step": sweep.step, "seed": self.cfg.seed})
+
     def iterative_drop_set(self, sweep: SweepSpec, calib: CalibrationSpec, target: str,
                            num: int) -> tuple[list[int], list[int]]:
-        """Iterative: drop `step`, re-score the dropped model, repeat; every intermediate set is cached."""
-        key = key_of({"kind": "drops", **self.model_key(), "calibration": self.calib_key(calib),
-                      "metric": sweep.metric, "target": target, "step": sweep.step, "seed": self.cfg.seed})
-        have = self.cache.get("drops", key) or {"sets": {}}
-        if str(num) in have["sets"]:
-            self.cache.reused["drops"] += 1
-            a, m = have["sets"][str(num)]
-            return a, m
-        from .importance import compute_importance
+        """Iterative: drop `step`, re-score the dropped model, repeat; every set on the way is cached.
+
+        The schedule is a function of (step, n) alone, so a set never depends on which other counts a sweep
+        lists: the walk goes 0, step, 2 step, ... and a count n between two of them is the walk's set at
+        `step * (n // step)` plus the `n % step` lowest of that round's scores (the first part of the next
+        round's selection; no extra scoring pass). An extended sweep therefore reuses every stored round.
+        """
+        from .importance import ImportanceScores, compute_importance
         from .modeling_dropped import apply_drop
         from .selection import select_modules
 
-        upto = max([num] + sweep.plan().get(target, []))  # walk the whole direction once: every n on the way
+        step = sweep.step
+        key = self.drops_key(sweep, calib, target)
+        have = self.cache.get("drops", key) or {"sets": {}}
+        sets, rounds = have["sets"], have.get("rounds", [])  # rounds: the scores each re-scoring saw
+        wanted = sorted({n for n in [num] + sweep.plan().get(target, []) if n > 0})
+        missing = [n for n in wanted if str(n) not in sets]
+        if not missing:
+            self.cache.reused["drops"] += 1
+            a, m = sets[str(num)]
+            return a, m
+        upto = max(wanted)
         limit = 2 * self.num_layers if target == "joint" else self.num_layers
         if upto > limit:
             raise ValueError(f"sweep '{sweep.name}': cannot drop {upto} {target} modules of a "
                              f"{self.num_layers}-layer model (at most {limit})")
-        self.log(f"iterative {sweep.metric} {target}: re-scoring after every {sweep.step} up to {upto}")
-        done = max([int(k) for k in have["sets"]] + [0])
-        model = copy.deepcopy(self.model)
-        if done:
-            apply_drop(model, *have["sets"][str(done)])
-        batches = self.calibration_batches(calib)
-        dropped = done
-        rounds = have.get("rounds", [])
-        while dropped < upto:
-            s = compute_importance(model, batches, metric=sweep.metric, seed=self.cfg.seed + len(rounds))
-            k = min(sweep.step, upto - dropped)
-            a, m = select_modules(s, target, k)
-            apply_drop(model, attn=a, mlp=m)
-            dropped += k
-            from .modeling_dropped import dropped_layers
-
-            da, dm = dropped_layers(model)
-            have["sets"][str(dropped)] = [list(da), list(dm)]
-            rounds.append({"scores": s.to_dict(), "drop_attn": a, "drop_mlp": m})
-            have["rounds"] = rounds
+        # round i was scored on the model with the walk's set at i * step dropped (older caches: same layout)
+        scored = {int(r.get("at", i * step)): {**r, "at": int(r.get("at", i * step))} for i, r in enumerate(rounds)}
+        need = sorted({step * ((n - 1) // step) for n in missing})  # the round that yields each missing n
+        at = max(d for d in range(0, need[0] + 1, step) if d == 0 or str(d) in sets)
+        self.log(f"iterative {sweep.metric} {target}: re-scoring after every {step} up to {upto}")
+        model, batches = None, None
+        while True:
+            base_a, base_m = sets[str(at)] if at else ([], [])
+            if at not in scored:
+                if model is None:
+                    model = copy.deepcopy(self.model)
+                    if at:
+                        apply_drop(model, attn=base_a, mlp=base_m)
+                    batches = self.calibration_batches(calib)
+                sc = compute_importance(model, batches, metric=sweep.metric, seed=self.cfg.seed + at // step)
+                a, m = select_modules(sc, target, min(step, limit - at))
+                scored[at] = {"at": at, "scores": sc.to_dict(), "drop_attn": a, "drop_mlp": m}
+            d = scored[at]["scores"]
+            sc = ImportanceScores(d["metric"], d["attn"], d["mlp"], d["block"], d.get("num_tokens", 0))
+            for n in range(at + 1, min(at + step, limit) + 1):  # this round's sets: prefixes of its selection
+                if str(n) not in sets and (n in missing or n == at + step):
+                    a, m = select_modules(sc, target, n - at)
+                    sets[str(n)] = [sorted(set(base_a) | set(a)), sorted(set(base_m) | set(m))]
+            have["sets"], have["rounds"] = sets, [scored[k] for k in sorted(scored)]
             _write_json(self.cache.path("drops", key), have)  # resumable after every round
+            if at >= need[-1]:
+                break
+            nxt = at + step
+            if model is not None:
+                apply_drop(model, attn=[i for i in sets[str(nxt)][0] if i not in base_a],
+                           mlp=[i for i in sets[str(nxt)][1] if i not in base_m])
+            at = nxt
         self.cache.computed["drops"] += 1
         del model
-        a, m = have["sets"][str(num)]
+        a, m = sets[str(num)]
         return a, m
 
     # ---- evaluation of one drop set
@@ -812,9 +836,7 @@ class Study:
 
     def row(self, sweep: SweepSpec, target: str, num: int, compute: bool = True) -> dict[str, Any] | None:
         if not compute and num > 0 and sweep.schedule == "iterative":
-            calib = self.cfg.calibration_for(sweep)
-            key = key_of({"kind": "drops", **self.model_key(), "calibration": self.calib_key(calib),
-                          "metric": sweep.metric, "target": target, "step": sweep.step, "seed": self.cfg.seed})
+            key = self.drops_key(sweep, self.cfg.calibration_for(sweep), target)
             if str(num) not in (self.cache.get("drops", key) or {"sets": {}})["sets"]:
                 return None
         attn, mlp = self.drop_set(sweep, target, num)

@@ -264,3 +264,31 @@ def test_quickstart_shape_on_smollm2(tmp_path):
     doc = Study(cfg, tmp_path, verbose=False).run()
     rows = {(r["target"], r["num"]): r for r in doc["rows"]}
     assert rows[("attn", 4)]["perplexity"] < rows[("mlp", 4)]["perplexity"]
+
+
+def test_iterative_counts_off_the_step_get_their_sets(tmp_path, c4_path):
+    """nums not multiples of `step`: each count is the walk's set below it plus a prefix of the next round."""
+    cfg = tiny_config(tmp_path, c4_path, speed={"enabled": False})
+    cfg["sweeps"] = [{"name": "main", "targets": ["attn"], "nums": [0, 1, 2, 3], "schedule": "iterative", "step": 2}]
+    study, doc = run(cfg)
+    rows = {r["num"]: r for r in doc["rows"] if r["sweep"] == "main"}
+    sets = {n: rows[n]["drop_attn"] for n in (1, 2, 3)}
+    assert [len(sets[n]) for n in (1, 2, 3)] == [1, 2, 3]
+    assert set(sets[1]) < set(sets[2]) < set(sets[3])
+    drops = json.loads(next((tmp_path / "cache").glob("drops-*.json")).read_text())
+    assert [r["at"] for r in drops["rounds"]] == [0, 2]  # two scoring passes: at 0 and after dropping 2
+    first, second = drops["rounds"][0], drops["rounds"][1]
+    assert sets[2] == sorted(first["drop_attn"]) and len(first["drop_attn"]) == 2
+    assert sets[1] == [min(range(4), key=lambda i: first["scores"]["attn"][i])]
+    # the third layer comes from the scores of the model with 2 dropped (re-scored: those two are gone)
+    assert [second["scores"]["attn"][i] for i in sets[2]] == [None, None]
+    extra = set(sets[3]) - set(sets[2])
+    live = {i: v for i, v in enumerate(second["scores"]["attn"]) if v is not None}
+    assert extra == {min(live, key=live.get)}
+    # a set depends only on (step, n): a sweep that asks [3] alone reuses the walk and gets the same set
+    cfg2 = tiny_config(tmp_path, c4_path, speed={"enabled": False})
+    cfg2["sweeps"] = [{"name": "main", "targets": ["attn"], "nums": [0, 3, 4], "schedule": "iterative", "step": 2}]
+    _, doc2 = run(cfg2)
+    rows2 = {r["num"]: r for r in doc2["rows"]}
+    assert rows2[3]["drop_attn"] == sets[3] and set(sets[3]) < set(rows2[4]["drop_attn"])
+    assert doc2["computed_this_run"]["scores"] == 0
