@@ -12,6 +12,10 @@ family, registered under the dropped model type with `layer_modules_strict = Fal
 are gone are simply skipped. The model is always read from a directory (gptqmodel's offloading re-reads
 weights by name from the source checkpoint, which would silently undo an in-memory drop) and with
 `offload_to_disk=False`.
+
+Quality (the paper's Table 10 shape): `quality_report` / `quality_table` measure baseline, baseline+quant,
+dropped and dropped+quant checkpoints on the same held-out windows and lm-eval tasks, with their size on disk,
+and write `quality_table.json` + `.md`. They read any checkpoint directory, so they need no backend.
 """
 
 from __future__ import annotations
@@ -24,7 +28,7 @@ import tempfile
 import time
 from dataclasses import asdict, dataclass, field
 from pathlib import Path
-from typing import Any, Iterable, Sequence
+from typing import Any, Iterable, Mapping, Sequence
 
 import torch
 from torch import nn
@@ -373,53 +377,247 @@ def is_quantized_dir(path: str | os.PathLike) -> bool:
     return p.is_file() and json.loads(p.read_text()).get("quantization_config") is not None
 
 
-def quality_report(source: str | os.PathLike, quantized: str | os.PathLike, data: str | os.PathLike,
-                   seq_len: int = 512, num_windows: int = 16, skip_windows: int = 0, batch_size: int = 4,
-                   field: str = "text") -> dict[str, Any]:
-    """Perplexity of the source (dropped) model and of its quantized copy on the same held-out windows.
+# --------------------------------------------------------------------------------------------------
+# Quality before/after quantization: the paper's Table 10 shape
+# --------------------------------------------------------------------------------------------------
+TABLE_ORDER = ("baseline", "baseline+quant", "dropped", "dropped+quant")
+QUALITY_TABLE = "quality_table"  # written as quality_table.json + quality_table.md
 
-    The shape of the paper's Table 10: quality of the dropped model before and after 4-bit quantization.
+
+def _ref_size(ref: str | os.PathLike) -> int | None:
+    """Bytes of the weights on disk (safetensors), or None when `ref` is not a local checkpoint directory."""
+    from .models import resolve
+
+    path = Path(resolve(str(ref)))
+    if not path.is_dir():
+        return None
+    return dir_size(path) or None
+
+
+def _read_task_results(given: Any, labels: Sequence[str]) -> dict[str, dict[str, Any]]:
+    """{label: eval results} from {label: dict | JSON file} or ["LABEL=FILE", ...] (`lightning-drop eval --output`)."""
+    if not given:
+        return {}
+    if isinstance(given, (list, tuple)):
+        pairs = {}
+        for item in given:
+            label, sep, file = str(item).partition("=")
+            if not sep or not label.strip() or not file.strip():
+                raise ValueError(f"task results must be LABEL=FILE (LABEL in {', '.join(labels)}), got {item!r}")
+            pairs[label.strip()] = file.strip()
+        given = pairs
+    out = {}
+    for label, res in dict(given).items():
+        if label not in labels:
+            raise ValueError(f"task results for {label!r}, which is not a row of this table ({', '.join(labels)})")
+        if not isinstance(res, Mapping):
+            path = Path(res)
+            if not path.is_file():
+                raise FileNotFoundError(f"task results file not found for {label}: {path}")
+            res = json.loads(path.read_text())
+        if not isinstance(res.get("scores"), Mapping):
+            raise ValueError(f"task results for {label} have no 'scores' mapping (expected the JSON of lightning-drop eval)")
+        out[label] = dict(res)
+    return out
+
+
+def quality_table(models: Mapping[str, str | os.PathLike], data: str | os.PathLike | Sequence[str] | None = None,
+                  seq_len: int = 512, num_windows: int = 16, skip_windows: int = 0, batch_size: int = 4,
+                  field: str = "text", tasks: Sequence[str] | str | None = None,
+                  num_fewshot: int | Mapping[str, int] | None = None, limit: int | float | None = None,
+                  include_path: str | os.PathLike | Sequence[str | os.PathLike] | None = None,
+                  task_results: Mapping[str, Any] | Sequence[str] | None = None) -> dict[str, Any]:
+    """Measure each model of `models` ({row label: checkpoint}) the same way: one row per model.
+
+    Columns: perplexity on the same held-out windows of `data` (skipping `skip_windows`), lm-eval task
+    scores and their average (run for `tasks`, or read from `task_results` = {label: eval JSON}), and the
+    weights' size on disk. Changes are relative to the first row (the baseline when there is one). Any
+    checkpoint directory works, quantized or not, so the table is built the same way with any backend.
     """
-    from .evaluation import perplexity, text_windows
+    if not models:
+        raise ValueError("quality table: give at least one model")
+    labels = list(models)
+    given = _read_task_results(task_results, labels)
+    if isinstance(tasks, str):
+        tasks = [t.strip() for t in tasks.split(",") if t.strip()]
+    tasks = list(tasks or [])
+    if data is None and not tasks and not given:
+        raise ValueError("quality table: nothing to measure; give held-out text (data), lm-eval tasks or task results")
+    from .evaluation import perplexity, run_lm_eval, text_windows
     from .models import load_model
 
-    out: dict[str, Any] = {"data": str(data), "seq_len": seq_len}
+    table: dict[str, Any] = {"rows": [], "data": None if data is None else str(data), "seq_len": seq_len,
+                             "tasks": tasks, "limit": limit}
     windows = None
-    for key, ref in (("source", source), ("quantized", quantized)):
-        model, tok = load_model(str(ref))
-        if windows is None:
-            windows = text_windows(tok, read_texts(data, field), seq_len, skip_windows + num_windows)
-            windows = windows[skip_windows:]
-            if windows.shape[0] == 0:
-                raise ValueError(f"{data} has no windows left after skipping {skip_windows}")
-            out["num_windows"] = int(windows.shape[0])
-        out[f"{key}_perplexity"] = perplexity(model, windows, batch_size)
-        del model
-    out["perplexity_increase_pct"] = 100.0 * (out["quantized_perplexity"] / out["source_perplexity"] - 1.0)
+    for label, ref in models.items():
+        row: dict[str, Any] = {"config": label, "model": str(ref), "perplexity": None, "task_average": None,
+                               "task_scores": {}, "size_bytes": _ref_size(ref)}
+        needs_model = data is not None or (tasks and label not in given)
+        if needs_model:
+            model, tok = load_model(str(ref))
+            if data is not None:
+                if windows is None:
+                    texts = read_texts(data, field)
+                    windows = text_windows(tok, texts, seq_len, skip_windows + num_windows)[skip_windows:]
+                    if windows.shape[0] == 0:
+                        raise ValueError(f"{data} has no windows of {seq_len} tokens left after skipping {skip_windows}")
+                    table["num_windows"] = int(windows.shape[0])
+                row["perplexity"] = perplexity(model, windows, batch_size)
+            if tasks and label not in given:
+                given[label] = run_lm_eval(model, tok, tasks, num_fewshot=num_fewshot, limit=limit,
+                                           include_path=include_path, batch_size=batch_size)
+            del model
+        if label in given:
+            res = given[label]
+            row["task_scores"] = {k: v for k, v in res["scores"].items() if v is not None}
+            valid = list(row["task_scores"].values())
+            row["task_average"] = res.get("average", sum(valid) / len(valid) if valid else None)
+        table["rows"].append(row)
+    first = table["rows"][0]
+    for row in table["rows"]:
+        for key, out in (("perplexity", "perplexity_change_pct"), ("task_average", "task_average_change_pct"),
+                         ("size_bytes", "size_ratio")):
+            a, b = row[key], first[key]
+            if a is None or not b:
+                row[out] = None
+            else:
+                row[out] = a / b if key == "size_bytes" else 100.0 * (a / b - 1.0)
+    table["task_names"] = sorted({t for r in table["rows"] for t in r["task_scores"]})
+    return table
+
+
+def format_quality_table(table: Mapping[str, Any]) -> str:
+    """The table as Markdown: perplexity, task scores + average, size on disk; '-' where not measured."""
+    def f(v: Any, spec: str) -> str:
+        return "-" if v is None else format(v, spec)
+
+    tasks = list(table.get("task_names") or [])
+    has_ppl = any(r["perplexity"] is not None for r in table["rows"])
+    has_tasks = any(r["task_average"] is not None for r in table["rows"])
+    head = ["config"] + (["perplexity", "ppl change"] if has_ppl else []) + tasks \
+        + (["task avg", "avg change"] if has_tasks else []) + ["size (MB)", "size vs first"]
+    lines = ["| " + " | ".join(head) + " |", "|" + "---|" * len(head)]
+    for r in table["rows"]:
+        cells = [r["config"]]
+        if has_ppl:
+            cells += [f(r["perplexity"], ".3f"), f(r["perplexity_change_pct"], "+.1f") + ("%" if r["perplexity_change_pct"] is not None else "")]
+        cells += [f(r["task_scores"].get(t), ".4f") for t in tasks]
+        if has_tasks:
+            cells += [f(r["task_average"], ".4f"), f(r["task_average_change_pct"], "+.1f") + ("%" if r["task_average_change_pct"] is not None else "")]
+        cells += [f(None if r["size_bytes"] is None else r["size_bytes"] / 1e6, ".2f"), f(r["size_ratio"], ".3f")]
+        lines.append("| " + " | ".join(cells) + " |")
+    notes = []
+    if has_ppl:
+        notes.append(f"perplexity on {table.get('num_windows')} x {table['seq_len']} held-out tokens of {table['data']}")
+    if has_tasks:
+        notes.append("task avg = mean of the lm-eval primary metrics" + (f" (limit {table['limit']})" if table.get("limit") else ""))
+    notes.append("size = safetensors bytes on disk; changes are relative to the first row")
+    return "\n".join(lines) + "\n\n" + "; ".join(notes) + ".\n"
+
+
+def write_quality_table(table: Mapping[str, Any], out_dir: str | os.PathLike, name: str = QUALITY_TABLE) -> tuple[Path, Path]:
+    """Write `<out_dir>/<name>.json` and `<name>.md` atomically; returns both paths."""
+    from .checkpoint import atomic_write_text
+
+    out = Path(out_dir)
+    js, md = out / f"{name}.json", out / f"{name}.md"
+    atomic_write_text(js, json.dumps(table, indent=2, sort_keys=True, default=str) + "\n")
+    atomic_write_text(md, "# Quality before and after quantization (paper Table 10 shape)\n\n" + format_quality_table(table))
+    return js, md
+
+
+def quality_report(source: str | os.PathLike, quantized: str | os.PathLike, data: str | os.PathLike | None,
+                   seq_len: int = 512, num_windows: int = 16, skip_windows: int = 0, batch_size: int = 4,
+                   field: str = "text", baseline: str | os.PathLike | None = None,
+                   baseline_quantized: str | os.PathLike | None = None, tasks: Sequence[str] | str | None = None,
+                   num_fewshot: int | Mapping[str, int] | None = None, limit: int | float | None = None,
+                   include_path: str | os.PathLike | Sequence[str | os.PathLike] | None = None,
+                   task_results: Mapping[str, Any] | Sequence[str] | None = None,
+                   output: str | os.PathLike | None = None) -> dict[str, Any]:
+    """The paper's Table 10 shape: baseline / baseline+quant / dropped / dropped+quant on the same measures.
+
+    `source` is the dropped model and `quantized` its quantized copy; the baseline rows appear when
+    `baseline` (and its quantized copy `baseline_quantized`) are given. Returns the flat keys of the
+    dropped pair (`source_perplexity`, `quantized_perplexity`, `perplexity_increase_pct`, ...) plus
+    `table` (see `quality_table`); with `output`, the table is also written there as JSON + Markdown.
+    """
+    if baseline_quantized is not None and baseline is None:
+        raise ValueError("baseline_quantized given without baseline (the unquantized model it was made from)")
+    models: dict[str, Any] = {}
+    if baseline is not None:
+        models["baseline"] = baseline
+        if baseline_quantized is not None:
+            models["baseline+quant"] = baseline_quantized
+    models.update({"dropped": source, "dropped+quant": quantized})
+    table = quality_table(models, data, seq_len=seq_len, num_windows=num_windows, skip_windows=skip_windows,
+                          batch_size=batch_size, field=field, tasks=tasks, num_fewshot=num_fewshot, limit=limit,
+                          include_path=include_path, task_results=task_results)
+    rows = {r["config"]: r for r in table["rows"]}
+    out: dict[str, Any] = {"data": None if data is None else str(data), "seq_len": seq_len, "table": table}
+    src, q = rows["dropped"], rows["dropped+quant"]
+    if data is not None:
+        out["num_windows"] = table["num_windows"]
+        out["source_perplexity"], out["quantized_perplexity"] = src["perplexity"], q["perplexity"]
+        out["perplexity_increase_pct"] = 100.0 * (q["perplexity"] / src["perplexity"] - 1.0)
+    if src["task_average"] is not None and q["task_average"] is not None:
+        out["source_task_average"], out["quantized_task_average"] = src["task_average"], q["task_average"]
+    if output is not None:
+        js, md = write_quality_table(table, output)
+        out["table_files"] = [str(js), str(md)]
     return out
+
+
+def default_baseline_output(output: str | os.PathLike) -> Path:
+    """Where `quantize_main` puts the quantized baseline unless told: a sibling `<output>-baseline`."""
+    out = Path(output)
+    return out.with_name(out.name + "-baseline")
 
 
 def quantize_main(model: str, output: str, method: str = "gptq", bits: int = 4, group_size: int | None = None,
                   calibration: str | None = "c4-sample", num_samples: int = 64, seq_len: int = 512,
                   backend: str = "gptqmodel", eval_data: str | None = None, eval_windows: int = 16,
-                  eval_skip_windows: int | None = None, dtype: str | None = None) -> dict[str, Any]:
-    """`lightning-drop quantize`: quantize a saved (dropped) model; with `eval_data`, compare perplexity.
+                  eval_skip_windows: int | None = None, dtype: str | None = None, baseline: str | None = None,
+                  baseline_output: str | None = None, tasks: Sequence[str] | str | None = None,
+                  num_fewshot: int | None = None, limit: int | float | None = None, include_path: str | None = None,
+                  task_results: Sequence[str] | Mapping[str, Any] | None = None) -> dict[str, Any]:
+    """`lightning-drop quantize`: quantize a saved (dropped) model; with `eval_data` / `tasks`, compare quality.
 
     `eval_skip_windows=None` skips as many held-out tokens as calibration used (`num_samples` windows), so
     evaluating on the calibration source does not score text the quantizer has seen.
-    Writes `output/lightning_drop_quant.json` with the settings, time, sizes and (if measured) the
-    perplexity of the model before and after quantization. Returns the same dictionary.
+    `baseline` (the undropped model): quantized with the same settings into `baseline_output` (default
+    `<output>-baseline`), so the table has the paper's four rows: baseline, baseline+quant, dropped,
+    dropped+quant. `tasks` are run with lm-eval on every row; `task_results` ("LABEL=FILE" of
+    `lightning-drop eval --output`) supply rows' scores instead.
+    Writes `output/lightning_drop_quant.json` (settings, time, sizes, quality) and, when quality is
+    measured, `output/quality_table.json` + `.md`. Returns the same dictionary.
     """
     from .checkpoint import atomic_write_text
 
-    res = quantize(model, output, method=method, bits=bits, group_size=group_size,
-                   calibration=calibration or "c4-sample",
-                   num_samples=num_samples, seq_len=seq_len, backend=backend, dtype=dtype).to_dict()
+    measure = bool(eval_data or tasks or task_results)
+    if (baseline is not None or baseline_output is not None) and not measure:
+        raise ValueError("a baseline is only used for the quality table: also give eval_data (--eval-data) or tasks")
+    if baseline_output is not None and baseline is None:
+        raise ValueError("baseline_output given without baseline (the undropped model to quantize)")
+    if baseline is not None and Path(default_baseline_output(output) if baseline_output is None
+                                     else baseline_output).resolve() == Path(output).resolve():
+        raise ValueError("baseline_output must differ from output")
+    check_args(method, bits, backend)
+    require_backend(backend)  # before anything is loaded: both quantizations need it
+    settings = dict(method=method, bits=bits, group_size=group_size, calibration=calibration or "c4-sample",
+                    num_samples=num_samples, seq_len=seq_len, backend=backend, dtype=dtype)
+    res = quantize(model, output, **settings).to_dict()
     res["model"], res["calibration"] = str(model), str(calibration or "c4-sample")
-    if eval_data:
+    base_q = None
+    if baseline is not None:
+        base_q = str(default_baseline_output(output) if baseline_output is None else baseline_output)
+        settings["group_size"] = res["group_size"]  # the same grid for both rows
+        res["baseline_quantization"] = {**quantize(baseline, base_q, **settings).to_dict(), "model": str(baseline)}
+    if measure:
         skip = num_samples if eval_skip_windows is None else eval_skip_windows
-        res.update(quality_report(model, output, eval_data, seq_len=seq_len, num_windows=eval_windows,
-                                  skip_windows=skip))
+        res.update(quality_report(model, output, eval_data or None, seq_len=seq_len, num_windows=eval_windows,
+                                  skip_windows=skip, baseline=baseline, baseline_quantized=base_q, tasks=tasks,
+                                  num_fewshot=num_fewshot, limit=limit, include_path=include_path,
+                                  task_results=task_results, output=output))
     atomic_write_text(Path(output) / QUANT_REPORT, json.dumps(res, indent=2, sort_keys=True, default=str) + "\n")
     print(format_report(res))
     return res
@@ -431,4 +629,8 @@ def format_report(res: dict[str, Any]) -> str:
     if "quantized_perplexity" in res:
         lines.append(f"perplexity {res['source_perplexity']:.4f} -> {res['quantized_perplexity']:.4f} "
                      f"({res['perplexity_increase_pct']:+.2f}%) over {res['num_windows']} x {res['seq_len']} tokens")
+    if res.get("table"):
+        lines += ["", format_quality_table(res["table"]).rstrip()]
+    if res.get("table_files"):
+        lines.append("table written to " + " and ".join(res["table_files"]))
     return "\n".join(lines)

@@ -270,3 +270,128 @@ def test_smollm2_attention_drop_quantized(tmp_path, c4_path, method):
     assert ld.dropped_layers(qmodel)[0] == SMOLLM2_ATTN_DROP
     windows = text_windows(tok, texts[250:], 256, 2)
     assert perplexity(qmodel, windows) < 1.75 * perplexity(model, windows)
+
+
+# ---------------------------------------------------------------------------------------------- Table 10
+# The table is built from checkpoint directories, whatever made them: here round-to-nearest 4-bit weights saved
+# in float16 stand for the quantized copies, so the table is tested without a quantization backend.
+def _fake_quantized(ref, out, tok=None):
+    model, tok2 = load_model(str(ref))
+    q = _rtn(model, 32).half()
+    return ld.save_dropped(q, out, tokenizer=tok or tok2)
+
+
+@pytest.fixture(scope="module")
+def four_checkpoints(tmp_path_factory):
+    root = tmp_path_factory.mktemp("table10")
+    model, tok = tiny_model("llama", num_layers=4)
+    base = ld.save_dropped(model, root / "base", tokenizer=tok)
+    ld.apply_drop(model, attn=[1, 2])
+    dropped = ld.save_dropped(model, root / "dropped", tokenizer=tok)
+    return {"baseline": base, "baseline+quant": _fake_quantized(base, root / "base-q"),
+            "dropped": dropped, "dropped+quant": _fake_quantized(dropped, root / "dropped-q")}
+
+
+def test_quality_table_has_the_four_rows_and_writes_json_and_markdown(four_checkpoints, c4_path, tmp_path):
+    from lightning_drop.evaluation import perplexity, text_windows
+    from lightning_drop.quantize import TABLE_ORDER, dir_size, quality_report
+
+    ck = four_checkpoints
+    (tmp_path / "base_eval.json").write_text(json.dumps({"scores": {"task_a": 0.5, "task_b": 0.3}, "average": 0.4}))
+    res = quality_report(ck["dropped"], ck["dropped+quant"], c4_path, seq_len=64, num_windows=3, skip_windows=5,
+                         baseline=ck["baseline"], baseline_quantized=ck["baseline+quant"],
+                         task_results=[f"baseline={tmp_path / 'base_eval.json'}"], output=tmp_path / "out")
+    table = res["table"]
+    assert [r["config"] for r in table["rows"]] == list(TABLE_ORDER)
+    rows = {r["config"]: r for r in table["rows"]}
+    _, tok = load_model(str(ck["baseline"]))
+    windows = text_windows(tok, _texts(c4_path), 64, 8)[5:]
+    for label, path in ck.items():  # every row measured on the same held-out windows
+        model, _ = load_model(str(path))
+        assert rows[label]["perplexity"] == pytest.approx(perplexity(model, windows), rel=1e-6), label
+        assert rows[label]["size_bytes"] == dir_size(path)
+    assert table["num_windows"] == 3 and rows["baseline"]["perplexity_change_pct"] == 0
+    # float16 copies: half the bytes; the attention-dropped model is smaller than the baseline
+    assert rows["baseline+quant"]["size_ratio"] == pytest.approx(0.5, rel=0.02)
+    assert rows["dropped"]["size_bytes"] < rows["baseline"]["size_bytes"]
+    assert rows["dropped+quant"]["perplexity"] != rows["dropped"]["perplexity"]  # really a different model
+    assert res["source_perplexity"] == rows["dropped"]["perplexity"]
+    assert res["perplexity_increase_pct"] == pytest.approx(
+        100 * (rows["dropped+quant"]["perplexity"] / rows["dropped"]["perplexity"] - 1))
+    assert rows["baseline"]["task_average"] == 0.4 and rows["dropped"]["task_average"] is None
+    assert table["task_names"] == ["task_a", "task_b"]
+    out = tmp_path / "out"
+    assert json.loads((out / "quality_table.json").read_text())["rows"] == json.loads(json.dumps(table["rows"]))
+    md = (out / "quality_table.md").read_text().splitlines()
+    lines = [x for x in md if x.startswith("|")]
+    assert lines[0].split(" | ")[:3] == ["| config", "perplexity", "ppl change"] and "task avg" in lines[0]
+    assert [x.split(" | ")[0] for x in lines[2:]] == [f"| {k}" for k in TABLE_ORDER]
+    assert "| 0.4000 |" in lines[2] and lines[4].count(" - ") >= 3  # dropped row: no task scores
+    assert not list(out.glob(".*"))  # atomic writes leave no temporaries
+
+
+def test_quality_table_runs_requested_tasks(four_checkpoints, shared_dir):
+    from lightning_drop.evaluation import local_task_dir
+    from lightning_drop.quantize import format_quality_table, quality_table
+
+    data = shared_dir / "data" / "hellaswag_val_first1000.jsonl"
+    table = quality_table({"dropped": four_checkpoints["dropped"]}, tasks="hellaswag_sample", limit=4,
+                          include_path=local_task_dir({"hellaswag_sample": data}))
+    row = table["rows"][0]
+    assert row["perplexity"] is None and set(row["task_scores"]) == {"hellaswag_sample"}
+    assert 0 <= row["task_average"] <= 1 and row["task_average"] == row["task_scores"]["hellaswag_sample"]
+    assert "hellaswag_sample" in format_quality_table(table) and "perplexity" not in format_quality_table(table).split("\n")[0]
+
+
+def test_quality_table_bad_input(four_checkpoints, tmp_path):
+    from lightning_drop.quantize import quality_report, quality_table
+
+    ck = four_checkpoints
+    with pytest.raises(ValueError, match="nothing to measure"):
+        quality_table({"dropped": ck["dropped"]})
+    with pytest.raises(ValueError, match="not a row of this table"):
+        quality_table({"dropped": ck["dropped"]}, task_results={"baseline": {"scores": {}}})
+    with pytest.raises(ValueError, match="LABEL=FILE"):
+        quality_table({"dropped": ck["dropped"]}, task_results=["dropped"])
+    with pytest.raises(FileNotFoundError, match="task results file not found"):
+        quality_table({"dropped": ck["dropped"]}, task_results={"dropped": str(tmp_path / "none.json")})
+    with pytest.raises(ValueError, match="baseline_quantized given without baseline"):
+        quality_report(ck["dropped"], ck["dropped+quant"], None, baseline_quantized=ck["baseline+quant"])
+
+
+def test_quantize_main_quantizes_the_baseline_too_and_writes_the_table(four_checkpoints, c4_path, tmp_path,
+                                                                       monkeypatch):
+    """The command's wiring, with the backend replaced by the stand-in above (the real one is tested above)."""
+    import lightning_drop.quantize as q
+
+    calls = []
+
+    def fake_quantize(src, out, **kw):
+        calls.append((str(src), str(out), kw["group_size"]))
+        _fake_quantized(src, out)
+        return q.QuantizeResult(out_dir=str(out), method=kw["method"], bits=kw["bits"], group_size=32,
+                                backend=kw["backend"], num_samples=kw["num_samples"], seq_len=kw["seq_len"],
+                                seconds=0.0, size_before_bytes=q.dir_size(src), size_after_bytes=q.dir_size(out),
+                                quantized_modules=0)
+
+    monkeypatch.setattr(q, "quantize", fake_quantize)
+    monkeypatch.setattr(q, "require_backend", lambda backend="gptqmodel": None)
+    out = tmp_path / "q"
+    res = q.quantize_main(str(four_checkpoints["dropped"]), str(out), calibration=str(c4_path), num_samples=4,
+                          seq_len=64, eval_data=str(c4_path), eval_windows=2, baseline=str(four_checkpoints["baseline"]))
+    assert calls[0][1] == str(out) and calls[1] == (str(four_checkpoints["baseline"]), str(tmp_path / "q-baseline"), 32)
+    assert [r["config"] for r in res["table"]["rows"]] == list(q.TABLE_ORDER)
+    report = json.loads((out / q.QUANT_REPORT).read_text())
+    assert report["baseline_quantization"]["out_dir"] == str(tmp_path / "q-baseline")
+    assert (out / "quality_table.md").is_file() and report["table"]["num_windows"] == 2
+
+
+def test_quantize_main_checks_before_quantizing(tmp_path):
+    from lightning_drop.quantize import quantize_main
+
+    with pytest.raises(ValueError, match="baseline is only used for the quality table"):
+        quantize_main("tiny-llama", str(tmp_path / "q"), baseline="tiny-llama")
+    if BACKEND_MISSING is not None:
+        with pytest.raises(QuantizationBackendError, match="lightning-drop\\[quant\\]"):
+            quantize_main("tiny-llama", str(tmp_path / "q"), baseline="tiny-llama", eval_data="c4-sample")
+        assert not (tmp_path / "q").exists() and not (tmp_path / "q-baseline").exists()
