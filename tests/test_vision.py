@@ -3,6 +3,7 @@ checkpoints in three shapes, bad requests."""
 
 from __future__ import annotations
 
+import copy
 import json
 import os
 import subprocess
@@ -82,26 +83,67 @@ def test_forward_equals_zeroed_reference(family, attn, mlp):
 @pytest.mark.parametrize("family", FAMILIES)
 def test_hook_counts_show_dropped_sublayers_never_run(family):
     model = tiny_vision_model(family)
+    full = copy.deepcopy(model)
     apply_drop(model, attn=[0, 3], mlp=[1, 3])
     rows = check_really_skipped(model, X)
-    calls = {(r["block"], k): r[f"{k}_calls"] for r in rows for k in ("attn", "mlp")}
-    for i in range(4):
-        assert (calls[(i, "attn")] == 0) == (i in (0, 3))
-        assert (calls[(i, "mlp")] == 0) == (i in (1, 3))
+    for r in rows:
+        for kind, dropped in (("attn", (0, 3)), ("mlp", (1, 3))):
+            assert r[f"{kind}_calls"] > 0  # the slot is reached either way (a stand-in is called)
+            if r["block"] in dropped:
+                assert r[f"{kind}_flops"] == 0 and r[f"{kind}_compute_calls"] == 0, r
+            else:
+                assert r[f"{kind}_flops"] > 0 and r[f"{kind}_compute_calls"] > 0, r
+    # the same slots of the full model do the work the dropped ones no longer do
+    full_rows = check_really_skipped(full, X)
+    assert full_rows[0]["attn_flops"] > 0 and full_rows[1]["mlp_flops"] > 0
     # FLOPs follow what runs
-    assert flops_per_image(model) < flops_per_image(tiny_vision_model(family))
+    assert flops_per_image(model) < flops_per_image(full)
 
 
-def test_really_skipped_check_catches_a_running_sublayer(monkeypatch):
-    model = tiny_vision_model("vit")
-    apply_drop(model, attn=[1])
+@pytest.mark.parametrize("family", ["vit", "swinv2"])
+def test_really_skipped_catches_original_module_put_back(family):
+    """A genuinely broken drop: the drop list still says attention 1 and MLP 2 are gone, but their original
+    modules are back in the slots. `dropped_layers` (which reads the modules) no longer sees the drop; the
+    run-time check, which trusts the declared list and watches what runs, must."""
+    full = tiny_vision_model(family)
+    spec = get_vision_spec(full)
+    model = apply_drop(copy.deepcopy(full), attn=[1], mlp=[2])
+    check_really_skipped(model, X)  # correct drop passes
+    setattr(spec.get_layers(model)[1], spec.attn, getattr(spec.get_layers(full)[1], spec.attn))
+    assert dropped_layers(model)[0] == [] and model.config.drop_attn_list == [1]
+    names = spec.block_names(model)
+    with pytest.raises(RuntimeError, match=rf"block {names[1]}: dropped attn ran \([1-9]\d* FLOPs"):
+        check_really_skipped(model, X)
+    # only the attention's norm put back (no FLOPs at all): caught by the norm call
+    model = apply_drop(copy.deepcopy(full), attn=[2])
+    norm = spec.attn_extra[0]
+    setattr(spec.get_layers(model)[2], norm, getattr(spec.get_layers(full)[2], norm))
     rows = sublayer_call_counts(model, X)
-    assert rows[1]["attn_calls"] == 0 and rows[1]["mlp_calls"] > 0
-    from lightning_drop.vision import speed
+    assert rows[2]["attn_flops"] == 0 and rows[2]["attn_compute_calls"] == 1
+    with pytest.raises(RuntimeError, match=rf"block {names[2]}: dropped attn ran \(0 FLOPs, 1 calls"):
+        check_really_skipped(model, X)
 
-    monkeypatch.setattr(speed, "dropped_layers", lambda m: ([1, 2], []))  # claim 2 is dropped: it runs
-    with pytest.raises(RuntimeError, match="dropped attn ran"):
-        speed.check_really_skipped(model, X)
+
+def test_really_skipped_catches_a_standin_that_runs_the_original(monkeypatch):
+    """A stand-in patched to run the original attention (held outside the module tree, so no hook sits on
+    it): only the FLOPs counted inside the slot can see it."""
+    from lightning_drop.vision.modeling_dropped import DroppedVisionAttention
+
+    full = tiny_vision_model("vit")
+    original = get_vision_spec(full).get_layers(full)[1].attention
+    model = apply_drop(copy.deepcopy(full), attn=[1])
+    monkeypatch.setattr(DroppedVisionAttention, "forward", lambda self, hidden_states, *a, **k: original(hidden_states))
+    rows = sublayer_call_counts(model, X)
+    assert rows[1]["attn_compute_calls"] == 0 and rows[1]["attn_flops"] == rows[0]["attn_flops"] > 0
+    with pytest.raises(RuntimeError, match="block 1: dropped attn ran"):
+        check_really_skipped(model, X)
+
+
+def test_really_skipped_catches_an_undeclared_standin():
+    model = apply_drop(tiny_vision_model("dinov2"), attn=[2])
+    model.config.drop_attn_list = []  # the checkpoint would claim attention 2 is still there
+    with pytest.raises(RuntimeError, match="block 2: kept attn did no FLOPs"):
+        check_really_skipped(model, X)
 
 
 def test_dinov2_layerscale_is_inside_y():

@@ -6,7 +6,7 @@ They work on any LightningModule with a `model` attribute holding a supported vi
 `VisionLayerDrop` follows the LLM-Vision-Drop fork's evaluation at the end of training (`on_train_end`, model
 still on its device): test accuracy of the trained model -> score and drop -> test accuracy right after the
 drop -> fine-tune the classification head alone (backbone frozen) -> test accuracy again; plus images/s and
-FLOPs per image of baseline vs dropped in one run, and a hook-count check that dropped sublayers never run.
+FLOPs per image of baseline vs dropped in one run, and a run-time check that dropped sublayers do no work.
 Everything goes to `report_path` (JSON, atomic write) and to the trainer's loggers.
 """
 
