@@ -10,7 +10,7 @@ import os
 import sys
 from typing import Callable, Sequence
 
-LIGHTNING_SUBCOMMANDS = ("fit", "validate", "test", "predict")
+LIGHTNING_SUBCOMMANDS = ("fit", "validate", "test")
 
 
 def _int_list(text: str) -> list[int]:
@@ -230,7 +230,15 @@ def main(argv: Sequence[str] | None = None) -> int:
     try:
         func: Callable[[argparse.Namespace], object] = args.func
         func(args)
-    except (ValueError, FileNotFoundError) as err:
+    except (ValueError, OSError, ImportError) as err:
+        # Bad input, a missing file, an unreachable download, a missing optional backend: one line, no traceback.
+        print(f"lightning-drop {args.command}: error: {err}", file=sys.stderr)
+        return 2
+    except RuntimeError as err:
+        from .quantize import QuantizationBackendError
+
+        if not isinstance(err, QuantizationBackendError):
+            raise
         print(f"lightning-drop {args.command}: error: {err}", file=sys.stderr)
         return 2
     return 0

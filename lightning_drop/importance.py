@@ -9,6 +9,7 @@ real tokens only, into torchmetrics states (float64), so DDP ranks end with iden
 from __future__ import annotations
 
 import math
+import warnings
 from contextlib import contextmanager
 from dataclasses import asdict, dataclass, field
 from typing import Any, Callable, Iterable, Iterator
@@ -17,6 +18,7 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 from torchmetrics import Metric
+from torchmetrics.aggregation import SumMetric
 
 from .architectures import ArchSpec, get_spec
 from .modeling_dropped import dropped_layers
@@ -96,21 +98,34 @@ class ImportanceAccumulator:
         self.layers = self.spec.get_layers(model)
         n = len(self.layers)
         self.metrics = nn.ModuleDict({k: LayerScoreMean(n) for k in KINDS})
+        # Real tokens seen, summed over processes like the scores (a rank may have seen none).
+        self.tokens = SumMetric()
         self.set_mask(None)
         self.num_tokens = 0
 
     def set_mask(self, mask: torch.Tensor | None) -> None:
         """Real-token mask of the next batch (None = every token is real)."""
         self.mask = mask.bool() if mask is not None else None
-        self._mask_f = mask.to(torch.float32) if mask is not None else None
         self._mask_count = float(mask.sum()) if mask is not None else None
 
+    def count_tokens(self, num: int) -> None:
+        """Record `num` real tokens of the batch being scored (local count and the synced total)."""
+        self.num_tokens += num
+        self.tokens.update(float(num))
+
+    def to(self, device: torch.device) -> "ImportanceAccumulator":
+        """Keep the metric states on the model's device (DDP syncs them there)."""
+        self.metrics.to(device)
+        self.tokens.to(device)
+        return self
+
     def _accumulate(self, kind: str, layer: int, scores: torch.Tensor) -> None:
-        # A masked sum instead of boolean indexing: no gather, one reduction.
-        if self._mask_f is None:
+        # A masked sum instead of boolean indexing: no gather, one reduction. `where`, not a product, so
+        # that NaN/inf at padding positions (e.g. all-zero pad embeddings) cannot leak into the sum.
+        if self.mask is None:
             total, count = scores.sum(dtype=torch.float64), float(scores.numel())
         else:
-            total, count = (scores * self._mask_f).sum(dtype=torch.float64), self._mask_count
+            total, count = torch.where(self.mask, scores, 0.0).sum(dtype=torch.float64), self._mask_count
         self.metrics[kind].update(layer, total, count)
 
     def _reduce(self, kind: str, layer: int, x: torch.Tensor, y: torch.Tensor) -> None:
@@ -187,12 +202,14 @@ class ImportanceAccumulator:
 
     def scores(self) -> ImportanceScores:
         """Synchronized (DDP) per-layer means; dropped modules become None; NaN is refused."""
-        n = len(self.layers)
         attn_dropped, mlp_dropped = dropped_layers(self.model) if _has_drops(self.model) else ([], [])
-        rows: dict[str, list[float | None]] = {}
-        for kind in KINDS:
-            values = self.metrics[kind].compute().tolist() if self.metrics[kind].count.sum() > 0 else [math.nan] * n
-            rows[kind] = values
+        # compute() is the DDP sync point: every rank calls it, whatever it saw locally (0/0 -> NaN).
+        with warnings.catch_warnings():  # a rank (or a call) with no batch at all is legitimate here
+            warnings.filterwarnings("ignore", message=".*was called before the ``update`` method.*")
+            rows: dict[str, list[float | None]] = {kind: self.metrics[kind].compute().tolist() for kind in KINDS}
+            num_tokens = int(self.tokens.compute().item())
+        if num_tokens == 0:
+            raise ValueError("no calibration data: the batches held no real tokens")
         gone = {"attn": set(attn_dropped), "mlp": set(mlp_dropped),
                 "block": set(attn_dropped) & set(mlp_dropped)}
         for kind in KINDS:
@@ -203,7 +220,7 @@ class ImportanceAccumulator:
                     f"non-finite {kind} importance scores for layers {bad}: the model produced NaN/inf hidden "
                     "states (try float32) or the calibration data had no real tokens"
                 )
-        return ImportanceScores(self.metric, rows["attn"], rows["mlp"], rows["block"], self.num_tokens)
+        return ImportanceScores(self.metric, rows["attn"], rows["mlp"], rows["block"], num_tokens)
 
 
 def _has_drops(model: nn.Module) -> bool:
@@ -248,17 +265,15 @@ def compute_importance(model: nn.Module, batches: Iterable[Any], metric: str = "
     n = len(spec.get_layers(model))
     if metric in ("reverse", "random"):
         rows = {k: _positional_scores(metric, n, seed + j) for j, k in enumerate(KINDS)}
-        acc = ImportanceAccumulator(model, "cosine", spec)
         scores = ImportanceScores(metric, rows["attn"], rows["mlp"], rows["block"], 0)
         attn_d, mlp_d = dropped_layers(model) if _has_drops(model) else ([], [])
         scores.attn = [None if i in attn_d else v for i, v in enumerate(scores.attn)]
         scores.mlp = [None if i in mlp_d else v for i, v in enumerate(scores.mlp)]
         scores.block = [None if (i in attn_d and i in mlp_d) else v for i, v in enumerate(scores.block)]
-        del acc
         return scores
     acc = ImportanceAccumulator(model, metric, spec)
     device = next(model.parameters()).device
-    acc.metrics.to(device)
+    acc.to(device)
     was_training = model.training
     model.eval()
     runner = _decoder(model)
@@ -268,18 +283,15 @@ def compute_importance(model: nn.Module, batches: Iterable[Any], metric: str = "
         from tqdm.auto import tqdm
 
         iterator = tqdm(batches, desc="calibration", unit="batch")
-    seen = 0
     try:
         with acc.hooks():
             for batch in iterator:
                 inputs = _as_batch(batch, device)
                 mask = inputs.get("attention_mask")
                 acc.set_mask(mask)
-                acc.num_tokens += int(mask.sum()) if mask is not None else inputs["input_ids"].numel()
+                acc.count_tokens(int(mask.sum()) if mask is not None else inputs["input_ids"].numel())
                 runner(**inputs, use_cache=False)
-                seen += 1
     finally:
         model.train(was_training)
-    if seen == 0 or acc.num_tokens == 0:
-        raise ValueError("no calibration data: the batches held no real tokens")
+    # No early exit for a rank that saw no batch: scores() syncs, and the other ranks wait for it there.
     return acc.scores()

@@ -13,6 +13,7 @@ checkpoint so that `trust_remote_code=True` loads it where lightning_drop is not
 
 from __future__ import annotations
 
+import operator
 from typing import Any, Iterable, Sequence
 
 import torch
@@ -40,17 +41,29 @@ class DroppedMLP(nn.Module):
 
 
 def normalize_drop_list(value: Any, num_layers: int | None = None) -> list[int]:
-    """Accept index lists or per-layer booleans (both occur in LLM-Drop configs); return sorted indices."""
+    """Accept index lists or per-layer booleans (both occur in LLM-Drop configs); return sorted indices.
+
+    With `num_layers`, indices must lie in 0..num_layers-1 and a boolean list must have one entry per layer:
+    a config that names layer -1 or 99 is refused instead of dropping some other layer.
+    """
     if value is None:
         return []
     values = list(value)
     if values and all(isinstance(v, bool) for v in values):
+        if num_layers is not None and len(values) != num_layers:
+            raise ValueError(f"a per-layer boolean drop list needs {num_layers} entries, got {len(values)}")
         return [i for i, v in enumerate(values) if v]
     out = []
     for v in values:
-        if isinstance(v, bool) or not isinstance(v, int):
-            raise ValueError(f"drop lists hold layer indices or per-layer booleans, got {v!r}")
-        out.append(int(v))
+        if isinstance(v, bool):
+            raise ValueError(f"drop lists hold layer indices or per-layer booleans, not a mix: got {values!r}")
+        try:
+            i = operator.index(v)
+        except TypeError:
+            raise ValueError(f"drop lists hold layer indices or per-layer booleans, got {v!r}") from None
+        if num_layers is not None and not 0 <= i < num_layers:
+            raise ValueError(f"drop list index {i} is out of range: the model has {num_layers} layers (0..{num_layers - 1})")
+        out.append(i)
     return sorted(set(out))
 
 
@@ -69,9 +82,13 @@ def dropped_layers(model: nn.Module) -> tuple[list[int], list[int]]:
 
 def _check_indices(name: str, indices: Sequence[int], num_layers: int) -> list[int]:
     seen: set[int] = set()
-    for i in indices:
-        if isinstance(i, bool) or not isinstance(i, int):
-            raise ValueError(f"{name} index {i!r} is not an integer")
+    for v in indices:
+        try:
+            i = operator.index(v)  # ints, numpy and 0-d torch integers
+        except TypeError:
+            i = None
+        if isinstance(v, bool) or i is None:
+            raise ValueError(f"{name} index {v!r} is not an integer")
         if not 0 <= i < num_layers:
             raise ValueError(f"{name} index {i} is out of range: the model has {num_layers} layers (0..{num_layers - 1})")
         if i in seen:
@@ -99,6 +116,7 @@ def apply_drop(model: nn.Module, attn: Iterable[int] = (), mlp: Iterable[int] = 
     that would leave no attention and no MLP at all.
     """
     spec = get_spec(model)
+    dropped_classes(spec)  # a family we cannot express as dropped classes fails before anything changes
     layers = spec.get_layers(model)
     n = len(layers)
     attn = _check_indices("attention", list(attn), n)
@@ -190,8 +208,9 @@ def dropped_classes(spec: ArchSpec) -> tuple[type, type]:
             base_model = getattr(transformers, spec.causal_lm_class)
         except AttributeError as err:
             raise ValueError(
-                f"family '{spec.family}' needs {spec.causal_lm_class}, which this transformers "
-                f"{transformers.__version__} does not ship (remote-code-only families need their modeling code)"
+                f"dropping needs transformers' own {spec.causal_lm_class}, and transformers "
+                f"{transformers.__version__} does not ship it: a remote-code family ({spec.family}) loads and "
+                "scores from its local code, but its dropped checkpoint could only be loaded by that code"
             ) from err
         config_cls = type(
             f"Dropped{base_config.__name__}",

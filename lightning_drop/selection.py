@@ -7,6 +7,7 @@ from typing import Any, Callable, Iterable, Sequence
 
 from torch import nn
 
+from .architectures import get_spec
 from .importance import METRICS, ImportanceScores, compute_importance
 from .modeling_dropped import apply_drop, dropped_layers
 
@@ -42,8 +43,36 @@ def resolve_num(total: int, num: int | None, ratio: float | None) -> int:
     return num
 
 
+def max_droppable(num_layers: int, target: str, keep: Sequence[int] = (), dropped_attn: Sequence[int] = (),
+                  dropped_mlp: Sequence[int] = ()) -> int:
+    """How many more `target` modules can go without removing every sublayer of the model.
+
+    Known before any scoring, so a request that cannot succeed fails before the calibration pass.
+    """
+    if target not in TARGETS:
+        raise ValueError(f"unknown target '{target}'; choose from {', '.join(TARGETS)}")
+    protected, da, dm = set(keep), set(dropped_attn), set(dropped_mlp)
+    free_attn = [i for i in range(num_layers) if i not in da and i not in protected]
+    free_mlp = [i for i in range(num_layers) if i not in dm and i not in protected]
+    surviving = 2 * num_layers - len(da) - len(dm)  # sublayers still in the model
+    if target == "attn":
+        count, removes_all = len(free_attn), len(free_attn) == surviving
+    elif target == "mlp":
+        count, removes_all = len(free_mlp), len(free_mlp) == surviving
+    elif target == "joint":
+        count, removes_all = len(free_attn) + len(free_mlp), len(free_attn) + len(free_mlp) == surviving
+    else:
+        blocks = [i for i in range(num_layers) if not (i in da and i in dm) and i not in protected]
+        removed = sum((i not in da) + (i not in dm) for i in blocks)
+        count, removes_all = len(blocks), removed == surviving
+    return count - 1 if removes_all and count else count
+
+
 def select_modules(scores: ImportanceScores, target: str, num: int, keep: Sequence[int] = ()) -> tuple[list[int], list[int]]:
-    """(attention indices, MLP indices) of the `num` lowest-scoring modules; a block counts as both."""
+    """(attention indices, MLP indices) of the `num` lowest-scoring modules; a block counts as both.
+
+    A block whose one sublayer is already gone contributes only its surviving sublayer.
+    """
     ranked = candidates(scores, target, keep)
     if num > len(ranked):
         raise ValueError(f"cannot drop {num} {target} modules: only {len(ranked)} can be dropped"
@@ -51,9 +80,9 @@ def select_modules(scores: ImportanceScores, target: str, num: int, keep: Sequen
     attn: list[int] = []
     mlp: list[int] = []
     for _, _, i, kind in ranked[:num]:
-        if kind in ("attn", "block"):
+        if kind == "attn" or (kind == "block" and scores.attn[i] is not None):
             attn.append(i)
-        if kind in ("mlp", "block"):
+        if kind == "mlp" or (kind == "block" and scores.mlp[i] is not None):
             mlp.append(i)
     return sorted(attn), sorted(mlp)
 
@@ -92,6 +121,11 @@ def drop_by_importance(model: nn.Module, batches: Iterable[Any] | Callable[[], I
         raise ValueError(f"unknown schedule '{schedule}'; choose from {', '.join(SCHEDULES)}")
     if step < 1:
         raise ValueError(f"step must be at least 1, got {step}")
+    done_attn, done_mlp = dropped_layers(model)
+    limit = max_droppable(len(get_spec(model).get_layers(model)), target, keep, done_attn, done_mlp)
+    if num > limit:
+        raise ValueError(f"cannot drop {num} {target} modules: at most {limit} can go"
+                         f"{' (after keep)' if keep else ''} without removing every sublayer")
     get_batches = batches if callable(batches) else (lambda data=list(batches): data)
     result = DropResult([], [])
     remaining = num

@@ -324,8 +324,7 @@ def stream_importance(model_dir: str | os.PathLike, windows: Any, metric: str = 
     batches = _batches(windows, batch_size)
     if not batches:
         raise ValueError("no calibration data: the batches held no real tokens")
-    acc = ImportanceAccumulator(model, metric, spec)
-    acc.metrics.to(device)
+    acc = ImportanceAccumulator(model, metric, spec).to(device)
     store = _HiddenStore(offload_dir)
     layer_bytes = 0
     try:
@@ -339,7 +338,7 @@ def stream_importance(model_dir: str | os.PathLike, windows: Any, metric: str = 
                 args, kwargs = probe(0, mask.to(device) if mask is not None else None,
                                      input_ids=batch["input_ids"].to(device))
                 store.add(args[0] if args else kwargs["hidden_states"])
-                acc.num_tokens += int(mask.sum()) if mask is not None else batch["input_ids"].numel()
+                acc.count_tokens(int(mask.sum()) if mask is not None else batch["input_ids"].numel())
             if acc.num_tokens == 0:
                 raise ValueError("no calibration data: the batches held no real tokens")
             _release(embed)

@@ -153,6 +153,39 @@ def test_failed_write_leaves_destination_untouched(tmp_path, monkeypatch):
     assert [p.name for p in tmp_path.iterdir()] == ["ckpt"]  # no temporary leftovers
 
 
+def test_failed_final_rename_restores_the_previous_checkpoint(tmp_path, monkeypatch):
+    from lightning_drop import checkpoint
+
+    model, tok = tiny_model("llama")
+    dest = save_dropped(model, tmp_path / "ckpt", tok)
+    before = {p.name: p.read_bytes() for p in dest.iterdir()}
+    real_replace = os.replace
+
+    def replace(src, dst):
+        if Path(dst) == dest and ".tmp-" in str(src):
+            raise OSError("rename failed")
+        return real_replace(src, dst)
+
+    monkeypatch.setattr(checkpoint.os, "replace", replace)
+    with pytest.raises(OSError, match="rename failed"):
+        save_dropped(model, dest, tok)
+    assert {p.name: p.read_bytes() for p in dest.iterdir()} == before
+    assert [p.name for p in tmp_path.iterdir()] == ["ckpt"]
+
+
+def test_checkpoint_files_get_ordinary_permissions(tmp_path):
+    """Temporary directories are private (0700); the renamed checkpoint must be readable like a plain save."""
+    umask = os.umask(0o022)
+    try:
+        model, tok = tiny_model("llama")
+        apply_drop(model, attn=[1])
+        dest = save_dropped(model, tmp_path / "ckpt", tok)
+    finally:
+        os.umask(umask)
+    assert dest.stat().st_mode & 0o777 == 0o755
+    assert {p.stat().st_mode & 0o777 for p in dest.iterdir()} == {0o644}
+
+
 def test_missing_directory_errors(tmp_path):
     with pytest.raises(FileNotFoundError, match="config.json"):
         load_dropped(tmp_path)

@@ -66,8 +66,11 @@ def test_errors_are_one_line_and_leave_output_intact(tmp_path, c4_path, capsys):
     assert main(_args(c4_path, tmp_path / "o3", "--num", "5")) == 2
     err = [line for line in capsys.readouterr().err.splitlines() if "error" in line]
     assert len(err) == 3 and all(line.startswith("lightning-drop drop: error:") for line in err)
-    assert "only 4 can be dropped" in err[-1]
+    assert "at most 4 can go" in err[-1]
     assert not (tmp_path / "o3").exists()
+    assert main(_args(c4_path, tmp_path / "o5", "--num", "4", "--target", "block")) == 2  # every block
+    assert "at most 3 can go without removing every sublayer" in capsys.readouterr().err
+    assert not (tmp_path / "o5").exists()
     assert main(_args(c4_path, tmp_path / "o4", "--num", "1", "--keep", "7")) == 2
     assert "out of range" in capsys.readouterr().err
     assert [p.name for p in tmp_path.iterdir() if p.name.startswith(".")] == []
@@ -78,5 +81,7 @@ def test_help_documents_every_option(capsys):
         main(["drop", "--help"])
     text = capsys.readouterr().out
     for opt in ("--model", "--target", "--num", "--ratio", "--calibration", "--num-samples", "--seq-len",
-                "--metric", "--schedule", "--step", "--keep", "--output", "--text-field", "--shuffle"):
+                "--metric", "--schedule", "--step", "--keep", "--output", "--text-field", "--shuffle", "--seed",
+                "--batch-size", "--dtype", "--stream", "--tokenizer", "--overwrite", "--device", "--offload-dir",
+                "--max-shard-size"):
         assert opt in text

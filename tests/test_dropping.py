@@ -154,3 +154,65 @@ def test_unknown_architecture_names_supported():
 
     with pytest.raises(ValueError, match="supported model types: .*llama"):
         gs("gpt_bigcode")
+
+
+@pytest.mark.parametrize("family", ["llama", "gemma2"])
+def test_cached_generation_after_save_and_reload(tmp_path, family):
+    """Left-padded batch, layer 0's attention dropped: the reloaded checkpoint generates what the in-memory model did."""
+    from transformers import AutoModelForCausalLM
+
+    from lightning_drop import save_dropped
+
+    model, tok = tiny_model(family)
+    apply_drop(model, attn=[0, 2], mlp=[3])
+    batch = _left_padded_batch(tok)
+    with torch.no_grad():
+        before = _greedy(model, batch, True)
+    save_dropped(model, tmp_path / "ckpt", tok)
+    loaded = AutoModelForCausalLM.from_pretrained(tmp_path / "ckpt")
+    assert dropped_layers(loaded) == ([0, 2], [3])
+    with torch.no_grad():
+        cached, uncached = _greedy(loaded, batch, True), _greedy(loaded, batch, False)
+    assert torch.equal(cached, uncached)
+    assert torch.equal(cached, before)
+
+
+@pytest.mark.parametrize("field,value,message", [
+    ("drop_attn_list", [-1], "out of range"),
+    ("drop_attn_list", [4], "out of range"),
+    ("drop_mlp_list", [True, False], "needs 4 entries"),
+    ("drop_mlp_list", [1, True], "not a mix"),
+])
+def test_bad_drop_lists_in_a_config_are_refused(tmp_path, field, value, message):
+    """A config naming layer -1 must not silently drop the last layer (Python indexing) or crash later."""
+    import json
+
+    from lightning_drop import save_dropped
+    from lightning_drop.checkpoint import load_dropped
+
+    model, tok = tiny_model("llama")
+    apply_drop(model, attn=[1])
+    save_dropped(model, tmp_path / "ckpt", tok)
+    cfg = json.loads((tmp_path / "ckpt" / "config.json").read_text())
+    cfg[field] = value
+    (tmp_path / "ckpt" / "config.json").write_text(json.dumps(cfg))
+    with pytest.raises(ValueError, match=message):
+        load_dropped(tmp_path / "ckpt")
+
+
+def test_numpy_and_torch_integer_indices_are_accepted():
+    np = pytest.importorskip("numpy")
+    model, _ = tiny_model("llama")
+    apply_drop(model, attn=[np.int64(1), torch.tensor(2)], mlp=[np.int32(3)])
+    assert dropped_layers(model) == ([1, 2], [3])
+
+
+def test_remote_code_family_drop_fails_before_touching_the_model():
+    """Baichuan's classes exist only as remote code: dropping says so, and the model is left whole."""
+    model, _ = tiny_model("llama")
+    model.config.model_type = "baichuan"  # what a config loaded from Baichuan's remote code reports
+    n_params = sum(p.numel() for p in model.parameters())
+    with pytest.raises(ValueError, match="does not ship it: a remote-code family"):
+        apply_drop(model, attn=[1])
+    assert sum(p.numel() for p in model.parameters()) == n_params
+    assert dropped_layers(model) == ([], [])

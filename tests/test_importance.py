@@ -32,10 +32,14 @@ def direct_scores(model, ids, metric="cosine"):
     causal = torch.full((t, t), float("-inf")).triu(1)[None, None]  # explicit: eager attention adds no mask itself
     sums = {k: [0.0] * len(inner.layers) for k in ("attn", "mlp", "block")}
     sandwich = hasattr(inner.layers[0], "pre_feedforward_layernorm")
+    post_norm = not hasattr(inner.layers[0], "input_layernorm")  # OLMo2: norms after each sublayer only
     for i, layer in enumerate(inner.layers):
-        a = layer.self_attn(hidden_states=layer.input_layernorm(x), position_embeddings=pe, attention_mask=causal)[0]
-        h = x + (layer.post_attention_layernorm(a) if sandwich else a)
-        if sandwich:
+        attn_in = x if post_norm else layer.input_layernorm(x)
+        a = layer.self_attn(hidden_states=attn_in, position_embeddings=pe, attention_mask=causal)[0]
+        h = x + (layer.post_attention_layernorm(a) if sandwich or post_norm else a)
+        if post_norm:
+            y = h + layer.post_feedforward_layernorm(layer.mlp(h))
+        elif sandwich:
             y = h + layer.post_feedforward_layernorm(layer.mlp(layer.pre_feedforward_layernorm(h)))
         else:
             y = h + layer.mlp(layer.post_attention_layernorm(h))
@@ -46,7 +50,7 @@ def direct_scores(model, ids, metric="cosine"):
     return sums
 
 
-@pytest.mark.parametrize("family", ["llama", "gemma2"])
+@pytest.mark.parametrize("family", ["llama", "gemma2", "olmo2"])
 @pytest.mark.parametrize("metric", ["cosine", "angular", "relative_magnitude"])
 def test_scores_equal_direct_computation(family, metric):
     model, _ = tiny_model(family, num_layers=3, sliding_window=64) if family == "gemma2" else tiny_model(family, 3)
@@ -69,6 +73,35 @@ def test_padding_tokens_are_excluded():
     for kind in ("attn", "mlp", "block"):
         expected = [(20 * x + 12 * y) / 32 for x, y in zip(sa.row(kind), sb.row(kind))]
         assert got.row(kind) == pytest.approx(expected, abs=1e-6)
+    assert got.num_tokens == 32
+
+
+def test_left_padding_and_nonfinite_pad_states_are_excluded():
+    """Left padding as generation batches use it; whatever the pad positions hold never reaches the score."""
+    model, _ = tiny_model("llama")
+    a, b = _windows(1, 20, 1), _windows(1, 12, 2)
+    batch = {"input_ids": torch.cat([a, torch.cat([torch.zeros(1, 8, dtype=torch.long), b], dim=1)]),
+             "attention_mask": torch.cat([torch.ones(1, 20), torch.cat([torch.zeros(1, 8), torch.ones(1, 12)], 1)]).long()}
+    sa, sb = compute_importance(model, [a]), compute_importance(model, [b])
+    # Poison the pad positions of the last layer's output with NaN: a masked product (NaN * 0) would let
+    # it into the last layer's MLP and block sums.
+    last = model.model.layers[-1]
+
+    def poison(module, args, output):
+        out = (output[0] if isinstance(output, tuple) else output).clone()
+        out[1, :8] = float("nan")
+        return (out, *output[1:]) if isinstance(output, tuple) else out
+
+    handle = last.register_forward_hook(poison)
+    try:
+        got = compute_importance(model, [batch])
+    finally:
+        handle.remove()
+    # The left-padded row's real tokens attend only to real tokens (RoPE is relative, so the shifted
+    # positions change nothing): every score is the token-weighted mean of the two unpadded runs.
+    for kind in ("attn", "mlp", "block"):
+        expected = [(20 * x + 12 * y) / 32 for x, y in zip(sa.row(kind), sb.row(kind))]
+        assert got.row(kind) == pytest.approx(expected, abs=1e-5)
     assert got.num_tokens == 32
 
 
@@ -120,6 +153,39 @@ def test_selection_targets_and_ties():
     assert resolve_num(30, None, 0.25) == 8
     with pytest.raises(ValueError, match="exactly one"):
         resolve_num(30, 3, 0.1)
+
+
+def test_block_target_on_a_half_dropped_model_takes_the_surviving_sublayer():
+    model, _ = tiny_model("llama")
+    apply_drop(model, attn=[1, 2])
+    scores = compute_importance(model, [_windows()])
+    assert scores.attn[1] is None and scores.block[1] is not None
+    from lightning_drop.importance import ImportanceScores
+
+    rigged = ImportanceScores("cosine", scores.attn, scores.mlp, block=[0.9, 0.0, 0.8, 0.7])
+    assert select_modules(rigged, "block", 1) == ([], [1])  # only the MLP of block 1 is left to drop
+    res = drop_by_importance(model, lambda: [_windows()], "block", 2)
+    assert len(res.attn) >= 2 and dropped_layers(model) == (res.attn, res.mlp)
+
+
+def test_requests_that_would_remove_everything_fail_before_scoring():
+    from lightning_drop.selection import max_droppable
+
+    assert max_droppable(4, "block") == 3
+    assert max_droppable(4, "joint") == 7
+    assert max_droppable(4, "attn") == 4  # an attention-free model still has its MLPs
+    assert max_droppable(4, "attn", dropped_mlp=[0, 1, 2, 3]) == 3
+    assert max_droppable(4, "block", keep=[0]) == 3
+    assert max_droppable(4, "block", dropped_attn=[0], dropped_mlp=[0]) == 2
+    model, _ = tiny_model("llama")
+
+    def no_scoring():
+        raise AssertionError("the calibration pass ran for a request that cannot succeed")
+
+    for target, num in (("block", 4), ("joint", 8), ("attn", 5)):
+        with pytest.raises(ValueError, match="without removing every sublayer"):
+            drop_by_importance(model, no_scoring, target, num)
+    assert dropped_layers(model) == ([], [])
 
 
 def test_one_shot_and_iterative_give_valid_selections():
