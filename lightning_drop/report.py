@@ -1,7 +1,7 @@
 """The study report: PNG figures, a self-contained `report.html` (figures embedded as base64) and `report.md`.
 
 Figures: importance heatmap (layers x {attention, MLP, block}), quality vs number dropped per target,
-quality vs decode speedup (Pareto view), and the dropping order (which layers go first as n grows, paper
+quality vs total (prefill + decode) speedup (Pareto view, the one SDR uses), and the dropping order (which layers go first as n grows, paper
 Fig. 6). The table has the paper's shape: baseline, then drop-n for each target.
 """
 
@@ -145,8 +145,11 @@ def pareto_front(points: Sequence[tuple[float, float]]) -> list[tuple[float, flo
     return sorted(front)
 
 
+SPEEDUP_KEY = "total_speedup"  # the speedup SDR is computed on (prefill + decode, as the paper times)
+
+
 def plot_quality_vs_speedup(doc: Mapping[str, Any], path: Path) -> Path:
-    rows = [r for r in doc["rows"] if r.get("decode_speedup") is not None]
+    rows = [r for r in doc["rows"] if r.get(SPEEDUP_KEY) is not None]
     sweeps = [s["name"] for s in doc["config"]["sweeps"]]
     has_mc = any(r.get("mc_acc") is not None for r in rows)
     fig, axes = plt.subplots(1, 2 if has_mc else 1, figsize=(12 if has_mc else 6.5, 4.8), squeeze=False)
@@ -162,13 +165,13 @@ def plot_quality_vs_speedup(doc: Mapping[str, Any], path: Path) -> Path:
             target = r["target"]
             lab = LABELS.get(target, target) + ("" if r["sweep"] == sweeps[0] else f" [{r['sweep']}]")
             st = _style(sweeps, r["sweep"]) if r["num"] else {"marker": "*"}
-            ax.scatter(r["decode_speedup"], r[key], color=COLORS.get(target), marker=st["marker"], s=60 if r["num"] else 160,
+            ax.scatter(r[SPEEDUP_KEY], r[key], color=COLORS.get(target), marker=st["marker"], s=60 if r["num"] else 160,
                        label=None if lab in seen else ("baseline" if target == "baseline" else lab), zorder=3)
             seen.add(lab)
             if r["num"]:
-                ax.annotate(str(r["num"]), (r["decode_speedup"], r[key]), textcoords="offset points",
+                ax.annotate(str(r["num"]), (r[SPEEDUP_KEY], r[key]), textcoords="offset points",
                             xytext=(4, 4), fontsize=7)
-            pts.append((r["decode_speedup"], r[key] if log else -r[key]))
+            pts.append((r[SPEEDUP_KEY], r[key] if log else -r[key]))
         front = pareto_front(pts)
         if len(front) > 1:
             ax.plot([p[0] for p in front], [p[1] if log else -p[1] for p in front], color="gray", lw=1, ls="--",
@@ -176,7 +179,7 @@ def plot_quality_vs_speedup(doc: Mapping[str, Any], path: Path) -> Path:
         if log:
             _log_y(ax)
         ax.axvline(1.0, color="gray", lw=0.6, ls=":")
-        ax.set_xlabel("decode speedup vs base (x, measured alternately)")
+        ax.set_xlabel("total speedup vs base (prefill + decode time, x, measured alternately)")
         ax.set_ylabel(ylabel)
         ax.grid(alpha=0.3, which="both")
         ax.legend(fontsize=8)
@@ -193,52 +196,100 @@ def drop_order(scores: Mapping[str, Any], kind: str) -> list[int]:
     return [i for _, i in sorted((v, i) for i, v in enumerate(vals) if v is not None)]
 
 
+def _scores_label(doc: Mapping[str, Any], sweep: Mapping[str, Any]) -> str | None:
+    """The `doc["scores"]` entry of this sweep's (metric, calibration), as `Study.all_scores` labels it."""
+    cal = {**doc["config"]["calibration"], **(sweep.get("calibration") or {})}
+    exact = f"{sweep['metric']} | {Path(str(cal['source'])).name} x{cal['num_samples']}"
+    if exact in doc["scores"]:
+        return exact
+    return next((k for k in doc["scores"] if k.startswith(f"{sweep['metric']} |")), next(iter(doc["scores"]), None))
+
+
+def _iterative_grid(sets: Mapping[str, Sequence[Sequence[int]]], kind: str, n: int) -> Any:
+    """Rows n = 1..L of an iterative walk: 1 = dropped at that count, NaN = a count the walk did not store."""
+    import numpy as np
+
+    grid = np.full((n, n), np.nan)
+    for k, (attn, mlp) in sets.items():
+        k = int(k)
+        if not 1 <= k <= n:
+            continue
+        layers = set(attn) if kind == "attn" else set(mlp) if kind == "mlp" else set(attn) & set(mlp)
+        grid[k - 1] = [1.0 if i in layers else 0.0 for i in range(n)]
+    return grid
+
+
 def plot_drop_order(doc: Mapping[str, Any], path: Path) -> Path:
-    """Paper Fig. 6: rows n = 1..L, a filled cell = that layer is dropped when n modules go (one-shot)."""
+    """Paper Fig. 6: rows n = 1..L, a filled cell = that layer is dropped when n modules go.
+
+    It follows the main sweep's schedule: one-shot = the order of one scoring pass; iterative = the sets the
+    re-scoring walk actually reached (`doc["drop_order"]`, read from the study cache). A kind the iterative
+    sweep did not walk is shown one-shot, and its panel says so.
+    """
     import numpy as np
 
     main = doc["config"]["sweeps"][0]
-    label = next((k for k in doc["scores"] if k.startswith(f"{main['metric']} |")), None)
-    if label is None or main["schedule"] != "one-shot":
-        label = next(iter(doc["scores"]), None)
-    if label is None:
+    label = _scores_label(doc, main)
+    walked = (doc.get("drop_order") or {}).get("sets", {}) if main["schedule"] == "iterative" else {}
+    if label is None and not walked:
         fig, ax = plt.subplots(figsize=(6, 1.5))
         ax.text(0.5, 0.5, "no importance scores (baseline only)", ha="center", va="center")
         ax.axis("off")
         return _save(fig, path)
-    s = doc["scores"][label]
-    n = len(s["attn"])
+    s = doc["scores"].get(label) if label else None
+    n = len(s["attn"]) if s else int(doc.get("num_layers") or 0)
     kinds = ["attn", "mlp", "block"]
     fig, axes = plt.subplots(1, 3, figsize=(15.0, 5.0), sharey=True)
     marks = {}
     for r in doc["rows"]:
         if r["sweep"] == main["name"] and r["num"] > 0:
             marks.setdefault(r["target"], set()).add(r["num"])
+    cmap = plt.get_cmap("Blues").copy()
+    cmap.set_bad("#eeeeee")
     for ax, kind in zip(axes, kinds):
-        order = drop_order(s, kind)
-        grid = np.zeros((n, n))
-        for k in range(1, n + 1):
-            for j, layer in enumerate(order[:k]):
-                grid[k - 1, layer] = 1.0
-        ax.imshow(grid, aspect="auto", cmap="Blues", vmin=0, vmax=1.4, origin="lower",
+        if kind in walked:
+            grid = _iterative_grid(walked[kind], kind, n)
+            stored = [k for k in range(n) if not np.isnan(grid[k, 0])]
+            first = ",".join(str(i) for i in np.flatnonzero(grid[stored[0]] > 0)) if stored else None
+            first_n = stored[0] + 1 if stored else 1
+            how = f"iterative, step {main['step']}"
+        elif s is not None:
+            order = drop_order(s, kind)
+            grid = np.zeros((n, n))
+            for k in range(1, n + 1):
+                for layer in order[:k]:
+                    grid[k - 1, layer] = 1.0
+            first, first_n = (order[0] if order else None), 1
+            how = "one-shot" + ("; not in the iterative sweep" if main["schedule"] == "iterative" else "")
+        else:
+            ax.text(0.5, 0.5, "not computed", ha="center", va="center", transform=ax.transAxes)
+            ax.set_title(LABELS[kind])
+            continue
+        ax.imshow(np.ma.masked_invalid(grid), aspect="auto", cmap=cmap, vmin=0, vmax=1.4, origin="lower",
                   extent=(-0.5, n - 0.5, 0.5, n + 0.5), interpolation="nearest")
         for k in sorted(marks.get(kind, ())):
             ax.axhline(k, color=COLORS[kind], lw=1.2)
             ax.text(n - 0.4, k, f" n={k}", color=COLORS[kind], va="center", fontsize=7)
-        ax.set_title(f"{LABELS[kind]}: first dropped = layer {order[0] if order else '-'}")
+        ax.set_title(f"{LABELS[kind]} ({how}): first dropped" + (f" (n={first_n})" if first_n > 1 else "")
+                     + f" = layer {'-' if first is None else first}", fontsize=10)
         ax.set_xlabel("layer index")
         ax.set_xticks(range(0, n, max(1, n // 15)))
         ax.yaxis.set_major_locator(MaxNLocator(integer=True))
     axes[0].set_ylabel("number dropped n (filled = layer dropped)")
-    fig.suptitle(f"dropping order, one-shot {label} (lines: n evaluated in the sweep)", fontsize=11)
+    if walked:
+        title = (f"dropping order, {main['metric']} re-scored after every {main['step']} dropped (iterative sweep "
+                 f"'{main['name']}'; grey rows: counts the walk did not reach; lines: n evaluated)")
+    else:
+        title = f"dropping order, one-shot {label} (lines: n evaluated in the sweep)"
+    fig.suptitle(title, fontsize=11)
     fig.tight_layout()
     return _save(fig, path)
 
 
 # ------------------------------------------------------------------------------------------------ table
 TABLE_COLUMNS = [("config", None), ("perplexity", ".2f"), ("ppl change", "%"), ("MC acc", ".3f"),
-                 ("decode speedup", ".3f"), ("prefill speedup", ".3f"), ("SDR gamma (MC)", ".2f"),
-                 ("SDR (ppl)", ".1f"),
+                 ("decode speedup", ".3f"), ("prefill speedup", ".3f"), ("total speedup", ".3f"),
+                 ("SDR gamma (MC, total)", ".2f"), ("SDR (ppl, total)", ".1f"),
                  ("KV bytes/token", ",.0f"), ("KV vs base", ".2f"), ("params (M)", ".1f"),
                  ("params vs base", ".3f"), ("dropped attention", None), ("dropped MLP", None)]
 
@@ -258,8 +309,8 @@ def table_rows(doc: Mapping[str, Any]) -> list[list[str]]:
         seen.add(name)
         vals = {"config": name, "perplexity": r.get("perplexity"), "ppl change": r.get("ppl_loss"),
                 "MC acc": r.get("mc_acc"), "decode speedup": r.get("decode_speedup"),
-                "prefill speedup": r.get("prefill_speedup"), "SDR gamma (MC)": r.get("sdr"),
-                "SDR (ppl)": r.get("sdr_ppl"),
+                "prefill speedup": r.get("prefill_speedup"), "total speedup": r.get("total_speedup"),
+                "SDR gamma (MC, total)": r.get("sdr"), "SDR (ppl, total)": r.get("sdr_ppl"),
                 "KV bytes/token": r.get("kv_bytes_per_token"), "KV vs base": r.get("kv_ratio"),
                 "params (M)": r["params"] / 1e6 if r.get("params") else None, "params vs base": r.get("param_ratio"),
                 "dropped attention": _compact(r.get("drop_attn")), "dropped MLP": _compact(r.get("drop_mlp"))}
@@ -289,11 +340,13 @@ FIGURES = [("importance.png", "Importance per layer", plot_importance_heatmap,
             "Scores of every attention sublayer, MLP sublayer and block (one calibration pass). Lower = the module "
             "changes its input less = more redundant."),
            ("quality_vs_num.png", "Quality vs number dropped", plot_quality_vs_num,
-            "One-shot drops of the n lowest-scoring modules of each kind."),
+            "Drops of the n lowest-scoring modules of each kind, under each sweep's schedule (one-shot or iterative)."),
            ("quality_vs_speedup.png", "Quality vs speedup (Pareto view)", plot_quality_vs_speedup,
-            "Decode speedup measured base vs dropped alternately in one run (medians)."),
+            "Total speedup (prefill + decode time; the speedup SDR is computed on) measured base vs dropped "
+            "alternately in one run (medians). The table also lists the decode and prefill speedups."),
            ("drop_order.png", "Dropping order", plot_drop_order,
-            "Which layers go first as n grows (paper Fig. 6).")]
+            "Which layers go first as n grows (paper Fig. 6), following the main sweep's schedule (one-shot or "
+            "iterative).")]
 
 
 def write_report(doc: Mapping[str, Any], out_dir: str | os.PathLike) -> Path:
@@ -332,8 +385,9 @@ def write_report(doc: Mapping[str, Any], out_dir: str | os.PathLike) -> Path:
     parts.append("</ul><h2>Results</h2><table><tr>" + "".join(f"<th>{esc(c)}</th>" for c, _ in TABLE_COLUMNS) + "</tr>")
     parts += ["<tr>" + "".join(f"<td>{esc(v)}</td>" for v in row) + "</tr>" for row in table]
     parts.append("</table><p style='font-size:13px;color:#555'>ppl change: relative to the baseline. SDR gamma = "
-                 "dAcc% / dSpeedup% on the multiple-choice accuracy and decode speedup (lower is better; meaningless while "
-                 "the MC sample is small and near chance), SDR (ppl) = dPerplexity% / dSpeedup%. "
+                 "dAcc% / dSpeedup% on the multiple-choice accuracy and the total speedup (prefill + decode time, as the "
+                 "paper times both; lower is better; meaningless while the MC sample is small and near chance), "
+                 "SDR (ppl, total) = dPerplexity% / dSpeedup% on the same total speedup. "
                  "KV: KV-cache bytes per token measured from a real cache.</p>")
     if doc.get("selection"):
         parts.append(f"<h2>Automated selection</h2><p>{esc(doc['selection']['message'])}</p>")

@@ -15,7 +15,9 @@ Everything expensive is cached in `OUTPUT/cache/` as one JSON file per item, wri
 a hash of exactly the settings it depends on: scores by (model, calibration, metric), iterative drop sets by
 (model, calibration, metric, target, step), evaluations by (model, evaluation settings, speed settings, drop
 set). A re-run recomputes nothing, an extended sweep computes only the new points, an interrupted sweep
-resumes where it stopped, and two directions that reach the same drop set share its evaluation.
+resumes where it stopped, and two directions that reach the same drop set share its evaluation. Timings
+carry the machine they were measured on (`Study.machine`); a cache reused elsewhere keeps its quality results
+and re-times its points. SDR is computed on the total (prefill + decode) speedup, as the paper times.
 """
 
 from __future__ import annotations
@@ -458,6 +460,7 @@ class Cache:
         self.root.mkdir(parents=True, exist_ok=True)
         self.computed: dict[str, int] = {"scores": 0, "drops": 0, "points": 0}
         self.reused: dict[str, int] = {"scores": 0, "drops": 0, "points": 0}
+        self.retimed = 0  # cached points whose speed was re-measured (timed on another machine)
 
     def path(self, kind: str, key: str) -> Path:
         return self.root / f"{kind}-{key}.json"
@@ -741,14 +744,58 @@ class Study:
 
     # ---- evaluation of one drop set
     def point(self, attn: list[int], mlp: list[int]) -> dict[str, Any]:
+        """The evaluation of one drop set, cached; its speed is re-measured when it was timed on another machine.
+
+        Quality does not depend on the machine but timings do, so the machine (see `machine`) is stored beside
+        the speed fields instead of in the key: a cache moved to another machine keeps its perplexity and MC
+        results and re-times only. (Points cached before this field existed have no machine: timed once more.)
+        """
         key = key_of({"kind": "point", **self.model_key(), "eval": self.eval_key(), "attn": sorted(attn),
                       "mlp": sorted(mlp)})
-        return self.cache.get_or_compute("points", key, lambda: self.evaluate(attn, mlp))
+        row = self.cache.get_or_compute("points", key, lambda: self.evaluate(attn, mlp))
+        if self.cfg.speed.enabled and (attn or mlp) and row.get("speed_machine") != self.machine():
+            from .modeling_dropped import apply_drop
+
+            self.log(f"re-timing drop attention {attn} MLP {mlp}: its speed was measured on "
+                     f"{(row.get('speed_machine') or {}).get('node', 'an unrecorded machine')}")
+            model = copy.deepcopy(self.model)
+            apply_drop(model, attn=attn, mlp=mlp)
+            row = {**row, **self.measure_speed(self.model, model)}
+            del model
+            _write_json(self.cache.path("points", key), row)
+            self.cache.retimed += 1
+        return row
+
+    def machine(self) -> dict[str, Any]:
+        """What a timing depends on besides the model: host, CPU count, torch threads and version, device."""
+        import platform
+
+        import torch
+
+        device = str(next(self._model.parameters()).device) if self._model is not None else "cpu"
+        if device.startswith("cuda"):
+            device += f" ({torch.cuda.get_device_name(torch.device(device))})"
+        return {"node": platform.node(), "arch": platform.machine(), "cpus": os.cpu_count(),
+                "torch_threads": torch.get_num_threads(), "torch": torch.__version__, "device": device}
+
+    def measure_speed(self, base: Any, model: Any) -> dict[str, Any]:
+        """Base vs dropped timed alternately (speed spec of the config), with the machine it ran on."""
+        from .speed import compare_speed
+
+        sp = self.cfg.speed
+        res = compare_speed(base, model, batch_size=sp.batch_size, prompt_len=sp.prompt_len, gen_len=sp.gen_len,
+                            repeats=sp.repeats, warmup=sp.warmup, seed=self.cfg.seed)
+        return dict(decode_speedup=res["speedup"]["decode"], prefill_speedup=res["speedup"]["prefill"],
+                    total_speedup=res["speedup"]["total"],
+                    base_decode_tokens_per_s=res["base"]["decode_tokens_per_s"],
+                    decode_tokens_per_s=res["dropped"]["decode_tokens_per_s"],
+                    kv_bytes_per_token=res["dropped"]["kv_bytes_per_token"],
+                    base_kv_bytes_per_token=res["base"]["kv_bytes_per_token"], speed_machine=self.machine())
 
     def evaluate(self, attn: list[int], mlp: list[int]) -> dict[str, Any]:
         from .evaluation import perplexity
         from .modeling_dropped import apply_drop
-        from .speed import compare_speed, count_params, kv_cache_bytes_per_token
+        from .speed import count_params, kv_cache_bytes_per_token
 
         base = self.model
         self.log(f"evaluating drop attention {attn} MLP {mlp}")
@@ -766,14 +813,7 @@ class Study:
         row["params"] = count_params(model)
         row["base_params"] = count_params(base)
         if sp.enabled and (attn or mlp):
-            res = compare_speed(base, model, batch_size=sp.batch_size, prompt_len=sp.prompt_len, gen_len=sp.gen_len,
-                                repeats=sp.repeats, warmup=sp.warmup, seed=self.cfg.seed)
-            row.update(decode_speedup=res["speedup"]["decode"], prefill_speedup=res["speedup"]["prefill"],
-                       total_speedup=res["speedup"]["total"],
-                       base_decode_tokens_per_s=res["base"]["decode_tokens_per_s"],
-                       decode_tokens_per_s=res["dropped"]["decode_tokens_per_s"],
-                       kv_bytes_per_token=res["dropped"]["kv_bytes_per_token"],
-                       base_kv_bytes_per_token=res["base"]["kv_bytes_per_token"])
+            row.update(self.measure_speed(base, model))
         else:
             kv = kv_cache_bytes_per_token(model, prompt_len=min(sp.prompt_len, 32))
             row.update(kv_bytes_per_token=kv, base_kv_bytes_per_token=kv_cache_bytes_per_token(base, 
@@ -867,7 +907,10 @@ class Study:
                "scores": self.all_scores(), "rows": rows, "selection": selection, "notes": self.notes,
                "heldout": {"perplexity": self.eval_key()["perplexity"]},
                "computed_this_run": dict(self.cache.computed), "reused_this_run": dict(self.cache.reused),
-               "seconds_this_run": None}
+               "retimed_this_run": self.cache.retimed, "machine": self.machine(), "seconds_this_run": None}
+        main = self.cfg.sweeps[0]
+        if main.schedule == "iterative":
+            doc["drop_order"] = self.iterative_sets(main)
         if self.cfg.checkpoint is not None:
             doc["checkpoint"] = self.save_checkpoint()
         doc["seconds_this_run"] = time.perf_counter() - t0
@@ -879,6 +922,16 @@ class Study:
 
         doc["report"] = str(write_report(doc, self.out))
         return doc
+
+    def iterative_sets(self, sweep: SweepSpec) -> dict[str, Any]:
+        """Every drop set the iterative walks of `sweep` stored, per target (from the cache; loads no model)."""
+        calib = self.cfg.calibration_for(sweep)
+        sets = {}
+        for target in sweep.plan():
+            have = self.cache.get("drops", self.drops_key(sweep, calib, target))
+            if have:
+                sets[target] = dict(sorted(have["sets"].items(), key=lambda kv: int(kv[0])))
+        return {"sweep": sweep.name, "metric": sweep.metric, "step": sweep.step, "sets": sets}
 
     def _cached_num_layers(self, rows: list[dict[str, Any]]) -> int:
         for s in self.all_scores().values():
@@ -929,10 +982,14 @@ class Study:
 
 
 def _derive(row: dict[str, Any], base: Mapping[str, Any]) -> None:
-    """Relative quality and SDR vs the baseline row (gamma = dAvg% / dSpeedup%, lower is better)."""
+    """Relative quality and SDR vs the baseline row (gamma = dAvg% / dSpeedup%, lower is better).
+
+    The speedup is the total one (prefill + decode time), as the paper times both phases and as
+    `lightning-drop speed` reports SDR; every cached point has it, so no cache entry changes.
+    """
     row["ppl_loss"] = quality_loss(row, base, "perplexity")
     row["mc_loss"] = quality_loss(row, base, "mc")
-    sp = row.get("decode_speedup")
+    sp = row.get("total_speedup")
     row["sdr"] = None
     # the same ratio on perplexity (dPPL% / dSpeedup%): meaningful even when a small MC sample is at chance
     row["sdr_ppl"] = (100 * row["ppl_loss"]) / (100 * (sp - 1.0)) \
@@ -964,7 +1021,8 @@ def write_csv(path: Path, rows: Sequence[Mapping[str, Any]]) -> None:
 # ------------------------------------------------------------------------------------------------ terminal
 def format_table(rows: Sequence[Mapping[str, Any]], sweep: str | None = None) -> str:
     """The paper-shaped table as text: baseline, then drop-n per target."""
-    lines = [f"{'config':<16}{'perplexity':>11}{'MC acc':>8}{'decode x':>9}{'KV':>7}{'params':>9}{'SDR ppl':>9}"]
+    lines = [f"{'config':<16}{'perplexity':>11}{'MC acc':>8}{'decode x':>9}{'total x':>9}{'KV':>7}{'params':>9}"
+             f"{'SDR ppl':>9}"]
     seen = set()
     for r in rows:
         if sweep is not None and r["sweep"] != sweep and r["num"] > 0:
@@ -974,7 +1032,8 @@ def format_table(rows: Sequence[Mapping[str, Any]], sweep: str | None = None) ->
             continue
         seen.add(label)
         lines.append(f"{label:<16}{_fmt(r.get('perplexity'), '.2f'):>11}{_fmt(r.get('mc_acc'), '.3f'):>8}"
-                     f"{_fmt(r.get('decode_speedup'), '.3f'):>9}{_fmt(r.get('kv_ratio'), '.2f'):>7}"
+                     f"{_fmt(r.get('decode_speedup'), '.3f'):>9}{_fmt(r.get('total_speedup'), '.3f'):>9}"
+                     f"{_fmt(r.get('kv_ratio'), '.2f'):>7}"
                      f"{r['params'] / 1e6:>8.1f}M{_fmt(r.get('sdr_ppl'), '.1f'):>9}")
     return "\n".join(lines)
 
@@ -994,9 +1053,9 @@ def study_main(config: str, output: str | None = None, budget: str | None = None
     print()
     print(format_table(doc["rows"], sweep=main))
     print(f"(perplexity on {cfg.eval.perplexity.num_windows} x {cfg.eval.perplexity.seq_len} held-out tokens; "
-          f"MC acc = {cfg.eval.mc.task if cfg.eval.mc else 'n/a'} acc_norm; decode x = decode speedup vs base, "
-          "measured alternately; KV = KV-cache bytes/token vs base; SDR ppl = "
-          "perplexity change % / speedup %, lower is better)")
+          f"MC acc = {cfg.eval.mc.task if cfg.eval.mc else 'n/a'} acc_norm; decode x / total x = decode / "
+          "prefill + decode speedup vs base, measured alternately; KV = KV-cache bytes/token vs base; SDR ppl = "
+          "perplexity change % / total speedup %, lower is better)")
     if doc.get("selection"):
         print(doc["selection"]["message"])
         print(f"selection written to {out / 'selection.json'}")
@@ -1004,6 +1063,8 @@ def study_main(config: str, output: str | None = None, budget: str | None = None
         print(f"dropped checkpoint ready: {doc['checkpoint']['path']}  (load with lightning_drop.models.load_model)")
     c, r = doc["computed_this_run"], doc["reused_this_run"]
     print(f"computed this run: {c['scores']} scoring pass(es), {c['drops']} iterative direction(s), "
-          f"{c['points']} evaluation(s); reused from cache: {r['scores'] + r['drops'] + r['points']}")
+          f"{c['points']} evaluation(s); reused from cache: {r['scores'] + r['drops'] + r['points']}"
+          + (f"; re-timed {doc['retimed_this_run']} cached point(s) measured on another machine"
+             if doc.get("retimed_this_run") else ""))
     print(f"report: {doc['report']}  ({time.perf_counter() - t0:.0f} s)")
     return doc

@@ -54,6 +54,9 @@ def test_sweep_writes_everything_and_rerun_recomputes_nothing(tmp_path, c4_path,
     assert rows[("baseline", 0)]["mc_acc"] is not None and rows[("baseline", 0)]["mc_n"] == 2
     html = (out / "report.html").read_text()
     assert html.count("data:image/png;base64,") == 4 and "attn-2" in html and "baseline" in html
+    assert "total speedup" in html and "SDR (ppl, total)" in html  # SDR is on the total speedup, and says so
+    assert rows[("attn", 2)]["sdr_ppl"] == pytest.approx(rows[("attn", 2)]["ppl_loss"]
+                                                       / (rows[("attn", 2)]["total_speedup"] - 1))
     png = html.split("data:image/png;base64,")[1].split("'")[0]
     assert base64.b64decode(png)[:4] == b"\x89PNG"
     csv_lines = (out / "results.csv").read_text().splitlines()
@@ -292,3 +295,63 @@ def test_iterative_counts_off_the_step_get_their_sets(tmp_path, c4_path):
     rows2 = {r["num"]: r for r in doc2["rows"]}
     assert rows2[3]["drop_attn"] == sets[3] and set(sets[3]) < set(rows2[4]["drop_attn"])
     assert doc2["computed_this_run"]["scores"] == 0
+
+
+def test_sdr_is_on_total_speedup():
+    """SDR uses the prefill + decode speedup (as the paper times and `lightning-drop speed` reports)."""
+    from lightning_drop.study import _derive
+
+    base = {"num": 0, "perplexity": 10.0, "mc_acc": 0.5}
+    row = {"num": 4, "perplexity": 11.0, "mc_acc": 0.45, "decode_speedup": 1.5, "total_speedup": 1.25}
+    _derive(row, base)
+    assert row["sdr_ppl"] == pytest.approx(10 / 25) and row["sdr"] == pytest.approx(10 / 25)
+    text = format_table([dict(base, sweep="main", target="baseline", params=1e6),
+                         dict(row, sweep="main", target="attn", params=9e5)])
+    assert "total x" in text.splitlines()[0] and "1.250" in text
+
+
+def test_drop_order_figure_follows_an_iterative_main_sweep(tmp_path, c4_path, monkeypatch):
+    from lightning_drop import report
+
+    cfg = tiny_config(tmp_path, c4_path, speed={"enabled": False})
+    cfg["sweeps"] = [{"name": "main", "targets": ["attn"], "nums": [0, 1, 2], "schedule": "iterative"}]
+    _, doc = run(cfg)
+    sets = doc["drop_order"]["sets"]["attn"]
+    rows = {r["num"]: r for r in doc["rows"]}
+    assert sets["1"][0] == rows[1]["drop_attn"] and sets["2"][0] == rows[2]["drop_attn"]
+    grid = report._iterative_grid(sets, "attn", 4)
+    assert [i for i in range(4) if grid[1, i] == 1] == rows[2]["drop_attn"]
+    assert all(v != v for v in grid[2]) and all(v != v for v in grid[3])  # counts the walk never reached
+    figs = []
+    monkeypatch.setattr(report, "_save", lambda fig, path: figs.append(fig) or path)
+    report.plot_drop_order(doc, tmp_path / "x.png")
+    fig = figs[0]
+    titles = [ax.get_title() for ax in fig.axes if ax.get_title()]
+    assert "iterative" in fig._suptitle.get_text() and "one-shot" not in fig._suptitle.get_text()
+    assert titles[0].startswith("attention (iterative, step 1)") and f"layer {rows[1]['drop_attn'][0]}" in titles[0]
+    assert "one-shot; not in the iterative sweep" in titles[1]  # MLP: not walked, and labelled so
+
+
+def test_speed_is_retimed_on_another_machine(tmp_path, c4_path, monkeypatch):
+    cfg = tiny_config(tmp_path, c4_path)
+    cfg["sweeps"][0].update(targets=["attn"], nums=[0, 1])
+    _, doc = run(cfg)
+    assert doc["computed_this_run"]["points"] == 2 and doc["retimed_this_run"] == 0
+    point = next(p for p in (tmp_path / "cache").glob("points-*.json") if json.loads(p.read_text())["drop_attn"])
+    here = json.loads(point.read_text())["speed_machine"]
+    assert here == Study.machine(Study(StudyConfig.from_dict(cfg), verbose=False))
+    assert {"node", "cpus", "torch_threads", "device"} <= set(here)
+    _, doc = run(cfg)
+    assert doc["retimed_this_run"] == 0  # same machine: all reused
+    original = Study.machine
+    monkeypatch.setattr(Study, "machine", lambda self: {**original(self), "node": "elsewhere"})
+    study, doc = run(cfg)
+    assert doc["computed_this_run"]["points"] == 0 and doc["retimed_this_run"] == 1  # quality reused, speed re-timed
+    stored = json.loads(point.read_text())
+    assert stored["speed_machine"]["node"] == "elsewhere" and stored["total_speedup"] > 0
+    _, doc = run(cfg)
+    assert doc["retimed_this_run"] == 0
+    del stored["speed_machine"]  # a point cached before the machine was recorded: timed once more
+    point.write_text(json.dumps(stored))
+    _, doc = run(cfg)
+    assert doc["retimed_this_run"] == 1 and "speed_machine" in json.loads(point.read_text())
