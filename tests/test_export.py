@@ -200,3 +200,54 @@ def test_llama_cpp_matches_dropped_smollm2(tmp_path):
         assert r["greedy_agree"] and r["tokenizer_agree"]
     # the export adds no error beyond the engine's own: dropped within 3x of the undropped model's
     assert result["dropped"]["max_logprob_diff"] < 3 * result["base"]["max_logprob_diff"] + 1e-3
+
+
+def test_nemotron_writes_rope_theta_at_top_level(tmp_path):
+    """transformers 5 keeps theta inside `rope_parameters`; engines read top-level `rope_theta` (NVIDIA's
+    layout). A non-default theta must reach config.json and survive the round trip."""
+    model, tok = tiny_model("llama", rope_theta=1234.5)
+    assert model.config.rope_parameters["rope_theta"] == 1234.5
+    apply_drop(model, attn=[1])
+    out = export_nemotron_nas(model, tmp_path / "nas", dtype="f32", tokenizer=tok)
+    cfg = json.loads((out / "config.json").read_text())
+    assert cfg["rope_theta"] == 1234.5
+    assert "rope_parameters" not in cfg and "rope_scaling" not in cfg  # plain rope: no scaling block
+    from transformers import AutoConfig
+
+    remote = AutoConfig.from_pretrained(out, trust_remote_code=True)
+    assert remote.rope_parameters["rope_theta"] == 1234.5
+    loaded, _ = load_nemotron_nas(out)
+    assert loaded.config.rope_parameters["rope_theta"] == 1234.5
+    ids = torch.randint(0, 256, (1, 48))
+    torch.testing.assert_close(_logits(loaded, ids), _logits(model, ids), atol=1e-5, rtol=0)
+    # the theta matters for these logits: the default one gives different ones
+    default, _ = tiny_model("llama")
+    apply_drop(default, attn=[1])
+    assert not torch.allclose(_logits(default, ids), _logits(model, ids), atol=1e-3)
+
+
+def test_nemotron_writes_llama3_rope_scaling_at_top_level(tmp_path):
+    scaling = {"rope_type": "llama3", "factor": 8.0, "low_freq_factor": 1.0, "high_freq_factor": 4.0,
+               "original_max_position_embeddings": 64}
+    model, tok = tiny_model("llama", rope_theta=500000.0, rope_scaling=dict(scaling),
+                            max_position_embeddings=512)  # (transformers writes theta into the dict it gets)
+    out = export_nemotron_nas(model, tmp_path / "nas", dtype="f32", tokenizer=tok)
+    cfg = json.loads((out / "config.json").read_text())
+    assert cfg["rope_theta"] == 500000.0 and cfg["rope_scaling"] == scaling and "rope_parameters" not in cfg
+    loaded, _ = load_nemotron_nas(out)
+    assert loaded.config.rope_parameters["rope_type"] == "llama3"
+    ids = torch.randint(0, 256, (1, 100))
+    torch.testing.assert_close(_logits(loaded, ids), _logits(model, ids), atol=1e-5, rtol=0)
+
+
+@pytest.mark.slow
+def test_nemotron_keeps_smollm2_rope_theta(tmp_path):
+    from lightning_drop.models import load_model
+
+    model, tok = load_model("smollm2-135m")
+    theta = model.config.rope_parameters["rope_theta"]
+    assert theta == 100000.0  # SmolLM2-135M's, not the 10000 an engine would assume without the key
+    apply_drop(model, attn=[3, 7])
+    out = export_nemotron_nas(model, tmp_path / "nas", dtype="bf16", tokenizer=tok)
+    cfg = json.loads((out / "config.json").read_text())
+    assert cfg["rope_theta"] == theta and "rope_scaling" not in cfg and "rope_parameters" not in cfg

@@ -158,7 +158,8 @@ def export_nemotron_nas(src: Any, out_dir: str | os.PathLike, dtype: str = "bf16
         state[key] = value.contiguous()
 
     cfg = config.to_dict()
-    for key in ("drop_attn_list", "drop_mlp_list", "base_model_type", "auto_map", "architectures", "model_type",
+    rope = rope_fields(cfg)
+    for key in ("rope_parameters", "rope_theta", "rope_scaling", "drop_attn_list", "drop_mlp_list", "base_model_type", "auto_map", "architectures", "model_type",
                 "transformers_version", "_name_or_path", "layer_types", "sliding_window", "use_sliding_window",
                 "max_window_layers", "lightning_drop", "dtype", "torch_dtype"):
         cfg.pop(key, None)
@@ -168,6 +169,7 @@ def export_nemotron_nas(src: Any, out_dir: str | os.PathLike, dtype: str = "bf16
         "architectures": ["DeciLMForCausalLM"],
         "auto_map": {"AutoConfig": "configuration_decilm.DeciLMConfig"},
         "block_configs": blocks,
+        **rope,
         "intermediate_size": width,
         "num_key_value_heads": kv_heads,
         "dtype": str(_DTYPES[dtype]).replace("torch.", ""),
@@ -185,6 +187,36 @@ def export_nemotron_nas(src: Any, out_dir: str | os.PathLike, dtype: str = "bf16
         if tok is not None:
             tok.save_pretrained(tmp)
     return out_dir
+
+
+def rope_fields(cfg: dict[str, Any]) -> dict[str, Any]:
+    """Top-level `rope_theta` (and `rope_scaling` unless the rope is plain) from a config dict.
+
+    transformers 5 keeps both in `rope_parameters` (`{"rope_type", "rope_theta", ...}`), which engines do not
+    read: vLLM, TensorRT-LLM and llama.cpp's `convert_hf_to_gguf.py` take `rope_theta` / `rope_scaling` from
+    the top level of config.json, as NVIDIA's own Nemotron-NAS configs (Llama-Nemotron Super-49B / Ultra-253B,
+    written by transformers 4.45) lay them out: `"rope_theta": 500000.0` and `"rope_scaling": {"factor": ...,
+    "high_freq_factor": ..., "low_freq_factor": ..., "original_max_position_embeddings": 8192, "rope_type":
+    "llama3"}` beside `block_configs`, no `rope_parameters`. Missing, an engine falls back to its default theta
+    (10000) and runs every kept attention layer with the wrong positions, silently.
+    """
+    params = cfg.get("rope_parameters")
+    if params is None:  # transformers 4.x dicts already have the top-level keys
+        theta = cfg.get("rope_theta")
+        if theta is None:
+            raise ValueError("Nemotron-NAS export: the config has neither rope_parameters nor rope_theta")
+        out: dict[str, Any] = {"rope_theta": float(theta)}
+        if cfg.get("rope_scaling"):
+            out["rope_scaling"] = dict(cfg["rope_scaling"])
+        return out
+    if not isinstance(params, dict) or "rope_theta" not in params:
+        raise ValueError(
+            f"Nemotron-NAS export: per-layer-type or theta-less rope_parameters {params!r} have no Llama equivalent")
+    out = {"rope_theta": float(params["rope_theta"])}
+    scaling = {k: v for k, v in params.items() if k != "rope_theta"}
+    if scaling.get("rope_type", "default") != "default":
+        out["rope_scaling"] = scaling
+    return out
 
 
 def _pad(t: torch.Tensor, dim: int, size: int) -> torch.Tensor:
@@ -268,7 +300,9 @@ def load_nemotron_nas(directory: str | os.PathLike, dtype: torch.dtype = torch.f
     try:
         from transformers import AutoTokenizer
 
-        tok = AutoTokenizer.from_pretrained(str(directory))
+        # `config=`: without it AutoTokenizer opens config.json itself, sees the remote-code `auto_map` and
+        # asks on stdin whether to run it (then fails on llama3 rope_scaling in its generic fallback config).
+        tok = AutoTokenizer.from_pretrained(str(directory), config=config)
     except (OSError, ValueError):
         tok = None
     return model, tok
