@@ -58,6 +58,8 @@ def _add_drop(sub: argparse._SubParsersAction) -> None:
     p.add_argument("--batch-size", type=int, default=4, help="windows per forward pass")
     p.add_argument("--dtype", default="float32", choices=("float32", "bfloat16", "float16"),
                    help="weights dtype while scoring (scores accumulate in float64 regardless)")
+    p.add_argument("--save-dtype", default="auto", choices=("auto", "float32", "bfloat16", "float16"),
+                   help="dtype of the written checkpoint (auto: the source checkpoint's own dtype)")
     p.add_argument("--tokenizer", default=None,
                    help="tokenizer (directory, hub id or catalogue name) when the model dir has none")
     p.add_argument("--stream", action="store_true",
@@ -77,7 +79,8 @@ def _run_drop(a: argparse.Namespace) -> None:
     from .drop_job import DropJob, run_drop
 
     job = DropJob(model=a.model, target=a.target, num=a.num, ratio=a.ratio, metric=a.metric, schedule=a.schedule,
-                  step=a.step, keep=a.keep, batch_size=a.batch_size, dtype=a.dtype, tokenizer=a.tokenizer,
+                  step=a.step, keep=a.keep, batch_size=a.batch_size, dtype=a.dtype, save_dtype=a.save_dtype,
+                  tokenizer=a.tokenizer,
                   output=a.output, overwrite=a.overwrite, stream=a.stream, device=a.device,
                   offload_dir=a.offload_dir, max_shard_size=a.max_shard_size,
                   calibration=CalibrationConfig(source=a.calibration, text_field=a.text_field,

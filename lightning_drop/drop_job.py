@@ -18,6 +18,29 @@ from .models import load_model
 from .selection import SCHEDULES, TARGETS, DropResult, drop_by_importance, max_droppable, resolve_num, total_modules
 
 
+#: "auto" writes the dropped checkpoint in the source checkpoint's own dtype (scoring may run in float32:
+#: a bf16 model must not come back twice its size).
+SAVE_DTYPES = ("auto", "float32", "bfloat16", "float16")
+
+
+def source_dtype(ref: str) -> torch.dtype | None:
+    """The dtype a local checkpoint's config.json records (None: not a local checkpoint, or not recorded)."""
+    from .models import resolve
+
+    cfg = Path(resolve(ref)) / "config.json"
+    if not cfg.is_file():
+        return None
+    data = json.loads(cfg.read_text())
+    name = data.get("dtype") or data.get("torch_dtype")
+    value = getattr(torch, str(name), None) if name else None
+    return value if isinstance(value, torch.dtype) else None
+
+
+def save_dtype_of(job: "DropJob") -> torch.dtype | None:
+    """dtype to write the checkpoint in (None: keep what the model or the source tensors have)."""
+    return source_dtype(job.model) if job.save_dtype == "auto" else getattr(torch, job.save_dtype)
+
+
 @dataclass
 class DropJob:
     """Everything `lightning-drop drop` needs; validated on construction."""
@@ -33,6 +56,7 @@ class DropJob:
     calibration: CalibrationConfig = field(default_factory=CalibrationConfig)
     batch_size: int = 4
     dtype: str = "float32"
+    save_dtype: str = "auto"
     tokenizer: str | None = None
     output: str | None = None
     overwrite: bool = False
@@ -48,6 +72,8 @@ class DropJob:
                 raise ValueError(f"unknown {name} '{value}'; choose from {', '.join(allowed)}")
         if (self.num is None) == (self.ratio is None):
             raise ValueError("give exactly one of --num or --ratio")
+        if self.save_dtype not in SAVE_DTYPES:
+            raise ValueError(f"unknown --save-dtype '{self.save_dtype}'; choose from {', '.join(SAVE_DTYPES)}")
         if self.batch_size < 1 or self.step < 1:
             raise ValueError("--batch-size and --step must be at least 1")
         if self.output is not None:
@@ -71,6 +97,9 @@ def run_drop(job: DropJob, progress: bool = True) -> dict[str, Any]:
                                 step=job.step, keep=list(job.keep), seed=job.calibration.seed, progress=progress)
     report = build_report(job, result, windows)
     if job.output is not None:
+        dtype = save_dtype_of(job)
+        if dtype is not None and next(model.parameters()).dtype != dtype:
+            model = model.to(dtype)
         save_dropped(model, job.output, tok, extra=lambda tmp: write_report(tmp, report, result))
     return report
 
@@ -139,7 +168,7 @@ def run_drop_streamed(job: DropJob, progress: bool = True) -> dict[str, Any]:
     report = build_report(job, result, windows)
     report["streamed"] = True
     if job.output is not None:
-        write_dropped_streaming(path, job.output, result.attn, result.mlp, tokenizer=tok, dtype=job.dtype,
+        write_dropped_streaming(path, job.output, result.attn, result.mlp, tokenizer=tok, dtype=save_dtype_of(job),
                                 max_shard_size=job.max_shard_size,
                                 extra=lambda tmp: write_report(tmp, report, result))
     return report

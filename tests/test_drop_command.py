@@ -85,3 +85,34 @@ def test_help_documents_every_option(capsys):
                 "--batch-size", "--dtype", "--stream", "--tokenizer", "--overwrite", "--device", "--offload-dir",
                 "--max-shard-size"):
         assert opt in text
+
+
+@pytest.mark.parametrize("stream", [False, True])
+def test_checkpoint_keeps_the_source_dtype_unless_told(tmp_path, c4_path, stream):
+    """Scoring runs in float32; a bf16 source must not come back as a float32 checkpoint twice its size."""
+    import json
+
+    import torch
+    from safetensors import safe_open
+
+    from lightning_drop.models import tiny_model
+
+    model, tok = tiny_model("llama")
+    model.to(torch.bfloat16).save_pretrained(tmp_path / "src")
+    tok.save_pretrained(tmp_path / "src")
+    assert json.loads((tmp_path / "src" / "config.json").read_text())["dtype"] == "bfloat16"
+    extra = ("--stream",) if stream else ()
+
+    def dtypes(out):
+        found = set()
+        for f in out.glob("*.safetensors"):
+            with safe_open(str(f), "pt") as fh:
+                found |= {fh.get_slice(k).get_dtype() for k in fh.keys()}
+        return found
+
+    args = ["drop", "--model", str(tmp_path / "src"), "--calibration", str(c4_path), "--num-samples", "4",
+            "--seq-len", "64", "--num", "1", *extra]
+    assert main([*args, "--output", str(tmp_path / "auto")]) == 0
+    assert dtypes(tmp_path / "auto") == {"BF16"}
+    assert main([*args, "--output", str(tmp_path / "f32"), "--save-dtype", "float32"]) == 0
+    assert dtypes(tmp_path / "f32") == {"F32"}

@@ -39,6 +39,20 @@ def test_measure_generation_counts_and_positive_times():
     assert r["params"] > 0 and r["weight_bytes"] >= 4 * r["params"] and r["kv_bytes_per_token"] > 0
 
 
+@pytest.mark.parametrize("family,attn", [("llama", ()), ("llama", (0, 2)), ("gemma2", (1,))])
+def test_timed_decode_generates_what_generate_does(family, attn):
+    """The timed loop really decodes with its KV cache fed back: same greedy tokens as `generate`."""
+    from lightning_drop.speed import _generate_once, _random_prompt
+
+    model = _tiny(family, attn=attn).eval()
+    ids = _random_prompt(model, 2, 12)  # longer than gemma2's tiny sliding window (8)
+    _, _, toks = _generate_once(model, ids, gen_len=10)
+    with torch.no_grad():
+        ref = model.generate(ids, attention_mask=torch.ones_like(ids), max_new_tokens=10, min_new_tokens=10,
+                             do_sample=False, pad_token_id=0)
+    assert torch.equal(toks, ref[:, ids.shape[1]:])
+
+
 def test_measure_generation_validates_arguments():
     with pytest.raises(ValueError, match="gen_len"):
         measure_generation(_tiny(), gen_len=1)
