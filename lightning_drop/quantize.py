@@ -491,6 +491,9 @@ def format_quality_table(table: Mapping[str, Any]) -> str:
     def f(v: Any, spec: str) -> str:
         return "-" if v is None else format(v, spec)
 
+    def pct(v: Any) -> str:
+        return "-" if v is None else f"{v:+.1f}%"
+
     tasks = list(table.get("task_names") or [])
     has_ppl = any(r["perplexity"] is not None for r in table["rows"])
     has_tasks = any(r["task_average"] is not None for r in table["rows"])
@@ -500,10 +503,10 @@ def format_quality_table(table: Mapping[str, Any]) -> str:
     for r in table["rows"]:
         cells = [r["config"]]
         if has_ppl:
-            cells += [f(r["perplexity"], ".3f"), f(r["perplexity_change_pct"], "+.1f") + ("%" if r["perplexity_change_pct"] is not None else "")]
+            cells += [f(r["perplexity"], ".3f"), pct(r["perplexity_change_pct"])]
         cells += [f(r["task_scores"].get(t), ".4f") for t in tasks]
         if has_tasks:
-            cells += [f(r["task_average"], ".4f"), f(r["task_average_change_pct"], "+.1f") + ("%" if r["task_average_change_pct"] is not None else "")]
+            cells += [f(r["task_average"], ".4f"), pct(r["task_average_change_pct"])]
         cells += [f(None if r["size_bytes"] is None else r["size_bytes"] / 1e6, ".2f"), f(r["size_ratio"], ".3f")]
         lines.append("| " + " | ".join(cells) + " |")
     notes = []

@@ -1,8 +1,8 @@
 """The study report: PNG figures, a self-contained `report.html` (figures embedded as base64) and `report.md`.
 
 Figures: importance heatmap (layers x {attention, MLP, block}), quality vs number dropped per target,
-quality vs total (prefill + decode) speedup (Pareto view, the one SDR uses), and the dropping order (which layers go first as n grows, paper
-Fig. 6). The table has the paper's shape: baseline, then drop-n for each target.
+quality vs total (prefill + decode) speedup (Pareto view, the speedup SDR uses), and the dropping order
+(which layers go first as n grows, paper Fig. 6; one-shot or iterative, as the main sweep). The table has the paper's shape: baseline, then drop-n for each target.
 """
 
 from __future__ import annotations
