@@ -8,8 +8,11 @@ Run with the project venv (torch side); llama.cpp runs in a subprocess of `.venv
 
 Steps: score attention sublayers of SmolLM2-135M by `1 - cos(x, x + attn(ln(x)))` on C4 calibration text,
 drop the 8 most redundant, export the undropped and the dropped model to `deci` GGUF files, then
-(1) compare llama.cpp's next-token log-probabilities (full vocabulary, every position) on held-out C4 text
-with ours, and greedy continuations; (2) time llama.cpp prefill and decode for both models in one process,
+(1) compare llama.cpp's next-token log-probabilities on held-out C4 text with ours, and greedy
+continuations: two maxima over all positions of |log p_llama.cpp - log p_ours|, one over the full vocabulary
+and one over the next target token only (the token that actually follows); the KV cache is kept in the
+check's dtype (`type_k`/`type_v` = f32 for the f32 check: llama.cpp's default f16 cache would round keys and
+values and blur an f32 comparison); (2) time llama.cpp prefill and decode for both models in one process,
 alternating between them, and print the tokens/s ratio.
 """
 
@@ -25,6 +28,8 @@ import time
 from pathlib import Path
 
 ROOT = Path(__file__).resolve().parents[1]
+# ggml.h `enum ggml_type` values (stable across ggml/llama.cpp versions), for Llama(type_k=..., type_v=...)
+GGML_TYPES = {"f32": 0, "f16": 1}
 ENGINE_PY = ROOT / ".venv-engines" / "bin" / "python"
 C4 = ROOT.parent / "shared" / "data" / "c4_demo.jsonl"
 
@@ -40,14 +45,17 @@ def worker(spec_file: str) -> None:
     threads = spec["threads"]
     out: dict = {"llama_cpp_version": __import__("llama_cpp").__version__}
 
-    def load(path: str, logits_all: bool) -> "Llama":
+    def load(path: str, logits_all: bool, kv_type: str | None = None) -> "Llama":
+        # type_k / type_v: llama-cpp-python's Llama() arguments for the KV cache's ggml_type (default f16)
+        kv = {} if kv_type is None else {"type_k": GGML_TYPES[kv_type], "type_v": GGML_TYPES[kv_type]}
         return Llama(model_path=path, n_ctx=spec["n_ctx"], n_batch=512, n_threads=threads,
-                     n_threads_batch=threads, logits_all=logits_all, verbose=False)
+                     n_threads_batch=threads, logits_all=logits_all, verbose=False, **kv)
 
     if spec.get("check"):
         for name, path in spec["models"].items():
-            llm = load(path, logits_all=True)
-            res: dict = {"max_logprob_diff": 0.0, "max_target_logprob_diff": 0.0}
+            llm = load(path, logits_all=True, kv_type=spec["kv_type"])
+            res: dict = {"max_logprob_diff": 0.0, "max_target_logprob_diff": 0.0, "kv_cache_type": spec["kv_type"],
+                         "n_vocab": llm.n_vocab()}
             for i, (ids, ref_file) in enumerate(zip(spec["texts"], spec["ref_logprobs"][name])):
                 ref = np.load(ref_file)
                 llm.reset()
@@ -235,14 +243,16 @@ def main(argv: list[str] | None = None) -> dict:
         prompt = tok("The capital of France is").input_ids
         out = run_engine({"check": True, "models": files, "texts": ids, "raw_texts": raw, "ref_logprobs": refs,
                           "prompt": prompt, "greedy_tokens": args.greedy_tokens, "n_ctx": 1024,
-                          "threads": args.threads}, work)
+                          "threads": args.threads, "kv_type": args.dtype}, work)
         for n, m in models.items():
             ours = greedy(m, prompt, args.greedy_tokens)
             r = out[n]
             r["greedy_agree"] = r["greedy"] == ours
             r["greedy_text"] = tok.decode(r["greedy"])
-            print(f"[{args.dtype}] {n:8s} max |logprob diff| (full vocab, {len(ids)}x{args.eval_tokens} positions) "
-                  f"{r['max_logprob_diff']:.2e}; on target tokens {r['max_target_logprob_diff']:.2e}; "
+            positions, targets = sum(len(x) for x in ids), sum(len(x) - 1 for x in ids)
+            print(f"[{args.dtype} weights, {r['kv_cache_type']} KV cache] {n:8s} "
+                  f"max |logprob diff| of the next target token {r['max_target_logprob_diff']:.2e} ({targets} targets); "
+                  f"over the full vocabulary {r['max_logprob_diff']:.2e} ({positions} positions x {r['n_vocab']} tokens); "
                   f"tokenizer agrees {r['tokenizer_agree']}; greedy {args.greedy_tokens} tokens agree "
                   f"{r['greedy_agree']}: {r['greedy_text']!r}")
             result[n] = r
@@ -257,7 +267,7 @@ def main(argv: list[str] | None = None) -> dict:
                           "n_ctx": args.prompt_tokens + args.decode_tokens + 8, "threads": args.threads}, work)
         s = out["speed"]
         for n in models:
-            print(f"[{args.speed_dtype}] {n:8s} prefill {s[n]['prefill']:8.1f} tok/s   decode {s[n]['decode']:7.1f} tok/s "
+            print(f"[{args.speed_dtype} weights, f16 KV cache] {n:8s} prefill {s[n]['prefill']:8.1f} tok/s   decode {s[n]['decode']:7.1f} tok/s "
                   f"(median of {args.rounds} alternating rounds, {args.threads} threads, "
                   f"{len(body)}-token prompt + {args.decode_tokens} new)")
         for phase in ("prefill", "decode"):

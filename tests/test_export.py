@@ -192,9 +192,12 @@ def test_llama_cpp_matches_dropped_smollm2(tmp_path):
     result = json.loads(report.read_text())
     for name in ("base", "dropped"):
         r = result[name]
-        print(name, "max |logprob diff|", r["max_logprob_diff"], "target", r["max_target_logprob_diff"])
-        # measured (f32, 2x256 positions): target tokens 6.9e-3 base / 1.05e-2 dropped; full vocabulary
-        # 2.6e-2 / 4.3e-2 (the far tail, log-probs near -30, carries the largest f32 differences)
+        assert r["kv_cache_type"] == "f32"  # an f32 check with llama.cpp's default f16 KV cache proves less
+        print(name, "max |logprob diff| of the next target token", r["max_target_logprob_diff"],
+              "over the full vocabulary", r["max_logprob_diff"])
+        # measured with f32 weights but llama.cpp's default f16 KV cache (2x256 positions): next target token
+        # 6.9e-3 base / 1.05e-2 dropped; full vocabulary 2.6e-2 / 4.3e-2 (the far tail, log-probs near -30,
+        # carries the largest differences). Not yet re-measured with the f32 cache (should only shrink).
         assert r["max_target_logprob_diff"] < 3e-2
         assert r["max_logprob_diff"] < 0.1
         assert r["greedy_agree"] and r["tokenizer_agree"]
