@@ -1,4 +1,4 @@
-"""Sharded training (FSDP) of DropModule: wrap each decoder layer as one FSDP unit.
+"""Distributed training of DropModule: FSDP wrapping per decoder layer, and what sharding rules out.
 
 The decoder layer class is read from the model through its ArchSpec (`spec.get_layers(model)`), so every
 supported family (and its dropped variant, whose layers keep the family's class) gets the right policy
@@ -6,20 +6,39 @@ without naming transformers classes in a config. With LightningCLI:
 
     lightning-drop fit --config configs/drop_and_recover.yaml \\
         --trainer.accelerator gpu --trainer.devices 8 \\
-        --trainer.strategy lightning_drop.distributed.DecoderLayerFSDPStrategy
+        --trainer.strategy fsdp_decoder_layers      # or lightning_drop.distributed.DecoderLayerFSDPStrategy
 
-Lightning's FSDP strategy needs CUDA (`accelerator="cpu"` is refused by the accelerator connector for the
-plain strategy); on CPU use `--trainer.strategy ddp` (gloo).
+What works under a parameter-sharding strategy (FSDP, ModelParallel, DeepSpeed ZeRO-3), and what is refused
+with a `MisconfigurationException` at setup (the callbacks and DropModule call `refuse_if_sharded`):
+- works: a fit-start `LayerDrop` (one-shot, or iterative with `every_n_steps: 0`), done in `Callback.setup`
+  before sharding and scored on `trainer.strategy.root_device`, so the score sync is a GPU collective;
+  `LoRARecovery(merge=False)` attached at setup; resuming (`DropModule.configure_model` rebuilds the saved drop
+  plan and LoRA from `trainer.ckpt_path` before sharding, because these strategies restore after setup).
+- refused (they need the full parameters after sharding): drops during or at the end of training,
+  `ImportanceTracker`, LoRA merging, the fit-end measurement callbacks and `DropModule(save_dir=...)`.
+  Use DDP for those, or checkpoint (`FSDPStrategy(state_dict_type="full")` writes one file) and convert
+  with `DropModule.load_from_checkpoint(path).save_pretrained(dir)`, then measure the saved model with
+  `lightning-drop eval|perplexity|speed|quantize`.
+Lightning's FSDP strategy needs CUDA (`accelerator="cpu"` is refused), so none of this has been run here:
+the refusals and the resume logic are tested on CPU with constructed strategy objects; the sharded
+training itself is untested without a GPU. On CPU use `--trainer.strategy ddp` (gloo).
 """
 
 from __future__ import annotations
 
+import os
+from pathlib import Path
 from typing import Any
 
-from lightning.pytorch.strategies import FSDPStrategy
+import torch
+from lightning.pytorch.strategies import FSDPStrategy, StrategyRegistry
+from lightning.pytorch.utilities.exceptions import MisconfigurationException
 from torch import nn
 
 from .architectures import get_spec
+
+CKPT_KEY = "lightning_drop"  # DropModule's record in a Lightning checkpoint (drop plan, LoRA, config)
+STRATEGY_NAME = "fsdp_decoder_layers"
 
 
 def _find_decoder(model: nn.Module) -> nn.Module:
@@ -59,7 +78,7 @@ class DecoderLayerFSDPStrategy(FSDPStrategy):
     setup/fit start (LayerDrop `when: fit_start`) are already in place when the model is sharded.
     """
 
-    strategy_name = "fsdp_decoder_layers"
+    strategy_name = STRATEGY_NAME
 
     def _setup_model(self, model: nn.Module) -> nn.Module:
         if "auto_wrap_policy" not in self.kwargs:
@@ -72,3 +91,76 @@ def fsdp_strategy(model: nn.Module | None = None, **kwargs: Any) -> FSDPStrategy
     if model is not None:
         kwargs.setdefault("auto_wrap_policy", decoder_layer_classes(model))
     return DecoderLayerFSDPStrategy(**kwargs)
+
+
+if torch.distributed.is_available() and STRATEGY_NAME not in StrategyRegistry:
+    # `--trainer.strategy fsdp_decoder_layers` (the registry resolves strategy names at Trainer init)
+    StrategyRegistry.register(STRATEGY_NAME, DecoderLayerFSDPStrategy,
+                              description="FSDP with one unit per decoder layer of the model (lightning_drop)")
+
+
+# ---------------------------------------------------------------------------------- sharding refusals
+def sharded_strategy(strategy: Any) -> str | None:
+    """The class name of `strategy` when it shards parameters across processes (FSDP, ModelParallel,
+    DeepSpeed ZeRO-3), else None."""
+    from lightning.pytorch.strategies import DeepSpeedStrategy, ModelParallelStrategy
+
+    if isinstance(strategy, (FSDPStrategy, ModelParallelStrategy)):
+        return type(strategy).__name__
+    if isinstance(strategy, DeepSpeedStrategy) and getattr(strategy, "zero_stage_3", False):
+        return f"{type(strategy).__name__} (ZeRO stage 3)"
+    return None
+
+
+def refuse_if_sharded(trainer: Any, what: str, instead: str) -> None:
+    """Raise if the trainer shards parameters: `what` (needs the full model after sharding) cannot run."""
+    name = sharded_strategy(getattr(trainer, "strategy", None))
+    if name is not None:
+        raise MisconfigurationException(f"{what} needs the full parameters after {name} has sharded them: {instead}")
+
+
+# ------------------------------------------------------------------------------------ resume before restore
+def resume_path(trainer: Any) -> str | None:
+    """The checkpoint this fit will restore, when it is known before the restore (for `Callback.setup` and
+    `configure_model`).
+
+    Lightning hands `fit(ckpt_path=...)` to the checkpoint connector only after setup, so it is known early
+    only when set as `trainer.ckpt_path = path` before `fit` (what `lightning-drop fit --ckpt_path` does).
+    A path left over from an earlier `fit/validate` of the same trainer is not user-managed and is ignored.
+    """
+    path = getattr(trainer, "ckpt_path", None)
+    connector = getattr(trainer, "_checkpoint_connector", None)
+    if not path or (connector is not None and not getattr(connector, "_user_managed", True)):
+        return None
+    return os.fspath(path)
+
+
+_META_CACHE: dict[tuple[str, int, int], dict[str, Any]] = {}
+
+
+def checkpoint_meta(path: str | os.PathLike) -> dict[str, Any] | None:
+    """`callbacks` and DropModule's record of a Lightning checkpoint, read without restoring anything.
+
+    A checkpoint file is memory-mapped; an FSDP sharded checkpoint (a directory) keeps them in its
+    `meta.pt`. None for a directory in another format (e.g. DeepSpeed's). The last result is cached.
+    """
+    from lightning.fabric.strategies.fsdp import _METADATA_FILENAME
+
+    p = Path(path)
+    if p.is_dir():
+        p = p / _METADATA_FILENAME
+        if not p.is_file():
+            return None
+    elif not p.is_file():
+        raise FileNotFoundError(f"checkpoint not found: {path}")
+    st = p.stat()
+    key = (str(p.resolve()), st.st_mtime_ns, st.st_size)
+    if key not in _META_CACHE:
+        try:
+            ckpt = torch.load(p, map_location="cpu", weights_only=False, mmap=True)
+        except RuntimeError:  # not a zip-format file: mmap is not possible
+            ckpt = torch.load(p, map_location="cpu", weights_only=False)
+        _META_CACHE.clear()
+        _META_CACHE[key] = {"callbacks": dict(ckpt.get("callbacks") or {}), CKPT_KEY: ckpt.get(CKPT_KEY)}
+        del ckpt
+    return _META_CACHE[key]

@@ -6,6 +6,14 @@ configs/drop_and_recover.yaml` runs. The model and data default to `DropModule` 
 LightningDataModule can be named with `class_path`. Callbacks go under `trainer.callbacks` as
 `class_path: lightning_drop.callbacks.LayerDrop` + `init_args`, and configs compose with repeated `--config`.
 
+The tokenizer is not linked between model and data: `data.init_args.tokenizer` is set on its own (a link
+would forbid setting it and fail for other module classes); `DropModule.setup` refuses a datamodule
+tokenizer with more tokens than the model embeds. `fit --ckpt_path PATH` with a local PATH is handed to
+the trainer as `trainer.ckpt_path` before `fit`, so callbacks and `DropModule.configure_model` know in
+`setup` that this fit resumes (Lightning itself reveals `fit(ckpt_path=...)` only after setup); LayerDrop
+then re-applies the checkpoint's drops instead of scoring again. `--trainer.strategy fsdp_decoder_layers`
+names `lightning_drop.distributed.DecoderLayerFSDPStrategy`.
+
 Run as a module (`python -m lightning_drop.lightning_cli fit ...`) it re-launches itself correctly for
 Lightning's DDP subprocess launcher.
 """
@@ -26,10 +34,19 @@ DEFAULT_DATA = "lightning_drop.datamodule.TextDataModule"
 
 
 class DropCLI(LightningCLI):
-    """LightningCLI with DropModule / TextDataModule as defaults and tokenizer linking."""
+    """LightningCLI with DropModule / TextDataModule as defaults; a resume path known before setup."""
 
     def add_arguments_to_parser(self, parser: LightningArgumentParser) -> None:
         parser.set_defaults({"model": {"class_path": DEFAULT_MODEL}, "data": {"class_path": DEFAULT_DATA}})
+
+    def before_fit(self) -> None:
+        # `trainer.ckpt_path = path` is Lightning's user-managed resume path: the same restore, but visible
+        # to `Callback.setup` (see lightning_drop.distributed.resume_path). "last"/"best"/URLs stay as given.
+        config = self.config_init[self.subcommand] if self.subcommand else self.config_init
+        path = config.get("ckpt_path")
+        if isinstance(path, (str, os.PathLike)) and os.path.exists(path):
+            self.trainer.ckpt_path = path
+            config["ckpt_path"] = None
 
     @staticmethod
     def subcommands() -> dict[str, set[str]]:
@@ -43,6 +60,7 @@ def run_lightning_cli(args: Sequence[str] | None = None, run: bool = True, **kwa
     """
     os.environ.setdefault("TOKENIZERS_PARALLELISM", "false")
     import lightning_drop  # noqa: F401  (registers the dropped classes with transformers' Auto classes)
+    import lightning_drop.distributed  # noqa: F401  (registers the `fsdp_decoder_layers` strategy name)
 
     args = list(sys.argv[1:] if args is None else args)
     if run and args and not args[0].startswith("-") and args[0] not in SUBCOMMANDS:

@@ -10,6 +10,12 @@ them back on resume:
   under `checkpoint["lightning_drop"]`;
 - `on_load_checkpoint` runs before Lightning loads the weights (Lightning 2.6 `restore_model`: hook first,
   then `load_model_state_dict`), and rebuilds the same architecture there, so the weights fit.
+- Strategies that restore after setup (FSDP, DeepSpeed: `strategy.restore_checkpoint_after_setup`) call
+  that hook after the model was sharded, too late to change it: `configure_model` rebuilds the architecture
+  from `trainer.ckpt_path` before sharding instead, and `on_load_checkpoint` refuses a mismatch there.
+  Under sharding `save_dir` is refused (the full weights are not on rank zero at fit end); see
+  `lightning_drop.distributed` for what else is. The FSDP paths are untested without a GPU (Lightning's
+  FSDP refuses CPU); their logic is tested on CPU with constructed strategy objects.
 """
 
 from __future__ import annotations
@@ -21,13 +27,14 @@ from typing import Any, Literal
 import lightning.pytorch as pl
 import torch
 from lightning.pytorch.utilities import rank_zero_info
+from lightning.pytorch.utilities.exceptions import MisconfigurationException
 from torch import nn
 
+from .distributed import CKPT_KEY, checkpoint_meta, refuse_if_sharded, resume_path, sharded_strategy
 from .modeling_dropped import apply_drop, dropped_layers
 
 OPTIMIZERS = ("adamw", "adam", "sgd")
 SCHEDULERS = ("constant", "cosine", "linear")
-CKPT_KEY = "lightning_drop"
 
 
 def build_model(model: str | None, init_config: dict[str, Any] | None, dtype: str = "float32",
@@ -97,7 +104,7 @@ class DropModule(pl.LightningModule):
         scheduler: `constant`, `cosine` or `linear` (decay to `min_lr_ratio * lr` at `max_steps`, default
             the trainer's estimated stepping batches), after `warmup_steps` of linear warmup.
         save_dir: when set, the final model (dropped, LoRA merged if a callback merged it) is saved there
-            with `save_pretrained` at the end of fit (global rank zero).
+            with `save_pretrained` at the end of fit (global rank zero). Refused under FSDP (sharded weights).
     """
 
     def __init__(
@@ -240,6 +247,22 @@ class DropModule(pl.LightningModule):
         if tok is not None and emb is not None and len(tok) > emb.num_embeddings:
             raise ValueError(f"the datamodule's tokenizer has {len(tok)} tokens but the model embeds only "
                              f"{emb.num_embeddings}: set the datamodule's tokenizer to the model's")
+        if self.hparams.save_dir and self._trainer is not None and stage == "fit":
+            refuse_if_sharded(self.trainer, "DropModule(save_dir=...) saves the whole model at fit end and",
+                              "leave save_dir unset, checkpoint with ModelCheckpoint (FSDPStrategy(state_dict_type="
+                              "'full') writes one file) and convert it with "
+                              "DropModule.load_from_checkpoint(path).save_pretrained(dir)")
+
+    def configure_model(self) -> None:
+        """Rebuild the checkpoint's architecture before sharding when the strategy restores after setup."""
+        trainer = self._trainer
+        if trainer is None or not getattr(trainer.strategy, "restore_checkpoint_after_setup", False):
+            return
+        path = resume_path(trainer)
+        meta = checkpoint_meta(path) if path is not None else None
+        state = (meta or {}).get(CKPT_KEY)
+        if state:
+            self._restore_architecture(state)
 
     def configure_optimizers(self) -> Any:
         hp = self.hparams
@@ -301,9 +324,23 @@ class DropModule(pl.LightningModule):
         state = checkpoint.get(CKPT_KEY)
         if not state:
             return
+        self.lr_step_offset = int(state.get("lr_step_offset", 0))
+        saved = (list(state["drop_attn_list"]), list(state["drop_mlp_list"]))
+        if self.drop_plan() == saved and self.lora_config == state.get("lora"):
+            return
+        trainer = self._trainer
+        if trainer is not None and getattr(trainer.strategy, "restore_checkpoint_after_setup", False):
+            name = sharded_strategy(trainer.strategy) or type(trainer.strategy).__name__
+            raise MisconfigurationException(
+                f"the checkpoint holds drops {saved} and LoRA {state.get('lora')}, the model {self.drop_plan()} and "
+                f"LoRA {self.lora_config}, and {name} restores after the model was set up: set `trainer.ckpt_path` "
+                "before `fit` (`lightning-drop fit --ckpt_path` does) so DropModule.configure_model rebuilds it first")
+        self._restore_architecture(state)
+
+    def _restore_architecture(self, state: dict[str, Any]) -> None:
+        """Make the model's drops and LoRA those of a checkpoint record (before its weights load)."""
         saved = (list(state["drop_attn_list"]), list(state["drop_mlp_list"]))
         lora = state.get("lora")
-        self.lr_step_offset = int(state.get("lr_step_offset", 0))
         current = self.drop_plan()
         if current == saved and self.lora_config == lora:
             return

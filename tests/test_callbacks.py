@@ -1,19 +1,49 @@
-"""ImportanceTracker, LayerDrop and LoRARecovery on tiny models for a few steps."""
+"""ImportanceTracker, LayerDrop and LoRARecovery on tiny models for a few steps; fit-end measurements see the
+final model whatever the callback order; what sharded strategies refuse (strategy objects, not run)."""
 
 from __future__ import annotations
 
 import json
+import math
+from types import SimpleNamespace
 
 import lightning.pytorch as pl
 import pytest
 import torch
 from lightning.pytorch.utilities.exceptions import MisconfigurationException
 
-from lightning_drop.callbacks import ImportanceTracker, LayerDrop, LoRARecovery
+from lightning_drop.callbacks import ImportanceTracker, LayerDrop, LoRARecovery, PerplexityCallback
 from lightning_drop.datamodule import TextDataModule
+from lightning_drop.modeling_dropped import dropped_layers
 from lightning_drop.module import DropModule
 
 torch.set_num_threads(1)
+
+
+class Losses(pl.Callback):
+    """Training loss per optimizer step (the loss of the batch that led to that step)."""
+
+    def __init__(self) -> None:
+        self.losses: dict[int, float] = {}
+
+    def on_train_batch_end(self, trainer, pl_module, outputs, batch, batch_idx) -> None:
+        self.losses[trainer.global_step] = float(outputs["loss"])
+
+
+class SpyPerplexity(PerplexityCallback):
+    """Records what model the fit-end measurement received and the module's LoRA state at that moment."""
+
+    seen: dict
+
+    def compute(self, model, tokenizer):
+        self.seen = {"class": type(model).__name__, "lora_attached": self._module.lora_config is not None,
+                     "lora_params": [n for n, _ in model.named_parameters() if "lora_" in n],
+                     "plan": dropped_layers(model)}
+        return super().compute(model, tokenizer)
+
+    def on_train_end(self, trainer, pl_module):
+        self._module = pl_module
+        super().on_train_end(trainer, pl_module)
 
 
 def data(c4_path, **kw) -> TextDataModule:
@@ -38,7 +68,8 @@ def test_tracker_history_one_entry_per_interval(tmp_path, c4_path):
     module = DropModule("tiny-llama", lr=3e-3)
     tracker = ImportanceTracker(every_n_steps=3, output_dir=str(tmp_path / "imp"), calibration_batch_size=2)
     loggers = [TensorBoardLogger(tmp_path / "tb"), CSVLogger(tmp_path / "csv")]
-    trainer(tmp_path, max_steps=7, callbacks=[tracker], logger=loggers, log_every_n_steps=1).fit(module, data(c4_path))
+    tr = trainer(tmp_path, max_steps=7, callbacks=[tracker], logger=loggers, log_every_n_steps=1)
+    tr.fit(module, data(c4_path))
     steps = [e["step"] for e in tracker.history]
     assert steps == [0, 3, 6, 7]  # fit start, every 3 steps, fit end
     assert [e["event"] for e in tracker.history] == ["fit_start", "step", "step", "fit_end"]
@@ -54,9 +85,13 @@ def test_tracker_history_one_entry_per_interval(tmp_path, c4_path):
     logged = (tmp_path / "csv" / "lightning_logs" / "version_0" / "metrics.csv").read_text()
     assert "importance/attn/layer_00" in logged.splitlines()[0]
     assert list((tmp_path / "tb").rglob("events.out.tfevents.*"))
-    again = ImportanceTracker(every_n_steps=3)
-    again.load_state_dict(tracker.state_dict())
-    assert again.history == tracker.history
+    # state through a real Lightning checkpoint: a resumed fit at the same step scores nothing new
+    ckpt = tmp_path / "tracker.ckpt"
+    tr.save_checkpoint(ckpt)
+    again = ImportanceTracker(every_n_steps=3, output_dir=str(tmp_path / "imp2"), calibration_batch_size=2)
+    resumed = trainer(tmp_path, max_steps=7, callbacks=[again])
+    resumed.fit(DropModule("tiny-llama"), data(c4_path), ckpt_path=str(ckpt))
+    assert resumed.global_step == 7 and again.history == tracker.history
 
 
 def test_layer_drop_iterative_during_training_rebuilds_optimizer(tmp_path, c4_path):
@@ -64,7 +99,8 @@ def test_layer_drop_iterative_during_training_rebuilds_optimizer(tmp_path, c4_pa
     module = DropModule("tiny-llama", lr=3e-3, scheduler="cosine", warmup_steps=2)
     drop = LayerDrop(target="attn", num=2, schedule="iterative", step=1, every_n_steps=2, when="step", at_step=2,
                      calibration_batch_size=2)
-    tr = trainer(tmp_path, max_steps=8, callbacks=[drop])
+    losses = Losses()
+    tr = trainer(tmp_path, max_steps=8, callbacks=[drop, losses])
     tr.fit(module, data(c4_path))
     assert tr.global_step == 8 and drop.finished
     assert [r["step"] for r in drop.rounds] == [2, 4]
@@ -80,26 +116,49 @@ def test_layer_drop_iterative_during_training_rebuilds_optimizer(tmp_path, c4_pa
     assert not any(f"layers.{i}.self_attn." in n for n, _ in module.named_parameters() for i in attn)
     # the scheduler continued (cosine at step 8 of 8 reaches 0) instead of restarting its warmup
     assert tr.optimizers[0].param_groups[0]["lr"] == pytest.approx(0.0, abs=1e-9)
-    # the model trains on: a few more steps lower the training loss on a fixed batch
-    batch = tr.datamodule.calibration_batch()
-    before = float(module._loss(batch))
-    tr2 = trainer(tmp_path, max_steps=6)
-    module.hparams.scheduler = "constant"
-    module.hparams.warmup_steps = 0
-    tr2.fit(module, data(c4_path))
-    assert float(module._loss(batch)) < before
+    # the same run trained on after each drop: every later step has a finite loss, and the loss fell
+    after = {k: v for k, v in losses.losses.items() if k > 2}
+    assert sorted(after) == [3, 4, 5, 6, 7, 8] and all(math.isfinite(v) for v in after.values())
+    assert max(after[7], after[8]) < after[3] - 0.3, after
 
 
-def test_layer_drop_at_fit_start_and_state(tmp_path, c4_path):
+def test_layer_drop_at_fit_end_is_seen_by_an_earlier_measurement(tmp_path, c4_path):
+    """LayerDrop(when=fit_end) listed after a perplexity callback: the measurement still sees the drop."""
+    pl.seed_everything(0)
+    module = DropModule("tiny-llama", lr=3e-3)
+    ppl = SpyPerplexity(data=str(c4_path), seq_len=32, num_windows=4)
+    drop = LayerDrop(target="mlp", num=1, when="fit_end", calibration_batch_size=2)
+    losses = Losses()
+    tr = trainer(tmp_path, max_steps=3, callbacks=[ppl, drop, losses])
+    tr.fit(module, data(c4_path))
+    assert sorted(losses.losses) == [1, 2, 3]  # trained undropped, dropped at the end
+    assert drop.finished and [r["step"] for r in drop.rounds] == [3]
+    attn, mlp = module.drop_plan()
+    assert attn == [] and len(mlp) == 1 and mlp == drop.rounds[0]["mlp"]
+    assert ppl.seen["plan"] == ([], mlp) and ppl.seen["class"] == "DroppedLlamaForCausalLM"
+    assert ppl.value == pytest.approx(ppl.compute(module.hf_model, module.tokenizer), rel=1e-6)
+
+
+def test_layer_drop_at_fit_start_and_state(tmp_path, c4_path, monkeypatch):
     pl.seed_everything(0)
     module = DropModule("tiny-llama")
     drop = LayerDrop(target="joint", ratio=0.25, metric="reverse")  # 2 of 8 modules, deepest first
-    trainer(tmp_path, max_steps=1, callbacks=[drop]).fit(module, data(c4_path))
+    tr = trainer(tmp_path, max_steps=1, callbacks=[drop])
+    tr.fit(module, data(c4_path))
     assert drop.total == 2 and drop.finished
     assert module.drop_plan() in (([3], [3]), ([], [2, 3]), ([2, 3], []), ([3], [2]), ([2], [3]))
+    # state through a real Lightning checkpoint file, resumed with the path known at setup: no re-scoring
+    tr.save_checkpoint(tmp_path / "drop.ckpt")
+    import lightning_drop.importance as importance
+
+    monkeypatch.setattr(importance, "compute_importance", lambda *a, **k: pytest.fail("re-scored on resume"))
     again = LayerDrop(target="joint", ratio=0.25)
-    again.load_state_dict(drop.state_dict())
-    assert again.finished and again.rounds == drop.rounds
+    resumed = trainer(tmp_path, max_steps=1, callbacks=[again])
+    resumed.ckpt_path = str(tmp_path / "drop.ckpt")
+    fresh = DropModule("tiny-llama")
+    resumed.fit(fresh, data(c4_path))
+    assert again.finished and again.rounds == drop.rounds and again.total == 2
+    assert fresh.drop_plan() == module.drop_plan()
 
 
 @pytest.mark.parametrize("kwargs, match", [
@@ -160,3 +219,125 @@ def test_lora_recovery_lowers_held_out_loss(tmp_path, c4_path):
 
     saved, _ = load_model(str(tmp_path / "recovered"))
     assert saved.config.drop_attn_list == module.drop_plan()[0] and type(saved).__name__.startswith("Dropped")
+
+
+# ------------------------------------------------------------------------ checks before training
+@pytest.mark.parametrize("kwargs, match", [
+    ({"target": "attn", "num": 5}, r"cannot drop 5 attn .* at most 4 \(4 droppable\)"),
+    ({"target": "attn", "num": 3, "keep": [0, 1]}, r"at most 2 \(2 droppable\)"),
+    ({"target": "block", "num": 4}, r"at most 3 \(at least one block must remain\)"),
+    ({"target": "joint", "num": 8}, r"at most 7 \(at least one sublayer must remain\)"),
+    ({"target": "mlp", "num": 1, "keep": [1, 7]}, r"keep indices \[7\] out of range: the model has 4 layers"),
+    ({"target": "attn", "num": 2, "when": "step", "at_step": 9}, "at_step=9 is after the last step"),
+])
+def test_layer_drop_checks_the_model_before_training(tmp_path, c4_path, kwargs, match):
+    started = []
+
+    class Started(pl.Callback):
+        def on_train_start(self, trainer, pl_module):
+            started.append(True)
+
+    tr = trainer(tmp_path, max_steps=4, callbacks=[LayerDrop(calibration_batch_size=2, **kwargs), Started()])
+    with pytest.raises(MisconfigurationException, match=match):
+        tr.fit(DropModule("tiny-llama"), data(c4_path))
+    assert not started and tr.global_step == 0
+
+
+def test_layer_drop_limits_count_existing_drops(tmp_path, c4_path):
+    module = DropModule("tiny-llama")
+    module.apply_drop(attn=[0, 1, 2])  # e.g. a dropped checkpoint: one attention layer left to drop
+    tr = trainer(tmp_path, max_steps=1, callbacks=[LayerDrop(target="attn", num=2, calibration_batch_size=2)])
+    with pytest.raises(MisconfigurationException, match=r"already dropped: attention \[0, 1, 2\].*at most 1"):
+        tr.fit(module, data(c4_path))
+
+
+def test_lora_after_drop_with_fit_end_drop_is_refused(tmp_path, c4_path):
+    tr = trainer(tmp_path, max_steps=1, callbacks=[LayerDrop(num=1, when="fit_end"), LoRARecovery()])
+    with pytest.raises(MisconfigurationException, match="adapters would never be attached"):
+        tr.fit(DropModule("tiny-llama"), data(c4_path))
+
+
+# ------------------------------------------------------------ measurements see the final model
+def test_measurement_listed_before_lora_recovery_sees_the_merged_model(tmp_path, c4_path):
+    pl.seed_everything(0)
+    module = DropModule("tiny-llama", lr=1e-2)
+    ppl = SpyPerplexity(data=str(c4_path), seq_len=32, num_windows=4)
+    drop = LayerDrop(target="attn", num=1, calibration_batch_size=2)
+    lora = LoRARecovery(r=4, dropout=0.0, target_modules=["q_proj", "v_proj", "down_proj"])
+    tr = trainer(tmp_path, max_steps=3, callbacks=[ppl, drop, lora])
+    tr.fit(module, data(c4_path))
+    assert ppl.seen["class"] == "DroppedLlamaForCausalLM" and ppl.seen["lora_params"] == []
+    assert not ppl.seen["lora_attached"] and lora.merged and module.lora_config is None
+    assert ppl.seen["plan"] == module.drop_plan() and len(module.drop_plan()[0]) == 1
+    assert ppl.value == pytest.approx(ppl.compute(module.hf_model, module.tokenizer), rel=1e-6)
+
+
+def test_final_model_with_adapters_kept_gives_a_merged_copy(tmp_path, c4_path):
+    from lightning_drop.callbacks._common import final_model
+
+    pl.seed_everything(0)
+    module = DropModule("tiny-llama", lr=1e-2)
+    lora = LoRARecovery(r=4, dropout=0.0, target_modules=["q_proj", "v_proj"], merge=False)
+    tr = trainer(tmp_path, max_steps=2, callbacks=[lora])
+    tr.fit(module, data(c4_path))
+    assert module.lora_config is not None  # merge=False: the adapters stay
+    ids = torch.randint(0, 256, (1, 12))
+    expected = module(ids).logits
+    inner = final_model(tr, module)
+    assert any("lora_" in n for n, _ in inner.named_parameters())  # adapters act inside the base model
+    plain = final_model(tr, module, merged_copy=True)
+    assert not any("lora_" in n for n, _ in plain.named_parameters()) and module.lora_config is not None
+    torch.testing.assert_close(plain(input_ids=ids).logits, expected, atol=1e-5, rtol=1e-5)
+
+
+# ----------------------------------------------------- sharded strategies (constructed, not run: no GPU)
+def fsdp_trainer(callbacks=(), **kw):
+    from lightning_drop.distributed import DecoderLayerFSDPStrategy
+
+    return SimpleNamespace(strategy=DecoderLayerFSDPStrategy(), callbacks=list(callbacks), max_steps=10,
+                           ckpt_path=None, datamodule=None, global_step=0, **kw)
+
+
+def test_sharded_strategy_refusals(tmp_path, c4_path):
+    from lightning.pytorch.strategies import DDPStrategy, FSDPStrategy
+
+    from lightning_drop.callbacks import LMEvalCallback, SpeedBenchmark
+
+    module = DropModule("tiny-llama")
+    refused = [
+        (LayerDrop(num=1, when="step", at_step=2), "LayerDrop.*drop at fit start"),
+        (LayerDrop(num=1, when="fit_end"), "LayerDrop.*use DDP"),
+        (LayerDrop(num=2, schedule="iterative", every_n_steps=2), "LayerDrop.*every_n_steps=2"),
+        (ImportanceTracker(), "ImportanceTracker .* DecoderLayerFSDPStrategy has sharded"),
+        (LoRARecovery(merge=True), "LoRARecovery.*set merge: false"),
+        (PerplexityCallback(data=str(c4_path)), "PerplexityCallback .*`lightning-drop eval"),
+        (LMEvalCallback(tasks=["x"]), "LMEvalCallback measures the whole model"),
+        (SpeedBenchmark(), "SpeedBenchmark measures the whole model"),
+    ]
+    for cb, match in refused:
+        with pytest.raises(MisconfigurationException, match=match):
+            cb.setup(fsdp_trainer([cb]), module, "fit")
+        cb.setup(fsdp_trainer([cb]), module, "validate")  # only fit is checked
+    # Lightning's own FSDPStrategy is refused the same way; DDP is not
+    with pytest.raises(MisconfigurationException, match="FSDPStrategy has sharded"):
+        ImportanceTracker().setup(SimpleNamespace(strategy=FSDPStrategy()), module, "fit")
+    ImportanceTracker().setup(SimpleNamespace(strategy=DDPStrategy()), module, "fit")
+    # allowed: a fit-start drop without training between rounds, LoRA without merging (attached at setup)
+    LayerDrop(num=2, schedule="iterative", every_n_steps=0)._check_strategy(fsdp_trainer())
+    lora = LoRARecovery(r=2, merge=False, target_modules=["q_proj"])
+    lora.setup(fsdp_trainer([lora]), module, "fit")
+    assert module.lora_config is not None
+    # DropModule(save_dir) cannot write the sharded weights at fit end
+    saver = DropModule("tiny-llama", save_dir=str(tmp_path / "out"))
+    saver._trainer = fsdp_trainer()
+    with pytest.raises(MisconfigurationException, match=r"save_dir.*load_from_checkpoint\(path\).save_pretrained"):
+        saver.setup("fit")
+
+
+def test_fsdp_strategy_name_is_registered():
+    from lightning.pytorch.strategies import StrategyRegistry
+
+    from lightning_drop.distributed import DecoderLayerFSDPStrategy
+
+    assert DecoderLayerFSDPStrategy.strategy_name in StrategyRegistry
+    assert type(StrategyRegistry.get("fsdp_decoder_layers")) is DecoderLayerFSDPStrategy

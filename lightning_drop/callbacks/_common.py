@@ -1,8 +1,11 @@
-"""Helpers shared by the drop callbacks: the wrapped HF model, calibration data, optimizer rebuilds."""
+"""Helpers shared by the drop callbacks: the wrapped HF model, calibration data, optimizer rebuilds, and the
+final model that fit-end measurements must see whatever the callback order."""
 
 from __future__ import annotations
 
-from typing import Any
+import copy
+from contextlib import contextmanager
+from typing import Any, Iterator
 
 import lightning.pytorch as pl
 import torch
@@ -18,6 +21,8 @@ def hf_of(pl_module: pl.LightningModule) -> nn.Module:
     model = getattr(pl_module, "model", None)
     if isinstance(model, nn.Module) and hasattr(model, "config"):
         return model.get_base_model() if hasattr(model, "get_base_model") else model
+    if hasattr(pl_module, "config"):  # the LightningModule is the transformers model itself
+        return pl_module
     raise MisconfigurationException(
         f"{type(pl_module).__name__} exposes no transformers model: use lightning_drop.DropModule or give the "
         "LightningModule a `.model` attribute holding the Hugging Face model"
@@ -98,13 +103,51 @@ def rebuild_optimizers(trainer: pl.Trainer, pl_module: pl.LightningModule) -> No
     _optimizers_to_device(trainer.optimizers, trainer.strategy.root_device)
 
 
-def model_device_for_scoring(trainer: pl.Trainer, model: nn.Module) -> None:
-    """Before the strategy moved it (callback `setup`), score on the accelerator when it is one device."""
+@contextmanager
+def scoring_device(trainer: pl.Trainer, model: nn.Module) -> Iterator[None]:
+    """Score on `trainer.strategy.root_device` even before the strategy moved the model (`Callback.setup`).
+
+    The score sync (torchmetrics) is then a collective on that device: a CPU tensor cannot go through NCCL.
+    Single-device and DDP strategies would move the model there next anyway, so it stays; any other (FSDP
+    shards from where the model is, with or without CPU offload) gets it back where it was.
+    """
     device = trainer.strategy.root_device
     p = next(model.parameters(), None)
-    if p is not None and p.device != device and type(trainer.strategy).__name__ in (
-            "SingleDeviceStrategy", "DDPStrategy"):
-        model.to(device)
+    if p is None or p.device == device:
+        yield
+        return
+    model.to(device)
+    if type(trainer.strategy).__name__ in ("SingleDeviceStrategy", "DDPStrategy"):
+        yield
+        return
+    try:
+        yield
+    finally:
+        model.to(p.device)
+
+
+def final_model(trainer: pl.Trainer, pl_module: pl.LightningModule, merged_copy: bool = False) -> nn.Module:
+    """The model as this fit leaves it, for fit-end measurements, whatever their place in `trainer.callbacks`.
+
+    Asks, in callback order, every `LayerDrop(when="fit_end")` to drop now and every `LoRARecovery(merge=True)`
+    to merge now (both idempotent: their own `on_train_end` then does nothing), and returns the plain
+    transformers model. Call it on every rank (a drop scores and broadcasts). Adapters that stay attached
+    (`merge=False`) still act inside the returned model; `merged_copy=True` returns a merged deep copy then
+    (for what must see a plain checkpoint: quantization, speed of the deployable model).
+    """
+    from .layer_drop import LayerDrop
+    from .lora_recovery import LoRARecovery
+
+    for cb in trainer.callbacks:
+        if isinstance(cb, LayerDrop):
+            cb.drop_at_fit_end(trainer, pl_module)
+        elif isinstance(cb, LoRARecovery):
+            cb.merge_now(pl_module)
+    wrapped = getattr(pl_module, "model", None)
+    if getattr(pl_module, "lora_config", None) is not None and hasattr(wrapped, "merge_and_unload"):
+        if merged_copy:
+            return copy.deepcopy(wrapped).merge_and_unload()
+    return hf_of(pl_module)
 
 
 def log_metrics(trainer: pl.Trainer, metrics: dict[str, float]) -> None:

@@ -4,6 +4,11 @@ Both run in `on_train_end` (the model is still on `trainer.strategy.root_device`
 after the strategy moved it back to CPU). `self.log` is not allowed in that hook, so metrics go straight to
 `trainer.loggers` (as Lightning's `LearningRateMonitor` does). Only global rank zero evaluates, prints and
 writes files; the JSON output is written atomically. The last results are kept in `state_dict()`.
+
+They measure the final model whatever their place in `trainer.callbacks`: `_common.final_model` first has a
+`LayerDrop(when="fit_end")` drop and a `LoRARecovery(merge=True)` merge (both idempotent), so a callback
+listed before those still sees the dropped, merged model. Under FSDP (sharded weights at fit end) they are
+refused at setup: measure the saved model with `lightning-drop eval|perplexity|speed|quantize` instead.
 """
 
 from __future__ import annotations
@@ -17,36 +22,37 @@ from lightning.pytorch.callbacks import Callback
 from lightning.pytorch.utilities import rank_zero_info
 from torch import nn
 
+from lightning_drop.distributed import refuse_if_sharded
 
-def hf_model_and_tokenizer(trainer: pl.Trainer, pl_module: pl.LightningModule,
-                           tokenizer_ref: str | None = None) -> tuple[nn.Module, Any]:
-    """The Hugging Face model wrapped by `pl_module` (its `.model`, or itself) and a tokenizer.
+from ._common import final_model
 
-    The tokenizer comes from `tokenizer_ref` (loaded with `lightning_drop.models.load_tokenizer`), else from
-    `pl_module.tokenizer` or `trainer.datamodule.tokenizer`.
-    """
-    model = hf_model(pl_module)
+
+def tokenizer_of(trainer: pl.Trainer, pl_module: pl.LightningModule, tokenizer_ref: str | None = None) -> Any:
+    """`tokenizer_ref` (loaded with `lightning_drop.models.load_tokenizer`), else `pl_module.tokenizer`, else
+    `trainer.datamodule.tokenizer`."""
     if tokenizer_ref:
         from lightning_drop.models import load_tokenizer
 
-        return model, load_tokenizer(tokenizer_ref)
+        return load_tokenizer(tokenizer_ref)
     tok = getattr(pl_module, "tokenizer", None)
     if tok is None:
         tok = getattr(getattr(trainer, "datamodule", None), "tokenizer", None)
     if tok is None:
         raise ValueError("no tokenizer: set the callback's `tokenizer` argument, or give the LightningModule "
                          "or the datamodule a `tokenizer` attribute")
-    return model, tok
+    return tok
 
 
-def hf_model(pl_module: pl.LightningModule) -> nn.Module:
-    """The Hugging Face model wrapped by `pl_module`: its `.model`, or the module itself if it has a config."""
-    model = getattr(pl_module, "model", None)
-    if isinstance(model, nn.Module) and hasattr(model, "config"):
-        return model
-    if hasattr(pl_module, "config"):
-        return pl_module
-    raise ValueError(f"{type(pl_module).__name__} exposes no Hugging Face model as `.model`")
+def hf_model_and_tokenizer(trainer: pl.Trainer, pl_module: pl.LightningModule, tokenizer_ref: str | None = None,
+                           merged_copy: bool = False) -> tuple[nn.Module, Any]:
+    """The final transformers model (`_common.final_model`: fit-end drops done, LoRA merged) and a tokenizer
+    (`tokenizer_of`). Call it on every rank."""
+    return final_model(trainer, pl_module, merged_copy=merged_copy), tokenizer_of(trainer, pl_module, tokenizer_ref)
+
+
+def refuse_sharded_measurement(trainer: pl.Trainer, owner: str) -> None:
+    refuse_if_sharded(trainer, f"{owner} measures the whole model at fit end and",
+                      "use DDP, or save the model and measure it with `lightning-drop eval|perplexity|speed|quantize`")
 
 
 def log_to_loggers(trainer: pl.Trainer, metrics: Mapping[str, float]) -> None:
@@ -134,9 +140,14 @@ class LMEvalCallback(Callback):
         return run_lm_eval(model, tokenizer, list(plan), num_fewshot=fewshot, limit=self.limit,
                            include_path=includes or None, batch_size=self.batch_size)
 
+    def setup(self, trainer: pl.Trainer, pl_module: pl.LightningModule, stage: str) -> None:
+        if stage == "fit":
+            refuse_sharded_measurement(trainer, "LMEvalCallback")
+
     def on_train_end(self, trainer: pl.Trainer, pl_module: pl.LightningModule) -> None:
+        model = final_model(trainer, pl_module)  # every rank: a pending fit-end drop is collective
         if trainer.is_global_zero:
-            model, tok = hf_model_and_tokenizer(trainer, pl_module, self.tokenizer)
+            tok = tokenizer_of(trainer, pl_module, self.tokenizer)
             _on_root_device(trainer, model)
             res = self.evaluate(model, tok)
             res["global_step"] = trainer.global_step
@@ -191,9 +202,14 @@ class PerplexityCallback(Callback):
             raise ValueError(f"PerplexityCallback: {self.data} has no windows left after skipping {self.skip_windows}")
         return perplexity(model, windows, self.batch_size)
 
+    def setup(self, trainer: pl.Trainer, pl_module: pl.LightningModule, stage: str) -> None:
+        if stage == "fit":
+            refuse_sharded_measurement(trainer, "PerplexityCallback")
+
     def on_train_end(self, trainer: pl.Trainer, pl_module: pl.LightningModule) -> None:
+        model = final_model(trainer, pl_module)  # every rank: a pending fit-end drop is collective
         if trainer.is_global_zero:
-            model, tok = hf_model_and_tokenizer(trainer, pl_module, self.tokenizer)
+            tok = tokenizer_of(trainer, pl_module, self.tokenizer)
             _on_root_device(trainer, model)
             self.value = self.compute(model, tok)
             log_to_loggers(trainer, {self.name: self.value})

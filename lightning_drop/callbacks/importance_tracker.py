@@ -5,7 +5,8 @@ and at fit end (`on_train_end`, while the model is still on the accelerator). Al
 are torchmetrics states, synchronized across processes); global rank zero writes
 `importance_history.json` / `.csv` and `importance_heatmap.png` atomically. Scalars and the layer x step
 heatmap go through every Lightning logger (`trainer.loggers`, as `LearningRateMonitor` does): TensorBoard
-gets `add_figure`, loggers with `log_image` (W&B, ...) get the image.
+gets `add_figure`, loggers with `log_image` (W&B, ...) get the image. Every scoring point comes after the
+strategy set the model up, so under FSDP (sharded parameters) the tracker is refused at setup: use DDP.
 """
 
 from __future__ import annotations
@@ -22,6 +23,8 @@ from typing import Any
 import lightning.pytorch as pl
 from lightning.pytorch.callbacks import Callback
 from lightning.pytorch.utilities.exceptions import MisconfigurationException
+
+from lightning_drop.distributed import refuse_if_sharded
 
 from ._common import CalibrationSource, hf_of, log_metrics
 
@@ -171,6 +174,11 @@ class ImportanceTracker(Callback):
             plt.close(fig)
 
     # ------------------------------------------------------------------------------------------- hooks
+    def setup(self, trainer: pl.Trainer, pl_module: pl.LightningModule, stage: str) -> None:
+        if stage == "fit":
+            refuse_if_sharded(trainer, "ImportanceTracker scores the model during training and",
+                              "track importance under DDP (--trainer.strategy ddp)")
+
     def on_train_start(self, trainer: pl.Trainer, pl_module: pl.LightningModule) -> None:
         self._last_seen_step = trainer.global_step
         if self.at_fit_start and not any(e["step"] == trainer.global_step for e in self.history):

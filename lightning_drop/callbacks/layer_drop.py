@@ -8,6 +8,14 @@ across processes (torchmetrics states) and the selection is broadcast from rank 
 the same modules. Like `ModelPruning`, the structural change itself lives in the model (`DropModule`
 writes the drop plan into every checkpoint); this callback's `state_dict` keeps the schedule position and
 the per-round record.
+
+`setup` checks `num`/`ratio` and `keep` against the model before any training, so a mid-training drop cannot
+fail half-way. On resume (`trainer.ckpt_path` set before `fit`, as `lightning-drop fit --ckpt_path` does) it
+reads its state from the checkpoint and re-applies the recorded drops instead of scoring again; with
+`trainer.fit(ckpt_path=...)` Lightning reveals the path only after setup, so a fit-start drop is re-scored
+and `DropModule.on_load_checkpoint` then restores the checkpoint's architecture (correct, but wasted work).
+Under FSDP only fit-start drops without training between rounds are allowed (see
+`lightning_drop.distributed`).
 """
 
 from __future__ import annotations
@@ -16,10 +24,12 @@ from typing import Any, Literal, Sequence
 
 import lightning.pytorch as pl
 from lightning.pytorch.callbacks import Callback
-from lightning.pytorch.utilities import rank_zero_info
+from lightning.pytorch.utilities import rank_zero_info, rank_zero_warn
 from lightning.pytorch.utilities.exceptions import MisconfigurationException
 
-from ._common import CalibrationSource, hf_of, log_metrics, model_device_for_scoring, rebuild_optimizers
+from lightning_drop.distributed import checkpoint_meta, refuse_if_sharded, resume_path
+
+from ._common import CalibrationSource, hf_of, log_metrics, rebuild_optimizers, scoring_device
 
 WHEN = ("fit_start", "step", "fit_end")
 
@@ -178,13 +188,118 @@ class LayerDrop(Callback):
         return did
 
     # ------------------------------------------------------------------------------------------- hooks
+    def _num_layers(self, pl_module: pl.LightningModule) -> int:
+        from lightning_drop.architectures import get_spec
+
+        model = hf_of(pl_module)
+        return len(get_spec(model).get_layers(model))
+
+    def _check_model(self, pl_module: pl.LightningModule) -> None:
+        """`keep` and the number to drop must fit this model (before any training)."""
+        n = self._num_layers(pl_module)
+        bad = [i for i in self.keep if i >= n]
+        if bad:
+            raise MisconfigurationException(f"LayerDrop: keep indices {bad} out of range: the model has {n} layers "
+                                            f"(0..{n - 1})")
+        attn_d, mlp_d = (set(x) for x in dropped_layers_of(hf_of(pl_module)))
+        keep = set(self.keep)
+        live_attn = [i for i in range(n) if i not in attn_d]
+        live_mlp = [i for i in range(n) if i not in mlp_d]
+        live_blocks = [i for i in range(n) if not (i in attn_d and i in mlp_d)]
+        free = {"attn": len([i for i in live_attn if i not in keep]),
+                "mlp": len([i for i in live_mlp if i not in keep]),
+                "block": len([i for i in live_blocks if i not in keep])}
+        free["joint"] = free["attn"] + free["mlp"]
+        limit, why = free[self.target], f"{free[self.target]} droppable"
+        if self.target == "block" and len(live_blocks) - 1 < limit:
+            limit, why = len(live_blocks) - 1, "at least one block must remain"
+        if self.target == "joint" and len(live_attn) + len(live_mlp) - 1 < limit:
+            limit, why = len(live_attn) + len(live_mlp) - 1, "at least one sublayer must remain"
+        assert self.total is not None
+        if self.total > limit:
+            raise MisconfigurationException(
+                f"LayerDrop: cannot drop {self.total} {self.target} modules from a {n}-layer model (already dropped: "
+                f"attention {sorted(attn_d)}, MLP {sorted(mlp_d)}; keep {self.keep}): at most {max(limit, 0)} ({why})")
+
+    def _check_schedule(self, trainer: pl.Trainer) -> None:
+        """A drop that the step budget never reaches is a configuration error, not a silent no-op."""
+        max_steps = getattr(trainer, "max_steps", -1)
+        if max_steps is None or max_steps < 0 or self.total is None:
+            return
+        if self.when == "step" and self.at_step is not None and self.at_step > max_steps:
+            raise MisconfigurationException(
+                f"LayerDrop: at_step={self.at_step} is after the last step of this fit (max_steps={max_steps}): "
+                "the drop would never happen")
+        rounds = 1 if self.schedule == "one-shot" else -(-self.total // self.step)
+        if self.every_n_steps and rounds > 1:
+            first = self.at_step if self.when == "step" else 0
+            last = first + (rounds - 1) * self.every_n_steps
+            if last > max_steps:
+                rank_zero_warn(f"LayerDrop: the last of {rounds} rounds would be at step {last}, after max_steps="
+                               f"{max_steps}: this fit drops fewer than {self.total} modules")
+
+    def _check_strategy(self, trainer: pl.Trainer) -> None:
+        if self.when != "fit_start" or self.every_n_steps:
+            refuse_if_sharded(trainer, f"LayerDrop(when={self.when!r}, every_n_steps={self.every_n_steps}) drops "
+                                       "during or after training and",
+                              "drop at fit start (when: fit_start, every_n_steps: 0) or use DDP")
+
+    def _resume(self, trainer: pl.Trainer, pl_module: pl.LightningModule, path: str) -> None:
+        """Take this callback's state from the checkpoint and re-apply its recorded drops (no scoring)."""
+        from lightning_drop.modeling_dropped import apply_drop
+
+        meta = checkpoint_meta(path)
+        if meta is None:
+            raise MisconfigurationException(f"LayerDrop: cannot read the callback states of {path} before the "
+                                            "restore (not a Lightning checkpoint file or FSDP sharded directory)")
+        state = meta["callbacks"].get(self.state_key)
+        if state is None:
+            if self.when == "fit_start":
+                raise MisconfigurationException(
+                    f"LayerDrop: resuming from {path}, which has no LayerDrop state: the checkpoint's architecture "
+                    "would replace a fit-start drop made now; to drop a trained model, start a new fit from it "
+                    "(DropModule.load_from_checkpoint(path).save_pretrained(dir), then DropModule(model=dir))")
+            return  # a step / fit-end drop still to come: it happens in this run as configured
+        self.load_state_dict(state)
+        attn, mlp = self.recorded_plan()
+        cur_attn, cur_mlp = dropped_layers_of(hf_of(pl_module))
+        new_attn, new_mlp = sorted(set(attn) - set(cur_attn)), sorted(set(mlp) - set(cur_mlp))
+        if new_attn or new_mlp:
+            apply_drop(hf_of(pl_module), attn=new_attn, mlp=new_mlp)
+        if self.verbose:
+            rank_zero_info(f"LayerDrop: resumed from {path}: {len(self.rounds)} round(s), attention {attn}, MLP {mlp}")
+
+    def recorded_plan(self) -> tuple[list[int], list[int]]:
+        """(attention, MLP) indices this callback has dropped so far (its rounds)."""
+        attn = sorted({i for r in self.rounds for i in r["attn"]})
+        mlp = sorted({i for r in self.rounds for i in r["mlp"]})
+        return attn, mlp
+
+    # ------------------------------------------------------------------------------------------- hooks
     def setup(self, trainer: pl.Trainer, pl_module: pl.LightningModule, stage: str) -> None:
         if stage != "fit":
             return
+        self._check_strategy(trainer)
         self.total = self._resolve_total(pl_module)
+        self._check_model(pl_module)
+        self._check_schedule(trainer)
+        path = resume_path(trainer)
+        if path is not None:
+            self._resume(trainer, pl_module, path)
+            return
         if self.when == "fit_start" and not self.rounds:
-            model_device_for_scoring(trainer, hf_of(pl_module))
-            self._drop_rounds_now(trainer, pl_module)  # before optimizers exist: nothing to rebuild
+            with scoring_device(trainer, hf_of(pl_module)):
+                self._drop_rounds_now(trainer, pl_module)  # before optimizers exist: nothing to rebuild
+
+    def on_train_start(self, trainer: pl.Trainer, pl_module: pl.LightningModule) -> None:
+        # After every restore: the model must hold what this callback says it dropped.
+        attn, mlp = self.recorded_plan()
+        cur_attn, cur_mlp = dropped_layers_of(hf_of(pl_module))
+        if not (set(attn) <= set(cur_attn) and set(mlp) <= set(cur_mlp)):
+            raise MisconfigurationException(
+                f"LayerDrop: its rounds dropped attention {attn}, MLP {mlp}, but after the checkpoint restore the "
+                f"model has attention {cur_attn}, MLP {cur_mlp} dropped: the checkpoint was not written by this "
+                "drop schedule")
 
     def on_train_batch_end(self, trainer: pl.Trainer, pl_module: pl.LightningModule, outputs: Any, batch: Any,
                            batch_idx: int) -> None:
@@ -197,9 +312,13 @@ class LayerDrop(Callback):
         if self._drop_rounds_now(trainer, pl_module):
             rebuild_optimizers(trainer, pl_module)
 
-    def on_train_end(self, trainer: pl.Trainer, pl_module: pl.LightningModule) -> None:
+    def drop_at_fit_end(self, trainer: pl.Trainer, pl_module: pl.LightningModule) -> None:
+        """The fit-end drop, now (idempotent; fit-end measurements call it to see the final model)."""
         if self.when == "fit_end" and not self.finished:
             self._drop_rounds_now(trainer, pl_module)
+
+    def on_train_end(self, trainer: pl.Trainer, pl_module: pl.LightningModule) -> None:
+        self.drop_at_fit_end(trainer, pl_module)
 
 
 def dropped_layers_of(model: Any) -> tuple[list[int], list[int]]:

@@ -2,7 +2,9 @@
 
 The adapters are attached through `DropModule.add_lora` (the module records them in every checkpoint so a
 resume rebuilds the same wrapped model before the weights load) and merged back at the end of training
-(`merge_and_unload`), leaving the plain dropped model class that `save_dropped` writes.
+(`merge_and_unload`), leaving the plain dropped model class that `save_dropped` writes. Fit-end
+measurement callbacks ask for the merge themselves (`merge_now`, through `_common.final_model`), so they see
+the merged model wherever they stand in the callback list.
 """
 
 from __future__ import annotations
@@ -13,6 +15,8 @@ import lightning.pytorch as pl
 from lightning.pytorch.callbacks import Callback
 from lightning.pytorch.utilities import rank_zero_info
 from lightning.pytorch.utilities.exceptions import MisconfigurationException
+
+from lightning_drop.distributed import refuse_if_sharded
 
 from ._common import rebuild_optimizers
 from .layer_drop import LayerDrop
@@ -80,6 +84,15 @@ class LoRARecovery(Callback):
     def setup(self, trainer: pl.Trainer, pl_module: pl.LightningModule, stage: str) -> None:
         if stage != "fit":
             return
+        if self.merge:
+            refuse_if_sharded(trainer, "LoRARecovery(merge=True) merges the adapters into the weights at fit end and",
+                              "set merge: false and merge offline (DropModule.load_from_checkpoint(path)"
+                              ".save_pretrained(dir) merges), or use DDP")
+        late = [cb for cb in self._drops(trainer) if cb.when == "fit_end"]
+        if self.when == "after_drop" and late:
+            raise MisconfigurationException(
+                "LoRARecovery(when='after_drop') with a LayerDrop(when='fit_end'): the drop comes after training, "
+                "so the adapters would never be attached; drop at fit start or a step, or use when='fit_start'")
         me = trainer.callbacks.index(self)
         for cb in self._drops(trainer):
             if cb.when == "fit_start" and trainer.callbacks.index(cb) > me:
@@ -97,8 +110,12 @@ class LoRARecovery(Callback):
             self._attach(trainer, pl_module)
             rebuild_optimizers(trainer, pl_module)
 
-    def on_train_end(self, trainer: pl.Trainer, pl_module: pl.LightningModule) -> None:
+    def merge_now(self, pl_module: pl.LightningModule) -> None:
+        """Merge the adapters into the weights now when `merge=True` (idempotent)."""
         if self.merge and getattr(pl_module, "lora_config", None) is not None:
             pl_module.merge_lora()
             self.merged = True
             rank_zero_info("LoRARecovery: adapters merged into the weights")
+
+    def on_train_end(self, trainer: pl.Trainer, pl_module: pl.LightningModule) -> None:
+        self.merge_now(pl_module)

@@ -4,7 +4,9 @@ Runs in `on_train_end` on global rank zero: the model is saved to a temporary ch
 read a dropped model from disk, see `lightning_drop.quantize`), quantized on CPU into `output`, and the
 sizes, the time and, given held-out text, the perplexity before and after quantization (the shape of the
 paper's Table 10) go to `trainer.loggers` (`self.log` is not allowed in this hook) and to
-`output/lightning_drop_quant.json`. The other ranks wait at a barrier.
+`output/lightning_drop_quant.json`. The other ranks wait at a barrier. It quantizes the final model
+(`_common.final_model`: fit-end drops done, LoRA merged; a merged copy when the adapters stay attached),
+wherever it stands in the callback list; refused under FSDP.
 """
 
 from __future__ import annotations
@@ -102,12 +104,20 @@ class QuantizeCallback(Callback):
                 "perplexity_increase_pct": r.get("perplexity_increase_pct")}
         return {f"{self.name}/{k}": float(v) for k, v in keys.items() if v is not None and r}
 
+    def setup(self, trainer: pl.Trainer, pl_module: pl.LightningModule, stage: str) -> None:
+        if stage == "fit":
+            from lightning_drop.callbacks.evaluation import refuse_sharded_measurement
+
+            refuse_sharded_measurement(trainer, "QuantizeCallback")
+
     def on_train_end(self, trainer: pl.Trainer, pl_module: pl.LightningModule) -> None:
+        from lightning_drop.callbacks.evaluation import hf_model_and_tokenizer, log_to_loggers
+
+        # every rank: a pending fit-end drop is collective; a merged copy if the adapters stay attached
+        model, tok = hf_model_and_tokenizer(trainer, pl_module, merged_copy=trainer.is_global_zero)
         if trainer.is_global_zero:
-            from lightning_drop.callbacks.evaluation import hf_model_and_tokenizer, log_to_loggers
             from lightning_drop.quantize import format_report
 
-            model, tok = hf_model_and_tokenizer(trainer, pl_module)
             was_training = model.training
             model.eval()
             try:

@@ -1,6 +1,8 @@
 """Speed and memory at fit end (`SpeedBenchmark`): prefill / decode timing, KV bytes, sizes, SDR.
 
 Runs in `on_train_end` on `trainer.strategy.root_device`; logs through `trainer.loggers`; rank zero only.
+It times the final model (`_common.final_model`: fit-end drops done, LoRA merged; a merged copy when the
+adapters stay attached), wherever it stands in the callback list; refused under FSDP.
 """
 
 from __future__ import annotations
@@ -10,7 +12,9 @@ from typing import Any
 import lightning.pytorch as pl
 from lightning.pytorch.callbacks import Callback
 
-from lightning_drop.callbacks.evaluation import LMEvalCallback, _on_root_device, hf_model, log_to_loggers
+from lightning_drop.callbacks._common import final_model
+from lightning_drop.callbacks.evaluation import (LMEvalCallback, _on_root_device, log_to_loggers,
+                                                 refuse_sharded_measurement)
 
 
 class SpeedBenchmark(Callback):
@@ -62,11 +66,15 @@ class SpeedBenchmark(Callback):
             res["sdr"] = speed.sdr(self.baseline_avg, dropped_avg, res["speedup"]["total"])
         return res
 
+    def setup(self, trainer: pl.Trainer, pl_module: pl.LightningModule, stage: str) -> None:
+        if stage == "fit":
+            refuse_sharded_measurement(trainer, "SpeedBenchmark")
+
     def on_train_end(self, trainer: pl.Trainer, pl_module: pl.LightningModule) -> None:
+        model = final_model(trainer, pl_module, merged_copy=trainer.is_global_zero)  # every rank: a drop is collective
         if trainer.is_global_zero:
             from lightning_drop.models import load_model
 
-            model = hf_model(pl_module)
             _on_root_device(trainer, model)
             base = None
             if self.baseline:
