@@ -14,10 +14,12 @@ and otherwise use Llama's tensor names, minus the modules of no-op sublayers. A 
   silu(0) * 0 = 0, so outputs are bit-for-bit unchanged. `ffn_mult` is chosen so the formula gives the
   stored width exactly; `config["lightning_drop"]["intermediate_size"]` keeps the original width, and
   `load_nemotron_nas` strips the (all-zero) padding again.
+- rope: `rope_theta` / `rope_scaling` are written at the top level (see `rope_fields`), where engines read
+  them; transformers 5's `rope_parameters` is dropped.
 - `auto_map.AutoConfig` names a bundled `configuration_decilm.py` (our own, depends only on transformers)
   so `AutoConfig.from_pretrained(dir, trust_remote_code=True)` yields attribute-style `block_configs`.
 
-Which engines load this layout (from their source; only llama.cpp was run here):
+Which engines load this layout (from their source; only llama.cpp was run here; versions in docs/engines.md):
 - vLLM: `vllm/model_executor/models/nemotron_nas.py` (`DeciLMForCausalLM`) builds attention only where
   `block_config.attention.no_op` is false (KV heads = num_attention_heads // n_heads_in_group) and an MLP
   only where `ffn.no_op` is false, sized from `ffn_mult` as above; it needs `trust_remote_code=True` for the
