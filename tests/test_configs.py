@@ -103,3 +103,32 @@ def test_real_model_configs(name, tmp_path, c4_path, monkeypatch):
     # drop_and_recover drops 8 at fit start; the shrunk iterative config drops 3 (see `shrink`)
     assert len(attn) == (3 if "iterative" in name else 8) and mlp == []
     assert cli.model.hf_model.config.num_hidden_layers == 30
+
+
+def test_cli_resume_knows_the_checkpoint_at_setup(tmp_path, c4_path, monkeypatch):
+    """`fit --ckpt_path` reaches `Callback.setup` (as trainer.ckpt_path): the fit-start drop is not scored again."""
+    monkeypatch.chdir(tmp_path)
+    config = {
+        "seed_everything": 0,
+        "model": {"class_path": "lightning_drop.module.DropModule", "init_args": {"model": "tiny-llama"}},
+        "data": {"class_path": "lightning_drop.datamodule.TextDataModule",
+                 "init_args": {"tokenizer": "tiny-llama", "source": str(c4_path), "seq_len": 32, "batch_size": 2,
+                               "limit_documents": 20, "calibration_samples": 2}},
+        "trainer": {"accelerator": "cpu", "max_steps": 2, "limit_val_batches": 0, "num_sanity_val_steps": 0,
+                    "enable_progress_bar": False, "logger": False, "default_root_dir": str(tmp_path),
+                    "callbacks": [{"class_path": "lightning_drop.callbacks.LayerDrop",
+                                   "init_args": {"target": "attn", "num": 1, "calibration_batch_size": 2}},
+                                  {"class_path": "lightning.pytorch.callbacks.ModelCheckpoint",
+                                   "init_args": {"dirpath": str(tmp_path / "ckpt"), "every_n_train_steps": 2}}]},
+    }
+    path = tmp_path / "resume.yaml"
+    path.write_text(yaml.safe_dump(config))
+    first = run_lightning_cli(["fit", "--config", str(path)])
+    ckpt = tmp_path / "ckpt" / "epoch=0-step=2.ckpt"
+    assert ckpt.is_file()
+    import lightning_drop.importance as importance
+
+    monkeypatch.setattr(importance, "compute_importance", lambda *a, **k: pytest.fail("scored again on resume"))
+    again = run_lightning_cli(["fit", "--config", str(path), "--trainer.max_steps", "3", "--ckpt_path", str(ckpt)])
+    assert again.trainer.global_step == 3 and again.trainer.ckpt_path == str(ckpt)
+    assert again.model.drop_plan() == first.model.drop_plan() and len(first.model.drop_plan()[0]) == 1

@@ -8,6 +8,7 @@ import lightning.pytorch as pl
 import pytest
 import torch
 from lightning.pytorch.callbacks import Callback, ModelCheckpoint
+from lightning.pytorch.utilities.exceptions import MisconfigurationException
 
 from lightning_drop.callbacks import ImportanceTracker, LayerDrop, LoRARecovery
 from lightning_drop.datamodule import TextDataModule
@@ -142,3 +143,81 @@ def test_load_from_checkpoint_rebuilds_dropped_model(tmp_path, c4_path):
     assert again.drop_plan() == module.drop_plan() and len(again.drop_plan()[0]) == 1
     ids = torch.randint(0, 256, (1, 10))
     torch.testing.assert_close(again(ids).logits, module(ids).logits)
+
+
+# --------------------------------------------------------------------------- resume after a fit-start drop
+def fit_start_run(tmp_path, c4_path, ckpt=None, known=True, max_steps=4, callbacks=None):
+    """Drop 1 attention layer at fit start, LoRA after it, checkpoint every 2 steps."""
+    pl.seed_everything(0)
+    module = DropModule("tiny-llama", lr=3e-3)
+    losses = Losses()
+    cbs = callbacks if callbacks is not None else [
+        LayerDrop(target="attn", num=1, calibration_batch_size=4), LoRARecovery(r=4, dropout=0.0, merge=False)]
+    cbs = cbs + [ModelCheckpoint(dirpath=tmp_path / "ckpt", save_top_k=-1, every_n_train_steps=2), losses]
+    tr = trainer(tmp_path, max_steps=max_steps, callbacks=cbs, enable_checkpointing=True, check_val_every_n_epoch=100)
+    if ckpt is not None and known:
+        tr.ckpt_path = str(ckpt)  # what `lightning-drop fit --ckpt_path` does
+        ckpt = None
+    tr.fit(module, data(c4_path), ckpt_path=ckpt)
+    return module, losses.losses, cbs
+
+
+def test_resume_after_fit_start_drop_does_not_drop_again(tmp_path, c4_path, monkeypatch):
+    full, full_losses, full_cbs = fit_start_run(tmp_path, c4_path)
+    ckpt = tmp_path / "ckpt" / "epoch=0-step=2.ckpt"
+    assert ckpt.is_file() and len(full.drop_plan()[0]) == 1 and full.lora_config is not None
+    import lightning_drop.importance as importance
+
+    monkeypatch.setattr(importance, "compute_importance", lambda *a, **k: pytest.fail("scored again on resume"))
+    resumed, losses, cbs = fit_start_run(tmp_path / "again", c4_path, ckpt=ckpt)
+    assert resumed.drop_plan() == full.drop_plan() and resumed.lora_config == full.lora_config
+    assert cbs[0].rounds == full_cbs[0].rounds and cbs[0].finished
+    assert sorted(losses) == [3, 4]
+    for step in (3, 4):
+        assert losses[step] == pytest.approx(full_losses[step], abs=1e-4), step
+
+
+def test_resume_with_path_given_only_to_fit_is_still_correct(tmp_path, c4_path):
+    """`fit(ckpt_path=...)` hides the path from setup: the fit-start drop is redone, then reconciled."""
+    full, full_losses, full_cbs = fit_start_run(tmp_path, c4_path)
+    resumed, losses, cbs = fit_start_run(tmp_path / "again", c4_path, ckpt=tmp_path / "ckpt" / "epoch=0-step=2.ckpt",
+                                         known=False)
+    assert resumed.drop_plan() == full.drop_plan() and cbs[0].rounds == full_cbs[0].rounds
+    assert losses[4] == pytest.approx(full_losses[4], abs=1e-4)
+
+
+def test_resume_from_a_checkpoint_without_drop_state(tmp_path, c4_path):
+    """A fit-start drop cannot be combined with a checkpoint that never had one: refused, not undone."""
+    fit_start_run(tmp_path, c4_path, max_steps=2, callbacks=[])
+    ckpt = tmp_path / "ckpt" / "epoch=0-step=2.ckpt"
+    drop = [LayerDrop(target="attn", num=1, calibration_batch_size=4)]
+    with pytest.raises(MisconfigurationException, match="has no LayerDrop state"):
+        fit_start_run(tmp_path / "a", c4_path, ckpt=ckpt, callbacks=drop)
+    # path unknown at setup: the drop is made, the checkpoint's architecture replaces it -> caught before training
+    with pytest.raises(MisconfigurationException, match="not written by this drop schedule"):
+        fit_start_run(tmp_path / "b", c4_path, ckpt=ckpt, known=False,
+                      callbacks=[LayerDrop(target="attn", num=1, calibration_batch_size=4)])
+
+
+def test_configure_model_rebuilds_the_plan_before_fsdp_shards(tmp_path, c4_path):
+    """FSDP restores after setup: configure_model applies the checkpoint's drops and LoRA from trainer.ckpt_path
+    (strategy object constructed, not run: Lightning's FSDP needs a GPU)."""
+    from types import SimpleNamespace
+
+    from lightning_drop.distributed import DecoderLayerFSDPStrategy
+
+    full, _, _ = fit_start_run(tmp_path, c4_path, max_steps=2)
+    ckpt = tmp_path / "ckpt" / "epoch=0-step=2.ckpt"
+    module = DropModule("tiny-llama")
+    module._trainer = SimpleNamespace(strategy=DecoderLayerFSDPStrategy(), ckpt_path=str(ckpt))
+    module.configure_model()
+    assert module.drop_plan() == full.drop_plan() and module.lora_config == full.lora_config
+    saved = torch.load(ckpt, map_location="cpu", weights_only=False)
+    module.on_load_checkpoint(saved)  # the plan matches: nothing to change after sharding
+    assert sorted(module.state_dict()) == sorted(saved["state_dict"])
+    other = DropModule("tiny-llama")  # path not known before sharding: a mismatch is refused, not patched
+    other._trainer = SimpleNamespace(strategy=DecoderLayerFSDPStrategy(), ckpt_path=None)
+    other.configure_model()
+    assert other.drop_plan() == ([], [])
+    with pytest.raises(MisconfigurationException, match="set `trainer.ckpt_path` before `fit`"):
+        other.on_load_checkpoint(saved)
