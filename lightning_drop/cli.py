@@ -20,6 +20,11 @@ def _int_list(text: str) -> list[int]:
         raise argparse.ArgumentTypeError(f"expected comma-separated layer indices, got '{text}'") from err
 
 
+def _limit(value: float | None) -> int | float | None:
+    """lm-eval's limit: a count when >= 1, a fraction below."""
+    return int(value) if value is not None and value >= 1 else value
+
+
 def _str_list(text: str) -> list[str]:
     return [x.strip() for x in text.split(",") if x.strip()]
 
@@ -105,7 +110,7 @@ def _add_eval(sub: argparse._SubParsersAction) -> None:
     p.add_argument("--output", default=None, help="JSON file for the results")
     p.set_defaults(func=lambda a: _call("lightning_drop.evaluation", "eval_main", model=a.model, tasks=a.tasks,
                                         preset=a.preset, num_fewshot=a.num_fewshot,
-                                        limit=int(a.limit) if a.limit is not None and a.limit >= 1 else a.limit,
+                                        limit=_limit(a.limit),
                                         include_path=a.include_path, batch_size=a.batch_size, output=a.output))
 
 
@@ -156,11 +161,31 @@ def _add_quantize(sub: argparse._SubParsersAction) -> None:
     p.add_argument("--num-samples", type=int, default=64)
     p.add_argument("--seq-len", type=int, default=512)
     p.add_argument("--backend", default="gptqmodel", help="gptqmodel (works on CPU); autoawq/auto-gptq explain why not")
+    p.add_argument("--dtype", default=None, choices=("float32", "bfloat16", "float16"),
+                   help="dtype the quantizer runs in (default: bf16 where the CPU/GPU has it, else float32)")
     p.add_argument("--eval-data", default=None, help="held-out text to compare perplexity before/after")
+    p.add_argument("--eval-windows", type=int, default=16, help="held-out windows of --seq-len for perplexity")
+    p.add_argument("--eval-skip-windows", type=int, default=None,
+                   help="windows of --eval-data to skip first (default: as many as calibration used)")
+    p.add_argument("--baseline", default=None,
+                   help="the undropped model: quantized the same way into --baseline-output, so the quality "
+                        "table has the paper's four rows (baseline, +quant, dropped, +quant)")
+    p.add_argument("--baseline-output", default=None, help="where the quantized baseline goes (default: OUTPUT-baseline)")
+    p.add_argument("--tasks", type=_str_list, default=None, help="lm-eval tasks for the quality table")
+    p.add_argument("--num-fewshot", type=int, default=None)
+    p.add_argument("--limit", type=float, default=None, help="examples per task (int) or fraction (<1)")
+    p.add_argument("--include-path", default=None, help="directory of extra task YAMLs")
+    p.add_argument("--task-results", action="append", default=None, metavar="LABEL=FILE",
+                   help="a row's scores from `lightning-drop eval --output` instead of running --tasks "
+                        "(LABEL: baseline, baseline+quant, dropped, dropped+quant); repeatable")
     p.set_defaults(func=lambda a: _call("lightning_drop.quantize", "quantize_main", model=a.model, output=a.output,
                                         method=a.method, bits=a.bits, group_size=a.group_size,
                                         calibration=a.calibration, num_samples=a.num_samples, seq_len=a.seq_len,
-                                        backend=a.backend, eval_data=a.eval_data))
+                                        backend=a.backend, eval_data=a.eval_data, eval_windows=a.eval_windows,
+                                        eval_skip_windows=a.eval_skip_windows, dtype=a.dtype, baseline=a.baseline,
+                                        baseline_output=a.baseline_output, tasks=a.tasks,
+                                        num_fewshot=a.num_fewshot, limit=_limit(a.limit),
+                                        include_path=a.include_path, task_results=a.task_results))
 
 
 def _add_export(sub: argparse._SubParsersAction) -> None:

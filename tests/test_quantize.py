@@ -395,3 +395,19 @@ def test_quantize_main_checks_before_quantizing(tmp_path):
         with pytest.raises(QuantizationBackendError, match="lightning-drop\\[quant\\]"):
             quantize_main("tiny-llama", str(tmp_path / "q"), baseline="tiny-llama", eval_data="c4-sample")
         assert not (tmp_path / "q").exists() and not (tmp_path / "q-baseline").exists()
+
+
+def test_quantize_command_errors_are_one_line(capsys, tmp_path):
+    """Through the console entry point: a bad flag combination and a missing backend each print one line."""
+    from lightning_drop.cli import main
+
+    out = tmp_path / "q"
+    assert main(["quantize", "--model", "tiny-llama", "--output", str(out), "--baseline", "tiny-llama"]) == 2
+    err = capsys.readouterr().err.strip().splitlines()
+    assert len(err) == 1 and "also give eval_data (--eval-data) or tasks" in err[0]
+    if backend_status() is None:
+        pytest.skip("gptqmodel is installed: the missing-backend line cannot be shown")
+    assert main(["quantize", "--model", "tiny-llama", "--output", str(out)]) == 2
+    err = capsys.readouterr().err.strip().splitlines()
+    assert len(err) == 1 and err[0].startswith("lightning-drop quantize: error:") and "gptqmodel" in err[0]
+    assert not out.exists()
