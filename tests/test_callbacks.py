@@ -341,3 +341,38 @@ def test_fsdp_strategy_name_is_registered():
 
     assert DecoderLayerFSDPStrategy.strategy_name in StrategyRegistry
     assert type(StrategyRegistry.get("fsdp_decoder_layers")) is DecoderLayerFSDPStrategy
+
+
+def test_quantize_and_speed_listed_first_get_a_plain_model(tmp_path, c4_path, monkeypatch):
+    """What QuantizeCallback/SpeedBenchmark receive with adapters kept (merge=False) and LoRARecovery listed after
+    them: a merged plain copy that `save_dropped` can write (the quantizer itself needs gptqmodel: stubbed)."""
+    import lightning_drop.callbacks.quantize as qcb
+    from lightning_drop.callbacks import SpeedBenchmark
+    from lightning_drop.checkpoint import save_dropped
+
+    monkeypatch.setattr(qcb, "require_backend", lambda backend: None)
+    seen = {}
+
+    def fake_quantize(model, tokenizer):
+        seen["quantize"] = (type(model).__name__, [n for n, _ in model.named_parameters() if "lora_" in n])
+        save_dropped(model, tmp_path / "plain", tokenizer=tokenizer)  # a PeftModel would not save as a dropped model
+        return {"out_dir": str(tmp_path / "q")}
+
+    def fake_measure(model, base=None, dropped_avg=None):
+        seen["speed"] = type(model).__name__
+        raise RuntimeError("measured")
+
+    quant = qcb.QuantizeCallback(output=str(tmp_path / "q"), calibration=str(c4_path))
+    quant.quantize = fake_quantize
+    monkeypatch.setattr("lightning_drop.quantize.format_report", lambda result: "report")
+    speed = SpeedBenchmark()
+    speed.measure = fake_measure
+    pl.seed_everything(0)
+    module = DropModule("tiny-llama", lr=1e-2)
+    cbs = [quant, speed, LayerDrop(target="attn", num=1, calibration_batch_size=2),
+           LoRARecovery(r=4, dropout=0.0, target_modules=["q_proj", "v_proj"], merge=False)]
+    with pytest.raises(RuntimeError, match="measured"):
+        trainer(tmp_path, max_steps=2, callbacks=cbs).fit(module, data(c4_path))
+    assert seen["quantize"] == ("DroppedLlamaForCausalLM", []) and seen["speed"] == "DroppedLlamaForCausalLM"
+    assert module.lora_config is not None  # the module keeps its adapters (merge=False)
+    assert (tmp_path / "plain" / "config.json").is_file()
