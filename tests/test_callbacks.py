@@ -376,3 +376,15 @@ def test_quantize_and_speed_listed_first_get_a_plain_model(tmp_path, c4_path, mo
     assert seen["quantize"] == ("DroppedLlamaForCausalLM", []) and seen["speed"] == "DroppedLlamaForCausalLM"
     assert module.lora_config is not None  # the module keeps its adapters (merge=False)
     assert (tmp_path / "plain" / "config.json").is_file()
+
+
+def test_layer_drop_warns_when_the_schedule_outlasts_the_fit():
+    drop = LayerDrop(target="attn", num=3, schedule="iterative", step=1, every_n_steps=5)
+    drop.total = 3
+    with pytest.warns(UserWarning, match="last of 3 rounds would be at step 10, after max_steps=4"):
+        drop._check_schedule(SimpleNamespace(max_steps=4))
+    import warnings
+
+    with warnings.catch_warnings():
+        warnings.simplefilter("error")  # rounds at steps 0, 5, 10 fit max_steps=10: no warning
+        drop._check_schedule(SimpleNamespace(max_steps=10))
