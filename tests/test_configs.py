@@ -137,8 +137,8 @@ def test_cli_resume_knows_the_checkpoint_at_setup(tmp_path, c4_path, monkeypatch
 def test_fsdp_overrides_in_drop_and_recover_comment(capsys):
     """The overrides the config's FSDP comment names reach LoRARecovery and DropModule."""
     with pytest.raises(SystemExit):
-        run_lightning_cli(["fit", "--config", str(REPO / "configs" / "drop_and_recover.yaml"), "--trainer.callbacks.merge",
-                           "false", "--model.init_args.save_dir", "null", "--print_config"])
+        run_lightning_cli(["fit", "--config", str(REPO / "configs" / "drop_and_recover.yaml"),
+                           "--trainer.callbacks.merge", "false", "--model.init_args.save_dir", "null", "--print_config"])
     printed = yaml.safe_load(capsys.readouterr().out)
     lora = [cb for cb in printed["trainer"]["callbacks"] if cb["class_path"].endswith("LoRARecovery")]
     assert lora[0]["init_args"]["merge"] is False and printed["model"]["init_args"]["save_dir"] is None
