@@ -36,8 +36,11 @@ from pathlib import Path
 GiB = 2**30
 
 
-def write_checkpoint(out: Path, hidden: int, inter: int, layers: int, vocab: int, heads: int) -> int:
-    """Random-init LlamaForCausalLM, one safetensors shard per decoder layer; returns bytes on disk."""
+def write_checkpoint(out: Path, hidden: int, inter: int, layers: int, vocab: int, heads: int,
+                     shard_bytes: int = 5 * 10**9) -> int:
+    """Random-init LlamaForCausalLM in safetensors shards of up to `shard_bytes` (save_pretrained's 5GB
+    default: the 4.26 GiB default model is ONE file, larger than the scoring process's address-space cap);
+    returns bytes on disk."""
     import torch
     from safetensors.torch import save_file
     from transformers import LlamaConfig
@@ -51,22 +54,31 @@ def write_checkpoint(out: Path, hidden: int, inter: int, layers: int, vocab: int
     def rnd(*shape: int) -> torch.Tensor:
         return (torch.randn(*shape, generator=g) * 0.02).to(torch.bfloat16)
 
-    n_shards = layers + 2
-    names = [f"model-{i + 1:05d}-of-{n_shards:05d}.safetensors" for i in range(n_shards)]
+    shards: list[str] = []
     weight_map: dict[str, str] = {}
     total = 0
+    pending: dict = {}
 
-    def write(name: str, tensors: dict) -> None:
+    def flush() -> None:
+        if pending:
+            name = f"shard-{len(shards) + 1:05d}.safetensors"
+            save_file(pending, str(out / name), metadata={"format": "pt"})
+            shards.append(name)
+            weight_map.update({k: name for k in pending})
+            pending.clear()
+
+    def write(tensors: dict) -> None:
         nonlocal total
-        save_file(tensors, str(out / name), metadata={"format": "pt"})
-        for k, v in tensors.items():
-            weight_map[k] = name
-            total += v.numel() * v.element_size()
+        size = sum(v.numel() * v.element_size() for v in tensors.values())
+        if pending and sum(v.numel() * v.element_size() for v in pending.values()) + size > shard_bytes:
+            flush()
+        pending.update(tensors)
+        total += size
 
-    write(names[0], {"model.embed_tokens.weight": rnd(vocab, hidden)})
+    write({"model.embed_tokens.weight": rnd(vocab, hidden)})
     for i in range(layers):
         p = f"model.layers.{i}."
-        write(names[i + 1], {
+        write({
             p + "self_attn.q_proj.weight": rnd(hidden, hidden), p + "self_attn.k_proj.weight": rnd(hidden, hidden),
             p + "self_attn.v_proj.weight": rnd(hidden, hidden), p + "self_attn.o_proj.weight": rnd(hidden, hidden),
             p + "mlp.gate_proj.weight": rnd(inter, hidden), p + "mlp.up_proj.weight": rnd(inter, hidden),
@@ -74,7 +86,13 @@ def write_checkpoint(out: Path, hidden: int, inter: int, layers: int, vocab: int
             p + "input_layernorm.weight": torch.ones(hidden, dtype=torch.bfloat16),
             p + "post_attention_layernorm.weight": torch.ones(hidden, dtype=torch.bfloat16),
         })
-    write(names[-1], {"model.norm.weight": torch.ones(hidden, dtype=torch.bfloat16), "lm_head.weight": rnd(vocab, hidden)})
+    write({"model.norm.weight": torch.ones(hidden, dtype=torch.bfloat16), "lm_head.weight": rnd(vocab, hidden)})
+    flush()
+    # HF's shard names: model-0000i-of-0000n.safetensors
+    final = {name: f"model-{i + 1:05d}-of-{len(shards):05d}.safetensors" for i, name in enumerate(shards)}
+    for name, new_name in final.items():
+        os.replace(out / name, out / new_name)
+    weight_map = {k: final[v] for k, v in weight_map.items()}
     index = {"metadata": {"total_size": total}, "weight_map": dict(sorted(weight_map.items()))}
     (out / "model.safetensors.index.json").write_text(json.dumps(index, indent=2))
     config.save_pretrained(out)
@@ -88,14 +106,17 @@ def _worker(model_dir: str, samples: int, seq_len: int, batch_size: int, limit: 
     from lightning_drop.streaming import stream_importance
 
     torch.set_num_threads(2)
-    windows = torch.randint(0, 32000, (samples, seq_len), generator=torch.Generator().manual_seed(0))
+    vocab = json.loads((Path(model_dir) / "config.json").read_text())["vocab_size"]
+    windows = torch.randint(0, vocab, (samples, seq_len), generator=torch.Generator().manual_seed(0))
+    status = Path("/proc/self/status").read_text()
+    runtime_rss = next(int(line.split()[1]) * 1024 for line in status.splitlines() if line.startswith("VmRSS"))
     stats: dict = {}
     t0 = time.perf_counter()
     scores = stream_importance(model_dir, windows, batch_size=batch_size, dtype=torch.float32, stats=stats)
     status = Path("/proc/self/status").read_text()
     fields = {line.split(":")[0]: int(line.split()[1]) * 1024 for line in status.splitlines()
               if line.startswith(("VmHWM", "VmPeak"))}
-    print(json.dumps({"seconds": time.perf_counter() - t0, "peak_rss": fields["VmHWM"],
+    print(json.dumps({"seconds": time.perf_counter() - t0, "peak_rss": fields["VmHWM"], "runtime_rss": runtime_rss,
                       "peak_virtual": fields["VmPeak"], "rlimit_as": limit, **stats,
                       "attn": scores.attn, "block": scores.block}))
 
@@ -113,6 +134,9 @@ def main() -> None:
     ap.add_argument("--limit-gib", type=float, default=3.0, help="RLIMIT_AS of the scoring process")
     ap.add_argument("--dir", default=None, help="where to write the checkpoint (deleted at the end)")
     ap.add_argument("--keep", action="store_true", help="do not delete the checkpoint")
+    ap.add_argument("--shard-gb", type=float, default=5.0,
+                    help="largest shard in GB (default 5, as save_pretrained: the default model is one file)")
+    ap.add_argument("--json", default=None, help="write the measured figures here")
     ap.add_argument("--_worker", nargs=5, help=argparse.SUPPRESS)
     a = ap.parse_args()
     if a._worker:
@@ -124,8 +148,12 @@ def main() -> None:
     model_dir = root / "llama-random"
     try:
         t0 = time.perf_counter()
-        size = write_checkpoint(model_dir, a.hidden, a.intermediate, a.layers, a.vocab, a.heads)
-        print(f"wrote {model_dir}: {a.layers} layers, hidden {a.hidden}, bf16, {size / GiB:.2f} GiB on disk "
+        size = write_checkpoint(model_dir, a.hidden, a.intermediate, a.layers, a.vocab, a.heads,
+                                int(a.shard_gb * 1e9))
+        files = sorted(model_dir.glob("*.safetensors"))
+        biggest = max(f.stat().st_size for f in files)
+        print(f"wrote {model_dir}: {a.layers} layers, hidden {a.hidden}, bf16, {size / GiB:.2f} GiB on disk in "
+              f"{len(files)} shard(s), largest {biggest / GiB:.2f} GiB "
               f"({time.perf_counter() - t0:.0f} s, writer peak RSS "
               f"{resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 2**20:.2f} GiB)")
         limit = int(a.limit_gib * GiB)
@@ -148,7 +176,15 @@ def main() -> None:
         print(f"  bound: one float32 layer {r['layer_bytes'] / GiB:.3f} + hidden states {r['hidden_bytes'] / GiB:.4f} "
               f"+ float32 embedding {r['embedding_bytes'] / GiB:.3f} = {bound / GiB:.3f} GiB (+ the Python/torch runtime)")
         print(f"  measured peak RSS {r['peak_rss'] / GiB:.3f} GiB, peak virtual {r['peak_virtual'] / GiB:.3f} GiB")
+        above = r["peak_rss"] - r["runtime_rss"]
+        verdict = "within" if above <= bound else "ABOVE"
+        print(f"  peak RSS above the runtime (RSS {r['runtime_rss'] / GiB:.3f} GiB before scoring): "
+              f"{above / GiB:.3f} GiB = {above / bound:.2f} x the bound ({verdict} it)")
         print(f"  attn scores: {[round(x, 4) for x in r['attn']]}")
+        if a.json:
+            Path(a.json).write_text(json.dumps({**r, "model_bytes": size, "largest_shard_bytes": biggest,
+                                                "shards": len(files), "bound_bytes": bound,
+                                                "rlimit_as_gib": a.limit_gib}, indent=2) + "\n")
     finally:
         if not a.keep:
             shutil.rmtree(model_dir, ignore_errors=True)

@@ -99,10 +99,23 @@ def spec_for_model_type(model_type: str) -> ArchSpec:
     """Look a family up by `config.model_type` (a dropped type maps to its base family)."""
     base = model_type[len(DROPPED_PREFIX):] if model_type.startswith(DROPPED_PREFIX) else model_type
     if base not in _BY_MODEL_TYPE:
+        hint = ""
+        if base in _vision_model_types():
+            hint = (" ('" + base + "' is a vision transformer: use lightning_drop.vision — apply_drop, "
+                    "VisionImportanceTracker, VisionLayerDrop)")
         raise ValueError(
             f"unsupported architecture '{model_type}'; supported model types: {', '.join(supported_model_types())}"
+            + hint
         )
     return _BY_MODEL_TYPE[base]
+
+
+def _vision_model_types() -> list[str]:
+    try:  # absent where this file is copied next to a checkpoint (no package around it)
+        from .vision.architectures import supported_vision_model_types
+    except ImportError:
+        return []
+    return supported_vision_model_types()
 
 
 def get_spec(model_or_config: Any) -> ArchSpec:

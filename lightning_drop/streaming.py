@@ -40,36 +40,46 @@ from .modeling_dropped import apply_drop, dropped_classes, dropped_layers, norma
 
 INDEX_NAME = "model.safetensors.index.json"
 SINGLE_NAME = "model.safetensors"
-_DTYPE_BYTES = {"F64": 8, "F32": 4, "F16": 2, "BF16": 2, "I64": 8, "I32": 4, "I16": 2, "I8": 1, "U8": 1,
-                "BOOL": 1, "F8_E4M3": 1, "F8_E5M2": 1}
+_TORCH_DTYPES = {"F64": torch.float64, "F32": torch.float32, "F16": torch.float16, "BF16": torch.bfloat16,
+                 "I64": torch.int64, "I32": torch.int32, "I16": torch.int16, "I8": torch.int8, "U8": torch.uint8,
+                 "BOOL": torch.bool, "F8_E4M3": torch.float8_e4m3fn, "F8_E5M2": torch.float8_e5m2}
+
+
+def read_safetensors_header(path: str | os.PathLike) -> tuple[int, dict[str, dict[str, Any]]]:
+    """(offset of the data section, {name: {"dtype", "shape", "data_offsets"}}) of a safetensors file."""
+    with open(path, "rb") as f:
+        size = int.from_bytes(f.read(8), "little")
+        header = json.loads(f.read(size))
+    header.pop("__metadata__", None)
+    return 8 + size, header
 
 
 # ------------------------------------------------------------------------------------------ checkpoint files
 class CheckpointTensors:
-    """Tensor name -> file of a (possibly sharded) safetensors checkpoint; reads only the tensors asked for."""
+    """Tensor name -> file of a (possibly sharded) safetensors checkpoint; reads only the tensors asked for.
+
+    Tensors are read with plain positional file reads, never memory-mapped: safetensors' own loader maps the
+    whole file, so one 5-10 GB shard would count in full against an address-space limit (`ulimit -v`).
+    Memory is the tensors asked for, nothing more.
+    """
 
     def __init__(self, directory: str | os.PathLike) -> None:
-        from safetensors import safe_open
-
         self.directory = Path(directory)
         index = self.directory / INDEX_NAME
         single = self.directory / SINGLE_NAME
+        self._headers: dict[Path, tuple[int, dict[str, dict[str, Any]]]] = {}
         if index.is_file():
             weight_map = json.loads(index.read_text())["weight_map"]
             self.weight_map = {k: self.directory / v for k, v in weight_map.items()}
         elif single.is_file():
-            with safe_open(str(single), framework="pt") as f:
-                self.weight_map = {k: single for k in f.keys()}
+            self.weight_map = {k: single for k in self._file_header(single)[1]}
         else:
             raise FileNotFoundError(f"no {SINGLE_NAME} or {INDEX_NAME} in {self.directory}: streaming reads "
                                     "safetensors checkpoints only")
         missing = sorted({str(p.name) for p in self.weight_map.values() if not p.is_file()})
         if missing:
             raise FileNotFoundError(f"shards listed in {index} are missing: {', '.join(missing)}")
-        self._headers: dict[Path, dict[str, tuple[str, list[int]]]] = {}
 
-    # Files are opened per read and closed again: safetensors memory-maps the whole file, so keeping every
-    # shard open would map the whole model into the address space (and count against `ulimit -v`).
     def __enter__(self) -> "CheckpointTensors":
         return self
 
@@ -92,8 +102,6 @@ class CheckpointTensors:
 
     def get_many(self, names: Iterable[str], what: str = "", dtype: torch.dtype | None = None) -> dict[str, torch.Tensor]:
         """Read `names` (file by file); floating tensors are cast to `dtype` one at a time as they are read."""
-        from safetensors import safe_open
-
         names = list(names)
         missing = [n for n in names if n not in self.weight_map]
         if missing:
@@ -104,32 +112,54 @@ class CheckpointTensors:
             by_file.setdefault(self.weight_map[n], []).append(n)
         out: dict[str, torch.Tensor] = {}
         for path, group in by_file.items():
-            with safe_open(str(path), framework="pt", device="cpu") as f:
+            data_start, header = self._file_header(path)
+            with open(path, "rb") as f:
                 for n in group:
-                    t = f.get_tensor(n)
+                    if n not in header:
+                        raise ValueError(f"{path.name} does not hold {n}, although the index says so")
+                    t = _read_tensor(f, data_start, header[n], f"{path.name}:{n}")
                     out[n] = t.to(dtype) if dtype is not None and t.is_floating_point() else t
         return {n: out[n] for n in names}
 
-    def _header(self, name: str) -> tuple[str, list[int]]:
-        from safetensors import safe_open
-
-        path = self.weight_map[name]
+    def _file_header(self, path: Path) -> tuple[int, dict[str, dict[str, Any]]]:
         if path not in self._headers:
-            with safe_open(str(path), framework="pt", device="cpu") as f:
-                self._headers[path] = {k: (f.get_slice(k).get_dtype(), list(f.get_slice(k).get_shape()))
-                                       for k in f.keys()}
-        return self._headers[path][name]
+            try:
+                self._headers[path] = read_safetensors_header(path)
+            except (ValueError, UnicodeDecodeError) as err:
+                raise ValueError(f"{path} is not a safetensors file ({err})") from None
+        return self._headers[path]
+
+    def _header(self, name: str) -> tuple[str, list[int]]:
+        info = self._file_header(self.weight_map[name])[1][name]
+        return info["dtype"], list(info["shape"])
 
     def nbytes(self, name: str, dtype: torch.dtype | None = None) -> int:
         st_dtype, shape = self._header(name)
         numel = 1
         for d in shape:
             numel *= int(d)
-        size = dtype.itemsize if dtype is not None else _DTYPE_BYTES.get(st_dtype, 4)
+        size = dtype.itemsize if dtype is not None else _TORCH_DTYPES[st_dtype].itemsize
         return numel * size
 
     def dtype_of(self, name: str) -> str:
         return self._header(name)[0]
+
+
+def _read_tensor(f: Any, data_start: int, info: dict[str, Any], label: str) -> torch.Tensor:
+    """One tensor of an open safetensors file, read into fresh (non-mapped) memory."""
+    if info["dtype"] not in _TORCH_DTYPES:
+        raise ValueError(f"{label}: unsupported safetensors dtype {info['dtype']}")
+    begin, end = info["data_offsets"]
+    t = torch.empty(info["shape"], dtype=_TORCH_DTYPES[info["dtype"]])
+    nbytes = t.numel() * t.element_size()
+    if end - begin != nbytes:
+        raise ValueError(f"{label}: header says {end - begin} bytes for shape {info['shape']} {info['dtype']}")
+    if nbytes:
+        f.seek(data_start + begin)
+        view = memoryview(t.reshape(-1).view(torch.uint8).numpy())
+        if f.readinto(view) != nbytes:
+            raise ValueError(f"{label}: file ends before the tensor does (truncated shard?)")
+    return t
 
 
 # ------------------------------------------------------------------------------------------------ meta model

@@ -216,3 +216,8 @@ def test_remote_code_family_drop_fails_before_touching_the_model():
         apply_drop(model, attn=[1])
     assert sum(p.numel() for p in model.parameters()) == n_params
     assert dropped_layers(model) == ([], [])
+
+
+def test_vision_model_type_points_to_the_vision_package():
+    with pytest.raises(ValueError, match="'vit' is a vision transformer: use lightning_drop.vision"):
+        get_spec("vit")

@@ -248,3 +248,28 @@ def test_lightning_fsdp_refuses_cpu():
 
     with pytest.raises(ValueError, match="requires a GPU accelerator"):
         pl.Trainer(accelerator="cpu", strategy="fsdp", devices=2, logger=False)
+
+
+def test_positional_reads_equal_safetensors_own_loader(tmp_path):
+    """CheckpointTensors reads without mapping the file; every dtype and shape must come back bit for bit."""
+    from safetensors.torch import load_file, save_file
+
+    from lightning_drop.streaming import CheckpointTensors
+
+    g = torch.Generator().manual_seed(0)
+    tensors = {"a.bf16": torch.randn(3, 5, generator=g).to(torch.bfloat16), "b.f32": torch.randn(7, generator=g),
+               "c.i64": torch.arange(6).reshape(2, 3), "d.bool": torch.tensor([True, False, True]),
+               "e.scalar": torch.tensor(2.5), "f.empty": torch.zeros(0, 4), "g.f16": torch.randn(4, 4).half()}
+    save_file(tensors, str(tmp_path / "model.safetensors"))
+    ref = load_file(str(tmp_path / "model.safetensors"))
+    with CheckpointTensors(tmp_path) as ct:
+        got = ct.get_many(list(tensors))
+        assert sorted(ct.keys()) == sorted(tensors)
+        assert ct.nbytes("a.bf16") == 30 and ct.dtype_of("c.i64") == "I64"
+        assert ct.get("b.f32", dtype=torch.float64).dtype == torch.float64
+    for k, v in ref.items():
+        assert got[k].dtype == v.dtype and got[k].shape == v.shape and torch.equal(got[k], v), k
+    data = (tmp_path / "model.safetensors").read_bytes()
+    (tmp_path / "model.safetensors").write_bytes(data[:-8])  # truncated shard
+    with pytest.raises(ValueError, match="truncated"):
+        CheckpointTensors(tmp_path).get_many(list(tensors))
