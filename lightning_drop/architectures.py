@@ -111,11 +111,16 @@ def spec_for_model_type(model_type: str) -> ArchSpec:
 
 
 def _vision_model_types() -> list[str]:
-    try:  # absent where this file is copied next to a checkpoint (no package around it)
-        from .vision.architectures import supported_vision_model_types
-    except ImportError:
+    """Vision model types, when this file is inside the package; a copy next to a checkpoint has none.
+
+    Imported by name, not with a relative `from .vision ...`: transformers' remote-code loader copies every
+    relatively imported file next to the checkpoint's modeling file and would look for one.
+    """
+    if __package__ != "lightning_drop":
         return []
-    return supported_vision_model_types()
+    import importlib
+
+    return importlib.import_module(f"{__package__}.vision.architectures").supported_vision_model_types()
 
 
 def get_spec(model_or_config: Any) -> ArchSpec:
