@@ -3,7 +3,8 @@
 ideal = T_base / (T_base - time the base model spends in the dropped sublayers and their norms), from
 profiling the base model with forward hooks; measured = T_base / T_dropped, base and dropped timed
 alternately in one run; realized gain = (measured - 1) / (ideal - 1), target >= 0.9. Times are prefill
-(prompt_len tokens) + greedy decode (gen_len tokens with the KV cache), median of repeats.
+(prompt_len tokens) + greedy decode (gen_len tokens with the KV cache); by default the two models generate in
+lock step (turns at every decode step), and each ratio is the median over repeats of per-repeat ratios.
 
     .venv/bin/python benchmarks/decode_speedup.py [--batch-sizes 1 8] [--prompt-len 128] [--gen-len 64]
 """
@@ -40,6 +41,9 @@ def main(argv=None) -> int:
     ap.add_argument("--clock", choices=["wall", "process"], default="wall",
                     help="process = CPU time of this process: with --threads 1 it equals wall time on an idle "
                          "machine and is barely disturbed by other processes on a shared one")
+    ap.add_argument("--interleave", choices=["step", "run"], default="step",
+                    help="step: base and dropped take turns at every decode step (drift cancels); run: whole "
+                         "generations alternate")
     ap.add_argument("--json", help="write the results here")
     args = ap.parse_args(argv)
 
@@ -50,13 +54,14 @@ def main(argv=None) -> int:
     attn, how = _common.attention_drop(base, tok, args.num_drop)
     dropped = apply_drop(copy.deepcopy(base), attn=attn)
     print(f"{args.model}: dropping attention layers {attn} ({how}); torch threads {torch.get_num_threads()}", flush=True)
-    print(f"workload: prompt {args.prompt_len} + decode {args.gen_len} tokens, median of {args.repeats}, {args.clock} clock", flush=True)
+    print(f"workload: prompt {args.prompt_len} + decode {args.gen_len} tokens, median of {args.repeats} per-repeat "
+          f"ratios, {args.clock} clock, models interleaved per {args.interleave}", flush=True)
     print(f"{'batch':>5} {'phase':>8} {'base ms':>9} {'dropped ms':>10} {'measured':>9} {'ideal':>7} {'gain':>6}   | same from the fastest run")
     rows, ok = [], True
     for bs in args.batch_sizes:
         kw = dict(batch_size=bs, prompt_len=args.prompt_len, gen_len=args.gen_len, repeats=args.repeats,
                   warmup=args.warmup, clock=args.clock)
-        cmp = compare_speed(base, dropped, **kw)
+        cmp = compare_speed(base, dropped, interleave=args.interleave, **kw)
         prof = profile_drop(base, attn, [], **kw)
         for phase in ("prefill", "decode", "total"):
             measured, ideal = cmp["speedup"][phase], prof[phase]["ideal_speedup"]
@@ -66,7 +71,8 @@ def main(argv=None) -> int:
             rows.append(dict(batch_size=bs, phase=phase, base_s=cmp["base"][f"{phase}_s"],
                              dropped_s=cmp["dropped"][f"{phase}_s"], measured=measured, ideal=ideal, gain=gain,
                              profiled_base_s=prof[phase]["base_s"], dropped_parts_s=prof[phase]["dropped_parts_s"],
-                             measured_min=m_min, ideal_min=i_min, gain_min=gain_min))
+                             measured_min=m_min, ideal_min=i_min, gain_min=gain_min,
+                             measured_runs=cmp["speedup_runs"][phase]))
             print(f"{bs:>5} {phase:>8} {cmp['base'][f'{phase}_s'] * 1e3:>9.1f} {cmp['dropped'][f'{phase}_s'] * 1e3:>10.1f} "
                   f"{measured:>8.3f}x {ideal:>6.3f}x {gain:>6.2f}   | min: {m_min:.3f}x {i_min:.3f}x {gain_min:6.2f}",
                   flush=True)

@@ -9,15 +9,17 @@
 
     .venv/bin/python benchmarks/streaming_memory.py [--layers 10] [--limit-gib 3.0] [--dir /tmp/x]
 
-Measured (2 shared CPU cores, torch 2.13, transformers 5.23; defaults):
+Measured 2026-12-01 (2-core CPU VM, torch 2.13, transformers 5.24; defaults, quiet machine):
 
-    wrote /tmp/ld-stream-bench-2rfrc4xi/llama-random: 10 layers, hidden 4096, bf16, 4.26 GiB on disk (306 s, writer peak RSS 1.30 GiB)
-    scored 10 layers x 4 windows x 128 tokens in 222 s under RLIMIT_AS = 3.00 GiB (model on disk: 4.26 GiB bf16, 8.52 GiB as float32)
+    wrote .../llama-random: 10 layers, hidden 4096, bf16, 4.26 GiB on disk in 1 shard(s), largest 4.26 GiB
+    scored 10 layers x 4 windows x 128 tokens in 16 s under RLIMIT_AS = 3.00 GiB (model on disk: 4.26 GiB bf16, 8.52 GiB as float32)
       bound: one float32 layer 0.754 + hidden states 0.0078 + float32 embedding 0.488 = 1.250 GiB (+ the Python/torch runtime)
-      measured peak RSS 1.756 GiB, peak virtual 2.343 GiB
+      measured peak RSS 1.498 GiB, peak virtual 2.057 GiB
+      peak RSS above the runtime (RSS 0.498 GiB before scoring): 1.000 GiB = 0.80 x the bound (within it)
 
-The runtime (Python + torch + transformers imported) is ~0.45 GiB RSS / ~1.0 GiB virtual, so the peak is the
-bound plus the runtime; loading the same model in memory would need 8.5 GiB as float32 and fails under the cap.
+The whole checkpoint is one file larger than the address-space cap: the tensors are read with positional
+file reads, not memory-mapped (safetensors' own loader would map the whole file and fail under the cap).
+Loading the same model in memory would need 8.5 GiB as float32 and fails under the cap.
 """
 
 from __future__ import annotations

@@ -106,12 +106,14 @@ def _add_eval(sub: argparse._SubParsersAction) -> None:
     p.add_argument("--num-fewshot", type=int, default=None, help="few-shot examples (default: task/preset's)")
     p.add_argument("--limit", type=float, default=None, help="examples per task (int) or fraction (<1)")
     p.add_argument("--include-path", default=None, help="directory of extra task YAMLs")
+    p.add_argument("--data", action="append", default=None, metavar="TASK=FILE",
+                   help="a shipped task with its data file, e.g. hellaswag_sample=hs.jsonl (repeatable)")
     p.add_argument("--batch-size", type=int, default=4)
     p.add_argument("--output", default=None, help="JSON file for the results")
     p.set_defaults(func=lambda a: _call("lightning_drop.evaluation", "eval_main", model=a.model, tasks=a.tasks,
                                         preset=a.preset, num_fewshot=a.num_fewshot,
-                                        limit=_limit(a.limit),
-                                        include_path=a.include_path, batch_size=a.batch_size, output=a.output))
+                                        limit=_limit(a.limit), include_path=a.include_path,
+                                        batch_size=a.batch_size, output=a.output, data=a.data))
 
 
 def _add_perplexity(sub: argparse._SubParsersAction) -> None:

@@ -158,6 +158,46 @@ def _generate_once(model: nn.Module, ids: torch.Tensor, gen_len: int, phase: dic
     return t1 - t0, t2 - t1, torch.cat(generated, dim=1)
 
 
+@torch.inference_mode()
+def _generate_lockstep(models: Mapping[str, nn.Module], ids: torch.Tensor, gen_len: int, flip: bool = False,
+                       clock: str = "wall") -> dict[str, tuple[float, float, torch.Tensor]]:
+    """`_generate_once` for several models at once, alternating at every step (prefill, then each token).
+
+    Each model's prefill and each of its decode steps is timed on its own, and the models take turns,
+    first one then the other, swapping who goes first every step: load that drifts over seconds on a shared
+    machine then falls on all of them alike, which alternating whole runs cannot promise.
+    """
+    now = _clock(clock)
+    names = list(models)[::-1] if flip else list(models)
+    state: dict[str, dict[str, Any]] = {}
+    for name in names:
+        m = models[name]
+        x = ids.to(_device(m))
+        cache = _new_cache(m)
+        _sync(x.device)
+        t0 = now()
+        out = m(input_ids=x, past_key_values=cache, use_cache=True, logits_to_keep=1)
+        nxt = out.logits[:, -1].argmax(-1, keepdim=True)
+        _sync(x.device)
+        state[name] = {"cache": cache, "nxt": nxt, "tokens": [nxt], "prefill": now() - t0, "decode": 0.0,
+                       "device": x.device}
+    pos = ids.shape[1]
+    for step in range(gen_len - 1):
+        for name in (names if step % 2 else names[::-1]):
+            st, m = state[name], models[name]
+            cache_position = torch.tensor([pos], device=st["device"])
+            _sync(st["device"])
+            t0 = now()
+            out = m(input_ids=st["nxt"], past_key_values=st["cache"], use_cache=True, cache_position=cache_position,
+                    position_ids=cache_position.expand(ids.shape[0], 1))
+            st["nxt"] = out.logits[:, -1].argmax(-1, keepdim=True)
+            _sync(st["device"])
+            st["decode"] += now() - t0
+            st["tokens"].append(st["nxt"])
+        pos += 1
+    return {name: (st["prefill"], st["decode"], torch.cat(st["tokens"], dim=1)) for name, st in state.items()}
+
+
 def _check_args(batch_size: int, prompt_len: int, gen_len: int, repeats: int, warmup: int) -> None:
     for name, v, lo in (("batch_size", batch_size, 1), ("prompt_len", prompt_len, 1), ("gen_len", gen_len, 2),
                         ("repeats", repeats, 1), ("warmup", warmup, 0)):
@@ -188,16 +228,24 @@ def measure_generation(model: nn.Module, batch_size: int = 1, prompt_len: int = 
                          repeats=repeats, warmup=warmup, seed=seed, clock=clock)["model"]
 
 
+INTERLEAVE = ("step", "run")
+
+
 def compare_speed(base: nn.Module | Mapping[str, nn.Module], dropped: nn.Module | None = None, batch_size: int = 1,
                   prompt_len: int = 128, gen_len: int = 128, repeats: int = 3, warmup: int = 1,
-                  seed: int = 0, clock: str = "wall") -> dict[str, Any]:
-    """Measure models ALTERNATELY in one run (same prompt): base, dropped, base, dropped, ...
+                  seed: int = 0, clock: str = "wall", interleave: str = "step") -> dict[str, Any]:
+    """Measure models ALTERNATELY in one run (same prompt).
 
-    Returns {"base": stats, "dropped": stats, "speedup": {"prefill", "decode", "total"}, ...} where a speedup
-    is base time / dropped time of the medians. `base` may also be a {name: model} mapping (no ratios then).
+    interleave="step" (default): the models generate in lock step, taking turns at every prefill and every
+    decode step (see `_generate_lockstep`); "run": whole generations alternate (base, dropped, dropped,
+    base, ...). Returns {"base": stats, "dropped": stats, "speedup": {"prefill", "decode", "total"}, ...}
+    where a speedup is the median over repeats of the per-repeat ratio base time / dropped time (both
+    measured side by side in that repeat). `base` may also be a {name: model} mapping (no ratios then).
     """
     _check_args(batch_size, prompt_len, gen_len, repeats, warmup)
     _clock(clock)
+    if interleave not in INTERLEAVE:
+        raise ValueError(f"interleave must be one of {', '.join(INTERLEAVE)}, got {interleave!r}")
     models = dict(base) if isinstance(base, Mapping) else {"base": base, "dropped": dropped}
     if any(m is None for m in models.values()):
         raise ValueError("compare_speed needs both a base and a dropped model")
@@ -212,12 +260,16 @@ def compare_speed(base: nn.Module | Mapping[str, nn.Module], dropped: nn.Module 
             for m in models.values():
                 _generate_once(m, ids.to(_device(m)), gen_len)
         order = list(models)
+        for m in models.values():
+            if _device(m).type == "cuda":
+                torch.cuda.reset_peak_memory_stats(_device(m))
         for r in range(repeats):
-            for name in (order if r % 2 == 0 else order[::-1]):  # alternate, and alternate who goes first
-                m = models[name]
-                if _device(m).type == "cuda":
-                    torch.cuda.reset_peak_memory_stats(_device(m))
-                p, d, toks = _generate_once(m, ids.to(_device(m)), gen_len, clock=clock)
+            if interleave == "step":
+                runs = _generate_lockstep(models, ids, gen_len, flip=r % 2 == 1, clock=clock)
+            else:
+                runs = {name: _generate_once(models[name], ids.to(_device(models[name])), gen_len, clock=clock)
+                        for name in (order if r % 2 == 0 else order[::-1])}  # alternate who goes first
+            for name, (p, d, toks) in runs.items():
                 assert toks.shape == (batch_size, gen_len)
                 times[name][0].append(p)
                 times[name][1].append(d)
@@ -235,10 +287,13 @@ def compare_speed(base: nn.Module | Mapping[str, nn.Module], dropped: nn.Module 
     result["peak_rss_bytes"] = peak_rss_bytes()
     result["setup"] = dict(batch_size=batch_size, prompt_len=prompt_len, gen_len=gen_len, repeats=repeats,
                            warmup=warmup, device=str(_device(first)), threads=torch.get_num_threads(),
-                           clock=clock)
+                           clock=clock, interleave=interleave)
     if set(models) == {"base", "dropped"}:
         b, d = result["base"], result["dropped"]
-        result["speedup"] = {k: b[f"{k}_s"] / d[f"{k}_s"] for k in ("prefill", "decode", "total")}
+        per_run = {"prefill": (times["base"][0], times["dropped"][0]), "decode": (times["base"][1], times["dropped"][1]),
+                   "total": ([x + y for x, y in zip(*times["base"])], [x + y for x, y in zip(*times["dropped"])])}
+        result["speedup"] = {k: statistics.median(tb / td for tb, td in zip(*per_run[k])) for k in per_run}
+        result["speedup_runs"] = {k: [tb / td for tb, td in zip(*per_run[k])] for k in per_run}
         result["speedup_min"] = {k: b[f"{k}_min_s"] / d[f"{k}_min_s"] for k in ("prefill", "decode", "total")}
         result["kv_ratio"] = d["kv_bytes_per_token"] / b["kv_bytes_per_token"] if b["kv_bytes_per_token"] else None
         result["param_ratio"] = d["params"] / b["params"]
@@ -323,7 +378,7 @@ def profile_drop(base_model: nn.Module, attn: Iterable[int] = (), mlp: Iterable[
     ids = _random_prompt(base_model, batch_size, prompt_len, seed)
     was_training = base_model.training
     base_model.eval()
-    base_p, base_d, part_p, part_d = [], [], [], []
+    base_p, base_d, hook_p, hook_d, part_p, part_d = [], [], [], [], [], []
     phase = {"name": ""}
     try:
         for _ in range(warmup):
@@ -334,7 +389,9 @@ def profile_drop(base_model: nn.Module, attn: Iterable[int] = (), mlp: Iterable[
             base_d.append(d)
             acc: dict[str, float] = {}
             with _time_modules(mods, phase, acc, clock):
-                _generate_once(base_model, ids, gen_len, phase=phase, clock=clock)
+                p, d, _ = _generate_once(base_model, ids, gen_len, phase=phase, clock=clock)
+            hook_p.append(p)
+            hook_d.append(d)
             part_p.append(acc.get("prefill", 0.0))
             part_d.append(acc.get("decode", 0.0))
     finally:
@@ -342,12 +399,20 @@ def profile_drop(base_model: nn.Module, attn: Iterable[int] = (), mlp: Iterable[
     med = statistics.median
     out: dict[str, Any] = {"attn": attn, "mlp": mlp, "setup": dict(batch_size=batch_size, prompt_len=prompt_len,
                                                                    gen_len=gen_len, repeats=repeats, clock=clock)}
-    for name, b, q in (("prefill", base_p, part_p), ("decode", base_d, part_d),
-                       ("total", [x + y for x, y in zip(base_p, base_d)], [x + y for x, y in zip(part_p, part_d)])):
-        tb, tq = med(b), med(q)
-        out[name] = {"base_s": tb, "dropped_parts_s": tq, "ideal_speedup": tb / (tb - tq) if tb > tq else float("inf")}
-        mb, mq = min(b), min(q)
-        out[name]["ideal_speedup_min"] = mb / (mb - mq) if mb > mq else float("inf")
+
+    def ideal(total: float, parts: float) -> float:
+        return total / (total - parts) if total > parts else float("inf")
+
+    for name, b, h, q in (("prefill", base_p, hook_p, part_p), ("decode", base_d, hook_d, part_d),
+                          ("total", [x + y for x, y in zip(base_p, base_d)], [x + y for x, y in zip(hook_p, hook_d)],
+                           [x + y for x, y in zip(part_p, part_d)])):
+        # The share of time in the dropped parts is read from one and the same (profiled) run, so load that
+        # drifts between runs cancels; the unprofiled runs give the base time alone.
+        out[name] = {"base_s": med(b), "profiled_s": med(h), "dropped_parts_s": med(q),
+                     "dropped_share": med(tq / th for th, tq in zip(h, q)),
+                     "ideal_speedup": med(ideal(th, tq) for th, tq in zip(h, q))}
+        mh, mq = min(h), min(q)
+        out[name]["ideal_speedup_min"] = ideal(mh, mq)
     return out
 
 

@@ -58,24 +58,40 @@ def test_sublayer_drop_roundtrips_through_auto_class(tmp_path, family):
     assert dropped_layers(loaded) == ([0, 2], [1])
 
 
-def test_block_only_drop_is_a_plain_checkpoint(tmp_path):
-    model, tok = tiny_model("gemma2", num_layers=4)  # sliding/full alternate: types must follow their layers
-    types_before = list(model.config.layer_types)
+@pytest.mark.parametrize("family", ["gemma2", "qwen2", "llama"])
+def test_block_only_drop_is_a_plain_checkpoint(tmp_path, family):
+    # gemma2: sliding/full alternate; qwen2: sliding only up to max_window_layers. Types must follow their layers.
+    model, tok = tiny_model(family, num_layers=4)
+    types_before = list(getattr(model.config, "layer_types", None) or [])  # Llama has no per-layer types
     apply_drop(model, attn=[0, 3], mlp=[0, 3])
     assert checkpoint_kind(model) == "blocks"
     expected = _logits(model)
     out = save_dropped(model, tmp_path / "blocks", tok)
     config = json.loads((out / "config.json").read_text())
-    assert config["model_type"] == "gemma2" and "auto_map" not in config
+    assert config["model_type"] == family and "auto_map" not in config
     assert config["num_hidden_layers"] == 2
-    assert config["layer_types"] == [types_before[1], types_before[2]]
+    if types_before:
+        assert config["layer_types"] == [types_before[1], types_before[2]]
     assert config["lightning_drop"]["dropped_blocks"] == [0, 3]
     assert not (out / "modeling_dropped.py").exists()
     # a plain transformers class reads it
-    from transformers import Gemma2ForCausalLM
+    import transformers
 
-    plain = Gemma2ForCausalLM.from_pretrained(out).eval()
+    plain = getattr(transformers, type(model).__name__.removeprefix("Dropped")).from_pretrained(out).eval()
+    assert type(plain).__module__.startswith(f"transformers.models.{family}.")
     torch.testing.assert_close(_logits(plain), expected, atol=1e-5, rtol=1e-5)
+
+
+def test_deepseek_block_drop_keeps_the_dropped_format_when_layers_would_not_rebuild(tmp_path):
+    """DeepSeek-V3's first layers are dense by index: renumbering would turn a MoE layer dense, so no plain shape."""
+    model, tok = tiny_model("deepseek_v3")
+    apply_drop(model, attn=[0], mlp=[0])
+    expected = _logits(model)
+    out = save_dropped(model, tmp_path / "ds", tok)
+    config = json.loads((out / "config.json").read_text())
+    assert config["model_type"] == "dropped_deepseek_v3" and config["drop_attn_list"] == [0]
+    loaded = AutoModelForCausalLM.from_pretrained(out)
+    torch.testing.assert_close(_logits(loaded), expected, atol=1e-5, rtol=1e-5)
 
 
 CLEAN_ENV_SCRIPT = textwrap.dedent(
@@ -96,8 +112,9 @@ CLEAN_ENV_SCRIPT = textwrap.dedent(
 )
 
 
-def test_trust_remote_code_load_without_the_package(tmp_path):
-    model, tok = tiny_model("qwen3")
+@pytest.mark.parametrize("family", ["qwen3", "gemma2", "olmo2"])
+def test_trust_remote_code_load_without_the_package(tmp_path, family):
+    model, tok = tiny_model(family)
     apply_drop(model, attn=[1, 3], mlp=[0])
     expected = _logits(model)
     out = save_dropped(model, tmp_path / "ckpt", tok)

@@ -244,3 +244,18 @@ def test_eval_main_writes_json(tmp_path):
     assert json.loads(out.read_text())["n_samples"]["hellaswag_sample"] == 3 == res["n_samples"]["hellaswag_sample"]
     with pytest.raises(ValueError, match="TASK=FILE"):
         eval_main("tiny-llama", data=["hellaswag_sample"])
+
+
+@needs_data
+def test_eval_command_with_task_data_file(tmp_path, capsys):
+    """`lightning-drop eval --data TASK=FILE` through the console entry point; a bad pair is one line."""
+    from lightning_drop.cli import main
+
+    out = tmp_path / "res.json"
+    assert main(["eval", "--model", "tiny-llama", "--data", f"hellaswag_sample={_rows(tmp_path, 3)}",
+                 "--batch-size", "8", "--output", str(out)]) == 0
+    assert json.loads(out.read_text())["n_samples"]["hellaswag_sample"] == 3
+    capsys.readouterr()
+    assert main(["eval", "--model", "tiny-llama", "--data", "hellaswag_sample"]) == 2
+    err = capsys.readouterr().err.strip().splitlines()
+    assert len(err) == 1 and "TASK=FILE" in err[0]

@@ -246,12 +246,13 @@ def test_ddp_two_processes_match_one(tmp_path):
 def test_smollm2_attention_scores_lower_than_mlp(shared_dir):
     from lightning_drop.models import load_model
 
-    model, tok = load_model("smollm2-135m")
-    import json
+    from lightning_drop.data import CalibrationConfig, calibration_windows
 
-    docs = [json.loads(line)["text"] for line in open(shared_dir / "data" / "c4_demo.jsonl")][:40]
-    ids = tok("\n".join(docs), return_tensors="pt")["input_ids"][0]
-    windows = ids[: 4 * 256].view(4, 256)
+    model, tok = load_model("smollm2-135m")
+    # The command's own calibration pipeline: no special tokens, documents joined with EOS, first N windows.
+    cfg = CalibrationConfig(source=str(shared_dir / "data" / "c4_demo.jsonl"), num_samples=4, seq_len=256)
+    windows = calibration_windows(tok, cfg, max_positions=model.config.max_position_embeddings)
+    assert windows.shape == (4, 256) and (windows == tok.eos_token_id).any()
     s = compute_importance(model, [windows[:2], windows[2:]])
     assert statistics.mean(s.attn) < statistics.mean(s.mlp)
     assert all(math.isfinite(v) for v in s.attn + s.mlp + s.block)
