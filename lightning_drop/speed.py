@@ -53,6 +53,14 @@ def _sync(device: torch.device) -> None:
         torch.cuda.synchronize(device)
 
 
+def _cache_kw(model: nn.Module) -> str:
+    """Name of the forward argument that takes a KV cache: `cache` from transformers 5.24 on (where
+    `past_key_values` is deprecated), `past_key_values` before."""
+    import inspect
+
+    return "cache" if "cache" in inspect.signature(type(model).forward).parameters else "past_key_values"
+
+
 def _new_cache(model: nn.Module) -> Any:
     from transformers import DynamicCache
 
@@ -93,7 +101,7 @@ def kv_cache_bytes_per_token(model: nn.Module, prompt_len: int = 32, batch_size:
         raise ValueError(f"prompt_len and batch_size must be >= 1, got {prompt_len}, {batch_size}")
     ids = _random_prompt(model, batch_size, prompt_len)
     cache = _new_cache(model)
-    model(input_ids=ids, past_key_values=cache, use_cache=True, logits_to_keep=1)
+    model(input_ids=ids, **{_cache_kw(model): cache}, use_cache=True, logits_to_keep=1)
     return cache_bytes(cache) / (batch_size * prompt_len)
 
 
@@ -131,12 +139,13 @@ def _generate_once(model: nn.Module, ids: torch.Tensor, gen_len: int, phase: dic
     """(prefill seconds, decode seconds, generated tokens [B, gen_len]) for one greedy run with a KV cache."""
     device = ids.device
     now = _clock(clock)
+    kw = _cache_kw(model)  # looked up once, outside the timed region
     cache = _new_cache(model)
     if phase is not None:
         phase["name"] = "prefill"
     _sync(device)
     t0 = now()
-    out = model(input_ids=ids, past_key_values=cache, use_cache=True, logits_to_keep=1)
+    out = model(input_ids=ids, **{kw: cache}, use_cache=True, logits_to_keep=1)
     nxt = out.logits[:, -1].argmax(-1, keepdim=True)
     _sync(device)
     t1 = now()
@@ -146,7 +155,7 @@ def _generate_once(model: nn.Module, ids: torch.Tensor, gen_len: int, phase: dic
     pos = ids.shape[1]
     for _ in range(gen_len - 1):
         cache_position = torch.tensor([pos], device=device)
-        out = model(input_ids=nxt, past_key_values=cache, use_cache=True, cache_position=cache_position,
+        out = model(input_ids=nxt, **{kw: cache}, use_cache=True, cache_position=cache_position,
                     position_ids=cache_position.expand(ids.shape[0], 1))
         nxt = out.logits[:, -1].argmax(-1, keepdim=True)
         generated.append(nxt)
@@ -173,14 +182,15 @@ def _generate_lockstep(models: Mapping[str, nn.Module], ids: torch.Tensor, gen_l
     for name in names:
         m = models[name]
         x = ids.to(_device(m))
+        kw = _cache_kw(m)
         cache = _new_cache(m)
         _sync(x.device)
         t0 = now()
-        out = m(input_ids=x, past_key_values=cache, use_cache=True, logits_to_keep=1)
+        out = m(input_ids=x, **{kw: cache}, use_cache=True, logits_to_keep=1)
         nxt = out.logits[:, -1].argmax(-1, keepdim=True)
         _sync(x.device)
         state[name] = {"cache": cache, "nxt": nxt, "tokens": [nxt], "prefill": now() - t0, "decode": 0.0,
-                       "device": x.device}
+                       "device": x.device, "kw": kw}
     pos = ids.shape[1]
     for step in range(gen_len - 1):
         for name in (names if step % 2 else names[::-1]):
@@ -188,7 +198,7 @@ def _generate_lockstep(models: Mapping[str, nn.Module], ids: torch.Tensor, gen_l
             cache_position = torch.tensor([pos], device=st["device"])
             _sync(st["device"])
             t0 = now()
-            out = m(input_ids=st["nxt"], past_key_values=st["cache"], use_cache=True, cache_position=cache_position,
+            out = m(input_ids=st["nxt"], **{st["kw"]: st["cache"]}, use_cache=True, cache_position=cache_position,
                     position_ids=cache_position.expand(ids.shape[0], 1))
             st["nxt"] = out.logits[:, -1].argmax(-1, keepdim=True)
             _sync(st["device"])
