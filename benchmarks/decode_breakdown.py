@@ -20,7 +20,7 @@ import torch
 
 from lightning_drop import apply_drop, get_spec
 from lightning_drop.models import load_model
-from lightning_drop.speed import _generate_lockstep, _random_prompt
+from lightning_drop.speed import _generate_lockstep, _random_prompt, place_weights_alike
 
 
 def _hook_all(model: torch.nn.Module, dropped: set[int], acc: dict[tuple[str, str], float], now) -> list[Any]:
@@ -50,6 +50,8 @@ def main() -> None:
     ap.add_argument("--prompt-len", type=int, default=64)
     ap.add_argument("--gen-len", type=int, default=32)
     ap.add_argument("--repeats", type=int, default=3)
+    ap.add_argument("--no-place-alike", action="store_true",
+                    help="time the base with its weights as loaded from the checkpoint (shows the placement effect)")
     a = ap.parse_args()
     torch.set_num_threads(1)
     now = time.process_time
@@ -57,6 +59,9 @@ def main() -> None:
     attn, how = _common.attention_drop(base, tok, a.num_drop)
     dropped = apply_drop(copy.deepcopy(base), attn=attn)
     models = {"base": base.eval(), "dropped": dropped.eval()}
+    if not a.no_place_alike:  # as compare_speed does: a base mapped from its checkpoint vs a copied dropped model
+        for m in models.values():
+            place_weights_alike(m)
     ids = _random_prompt(base, a.batch_size, a.prompt_len)
     _generate_lockstep(models, ids, 4, clock="process")  # warm-up
     acc: dict[str, dict[tuple[str, str], float]] = {"base": {}, "dropped": {}}

@@ -67,6 +67,25 @@ def test_lockstep_generation_equals_separate_runs():
     assert not torch.equal(runs["base"][2], runs["dropped"][2])  # really two different models
 
 
+def test_place_weights_alike_copies_storage_and_keeps_values_and_ties():
+    from lightning_drop.speed import place_weights_alike
+
+    model = _tiny()
+    model.config.tie_word_embeddings = True
+    model.tie_weights()
+    assert model.lm_head.weight is model.model.embed_tokens.weight
+    before = {n: (p.data_ptr(), p.detach().clone()) for n, p in model.named_parameters()}
+    x = torch.arange(12).reshape(1, 12)
+    with torch.no_grad():
+        ref = model(x).logits
+    place_weights_alike(model)
+    for n, p in model.named_parameters():
+        assert p.data_ptr() != before[n][0] and torch.equal(p, before[n][1])
+    assert model.lm_head.weight is model.model.embed_tokens.weight  # still one tensor
+    with torch.no_grad():
+        assert torch.equal(model(x).logits, ref)
+
+
 def test_measure_generation_validates_arguments():
     with pytest.raises(ValueError, match="gen_len"):
         measure_generation(_tiny(), gen_len=1)
