@@ -133,7 +133,7 @@ def _add_perplexity(sub: argparse._SubParsersAction) -> None:
 def _add_speed(sub: argparse._SubParsersAction) -> None:
     p = sub.add_parser("speed", help="prefill/decode speed, KV-cache bytes, size; vs a baseline in one run",
                        description="Prompt then greedy generation with the KV cache; baseline and model are timed "
-                                   "alternately after warm-up, medians of --repeats.")
+                                   "side by side after warm-up (in lock step by default), medians of --repeats.")
     p.add_argument("--model", required=True)
     p.add_argument("--baseline", default=None, help="model to compare against (dir or catalogue name)")
     p.add_argument("--batch-size", type=int, default=1)
@@ -144,12 +144,17 @@ def _add_speed(sub: argparse._SubParsersAction) -> None:
     p.add_argument("--eval-results", default=None, help="eval JSON of --model (for SDR)")
     p.add_argument("--baseline-eval-results", default=None, help="eval JSON of --baseline (for SDR)")
     p.add_argument("--ideal", action="store_true", help="also profile the baseline for the ideal speedup")
+    p.add_argument("--clock", choices=("wall", "process"), default="wall",
+                   help="process = this process's CPU time (with --threads 1: steady on a shared CPU machine)")
+    p.add_argument("--interleave", choices=("step", "run"), default="step",
+                   help="step: the two models take turns at every decode step; run: whole generations alternate")
+    p.add_argument("--threads", type=int, default=None, help="torch threads (default: torch's own)")
     p.add_argument("--output", default=None, help="JSON file for the results")
     p.set_defaults(func=lambda a: _call("lightning_drop.speed", "speed_main", model=a.model, baseline=a.baseline,
                                         batch_size=a.batch_size, prompt_len=a.prompt_len, gen_len=a.gen_len,
                                         repeats=a.repeats, warmup=a.warmup, output=a.output,
                                         eval_results=a.eval_results, baseline_eval_results=a.baseline_eval_results,
-                                        ideal=a.ideal))
+                                        ideal=a.ideal, clock=a.clock, interleave=a.interleave, threads=a.threads))
 
 
 def _add_quantize(sub: argparse._SubParsersAction) -> None:

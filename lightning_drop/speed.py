@@ -487,28 +487,39 @@ def _read_average(path: str | None) -> float | None:
 def speed_main(model: str, baseline: str | None = None, batch_size: int = 1, prompt_len: int = 128,
                gen_len: int = 128, repeats: int = 3, warmup: int = 1, output: str | None = None,
                eval_results: str | None = None, baseline_eval_results: str | None = None,
-               ideal: bool = False) -> dict[str, Any]:
-    """`lightning-drop speed`: time a saved model, alternately with `baseline` when given.
+               ideal: bool = False, clock: str = "wall", interleave: str = "step",
+               threads: int | None = None) -> dict[str, Any]:
+    """`lightning-drop speed`: time a saved model, side by side with `baseline` when given.
 
     `eval_results` / `baseline_eval_results`: JSON files from `lightning-drop eval` (for the SDR).
     `ideal`: also profile the baseline for the ideal speedup of the model's drop.
+    `clock`, `interleave`: as in `compare_speed`; `threads`: torch threads (1 with the process clock is the
+    steadiest setting on a shared CPU machine, as in benchmarks/decode_speedup.py).
     """
     from lightning_drop.evaluation import write_json
     from lightning_drop.models import load_model
 
+    _clock(clock)
+    if interleave not in INTERLEAVE:
+        raise ValueError(f"interleave must be one of {', '.join(INTERLEAVE)}, got {interleave!r}")
+    if threads is not None:
+        if threads < 1:
+            raise ValueError(f"threads must be >= 1, got {threads}")
+        torch.set_num_threads(threads)
     net, _ = load_model(model)
     if baseline:
         base, _ = load_model(baseline)
-        res = compare_speed(base, net, batch_size, prompt_len, gen_len, repeats, warmup)
+        res = compare_speed(base, net, batch_size, prompt_len, gen_len, repeats, warmup, clock=clock,
+                            interleave=interleave)
     else:
-        res = {"dropped": measure_generation(net, batch_size, prompt_len, gen_len, repeats, warmup)}
+        res = {"dropped": measure_generation(net, batch_size, prompt_len, gen_len, repeats, warmup, clock=clock)}
         res["peak_rss_bytes"] = peak_rss_bytes()
     res["model"], res["baseline"] = model, baseline
     if baseline and ideal:
         from lightning_drop.modeling_dropped import dropped_layers
 
         a, m = dropped_layers(net)
-        prof = profile_drop(base, a, m, batch_size, prompt_len, gen_len, repeats, warmup)
+        prof = profile_drop(base, a, m, batch_size, prompt_len, gen_len, repeats, warmup, clock=clock)
         res["ideal_speedup"] = prof["total"]["ideal_speedup"]
         res["realized_gain"] = realized_gain(res["speedup"]["total"], res["ideal_speedup"])
     d_avg, b_avg = _read_average(eval_results), _read_average(baseline_eval_results)

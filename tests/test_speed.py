@@ -209,3 +209,26 @@ def test_process_clock_and_bad_clock():
     assert r["prefill_s"] > 0 and r["decode_s"] > 0
     with pytest.raises(ValueError, match="clock"):
         measure_generation(_tiny(), clock="sundial")
+
+
+def test_speed_command_process_clock_and_threads(tmp_path, capsys):
+    """`lightning-drop speed` with the steady settings; a bad value is one line."""
+    from lightning_drop.checkpoint import save_dropped
+    from lightning_drop.cli import main
+
+    model, tok = load_model("tiny-llama")
+    apply_drop(model, attn=[0, 2])
+    save_dropped(model, out_dir=tmp_path / "dropped", tokenizer=tok)
+    threads = torch.get_num_threads()
+    try:
+        assert main(["speed", "--model", str(tmp_path / "dropped"), "--baseline", "tiny-llama", "--prompt-len", "8",
+                     "--gen-len", "3", "--repeats", "1", "--warmup", "0", "--clock", "process", "--threads", "1",
+                     "--output", str(tmp_path / "s.json")]) == 0
+        res = json.loads((tmp_path / "s.json").read_text())
+        assert res["setup"]["clock"] == "process" and res["setup"]["threads"] == 1
+        assert res["setup"]["interleave"] == "step" and res["kv_ratio"] == 0.5
+        capsys.readouterr()
+        assert main(["speed", "--model", "tiny-llama", "--threads", "0"]) == 2
+        assert capsys.readouterr().err.strip().endswith("threads must be >= 1, got 0")
+    finally:
+        torch.set_num_threads(threads)
