@@ -15,7 +15,8 @@ from .data import CalibrationConfig, calibration_windows
 from .importance import METRICS
 from .modeling_dropped import dropped_layers
 from .models import load_model
-from .selection import SCHEDULES, TARGETS, DropResult, drop_by_importance, max_droppable, resolve_num, total_modules
+from .selection import (SCHEDULES, TARGETS, DropResult, drop_by_importance, require_droppable, resolve_num,
+                        total_modules)
 
 
 #: "auto" writes the dropped checkpoint in the source checkpoint's own dtype (scoring may run in float32:
@@ -112,10 +113,7 @@ def _check_request(job: DropJob, n_layers: int, dropped_attn: Sequence[int] = ()
         raise ValueError(f"--keep {bad_keep} out of range: the model has {n_layers} layers")
     total = total_modules(n_layers, job.target)
     num = resolve_num(total, job.num, job.ratio)
-    droppable = max_droppable(n_layers, job.target, job.keep, dropped_attn, dropped_mlp)
-    if num > droppable:
-        raise ValueError(f"cannot drop {num} {job.target} modules: at most {droppable} can go"
-                         f"{' (after --keep)' if job.keep else ''} without removing every sublayer")
+    require_droppable(num, n_layers, job.target, job.keep, dropped_attn, dropped_mlp)
     return num
 
 

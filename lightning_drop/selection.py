@@ -43,29 +43,37 @@ def resolve_num(total: int, num: int | None, ratio: float | None) -> int:
     return num
 
 
-def max_droppable(num_layers: int, target: str, keep: Sequence[int] = (), dropped_attn: Sequence[int] = (),
-                  dropped_mlp: Sequence[int] = ()) -> int:
-    """How many more `target` modules can go without removing every sublayer of the model.
-
-    Known before any scoring, so a request that cannot succeed fails before the calibration pass.
-    """
+def droppable_modules(num_layers: int, target: str, keep: Sequence[int] = (), dropped_attn: Sequence[int] = (),
+                      dropped_mlp: Sequence[int] = ()) -> tuple[int, bool]:
+    """(how many `target` modules are still there and not kept, whether dropping all of them would remove
+    every sublayer the model has left). Known before any scoring."""
     if target not in TARGETS:
         raise ValueError(f"unknown target '{target}'; choose from {', '.join(TARGETS)}")
     protected, da, dm = set(keep), set(dropped_attn), set(dropped_mlp)
     free_attn = [i for i in range(num_layers) if i not in da and i not in protected]
     free_mlp = [i for i in range(num_layers) if i not in dm and i not in protected]
     surviving = 2 * num_layers - len(da) - len(dm)  # sublayers still in the model
-    if target == "attn":
-        count, removes_all = len(free_attn), len(free_attn) == surviving
-    elif target == "mlp":
-        count, removes_all = len(free_mlp), len(free_mlp) == surviving
-    elif target == "joint":
-        count, removes_all = len(free_attn) + len(free_mlp), len(free_attn) + len(free_mlp) == surviving
-    else:
+    if target == "block":
         blocks = [i for i in range(num_layers) if not (i in da and i in dm) and i not in protected]
-        removed = sum((i not in da) + (i not in dm) for i in blocks)
-        count, removes_all = len(blocks), removed == surviving
+        return len(blocks), sum((i not in da) + (i not in dm) for i in blocks) == surviving
+    count = {"attn": len(free_attn), "mlp": len(free_mlp), "joint": len(free_attn) + len(free_mlp)}[target]
+    return count, count == surviving
+
+
+def max_droppable(num_layers: int, target: str, keep: Sequence[int] = (), dropped_attn: Sequence[int] = (),
+                  dropped_mlp: Sequence[int] = ()) -> int:
+    """How many more `target` modules can go without removing every sublayer of the model."""
+    count, removes_all = droppable_modules(num_layers, target, keep, dropped_attn, dropped_mlp)
     return count - 1 if removes_all and count else count
+
+
+def require_droppable(num: int, num_layers: int, target: str, keep: Sequence[int] = (),
+                      dropped_attn: Sequence[int] = (), dropped_mlp: Sequence[int] = ()) -> None:
+    """Refuse, before the calibration pass, a request for more modules than `max_droppable`."""
+    limit = max_droppable(num_layers, target, keep, dropped_attn, dropped_mlp)
+    if num > limit:
+        raise ValueError(f"cannot drop {num} {target} modules: at most {limit} can go"
+                         f"{' (after keep)' if keep else ''} without removing every sublayer")
 
 
 def select_modules(scores: ImportanceScores, target: str, num: int, keep: Sequence[int] = ()) -> tuple[list[int], list[int]]:
@@ -121,11 +129,7 @@ def drop_by_importance(model: nn.Module, batches: Iterable[Any] | Callable[[], I
         raise ValueError(f"unknown schedule '{schedule}'; choose from {', '.join(SCHEDULES)}")
     if step < 1:
         raise ValueError(f"step must be at least 1, got {step}")
-    done_attn, done_mlp = dropped_layers(model)
-    limit = max_droppable(len(get_spec(model).get_layers(model)), target, keep, done_attn, done_mlp)
-    if num > limit:
-        raise ValueError(f"cannot drop {num} {target} modules: at most {limit} can go"
-                         f"{' (after keep)' if keep else ''} without removing every sublayer")
+    require_droppable(num, len(get_spec(model).get_layers(model)), target, keep, *dropped_layers(model))
     get_batches = batches if callable(batches) else (lambda data=list(batches): data)
     result = DropResult([], [])
     remaining = num

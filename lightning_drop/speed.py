@@ -152,56 +152,33 @@ def _clock(name: str):
     return CLOCKS[name]
 
 
-@torch.inference_mode()
 def _generate_once(model: nn.Module, ids: torch.Tensor, gen_len: int, phase: dict[str, str] | None = None,
                    clock: str = "wall") -> tuple[float, float, torch.Tensor]:
     """(prefill seconds, decode seconds, generated tokens [B, gen_len]) for one greedy run with a KV cache."""
-    device = ids.device
-    now = _clock(clock)
-    kw = _cache_kw(model)  # looked up once, outside the timed region
-    cache = _new_cache(model)
-    if phase is not None:
-        phase["name"] = "prefill"
-    _sync(device)
-    t0 = now()
-    out = model(input_ids=ids, **{kw: cache}, use_cache=True, logits_to_keep=1)
-    nxt = out.logits[:, -1].argmax(-1, keepdim=True)
-    _sync(device)
-    t1 = now()
-    if phase is not None:
-        phase["name"] = "decode"
-    generated = [nxt]
-    pos = ids.shape[1]
-    for _ in range(gen_len - 1):
-        cache_position = torch.tensor([pos], device=device)
-        out = model(input_ids=nxt, **{kw: cache}, use_cache=True, cache_position=cache_position,
-                    position_ids=cache_position.expand(ids.shape[0], 1))
-        nxt = out.logits[:, -1].argmax(-1, keepdim=True)
-        generated.append(nxt)
-        pos += 1
-    _sync(device)
-    t2 = now()
-    if phase is not None:
-        phase["name"] = ""
-    return t1 - t0, t2 - t1, torch.cat(generated, dim=1)
+    return _generate_lockstep({"model": model}, ids, gen_len, phase=phase, clock=clock)["model"]
 
 
 @torch.inference_mode()
 def _generate_lockstep(models: Mapping[str, nn.Module], ids: torch.Tensor, gen_len: int, flip: bool = False,
+                       phase: dict[str, str] | None = None,
                        clock: str = "wall") -> dict[str, tuple[float, float, torch.Tensor]]:
-    """`_generate_once` for several models at once, alternating at every step (prefill, then each token).
+    """Greedy generation with a KV cache fed back, for one or several models, alternating at every step.
 
     Each model's prefill and each of its decode steps is timed on its own, and the models take turns,
-    first one then the other, swapping who goes first every step: load that drifts over seconds on a shared
-    machine then falls on all of them alike, which alternating whole runs cannot promise.
+    swapping who goes first every step: load that drifts over seconds on a shared machine then falls on all
+    of them alike, which alternating whole runs cannot promise. `phase["name"]` says, while it runs, whether
+    the models are in "prefill" or "decode" (for `profile_drop`'s hooks). Returns {name: (prefill seconds,
+    decode seconds, generated tokens [B, gen_len])}.
     """
     now = _clock(clock)
+    phase = {} if phase is None else phase
     names = list(models)[::-1] if flip else list(models)
     state: dict[str, dict[str, Any]] = {}
+    phase["name"] = "prefill"
     for name in names:
         m = models[name]
         x = ids.to(_device(m))
-        kw = _cache_kw(m)
+        kw = _cache_kw(m)  # looked up once, outside the timed region
         cache = _new_cache(m)
         _sync(x.device)
         t0 = now()
@@ -210,6 +187,7 @@ def _generate_lockstep(models: Mapping[str, nn.Module], ids: torch.Tensor, gen_l
         _sync(x.device)
         state[name] = {"cache": cache, "nxt": nxt, "tokens": [nxt], "prefill": now() - t0, "decode": 0.0,
                        "device": x.device, "kw": kw}
+    phase["name"] = "decode"
     pos = ids.shape[1]
     for step in range(gen_len - 1):
         for name in (names if step % 2 else names[::-1]):
@@ -224,6 +202,7 @@ def _generate_lockstep(models: Mapping[str, nn.Module], ids: torch.Tensor, gen_l
             st["decode"] += now() - t0
             st["tokens"].append(st["nxt"])
         pos += 1
+    phase["name"] = ""
     return {name: (st["prefill"], st["decode"], torch.cat(st["tokens"], dim=1)) for name, st in state.items()}
 
 
@@ -327,8 +306,8 @@ def compare_speed(base: nn.Module | Mapping[str, nn.Module], dropped: nn.Module 
         b, d = result["base"], result["dropped"]
         per_run = {"prefill": (times["base"][0], times["dropped"][0]), "decode": (times["base"][1], times["dropped"][1]),
                    "total": ([x + y for x, y in zip(*times["base"])], [x + y for x, y in zip(*times["dropped"])])}
-        result["speedup"] = {k: statistics.median(tb / td for tb, td in zip(*per_run[k])) for k in per_run}
         result["speedup_runs"] = {k: [tb / td for tb, td in zip(*per_run[k])] for k in per_run}
+        result["speedup"] = {k: statistics.median(v) for k, v in result["speedup_runs"].items()}
         result["speedup_min"] = {k: b[f"{k}_min_s"] / d[f"{k}_min_s"] for k in ("prefill", "decode", "total")}
         result["kv_ratio"] = d["kv_bytes_per_token"] / b["kv_bytes_per_token"] if b["kv_bytes_per_token"] else None
         result["param_ratio"] = d["params"] / b["params"]

@@ -201,25 +201,18 @@ class LayerDrop(Callback):
         if bad:
             raise MisconfigurationException(f"LayerDrop: keep indices {bad} out of range: the model has {n} layers "
                                             f"(0..{n - 1})")
-        attn_d, mlp_d = (set(x) for x in dropped_layers_of(hf_of(pl_module)))
-        keep = set(self.keep)
-        live_attn = [i for i in range(n) if i not in attn_d]
-        live_mlp = [i for i in range(n) if i not in mlp_d]
-        live_blocks = [i for i in range(n) if not (i in attn_d and i in mlp_d)]
-        free = {"attn": len([i for i in live_attn if i not in keep]),
-                "mlp": len([i for i in live_mlp if i not in keep]),
-                "block": len([i for i in live_blocks if i not in keep])}
-        free["joint"] = free["attn"] + free["mlp"]
-        limit, why = free[self.target], f"{free[self.target]} droppable"
-        if self.target == "block" and len(live_blocks) - 1 < limit:
-            limit, why = len(live_blocks) - 1, "at least one block must remain"
-        if self.target == "joint" and len(live_attn) + len(live_mlp) - 1 < limit:
-            limit, why = len(live_attn) + len(live_mlp) - 1, "at least one sublayer must remain"
+        from lightning_drop.selection import droppable_modules
+
+        attn_d, mlp_d = dropped_layers_of(hf_of(pl_module))
+        count, removes_all = droppable_modules(n, self.target, self.keep, attn_d, mlp_d)
+        limit = count - 1 if removes_all and count else count
+        why = (f"at least one {'block' if self.target == 'block' else 'sublayer'} must remain" if removes_all
+               else f"{count} droppable")
         assert self.total is not None
         if self.total > limit:
             raise MisconfigurationException(
                 f"LayerDrop: cannot drop {self.total} {self.target} modules from a {n}-layer model (already dropped: "
-                f"attention {sorted(attn_d)}, MLP {sorted(mlp_d)}; keep {self.keep}): at most {max(limit, 0)} ({why})")
+                f"attention {attn_d}, MLP {mlp_d}; keep {self.keep}): at most {limit} ({why})")
 
     def _check_schedule(self, trainer: pl.Trainer) -> None:
         """A drop that the step budget never reaches is a configuration error, not a silent no-op."""
