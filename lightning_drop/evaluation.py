@@ -429,6 +429,17 @@ def write_json(path: str | os.PathLike, data: Any) -> None:
     _atomic_write_text(path, json.dumps(data, indent=2, sort_keys=True, default=str) + "\n")
 
 
+def parse_pairs(items: Sequence[str], usage: str) -> dict[str, str]:
+    """{KEY: FILE} from command-line "KEY=FILE" items; `usage` starts the error for a malformed one."""
+    pairs = {}
+    for item in items:
+        key, sep, file = str(item).partition("=")
+        if not sep or not key.strip() or not file.strip():
+            raise ValueError(f"{usage}, got {item!r}")
+        pairs[key.strip()] = file.strip()
+    return pairs
+
+
 def eval_main(model: str, tasks: Sequence[str] | str | None = None, preset: str | None = None,
               num_fewshot: int | None = None, limit: int | float | None = None,
               include_path: str | None = None, batch_size: int = 4, output: str | None = None,
@@ -441,12 +452,7 @@ def eval_main(model: str, tasks: Sequence[str] | str | None = None, preset: str 
     """
     from lightning_drop.models import load_model
 
-    data_files = {}
-    for item in data or []:
-        name, sep, file = item.partition("=")
-        if not sep or not name or not file:
-            raise ValueError(f"data must be TASK=FILE, got {item!r}")
-        data_files[name.strip()] = file.strip()
+    data_files = parse_pairs(data or [], "data must be TASK=FILE")
     if isinstance(tasks, str):
         tasks = [t.strip() for t in tasks.split(",") if t.strip()]
     tasks = list(tasks or []) + [t for t in data_files if t not in (tasks or [])]

@@ -399,13 +399,9 @@ def _read_task_results(given: Any, labels: Sequence[str]) -> dict[str, dict[str,
     if not given:
         return {}
     if isinstance(given, (list, tuple)):
-        pairs = {}
-        for item in given:
-            label, sep, file = str(item).partition("=")
-            if not sep or not label.strip() or not file.strip():
-                raise ValueError(f"task results must be LABEL=FILE (LABEL in {', '.join(labels)}), got {item!r}")
-            pairs[label.strip()] = file.strip()
-        given = pairs
+        from .evaluation import parse_pairs
+
+        given = parse_pairs(given, f"task results must be LABEL=FILE (LABEL in {', '.join(labels)})")
     out = {}
     for label, res in dict(given).items():
         if label not in labels:
