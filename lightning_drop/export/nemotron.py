@@ -161,8 +161,8 @@ def export_nemotron_nas(src: Any, out_dir: str | os.PathLike, dtype: str = "bf16
 
     cfg = config.to_dict()
     rope = rope_fields(cfg)
-    for key in ("rope_parameters", "rope_theta", "rope_scaling", "drop_attn_list", "drop_mlp_list", "base_model_type", "auto_map", "architectures", "model_type",
-                "transformers_version", "_name_or_path", "layer_types", "sliding_window", "use_sliding_window",
+    for key in ("rope_parameters", "rope_theta", "rope_scaling", "drop_attn_list", "drop_mlp_list", "base_model_type",
+                "auto_map", "architectures", "model_type", "transformers_version", "_name_or_path", "layer_types", "sliding_window", "use_sliding_window",
                 "max_window_layers", "lightning_drop", "dtype", "torch_dtype"):
         cfg.pop(key, None)
     previous = getattr(config, "lightning_drop", None) or {}
