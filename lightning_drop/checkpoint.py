@@ -14,71 +14,18 @@ import json
 import os
 import re
 import shutil
-import tempfile
-from contextlib import contextmanager
 from pathlib import Path
-from typing import Any, Callable, Iterator
+from typing import Any, Callable
 
 import torch
 from torch import nn
 
 from .architectures import ArchSpec, get_spec
+from .atomic_io import atomic_dir, atomic_write_text, check_output
 from .modeling_dropped import dropped_layers
 
 _REMOTE_FILES = ("modeling_dropped.py", "architectures.py")
 _PACKAGE_DIR = Path(__file__).resolve().parent
-
-
-@contextmanager
-def atomic_dir(dest: str | os.PathLike) -> Iterator[Path]:
-    """Yield a temporary directory next to `dest`; on success it replaces `dest`, on failure it vanishes."""
-    dest = Path(dest)
-    dest.parent.mkdir(parents=True, exist_ok=True)
-    tmp = Path(tempfile.mkdtemp(prefix=f".{dest.name}.tmp-", dir=dest.parent))
-    try:
-        yield tmp
-        _make_shareable(tmp)
-        if dest.exists():
-            old = Path(tempfile.mkdtemp(prefix=f".{dest.name}.old-", dir=dest.parent))
-            os.replace(dest, old / "x")
-            try:
-                os.replace(tmp, dest)
-            except BaseException:
-                os.replace(old / "x", dest)  # put the previous checkpoint back
-                shutil.rmtree(old, ignore_errors=True)
-                raise
-            shutil.rmtree(old, ignore_errors=True)
-        else:
-            os.replace(tmp, dest)
-    except BaseException:
-        shutil.rmtree(tmp, ignore_errors=True)
-        raise
-
-
-def _make_shareable(root: Path) -> None:
-    """mkdtemp/mkstemp create 0700/0600 entries; a checkpoint gets the modes a plain save would (umask)."""
-    umask = os.umask(0)
-    os.umask(umask)
-    for path in [root, *root.rglob("*")]:
-        mode = 0o777 if path.is_dir() else 0o666
-        path.chmod(mode & ~umask)
-
-
-def atomic_write_text(path: str | os.PathLike, text: str) -> None:
-    """Write a file through a temporary sibling and `os.replace`."""
-    path = Path(path)
-    path.parent.mkdir(parents=True, exist_ok=True)
-    fd, tmp = tempfile.mkstemp(prefix=f".{path.name}.", dir=path.parent)
-    try:
-        with os.fdopen(fd, "w") as f:
-            f.write(text)
-        umask = os.umask(0)
-        os.umask(umask)
-        os.chmod(tmp, 0o666 & ~umask)
-        os.replace(tmp, path)
-    except BaseException:
-        Path(tmp).unlink(missing_ok=True)
-        raise
 
 
 def _compact_blocks(model: nn.Module, spec: ArchSpec, blocks: list[int]) -> nn.Module | None:
@@ -135,15 +82,19 @@ def checkpoint_kind(model: nn.Module) -> str:
 
 
 def save_dropped(model: nn.Module, out_dir: str | os.PathLike, tokenizer: Any = None,
-                 max_shard_size: str = "2GB", extra: Callable[[Path], None] | None = None) -> Path:
+                 max_shard_size: str = "2GB", extra: Callable[[Path], None] | None = None,
+                 overwrite: bool = False) -> Path:
     """Save `model` (dropped or not) to `out_dir` atomically in safetensors; returns the path.
 
-    `extra(tmp_dir)` may add files (reports) that must appear together with the checkpoint.
+    A non-empty `out_dir` is replaced only with `overwrite=True`. `extra(tmp_dir)` may add files (reports)
+    that must appear together with the checkpoint.
     """
     spec = get_spec(model)
     attn, mlp = dropped_layers(model)
     kind = checkpoint_kind(model)
-    out_dir = Path(out_dir)
+    out_dir = check_output(out_dir, overwrite=overwrite, option="save_dropped: out_dir",
+                           sources=[getattr(model.config, "_name_or_path", None) or None],
+                           hint="pass overwrite=True to replace it")
     with atomic_dir(out_dir) as tmp:
         target = model
         if kind == "blocks":

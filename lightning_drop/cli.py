@@ -110,24 +110,28 @@ def _add_eval(sub: argparse._SubParsersAction) -> None:
                    help="a shipped task with its data file, e.g. hellaswag_sample=hs.jsonl (repeatable)")
     p.add_argument("--batch-size", type=int, default=4)
     p.add_argument("--output", default=None, help="JSON file for the results")
+    p.add_argument("--overwrite", action="store_true", help="replace an existing --output file")
     p.set_defaults(func=lambda a: _call("lightning_drop.evaluation", "eval_main", model=a.model, tasks=a.tasks,
                                         preset=a.preset, num_fewshot=a.num_fewshot,
                                         limit=_limit(a.limit), include_path=a.include_path,
-                                        batch_size=a.batch_size, output=a.output, data=a.data))
+                                        batch_size=a.batch_size, output=a.output, data=a.data,
+                                        overwrite=a.overwrite))
 
 
 def _add_perplexity(sub: argparse._SubParsersAction) -> None:
     p = sub.add_parser("perplexity", help="perplexity on held-out text")
     p.add_argument("--model", required=True)
-    p.add_argument("--data", required=True, help=".jsonl (text field) or plain text file")
+    p.add_argument("--data", required=True,
+                   help="held-out text: .txt file or dir, .json/.jsonl (--text-field), .parquet, a sample name")
     p.add_argument("--seq-len", type=int, default=512)
     p.add_argument("--num-windows", type=int, default=16)
     p.add_argument("--batch-size", type=int, default=4)
     p.add_argument("--text-field", default="text")
     p.add_argument("--output", default=None, help="JSON file for the result")
+    p.add_argument("--overwrite", action="store_true", help="replace an existing --output file")
     p.set_defaults(func=lambda a: _call("lightning_drop.evaluation", "perplexity_main", model=a.model, data=a.data,
                                         seq_len=a.seq_len, num_windows=a.num_windows, batch_size=a.batch_size,
-                                        field=a.text_field, output=a.output))
+                                        field=a.text_field, output=a.output, overwrite=a.overwrite))
 
 
 def _add_speed(sub: argparse._SubParsersAction) -> None:
@@ -150,7 +154,9 @@ def _add_speed(sub: argparse._SubParsersAction) -> None:
                    help="step: the two models take turns at every decode step; run: whole generations alternate")
     p.add_argument("--threads", type=int, default=None, help="torch threads (default: torch's own)")
     p.add_argument("--output", default=None, help="JSON file for the results")
+    p.add_argument("--overwrite", action="store_true", help="replace an existing --output file")
     p.set_defaults(func=lambda a: _call("lightning_drop.speed", "speed_main", model=a.model, baseline=a.baseline,
+                                        overwrite=a.overwrite,
                                         batch_size=a.batch_size, prompt_len=a.prompt_len, gen_len=a.gen_len,
                                         repeats=a.repeats, warmup=a.warmup, output=a.output,
                                         eval_results=a.eval_results, baseline_eval_results=a.baseline_eval_results,
@@ -161,6 +167,7 @@ def _add_quantize(sub: argparse._SubParsersAction) -> None:
     p = sub.add_parser("quantize", help="4/8-bit AWQ or GPTQ of a saved (dropped) model")
     p.add_argument("--model", required=True)
     p.add_argument("--output", required=True)
+    p.add_argument("--overwrite", action="store_true", help="replace a non-empty --output / --baseline-output")
     p.add_argument("--method", choices=("awq", "gptq"), default="gptq")
     p.add_argument("--bits", type=int, default=4)
     p.add_argument("--group-size", type=int, default=None, help="default: largest of 128/64/32 dividing every width")
@@ -192,7 +199,8 @@ def _add_quantize(sub: argparse._SubParsersAction) -> None:
                                         eval_skip_windows=a.eval_skip_windows, dtype=a.dtype, baseline=a.baseline,
                                         baseline_output=a.baseline_output, tasks=a.tasks,
                                         num_fewshot=a.num_fewshot, limit=_limit(a.limit),
-                                        include_path=a.include_path, task_results=a.task_results))
+                                        include_path=a.include_path, task_results=a.task_results,
+                                        overwrite=a.overwrite))
 
 
 def _add_export(sub: argparse._SubParsersAction) -> None:
@@ -202,6 +210,7 @@ def _add_export(sub: argparse._SubParsersAction) -> None:
     p.add_argument("--output", required=True, help="directory (nemotron-nas) or .gguf file")
     p.add_argument("--dtype", choices=("f32", "f16", "bf16", "q8_0"), default=None,
                    help="tensor type (default: bf16 for nemotron-nas, f16 for gguf)")
+    p.add_argument("--overwrite", action="store_true", help="replace an existing --output")
     p.set_defaults(func=_run_export)
 
 
@@ -209,13 +218,13 @@ def _run_export(a: argparse.Namespace) -> None:
     if a.format == "gguf":
         from .export.gguf_deci import export_gguf
 
-        path = export_gguf(a.model, a.output, dtype=a.dtype or "f16")
+        path = export_gguf(a.model, a.output, dtype=a.dtype or "f16", overwrite=a.overwrite)
     else:
         if a.dtype == "q8_0":
             raise ValueError("q8_0 is a GGUF type; nemotron-nas takes f32, f16 or bf16")
         from .export.nemotron import export_nemotron_nas
 
-        path = export_nemotron_nas(a.model, a.output, dtype=a.dtype or "bf16")
+        path = export_nemotron_nas(a.model, a.output, dtype=a.dtype or "bf16", overwrite=a.overwrite)
     print(f"wrote {path}")
 
 
@@ -223,11 +232,14 @@ def _add_study(sub: argparse._SubParsersAction) -> None:
     p = sub.add_parser("study", help="sweep targets x number dropped; report with plots (configs/study/*.yaml)")
     p.add_argument("--config", required=True, help="study YAML (see configs/study/)")
     p.add_argument("--output", default=None, help="override the output directory of the config")
+    p.add_argument("--overwrite", action="store_true",
+                   help="write into a non-empty output directory that is not an earlier run of this study")
     p.add_argument("--budget", default=None, help="automated selection: e.g. speedup=1.2, params=0.8, kv=0.5")
     p.add_argument("--max-quality-loss", type=float, default=None,
                    help="automated selection: largest allowed relative quality loss (e.g. 0.05)")
     p.set_defaults(func=lambda a: _call("lightning_drop.study", "study_main", config=a.config, output=a.output,
-                                        budget=a.budget, max_quality_loss=a.max_quality_loss))
+                                        budget=a.budget, max_quality_loss=a.max_quality_loss,
+                                        overwrite=a.overwrite))
 
 
 def _call(module: str, name: str, **kwargs: object) -> object:

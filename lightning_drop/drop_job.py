@@ -10,6 +10,7 @@ from typing import Any, Sequence
 
 import torch
 
+from .atomic_io import check_output
 from .checkpoint import save_dropped
 from .data import CalibrationConfig, calibration_windows
 from .importance import METRICS
@@ -78,11 +79,8 @@ class DropJob:
         if self.batch_size < 1 or self.step < 1:
             raise ValueError("--batch-size and --step must be at least 1")
         if self.output is not None:
-            out = Path(self.output)
-            if out.exists() and not out.is_dir():
-                raise ValueError(f"--output {out} exists and is not a directory")
-            if out.is_dir() and any(out.iterdir()) and not self.overwrite:
-                raise ValueError(f"--output {out} already exists and is not empty (pass --overwrite to replace it)")
+            check_output(self.output, overwrite=self.overwrite,
+                         sources=[self.model, self.tokenizer, self.calibration.source, self.offload_dir])
 
 
 def run_drop(job: DropJob, progress: bool = True) -> dict[str, Any]:
@@ -101,7 +99,7 @@ def run_drop(job: DropJob, progress: bool = True) -> dict[str, Any]:
         dtype = save_dtype_of(job)
         if dtype is not None and next(model.parameters()).dtype != dtype:
             model = model.to(dtype)
-        save_dropped(model, job.output, tok, extra=lambda tmp: write_report(tmp, report, result))
+        save_dropped(model, job.output, tok, extra=lambda tmp: write_report(tmp, report, result), overwrite=True)
     return report
 
 

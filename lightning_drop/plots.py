@@ -11,6 +11,7 @@ import matplotlib
 matplotlib.use("Agg")
 import matplotlib.pyplot as plt  # noqa: E402
 
+from .atomic_io import save_figure  # noqa: E402
 from .importance import ImportanceScores  # noqa: E402
 
 _LABELS = {"attn": "attention", "mlp": "MLP", "block": "block"}
@@ -45,9 +46,4 @@ def plot_importance(scores: ImportanceScores, path: str | os.PathLike, drop_attn
     metric = {"cosine": "1 - cos(X, Y)"}.get(scores.metric, scores.metric)
     fig.suptitle(title or f"Importance per layer ({metric}; lower = more redundant)")
     fig.tight_layout()
-    path.parent.mkdir(parents=True, exist_ok=True)
-    tmp = path.with_name(f".{path.name}.tmp.png")
-    fig.savefig(tmp, dpi=110)
-    plt.close(fig)
-    os.replace(tmp, path)
-    return path
+    return save_figure(fig, path, dpi=110)

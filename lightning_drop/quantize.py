@@ -578,7 +578,8 @@ def quantize_main(model: str, output: str, method: str = "gptq", bits: int = 4, 
                   eval_skip_windows: int | None = None, dtype: str | None = None, baseline: str | None = None,
                   baseline_output: str | None = None, tasks: Sequence[str] | str | None = None,
                   num_fewshot: int | None = None, limit: int | float | None = None, include_path: str | None = None,
-                  task_results: Sequence[str] | Mapping[str, Any] | None = None) -> dict[str, Any]:
+                  task_results: Sequence[str] | Mapping[str, Any] | None = None,
+                  overwrite: bool = False) -> dict[str, Any]:
     """`lightning-drop quantize`: quantize a saved (dropped) model; with `eval_data` / `tasks`, compare quality.
 
     `eval_skip_windows=None` skips as many held-out tokens as calibration used (`num_samples` windows), so
@@ -590,7 +591,7 @@ def quantize_main(model: str, output: str, method: str = "gptq", bits: int = 4, 
     Writes `output/lightning_drop_quant.json` (settings, time, sizes, quality) and, when quality is
     measured, `output/quality_table.json` + `.md`. Returns the same dictionary.
     """
-    from .checkpoint import atomic_write_text
+    from .atomic_io import atomic_write_text, check_output
 
     measure = bool(eval_data or tasks or task_results)
     if (baseline is not None or baseline_output is not None) and not measure:
@@ -601,6 +602,11 @@ def quantize_main(model: str, output: str, method: str = "gptq", bits: int = 4, 
                                      else baseline_output).resolve() == Path(output).resolve():
         raise ValueError("baseline_output must differ from output")
     check_args(method, bits, backend)
+    check_output(output, overwrite=overwrite, sources=[model, baseline, eval_data, calibration])
+    if baseline is not None:
+        check_output(default_baseline_output(output) if baseline_output is None else baseline_output,
+                     overwrite=overwrite, sources=[model, baseline, eval_data, calibration],
+                     option="--baseline-output")
     require_backend(backend)  # before anything is loaded: both quantizations need it
     settings = dict(method=method, bits=bits, group_size=group_size, calibration=calibration or "c4-sample",
                     num_samples=num_samples, seq_len=seq_len, backend=backend, dtype=dtype)

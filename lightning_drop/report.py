@@ -21,6 +21,8 @@ import matplotlib.pyplot as plt  # noqa: E402
 from matplotlib.colors import LogNorm  # noqa: E402
 from matplotlib.ticker import FuncFormatter, MaxNLocator  # noqa: E402
 
+from .atomic_io import atomic_write_text, save_figure  # noqa: E402
+
 _PLAIN = FuncFormatter(lambda v, _: f"{v:g}")
 
 
@@ -38,11 +40,7 @@ LINESTYLES = ["-", "--", ":", "-."]
 
 
 def _save(fig: Any, path: Path) -> Path:
-    tmp = path.with_name(f".{path.name}.tmp.png")
-    fig.savefig(tmp, dpi=110, bbox_inches="tight")
-    plt.close(fig)
-    os.replace(tmp, path)
-    return path
+    return save_figure(fig, path, dpi=110, bbox_inches="tight")
 
 
 def _main_sweep(doc: Mapping[str, Any]) -> str:
@@ -357,8 +355,6 @@ def write_report(doc: Mapping[str, Any], out_dir: str | os.PathLike) -> Path:
     figs = [(name, title, fn(doc, fig_dir / name), caption) for name, title, fn, caption in FIGURES]
     table = table_rows(doc)
     summary = _summary_lines(doc)
-    from .evaluation import _atomic_write_text
-
     # Markdown + PNG
     md = [f"# Layer-drop study: {doc['name']}", ""] + [f"- {s}" for s in summary] + ["", "## Results", ""]
     md.append("| " + " | ".join(c for c, _ in TABLE_COLUMNS) + " |")
@@ -370,7 +366,7 @@ def write_report(doc: Mapping[str, Any], out_dir: str | os.PathLike) -> Path:
         md += ["", "## Automated selection", "", doc["selection"]["message"]]
     if doc.get("notes"):
         md += ["", "## Notes", ""] + [f"- {n}" for n in doc["notes"]]
-    _atomic_write_text(out / "report.md", "\n".join(md) + "\n")
+    atomic_write_text(out / "report.md", "\n".join(md) + "\n")
 
     # HTML with embedded figures
     esc = html.escape
@@ -399,7 +395,7 @@ def write_report(doc: Mapping[str, Any], out_dir: str | os.PathLike) -> Path:
         parts.append("<h2>Notes</h2><ul>" + "".join(f"<li>{esc(n)}</li>" for n in doc["notes"]) + "</ul>")
     parts.append("<h2>Configuration</h2><pre>" + esc(json.dumps(doc["config"], indent=2)) + "</pre></body></html>")
     path = out / "report.html"
-    _atomic_write_text(path, "\n".join(parts))
+    atomic_write_text(path, "\n".join(parts))
     return path
 
 

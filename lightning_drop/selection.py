@@ -8,6 +8,7 @@ from typing import Any, Callable, Iterable, Sequence
 from torch import nn
 
 from .architectures import get_spec
+from .errors import UserError
 from .importance import METRICS, ImportanceScores, compute_importance
 from .modeling_dropped import apply_drop, dropped_layers
 
@@ -68,12 +69,21 @@ def max_droppable(num_layers: int, target: str, keep: Sequence[int] = (), droppe
 
 
 def require_droppable(num: int, num_layers: int, target: str, keep: Sequence[int] = (),
-                      dropped_attn: Sequence[int] = (), dropped_mlp: Sequence[int] = ()) -> None:
-    """Refuse, before the calibration pass, a request for more modules than `max_droppable`."""
+                      dropped_attn: Sequence[int] = (), dropped_mlp: Sequence[int] = (), where: str = "") -> None:
+    """Refuse, before the calibration pass, a request for more modules than `max_droppable`.
+
+    `where` names the option or config key the count came from, for the message.
+    """
     limit = max_droppable(num_layers, target, keep, dropped_attn, dropped_mlp)
     if num > limit:
-        raise ValueError(f"cannot drop {num} {target} modules: at most {limit} can go"
-                         f"{' (after keep)' if keep else ''} without removing every sublayer")
+        head = f"{where}: " if where else ""
+        if keep and droppable_modules(num_layers, target, (), dropped_attn, dropped_mlp)[0] and \
+                not droppable_modules(num_layers, target, keep, dropped_attn, dropped_mlp)[0]:
+            raise UserError(f"{head}cannot drop {num} {target} modules: keep {sorted(set(keep))} protects every "
+                            f"{target} module the model has left")
+        raise UserError(f"{head}cannot drop {num} {target} modules: at most {limit} can go"
+                        f"{' (after keep)' if keep else ''} without removing every sublayer "
+                        f"(the model has {num_layers} layers)")
 
 
 def select_modules(scores: ImportanceScores, target: str, num: int, keep: Sequence[int] = ()) -> tuple[list[int], list[int]]:

@@ -467,7 +467,7 @@ def speed_main(model: str, baseline: str | None = None, batch_size: int = 1, pro
                gen_len: int = 128, repeats: int = 3, warmup: int = 1, output: str | None = None,
                eval_results: str | None = None, baseline_eval_results: str | None = None,
                ideal: bool = False, clock: str = "wall", interleave: str = "step",
-               threads: int | None = None) -> dict[str, Any]:
+               threads: int | None = None, overwrite: bool = False) -> dict[str, Any]:
     """`lightning-drop speed`: time a saved model, side by side with `baseline` when given.
 
     `eval_results` / `baseline_eval_results`: JSON files from `lightning-drop eval` (for the SDR).
@@ -475,9 +475,21 @@ def speed_main(model: str, baseline: str | None = None, batch_size: int = 1, pro
     `clock`, `interleave`: as in `compare_speed`; `threads`: torch threads (1 with the process clock is the
     steadiest setting on a shared CPU machine, as in benchmarks/decode_speedup.py).
     """
-    from lightning_drop.evaluation import write_json
+    from lightning_drop.atomic_io import check_output, write_json
+    from lightning_drop.errors import UserError
     from lightning_drop.models import load_model
 
+    if ideal and not baseline:
+        raise UserError("--ideal needs --baseline: the ideal speedup is profiled on the undropped model")
+    for name, value in (("--batch-size", batch_size), ("--prompt-len", prompt_len), ("--gen-len", gen_len),
+                        ("--repeats", repeats)):
+        if value < 1:
+            raise UserError(f"{name} must be >= 1, got {value}")
+    if warmup < 0:
+        raise UserError(f"--warmup must be >= 0, got {warmup}")
+    if output:
+        check_output(output, kind="file", overwrite=overwrite,
+                     sources=[model, baseline, eval_results, baseline_eval_results])
     _clock(clock)
     if interleave not in INTERLEAVE:
         raise ValueError(f"interleave must be one of {', '.join(INTERLEAVE)}, got {interleave!r}")

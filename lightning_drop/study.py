@@ -38,6 +38,7 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any, Callable, Iterable, Mapping, Sequence
 
+from .atomic_io import atomic_write_text, write_json
 from .importance import METRICS
 from .selection import SCHEDULES, TARGETS
 
@@ -446,12 +447,6 @@ def key_of(payload: Any) -> str:
     return hashlib.sha256(blob.encode()).hexdigest()[:16]
 
 
-def _write_json(path: Path, data: Any) -> None:
-    from .evaluation import write_json
-
-    write_json(path, data)
-
-
 class Cache:
     """One JSON per item under OUTPUT/cache; counts what it computed (timing-free evidence of reuse)."""
 
@@ -480,7 +475,7 @@ class Cache:
             self.reused[kind] += 1
             return hit
         value = compute()
-        _write_json(self.path(kind, key), value)
+        write_json(self.path(kind, key), value)
         self.computed[kind] += 1
         return value
 
@@ -504,9 +499,15 @@ def _resolve_data_file(path: str) -> Path | None:
 class Study:
     """Runs one StudyConfig; `run()` returns the results document (also written to the output dir)."""
 
-    def __init__(self, config: StudyConfig, output: str | os.PathLike | None = None, verbose: bool = True) -> None:
+    def __init__(self, config: StudyConfig, output: str | os.PathLike | None = None, verbose: bool = True,
+                 overwrite: bool = False) -> None:
+        from .atomic_io import check_output
+
         self.cfg = config
         self.out = Path(output or config.output)
+        # an earlier run of a study (its cache is there) is resumed; anything else is the user's
+        resumable = (self.out / "cache").is_dir()
+        check_output(self.out, overwrite=overwrite or resumable, sources=[config.model])
         self.out.mkdir(parents=True, exist_ok=True)
         self.cache = Cache(self.out)
         self.verbose = verbose
@@ -642,9 +643,12 @@ class Study:
         return self._heldout
 
     # ---- scores and drop sets
+    def score_key(self, calib: CalibrationSpec, metric: str) -> str:
+        return key_of({"kind": "scores", **self.model_key(), "calibration": self.calib_key(calib), "metric": metric,
+                       "seed": self.cfg.seed})
+
     def scores(self, calib: CalibrationSpec, metric: str) -> dict[str, Any]:
-        key = key_of({"kind": "scores", **self.model_key(), "calibration": self.calib_key(calib), "metric": metric,
-                      "seed": self.cfg.seed})
+        key = self.score_key(calib, metric)
         if key in self._scores:
             return self._scores[key]
 
@@ -729,7 +733,7 @@ class Study:
                     a, m = select_modules(sc, target, n - at)
                     sets[str(n)] = [sorted(set(base_a) | set(a)), sorted(set(base_m) | set(m))]
             have["sets"], have["rounds"] = sets, [scored[k] for k in sorted(scored)]
-            _write_json(self.cache.path("drops", key), have)  # resumable after every round
+            write_json(self.cache.path("drops", key), have)  # resumable after every round
             if at >= need[-1]:
                 break
             nxt = at + step
@@ -762,7 +766,7 @@ class Study:
             apply_drop(model, attn=attn, mlp=mlp)
             row = {**row, **self.measure_speed(self.model, model)}
             del model
-            _write_json(self.cache.path("points", key), row)
+            write_json(self.cache.path("points", key), row)
             self.cache.retimed += 1
         return row
 
@@ -891,8 +895,31 @@ class Study:
                 "schedule": sweep.schedule, "step": sweep.step if sweep.schedule == "iterative" else None,
                 "calibration": calib.source, "num_samples": calib.num_samples, **p}
 
+    def validate_plan(self) -> None:
+        """Refuse every count the model cannot take before any point is computed, naming the config key."""
+        from .selection import require_droppable
+
+        n = self._known_num_layers()
+        for i, sweep in enumerate(self.cfg.sweeps):
+            for target, nums in sweep.plan().items():
+                key = "nums_per_target" if target in sweep.nums_per_target else "nums"
+                if nums:
+                    require_droppable(max(nums), n, target, where=f"sweeps[{i}] ({sweep.name}) {key}")
+        ck = self.cfg.checkpoint
+        if ck is not None:
+            require_droppable(ck.num, n, ck.target, where="checkpoint.num")
+
+    def _known_num_layers(self) -> int:
+        """The model's depth, from cached scores when there are any (a cached re-run loads no model)."""
+        for sweep in self.cfg.sweeps:
+            hit = self.cache.get("scores", self.score_key(self.cfg.calibration_for(sweep), sweep.metric))
+            if hit is not None:
+                return len(hit["attn"])
+        return self.num_layers
+
     def run(self, budget: str | None = None, max_quality_loss: float | None = None) -> dict[str, Any]:
         t0 = time.perf_counter()
+        self.validate_plan()
         budget = budget if budget is not None else self.cfg.selection.budget
         max_loss = max_quality_loss if max_quality_loss is not None else self.cfg.selection.max_quality_loss
         selection = None
@@ -914,10 +941,10 @@ class Study:
         if self.cfg.checkpoint is not None:
             doc["checkpoint"] = self.save_checkpoint()
         doc["seconds_this_run"] = time.perf_counter() - t0
-        _write_json(self.out / "results.json", doc)
+        write_json(self.out / "results.json", doc)
         write_csv(self.out / "results.csv", rows)
         if selection is not None:
-            _write_json(self.out / "selection.json", selection)
+            write_json(self.out / "selection.json", selection)
         from .report import write_report
 
         doc["report"] = str(write_report(doc, self.out))
@@ -974,7 +1001,7 @@ class Study:
         model = copy.deepcopy(self.model)
         apply_drop(model, attn=attn, mlp=mlp)
         key = key_of({**self.model_key(), **info})
-        save_dropped(model, path, self.tokenizer,
+        save_dropped(model, path, self.tokenizer, overwrite=True,
                      extra=lambda tmp: (tmp / "study_checkpoint.json").write_text(json.dumps({"key": key, **info})))
         read_config(path)
         del model
@@ -1013,9 +1040,7 @@ def write_csv(path: Path, rows: Sequence[Mapping[str, Any]]) -> None:
     for r in rows:
         w.writerow([" ".join(map(str, r.get(c) or [])) if c in ("drop_attn", "drop_mlp") else
                     ("" if r.get(c) is None else r.get(c)) for c in CSV_COLUMNS])
-    from .evaluation import _atomic_write_text
-
-    _atomic_write_text(path, buf.getvalue())
+    atomic_write_text(path, buf.getvalue())
 
 
 # ------------------------------------------------------------------------------------------------ terminal
@@ -1039,7 +1064,7 @@ def format_table(rows: Sequence[Mapping[str, Any]], sweep: str | None = None) ->
 
 
 def study_main(config: str, output: str | None = None, budget: str | None = None,
-               max_quality_loss: float | None = None) -> dict[str, Any]:
+               max_quality_loss: float | None = None, overwrite: bool = False) -> dict[str, Any]:
     """`lightning-drop study --config FILE [--output DIR] [--budget speedup=1.2] [--max-quality-loss 0.1]`."""
     cfg = load_config(config)
     if budget is not None:
@@ -1047,7 +1072,7 @@ def study_main(config: str, output: str | None = None, budget: str | None = None
     if max_quality_loss is not None and max_quality_loss < 0:
         raise ValueError(f"--max-quality-loss must be >= 0, got {max_quality_loss}")
     t0 = time.perf_counter()
-    doc = Study(cfg, output).run(budget=budget, max_quality_loss=max_quality_loss)
+    doc = Study(cfg, output, overwrite=overwrite).run(budget=budget, max_quality_loss=max_quality_loss)
     out = Path(output or cfg.output)
     main = cfg.sweeps[0].name
     print()

@@ -165,13 +165,13 @@ def test_failed_write_leaves_destination_untouched(tmp_path, monkeypatch):
 
     monkeypatch.setattr(type(tok), "save_pretrained", boom)
     with pytest.raises(OSError, match="disk full"):
-        save_dropped(model, dest, tok)
+        save_dropped(model, dest, tok, overwrite=True)
     assert {p.name: p.read_bytes() for p in dest.iterdir()} == before
     assert [p.name for p in tmp_path.iterdir()] == ["ckpt"]  # no temporary leftovers
 
 
 def test_failed_final_rename_restores_the_previous_checkpoint(tmp_path, monkeypatch):
-    from lightning_drop import checkpoint
+    from lightning_drop import atomic_io
 
     model, tok = tiny_model("llama")
     dest = save_dropped(model, tmp_path / "ckpt", tok)
@@ -183,9 +183,9 @@ def test_failed_final_rename_restores_the_previous_checkpoint(tmp_path, monkeypa
             raise OSError("rename failed")
         return real_replace(src, dst)
 
-    monkeypatch.setattr(checkpoint.os, "replace", replace)
+    monkeypatch.setattr(atomic_io.os, "replace", replace)
     with pytest.raises(OSError, match="rename failed"):
-        save_dropped(model, dest, tok)
+        save_dropped(model, dest, tok, overwrite=True)
     assert {p.name: p.read_bytes() for p in dest.iterdir()} == before
     assert [p.name for p in tmp_path.iterdir()] == ["ckpt"]
 

@@ -16,7 +16,6 @@ import io
 import json
 import math
 import os
-import tempfile
 from pathlib import Path
 from typing import Any
 
@@ -24,6 +23,7 @@ import lightning.pytorch as pl
 from lightning.pytorch.callbacks import Callback
 from lightning.pytorch.utilities.exceptions import MisconfigurationException
 
+from lightning_drop.atomic_io import atomic_file
 from lightning_drop.distributed import refuse_if_sharded
 
 from ._common import CalibrationSource, hf_of, log_metrics
@@ -158,11 +158,8 @@ class ImportanceTracker(Callback):
 
         fig = self.figure()
         try:
-            out_dir.mkdir(parents=True, exist_ok=True)
-            fd, tmp = tempfile.mkstemp(prefix=".importance_heatmap.", suffix=".png", dir=out_dir)
-            os.close(fd)
-            fig.savefig(tmp, dpi=110)
-            os.replace(tmp, out_dir / "importance_heatmap.png")
+            with atomic_file(out_dir / "importance_heatmap.png") as tmp:
+                fig.savefig(tmp, dpi=110, format="png")
             for logger in trainer.loggers:
                 tag = f"{self.prefix}heatmap"
                 exp = getattr(logger, "experiment", None)

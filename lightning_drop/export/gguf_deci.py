@@ -31,6 +31,7 @@ import numpy as np
 import torch
 from torch import nn
 
+from ..atomic_io import atomic_file, check_output
 from .nemotron import _source, block_plan, check_llama_family
 
 DTYPES = ("f32", "f16", "bf16", "q8_0")
@@ -133,8 +134,10 @@ def deci_layer_plan(model: nn.Module) -> list[dict]:
 
 
 def export_gguf(src: Any, out_file: str | os.PathLike, dtype: str = "f16", tokenizer: Any = None,
-                tokenizer_pre: str | None = None) -> Path:
+                tokenizer_pre: str | None = None, overwrite: bool = False) -> Path:
     """Write a (dropped) Llama-family model as a llama.cpp `deci` GGUF file, atomically.
+
+    An existing `out_file` is replaced only with `overwrite`.
 
     `tokenizer_pre` overrides the detected llama.cpp pre-tokenizer name (`tokenizer.ggml.pre`), e.g.
     "smollm" for a SmolLM2 tokenizer whose digit-splitting step was lost in a conversion.
@@ -143,6 +146,8 @@ def export_gguf(src: Any, out_file: str | os.PathLike, dtype: str = "f16", token
 
     if dtype not in DTYPES:
         raise ValueError(f"dtype must be one of {', '.join(DTYPES)}, got '{dtype}'")
+    check_output(out_file, kind="file", overwrite=overwrite,
+                 sources=[src] if isinstance(src, (str, os.PathLike)) else [])
     model, tok = _source(src, tokenizer)
     if tok is None:
         raise ValueError("GGUF export needs the model's tokenizer: pass tokenizer=...")
@@ -164,10 +169,7 @@ def export_gguf(src: Any, out_file: str | os.PathLike, dtype: str = "f16", token
              "bf16": gguf.LlamaFileType.MOSTLY_BF16, "q8_0": gguf.LlamaFileType.MOSTLY_Q8_0}[dtype]
 
     out_file = Path(out_file)
-    out_file.parent.mkdir(parents=True, exist_ok=True)
-    fd, tmp = tempfile.mkstemp(prefix=f".{out_file.name}.", suffix=".tmp", dir=out_file.parent)
-    os.close(fd)
-    try:
+    with atomic_file(out_file) as tmp:
         writer = gguf.GGUFWriter(tmp, gguf.MODEL_ARCH_NAMES[gguf.MODEL_ARCH.DECI])
         writer.add_type(gguf.GGUFType.MODEL)
         writer.add_name(Path(str(getattr(config, "_name_or_path", "") or "dropped-model")).name or "dropped-model")
@@ -197,10 +199,6 @@ def export_gguf(src: Any, out_file: str | os.PathLike, dtype: str = "f16", token
         writer.write_kv_data_to_file()
         writer.write_tensors_to_file()
         writer.close()
-        os.replace(tmp, out_file)
-    except BaseException:
-        Path(tmp).unlink(missing_ok=True)
-        raise
     return out_file
 
 

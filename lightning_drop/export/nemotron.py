@@ -116,17 +116,20 @@ def block_plan(model: nn.Module, target: str) -> tuple[list[int], list[int]]:
     return attn, mlp
 
 
-def export_nemotron_nas(src: Any, out_dir: str | os.PathLike, dtype: str = "bf16", tokenizer: Any = None) -> Path:
+def export_nemotron_nas(src: Any, out_dir: str | os.PathLike, dtype: str = "bf16", tokenizer: Any = None,
+                        overwrite: bool = False) -> Path:
     """Write a dropped Llama-family model (directory, catalogue name or model object) as Nemotron-NAS.
 
-    `dtype` is one of bf16 (Nemotron's own), f16, f32. The write is atomic (temp dir + rename).
+    `dtype` is one of bf16 (Nemotron's own), f16, f32. The write is atomic (temp dir + rename); a non-empty
+    `out_dir` is replaced only with `overwrite`.
     """
     from safetensors.torch import save_file
 
-    from ..checkpoint import atomic_dir
+    from ..atomic_io import atomic_dir, check_output
 
     if dtype not in _DTYPES:
         raise ValueError(f"dtype must be one of {', '.join(_DTYPES)}, got '{dtype}'")
+    check_output(out_dir, overwrite=overwrite, sources=[src] if isinstance(src, (str, os.PathLike)) else [])
     model, tok = _source(src, tokenizer)
     config = model.config
     base = check_llama_family(config, "Nemotron-NAS")
