@@ -12,6 +12,11 @@ from typing import Any
 
 from torch import nn
 
+try:  # the package's class when it is installed; this file also runs alone as a checkpoint's remote code
+    from lightning_drop.errors import UserError
+except ImportError:
+    UserError = ValueError
+
 
 @dataclass(frozen=True)
 class ArchSpec:
@@ -103,7 +108,7 @@ def spec_for_model_type(model_type: str) -> ArchSpec:
         if base in _vision_model_types():
             hint = (" ('" + base + "' is a vision transformer: use lightning_drop.vision — apply_drop, "
                     "VisionImportanceTracker, VisionLayerDrop)")
-        raise ValueError(
+        raise UserError(
             f"unsupported architecture '{model_type}'; supported model types: {', '.join(supported_model_types())}"
             + hint
         )
@@ -130,5 +135,5 @@ def get_spec(model_or_config: Any) -> ArchSpec:
     config = getattr(model_or_config, "config", model_or_config)
     base = getattr(config, "base_model_type", None) or getattr(config, "model_type", None)
     if base is None:
-        raise ValueError(f"cannot tell the architecture of {type(model_or_config).__name__}: no config.model_type")
+        raise UserError(f"cannot tell the architecture of {type(model_or_config).__name__}: no config.model_type")
     return spec_for_model_type(base)

@@ -145,7 +145,7 @@ def check_output(path: str | os.PathLike, *, kind: str = "dir", overwrite: bool 
     data files): the target may be neither one of them nor a folder holding one.
     """
     if kind not in ("dir", "file"):
-        raise ValueError(f"kind must be 'dir' or 'file', got {kind!r}")
+        raise UserError(f"kind must be 'dir' or 'file', got {kind!r}")
     target = Path(path).expanduser()
     resolved = target.resolve()
     for src in sources:

@@ -261,33 +261,59 @@ def build_parser() -> argparse.ArgumentParser:
     return parser
 
 
+def _user_errors() -> tuple[type[BaseException], ...]:
+    """Exceptions that mean the input was wrong (or an optional part is missing), not that the code is."""
+    from .errors import UserError
+
+    types: list[type[BaseException]] = [UserError, OSError, ModuleNotFoundError]
+    if "lightning_drop.quantize" in sys.modules:
+        types.append(sys.modules["lightning_drop.quantize"].QuantizationBackendError)
+    if "lightning.pytorch" in sys.modules:
+        from lightning.fabric.utilities.exceptions import MisconfigurationException
+
+        types.append(MisconfigurationException)
+    return tuple(types)
+
+
+def _one_line(err: BaseException) -> str:
+    text = " ".join(str(err).split()) or type(err).__name__
+    return text
+
+
 def main(argv: Sequence[str] | None = None) -> int:
+    from .atomic_io import cleanup_temporaries, install_signal_cleanup
+
     argv = list(sys.argv[1:] if argv is None else argv)
     os.environ.setdefault("TOKENIZERS_PARALLELISM", "false")
-    if argv and argv[0] in LIGHTNING_SUBCOMMANDS:
-        from .lightning_cli import run_lightning_cli
-
-        run_lightning_cli(argv)
-        return 0
-    parser = build_parser()
-    args = parser.parse_args(argv)
-    if not getattr(args, "func", None):
-        parser.print_help()
-        return 2
+    install_signal_cleanup()
+    command = argv[0] if argv else "lightning-drop"
     try:
-        func: Callable[[argparse.Namespace], object] = args.func
-        func(args)
-    except (ValueError, OSError, ImportError) as err:
-        # Bad input, a missing file, an unreachable download, a missing optional backend: one line, no traceback.
-        print(f"lightning-drop {args.command}: error: {err}", file=sys.stderr)
-        return 2
-    except RuntimeError as err:
-        from .quantize import QuantizationBackendError
+        if argv and argv[0] in LIGHTNING_SUBCOMMANDS:
+            from .lightning_cli import run_lightning_cli
 
-        if not isinstance(err, QuantizationBackendError):
-            raise
-        print(f"lightning-drop {args.command}: error: {err}", file=sys.stderr)
-        return 2
+            try:
+                run_lightning_cli(argv)
+            except _user_errors() as err:
+                # after LightningCLI's own usage line, as its parser errors look
+                print(f"usage: lightning-drop {command} [-h] [-c CONFIG] [--print_config] ...", file=sys.stderr)
+                print(f"lightning-drop {command}: error: {_one_line(err)}", file=sys.stderr)
+                return 2
+            return 0
+        parser = build_parser()
+        args = parser.parse_args(argv)
+        if not getattr(args, "func", None):
+            parser.print_help()
+            return 2
+        func: Callable[[argparse.Namespace], object] = args.func
+        try:
+            func(args)
+        except _user_errors() as err:
+            print(f"lightning-drop {args.command}: error: {_one_line(err)}", file=sys.stderr)
+            return 2
+    except KeyboardInterrupt:
+        cleanup_temporaries()
+        print(f"lightning-drop {command}: interrupted", file=sys.stderr)
+        return 130
     return 0
 
 

@@ -15,6 +15,7 @@ import torch
 from torch.utils.data import DataLoader, Dataset
 
 from .data import load_documents, make_windows
+from .errors import UserError
 
 
 class WindowDataset(Dataset):
@@ -72,21 +73,21 @@ class TextDataModule(pl.LightningDataModule):
         super().__init__()
         if isinstance(tokenizer, str):
             if not tokenizer:
-                raise ValueError("tokenizer must be a model reference such as 'tiny-llama', got ''")
+                raise UserError("tokenizer must be a model reference such as 'tiny-llama', got ''")
         elif not callable(tokenizer) or getattr(tokenizer, "eos_token_id", None) is None:
-            raise ValueError(f"tokenizer must be a model reference str or a tokenizer with an EOS token, "
+            raise UserError(f"tokenizer must be a model reference str or a tokenizer with an EOS token, "
                              f"got {type(tokenizer).__name__}")
         if not isinstance(source, str) or not source:
-            raise ValueError(f"source must be a non-empty str, got {source!r}")
+            raise UserError(f"source must be a non-empty str, got {source!r}")
         for name, value, low in (("seq_len", seq_len, 1), ("batch_size", batch_size, 1),
                                  ("num_workers", num_workers, 0), ("calibration_samples", calibration_samples, 1)):
             if not isinstance(value, int) or isinstance(value, bool) or value < low:
-                raise ValueError(f"{name} must be an int >= {low}, got {value!r}")
+                raise UserError(f"{name} must be an int >= {low}, got {value!r}")
         if not 0.0 < val_fraction < 1.0:
-            raise ValueError(f"val_fraction must be in (0, 1), got {val_fraction}")
+            raise UserError(f"val_fraction must be in (0, 1), got {val_fraction}")
         for name, value in (("max_train_windows", max_train_windows), ("limit_documents", limit_documents)):
             if value is not None and (not isinstance(value, int) or value < 1):
-                raise ValueError(f"{name} must be an int >= 1 or None, got {value!r}")
+                raise UserError(f"{name} must be an int >= 1 or None, got {value!r}")
         self.save_hyperparameters(ignore=[] if isinstance(tokenizer, str) else ["tokenizer"])
         self._tokenizer_ref = tokenizer
         self._tokenizer: Any = None
@@ -118,7 +119,7 @@ class TextDataModule(pl.LightningDataModule):
         n = windows.shape[0]
         n_val = max(1, round(n * self.val_fraction))
         if n - n_val < 1:
-            raise ValueError(f"only {n} windows of {self.seq_len} tokens from {self.source!r}: need at least 2 "
+            raise UserError(f"only {n} windows of {self.seq_len} tokens from {self.source!r}: need at least 2 "
                              f"for a train/val split; lower seq_len or add text")
         self.train_windows, self.val_windows = windows[: n - n_val], windows[n - n_val:]
         if self.max_train_windows is not None:

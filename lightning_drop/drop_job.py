@@ -13,12 +13,19 @@ import torch
 from .atomic_io import check_output
 from .checkpoint import save_dropped
 from .data import CalibrationConfig, calibration_windows
+from .errors import UserError
 from .importance import METRICS
 from .modeling_dropped import dropped_layers
 from .models import load_model
-from .selection import (SCHEDULES, TARGETS, DropResult, drop_by_importance, require_droppable, resolve_num,
-                        total_modules)
-
+from .selection import (
+    SCHEDULES,
+    TARGETS,
+    DropResult,
+    drop_by_importance,
+    require_droppable,
+    resolve_num,
+    total_modules,
+)
 
 #: "auto" writes the dropped checkpoint in the source checkpoint's own dtype (scoring may run in float32:
 #: a bf16 model must not come back twice its size).
@@ -71,13 +78,13 @@ class DropJob:
         for name, value, allowed in (("target", self.target, TARGETS), ("metric", self.metric, METRICS),
                                      ("schedule", self.schedule, SCHEDULES)):
             if value not in allowed:
-                raise ValueError(f"unknown {name} '{value}'; choose from {', '.join(allowed)}")
+                raise UserError(f"unknown {name} '{value}'; choose from {', '.join(allowed)}")
         if (self.num is None) == (self.ratio is None):
-            raise ValueError("give exactly one of --num or --ratio")
+            raise UserError("give exactly one of --num or --ratio")
         if self.save_dtype not in SAVE_DTYPES:
-            raise ValueError(f"unknown --save-dtype '{self.save_dtype}'; choose from {', '.join(SAVE_DTYPES)}")
+            raise UserError(f"unknown --save-dtype '{self.save_dtype}'; choose from {', '.join(SAVE_DTYPES)}")
         if self.batch_size < 1 or self.step < 1:
-            raise ValueError("--batch-size and --step must be at least 1")
+            raise UserError("--batch-size and --step must be at least 1")
         if self.output is not None:
             check_output(self.output, overwrite=self.overwrite,
                          sources=[self.model, self.tokenizer, self.calibration.source, self.offload_dir])
@@ -108,7 +115,7 @@ def _check_request(job: DropJob, n_layers: int, dropped_attn: Sequence[int] = ()
     """Number of modules to drop; errors for bad --keep/--num before the (long) calibration pass."""
     bad_keep = [i for i in job.keep if not 0 <= i < n_layers]
     if bad_keep:
-        raise ValueError(f"--keep {bad_keep} out of range: the model has {n_layers} layers")
+        raise UserError(f"--keep {bad_keep} out of range: the model has {n_layers} layers")
     total = total_modules(n_layers, job.target)
     num = resolve_num(total, job.num, job.ratio)
     require_droppable(num, n_layers, job.target, job.keep, dropped_attn, dropped_mlp)
@@ -128,7 +135,7 @@ def run_drop_streamed(job: DropJob, progress: bool = True) -> dict[str, Any]:
 
     path = Path(resolve(job.model))
     if not (path / "config.json").is_file():
-        raise ValueError(f"--stream needs a local checkpoint directory with config.json and safetensors files, "
+        raise UserError(f"--stream needs a local checkpoint directory with config.json and safetensors files, "
                          f"got '{job.model}'")
     config = read_config(path)
     n_layers = int(config["num_hidden_layers"])
@@ -143,7 +150,7 @@ def run_drop_streamed(job: DropJob, progress: bool = True) -> dict[str, Any]:
         try:
             tok = load_tokenizer(str(path))
         except (OSError, ValueError):
-            raise ValueError(f"no tokenizer found with {job.model}: pass --tokenizer (a path or catalogue name)") from None
+            raise UserError(f"no tokenizer found with {job.model}: pass --tokenizer (a path or catalogue name)") from None
     windows = calibration_windows(tok, job.calibration, max_positions=config.get("max_position_embeddings"))
     result = DropResult([], [])
     attn: list[int] = []

@@ -87,9 +87,34 @@ def local_task_dir(data_files: Mapping[str, str | os.PathLike], out_dir: str | o
         if not file.is_file():
             raise FileNotFoundError(f"data file for task {name!r} not found: {file}")
         cfg = dict(shipped[name])
+        check_task_records(name, cfg, file)
         cfg["dataset_kwargs"] = {"data_files": {cfg.get("test_split") or "test": str(file)}}
         atomic_write_text(out / f"{name}.yaml", yaml.safe_dump(cfg, sort_keys=False))
     return out
+
+
+def check_task_records(name: str, cfg: Mapping[str, Any], file: Path) -> None:
+    """Every record of a shipped task's JSONL data has the fields its templates use (before any model runs)."""
+    import jinja2
+    from jinja2 import meta
+
+    env = jinja2.Environment()
+    fields: set[str] = set()
+    for key in ("doc_to_text", "doc_to_choice", "doc_to_target"):
+        if isinstance(cfg.get(key), str):
+            fields |= meta.find_undeclared_variables(env.parse(cfg[key]))
+    from .data import _jsonl_records  # the one JSONL reader: errors name the file and line
+
+    n = 0
+    for where, record in _jsonl_records(file):
+        n += 1
+        if not isinstance(record, dict):
+            raise UserError(f"{file}{where}: expected a JSON object, got {type(record).__name__}")
+        missing = sorted(fields - set(record))
+        if missing:
+            raise UserError(f"{file}{where}: task {name!r} needs field(s) {missing}; the record has {sorted(record)}")
+    if n == 0:
+        raise UserError(f"{file}: no records for task {name!r}")
 
 
 # --------------------------------------------------------------------------------------------------
@@ -310,11 +335,17 @@ def run_lm_eval(model: torch.nn.Module, tokenizer: Any, tasks: Sequence[str] | s
     results: dict[str, dict[str, float]] = {}
     n_samples: dict[str, int] = {}
     shots: dict[str, int | None] = {}
+    from jinja2.exceptions import UndefinedError
+
     try:
         for k, names in by_shots.items():
-            out = simple_evaluate(model=lm, tasks=names, num_fewshot=k, limit=limit, task_manager=tm,
-                                  log_samples=False, random_seed=seed, numpy_random_seed=seed,
-                                  torch_random_seed=seed, fewshot_random_seed=seed, bootstrap_iters=1000)
+            try:
+                out = simple_evaluate(model=lm, tasks=names, num_fewshot=k, limit=limit, task_manager=tm,
+                                      log_samples=False, random_seed=seed, numpy_random_seed=seed,
+                                      torch_random_seed=seed, fewshot_random_seed=seed, bootstrap_iters=1000)
+            except UndefinedError as err:  # a task template names a field some record of the data lacks
+                raise UserError(f"task(s) {', '.join(names)}: a record of the data has no field the task's "
+                                f"template uses ({err})") from None
             for name, metrics in out["results"].items():
                 results[name] = _clean_metrics(metrics)
                 shots[name] = k

@@ -20,6 +20,11 @@ import torch
 import transformers
 from torch import nn
 
+try:  # the package's class when it is installed; this file also runs alone as a checkpoint's remote code
+    from lightning_drop.errors import UserError
+except ImportError:
+    UserError = ValueError
+
 try:  # inside the package
     from .architectures import DROPPED_PREFIX, SPECS, ArchSpec, get_spec, spec_for_model_type
 except ImportError:  # pragma: no cover - imported as a flat module next to a checkpoint
@@ -51,18 +56,18 @@ def normalize_drop_list(value: Any, num_layers: int | None = None) -> list[int]:
     values = list(value)
     if values and all(isinstance(v, bool) for v in values):
         if num_layers is not None and len(values) != num_layers:
-            raise ValueError(f"a per-layer boolean drop list needs {num_layers} entries, got {len(values)}")
+            raise UserError(f"a per-layer boolean drop list needs {num_layers} entries, got {len(values)}")
         return [i for i, v in enumerate(values) if v]
     out = []
     for v in values:
         if isinstance(v, bool):
-            raise ValueError(f"drop lists hold layer indices or per-layer booleans, not a mix: got {values!r}")
+            raise UserError(f"drop lists hold layer indices or per-layer booleans, not a mix: got {values!r}")
         try:
             i = operator.index(v)
         except TypeError:
-            raise ValueError(f"drop lists hold layer indices or per-layer booleans, got {v!r}") from None
+            raise UserError(f"drop lists hold layer indices or per-layer booleans, got {v!r}") from None
         if num_layers is not None and not 0 <= i < num_layers:
-            raise ValueError(f"drop list index {i} is out of range: the model has {num_layers} layers (0..{num_layers - 1})")
+            raise UserError(f"drop list index {i} is out of range: the model has {num_layers} layers (0..{num_layers - 1})")
         out.append(i)
     return sorted(set(out))
 
@@ -88,11 +93,11 @@ def _check_indices(name: str, indices: Sequence[int], num_layers: int) -> list[i
         except TypeError:
             i = None
         if isinstance(v, bool) or i is None:
-            raise ValueError(f"{name} index {v!r} is not an integer")
+            raise UserError(f"{name} index {v!r} is not an integer")
         if not 0 <= i < num_layers:
-            raise ValueError(f"{name} index {i} is out of range: the model has {num_layers} layers (0..{num_layers - 1})")
+            raise UserError(f"{name} index {i} is out of range: the model has {num_layers} layers (0..{num_layers - 1})")
         if i in seen:
-            raise ValueError(f"{name} index {i} is listed twice")
+            raise UserError(f"{name} index {i} is listed twice")
         seen.add(i)
     return sorted(seen)
 
@@ -124,10 +129,10 @@ def apply_drop(model: nn.Module, attn: Iterable[int] = (), mlp: Iterable[int] = 
     old_attn, old_mlp = dropped_layers(model)
     again = sorted(set(attn) & set(old_attn)), sorted(set(mlp) & set(old_mlp))
     if again[0] or again[1]:
-        raise ValueError(f"already dropped: attention {again[0]}, MLP {again[1]}")
+        raise UserError(f"already dropped: attention {again[0]}, MLP {again[1]}")
     new_attn, new_mlp = sorted(set(old_attn) | set(attn)), sorted(set(old_mlp) | set(mlp))
     if len(new_attn) == n and len(new_mlp) == n:
-        raise ValueError(f"refusing to drop every block: all {n} attention and all {n} MLP sublayers would be gone")
+        raise UserError(f"refusing to drop every block: all {n} attention and all {n} MLP sublayers would be gone")
     for i in set(attn) | set(mlp):
         _replace_modules(layers[i], spec, i in attn, i in mlp)
     _mark_dropped(model, spec, new_attn, new_mlp)
@@ -207,7 +212,7 @@ def dropped_classes(spec: ArchSpec) -> tuple[type, type]:
             base_config = getattr(transformers, spec.config_class)
             base_model = getattr(transformers, spec.causal_lm_class)
         except AttributeError as err:
-            raise ValueError(
+            raise UserError(
                 f"dropping needs transformers' own {spec.causal_lm_class}, and transformers "
                 f"{transformers.__version__} does not ship it: a remote-code family ({spec.family}) loads and "
                 "scores from its local code, but its dropped checkpoint could only be loaded by that code"

@@ -33,6 +33,8 @@ from typing import Any, Iterable, Mapping, Sequence
 import torch
 from torch import nn
 
+from .errors import UserError
+
 log = logging.getLogger(__name__)
 
 METHODS = ("gptq", "awq")
@@ -77,16 +79,16 @@ def check_args(method: str, bits: int, backend: str = "gptqmodel") -> tuple[str,
     """Normalize and validate (method, bits, backend); one-line ValueError on bad input."""
     m = str(method).lower()
     if m not in METHODS:
-        raise ValueError(f"unknown quantization method {method!r}: choose one of {', '.join(METHODS)}")
+        raise UserError(f"unknown quantization method {method!r}: choose one of {', '.join(METHODS)}")
     if isinstance(bits, bool) or not isinstance(bits, int) or bits not in BITS:
-        raise ValueError(f"bits must be one of {', '.join(map(str, BITS))}, got {bits!r}")
+        raise UserError(f"bits must be one of {', '.join(map(str, BITS))}, got {bits!r}")
     if m == "awq" and bits != 4:
         # gptqmodel 7.6 writes 8-bit AWQ without error, but the reloaded model is wrong (measured: relative
         # logit error 0.31 at 8 bits vs 0.11 at 4 bits on the same model)
-        raise ValueError(f"AWQ here is 4-bit only (its 8-bit checkpoints reload wrong); use method='gptq' for {bits} bits")
+        raise UserError(f"AWQ here is 4-bit only (its 8-bit checkpoints reload wrong); use method='gptq' for {bits} bits")
     b = str(backend).lower().replace("_", "-")
     if b not in BACKENDS:
-        raise ValueError(f"unknown quantization backend {backend!r}: choose one of {', '.join(BACKENDS)}")
+        raise UserError(f"unknown quantization backend {backend!r}: choose one of {', '.join(BACKENDS)}")
     return m, bits, b
 
 
@@ -183,7 +185,7 @@ def auto_group_size(in_features: Iterable[int]) -> int:
     """Largest of 128/64/32 that divides every quantized input width; -1 (per channel) if none does."""
     widths = set(in_features)
     if not widths:
-        raise ValueError("nothing to quantize: the model has no Linear layers inside its decoder layers")
+        raise UserError("nothing to quantize: the model has no Linear layers inside its decoder layers")
     for g in GROUP_SIZES:
         if all(w % g == 0 for w in widths):
             return g
@@ -192,16 +194,16 @@ def auto_group_size(in_features: Iterable[int]) -> int:
 
 def check_shapes(linears: dict[str, tuple[int, int]], method: str, group_size: int) -> None:
     if not linears:
-        raise ValueError("nothing to quantize: the model has no Linear layers inside its decoder layers")
+        raise UserError("nothing to quantize: the model has no Linear layers inside its decoder layers")
     if group_size != -1:
         bad = sorted({i for i, _ in linears.values() if i % group_size})
         if bad:
-            raise ValueError(f"group_size {group_size} does not divide the input widths {bad}; "
+            raise UserError(f"group_size {group_size} does not divide the input widths {bad}; "
                              f"leave group_size unset to pick one, or use -1 (per output channel)")
     if method == "awq":
         bad = sorted({o for _, o in linears.values() if o % AWQ_OUT_MULTIPLE})
         if bad:
-            raise ValueError(f"AWQ (gptqmodel) needs every quantized output width to be a multiple of "
+            raise UserError(f"AWQ (gptqmodel) needs every quantized output width to be a multiple of "
                              f"{AWQ_OUT_MULTIPLE}; this model has {bad}: use method='gptq'")
 
 
@@ -219,7 +221,7 @@ def read_texts(source: str | os.PathLike | Sequence[str], field: str = "text") -
         return load_documents(source, text_field=field)
     texts = [str(t) for t in source]
     if not texts:
-        raise ValueError("calibration texts are empty")
+        raise UserError("calibration texts are empty")
     return texts
 
 
@@ -273,26 +275,26 @@ def quantize(
     """
     method, bits, backend = check_args(method, bits, backend)
     if calibration is None:
-        raise ValueError("quantization needs calibration text: pass texts, a .jsonl/.txt file or a sample name")
+        raise UserError("quantization needs calibration text: pass texts, a .jsonl/.txt file or a sample name")
     if num_samples < 1:
-        raise ValueError(f"num_samples must be >= 1, got {num_samples}")
+        raise UserError(f"num_samples must be >= 1, got {num_samples}")
     if group_size is not None and (isinstance(group_size, bool) or not isinstance(group_size, int)
                                    or (group_size != -1 and group_size < 1)):
-        raise ValueError(f"group_size must be a positive integer or -1 (per output channel), got {group_size!r}")
+        raise UserError(f"group_size must be a positive integer or -1 (per output channel), got {group_size!r}")
     on_cpu = not torch.cuda.is_available()
     if isinstance(dtype, str):
         dtype = getattr(torch, dtype, None) if dtype != "auto" else None
         if not isinstance(dtype, torch.dtype):
-            raise ValueError("dtype must be one of bfloat16, float16, float32 or auto")
+            raise UserError("dtype must be one of bfloat16, float16, float32 or auto")
     if dtype is None:  # CPUs without bf16 hardware emulate half matmuls (slow); AWQ's CPU kernel needs half
         if not on_cpu:
             dtype = torch.float16
         else:
             dtype = torch.bfloat16 if method == "awq" or cpu_has_fast_bf16() else torch.float32
     if dtype not in (torch.bfloat16, torch.float16, torch.float32):
-        raise ValueError(f"dtype must be bfloat16, float16 or float32, got {dtype}")
+        raise UserError(f"dtype must be bfloat16, float16 or float32, got {dtype}")
     if method == "awq" and dtype == torch.float32:
-        raise ValueError("AWQ (gptqmodel) calibrates in bfloat16 or float16, not float32")
+        raise UserError("AWQ (gptqmodel) calibrates in bfloat16 or float16, not float32")
     require_backend(backend)
     if on_cpu and dtype != torch.float32 and not cpu_has_fast_bf16():
         log.warning("%s on a CPU without bfloat16 hardware (no avx512_bf16/amx_bf16): half-precision matmuls are "
@@ -405,14 +407,14 @@ def _read_task_results(given: Any, labels: Sequence[str]) -> dict[str, dict[str,
     out = {}
     for label, res in dict(given).items():
         if label not in labels:
-            raise ValueError(f"task results for {label!r}, which is not a row of this table ({', '.join(labels)})")
+            raise UserError(f"task results for {label!r}, which is not a row of this table ({', '.join(labels)})")
         if not isinstance(res, Mapping):
             path = Path(res)
             if not path.is_file():
                 raise FileNotFoundError(f"task results file not found for {label}: {path}")
             res = json.loads(path.read_text())
         if not isinstance(res.get("scores"), Mapping):
-            raise ValueError(f"task results for {label} have no 'scores' mapping (expected the JSON of lightning-drop eval)")
+            raise UserError(f"task results for {label} have no 'scores' mapping (expected the JSON of lightning-drop eval)")
         out[label] = dict(res)
     return out
 
@@ -431,14 +433,14 @@ def quality_table(models: Mapping[str, str | os.PathLike], data: str | os.PathLi
     checkpoint directory works, quantized or not, so the table is built the same way with any backend.
     """
     if not models:
-        raise ValueError("quality table: give at least one model")
+        raise UserError("quality table: give at least one model")
     labels = list(models)
     given = _read_task_results(task_results, labels)
     if isinstance(tasks, str):
         tasks = [t.strip() for t in tasks.split(",") if t.strip()]
     tasks = list(tasks or [])
     if data is None and not tasks and not given:
-        raise ValueError("quality table: nothing to measure; give held-out text (data), lm-eval tasks or task results")
+        raise UserError("quality table: nothing to measure; give held-out text (data), lm-eval tasks or task results")
     from .evaluation import perplexity, run_lm_eval, text_windows
     from .models import load_model
 
@@ -456,7 +458,7 @@ def quality_table(models: Mapping[str, str | os.PathLike], data: str | os.PathLi
                     texts = read_texts(data, field)
                     windows = text_windows(tok, texts, seq_len, skip_windows + num_windows)[skip_windows:]
                     if windows.shape[0] == 0:
-                        raise ValueError(f"{data} has no windows of {seq_len} tokens left after skipping {skip_windows}")
+                        raise UserError(f"{data} has no windows of {seq_len} tokens left after skipping {skip_windows}")
                     table["num_windows"] = int(windows.shape[0])
                 row["perplexity"] = perplexity(model, windows, batch_size)
             if tasks and label not in given:
@@ -541,7 +543,7 @@ def quality_report(source: str | os.PathLike, quantized: str | os.PathLike, data
     `table` (see `quality_table`); with `output`, the table is also written there as JSON + Markdown.
     """
     if baseline_quantized is not None and baseline is None:
-        raise ValueError("baseline_quantized given without baseline (the unquantized model it was made from)")
+        raise UserError("baseline_quantized given without baseline (the unquantized model it was made from)")
     models: dict[str, Any] = {}
     if baseline is not None:
         models["baseline"] = baseline
@@ -595,12 +597,12 @@ def quantize_main(model: str, output: str, method: str = "gptq", bits: int = 4, 
 
     measure = bool(eval_data or tasks or task_results)
     if (baseline is not None or baseline_output is not None) and not measure:
-        raise ValueError("a baseline is only used for the quality table: also give eval_data (--eval-data) or tasks")
+        raise UserError("a baseline is only used for the quality table: also give eval_data (--eval-data) or tasks")
     if baseline_output is not None and baseline is None:
-        raise ValueError("baseline_output given without baseline (the undropped model to quantize)")
+        raise UserError("baseline_output given without baseline (the undropped model to quantize)")
     if baseline is not None and Path(default_baseline_output(output) if baseline_output is None
                                      else baseline_output).resolve() == Path(output).resolve():
-        raise ValueError("baseline_output must differ from output")
+        raise UserError("baseline_output must differ from output")
     check_args(method, bits, backend)
     check_output(output, overwrite=overwrite, sources=[model, baseline, eval_data, calibration])
     if baseline is not None:

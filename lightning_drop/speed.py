@@ -23,6 +23,8 @@ from typing import Any
 import torch
 from torch import nn
 
+from .errors import UserError
+
 
 # --------------------------------------------------------------------------------------------------
 # Sizes
@@ -117,7 +119,7 @@ def kv_cache_bytes_per_token(model: nn.Module, prompt_len: int = 32, batch_size:
     Keep `prompt_len` below any sliding window, or windowed layers are undercounted.
     """
     if prompt_len < 1 or batch_size < 1:
-        raise ValueError(f"prompt_len and batch_size must be >= 1, got {prompt_len}, {batch_size}")
+        raise UserError(f"prompt_len and batch_size must be >= 1, got {prompt_len}, {batch_size}")
     ids = _random_prompt(model, batch_size, prompt_len)
     cache = _new_cache(model)
     model(input_ids=ids, **{_cache_kw(model): cache}, use_cache=True, logits_to_keep=1)
@@ -148,7 +150,7 @@ CLOCKS = {"wall": time.perf_counter, "process": time.process_time}
 
 def _clock(name: str):
     if name not in CLOCKS:
-        raise ValueError(f"clock must be one of {sorted(CLOCKS)}, got {name!r}")
+        raise UserError(f"clock must be one of {sorted(CLOCKS)}, got {name!r}")
     return CLOCKS[name]
 
 
@@ -210,7 +212,7 @@ def _check_args(batch_size: int, prompt_len: int, gen_len: int, repeats: int, wa
     for name, v, lo in (("batch_size", batch_size, 1), ("prompt_len", prompt_len, 1), ("gen_len", gen_len, 2),
                         ("repeats", repeats, 1), ("warmup", warmup, 0)):
         if not isinstance(v, int) or v < lo:
-            raise ValueError(f"{name} must be an integer >= {lo}, got {v!r}")
+            raise UserError(f"{name} must be an integer >= {lo}, got {v!r}")
 
 
 def _summary(prefill: list[float], decode: list[float], batch_size: int, prompt_len: int, gen_len: int) -> dict[str, Any]:
@@ -256,10 +258,10 @@ def compare_speed(base: nn.Module | Mapping[str, nn.Module], dropped: nn.Module 
     _check_args(batch_size, prompt_len, gen_len, repeats, warmup)
     _clock(clock)
     if interleave not in INTERLEAVE:
-        raise ValueError(f"interleave must be one of {', '.join(INTERLEAVE)}, got {interleave!r}")
+        raise UserError(f"interleave must be one of {', '.join(INTERLEAVE)}, got {interleave!r}")
     models = dict(base) if isinstance(base, Mapping) else {"base": base, "dropped": dropped}
     if any(m is None for m in models.values()):
-        raise ValueError("compare_speed needs both a base and a dropped model")
+        raise UserError("compare_speed needs both a base and a dropped model")
     if place_alike and len(models) > 1:
         for m in models.values():
             place_weights_alike(m)
@@ -320,7 +322,7 @@ def sdr(base_avg: float, dropped_avg: float, speedup: float) -> float | None:
     dAvg% = 100 (base_avg - dropped_avg) / base_avg; dSpeedup% = 100 (speedup - 1).
     """
     if base_avg <= 0:
-        raise ValueError(f"base_avg must be > 0, got {base_avg}")
+        raise UserError(f"base_avg must be > 0, got {base_avg}")
     d_speed = 100.0 * (speedup - 1.0)
     if d_speed == 0:
         return None
@@ -340,7 +342,7 @@ def dropped_part_modules(model: nn.Module, attn: Iterable[int] = (), mlp: Iterab
     for names, idx in (((spec.attn, *spec.attn_norms), attn), ((spec.mlp, *spec.mlp_norms), mlp)):
         for i in idx:
             if not 0 <= i < len(layers):
-                raise ValueError(f"layer index {i} out of range (model has {len(layers)} layers)")
+                raise UserError(f"layer index {i} out of range (model has {len(layers)} layers)")
             for n in names:
                 mods.append(getattr(layers[i], n))
     return mods
@@ -435,7 +437,7 @@ def ideal_speedup(base_model: nn.Module, attn_drop: Iterable[int] = (), mlp_drop
                   warmup: int = 1, phase: str = "total", clock: str = "wall") -> float:
     """T_base / (T_base - T_dropped_parts) over prefill + decode (or one `phase`), by profiling `base_model`."""
     if phase not in ("prefill", "decode", "total"):
-        raise ValueError(f"phase must be prefill, decode or total, got {phase!r}")
+        raise UserError(f"phase must be prefill, decode or total, got {phase!r}")
     prof = profile_drop(base_model, attn_drop, mlp_drop, batch_size, prompt_len, gen_len, repeats, warmup, clock=clock)
     return prof[phase]["ideal_speedup"]
 
@@ -443,7 +445,7 @@ def ideal_speedup(base_model: nn.Module, attn_drop: Iterable[int] = (), mlp_drop
 def realized_gain(measured: float, ideal: float) -> float:
     """(measured - 1) / (ideal - 1): the share of the ideal gain the drop really delivers."""
     if ideal == 1:
-        raise ValueError("ideal speedup is 1: nothing to realize")
+        raise UserError("ideal speedup is 1: nothing to realize")
     return (measured - 1.0) / (ideal - 1.0)
 
 
@@ -459,7 +461,7 @@ def _read_average(path: str | None) -> float | None:
         data = json.load(fh)
     avg = data.get("average")
     if avg is None:
-        raise ValueError(f"{path} has no 'average' (expected the JSON written by `lightning-drop eval`)")
+        raise UserError(f"{path} has no 'average' (expected the JSON written by `lightning-drop eval`)")
     return float(avg)
 
 
@@ -476,7 +478,6 @@ def speed_main(model: str, baseline: str | None = None, batch_size: int = 1, pro
     steadiest setting on a shared CPU machine, as in benchmarks/decode_speedup.py).
     """
     from lightning_drop.atomic_io import check_output, write_json
-    from lightning_drop.errors import UserError
     from lightning_drop.models import load_model
 
     if ideal and not baseline:
@@ -492,10 +493,10 @@ def speed_main(model: str, baseline: str | None = None, batch_size: int = 1, pro
                      sources=[model, baseline, eval_results, baseline_eval_results])
     _clock(clock)
     if interleave not in INTERLEAVE:
-        raise ValueError(f"interleave must be one of {', '.join(INTERLEAVE)}, got {interleave!r}")
+        raise UserError(f"interleave must be one of {', '.join(INTERLEAVE)}, got {interleave!r}")
     if threads is not None:
         if threads < 1:
-            raise ValueError(f"threads must be >= 1, got {threads}")
+            raise UserError(f"threads must be >= 1, got {threads}")
         torch.set_num_threads(threads)
     net, _ = load_model(model)
     if baseline:

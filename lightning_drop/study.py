@@ -39,6 +39,7 @@ from pathlib import Path
 from typing import Any, Callable, Iterable, Mapping, Sequence
 
 from .atomic_io import atomic_write_text, write_json
+from .errors import UserError
 from .importance import METRICS
 from .selection import SCHEDULES, TARGETS
 
@@ -75,7 +76,7 @@ class PerplexitySpec:
     def check(self, where: str) -> None:
         _positive(where, num_windows=self.num_windows, batch_size=self.batch_size)
         if self.seq_len < 2:
-            raise ValueError(f"{where}.seq_len must be >= 2, got {self.seq_len}")
+            raise UserError(f"{where}.seq_len must be >= 2, got {self.seq_len}")
 
 
 @dataclass
@@ -91,7 +92,7 @@ class MCSpec:
     def check(self, where: str) -> None:
         _positive(where, batch_size=self.batch_size)
         if self.limit is not None and self.limit < 1:
-            raise ValueError(f"{where}.limit must be >= 1 or null, got {self.limit}")
+            raise UserError(f"{where}.limit must be >= 1 or null, got {self.limit}")
 
 
 @dataclass
@@ -119,9 +120,9 @@ class SpeedSpec:
     def check(self, where: str) -> None:
         _positive(where, batch_size=self.batch_size, prompt_len=self.prompt_len, repeats=self.repeats)
         if self.gen_len < 2:
-            raise ValueError(f"{where}.gen_len must be >= 2, got {self.gen_len}")
+            raise UserError(f"{where}.gen_len must be >= 2, got {self.gen_len}")
         if self.warmup < 0:
-            raise ValueError(f"{where}.warmup must be >= 0, got {self.warmup}")
+            raise UserError(f"{where}.warmup must be >= 0, got {self.warmup}")
 
 
 @dataclass
@@ -140,22 +141,22 @@ class SweepSpec:
     def check(self, where: str) -> None:
         for t in list(self.targets) + list(self.nums_per_target):
             if t not in TARGETS:
-                raise ValueError(f"{where}: unknown target '{t}'; choose from {', '.join(TARGETS)}")
+                raise UserError(f"{where}: unknown target '{t}'; choose from {', '.join(TARGETS)}")
         if not self.targets and not self.nums_per_target:
-            raise ValueError(f"{where}: no targets given")
+            raise UserError(f"{where}: no targets given")
         if self.metric not in METRICS:
-            raise ValueError(f"{where}.metric: unknown metric '{self.metric}'; choose from {', '.join(METRICS)}")
+            raise UserError(f"{where}.metric: unknown metric '{self.metric}'; choose from {', '.join(METRICS)}")
         if self.schedule not in SCHEDULES:
-            raise ValueError(f"{where}.schedule: unknown schedule '{self.schedule}'; choose from {', '.join(SCHEDULES)}")
+            raise UserError(f"{where}.schedule: unknown schedule '{self.schedule}'; choose from {', '.join(SCHEDULES)}")
         _positive(where, step=self.step)
         for t, nums in [("nums", self.nums)] + [(f"nums_per_target.{k}", v) for k, v in self.nums_per_target.items()]:
             bad = [n for n in nums if n < 0]
             if bad:
-                raise ValueError(f"{where}.{t}: numbers dropped must be >= 0, got {bad}")
+                raise UserError(f"{where}.{t}: numbers dropped must be >= 0, got {bad}")
         fields = {f.name for f in dataclasses.fields(CalibrationSpec)}
         unknown = set(self.calibration) - fields
         if unknown:
-            raise ValueError(f"{where}.calibration: unknown key(s) {sorted(unknown)}; allowed: {sorted(fields)}")
+            raise UserError(f"{where}.calibration: unknown key(s) {sorted(unknown)}; allowed: {sorted(fields)}")
 
     def plan(self) -> dict[str, list[int]]:
         """{target: sorted nums}; `nums_per_target` overrides (or adds) a target's nums."""
@@ -174,7 +175,7 @@ class CheckpointSpec:
 
     def check(self, where: str) -> None:
         if self.target not in TARGETS:
-            raise ValueError(f"{where}.target: unknown target '{self.target}'; choose from {', '.join(TARGETS)}")
+            raise UserError(f"{where}.target: unknown target '{self.target}'; choose from {', '.join(TARGETS)}")
         _positive(where, num=self.num)
 
 
@@ -189,11 +190,11 @@ class SelectionSpec:
 
     def check(self, where: str) -> None:
         if self.quality not in QUALITY_KEYS:
-            raise ValueError(f"{where}.quality: choose from {', '.join(QUALITY_KEYS)}, got '{self.quality}'")
+            raise UserError(f"{where}.quality: choose from {', '.join(QUALITY_KEYS)}, got '{self.quality}'")
         if self.budget is not None:
             parse_budget(self.budget)
         if self.max_quality_loss is not None and self.max_quality_loss < 0:
-            raise ValueError(f"{where}.max_quality_loss must be >= 0, got {self.max_quality_loss}")
+            raise UserError(f"{where}.max_quality_loss must be >= 0, got {self.max_quality_loss}")
 
 
 @dataclass
@@ -214,25 +215,25 @@ class StudyConfig:
 
     def check(self) -> None:
         if self.dtype not in ("float32", "bfloat16", "float16"):
-            raise ValueError(f"dtype: choose from float32, bfloat16, float16, got '{self.dtype}'")
+            raise UserError(f"dtype: choose from float32, bfloat16, float16, got '{self.dtype}'")
         self.calibration.check("calibration")
         self.eval.check("eval")
         self.speed.check("speed")
         if not self.sweeps:
-            raise ValueError("sweeps: give at least one sweep")
+            raise UserError("sweeps: give at least one sweep")
         names = [s.name for s in self.sweeps]
         dup = sorted({n for n in names if names.count(n) > 1})
         if dup:
-            raise ValueError(f"sweeps: names must be unique, repeated: {dup}")
+            raise UserError(f"sweeps: names must be unique, repeated: {dup}")
         for i, s in enumerate(self.sweeps):
             s.check(f"sweeps[{i}] ({s.name})")
         if self.checkpoint is not None:
             self.checkpoint.check("checkpoint")
             if self.checkpoint.sweep not in names:
-                raise ValueError(f"checkpoint.sweep: no sweep named '{self.checkpoint.sweep}'; sweeps: {names}")
+                raise UserError(f"checkpoint.sweep: no sweep named '{self.checkpoint.sweep}'; sweeps: {names}")
         self.selection.check("selection")
         if self.selection.sweep not in names:
-            raise ValueError(f"selection.sweep: no sweep named '{self.selection.sweep}'; sweeps: {names}")
+            raise UserError(f"selection.sweep: no sweep named '{self.selection.sweep}'; sweeps: {names}")
 
     def calibration_for(self, sweep: SweepSpec) -> CalibrationSpec:
         return dataclasses.replace(self.calibration, **sweep.calibration)
@@ -245,7 +246,7 @@ class StudyConfig:
         data = dict(data)
         if "sweep" in data:  # a single sweep may be written without the list
             if "sweeps" in data:
-                raise ValueError("give either 'sweep' (one) or 'sweeps' (a list), not both")
+                raise UserError("give either 'sweep' (one) or 'sweeps' (a list), not both")
             data["sweeps"] = [data.pop("sweep")]
         cfg = _build(cls, data, "")
         cfg.check()
@@ -265,19 +266,19 @@ def load_config(path: str | os.PathLike) -> StudyConfig:
     try:
         data = yaml.safe_load(path.read_text())
     except yaml.YAMLError as err:
-        raise ValueError(f"{path}: invalid YAML ({str(err).splitlines()[0]})") from None
+        raise UserError(f"{path}: invalid YAML ({str(err).splitlines()[0]})") from None
     if not isinstance(data, dict):
-        raise ValueError(f"{path}: expected a mapping at the top level, got {type(data).__name__}")
+        raise UserError(f"{path}: expected a mapping at the top level, got {type(data).__name__}")
     try:
         return StudyConfig.from_dict(data)
     except (ValueError, TypeError) as err:
-        raise ValueError(f"{path}: {err}") from None
+        raise UserError(f"{path}: {err}") from None
 
 
 def _positive(where: str, **values: int) -> None:
     for k, v in values.items():
         if v < 1:
-            raise ValueError(f"{where}.{k} must be >= 1, got {v}")
+            raise UserError(f"{where}.{k} must be >= 1, got {v}")
 
 
 def _build(tp: Any, value: Any, where: str) -> Any:
@@ -292,53 +293,53 @@ def _build(tp: Any, value: Any, where: str) -> Any:
         return _build(inner[0], value, where)
     if dataclasses.is_dataclass(tp):
         if not isinstance(value, Mapping):
-            raise ValueError(f"{label}: expected a mapping, got {type(value).__name__} {value!r}")
+            raise UserError(f"{label}: expected a mapping, got {type(value).__name__} {value!r}")
         hints = typing.get_type_hints(tp)
         fields = {f.name: f for f in dataclasses.fields(tp)}
         unknown = [k for k in value if k not in fields]
         if unknown:
-            raise ValueError(f"{label}: unknown key(s) {unknown}; allowed: {sorted(fields)}")
+            raise UserError(f"{label}: unknown key(s) {unknown}; allowed: {sorted(fields)}")
         kwargs = {k: _build(hints[k], v, f"{where}.{k}" if where else k) for k, v in value.items()}
         missing = [f.name for f in fields.values() if f.name not in kwargs and f.default is dataclasses.MISSING
                    and f.default_factory is dataclasses.MISSING]
         if missing:
-            raise ValueError(f"{label}: missing required key(s) {missing}")
+            raise UserError(f"{label}: missing required key(s) {missing}")
         return tp(**kwargs)
     if origin is list:
         (item,) = typing.get_args(tp)
         if isinstance(value, (str, int)) and item is int:  # "0,2,4" or a single number
             value = [x for x in str(value).split(",") if x.strip()]
         if not isinstance(value, list):
-            raise ValueError(f"{label}: expected a list, got {type(value).__name__} {value!r}")
+            raise UserError(f"{label}: expected a list, got {type(value).__name__} {value!r}")
         return [_build(item, v, f"{label}[{i}]") for i, v in enumerate(value)]
     if origin is dict:
         kt, vt = typing.get_args(tp)
         if not isinstance(value, Mapping):
-            raise ValueError(f"{label}: expected a mapping, got {type(value).__name__} {value!r}")
+            raise UserError(f"{label}: expected a mapping, got {type(value).__name__} {value!r}")
         return {_build(kt, k, label): _build(vt, v, f"{label}.{k}") for k, v in value.items()}
     if tp is Any:
         return value
     if tp is bool:
         if not isinstance(value, bool):
-            raise ValueError(f"{label}: expected true/false, got {value!r}")
+            raise UserError(f"{label}: expected true/false, got {value!r}")
         return value
     if tp is int:
         if isinstance(value, bool) or not isinstance(value, (int, str)):
-            raise ValueError(f"{label}: expected an integer, got {value!r}")
+            raise UserError(f"{label}: expected an integer, got {value!r}")
         try:
             return int(value)
         except ValueError:
-            raise ValueError(f"{label}: expected an integer, got {value!r}") from None
+            raise UserError(f"{label}: expected an integer, got {value!r}") from None
     if tp is float:
         if isinstance(value, bool) or not isinstance(value, (int, float, str)):
-            raise ValueError(f"{label}: expected a number, got {value!r}")
+            raise UserError(f"{label}: expected a number, got {value!r}")
         try:
             return float(value)
         except ValueError:
-            raise ValueError(f"{label}: expected a number, got {value!r}") from None
+            raise UserError(f"{label}: expected a number, got {value!r}") from None
     if tp is str:
         if not isinstance(value, (str, int, float)) or isinstance(value, bool):
-            raise ValueError(f"{label}: expected a string, got {value!r}")
+            raise UserError(f"{label}: expected a string, got {value!r}")
         return str(value)
     raise TypeError(f"{label}: unsupported config type {tp}")
 
@@ -349,16 +350,16 @@ def parse_budget(text: str) -> tuple[str, float]:
     kind, sep, value = str(text).partition("=")
     kind = kind.strip()
     if not sep or kind not in BUDGET_KINDS:
-        raise ValueError(f"budget '{text}': expected KIND=VALUE with KIND in {', '.join(BUDGET_KINDS)} "
+        raise UserError(f"budget '{text}': expected KIND=VALUE with KIND in {', '.join(BUDGET_KINDS)} "
                          "(e.g. speedup=1.2, params=0.8, kv=0.5)")
     try:
         v = float(value)
     except ValueError:
-        raise ValueError(f"budget '{text}': '{value}' is not a number") from None
+        raise UserError(f"budget '{text}': '{value}' is not a number") from None
     if kind == "speedup" and v <= 1.0:
-        raise ValueError(f"budget '{text}': a speedup target must be > 1")
+        raise UserError(f"budget '{text}': a speedup target must be > 1")
     if kind in ("params", "kv") and not 0.0 <= v < 1.0:
-        raise ValueError(f"budget '{text}': a {kind} ratio must be in [0, 1)")
+        raise UserError(f"budget '{text}': a {kind} ratio must be in [0, 1)")
     return kind, v
 
 
@@ -632,7 +633,7 @@ class Study:
                 break
         avail = (len(stream) - skip) // spec.seq_len
         if avail < 1:
-            raise ValueError(f"eval.perplexity: no held-out text left: the source has {len(stream)} tokens and "
+            raise UserError(f"eval.perplexity: no held-out text left: the source has {len(stream)} tokens and "
                              f"calibration uses the first {skip}; use fewer calibration samples or another "
                              "eval.perplexity.source (e.g. wiki-sample)")
         n = min(avail, spec.num_windows)
@@ -707,7 +708,7 @@ class Study:
         upto = max(wanted)
         limit = 2 * self.num_layers if target == "joint" else self.num_layers
         if upto > limit:
-            raise ValueError(f"sweep '{sweep.name}': cannot drop {upto} {target} modules of a "
+            raise UserError(f"sweep '{sweep.name}': cannot drop {upto} {target} modules of a "
                              f"{self.num_layers}-layer model (at most {limit})")
         # round i was scored on the model with the walk's set at i * step dropped (older caches: same layout)
         scored = {int(r.get("at", i * step)): {**r, "at": int(r.get("at", i * step))} for i, r in enumerate(rounds)}
@@ -1070,7 +1071,7 @@ def study_main(config: str, output: str | None = None, budget: str | None = None
     if budget is not None:
         parse_budget(budget)
     if max_quality_loss is not None and max_quality_loss < 0:
-        raise ValueError(f"--max-quality-loss must be >= 0, got {max_quality_loss}")
+        raise UserError(f"--max-quality-loss must be >= 0, got {max_quality_loss}")
     t0 = time.perf_counter()
     doc = Study(cfg, output, overwrite=overwrite).run(budget=budget, max_quality_loss=max_quality_loss)
     out = Path(output or cfg.output)

@@ -32,6 +32,7 @@ import torch
 from torch import nn
 
 from ..atomic_io import atomic_file, check_output
+from ..errors import UserError
 from .nemotron import _source, block_plan, check_llama_family
 
 DTYPES = ("f32", "f16", "bf16", "q8_0")
@@ -48,7 +49,7 @@ def _pre_tokenizer_name(tok: Any) -> str:
     spec = json.loads(tok.backend_tokenizer.to_str())
     model = spec.get("model") or {}
     if model.get("type") != "BPE":
-        raise ValueError(f"GGUF export handles byte-level BPE tokenizers only, got a {model.get('type')} tokenizer")
+        raise UserError(f"GGUF export handles byte-level BPE tokenizers only, got a {model.get('type')} tokenizer")
     pre = spec.get("pre_tokenizer") or {}
     parts = pre.get("pretokenizers", [pre]) if pre.get("type") == "Sequence" else [pre]
     kinds = [(p.get("type"), p.get("individual_digits"), p.get("use_regex")) for p in parts]
@@ -58,7 +59,7 @@ def _pre_tokenizer_name(tok: Any) -> str:
         return "smollm"  # SmolLM / SmolLM2 (digits split one by one, then GPT-2 regex)
     if kinds == [("ByteLevel", None, True)]:
         return "gpt-2"
-    raise ValueError(f"GGUF export: no llama.cpp pre-tokenizer known for {kinds}; use llama.cpp's converter")
+    raise UserError(f"GGUF export: no llama.cpp pre-tokenizer known for {kinds}; use llama.cpp's converter")
 
 
 def _add_tokenizer(writer: Any, tok: Any, vocab_size: int, pre: str | None = None) -> None:
@@ -66,7 +67,7 @@ def _add_tokenizer(writer: Any, tok: Any, vocab_size: int, pre: str | None = Non
 
     vocab = tok.get_vocab()
     if max(vocab.values()) >= vocab_size:
-        raise ValueError(f"tokenizer has ids up to {max(vocab.values())} but the model's vocab_size is {vocab_size}")
+        raise UserError(f"tokenizer has ids up to {max(vocab.values())} but the model's vocab_size is {vocab_size}")
     reverse = {i: t for t, i in vocab.items()}
     added = tok.get_added_vocab()
     decoder = tok.added_tokens_decoder
@@ -145,22 +146,22 @@ def export_gguf(src: Any, out_file: str | os.PathLike, dtype: str = "f16", token
     import gguf
 
     if dtype not in DTYPES:
-        raise ValueError(f"dtype must be one of {', '.join(DTYPES)}, got '{dtype}'")
+        raise UserError(f"dtype must be one of {', '.join(DTYPES)}, got '{dtype}'")
     check_output(out_file, kind="file", overwrite=overwrite,
                  sources=[src] if isinstance(src, (str, os.PathLike)) else [])
     model, tok = _source(src, tokenizer)
     if tok is None:
-        raise ValueError("GGUF export needs the model's tokenizer: pass tokenizer=...")
+        raise UserError("GGUF export needs the model's tokenizer: pass tokenizer=...")
     config = model.config
     check_llama_family(config, "GGUF (deci)")
     if getattr(config, "attention_bias", False) or getattr(config, "mlp_bias", False):
-        raise ValueError("GGUF (deci) export: attention/MLP biases are not supported")
+        raise UserError("GGUF (deci) export: attention/MLP biases are not supported")
     if getattr(config, "hidden_act", "silu") != "silu":
-        raise ValueError(f"GGUF (deci) export: llama.cpp's deci uses SiLU, model has '{config.hidden_act}'")
+        raise UserError(f"GGUF (deci) export: llama.cpp's deci uses SiLU, model has '{config.hidden_act}'")
     rope = dict(getattr(config, "rope_parameters", None) or {})
     rope_type = rope.get("rope_type", "default")
     if rope_type != "default":
-        raise ValueError(f"GGUF (deci) export: rope type '{rope_type}' is not supported (only default rope)")
+        raise UserError(f"GGUF (deci) export: rope type '{rope_type}' is not supported (only default rope)")
     theta = rope.get("rope_theta", getattr(config, "rope_theta", 10000.0))
     plan = deci_layer_plan(model)
     n, hidden, heads = config.num_hidden_layers, config.hidden_size, config.num_attention_heads
@@ -192,7 +193,7 @@ def export_gguf(src: Any, out_file: str | os.PathLike, dtype: str = "f16", token
         for key, value in _tensors(model, plan, head_dim):
             name = names.get_name(key, try_suffixes=(".weight", ".bias"))
             if name is None:
-                raise ValueError(f"GGUF (deci) export: no GGUF name for tensor '{key}'")
+                raise UserError(f"GGUF (deci) export: no GGUF name for tensor '{key}'")
             arr, raw = _encode(value, dtype)
             writer.add_tensor(name, arr, raw_dtype=raw)
         writer.write_header_to_file()

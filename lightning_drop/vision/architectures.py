@@ -23,6 +23,11 @@ from typing import Any
 
 from torch import nn
 
+try:  # the package's class when it is installed; this file also runs alone as a checkpoint's remote code
+    from lightning_drop.errors import UserError
+except ImportError:
+    UserError = ValueError
+
 
 @dataclass(frozen=True)
 class VisionSpec:
@@ -103,7 +108,7 @@ class VisionSpec:
             return name
         names = self.block_names(model)
         if name not in names:
-            raise ValueError(f"no block '{name}' in this {self.family} model; blocks are {', '.join(names)}")
+            raise UserError(f"no block '{name}' in this {self.family} model; blocks are {', '.join(names)}")
         return names.index(name)
 
     def layer_prefixes(self, model: nn.Module) -> list[str]:
@@ -160,7 +165,7 @@ def supported_vision_model_types() -> list[str]:
 def vision_spec_for_model_type(model_type: str) -> VisionSpec:
     base = model_type[len(DROPPED_PREFIX):] if model_type.startswith(DROPPED_PREFIX) else model_type
     if base not in _BY_MODEL_TYPE:
-        raise ValueError(f"unsupported vision architecture '{model_type}'; supported model types: "
+        raise UserError(f"unsupported vision architecture '{model_type}'; supported model types: "
                          f"{', '.join(supported_vision_model_types())}")
     return _BY_MODEL_TYPE[base]
 
@@ -175,5 +180,5 @@ def get_vision_spec(model_or_config: Any) -> VisionSpec:
         config = getattr(model_or_config, "config", model_or_config)
         base = getattr(config, "base_model_type", None) or getattr(config, "model_type", None)
     if not base:
-        raise ValueError(f"cannot tell the architecture of {type(model_or_config).__name__}: no model_type")
+        raise UserError(f"cannot tell the architecture of {type(model_or_config).__name__}: no model_type")
     return vision_spec_for_model_type(base)

@@ -23,6 +23,7 @@ import torch
 from torch import nn
 
 from ..checkpoint import atomic_dir, atomic_write_text, read_config
+from ..errors import UserError
 from .architectures import DROPPED_PREFIX, VisionSpec, get_vision_spec
 from .modeling_dropped import dropped_layers, register_vision_auto_classes
 
@@ -143,7 +144,7 @@ def load_vision_dropped(directory: str | os.PathLike, dtype: torch.dtype | None 
     get_vision_spec(model_type)  # one-line error for unsupported architectures
     archs = config.get("architectures") or []
     if not archs:
-        raise ValueError(f"{directory}/config.json names no 'architectures': cannot tell which model class to load")
+        raise UserError(f"{directory}/config.json names no 'architectures': cannot tell which model class to load")
     name = archs[0]
     if model_type.startswith(DROPPED_PREFIX):
         cls = getattr(modeling_dropped, name if name.startswith("Dropped") else f"Dropped{name}")

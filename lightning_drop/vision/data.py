@@ -21,6 +21,8 @@ import torch
 import torch.nn.functional as F
 from torch.utils.data import DataLoader, TensorDataset
 
+from ..errors import UserError
+
 IMAGE_EXTENSIONS = (".png", ".jpg", ".jpeg", ".bmp", ".gif", ".webp", ".tif", ".tiff")
 
 
@@ -58,7 +60,7 @@ def load_folder_tensors(root: str | os.PathLike, image_size: int) -> tuple[torch
         raise FileNotFoundError(f"image folder not found: {root}")
     classes = sorted(p.name for p in root.iterdir() if p.is_dir())
     if not classes:
-        raise ValueError(f"{root} has no class sub-folders (expected {root}/<class>/<image files>)")
+        raise UserError(f"{root} has no class sub-folders (expected {root}/<class>/<image files>)")
     images, labels = [], []
     for label, name in enumerate(classes):
         for f in sorted((root / name).rglob("*")):
@@ -68,7 +70,7 @@ def load_folder_tensors(root: str | os.PathLike, image_size: int) -> tuple[torch
                 images.append(_resize(t, image_size))
                 labels.append(label)
     if not images:
-        raise ValueError(f"no images ({', '.join(IMAGE_EXTENSIONS)}) under the class folders of {root}")
+        raise UserError(f"no images ({', '.join(IMAGE_EXTENSIONS)}) under the class folders of {root}")
     return torch.cat(images), torch.tensor(labels), classes
 
 
@@ -81,7 +83,7 @@ def load_hf_tensors(ref: str, image_size: int, split: str = "train", image_key: 
     try:
         ds = datasets.load_dataset(name, config, split=split)
     except Exception as err:  # offline, unknown name, no such split
-        raise ValueError(f"cannot load Hugging Face dataset '{ref}' split '{split}' (needs network or a local "
+        raise UserError(f"cannot load Hugging Face dataset '{ref}' split '{split}' (needs network or a local "
                          f"cache; offline use source='digits' or an image folder): {str(err).splitlines()[0]}") from err
     if limit:
         ds = ds.select(range(min(limit, len(ds))))
@@ -89,7 +91,7 @@ def load_hf_tensors(ref: str, image_size: int, split: str = "train", image_key: 
     image_key = image_key or next((c for c in ("image", "img", "pixel_values") if c in cols), None)
     label_key = label_key or next((c for c in ("label", "labels", "fine_label") if c in cols), None)
     if image_key is None or label_key is None:
-        raise ValueError(f"dataset '{ref}' has columns {cols}: pass image_key and label_key")
+        raise UserError(f"dataset '{ref}' has columns {cols}: pass image_key and label_key")
     images = torch.cat([_resize(_pil_to_tensor(r[image_key]).unsqueeze(0), image_size) for r in ds])
     labels = torch.tensor(ds[label_key], dtype=torch.long)
     feature = ds.features.get(label_key)
@@ -114,13 +116,13 @@ class ImageDataModule(L.LightningDataModule):
                  image_key: str | None = None, label_key: str | None = None) -> None:
         super().__init__()
         if image_size < 4:
-            raise ValueError(f"image_size must be at least 4, got {image_size}")
+            raise UserError(f"image_size must be at least 4, got {image_size}")
         if batch_size < 1:
-            raise ValueError(f"batch_size must be at least 1, got {batch_size}")
+            raise UserError(f"batch_size must be at least 1, got {batch_size}")
         if not (0 <= val_fraction < 1 and 0 <= test_fraction < 1 and val_fraction + test_fraction < 1):
-            raise ValueError(f"val_fraction + test_fraction must be below 1, got {val_fraction} + {test_fraction}")
+            raise UserError(f"val_fraction + test_fraction must be below 1, got {val_fraction} + {test_fraction}")
         if len(mean) != 3 or len(std) != 3 or any(s <= 0 for s in std):
-            raise ValueError("mean and std need 3 values each, std positive")
+            raise UserError("mean and std need 3 values each, std positive")
         self.save_hyperparameters()
         self.source, self.image_size, self.batch_size = source, image_size, batch_size
         self.val_fraction, self.test_fraction, self.seed = val_fraction, test_fraction, seed
@@ -152,7 +154,7 @@ class ImageDataModule(L.LightningDataModule):
         n_test, n_val = int(round(len(y) * self.test_fraction)), int(round(len(y) * self.val_fraction))
         parts = {"test": perm[:n_test], "val": perm[n_test:n_test + n_val], "train": perm[n_test + n_val:]}
         if len(parts["train"]) == 0:
-            raise ValueError(f"only {len(y)} images: nothing left for training")
+            raise UserError(f"only {len(y)} images: nothing left for training")
         self.classes = classes
         self.splits = {k: TensorDataset(x[idx], y[idx]) for k, idx in parts.items()}
 

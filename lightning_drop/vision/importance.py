@@ -18,7 +18,15 @@ from typing import Any, Callable, Iterable, Iterator, Sequence
 import torch
 from torch import nn
 
-from ..importance import KINDS, METRICS, ImportanceScores, LayerScoreMean, _positional_scores, token_scores
+from ..errors import UserError
+from ..importance import (
+    KINDS,
+    METRICS,
+    ImportanceScores,
+    LayerScoreMean,
+    _positional_scores,
+    token_scores,
+)
 from ..selection import SCHEDULES, TARGETS, DropResult, select_modules
 from .architectures import VisionSpec, get_vision_spec
 from .modeling_dropped import apply_drop, dropped_layers
@@ -37,7 +45,7 @@ class VisionImportanceAccumulator:
 
     def __init__(self, model: nn.Module, metric: str = "cosine", spec: VisionSpec | None = None) -> None:
         if metric not in METRICS:
-            raise ValueError(f"unknown metric '{metric}'; choose from {', '.join(METRICS)}")
+            raise UserError(f"unknown metric '{metric}'; choose from {', '.join(METRICS)}")
         self.model, self.metric = model, metric
         self.spec = spec or get_vision_spec(model)
         self.layers = self.spec.get_layers(model)
@@ -112,7 +120,7 @@ class VisionImportanceAccumulator:
         for kind in KINDS:
             bad = [i for i, v in enumerate(rows[kind]) if v is not None and not math.isfinite(v)]
             if bad and not (self.metric == "cosine_no_residual" and kind == "block"):
-                raise ValueError(f"non-finite {kind} importance scores for blocks {bad}: NaN/inf hidden states "
+                raise UserError(f"non-finite {kind} importance scores for blocks {bad}: NaN/inf hidden states "
                                  "(try float32) or no calibration images")
         return ImportanceScores(self.metric, rows["attn"], rows["mlp"], rows["block"], self.num_tokens,
                                 extra={"block_names": self.spec.block_names(self.model), "family": self.spec.family})
@@ -129,14 +137,14 @@ def _pixels(batch: Any, device: torch.device) -> torch.Tensor:
         x = batch
     elif isinstance(batch, dict):
         if "pixel_values" not in batch:
-            raise ValueError("calibration batches need 'pixel_values'")
+            raise UserError("calibration batches need 'pixel_values'")
         x = batch["pixel_values"]
     elif isinstance(batch, (tuple, list)) and batch and isinstance(batch[0], torch.Tensor):
         x = batch[0]  # (images, labels) from ImageDataModule
     else:
-        raise ValueError(f"calibration batches must be image tensors, (images, labels) or dicts, got {type(batch).__name__}")
+        raise UserError(f"calibration batches must be image tensors, (images, labels) or dicts, got {type(batch).__name__}")
     if x.dim() != 4:
-        raise ValueError(f"images must be (batch, channels, height, width), got shape {tuple(x.shape)}")
+        raise UserError(f"images must be (batch, channels, height, width), got shape {tuple(x.shape)}")
     return x.to(device)
 
 
@@ -145,7 +153,7 @@ def compute_vision_importance(model: nn.Module, batches: Iterable[Any], metric: 
                               seed: int = 0) -> ImportanceScores:
     """Score every block, attention and MLP sublayer (flat block index) of a vision model over `batches`."""
     if metric not in METRICS:
-        raise ValueError(f"unknown metric '{metric}'; choose from {', '.join(METRICS)}")
+        raise UserError(f"unknown metric '{metric}'; choose from {', '.join(METRICS)}")
     spec = get_vision_spec(model)
     n = len(spec.get_layers(model))
     attn_d, mlp_d = dropped_layers(model)
@@ -168,7 +176,7 @@ def compute_vision_importance(model: nn.Module, batches: Iterable[Any], metric: 
     finally:
         model.train(was_training)
     if seen == 0:
-        raise ValueError("no calibration data: the batches were empty")
+        raise UserError("no calibration data: the batches were empty")
     return acc.scores()
 
 
@@ -177,11 +185,11 @@ def vision_drop_by_importance(model: nn.Module, batches: Iterable[Any] | Callabl
                               keep: Sequence[int] = (), seed: int = 0) -> DropResult:
     """Score, select (lowest first, `lightning_drop.selection.select_modules`) and drop `num` modules in place."""
     if target not in TARGETS:
-        raise ValueError(f"unknown target '{target}'; choose from {', '.join(TARGETS)}")
+        raise UserError(f"unknown target '{target}'; choose from {', '.join(TARGETS)}")
     if schedule not in SCHEDULES:
-        raise ValueError(f"unknown schedule '{schedule}'; choose from {', '.join(SCHEDULES)}")
+        raise UserError(f"unknown schedule '{schedule}'; choose from {', '.join(SCHEDULES)}")
     if step < 1 or num < 1:
-        raise ValueError(f"num and step must be at least 1, got num={num}, step={step}")
+        raise UserError(f"num and step must be at least 1, got num={num}, step={step}")
     get_batches = batches if callable(batches) else (lambda data=list(batches): data)
     result = DropResult([], [])
     remaining = num

@@ -18,6 +18,11 @@ import torch
 import transformers
 from torch import nn
 
+try:  # the package's class when it is installed; this file also runs alone as a checkpoint's remote code
+    from lightning_drop.errors import UserError
+except ImportError:
+    UserError = ValueError
+
 try:  # inside the package
     from .architectures import DROPPED_PREFIX, VISION_SPECS, VisionSpec, get_vision_spec
 except ImportError:  # pragma: no cover - imported as a flat module next to a checkpoint
@@ -71,7 +76,7 @@ def normalize_drop_list(value: Any) -> list[int]:
         return [i for i, v in enumerate(values) if v]
     for v in values:
         if isinstance(v, bool) or not isinstance(v, int):
-            raise ValueError(f"drop lists hold flat block indices or per-block booleans, got {v!r}")
+            raise UserError(f"drop lists hold flat block indices or per-block booleans, got {v!r}")
     return sorted(set(int(v) for v in values))
 
 
@@ -91,11 +96,11 @@ def _check_indices(kind: str, indices: Sequence[Any], n: int, names: list[str]) 
         if isinstance(raw, str) and raw in names:  # "stage.block" for SwinV2
             i = names.index(raw)
         if isinstance(i, bool) or not isinstance(i, int):
-            raise ValueError(f"{kind} index {raw!r} is not a flat block index (int) or a block name ({names[0]}..)")
+            raise UserError(f"{kind} index {raw!r} is not a flat block index (int) or a block name ({names[0]}..)")
         if not 0 <= i < n:
-            raise ValueError(f"{kind} index {i} is out of range: the model has {n} blocks (0..{n - 1})")
+            raise UserError(f"{kind} index {i} is out of range: the model has {n} blocks (0..{n - 1})")
         if i in seen:
-            raise ValueError(f"{kind} index {raw!r} is listed twice")
+            raise UserError(f"{kind} index {raw!r} is listed twice")
         seen.add(i)
     return sorted(seen)
 
@@ -128,10 +133,10 @@ def apply_drop(model: nn.Module, attn: Iterable[Any] = (), mlp: Iterable[Any] = 
     old_attn, old_mlp = dropped_layers(model)
     again = sorted(set(attn) & set(old_attn)), sorted(set(mlp) & set(old_mlp))
     if again[0] or again[1]:
-        raise ValueError(f"already dropped: attention {again[0]}, MLP {again[1]}")
+        raise UserError(f"already dropped: attention {again[0]}, MLP {again[1]}")
     new_attn, new_mlp = sorted(set(old_attn) | set(attn)), sorted(set(old_mlp) | set(mlp))
     if len(new_attn) == n and len(new_mlp) == n:
-        raise ValueError(f"refusing to drop every block: all {n} attention and all {n} MLP sublayers would be gone")
+        raise UserError(f"refusing to drop every block: all {n} attention and all {n} MLP sublayers would be gone")
     for i in set(attn) | set(mlp):
         _replace_modules(layers[i], spec, i in attn, i in mlp)
     _mark_dropped(model, spec, new_attn, new_mlp)
@@ -187,7 +192,7 @@ def dropped_config_class(spec: VisionSpec) -> type:
         try:
             base_config = getattr(transformers, spec.config_class)
         except AttributeError as err:
-            raise ValueError(f"vision family '{spec.family}' needs {spec.config_class}, which transformers "
+            raise UserError(f"vision family '{spec.family}' needs {spec.config_class}, which transformers "
                              f"{transformers.__version__} does not ship") from err
         _CONFIGS[spec.family] = type(
             f"Dropped{base_config.__name__}", (_DroppedConfigMixin, base_config),

@@ -14,6 +14,7 @@ import torch
 from torch import nn
 from torch.utils.flop_counter import FlopCounterMode
 
+from ..errors import UserError
 from .architectures import get_vision_spec
 from .modeling_dropped import dropped_layers, normalize_drop_list
 
@@ -47,7 +48,7 @@ def images_per_second(model: nn.Module, batch_size: int = 32, image_size: int | 
                       warmup: int = 2) -> float:
     """Throughput of full forward passes (eval mode) on random images; warms up the model itself."""
     if batch_size < 1 or iters < 1:
-        raise ValueError(f"batch_size and iters must be at least 1, got {batch_size}, {iters}")
+        raise UserError(f"batch_size and iters must be at least 1, got {batch_size}, {iters}")
     x = torch.randn(batch_size, *_image_shape(model, image_size), device=_device(model))
     was = model.training
     model.eval()
@@ -68,7 +69,7 @@ def compare_speed(base: nn.Module, dropped: nn.Module, batch_size: int = 32, ima
                   iters: int = 10, rounds: int = 3) -> dict[str, Any]:
     """Baseline vs dropped in one run: timings alternate (best of `rounds`) so machine load hits both alike."""
     if rounds < 1:
-        raise ValueError(f"rounds must be at least 1, got {rounds}")
+        raise UserError(f"rounds must be at least 1, got {rounds}")
     base_ips, drop_ips = [], []
     for _ in range(rounds):
         base_ips.append(images_per_second(base, batch_size, image_size, iters))
