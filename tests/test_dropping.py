@@ -221,3 +221,14 @@ def test_remote_code_family_drop_fails_before_touching_the_model():
 def test_vision_model_type_points_to_the_vision_package():
     with pytest.raises(ValueError, match="'vit' is a vision transformer: use lightning_drop.vision"):
         get_spec("vit")
+
+
+def test_output_attentions_under_sdpa_behaves_as_for_the_undropped_model():
+    """sdpa returns no attention weights; a dropped model must do the same as its base, not crash."""
+    base, _ = tiny_model("llama")
+    dropped, _ = tiny_model("llama")
+    apply_drop(dropped, attn=[0, 2])
+    assert base.config._attn_implementation == "sdpa"
+    got = [m(_inputs(), output_attentions=True).attentions for m in (base, dropped)]
+    assert got[0] is None or all(a is None for a in got[0])
+    assert got[1] is None or all(a is None for a in got[1])
