@@ -22,6 +22,7 @@ from torch import nn
 
 from .architectures import ArchSpec, get_spec
 from .atomic_io import atomic_dir, atomic_write_text, check_output
+from .errors import UserError
 from .modeling_dropped import dropped_layers
 
 _REMOTE_FILES = ("modeling_dropped.py", "architectures.py")
@@ -129,7 +130,15 @@ def read_config(directory: str | os.PathLike) -> dict:
     path = Path(directory) / "config.json"
     if not path.is_file():
         raise FileNotFoundError(f"no config.json in {directory}: not a Hugging Face checkpoint directory")
-    return json.loads(path.read_text())
+    try:
+        config = json.loads(path.read_text(encoding="utf-8"))
+    except UnicodeDecodeError:
+        raise UserError(f"{path} is not UTF-8 text") from None
+    except json.JSONDecodeError as err:
+        raise UserError(f"{path} is not valid JSON ({err.msg}, line {err.lineno} column {err.colno})") from None
+    if not isinstance(config, dict):
+        raise UserError(f"{path} holds a JSON {type(config).__name__}, not an object")
+    return config
 
 
 def is_llm_drop_config(config: dict) -> bool:

@@ -85,9 +85,36 @@ class DropJob:
             raise UserError(f"unknown --save-dtype '{self.save_dtype}'; choose from {', '.join(SAVE_DTYPES)}")
         if self.batch_size < 1 or self.step < 1:
             raise UserError("--batch-size and --step must be at least 1")
+        if self.stream:
+            check_device(self.device, "--device")
         if self.output is not None:
             check_output(self.output, overwrite=self.overwrite,
                          sources=[self.model, self.tokenizer, self.calibration.source, self.offload_dir])
+
+
+def check_device(device: str, option: str) -> torch.device:
+    """A device this torch build can use, or one line saying why not (before anything is loaded)."""
+    try:
+        dev = torch.device(device)
+    except RuntimeError:
+        raise UserError(f"{option} {device!r} is not a device name (cpu, cuda, cuda:1, mps)") from None
+    if dev.type == "cuda":
+        if not torch.cuda.is_available():
+            why = "this torch build has no CUDA" if torch.version.cuda is None else "no CUDA device is visible"
+            raise UserError(f"{option} {device}: {why}; use --device cpu")
+        if dev.index is not None and dev.index >= torch.cuda.device_count():
+            raise UserError(f"{option} {device}: only {torch.cuda.device_count()} CUDA device(s) visible")
+    elif dev.type == "mps" and not torch.backends.mps.is_available():
+        raise UserError(f"{option} {device}: MPS is not available here; use --device cpu")
+    return dev
+
+
+def check_vocabulary(tokenizer: Any, vocab_size: int, model: str) -> None:
+    """A tokenizer whose ids exceed the embedding would fail deep inside the first forward pass."""
+    n = len(tokenizer)
+    if n > vocab_size:
+        raise UserError(f"the tokenizer's vocabulary ({n} tokens) is larger than {model}'s embedding "
+                        f"({vocab_size}): pass the model's own tokenizer with --tokenizer")
 
 
 def run_drop(job: DropJob, progress: bool = True) -> dict[str, Any]:
@@ -95,6 +122,7 @@ def run_drop(job: DropJob, progress: bool = True) -> dict[str, Any]:
     if job.stream:
         return run_drop_streamed(job, progress)
     model, tok = load_model(job.model, dtype=job.dtype, tokenizer=job.tokenizer)
+    check_vocabulary(tok, model.get_input_embeddings().num_embeddings, job.model)
     num = _check_request(job, model.config.num_hidden_layers, *dropped_layers(model))
     max_pos = getattr(model.config, "max_position_embeddings", None)
     windows = calibration_windows(tok, job.calibration, max_positions=max_pos)
@@ -151,6 +179,8 @@ def run_drop_streamed(job: DropJob, progress: bool = True) -> dict[str, Any]:
             tok = load_tokenizer(str(path))
         except (OSError, ValueError):
             raise UserError(f"no tokenizer found with {job.model}: pass --tokenizer (a path or catalogue name)") from None
+    if isinstance(config.get("vocab_size"), int):
+        check_vocabulary(tok, config["vocab_size"], job.model)
     windows = calibration_windows(tok, job.calibration, max_positions=config.get("max_position_embeddings"))
     result = DropResult([], [])
     attn: list[int] = []
