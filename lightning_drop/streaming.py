@@ -106,7 +106,7 @@ class CheckpointTensors:
         return self.get_many([name], dtype=dtype)[name]
 
     def get_many(self, names: Iterable[str], what: str = "", dtype: torch.dtype | None = None,
-                 into: "ReusedBuffer | None" = None) -> dict[str, torch.Tensor]:
+                 into: ReusedBuffer | None = None) -> dict[str, torch.Tensor]:
         """Read `names` (file by file); floating tensors are cast to `dtype` one at a time as they are read.
 
         With `into`, the tensors are views of that buffer's one allocation (valid until its next use)
@@ -134,16 +134,17 @@ class CheckpointTensors:
                         out[n] = t.to(dtype) if dtype is not None and t.is_floating_point() else t
                         continue
                     target, staging = places[n]
-                    _read_into(f, data_start, header[n], label, target if staging is None else staging)
-                    if staging is not None:
-                        target.copy_(staging)
+                    if staging is None:
+                        _read_into(f, data_start, header[n], label, target)
+                    else:
+                        _read_cast(f, data_start, header[n], label, target, staging)
                     out[n] = target
         return {n: out[n] for n in names}
 
     def _places(self, names: list[str], dtype: torch.dtype | None,
-                into: "ReusedBuffer") -> dict[str, tuple[torch.Tensor, torch.Tensor | None]]:
-        """name -> (its view of `into`, in the dtype asked for; the staging view it is read into first when
-        it must be cast, else None). The views are laid out before any read so that the buffer is sized once."""
+                into: ReusedBuffer) -> dict[str, tuple[torch.Tensor, torch.Tensor | None]]:
+        """name -> (its view of `into`, in the dtype asked for; the uint8 staging view that a tensor to be cast
+        is read through, chunk by chunk, else None). Laid out before any read: the buffer is sized once."""
         plan = []
         for n in names:
             st_dtype, shape = self._header(n)
@@ -151,13 +152,11 @@ class CheckpointTensors:
                 raise ValueError(f"{self.weight_map[n].name}:{n}: unsupported safetensors dtype {st_dtype}")
             src = _TORCH_DTYPES[st_dtype]
             cast = dtype is not None and src.is_floating_point and src != dtype
-            plan.append((n, shape, src, dtype if cast else src, cast))
-        layout = [(shape, d) for _, shape, _, d, _ in plan]
-        staging_size = max((_numel(shape) * src.itemsize for _, shape, src, _, cast in plan if cast), default=0)
-        views = into.views(layout, staging_size)
+            plan.append((n, shape, dtype if cast else src, cast))
+        staging_size = min(_CAST_CHUNK, max((self.nbytes(n) for n, _, _, cast in plan if cast), default=0))
+        views = into.views([(shape, d) for _, shape, d, _ in plan], staging_size)
         staging = views.pop()
-        return {n: (view, _view_as(staging, src, shape) if cast else None)
-                for (n, shape, src, _, cast), view in zip(plan, views)}
+        return {n: (view, staging if cast else None) for (n, _, _, cast), view in zip(plan, views)}
 
     def _file_header(self, path: Path) -> tuple[int, dict[str, dict[str, Any]]]:
         if path not in self._headers:
@@ -189,17 +188,40 @@ def _read_tensor(f: Any, data_start: int, info: dict[str, Any], label: str) -> t
     return t
 
 
-def _read_into(f: Any, data_start: int, info: dict[str, Any], label: str, t: torch.Tensor) -> None:
-    """Fill the contiguous CPU tensor `t` (the tensor's dtype and shape) from an open safetensors file."""
+def _seek_tensor(f: Any, data_start: int, info: dict[str, Any], label: str, nbytes: int) -> None:
     begin, end = info["data_offsets"]
-    nbytes = t.numel() * t.element_size()
     if end - begin != nbytes:
         raise ValueError(f"{label}: header says {end - begin} bytes for shape {info['shape']} {info['dtype']}")
-    if nbytes:
-        f.seek(data_start + begin)
-        view = memoryview(t.reshape(-1).view(torch.uint8).numpy())
-        if f.readinto(view) != nbytes:
-            raise ValueError(f"{label}: file ends before the tensor does (truncated shard?)")
+    f.seek(data_start + begin)
+
+
+def _read_exactly(f: Any, t: torch.Tensor, label: str) -> None:
+    """Fill the contiguous CPU tensor `t` with the next bytes of `f`."""
+    if t.numel() and f.readinto(memoryview(t.reshape(-1).view(torch.uint8).numpy())) != t.numel() * t.element_size():
+        raise ValueError(f"{label}: file ends before the tensor does (truncated shard?)")
+
+
+def _read_into(f: Any, data_start: int, info: dict[str, Any], label: str, t: torch.Tensor) -> None:
+    """Fill the contiguous CPU tensor `t` (the tensor's dtype and shape) from an open safetensors file."""
+    _seek_tensor(f, data_start, info, label, t.numel() * t.element_size())
+    _read_exactly(f, t, label)
+
+
+_CAST_CHUNK = 16 * 2**20  # bytes: a tensor stored in another dtype is read and cast this much at a time
+
+
+def _read_cast(f: Any, data_start: int, info: dict[str, Any], label: str, target: torch.Tensor,
+               staging: torch.Tensor) -> None:
+    """Fill `target` from a tensor stored in another dtype, read through the uint8 `staging` chunk by chunk
+    (so that a large embedding never exists twice, once per dtype)."""
+    src = _TORCH_DTYPES[info["dtype"]]
+    flat = target.view(-1)
+    _seek_tensor(f, data_start, info, label, flat.numel() * src.itemsize)
+    step = max(staging.numel() // src.itemsize, 1)  # (an empty tensor has an empty staging view)
+    for start in range(0, flat.numel(), step):
+        chunk = staging[:min(step, flat.numel() - start) * src.itemsize].view(src)
+        _read_exactly(f, chunk, label)
+        flat[start:start + chunk.numel()].copy_(chunk)
 
 
 def _numel(shape: Sequence[int]) -> int:
@@ -351,7 +373,7 @@ def _materialize_outside_layers(model: nn.Module, decoder: nn.Module, tensors: C
         embed._buffers[name] = torch.empty_like(buf, device="cpu")
     model._init_weights(embed)
     keys = {k: f"{prefix}.{embed_name}.{k}" for k in embed.state_dict()}
-    state = tensors.get_many(keys.values(), what="the embedding", dtype=dtype)
+    state = tensors.get_many(keys.values(), what="the embedding", dtype=dtype, into=ReusedBuffer())
     embed.load_state_dict({k: state[v] for k, v in keys.items()}, assign=True, strict=True)
     embed.to(device)
     rotary = getattr(decoder, "rotary_emb", None)

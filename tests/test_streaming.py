@@ -314,12 +314,15 @@ def _mixed_tensors() -> dict[str, torch.Tensor]:
 
 
 @pytest.mark.parametrize("dtype", [None, torch.float32, torch.bfloat16])
-def test_reused_buffer_reads_and_tensor_by_tensor_writes_are_exact(tmp_path, dtype):
+@pytest.mark.parametrize("chunk", [None, 16])  # 16 bytes: every cast goes through several staging chunks
+def test_reused_buffer_reads_and_tensor_by_tensor_writes_are_exact(tmp_path, monkeypatch, dtype, chunk):
     """Reads into one reused buffer equal fresh reads; write_safetensors writes save_file's bytes."""
     from safetensors.torch import save_file
 
     from lightning_drop.streaming import CheckpointTensors, ReusedBuffer, write_safetensors
 
+    if chunk is not None:
+        monkeypatch.setattr(streaming, "_CAST_CHUNK", chunk)
     tensors = _mixed_tensors()
     save_file(tensors, str(tmp_path / "model.safetensors"), metadata={"format": "pt"})
     ref = {k: v.to(dtype) if dtype is not None and v.is_floating_point() else v for k, v in tensors.items()}
