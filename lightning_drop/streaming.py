@@ -13,15 +13,19 @@ the family's own decoder `forward` is run until it calls layer i, so the argumen
 full model would pass. The layer-0 hidden states are captured the same way from a real embedding.
 
 Peak memory ~ one layer + all hidden states (N x seq_len x hidden x dtype bytes) + the embedding (only
-during the first pass) + one batch of activations.
+during the first pass) + one batch of activations, whatever the number of layers: every layer is read into
+the same buffer (`ReusedBuffer`), the hidden states are updated in place, and the heap's free pages are
+handed back after each layer (see `_trim_heap`).
 
 `write_dropped_streaming` writes the same checkpoint as `checkpoint.save_dropped` would for the in-memory
-model (same tensors, names, config, remote code, tokenizer files), one output shard at a time, copying
-tensors from the source shards and skipping the dropped modules' tensors.
+model (same tensors, names, config, remote code, tokenizer files; each shard byte for byte what
+`safetensors` writes), one tensor at a time, copying tensors from the source shards and skipping the
+dropped modules' tensors.
 """
 
 from __future__ import annotations
 
+import ctypes
 import json
 import os
 import re
@@ -43,6 +47,7 @@ SINGLE_NAME = "model.safetensors"
 _TORCH_DTYPES = {"F64": torch.float64, "F32": torch.float32, "F16": torch.float16, "BF16": torch.bfloat16,
                  "I64": torch.int64, "I32": torch.int32, "I16": torch.int16, "I8": torch.int8, "U8": torch.uint8,
                  "BOOL": torch.bool, "F8_E4M3": torch.float8_e4m3fn, "F8_E5M2": torch.float8_e5m2}
+_ST_DTYPES = {v: k for k, v in _TORCH_DTYPES.items()}
 
 
 def read_safetensors_header(path: str | os.PathLike) -> tuple[int, dict[str, dict[str, Any]]]:
@@ -100,8 +105,13 @@ class CheckpointTensors:
             raise KeyError(name)
         return self.get_many([name], dtype=dtype)[name]
 
-    def get_many(self, names: Iterable[str], what: str = "", dtype: torch.dtype | None = None) -> dict[str, torch.Tensor]:
-        """Read `names` (file by file); floating tensors are cast to `dtype` one at a time as they are read."""
+    def get_many(self, names: Iterable[str], what: str = "", dtype: torch.dtype | None = None,
+                 into: ReusedBuffer | None = None) -> dict[str, torch.Tensor]:
+        """Read `names` (file by file); floating tensors are cast to `dtype` one at a time as they are read.
+
+        With `into`, the tensors are views of that buffer's one allocation (valid until its next use)
+        instead of fresh tensors: see `ReusedBuffer`.
+        """
         names = list(names)
         missing = [n for n in names if n not in self.weight_map]
         if missing:
@@ -110,6 +120,7 @@ class CheckpointTensors:
         by_file: dict[Path, list[str]] = {}
         for n in names:
             by_file.setdefault(self.weight_map[n], []).append(n)
+        places = self._places(names, dtype, into) if into is not None else {}
         out: dict[str, torch.Tensor] = {}
         for path, group in by_file.items():
             data_start, header = self._file_header(path)
@@ -117,9 +128,35 @@ class CheckpointTensors:
                 for n in group:
                     if n not in header:
                         raise ValueError(f"{path.name} does not hold {n}, although the index says so")
-                    t = _read_tensor(f, data_start, header[n], f"{path.name}:{n}")
-                    out[n] = t.to(dtype) if dtype is not None and t.is_floating_point() else t
+                    label = f"{path.name}:{n}"
+                    if n not in places:
+                        t = _read_tensor(f, data_start, header[n], label)
+                        out[n] = t.to(dtype) if dtype is not None and t.is_floating_point() else t
+                        continue
+                    target, staging = places[n]
+                    if staging is None:
+                        _read_into(f, data_start, header[n], label, target)
+                    else:
+                        _read_cast(f, data_start, header[n], label, target, staging)
+                    out[n] = target
         return {n: out[n] for n in names}
+
+    def _places(self, names: list[str], dtype: torch.dtype | None,
+                into: ReusedBuffer) -> dict[str, tuple[torch.Tensor, torch.Tensor | None]]:
+        """name -> (its view of `into`, in the dtype asked for; the uint8 staging view that a tensor to be cast
+        is read through, chunk by chunk, else None). Laid out before any read: the buffer is sized once."""
+        plan = []
+        for n in names:
+            st_dtype, shape = self._header(n)
+            if st_dtype not in _TORCH_DTYPES:
+                raise ValueError(f"{self.weight_map[n].name}:{n}: unsupported safetensors dtype {st_dtype}")
+            src = _TORCH_DTYPES[st_dtype]
+            cast = dtype is not None and src.is_floating_point and src != dtype
+            plan.append((n, shape, dtype if cast else src, cast))
+        staging_size = min(_CAST_CHUNK, max((self.nbytes(n) for n, _, _, cast in plan if cast), default=0))
+        views = into.views([(shape, d) for _, shape, d, _ in plan], staging_size)
+        staging = views.pop()
+        return {n: (view, staging if cast else None) for (n, _, _, cast), view in zip(plan, views)}
 
     def _file_header(self, path: Path) -> tuple[int, dict[str, dict[str, Any]]]:
         if path not in self._headers:
@@ -135,11 +172,8 @@ class CheckpointTensors:
 
     def nbytes(self, name: str, dtype: torch.dtype | None = None) -> int:
         st_dtype, shape = self._header(name)
-        numel = 1
-        for d in shape:
-            numel *= int(d)
         size = dtype.itemsize if dtype is not None else _TORCH_DTYPES[st_dtype].itemsize
-        return numel * size
+        return _numel(shape) * size
 
     def dtype_of(self, name: str) -> str:
         return self._header(name)[0]
@@ -149,17 +183,94 @@ def _read_tensor(f: Any, data_start: int, info: dict[str, Any], label: str) -> t
     """One tensor of an open safetensors file, read into fresh (non-mapped) memory."""
     if info["dtype"] not in _TORCH_DTYPES:
         raise ValueError(f"{label}: unsupported safetensors dtype {info['dtype']}")
-    begin, end = info["data_offsets"]
     t = torch.empty(info["shape"], dtype=_TORCH_DTYPES[info["dtype"]])
-    nbytes = t.numel() * t.element_size()
+    _read_into(f, data_start, info, label, t)
+    return t
+
+
+def _seek_tensor(f: Any, data_start: int, info: dict[str, Any], label: str, nbytes: int) -> None:
+    begin, end = info["data_offsets"]
     if end - begin != nbytes:
         raise ValueError(f"{label}: header says {end - begin} bytes for shape {info['shape']} {info['dtype']}")
-    if nbytes:
-        f.seek(data_start + begin)
-        view = memoryview(t.reshape(-1).view(torch.uint8).numpy())
-        if f.readinto(view) != nbytes:
-            raise ValueError(f"{label}: file ends before the tensor does (truncated shard?)")
-    return t
+    f.seek(data_start + begin)
+
+
+def _read_exactly(f: Any, t: torch.Tensor, label: str) -> None:
+    """Fill the contiguous CPU tensor `t` with the next bytes of `f`."""
+    if t.numel() and f.readinto(memoryview(t.reshape(-1).view(torch.uint8).numpy())) != t.numel() * t.element_size():
+        raise ValueError(f"{label}: file ends before the tensor does (truncated shard?)")
+
+
+def _read_into(f: Any, data_start: int, info: dict[str, Any], label: str, t: torch.Tensor) -> None:
+    """Fill the contiguous CPU tensor `t` (the tensor's dtype and shape) from an open safetensors file."""
+    _seek_tensor(f, data_start, info, label, t.numel() * t.element_size())
+    _read_exactly(f, t, label)
+
+
+_CAST_CHUNK = 16 * 2**20  # bytes: a tensor stored in another dtype is read and cast this much at a time
+
+
+def _read_cast(f: Any, data_start: int, info: dict[str, Any], label: str, target: torch.Tensor,
+               staging: torch.Tensor) -> None:
+    """Fill `target` from a tensor stored in another dtype, read through the uint8 `staging` chunk by chunk
+    (so that a large embedding never exists twice, once per dtype)."""
+    src = _TORCH_DTYPES[info["dtype"]]
+    flat = target.view(-1)
+    _seek_tensor(f, data_start, info, label, flat.numel() * src.itemsize)
+    step = max(staging.numel() // src.itemsize, 1)  # (an empty tensor has an empty staging view)
+    for start in range(0, flat.numel(), step):
+        chunk = staging[:min(step, flat.numel() - start) * src.itemsize].view(src)
+        _read_exactly(f, chunk, label)
+        flat[start:start + chunk.numel()].copy_(chunk)
+
+
+def _numel(shape: Sequence[int]) -> int:
+    n = 1
+    for d in shape:
+        n *= int(d)
+    return n
+
+
+def _view_as(buffer: torch.Tensor, dtype: torch.dtype, shape: Sequence[int]) -> torch.Tensor:
+    """The start of the uint8 `buffer` as a contiguous tensor of `dtype` and `shape`."""
+    nbytes = _numel(shape) * dtype.itemsize
+    return buffer[:nbytes].view(dtype).view(list(shape))
+
+
+_ALIGN = 64  # bytes between views: each starts as aligned as a fresh CPU allocation would
+
+
+class ReusedBuffer:
+    """One CPU allocation that the tensors of each layer (or each tensor written) are read into, in turn.
+
+    Reading every layer into fresh tensors made resident memory grow by most of a layer per layer: glibc
+    serves tensors of a few MB from its heap (its mmap threshold rises to the size of the first ones freed),
+    and the holes that a freed layer leaves there are not reused for the next layer's equal-sized, aligned
+    allocations. Reading into one buffer, grown only when a larger request comes, keeps the weights at one
+    allocation whatever the number of layers. The views it hands out are valid until its next `views` call.
+    """
+
+    def __init__(self) -> None:
+        self._data: torch.Tensor | None = None
+
+    @property
+    def nbytes(self) -> int:
+        return 0 if self._data is None else self._data.numel()
+
+    def views(self, layout: Sequence[tuple[Sequence[int], torch.dtype]], extra_bytes: int = 0) -> list[torch.Tensor]:
+        """Disjoint contiguous views, one per (shape, dtype) of `layout`, and last a uint8 view of `extra_bytes`."""
+        offsets, end = [], 0
+        for shape, dtype in (*layout, ((extra_bytes,), torch.uint8)):
+            offsets.append(end)
+            end += -(-_numel(shape) * dtype.itemsize // _ALIGN) * _ALIGN
+        if end == 0:
+            return [torch.empty(list(shape), dtype=dtype) for shape, dtype in (*layout, ((0,), torch.uint8))]
+        if end > self.nbytes:
+            self._data = None  # the old allocation goes before the larger one is made
+            self._data = torch.empty(end, dtype=torch.uint8)
+        assert self._data is not None
+        return [_view_as(self._data[off:], dtype, shape)
+                for off, (shape, dtype) in zip(offsets, (*layout, ((extra_bytes,), torch.uint8)))]
 
 
 # ------------------------------------------------------------------------------------------------ meta model
@@ -262,7 +373,7 @@ def _materialize_outside_layers(model: nn.Module, decoder: nn.Module, tensors: C
         embed._buffers[name] = torch.empty_like(buf, device="cpu")
     model._init_weights(embed)
     keys = {k: f"{prefix}.{embed_name}.{k}" for k in embed.state_dict()}
-    state = tensors.get_many(keys.values(), what="the embedding", dtype=dtype)
+    state = tensors.get_many(keys.values(), what="the embedding", dtype=dtype, into=ReusedBuffer())
     embed.load_state_dict({k: state[v] for k, v in keys.items()}, assign=True, strict=True)
     embed.to(device)
     rotary = getattr(decoder, "rotary_emb", None)
@@ -274,6 +385,26 @@ def _materialize_outside_layers(model: nn.Module, decoder: nn.Module, tensors: C
 def _release(module: nn.Module) -> None:
     """Give a module's storage back (its parameters become meta tensors again)."""
     module.to_empty(device="meta")
+
+
+def _malloc_trim() -> Callable[[int], int] | None:
+    try:
+        return ctypes.CDLL("libc.so.6").malloc_trim
+    except (OSError, AttributeError):  # not glibc
+        return None
+
+
+_MALLOC_TRIM = _malloc_trim()
+
+
+def _trim_heap() -> None:
+    """Hand the heap's free pages back to the system (glibc; elsewhere nothing to do).
+
+    A layer's forward leaves its activations' memory free but resident in glibc's heap, in holes of sizes
+    the next layer does not fit exactly, so without this resident memory still crept up layer after layer.
+    """
+    if _MALLOC_TRIM is not None:
+        _MALLOC_TRIM(0)
 
 
 # --------------------------------------------------------------------------------------------- hidden states
@@ -298,10 +429,12 @@ class _HiddenStore:
         self.items.append(stored)
 
     def set(self, b: int, value: torch.Tensor) -> None:
-        if self._tmp is None:
+        stored = self.items[b]
+        if self._tmp is None and (stored.dtype != value.dtype or stored.shape != value.shape):
             self.items[b] = value.detach().to("cpu")
-        else:
-            self.items[b].copy_(value)
+            return
+        # In place: each batch keeps the allocation made for layer 0, so no layer leaves a hole in the heap.
+        stored.copy_(value)
 
     def nbytes(self) -> int:
         return sum(t.numel() * t.element_size() for t in self.items)
@@ -328,13 +461,16 @@ def stream_importance(model_dir: str | os.PathLike, windows: Any, metric: str = 
                       device: str | torch.device = "cpu", offload_dir: str | os.PathLike | None = None,
                       dtype: torch.dtype | str = torch.float32, drop_attn: Sequence[int] = (),
                       drop_mlp: Sequence[int] = (), seed: int = 0, progress: bool = False,
-                      stats: dict[str, Any] | None = None) -> ImportanceScores:
+                      stats: dict[str, Any] | None = None,
+                      on_layer: Callable[[int, nn.Module], None] | None = None) -> ImportanceScores:
     """`compute_importance` of the checkpoint in `model_dir` with one decoder layer in memory at a time.
 
     `windows` is a LongTensor (samples x seq_len, cut into `batch_size` batches) or an iterable of batches
     (dicts with `input_ids` and optional `attention_mask`). `drop_attn`/`drop_mlp` drop further sublayers
     on top of what the checkpoint already dropped (iterative re-scoring). `stats`, when given, receives the
-    sizes that bound memory (bytes of the largest layer, the embedding and the hidden states).
+    sizes that bound memory (bytes of the largest layer, the embedding and the hidden states). `on_layer(i,
+    layer)` is called once layer i has run over every batch, before its weights are released (memory probes,
+    progress); the layer's weights are views of a buffer that the next layer overwrites, so keep none of them.
     """
     if metric not in METRICS:
         raise ValueError(f"unknown metric '{metric}'; choose from {', '.join(METRICS)}")
@@ -356,6 +492,7 @@ def stream_importance(model_dir: str | os.PathLike, windows: Any, metric: str = 
         raise ValueError("no calibration data: the batches held no real tokens")
     acc = ImportanceAccumulator(model, metric, spec).to(device)
     store = _HiddenStore(offload_dir)
+    weights = ReusedBuffer()
     layer_bytes = 0
     try:
         with CheckpointTensors(model_dir) as tensors:
@@ -372,6 +509,7 @@ def stream_importance(model_dir: str | os.PathLike, windows: Any, metric: str = 
             if acc.num_tokens == 0:
                 raise ValueError("no calibration data: the batches held no real tokens")
             _release(embed)
+            _trim_heap()
             order: Iterable[int] = range(len(layers))
             if progress:
                 from tqdm.auto import tqdm
@@ -381,7 +519,7 @@ def stream_importance(model_dir: str | os.PathLike, windows: Any, metric: str = 
                 for i in order:
                     layer = layers[i]
                     names = {k: f"{spec.layer_prefix}.{i}.{k}" for k in layer.state_dict()}
-                    state = tensors.get_many(names.values(), what=f"layer {i}", dtype=dtype)
+                    state = tensors.get_many(names.values(), what=f"layer {i}", dtype=dtype, into=weights)
                     layer.load_state_dict({k: state[v] for k, v in names.items()}, assign=True, strict=True)
                     del state
                     layer.to(device)
@@ -398,7 +536,10 @@ def stream_importance(model_dir: str | os.PathLike, windows: Any, metric: str = 
                             out = layer(**{**kwargs, "hidden_states": hidden})
                         store.set(b, _hidden(out))
                         del out, hidden, args, kwargs
+                    if on_layer is not None:
+                        on_layer(i, layer)
                     _release(layer)
+                    _trim_heap()
         if stats is not None:
             stats.update(layer_bytes=layer_bytes, embedding_bytes=embed_bytes, hidden_bytes=store.nbytes())
     finally:
@@ -452,9 +593,8 @@ def write_dropped_streaming(model_dir: str | os.PathLike, out_dir: str | os.Path
 
     `attn`/`mlp` are the drop lists (original layer indices; the checkpoint's own drops are kept either way).
     Tensors are cast to `dtype` (default: the checkpoint's own `dtype`), as the in-memory path saves the
-    model in the dtype it was loaded with. Memory: one output shard (`max_shard_size`) at a time.
+    model in the dtype it was loaded with. Memory: the largest tensor, whatever `max_shard_size` is.
     """
-    from safetensors.torch import save_file
     from transformers.modeling_utils import remove_tied_weights_from_state_dict
 
     model_dir, out_dir = Path(model_dir), Path(out_dir)
@@ -500,14 +640,10 @@ def write_dropped_streaming(model_dir: str | os.PathLike, out_dir: str | os.Path
                  [f"model-{i + 1:05d}-of-{len(shards):05d}.safetensors" for i in range(len(shards))])
         with atomic_dir(out_dir) as tmp:
             weight_map = {}
+            buffer = ReusedBuffer()  # one allocation for every tensor, for the reason given there
             for name, keys in zip(names, shards):
-                shard = {}
-                read = tensors.get_many([source[k] for k in keys], dtype=dtype)
-                for key in keys:
-                    shard[key] = read.pop(source[key]).contiguous()
-                    weight_map[key] = name
-                save_file(shard, str(tmp / name), metadata={"format": "pt"})
-                del shard
+                write_safetensors(tmp / name, tensors, {k: source[k] for k in keys}, dtype, buffer)
+                weight_map.update({k: name for k in keys})
             if len(shards) > 1:
                 index = {"metadata": {"total_parameters": target.num_parameters(), "total_size": sum(sizes.values())},
                          "weight_map": dict(sorted(weight_map.items()))}
@@ -525,6 +661,48 @@ def write_dropped_streaming(model_dir: str | os.PathLike, out_dir: str | os.Path
             if extra is not None:
                 extra(tmp)
     return out_dir
+
+
+def write_safetensors(path: str | os.PathLike, tensors: CheckpointTensors, names: dict[str, str],
+                      dtype: torch.dtype | None = None, buffer: ReusedBuffer | None = None,
+                      metadata: dict[str, str] | None = None) -> None:
+    """The safetensors file `safetensors.torch.save_file` writes for {name: tensors[source]} (floating
+    tensors cast to `dtype`), byte for byte, but written one tensor at a time.
+
+    `save_file` needs every tensor of the file in memory at once: with the default 2GB shards that alone
+    was most of a small model. Here the header is computed from the source headers, and each tensor is read
+    (into `buffer`) and written in turn, so memory is one tensor.
+    """
+    from safetensors.torch import save
+
+    metadata = {"format": "pt"} if metadata is None else metadata
+    buffer = buffer or ReusedBuffer()
+    layout: dict[str, tuple[torch.dtype, list[int]]] = {}
+    for name, src in names.items():
+        st_dtype, shape = tensors._header(src)
+        cast = dtype is not None and _is_float(st_dtype)
+        layout[name] = (dtype if cast else _TORCH_DTYPES[st_dtype], shape)  # type: ignore[assignment]
+    # safetensors' own order of the tensors in the file (by dtype, then name), from one-element stand-ins
+    probe = save({name: torch.zeros(1, dtype=d) for name, (d, _) in layout.items()}, metadata=metadata)
+    probe_header = json.loads(probe[8:8 + int.from_bytes(probe[:8], "little")])
+    stored_metadata = probe_header.pop("__metadata__", None)
+    order = sorted(probe_header, key=lambda name: probe_header[name]["data_offsets"][0])
+    header: dict[str, Any] = {} if stored_metadata is None else {"__metadata__": stored_metadata}
+    offset = 0
+    for name in order:
+        d, shape = layout[name]
+        nbytes = _numel(shape) * d.itemsize
+        header[name] = {"dtype": _ST_DTYPES[d], "shape": shape, "data_offsets": [offset, offset + nbytes]}
+        offset += nbytes
+    text = json.dumps(header, separators=(",", ":"), ensure_ascii=False).encode()
+    text += b" " * (-len(text) % 8)  # the data starts 8-byte aligned, as safetensors pads it
+    with open(path, "wb") as f:
+        f.write(len(text).to_bytes(8, "little"))
+        f.write(text)
+        for name in order:
+            t = tensors.get_many([names[name]], dtype=dtype, into=buffer)[names[name]]
+            if t.numel():
+                f.write(memoryview(t.reshape(-1).view(torch.uint8).numpy()))
 
 
 def _is_float(st_dtype: str) -> bool:

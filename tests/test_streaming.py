@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import gc
 import json
 import math
 from pathlib import Path
@@ -123,6 +124,35 @@ def test_one_layer_in_memory_at_a_time(tmp_path, monkeypatch):
     layer_params = sum(p.numel() for p in tiny_model("llama")[0].model.layers[0].parameters())
     assert stats["layer_bytes"] == layer_params * 4
     assert stats["hidden_bytes"] == 4 * SEQ * 64 * 4
+
+
+def _live_cpu_storages() -> dict[int, int]:
+    """data pointer -> bytes of every storage a Python-visible CPU tensor holds."""
+    gc.collect()
+    live = {}
+    for obj in gc.get_objects():
+        if issubclass(type(obj), torch.Tensor) and obj.device.type == "cpu":
+            storage = obj.untyped_storage()
+            if storage.nbytes():
+                live[storage.data_ptr()] = storage.nbytes()
+    return live
+
+
+def test_no_layer_outlives_its_turn(tmp_path):
+    """Per-layer objects kept alive (weights, outputs, hook state) would make memory grow with depth."""
+    src = _save(tmp_path, "llama")
+    seen: list[tuple[int, set[int], dict[int, int]]] = []
+
+    def on_layer(i, layer):
+        weights = {p.untyped_storage().data_ptr() for p in layer.parameters()}
+        seen.append((i, weights, _live_cpu_storages()))
+
+    stream_importance(src, _windows(4), batch_size=2, on_layer=on_layer)
+    assert [i for i, _, _ in seen] == list(range(4))
+    # every layer's weights are views of one buffer, the same for all layers
+    assert all(weights == seen[0][1] for _, weights, _ in seen) and len(seen[0][1]) == 1
+    # the same storages are alive while each layer runs: nothing of layer i survives into layer i + 1
+    assert all(live == seen[0][2] for _, _, live in seen), [sorted(live.values()) for _, _, live in seen]
 
 
 def _tensors(directory: Path) -> dict[str, torch.Tensor]:
@@ -273,3 +303,53 @@ def test_positional_reads_equal_safetensors_own_loader(tmp_path):
     (tmp_path / "model.safetensors").write_bytes(data[:-8])  # truncated shard
     with pytest.raises(ValueError, match="truncated"):
         CheckpointTensors(tmp_path).get_many(list(tensors))
+
+
+def _mixed_tensors() -> dict[str, torch.Tensor]:
+    g = torch.Generator().manual_seed(0)
+    return {"z.bf16": torch.randn(3, 5, generator=g).to(torch.bfloat16), "b.f32": torch.randn(7, generator=g),
+            "c.i64": torch.arange(6).reshape(2, 3), "d.bool": torch.tensor([True, False, True]),
+            "e.scalar": torch.tensor(2.5), "f.empty": torch.zeros(0, 4), "a.f16": torch.randn(4, 4).half(),
+            "ü.f64": torch.ones(3, dtype=torch.float64)}
+
+
+@pytest.mark.parametrize("dtype", [None, torch.float32, torch.bfloat16])
+@pytest.mark.parametrize("chunk", [None, 16])  # 16 bytes: every cast goes through several staging chunks
+def test_reused_buffer_reads_and_tensor_by_tensor_writes_are_exact(tmp_path, monkeypatch, dtype, chunk):
+    """Reads into one reused buffer equal fresh reads; write_safetensors writes save_file's bytes."""
+    from safetensors.torch import save_file
+
+    from lightning_drop.streaming import CheckpointTensors, ReusedBuffer, write_safetensors
+
+    if chunk is not None:
+        monkeypatch.setattr(streaming, "_CAST_CHUNK", chunk)
+    tensors = _mixed_tensors()
+    save_file(tensors, str(tmp_path / "model.safetensors"), metadata={"format": "pt"})
+    ref = {k: v.to(dtype) if dtype is not None and v.is_floating_point() else v for k, v in tensors.items()}
+    buffer = ReusedBuffer()
+    with CheckpointTensors(tmp_path) as ct:
+        for _ in range(2):  # the second read reuses the allocation of the first
+            got = ct.get_many(list(tensors), dtype=dtype, into=buffer)
+            for k, v in ref.items():
+                assert got[k].dtype == v.dtype and got[k].shape == v.shape and torch.equal(got[k], v), k
+        write_safetensors(tmp_path / "ours.safetensors", ct, {k: k for k in tensors}, dtype)
+    save_file(ref, str(tmp_path / "ref.safetensors"), metadata={"format": "pt"})
+    assert (tmp_path / "ours.safetensors").read_bytes() == (tmp_path / "ref.safetensors").read_bytes()
+
+
+def test_dropped_writer_holds_one_tensor_at_a_time(tmp_path, monkeypatch):
+    """Whatever the shard size, the writer's memory is its largest tensor, not a shard."""
+    src = _save(tmp_path, "llama")
+    sizes: list[int] = []
+
+    class Recording(streaming.ReusedBuffer):
+        def views(self, layout, extra_bytes=0):
+            out = super().views(layout, extra_bytes)
+            sizes.append(self.nbytes)
+            return out
+
+    monkeypatch.setattr(streaming, "ReusedBuffer", Recording)
+    write_dropped_streaming(src, tmp_path / "out", [1], [2], dtype=torch.float32, max_shard_size="10GB")
+    written = _tensors(tmp_path / "out")
+    assert len(list((tmp_path / "out").glob("*.safetensors"))) == 1 and len(sizes) == len(written)
+    assert max(sizes) == max(t.numel() * t.element_size() for t in written.values())
