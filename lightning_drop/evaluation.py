@@ -413,7 +413,9 @@ def perplexity(model: torch.nn.Module, windows: torch.Tensor, batch_size: int = 
     if attention_mask is not None and attention_mask.shape != windows.shape:
         raise ValueError(f"attention_mask shape {tuple(attention_mask.shape)} != windows shape {tuple(windows.shape)}")
     device = next(model.parameters()).device
-    metric = Perplexity(ignore_index=-100).to(device)
+    # The caller hands over every window: a cross-process sync would add nothing, and it is a collective
+    # that hangs when one rank (global rank zero at fit end) measures alone.
+    metric = Perplexity(ignore_index=-100, sync_on_compute=False).to(device)
     was_training = model.training
     model.eval()
     try:

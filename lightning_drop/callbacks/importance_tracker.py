@@ -3,7 +3,9 @@
 Scores at fit start (`on_train_start`, after any checkpoint restore), every `every_n_steps` optimizer steps
 and at fit end (`on_train_end`, while the model is still on the accelerator). All ranks compute (the scores
 are torchmetrics states, synchronized across processes); global rank zero writes
-`importance_history.json` / `.csv` and `importance_heatmap.png` atomically. Scalars and the layer x step
+`importance_history.json` / `.csv` and `importance_heatmap.png` atomically into a directory that every rank
+resolves before that (the trainer's log dir is a broadcast: asked on rank zero alone it would hang DDP;
+`ModelCheckpoint` resolves its dirpath on all ranks for the same reason). Scalars and the layer x step
 heatmap go through every Lightning logger (`trainer.loggers`, as `LearningRateMonitor` does): TensorBoard
 gets `add_figure`, loggers with `log_image` (W&B, ...) get the image. Every scoring point comes after the
 strategy set the model up, so under FSDP (sharded parameters) the tracker is refused at setup: use DDP.
@@ -76,6 +78,7 @@ class ImportanceTracker(Callback):
         self.at_fit_start, self.at_fit_end, self.prefix = at_fit_start, at_fit_end, prefix
         self.history: list[dict[str, Any]] = []
         self._last_seen_step = -1
+        self._dir: Path | None = None
 
     # ------------------------------------------------------------------------------------------ state
     def state_dict(self) -> dict[str, Any]:
@@ -97,15 +100,18 @@ class ImportanceTracker(Callback):
         if self.log_scalars:
             log_metrics(trainer, {f"{self.prefix}{k}/layer_{i:02d}": float(v) for k in KINDS
                                   for i, v in enumerate(entry[k]) if v is not None})
+        out = self._out_dir(trainer)  # every rank: resolving it may be a collective
         if trainer.is_global_zero:
-            out = self._out_dir(trainer)
             self.write_history(out)
             if self.heatmap:
                 self._heatmap(trainer, out)
         return entry
 
     def _out_dir(self, trainer: pl.Trainer) -> Path:
-        return Path(self.output_dir or trainer.log_dir or trainer.default_root_dir)
+        """`output_dir`, else the trainer's log dir; call it on every rank (`trainer.log_dir` broadcasts)."""
+        if self._dir is None:
+            self._dir = Path(self.output_dir or trainer.log_dir or trainer.default_root_dir)
+        return self._dir
 
     def write_history(self, out_dir: str | os.PathLike) -> None:
         """`importance_history.json` (all entries) and `.csv` (one row per step x kind), atomically."""
@@ -175,6 +181,7 @@ class ImportanceTracker(Callback):
         if stage == "fit":
             refuse_if_sharded(trainer, "ImportanceTracker scores the model during training and",
                               "track importance under DDP (--trainer.strategy ddp)")
+            self._dir = None  # a new fit may have a new logger version: resolved at its first score
 
     def on_train_start(self, trainer: pl.Trainer, pl_module: pl.LightningModule) -> None:
         self._last_seen_step = trainer.global_step

@@ -136,13 +136,13 @@ class VisionDropModule(pl.LightningModule):
     def validation_step(self, batch: Any, batch_idx: int) -> None:
         loss, logits, y = self._step(batch)
         self.val_acc.update(logits, y)
-        self.log("val/loss", loss, prog_bar=True)
+        self.log("val/loss", loss, prog_bar=True, sync_dist=True)  # every rank validates: the mean of all
         self.log("val/acc", self.val_acc, prog_bar=True)
 
     def test_step(self, batch: Any, batch_idx: int) -> None:
         loss, logits, y = self._step(batch)
         self.test_acc.update(logits, y)
-        self.log("test/loss", loss)
+        self.log("test/loss", loss, sync_dist=True)
         self.log("test/acc", self.test_acc)
 
     def configure_optimizers(self) -> Any:
