@@ -8,11 +8,9 @@ from typing import Any, Callable, Iterable, Sequence
 from torch import nn
 
 from .architectures import get_spec
-from .importance import METRICS, ImportanceScores, compute_importance
+from .importance import ImportanceScores, compute_importance
 from .modeling_dropped import apply_drop, dropped_layers
-
-TARGETS = ("block", "attn", "mlp", "joint")
-SCHEDULES = ("one-shot", "iterative")
+from .options import METRICS, SCHEDULES, TARGETS
 
 
 def candidates(scores: ImportanceScores, target: str, keep: Sequence[int] = ()) -> list[tuple[float, int, str, int]]:
