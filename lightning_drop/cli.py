@@ -260,6 +260,9 @@ def main(argv: Sequence[str] | None = None) -> int:
     if not getattr(args, "func", None):
         parser.print_help()
         return 2
+    from .models import no_stdin_prompts
+
+    no_stdin_prompts()
     try:
         func: Callable[[argparse.Namespace], object] = args.func
         func(args)

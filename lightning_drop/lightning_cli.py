@@ -81,6 +81,9 @@ def run_lightning_cli(args: Sequence[str] | None = None, run: bool = True, **kwa
     os.environ.setdefault("TOKENIZERS_PARALLELISM", "false")
     import lightning_drop  # noqa: F401  (registers the dropped classes with transformers' Auto classes)
     import lightning_drop.distributed  # noqa: F401  (registers the `fsdp_decoder_layers` strategy name)
+    from lightning_drop.models import no_stdin_prompts
+
+    no_stdin_prompts()
 
     args = list(sys.argv[1:] if args is None else args)
     if run and args and not args[0].startswith("-") and args[0] not in SUBCOMMANDS:

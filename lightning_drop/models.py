@@ -10,7 +10,7 @@ from __future__ import annotations
 import importlib.util
 import os
 from pathlib import Path
-from typing import Any
+from typing import Any, Callable
 
 import torch
 from torch import nn
@@ -22,6 +22,8 @@ SMOLLM2 = "smollm2-135m"
 SMOLLM2_GGUF = "SmolLM2-135M-Instruct.Q4_1.gguf"
 TINY_PREFIX = "tiny-"
 TINY_FAMILIES = {spec.family: spec for spec in SPECS if spec.family != "baichuan"}
+REMOTE_CODE_ENV = "LIGHTNING_DROP_TRUST_REMOTE_CODE"
+NEMOTRON_TYPES = ("nemotron-nas", "deci")
 _TINY_BASE = dict(vocab_size=320, hidden_size=64, intermediate_size=128, num_hidden_layers=4,
                   num_attention_heads=4, num_key_value_heads=2, max_position_embeddings=512,
                   tie_word_embeddings=False)
@@ -32,6 +34,42 @@ def cache_dir() -> Path:
     path = Path(os.environ.get("LIGHTNING_DROP_CACHE") or Path.home() / ".cache" / "lightning_drop")
     path.mkdir(parents=True, exist_ok=True)
     return path
+
+
+def remote_code_allowed() -> bool:
+    """Whether the user opted in (`LIGHTNING_DROP_TRUST_REMOTE_CODE=1`) to running a checkpoint's own code."""
+    return os.environ.get(REMOTE_CODE_ENV) == "1"
+
+
+class RemoteCodeRefused(ValueError):
+    """A checkpoint needs its own Python code and the user has not opted in."""
+
+
+def from_pretrained(load: Callable[..., Any], ref: str | os.PathLike, **kwargs: Any) -> Any:
+    """`load(ref, trust_remote_code=<the opt-in>, **kwargs)` for any transformers `from_pretrained`.
+
+    Left unset, transformers asks on stdin whether to run a checkpoint's own code and waits 15 s; passed
+    explicitly it never asks. Refused remote code becomes a one-line error naming the opt-in.
+    """
+    allowed = remote_code_allowed()
+    try:
+        return load(str(ref), trust_remote_code=allowed, **kwargs)
+    except ValueError as err:
+        if allowed or "trust_remote_code" not in str(err):
+            raise
+        raise RemoteCodeRefused(f"{ref} needs its own Python code (auto_map in its config); set "
+                                f"{REMOTE_CODE_ENV}=1 to allow running it") from None
+
+
+def no_stdin_prompts() -> None:
+    """Make a transformers load that leaves `trust_remote_code` unset fail instead of asking on stdin.
+
+    Every load in this package passes it (`from_pretrained` above); this is the command line's guarantee
+    for any that does not (transformers' own switch: a zero prompt timeout).
+    """
+    from transformers import dynamic_module_utils
+
+    dynamic_module_utils.TIME_OUT_REMOTE_CODE = 0
 
 
 def catalogue() -> list[str]:
@@ -100,8 +138,9 @@ def _clean_from_gguf(gguf_file: Path, out_dir: Path) -> Path:
     import transformers
     from transformers import AutoModelForCausalLM, AutoTokenizer
 
-    tok = AutoTokenizer.from_pretrained(gguf_file.parent, gguf_file=gguf_file.name)
-    loaded = AutoModelForCausalLM.from_pretrained(gguf_file.parent, gguf_file=gguf_file.name, dtype=torch.float32)
+    tok = AutoTokenizer.from_pretrained(gguf_file.parent, gguf_file=gguf_file.name, trust_remote_code=False)
+    loaded = AutoModelForCausalLM.from_pretrained(gguf_file.parent, gguf_file=gguf_file.name, dtype=torch.float32,
+                                                  trust_remote_code=False)
     cfg = loaded.config.to_dict()
     for key in ("quantization_config", "_name_or_path", "architectures", "transformers_version"):
         cfg.pop(key, None)
@@ -142,8 +181,15 @@ def load_tokenizer(ref: str) -> Any:
         return byte_tokenizer()
     path = Path(resolve(ref))
     if path.suffix == ".gguf":
-        return AutoTokenizer.from_pretrained(path.parent, gguf_file=path.name)
-    return AutoTokenizer.from_pretrained(str(path))
+        return AutoTokenizer.from_pretrained(path.parent, gguf_file=path.name, trust_remote_code=False)
+    if (path / "config.json").is_file() and read_config(path).get("model_type") in NEMOTRON_TYPES:
+        from .export.nemotron import load_nemotron_tokenizer
+
+        tok = load_nemotron_tokenizer(path)
+        if tok is None:
+            raise FileNotFoundError(f"no tokenizer files in {path}")
+        return tok
+    return from_pretrained(AutoTokenizer.from_pretrained, path)
 
 
 def load_model(ref: str, dtype: torch.dtype | str = torch.float32, tokenizer: str | None = None) -> tuple[nn.Module, Any]:
@@ -184,7 +230,7 @@ def _load_local(path: Path, dtype: torch.dtype) -> nn.Module:
         raise ValueError(f"{path} is not a checkpoint directory or a .gguf file")
     config = read_config(path)
     model_type = str(config.get("model_type", ""))
-    if model_type in ("nemotron-nas", "deci"):
+    if model_type in NEMOTRON_TYPES:
         from .export.nemotron import load_nemotron_nas
 
         return load_nemotron_nas(path)[0].to(dtype)
@@ -197,7 +243,7 @@ def _load_local(path: Path, dtype: torch.dtype) -> nn.Module:
 
     if model_type not in CONFIG_MAPPING:
         return _load_remote_code(path, config, dtype)
-    return AutoModelForCausalLM.from_pretrained(path, dtype=dtype)
+    return from_pretrained(AutoModelForCausalLM.from_pretrained, path, dtype=dtype)
 
 
 def _load_remote_code(path: Path, config: dict, dtype: torch.dtype) -> nn.Module:
@@ -213,9 +259,8 @@ def _load_remote_code(path: Path, config: dict, dtype: torch.dtype) -> nn.Module
     if not module_file.is_file():
         raise FileNotFoundError(f"{model_type} needs its own modeling code, {module_file.name}, which is not in "
                                 f"{path}: copy the model's modeling/configuration files there")
-    if os.environ.get("LIGHTNING_DROP_TRUST_REMOTE_CODE") != "1":
-        raise ValueError(f"{path} runs its own code ({module_file.name}); set LIGHTNING_DROP_TRUST_REMOTE_CODE=1 "
-                         "to allow it")
+    if not remote_code_allowed():
+        raise RemoteCodeRefused(f"{path} runs its own code ({module_file.name}); set {REMOTE_CODE_ENV}=1 to allow it")
     return AutoModelForCausalLM.from_pretrained(path, dtype=dtype, trust_remote_code=True)
 
 
@@ -223,7 +268,7 @@ def _load_hub(ref: str, dtype: torch.dtype) -> nn.Module:
     from transformers import AutoModelForCausalLM
 
     try:
-        return AutoModelForCausalLM.from_pretrained(ref, dtype=dtype)
+        return from_pretrained(AutoModelForCausalLM.from_pretrained, ref, dtype=dtype)
     except OSError as err:
         raise ValueError(
             f"cannot load '{ref}': not a local path, not a catalogue name ({', '.join(catalogue())}), "
@@ -234,5 +279,7 @@ def _load_hub(ref: str, dtype: torch.dtype) -> nn.Module:
 def _tokenizer_or_none(ref: str) -> Any:
     try:
         return load_tokenizer(ref)
+    except RemoteCodeRefused:
+        raise
     except (OSError, ValueError):
         return None

@@ -1,9 +1,14 @@
-"""Files a user points the tool at never run code: no arbitrary unpickling."""
+"""Files a user points the tool at never run code: no arbitrary unpickling, no remote code without the
+opt-in, and no command waits on standard input."""
 
 from __future__ import annotations
 
+import builtins
+import json
 import os
 import pickle
+import subprocess
+import sys
 from pathlib import Path
 
 import pytest
@@ -11,6 +16,8 @@ import torch
 import yaml
 
 from lightning_drop.distributed import checkpoint_meta, verify_checkpoint
+
+ROOT = Path(__file__).resolve().parents[1]
 
 
 class Payload:
@@ -144,3 +151,58 @@ def test_fit_restores_with_weights_only_unless_opted_out(tmp_path, c4_path, monk
     monkeypatch.setattr(pl.Trainer, "fit", fit)
     run_lightning_cli(["fit", "--config", str(_fit_config(tmp_path, c4_path)), *flag])
     assert seen == [expected]
+
+
+# ------------------------------------------------------------------------------------- remote code
+def test_tokenizer_remote_code_needs_the_opt_in(tmp_path, marker, monkeypatch):
+    from lightning_drop.models import RemoteCodeRefused, load_tokenizer
+
+    (tmp_path / "config.json").write_text(json.dumps({"model_type": "llama"}))
+    (tmp_path / "tokenizer_config.json").write_text(json.dumps(
+        {"tokenizer_class": "EvilTokenizer", "auto_map": {"AutoTokenizer": ["tok.EvilTokenizer", None]}}))
+    (tmp_path / "tok.py").write_text(f"open({str(marker)!r}, 'w').close()\n")
+    monkeypatch.delenv("LIGHTNING_DROP_TRUST_REMOTE_CODE", raising=False)
+    monkeypatch.setattr(builtins, "input", lambda *a: pytest.fail("asked on stdin"))
+    with pytest.raises(RemoteCodeRefused, match="LIGHTNING_DROP_TRUST_REMOTE_CODE=1") as err:
+        load_tokenizer(str(tmp_path))
+    _one_line(str(err.value))
+
+
+# ------------------------------------------------------------------------------------------- stdin
+@pytest.fixture(scope="module")
+def nemotron_dir(tmp_path_factory):
+    from lightning_drop.checkpoint import save_dropped
+    from lightning_drop.export import export_nemotron_nas
+    from lightning_drop.modeling_dropped import apply_drop
+    from lightning_drop.models import tiny_model
+
+    model, tok = tiny_model("llama")
+    apply_drop(model, attn=[0], mlp=[2])
+    root = tmp_path_factory.mktemp("nemotron")
+    save_dropped(model, root / "src", tokenizer=tok)
+    return export_nemotron_nas(root / "src", root / "nas", dtype="f32")
+
+
+def test_nemotron_export_loads_without_asking(nemotron_dir, monkeypatch):
+    """A Nemotron-NAS export names remote code in its config; loading it (model and tokenizer) never asks."""
+    from lightning_drop.models import load_model, load_tokenizer
+
+    asked = []
+    monkeypatch.setattr(builtins, "input", lambda *a: asked.append(a) or "n")
+    monkeypatch.delenv("LIGHTNING_DROP_TRUST_REMOTE_CODE", raising=False)
+    model, tok = load_model(str(nemotron_dir))
+    assert tok is not None and load_tokenizer(str(nemotron_dir)) is not None
+    assert asked == []
+
+
+def test_cli_never_waits_on_stdin(nemotron_dir, c4_path):
+    """stdin is a pipe that never closes: a prompt would block (transformers waits 15 s, then goes on)."""
+    proc = subprocess.Popen([sys.executable, "-m", "lightning_drop.cli", "perplexity", "--model", str(nemotron_dir),
+                             "--data", str(c4_path), "--seq-len", "16", "--num-windows", "1", "--batch-size", "1"],
+                            stdin=subprocess.PIPE, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True, cwd=ROOT)
+    try:
+        out, err = proc.communicate(timeout=300)
+    finally:
+        proc.kill()
+    assert proc.returncode == 0, err[-2000:]
+    assert "[y/N]" not in out + err and "perplexity" in out
