@@ -7,7 +7,9 @@ random-init model of each supported family with an offline byte-level tokenizer 
 
 from __future__ import annotations
 
+import hashlib
 import importlib.util
+import json
 import os
 from pathlib import Path
 from typing import Any, Callable
@@ -16,7 +18,7 @@ import torch
 from torch import nn
 
 from .architectures import SPECS, get_spec
-from .checkpoint import atomic_dir, is_llm_drop_config, load_dropped, read_config
+from .checkpoint import atomic_dir, atomic_write_text, is_llm_drop_config, load_dropped, read_config
 
 SMOLLM2 = "smollm2-135m"
 SMOLLM2_GGUF = "SmolLM2-135M-Instruct.Q4_1.gguf"
@@ -24,6 +26,7 @@ TINY_PREFIX = "tiny-"
 TINY_FAMILIES = {spec.family: spec for spec in SPECS if spec.family != "baichuan"}
 REMOTE_CODE_ENV = "LIGHTNING_DROP_TRUST_REMOTE_CODE"
 NEMOTRON_TYPES = ("nemotron-nas", "deci")
+GGUF_SOURCE = "gguf_source.json"  # in a converted GGUF checkpoint: the SHA-256 of the file it came from
 _TINY_BASE = dict(vocab_size=320, hidden_size=64, intermediate_size=128, num_hidden_layers=4,
                   num_attention_heads=4, num_key_value_heads=2, max_position_embeddings=512,
                   tie_word_embeddings=False)
@@ -133,8 +136,9 @@ def smollm2_gguf_path() -> Path:
     return path
 
 
-def _clean_from_gguf(gguf_file: Path, out_dir: Path) -> Path:
-    """Dequantize a GGUF checkpoint into a normal safetensors checkpoint at `out_dir` (atomically)."""
+def _clean_from_gguf(gguf_file: Path, out_dir: Path, source: dict[str, Any] | None = None) -> Path:
+    """Dequantize a GGUF checkpoint into a normal safetensors checkpoint at `out_dir` (atomically);
+    `source`, when given, is written beside it as `gguf_source.json` (what it was converted from)."""
     import transformers
     from transformers import AutoModelForCausalLM, AutoTokenizer
 
@@ -153,7 +157,63 @@ def _clean_from_gguf(gguf_file: Path, out_dir: Path) -> Path:
     with atomic_dir(out_dir) as tmp:
         clean.save_pretrained(tmp, safe_serialization=True)
         tok.save_pretrained(tmp)
+        if source is not None:
+            (tmp / GGUF_SOURCE).write_text(json.dumps(source, indent=1))
     return out_dir
+
+
+def gguf_checkpoint_dir(gguf_file: str | os.PathLike) -> Path:
+    """The cached safetensors conversion of `gguf_file`, converted first when the cache has none.
+
+    Keyed by content: the directory is named after the file's SHA-256 and records it, so another file
+    with the same name, or this file edited in place, never reuses a conversion made from other bytes.
+    A full hash rather than a sample of the first/last MiB: two fine-tunes of one base model can share
+    size, header, tokenizer and last tensors and differ only in the middle. Its cost (one read of the
+    file, far less than the conversion, which reads and dequantizes all of it) is paid once per change:
+    see `_gguf_sha256`.
+    """
+    from filelock import FileLock
+
+    path = Path(gguf_file).resolve()
+    digest = _gguf_sha256(path)
+    out = cache_dir() / "models" / f"gguf-{path.stem}-{digest[:16]}"
+    with FileLock(str(out) + ".lock"):
+        try:
+            done = json.loads((out / GGUF_SOURCE).read_text()).get("sha256") == digest
+        except (OSError, ValueError):
+            done = False
+        if not done or not (out / "config.json").is_file():
+            _clean_from_gguf(path, out, {"sha256": digest, "file": str(path), "size": path.stat().st_size})
+    return out
+
+
+def _gguf_sha256(path: Path) -> str:
+    """SHA-256 of `path`, re-read only when its stat changes.
+
+    The record beside the cache holds path, size, mtime_ns, ctime_ns and inode with the digest: ctime
+    moves on every write and cannot be set back, so an edit that restores mtime (cp -p, touch -r, rsync
+    -t) is still seen, and a replaced file has a new inode.
+    """
+    def stamp() -> dict[str, Any]:
+        st = path.stat()
+        return {"file": str(path), "size": st.st_size, "mtime_ns": st.st_mtime_ns, "ctime_ns": st.st_ctime_ns,
+                "inode": st.st_ino}
+
+    before = stamp()
+    record = cache_dir() / "models" / "gguf-sha256" / f"{hashlib.sha256(str(path).encode()).hexdigest()[:32]}.json"
+    try:
+        saved = json.loads(record.read_text())
+        if {k: saved.get(k) for k in before} == before and isinstance(saved.get("sha256"), str):
+            return saved["sha256"]
+    except (OSError, ValueError):
+        pass
+    h = hashlib.sha256()
+    with open(path, "rb") as f:
+        while chunk := f.read(1 << 24):
+            h.update(chunk)
+    if stamp() == before:  # not written to while being read: the record is sound
+        atomic_write_text(record, json.dumps({**before, "sha256": h.hexdigest()}))
+    return h.hexdigest()
 
 
 def smollm2_dir() -> Path:
@@ -205,10 +265,7 @@ def load_model(ref: str, dtype: torch.dtype | str = torch.float32, tokenizer: st
         if path.suffix == ".gguf":
             if not path.is_file():
                 raise FileNotFoundError(f"GGUF file not found: {path}")
-            out = cache_dir() / "models" / f"gguf-{path.stem}"
-            if not (out / "config.json").is_file():
-                _clean_from_gguf(path, out)
-            path = out
+            path = gguf_checkpoint_dir(path)
         if path.exists():
             model = _load_local(path, dtype)
         elif ref.startswith((".", "/", "~")) or os.sep in ref and not _looks_like_hub_id(ref):
