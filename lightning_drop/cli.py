@@ -30,9 +30,7 @@ def _str_list(text: str) -> list[str]:
 
 
 def _add_drop(sub: argparse._SubParsersAction) -> None:
-    from .data import CalibrationConfig
-    from .importance import METRICS
-    from .selection import SCHEDULES, TARGETS
+    from .options import METRICS, SCHEDULES, TARGETS, CalibrationConfig
 
     d = CalibrationConfig()
     p = sub.add_parser("drop", help="score modules on calibration text and write a dropped checkpoint",
@@ -80,8 +78,8 @@ def _add_drop(sub: argparse._SubParsersAction) -> None:
 
 
 def _run_drop(a: argparse.Namespace) -> None:
-    from .data import CalibrationConfig
     from .drop_job import DropJob, run_drop
+    from .options import CalibrationConfig
 
     job = DropJob(model=a.model, target=a.target, num=a.num, ratio=a.ratio, metric=a.metric, schedule=a.schedule,
                   step=a.step, keep=a.keep, batch_size=a.batch_size, dtype=a.dtype, save_dtype=a.save_dtype,
@@ -304,6 +302,9 @@ def main(argv: Sequence[str] | None = None) -> int:
         if not getattr(args, "func", None):
             parser.print_help()
             return 2
+        from .models import no_stdin_prompts
+
+        no_stdin_prompts()
         func: Callable[[argparse.Namespace], object] = args.func
         try:
             func(args)

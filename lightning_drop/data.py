@@ -12,7 +12,6 @@ package itself is never installed: it would pull torch and compile). `c4-sample`
 
 from __future__ import annotations
 
-import dataclasses
 import itertools
 import json
 import os
@@ -26,6 +25,8 @@ from pathlib import Path
 from typing import Any, Iterator, Sequence
 
 import torch
+
+from .options import CalibrationConfig
 
 EXLLAMAV2 = "exllamav2==0.3.2"
 _WHEEL_DATA = "exllamav2/conversion/standard_cal_data/"
@@ -316,25 +317,6 @@ def make_windows(tokenizer: Any, documents: Sequence[str], seq_len: int, num_sam
         order = torch.randperm(available, generator=torch.Generator().manual_seed(seed))[:n]
         return windows[order]
     return windows[:n]
-
-
-@dataclasses.dataclass
-class CalibrationConfig:
-    """What text scores are computed on; defaults are the paper's (256 x 2048 tokens of C4)."""
-
-    source: str = "c4-sample"
-    text_field: str = "text"
-    num_samples: int = 256
-    seq_len: int = 2048
-    shuffle: bool = False
-    seed: int = 0
-
-    def __post_init__(self) -> None:
-        if self.num_samples < 1 or self.seq_len < 1:
-            raise ValueError(f"num_samples and seq_len must be >= 1, got {self.num_samples}, {self.seq_len}")
-
-    def to_dict(self) -> dict[str, Any]:
-        return dataclasses.asdict(self)
 
 
 def calibration_windows(tokenizer: Any, cfg: CalibrationConfig | None = None,

@@ -22,8 +22,8 @@ from torchmetrics.aggregation import SumMetric
 
 from .architectures import ArchSpec, get_spec
 from .modeling_dropped import dropped_layers
+from .options import METRICS
 
-METRICS = ("cosine", "cosine_no_residual", "angular", "relative_magnitude", "reverse", "random")
 KINDS = ("attn", "mlp", "block")
 
 

@@ -48,6 +48,26 @@ class DropCLI(LightningCLI):
             self.trainer.ckpt_path = path
             config["ckpt_path"] = None
 
+    def _parse_ckpt_path(self) -> None:
+        """Restore `--ckpt_path` with `weights_only=True` unless `--weights_only false` opts out, and check a
+        local checkpoint before anything reads it (LightningCLI does, right here): some of Lightning's
+        loaders unpickle anything (FSDP full and sharded checkpoints, URLs when `weights_only` is unset),
+        which would run code the file carries."""
+        from .distributed import verify_checkpoint
+
+        subcommand = self.config.get("subcommand")
+        config = self.config.get(subcommand) if subcommand else None
+        if config is not None and "weights_only" in config:
+            if config.get("weights_only") is None:
+                config["weights_only"] = True
+            path = config.get("ckpt_path")
+            if config["weights_only"] and isinstance(path, (str, os.PathLike)) and os.path.exists(path):
+                try:
+                    verify_checkpoint(path)
+                except ValueError as err:
+                    raise SystemExit(f"lightning-drop {subcommand}: error: {err}") from None
+        super()._parse_ckpt_path()
+
     @staticmethod
     def subcommands() -> dict[str, set[str]]:
         return {k: v for k, v in LightningCLI.subcommands().items() if k in SUBCOMMANDS}
@@ -61,6 +81,9 @@ def run_lightning_cli(args: Sequence[str] | None = None, run: bool = True, **kwa
     os.environ.setdefault("TOKENIZERS_PARALLELISM", "false")
     import lightning_drop  # noqa: F401  (registers the dropped classes with transformers' Auto classes)
     import lightning_drop.distributed  # noqa: F401  (registers the `fsdp_decoder_layers` strategy name)
+    from lightning_drop.models import no_stdin_prompts
+
+    no_stdin_prompts()
 
     args = list(sys.argv[1:] if args is None else args)
     if run and args and not args[0].startswith("-") and args[0] not in SUBCOMMANDS:

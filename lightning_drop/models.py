@@ -7,21 +7,26 @@ random-init model of each supported family with an offline byte-level tokenizer 
 
 from __future__ import annotations
 
+import hashlib
 import importlib.util
+import json
 import os
 from pathlib import Path
-from typing import Any
+from typing import Any, Callable
 
 import torch
 from torch import nn
 
 from .architectures import SPECS, get_spec
-from .checkpoint import atomic_dir, is_llm_drop_config, load_dropped, read_config
+from .checkpoint import atomic_dir, atomic_write_text, is_llm_drop_config, load_dropped, read_config
 
 SMOLLM2 = "smollm2-135m"
 SMOLLM2_GGUF = "SmolLM2-135M-Instruct.Q4_1.gguf"
 TINY_PREFIX = "tiny-"
 TINY_FAMILIES = {spec.family: spec for spec in SPECS if spec.family != "baichuan"}
+REMOTE_CODE_ENV = "LIGHTNING_DROP_TRUST_REMOTE_CODE"
+NEMOTRON_TYPES = ("nemotron-nas", "deci")
+GGUF_SOURCE = "gguf_source.json"  # in a converted GGUF checkpoint: the SHA-256 of the file it came from
 _TINY_BASE = dict(vocab_size=320, hidden_size=64, intermediate_size=128, num_hidden_layers=4,
                   num_attention_heads=4, num_key_value_heads=2, max_position_embeddings=512,
                   tie_word_embeddings=False)
@@ -32,6 +37,42 @@ def cache_dir() -> Path:
     path = Path(os.environ.get("LIGHTNING_DROP_CACHE") or Path.home() / ".cache" / "lightning_drop")
     path.mkdir(parents=True, exist_ok=True)
     return path
+
+
+def remote_code_allowed() -> bool:
+    """Whether the user opted in (`LIGHTNING_DROP_TRUST_REMOTE_CODE=1`) to running a checkpoint's own code."""
+    return os.environ.get(REMOTE_CODE_ENV) == "1"
+
+
+class RemoteCodeRefused(ValueError):
+    """A checkpoint needs its own Python code and the user has not opted in."""
+
+
+def from_pretrained(load: Callable[..., Any], ref: str | os.PathLike, **kwargs: Any) -> Any:
+    """`load(ref, trust_remote_code=<the opt-in>, **kwargs)` for any transformers `from_pretrained`.
+
+    Left unset, transformers asks on stdin whether to run a checkpoint's own code and waits 15 s; passed
+    explicitly it never asks. Refused remote code becomes a one-line error naming the opt-in.
+    """
+    allowed = remote_code_allowed()
+    try:
+        return load(str(ref), trust_remote_code=allowed, **kwargs)
+    except ValueError as err:
+        if allowed or "trust_remote_code" not in str(err):
+            raise
+        raise RemoteCodeRefused(f"{ref} needs its own Python code (auto_map in its config); set "
+                                f"{REMOTE_CODE_ENV}=1 to allow running it") from None
+
+
+def no_stdin_prompts() -> None:
+    """Make a transformers load that leaves `trust_remote_code` unset fail instead of asking on stdin.
+
+    Every load in this package passes it (`from_pretrained` above); this is the command line's guarantee
+    for any that does not (transformers' own switch: a zero prompt timeout).
+    """
+    from transformers import dynamic_module_utils
+
+    dynamic_module_utils.TIME_OUT_REMOTE_CODE = 0
 
 
 def catalogue() -> list[str]:
@@ -95,13 +136,15 @@ def smollm2_gguf_path() -> Path:
     return path
 
 
-def _clean_from_gguf(gguf_file: Path, out_dir: Path) -> Path:
-    """Dequantize a GGUF checkpoint into a normal safetensors checkpoint at `out_dir` (atomically)."""
+def _clean_from_gguf(gguf_file: Path, out_dir: Path, source: dict[str, Any] | None = None) -> Path:
+    """Dequantize a GGUF checkpoint into a normal safetensors checkpoint at `out_dir` (atomically);
+    `source`, when given, is written beside it as `gguf_source.json` (what it was converted from)."""
     import transformers
     from transformers import AutoModelForCausalLM, AutoTokenizer
 
-    tok = AutoTokenizer.from_pretrained(gguf_file.parent, gguf_file=gguf_file.name)
-    loaded = AutoModelForCausalLM.from_pretrained(gguf_file.parent, gguf_file=gguf_file.name, dtype=torch.float32)
+    tok = AutoTokenizer.from_pretrained(gguf_file.parent, gguf_file=gguf_file.name, trust_remote_code=False)
+    loaded = AutoModelForCausalLM.from_pretrained(gguf_file.parent, gguf_file=gguf_file.name, dtype=torch.float32,
+                                                  trust_remote_code=False)
     cfg = loaded.config.to_dict()
     for key in ("quantization_config", "_name_or_path", "architectures", "transformers_version"):
         cfg.pop(key, None)
@@ -114,7 +157,63 @@ def _clean_from_gguf(gguf_file: Path, out_dir: Path) -> Path:
     with atomic_dir(out_dir) as tmp:
         clean.save_pretrained(tmp, safe_serialization=True)
         tok.save_pretrained(tmp)
+        if source is not None:
+            (tmp / GGUF_SOURCE).write_text(json.dumps(source, indent=1))
     return out_dir
+
+
+def gguf_checkpoint_dir(gguf_file: str | os.PathLike) -> Path:
+    """The cached safetensors conversion of `gguf_file`, converted first when the cache has none.
+
+    Keyed by content: the directory is named after the file's SHA-256 and records it, so another file
+    with the same name, or this file edited in place, never reuses a conversion made from other bytes.
+    A full hash rather than a sample of the first/last MiB: two fine-tunes of one base model can share
+    size, header, tokenizer and last tensors and differ only in the middle. Its cost (one read of the
+    file, far less than the conversion, which reads and dequantizes all of it) is paid once per change:
+    see `_gguf_sha256`.
+    """
+    from filelock import FileLock
+
+    path = Path(gguf_file).resolve()
+    digest = _gguf_sha256(path)
+    out = cache_dir() / "models" / f"gguf-{path.stem}-{digest[:16]}"
+    with FileLock(str(out) + ".lock"):
+        try:
+            done = json.loads((out / GGUF_SOURCE).read_text()).get("sha256") == digest
+        except (OSError, ValueError):
+            done = False
+        if not done or not (out / "config.json").is_file():
+            _clean_from_gguf(path, out, {"sha256": digest, "file": str(path), "size": path.stat().st_size})
+    return out
+
+
+def _gguf_sha256(path: Path) -> str:
+    """SHA-256 of `path`, re-read only when its stat changes.
+
+    The record beside the cache holds path, size, mtime_ns, ctime_ns and inode with the digest: ctime
+    moves on every write and cannot be set back, so an edit that restores mtime (cp -p, touch -r, rsync
+    -t) is still seen, and a replaced file has a new inode.
+    """
+    def stamp() -> dict[str, Any]:
+        st = path.stat()
+        return {"file": str(path), "size": st.st_size, "mtime_ns": st.st_mtime_ns, "ctime_ns": st.st_ctime_ns,
+                "inode": st.st_ino}
+
+    before = stamp()
+    record = cache_dir() / "models" / "gguf-sha256" / f"{hashlib.sha256(str(path).encode()).hexdigest()[:32]}.json"
+    try:
+        saved = json.loads(record.read_text())
+        if {k: saved.get(k) for k in before} == before and isinstance(saved.get("sha256"), str):
+            return saved["sha256"]
+    except (OSError, ValueError):
+        pass
+    h = hashlib.sha256()
+    with open(path, "rb") as f:
+        while chunk := f.read(1 << 24):
+            h.update(chunk)
+    if stamp() == before:  # not written to while being read: the record is sound
+        atomic_write_text(record, json.dumps({**before, "sha256": h.hexdigest()}))
+    return h.hexdigest()
 
 
 def smollm2_dir() -> Path:
@@ -142,8 +241,15 @@ def load_tokenizer(ref: str) -> Any:
         return byte_tokenizer()
     path = Path(resolve(ref))
     if path.suffix == ".gguf":
-        return AutoTokenizer.from_pretrained(path.parent, gguf_file=path.name)
-    return AutoTokenizer.from_pretrained(str(path))
+        return AutoTokenizer.from_pretrained(path.parent, gguf_file=path.name, trust_remote_code=False)
+    if (path / "config.json").is_file() and read_config(path).get("model_type") in NEMOTRON_TYPES:
+        from .export.nemotron import load_nemotron_tokenizer
+
+        tok = load_nemotron_tokenizer(path)
+        if tok is None:
+            raise FileNotFoundError(f"no tokenizer files in {path}")
+        return tok
+    return from_pretrained(AutoTokenizer.from_pretrained, path)
 
 
 def load_model(ref: str, dtype: torch.dtype | str = torch.float32, tokenizer: str | None = None) -> tuple[nn.Module, Any]:
@@ -159,10 +265,7 @@ def load_model(ref: str, dtype: torch.dtype | str = torch.float32, tokenizer: st
         if path.suffix == ".gguf":
             if not path.is_file():
                 raise FileNotFoundError(f"GGUF file not found: {path}")
-            out = cache_dir() / "models" / f"gguf-{path.stem}"
-            if not (out / "config.json").is_file():
-                _clean_from_gguf(path, out)
-            path = out
+            path = gguf_checkpoint_dir(path)
         if path.exists():
             model = _load_local(path, dtype)
         elif ref.startswith((".", "/", "~")) or os.sep in ref and not _looks_like_hub_id(ref):
@@ -184,7 +287,7 @@ def _load_local(path: Path, dtype: torch.dtype) -> nn.Module:
         raise ValueError(f"{path} is not a checkpoint directory or a .gguf file")
     config = read_config(path)
     model_type = str(config.get("model_type", ""))
-    if model_type in ("nemotron-nas", "deci"):
+    if model_type in NEMOTRON_TYPES:
         from .export.nemotron import load_nemotron_nas
 
         return load_nemotron_nas(path)[0].to(dtype)
@@ -197,7 +300,7 @@ def _load_local(path: Path, dtype: torch.dtype) -> nn.Module:
 
     if model_type not in CONFIG_MAPPING:
         return _load_remote_code(path, config, dtype)
-    return AutoModelForCausalLM.from_pretrained(path, dtype=dtype)
+    return from_pretrained(AutoModelForCausalLM.from_pretrained, path, dtype=dtype)
 
 
 def _load_remote_code(path: Path, config: dict, dtype: torch.dtype) -> nn.Module:
@@ -213,9 +316,8 @@ def _load_remote_code(path: Path, config: dict, dtype: torch.dtype) -> nn.Module
     if not module_file.is_file():
         raise FileNotFoundError(f"{model_type} needs its own modeling code, {module_file.name}, which is not in "
                                 f"{path}: copy the model's modeling/configuration files there")
-    if os.environ.get("LIGHTNING_DROP_TRUST_REMOTE_CODE") != "1":
-        raise ValueError(f"{path} runs its own code ({module_file.name}); set LIGHTNING_DROP_TRUST_REMOTE_CODE=1 "
-                         "to allow it")
+    if not remote_code_allowed():
+        raise RemoteCodeRefused(f"{path} runs its own code ({module_file.name}); set {REMOTE_CODE_ENV}=1 to allow it")
     return AutoModelForCausalLM.from_pretrained(path, dtype=dtype, trust_remote_code=True)
 
 
@@ -223,7 +325,7 @@ def _load_hub(ref: str, dtype: torch.dtype) -> nn.Module:
     from transformers import AutoModelForCausalLM
 
     try:
-        return AutoModelForCausalLM.from_pretrained(ref, dtype=dtype)
+        return from_pretrained(AutoModelForCausalLM.from_pretrained, ref, dtype=dtype)
     except OSError as err:
         raise ValueError(
             f"cannot load '{ref}': not a local path, not a catalogue name ({', '.join(catalogue())}), "
@@ -234,5 +336,7 @@ def _load_hub(ref: str, dtype: torch.dtype) -> nn.Module:
 def _tokenizer_or_none(ref: str) -> Any:
     try:
         return load_tokenizer(ref)
+    except RemoteCodeRefused:
+        raise
     except (OSError, ValueError):
         return None

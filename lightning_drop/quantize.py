@@ -171,9 +171,10 @@ def quantized_linears(model_dir: str | os.PathLike) -> dict[str, tuple[int, int]
 
     from .architectures import get_spec
     from .modeling_dropped import register_auto_classes
+    from .models import from_pretrained
 
     register_auto_classes()
-    config = AutoConfig.from_pretrained(str(model_dir))
+    config = from_pretrained(AutoConfig.from_pretrained, model_dir)
     with torch.device("meta"):
         model = AutoModelForCausalLM.from_config(config)
     prefix = get_spec(model).layer_prefix + "."
@@ -313,7 +314,9 @@ def quantize(
 
         from .evaluation import text_windows
 
-        tokenizer = AutoTokenizer.from_pretrained(str(src))
+        from .models import from_pretrained
+
+        tokenizer = from_pretrained(AutoTokenizer.from_pretrained, src)
         blocks = text_windows(tokenizer, texts, seq_len, num_samples)
         calib = [{"input_ids": row.tolist(), "attention_mask": [1] * row.numel()} for row in blocks]
 

@@ -9,11 +9,9 @@ from torch import nn
 
 from .architectures import get_spec
 from .errors import UserError
-from .importance import METRICS, ImportanceScores, compute_importance
+from .importance import ImportanceScores, compute_importance
 from .modeling_dropped import apply_drop, dropped_layers
-
-TARGETS = ("block", "attn", "mlp", "joint")
-SCHEDULES = ("one-shot", "iterative")
+from .options import METRICS, SCHEDULES, TARGETS
 
 
 def candidates(scores: ImportanceScores, target: str, keep: Sequence[int] = ()) -> list[tuple[float, int, str, int]]:

@@ -301,16 +301,23 @@ def load_nemotron_nas(directory: str | os.PathLike, dtype: torch.dtype = torch.f
     model = model.to(dtype).eval()
     # Buffers (rotary inv_freq) were created on meta: rebuild them on CPU.
     _rebuild_rotary(model)
-    tok = None
-    try:
-        from transformers import AutoTokenizer
+    return model, load_nemotron_tokenizer(directory, config)
 
-        # `config=`: without it AutoTokenizer opens config.json itself, sees the remote-code `auto_map` and
-        # asks on stdin whether to run it (then fails on llama3 rope_scaling in its generic fallback config).
-        tok = AutoTokenizer.from_pretrained(str(directory), config=config)
+
+def load_nemotron_tokenizer(directory: str | os.PathLike, config: Any = None) -> Any:
+    """The tokenizer of a Nemotron-NAS directory (None when it has none), without running its code.
+
+    `config=` (a Llama config) keeps AutoTokenizer from opening config.json itself, where the remote-code
+    `auto_map` would make it ask on stdin whether to run `configuration_decilm.py` (which only engines
+    need); `trust_remote_code=False` keeps any other remote-code reference from asking.
+    """
+    import transformers
+
+    config = config or transformers.LlamaConfig()
+    try:
+        return transformers.AutoTokenizer.from_pretrained(str(directory), config=config, trust_remote_code=False)
     except (OSError, ValueError):
-        tok = None
-    return model, tok
+        return None
 
 
 def _zero_tail(state: dict, key: str, inter: int) -> bool:

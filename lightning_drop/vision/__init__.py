@@ -1,14 +1,20 @@
 """Vision transformers (ViT, DINOv2 (+registers), DINOv3 ViT, SwinV2): block / attention / MLP drop.
 
-Importing this package registers the dropped vision classes with transformers' Auto classes, so
-`AutoModelForImageClassification.from_pretrained(dir)` (or `AutoModel` for DINOv3) loads dropped checkpoints.
+Once `lightning_drop` is imported, the dropped vision classes are registered with transformers' Auto
+classes (when transformers is imported), so `AutoModelForImageClassification.from_pretrained(dir)` (or
+`AutoModel` for DINOv3) loads dropped checkpoints. The names below are imported on first use.
 """
 
-from .architectures import VISION_SPECS, VisionSpec, get_vision_spec, supported_vision_model_types
-from .checkpoint import load_vision_dropped, save_vision_dropped
-from .modeling_dropped import apply_drop, dropped_layers, register_vision_auto_classes
+from .. import _lazy_exports
 
-register_vision_auto_classes()
+_EXPORTS = {
+    "VISION_SPECS": "architectures", "VisionSpec": "architectures", "get_vision_spec": "architectures",
+    "supported_vision_model_types": "architectures",
+    "load_vision_dropped": "checkpoint", "save_vision_dropped": "checkpoint",
+    "apply_drop": "modeling_dropped", "dropped_layers": "modeling_dropped",
+    "register_vision_auto_classes": "modeling_dropped",
+}
+__getattr__, __dir__ = _lazy_exports(__name__, _EXPORTS)
 
 __all__ = [
     "VISION_SPECS", "VisionSpec", "apply_drop", "dropped_layers", "get_vision_spec", "load_vision_dropped",

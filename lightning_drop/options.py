@@ -1,0 +1,33 @@
+"""Choices and defaults that the CLI parser shares with the library, in a module that imports no torch.
+
+`lightning-drop --help` and argument errors build the parser from these alone, so they come back without
+loading torch or transformers; `importance`, `selection` and `data` re-export them under their old names.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+from typing import Any
+
+METRICS = ("cosine", "cosine_no_residual", "angular", "relative_magnitude", "reverse", "random")
+TARGETS = ("block", "attn", "mlp", "joint")
+SCHEDULES = ("one-shot", "iterative")
+
+
+@dataclasses.dataclass
+class CalibrationConfig:
+    """What text scores are computed on; defaults are the paper's (256 x 2048 tokens of C4)."""
+
+    source: str = "c4-sample"
+    text_field: str = "text"
+    num_samples: int = 256
+    seq_len: int = 2048
+    shuffle: bool = False
+    seed: int = 0
+
+    def __post_init__(self) -> None:
+        if self.num_samples < 1 or self.seq_len < 1:
+            raise ValueError(f"num_samples and seq_len must be >= 1, got {self.num_samples}, {self.seq_len}")
+
+    def to_dict(self) -> dict[str, Any]:
+        return dataclasses.asdict(self)
