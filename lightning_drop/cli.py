@@ -10,6 +10,8 @@ import os
 import sys
 from typing import Callable, Sequence
 
+from .errors import UserError
+
 LIGHTNING_SUBCOMMANDS = ("fit", "validate", "test")
 
 
@@ -219,7 +221,7 @@ def _run_export(a: argparse.Namespace) -> None:
         path = export_gguf(a.model, a.output, dtype=a.dtype or "f16", overwrite=a.overwrite)
     else:
         if a.dtype == "q8_0":
-            raise ValueError("q8_0 is a GGUF type; nemotron-nas takes f32, f16 or bf16")
+            raise UserError("q8_0 is a GGUF type; nemotron-nas takes f32, f16 or bf16")
         from .export.nemotron import export_nemotron_nas
 
         path = export_nemotron_nas(a.model, a.output, dtype=a.dtype or "bf16", overwrite=a.overwrite)
@@ -261,8 +263,6 @@ def build_parser() -> argparse.ArgumentParser:
 
 def _user_errors() -> tuple[type[BaseException], ...]:
     """Exceptions that mean the input was wrong (or an optional part is missing), not that the code is."""
-    from .errors import UserError
-
     types: list[type[BaseException]] = [UserError, OSError, ModuleNotFoundError]
     if "lightning_drop.quantize" in sys.modules:
         types.append(sys.modules["lightning_drop.quantize"].QuantizationBackendError)
@@ -273,9 +273,29 @@ def _user_errors() -> tuple[type[BaseException], ...]:
     return tuple(types)
 
 
+def _user_cause(err: BaseException) -> BaseException | None:
+    """The user's mistake behind `err`: itself, or an exception it was raised from (jsonargparse wraps the
+    errors raised while it instantiates classes)."""
+    kinds, seen = _user_errors(), set()
+    while err is not None and id(err) not in seen:
+        if isinstance(err, kinds):
+            return err
+        seen.add(id(err))
+        err = err.__cause__ or err.__context__
+    return None
+
+
 def _one_line(err: BaseException) -> str:
     text = " ".join(str(err).split()) or type(err).__name__
     return text
+
+
+def _close_progress_bars() -> None:
+    """Close open tqdm bars now: closed later (when the interrupted frames are freed) they would redraw
+    below the last message."""
+    tqdm = sys.modules.get("tqdm")
+    for bar in list(getattr(getattr(tqdm, "tqdm", None), "_instances", ())):
+        bar.close()
 
 
 def main(argv: Sequence[str] | None = None) -> int:
@@ -291,10 +311,13 @@ def main(argv: Sequence[str] | None = None) -> int:
 
             try:
                 run_lightning_cli(argv)
-            except _user_errors() as err:
+            except Exception as err:
+                cause = _user_cause(err)
+                if cause is None:
+                    raise
                 # after LightningCLI's own usage line, as its parser errors look
                 print(f"usage: lightning-drop {command} [-h] [-c CONFIG] [--print_config] ...", file=sys.stderr)
-                print(f"lightning-drop {command}: error: {_one_line(err)}", file=sys.stderr)
+                print(f"lightning-drop {command}: error: {_one_line(cause)}", file=sys.stderr)
                 return 2
             return 0
         parser = build_parser()
@@ -308,11 +331,15 @@ def main(argv: Sequence[str] | None = None) -> int:
         func: Callable[[argparse.Namespace], object] = args.func
         try:
             func(args)
-        except _user_errors() as err:
-            print(f"lightning-drop {args.command}: error: {_one_line(err)}", file=sys.stderr)
+        except Exception as err:
+            cause = _user_cause(err)
+            if cause is None:
+                raise
+            print(f"lightning-drop {args.command}: error: {_one_line(cause)}", file=sys.stderr)
             return 2
     except KeyboardInterrupt:
         cleanup_temporaries()
+        _close_progress_bars()
         print(f"lightning-drop {command}: interrupted", file=sys.stderr)
         return 130
     return 0

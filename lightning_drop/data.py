@@ -26,6 +26,7 @@ from typing import Any, Iterator, Sequence
 
 import torch
 
+from .errors import UserError
 from .options import CalibrationConfig
 
 EXLLAMAV2 = "exllamav2==0.3.2"
@@ -97,7 +98,7 @@ def _split_sample(name: str, text: str) -> list[str]:
 def sample_source(name: str) -> Path:
     """Where a named offline sample comes from (see module docstring for the order)."""
     if name not in SAMPLES:
-        raise ValueError(f"unknown sample {name!r}; choose from {sorted(SAMPLES)}")
+        raise UserError(f"unknown sample {name!r}; choose from {sorted(SAMPLES)}")
     if name == "c4-sample":
         if env := os.environ.get("LIGHTNING_DROP_C4"):
             if not Path(env).exists():
@@ -115,28 +116,45 @@ def _records_field(records: Iterator[tuple[str, Any]], field: str, where: Path) 
             yield rec
             continue
         if not isinstance(rec, dict):
-            raise ValueError(f"{where}{loc}: expected a JSON object with a {field!r} field, got {type(rec).__name__}")
+            raise UserError(f"{where}{loc}: expected a JSON object with a {field!r} field, got {type(rec).__name__}")
         if field not in rec:
-            raise ValueError(f"{where}{loc}: no field {field!r}; available fields: {sorted(rec)}")
+            raise UserError(f"{where}{loc}: no field {field!r}; available fields: {sorted(rec)}")
         if not isinstance(rec[field], str):
-            raise ValueError(f"{where}{loc}: field {field!r} is {type(rec[field]).__name__}, not a string")
+            raise UserError(f"{where}{loc}: field {field!r} is {type(rec[field]).__name__}, not a string")
         yield rec[field]
 
 
+def _not_utf8(path: Path, err: UnicodeDecodeError, where: str = "") -> UserError:
+    return UserError(f"{path}{where} is not UTF-8 text (byte {err.object[err.start:err.start + 1]!r}); convert it, "
+                     "e.g. iconv -f latin1 -t utf-8")
+
+
+def read_utf8(path: Path) -> str:
+    """A text file's contents; a file in another encoding is the user's to convert, named in one line."""
+    try:
+        return path.read_text(encoding="utf-8")
+    except UnicodeDecodeError as err:
+        raise _not_utf8(path, err) from None
+
+
 def _jsonl_records(path: Path) -> Iterator[tuple[str, Any]]:
-    with path.open(encoding="utf-8") as fh:
-        for n, line in enumerate(fh, 1):
+    with path.open("rb") as fh:
+        for n, raw in enumerate(fh, 1):
+            try:
+                line = raw.decode("utf-8")
+            except UnicodeDecodeError as err:
+                raise _not_utf8(path, err, f" line {n}") from None
             if line.strip():
                 try:
                     yield f" line {n}", json.loads(line)
                 except json.JSONDecodeError as e:
-                    raise ValueError(f"{path} line {n}: invalid JSON ({e.msg})") from None
+                    raise UserError(f"{path} line {n}: invalid JSON ({e.msg})") from None
 
 
 def _json_records(path: Path, field: str) -> Iterator[tuple[str, Any]]:
     """A JSON array of records/strings, a dict of columns, or JSON lines saved as `.json`."""
     try:
-        data = json.loads(path.read_text(encoding="utf-8"))
+        data = json.loads(read_utf8(path))
     except json.JSONDecodeError:
         yield from _jsonl_records(path)
         return
@@ -144,9 +162,9 @@ def _json_records(path: Path, field: str) -> Iterator[tuple[str, Any]]:
         if isinstance(data.get(field), list):
             data = [{field: v} for v in data[field]]
         else:
-            raise ValueError(f"{path}: no list field {field!r}; available fields: {sorted(data)}")
+            raise UserError(f"{path}: no list field {field!r}; available fields: {sorted(data)}")
     if not isinstance(data, list):
-        raise ValueError(f"{path}: expected a JSON array of records, got {type(data).__name__}")
+        raise UserError(f"{path}: expected a JSON array of records, got {type(data).__name__}")
     yield from ((f" item {i}", rec) for i, rec in enumerate(data))
 
 
@@ -155,7 +173,7 @@ def _parquet_texts(path: Path, field: str) -> list[str]:
 
     names = pq.read_schema(path).names
     if field not in names:
-        raise ValueError(f"{path}: no column {field!r}; available fields: {names}")
+        raise UserError(f"{path}: no column {field!r}; available fields: {names}")
     column = pq.read_table(path, columns=[field]).column(field).to_pylist()
     return list(_records_field(((f" row {i}", {field: v}) for i, v in enumerate(column)), field, path))
 
@@ -164,7 +182,7 @@ def _dataset_texts(ds: Any, field: str, label: str, limit: int | None) -> list[s
     """Texts of a `datasets` Dataset / IterableDataset, stopping after `limit` rows."""
     names = getattr(ds, "column_names", None)  # None for some streaming datasets
     if names is not None and field not in names:
-        raise ValueError(f"dataset {label}: no field {field!r}; available fields: {names}")
+        raise UserError(f"dataset {label}: no field {field!r}; available fields: {names}")
     rows = itertools.islice(iter(ds), limit)
     return list(_records_field(((f" row {i}", r) for i, r in enumerate(rows)), field, Path(label)))
 
@@ -205,7 +223,7 @@ def _hf_texts(spec: str, field: str, split: str | None, limit: int | None) -> li
         err = e
     first = (str(err).strip().splitlines() or [""])[0][:200]
     offline = " (HF_DATASETS_OFFLINE=1)" if os.environ.get("HF_DATASETS_OFFLINE") == "1" else ""
-    raise ValueError(f"could not load Hugging Face dataset {label}{offline}: {type(err).__name__}: {first}; "
+    raise UserError(f"could not load Hugging Face dataset {label}{offline}: {type(err).__name__}: {first}; "
                      f"not a local file either — use a .txt/.json/.jsonl/.parquet path or 'c4-sample'") from err
 
 
@@ -223,7 +241,7 @@ def load_documents(source: str | os.PathLike, text_field: str = "text", split: s
     (`c4-sample`, `wiki-sample`, `tinystories-sample`); otherwise a hub spec `name[:config][@split]`.
     """
     if limit is not None and limit < 1:
-        raise ValueError(f"limit must be >= 1 or None, got {limit}")
+        raise UserError(f"limit must be >= 1 or None, got {limit}")
     source = os.fspath(source)
     if source in SAMPLES:
         path = sample_source(source)
@@ -242,16 +260,16 @@ def load_documents(source: str | os.PathLike, text_field: str = "text", split: s
             ds = datasets.load_from_disk(str(path))
             if isinstance(ds, datasets.DatasetDict):
                 if (split or "train") not in ds:
-                    raise ValueError(f"{path}: no split {split or 'train'!r}; available splits: {sorted(ds)}")
+                    raise UserError(f"{path}: no split {split or 'train'!r}; available splits: {sorted(ds)}")
                 ds = ds[split or "train"]
             texts = _dataset_texts(ds, text_field, label, None)
         elif path.is_dir():
             files = sorted(p for p in path.rglob("*.txt") if p.is_file())
             if not files:
-                raise ValueError(f"no .txt files in directory {path}")
-            texts = [p.read_text(encoding="utf-8") for p in files]
+                raise UserError(f"no .txt files in directory {path}")
+            texts = [read_utf8(p) for p in files]
         elif path.suffix.lower() == ".txt":
-            texts = [path.read_text(encoding="utf-8")]
+            texts = [read_utf8(path)]
         elif path.suffix.lower() == ".jsonl":
             texts = list(_records_field(_jsonl_records(path), text_field, path))
         elif path.suffix.lower() == ".json":
@@ -259,13 +277,13 @@ def load_documents(source: str | os.PathLike, text_field: str = "text", split: s
         elif path.suffix.lower() == ".parquet":
             texts = _parquet_texts(path, text_field)
         else:
-            raise ValueError(f"unsupported file type {path.suffix!r} for {path}; use one of {LOCAL_SUFFIXES}")
+            raise UserError(f"unsupported file type {path.suffix!r} for {path}; use one of {LOCAL_SUFFIXES}")
     else:
         texts = _hf_texts(source, text_field, split, limit)
         label = source
     docs = [t for t in texts if t.strip()]
     if not docs:
-        raise ValueError(f"no documents (all empty) in {label}")
+        raise UserError(f"no documents (all empty) in {label}")
     return docs[:limit]
 
 
@@ -288,16 +306,16 @@ def make_windows(tokenizer: Any, documents: Sequence[str], seq_len: int, num_sam
     if isinstance(documents, str):
         raise TypeError("documents must be a sequence of strings, not one string")
     if seq_len < 1:
-        raise ValueError(f"seq_len must be >= 1, got {seq_len}")
+        raise UserError(f"seq_len must be >= 1, got {seq_len}")
     if num_samples is not None and num_samples < 1:
-        raise ValueError(f"num_samples must be >= 1 or None, got {num_samples}")
+        raise UserError(f"num_samples must be >= 1 or None, got {num_samples}")
     if max_positions is not None and seq_len > max_positions:
         warnings.warn(f"seq_len {seq_len} exceeds the model context; capped at max_positions={max_positions}",
                       stacklevel=2)
         seq_len = max_positions
     eos = getattr(tokenizer, "eos_token_id", None)
     if eos is None:
-        raise ValueError(f"tokenizer {type(tokenizer).__name__} has no eos_token_id; documents are joined with EOS")
+        raise UserError(f"tokenizer {type(tokenizer).__name__} has no eos_token_id; documents are joined with EOS")
     need = None if shuffle or num_samples is None else num_samples * seq_len
     stream: list[int] = []
     for ids in _token_chunks(tokenizer, documents, eos):  # stops early once the first windows are covered
@@ -306,7 +324,7 @@ def make_windows(tokenizer: Any, documents: Sequence[str], seq_len: int, num_sam
             break
     available = len(stream) // seq_len
     if available == 0:
-        raise ValueError(f"too little text: {len(stream)} tokens available from {len(documents)} documents, "
+        raise UserError(f"too little text: {len(stream)} tokens available from {len(documents)} documents, "
                          f"need {seq_len} for one window of seq_len={seq_len}")
     windows = torch.tensor(stream[:available * seq_len], dtype=torch.long).view(available, seq_len)
     n = available if num_samples is None else min(num_samples, available)

@@ -37,6 +37,7 @@ from lightning.pytorch.utilities.exceptions import MisconfigurationException
 from torch import nn
 
 from .architectures import get_spec
+from .errors import UserError
 
 CKPT_KEY = "lightning_drop"  # DropModule's record in a Lightning checkpoint (drop plan, LoRA, config)
 STRATEGY_NAME = "fsdp_decoder_layers"
@@ -54,7 +55,7 @@ def _find_decoder(model: nn.Module) -> nn.Module:
         except (ValueError, AttributeError):
             continue
         return module
-    raise ValueError(f"{type(model).__name__} holds no model of a supported family: no decoder layers to wrap")
+    raise UserError(f"{type(model).__name__} holds no model of a supported family: no decoder layers to wrap")
 
 
 def decoder_layer_classes(model: nn.Module) -> set[type[nn.Module]]:
@@ -164,7 +165,7 @@ def checkpoint_meta(path: str | os.PathLike) -> dict[str, Any] | None:
             _check_distributed_metadata(sharded)
         ckpt = load_plain_checkpoint(p)
         if not isinstance(ckpt, dict):
-            raise ValueError(f"{p} is not a Lightning checkpoint (it holds a {type(ckpt).__name__}, not a dict)")
+            raise UserError(f"{p} is not a Lightning checkpoint (it holds a {type(ckpt).__name__}, not a dict)")
         _META_CACHE.clear()
         _META_CACHE[key] = {"callbacks": dict(ckpt.get("callbacks") or {}), CKPT_KEY: ckpt.get(CKPT_KEY)}
         del ckpt
@@ -212,10 +213,10 @@ def _check_distributed_metadata(path: Path) -> None:
         with open(path, "rb") as f:
             PlainMetadata(f).load()
     except pickle.UnpicklingError as err:
-        raise ValueError(f"{path}: refused to load: it names objects beyond the distributed-checkpoint records, "
+        raise UserError(f"{path}: refused to load: it names objects beyond the distributed-checkpoint records, "
                          f"and unpickling them could run code ({_unpickling_reason(err)})") from None
     except (EOFError, AttributeError, IndexError, KeyError, TypeError, ValueError) as err:
-        raise ValueError(f"{path} is not a readable distributed-checkpoint record ({type(err).__name__})") from None
+        raise UserError(f"{path} is not a readable distributed-checkpoint record ({type(err).__name__})") from None
 
 
 def load_plain_checkpoint(path: str | os.PathLike) -> Any:
@@ -230,10 +231,10 @@ def load_plain_checkpoint(path: str | os.PathLike) -> Any:
         except RuntimeError:  # not a zip-format file: mmap is not possible
             return torch.load(path, map_location="cpu", weights_only=True)
     except pickle.UnpicklingError as err:
-        raise ValueError(f"{path}: refused to load: it holds pickled objects beyond tensors and plain data, and "
+        raise UserError(f"{path}: refused to load: it holds pickled objects beyond tensors and plain data, and "
                          f"unpickling them could run code ({_unpickling_reason(err)})") from None
     except (EOFError, KeyError, RuntimeError, ValueError) as err:
-        raise ValueError(f"{path} is not a readable torch checkpoint ({type(err).__name__}: "
+        raise UserError(f"{path} is not a readable torch checkpoint ({type(err).__name__}: "
                          f"{str(err).splitlines()[0] if str(err) else 'no detail'})") from None
 
 

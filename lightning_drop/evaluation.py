@@ -11,7 +11,6 @@
 
 from __future__ import annotations
 
-import json
 import logging
 import math
 import os
@@ -38,7 +37,7 @@ TASKS_DIR = Path(__file__).parent / "tasks"
 def _load_preset(name: str) -> dict[str, int]:
     path = TASKS_DIR / f"{name}.yaml"
     if not path.is_file():
-        raise ValueError(f"unknown preset {name!r}; available: {sorted(available_presets())}")
+        raise UserError(f"unknown preset {name!r}; available: {sorted(available_presets())}")
     with path.open() as fh:
         data = yaml.safe_load(fh)
     return {str(k): int(v) for k, v in data.items()}
@@ -82,7 +81,7 @@ def local_task_dir(data_files: Mapping[str, str | os.PathLike], out_dir: str | o
     out.mkdir(parents=True, exist_ok=True)
     for name, file in data_files.items():
         if name not in shipped:
-            raise ValueError(f"no shipped task named {name!r}; shipped tasks: {sorted(shipped)}")
+            raise UserError(f"no shipped task named {name!r}; shipped tasks: {sorted(shipped)}")
         file = Path(file).expanduser().resolve()
         if not file.is_file():
             raise FileNotFoundError(f"data file for task {name!r} not found: {file}")
@@ -103,7 +102,9 @@ def check_task_records(name: str, cfg: Mapping[str, Any], file: Path) -> None:
     for key in ("doc_to_text", "doc_to_choice", "doc_to_target"):
         if isinstance(cfg.get(key), str):
             fields |= meta.find_undeclared_variables(env.parse(cfg[key]))
-    from .data import _jsonl_records  # the one JSONL reader: errors name the file and line
+    from .data import (
+        _jsonl_records,  # the one JSONL reader: errors name the file and line
+    )
 
     n = 0
     for where, record in _jsonl_records(file):
@@ -261,15 +262,15 @@ def resolve_tasks(tasks: Sequence[str] | str | None = None, preset: str | None =
     for t in tasks or []:
         plan.setdefault(t, None)
     if not plan:
-        raise ValueError("no tasks given: pass tasks=[...] or preset='paper'")
+        raise UserError("no tasks given: pass tasks=[...] or preset='paper'")
     if isinstance(num_fewshot, Mapping):
         unknown = set(num_fewshot) - set(plan)
         if unknown:
-            raise ValueError(f"num_fewshot names tasks that are not evaluated: {sorted(unknown)}")
+            raise UserError(f"num_fewshot names tasks that are not evaluated: {sorted(unknown)}")
         plan.update({k: int(v) for k, v in num_fewshot.items()})
     elif num_fewshot is not None:
         if int(num_fewshot) < 0:
-            raise ValueError(f"num_fewshot must be >= 0, got {num_fewshot}")
+            raise UserError(f"num_fewshot must be >= 0, got {num_fewshot}")
         plan = {t: (int(num_fewshot) if k is None else k) for t, k in plan.items()}  # a preset keeps its own
     return plan
 
@@ -311,9 +312,9 @@ def run_lm_eval(model: torch.nn.Module, tokenizer: Any, tasks: Sequence[str] | s
 
     plan = resolve_tasks(tasks, num_fewshot=num_fewshot)
     if limit is not None and limit <= 0:
-        raise ValueError(f"limit must be > 0, got {limit}")
+        raise UserError(f"limit must be > 0, got {limit}")
     if batch_size < 1:
-        raise ValueError(f"batch_size must be >= 1, got {batch_size}")
+        raise UserError(f"batch_size must be >= 1, got {batch_size}")
     if include_path is not None:
         paths = [include_path] if isinstance(include_path, (str, os.PathLike)) else list(include_path)
         for p in paths:
@@ -323,7 +324,7 @@ def run_lm_eval(model: torch.nn.Module, tokenizer: Any, tasks: Sequence[str] | s
     tm = TaskManager(include_path=include_path)
     missing = [t for t in plan if t not in tm.all_tasks]
     if missing:
-        raise ValueError(f"unknown lm-eval task(s) {missing}; pass include_path= for local task YAMLs")
+        raise UserError(f"unknown lm-eval task(s) {missing}; pass include_path= for local task YAMLs")
 
     was_training = model.training
     model.eval()
@@ -405,13 +406,13 @@ def perplexity(model: torch.nn.Module, windows: torch.Tensor, batch_size: int = 
     from torchmetrics.text import Perplexity
 
     if windows.dim() != 2 or windows.dtype != torch.long:
-        raise ValueError(f"windows must be a 2-D LongTensor [N, T], got {tuple(windows.shape)} {windows.dtype}")
+        raise UserError(f"windows must be a 2-D LongTensor [N, T], got {tuple(windows.shape)} {windows.dtype}")
     if windows.shape[1] < 2:
-        raise ValueError("windows need at least 2 tokens each")
+        raise UserError("windows need at least 2 tokens each")
     if batch_size < 1:
-        raise ValueError(f"batch_size must be >= 1, got {batch_size}")
+        raise UserError(f"batch_size must be >= 1, got {batch_size}")
     if attention_mask is not None and attention_mask.shape != windows.shape:
-        raise ValueError(f"attention_mask shape {tuple(attention_mask.shape)} != windows shape {tuple(windows.shape)}")
+        raise UserError(f"attention_mask shape {tuple(attention_mask.shape)} != windows shape {tuple(windows.shape)}")
     device = next(model.parameters()).device
     # The caller hands over every window: a cross-process sync would add nothing, and it is a collective
     # that hangs when one rank (global rank zero at fit end) measures alone.
@@ -446,7 +447,7 @@ def parse_pairs(items: Sequence[str], usage: str) -> dict[str, str]:
     for item in items:
         key, sep, file = str(item).partition("=")
         if not sep or not key.strip() or not file.strip():
-            raise ValueError(f"{usage}, got {item!r}")
+            raise UserError(f"{usage}, got {item!r}")
         pairs[key.strip()] = file.strip()
     return pairs
 

@@ -21,6 +21,7 @@ from torchmetrics import Metric
 from torchmetrics.aggregation import SumMetric
 
 from .architectures import ArchSpec, get_spec
+from .errors import UserError
 from .modeling_dropped import dropped_layers
 from .options import METRICS
 
@@ -36,7 +37,7 @@ def token_scores(metric: str, x: torch.Tensor, y: torch.Tensor) -> torch.Tensor:
         return torch.arccos(F.cosine_similarity(x, y, dim=-1).clamp(-1.0, 1.0)) / math.pi
     if metric == "relative_magnitude":  # ShortGPT: ||f(x)|| / ||x + f(x)||
         return (y - x).norm(dim=-1) / y.norm(dim=-1).clamp_min(1e-12)
-    raise ValueError(f"metric '{metric}' has no per-token form; choose from {', '.join(METRICS)}")
+    raise UserError(f"metric '{metric}' has no per-token form; choose from {', '.join(METRICS)}")
 
 
 class LayerScoreMean(Metric):
@@ -74,7 +75,7 @@ class ImportanceScores:
 
     def row(self, kind: str) -> list[float | None]:
         if kind not in KINDS:
-            raise ValueError(f"unknown kind '{kind}'; choose from {', '.join(KINDS)}")
+            raise UserError(f"unknown kind '{kind}'; choose from {', '.join(KINDS)}")
         return getattr(self, kind)
 
 
@@ -91,7 +92,7 @@ class ImportanceAccumulator:
 
     def __init__(self, model: nn.Module, metric: str = "cosine", spec: ArchSpec | None = None) -> None:
         if metric not in METRICS:
-            raise ValueError(f"unknown metric '{metric}'; choose from {', '.join(METRICS)}")
+            raise UserError(f"unknown metric '{metric}'; choose from {', '.join(METRICS)}")
         self.model = model
         self.metric = metric
         self.spec = spec or get_spec(model)
@@ -209,14 +210,14 @@ class ImportanceAccumulator:
             rows: dict[str, list[float | None]] = {kind: self.metrics[kind].compute().tolist() for kind in KINDS}
             num_tokens = int(self.tokens.compute().item())
         if num_tokens == 0:
-            raise ValueError("no calibration data: the batches held no real tokens")
+            raise UserError("no calibration data: the batches held no real tokens")
         gone = {"attn": set(attn_dropped), "mlp": set(mlp_dropped),
                 "block": set(attn_dropped) & set(mlp_dropped)}
         for kind in KINDS:
             rows[kind] = [None if i in gone[kind] else v for i, v in enumerate(rows[kind])]
             bad = [i for i, v in enumerate(rows[kind]) if v is not None and not math.isfinite(v)]
             if bad:
-                raise ValueError(
+                raise UserError(
                     f"non-finite {kind} importance scores for layers {bad}: the model produced NaN/inf hidden "
                     "states (try float32) or the calibration data had no real tokens"
                 )
@@ -235,7 +236,7 @@ def _as_batch(batch: Any, device: torch.device) -> dict[str, torch.Tensor]:
     if isinstance(batch, torch.Tensor):
         batch = {"input_ids": batch}
     if "input_ids" not in batch:
-        raise ValueError("calibration batches need 'input_ids'")
+        raise UserError("calibration batches need 'input_ids'")
     out = {"input_ids": batch["input_ids"].to(device)}
     if batch.get("attention_mask") is not None:
         out["attention_mask"] = batch["attention_mask"].to(device)
@@ -260,7 +261,7 @@ def compute_importance(model: nn.Module, batches: Iterable[Any], metric: str = "
                        progress: bool = False) -> ImportanceScores:
     """Score every block, attention and MLP sublayer of `model` over `batches` in one pass."""
     if metric not in METRICS:
-        raise ValueError(f"unknown metric '{metric}'; choose from {', '.join(METRICS)}")
+        raise UserError(f"unknown metric '{metric}'; choose from {', '.join(METRICS)}")
     spec = get_spec(model)
     n = len(spec.get_layers(model))
     if metric in ("reverse", "random"):

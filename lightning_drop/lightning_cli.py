@@ -21,16 +21,23 @@ Lightning's DDP subprocess launcher.
 from __future__ import annotations
 
 import os
-import warnings
 import sys
+import warnings
 from typing import Any, Sequence
 
 import lightning.pytorch as pl
 from lightning.pytorch.cli import LightningArgumentParser, LightningCLI
 
+from lightning_drop.errors import UserError
+
 SUBCOMMANDS = ("fit", "validate", "test")
 DEFAULT_MODEL = "lightning_drop.module.DropModule"
 DEFAULT_DATA = "lightning_drop.datamodule.TextDataModule"
+
+
+def _looks_local(path: str) -> bool:
+    """Not one of Lightning's named checkpoints ("last", "best", ...) nor a URL."""
+    return "://" not in path and path not in ("last", "best", "hpc", "registry") and not path.startswith("registry:")
 
 
 class DropCLI(LightningCLI):
@@ -61,11 +68,10 @@ class DropCLI(LightningCLI):
             if config.get("weights_only") is None:
                 config["weights_only"] = True
             path = config.get("ckpt_path")
+            if isinstance(path, (str, os.PathLike)) and not os.path.exists(path) and _looks_local(str(path)):
+                raise UserError(f"--ckpt_path {path}: no such file or directory")
             if config["weights_only"] and isinstance(path, (str, os.PathLike)) and os.path.exists(path):
-                try:
-                    verify_checkpoint(path)
-                except ValueError as err:
-                    raise SystemExit(f"lightning-drop {subcommand}: error: {err}") from None
+                verify_checkpoint(path)
         super()._parse_ckpt_path()
 
     @staticmethod

@@ -28,7 +28,7 @@ except ImportError:
 try:  # inside the package
     from .architectures import DROPPED_PREFIX, SPECS, ArchSpec, get_spec, spec_for_model_type
 except ImportError:  # pragma: no cover - imported as a flat module next to a checkpoint
-    from architectures import DROPPED_PREFIX, SPECS, ArchSpec, get_spec, spec_for_model_type  # type: ignore
+    from architectures import DROPPED_PREFIX, SPECS, ArchSpec, get_spec  # type: ignore
 
 
 class DroppedAttention(nn.Module):

@@ -18,7 +18,14 @@ import torch
 from torch import nn
 
 from .architectures import SPECS, get_spec
-from .checkpoint import atomic_dir, atomic_write_text, is_llm_drop_config, load_dropped, read_config
+from .checkpoint import (
+    atomic_dir,
+    atomic_write_text,
+    is_llm_drop_config,
+    load_dropped,
+    read_config,
+)
+from .errors import UserError
 
 SMOLLM2 = "smollm2-135m"
 SMOLLM2_GGUF = "SmolLM2-135M-Instruct.Q4_1.gguf"
@@ -44,7 +51,7 @@ def remote_code_allowed() -> bool:
     return os.environ.get(REMOTE_CODE_ENV) == "1"
 
 
-class RemoteCodeRefused(ValueError):
+class RemoteCodeRefused(UserError):
     """A checkpoint needs its own Python code and the user has not opted in."""
 
 
@@ -102,7 +109,7 @@ def tiny_config(family: str, num_layers: int = 4, **overrides: Any) -> Any:
     import transformers
 
     if family not in TINY_FAMILIES:
-        raise ValueError(f"unknown tiny family '{family}'; choose from {', '.join(TINY_FAMILIES)}")
+        raise UserError(f"unknown tiny family '{family}'; choose from {', '.join(TINY_FAMILIES)}")
     spec = TINY_FAMILIES[family]
     tok = byte_tokenizer()
     kwargs = {**_TINY_BASE, **spec.tiny_overrides, "num_hidden_layers": num_layers,
@@ -267,14 +274,14 @@ def load_model(ref: str, dtype: torch.dtype | str = torch.float32, tokenizer: st
                 raise FileNotFoundError(f"GGUF file not found: {path}")
             path = gguf_checkpoint_dir(path)
         if path.exists():
-            model = _load_local(path, dtype)
+            model = _load_local_or_explain(path, dtype)
         elif ref.startswith((".", "/", "~")) or os.sep in ref and not _looks_like_hub_id(ref):
             raise FileNotFoundError(f"model directory not found: {ref}")
         else:
             model = _load_hub(ref, dtype)
         tok = load_tokenizer(tok_ref) if tok_ref else _tokenizer_or_none(str(path) if path.exists() else ref)
         if tok is None:
-            raise ValueError(f"no tokenizer found with {ref}: pass a tokenizer reference (a path or catalogue name)")
+            raise UserError(f"no tokenizer found with {ref}: pass a tokenizer reference (a path or catalogue name)")
     return model.eval(), tok
 
 
@@ -282,9 +289,41 @@ def _looks_like_hub_id(ref: str) -> bool:
     return ref.count("/") == 1 and not ref.startswith((".", "/", "~"))
 
 
+def _load_local_or_explain(path: Path, dtype: torch.dtype) -> nn.Module:
+    """`_load_local`, with broken weight files reported as the user's file, in one line."""
+    import pickle
+
+    from safetensors import SafetensorError
+
+    try:
+        return _load_local(path, dtype)
+    except SafetensorError as err:
+        raise UserError(f"{_broken_safetensors(path) or path}: corrupt or truncated safetensors file "
+                        f"({' '.join(str(err).split())})") from None
+    except pickle.UnpicklingError as err:
+        names = ", ".join(p.name for p in sorted(path.glob("*.bin"))) or "the weights"
+        raise UserError(f"{path}: {names} cannot be loaded without running code stored in it (or is not a "
+                        f"PyTorch file): {str(err).splitlines()[0]}; convert it to safetensors where you trust "
+                        "it") from None
+
+
+def _broken_safetensors(path: Path) -> Path | None:
+    """The first .safetensors file of `path` whose header or data does not read back."""
+    from safetensors import safe_open
+
+    for file in sorted(path.glob("*.safetensors")):
+        try:
+            with safe_open(str(file), framework="pt") as f:
+                for key in f.keys():
+                    f.get_slice(key)
+        except Exception:  # noqa: BLE001  (any failure names this file)
+            return file
+    return None
+
+
 def _load_local(path: Path, dtype: torch.dtype) -> nn.Module:
     if not path.is_dir():
-        raise ValueError(f"{path} is not a checkpoint directory or a .gguf file")
+        raise UserError(f"{path} is not a checkpoint directory or a .gguf file")
     config = read_config(path)
     model_type = str(config.get("model_type", ""))
     if model_type in NEMOTRON_TYPES:
@@ -310,7 +349,7 @@ def _load_remote_code(path: Path, config: dict, dtype: torch.dtype) -> nn.Module
     model_type = config.get("model_type")
     target = (config.get("auto_map") or {}).get("AutoModelForCausalLM")
     if not target:
-        raise ValueError(f"{path}: model_type '{model_type}' is not built into transformers and config.json has no "
+        raise UserError(f"{path}: model_type '{model_type}' is not built into transformers and config.json has no "
                          "auto_map to modeling code")
     module_file = path / (target.split("--")[-1].rsplit(".", 1)[0] + ".py")
     if not module_file.is_file():
@@ -327,7 +366,7 @@ def _load_hub(ref: str, dtype: torch.dtype) -> nn.Module:
     try:
         return from_pretrained(AutoModelForCausalLM.from_pretrained, ref, dtype=dtype)
     except OSError as err:
-        raise ValueError(
+        raise UserError(
             f"cannot load '{ref}': not a local path, not a catalogue name ({', '.join(catalogue())}), "
             f"and the hub did not provide it ({str(err).splitlines()[0]})"
         ) from err

@@ -30,7 +30,14 @@ from lightning.pytorch.utilities import rank_zero_info
 from lightning.pytorch.utilities.exceptions import MisconfigurationException
 from torch import nn
 
-from .distributed import CKPT_KEY, checkpoint_meta, refuse_if_sharded, resume_path, sharded_strategy
+from .distributed import (
+    CKPT_KEY,
+    checkpoint_meta,
+    refuse_if_sharded,
+    resume_path,
+    sharded_strategy,
+)
+from .errors import UserError
 from .modeling_dropped import apply_drop, dropped_layers
 
 OPTIMIZERS = ("adamw", "adam", "sgd")
@@ -49,13 +56,13 @@ def build_model(model: str | None, init_config: dict[str, Any] | None, dtype: st
 
     torch_dtype = getattr(torch, dtype, None)
     if not isinstance(torch_dtype, torch.dtype):
-        raise ValueError(f"dtype must name a torch dtype such as 'float32' or 'bfloat16', got {dtype!r}")
+        raise UserError(f"dtype must name a torch dtype such as 'float32' or 'bfloat16', got {dtype!r}")
     if model is None and not init_config:
-        raise ValueError("DropModule needs `model` (catalogue name, path or hub id) or `init_config` (random init)")
+        raise UserError("DropModule needs `model` (catalogue name, path or hub id) or `init_config` (random init)")
     random_init = model is None or model.startswith(TINY_PREFIX)
     if not random_init:
         if init_config:
-            raise ValueError(f"init_config is only for random init (model=None or 'tiny-<family>'), not {model!r}")
+            raise UserError(f"init_config is only for random init (model=None or 'tiny-<family>'), not {model!r}")
         return load_model(model, dtype=torch_dtype, tokenizer=tokenizer)
     import transformers
 
@@ -65,10 +72,10 @@ def build_model(model: str | None, init_config: dict[str, Any] | None, dtype: st
     if model is not None:
         family = model[len(TINY_PREFIX):]
         if "model_type" in overrides:
-            raise ValueError(f"init_config.model_type conflicts with model={model!r}: give one of them")
+            raise UserError(f"init_config.model_type conflicts with model={model!r}: give one of them")
     else:
         if "model_type" not in overrides:
-            raise ValueError("init_config needs 'model_type' (e.g. llama) when `model` is not given")
+            raise UserError("init_config needs 'model_type' (e.g. llama) when `model` is not given")
         family = get_spec(str(overrides.pop("model_type"))).family
     num_layers = int(overrides.pop("num_hidden_layers", 4))
     config = tiny_config(family, num_layers, **overrides)
@@ -76,7 +83,7 @@ def build_model(model: str | None, init_config: dict[str, Any] | None, dtype: st
     hf = getattr(transformers, spec.causal_lm_class)(config).to(torch_dtype)
     tok = load_tokenizer(tokenizer or f"{TINY_PREFIX}{family}")
     if len(tok) > config.vocab_size:
-        raise ValueError(f"tokenizer has {len(tok)} tokens but init_config.vocab_size is {config.vocab_size}")
+        raise UserError(f"tokenizer has {len(tok)} tokens but init_config.vocab_size is {config.vocab_size}")
     return hf, tok
 
 
@@ -126,19 +133,19 @@ class DropModule(pl.LightningModule):
     ) -> None:
         super().__init__()
         if optimizer not in OPTIMIZERS:
-            raise ValueError(f"unknown optimizer '{optimizer}'; choose from {', '.join(OPTIMIZERS)}")
+            raise UserError(f"unknown optimizer '{optimizer}'; choose from {', '.join(OPTIMIZERS)}")
         if scheduler not in SCHEDULERS:
-            raise ValueError(f"unknown scheduler '{scheduler}'; choose from {', '.join(SCHEDULERS)}")
+            raise UserError(f"unknown scheduler '{scheduler}'; choose from {', '.join(SCHEDULERS)}")
         if not lr > 0:
-            raise ValueError(f"lr must be > 0, got {lr}")
+            raise UserError(f"lr must be > 0, got {lr}")
         if weight_decay < 0:
-            raise ValueError(f"weight_decay must be >= 0, got {weight_decay}")
+            raise UserError(f"weight_decay must be >= 0, got {weight_decay}")
         if not isinstance(warmup_steps, int) or warmup_steps < 0:
-            raise ValueError(f"warmup_steps must be an integer >= 0, got {warmup_steps!r}")
+            raise UserError(f"warmup_steps must be an integer >= 0, got {warmup_steps!r}")
         if max_steps is not None and (not isinstance(max_steps, int) or max_steps < 1):
-            raise ValueError(f"max_steps must be an integer >= 1 or None, got {max_steps!r}")
+            raise UserError(f"max_steps must be an integer >= 1 or None, got {max_steps!r}")
         if not 0.0 <= min_lr_ratio <= 1.0:
-            raise ValueError(f"min_lr_ratio must be in [0, 1], got {min_lr_ratio}")
+            raise UserError(f"min_lr_ratio must be in [0, 1], got {min_lr_ratio}")
         self.save_hyperparameters()
         self.model, self.tokenizer = build_model(model, init_config, dtype, tokenizer_name)
         self.lora_config: dict[str, Any] | None = None
@@ -166,7 +173,7 @@ class DropModule(pl.LightningModule):
         from peft import LoraConfig, get_peft_model
 
         if self.lora_config is not None:
-            raise ValueError("LoRA adapters are already attached")
+            raise UserError("LoRA adapters are already attached")
         targets = list(target_modules or ["q_proj", "k_proj", "v_proj", "o_proj", "gate_proj", "up_proj",
                                           "down_proj"])
         config = LoraConfig(r=r, lora_alpha=alpha, lora_dropout=dropout, target_modules=targets, bias="none",
@@ -174,7 +181,7 @@ class DropModule(pl.LightningModule):
         try:
             self.model = get_peft_model(self.model, config)
         except ValueError as err:
-            raise ValueError(f"LoRA target_modules {targets} match no module of the (dropped) model: {err}") from err
+            raise UserError(f"LoRA target_modules {targets} match no module of the (dropped) model: {err}") from err
         self.lora_config = {"r": r, "alpha": alpha, "dropout": dropout, "target_modules": targets}
 
     def merge_lora(self) -> None:
@@ -202,7 +209,7 @@ class DropModule(pl.LightningModule):
         model = self.model
         if self.lora_config is not None:
             if not merge:
-                raise ValueError("save_pretrained of a LoRA-wrapped model needs merge=True (or call merge_lora())")
+                raise UserError("save_pretrained of a LoRA-wrapped model needs merge=True (or call merge_lora())")
             import copy
 
             model = copy.deepcopy(self.model).merge_and_unload()
@@ -245,7 +252,7 @@ class DropModule(pl.LightningModule):
         tok = getattr(dm, "tokenizer", None) if dm is not None else None
         emb = self.hf_model.get_input_embeddings()
         if tok is not None and emb is not None and len(tok) > emb.num_embeddings:
-            raise ValueError(f"the datamodule's tokenizer has {len(tok)} tokens but the model embeds only "
+            raise UserError(f"the datamodule's tokenizer has {len(tok)} tokens but the model embeds only "
                              f"{emb.num_embeddings}: set the datamodule's tokenizer to the model's")
         if self.hparams.save_dir and self._trainer is not None and stage == "fit":
             refuse_if_sharded(self.trainer, "DropModule(save_dir=...) saves the whole model at fit end and",
@@ -271,7 +278,7 @@ class DropModule(pl.LightningModule):
             if p.requires_grad:
                 (decay if p.ndim >= 2 else no_decay).append(p)
         if not decay and not no_decay:
-            raise ValueError("no trainable parameters (everything is frozen)")
+            raise UserError("no trainable parameters (everything is frozen)")
         groups = [g for g in ({"params": decay, "weight_decay": hp.weight_decay},
                               {"params": no_decay, "weight_decay": 0.0}) if g["params"]]
         if hp.optimizer == "adamw":

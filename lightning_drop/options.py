@@ -9,6 +9,8 @@ from __future__ import annotations
 import dataclasses
 from typing import Any
 
+from .errors import UserError
+
 METRICS = ("cosine", "cosine_no_residual", "angular", "relative_magnitude", "reverse", "random")
 TARGETS = ("block", "attn", "mlp", "joint")
 SCHEDULES = ("one-shot", "iterative")
@@ -27,7 +29,7 @@ class CalibrationConfig:
 
     def __post_init__(self) -> None:
         if self.num_samples < 1 or self.seq_len < 1:
-            raise ValueError(f"num_samples and seq_len must be >= 1, got {self.num_samples}, {self.seq_len}")
+            raise UserError(f"num_samples and seq_len must be >= 1, got {self.num_samples}, {self.seq_len}")
 
     def to_dict(self) -> dict[str, Any]:
         return dataclasses.asdict(self)

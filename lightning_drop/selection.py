@@ -17,7 +17,7 @@ from .options import METRICS, SCHEDULES, TARGETS
 def candidates(scores: ImportanceScores, target: str, keep: Sequence[int] = ()) -> list[tuple[float, int, str, int]]:
     """Sort keys (score, kind order, layer, kind) of droppable modules: lowest score first, ties by kind then layer."""
     if target not in TARGETS:
-        raise ValueError(f"unknown target '{target}'; choose from {', '.join(TARGETS)}")
+        raise UserError(f"unknown target '{target}'; choose from {', '.join(TARGETS)}")
     kinds = {"block": ["block"], "attn": ["attn"], "mlp": ["mlp"], "joint": ["attn", "mlp"]}[target]
     protected = set(keep)
     out = []
@@ -31,14 +31,14 @@ def candidates(scores: ImportanceScores, target: str, keep: Sequence[int] = ()) 
 def resolve_num(total: int, num: int | None, ratio: float | None) -> int:
     """Number of modules to drop from `num` or `ratio` of `total` (exactly one of them)."""
     if (num is None) == (ratio is None):
-        raise ValueError("give exactly one of num or ratio")
+        raise UserError("give exactly one of num or ratio")
     if ratio is not None:
         if not 0.0 < ratio < 1.0:
-            raise ValueError(f"ratio must be in (0, 1), got {ratio}")
+            raise UserError(f"ratio must be in (0, 1), got {ratio}")
         num = max(1, round(ratio * total))
     assert num is not None
     if num < 1:
-        raise ValueError(f"num must be at least 1, got {num}")
+        raise UserError(f"num must be at least 1, got {num}")
     return num
 
 
@@ -47,7 +47,7 @@ def droppable_modules(num_layers: int, target: str, keep: Sequence[int] = (), dr
     """(how many `target` modules are still there and not kept, whether dropping all of them would remove
     every sublayer the model has left). Known before any scoring."""
     if target not in TARGETS:
-        raise ValueError(f"unknown target '{target}'; choose from {', '.join(TARGETS)}")
+        raise UserError(f"unknown target '{target}'; choose from {', '.join(TARGETS)}")
     protected, da, dm = set(keep), set(dropped_attn), set(dropped_mlp)
     free_attn = [i for i in range(num_layers) if i not in da and i not in protected]
     free_mlp = [i for i in range(num_layers) if i not in dm and i not in protected]
@@ -91,7 +91,7 @@ def select_modules(scores: ImportanceScores, target: str, num: int, keep: Sequen
     """
     ranked = candidates(scores, target, keep)
     if num > len(ranked):
-        raise ValueError(f"cannot drop {num} {target} modules: only {len(ranked)} can be dropped"
+        raise UserError(f"cannot drop {num} {target} modules: only {len(ranked)} can be dropped"
                          f"{' (after --keep)' if keep else ''}")
     attn: list[int] = []
     mlp: list[int] = []
@@ -130,13 +130,13 @@ def drop_by_importance(model: nn.Module, batches: Iterable[Any] | Callable[[], I
     `batches` may be a callable returning a fresh iterable (needed when it is a one-pass generator).
     """
     if target not in TARGETS:
-        raise ValueError(f"unknown target '{target}'; choose from {', '.join(TARGETS)}")
+        raise UserError(f"unknown target '{target}'; choose from {', '.join(TARGETS)}")
     if metric not in METRICS:
-        raise ValueError(f"unknown metric '{metric}'; choose from {', '.join(METRICS)}")
+        raise UserError(f"unknown metric '{metric}'; choose from {', '.join(METRICS)}")
     if schedule not in SCHEDULES:
-        raise ValueError(f"unknown schedule '{schedule}'; choose from {', '.join(SCHEDULES)}")
+        raise UserError(f"unknown schedule '{schedule}'; choose from {', '.join(SCHEDULES)}")
     if step < 1:
-        raise ValueError(f"step must be at least 1, got {step}")
+        raise UserError(f"step must be at least 1, got {step}")
     require_droppable(num, len(get_spec(model).get_layers(model)), target, keep, *dropped_layers(model))
     get_batches = batches if callable(batches) else (lambda data=list(batches): data)
     result = DropResult([], [])

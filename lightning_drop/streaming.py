@@ -36,11 +36,32 @@ from typing import Any, Callable, Iterable, Sequence
 import torch
 from torch import nn
 
-from .architectures import ArchSpec, get_spec
-from .checkpoint import _add_remote_code, _compact_blocks, atomic_dir, checkpoint_kind, is_llm_drop_config, read_config
-from .importance import (METRICS, ImportanceAccumulator, ImportanceScores, _as_batch, _decoder, _hidden,
-                         compute_importance)
-from .modeling_dropped import apply_drop, dropped_classes, dropped_layers, normalize_drop_list, register_auto_classes
+from .architectures import get_spec
+from .checkpoint import (
+    _add_remote_code,
+    _compact_blocks,
+    atomic_dir,
+    checkpoint_kind,
+    is_llm_drop_config,
+    read_config,
+)
+from .errors import UserError
+from .importance import (
+    METRICS,
+    ImportanceAccumulator,
+    ImportanceScores,
+    _as_batch,
+    _decoder,
+    _hidden,
+    compute_importance,
+)
+from .modeling_dropped import (
+    apply_drop,
+    dropped_classes,
+    dropped_layers,
+    normalize_drop_list,
+    register_auto_classes,
+)
 
 INDEX_NAME = "model.safetensors.index.json"
 SINGLE_NAME = "model.safetensors"
@@ -115,7 +136,7 @@ class CheckpointTensors:
         names = list(names)
         missing = [n for n in names if n not in self.weight_map]
         if missing:
-            raise ValueError(f"{self.directory} lacks tensors{' of ' + what if what else ''}: "
+            raise UserError(f"{self.directory} lacks tensors{' of ' + what if what else ''}: "
                              f"{', '.join(missing[:5])}{' ...' if len(missing) > 5 else ''}")
         by_file: dict[Path, list[str]] = {}
         for n in names:
@@ -127,7 +148,7 @@ class CheckpointTensors:
             with open(path, "rb") as f:
                 for n in group:
                     if n not in header:
-                        raise ValueError(f"{path.name} does not hold {n}, although the index says so")
+                        raise UserError(f"{path.name} does not hold {n}, although the index says so")
                     label = f"{path.name}:{n}"
                     if n not in places:
                         t = _read_tensor(f, data_start, header[n], label)
@@ -149,7 +170,7 @@ class CheckpointTensors:
         for n in names:
             st_dtype, shape = self._header(n)
             if st_dtype not in _TORCH_DTYPES:
-                raise ValueError(f"{self.weight_map[n].name}:{n}: unsupported safetensors dtype {st_dtype}")
+                raise UserError(f"{self.weight_map[n].name}:{n}: unsupported safetensors dtype {st_dtype}")
             src = _TORCH_DTYPES[st_dtype]
             cast = dtype is not None and src.is_floating_point and src != dtype
             plan.append((n, shape, dtype if cast else src, cast))
@@ -163,7 +184,7 @@ class CheckpointTensors:
             try:
                 self._headers[path] = read_safetensors_header(path)
             except (ValueError, UnicodeDecodeError) as err:
-                raise ValueError(f"{path} is not a safetensors file ({err})") from None
+                raise UserError(f"{path} is not a safetensors file ({err})") from None
         return self._headers[path]
 
     def _header(self, name: str) -> tuple[str, list[int]]:
@@ -182,7 +203,7 @@ class CheckpointTensors:
 def _read_tensor(f: Any, data_start: int, info: dict[str, Any], label: str) -> torch.Tensor:
     """One tensor of an open safetensors file, read into fresh (non-mapped) memory."""
     if info["dtype"] not in _TORCH_DTYPES:
-        raise ValueError(f"{label}: unsupported safetensors dtype {info['dtype']}")
+        raise UserError(f"{label}: unsupported safetensors dtype {info['dtype']}")
     t = torch.empty(info["shape"], dtype=_TORCH_DTYPES[info["dtype"]])
     _read_into(f, data_start, info, label, t)
     return t
@@ -191,14 +212,14 @@ def _read_tensor(f: Any, data_start: int, info: dict[str, Any], label: str) -> t
 def _seek_tensor(f: Any, data_start: int, info: dict[str, Any], label: str, nbytes: int) -> None:
     begin, end = info["data_offsets"]
     if end - begin != nbytes:
-        raise ValueError(f"{label}: header says {end - begin} bytes for shape {info['shape']} {info['dtype']}")
+        raise UserError(f"{label}: header says {end - begin} bytes for shape {info['shape']} {info['dtype']}")
     f.seek(data_start + begin)
 
 
 def _read_exactly(f: Any, t: torch.Tensor, label: str) -> None:
     """Fill the contiguous CPU tensor `t` with the next bytes of `f`."""
     if t.numel() and f.readinto(memoryview(t.reshape(-1).view(torch.uint8).numpy())) != t.numel() * t.element_size():
-        raise ValueError(f"{label}: file ends before the tensor does (truncated shard?)")
+        raise UserError(f"{label}: file ends before the tensor does (truncated shard?)")
 
 
 def _read_into(f: Any, data_start: int, info: dict[str, Any], label: str, t: torch.Tensor) -> None:
@@ -448,9 +469,9 @@ class _HiddenStore:
 def _batches(windows: Any, batch_size: int) -> list[dict[str, torch.Tensor]]:
     if isinstance(windows, torch.Tensor):
         if windows.dim() != 2:
-            raise ValueError(f"calibration windows must be a 2-D LongTensor (samples x seq_len), got {tuple(windows.shape)}")
+            raise UserError(f"calibration windows must be a 2-D LongTensor (samples x seq_len), got {tuple(windows.shape)}")
         if batch_size < 1:
-            raise ValueError(f"batch_size must be at least 1, got {batch_size}")
+            raise UserError(f"batch_size must be at least 1, got {batch_size}")
         return [{"input_ids": windows[i:i + batch_size]} for i in range(0, len(windows), batch_size)]
     return [_as_batch(b, torch.device("cpu")) for b in windows]
 
@@ -473,7 +494,7 @@ def stream_importance(model_dir: str | os.PathLike, windows: Any, metric: str = 
     progress); the layer's weights are views of a buffer that the next layer overwrites, so keep none of them.
     """
     if metric not in METRICS:
-        raise ValueError(f"unknown metric '{metric}'; choose from {', '.join(METRICS)}")
+        raise UserError(f"unknown metric '{metric}'; choose from {', '.join(METRICS)}")
     if isinstance(dtype, str):
         dtype = getattr(torch, dtype)
     device = torch.device(device)
@@ -489,7 +510,7 @@ def stream_importance(model_dir: str | os.PathLike, windows: Any, metric: str = 
     decoder = _decoder(model)
     batches = _batches(windows, batch_size)
     if not batches:
-        raise ValueError("no calibration data: the batches held no real tokens")
+        raise UserError("no calibration data: the batches held no real tokens")
     acc = ImportanceAccumulator(model, metric, spec).to(device)
     store = _HiddenStore(offload_dir)
     weights = ReusedBuffer()
@@ -507,7 +528,7 @@ def stream_importance(model_dir: str | os.PathLike, windows: Any, metric: str = 
                 store.add(args[0] if args else kwargs["hidden_states"])
                 acc.count_tokens(int(mask.sum()) if mask is not None else batch["input_ids"].numel())
             if acc.num_tokens == 0:
-                raise ValueError("no calibration data: the batches held no real tokens")
+                raise UserError("no calibration data: the batches held no real tokens")
             _release(embed)
             _trim_heap()
             order: Iterable[int] = range(len(layers))
@@ -555,7 +576,7 @@ def _parse_size(size: int | str) -> int:
         return size
     m = re.fullmatch(r"\s*(\d+(?:\.\d+)?)\s*([KMG]i?B|B)?\s*", size, flags=re.IGNORECASE)
     if not m:
-        raise ValueError(f"cannot read shard size '{size}' (e.g. 2GB, 500MB)")
+        raise UserError(f"cannot read shard size '{size}' (e.g. 2GB, 500MB)")
     unit = (m.group(2) or "B").upper()
     factor = {"B": 1, "KB": 10**3, "MB": 10**6, "GB": 10**9, "KIB": 2**10, "MIB": 2**20, "GIB": 2**30}[unit]
     return int(float(m.group(1)) * factor)
@@ -624,7 +645,7 @@ def write_dropped_streaming(model_dir: str | os.PathLike, out_dir: str | os.Path
                 source.setdefault(new, key)
         missing = [k for k in expected if k not in source]
         if missing:
-            raise ValueError(f"{model_dir} lacks tensors the dropped model needs: {', '.join(missing[:5])}"
+            raise UserError(f"{model_dir} lacks tensors the dropped model needs: {', '.join(missing[:5])}"
                              f"{' ...' if len(missing) > 5 else ''}")
         shards: list[list[str]] = [[]]
         size = 0

@@ -7,7 +7,6 @@ configs/study/ and configs/vision_digits.yaml are tested by their owners.
 
 from __future__ import annotations
 
-import os
 from pathlib import Path
 
 import pytest

@@ -61,7 +61,7 @@ def test_resolve_tasks_errors():
 
 def test_local_task_dir_fills_the_data_file(tmp_path):
     f = tmp_path / "x.jsonl"
-    f.write_text("{}\n")
+    f.write_text(json.dumps({"ctx": "c", "endings": ["a", "b"], "label": 0}) + "\n")
     d = local_task_dir({"hellaswag_sample": f}, tmp_path / "tasks")
     import yaml
 
@@ -259,3 +259,23 @@ def test_eval_command_with_task_data_file(tmp_path, capsys):
     assert main(["eval", "--model", "tiny-llama", "--data", "hellaswag_sample"]) == 2
     err = capsys.readouterr().err.strip().splitlines()
     assert len(err) == 1 and "TASK=FILE" in err[0]
+
+
+def test_perplexity_reads_a_json_array_as_records(tmp_path, c4_path, capsys):
+    """The same records as .jsonl and as a JSON array give the same perplexity (the raw JSON text is not scored)."""
+    from lightning_drop.evaluation import perplexity_main
+
+    records = [json.loads(line) for line in c4_path.read_text().splitlines()[:20]]
+    (tmp_path / "r.json").write_text(json.dumps(records))
+    (tmp_path / "r.jsonl").write_text("\n".join(json.dumps(r) for r in records) + "\n")
+    got = [perplexity_main("tiny-llama", str(tmp_path / f), seq_len=64, num_windows=4)["perplexity"]
+           for f in ("r.json", "r.jsonl")]
+    assert got[0] == got[1]
+
+
+def test_perplexity_caps_seq_len_at_the_context(tmp_path, c4_path):
+    from lightning_drop.evaluation import perplexity_main
+
+    with pytest.warns(UserWarning, match="capped at max_positions=512"):
+        res = perplexity_main("tiny-llama", str(c4_path), seq_len=4096, num_windows=1)
+    assert res["seq_len"] == 512

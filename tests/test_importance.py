@@ -3,7 +3,6 @@
 from __future__ import annotations
 
 import math
-import os
 import statistics
 
 import pytest
@@ -11,7 +10,7 @@ import torch
 import torch.nn.functional as F
 
 from lightning_drop import apply_drop, dropped_layers
-from lightning_drop.importance import METRICS, compute_importance, token_scores
+from lightning_drop.importance import compute_importance, token_scores
 from lightning_drop.models import tiny_model
 from lightning_drop.selection import drop_by_importance, resolve_num, select_modules
 

@@ -110,10 +110,10 @@ def _fit_config(tmp_path: Path, c4_path: Path) -> Path:
 
 
 @pytest.mark.parametrize("layout", ["file", "fsdp-directory"])
-def test_fit_ckpt_path_with_pickled_code_is_refused(tmp_path, c4_path, marker, monkeypatch, layout):
+def test_fit_ckpt_path_with_pickled_code_is_refused(tmp_path, c4_path, marker, monkeypatch, capsys, layout):
     """`lightning-drop fit --ckpt_path` checks the checkpoint before anything (LayerDrop's resume read, Lightning's
     restore) unpickles it, and says why in one line."""
-    from lightning_drop.lightning_cli import run_lightning_cli
+    from lightning_drop.cli import main
 
     monkeypatch.chdir(tmp_path)
     evil = {"state_dict": {}, "callbacks": {"LayerDrop": Payload(marker)}, "lightning_drop": None}
@@ -124,11 +124,11 @@ def test_fit_ckpt_path_with_pickled_code_is_refused(tmp_path, c4_path, marker, m
         ckpt = tmp_path / "evil_dir"
         ckpt.mkdir()
         torch.save(evil, ckpt / "meta.pt")
-    with pytest.raises(SystemExit) as err:
-        run_lightning_cli(["fit", "--config", str(_fit_config(tmp_path, c4_path)), "--ckpt_path", str(ckpt)])
-    message = str(err.value.code)
+    assert main(["fit", "--config", str(_fit_config(tmp_path, c4_path)), "--ckpt_path", str(ckpt)]) == 2
+    message = capsys.readouterr().err.strip().splitlines()[-1]
     _one_line(message)
     assert message.startswith("lightning-drop fit: error:") and "refused to load" in message
+    assert not marker.exists()
 
 
 @pytest.mark.parametrize("flag, expected", [([], True), (["--weights_only", "false"], False)])

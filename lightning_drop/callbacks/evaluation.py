@@ -24,6 +24,7 @@ from torch import nn
 
 from lightning_drop.distributed import refuse_if_sharded
 
+from ..errors import UserError
 from ._common import final_model
 
 
@@ -38,7 +39,7 @@ def tokenizer_of(trainer: pl.Trainer, pl_module: pl.LightningModule, tokenizer_r
     if tok is None:
         tok = getattr(getattr(trainer, "datamodule", None), "tokenizer", None)
     if tok is None:
-        raise ValueError("no tokenizer: set the callback's `tokenizer` argument, or give the LightningModule "
+        raise UserError("no tokenizer: set the callback's `tokenizer` argument, or give the LightningModule "
                          "or the datamodule a `tokenizer` attribute")
     return tok
 
@@ -97,20 +98,20 @@ class LMEvalCallback(Callback):
         if isinstance(tasks, str):
             tasks = [t.strip() for t in tasks.split(",") if t.strip()]
         if not tasks and not preset and not data_files:
-            raise ValueError("LMEvalCallback needs `tasks`, `preset` or `data_files`")
+            raise UserError("LMEvalCallback needs `tasks`, `preset` or `data_files`")
         if preset is not None and preset not in available_presets():
-            raise ValueError(f"LMEvalCallback: unknown preset {preset!r}; available: {available_presets()}")
+            raise UserError(f"LMEvalCallback: unknown preset {preset!r}; available: {available_presets()}")
         if num_fewshot is not None and (not isinstance(num_fewshot, int) or num_fewshot < 0):
-            raise ValueError(f"LMEvalCallback: num_fewshot must be an integer >= 0, got {num_fewshot!r}")
+            raise UserError(f"LMEvalCallback: num_fewshot must be an integer >= 0, got {num_fewshot!r}")
         if limit is not None and not limit > 0:
-            raise ValueError(f"LMEvalCallback: limit must be > 0, got {limit!r}")
+            raise UserError(f"LMEvalCallback: limit must be > 0, got {limit!r}")
         if not isinstance(batch_size, int) or batch_size < 1:
-            raise ValueError(f"LMEvalCallback: batch_size must be an integer >= 1, got {batch_size!r}")
+            raise UserError(f"LMEvalCallback: batch_size must be an integer >= 1, got {batch_size!r}")
         if include_path is not None and not os.path.isdir(include_path):
             raise FileNotFoundError(f"LMEvalCallback: include_path is not a directory: {include_path}")
         for name, file in (data_files or {}).items():
             if name not in local_task_names():
-                raise ValueError(f"LMEvalCallback: no shipped task {name!r}; shipped: {local_task_names()}")
+                raise UserError(f"LMEvalCallback: no shipped task {name!r}; shipped: {local_task_names()}")
             if not os.path.isfile(file):
                 raise FileNotFoundError(f"LMEvalCallback: data file for {name!r} not found: {file}")
         self.tasks = list(tasks or [])
@@ -127,7 +128,12 @@ class LMEvalCallback(Callback):
 
     def evaluate(self, model: nn.Module, tokenizer: Any) -> dict[str, Any]:
         """Evaluate `model` as configured (also usable outside a Trainer)."""
-        from lightning_drop.evaluation import local_task_dir, prepare_paper_tasks, resolve_tasks, run_lm_eval
+        from lightning_drop.evaluation import (
+            local_task_dir,
+            prepare_paper_tasks,
+            resolve_tasks,
+            run_lm_eval,
+        )
 
         tasks = self.tasks + [t for t in self.data_files if t not in self.tasks]
         plan = resolve_tasks(tasks, preset=self.preset, num_fewshot=self.num_fewshot)
@@ -188,7 +194,7 @@ class PerplexityCallback(Callback):
         for arg, v, lo in (("seq_len", seq_len, 2), ("num_windows", num_windows, 1), ("skip_windows", skip_windows, 0),
                            ("batch_size", batch_size, 1)):
             if not isinstance(v, int) or v < lo:
-                raise ValueError(f"PerplexityCallback: {arg} must be an integer >= {lo}, got {v!r}")
+                raise UserError(f"PerplexityCallback: {arg} must be an integer >= {lo}, got {v!r}")
         self.data, self.seq_len, self.num_windows, self.skip_windows = data, seq_len, num_windows, skip_windows
         self.batch_size, self.field, self.output, self.tokenizer, self.name = batch_size, field, output, tokenizer, name
         self.value: float | None = None
@@ -199,7 +205,7 @@ class PerplexityCallback(Callback):
         windows = text_windows(tokenizer, read_jsonl_texts(self.data, self.field), self.seq_len,
                                self.skip_windows + self.num_windows)[self.skip_windows:]
         if windows.shape[0] == 0:
-            raise ValueError(f"PerplexityCallback: {self.data} has no windows left after skipping {self.skip_windows}")
+            raise UserError(f"PerplexityCallback: {self.data} has no windows left after skipping {self.skip_windows}")
         return perplexity(model, windows, self.batch_size)
 
     def setup(self, trainer: pl.Trainer, pl_module: pl.LightningModule, stage: str) -> None:

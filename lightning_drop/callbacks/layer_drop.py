@@ -29,7 +29,13 @@ from lightning.pytorch.utilities.exceptions import MisconfigurationException
 
 from lightning_drop.distributed import checkpoint_meta, refuse_if_sharded, resume_path
 
-from ._common import CalibrationSource, hf_of, log_metrics, rebuild_optimizers, scoring_device
+from ._common import (
+    CalibrationSource,
+    hf_of,
+    log_metrics,
+    rebuild_optimizers,
+    scoring_device,
+)
 
 WHEN = ("fit_start", "step", "fit_end")
 

@@ -22,7 +22,16 @@ import lightning.pytorch as pl
 from lightning.pytorch.callbacks import Callback
 from lightning.pytorch.utilities import rank_zero_info
 
-from lightning_drop.quantize import BACKENDS, BITS, METHODS, QUANT_REPORT, check_args, require_backend
+from lightning_drop.quantize import (
+    BACKENDS,
+    BITS,
+    METHODS,
+    QUANT_REPORT,
+    check_args,
+    require_backend,
+)
+
+from ..errors import UserError
 
 
 class QuantizeCallback(Callback):
@@ -51,24 +60,24 @@ class QuantizeCallback(Callback):
                  name: str = "quant") -> None:
         method, bits, backend = check_args(method, bits, backend)
         if not isinstance(output, (str, os.PathLike)) or not str(output).strip():
-            raise ValueError("QuantizeCallback: output must be a directory path")
+            raise UserError("QuantizeCallback: output must be a directory path")
         if Path(output).exists() and not Path(output).is_dir():
-            raise ValueError(f"QuantizeCallback: output {output} exists and is not a directory")
+            raise UserError(f"QuantizeCallback: output {output} exists and is not a directory")
         from lightning_drop.data import LOCAL_SUFFIXES
 
         for arg, src in (("calibration", calibration), ("eval_data", eval_data)):
             if arg == "calibration" and (not isinstance(src, str) or not src.strip()):
-                raise ValueError("QuantizeCallback: calibration must name a text file, a sample or a hub dataset")
+                raise UserError("QuantizeCallback: calibration must name a text file, a sample or a hub dataset")
             if src is not None and Path(src).suffix in LOCAL_SUFFIXES and not os.path.isfile(src):
                 raise FileNotFoundError(f"QuantizeCallback: {arg} file not found: {src}")
         for arg, v, lo in (("num_samples", num_samples, 1), ("seq_len", seq_len, 2), ("eval_windows", eval_windows, 1),
                            ("eval_seq_len", eval_seq_len, 2)):
             if isinstance(v, bool) or not isinstance(v, int) or v < lo:
-                raise ValueError(f"QuantizeCallback: {arg} must be an integer >= {lo}, got {v!r}")
+                raise UserError(f"QuantizeCallback: {arg} must be an integer >= {lo}, got {v!r}")
         if eval_skip_windows is None:
             eval_skip_windows = -(-num_samples * seq_len // eval_seq_len)
         if isinstance(eval_skip_windows, bool) or not isinstance(eval_skip_windows, int) or eval_skip_windows < 0:
-            raise ValueError(f"QuantizeCallback: eval_skip_windows must be an integer >= 0, got {eval_skip_windows!r}")
+            raise UserError(f"QuantizeCallback: eval_skip_windows must be an integer >= 0, got {eval_skip_windows!r}")
         require_backend(backend)  # fail before training, not after it
         self.output, self.method, self.bits, self.backend = str(output), method, bits, backend
         self.calibration, self.num_samples, self.seq_len, self.group_size = calibration, num_samples, seq_len, group_size
@@ -111,7 +120,10 @@ class QuantizeCallback(Callback):
             refuse_sharded_measurement(trainer, "QuantizeCallback")
 
     def on_train_end(self, trainer: pl.Trainer, pl_module: pl.LightningModule) -> None:
-        from lightning_drop.callbacks.evaluation import hf_model_and_tokenizer, log_to_loggers
+        from lightning_drop.callbacks.evaluation import (
+            hf_model_and_tokenizer,
+            log_to_loggers,
+        )
 
         # every rank: a pending fit-end drop is collective; a merged copy if the adapters stay attached
         model, tok = hf_model_and_tokenizer(trainer, pl_module, merged_copy=trainer.is_global_zero)

@@ -13,8 +13,14 @@ import lightning.pytorch as pl
 from lightning.pytorch.callbacks import Callback
 
 from lightning_drop.callbacks._common import final_model
-from lightning_drop.callbacks.evaluation import (LMEvalCallback, _on_root_device, log_to_loggers,
-                                                 refuse_sharded_measurement)
+from lightning_drop.callbacks.evaluation import (
+    LMEvalCallback,
+    _on_root_device,
+    log_to_loggers,
+    refuse_sharded_measurement,
+)
+
+from ..errors import UserError
 
 
 class SpeedBenchmark(Callback):
@@ -36,11 +42,11 @@ class SpeedBenchmark(Callback):
         for arg, v, lo in (("batch_size", batch_size, 1), ("prompt_len", prompt_len, 1), ("gen_len", gen_len, 2),
                            ("repeats", repeats, 1), ("warmup", warmup, 0)):
             if not isinstance(v, int) or isinstance(v, bool) or v < lo:
-                raise ValueError(f"SpeedBenchmark: {arg} must be an integer >= {lo}, got {v!r}")
+                raise UserError(f"SpeedBenchmark: {arg} must be an integer >= {lo}, got {v!r}")
         if ideal and not baseline:
-            raise ValueError("SpeedBenchmark: ideal=True needs a `baseline` to profile")
+            raise UserError("SpeedBenchmark: ideal=True needs a `baseline` to profile")
         if baseline_avg is not None and not baseline_avg > 0:
-            raise ValueError(f"SpeedBenchmark: baseline_avg must be > 0, got {baseline_avg!r}")
+            raise UserError(f"SpeedBenchmark: baseline_avg must be > 0, got {baseline_avg!r}")
         self.baseline, self.batch_size, self.prompt_len, self.gen_len = baseline, batch_size, prompt_len, gen_len
         self.repeats, self.warmup, self.ideal, self.baseline_avg = repeats, warmup, ideal, baseline_avg
         self.output, self.prefix = output, prefix

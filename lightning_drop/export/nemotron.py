@@ -46,6 +46,8 @@ from typing import Any
 import torch
 from torch import nn
 
+from ..errors import UserError
+
 SUPPORTED_FAMILIES = ("llama", "mistral")
 _DTYPES = {"bf16": torch.bfloat16, "f16": torch.float16, "f32": torch.float32}
 _MULTIPLE = 256
@@ -90,13 +92,13 @@ def check_llama_family(config: Any, target: str) -> str:
     if base.startswith("dropped_"):
         base = base[len("dropped_"):]
     if base not in SUPPORTED_FAMILIES:
-        raise ValueError(
+        raise UserError(
             f"{target} export supports Llama-family models only ({', '.join(SUPPORTED_FAMILIES)}), got '{base}'"
         )
     if base == "mistral":
         window = getattr(config, "sliding_window", None)
         if window is not None and window < config.max_position_embeddings:
-            raise ValueError(
+            raise UserError(
                 f"{target} export: this mistral model uses a {window}-token sliding window, which "
                 f"Nemotron-NAS/deci engines do not implement; only window-free mistral models are exported"
             )
@@ -110,7 +112,7 @@ def block_plan(model: nn.Module, target: str) -> tuple[list[int], list[int]]:
     attn, mlp = dropped_layers(model)
     n = model.config.num_hidden_layers
     if len(attn) == n:
-        raise ValueError(
+        raise UserError(
             f"{target} export: every attention layer is dropped; vLLM/llama.cpp need at least one attention block"
         )
     return attn, mlp
@@ -128,7 +130,7 @@ def export_nemotron_nas(src: Any, out_dir: str | os.PathLike, dtype: str = "bf16
     from ..atomic_io import atomic_dir, check_output
 
     if dtype not in _DTYPES:
-        raise ValueError(f"dtype must be one of {', '.join(_DTYPES)}, got '{dtype}'")
+        raise UserError(f"dtype must be one of {', '.join(_DTYPES)}, got '{dtype}'")
     check_output(out_dir, overwrite=overwrite, sources=[src] if isinstance(src, (str, os.PathLike)) else [])
     model, tok = _source(src, tokenizer)
     config = model.config
@@ -209,13 +211,13 @@ def rope_fields(cfg: dict[str, Any]) -> dict[str, Any]:
     if params is None:  # transformers 4.x dicts already have the top-level keys
         theta = cfg.get("rope_theta")
         if theta is None:
-            raise ValueError("Nemotron-NAS export: the config has neither rope_parameters nor rope_theta")
+            raise UserError("Nemotron-NAS export: the config has neither rope_parameters nor rope_theta")
         out: dict[str, Any] = {"rope_theta": float(theta)}
         if cfg.get("rope_scaling"):
             out["rope_scaling"] = dict(cfg["rope_scaling"])
         return out
     if not isinstance(params, dict) or "rope_theta" not in params:
-        raise ValueError(
+        raise UserError(
             f"Nemotron-NAS export: per-layer-type or theta-less rope_parameters {params!r} have no Llama equivalent")
     out = {"rope_theta": float(params["rope_theta"])}
     scaling = {k: v for k, v in params.items() if k != "rope_theta"}
@@ -246,19 +248,19 @@ def load_nemotron_nas(directory: str | os.PathLike, dtype: torch.dtype = torch.f
     directory = Path(directory)
     cfg = read_config(directory)
     if cfg.get("model_type") not in ("nemotron-nas", "deci") or "block_configs" not in cfg:
-        raise ValueError(f"{directory} is not a Nemotron-NAS checkpoint (model_type 'nemotron-nas' with block_configs)")
+        raise UserError(f"{directory} is not a Nemotron-NAS checkpoint (model_type 'nemotron-nas' with block_configs)")
     blocks = cfg["block_configs"]
     n, heads, hidden = cfg["num_hidden_layers"], cfg["num_attention_heads"], cfg["hidden_size"]
     if len(blocks) != n:
-        raise ValueError(f"{directory}: {len(blocks)} block_configs for {n} layers")
+        raise UserError(f"{directory}: {len(blocks)} block_configs for {n} layers")
     attn = [i for i, b in enumerate(blocks) if b["attention"].get("no_op")]
     mlp = [i for i, b in enumerate(blocks) if b["ffn"].get("no_op")]
     if any(b["attention"].get("replace_with_linear") or b["ffn"].get("replace_with_linear") for b in blocks):
-        raise ValueError(f"{directory}: 'replace_with_linear' blocks have no Llama equivalent; cannot load")
+        raise UserError(f"{directory}: 'replace_with_linear' blocks have no Llama equivalent; cannot load")
     groups = {b["attention"]["n_heads_in_group"] for i, b in enumerate(blocks) if i not in attn}
     mults = {b["ffn"]["ffn_mult"] for i, b in enumerate(blocks) if i not in mlp}
     if len(groups) > 1 or len(mults) > 1:
-        raise ValueError(
+        raise UserError(
             f"{directory}: blocks differ in n_heads_in_group {sorted(groups)} or ffn_mult {sorted(mults)}; "
             f"only uniform Llama blocks (with no-ops) can be loaded"
         )
@@ -293,7 +295,7 @@ def load_nemotron_nas(directory: str | os.PathLike, dtype: torch.dtype = torch.f
     missing = set(model.state_dict()) - set(state) - ({"lm_head.weight"} if config.tie_word_embeddings else set())
     extra = set(state) - set(model.state_dict())
     if missing or extra:
-        raise ValueError(f"{directory}: weights do not match block_configs (missing {sorted(missing)[:4]}, "
+        raise UserError(f"{directory}: weights do not match block_configs (missing {sorted(missing)[:4]}, "
                          f"unexpected {sorted(extra)[:4]})")
     model.load_state_dict(state, strict=False, assign=True)
     if config.tie_word_embeddings:

@@ -24,6 +24,7 @@ from lightning.pytorch.utilities import rank_zero_info, rank_zero_only
 from lightning.pytorch.utilities.exceptions import MisconfigurationException
 
 from ..checkpoint import atomic_write_text
+from ..errors import UserError
 from ..importance import METRICS
 from ..selection import SCHEDULES, TARGETS
 from .importance import compute_vision_importance, vision_drop_by_importance
@@ -102,7 +103,7 @@ def evaluate_accuracy(pl_module: pl.LightningModule, loader: Any) -> float:
         total += len(y)
     pl_module.train(was)
     if total == 0:
-        raise ValueError("the evaluation loader is empty")
+        raise UserError("the evaluation loader is empty")
     return correct / total
 
 

@@ -18,6 +18,7 @@ import torch.nn.functional as F
 from torch import nn
 from torchmetrics.classification import MulticlassAccuracy
 
+from ..errors import UserError
 from .architectures import VISION_SPECS, get_vision_spec
 from .modeling_dropped import apply_drop, dropped_layers
 
@@ -36,7 +37,7 @@ def build_vision_model(family: str = "vit", init_config: dict[str, Any] | None =
 
         return load_vision_dropped(model_path)
     if family not in FAMILIES:
-        raise ValueError(f"unknown vision family '{family}'; choose from {', '.join(FAMILIES)}")
+        raise UserError(f"unknown vision family '{family}'; choose from {', '.join(FAMILIES)}")
     spec = get_vision_spec(family)
     kwargs = {**spec.tiny_overrides, **(init_config or {})}
     if spec.classification_class:
@@ -76,9 +77,9 @@ class VisionDropModule(pl.LightningModule):
                  seed: int = 0) -> None:
         super().__init__()
         if lr <= 0:
-            raise ValueError(f"lr must be positive, got {lr}")
+            raise UserError(f"lr must be positive, got {lr}")
         if num_labels < 2:
-            raise ValueError(f"num_labels must be at least 2, got {num_labels}")
+            raise UserError(f"num_labels must be at least 2, got {num_labels}")
         self.save_hyperparameters()
         self.model = build_vision_model(family, init_config, model_path, num_labels, seed)
         self.spec = get_vision_spec(self.model)
