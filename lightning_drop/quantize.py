@@ -33,6 +33,7 @@ from typing import Any, Iterable, Mapping, Sequence
 import torch
 from torch import nn
 
+from .data import load_documents, make_windows
 from .errors import UserError
 
 log = logging.getLogger(__name__)
@@ -211,19 +212,8 @@ def check_shapes(linears: dict[str, tuple[int, int]], method: str, group_size: i
 # --------------------------------------------------------------------------------------------------
 # Calibration text
 # --------------------------------------------------------------------------------------------------
-def read_texts(source: str | os.PathLike | Sequence[str], field: str = "text") -> list[str]:
-    """Texts from a list, or any source `lightning_drop.data.load_documents` reads: a `.jsonl`/`.json`/`.txt`/
-    `.parquet` file, an offline sample name (`c4-sample`, `wiki-sample`, `tinystories-sample`) or a hub spec."""
-    if isinstance(source, (str, os.PathLike)):
-        from .data import LOCAL_SUFFIXES, load_documents
-
-        if Path(source).suffix in LOCAL_SUFFIXES and not Path(source).exists():
-            raise FileNotFoundError(f"calibration text not found: {source}")
-        return load_documents(source, text_field=field)
-    texts = [str(t) for t in source]
-    if not texts:
-        raise UserError("calibration texts are empty")
-    return texts
+#: The old name of the one text reader (`lightning_drop.data.load_documents` also takes a list of texts).
+read_texts = load_documents
 
 
 # --------------------------------------------------------------------------------------------------
@@ -267,7 +257,7 @@ def quantize(
 ) -> QuantizeResult:
     """Quantize the checkpoint at `model_dir` (plain, block-dropped or sublayer-dropped) into `out_dir`.
 
-    `calibration`: texts, a file or a sample name (see `read_texts`; default the offline C4 sample); cut into `num_samples` blocks of `seq_len` tokens
+    `calibration`: texts, a file or a sample name (see `data.load_documents`; default the offline C4 sample); cut into `num_samples` blocks of `seq_len` tokens
     (EOS after each document). `group_size=None` picks the largest of 128/64/32 dividing every quantized
     width. `dtype` is the precision the model is calibrated in and its unquantized tensors (embeddings,
     norms, lm_head) are saved in: default float16 on GPU; on CPU bfloat16 for AWQ (gptqmodel's CPU AWQ
@@ -308,16 +298,14 @@ def quantize(
         if group_size is None:
             group_size = auto_group_size(i for i, _ in linears.values())
         check_shapes(linears, method, group_size)
-        texts = read_texts(calibration)
+        texts = load_documents(calibration)
 
         from transformers import AutoTokenizer
-
-        from .evaluation import text_windows
 
         from .models import from_pretrained
 
         tokenizer = from_pretrained(AutoTokenizer.from_pretrained, src)
-        blocks = text_windows(tokenizer, texts, seq_len, num_samples)
+        blocks = make_windows(tokenizer, texts, seq_len, num_samples)
         calib = [{"input_ids": row.tolist(), "attention_mask": [1] * row.numel()} for row in blocks]
 
         _import_gptqmodel()
@@ -444,7 +432,7 @@ def quality_table(models: Mapping[str, str | os.PathLike], data: str | os.PathLi
     tasks = list(tasks or [])
     if data is None and not tasks and not given:
         raise UserError("quality table: nothing to measure; give held-out text (data), lm-eval tasks or task results")
-    from .evaluation import perplexity, run_lm_eval, text_windows
+    from .evaluation import perplexity, run_lm_eval
     from .models import load_model
 
     table: dict[str, Any] = {"rows": [], "data": None if data is None else str(data), "seq_len": seq_len,
@@ -458,8 +446,8 @@ def quality_table(models: Mapping[str, str | os.PathLike], data: str | os.PathLi
             model, tok = load_model(str(ref))
             if data is not None:
                 if windows is None:
-                    texts = read_texts(data, field)
-                    windows = text_windows(tok, texts, seq_len, skip_windows + num_windows)[skip_windows:]
+                    texts = load_documents(data, text_field=field)
+                    windows = make_windows(tok, texts, seq_len, skip_windows + num_windows)[skip_windows:]
                     if windows.shape[0] == 0:
                         raise UserError(f"{data} has no windows of {seq_len} tokens left after skipping {skip_windows}")
                     table["num_windows"] = int(windows.shape[0])
@@ -571,68 +559,6 @@ def quality_report(source: str | os.PathLike, quantized: str | os.PathLike, data
     return out
 
 
-def default_baseline_output(output: str | os.PathLike) -> Path:
-    """Where `quantize_main` puts the quantized baseline unless told: a sibling `<output>-baseline`."""
-    out = Path(output)
-    return out.with_name(out.name + "-baseline")
-
-
-def quantize_main(model: str, output: str, method: str = "gptq", bits: int = 4, group_size: int | None = None,
-                  calibration: str | None = "c4-sample", num_samples: int = 64, seq_len: int = 512,
-                  backend: str = "gptqmodel", eval_data: str | None = None, eval_windows: int = 16,
-                  eval_skip_windows: int | None = None, dtype: str | None = None, baseline: str | None = None,
-                  baseline_output: str | None = None, tasks: Sequence[str] | str | None = None,
-                  num_fewshot: int | None = None, limit: int | float | None = None, include_path: str | None = None,
-                  task_results: Sequence[str] | Mapping[str, Any] | None = None,
-                  overwrite: bool = False) -> dict[str, Any]:
-    """`lightning-drop quantize`: quantize a saved (dropped) model; with `eval_data` / `tasks`, compare quality.
-
-    `eval_skip_windows=None` skips as many held-out tokens as calibration used (`num_samples` windows), so
-    evaluating on the calibration source does not score text the quantizer has seen.
-    `baseline` (the undropped model): quantized with the same settings into `baseline_output` (default
-    `<output>-baseline`), so the table has the paper's four rows: baseline, baseline+quant, dropped,
-    dropped+quant. `tasks` are run with lm-eval on every row; `task_results` ("LABEL=FILE" of
-    `lightning-drop eval --output`) supply rows' scores instead.
-    Writes `output/lightning_drop_quant.json` (settings, time, sizes, quality) and, when quality is
-    measured, `output/quality_table.json` + `.md`. Returns the same dictionary.
-    """
-    from .atomic_io import atomic_write_text, check_output
-
-    measure = bool(eval_data or tasks or task_results)
-    if (baseline is not None or baseline_output is not None) and not measure:
-        raise UserError("a baseline is only used for the quality table: also give eval_data (--eval-data) or tasks")
-    if baseline_output is not None and baseline is None:
-        raise UserError("baseline_output given without baseline (the undropped model to quantize)")
-    if baseline is not None and Path(default_baseline_output(output) if baseline_output is None
-                                     else baseline_output).resolve() == Path(output).resolve():
-        raise UserError("baseline_output must differ from output")
-    check_args(method, bits, backend)
-    check_output(output, overwrite=overwrite, sources=[model, baseline, eval_data, calibration])
-    if baseline is not None:
-        check_output(default_baseline_output(output) if baseline_output is None else baseline_output,
-                     overwrite=overwrite, sources=[model, baseline, eval_data, calibration],
-                     option="--baseline-output")
-    require_backend(backend)  # before anything is loaded: both quantizations need it
-    settings = dict(method=method, bits=bits, group_size=group_size, calibration=calibration or "c4-sample",
-                    num_samples=num_samples, seq_len=seq_len, backend=backend, dtype=dtype)
-    res = quantize(model, output, **settings).to_dict()
-    res["model"], res["calibration"] = str(model), str(calibration or "c4-sample")
-    base_q = None
-    if baseline is not None:
-        base_q = str(default_baseline_output(output) if baseline_output is None else baseline_output)
-        settings["group_size"] = res["group_size"]  # the same grid for both rows
-        res["baseline_quantization"] = {**quantize(baseline, base_q, **settings).to_dict(), "model": str(baseline)}
-    if measure:
-        skip = num_samples if eval_skip_windows is None else eval_skip_windows
-        res.update(quality_report(model, output, eval_data or None, seq_len=seq_len, num_windows=eval_windows,
-                                  skip_windows=skip, baseline=baseline, baseline_quantized=base_q, tasks=tasks,
-                                  num_fewshot=num_fewshot, limit=limit, include_path=include_path,
-                                  task_results=task_results, output=output))
-    atomic_write_text(Path(output) / QUANT_REPORT, json.dumps(res, indent=2, sort_keys=True, default=str) + "\n")
-    print(format_report(res))
-    return res
-
-
 def format_report(res: dict[str, Any]) -> str:
     lines = [f"{res['method']} {res['bits']}-bit (group {res['group_size']}, {res['backend']}) "
              f"in {res['seconds']:.1f} s: {res['size_before_bytes'] / 1e6:.2f} MB -> {res['size_after_bytes'] / 1e6:.2f} MB"]
@@ -644,3 +570,16 @@ def format_report(res: dict[str, Any]) -> str:
     if res.get("table_files"):
         lines.append("table written to " + " and ".join(res["table_files"]))
     return "\n".join(lines)
+
+
+#: The command function that lived here, now in the jobs layer (imported on first use: the library never
+#: imports jobs).
+_MOVED_TO_JOBS = {"quantize_main", "default_baseline_output"}
+
+
+def __getattr__(name: str) -> Any:
+    if name in _MOVED_TO_JOBS:
+        import importlib
+
+        return getattr(importlib.import_module("lightning_drop.jobs.quantize"), name)
+    raise AttributeError(f"module {__name__!r} has no attribute {name!r}")

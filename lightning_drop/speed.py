@@ -18,12 +18,13 @@ import statistics
 import sys
 import time
 from collections.abc import Iterable, Iterator, Mapping, Sequence
-from typing import Any
+from typing import Any, get_args
 
 import torch
 from torch import nn
 
 from .errors import UserError
+from .options import Interleave
 
 
 # --------------------------------------------------------------------------------------------------
@@ -238,7 +239,7 @@ def measure_generation(model: nn.Module, batch_size: int = 1, prompt_len: int = 
                          repeats=repeats, warmup=warmup, seed=seed, clock=clock)["model"]
 
 
-INTERLEAVE = ("step", "run")
+INTERLEAVE: tuple[str, ...] = get_args(Interleave)
 
 
 def compare_speed(base: nn.Module | Mapping[str, nn.Module], dropped: nn.Module | None = None, batch_size: int = 1,
@@ -449,80 +450,6 @@ def realized_gain(measured: float, ideal: float) -> float:
     return (measured - 1.0) / (ideal - 1.0)
 
 
-# --------------------------------------------------------------------------------------------------
-# Command
-# --------------------------------------------------------------------------------------------------
-def _read_average(path: str | None) -> float | None:
-    if not path:
-        return None
-    import json
-
-    with open(path) as fh:
-        data = json.load(fh)
-    avg = data.get("average")
-    if avg is None:
-        raise UserError(f"{path} has no 'average' (expected the JSON written by `lightning-drop eval`)")
-    return float(avg)
-
-
-def speed_main(model: str, baseline: str | None = None, batch_size: int = 1, prompt_len: int = 128,
-               gen_len: int = 128, repeats: int = 3, warmup: int = 1, output: str | None = None,
-               eval_results: str | None = None, baseline_eval_results: str | None = None,
-               ideal: bool = False, clock: str = "wall", interleave: str = "step",
-               threads: int | None = None, overwrite: bool = False) -> dict[str, Any]:
-    """`lightning-drop speed`: time a saved model, side by side with `baseline` when given.
-
-    `eval_results` / `baseline_eval_results`: JSON files from `lightning-drop eval` (for the SDR).
-    `ideal`: also profile the baseline for the ideal speedup of the model's drop.
-    `clock`, `interleave`: as in `compare_speed`; `threads`: torch threads (1 with the process clock is the
-    steadiest setting on a shared CPU machine, as in benchmarks/decode_speedup.py).
-    """
-    from lightning_drop.atomic_io import check_output, write_json
-    from lightning_drop.models import load_model
-
-    if ideal and not baseline:
-        raise UserError("--ideal needs --baseline: the ideal speedup is profiled on the undropped model")
-    for name, value in (("--batch-size", batch_size), ("--prompt-len", prompt_len), ("--gen-len", gen_len),
-                        ("--repeats", repeats)):
-        if value < 1:
-            raise UserError(f"{name} must be >= 1, got {value}")
-    if warmup < 0:
-        raise UserError(f"--warmup must be >= 0, got {warmup}")
-    if output:
-        check_output(output, kind="file", overwrite=overwrite,
-                     sources=[model, baseline, eval_results, baseline_eval_results])
-    _clock(clock)
-    if interleave not in INTERLEAVE:
-        raise UserError(f"interleave must be one of {', '.join(INTERLEAVE)}, got {interleave!r}")
-    if threads is not None:
-        if threads < 1:
-            raise UserError(f"threads must be >= 1, got {threads}")
-        torch.set_num_threads(threads)
-    net, _ = load_model(model)
-    if baseline:
-        base, _ = load_model(baseline)
-        res = compare_speed(base, net, batch_size, prompt_len, gen_len, repeats, warmup, clock=clock,
-                            interleave=interleave)
-    else:
-        res = {"dropped": measure_generation(net, batch_size, prompt_len, gen_len, repeats, warmup, clock=clock)}
-        res["peak_rss_bytes"] = peak_rss_bytes()
-    res["model"], res["baseline"] = model, baseline
-    if baseline and ideal:
-        from lightning_drop.modeling_dropped import dropped_layers
-
-        a, m = dropped_layers(net)
-        prof = profile_drop(base, a, m, batch_size, prompt_len, gen_len, repeats, warmup, clock=clock)
-        res["ideal_speedup"] = prof["total"]["ideal_speedup"]
-        res["realized_gain"] = realized_gain(res["speedup"]["total"], res["ideal_speedup"])
-    d_avg, b_avg = _read_average(eval_results), _read_average(baseline_eval_results)
-    if baseline and d_avg is not None and b_avg is not None:
-        res["sdr"] = sdr(b_avg, d_avg, res["speedup"]["total"])
-    if output:
-        write_json(output, res)
-    print_speed(res)
-    return res
-
-
 def print_speed(res: Mapping[str, Any]) -> None:
     for name in ("base", "dropped"):
         if name in res:
@@ -539,3 +466,16 @@ def print_speed(res: Mapping[str, Any]) -> None:
         if res.get(k) is not None:
             print(f"{k} {res[k]:.3f}")
     print(f"peak RSS {res['peak_rss_bytes'] / 2**20:.0f} MiB")
+
+
+#: The command function that lived here, now in the jobs layer (imported on first use: the library never
+#: imports jobs).
+_MOVED_TO_JOBS = {"speed_main"}
+
+
+def __getattr__(name: str) -> Any:
+    if name in _MOVED_TO_JOBS:
+        import importlib
+
+        return getattr(importlib.import_module("lightning_drop.jobs.speed"), name)
+    raise AttributeError(f"module {__name__!r} has no attribute {name!r}")

@@ -162,6 +162,23 @@ def test_unsupported_file_type(tmp_path: Path) -> None:
         load_documents(tmp_path / "a.csv")
 
 
+def test_texts_in_memory_are_read_like_any_source(tmp_path: Path, docs: list[str]) -> None:
+    """One reader for every caller: a list of texts gets the same blank-skipping and the same errors."""
+    path = tmp_path / "d.jsonl"
+    path.write_text("".join(json.dumps({"text": d}) + "\n" for d in docs[:3]))
+    assert load_documents([docs[0], "  ", docs[1], docs[2]]) == load_documents(path) == docs[:3]
+    assert load_documents(iter(docs[:3]), limit=2) == docs[:2]
+    with pytest.raises(ValueError, match="no documents"):
+        load_documents(["", " \n"])
+
+
+def test_the_old_reader_and_window_names_are_the_one_reader_and_window_maker() -> None:
+    from lightning_drop import evaluation, quantize
+
+    assert evaluation.read_jsonl_texts is quantize.read_texts is load_documents
+    assert evaluation.text_windows is make_windows
+
+
 # ------------------------------------------------------------------------------------------------ windows
 def test_windows_are_the_eos_joined_stream_cut_in_order(byte_tokenizer, docs: list[str]) -> None:
     stream = reference_stream(byte_tokenizer, docs)
@@ -177,6 +194,12 @@ def test_windows_are_the_eos_joined_stream_cut_in_order(byte_tokenizer, docs: li
     ends = torch.cumsum(torch.tensor([len(byte_tokenizer.encode(d, add_special_tokens=False)) + 1 for d in docs]), 0)
     assert eos_at == [e - 1 for e in ends.tolist() if e <= n * seq]
     assert byte_tokenizer.decode(full[0]).startswith(docs[0][:100])
+
+
+def test_blank_documents_add_no_eos_and_any_iterable_works(byte_tokenizer, docs: list[str]) -> None:
+    """Held-out text with blank records (perplexity, quantization) is cut as calibration text is."""
+    expected = make_windows(byte_tokenizer, docs, 256)
+    assert torch.equal(make_windows(byte_tokenizer, (d for d in ["", *docs, "   "]), 256), expected)
 
 
 def test_shuffle_is_seeded_and_picks_real_windows(byte_tokenizer, docs: list[str]) -> None:

@@ -1,4 +1,7 @@
-"""The one-shot/iterative drop job: calibrate, score, select, drop, save checkpoint + report."""
+"""`lightning-drop drop`: calibrate, score, select, drop, save checkpoint + report (one-shot or iterative).
+
+Imports nothing heavy at module level: the command line reads `drop_main`'s signature for `--help`.
+"""
 
 from __future__ import annotations
 
@@ -6,35 +9,37 @@ import json
 import os
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Any, Sequence
+from typing import TYPE_CHECKING, Any, Literal, Sequence, get_args
 
-import torch
-
-from .atomic_io import check_output
-from .checkpoint import save_dropped
-from .data import CalibrationConfig, calibration_windows
-from .errors import UserError
-from .importance import METRICS
-from .modeling_dropped import dropped_layers
-from .models import load_model
-from .selection import (
+from ..atomic_io import check_output
+from ..errors import UserError
+from ..options import (
+    METRICS,
     SCHEDULES,
     TARGETS,
-    DropResult,
-    drop_by_importance,
-    require_droppable,
-    resolve_num,
-    total_modules,
+    CalibrationConfig,
+    Metric,
+    Schedule,
+    Target,
 )
+
+if TYPE_CHECKING:
+    import torch
+
+    from ..selection import DropResult
 
 #: "auto" writes the dropped checkpoint in the source checkpoint's own dtype (scoring may run in float32:
 #: a bf16 model must not come back twice its size).
-SAVE_DTYPES = ("auto", "float32", "bfloat16", "float16")
+SaveDtype = Literal["auto", "float32", "bfloat16", "float16"]
+SAVE_DTYPES: tuple[str, ...] = get_args(SaveDtype)
+ScoreDtype = Literal["float32", "bfloat16", "float16"]
 
 
 def source_dtype(ref: str) -> torch.dtype | None:
     """The dtype a local checkpoint's config.json records (None: not a local checkpoint, or not recorded)."""
-    from .models import resolve
+    import torch
+
+    from ..models import resolve
 
     cfg = Path(resolve(ref)) / "config.json"
     if not cfg.is_file():
@@ -45,8 +50,10 @@ def source_dtype(ref: str) -> torch.dtype | None:
     return value if isinstance(value, torch.dtype) else None
 
 
-def save_dtype_of(job: "DropJob") -> torch.dtype | None:
+def save_dtype_of(job: DropJob) -> torch.dtype | None:
     """dtype to write the checkpoint in (None: keep what the model or the source tensors have)."""
+    import torch
+
     return source_dtype(job.model) if job.save_dtype == "auto" else getattr(torch, job.save_dtype)
 
 
@@ -94,6 +101,8 @@ class DropJob:
 
 def check_device(device: str, option: str) -> torch.device:
     """A device this torch build can use, or one line saying why not (before anything is loaded)."""
+    import torch
+
     try:
         dev = torch.device(device)
     except RuntimeError:
@@ -121,6 +130,12 @@ def run_drop(job: DropJob, progress: bool = True) -> dict[str, Any]:
     """Run `job`; returns the report (also written to OUTPUT/importance.json with a PNG beside it)."""
     if job.stream:
         return run_drop_streamed(job, progress)
+    from ..checkpoint import save_dropped
+    from ..data import calibration_windows
+    from ..modeling_dropped import dropped_layers
+    from ..models import load_model
+    from ..selection import drop_by_importance
+
     model, tok = load_model(job.model, dtype=job.dtype, tokenizer=job.tokenizer)
     check_vocabulary(tok, model.get_input_embeddings().num_embeddings, job.model)
     num = _check_request(job, model.config.num_hidden_layers, *dropped_layers(model))
@@ -141,6 +156,8 @@ def run_drop(job: DropJob, progress: bool = True) -> dict[str, Any]:
 def _check_request(job: DropJob, n_layers: int, dropped_attn: Sequence[int] = (),
                    dropped_mlp: Sequence[int] = ()) -> int:
     """Number of modules to drop; errors for bad --keep/--num before the (long) calibration pass."""
+    from ..selection import require_droppable, resolve_num, total_modules
+
     bad_keep = [i for i in job.keep if not 0 <= i < n_layers]
     if bad_keep:
         raise UserError(f"--keep {bad_keep} out of range: the model has {n_layers} layers")
@@ -156,10 +173,11 @@ def run_drop_streamed(job: DropJob, progress: bool = True) -> dict[str, Any]:
     Same selection, report and checkpoint as the in-memory path; the model is never built (see
     `lightning_drop.streaming`). The model must be a local safetensors checkpoint (or `smollm2-135m`).
     """
-    from .checkpoint import read_config
-    from .models import load_tokenizer, resolve
-    from .selection import select_modules
-    from .streaming import stream_importance, write_dropped_streaming
+    from ..checkpoint import read_config
+    from ..data import calibration_windows
+    from ..models import load_tokenizer, resolve
+    from ..selection import DropResult, select_modules
+    from ..streaming import stream_importance, write_dropped_streaming
 
     path = Path(resolve(job.model))
     if not (path / "config.json").is_file():
@@ -167,7 +185,7 @@ def run_drop_streamed(job: DropJob, progress: bool = True) -> dict[str, Any]:
                          f"got '{job.model}'")
     config = read_config(path)
     n_layers = int(config["num_hidden_layers"])
-    from .modeling_dropped import normalize_drop_list
+    from ..modeling_dropped import normalize_drop_list
 
     base_attn = normalize_drop_list(config.get("drop_attn_list"), n_layers)
     base_mlp = normalize_drop_list(config.get("drop_mlp_list"), n_layers)
@@ -225,10 +243,63 @@ def build_report(job: DropJob, result: DropResult, windows: torch.Tensor) -> dic
 
 def write_report(directory: str | os.PathLike, report: dict[str, Any], result: DropResult) -> None:
     """importance.json and importance.png into `directory`."""
-    from .plots import plot_importance
+    from ..plots import plot_importance
 
     directory = Path(directory)
     (directory / "importance.json").write_text(json.dumps(report, indent=2) + "\n")
     plot_importance(result.rounds[0], directory / "importance.png", result.attn, result.mlp,
                     title=f"{report['model']}: {report['metric']} importance, dropped {report['target']} "
                           f"({report['schedule']}) in red")
+
+
+def drop_main(model: str, output: str, target: Target = "attn", num: int | None = None, ratio: float | None = None,
+              metric: Metric = "cosine", schedule: Schedule = "one-shot", step: int = 1,
+              keep: list[int] | None = None, calibration: str = CalibrationConfig.source,
+              text_field: str = CalibrationConfig.text_field, num_samples: int = CalibrationConfig.num_samples,
+              seq_len: int = CalibrationConfig.seq_len, shuffle: bool = False, seed: int = CalibrationConfig.seed,
+              batch_size: int = 4, dtype: ScoreDtype = "float32", save_dtype: SaveDtype = "auto",
+              tokenizer: str | None = None, stream: bool = False, device: str = "cpu",
+              offload_dir: str | None = None, max_shard_size: str = "2GB", overwrite: bool = False) -> dict[str, Any]:
+    """Score every block, attention and MLP sublayer (S = 1 - cos(X, Y) by default) on calibration text, drop
+    the lowest-scoring modules, and write the dropped checkpoint with importance.json and importance.png.
+
+    Args:
+        model: local checkpoint dir, .gguf file, hub id, or catalogue name (smollm2-135m, tiny-llama, ...)
+        output: directory for the dropped checkpoint and the report
+        target: what to drop: whole blocks, attention or MLP sublayers, or attention+MLP ranked jointly
+        num: number of modules to drop (joint: attention and MLP counted together)
+        ratio: fraction of modules to drop, in (0, 1)
+        metric: importance metric (default: the paper's)
+        schedule: one-shot: score once; iterative: re-score after every --step drops
+        step: modules dropped per round with --schedule iterative
+        keep: comma-separated layer indices never to drop
+        calibration: calibration text: .txt file or dir, .json/.jsonl, .parquet, a HF dataset
+            name[:config][@split], or c4-sample / wiki-sample / tinystories-sample (offline)
+        text_field: text field of json/jsonl/parquet/HF sources
+        num_samples: calibration windows (paper: 256)
+        seq_len: tokens per window (paper: 2048; capped by the model's context)
+        shuffle: sample windows at random instead of the first N
+        seed: seed for --shuffle and the random metric
+        batch_size: windows per forward pass
+        dtype: weights dtype while scoring (scores accumulate in float64 regardless)
+        save_dtype: dtype of the written checkpoint (auto: the source checkpoint's own dtype)
+        tokenizer: tokenizer (directory, hub id or catalogue name) when the model dir has none
+        stream: models larger than memory: score one decoder layer at a time from the safetensors shards and
+            write the dropped checkpoint shard by shard (needs a local checkpoint dir)
+        device: --stream: device each layer runs on (cpu, cuda, cuda:1)
+        offload_dir: --stream: keep the calibration hidden states memory-mapped in this directory, not in RAM
+        max_shard_size: --stream: largest output shard (e.g. 2GB, 500MB)
+        overwrite: replace a non-empty --output directory
+
+    Returns the report that OUTPUT/importance.json holds.
+    """
+    job = DropJob(model=model, target=target, num=num, ratio=ratio, metric=metric, schedule=schedule, step=step,
+                  keep=list(keep or []), batch_size=batch_size, dtype=dtype, save_dtype=save_dtype,
+                  tokenizer=tokenizer, output=output, overwrite=overwrite, stream=stream, device=device,
+                  offload_dir=offload_dir, max_shard_size=max_shard_size,
+                  calibration=CalibrationConfig(source=calibration, text_field=text_field, num_samples=num_samples,
+                                                seq_len=seq_len, shuffle=shuffle, seed=seed))
+    report = run_drop(job)
+    print(f"dropped attention {report['drop_attn_list']} MLP {report['drop_mlp_list']} "
+          f"({report['metric']}, {report['schedule']}); wrote {output} (importance.json, importance.png)")
+    return report

