@@ -44,9 +44,10 @@ print(json.dumps([len(names), sorted(m for m in sys.modules if m.startswith("lig
 
 def test_old_import_paths_reach_the_jobs():
     import lightning_drop.drop_job as old_drop
+    from lightning_drop.drop_job import DropJob, run_drop
+
     import lightning_drop.jobs.drop as drop
     from lightning_drop import evaluation, quantize, speed
-    from lightning_drop.drop_job import DropJob, run_drop
     from lightning_drop.jobs import evaluate as eval_jobs
     from lightning_drop.jobs import quantize as quantize_jobs
     from lightning_drop.jobs import speed as speed_jobs
@@ -87,13 +88,12 @@ def _typed(model: str, keep: list[int] | None = None, tasks: list[str] | str | N
     return dict(locals())
 
 
-def test_signature_types_become_the_established_spellings(monkeypatch, capsys):
-    import tests.test_jobs as here
-
+def test_signature_types_become_the_established_spellings():
     command = Command("typed", "tests.test_jobs:_typed", help="h", repeated={"pairs": "K=V"},
                       flags={"field": "--text-field"})
     parser = argparse.ArgumentParser(prog="x")
-    add_command(parser.add_subparsers(dest="command"), command)
+    typed = add_command(parser.add_subparsers(dest="command"), command)
+    assert "tokens" in typed.format_help() and "the model" in typed.format_help()  # help from the docstring
     args = parser.parse_args(["typed", "--model", "m", "--keep", "0,2", "--tasks", "a, b", "--limit", "5",
                               "--mode", "b", "--dry", "--pairs", "k=v", "--pairs", "l=w", "--seq-len", "3",
                               "--text-field", "body"])
@@ -108,7 +108,6 @@ def test_signature_types_become_the_established_spellings(monkeypatch, capsys):
             parser.parse_args(["typed", "--model", "m", *bad])
     with pytest.raises(SystemExit):
         parser.parse_args(["typed"])  # --model is required: it has no default
-    assert here._typed.__doc__ and "tokens" in parser._subparsers._group_actions[0].choices["typed"].format_help()
 
 
 def test_a_flag_that_defaults_to_true_is_refused():
