@@ -38,26 +38,6 @@ def _weight_bytes(directory: Path) -> int:
     return sum(f.stat().st_size for f in directory.glob("*.safetensors"))
 
 
-@pytest.mark.parametrize("family", ["llama", "gemma2", "olmo2", "qwen2"])
-def test_sublayer_drop_roundtrips_through_auto_class(tmp_path, family):
-    base, tok = tiny_model(family)
-    save_dropped(base, tmp_path / "base", tok)
-    model, _ = tiny_model(family)
-    apply_drop(model, attn=[0, 2], mlp=[1])
-    expected = _logits(model)
-    out = save_dropped(model, tmp_path / "drop", tok)
-    config = json.loads((out / "config.json").read_text())
-    assert config["drop_attn_list"] == [0, 2] and config["drop_mlp_list"] == [1]
-    assert config["auto_map"]["AutoModelForCausalLM"].startswith("modeling_dropped.")
-    assert (out / "modeling_dropped.py").is_file() and (out / "architectures.py").is_file()
-    assert not any(".0.self_attn." in k or ".1.mlp." in k or ".0.input_layernorm." in k for k in _saved_keys(out))
-    assert _weight_bytes(out) < _weight_bytes(tmp_path / "base")
-    loaded = AutoModelForCausalLM.from_pretrained(out)  # no trust_remote_code: registered classes
-    assert type(loaded).__name__.startswith("Dropped")
-    torch.testing.assert_close(_logits(loaded), expected, atol=1e-5, rtol=1e-5)
-    assert dropped_layers(loaded) == ([0, 2], [1])
-
-
 @pytest.mark.parametrize("family", ["gemma2", "qwen2", "llama"])
 def test_block_only_drop_is_a_plain_checkpoint(tmp_path, family):
     # gemma2: sliding/full alternate; qwen2: sliding only up to max_window_layers. Types must follow their layers.
