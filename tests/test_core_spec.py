@@ -43,10 +43,12 @@ def test_bad_drop_lists_in_a_config_are_refused(tmp_path, family, field, value, 
 
 
 def test_vision_loader_refuses_a_negative_index_too(tmp_path):
-    from lightning_drop.vision import load_vision_dropped
+    """Through the vision names: `-1` used to drop the last block silently."""
+    from lightning_drop.vision import apply_drop as vision_apply_drop
+    from lightning_drop.vision import load_vision_dropped, save_vision_dropped
 
-    model = apply_drop(tiny_vision_model("vit"), attn=[1])
-    save_dropped(model, tmp_path / "ckpt")
+    model = vision_apply_drop(tiny_vision_model("vit"), attn=[1])
+    save_vision_dropped(model, tmp_path / "ckpt")
     cfg = json.loads((tmp_path / "ckpt" / "config.json").read_text())
     (tmp_path / "ckpt" / "config.json").write_text(json.dumps({**cfg, "drop_attn_list": [-1]}))
     with pytest.raises(ValueError, match="drop list index -1 is out of range"):
@@ -55,9 +57,12 @@ def test_vision_loader_refuses_a_negative_index_too(tmp_path):
 
 @pytest.mark.parametrize("family", ["llama", "vit", "swinv2"])
 def test_numpy_and_torch_integer_indices_are_accepted(family):
+    from lightning_drop import vision
+
     np = pytest.importorskip("numpy")
     model = _model(family)
-    apply_drop(model, attn=[np.int64(1), torch.tensor(2)], mlp=[np.int32(3)])
+    drop = apply_drop if family == "llama" else vision.apply_drop  # the vision name is the core function
+    drop(model, attn=[np.int64(1), torch.tensor(2)], mlp=[np.int32(3)])
     assert dropped_layers(model) == ([1, 2], [3])
 
 
@@ -136,7 +141,9 @@ def test_vision_scores_are_synced_across_ddp_ranks(tmp_path):
 
     mp.spawn(_ddp_worker, args=(2, str(tmp_path / "init"), PIXELS, str(tmp_path / "scores")), nprocs=2, join=True)
     r0, r1 = torch.load(f"{tmp_path}/scores.0"), torch.load(f"{tmp_path}/scores.1")
-    single = compute_importance(tiny_vision_model("vit"), [PIXELS])
+    from lightning_drop.vision.importance import compute_vision_importance
+
+    single = compute_vision_importance(tiny_vision_model("vit"), [PIXELS])
     assert r0["num_tokens"] == r1["num_tokens"] == single.num_tokens
     for kind in ("attn", "mlp", "block"):
         assert r0[kind] == r1[kind]  # identical on every rank
