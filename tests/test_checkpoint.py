@@ -11,11 +11,9 @@ from pathlib import Path
 
 import pytest
 import torch
-from safetensors import safe_open
 from transformers import AutoModelForCausalLM
 
 from lightning_drop import apply_drop, dropped_layers, load_dropped, save_dropped
-from lightning_drop.checkpoint import checkpoint_kind
 from lightning_drop.models import load_model, tiny_model
 
 X = torch.arange(40).reshape(2, 20) % 250
@@ -24,42 +22,6 @@ X = torch.arange(40).reshape(2, 20) % 250
 def _logits(model):
     with torch.no_grad():
         return model(X).logits
-
-
-def _saved_keys(directory: Path) -> set[str]:
-    keys: set[str] = set()
-    for f in directory.glob("*.safetensors"):
-        with safe_open(str(f), "pt") as fh:
-            keys |= set(fh.keys())
-    return keys
-
-
-def _weight_bytes(directory: Path) -> int:
-    return sum(f.stat().st_size for f in directory.glob("*.safetensors"))
-
-
-@pytest.mark.parametrize("family", ["gemma2", "qwen2", "llama"])
-def test_block_only_drop_is_a_plain_checkpoint(tmp_path, family):
-    # gemma2: sliding/full alternate; qwen2: sliding only up to max_window_layers. Types must follow their layers.
-    model, tok = tiny_model(family, num_layers=4)
-    types_before = list(getattr(model.config, "layer_types", None) or [])  # Llama has no per-layer types
-    apply_drop(model, attn=[0, 3], mlp=[0, 3])
-    assert checkpoint_kind(model) == "blocks"
-    expected = _logits(model)
-    out = save_dropped(model, tmp_path / "blocks", tok)
-    config = json.loads((out / "config.json").read_text())
-    assert config["model_type"] == family and "auto_map" not in config
-    assert config["num_hidden_layers"] == 2
-    if types_before:
-        assert config["layer_types"] == [types_before[1], types_before[2]]
-    assert config["lightning_drop"]["dropped_blocks"] == [0, 3]
-    assert not (out / "modeling_dropped.py").exists()
-    # a plain transformers class reads it
-    import transformers
-
-    plain = getattr(transformers, type(model).__name__.removeprefix("Dropped")).from_pretrained(out).eval()
-    assert type(plain).__module__.startswith(f"transformers.models.{family}.")
-    torch.testing.assert_close(_logits(plain), expected, atol=1e-5, rtol=1e-5)
 
 
 def test_deepseek_block_drop_keeps_the_dropped_format_when_layers_would_not_rebuild(tmp_path):

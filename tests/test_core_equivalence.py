@@ -1,8 +1,8 @@
 """The dropped-model core over every family from one place: decoders and vision encoders alike.
 
 Dropped = zeroed (the original model with the chosen sublayers' residual contributions set to zero),
-physical removal, the run-time check that dropped sublayers never run, and save/reload with the same
-outputs; cached = uncached generation for the families that generate.
+physical removal, the run-time check that dropped sublayers never run, save/reload with the same outputs
+(sublayer drops and block-only plain checkpoints); cached = uncached generation for the families that generate.
 """
 
 from __future__ import annotations
@@ -18,6 +18,7 @@ from safetensors import safe_open
 
 from lightning_drop import apply_drop, dropped_layers, get_spec, load_dropped, save_dropped
 from lightning_drop.architectures import VISION_SPECS
+from lightning_drop.checkpoint import checkpoint_kind
 from lightning_drop.models import TINY_FAMILIES, tiny_model
 from lightning_drop.sublayer_check import check_really_skipped, sublayer_call_counts
 
@@ -156,6 +157,40 @@ def test_sublayer_drop_roundtrips_through_save_and_reload(tmp_path, family):
         assert type(loaded).__name__ == type(model).__name__
         torch.testing.assert_close(output(loaded.eval(), x), expected, atol=1e-5, rtol=1e-5)
         assert dropped_layers(loaded) == ([0, 2], [1])
+
+
+@pytest.mark.parametrize("family,blocks,plain", [
+    # gemma2: sliding/full alternate; qwen2: sliding only up to max_window_layers. Types follow their layers.
+    ("gemma2", [0, 3], True), ("qwen2", [0, 3], True), ("llama", [0, 3], True),
+    ("vit", [1, 3], True), ("dinov2", [0], True), ("dinov3_vit", [2], True),
+    ("swinv2", [1], True),    # stage 0 keeps block 0 (no shift): plain with depths [1, 2]
+    ("swinv2", [2], False),   # stage 1 block 1 (shifted) would become block 0: dropped format
+])
+def test_block_only_drop_is_a_plain_checkpoint(tmp_path, family, blocks, plain):
+    model, x = build(family)
+    spec = get_spec(model)
+    types_before = list(getattr(model.config, "layer_types", None) or [])  # not every family has per-layer types
+    apply_drop(model, attn=blocks, mlp=blocks)
+    assert checkpoint_kind(model) == "blocks"
+    expected = output(model, x)
+    out = save_dropped(model, tmp_path / "blocks")
+    config = json.loads((out / "config.json").read_text())
+    if plain:
+        assert config["model_type"] == spec.model_types[0] and "auto_map" not in config
+        assert not (out / "modeling_dropped.py").exists()
+        assert config["lightning_drop"]["dropped_blocks"] == blocks
+        assert spec.num_layers(config) == 4 - len(blocks)
+        if family == "swinv2":
+            assert config["depths"] == [1, 2] and config["lightning_drop"]["original_depths"] == [2, 2]
+        if types_before:
+            assert config["layer_types"] == [t for i, t in enumerate(types_before) if i not in blocks]
+        cls = getattr(transformers, config["architectures"][0])  # a plain transformers class reads it
+        loaded = cls.from_pretrained(out)
+        assert type(loaded).__module__.startswith("transformers.models.")
+    else:
+        assert config["model_type"] == f"dropped_{family}"
+        loaded = load_dropped(out)
+    torch.testing.assert_close(output(loaded.eval(), x), expected, atol=1e-5, rtol=1e-5)
 
 
 def _left_padded_batch(tok):

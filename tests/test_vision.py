@@ -4,7 +4,6 @@ checkpoints in three shapes, bad requests."""
 from __future__ import annotations
 
 import copy
-import json
 import os
 import subprocess
 import sys
@@ -12,12 +11,8 @@ import textwrap
 
 import pytest
 import torch
-import transformers
-from safetensors import safe_open
 
-from lightning_drop.vision import (apply_drop, dropped_layers, get_vision_spec, load_vision_dropped,
-                                   save_vision_dropped)
-from lightning_drop.vision.checkpoint import checkpoint_kind
+from lightning_drop.vision import (apply_drop, dropped_layers, get_vision_spec, save_vision_dropped)
 from lightning_drop.vision.importance import compute_vision_importance, vision_drop_by_importance
 from lightning_drop.vision.module import tiny_vision_model
 from lightning_drop.vision.speed import check_really_skipped, compare_image_throughput, sublayer_call_counts
@@ -120,41 +115,6 @@ def test_bad_inputs_and_unsupported():
         compute_vision_importance(model, [torch.randn(3, 32, 32)])
     with pytest.raises(ValueError, match="no calibration data"):
         compute_vision_importance(model, [])
-
-
-def _saved_keys(directory):
-    keys = set()
-    for f in directory.glob("*.safetensors"):
-        with safe_open(str(f), "pt") as fh:
-            keys |= set(fh.keys())
-    return keys
-
-
-@pytest.mark.parametrize("family,blocks,kind,plain", [
-    ("vit", [1, 3], "blocks", True), ("dinov2", [0], "blocks", True), ("dinov3_vit", [2], "blocks", True),
-    ("swinv2", [1], "blocks", True),    # stage 0 keeps block 0 (no shift): plain with depths [1, 2]
-    ("swinv2", [2], "blocks", False),   # stage 1 block 1 (shifted) would become block 0: dropped format
-])
-def test_block_only_drop_is_a_plain_checkpoint(tmp_path, family, blocks, kind, plain):
-    model = tiny_vision_model(family)
-    apply_drop(model, attn=blocks, mlp=blocks)
-    assert checkpoint_kind(model) == kind
-    expected = _out(model)
-    out = save_vision_dropped(model, tmp_path / "blocks")
-    config = json.loads((out / "config.json").read_text())
-    if plain:
-        assert config["model_type"] == family and "auto_map" not in config
-        assert config["lightning_drop"]["dropped_blocks"] == blocks
-        if family == "swinv2":
-            assert config["depths"] == [1, 2] and config["lightning_drop"]["original_depths"] == [2, 2]
-        else:
-            assert config["num_hidden_layers"] == 4 - len(blocks)
-        cls = getattr(transformers, config["architectures"][0])  # a plain transformers class reads it
-        loaded = cls.from_pretrained(out).eval()
-    else:
-        assert config["model_type"] == f"dropped_{family}"
-        loaded = load_vision_dropped(out)
-    torch.testing.assert_close(_out(loaded), expected, atol=1e-5, rtol=1e-5)
 
 
 CLEAN_ENV_SCRIPT = textwrap.dedent(
