@@ -2,7 +2,7 @@
 
 The public names are imported on first use (PEP 562), so `import lightning_drop` and the `lightning-drop`
 command's `--help` load neither torch nor transformers. What the eager imports used to guarantee still
-holds: once `lightning_drop` is imported, the dropped text and vision classes are registered with
+holds: once `lightning_drop` is imported, the dropped classes of every family are registered with
 transformers' Auto classes as soon as transformers itself is imported (before or after this package), so
 `AutoModelForCausalLM.from_pretrained(dropped_dir)` works without `trust_remote_code`.
 """
@@ -56,8 +56,7 @@ __getattr__, __dir__ = _lazy_exports(__name__, _EXPORTS)
 # ------------------------------------------------------------------ Auto-class registration, import-order free
 # module -> its registration function; each registers itself the moment its own import completes
 _REGISTRARS = {
-    f"{__name__}.modeling_dropped": "register_auto_classes",
-    f"{__name__}.vision.modeling_dropped": "register_vision_auto_classes",
+    f"{__name__}.modeling_dropped": "register_auto_classes",  # every family, decoders and vision alike
 }
 
 

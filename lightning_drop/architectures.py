@@ -1,8 +1,14 @@
-"""Where each decoder family keeps its layers, attention, MLP and norms — described as data.
+"""Where each family keeps its layers, attention, MLP and norms — decoders and vision encoders alike, as data.
 
-Adding a family is one `ArchSpec` entry, not a modeling file. This module depends only on the
-standard library and torch, because it is copied next to `modeling_dropped.py` into every dropped
-checkpoint (transformers' remote-code loader imports it from there).
+Adding a family is one entry in `decoder_families.py` or `vision_families.py`, not a modeling file. This
+module and those two depend only on the standard library and torch, because they are copied next to
+`modeling_dropped.py` into every dropped checkpoint (transformers' remote-code loader imports them there).
+
+Layer numbering. Decoders, ViT, DINOv2 (+registers) and DINOv3 have one list of layers: index i is layer i.
+Staged families (SwinV2: `swinv2.encoder.layers[s].blocks[b]`) number their blocks by ONE FLAT INDEX over
+all blocks in stage order, so with depths (2, 2, 6, 2) flat 0-1 are stage 0, 2-3 stage 1, 4-9 stage 2 and
+10-11 stage 3. `ArchSpec.block_names(model)` gives the "stage.block" name of every flat index and
+`flat_index(model, "2.3")` converts back. Drop lists in configs, scores and reports always use the flat index.
 """
 
 from __future__ import annotations
@@ -17,20 +23,45 @@ try:  # the package's class when it is installed; this file also runs alone as a
 except ImportError:
     UserError = ValueError
 
+try:  # inside the package (and inside transformers' copy of a checkpoint's remote code)
+    from .decoder_families import DECODER_FAMILIES
+    from .vision_families import VISION_FAMILIES
+except ImportError:  # pragma: no cover - imported as a flat module next to a checkpoint
+    from decoder_families import DECODER_FAMILIES  # type: ignore
+    from vision_families import VISION_FAMILIES  # type: ignore
+
+DROPPED_PREFIX = "dropped_"
+INPUTS = ("text", "image")
+
 
 @dataclass(frozen=True)
 class ArchSpec:
-    """Module names of one decoder family.
+    """Module names of one family (relative to a layer unless said otherwise).
 
-    `attn_norms` / `mlp_norms` are removed together with their sublayer (pre-norms, and the post-norms
-    of sandwich/post-norm families). `mlp_entry` is the module whose *input* is the residual stream
-    between the two sublayers (h = x + attn(...)): scores hook there, so a family whose MLP has no
-    pre-norm (OLMo2) names the MLP itself.
+    - `layers`: path of the ModuleList of layers (inside the base model when `base_prefix` is set); for
+      staged families the ModuleList of stages, whose blocks are in `stage_blocks`.
+    - `attn` / `mlp`: the sublayer modules; `mlp_parts`: further modules of the MLP sublayer (SwinV2's
+      `output`) that are replaced with it.
+    - `attn_norms` / `mlp_norms`: modules that belong to the sublayer and go with it: pre-norms, post-norms
+      of sandwich/post-norm families, DINOv2/v3 LayerScale.
+    - `mlp_entry`: the module whose *input* is h = x + attn(...), the residual stream between the sublayers
+      (a family whose MLP has no pre-norm names the MLP itself). Scores hook there.
+    - `attn_in` / `mlp_in`: modules whose input is the sublayer's own input ("" = the layer's input), and
+      `attn_out` / `mlp_out`: modules whose output is the sublayer's contribution to the residual stream
+      (after LayerScale / post-norm); default: the sublayer module itself. Used by the "without residual"
+      metric and the run-time sublayer check.
+    - `inputs`: "text" (input_ids + attention_mask; causal LMs with a KV cache) or "image" (pixel_values).
+    - `model_classes`: transformers classes that get a `Dropped<cls>` counterpart (default: the causal LM);
+      `classification_class` is the one loaded through AutoModelForImageClassification.
+    - `base_prefix`: attribute holding the base model inside task heads (`vit`, `dinov2`, ...).
+    - `full_shape_attn`: the layer reshapes the attention output (SwinV2 windows), so the stand-in returns
+      zeros of the input's shape instead of a broadcast scalar zero.
+    - `num_layers_key`: config field with the number of layers (a list of per-stage depths is summed).
     """
 
     family: str
     model_types: tuple[str, ...]
-    causal_lm_class: str
+    causal_lm_class: str | None
     config_class: str
     layers: str = "model.layers"
     attn: str = "self_attn"
@@ -40,100 +71,164 @@ class ArchSpec:
     mlp_entry: str = "post_attention_layernorm"
     # Extra config fields a tiny random-init test model needs (kept with the family).
     tiny_overrides: dict[str, Any] = field(default_factory=dict)
+    inputs: str = "text"
+    model_classes: tuple[str, ...] = ()
+    classification_class: str | None = None
+    base_prefix: str = ""
+    mlp_parts: tuple[str, ...] = ()
+    attn_in: str | None = None
+    attn_out: str | None = None
+    mlp_in: str | None = None
+    mlp_out: str | None = None
+    layer_scales: tuple[str, ...] = ()
+    stage_blocks: str | None = None
+    full_shape_attn: bool = False
+    num_layers_key: str = "num_hidden_layers"
 
-    def get_layers(self, model: nn.Module) -> nn.ModuleList:
-        """The ModuleList of decoder layers of `model` (a CausalLM or its inner base model)."""
+    def __post_init__(self) -> None:
+        if self.inputs not in INPUTS:
+            raise ValueError(f"ArchSpec {self.family}: inputs must be one of {INPUTS}, got {self.inputs!r}")
+        defaults = {"attn_in": self.attn, "attn_out": self.attn, "mlp_in": self.mlp, "mlp_out": self.mlp,
+                    "model_classes": (self.causal_lm_class,) if self.causal_lm_class else ()}
+        for name, value in defaults.items():
+            if getattr(self, name) in (None, ()):
+                object.__setattr__(self, name, value)
+
+    # ------------------------------------------------------------------------------------ locating layers
+    @property
+    def staged(self) -> bool:
+        return self.stage_blocks is not None
+
+    def base_model(self, model: nn.Module) -> nn.Module:
+        """The base model inside a task head (or the model itself when it is the base model)."""
+        inner = getattr(model, self.base_prefix, None) if self.base_prefix else None
+        return inner if isinstance(inner, nn.Module) else model
+
+    def _walk(self, model: nn.Module, path: str) -> Any:
         obj: Any = model
-        for part in self.layers.split("."):
+        parts = path.split(".")
+        for k, part in enumerate(parts):
             if not hasattr(obj, part):
-                # Accept the inner model (e.g. LlamaModel) as well as the CausalLM.
-                if part == "model" and hasattr(obj, "layers"):
+                # Accept the inner model (e.g. LlamaModel) as well as the model holding it.
+                if k == 0 and len(parts) > 1 and hasattr(obj, parts[1]):
                     continue
-                raise AttributeError(f"{type(model).__name__} has no '{self.layers}' for family {self.family}")
+                raise AttributeError(f"{type(model).__name__} has no '{path}' for family {self.family}")
             obj = getattr(obj, part)
         return obj
 
+    def get_stages(self, model: nn.Module) -> list[nn.ModuleList]:
+        """Lists of layers, one per stage (a single stage for unstaged families)."""
+        top = self._walk(self.base_model(model), self.layers)
+        if not self.staged:
+            return [top]
+        return [getattr(stage, self.stage_blocks) for stage in top]
+
+    def get_layers(self, model: nn.Module) -> nn.ModuleList:
+        """All layers in flat order: the model's own ModuleList, or for staged families a new (unregistered)
+        list of the blocks in stage order."""
+        stages = self.get_stages(model)
+        return stages[0] if not self.staged else nn.ModuleList([b for stage in stages for b in stage])
+
     @property
     def layer_prefix(self) -> str:
-        """State-dict prefix of layer i is f"{layer_prefix}.{i}."."""
-        return self.layers
+        """State-dict prefix of layer i is f"{layer_prefix}.{i}." (unstaged families, model with its head)."""
+        return f"{self.base_prefix}.{self.layers}" if self.base_prefix else self.layers
+
+    def layer_prefixes(self, model: nn.Module) -> list[str]:
+        """State-dict prefix ("swinv2.encoder.layers.1.blocks.0.") of every flat index of `model`."""
+        names = {id(m): n for n, m in model.named_modules()}
+        return [names[id(b)] + "." for b in self.get_layers(model)]
+
+    def block_names(self, model: nn.Module) -> list[str]:
+        """Human name of each flat index: "i", or "stage.block" for staged families."""
+        if not self.staged:
+            return [str(i) for i in range(len(self.get_layers(model)))]
+        return [f"{s}.{b}" for s, stage in enumerate(self.get_stages(model)) for b in range(len(stage))]
+
+    def flat_index(self, model: nn.Module, name: str | int) -> int:
+        """Flat index of a block given as an int or a "stage.block" string."""
+        if isinstance(name, int):
+            return name
+        names = self.block_names(model)
+        if name not in names:
+            raise UserError(f"no block '{name}' in this {self.family} model; blocks are {', '.join(names)}")
+        return names.index(name)
+
+    def num_layers(self, config: Any) -> int | None:
+        """Number of (flat) layers a config or config dict describes; None when it does not say."""
+        value = config.get(self.num_layers_key) if isinstance(config, dict) else getattr(config, self.num_layers_key, None)
+        if isinstance(value, (list, tuple)):
+            return sum(int(d) for d in value)
+        return None if value is None else int(value)
+
+    # ---------------------------------------------------------------------------------------- sublayers
+    def attn_modules(self) -> tuple[str, ...]:
+        """Every module of a layer that belongs to its attention sublayer."""
+        return (self.attn, *self.attn_norms)
+
+    def mlp_modules(self) -> tuple[str, ...]:
+        """Every module of a layer that belongs to its MLP sublayer."""
+        return (self.mlp, *self.mlp_parts, *self.mlp_norms)
+
+    @property
+    def attn_extra(self) -> tuple[str, ...]:
+        """The earlier vision name of `attn_norms`."""
+        return self.attn_norms
+
+    @property
+    def mlp_extra(self) -> tuple[str, ...]:
+        """The earlier vision name of `mlp_norms`."""
+        return self.mlp_norms
+
+    def auto_class(self, class_name: str) -> str:
+        """Name of the transformers Auto class that loads `class_name` (or its Dropped counterpart)."""
+        base = class_name[len("Dropped"):] if class_name.startswith("Dropped") else class_name
+        if self.inputs == "text":
+            return "AutoModelForCausalLM"
+        return "AutoModelForImageClassification" if base == self.classification_class else "AutoModel"
 
 
-_PRE_NORM = dict(attn_norms=("input_layernorm",), mlp_norms=("post_attention_layernorm",),
-                 mlp_entry="post_attention_layernorm")
-_SANDWICH = dict(attn_norms=("input_layernorm", "post_attention_layernorm"),
-                 mlp_norms=("pre_feedforward_layernorm", "post_feedforward_layernorm"),
-                 mlp_entry="pre_feedforward_layernorm")
-_POST_NORM = dict(attn_norms=("post_attention_layernorm",), mlp_norms=("post_feedforward_layernorm",),
-                  mlp_entry="mlp")
+SPECS: tuple[ArchSpec, ...] = tuple(ArchSpec(**f) for f in DECODER_FAMILIES)
+VISION_SPECS: tuple[ArchSpec, ...] = tuple(ArchSpec(**f) for f in VISION_FAMILIES)
+ALL_SPECS: tuple[ArchSpec, ...] = SPECS + VISION_SPECS
 
-SPECS: tuple[ArchSpec, ...] = (
-    ArchSpec("llama", ("llama",), "LlamaForCausalLM", "LlamaConfig", **_PRE_NORM),
-    ArchSpec("mistral", ("mistral",), "MistralForCausalLM", "MistralConfig", **_PRE_NORM,
-             tiny_overrides={"sliding_window": 8}),
-    ArchSpec("qwen2", ("qwen2",), "Qwen2ForCausalLM", "Qwen2Config", **_PRE_NORM,
-             tiny_overrides={"use_sliding_window": True, "sliding_window": 8, "max_window_layers": 2}),
-    ArchSpec("qwen3", ("qwen3",), "Qwen3ForCausalLM", "Qwen3Config", **_PRE_NORM,
-             tiny_overrides={"head_dim": 16}),
-    ArchSpec("gemma2", ("gemma2",), "Gemma2ForCausalLM", "Gemma2Config", **_SANDWICH,
-             tiny_overrides={"sliding_window": 8, "head_dim": 16}),
-    ArchSpec("gemma3", ("gemma3_text",), "Gemma3ForCausalLM", "Gemma3TextConfig", **_SANDWICH,
-             tiny_overrides={"sliding_window": 8, "head_dim": 16, "sliding_window_pattern": 2}),
-    ArchSpec("phi3", ("phi3",), "Phi3ForCausalLM", "Phi3Config", **_PRE_NORM,
-             tiny_overrides={"pad_token_id": 0}),
-    ArchSpec("olmo2", ("olmo2",), "Olmo2ForCausalLM", "Olmo2Config", **_POST_NORM),
-    ArchSpec("deepseek_v3", ("deepseek_v3",), "DeepseekV3ForCausalLM", "DeepseekV3Config", **_PRE_NORM,
-             tiny_overrides={"num_key_value_heads": 4, "kv_lora_rank": 16, "q_lora_rank": 24, "qk_rope_head_dim": 8,
-                             "qk_nope_head_dim": 8, "v_head_dim": 16, "n_routed_experts": 4,
-                             "num_experts_per_tok": 2, "n_group": 1, "topk_group": 1,
-                             "moe_intermediate_size": 32, "first_k_dense_replace": 1,
-                             "n_shared_experts": 1}),
-    # Baichuan ships only remote modeling code (trust_remote_code); its layout is Llama's.
-    ArchSpec("baichuan", ("baichuan",), "BaichuanForCausalLM", "BaichuanConfig", **_PRE_NORM),
-)
-
-_BY_MODEL_TYPE = {mt: spec for spec in SPECS for mt in spec.model_types}
-DROPPED_PREFIX = "dropped_"
+_BY_MODEL_TYPE = {mt: spec for spec in ALL_SPECS for mt in spec.model_types}
 
 
-def supported_model_types() -> list[str]:
-    return sorted(_BY_MODEL_TYPE)
+def supported_model_types(inputs: str | None = None) -> list[str]:
+    """Model types this package can drop (only those taking `inputs` when given)."""
+    return sorted(mt for mt, spec in _BY_MODEL_TYPE.items() if inputs in (None, spec.inputs))
 
 
 def spec_for_model_type(model_type: str) -> ArchSpec:
     """Look a family up by `config.model_type` (a dropped type maps to its base family)."""
     base = model_type[len(DROPPED_PREFIX):] if model_type.startswith(DROPPED_PREFIX) else model_type
     if base not in _BY_MODEL_TYPE:
-        hint = ""
-        if base in _vision_model_types():
-            hint = (" ('" + base + "' is a vision transformer: use lightning_drop.vision — apply_drop, "
-                    "VisionImportanceTracker, VisionLayerDrop)")
         raise UserError(
             f"unsupported architecture '{model_type}'; supported model types: {', '.join(supported_model_types())}"
-            + hint
         )
     return _BY_MODEL_TYPE[base]
 
 
-def _vision_model_types() -> list[str]:
-    """Vision model types, when this file is inside the package; a copy next to a checkpoint has none.
-
-    Imported by name, not with a relative `from .vision ...`: transformers' remote-code loader copies every
-    relatively imported file next to the checkpoint's modeling file and would look for one.
-    """
-    if __package__ != "lightning_drop":
-        return []
-    import importlib
-
-    return importlib.import_module(f"{__package__}.vision.architectures").supported_vision_model_types()
-
-
 def get_spec(model_or_config: Any) -> ArchSpec:
-    """The ArchSpec of a model, its config, or a model_type string."""
+    """The ArchSpec of a model, its config, a config dict, or a model_type string."""
     if isinstance(model_or_config, str):
         return spec_for_model_type(model_or_config)
-    config = getattr(model_or_config, "config", model_or_config)
-    base = getattr(config, "base_model_type", None) or getattr(config, "model_type", None)
-    if base is None:
+    if isinstance(model_or_config, dict):
+        base = model_or_config.get("base_model_type") or model_or_config.get("model_type")
+    else:
+        config = getattr(model_or_config, "config", model_or_config)
+        base = getattr(config, "base_model_type", None) or getattr(config, "model_type", None)
+    if not base:
         raise UserError(f"cannot tell the architecture of {type(model_or_config).__name__}: no config.model_type")
     return spec_for_model_type(base)
+
+
+def decoder_spec(model_or_config: Any) -> ArchSpec:
+    """`get_spec` for code that handles causal LMs only: a vision family gets a pointer to the vision tools."""
+    spec = get_spec(model_or_config)
+    if spec.inputs != "text":
+        raise UserError(f"'{spec.model_types[0]}' is a vision transformer: use lightning_drop.vision "
+                        "(load_vision_dropped, VisionDropModule, VisionLayerDrop) or the core functions "
+                        "apply_drop / compute_importance / save_dropped directly")
+    return spec

@@ -1,10 +1,15 @@
-"""Writing dropped models as checkpoints that any transformers user can load.
+"""Writing dropped models (decoders and vision encoders) as checkpoints that any transformers user can load.
 
 Three shapes, chosen from what was dropped:
 - nothing dropped: the model's own `save_pretrained` output;
-- only whole blocks: a plain checkpoint of the original architecture with fewer (renumbered) layers;
+- only whole blocks: a plain checkpoint of the original architecture with fewer (renumbered) layers, with
+  `config.json["lightning_drop"] = {"dropped_blocks": [...], "original_num_hidden_layers": N}` (staged
+  families: per-stage `depths` shrink, plus `original_depths`). The dropped format is kept when the
+  renumbered config would not rebuild the same modules (DeepSeek's dense first layers, a SwinV2 block whose
+  window shift would change, an emptied stage);
 - attention/MLP sublayers: `model_type: dropped_<base>` with `drop_attn_list`/`drop_mlp_list`, plus this
-  package's self-contained `modeling_dropped.py` referenced from `auto_map` (for `trust_remote_code=True`).
+  package's self-contained `modeling_dropped.py` (and the architecture files it imports) referenced from
+  `auto_map` (for `trust_remote_code=True`).
 Every write goes to a temporary sibling directory that is renamed into place only when complete.
 """
 
@@ -12,7 +17,6 @@ from __future__ import annotations
 
 import json
 import os
-import re
 import shutil
 from pathlib import Path
 from typing import Any, Callable
@@ -20,57 +24,82 @@ from typing import Any, Callable
 import torch
 from torch import nn
 
-from .architectures import ArchSpec, get_spec
+from .architectures import DROPPED_PREFIX, ArchSpec, get_spec
 from .atomic_io import atomic_dir, atomic_write_text, check_output
 from .errors import UserError
 from .modeling_dropped import dropped_layers
 
-_REMOTE_FILES = ("modeling_dropped.py", "architectures.py")
+# Copied next to a dropped checkpoint: modeling_dropped.py and every file it imports relatively.
+_REMOTE_FILES = ("modeling_dropped.py", "architectures.py", "decoder_families.py", "vision_families.py")
 _PACKAGE_DIR = Path(__file__).resolve().parent
+# Config fields that describe the drop or the old layer count, not the plain renumbered model.
+_NOT_PLAIN = ("drop_attn_list", "drop_mlp_list", "base_model_type", "auto_map", "architectures", "model_type",
+              "transformers_version", "stage_names", "out_features", "out_indices", "_out_features", "_out_indices")
+
+
+def _base_class_name(model: nn.Module) -> str:
+    name = type(model).__name__
+    return name[len("Dropped"):] if name.startswith("Dropped") else name
 
 
 def _compact_blocks(model: nn.Module, spec: ArchSpec, blocks: list[int]) -> nn.Module | None:
     """A plain base-architecture model without the dropped blocks, sharing tensors with `model`.
 
-    Returns None when the renumbered config would not rebuild the same modules (e.g. DeepSeek's dense
-    first layers), in which case the caller keeps the dropped format.
+    Returns None when the renumbered config would not rebuild the same modules, in which case the caller
+    keeps the dropped format.
     """
     import transformers
 
     config = model.config
-    n = config.num_hidden_layers
-    keep = [i for i in range(n) if i not in set(blocks)]
-    base_cls = getattr(transformers, spec.config_class)
+    gone = set(blocks)
+    layers = spec.get_layers(model)
+    keep = [i for i in range(len(layers)) if i not in gone]
     cfg = config.to_dict()
-    for key in ("drop_attn_list", "drop_mlp_list", "base_model_type", "auto_map", "architectures",
-                "model_type", "transformers_version"):
+    for key in _NOT_PLAIN:
         cfg.pop(key, None)
-    cfg["num_hidden_layers"] = len(keep)
+    info: dict[str, Any] = {"dropped_blocks": sorted(gone), "original_num_hidden_layers": len(layers)}
+    if spec.staged:
+        depths, start = [], 0
+        for d in config.depths:
+            depths.append(sum(1 for i in range(start, start + d) if i not in gone))
+            start += d
+        if 0 in depths:
+            return None
+        info["original_depths"] = list(config.depths)
+        cfg["depths"] = depths
+    else:
+        cfg[spec.num_layers_key] = len(keep)
     if cfg.get("layer_types") is not None:
         cfg["layer_types"] = [config.layer_types[i] for i in keep]
-    cfg["lightning_drop"] = {"dropped_blocks": list(blocks), "original_num_hidden_layers": n}
-    new_config = base_cls(**cfg)
+    cfg["lightning_drop"] = info
+    new_config = getattr(transformers, spec.config_class)(**cfg)
     if getattr(new_config, "layer_types", None) is not None and getattr(config, "layer_types", None) is not None:
         if list(new_config.layer_types) != [config.layer_types[i] for i in keep]:
             return None
-    remap = {old: new for new, old in enumerate(keep)}
-    prefix = re.escape(spec.layer_prefix)
-    pattern = re.compile(rf"^{prefix}\.(\d+)\.")
+    cls = getattr(transformers, _base_class_name(model))
+    with torch.device("meta"):
+        plain = cls(new_config)
+    new_layers = spec.get_layers(plain)
+    for new_i, old_i in enumerate(keep):  # SwinV2: shifts alternate by position inside a stage
+        if getattr(new_layers[new_i], "shift_size", None) != getattr(layers[old_i], "shift_size", None):
+            return None
+    old_prefixes, new_prefixes = spec.layer_prefixes(model), spec.layer_prefixes(plain)
+    remap = {old_prefixes[old]: new_prefixes[new] for new, old in enumerate(keep)}
     state = {}
     for key, value in model.state_dict().items():
-        m = pattern.match(key)
-        if m:
-            key = f"{spec.layer_prefix}.{remap[int(m.group(1))]}." + key[m.end():]
+        for old, new in remap.items():
+            if key.startswith(old):
+                key = new + key[len(old):]
+                break
         state[key] = value
-    with torch.device("meta"):
-        plain = getattr(transformers, spec.causal_lm_class)(new_config)
     expected = {k: tuple(v.shape) for k, v in plain.state_dict().items()}
     if expected != {k: tuple(v.shape) for k, v in state.items()}:
         return None
     plain.load_state_dict(state, assign=True)
     if getattr(plain.config, "tie_word_embeddings", False):
         plain.tie_weights()
-    plain.generation_config = model.generation_config
+    if getattr(model, "generation_config", None) is not None:
+        plain.generation_config = model.generation_config
     return plain.eval()
 
 
@@ -85,13 +114,14 @@ def checkpoint_kind(model: nn.Module) -> str:
 def save_dropped(model: nn.Module, out_dir: str | os.PathLike, tokenizer: Any = None,
                  max_shard_size: str = "2GB", extra: Callable[[Path], None] | None = None,
                  overwrite: bool = False) -> Path:
-    """Save `model` (dropped or not) to `out_dir` atomically in safetensors; returns the path.
+    """Save `model` (dropped or not, any family) to `out_dir` atomically in safetensors; returns the path.
 
-    A non-empty `out_dir` is replaced only with `overwrite=True`. `extra(tmp_dir)` may add files (reports)
-    that must appear together with the checkpoint.
+    `tokenizer` is anything with `save_pretrained` (a tokenizer, an image processor). A non-empty `out_dir`
+    is replaced only with `overwrite=True`. `extra(tmp_dir)` may add files (reports) that must appear together
+    with the checkpoint.
     """
     spec = get_spec(model)
-    attn, mlp = dropped_layers(model)
+    attn, _ = dropped_layers(model)
     kind = checkpoint_kind(model)
     out_dir = check_output(out_dir, overwrite=overwrite, option="save_dropped: out_dir",
                            sources=[getattr(model.config, "_name_or_path", None) or None],
@@ -104,7 +134,7 @@ def save_dropped(model: nn.Module, out_dir: str | os.PathLike, tokenizer: Any = 
                 kind = "dropped"
         target.save_pretrained(tmp, safe_serialization=True, max_shard_size=max_shard_size)
         if kind == "dropped":
-            _add_remote_code(tmp, model)
+            _add_remote_code(tmp, model, spec)
         if tokenizer is not None:
             tokenizer.save_pretrained(tmp)
         if extra is not None:
@@ -112,15 +142,15 @@ def save_dropped(model: nn.Module, out_dir: str | os.PathLike, tokenizer: Any = 
     return out_dir
 
 
-def _add_remote_code(directory: Path, model: nn.Module) -> None:
+def _add_remote_code(directory: Path, model: nn.Module, spec: ArchSpec | None = None) -> None:
+    spec = spec or get_spec(model)
     for name in _REMOTE_FILES:
         shutil.copyfile(_PACKAGE_DIR / name, directory / name)
     config_path = directory / "config.json"
     config = json.loads(config_path.read_text())
-    config_cls, model_cls = type(model.config).__name__, type(model).__name__
     config["auto_map"] = {
-        "AutoConfig": f"modeling_dropped.{config_cls}",
-        "AutoModelForCausalLM": f"modeling_dropped.{model_cls}",
+        "AutoConfig": f"modeling_dropped.{type(model.config).__name__}",
+        spec.auto_class(type(model).__name__): f"modeling_dropped.{type(model).__name__}",
     }
     atomic_write_text(config_path, json.dumps(config, indent=2, sort_keys=True) + "\n")
 
@@ -148,23 +178,34 @@ def is_llm_drop_config(config: dict) -> bool:
 
 
 def load_dropped(directory: str | os.PathLike, dtype: torch.dtype | None = None, **kwargs: Any) -> nn.Module:
-    """Load any checkpoint this package writes, or one written by the LLM-Drop reference code."""
-    from transformers import AutoModelForCausalLM
+    """Load any checkpoint this package writes (any family), or one written by the LLM-Drop reference code."""
+    import transformers
 
-    from .modeling_dropped import dropped_classes, normalize_drop_list, register_auto_classes
+    from .modeling_dropped import dropped_config_class, dropped_model_class, normalize_drop_list, register_auto_classes
 
     register_auto_classes()
     config = read_config(directory)
+    model_type = str(config.get("model_type", ""))
+    spec = get_spec(model_type)  # one-line error for unsupported architectures
     kwargs = {"dtype": dtype, **kwargs} if dtype is not None else kwargs
+    archs = config.get("architectures") or []
+    base_name = archs[0][len("Dropped"):] if archs and archs[0].startswith("Dropped") else (archs or [None])[0]
+    if spec.inputs != "text" and not base_name:
+        raise UserError(f"{directory}/config.json names no 'architectures': cannot tell which model class to load")
     if is_llm_drop_config(config):
-        spec = get_spec(config["model_type"])
-        config_cls, model_cls = dropped_classes(spec)
         cfg = dict(config)
         for key in ("auto_map", "architectures", "model_type"):
             cfg.pop(key, None)
-        n = cfg.get("num_hidden_layers")
+        n = spec.num_layers(cfg)
         cfg["drop_attn_list"] = normalize_drop_list(cfg.get("drop_attn_list"), n)
         cfg["drop_mlp_list"] = normalize_drop_list(cfg.get("drop_mlp_list"), n)
-        cfg["base_model_type"] = config["model_type"]
-        return model_cls.from_pretrained(directory, config=config_cls(**cfg), **kwargs).eval()
-    return AutoModelForCausalLM.from_pretrained(directory, **kwargs).eval()
+        cfg["base_model_type"] = model_type
+        cls = dropped_model_class(spec, base_name if base_name in spec.model_classes else spec.model_classes[0])
+        return cls.from_pretrained(directory, config=dropped_config_class(spec)(**cfg), **kwargs).eval()
+    if spec.inputs == "text":  # the Auto class also serves remote-code families and their own configs
+        return transformers.AutoModelForCausalLM.from_pretrained(directory, **kwargs).eval()
+    if model_type.startswith(DROPPED_PREFIX):
+        cls = dropped_model_class(spec, base_name)
+    else:
+        cls = getattr(transformers, base_name)
+    return cls.from_pretrained(directory, **kwargs).eval()

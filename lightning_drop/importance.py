@@ -1,9 +1,11 @@
-"""Module importance from one calibration pass: blocks, attention and MLP sublayers together.
+"""Module importance from one calibration pass: blocks, attention and MLP sublayers together, any family.
 
-For every decoder layer three residual-stream states are captured with hooks: X (layer input), h (the
-input of `spec.mlp_entry`, i.e. after the attention residual) and Y (layer output). Attention is scored
-on (X, h), the MLP on (h, Y) and the block on (X, Y). Per-token scores are reduced immediately over
-real tokens only, into torchmetrics states (float64), so DDP ranks end with identical scores.
+For every layer three residual-stream states are captured with hooks: X (layer input), h (the input of
+`spec.mlp_entry`, i.e. after the attention residual) and Y (layer output). Attention is scored on (X, h),
+the MLP on (h, Y) and the block on (X, Y). Per-token scores are reduced immediately over real tokens only,
+into torchmetrics states (float64) read through `compute()`, so DDP ranks end with identical scores. A
+small input adapter (`model_inputs`) turns text batches (ids + attention mask) and image batches
+(pixel_values) into one forward pass.
 """
 
 from __future__ import annotations
@@ -22,7 +24,7 @@ from torchmetrics.aggregation import SumMetric
 
 from .architectures import ArchSpec, get_spec
 from .errors import UserError
-from .modeling_dropped import dropped_layers
+from .modeling_dropped import dropped_layers, is_standin
 from .options import METRICS
 
 KINDS = ("attn", "mlp", "block")
@@ -88,7 +90,15 @@ def _hidden_arg(args: tuple, kwargs: dict) -> torch.Tensor:
 
 
 class ImportanceAccumulator:
-    """Installs scoring hooks on a model while active (`with acc.hooks(): model(...)`)."""
+    """Installs scoring hooks on a model of any family while active (`with acc.hooks(): model(...)`).
+
+    For every layer three residual-stream states are captured: X (layer input), h (the input of
+    `spec.mlp_entry`, after the attention residual, LayerScale and post-norm included) and Y (layer output).
+    Attention is scored on (X, h), the MLP on (h, Y) and the block on (X, Y). "Without residual"
+    (`cosine_no_residual`): X = input of `spec.attn_in`/`spec.mlp_in`, Y = output of `spec.attn_out`/
+    `spec.mlp_out` (the sublayer's own contribution). Token counts are given by the caller (`count_tokens`)
+    or, after `count_next_forward()`, taken from the first layer's input (images: every patch token).
+    """
 
     def __init__(self, model: nn.Module, metric: str = "cosine", spec: ArchSpec | None = None) -> None:
         if metric not in METRICS:
@@ -103,6 +113,7 @@ class ImportanceAccumulator:
         self.tokens = SumMetric()
         self.set_mask(None)
         self.num_tokens = 0
+        self._count_pending = False
 
     def set_mask(self, mask: torch.Tensor | None) -> None:
         """Real-token mask of the next batch (None = every token is real)."""
@@ -113,6 +124,10 @@ class ImportanceAccumulator:
         """Record `num` real tokens of the batch being scored (local count and the synced total)."""
         self.num_tokens += num
         self.tokens.update(float(num))
+
+    def count_next_forward(self) -> None:
+        """Count the next forward's tokens at the first layer's input (their number is known only there)."""
+        self._count_pending = True
 
     def to(self, device: torch.device) -> "ImportanceAccumulator":
         """Keep the metric states on the model's device (DDP syncs them there)."""
@@ -130,7 +145,9 @@ class ImportanceAccumulator:
         self.metrics[kind].update(layer, total, count)
 
     def _reduce(self, kind: str, layer: int, x: torch.Tensor, y: torch.Tensor) -> None:
-        self._accumulate(kind, layer, token_scores(self.metric, x, y))
+        if y.dim() == 0:  # a dropped stand-in contributes nothing: no score
+            return
+        self._accumulate(kind, layer, token_scores(self.metric, x, y.expand_as(x) if y.shape != x.shape else y))
 
     def _reduce_layer(self, layer: int, x: torch.Tensor, h: torch.Tensor, y: torch.Tensor) -> None:
         """All three scores of one layer; cosine-based metrics share the three norms (the costly part)."""
@@ -145,6 +162,15 @@ class ImportanceAccumulator:
             scores = 1.0 - cos if self.metric == "cosine" else torch.arccos(cos.clamp(-1.0, 1.0)) / math.pi
             self._accumulate(kind, layer, scores)
 
+    def _sublayer_ends(self, layer: nn.Module, kind: str) -> tuple[nn.Module, nn.Module] | None:
+        """(module whose input is the sublayer's input, module whose output is its contribution), or None
+        for a dropped sublayer (nothing to score)."""
+        spec = self.spec
+        slot, src, dst = (spec.attn, spec.attn_in, spec.attn_out) if kind == "attn" else (spec.mlp, spec.mlp_in, spec.mlp_out)
+        if is_standin(getattr(layer, slot)):
+            return None
+        return (layer if not src else getattr(layer, src)), getattr(layer, dst)
+
     @contextmanager
     def hooks(self) -> Iterator["ImportanceAccumulator"]:
         spec, handles = self.spec, []
@@ -152,12 +178,16 @@ class ImportanceAccumulator:
 
         def layer_pre(i: int) -> Callable:
             def fn(module: nn.Module, args: tuple, kwargs: dict) -> None:
-                state[i] = {"x": _hidden_arg(args, kwargs)}
+                x = _hidden_arg(args, kwargs)
+                state[i] = {"x": x}
+                if i == 0 and self._count_pending:
+                    self._count_pending = False
+                    self.count_tokens(int(self._mask_count) if self.mask is not None else x.shape[:-1].numel())
             return fn
 
-        def entry_pre(i: int) -> Callable:
+        def pre(i: int, key: str) -> Callable:
             def fn(module: nn.Module, args: tuple, kwargs: dict) -> None:
-                state[i]["h"] = _hidden_arg(args, kwargs)
+                state.setdefault(i, {})[key] = _hidden_arg(args, kwargs)
             return fn
 
         def layer_post(i: int) -> Callable:
@@ -170,18 +200,11 @@ class ImportanceAccumulator:
                 self._reduce_layer(i, s["x"], s["h"], y)
             return fn
 
-        def sub_pre(i: int, kind: str) -> Callable:
-            def fn(module: nn.Module, args: tuple, kwargs: dict) -> None:
-                state.setdefault(i, {})[f"{kind}_in"] = _hidden_arg(args, kwargs)
-            return fn
-
         def sub_post(i: int, kind: str) -> Callable:
             def fn(module: nn.Module, args: tuple, kwargs: dict, output: Any) -> None:
-                x = state[i].pop(f"{kind}_in")
-                out = _hidden(output)
-                if out.dim() == 0:  # a dropped stand-in: nothing to score
-                    return
-                self._reduce(kind, i, x, out)
+                x = state[i].pop(f"{kind}_in", None)
+                if x is not None:
+                    self._reduce(kind, i, x, _hidden(output))
             return fn
 
         try:
@@ -189,15 +212,18 @@ class ImportanceAccumulator:
                 handles.append(layer.register_forward_pre_hook(layer_pre(i), with_kwargs=True))
                 handles.append(layer.register_forward_hook(layer_post(i), with_kwargs=True))
                 if self.metric == "cosine_no_residual":
-                    for kind, name in (("attn", spec.attn), ("mlp", spec.mlp)):
-                        sub = getattr(layer, name)
-                        handles.append(sub.register_forward_pre_hook(sub_pre(i, kind), with_kwargs=True))
-                        handles.append(sub.register_forward_hook(sub_post(i, kind), with_kwargs=True))
+                    for kind in ("attn", "mlp"):
+                        ends = self._sublayer_ends(layer, kind)
+                        if ends is None:
+                            continue
+                        handles.append(ends[0].register_forward_pre_hook(pre(i, f"{kind}_in"), with_kwargs=True))
+                        handles.append(ends[1].register_forward_hook(sub_post(i, kind), with_kwargs=True))
                 else:
                     entry = getattr(layer, spec.mlp_entry)
-                    handles.append(entry.register_forward_pre_hook(entry_pre(i), with_kwargs=True))
+                    handles.append(entry.register_forward_pre_hook(pre(i, "h"), with_kwargs=True))
             yield self
         finally:
+            self._count_pending = False
             for h in handles:
                 h.remove()
 
@@ -221,7 +247,13 @@ class ImportanceAccumulator:
                     f"non-finite {kind} importance scores for layers {bad}: the model produced NaN/inf hidden "
                     "states (try float32) or the calibration data had no real tokens"
                 )
-        return ImportanceScores(self.metric, rows["attn"], rows["mlp"], rows["block"], num_tokens)
+        return ImportanceScores(self.metric, rows["attn"], rows["mlp"], rows["block"], num_tokens,
+                                extra=_extra(self.spec, self.model))
+
+
+def _extra(spec: ArchSpec, model: nn.Module) -> dict[str, Any]:
+    """Block names of staged families (flat index -> "stage.block"), so reports can show both."""
+    return {"block_names": spec.block_names(model)} if spec.staged else {}
 
 
 def _has_drops(model: nn.Module) -> bool:
@@ -233,6 +265,7 @@ def _has_drops(model: nn.Module) -> bool:
 
 
 def _as_batch(batch: Any, device: torch.device) -> dict[str, torch.Tensor]:
+    """Text batches: a tensor of ids, or a dict with `input_ids` (and optionally `attention_mask`)."""
     if isinstance(batch, torch.Tensor):
         batch = {"input_ids": batch}
     if "input_ids" not in batch:
@@ -241,6 +274,46 @@ def _as_batch(batch: Any, device: torch.device) -> dict[str, torch.Tensor]:
     if batch.get("attention_mask") is not None:
         out["attention_mask"] = batch["attention_mask"].to(device)
     return out
+
+
+def _as_pixels(batch: Any, device: torch.device) -> dict[str, torch.Tensor]:
+    """Image batches: an image tensor, (images, labels) as image datamodules yield, or a dict with
+    `pixel_values`."""
+    if isinstance(batch, torch.Tensor):
+        x = batch
+    elif isinstance(batch, dict):
+        if "pixel_values" not in batch:
+            raise UserError("calibration batches need 'pixel_values'")
+        x = batch["pixel_values"]
+    elif isinstance(batch, (tuple, list)) and batch and isinstance(batch[0], torch.Tensor):
+        x = batch[0]
+    else:
+        raise UserError(f"calibration batches must be image tensors, (images, labels) or dicts, got {type(batch).__name__}")
+    if x.dim() != 4:
+        raise UserError(f"images must be (batch, channels, height, width), got shape {tuple(x.shape)}")
+    return {"pixel_values": x.to(device)}
+
+
+def model_inputs(spec: ArchSpec, batch: Any, device: torch.device) -> dict[str, torch.Tensor]:
+    """Keyword arguments of one forward pass of a `spec` model over `batch`, on `device`."""
+    return _as_batch(batch, device) if spec.inputs == "text" else _as_pixels(batch, device)
+
+
+def run_forward(spec: ArchSpec, model: nn.Module, inputs: dict[str, torch.Tensor]) -> Any:
+    """One forward pass of the model without its task head (scores need hidden states, not logits)."""
+    if spec.inputs == "text":
+        return _decoder(model)(**inputs, use_cache=False)
+    return spec.base_model(model)(**inputs)
+
+
+def _feed(acc: ImportanceAccumulator, spec: ArchSpec, inputs: dict[str, torch.Tensor]) -> None:
+    """Tell the accumulator which tokens of the next forward are real, and how many there are."""
+    mask = inputs.get("attention_mask")
+    acc.set_mask(mask)
+    if "input_ids" in inputs:
+        acc.count_tokens(int(mask.sum()) if mask is not None else inputs["input_ids"].numel())
+    else:
+        acc.count_next_forward()
 
 
 def _positional_scores(metric: str, n: int, seed: int) -> list[float]:
@@ -259,25 +332,26 @@ def _decoder(model: nn.Module) -> nn.Module:
 @torch.no_grad()
 def compute_importance(model: nn.Module, batches: Iterable[Any], metric: str = "cosine", seed: int = 0,
                        progress: bool = False) -> ImportanceScores:
-    """Score every block, attention and MLP sublayer of `model` over `batches` in one pass."""
+    """Score every block, attention and MLP sublayer of `model` (any family) over `batches` in one pass.
+
+    Text batches: ids or dicts with `input_ids` / `attention_mask` (padding is not scored); image batches:
+    pixel tensors, (images, labels) or dicts with `pixel_values` (every token counts: CLS, registers, patches).
+    """
     if metric not in METRICS:
         raise UserError(f"unknown metric '{metric}'; choose from {', '.join(METRICS)}")
     spec = get_spec(model)
     n = len(spec.get_layers(model))
     if metric in ("reverse", "random"):
         rows = {k: _positional_scores(metric, n, seed + j) for j, k in enumerate(KINDS)}
-        scores = ImportanceScores(metric, rows["attn"], rows["mlp"], rows["block"], 0)
         attn_d, mlp_d = dropped_layers(model) if _has_drops(model) else ([], [])
-        scores.attn = [None if i in attn_d else v for i, v in enumerate(scores.attn)]
-        scores.mlp = [None if i in mlp_d else v for i, v in enumerate(scores.mlp)]
-        scores.block = [None if (i in attn_d and i in mlp_d) else v for i, v in enumerate(scores.block)]
-        return scores
+        gone = {"attn": set(attn_d), "mlp": set(mlp_d), "block": set(attn_d) & set(mlp_d)}
+        return ImportanceScores(metric, *[[None if i in gone[k] else v for i, v in enumerate(rows[k])] for k in KINDS],
+                                num_tokens=0, extra=_extra(spec, model))
     acc = ImportanceAccumulator(model, metric, spec)
     device = next(model.parameters()).device
     acc.to(device)
     was_training = model.training
     model.eval()
-    runner = _decoder(model)
     batches = list(batches) if progress else batches
     iterator: Iterable[Any] = batches
     if progress:
@@ -287,11 +361,9 @@ def compute_importance(model: nn.Module, batches: Iterable[Any], metric: str = "
     try:
         with acc.hooks():
             for batch in iterator:
-                inputs = _as_batch(batch, device)
-                mask = inputs.get("attention_mask")
-                acc.set_mask(mask)
-                acc.count_tokens(int(mask.sum()) if mask is not None else inputs["input_ids"].numel())
-                runner(**inputs, use_cache=False)
+                inputs = model_inputs(spec, batch, device)
+                _feed(acc, spec, inputs)
+                run_forward(spec, model, inputs)
     finally:
         model.train(was_training)
     # No early exit for a rank that saw no batch: scores() syncs, and the other ranks wait for it there.

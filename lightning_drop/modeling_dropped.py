@@ -1,19 +1,22 @@
-"""Transformers with some attention and/or MLP sublayers removed.
+"""Transformers with some attention and/or MLP sublayers removed: decoders and vision encoders alike.
 
 A dropped sublayer is replaced by a parameter-free stand-in that contributes zero to the residual
-stream, and its norms by `nn.Identity`, so the family's own decoder-layer code runs unchanged and the
-dropped weights are physically gone. Layer numbering never changes: a block drop is a layer whose
-two sublayers are both dropped. Dropped attention layers get no KV-cache slot: the dropped config
-marks them through `kv_sharing_modes`, which transformers' caches turn into storage-free
+stream, and the modules that belong to it (norms, DINOv2/v3 LayerScale, SwinV2 post-norms) by
+`nn.Identity`, so the family's own layer code runs unchanged and the dropped weights are physically gone.
+Layer numbering never changes (flat block index for staged families, see `architectures.py`): a block drop
+is a layer whose two sublayers are both dropped. For decoders, dropped attention layers get no KV-cache slot:
+the dropped config marks them through `kv_sharing_modes`, which transformers' caches turn into storage-free
 `DummyLayer`s (and sequence length is then read from the first layer that really attends).
 
-This file depends only on torch, transformers and `architectures.py`: it is copied into every dropped
-checkpoint so that `trust_remote_code=True` loads it where lightning_drop is not installed.
+This file depends only on torch, transformers and `architectures.py` (with its two family files): it is
+copied into every dropped checkpoint so that `trust_remote_code=True` loads it where lightning_drop is not
+installed.
 """
 
 from __future__ import annotations
 
 import operator
+import re
 from typing import Any, Iterable, Sequence
 
 import torch
@@ -26,23 +29,58 @@ except ImportError:
     UserError = ValueError
 
 try:  # inside the package
-    from .architectures import DROPPED_PREFIX, SPECS, ArchSpec, get_spec, spec_for_model_type
+    from .architectures import ALL_SPECS, DROPPED_PREFIX, SPECS, ArchSpec, get_spec, spec_for_model_type  # noqa: F401
 except ImportError:  # pragma: no cover - imported as a flat module next to a checkpoint
-    from architectures import DROPPED_PREFIX, SPECS, ArchSpec, get_spec  # type: ignore
+    from architectures import ALL_SPECS, DROPPED_PREFIX, SPECS, ArchSpec, get_spec, spec_for_model_type  # type: ignore  # noqa: F401
 
 
 class DroppedAttention(nn.Module):
-    """Stands in for a removed attention sublayer: adds nothing, caches nothing."""
+    """Stands in for a removed attention sublayer: adds nothing (a broadcast zero), caches nothing."""
 
     def forward(self, hidden_states: torch.Tensor, *args: Any, **kwargs: Any) -> tuple[torch.Tensor, None]:
         return hidden_states.new_zeros(()), None
 
 
+class DroppedWindowAttention(nn.Module):
+    """For layers that reshape the attention output (SwinV2 windows): zeros of the input's shape."""
+
+    def forward(self, hidden_states: torch.Tensor, *args: Any, **kwargs: Any) -> tuple[torch.Tensor, None]:
+        return torch.zeros_like(hidden_states), None
+
+
 class DroppedMLP(nn.Module):
-    """Stands in for a removed MLP (or MoE) sublayer: adds nothing."""
+    """Stands in for (one part of) a removed MLP (or MoE) sublayer: adds nothing."""
 
     def forward(self, hidden_states: torch.Tensor, *args: Any, **kwargs: Any) -> torch.Tensor:
         return hidden_states.new_zeros(())
+
+
+class DroppedResidualOutput(nn.Module):
+    """For MLP output modules that add the residual themselves (`ViTOutput(hidden, input_tensor)` in
+    transformers 4.x): returns the residual unchanged. Selected by naming the part in `RESIDUAL_OUTPUTS`."""
+
+    def forward(self, hidden_states: torch.Tensor, input_tensor: torch.Tensor, *args: Any, **kwargs: Any) -> torch.Tensor:
+        return input_tensor
+
+
+# Class names of MLP parts whose forward is (hidden_states, input_tensor) -> hidden + input_tensor.
+RESIDUAL_OUTPUTS = ("ViTOutput", "Dinov2Output")
+STANDINS = (DroppedAttention, DroppedWindowAttention, DroppedMLP, DroppedResidualOutput)
+
+
+def is_standin(module: nn.Module | None) -> bool:
+    """Whether `module` is one of the stand-ins of a dropped sublayer."""
+    return isinstance(module, STANDINS)
+
+
+def _as_index(v: Any) -> int | None:
+    """An int from ints, numpy and 0-d torch integers; None for anything else (bools included)."""
+    if isinstance(v, bool):
+        return None
+    try:
+        return operator.index(v)
+    except TypeError:
+        return None
 
 
 def normalize_drop_list(value: Any, num_layers: int | None = None) -> list[int]:
@@ -62,38 +100,32 @@ def normalize_drop_list(value: Any, num_layers: int | None = None) -> list[int]:
     for v in values:
         if isinstance(v, bool):
             raise UserError(f"drop lists hold layer indices or per-layer booleans, not a mix: got {values!r}")
-        try:
-            i = operator.index(v)
-        except TypeError:
-            raise UserError(f"drop lists hold layer indices or per-layer booleans, got {v!r}") from None
+        i = _as_index(v)
+        if i is None:
+            raise UserError(f"drop lists hold layer indices or per-layer booleans, got {v!r}")
         if num_layers is not None and not 0 <= i < num_layers:
             raise UserError(f"drop list index {i} is out of range: the model has {num_layers} layers (0..{num_layers - 1})")
         out.append(i)
     return sorted(set(out))
 
 
-def _is_dropped(module: nn.Module | None) -> bool:
-    return isinstance(module, (DroppedAttention, DroppedMLP))
-
-
 def dropped_layers(model: nn.Module) -> tuple[list[int], list[int]]:
     """(attention indices, MLP indices) currently dropped in `model`, read from the modules themselves."""
     spec = get_spec(model)
     layers = spec.get_layers(model)
-    attn = [i for i, layer in enumerate(layers) if _is_dropped(getattr(layer, spec.attn))]
-    mlp = [i for i, layer in enumerate(layers) if _is_dropped(getattr(layer, spec.mlp))]
+    attn = [i for i, layer in enumerate(layers) if is_standin(getattr(layer, spec.attn))]
+    mlp = [i for i, layer in enumerate(layers) if is_standin(getattr(layer, spec.mlp))]
     return attn, mlp
 
 
-def _check_indices(name: str, indices: Sequence[int], num_layers: int) -> list[int]:
+def _check_indices(name: str, indices: Sequence[Any], num_layers: int, names: Sequence[str] = ()) -> list[int]:
+    """Validated sorted indices: ints of any integer type, or block names ("stage.block") from `names`."""
     seen: set[int] = set()
     for v in indices:
-        try:
-            i = operator.index(v)  # ints, numpy and 0-d torch integers
-        except TypeError:
-            i = None
-        if isinstance(v, bool) or i is None:
-            raise UserError(f"{name} index {v!r} is not an integer")
+        i = names.index(v) if isinstance(v, str) and v in names else _as_index(v)
+        if i is None:
+            hint = f" or a block name ({', '.join(names[:3])}, ...)" if names else ""
+            raise UserError(f"{name} index {v!r} is not an integer layer index{hint}")
         if not 0 <= i < num_layers:
             raise UserError(f"{name} index {i} is out of range: the model has {num_layers} layers (0..{num_layers - 1})")
         if i in seen:
@@ -104,28 +136,32 @@ def _check_indices(name: str, indices: Sequence[int], num_layers: int) -> list[i
 
 def _replace_modules(layer: nn.Module, spec: ArchSpec, attn: bool, mlp: bool) -> None:
     if attn:
-        setattr(layer, spec.attn, DroppedAttention())
+        setattr(layer, spec.attn, DroppedWindowAttention() if spec.full_shape_attn else DroppedAttention())
         for norm in spec.attn_norms:
             setattr(layer, norm, nn.Identity())
     if mlp:
-        setattr(layer, spec.mlp, DroppedMLP())
+        for name in (spec.mlp, *spec.mlp_parts):
+            part = getattr(layer, name)
+            setattr(layer, name, DroppedResidualOutput() if type(part).__name__ in RESIDUAL_OUTPUTS else DroppedMLP())
         for norm in spec.mlp_norms:
             setattr(layer, norm, nn.Identity())
 
 
-def apply_drop(model: nn.Module, attn: Iterable[int] = (), mlp: Iterable[int] = ()) -> nn.Module:
+def apply_drop(model: nn.Module, attn: Iterable[Any] = (), mlp: Iterable[Any] = ()) -> nn.Module:
     """Drop attention sublayers `attn` and MLP sublayers `mlp` (original layer indices) in place.
 
-    A block is dropped by listing its index in both. Drops accumulate over calls (iterative dropping).
-    Raises ValueError for an index out of range, a duplicate, a sublayer already dropped, or a request
-    that would leave no attention and no MLP at all.
+    Staged families also accept block names ("1.0"). A block is dropped by listing its index in both.
+    Drops accumulate over calls (iterative dropping). Raises ValueError for an index out of range, a
+    duplicate, a sublayer already dropped, or a request that would leave no attention and no MLP at all;
+    nothing is changed when it raises.
     """
     spec = get_spec(model)
-    dropped_classes(spec)  # a family we cannot express as dropped classes fails before anything changes
+    dropped_config_class(spec)  # a family we cannot express as dropped classes fails before anything changes
     layers = spec.get_layers(model)
     n = len(layers)
-    attn = _check_indices("attention", list(attn), n)
-    mlp = _check_indices("MLP", list(mlp), n)
+    names = spec.block_names(model) if spec.staged else ()
+    attn = _check_indices("attention", list(attn), n, names)
+    mlp = _check_indices("MLP", list(mlp), n, names)
     old_attn, old_mlp = dropped_layers(model)
     again = sorted(set(attn) & set(old_attn)), sorted(set(mlp) & set(old_mlp))
     if again[0] or again[1]:
@@ -141,7 +177,7 @@ def apply_drop(model: nn.Module, attn: Iterable[int] = (), mlp: Iterable[int] = 
 
 def _mark_dropped(model: nn.Module, spec: ArchSpec, attn: list[int], mlp: list[int]) -> None:
     """Switch the model and its config to the dropped classes and record the drop lists."""
-    config_cls, model_cls = dropped_classes(spec)
+    config_cls = dropped_config_class(spec)
     config = model.config
     if not isinstance(config, config_cls):
         base_type = config.model_type
@@ -149,25 +185,31 @@ def _mark_dropped(model: nn.Module, spec: ArchSpec, attn: list[int], mlp: list[i
         config.base_model_type = base_type
     config.drop_attn_list = list(attn)
     config.drop_mlp_list = list(mlp)
-    if not isinstance(model, model_cls) and type(model).__name__ == spec.causal_lm_class:
-        model.__class__ = model_cls
+    name = type(model).__name__
+    if name in spec.model_classes:
+        model.__class__ = dropped_model_class(spec, name)
 
 
 class _DroppedConfigMixin:
-    """Adds the drop lists to a family's config, and tells caches which layers store no KV."""
+    """Adds the drop lists (range-checked against the config's own layer count) to a family's config."""
 
     def __post_init__(self, **kwargs: Any) -> None:
-        n = kwargs.get("num_hidden_layers", getattr(self, "num_hidden_layers", None))
+        spec = spec_for_model_type(self.model_type)  # type: ignore[attr-defined]
+        n = spec.num_layers(kwargs if spec.num_layers_key in kwargs else self)
         self.drop_attn_list = normalize_drop_list(getattr(self, "drop_attn_list", None), n)
         self.drop_mlp_list = normalize_drop_list(getattr(self, "drop_mlp_list", None), n)
         if not getattr(self, "base_model_type", None):
-            self.base_model_type = self.model_type[len(DROPPED_PREFIX):]
+            self.base_model_type = self.model_type[len(DROPPED_PREFIX):]  # type: ignore[attr-defined]
         super().__post_init__(**kwargs)  # type: ignore[misc]
+
+
+class _NoKVForDroppedAttention:
+    """Tells a decoder's caches which layers store no KV (their attention is dropped)."""
 
     @property
     def kv_sharing_modes(self) -> list[str | None]:
-        dropped = set(self.drop_attn_list)
-        modes = ["reuse" if i in dropped else None for i in range(self.num_hidden_layers)]
+        dropped = set(self.drop_attn_list)  # type: ignore[attr-defined]
+        modes = ["reuse" if i in dropped else None for i in range(self.num_hidden_layers)]  # type: ignore[attr-defined]
         if all(modes):
             # No layer attends: keep one (never written, so empty) slot so the cache can still report a length.
             modes[0] = None
@@ -185,41 +227,50 @@ class _DroppedModelMixin:
         for i in attn | mlp:
             _replace_modules(layers[i], spec, i in attn, i in mlp)
         # Checkpoints written by the LLM-Drop reference code still hold the dropped weights.
-        self._keys_to_ignore_on_load_unexpected = set(self._keys_to_ignore_on_load_unexpected or ()) | set(
-            dropped_key_patterns(spec, sorted(attn), sorted(mlp))
-        )
+        patterns = dropped_key_patterns(spec, sorted(attn), sorted(mlp), spec.layer_prefixes(self))  # type: ignore[arg-type]
+        self._keys_to_ignore_on_load_unexpected = set(self._keys_to_ignore_on_load_unexpected or ()) | set(patterns)
 
 
-def dropped_key_patterns(spec: ArchSpec, attn: Sequence[int], mlp: Sequence[int]) -> list[str]:
-    """Regexes of the state-dict keys that belong to dropped modules."""
-    pats = []
-    for i in attn:
-        for name in (spec.attn, *spec.attn_norms):
-            pats.append(rf"{spec.layer_prefix}\.{i}\.{name}\.")
-    for i in mlp:
-        for name in (spec.mlp, *spec.mlp_norms):
-            pats.append(rf"{spec.layer_prefix}\.{i}\.{name}\.")
+def dropped_key_patterns(spec: ArchSpec, attn: Sequence[int], mlp: Sequence[int],
+                         prefixes: Sequence[str] | None = None) -> list[str]:
+    """Regexes of the state-dict keys that belong to dropped modules.
+
+    `prefixes[i]` is layer i's state-dict prefix (`spec.layer_prefixes(model)`); without it, the unstaged
+    `spec.layer_prefix` numbering is assumed.
+    """
+    def prefix(i: int) -> str:
+        return prefixes[i] if prefixes is not None else f"{spec.layer_prefix}.{i}."
+
+    pats = [re.escape(prefix(i) + name) + r"\." for i in attn for name in spec.attn_modules()]
+    pats += [re.escape(prefix(i) + name) + r"\." for i in mlp for name in spec.mlp_modules()]
     return pats
 
 
-_CLASSES: dict[str, tuple[type, type]] = {}
+_CONFIGS: dict[str, type] = {}
+_MODELS: dict[tuple[str, str], type] = {}
 
 
-def dropped_classes(spec: ArchSpec) -> tuple[type, type]:
-    """(DroppedXConfig, DroppedXForCausalLM) for a family, built once from transformers' own classes."""
-    if spec.family not in _CLASSES:
-        try:
-            base_config = getattr(transformers, spec.config_class)
-            base_model = getattr(transformers, spec.causal_lm_class)
-        except AttributeError as err:
-            raise UserError(
-                f"dropping needs transformers' own {spec.causal_lm_class}, and transformers "
-                f"{transformers.__version__} does not ship it: a remote-code family ({spec.family}) loads and "
-                "scores from its local code, but its dropped checkpoint could only be loaded by that code"
-            ) from err
-        config_cls = type(
+def _transformers_class(spec: ArchSpec, name: str) -> type:
+    try:
+        return getattr(transformers, name)
+    except AttributeError as err:
+        raise UserError(
+            f"dropping needs transformers' own {name}, and transformers {transformers.__version__} does not "
+            f"ship it: a remote-code family ({spec.family}) loads and scores from its local code, but its "
+            "dropped checkpoint could only be loaded by that code"
+        ) from err
+
+
+def dropped_config_class(spec: ArchSpec) -> type:
+    """`Dropped<FamilyConfig>`: the family's config plus `drop_attn_list`/`drop_mlp_list`, built once."""
+    if spec.family not in _CONFIGS:
+        for name in spec.model_classes:  # every class the family needs exists, or none is built
+            _transformers_class(spec, name)
+        base_config = _transformers_class(spec, spec.config_class)
+        kv = (_NoKVForDroppedAttention,) if spec.inputs == "text" else ()
+        _CONFIGS[spec.family] = type(
             f"Dropped{base_config.__name__}",
-            (_DroppedConfigMixin, base_config),
+            (_DroppedConfigMixin, *kv, base_config),
             {
                 "__module__": __name__,
                 "model_type": DROPPED_PREFIX + spec.model_types[0],
@@ -230,32 +281,45 @@ def dropped_classes(spec: ArchSpec) -> tuple[type, type]:
                 "base_model_type": None,
             },
         )
-        model_cls = type(
-            f"Dropped{base_model.__name__}",
-            (_DroppedModelMixin, base_model),
-            {"__module__": __name__, "config_class": config_cls},
-        )
-        _CLASSES[spec.family] = (config_cls, model_cls)
-    return _CLASSES[spec.family]
+    return _CONFIGS[spec.family]
+
+
+def dropped_model_class(spec: ArchSpec, base_name: str) -> type:
+    """`Dropped<ModelClass>` for one of the family's model classes (causal LM, head or base model)."""
+    key = (spec.family, base_name)
+    if key not in _MODELS:
+        base_model = _transformers_class(spec, base_name)
+        _MODELS[key] = type(f"Dropped{base_name}", (_DroppedModelMixin, base_model),
+                            {"__module__": __name__, "config_class": dropped_config_class(spec)})
+    return _MODELS[key]
+
+
+def dropped_classes(spec: ArchSpec) -> tuple[type, type]:
+    """(Dropped<Config>, Dropped<first model class>) of a family: for decoders, the causal LM."""
+    return dropped_config_class(spec), dropped_model_class(spec, spec.model_classes[0])
 
 
 def __getattr__(name: str) -> type:
-    """Lazy module attributes `Dropped<Config>` / `Dropped<CausalLM>` for `auto_map` in saved configs."""
-    for spec in SPECS:
-        if name in (f"Dropped{spec.config_class}", f"Dropped{spec.causal_lm_class}"):
-            config_cls, model_cls = dropped_classes(spec)
-            return config_cls if name.endswith("Config") else model_cls
+    """Lazy module attributes `Dropped<Config>` / `Dropped<Model>` for `auto_map` in saved configs."""
+    for spec in ALL_SPECS:
+        if name == f"Dropped{spec.config_class}":
+            return dropped_config_class(spec)
+        for cls in spec.model_classes:
+            if name == f"Dropped{cls}":
+                return dropped_model_class(spec, cls)
     raise AttributeError(name)
 
 
 def register_auto_classes() -> None:
-    """Let `AutoConfig`/`AutoModelForCausalLM` load dropped checkpoints without remote code."""
-    from transformers import AutoConfig, AutoModelForCausalLM
+    """Let transformers' Auto classes load dropped checkpoints of every family without remote code."""
+    from transformers import AutoConfig
 
-    for spec in SPECS:
+    for spec in ALL_SPECS:
         try:
-            config_cls, model_cls = dropped_classes(spec)
+            config_cls = dropped_config_class(spec)
         except ValueError:
             continue  # family not shipped by this transformers (e.g. Baichuan)
         AutoConfig.register(config_cls.model_type, config_cls, exist_ok=True)
-        AutoModelForCausalLM.register(config_cls, model_cls, exist_ok=True)
+        for name in spec.model_classes:
+            auto = getattr(transformers, spec.auto_class(name))
+            auto.register(config_cls, dropped_model_class(spec, name), exist_ok=True)

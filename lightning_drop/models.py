@@ -17,7 +17,7 @@ from typing import Any, Callable
 import torch
 from torch import nn
 
-from .architectures import SPECS, get_spec
+from .architectures import SPECS, decoder_spec
 from .checkpoint import (
     atomic_dir,
     atomic_write_text,
@@ -330,10 +330,10 @@ def _load_local(path: Path, dtype: torch.dtype) -> nn.Module:
         from .export.nemotron import load_nemotron_nas
 
         return load_nemotron_nas(path)[0].to(dtype)
+    if config.get("quantization_config") is None:
+        decoder_spec(model_type)  # refuse unsupported (and vision) architectures with what is supported
     if model_type.startswith("dropped_") or is_llm_drop_config(config):
         return load_dropped(path, dtype=dtype)
-    if config.get("quantization_config") is None:
-        get_spec(model_type)  # refuse unsupported architectures with the list of supported ones
     from transformers import AutoModelForCausalLM
     from transformers.models.auto.configuration_auto import CONFIG_MAPPING
 

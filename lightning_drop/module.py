@@ -22,7 +22,7 @@ from __future__ import annotations
 
 import math
 import os
-from typing import Any, Literal
+from typing import Any, Literal, NamedTuple
 
 import lightning.pytorch as pl
 import torch
@@ -39,6 +39,19 @@ from .distributed import (
 )
 from .errors import UserError
 from .modeling_dropped import apply_drop, dropped_layers
+
+class DropPlan(NamedTuple):
+    """(attention indices, MLP indices) dropped so far; what `drop_plan` of the drop modules returns.
+
+    Calling it returns itself, so code written when `DropModule.drop_plan` was a method keeps working.
+    """
+
+    attn: list[int]
+    mlp: list[int]
+
+    def __call__(self) -> "DropPlan":
+        return self
+
 
 OPTIMIZERS = ("adamw", "adam", "sgd")
 SCHEDULERS = ("constant", "cosine", "linear")
@@ -159,9 +172,10 @@ class DropModule(pl.LightningModule):
         """The transformers model under any peft wrapper (what drops, scores and saving act on)."""
         return self.model.get_base_model() if is_peft(self.model) else self.model
 
-    def drop_plan(self) -> tuple[list[int], list[int]]:
+    @property
+    def drop_plan(self) -> "DropPlan":
         """(attention, MLP) indices dropped so far (original numbering)."""
-        return dropped_layers(self.hf_model)
+        return DropPlan(*dropped_layers(self.hf_model))
 
     def apply_drop(self, attn: list[int] = (), mlp: list[int] = ()) -> None:  # type: ignore[assignment]
         """Drop more sublayers in place (the optimizer must be rebuilt if one exists)."""
@@ -188,7 +202,7 @@ class DropModule(pl.LightningModule):
         """Fold the LoRA adapters into the weights; the model becomes the plain (dropped) class again."""
         if self.lora_config is None:
             return
-        plan = self.drop_plan()
+        plan = self.drop_plan
         merged = self.model.merge_and_unload()
         if (plan[0] or plan[1]) and not type(merged).__name__.startswith("Dropped"):
             apply_drop(merged)  # re-mark the class (no new drops): cannot happen with peft 0.21, kept as a guard
@@ -311,13 +325,13 @@ class DropModule(pl.LightningModule):
     def on_train_end(self) -> None:
         if self.hparams.save_dir and self.trainer.is_global_zero:
             path = self.save_pretrained(self.hparams.save_dir)
-            rank_zero_info(f"saved the {'dropped ' if any(self.drop_plan()) else ''}model to {path}")
+            rank_zero_info(f"saved the {'dropped ' if any(self.drop_plan) else ''}model to {path}")
         if self.hparams.save_dir:
             self.trainer.strategy.barrier("drop_module_save")
 
     # ------------------------------------------------------------------------------------- checkpoints
     def on_save_checkpoint(self, checkpoint: dict[str, Any]) -> None:
-        attn, mlp = self.drop_plan()
+        attn, mlp = self.drop_plan
         checkpoint[CKPT_KEY] = {
             "drop_attn_list": attn,
             "drop_mlp_list": mlp,
@@ -333,13 +347,13 @@ class DropModule(pl.LightningModule):
             return
         self.lr_step_offset = int(state.get("lr_step_offset", 0))
         saved = (list(state["drop_attn_list"]), list(state["drop_mlp_list"]))
-        if self.drop_plan() == saved and self.lora_config == state.get("lora"):
+        if self.drop_plan == saved and self.lora_config == state.get("lora"):
             return
         trainer = self._trainer
         if trainer is not None and getattr(trainer.strategy, "restore_checkpoint_after_setup", False):
             name = sharded_strategy(trainer.strategy) or type(trainer.strategy).__name__
             raise MisconfigurationException(
-                f"the checkpoint holds drops {saved} and LoRA {state.get('lora')}, the model {self.drop_plan()} and "
+                f"the checkpoint holds drops {saved} and LoRA {state.get('lora')}, the model {tuple(self.drop_plan)} and "
                 f"LoRA {self.lora_config}, and {name} restores after the model was set up: set `trainer.ckpt_path` "
                 "before `fit` (`lightning-drop fit --ckpt_path` does) so DropModule.configure_model rebuilds it first")
         self._restore_architecture(state)
@@ -348,7 +362,7 @@ class DropModule(pl.LightningModule):
         """Make the model's drops and LoRA those of a checkpoint record (before its weights load)."""
         saved = (list(state["drop_attn_list"]), list(state["drop_mlp_list"]))
         lora = state.get("lora")
-        current = self.drop_plan()
+        current = self.drop_plan
         if current == saved and self.lora_config == lora:
             return
         subset = set(current[0]) <= set(saved[0]) and set(current[1]) <= set(saved[1])

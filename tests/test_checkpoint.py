@@ -11,11 +11,9 @@ from pathlib import Path
 
 import pytest
 import torch
-from safetensors import safe_open
 from transformers import AutoModelForCausalLM
 
 from lightning_drop import apply_drop, dropped_layers, load_dropped, save_dropped
-from lightning_drop.checkpoint import checkpoint_kind
 from lightning_drop.models import load_model, tiny_model
 
 X = torch.arange(40).reshape(2, 20) % 250
@@ -24,62 +22,6 @@ X = torch.arange(40).reshape(2, 20) % 250
 def _logits(model):
     with torch.no_grad():
         return model(X).logits
-
-
-def _saved_keys(directory: Path) -> set[str]:
-    keys: set[str] = set()
-    for f in directory.glob("*.safetensors"):
-        with safe_open(str(f), "pt") as fh:
-            keys |= set(fh.keys())
-    return keys
-
-
-def _weight_bytes(directory: Path) -> int:
-    return sum(f.stat().st_size for f in directory.glob("*.safetensors"))
-
-
-@pytest.mark.parametrize("family", ["llama", "gemma2", "olmo2", "qwen2"])
-def test_sublayer_drop_roundtrips_through_auto_class(tmp_path, family):
-    base, tok = tiny_model(family)
-    save_dropped(base, tmp_path / "base", tok)
-    model, _ = tiny_model(family)
-    apply_drop(model, attn=[0, 2], mlp=[1])
-    expected = _logits(model)
-    out = save_dropped(model, tmp_path / "drop", tok)
-    config = json.loads((out / "config.json").read_text())
-    assert config["drop_attn_list"] == [0, 2] and config["drop_mlp_list"] == [1]
-    assert config["auto_map"]["AutoModelForCausalLM"].startswith("modeling_dropped.")
-    assert (out / "modeling_dropped.py").is_file() and (out / "architectures.py").is_file()
-    assert not any(".0.self_attn." in k or ".1.mlp." in k or ".0.input_layernorm." in k for k in _saved_keys(out))
-    assert _weight_bytes(out) < _weight_bytes(tmp_path / "base")
-    loaded = AutoModelForCausalLM.from_pretrained(out)  # no trust_remote_code: registered classes
-    assert type(loaded).__name__.startswith("Dropped")
-    torch.testing.assert_close(_logits(loaded), expected, atol=1e-5, rtol=1e-5)
-    assert dropped_layers(loaded) == ([0, 2], [1])
-
-
-@pytest.mark.parametrize("family", ["gemma2", "qwen2", "llama"])
-def test_block_only_drop_is_a_plain_checkpoint(tmp_path, family):
-    # gemma2: sliding/full alternate; qwen2: sliding only up to max_window_layers. Types must follow their layers.
-    model, tok = tiny_model(family, num_layers=4)
-    types_before = list(getattr(model.config, "layer_types", None) or [])  # Llama has no per-layer types
-    apply_drop(model, attn=[0, 3], mlp=[0, 3])
-    assert checkpoint_kind(model) == "blocks"
-    expected = _logits(model)
-    out = save_dropped(model, tmp_path / "blocks", tok)
-    config = json.loads((out / "config.json").read_text())
-    assert config["model_type"] == family and "auto_map" not in config
-    assert config["num_hidden_layers"] == 2
-    if types_before:
-        assert config["layer_types"] == [types_before[1], types_before[2]]
-    assert config["lightning_drop"]["dropped_blocks"] == [0, 3]
-    assert not (out / "modeling_dropped.py").exists()
-    # a plain transformers class reads it
-    import transformers
-
-    plain = getattr(transformers, type(model).__name__.removeprefix("Dropped")).from_pretrained(out).eval()
-    assert type(plain).__module__.startswith(f"transformers.models.{family}.")
-    torch.testing.assert_close(_logits(plain), expected, atol=1e-5, rtol=1e-5)
 
 
 def test_deepseek_block_drop_keeps_the_dropped_format_when_layers_would_not_rebuild(tmp_path):

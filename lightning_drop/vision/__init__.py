@@ -1,8 +1,11 @@
 """Vision transformers (ViT, DINOv2 (+registers), DINOv3 ViT, SwinV2): block / attention / MLP drop.
 
-Once `lightning_drop` is imported, the dropped vision classes are registered with transformers' Auto
-classes (when transformers is imported), so `AutoModelForImageClassification.from_pretrained(dir)` (or
-`AutoModel` for DINOv3) loads dropped checkpoints. The names below are imported on first use.
+The core (`lightning_drop.architectures`, `modeling_dropped`, `checkpoint`, `importance`) handles vision
+families like decoders; this package adds image data, the image-classification LightningModule and its
+callbacks, and keeps the vision names below. Once `lightning_drop` is imported, the dropped classes of every
+family are registered with transformers' Auto classes (when transformers is imported), so
+`AutoModelForImageClassification.from_pretrained(dir)` (or `AutoModel` for DINOv3) loads dropped
+checkpoints. The names below are imported on first use.
 """
 
 from .. import _lazy_exports

@@ -25,10 +25,11 @@ from lightning.pytorch.utilities.exceptions import MisconfigurationException
 
 from ..checkpoint import atomic_write_text
 from ..errors import UserError
-from ..importance import METRICS
-from ..selection import SCHEDULES, TARGETS
-from .importance import compute_vision_importance, vision_drop_by_importance
-from .speed import check_really_skipped, compare_speed
+from ..importance import METRICS, compute_importance
+from ..modeling_dropped import apply_drop, dropped_layers
+from ..selection import SCHEDULES, TARGETS, drop_by_importance
+from ..sublayer_check import check_really_skipped
+from .speed import compare_image_throughput
 
 
 def _calibration(trainer: pl.Trainer, max_images: int) -> list[torch.Tensor]:
@@ -69,7 +70,7 @@ class VisionImportanceTracker(pl.Callback):
     def _score(self, trainer: pl.Trainer, pl_module: pl.LightningModule) -> None:
         if self._calib is None:
             self._calib = _calibration(trainer, self.calibration_images)
-        scores = compute_vision_importance(pl_module.model, self._calib, self.metric)
+        scores = compute_importance(pl_module.model, self._calib, self.metric)
         self.history.append({"step": trainer.global_step, **scores.to_dict()})
         _log(trainer, {f"importance/{k}_{i}": v for k in ("attn", "mlp", "block")
                        for i, v in enumerate(getattr(scores, k)) if v is not None})
@@ -176,10 +177,15 @@ class VisionLayerDrop(pl.Callback):
         report["test_acc_before"] = evaluate_accuracy(pl_module, test)
         base = copy.deepcopy(model) if self.speed_iters else None
         calib = _calibration(trainer, self.calibration_images)
-        # One process decides; every rank applies the same drop.
-        result = vision_drop_by_importance(model, calib, self.target, self.num, self.metric, self.schedule,
-                                           self.step, self.keep)
+        # Every rank scores (the scores are synced, so every rank takes part in each round) on a copy; rank
+        # zero's choice is broadcast and that is what every rank applies to its own model.
+        trial = copy.deepcopy(model)
+        result = drop_by_importance(trial, calib, self.target, self.num, self.metric, self.schedule, self.step,
+                                    self.keep)
+        del trial
         attn, mlp = trainer.strategy.broadcast((result.attn, result.mlp))
+        have_attn, have_mlp = dropped_layers(model)
+        apply_drop(model, attn=sorted(set(attn) - set(have_attn)), mlp=sorted(set(mlp) - set(have_mlp)))
         report.update(drop_attn_list=attn, drop_mlp_list=mlp, rounds=[r.to_dict() for r in result.rounds],
                       block_names=pl_module.spec.block_names(model))
         report["test_acc_after_drop"] = evaluate_accuracy(pl_module, test)
@@ -188,7 +194,7 @@ class VisionLayerDrop(pl.Callback):
             report["test_acc_after_head_finetune"] = evaluate_accuracy(pl_module, test)
         report["sublayer_calls"] = check_really_skipped(model, calib[0][:2])
         if base is not None:
-            report["speed"] = compare_speed(base, model, self.speed_batch_size, iters=self.speed_iters)
+            report["speed"] = compare_image_throughput(base, model, self.speed_batch_size, iters=self.speed_iters)
             del base
         self.report = report
         self._write(trainer, pl_module, report)
@@ -210,6 +216,6 @@ class VisionLayerDrop(pl.Callback):
         if self.report_path:
             atomic_write_text(self.report_path, json.dumps(report, indent=1) + "\n")
         if self.save_dir:
-            from .checkpoint import save_vision_dropped
+            from ..checkpoint import save_dropped
 
-            save_vision_dropped(pl_module.model, Path(self.save_dir))
+            save_dropped(pl_module.model, Path(self.save_dir), overwrite=True)  # a re-run replaces its own output

@@ -19,8 +19,9 @@ from torch import nn
 from torchmetrics.classification import MulticlassAccuracy
 
 from ..errors import UserError
+from ..modeling_dropped import apply_drop, dropped_layers
+from ..module import DropPlan
 from .architectures import VISION_SPECS, get_vision_spec
-from .modeling_dropped import apply_drop, dropped_layers
 
 CKPT_KEY = "lightning_drop"
 FAMILIES = tuple(spec.family for spec in VISION_SPECS)
@@ -32,10 +33,13 @@ def build_vision_model(family: str = "vit", init_config: dict[str, Any] | None =
     the family's tiny defaults overridden by `init_config` (e.g. hidden_size, num_hidden_layers, image_size)."""
     import transformers
 
-    if model_path:
-        from .checkpoint import load_vision_dropped
+    from ..checkpoint import read_config
 
-        return load_vision_dropped(model_path)
+    if model_path:
+        from ..checkpoint import load_dropped
+
+        get_vision_spec(str(read_config(model_path).get("model_type", "")))
+        return load_dropped(model_path)
     if family not in FAMILIES:
         raise UserError(f"unknown vision family '{family}'; choose from {', '.join(FAMILIES)}")
     spec = get_vision_spec(family)
@@ -95,8 +99,9 @@ class VisionDropModule(pl.LightningModule):
         return self.model
 
     @property
-    def drop_plan(self) -> tuple[list[int], list[int]]:
-        return dropped_layers(self.model)
+    def drop_plan(self) -> DropPlan:
+        """(attention, MLP) flat block indices dropped so far."""
+        return DropPlan(*dropped_layers(self.model))
 
     def apply_drop(self, attn: list[int] = (), mlp: list[int] = ()) -> None:  # type: ignore[assignment]
         apply_drop(self.model, attn=attn, mlp=mlp)

@@ -1,5 +1,6 @@
-"""Speed of vision models: images/s and FLOPs per image (baseline vs dropped), and a run-time check that
-dropped sublayers are really skipped (hooks on every sublayer slot, FLOPs counted inside each).
+"""Speed of vision models: images/s and FLOPs per image (baseline vs dropped). The run-time check that
+dropped sublayers are really skipped lives in the core (`lightning_drop.sublayer_check`, any family) and is
+re-exported here under its old names.
 
 FLOPs are counted by `torch.utils.flop_counter.FlopCounterMode` over one real forward, so they follow exactly
 what runs: a dropped sublayer's stand-in does no matmul and counts zero.
@@ -15,8 +16,9 @@ from torch import nn
 from torch.utils.flop_counter import FlopCounterMode
 
 from ..errors import UserError
+from ..modeling_dropped import dropped_layers
+from ..sublayer_check import check_really_skipped, declared_drops, sublayer_call_counts  # noqa: F401
 from .architectures import get_vision_spec
-from .modeling_dropped import dropped_layers, normalize_drop_list
 
 
 def _image_shape(model: nn.Module, image_size: int | None) -> tuple[int, int, int]:
@@ -65,9 +67,11 @@ def images_per_second(model: nn.Module, batch_size: int = 32, image_size: int | 
     return batch_size * iters / elapsed
 
 
-def compare_speed(base: nn.Module, dropped: nn.Module, batch_size: int = 32, image_size: int | None = None,
+def compare_image_throughput(base: nn.Module, dropped: nn.Module, batch_size: int = 32, image_size: int | None = None,
                   iters: int = 10, rounds: int = 3) -> dict[str, Any]:
-    """Baseline vs dropped in one run: timings alternate (best of `rounds`) so machine load hits both alike."""
+    """Images/s, FLOPs per image and parameters of a baseline and a dropped vision model in one run: timings
+    alternate (best of `rounds`) so machine load hits both alike. (Not `lightning_drop.speed.compare_speed`,
+    which measures token generation of decoders.)"""
     if rounds < 1:
         raise UserError(f"rounds must be at least 1, got {rounds}")
     base_ips, drop_ips = [], []
@@ -87,107 +91,13 @@ def compare_speed(base: nn.Module, dropped: nn.Module, batch_size: int = 32, ima
     }
 
 
+# The earlier name; `lightning_drop.speed.compare_speed` is a different (generation) measurement.
+compare_speed = compare_image_throughput
+
+
 def _is_vision(model: nn.Module) -> bool:
     try:
         get_vision_spec(model)
         return True
     except ValueError:
         return False
-
-
-_NORMS = (nn.LayerNorm, nn.GroupNorm, nn.modules.batchnorm._BatchNorm, nn.RMSNorm)
-
-
-def _is_compute_module(m: nn.Module) -> bool:
-    """A module whose call means real sublayer work: it holds parameters, or it is a normalization."""
-    return isinstance(m, _NORMS) or "Norm" in type(m).__name__ or any(True for _ in m.parameters())
-
-
-def declared_drops(model: nn.Module) -> tuple[list[int], list[int]]:
-    """(attention, MLP) indices the model *declares* dropped: its config's `drop_attn_list` / `drop_mlp_list`.
-
-    This is what a saved checkpoint promises, independently of which modules sit in the slots, so a slot whose
-    original module came back (or whose stand-in runs real work) is caught. Models without drop lists in their
-    config (plain families) declare what their stand-ins say.
-    """
-    config = model.config
-    if hasattr(config, "drop_attn_list") or hasattr(config, "drop_mlp_list"):
-        return (normalize_drop_list(getattr(config, "drop_attn_list", None)),
-                normalize_drop_list(getattr(config, "drop_mlp_list", None)))
-    return dropped_layers(model)
-
-
-@torch.no_grad()
-def sublayer_call_counts(model: nn.Module, pixel_values: torch.Tensor) -> list[dict[str, Any]]:
-    """One forward with hooks on every sublayer slot; what ran inside each block's attention and MLP.
-
-    The slots are the modules a sublayer consists of (`spec.attn_modules()` / `spec.mlp_modules()`: the
-    attention or MLP parts, their norms, LayerScales, SwinV2 post-norms), hooked *whatever module sits there*,
-    stand-ins included. Per block and kind (`attn`, `mlp`) a row holds:
-    - `{kind}_calls`: forward calls of the slot modules themselves (a dropped block still calls its stand-in);
-    - `{kind}_compute_calls`: calls of modules with parameters or of norms, at or under those slots;
-    - `{kind}_flops`: FLOPs (`FlopCounterMode`: matmuls, convolutions, attention) done while any slot's forward
-      was running, whichever module or function did them: a stand-in that secretly runs the original module
-      counts here even when that module is not one of its children.
-    plus `block`, `name` ("stage.block" for SwinV2) and `{kind}_dropped` (from `declared_drops`).
-    """
-    spec = get_vision_spec(model)
-    layers = spec.get_layers(model)
-    names = spec.block_names(model)
-    attn_d, mlp_d = declared_drops(model)
-    counts = [{f"{k}_{c}": 0 for k in ("attn", "mlp") for c in ("calls", "compute_calls", "flops")} for _ in layers]
-    counter = FlopCounterMode(display=False)
-    entered: dict[int, int] = {}
-    handles = []
-
-    def pre(i: int, kind: str):
-        def fn(module: nn.Module, args: Any) -> None:
-            counts[i][f"{kind}_calls"] += 1
-            entered[id(module)] = counter.get_total_flops()
-        return fn
-
-    def post(i: int, kind: str):
-        def fn(module: nn.Module, args: Any, output: Any) -> None:
-            counts[i][f"{kind}_flops"] += counter.get_total_flops() - entered.pop(id(module))
-        return fn
-
-    def compute(i: int, kind: str):
-        def fn(module: nn.Module, args: Any, output: Any) -> None:
-            counts[i][f"{kind}_compute_calls"] += 1
-        return fn
-
-    was = model.training
-    try:
-        for i, block in enumerate(layers):
-            for kind, group in (("attn", spec.attn_modules()), ("mlp", spec.mlp_modules())):
-                for name in group:
-                    slot = getattr(block, name)
-                    handles.append(slot.register_forward_pre_hook(pre(i, kind)))
-                    handles.append(slot.register_forward_hook(post(i, kind)))
-                    handles += [m.register_forward_hook(compute(i, kind)) for m in slot.modules()
-                                if _is_compute_module(m)]
-        model.eval()
-        with counter:
-            model(pixel_values=pixel_values.to(_device(model)))
-    finally:
-        model.train(was)
-        for h in handles:
-            h.remove()
-    return [{"block": i, "name": names[i], **c, "attn_dropped": i in attn_d, "mlp_dropped": i in mlp_d}
-            for i, c in enumerate(counts)]
-
-
-def check_really_skipped(model: nn.Module, pixel_values: torch.Tensor) -> list[dict[str, Any]]:
-    """`sublayer_call_counts`, raising RuntimeError if a declared-dropped sublayer did real work (any FLOP or
-    any parameterized/norm module call in its slots) or a kept one did no FLOPs."""
-    rows = sublayer_call_counts(model, pixel_values)
-    for r in rows:
-        for kind in ("attn", "mlp"):
-            flops, compute = r[f"{kind}_flops"], r[f"{kind}_compute_calls"]
-            if r[f"{kind}_dropped"] and (flops or compute):
-                raise RuntimeError(f"block {r['name']}: dropped {kind} ran ({flops} FLOPs, {compute} calls of "
-                                   "parameterized or norm modules); the drop list and the modules disagree")
-            if not r[f"{kind}_dropped"] and not flops:
-                raise RuntimeError(f"block {r['name']}: kept {kind} did no FLOPs (never ran, or it is a stand-in "
-                                   "the drop list does not declare)")
-    return rows

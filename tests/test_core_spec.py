@@ -1,0 +1,171 @@
+"""One spec type for decoders and vision encoders: behaviours the two stacks used to disagree on."""
+
+from __future__ import annotations
+
+import json
+from types import SimpleNamespace
+
+import pytest
+import torch
+
+from lightning_drop import apply_drop, dropped_layers, get_spec, load_dropped, save_dropped
+from lightning_drop.importance import compute_importance
+from lightning_drop.models import tiny_model
+from lightning_drop.vision.module import tiny_vision_model
+
+PIXELS = torch.randn(4, 3, 32, 32, generator=torch.Generator().manual_seed(1))
+
+
+def _model(family: str) -> torch.nn.Module:
+    try:
+        return tiny_model(family)[0]
+    except ValueError:
+        return tiny_vision_model(family)
+
+
+@pytest.mark.parametrize("family", ["llama", "vit", "swinv2"])
+@pytest.mark.parametrize("field,value,message", [
+    ("drop_attn_list", [-1], "out of range"),
+    ("drop_attn_list", [4], "out of range"),
+    ("drop_mlp_list", [True, False], "needs 4 entries"),
+    ("drop_mlp_list", [1, True], "not a mix"),
+])
+def test_bad_drop_lists_in_a_config_are_refused(tmp_path, family, field, value, message):
+    """A config naming layer -1 must not silently drop the last layer (Python indexing) or crash later."""
+    model = _model(family)
+    apply_drop(model, attn=[1])
+    save_dropped(model, tmp_path / "ckpt")
+    cfg = json.loads((tmp_path / "ckpt" / "config.json").read_text())
+    cfg[field] = value
+    (tmp_path / "ckpt" / "config.json").write_text(json.dumps(cfg))
+    with pytest.raises(ValueError, match=message):
+        load_dropped(tmp_path / "ckpt")
+
+
+def test_vision_loader_refuses_a_negative_index_too(tmp_path):
+    """Through the vision names: `-1` used to drop the last block silently."""
+    from lightning_drop.vision import apply_drop as vision_apply_drop
+    from lightning_drop.vision import load_vision_dropped, save_vision_dropped
+
+    model = vision_apply_drop(tiny_vision_model("vit"), attn=[1])
+    save_vision_dropped(model, tmp_path / "ckpt")
+    cfg = json.loads((tmp_path / "ckpt" / "config.json").read_text())
+    (tmp_path / "ckpt" / "config.json").write_text(json.dumps({**cfg, "drop_attn_list": [-1]}))
+    with pytest.raises(ValueError, match="drop list index -1 is out of range"):
+        load_vision_dropped(tmp_path / "ckpt")
+
+
+@pytest.mark.parametrize("family", ["llama", "vit", "swinv2"])
+def test_numpy_and_torch_integer_indices_are_accepted(family):
+    from lightning_drop import vision
+
+    np = pytest.importorskip("numpy")
+    model = _model(family)
+    drop = apply_drop if family == "llama" else vision.apply_drop  # the vision name is the core function
+    drop(model, attn=[np.int64(1), torch.tensor(2)], mlp=[np.int32(3)])
+    assert dropped_layers(model) == ([1, 2], [3])
+
+
+def test_one_spec_type_and_decoder_only_code_points_to_vision():
+    from lightning_drop.architectures import ArchSpec, decoder_spec
+    from lightning_drop.vision import VisionSpec, get_vision_spec
+
+    assert VisionSpec is ArchSpec and get_spec("vit") is get_vision_spec("vit") and get_spec("vit").inputs == "image"
+    with pytest.raises(ValueError, match="'vit' is a vision transformer: use lightning_drop.vision"):
+        decoder_spec("vit")
+    with pytest.raises(ValueError, match="unsupported vision architecture 'llama'"):
+        get_vision_spec("llama")
+
+
+def test_compute_importance_takes_text_and_image_batches():
+    vit = tiny_vision_model("vit")
+    for batch in (PIXELS, (PIXELS, torch.zeros(4)), {"pixel_values": PIXELS}):
+        s = compute_importance(vit, [batch])
+        assert s.num_tokens == 4 * (16 + 1) and all(v > 0 for v in s.attn + s.mlp + s.block)
+    llama, _ = tiny_model("llama")
+    ids = torch.randint(0, 256, (2, 8))
+    mask = torch.ones_like(ids)
+    mask[1, :3] = 0
+    assert compute_importance(llama, [{"input_ids": ids, "attention_mask": mask}]).num_tokens == 13
+    swin = tiny_vision_model("swinv2")
+    assert compute_importance(swin, [PIXELS]).extra["block_names"] == ["0.0", "0.1", "1.0", "1.1"]
+
+
+def test_drop_plan_is_a_property_on_both_modules():
+    from lightning_drop.module import DropModule
+    from lightning_drop.vision.module import VisionDropModule
+
+    for module in (DropModule(model="tiny-llama"), VisionDropModule(family="vit")):
+        module.apply_drop([1], [2])
+        assert module.drop_plan == ([1], [2]) and module.drop_plan.attn == [1]
+        assert module.drop_plan() == ([1], [2])  # code written against the earlier method still works
+
+
+def test_vision_layer_drop_applies_the_broadcast_plan_on_every_rank():
+    """Rank zero's choice is what every rank applies, even where this rank's own scores chose otherwise."""
+    from lightning_drop.vision.callbacks import VisionLayerDrop
+    from lightning_drop.vision.module import VisionDropModule
+
+    module = VisionDropModule(family="vit")
+    data = [(PIXELS, torch.tensor([0, 1, 2, 3]))]
+    datamodule = SimpleNamespace(test_dataloader=lambda: data, train_dataloader=lambda: data)
+    seen = []
+
+    def broadcast(obj, src=0):
+        seen.append(obj)
+        return ([3], [0])  # rank zero decided differently from this rank
+
+    trainer = SimpleNamespace(datamodule=datamodule, strategy=SimpleNamespace(broadcast=broadcast), loggers=[],
+                              global_step=0, is_global_zero=True)
+    callback = VisionLayerDrop(target="attn", num=1, head_epochs=0, speed_iters=0)
+    callback.on_train_end(trainer, module)
+    assert len(seen) == 1 and seen[0] != ([3], [0])
+    assert module.drop_plan == ([3], [0]) and module.model.config.drop_attn_list == [3]
+    assert callback.report["drop_attn_list"] == [3] and callback.report["drop_mlp_list"] == [0]
+
+
+def _ddp_worker(rank, world, init_file, pixels, out):
+    import torch.distributed as dist
+
+    torch.set_num_threads(1)
+    dist.init_process_group("gloo", init_method=f"file://{init_file}", rank=rank, world_size=world)
+    from lightning_drop.vision.importance import compute_vision_importance
+
+    scores = compute_vision_importance(tiny_vision_model("vit"), [pixels[rank::world]])
+    torch.save(scores.to_dict(), f"{out}.{rank}")
+    dist.destroy_process_group()
+
+
+def test_vision_scores_are_synced_across_ddp_ranks(tmp_path):
+    import torch.multiprocessing as mp
+
+    mp.spawn(_ddp_worker, args=(2, str(tmp_path / "init"), PIXELS, str(tmp_path / "scores")), nprocs=2, join=True)
+    r0, r1 = torch.load(f"{tmp_path}/scores.0"), torch.load(f"{tmp_path}/scores.1")
+    from lightning_drop.vision.importance import compute_vision_importance
+
+    single = compute_vision_importance(tiny_vision_model("vit"), [PIXELS])
+    assert r0["num_tokens"] == r1["num_tokens"] == single.num_tokens
+    for kind in ("attn", "mlp", "block"):
+        assert r0[kind] == r1[kind]  # identical on every rank
+        assert r0[kind] == pytest.approx(single.row(kind), abs=1e-6)
+
+
+def test_vision_throughput_comparison_has_its_own_name():
+    from lightning_drop.vision import speed
+
+    assert speed.compare_speed is speed.compare_image_throughput
+    import lightning_drop.speed as decoder_speed
+
+    assert decoder_speed.compare_speed is not speed.compare_image_throughput
+
+
+def test_vision_drop_by_importance_is_the_core_selection(monkeypatch):
+    import lightning_drop.selection as selection
+    from lightning_drop.vision.importance import vision_drop_by_importance
+
+    calls = []
+    real = selection.compute_importance
+    monkeypatch.setattr(selection, "compute_importance", lambda *a, **k: calls.append(1) or real(*a, **k))
+    model = tiny_vision_model("swinv2")
+    result = vision_drop_by_importance(model, [PIXELS], target="block", num=2, schedule="iterative")
+    assert len(calls) == 2 and len(result.attn) == 2 and result.attn == result.mlp == dropped_layers(model)[0]
