@@ -11,7 +11,7 @@ from .architectures import get_spec
 from .errors import UserError
 from .importance import ImportanceScores, compute_importance
 from .modeling_dropped import apply_drop, dropped_layers
-from .options import METRICS, SCHEDULES, TARGETS
+from .options import METRICS, SCHEDULES, TARGETS  # noqa: F401 (SCHEDULES: callers import it from here)
 
 
 def candidates(scores: ImportanceScores, target: str, keep: Sequence[int] = ()) -> list[tuple[float, int, str, int]]:

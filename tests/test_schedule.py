@@ -44,8 +44,8 @@ def test_in_memory_streamed_and_study_drop_the_same_sets(tmp_path, c4_path, src,
     study, sweep = _study(src, c4_path, tmp_path / "study", schedule, step)
     reports = {}
     for num in NUMS:
-        job = dict(model=str(src), target="joint", num=num, schedule=schedule, step=step, batch_size=2,
-                   calibration=_calibration(c4_path))
+        job = {"model": str(src), "target": "joint", "num": num, "schedule": schedule, "step": step,
+               "batch_size": 2, "calibration": _calibration(c4_path)}
         mem = run_drop(DropJob(**job), progress=False)
         streamed = run_drop(DropJob(**job, stream=True), progress=False)
         walked = study.drop_set(sweep, "joint", num)
