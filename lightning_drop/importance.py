@@ -14,7 +14,7 @@ import math
 import warnings
 from contextlib import contextmanager
 from dataclasses import asdict, dataclass, field
-from typing import Any, Callable, Iterable, Iterator
+from typing import Any, Callable, Iterable, Iterator, Mapping
 
 import torch
 import torch.nn.functional as F
@@ -74,6 +74,12 @@ class ImportanceScores:
 
     def to_dict(self) -> dict[str, Any]:
         return asdict(self)
+
+    @classmethod
+    def from_dict(cls, data: Mapping[str, Any]) -> "ImportanceScores":
+        """Back from `to_dict` (caches and reports; keys it does not know, such as timings, are ignored)."""
+        return cls(data["metric"], data["attn"], data["mlp"], data["block"], data.get("num_tokens", 0),
+                   dict(data.get("extra") or {}))
 
     def row(self, kind: str) -> list[float | None]:
         if kind not in KINDS:

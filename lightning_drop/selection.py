@@ -11,7 +11,7 @@ from .architectures import get_spec
 from .errors import UserError
 from .importance import ImportanceScores, compute_importance
 from .modeling_dropped import apply_drop, dropped_layers
-from .options import METRICS, SCHEDULES, TARGETS
+from .options import METRICS, SCHEDULES, TARGETS  # noqa: F401 (SCHEDULES: callers import it from here)
 
 
 def candidates(scores: ImportanceScores, target: str, keep: Sequence[int] = ()) -> list[tuple[float, int, str, int]]:
@@ -116,6 +116,11 @@ class DropResult:
     rounds: list[ImportanceScores] = field(default_factory=list)
     round_drops: list[dict[str, list[int]]] = field(default_factory=list)
 
+    def record(self, scores: ImportanceScores, attn: list[int], mlp: list[int]) -> None:
+        """Add one round: its scores and the modules it dropped."""
+        self.rounds.append(scores)
+        self.round_drops.append({"drop_attn": attn, "drop_mlp": mlp})
+
     def to_dict(self) -> dict[str, Any]:
         return {"drop_attn_list": self.attn, "drop_mlp_list": self.mlp,
                 "rounds": [{"scores": r.to_dict(), **d} for r, d in zip(self.rounds, self.round_drops)]}
@@ -124,31 +129,25 @@ class DropResult:
 def drop_by_importance(model: nn.Module, batches: Iterable[Any] | Callable[[], Iterable[Any]], target: str,
                        num: int, metric: str = "cosine", schedule: str = "one-shot", step: int = 1,
                        keep: Sequence[int] = (), seed: int = 0, progress: bool = False) -> DropResult:
-    """Score, select and drop `num` modules of `model` in place.
+    """Score, select and drop `num` modules of `model` in place (`lightning_drop.schedule.drop_rounds`).
 
     One-shot scores once. Iterative drops `step` modules, re-scores the dropped model, and repeats.
     `batches` may be a callable returning a fresh iterable (needed when it is a one-pass generator).
     """
-    if target not in TARGETS:
-        raise UserError(f"unknown target '{target}'; choose from {', '.join(TARGETS)}")
+    from .schedule import check_schedule, drop_rounds
+
+    check_schedule(target, schedule, step)
     if metric not in METRICS:
         raise UserError(f"unknown metric '{metric}'; choose from {', '.join(METRICS)}")
-    if schedule not in SCHEDULES:
-        raise UserError(f"unknown schedule '{schedule}'; choose from {', '.join(SCHEDULES)}")
-    if step < 1:
-        raise UserError(f"step must be at least 1, got {step}")
-    require_droppable(num, len(get_spec(model).get_layers(model)), target, keep, *dropped_layers(model))
     get_batches = batches if callable(batches) else (lambda data=list(batches): data)
+
+    def score(attn: list[int], mlp: list[int], index: int) -> ImportanceScores:
+        return compute_importance(model, get_batches(), metric=metric, seed=seed + index, progress=progress)
+
     result = DropResult([], [])
-    remaining = num
-    while remaining > 0:
-        scores = compute_importance(model, get_batches(), metric=metric, seed=seed + len(result.rounds),
-                                    progress=progress)
-        k = remaining if schedule == "one-shot" else min(step, remaining)
-        attn, mlp = select_modules(scores, target, k, keep)
-        apply_drop(model, attn=attn, mlp=mlp)
-        result.rounds.append(scores)
-        result.round_drops.append({"drop_attn": attn, "drop_mlp": mlp})
-        remaining -= k
+    for rnd in drop_rounds(score, target, num, len(get_spec(model).get_layers(model)), schedule, step, keep,
+                           *dropped_layers(model)):
+        apply_drop(model, attn=rnd.attn, mlp=rnd.mlp)  # the next round scores the dropped model
+        result.record(rnd.scores, rnd.attn, rnd.mlp)
     result.attn, result.mlp = dropped_layers(model)
     return result

@@ -674,8 +674,7 @@ class Study:
         calib = self.cfg.calibration_for(sweep)
         if sweep.schedule == "one-shot":
             d = self.scores(calib, sweep.metric)
-            s = ImportanceScores(d["metric"], d["attn"], d["mlp"], d["block"], d.get("num_tokens", 0))
-            return select_modules(s, target, num)
+            return select_modules(ImportanceScores.from_dict(d), target, num)
         return self.iterative_drop_set(sweep, calib, target, num)
 
     def drops_key(self, sweep: SweepSpec, calib: CalibrationSpec, target: str) -> str:
@@ -684,7 +683,7 @@ class Study:
 
     def iterative_drop_set(self, sweep: SweepSpec, calib: CalibrationSpec, target: str,
                            num: int) -> tuple[list[int], list[int]]:
-        """Iterative: drop `step`, re-score the dropped model, repeat; every set on the way is cached.
+        """Iterative: the walk of `lightning_drop.schedule.drop_rounds`; every set and round on it is cached.
 
         The schedule is a function of (step, n) alone, so a set never depends on which other counts a sweep
         lists: the walk goes 0, step, 2 step, ... and a count n between two of them is the walk's set at
@@ -692,8 +691,9 @@ class Study:
         round's selection; no extra scoring pass). An extended sweep therefore reuses every stored round.
         """
         from .importance import ImportanceScores, compute_importance
-        from .modeling_dropped import apply_drop
-        from .selection import select_modules
+        from .modeling_dropped import apply_drop, dropped_layers
+        from .schedule import drop_rounds
+        from .selection import max_droppable
 
         step = sweep.step
         key = self.drops_key(sweep, calib, target)
@@ -706,7 +706,7 @@ class Study:
             a, m = sets[str(num)]
             return a, m
         upto = max(wanted)
-        limit = 2 * self.num_layers if target == "joint" else self.num_layers
+        limit = max_droppable(self.num_layers, target)
         if upto > limit:
             raise UserError(f"sweep '{sweep.name}': cannot drop {upto} {target} modules of a "
                              f"{self.num_layers}-layer model (at most {limit})")
@@ -716,32 +716,31 @@ class Study:
         at = max(d for d in range(0, need[0] + 1, step) if d == 0 or str(d) in sets)
         self.log(f"iterative {sweep.metric} {target}: re-scoring after every {step} up to {upto}")
         model, batches = None, None
-        while True:
-            base_a, base_m = sets[str(at)] if at else ([], [])
-            if at not in scored:
-                if model is None:
-                    model = copy.deepcopy(self.model)
-                    if at:
-                        apply_drop(model, attn=base_a, mlp=base_m)
-                    batches = self.calibration_batches(calib)
-                sc = compute_importance(model, batches, metric=sweep.metric, seed=self.cfg.seed + at // step)
-                a, m = select_modules(sc, target, min(step, limit - at))
-                scored[at] = {"at": at, "scores": sc.to_dict(), "drop_attn": a, "drop_mlp": m}
-            d = scored[at]["scores"]
-            sc = ImportanceScores(d["metric"], d["attn"], d["mlp"], d["block"], d.get("num_tokens", 0))
-            for n in range(at + 1, min(at + step, limit) + 1):  # this round's sets: prefixes of its selection
-                if str(n) not in sets and (n in missing or n == at + step):
-                    a, m = select_modules(sc, target, n - at)
-                    sets[str(n)] = [sorted(set(base_a) | set(a)), sorted(set(base_m) | set(m))]
+
+        def score(attn: list[int], mlp: list[int], index: int) -> ImportanceScores:
+            nonlocal model, batches
+            if index * step in scored:
+                return ImportanceScores.from_dict(scored[index * step]["scores"])
+            if model is None:
+                model, batches = copy.deepcopy(self.model), self.calibration_batches(calib)
+            gone_attn, gone_mlp = dropped_layers(model)
+            new_attn, new_mlp = sorted(set(attn) - set(gone_attn)), sorted(set(mlp) - set(gone_mlp))
+            if new_attn or new_mlp:
+                apply_drop(model, attn=new_attn, mlp=new_mlp)
+            return compute_importance(model, batches, metric=sweep.metric, seed=self.cfg.seed + index)
+
+        # the last needed round is taken whole (up to the limit): its full set is where a longer walk resumes
+        end = min(need[-1] + step, limit)
+        walked = sets[str(at)] if at else ([], [])
+        for rnd in drop_rounds(score, target, end, self.num_layers, "iterative", step, start=at, walked=walked):
+            if rnd.at not in scored:
+                scored[rnd.at] = {"at": rnd.at, "scores": rnd.scores.to_dict(), "drop_attn": rnd.attn,
+                                  "drop_mlp": rnd.mlp}
+            for n in range(rnd.at + 1, rnd.at + rnd.size + 1):
+                if str(n) not in sets and (n in missing or n == rnd.at + step):
+                    sets[str(n)] = list(rnd.set_at(n))
             have["sets"], have["rounds"] = sets, [scored[k] for k in sorted(scored)]
             write_json(self.cache.path("drops", key), have)  # resumable after every round
-            if at >= need[-1]:
-                break
-            nxt = at + step
-            if model is not None:
-                apply_drop(model, attn=[i for i in sets[str(nxt)][0] if i not in base_a],
-                           mlp=[i for i in sets[str(nxt)][1] if i not in base_m])
-            at = nxt
         self.cache.computed["drops"] += 1
         del model
         a, m = sets[str(num)]

@@ -42,3 +42,36 @@ def byte_tokenizer():
     from lightning_drop.models import load_tokenizer
 
     return load_tokenizer("tiny-llama")
+
+
+@pytest.fixture
+def scoring_passes():
+    """A callable returning the calibration forward passes (batches) run so far in the test.
+
+    Importance scoring runs a model's decoder stack (`model.model`) on its own, while training, validation
+    and generation reach it through the causal LM: a decoder call outside any `*ForCausalLM` call is one
+    scoring batch. Counting passes proves "not scored again" without depending on how scoring is imported.
+    """
+    from torch import nn
+    from torch.nn.modules import module as torch_module
+
+    state = {"lm": 0, "passes": 0}
+
+    def is_lm(mod: nn.Module) -> bool:
+        return type(mod).__name__.endswith("ForCausalLM")
+
+    def pre(mod: nn.Module, args: tuple) -> None:
+        if is_lm(mod):
+            state["lm"] += 1
+        elif state["lm"] == 0 and isinstance(getattr(mod, "layers", None), nn.ModuleList) \
+                and hasattr(mod, "embed_tokens"):
+            state["passes"] += 1
+
+    def post(mod: nn.Module, args: tuple, output: object) -> None:
+        if is_lm(mod):
+            state["lm"] -= 1
+
+    handles = [torch_module.register_module_forward_pre_hook(pre), torch_module.register_module_forward_hook(post)]
+    yield lambda: state["passes"]
+    for h in handles:
+        h.remove()

@@ -139,7 +139,7 @@ def test_layer_drop_at_fit_end_is_seen_by_an_earlier_measurement(tmp_path, c4_pa
     assert ppl.value == pytest.approx(ppl.compute(module.hf_model, module.tokenizer), rel=1e-6)
 
 
-def test_layer_drop_at_fit_start_and_state(tmp_path, c4_path, monkeypatch):
+def test_layer_drop_at_fit_start_and_state(tmp_path, c4_path, scoring_passes):
     pl.seed_everything(0)
     module = DropModule("tiny-llama")
     drop = LayerDrop(target="joint", ratio=0.25, metric="reverse")  # 2 of 8 modules, deepest first
@@ -149,16 +149,15 @@ def test_layer_drop_at_fit_start_and_state(tmp_path, c4_path, monkeypatch):
     assert module.drop_plan() in (([3], [3]), ([], [2, 3]), ([2, 3], []), ([3], [2]), ([2], [3]))
     # state through a real Lightning checkpoint file, resumed with the path known at setup: no re-scoring
     tr.save_checkpoint(tmp_path / "drop.ckpt")
-    import lightning_drop.importance as importance
-
-    monkeypatch.setattr(importance, "compute_importance", lambda *a, **k: pytest.fail("re-scored on resume"))
-    again = LayerDrop(target="joint", ratio=0.25)
+    before = scoring_passes()
+    again = LayerDrop(target="joint", ratio=0.25)  # cosine: scoring it again would run calibration passes
     resumed = trainer(tmp_path, max_steps=1, callbacks=[again])
     resumed.ckpt_path = str(tmp_path / "drop.ckpt")
     fresh = DropModule("tiny-llama")
     resumed.fit(fresh, data(c4_path))
     assert again.finished and again.rounds == drop.rounds and again.total == 2
     assert fresh.drop_plan() == module.drop_plan()
+    assert scoring_passes() == before
 
 
 @pytest.mark.parametrize("kwargs, match", [
@@ -249,6 +248,17 @@ def test_layer_drop_limits_count_existing_drops(tmp_path, c4_path):
     tr = trainer(tmp_path, max_steps=1, callbacks=[LayerDrop(target="attn", num=2, calibration_batch_size=2)])
     with pytest.raises(MisconfigurationException, match=r"already dropped: attention \[0, 1, 2\].*at most 1"):
         tr.fit(module, data(c4_path))
+
+
+def test_layer_drop_block_whose_attention_is_gone_counts_as_one_block(tmp_path, c4_path):
+    """Dropping block 3 when only its MLP is left is one block: the schedule stops there."""
+    module = DropModule("tiny-llama")
+    module.apply_drop(attn=[3])
+    drop = LayerDrop(target="block", num=1, metric="reverse", calibration_batch_size=2)  # deepest first
+    tr = trainer(tmp_path, max_steps=1, callbacks=[drop])
+    tr.fit(module, data(c4_path))
+    assert drop.finished and [r["modules"] for r in drop.rounds] == [["block.3"]]
+    assert module.drop_plan() == ([3], [3])
 
 
 def test_lora_after_drop_with_fit_end_drop_is_refused(tmp_path, c4_path):

@@ -104,7 +104,7 @@ def test_real_model_configs(name, tmp_path, c4_path, monkeypatch):
     assert cli.model.hf_model.config.num_hidden_layers == 30
 
 
-def test_cli_resume_knows_the_checkpoint_at_setup(tmp_path, c4_path, monkeypatch):
+def test_cli_resume_knows_the_checkpoint_at_setup(tmp_path, c4_path, monkeypatch, scoring_passes):
     """`fit --ckpt_path` reaches `Callback.setup` (as trainer.ckpt_path): the fit-start drop is not scored again."""
     monkeypatch.chdir(tmp_path)
     config = {
@@ -125,12 +125,12 @@ def test_cli_resume_knows_the_checkpoint_at_setup(tmp_path, c4_path, monkeypatch
     first = run_lightning_cli(["fit", "--config", str(path)])
     ckpt = tmp_path / "ckpt" / "epoch=0-step=2.ckpt"
     assert ckpt.is_file()
-    import lightning_drop.importance as importance
-
-    monkeypatch.setattr(importance, "compute_importance", lambda *a, **k: pytest.fail("scored again on resume"))
+    before = scoring_passes()
+    assert before > 0  # the first fit scored its drop
     again = run_lightning_cli(["fit", "--config", str(path), "--trainer.max_steps", "3", "--ckpt_path", str(ckpt)])
     assert again.trainer.global_step == 3 and again.trainer.ckpt_path == str(ckpt)
     assert again.model.drop_plan() == first.model.drop_plan() and len(first.model.drop_plan()[0]) == 1
+    assert scoring_passes() == before  # not scored again on resume
 
 
 def test_fsdp_overrides_in_drop_and_recover_comment(capsys):

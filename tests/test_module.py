@@ -162,14 +162,14 @@ def fit_start_run(tmp_path, c4_path, ckpt=None, known=True, max_steps=4, callbac
     return module, losses.losses, cbs
 
 
-def test_resume_after_fit_start_drop_does_not_drop_again(tmp_path, c4_path, monkeypatch):
+def test_resume_after_fit_start_drop_does_not_drop_again(tmp_path, c4_path, scoring_passes):
     full, full_losses, full_cbs = fit_start_run(tmp_path, c4_path)
     ckpt = tmp_path / "ckpt" / "epoch=0-step=2.ckpt"
     assert ckpt.is_file() and len(full.drop_plan()[0]) == 1 and full.lora_config is not None
-    import lightning_drop.importance as importance
-
-    monkeypatch.setattr(importance, "compute_importance", lambda *a, **k: pytest.fail("scored again on resume"))
+    before = scoring_passes()
+    assert before > 0  # the first fit scored its drop
     resumed, losses, cbs = fit_start_run(tmp_path / "again", c4_path, ckpt=ckpt)
+    assert scoring_passes() == before  # not scored again on resume
     assert resumed.drop_plan() == full.drop_plan() and resumed.lora_config == full.lora_config
     assert cbs[0].rounds == full_cbs[0].rounds and cbs[0].finished
     assert sorted(losses) == [3, 4]

@@ -4,8 +4,9 @@ Where the drop happens follows Lightning's hook order (GUIDE §6): at fit start 
 the strategy moves the model and builds optimizers (as `BaseFinetuning.setup` changes the model); during
 training it happens after an optimizer step and is followed by a rebuild of DDP, optimizers and
 schedulers (`trainer.strategy.setup_optimizers`); at fit end in `on_train_end`. Scores are synchronized
-across processes (torchmetrics states) and the selection is broadcast from rank zero, so every rank drops
-the same modules. Like `ModelPruning`, the structural change itself lives in the model (`DropModule`
+across processes (torchmetrics states) and rank zero's copy is broadcast before the selection, so every rank
+drops the same modules. The rounds are those of `lightning_drop.schedule.drop_rounds`, as for every other way
+of dropping. Like `ModelPruning`, the structural change itself lives in the model (`DropModule`
 writes the drop plan into every checkpoint); this callback's `state_dict` keeps the schedule position and
 the per-round record.
 
@@ -150,23 +151,36 @@ class LayerDrop(Callback):
         return resolve_num(total_modules(n, self.target), self.num, self.ratio)
 
     def drop_round(self, trainer: pl.Trainer, pl_module: pl.LightningModule) -> dict[str, Any]:
-        """Score the current model and drop the next round's modules (on every rank identically)."""
-        from lightning_drop.importance import compute_importance
+        """Score the current model and drop the next round's modules (on every rank identically).
+
+        The round is the next one of `lightning_drop.schedule.drop_rounds`, continued from this callback's
+        recorded rounds, so a round after a resume is the one an uninterrupted fit would have made.
+        """
+        from lightning_drop.importance import ImportanceScores, compute_importance
         from lightning_drop.modeling_dropped import apply_drop
-        from lightning_drop.selection import select_modules
+        from lightning_drop.schedule import drop_rounds
 
         if self.total is None:
             self.total = self._resolve_total(pl_module)
+        if self.finished:
+            raise MisconfigurationException(f"LayerDrop: all {self.total} {self.target} modules are already dropped")
         model = hf_of(pl_module)
-        remaining = self.total - self.dropped_count
-        k = remaining if self.schedule == "one-shot" else min(self.step, remaining)
-        scores = compute_importance(model, self.calibration.batches(trainer, pl_module), metric=self.metric,
-                                    seed=self.seed + len(self.rounds))
-        attn, mlp = select_modules(scores, self.target, k, self.keep)
-        attn, mlp = trainer.strategy.broadcast((attn, mlp), src=0)
+
+        def score(attn: list[int], mlp: list[int], index: int) -> ImportanceScores:
+            scores = compute_importance(model, self.calibration.batches(trainer, pl_module), metric=self.metric,
+                                        seed=self.seed + index)
+            # The scores are synced across ranks; rank zero's copy makes every rank rank them identically.
+            return trainer.strategy.broadcast(scores, src=0)
+
+        walk_attn, walk_mlp = self.recorded_plan()
+        cur_attn, cur_mlp = dropped_layers_of(model)
+        rnd = next(drop_rounds(score, self.target, self.total, self._num_layers(pl_module), self.schedule, self.step,
+                               self.keep, sorted(set(cur_attn) - set(walk_attn)), sorted(set(cur_mlp) - set(walk_mlp)),
+                               start=self.dropped_count, walked=(walk_attn, walk_mlp)))
+        attn, mlp, scores = rnd.attn, rnd.mlp, rnd.scores
         apply_drop(model, attn=attn, mlp=mlp)
-        if self.target == "block":
-            modules = [f"block.{i}" for i in attn]
+        if self.target == "block":  # a block whose attention was already gone drops only its MLP
+            modules = [f"block.{i}" for i in sorted(set(attn) | set(mlp))]
         else:
             modules = [f"attn.{i}" for i in attn] + [f"mlp.{i}" for i in mlp]
         record = {"step": trainer.global_step, "attn": list(attn), "mlp": list(mlp), "modules": modules,
@@ -207,11 +221,11 @@ class LayerDrop(Callback):
         if bad:
             raise MisconfigurationException(f"LayerDrop: keep indices {bad} out of range: the model has {n} layers "
                                             f"(0..{n - 1})")
-        from lightning_drop.selection import droppable_modules
+        from lightning_drop.selection import droppable_modules, max_droppable
 
         attn_d, mlp_d = dropped_layers_of(hf_of(pl_module))
         count, removes_all = droppable_modules(n, self.target, self.keep, attn_d, mlp_d)
-        limit = count - 1 if removes_all and count else count
+        limit = max_droppable(n, self.target, self.keep, attn_d, mlp_d)
         why = (f"at least one {'block' if self.target == 'block' else 'sublayer'} must remain" if removes_all
                else f"{count} droppable")
         assert self.total is not None

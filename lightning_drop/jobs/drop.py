@@ -175,8 +175,10 @@ def run_drop_streamed(job: DropJob, progress: bool = True) -> dict[str, Any]:
     """
     from ..checkpoint import read_config
     from ..data import calibration_windows
+    from ..importance import ImportanceScores
     from ..models import load_tokenizer, resolve
-    from ..selection import DropResult, select_modules
+    from ..schedule import drop_rounds
+    from ..selection import DropResult
     from ..streaming import stream_importance, write_dropped_streaming
 
     path = Path(resolve(job.model))
@@ -200,22 +202,19 @@ def run_drop_streamed(job: DropJob, progress: bool = True) -> dict[str, Any]:
     if isinstance(config.get("vocab_size"), int):
         check_vocabulary(tok, config["vocab_size"], job.model)
     windows = calibration_windows(tok, job.calibration, max_positions=config.get("max_position_embeddings"))
+
+    def score(attn: list[int], mlp: list[int], index: int) -> ImportanceScores:
+        return stream_importance(path, windows, metric=job.metric, batch_size=job.batch_size, device=job.device,
+                                 offload_dir=job.offload_dir, dtype=job.dtype, drop_attn=attn, drop_mlp=mlp,
+                                 seed=job.calibration.seed + index, progress=progress)
+
     result = DropResult([], [])
-    attn: list[int] = []
-    mlp: list[int] = []
-    remaining = num
-    while remaining > 0:
-        scores = stream_importance(path, windows, metric=job.metric, batch_size=job.batch_size, device=job.device,
-                                   offload_dir=job.offload_dir, dtype=job.dtype, drop_attn=attn, drop_mlp=mlp,
-                                   seed=job.calibration.seed + len(result.rounds), progress=progress)
-        k = remaining if job.schedule == "one-shot" else min(job.step, remaining)
-        new_attn, new_mlp = select_modules(scores, job.target, k, list(job.keep))
-        attn, mlp = sorted(set(attn) | set(new_attn)), sorted(set(mlp) | set(new_mlp))
-        result.rounds.append(scores)
-        result.round_drops.append({"drop_attn": new_attn, "drop_mlp": new_mlp})
-        remaining -= k
-    result.attn = sorted(set(base_attn) | set(attn))
-    result.mlp = sorted(set(base_mlp) | set(mlp))
+    attn, mlp = list(base_attn), list(base_mlp)
+    for rnd in drop_rounds(score, job.target, num, n_layers, job.schedule, job.step, list(job.keep), base_attn,
+                           base_mlp):
+        result.record(rnd.scores, rnd.attn, rnd.mlp)
+        attn, mlp = sorted(set(attn) | set(rnd.attn)), sorted(set(mlp) | set(rnd.mlp))
+    result.attn, result.mlp = attn, mlp
     report = build_report(job, result, windows)
     report["streamed"] = True
     if job.output is not None:
