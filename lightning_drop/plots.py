@@ -18,6 +18,7 @@ import matplotlib
 
 matplotlib.use("Agg", force=False)
 import matplotlib.pyplot as plt  # noqa: E402
+from matplotlib.ticker import LogFormatter  # noqa: E402
 
 from .atomic_io import save_figure  # noqa: E402
 from .importance import KINDS, ImportanceScores  # noqa: E402
@@ -26,6 +27,13 @@ KIND_LABELS = {"attn": "attention", "mlp": "MLP", "block": "block"}
 METRIC_LABELS = {"cosine": "1 - cos(X, Y)", "cosine_no_residual": "1 - cos (no residual)",
                  "angular": "arccos(cos)/pi", "relative_magnitude": "||f(x)||/||x+f(x)||"}
 _MAX_ROW_TICKS = 12
+
+
+class _PlainLog(LogFormatter):
+    """Log-scale tick labels as plain numbers (0.2), not 2 x 10^-1."""
+
+    def _num_to_string(self, x: float, vmin: float, vmax: float) -> str:
+        return f"{x:.2g}"
 
 
 @dataclass
@@ -50,11 +58,12 @@ def score_panel(scores: Any, title: str, drop_attn: Sequence[int] = (), drop_mlp
 
 
 def importance_figure(panels: Sequence[Panel], *, row_axis: str = "", log_color: bool = True,
-                      side_by_side: bool = False, title: str | None = None) -> Any:
+                      side_by_side: bool = False, rows_upward: bool = False, title: str | None = None) -> Any:
     """Heatmaps of importance, layers on x (lower = more redundant); returns the matplotlib figure.
 
     `log_color`: a logarithmic color scale when every value of a panel is positive (layer 0 often dwarfs the
-    rest; a log scale shows them all). `side_by_side`: panels in one row instead of a column.
+    rest; a log scale shows them all). `side_by_side`: panels in one row instead of a column. `rows_upward`:
+    the first row at the bottom (a time axis) instead of at the top.
     """
     import numpy as np
     from matplotlib.colors import LogNorm
@@ -76,7 +85,8 @@ def importance_figure(panels: Sequence[Panel], *, row_axis: str = "", log_color:
         norm = None
         if log_color and finite.size and finite.min() > 0 and finite.min() < finite.max():
             norm = LogNorm(vmin=float(finite.min()), vmax=float(finite.max()))
-        im = ax.imshow(np.ma.masked_invalid(data), aspect="auto", origin="lower", cmap=cmap, norm=norm,
+        im = ax.imshow(np.ma.masked_invalid(data), aspect="auto", origin="lower" if rows_upward else "upper",
+                       cmap=cmap, norm=norm,
                        interpolation="nearest")
         for r, c in p.marked:
             ax.add_patch(Rectangle((c - 0.5, r - 0.5), 1, 1, fill=False, edgecolor="#d62728", lw=2))
@@ -88,12 +98,12 @@ def importance_figure(panels: Sequence[Panel], *, row_axis: str = "", log_color:
         ax.set_xlabel("layer index")
         if row_axis:
             ax.set_ylabel(row_axis)
-        ax.set_title(p.title, fontsize=10)
+        ax.set_title(p.title + ("\nred outline: dropped" if p.marked else ""), fontsize=10)
         cb = fig.colorbar(im, ax=ax, pad=0.01, shrink=0.9)
+        if norm is not None:
+            cb.ax.yaxis.set_major_formatter(_PlainLog(labelOnlyBase=False, minor_thresholds=(2, 0.5)))
+            cb.ax.yaxis.set_minor_formatter(_PlainLog(labelOnlyBase=False, minor_thresholds=(2, 0.5)))
         cb.set_label(METRIC_LABELS.get(p.metric, p.metric) + (" (log)" if norm is not None else ""), fontsize=8)
-    if any(p.marked for p in panels):
-        axes.flat[0].plot([], [], "s", mfc="none", mec="#d62728", mew=2, label="dropped")
-        axes.flat[0].legend(loc="upper right", fontsize=8, framealpha=0.8)
     if title:
         fig.suptitle(title, fontsize=11)
     return fig

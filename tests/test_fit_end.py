@@ -177,3 +177,30 @@ def test_rebuild_optimizers_pins_lightning(tmp_path):
     assert tr.global_step == 7 and module.lr_step_offset == 3 and sched.last_epoch == 4  # stepped 4 times since
     assert tr.optimizers[0].param_groups[0]["lr"] == pytest.approx(1e-2 / (1 + 7))  # the schedule continued
     assert float(tr.optimizers[0].state[module.first.weight]["step"]) == 7.0
+
+
+def test_one_logger_helper_for_scalars_and_figures(tmp_path):
+    """`log_to_loggers`: scalars (None skipped) to every logger; a figure to TensorBoard-like loggers
+    (`experiment.add_figure`), its PNG file to those with `log_image`."""
+    from lightning_drop.callbacks._common import log_to_loggers
+
+    got = []
+
+    class Images:
+        experiment = None
+
+        def log_metrics(self, metrics, step):
+            got.append(("metrics", metrics, step))
+
+        def log_image(self, key, images, step):
+            got.append(("image", key, images, step))
+
+    class Board(Images):
+        experiment = SimpleNamespace(add_figure=lambda tag, fig, global_step, close: got.append(("figure", tag)))
+
+    tr = SimpleNamespace(loggers=[Images(), Board()], global_step=4)
+    log_to_loggers(tr, {"a": 1, "b": None})
+    assert got == [("metrics", {"a": 1.0}, 4)] * 2
+    got.clear()
+    log_to_loggers(tr, figure=object(), tag="t", image_file=tmp_path / "x.png")
+    assert got == [("image", "t", [str(tmp_path / "x.png")], 4), ("figure", "t")]

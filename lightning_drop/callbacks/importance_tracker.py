@@ -136,7 +136,8 @@ class ImportanceTracker(Callback):
         steps = [str(e["step"]) for e in self.history]
         panels = [Panel(f"{KIND_LABELS[kind]} importance ({self.metric})", steps, [e[kind] for e in self.history],
                         self.metric) for kind in KINDS]
-        return importance_figure(panels, row_axis="training step", log_color=self.log_color, side_by_side=True)
+        return importance_figure(panels, row_axis="training step", log_color=self.log_color, side_by_side=True,
+                                 rows_upward=True)
 
     def _heatmap(self, trainer: pl.Trainer, out_dir: Path) -> None:
         fig = self.figure()
