@@ -11,7 +11,13 @@ import torch
 from lightning.pytorch.utilities.exceptions import MisconfigurationException
 from torch import nn
 
-from lightning_drop.callbacks import LayerDrop, LMEvalCallback, LoRARecovery, PerplexityCallback, SpeedBenchmark
+from lightning_drop.callbacks import (
+    LayerDrop,
+    LMEvalCallback,
+    LoRARecovery,
+    PerplexityCallback,
+    SpeedBenchmark,
+)
 from lightning_drop.callbacks._common import rebuild_optimizers
 from lightning_drop.callbacks.fit_end import FitEnd, FitEndMember
 from lightning_drop.datamodule import TextDataModule
@@ -62,7 +68,7 @@ def test_measurement_before_a_fit_end_drop_on_any_lightning_module(tmp_path, c4_
     tr.fit(module, data(c4_path))
     assert drop.finished and len(drop.rounds) == 1  # dropped once, although both hooks asked for it
     assert ppl.seen_plan == dropped_layers(module.model) and len(ppl.seen_plan[0]) == 1
-    assert getattr(tr, "_lightning_drop_fit_end") is None  # the record ended with the fit
+    assert tr._lightning_drop_fit_end is None  # the record ended with the fit
 
 
 def test_speed_listed_before_lm_eval_gets_its_average(tmp_path, c4_path, monkeypatch):

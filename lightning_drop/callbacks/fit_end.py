@@ -26,8 +26,9 @@ The record lives on the trainer from the first join of a fit until a member's `t
 from __future__ import annotations
 
 import copy
+from collections.abc import Callable
 from dataclasses import dataclass
-from typing import Any, Callable, Literal
+from typing import Any, Literal
 
 import lightning.pytorch as pl
 from lightning.pytorch.callbacks import Callback
@@ -60,7 +61,7 @@ class FitEnd:
         self._running: set[int] = set()
 
     @staticmethod
-    def of(trainer: pl.Trainer) -> "FitEnd":
+    def of(trainer: pl.Trainer) -> FitEnd:
         """This fit's record (created on first use)."""
         record = getattr(trainer, _ATTR, None)
         if record is None:
@@ -76,7 +77,7 @@ class FitEnd:
 
     # ----------------------------------------------------------------------------------------- joining
     def join(self, owner: Any, role: Role, *, finish: Step | None = None, key: str | None = None,
-             measure: Step | None = None) -> "FitEnd":
+             measure: Step | None = None) -> FitEnd:
         """Register `owner` once (a second join keeps its first place); returns the record."""
         if role not in ("drop", "adapters", "measure"):
             raise ValueError(f"unknown role {role!r}")
