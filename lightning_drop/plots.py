@@ -77,8 +77,7 @@ def importance_figure(panels: Sequence[Panel], *, row_axis: str = "", log_color:
     shape = (1, len(panels)) if side_by_side else (len(panels), 1)
     fig, axes = plt.subplots(*shape, squeeze=False, constrained_layout=True,
                              figsize=(width * shape[1], height * shape[0] + (0.5 if title else 0.2)))
-    cmap = plt.get_cmap("viridis").copy()
-    cmap.set_bad("#dddddd")  # modules already gone
+    cmap = plt.get_cmap("viridis").with_extremes(bad="#dddddd")  # modules already gone
     for ax, p in zip(axes.flat, panels):
         data = np.array([[math.nan if v is None else float(v) for v in r] + [math.nan] * (n - len(r))
                          for r in p.values], dtype=float).reshape(len(p.values), n)
