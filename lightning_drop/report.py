@@ -18,7 +18,6 @@ import matplotlib
 
 matplotlib.use("Agg")
 import matplotlib.pyplot as plt  # noqa: E402
-from matplotlib.colors import LogNorm  # noqa: E402
 from matplotlib.ticker import FuncFormatter, MaxNLocator  # noqa: E402
 
 from .atomic_io import atomic_write_text, save_figure  # noqa: E402
@@ -68,32 +67,18 @@ def _style(sweeps: list[str], sweep: str) -> dict[str, Any]:
 
 # ------------------------------------------------------------------------------------------------ figures
 def plot_importance_heatmap(doc: Mapping[str, Any], path: Path) -> Path:
+    """One panel per score set of the study (`plots.importance_figure`)."""
+    from .plots import importance_figure, score_panel
+
     scores = doc["scores"]
     if not scores:
         fig, ax = plt.subplots(figsize=(6, 1.5))
         ax.text(0.5, 0.5, "no importance scores (baseline only)", ha="center", va="center")
         ax.axis("off")
         return _save(fig, path)
-    n = len(next(iter(scores.values()))["attn"])
-    fig, axes = plt.subplots(len(scores), 1, figsize=(max(7.0, 0.3 * n + 3), 1.9 * len(scores) + 0.8),
-                             squeeze=False)
-    for ax, (label, s) in zip(axes[:, 0], scores.items()):
-        rows = [[v if v is not None else float("nan") for v in s[k]] for k in ("attn", "mlp", "block")]
-        flat = [v for r in rows for v in r if v == v]
-        pos = [v for v in flat if v > 0]
-        norm = LogNorm(vmin=min(pos), vmax=max(pos)) if pos and len(pos) == len(flat) and min(pos) < max(pos) else None
-        im = ax.imshow(rows, aspect="auto", cmap="viridis", norm=norm, interpolation="nearest")
-        ax.set_yticks(range(3), [LABELS["attn"], LABELS["mlp"], LABELS["block"]])
-        ax.set_xticks(range(n), [str(i) for i in range(n)], fontsize=7)
-        ax.set_title(f"importance ({label}); lower = more redundant, dropped first", fontsize=10)
-        cb = fig.colorbar(im, ax=ax, pad=0.01)
-        metric = s.get("metric", "")
-        cb.set_label({"cosine": "1 - cos(X, Y)", "cosine_no_residual": "1 - cos (no residual)",
-                      "angular": "arccos(cos)/pi", "relative_magnitude": "||f(x)||/||x+f(x)||"}.get(metric, metric)
-                     + (" (log)" if norm is not None else ""), fontsize=8)
-    axes[-1, 0].set_xlabel("layer index")
-    fig.tight_layout()
-    return _save(fig, path)
+    panels = [score_panel(s, f"importance ({label}); lower = more redundant, dropped first")
+              for label, s in scores.items()]
+    return _save(importance_figure(panels), path)
 
 
 def plot_quality_vs_num(doc: Mapping[str, Any], path: Path) -> Path:

@@ -283,7 +283,7 @@ def test_measurement_listed_before_lora_recovery_sees_the_merged_model(tmp_path,
 
 
 def test_final_model_with_adapters_kept_gives_a_merged_copy(tmp_path, c4_path):
-    from lightning_drop.callbacks._common import final_model
+    from lightning_drop.callbacks.fit_end import final_model
 
     pl.seed_everything(0)
     module = DropModule("tiny-llama", lr=1e-2)

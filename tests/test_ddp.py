@@ -431,7 +431,9 @@ def _fit_as_rank(rank: int, out: Path, c4_path: Path, hellaswag: Path, monkeypat
     callbacks = [
         ImportanceTracker(every_n_steps=1, calibration_batch_size=2),
         PerplexityCallback(data=str(c4_path), seq_len=32, num_windows=2, output="ppl.json"),
-        SpeedBenchmark(baseline="tiny-llama", prompt_len=4, gen_len=2, repeats=1, warmup=0, output="speed.json"),
+        # listed before LMEvalCallback, it asks for its average (the SDR): measured then, on every rank
+        SpeedBenchmark(baseline="tiny-llama", prompt_len=4, gen_len=2, repeats=1, warmup=0, output="speed.json",
+                       baseline_avg=0.3),
         LMEvalCallback(data_files={"hellaswag_sample": str(hellaswag)}, limit=2, output="lm_eval.json"),
         LayerDrop(target="attn", num=1, when="fit_end", calibration_batch_size=2, verbose=False),
         LoRARecovery(r=2, when="fit_start", merge=True),
@@ -467,6 +469,7 @@ def test_rank_zero_work_reaches_no_collective(tmp_path, c4_path, shared_dir, mon
     assert {"ppl.json", "speed.json", "lm_eval.json", "saved/config.json",
             "logs/run/version_0/importance_history.json"} <= written
     assert not [p for p in (tmp_path / "one").rglob("*") if p.is_file()]
+    assert "sdr" in json.loads((tmp_path / "zero" / "speed.json").read_text())
 
 
 # ------------------------------------------------------------------------------ 2 processes agree with 1

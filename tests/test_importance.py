@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import math
 import statistics
+from types import SimpleNamespace
 
 import pytest
 import torch
@@ -255,3 +256,36 @@ def test_smollm2_attention_scores_lower_than_mlp(shared_dir):
     s = compute_importance(model, [windows[:2], windows[2:]])
     assert statistics.mean(s.attn) < statistics.mean(s.mlp)
     assert all(math.isfinite(v) for v in s.attn + s.mlp + s.block)
+
+
+def test_every_importance_figure_is_the_one_function(tmp_path, monkeypatch):
+    """The drop job's figure, the study report's and ImportanceTracker's all go through
+    `plots.importance_figure`, each under its own file name; dropped modules are outlined, gone ones blank."""
+    from pathlib import Path
+
+    from lightning_drop import plots, report
+    from lightning_drop.callbacks import ImportanceTracker
+    from lightning_drop.importance import ImportanceScores
+
+    drawn = []
+    real = plots.importance_figure
+
+    def spy(panels, **kw):
+        drawn.append(([(p.rows, [list(r) for r in p.values], sorted(p.marked)) for p in panels], kw))
+        return real(panels, **kw)
+
+    monkeypatch.setattr(plots, "importance_figure", spy)
+    s = ImportanceScores(metric="cosine", attn=[0.1, None, 0.3], mlp=[0.2, 0.5, 0.4], block=[1.0, 2.0, 3.0],
+                         num_tokens=8)
+    assert plots.plot_importance(s, tmp_path / "importance.png", drop_attn=[2], drop_mlp=[0]).stat().st_size > 3000
+    rows, values, marked = drawn[-1][0][0]
+    assert rows == ["attention", "MLP", "block"] and values[0] == [0.1, None, 0.3] and marked == [(0, 2), (1, 0)]
+    out = report.plot_importance_heatmap({"scores": {"a": s.to_dict(), "b": s.to_dict()}}, Path(tmp_path / "r.png"))
+    assert out.name == "r.png" and out.stat().st_size > 3000 and len(drawn[-1][0]) == 2
+    tracker = ImportanceTracker(log_color=False)
+    tracker.history = [{"step": k, "event": "step", "attn": s.attn, "mlp": s.mlp, "block": s.block} for k in (0, 5)]
+    tracker._heatmap(SimpleNamespace(loggers=[], global_step=5), tmp_path)
+    assert (tmp_path / "importance_heatmap.png").stat().st_size > 3000
+    panels, kw = drawn[-1]
+    assert [p[0] for p in panels] == [["0", "5"]] * 3 and kw["log_color"] is False and kw["side_by_side"] is True
+    assert len(drawn) == 3

@@ -3,6 +3,19 @@
 Tracking, dropping and recovery live here; evaluation (`LMEvalCallback`, `PerplexityCallback`), speed
 (`SpeedBenchmark`) and quantization (`QuantizeCallback`) come from sibling modules that are imported
 guardedly, so a missing optional module never breaks the others.
+
+How they cooperate (`fit_end.FitEnd`, one record per fit on the trainer): in `setup("fit")` each callback
+joins with a role. `LayerDrop` is a `drop` (a fit-end drop registers its drop as a finishing step),
+`LoRARecovery` is `adapters` (its merge is a finishing step; it attaches once the drops that joined before
+it are finished), and `LMEvalCallback`, `PerplexityCallback`, `SpeedBenchmark` and `QuantizeCallback` are
+`measure`s that provide the results `lm_eval`, `perplexity`, `speed` and `quantize`. At fit end a
+measurement takes `FitEnd.final_model` (every finishing step run, in joining order, each once) and may ask
+for another's result (`FitEnd.result`: measured then if its callback comes later), so measurements may be
+listed anywhere. Only the order of drops and adapters matters, because it is the pipeline the user wrote
+(drops first, then the adapters that recover from them; a drop listed after adapters that act before it is
+refused). Everything works on any LightningModule holding a Hugging Face model (`_common.hf_of`) and under
+DDP: the calls are made on every rank, drops broadcast their selection and results are broadcast from rank
+zero, so all ranks agree.
 """
 
 from __future__ import annotations

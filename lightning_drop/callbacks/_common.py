@@ -1,11 +1,11 @@
-"""Helpers shared by the drop callbacks: the wrapped HF model, calibration data, optimizer rebuilds, and the
-final model that fit-end measurements must see whatever the callback order."""
+"""Helpers shared by the callbacks: the wrapped HF model, calibration data, optimizer rebuilds, scoring device
+and logging to `trainer.loggers`. How callbacks cooperate at fit end is `fit_end`."""
 
 from __future__ import annotations
 
-import copy
+import os
 from contextlib import contextmanager
-from typing import Any, Iterator
+from typing import Any, Iterator, Mapping
 
 import lightning.pytorch as pl
 import torch
@@ -72,35 +72,34 @@ class CalibrationSource:
         return {"input_ids": ids, "attention_mask": torch.ones_like(ids)}
 
 
-def _rewrap_ddp(strategy: Any) -> None:
-    """Re-wrap the LightningModule in DDP after its parameter set changed (DDP keeps the old set)."""
-    from torch.nn.parallel import DistributedDataParallel
-
-    if isinstance(strategy.model, DistributedDataParallel) and hasattr(strategy, "_setup_model"):
-        strategy.model = strategy._setup_model(strategy.lightning_module)
-        if hasattr(strategy, "_register_ddp_hooks"):
-            strategy._register_ddp_hooks()
-
-
 def rebuild_optimizers(trainer: pl.Trainer, pl_module: pl.LightningModule) -> None:
     """After the model's parameters changed mid-fit: re-wrap DDP, rebuild optimizers and schedulers.
 
     The optimizer state (e.g. Adam moments) of every surviving parameter carries over; schedulers continue
-    from the current step (`DropModule.lr_step_offset`).
+    from the current step (`lr_step_offset`, when the module has one). This is the one place that relies on
+    Lightning internals (`tests/test_callbacks.py::test_rebuild_optimizers_pins_lightning` pins them): the
+    strategy's `_setup_model` / `_register_ddp_hooks` (DDP keeps the old parameter set otherwise),
+    `setup_optimizers` (calls `configure_optimizers` and replaces `trainer.optimizers` and
+    `trainer.lr_scheduler_configs`, which the fit loop reads at every step) and `_optimizers_to_device`.
     """
     from lightning.fabric.utilities.optimizer import _optimizers_to_device
+    from torch.nn.parallel import DistributedDataParallel
 
     old_state = {id(p): s for opt in trainer.optimizers for p, s in opt.state.items()}
     if hasattr(pl_module, "lr_step_offset"):
         pl_module.lr_step_offset = trainer.global_step
-    _rewrap_ddp(trainer.strategy)
-    trainer.strategy.setup_optimizers(trainer)
+    strategy = trainer.strategy
+    if isinstance(strategy.model, DistributedDataParallel) and hasattr(strategy, "_setup_model"):
+        strategy.model = strategy._setup_model(strategy.lightning_module)
+        if hasattr(strategy, "_register_ddp_hooks"):
+            strategy._register_ddp_hooks()
+    strategy.setup_optimizers(trainer)
     for opt in trainer.optimizers:
         for group in opt.param_groups:
             for p in group["params"]:
                 if id(p) in old_state:
                     opt.state[p] = old_state[id(p)]
-    _optimizers_to_device(trainer.optimizers, trainer.strategy.root_device)
+    _optimizers_to_device(trainer.optimizers, strategy.root_device)
 
 
 @contextmanager
@@ -126,32 +125,23 @@ def scoring_device(trainer: pl.Trainer, model: nn.Module) -> Iterator[None]:
         model.to(p.device)
 
 
-def final_model(trainer: pl.Trainer, pl_module: pl.LightningModule, merged_copy: bool = False) -> nn.Module:
-    """The model as this fit leaves it, for fit-end measurements, whatever their place in `trainer.callbacks`.
+def log_to_loggers(trainer: pl.Trainer, metrics: Mapping[str, float | None] | None = None, *,
+                   figure: Any = None, tag: str | None = None, image_file: str | os.PathLike | None = None) -> None:
+    """Log through every logger of the trainer, from any hook (`self.log` is not allowed in `on_train_end`;
+    loggers are rank-zero-only themselves, as for Lightning's `LearningRateMonitor`).
 
-    Asks, in callback order, every `LayerDrop(when="fit_end")` to drop now and every `LoRARecovery(merge=True)`
-    to merge now (both idempotent: their own `on_train_end` then does nothing), and returns the plain
-    transformers model. Call it on every rank (a drop scores and broadcasts). Adapters that stay attached
-    (`merge=False`) still act inside the returned model; `merged_copy=True` returns a merged deep copy then
-    (for what must see a plain checkpoint: quantization, speed of the deployable model).
+    `metrics`: scalars (None values are skipped). `figure` + `tag`: a matplotlib figure for loggers that take
+    figures (TensorBoard `add_figure`); `image_file` (the same figure saved as PNG) for those with `log_image`
+    (W&B, Neptune, ...).
     """
-    from .layer_drop import LayerDrop
-    from .lora_recovery import LoRARecovery
-
-    for cb in trainer.callbacks:
-        if isinstance(cb, LayerDrop):
-            cb.drop_at_fit_end(trainer, pl_module)
-        elif isinstance(cb, LoRARecovery):
-            cb.merge_now(pl_module)
-    wrapped = getattr(pl_module, "model", None)
-    if getattr(pl_module, "lora_config", None) is not None and hasattr(wrapped, "merge_and_unload"):
-        if merged_copy:
-            return copy.deepcopy(wrapped).merge_and_unload()
-    return hf_of(pl_module)
-
-
-def log_metrics(trainer: pl.Trainer, metrics: dict[str, float]) -> None:
-    """Log through every logger (allowed in any hook; loggers are rank-zero-only themselves)."""
-    if metrics:
-        for logger in trainer.loggers:
-            logger.log_metrics(metrics, step=trainer.global_step)
+    clean = {k: float(v) for k, v in (metrics or {}).items() if v is not None}
+    for logger in trainer.loggers:
+        if clean:
+            logger.log_metrics(clean, step=trainer.global_step)
+        if figure is None:
+            continue
+        exp = getattr(logger, "experiment", None)
+        if hasattr(exp, "add_figure"):
+            exp.add_figure(tag, figure, global_step=trainer.global_step, close=False)
+        elif hasattr(logger, "log_image") and image_file is not None:
+            logger.log_image(key=tag, images=[str(image_file)], step=trainer.global_step)

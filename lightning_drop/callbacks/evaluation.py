@@ -2,13 +2,15 @@
 
 Both run in `on_train_end` (the model is still on `trainer.strategy.root_device` there; `on_fit_end` comes
 after the strategy moved it back to CPU). `self.log` is not allowed in that hook, so metrics go straight to
-`trainer.loggers` (as Lightning's `LearningRateMonitor` does). Only global rank zero evaluates, prints and
-writes files; the JSON output is written atomically. The last results are kept in `state_dict()`.
+`trainer.loggers` (`_common.log_to_loggers`). Only global rank zero evaluates, prints and writes files; the
+JSON output is written atomically. The last results are kept in `state_dict()`.
 
-They measure the final model whatever their place in `trainer.callbacks`: `_common.final_model` first has a
-`LayerDrop(when="fit_end")` drop and a `LoRARecovery(merge=True)` merge (both idempotent), so a callback
-listed before those still sees the dropped, merged model. Under FSDP (sharded weights at fit end) they are
-refused at setup: measure the saved model with `lightning-drop eval|perplexity|speed|quantize` instead.
+Both join the fit's record with the role `measure` (see `fit_end`; results `lm_eval` and `perplexity`,
+broadcast to every rank) and measure `FitEnd.final_model`, so a callback listed before a
+`LayerDrop(when="fit_end")` or a merging `LoRARecovery` still sees the dropped, merged model, and another
+callback may ask for their result before their own `on_train_end` (it is measured then, once). Under FSDP
+(sharded weights at fit end) they are refused at setup: measure the saved model with
+`lightning-drop eval|perplexity|speed|quantize` instead.
 """
 
 from __future__ import annotations
@@ -18,14 +20,14 @@ from collections.abc import Mapping, Sequence
 from typing import Any
 
 import lightning.pytorch as pl
-from lightning.pytorch.callbacks import Callback
 from lightning.pytorch.utilities import rank_zero_info
 from torch import nn
 
 from lightning_drop.distributed import refuse_if_sharded
 
 from ..errors import UserError
-from ._common import final_model
+from ._common import log_to_loggers
+from .fit_end import FitEnd, FitEndMember, final_model
 
 
 def tokenizer_of(trainer: pl.Trainer, pl_module: pl.LightningModule, tokenizer_ref: str | None = None) -> Any:
@@ -46,7 +48,7 @@ def tokenizer_of(trainer: pl.Trainer, pl_module: pl.LightningModule, tokenizer_r
 
 def hf_model_and_tokenizer(trainer: pl.Trainer, pl_module: pl.LightningModule, tokenizer_ref: str | None = None,
                            merged_copy: bool = False) -> tuple[nn.Module, Any]:
-    """The final transformers model (`_common.final_model`: fit-end drops done, LoRA merged) and a tokenizer
+    """The final transformers model (`FitEnd.final_model`: fit-end drops done, LoRA merged) and a tokenizer
     (`tokenizer_of`). Call it on every rank."""
     return final_model(trainer, pl_module, merged_copy=merged_copy), tokenizer_of(trainer, pl_module, tokenizer_ref)
 
@@ -56,14 +58,6 @@ def refuse_sharded_measurement(trainer: pl.Trainer, owner: str) -> None:
                       "use DDP, or save the model and measure it with `lightning-drop eval|perplexity|speed|quantize`")
 
 
-def log_to_loggers(trainer: pl.Trainer, metrics: Mapping[str, float]) -> None:
-    """Log from hooks where `self.log` is not allowed (the loggers are rank-zero-only themselves)."""
-    clean = {k: float(v) for k, v in metrics.items() if v is not None}
-    if clean:
-        for logger in trainer.loggers:
-            logger.log_metrics(clean, step=trainer.global_step)
-
-
 def _on_root_device(trainer: pl.Trainer, model: nn.Module) -> None:
     device = trainer.strategy.root_device
     p = next(model.parameters(), None)
@@ -71,7 +65,7 @@ def _on_root_device(trainer: pl.Trainer, model: nn.Module) -> None:
         model.to(device)
 
 
-class LMEvalCallback(Callback):
+class LMEvalCallback(FitEndMember):
     """Run lm-eval tasks on the trained (dropped) model at the end of fit.
 
     Args:
@@ -149,8 +143,14 @@ class LMEvalCallback(Callback):
     def setup(self, trainer: pl.Trainer, pl_module: pl.LightningModule, stage: str) -> None:
         if stage == "fit":
             refuse_sharded_measurement(trainer, "LMEvalCallback")
+            FitEnd.of(trainer).join(self, "measure", key="lm_eval", measure=self._measure)
 
     def on_train_end(self, trainer: pl.Trainer, pl_module: pl.LightningModule) -> None:
+        # the published (broadcast) value: every rank holds rank zero's result
+        self.results = FitEnd.of(trainer).join(self, "measure", key="lm_eval", measure=self._measure).run_measure(
+            trainer, pl_module, self)
+
+    def _measure(self, trainer: pl.Trainer, pl_module: pl.LightningModule) -> dict[str, Any] | None:
         model = final_model(trainer, pl_module)  # every rank: a pending fit-end drop is collective
         if trainer.is_global_zero:
             tok = tokenizer_of(trainer, pl_module, self.tokenizer)
@@ -167,6 +167,7 @@ class LMEvalCallback(Callback):
                 write_json(self.output, res)
             rank_zero_info("lm-eval: " + ", ".join(f"{k}={v:.4f}" for k, v in metrics.items() if v is not None))
         trainer.strategy.barrier("LMEvalCallback")
+        return self.results if trainer.is_global_zero else None
 
     def state_dict(self) -> dict[str, Any]:
         return {"results": self.results}
@@ -175,7 +176,7 @@ class LMEvalCallback(Callback):
         self.results = state_dict.get("results")
 
 
-class PerplexityCallback(Callback):
+class PerplexityCallback(FitEndMember):
     """Token-weighted perplexity of the trained model on held-out text at the end of fit.
 
     Args:
@@ -211,8 +212,14 @@ class PerplexityCallback(Callback):
     def setup(self, trainer: pl.Trainer, pl_module: pl.LightningModule, stage: str) -> None:
         if stage == "fit":
             refuse_sharded_measurement(trainer, "PerplexityCallback")
+            FitEnd.of(trainer).join(self, "measure", key="perplexity", measure=self._measure)
 
     def on_train_end(self, trainer: pl.Trainer, pl_module: pl.LightningModule) -> None:
+        # the published (broadcast) value: every rank holds rank zero's result
+        self.value = FitEnd.of(trainer).join(self, "measure", key="perplexity", measure=self._measure).run_measure(
+            trainer, pl_module, self)
+
+    def _measure(self, trainer: pl.Trainer, pl_module: pl.LightningModule) -> float | None:
         model = final_model(trainer, pl_module)  # every rank: a pending fit-end drop is collective
         if trainer.is_global_zero:
             tok = tokenizer_of(trainer, pl_module, self.tokenizer)
@@ -226,6 +233,7 @@ class PerplexityCallback(Callback):
                                          "num_windows": self.num_windows, "global_step": trainer.global_step})
             rank_zero_info(f"{self.name}: {self.value:.4f}")
         trainer.strategy.barrier("PerplexityCallback")
+        return self.value if trainer.is_global_zero else None
 
     def state_dict(self) -> dict[str, Any]:
         return {"value": self.value}

@@ -16,7 +16,6 @@ from __future__ import annotations
 import csv
 import io
 import json
-import math
 import os
 from pathlib import Path
 from typing import Any
@@ -28,7 +27,7 @@ from lightning.pytorch.utilities.exceptions import MisconfigurationException
 from lightning_drop.atomic_io import atomic_file
 from lightning_drop.distributed import refuse_if_sharded
 
-from ._common import CalibrationSource, hf_of, log_metrics
+from ._common import CalibrationSource, hf_of, log_to_loggers
 
 KINDS = ("attn", "mlp", "block")
 
@@ -98,7 +97,7 @@ class ImportanceTracker(Callback):
                  "num_tokens": scores.num_tokens, **{k: scores.row(k) for k in KINDS}}
         self.history.append(entry)
         if self.log_scalars:
-            log_metrics(trainer, {f"{self.prefix}{k}/layer_{i:02d}": float(v) for k in KINDS
+            log_to_loggers(trainer, {f"{self.prefix}{k}/layer_{i:02d}": float(v) for k in KINDS
                                   for i, v in enumerate(entry[k]) if v is not None})
         out = self._out_dir(trainer)  # every rank: resolving it may be a collective
         if trainer.is_global_zero:
@@ -130,50 +129,26 @@ class ImportanceTracker(Callback):
         atomic_write_text(out_dir / "importance_history.csv", buf.getvalue())
 
     def figure(self) -> Any:
-        """Matplotlib figure: one layer x step panel per kind (dropped modules blank)."""
-        import matplotlib
+        """Matplotlib figure (`plots.importance_figure`): one panel per kind, a row per scoring step, layers
+        on x (dropped modules blank)."""
+        from lightning_drop.plots import KIND_LABELS, Panel, importance_figure
 
-        matplotlib.use("Agg", force=False)
-        import matplotlib.pyplot as plt
-        import numpy as np
-
-        steps = [e["step"] for e in self.history]
-        fig, axes = plt.subplots(1, 3, figsize=(13, 4.2), constrained_layout=True)
-        for ax, kind in zip(axes, KINDS):
-            data = np.array([[math.nan if v is None else v for v in e[kind]] for e in self.history], dtype=float).T
-            finite = data[np.isfinite(data) & (data > 0)]
-            norm = None
-            if self.log_color and finite.size:  # layer 0 often dwarfs the rest: a log scale shows them all
-                from matplotlib.colors import LogNorm
-
-                norm = LogNorm(vmin=max(float(finite.min()), 1e-6), vmax=float(finite.max()))
-            im = ax.imshow(np.ma.masked_invalid(data), aspect="auto", origin="lower", cmap="viridis",
-                           interpolation="nearest", norm=norm)
-            ax.set_title(f"{kind} importance ({self.metric})")
-            ax.set_ylabel("layer")
-            ax.set_xlabel("training step")
-            ticks = list(range(len(steps)))
-            stride = max(1, len(ticks) // 8)
-            ax.set_xticks(ticks[::stride])
-            ax.set_xticklabels([str(s) for s in steps[::stride]])
-            fig.colorbar(im, ax=ax, shrink=0.85)
-        return fig
+        steps = [str(e["step"]) for e in self.history]
+        panels = [Panel(f"{KIND_LABELS[kind]} importance ({self.metric})", steps, [e[kind] for e in self.history],
+                        self.metric) for kind in KINDS]
+        return importance_figure(panels, row_axis="training step", log_color=self.log_color, side_by_side=True,
+                                 rows_upward=True)
 
     def _heatmap(self, trainer: pl.Trainer, out_dir: Path) -> None:
-        import matplotlib.pyplot as plt
-
         fig = self.figure()
+        png = out_dir / "importance_heatmap.png"
         try:
-            with atomic_file(out_dir / "importance_heatmap.png") as tmp:
+            with atomic_file(png) as tmp:
                 fig.savefig(tmp, dpi=110, format="png")
-            for logger in trainer.loggers:
-                tag = f"{self.prefix}heatmap"
-                exp = getattr(logger, "experiment", None)
-                if hasattr(exp, "add_figure"):  # TensorBoard
-                    exp.add_figure(tag, fig, global_step=trainer.global_step, close=False)
-                elif hasattr(logger, "log_image"):  # W&B, Neptune, ...
-                    logger.log_image(key=tag, images=[str(out_dir / "importance_heatmap.png")], step=trainer.global_step)
+            log_to_loggers(trainer, figure=fig, tag=f"{self.prefix}heatmap", image_file=png)
         finally:
+            import matplotlib.pyplot as plt
+
             plt.close(fig)
 
     # ------------------------------------------------------------------------------------------- hooks

@@ -24,7 +24,6 @@ from __future__ import annotations
 from typing import Any, Literal, Sequence
 
 import lightning.pytorch as pl
-from lightning.pytorch.callbacks import Callback
 from lightning.pytorch.utilities import rank_zero_info, rank_zero_warn
 from lightning.pytorch.utilities.exceptions import MisconfigurationException
 
@@ -33,15 +32,16 @@ from lightning_drop.distributed import checkpoint_meta, refuse_if_sharded, resum
 from ._common import (
     CalibrationSource,
     hf_of,
-    log_metrics,
+    log_to_loggers,
     rebuild_optimizers,
     scoring_device,
 )
+from .fit_end import FitEnd, FitEndMember
 
 WHEN = ("fit_start", "step", "fit_end")
 
 
-class LayerDrop(Callback):
+class LayerDrop(FitEndMember):
     """Drop `num` (or `ratio` of the) `target` modules with the lowest `metric` scores.
 
     Args:
@@ -190,7 +190,7 @@ class LayerDrop(Callback):
             rank_zero_info(f"LayerDrop round {len(self.rounds)} at step {trainer.global_step}: dropped attention "
                            f"{attn}, MLP {mlp} ({self.dropped_count}/{self.total} {self.target} modules)")
         cur_attn, cur_mlp = dropped_layers_of(model)
-        log_metrics(trainer, {"drop/num_attn_dropped": float(len(cur_attn)), "drop/num_mlp_dropped": float(len(cur_mlp))})
+        log_to_loggers(trainer, {"drop/num_attn_dropped": float(len(cur_attn)), "drop/num_mlp_dropped": float(len(cur_mlp))})
         return record
 
     def _drop_rounds_now(self, trainer: pl.Trainer, pl_module: pl.LightningModule) -> bool:
@@ -292,6 +292,8 @@ class LayerDrop(Callback):
     def setup(self, trainer: pl.Trainer, pl_module: pl.LightningModule, stage: str) -> None:
         if stage != "fit":
             return
+        # role `drop` (see `fit_end`): a fit-end drop is a finishing step that measurements run first
+        FitEnd.of(trainer).join(self, "drop", finish=self.drop_at_fit_end if self.when == "fit_end" else None)
         self._check_strategy(trainer)
         self.total = self._resolve_total(pl_module)
         self._check_model(pl_module)
@@ -326,7 +328,7 @@ class LayerDrop(Callback):
             rebuild_optimizers(trainer, pl_module)
 
     def drop_at_fit_end(self, trainer: pl.Trainer, pl_module: pl.LightningModule) -> None:
-        """The fit-end drop, now (idempotent; fit-end measurements call it to see the final model)."""
+        """The fit-end drop, now (idempotent; `FitEnd.final_model` runs it so measurements see the final model)."""
         if self.when == "fit_end" and not self.finished:
             self._drop_rounds_now(trainer, pl_module)
 

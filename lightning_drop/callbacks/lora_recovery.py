@@ -2,9 +2,10 @@
 
 The adapters are attached through `DropModule.add_lora` (the module records them in every checkpoint so a
 resume rebuilds the same wrapped model before the weights load) and merged back at the end of training
-(`merge_and_unload`), leaving the plain dropped model class that `save_dropped` writes. Fit-end
-measurement callbacks ask for the merge themselves (`merge_now`, through `_common.final_model`), so they see
-the merged model wherever they stand in the callback list.
+(`merge_and_unload`), leaving the plain dropped model class that `save_dropped` writes. It joins the fit's
+record with the role `adapters` (see `fit_end`): the merge is its finishing step, so fit-end measurements see
+the merged model wherever they stand in the callback list, and it learns from the record which drops it
+recovers from (those listed before it) and when they are done.
 """
 
 from __future__ import annotations
@@ -12,26 +13,27 @@ from __future__ import annotations
 from typing import Any, Literal, Sequence
 
 import lightning.pytorch as pl
-from lightning.pytorch.callbacks import Callback
 from lightning.pytorch.utilities import rank_zero_info
 from lightning.pytorch.utilities.exceptions import MisconfigurationException
 
 from lightning_drop.distributed import refuse_if_sharded
 
 from ._common import rebuild_optimizers
-from .layer_drop import LayerDrop
+from .fit_end import FitEnd, FitEndMember
 
 DEFAULT_TARGETS = ("q_proj", "k_proj", "v_proj", "o_proj", "gate_proj", "up_proj", "down_proj")
 
 
-class LoRARecovery(Callback):
+class LoRARecovery(FitEndMember):
     """Train LoRA adapters on the frozen (dropped) model.
 
     Args:
         r, alpha, dropout: LoRA rank, scaling numerator (`lora_alpha`) and dropout.
         target_modules: module names to adapt (peft `target_modules`), e.g. `[q_proj, v_proj]`.
-        when: `after_drop` (as soon as every `LayerDrop` callback has finished its schedule; at setup if
-            they drop at fit start or there is none) or `fit_start` (at setup, even before later drops).
+        when: `after_drop` (as soon as every `LayerDrop` callback listed before it has finished its schedule;
+            at setup if they drop at fit start or there is none) or `fit_start` (at setup, even before later
+            step or fit-end drops). Drops that change the model before the adapters are attached come first
+            in `trainer.callbacks`.
         merge: merge the adapters into the weights at the end of training (so evaluation callbacks that
             follow and `DropModule(save_dir=...)` see a plain dropped model).
     """
@@ -65,10 +67,6 @@ class LoRARecovery(Callback):
         self.merged = state_dict["merged"]
 
     # -------------------------------------------------------------------------------------------------
-    @staticmethod
-    def _drops(trainer: pl.Trainer) -> list[LayerDrop]:
-        return [cb for cb in trainer.callbacks if isinstance(cb, LayerDrop)]
-
     def _attach(self, trainer: pl.Trainer, pl_module: pl.LightningModule) -> None:
         if not hasattr(pl_module, "add_lora"):
             raise MisconfigurationException(
@@ -88,25 +86,21 @@ class LoRARecovery(Callback):
             refuse_if_sharded(trainer, "LoRARecovery(merge=True) merges the adapters into the weights at fit end and",
                               "set merge: false and merge offline (DropModule.load_from_checkpoint(path)"
                               ".save_pretrained(dir) merges), or use DDP")
-        late = [cb for cb in self._drops(trainer) if cb.when == "fit_end"]
+        # role `adapters`: the merge is a finishing step; drops listed later are checked when they join
+        record = FitEnd.of(trainer).join(self, "adapters", finish=lambda tr, module: self.merge_now(module))
+        late = [d for d in record.drops() if getattr(d, "when", None) == "fit_end"]
         if self.when == "after_drop" and late:
             raise MisconfigurationException(
                 "LoRARecovery(when='after_drop') with a LayerDrop(when='fit_end'): the drop comes after training, "
                 "so the adapters would never be attached; drop at fit start or a step, or use when='fit_start'")
-        me = trainer.callbacks.index(self)
-        for cb in self._drops(trainer):
-            if cb.when == "fit_start" and trainer.callbacks.index(cb) > me:
-                raise MisconfigurationException(
-                    "LoRARecovery must come after the LayerDrop callbacks in `trainer.callbacks`: a fit-start "
-                    "drop has to happen before the adapters are attached")
-        if self.when == "fit_start" or all(cb.finished for cb in self._drops(trainer)):
+        if self.when == "fit_start" or record.drops_finished():
             self._attach(trainer, pl_module)  # before optimizers exist: nothing to rebuild
 
     def on_train_batch_end(self, trainer: pl.Trainer, pl_module: pl.LightningModule, outputs: Any, batch: Any,
                            batch_idx: int) -> None:
         if getattr(pl_module, "lora_config", None) is not None or self.merged:
             return
-        if all(cb.finished for cb in self._drops(trainer)):
+        if FitEnd.of(trainer).drops_finished():
             self._attach(trainer, pl_module)
             rebuild_optimizers(trainer, pl_module)
 

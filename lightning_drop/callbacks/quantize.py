@@ -4,9 +4,10 @@ Runs in `on_train_end` on global rank zero: the model is saved to a temporary ch
 read a dropped model from disk, see `lightning_drop.quantize`), quantized on CPU into `output`, and the
 sizes, the time and, given held-out text, the perplexity before and after quantization (the shape of the
 paper's Table 10) go to `trainer.loggers` (`self.log` is not allowed in this hook) and to
-`output/lightning_drop_quant.json`. The other ranks wait at a barrier. It quantizes the final model
-(`_common.final_model`: fit-end drops done, LoRA merged; a merged copy when the adapters stay attached),
-wherever it stands in the callback list; refused under FSDP.
+`output/lightning_drop_quant.json`. The other ranks wait at a barrier. It joins the fit's record as the
+`quantize` measure (see `fit_end`) and quantizes the final model (`FitEnd.final_model`: fit-end drops done,
+LoRA merged; a merged copy when the adapters stay attached), wherever it stands in the callback list;
+refused under FSDP.
 """
 
 from __future__ import annotations
@@ -19,7 +20,6 @@ from pathlib import Path
 from typing import Any
 
 import lightning.pytorch as pl
-from lightning.pytorch.callbacks import Callback
 from lightning.pytorch.utilities import rank_zero_info
 
 from lightning_drop.quantize import (
@@ -32,9 +32,11 @@ from lightning_drop.quantize import (
 )
 
 from ..errors import UserError
+from ._common import log_to_loggers
+from .fit_end import FitEnd, FitEndMember
 
 
-class QuantizeCallback(Callback):
+class QuantizeCallback(FitEndMember):
     """GPTQ or AWQ of the trained model at fit end, saved so that `lightning_drop.models.load_model` reloads it.
 
     Args:
@@ -118,12 +120,15 @@ class QuantizeCallback(Callback):
             from lightning_drop.callbacks.evaluation import refuse_sharded_measurement
 
             refuse_sharded_measurement(trainer, "QuantizeCallback")
+            FitEnd.of(trainer).join(self, "measure", key="quantize", measure=self._measure)
 
     def on_train_end(self, trainer: pl.Trainer, pl_module: pl.LightningModule) -> None:
-        from lightning_drop.callbacks.evaluation import (
-            hf_model_and_tokenizer,
-            log_to_loggers,
-        )
+        # the published (broadcast) value: every rank holds rank zero's result
+        self.result = FitEnd.of(trainer).join(self, "measure", key="quantize", measure=self._measure).run_measure(
+            trainer, pl_module, self)
+
+    def _measure(self, trainer: pl.Trainer, pl_module: pl.LightningModule) -> dict[str, Any] | None:
+        from lightning_drop.callbacks.evaluation import hf_model_and_tokenizer
 
         # every rank: a pending fit-end drop is collective; a merged copy if the adapters stay attached
         model, tok = hf_model_and_tokenizer(trainer, pl_module, merged_copy=trainer.is_global_zero)
@@ -139,6 +144,7 @@ class QuantizeCallback(Callback):
             log_to_loggers(trainer, self.metrics())
             rank_zero_info(format_report(self.result))
         trainer.strategy.barrier("QuantizeCallback")
+        return self.result if trainer.is_global_zero else None
 
     def state_dict(self) -> dict[str, Any]:
         return {"result": self.result}

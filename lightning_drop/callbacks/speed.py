@@ -1,8 +1,10 @@
 """Speed and memory at fit end (`SpeedBenchmark`): prefill / decode timing, KV bytes, sizes, SDR.
 
 Runs in `on_train_end` on `trainer.strategy.root_device`; logs through `trainer.loggers`; rank zero only.
-It times the final model (`_common.final_model`: fit-end drops done, LoRA merged; a merged copy when the
-adapters stay attached), wherever it stands in the callback list; refused under FSDP.
+It joins the fit's record as the `speed` measure (see `fit_end`) and times the final model
+(`FitEnd.final_model`: fit-end drops done, LoRA merged; a merged copy when the adapters stay attached),
+wherever it stands in the callback list; the SDR takes the `lm_eval` result of the same fit (measured first
+if its callback comes later in the list). Refused under FSDP.
 """
 
 from __future__ import annotations
@@ -10,26 +12,25 @@ from __future__ import annotations
 from typing import Any
 
 import lightning.pytorch as pl
-from lightning.pytorch.callbacks import Callback
 
-from lightning_drop.callbacks._common import final_model
+from lightning_drop.callbacks._common import log_to_loggers
 from lightning_drop.callbacks.evaluation import (
-    LMEvalCallback,
     _on_root_device,
-    log_to_loggers,
     refuse_sharded_measurement,
 )
+from lightning_drop.callbacks.fit_end import FitEnd, FitEndMember, final_model
 
 from ..errors import UserError
 
 
-class SpeedBenchmark(Callback):
+class SpeedBenchmark(FitEndMember):
     """Time the trained (dropped) model, alternately with a baseline when one is named.
 
     Args:
         baseline: model reference for `lightning_drop.models.load_model` (dir, catalogue name, hub id); with
             it the speedup, KV and parameter ratios are reported, and the SDR when `baseline_avg` is given and
-            an `LMEvalCallback` earlier in the callback list produced the dropped model's average.
+            an `LMEvalCallback` of the same fit (anywhere in the callback list) measures the dropped model's
+            average.
         batch_size, prompt_len, gen_len, repeats, warmup: the workload (median of `repeats` after `warmup`).
         ideal: also profile the baseline for the ideal speedup of this model's drop and the realized gain.
         baseline_avg: the baseline's average quality (same tasks as the LMEvalCallback), for the SDR.
@@ -75,8 +76,16 @@ class SpeedBenchmark(Callback):
     def setup(self, trainer: pl.Trainer, pl_module: pl.LightningModule, stage: str) -> None:
         if stage == "fit":
             refuse_sharded_measurement(trainer, "SpeedBenchmark")
+            FitEnd.of(trainer).join(self, "measure", key="speed", measure=self._measure)
 
     def on_train_end(self, trainer: pl.Trainer, pl_module: pl.LightningModule) -> None:
+        # the published (broadcast) value: every rank holds rank zero's result
+        self.results = FitEnd.of(trainer).join(self, "measure", key="speed", measure=self._measure).run_measure(
+            trainer, pl_module, self)
+
+    def _measure(self, trainer: pl.Trainer, pl_module: pl.LightningModule) -> dict[str, Any] | None:
+        record = FitEnd.of(trainer)
+        lm_eval = record.result(trainer, pl_module, "lm_eval") if self.baseline_avg is not None else None
         model = final_model(trainer, pl_module, merged_copy=trainer.is_global_zero)  # every rank: a drop is collective
         if trainer.is_global_zero:
             from lightning_drop.models import load_model
@@ -86,10 +95,7 @@ class SpeedBenchmark(Callback):
             if self.baseline:
                 base, _ = load_model(self.baseline, dtype=next(model.parameters()).dtype)
                 base.to(trainer.strategy.root_device)
-            dropped_avg = None
-            for cb in trainer.callbacks:
-                if isinstance(cb, LMEvalCallback) and cb.results is not None:
-                    dropped_avg = cb.results.get("average")
+            dropped_avg = lm_eval.get("average") if lm_eval else None
             res = self.measure(model, base, dropped_avg)
             res["global_step"] = trainer.global_step
             self.results = res
@@ -112,6 +118,7 @@ class SpeedBenchmark(Callback):
             print_speed(res)
             del base
         trainer.strategy.barrier("SpeedBenchmark")
+        return self.results if trainer.is_global_zero else None
 
     def state_dict(self) -> dict[str, Any]:
         return {"results": self.results}
