@@ -117,7 +117,10 @@ def _find_spec_elsewhere(hook: Any, fullname: str, path: Any, target: Any) -> An
 
 # ------------------------------------------------------------------ modules that moved, under their old names
 #: old module -> where it lives now; imported only when the old name is (the library never imports jobs)
-_MOVED_MODULES = {f"{__name__}.drop_job": f"{__name__}.jobs.drop"}
+_MOVED_MODULES = {
+    f"{__name__}.drop_job": f"{__name__}.jobs.drop",
+    f"{__name__}.vision.run": f"{__name__}.lightning_cli",  # the vision stack's old LightningCLI entry
+}
 
 
 class _MovedModuleFinder(importlib.abc.MetaPathFinder, importlib.abc.Loader):
@@ -127,7 +130,9 @@ class _MovedModuleFinder(importlib.abc.MetaPathFinder, importlib.abc.Loader):
     def find_spec(self, fullname: str, path: Any = None, target: Any = None) -> Any:
         if fullname not in _MOVED_MODULES:
             return None
-        return importlib.util.spec_from_loader(fullname, self)
+        # the new file as origin: `python -m OLD_NAME` puts it in sys.argv[0]
+        new = importlib.util.find_spec(_MOVED_MODULES[fullname])
+        return importlib.util.spec_from_loader(fullname, self, origin=new.origin if new else None)
 
     def create_module(self, spec: Any) -> Any:
         module = importlib.import_module(_MOVED_MODULES[spec.name])
@@ -136,6 +141,11 @@ class _MovedModuleFinder(importlib.abc.MetaPathFinder, importlib.abc.Loader):
 
     def exec_module(self, module: Any) -> None:
         module.__spec__ = self.own_spec  # the import machinery stamped the old name's spec on it
+
+    def get_code(self, fullname: str) -> Any:
+        """`python -m OLD_NAME` runs the new module's code (runpy asks the loader for it)."""
+        new = importlib.util.find_spec(_MOVED_MODULES[fullname])
+        return new.loader.get_code(new.name)
 
 
 sys.meta_path.insert(0, _MovedModuleFinder())  # before path finders: the old file must not win

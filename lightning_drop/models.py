@@ -250,7 +250,7 @@ def load_tokenizer(ref: str) -> Any:
     if path.suffix == ".gguf":
         return AutoTokenizer.from_pretrained(path.parent, gguf_file=path.name, trust_remote_code=False)
     if (path / "config.json").is_file() and read_config(path).get("model_type") in NEMOTRON_TYPES:
-        from .export.nemotron import load_nemotron_tokenizer
+        from .nemotron_nas import load_nemotron_tokenizer
 
         tok = load_nemotron_tokenizer(path)
         if tok is None:
@@ -327,7 +327,7 @@ def _load_local(path: Path, dtype: torch.dtype) -> nn.Module:
     config = read_config(path)
     model_type = str(config.get("model_type", ""))
     if model_type in NEMOTRON_TYPES:
-        from .export.nemotron import load_nemotron_nas
+        from .nemotron_nas import load_nemotron_nas
 
         return load_nemotron_nas(path)[0].to(dtype)
     if config.get("quantization_config") is None:

@@ -126,3 +126,15 @@ def test_a_flag_that_defaults_to_true_is_refused():
             add_command(argparse.ArgumentParser().add_subparsers(), Command("j", "ld_test_flag:job", help="h"))
     finally:
         del sys.modules["ld_test_flag"]
+
+
+def test_old_vision_entry_runs_the_one_lightning_cli():
+    """`python -m lightning_drop.vision.run` (the vision stack's old entry) is `lightning-drop fit|validate|test`."""
+    import lightning_drop.lightning_cli as lightning_cli
+    import lightning_drop.vision.run as old
+
+    assert old is lightning_cli
+    proc = subprocess.run([sys.executable, "-m", "lightning_drop.vision.run", "fit", "--help"], capture_output=True,
+                          text=True, cwd=ROOT, timeout=600, stdin=subprocess.DEVNULL)
+    assert proc.returncode == 0, proc.stderr[-2000:]
+    assert "--trainer.callbacks" in proc.stdout and "--ckpt_path" in proc.stdout

@@ -23,6 +23,7 @@ import torch.nn.functional as F
 from lightning.pytorch.utilities import rank_zero_info, rank_zero_only
 from lightning.pytorch.utilities.exceptions import MisconfigurationException
 
+from ..callbacks._common import log_to_loggers
 from ..checkpoint import atomic_write_text
 from ..errors import UserError
 from ..importance import METRICS, compute_importance
@@ -43,11 +44,6 @@ def _calibration(trainer: pl.Trainer, max_images: int) -> list[torch.Tensor]:
         if n >= max_images:
             break
     return out
-
-
-def _log(trainer: pl.Trainer, metrics: dict[str, float]) -> None:
-    for logger in trainer.loggers:
-        logger.log_metrics(metrics, step=trainer.global_step)
 
 
 class VisionImportanceTracker(pl.Callback):
@@ -72,7 +68,7 @@ class VisionImportanceTracker(pl.Callback):
             self._calib = _calibration(trainer, self.calibration_images)
         scores = compute_importance(pl_module.model, self._calib, self.metric)
         self.history.append({"step": trainer.global_step, **scores.to_dict()})
-        _log(trainer, {f"importance/{k}_{i}": v for k in ("attn", "mlp", "block")
+        log_to_loggers(trainer, {f"importance/{k}_{i}": v for k in ("attn", "mlp", "block")
                        for i, v in enumerate(getattr(scores, k)) if v is not None})
 
     def on_train_batch_end(self, trainer: pl.Trainer, pl_module: pl.LightningModule, *args: Any) -> None:
@@ -205,7 +201,7 @@ class VisionLayerDrop(pl.Callback):
         for k in ("speedup", "flops_ratio"):
             if "speed" in report:
                 metrics[f"drop/{k}"] = float(report["speed"][k])
-        _log(trainer, metrics)
+        log_to_loggers(trainer, metrics)
         line = (f"VisionLayerDrop: dropped attn {report['drop_attn_list']} mlp {report['drop_mlp_list']}; test acc "
                 f"{report['test_acc_before']:.4f} -> {report['test_acc_after_drop']:.4f}")
         if "test_acc_after_head_finetune" in report:
