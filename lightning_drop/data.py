@@ -1,6 +1,6 @@
 """Text for calibration and training: load documents from anywhere, pack them into token windows.
 
-Packing follows the reference calibration convention (GUIDE §2): each document tokenized without special
+Packing follows the LLM-Drop reference code's calibration convention: each document tokenized without special
 tokens and followed by EOS, everything concatenated, cut into consecutive `seq_len` windows, the first N
 used — no padding, so every position of every window is a real token.
 

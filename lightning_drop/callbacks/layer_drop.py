@@ -1,6 +1,6 @@
 """`LayerDrop`: remove the least important blocks / attention / MLP sublayers at fit start, a step, or fit end.
 
-Where the drop happens follows Lightning's hook order (GUIDE §6): at fit start it is done in `setup`, before
+Where the drop happens follows Lightning's hook order: at fit start it is done in `setup`, before
 the strategy moves the model and builds optimizers (as `BaseFinetuning.setup` changes the model); during
 training it happens after an optimizer step and is followed by a rebuild of DDP, optimizers and
 schedulers (`trainer.strategy.setup_optimizers`); at fit end in `on_train_end`. Scores are synchronized

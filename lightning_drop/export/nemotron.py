@@ -19,17 +19,8 @@ and otherwise use Llama's tensor names, minus the modules of no-op sublayers. A 
 - `auto_map.AutoConfig` names a bundled `configuration_decilm.py` (our own, depends only on transformers)
   so `AutoConfig.from_pretrained(dir, trust_remote_code=True)` yields attribute-style `block_configs`.
 
-Which engines load this layout (from their source; only llama.cpp was run here; versions in docs/engines.md):
-- vLLM: `vllm/model_executor/models/nemotron_nas.py` (`DeciLMForCausalLM`) builds attention only where
-  `block_config.attention.no_op` is false (KV heads = num_attention_heads // n_heads_in_group) and an MLP
-  only where `ffn.no_op` is false, sized from `ffn_mult` as above; it needs `trust_remote_code=True` for the
-  config class and at least one attention block (it derives the KV-head count from the first one).
-  Not run here (no GPU/vLLM in this environment).
-- llama.cpp: `convert_hf_to_gguf.py` (`DeciModel`, in the llama-cpp-python 0.3.36 sdist) converts this
-  layout to its `deci` architecture; `lightning_drop.export.gguf_deci.export_gguf` writes that GGUF
-  directly and is what the tests and `benchmarks/llamacpp_engine.py` run.
-- TensorRT-LLM ships a Nemotron-NAS/DeciLM model that reads the same `block_configs`; not run here.
-- lightning_drop itself: `load_nemotron_nas(dir)` and `lightning_drop.models.load_model(dir)`.
+Which engines load this layout, and what was run against which version, is in docs/engines.md; within this
+package `lightning_drop.nemotron_nas.load_nemotron_nas(dir)` and `lightning_drop.models.load_model(dir)` read it.
 
 Supported sources: `llama`, and `mistral` when it has no sliding window shorter than its context (then
 it is numerically a Llama). Other families raise ValueError.
