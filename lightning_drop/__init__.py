@@ -117,7 +117,9 @@ def _find_spec_elsewhere(hook: Any, fullname: str, path: Any, target: Any) -> An
 
 # ------------------------------------------------------------------ modules that moved, under their old names
 #: old module -> where it lives now; imported only when the old name is (the library never imports jobs)
-_MOVED_MODULES = {f"{__name__}.drop_job": f"{__name__}.jobs.drop"}
+_MOVED_MODULES = {f"{__name__}.drop_job": f"{__name__}.jobs.drop",
+                  f"{__name__}.study": f"{__name__}.jobs.study",
+                  f"{__name__}.report": f"{__name__}.jobs.study.report"}
 
 
 class _MovedModuleFinder(importlib.abc.MetaPathFinder, importlib.abc.Loader):

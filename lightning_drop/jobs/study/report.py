@@ -20,7 +20,7 @@ matplotlib.use("Agg")
 import matplotlib.pyplot as plt  # noqa: E402
 from matplotlib.ticker import FuncFormatter, MaxNLocator  # noqa: E402
 
-from .atomic_io import atomic_write_text, save_figure  # noqa: E402
+from ...atomic_io import atomic_write_text, save_figure  # noqa: E402
 
 _PLAIN = FuncFormatter(lambda v, _: f"{v:g}")
 
@@ -68,7 +68,7 @@ def _style(sweeps: list[str], sweep: str) -> dict[str, Any]:
 # ------------------------------------------------------------------------------------------------ figures
 def plot_importance_heatmap(doc: Mapping[str, Any], path: Path) -> Path:
     """One panel per score set of the study (`plots.importance_figure`)."""
-    from .plots import importance_figure, score_panel
+    from ...plots import importance_figure, score_panel
 
     scores = doc["scores"]
     if not scores:

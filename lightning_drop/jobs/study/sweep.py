@@ -38,10 +38,9 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any, Callable, Mapping, Sequence
 
-from .atomic_io import atomic_write_text, write_json
-from .errors import UserError
-from .importance import METRICS
-from .selection import SCHEDULES, TARGETS
+from ...atomic_io import atomic_write_text, write_json
+from ...errors import UserError
+from ...options import METRICS, SCHEDULES, TARGETS
 
 CACHE_VERSION = 1
 BUDGET_KINDS = ("speedup", "params", "kv")
@@ -491,7 +490,7 @@ def _resolve_data_file(path: str) -> Path | None:
     p = Path(os.path.expandvars(os.path.expanduser(path)))
     tries = [p]
     if not p.is_absolute():
-        tries.append(Path(__file__).resolve().parents[1] / p)
+        tries.append(Path(__file__).resolve().parents[3] / p)
     if shared := os.environ.get("LIGHTNING_DROP_SHARED"):
         tries.append(Path(shared) / "data" / p.name)
     return next((t for t in tries if t.is_file()), None)
@@ -502,7 +501,7 @@ class Study:
 
     def __init__(self, config: StudyConfig, output: str | os.PathLike | None = None, verbose: bool = True,
                  overwrite: bool = False) -> None:
-        from .atomic_io import check_output
+        from ...atomic_io import check_output
 
         self.cfg = config
         self.out = Path(output or config.output)
@@ -530,7 +529,7 @@ class Study:
         if self._model is None:
             import torch
 
-            from .models import load_model
+            from ...models import load_model
 
             torch.manual_seed(self.cfg.seed)
             self.log(f"loading {self.cfg.model}")
@@ -547,7 +546,7 @@ class Study:
         return int(self.model.config.num_hidden_layers)
 
     def docs(self, source: str, text_field: str) -> list[str]:
-        from .data import load_documents
+        from ...data import load_documents
 
         if (source, text_field) not in self._docs:
             self._docs[(source, text_field)] = load_documents(source, text_field=text_field)
@@ -605,7 +604,7 @@ class Study:
 
     # ---- data
     def calibration_batches(self, calib: CalibrationSpec) -> list[Any]:
-        from .data import make_windows
+        from ...data import make_windows
 
         windows = make_windows(self.tokenizer, self.docs(calib.source, calib.text_field), calib.seq_len,
                                calib.num_samples, max_positions=getattr(self.model.config, "max_position_embeddings", None))
@@ -615,7 +614,7 @@ class Study:
         """Perplexity windows; from the calibration source they start after every calibration token used."""
         import torch
 
-        from .data import _token_chunks
+        from ...data import _token_chunks
 
         if getattr(self, "_heldout", None) is not None:
             return self._heldout
@@ -654,7 +653,7 @@ class Study:
             return self._scores[key]
 
         def compute() -> dict[str, Any]:
-            from .importance import compute_importance
+            from ...importance import compute_importance
 
             self.log(f"scoring {metric} on {calib.num_samples} x {calib.seq_len} tokens of {calib.source}")
             t0, c0 = time.perf_counter(), time.process_time()
@@ -666,8 +665,8 @@ class Study:
         return self._scores[key]
 
     def drop_set(self, sweep: SweepSpec, target: str, num: int) -> tuple[list[int], list[int]]:
-        from .importance import ImportanceScores
-        from .selection import select_modules
+        from ...importance import ImportanceScores
+        from ...selection import select_modules
 
         if num == 0:
             return [], []
@@ -690,10 +689,10 @@ class Study:
         `step * (n // step)` plus the `n % step` lowest of that round's scores (the first part of the next
         round's selection; no extra scoring pass). An extended sweep therefore reuses every stored round.
         """
-        from .importance import ImportanceScores, compute_importance
-        from .modeling_dropped import apply_drop, dropped_layers
-        from .schedule import drop_rounds
-        from .selection import max_droppable
+        from ...importance import ImportanceScores, compute_importance
+        from ...modeling_dropped import apply_drop, dropped_layers
+        from ...schedule import drop_rounds
+        from ...selection import max_droppable
 
         step = sweep.step
         key = self.drops_key(sweep, calib, target)
@@ -758,7 +757,7 @@ class Study:
                       "mlp": sorted(mlp)})
         row = self.cache.get_or_compute("points", key, lambda: self.evaluate(attn, mlp))
         if self.cfg.speed.enabled and (attn or mlp) and row.get("speed_machine") != self.machine():
-            from .modeling_dropped import apply_drop
+            from ...modeling_dropped import apply_drop
 
             self.log(f"re-timing drop attention {attn} MLP {mlp}: its speed was measured on "
                      f"{(row.get('speed_machine') or {}).get('node', 'an unrecorded machine')}")
@@ -784,7 +783,7 @@ class Study:
 
     def measure_speed(self, base: Any, model: Any) -> dict[str, Any]:
         """Base vs dropped timed alternately (speed spec of the config), with the machine it ran on."""
-        from .speed import compare_speed
+        from ...speed import compare_speed
 
         sp = self.cfg.speed
         res = compare_speed(base, model, batch_size=sp.batch_size, prompt_len=sp.prompt_len, gen_len=sp.gen_len,
@@ -797,9 +796,9 @@ class Study:
                     base_kv_bytes_per_token=res["base"]["kv_bytes_per_token"], speed_machine=self.machine())
 
     def evaluate(self, attn: list[int], mlp: list[int]) -> dict[str, Any]:
-        from .evaluation import perplexity
-        from .modeling_dropped import apply_drop
-        from .speed import count_params, kv_cache_bytes_per_token
+        from ...evaluation import perplexity
+        from ...modeling_dropped import apply_drop
+        from ...speed import count_params, kv_cache_bytes_per_token
 
         base = self.model
         self.log(f"evaluating drop attention {attn} MLP {mlp}")
@@ -842,7 +841,7 @@ class Study:
         from lm_eval.models.huggingface import HFLM
         from lm_eval.tasks import TaskManager
 
-        from .evaluation import local_task_dir
+        from ...evaluation import local_task_dir
 
         if self._mc_include is None:
             self._mc_include = local_task_dir({mc.task: data}, self.out / "cache" / "tasks")
@@ -897,7 +896,7 @@ class Study:
 
     def validate_plan(self) -> None:
         """Refuse every count the model cannot take before any point is computed, naming the config key."""
-        from .selection import require_droppable
+        from ...selection import require_droppable
 
         n = self._known_num_layers()
         for i, sweep in enumerate(self.cfg.sweeps):
@@ -985,8 +984,8 @@ class Study:
         return res
 
     def save_checkpoint(self) -> dict[str, Any]:
-        from .checkpoint import read_config, save_dropped
-        from .modeling_dropped import apply_drop
+        from ...checkpoint import read_config, save_dropped
+        from ...modeling_dropped import apply_drop
 
         ck = self.cfg.checkpoint
         assert ck is not None
@@ -1023,7 +1022,7 @@ def _derive(row: dict[str, Any], base: Mapping[str, Any]) -> None:
         if row["num"] > 0 and row.get("ppl_loss") is not None and sp is not None and abs(sp - 1.0) > 1e-9 else None
     if row.get("mc_acc") is not None and base.get("mc_acc") and sp is not None and abs(sp - 1.0) > 1e-9 \
             and row["num"] > 0:
-        from .speed import sdr
+        from ...speed import sdr
 
         row["sdr"] = sdr(base["mc_acc"], row["mc_acc"], sp)
 
@@ -1065,7 +1064,15 @@ def format_table(rows: Sequence[Mapping[str, Any]], sweep: str | None = None) ->
 
 def study_main(config: str, output: str | None = None, budget: str | None = None,
                max_quality_loss: float | None = None, overwrite: bool = False) -> dict[str, Any]:
-    """`lightning-drop study --config FILE [--output DIR] [--budget speedup=1.2] [--max-quality-loss 0.1]`."""
+    """Sweep targets x number dropped; report with plots (configs/study/*.yaml).
+
+    Args:
+        config: study YAML (see configs/study/)
+        output: override the output directory of the config
+        budget: automated selection: e.g. speedup=1.2, params=0.8, kv=0.5
+        max_quality_loss: automated selection: largest allowed relative quality loss (e.g. 0.05)
+        overwrite: write into a non-empty output directory that is not an earlier run of this study
+    """
     cfg = load_config(config)
     if budget is not None:
         parse_budget(budget)
