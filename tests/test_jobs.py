@@ -68,8 +68,8 @@ def test_old_study_and_report_paths_reach_the_study_package():
     from lightning_drop.study import Study, StudyConfig, _derive, study_main
 
     assert old_study is study and old_report is report
-    assert Study is study.sweep.Study and StudyConfig is study.sweep.StudyConfig and _derive is study.sweep._derive
-    assert study_main is study.sweep.study_main and old_report.write_report is report.write_report
+    assert Study is study.run.Study and StudyConfig is study.config.StudyConfig and _derive is study.budget.derive
+    assert study_main is study.run.study_main and old_report.write_report is report.write_report
     assert study.__spec__.name == "lightning_drop.jobs.study" and report.__spec__.name == "lightning_drop.jobs.study.report"
 
 

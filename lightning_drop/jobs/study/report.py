@@ -180,7 +180,7 @@ def drop_order(scores: Mapping[str, Any], kind: str) -> list[int]:
 
 
 def _scores_label(doc: Mapping[str, Any], sweep: Mapping[str, Any]) -> str | None:
-    """The `doc["scores"]` entry of this sweep's (metric, calibration), as `Study.all_scores` labels it."""
+    """The `doc["scores"]` entry of this sweep's (metric, calibration), as `DropSets.all_scores` labels it."""
     cal = {**doc["config"]["calibration"], **(sweep.get("calibration") or {})}
     exact = f"{sweep['metric']} | {Path(str(cal['source'])).name} x{cal['num_samples']}"
     if exact in doc["scores"]:
