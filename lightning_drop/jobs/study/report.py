@@ -227,8 +227,7 @@ def plot_drop_order(doc: Mapping[str, Any], path: Path) -> Path:
     for r in doc["rows"]:
         if r["sweep"] == main["name"] and r["num"] > 0:
             marks.setdefault(r["target"], set()).add(r["num"])
-    cmap = plt.get_cmap("Blues").copy()
-    cmap.set_bad("#eeeeee")
+    cmap = plt.get_cmap("Blues").with_extremes(bad="#eeeeee")  # set_bad is deprecated
     for ax, kind in zip(axes, kinds):
         if kind in walked:
             grid = _iterative_grid(walked[kind], kind, n)
