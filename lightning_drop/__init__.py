@@ -120,6 +120,8 @@ def _find_spec_elsewhere(hook: Any, fullname: str, path: Any, target: Any) -> An
 _MOVED_MODULES = {
     f"{__name__}.drop_job": f"{__name__}.jobs.drop",
     f"{__name__}.vision.run": f"{__name__}.lightning_cli",  # the vision stack's old LightningCLI entry
+    f"{__name__}.study": f"{__name__}.jobs.study",
+    f"{__name__}.report": f"{__name__}.jobs.study.report",
 }
 
 

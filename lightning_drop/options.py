@@ -29,14 +29,18 @@ class CalibrationConfig:
 
     source: str = "c4-sample"
     text_field: str = "text"
-    num_samples: int = 256
-    seq_len: int = 2048
+    num_samples: int = dataclasses.field(default=256, metadata={"min": 1})
+    seq_len: int = dataclasses.field(default=2048, metadata={"min": 1})
     shuffle: bool = False
     seed: int = 0
+    #: windows per scoring forward pass; the study reads it here (the drop job has its own --batch-size)
+    batch_size: int = dataclasses.field(default=4, metadata={"min": 1})
 
     def __post_init__(self) -> None:
         if self.num_samples < 1 or self.seq_len < 1:
             raise UserError(f"num_samples and seq_len must be >= 1, got {self.num_samples}, {self.seq_len}")
+        if self.batch_size < 1:
+            raise UserError(f"batch_size must be >= 1, got {self.batch_size}")
 
     def to_dict(self) -> dict[str, Any]:
         return dataclasses.asdict(self)

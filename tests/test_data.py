@@ -245,7 +245,7 @@ def test_bad_window_arguments(byte_tokenizer, docs: list[str]) -> None:
 def test_calibration_config_and_windows(byte_tokenizer, c4_path: Path, docs: list[str]) -> None:
     cfg = CalibrationConfig(source=str(c4_path), num_samples=4, seq_len=300)
     assert cfg.to_dict() == {"source": str(c4_path), "text_field": "text", "num_samples": 4, "seq_len": 300,
-                             "shuffle": False, "seed": 0}
+                             "shuffle": False, "seed": 0, "batch_size": 4}
     assert CalibrationConfig().num_samples == 256 and CalibrationConfig().seq_len == 2048
     out = calibration_windows(byte_tokenizer, cfg)
     assert out.flatten().tolist() == reference_stream(byte_tokenizer, docs)[: 4 * 300]

@@ -16,6 +16,14 @@ def _args(c4_path, out, *extra):
             "--seq-len", "64", "--output", str(out), *extra]
 
 
+def test_drop_report_records_the_batch_size_it_scored_with(tmp_path, c4_path):
+    """The calibration settings type carries the study's batch size; the drop job's own --batch-size is what
+    its report must record."""
+    out = tmp_path / "out"
+    assert main(_args(c4_path, out, "--target", "attn", "--num", "1", "--batch-size", "3")) == 0
+    assert json.loads((out / "importance.json").read_text())["calibration"]["batch_size"] == 3
+
+
 @pytest.mark.parametrize("target,num,expect_attn,expect_mlp", [("attn", 2, 2, 0), ("mlp", 1, 0, 1),
                                                                 ("block", 1, 1, 1), ("joint", 3, None, None)])
 def test_drop_writes_checkpoint_and_report(tmp_path, c4_path, target, num, expect_attn, expect_mlp):

@@ -60,6 +60,19 @@ def test_old_import_paths_reach_the_jobs():
         evaluation.no_such_name  # noqa: B018
 
 
+def test_old_study_and_report_paths_reach_the_study_package():
+    import lightning_drop.jobs.study as study
+    import lightning_drop.jobs.study.report as report
+    import lightning_drop.study as old_study
+    from lightning_drop import report as old_report
+    from lightning_drop.study import Study, StudyConfig, _derive, study_main
+
+    assert old_study is study and old_report is report
+    assert Study is study.run.Study and StudyConfig is study.config.StudyConfig and _derive is study.budget.derive
+    assert study_main is study.run.study_main and old_report.write_report is report.write_report
+    assert study.__spec__.name == "lightning_drop.jobs.study" and report.__spec__.name == "lightning_drop.jobs.study.report"
+
+
 @pytest.mark.parametrize("name", sorted(COMMANDS))
 def test_every_job_parameter_is_an_option_with_the_signature_default(name):
     command = COMMANDS[name]

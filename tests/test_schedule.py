@@ -11,7 +11,7 @@ from lightning_drop.importance import ImportanceScores, compute_importance
 from lightning_drop.models import tiny_model
 from lightning_drop.schedule import drop_rounds
 from lightning_drop.selection import select_modules
-from lightning_drop.study import Study, StudyConfig
+from lightning_drop.jobs.study import Study, StudyConfig
 
 NUMS = (1, 2, 3)
 
@@ -48,7 +48,7 @@ def test_in_memory_streamed_and_study_drop_the_same_sets(tmp_path, c4_path, src,
                "batch_size": 2, "calibration": _calibration(c4_path)}
         mem = run_drop(DropJob(**job), progress=False)
         streamed = run_drop(DropJob(**job, stream=True), progress=False)
-        walked = study.drop_set(sweep, "joint", num)
+        walked = study.drops.drop_set(sweep, "joint", num)
         assert (mem["drop_attn_list"], mem["drop_mlp_list"]) == walked, num
         assert (streamed["drop_attn_list"], streamed["drop_mlp_list"]) == walked, num
         assert len(walked[0]) + len(walked[1]) == num

@@ -10,8 +10,8 @@ from pathlib import Path
 import pytest
 import yaml
 
-from lightning_drop.study import (Study, StudyConfig, auto_select, format_table, load_config, parse_budget,
-                                  study_main)
+from lightning_drop.jobs.study import (PointEvaluator, Study, StudyConfig, auto_select, format_table, load_config,
+                                       parse_budget, study_main)
 
 REPO = Path(__file__).resolve().parents[1]
 
@@ -71,7 +71,7 @@ def test_sweep_writes_everything_and_rerun_recomputes_nothing(tmp_path, c4_path,
     cache_files = {p: p.stat().st_mtime_ns for p in (out / "cache").glob("*.json")}
     study, doc2 = run(cfg)
     assert doc2["computed_this_run"] == {"scores": 0, "drops": 0, "points": 0}
-    assert study._model is None  # a fully cached re-run never even loads the model
+    assert not study.inputs.loaded  # a fully cached re-run never even loads the model
     assert {p: p.stat().st_mtime_ns for p in (out / "cache").glob("*.json")} == cache_files
     assert [r["perplexity"] for r in doc2["rows"]] == [r["perplexity"] for r in doc["rows"]]
 
@@ -92,7 +92,7 @@ def test_extended_sweep_computes_only_new_points(tmp_path, c4_path):
 def test_interrupted_sweep_resumes(tmp_path, c4_path, monkeypatch):
     cfg = tiny_config(tmp_path, c4_path, speed={"enabled": False})
     calls = {"n": 0}
-    original = Study.evaluate
+    original = PointEvaluator.evaluate
 
     def flaky(self, attn, mlp):
         if calls["n"] == 3:
@@ -100,12 +100,12 @@ def test_interrupted_sweep_resumes(tmp_path, c4_path, monkeypatch):
         calls["n"] += 1
         return original(self, attn, mlp)
 
-    monkeypatch.setattr(Study, "evaluate", flaky)
+    monkeypatch.setattr(PointEvaluator, "evaluate", flaky)
     with pytest.raises(KeyboardInterrupt):
         run(cfg)
     assert len(list((tmp_path / "cache").glob("points-*.json"))) == 3
     assert not list((tmp_path / "cache").glob(".*tmp"))  # nothing half-written
-    monkeypatch.setattr(Study, "evaluate", original)
+    monkeypatch.setattr(PointEvaluator, "evaluate", original)
     _, doc = run(cfg)
     assert doc["computed_this_run"]["points"] == 2 and doc["computed_this_run"]["scores"] == 0
 
@@ -174,6 +174,9 @@ def test_bad_budgets(text):
     ({"selection": {"budget": "fast"}}, r"budget 'fast'"),
     ({"speed": {"enabled": "yes"}}, r"speed\.enabled: expected true/false"),
     ({"modle": "x"}, r"unknown key\(s\) \['modle'\]"),
+    ({"sweeps": [{"calibration": {"num_samples": 0}}]}, r"sweeps\[0\] \(main\)\.calibration\.num_samples must be >= 1"),
+    ({"sweeps": [{"calibration": {"samples": 4}}]}, r"sweeps\[0\] \(main\)\.calibration: unknown key\(s\) \['samples'\]"),
+    ({"calibration": {"shuffle": True}}, r"calibration\.shuffle: a shuffled calibration may overlap"),
 ])
 def test_bad_configs_error_clearly(tmp_path, patch, message):
     cfg = {"model": "tiny-llama"}
@@ -182,6 +185,42 @@ def test_bad_configs_error_clearly(tmp_path, patch, message):
     path.write_text(yaml.safe_dump(cfg))
     with pytest.raises(ValueError, match=message):
         load_config(path)
+
+
+def test_calibration_is_the_libraries_settings_type_with_the_study_defaults():
+    from lightning_drop.options import CalibrationConfig
+
+    cfg = StudyConfig.from_dict({"model": "m", "calibration": {"source": "wiki-sample", "batch_size": 2},
+                                 "sweeps": [{"calibration": {"seq_len": 64}}]})
+    assert type(cfg.calibration) is CalibrationConfig
+    # a partial mapping overrides the study's small default calibration, not the paper-sized class defaults
+    assert (cfg.calibration.source, cfg.calibration.num_samples, cfg.calibration.seq_len) == ("wiki-sample", 16, 512)
+    assert cfg.calibration_for(cfg.sweeps[0]) == CalibrationConfig(source="wiki-sample", num_samples=16,
+                                                                    seq_len=64, batch_size=2)
+    # shuffling is allowed where the held-out perplexity does not follow the calibration windows
+    shuffled = StudyConfig.from_dict({"model": "m", "calibration": {"shuffle": True, "seed": 3},
+                                      "eval": {"perplexity": {"source": "wiki-sample"}}})
+    assert shuffled.calibration.shuffle and shuffled.calibration.seed == 3
+
+
+def test_cache_keys_are_those_earlier_studies_wrote():
+    """An existing study output must resume without recomputing: the keys of its cache files never change
+    (these were written by the study before it moved into `jobs/study/`)."""
+    cfg = StudyConfig.from_dict({"model": "tiny-llama", "eval": {"mc": None}, "selection": {"sweep": "it"},
+                                 "sweeps": [{"name": "it", "targets": ["attn"], "nums": [0, 2], "step": 2,
+                                             "schedule": "iterative", "calibration": {"num_samples": 8}}]})
+    from lightning_drop.jobs.study import CacheKeys, PointEvaluator, StudyInputs
+
+    keys = CacheKeys(cfg)
+    sweep = cfg.sweeps[0]
+    calib = cfg.calibration_for(sweep)
+    assert keys.scores(calib, "cosine") == "681100b3ff8c19fe"
+    assert keys.drops(sweep, calib, "attn") == "1d06909c12845a8a"
+    assert PointEvaluator(StudyInputs(cfg), None, keys).point_key([3, 1], [0]) == "032fc487ddf68978"
+    # a shuffled calibration selects other windows, so its scores get a key of their own
+    import dataclasses
+
+    assert keys.scores(dataclasses.replace(calib, shuffle=True), "cosine") != "681100b3ff8c19fe"
 
 
 def test_missing_model_and_file_errors(tmp_path, capsys):
@@ -215,11 +254,11 @@ def test_mc_data_missing_is_optional_with_a_note(tmp_path, c4_path, capsys):
 def test_heldout_windows_follow_calibration(tmp_path, c4_path):
     cfg = tiny_config(tmp_path, c4_path)
     study = Study(StudyConfig.from_dict(cfg), verbose=False)
-    calib = study.calibration_batches(study.cfg.calibration)
-    held = study.heldout_windows()
+    calib = study.inputs.calibration_batches(study.cfg.calibration)
+    held = study.points.heldout_windows()
     from lightning_drop.data import make_windows
 
-    stream = make_windows(study.tokenizer, study.docs(str(c4_path), "text"), 32, 3)
+    stream = make_windows(study.inputs.tokenizer, study.inputs.docs(str(c4_path), "text"), 32, 3)
     assert calib[0].tolist() == stream[:2].tolist()
     assert held.tolist() == stream[2:3].tolist()  # the window right after calibration, no overlap
 
@@ -299,7 +338,7 @@ def test_iterative_counts_off_the_step_get_their_sets(tmp_path, c4_path):
 
 def test_sdr_is_on_total_speedup():
     """SDR uses the prefill + decode speedup (as the paper times and `lightning-drop speed` reports)."""
-    from lightning_drop.study import _derive
+    from lightning_drop.jobs.study import _derive
 
     base = {"num": 0, "perplexity": 10.0, "mc_acc": 0.5}
     row = {"num": 4, "perplexity": 11.0, "mc_acc": 0.45, "decode_speedup": 1.5, "total_speedup": 1.25}
@@ -339,12 +378,12 @@ def test_speed_is_retimed_on_another_machine(tmp_path, c4_path, monkeypatch):
     assert doc["computed_this_run"]["points"] == 2 and doc["retimed_this_run"] == 0
     point = next(p for p in (tmp_path / "cache").glob("points-*.json") if json.loads(p.read_text())["drop_attn"])
     here = json.loads(point.read_text())["speed_machine"]
-    assert here == Study.machine(Study(StudyConfig.from_dict(cfg), verbose=False))
+    assert here == Study(StudyConfig.from_dict(cfg), verbose=False).points.machine()
     assert {"node", "cpus", "torch_threads", "device"} <= set(here)
     _, doc = run(cfg)
     assert doc["retimed_this_run"] == 0  # same machine: all reused
-    original = Study.machine
-    monkeypatch.setattr(Study, "machine", lambda self: {**original(self), "node": "elsewhere"})
+    original = PointEvaluator.machine
+    monkeypatch.setattr(PointEvaluator, "machine", lambda self: {**original(self), "node": "elsewhere"})
     study, doc = run(cfg)
     assert doc["computed_this_run"]["points"] == 0 and doc["retimed_this_run"] == 1  # quality reused, speed re-timed
     stored = json.loads(point.read_text())

@@ -226,8 +226,9 @@ def run_drop_streamed(job: DropJob, progress: bool = True) -> dict[str, Any]:
 
 def build_report(job: DropJob, result: DropResult, windows: torch.Tensor) -> dict[str, Any]:
     first = result.rounds[0]
-    calib = {**job.calibration.to_dict(), "num_samples": int(windows.shape[0]), "seq_len": int(windows.shape[1]),
-             "num_tokens": int(windows.numel())}
+    # the windows per forward pass were the job's --batch-size, not the calibration settings' study default
+    calib = {**job.calibration.to_dict(), "batch_size": job.batch_size, "num_samples": int(windows.shape[0]),
+             "seq_len": int(windows.shape[1]), "num_tokens": int(windows.numel())}
     report: dict[str, Any] = {
         "model": job.model, "metric": job.metric, "target": job.target, "schedule": job.schedule,
         "num": len(result.attn) + len(result.mlp) if job.target != "block" else len(result.attn),

@@ -20,7 +20,7 @@ matplotlib.use("Agg")
 import matplotlib.pyplot as plt  # noqa: E402
 from matplotlib.ticker import FuncFormatter, MaxNLocator  # noqa: E402
 
-from .atomic_io import atomic_write_text, save_figure  # noqa: E402
+from ...atomic_io import atomic_write_text, save_figure  # noqa: E402
 
 _PLAIN = FuncFormatter(lambda v, _: f"{v:g}")
 
@@ -68,7 +68,7 @@ def _style(sweeps: list[str], sweep: str) -> dict[str, Any]:
 # ------------------------------------------------------------------------------------------------ figures
 def plot_importance_heatmap(doc: Mapping[str, Any], path: Path) -> Path:
     """One panel per score set of the study (`plots.importance_figure`)."""
-    from .plots import importance_figure, score_panel
+    from ...plots import importance_figure, score_panel
 
     scores = doc["scores"]
     if not scores:
@@ -180,7 +180,7 @@ def drop_order(scores: Mapping[str, Any], kind: str) -> list[int]:
 
 
 def _scores_label(doc: Mapping[str, Any], sweep: Mapping[str, Any]) -> str | None:
-    """The `doc["scores"]` entry of this sweep's (metric, calibration), as `Study.all_scores` labels it."""
+    """The `doc["scores"]` entry of this sweep's (metric, calibration), as `DropSets.all_scores` labels it."""
     cal = {**doc["config"]["calibration"], **(sweep.get("calibration") or {})}
     exact = f"{sweep['metric']} | {Path(str(cal['source'])).name} x{cal['num_samples']}"
     if exact in doc["scores"]:
@@ -227,8 +227,7 @@ def plot_drop_order(doc: Mapping[str, Any], path: Path) -> Path:
     for r in doc["rows"]:
         if r["sweep"] == main["name"] and r["num"] > 0:
             marks.setdefault(r["target"], set()).add(r["num"])
-    cmap = plt.get_cmap("Blues").copy()
-    cmap.set_bad("#eeeeee")
+    cmap = plt.get_cmap("Blues").with_extremes(bad="#eeeeee")  # set_bad is deprecated
     for ax, kind in zip(axes, kinds):
         if kind in walked:
             grid = _iterative_grid(walked[kind], kind, n)

@@ -1,0 +1,88 @@
+"""The study's on-disk cache: one JSON file per item under `OUTPUT/cache/`, written atomically, named by a hash
+of exactly the settings the item depends on.
+
+The keys are the cache format: changing what goes into one makes every earlier study recompute, so the
+payloads below are kept as they were when the first caches were written (a setting added later enters a key
+only when it differs from the value earlier caches implied, e.g. a shuffled calibration).
+"""
+
+from __future__ import annotations
+
+import hashlib
+import json
+from pathlib import Path
+from typing import Any, Callable
+
+from ...atomic_io import write_json
+from ...options import CalibrationConfig
+from .config import StudyConfig, SweepSpec
+
+CACHE_VERSION = 1
+
+
+def key_of(payload: Any) -> str:
+    blob = json.dumps({"v": CACHE_VERSION, **payload}, sort_keys=True, default=str)
+    return hashlib.sha256(blob.encode()).hexdigest()[:16]
+
+
+class Cache:
+    """One JSON per item under OUTPUT/cache; counts what it computed (timing-free evidence of reuse)."""
+
+    def __init__(self, root: Path) -> None:
+        self.root = root / "cache"
+        self.root.mkdir(parents=True, exist_ok=True)
+        self.computed: dict[str, int] = {"scores": 0, "drops": 0, "points": 0}
+        self.reused: dict[str, int] = {"scores": 0, "drops": 0, "points": 0}
+        self.retimed = 0  # cached points whose speed was re-measured (timed on another machine)
+
+    def path(self, kind: str, key: str) -> Path:
+        return self.root / f"{kind}-{key}.json"
+
+    def get(self, kind: str, key: str) -> Any | None:
+        p = self.path(kind, key)
+        if not p.is_file():
+            return None
+        try:
+            return json.loads(p.read_text())
+        except json.JSONDecodeError:  # never written non-atomically by us; treat as missing
+            return None
+
+    def get_or_compute(self, kind: str, key: str, compute: Callable[[], Any]) -> Any:
+        hit = self.get(kind, key)
+        if hit is not None:
+            self.reused[kind] += 1
+            return hit
+        value = compute()
+        write_json(self.path(kind, key), value)
+        self.computed[kind] += 1
+        return value
+
+
+
+class CacheKeys:
+    """The key of each cached item of one study: scores, iterative drop sets and evaluated points."""
+
+    def __init__(self, config: StudyConfig) -> None:
+        self.cfg = config
+
+    def model(self) -> dict[str, Any]:
+        return {"model": self.cfg.model, "dtype": self.cfg.dtype}
+
+    @staticmethod
+    def calibration(calib: CalibrationConfig) -> dict[str, Any]:
+        """The calibration settings scores depend on; batch size does not change them (token-weighted means)."""
+        d = {k: getattr(calib, k) for k in ("source", "num_samples", "seq_len", "text_field")}
+        if calib.shuffle:  # unshuffled windows are the first ones whatever the seed: keys as before
+            d.update(shuffle=True, seed=calib.seed)
+        return d
+
+    def scores(self, calib: CalibrationConfig, metric: str) -> str:
+        return key_of({"kind": "scores", **self.model(), "calibration": self.calibration(calib), "metric": metric,
+                       "seed": self.cfg.seed})
+
+    def drops(self, sweep: SweepSpec, calib: CalibrationConfig, target: str) -> str:
+        return key_of({"kind": "drops", **self.model(), "calibration": self.calibration(calib),
+                       "metric": sweep.metric, "target": target, "step": sweep.step, "seed": self.cfg.seed})
+
+    def point(self, eval_key: dict[str, Any], attn: list[int], mlp: list[int]) -> str:
+        return key_of({"kind": "point", **self.model(), "eval": eval_key, "attn": sorted(attn), "mlp": sorted(mlp)})

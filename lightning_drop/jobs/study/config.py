@@ -1,0 +1,312 @@
+"""What a study config (`configs/study/*.yaml`) holds: typed dataclasses, built from YAML and validated.
+
+The YAML is turned into the dataclasses by one construction over `dataclasses.fields` (what dacite does),
+not by jsonargparse: jsonargparse drops list indices from its errors (`nums` instead of `nums[0]`), reports
+over several lines, takes "yes" for a bool and refuses the `nums: 0,2,4` shorthand, and the study's errors
+must stay one line naming the key. Lower bounds live beside the fields (`metadata={"min": ...}`), so the
+same rule serves every spec and `lightning_drop.options.CalibrationConfig`.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import os
+import types
+import typing
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any, Mapping
+
+from ...errors import UserError
+from ...options import METRICS, SCHEDULES, TARGETS, CalibrationConfig
+
+QUALITY_KEYS = ("perplexity", "mc")
+
+
+def _at_least(bound: int, default: Any) -> Any:
+    return field(default=default, metadata={"min": bound})
+
+
+def study_calibration() -> CalibrationConfig:
+    """The study's default calibration: far smaller than the paper's, as scores are stable on small models."""
+    return CalibrationConfig(num_samples=16, seq_len=512)
+
+
+@dataclass
+class PerplexitySpec:
+    """Held-out perplexity. `source: calibration` = the calibration source's windows after the calibration ones."""
+
+    source: str = "calibration"
+    num_windows: int = _at_least(1, 8)
+    seq_len: int = _at_least(2, 512)
+    text_field: str = "text"
+    batch_size: int = _at_least(1, 4)
+
+
+@dataclass
+class MCSpec:
+    """A small local multiple-choice task (lm-eval, shipped task YAML filled with `data`)."""
+
+    task: str = "hellaswag_sample"
+    data: str = "../shared/data/hellaswag_val_first1000.jsonl"
+    limit: int | None = 50
+    batch_size: int = _at_least(1, 8)
+    required: bool = False
+
+    def check(self, where: str) -> None:
+        if self.limit is not None and self.limit < 1:
+            raise UserError(f"{where}.limit must be >= 1 or null, got {self.limit}")
+
+
+@dataclass
+class EvalSpec:
+    perplexity: PerplexitySpec = field(default_factory=PerplexitySpec)
+    mc: MCSpec | None = field(default_factory=MCSpec)
+
+
+@dataclass
+class SpeedSpec:
+    """Greedy generation with the KV cache; base and dropped timed alternately (medians of `repeats`)."""
+
+    enabled: bool = True
+    batch_size: int = _at_least(1, 1)
+    prompt_len: int = _at_least(1, 64)
+    gen_len: int = _at_least(2, 32)
+    repeats: int = _at_least(1, 2)
+    warmup: int = _at_least(0, 1)
+
+
+@dataclass
+class SweepSpec:
+    """One family of directions: every target x every num, under one metric/schedule/calibration."""
+
+    name: str = "main"
+    targets: list[str] = field(default_factory=lambda: ["attn", "mlp", "block"])
+    nums: list[int] = field(default_factory=lambda: [0, 4, 8])
+    nums_per_target: dict[str, list[int]] = field(default_factory=dict)
+    metric: str = "cosine"
+    schedule: str = "one-shot"
+    step: int = _at_least(1, 1)
+    calibration: dict[str, Any] = field(default_factory=dict)  # overrides of the study's calibration
+
+    def check(self, where: str) -> None:
+        for t in list(self.targets) + list(self.nums_per_target):
+            if t not in TARGETS:
+                raise UserError(f"{where}: unknown target '{t}'; choose from {', '.join(TARGETS)}")
+        if not self.targets and not self.nums_per_target:
+            raise UserError(f"{where}: no targets given")
+        if self.metric not in METRICS:
+            raise UserError(f"{where}.metric: unknown metric '{self.metric}'; choose from {', '.join(METRICS)}")
+        if self.schedule not in SCHEDULES:
+            raise UserError(f"{where}.schedule: unknown schedule '{self.schedule}'; choose from {', '.join(SCHEDULES)}")
+        for t, nums in [("nums", self.nums)] + [(f"nums_per_target.{k}", v) for k, v in self.nums_per_target.items()]:
+            bad = [n for n in nums if n < 0]
+            if bad:
+                raise UserError(f"{where}.{t}: numbers dropped must be >= 0, got {bad}")
+
+    def plan(self) -> dict[str, list[int]]:
+        """{target: sorted nums}; `nums_per_target` overrides (or adds) a target's nums."""
+        out = {t: sorted(set(self.nums)) for t in self.targets}
+        out.update({t: sorted(set(v)) for t, v in self.nums_per_target.items()})
+        return out
+
+
+@dataclass
+class CheckpointSpec:
+    """One dropped checkpoint written into the output directory, ready to load."""
+
+    target: str = "attn"
+    num: int = _at_least(1, 8)
+    sweep: str = "main"
+
+    def check(self, where: str) -> None:
+        if self.target not in TARGETS:
+            raise UserError(f"{where}.target: unknown target '{self.target}'; choose from {', '.join(TARGETS)}")
+
+
+@dataclass
+class SelectionSpec:
+    """Automated selection defaults (the command line's --budget / --max-quality-loss override them)."""
+
+    budget: str | None = None
+    max_quality_loss: float | None = None
+    quality: str = "perplexity"
+    sweep: str = "main"
+
+    def check(self, where: str) -> None:
+        from .budget import parse_budget
+
+        if self.quality not in QUALITY_KEYS:
+            raise UserError(f"{where}.quality: choose from {', '.join(QUALITY_KEYS)}, got '{self.quality}'")
+        if self.budget is not None:
+            parse_budget(self.budget)
+        if self.max_quality_loss is not None and self.max_quality_loss < 0:
+            raise UserError(f"{where}.max_quality_loss must be >= 0, got {self.max_quality_loss}")
+
+
+@dataclass
+class StudyConfig:
+    """A study: what `configs/study/*.yaml` holds (validated on construction through `from_dict`)."""
+
+    model: str
+    name: str = "study"
+    output: str = "runs/study"
+    dtype: str = "float32"
+    seed: int = 0
+    calibration: CalibrationConfig = field(default_factory=study_calibration)
+    eval: EvalSpec = field(default_factory=EvalSpec)
+    speed: SpeedSpec = field(default_factory=SpeedSpec)
+    sweeps: list[SweepSpec] = field(default_factory=lambda: [SweepSpec()])
+    checkpoint: CheckpointSpec | None = None
+    selection: SelectionSpec = field(default_factory=SelectionSpec)
+
+    def check(self) -> None:
+        if self.dtype not in ("float32", "bfloat16", "float16"):
+            raise UserError(f"dtype: choose from float32, bfloat16, float16, got '{self.dtype}'")
+        if self.eval.mc is not None:
+            self.eval.mc.check("eval.mc")
+        if not self.sweeps:
+            raise UserError("sweeps: give at least one sweep")
+        names = [s.name for s in self.sweeps]
+        dup = sorted({n for n in names if names.count(n) > 1})
+        if dup:
+            raise UserError(f"sweeps: names must be unique, repeated: {dup}")
+        for i, s in enumerate(self.sweeps):
+            where = f"sweeps[{i}] ({s.name})"
+            s.check(where)
+            # the overrides must make a valid calibration, checked like the study's own
+            build(CalibrationConfig, {**dataclasses.asdict(self.calibration), **s.calibration}, f"{where}.calibration")
+        self._check_heldout()
+        if self.checkpoint is not None:
+            self.checkpoint.check("checkpoint")
+            if self.checkpoint.sweep not in names:
+                raise UserError(f"checkpoint.sweep: no sweep named '{self.checkpoint.sweep}'; sweeps: {names}")
+        self.selection.check("selection")
+        if self.selection.sweep not in names:
+            raise UserError(f"selection.sweep: no sweep named '{self.selection.sweep}'; sweeps: {names}")
+
+    def _check_heldout(self) -> None:
+        """Held-out perplexity windows start after the calibration tokens, which a shuffled calibration breaks."""
+        if self.eval.perplexity.source != "calibration":
+            return
+        for i, calib in enumerate([self.calibration] + [self.calibration_for(s) for s in self.sweeps]):
+            if calib.shuffle:
+                where = "calibration" if i == 0 else f"sweeps[{i - 1}] ({self.sweeps[i - 1].name}).calibration"
+                raise UserError(f"{where}.shuffle: a shuffled calibration may overlap the held-out perplexity "
+                                "windows; set eval.perplexity.source to another source (e.g. wiki-sample)")
+
+    def calibration_for(self, sweep: SweepSpec) -> CalibrationConfig:
+        return dataclasses.replace(self.calibration, **sweep.calibration)
+
+    def sweep(self, name: str) -> SweepSpec:
+        return next(s for s in self.sweeps if s.name == name)
+
+    @classmethod
+    def from_dict(cls, data: Mapping[str, Any]) -> "StudyConfig":
+        data = dict(data)
+        if "sweep" in data:  # a single sweep may be written without the list
+            if "sweeps" in data:
+                raise UserError("give either 'sweep' (one) or 'sweeps' (a list), not both")
+            data["sweeps"] = [data.pop("sweep")]
+        cfg = build(cls, data, "")
+        cfg.check()
+        return cfg
+
+    def to_dict(self) -> dict[str, Any]:
+        return dataclasses.asdict(self)
+
+
+def load_config(path: str | os.PathLike) -> StudyConfig:
+    """Parse and validate a study YAML; errors name the file and the offending key."""
+    import yaml
+
+    path = Path(path)
+    if not path.is_file():
+        raise FileNotFoundError(f"study config not found: {path}")
+    try:
+        data = yaml.safe_load(path.read_text())
+    except yaml.YAMLError as err:
+        raise UserError(f"{path}: invalid YAML ({str(err).splitlines()[0]})") from None
+    if not isinstance(data, dict):
+        raise UserError(f"{path}: expected a mapping at the top level, got {type(data).__name__}")
+    try:
+        return StudyConfig.from_dict(data)
+    except (ValueError, TypeError) as err:
+        raise UserError(f"{path}: {err}") from None
+
+
+# ------------------------------------------------------------------------------------------------ construction
+#: scalar type -> (accepted YAML types, what the error says); bools are never numbers here
+_SCALARS: dict[Any, tuple[tuple[type, ...], str]] = {
+    bool: ((bool,), "true/false"), int: ((int, str), "an integer"), float: ((int, float, str), "a number"),
+    str: ((str, int, float), "a string"),
+}
+
+
+def build(tp: Any, value: Any, where: str) -> Any:
+    """A value of type `tp` from YAML data; every error is one line naming the key path `where`."""
+    label = where or "config"
+    origin = typing.get_origin(tp)
+    if origin in (typing.Union, types.UnionType):
+        args = typing.get_args(tp)
+        if value is None and type(None) in args:
+            return None
+        return build(next(a for a in args if a is not type(None)), value, where)
+    if dataclasses.is_dataclass(tp):
+        return _build_dataclass(tp, value, where)
+    if origin is list:
+        (item,) = typing.get_args(tp)
+        if isinstance(value, (str, int)) and item is int:  # "0,2,4" or a single number
+            value = [x for x in str(value).split(",") if x.strip()]
+        _expect(isinstance(value, list), label, "a list", value)
+        return [build(item, v, f"{label}[{i}]") for i, v in enumerate(value)]
+    if origin is dict:
+        kt, vt = typing.get_args(tp)
+        _expect(isinstance(value, Mapping), label, "a mapping", value)
+        return {build(kt, k, label): build(vt, v, f"{label}.{k}") for k, v in value.items()}
+    if tp is Any:
+        return value
+    if tp not in _SCALARS:
+        raise TypeError(f"{label}: unsupported config type {tp}")
+    accepted, what = _SCALARS[tp]
+    _expect(isinstance(value, accepted) and (tp is bool or not isinstance(value, bool)), label, what, value)
+    try:
+        return tp(value)
+    except ValueError:
+        raise UserError(f"{label}: expected {what}, got {value!r}") from None
+
+
+def _build_dataclass(tp: Any, value: Any, where: str) -> Any:
+    """Keys given override the field's defaults; a mapping for a field whose default is an instance (the
+    study's small calibration) overrides that instance's values, not the class's."""
+    label = where or "config"
+    _expect(isinstance(value, Mapping), label, "a mapping", value)
+    hints = typing.get_type_hints(tp)
+    fields = {f.name: f for f in dataclasses.fields(tp)}
+    unknown = [k for k in value if k not in fields]
+    if unknown:
+        raise UserError(f"{label}: unknown key(s) {unknown}; allowed: {sorted(fields)}")
+    kwargs = {}
+    for k, v in value.items():
+        path = f"{where}.{k}" if where else k
+        f = fields[k]
+        if isinstance(v, Mapping) and f.default_factory is not dataclasses.MISSING:
+            default = f.default_factory()
+            if dataclasses.is_dataclass(default):
+                v = {**dataclasses.asdict(default), **v}
+        kwargs[k] = build(hints[k], v, path)
+        low = f.metadata.get("min")
+        if low is not None and kwargs[k] < low:
+            raise UserError(f"{path} must be >= {low}, got {kwargs[k]}")
+    missing = [f.name for f in fields.values() if f.name not in kwargs and f.default is dataclasses.MISSING
+               and f.default_factory is dataclasses.MISSING]
+    if missing:
+        raise UserError(f"{label}: missing required key(s) {missing}")
+    return tp(**kwargs)
+
+
+def _expect(ok: bool, label: str, what: str, value: Any) -> None:
+    if not ok:
+        got = f"{value!r}" if what in ("true/false", "an integer", "a number", "a string") \
+            else f"{type(value).__name__} {value!r}"  # containers: say what came instead
+        raise UserError(f"{label}: expected {what}, got {got}")

@@ -1,0 +1,239 @@
+"""Measuring one point of a sweep: the evaluation of a drop set, cached per (model, evaluation settings, set).
+
+Perplexity on held-out text (by default the windows of the calibration source AFTER every calibration
+window, so the two never overlap), a small local multiple-choice task through lm-eval, decode speed
+measured base vs dropped alternately, KV-cache bytes per token and parameters. Timings carry the machine
+they were measured on (`PointEvaluator.machine`); a cache reused elsewhere keeps its quality results and
+re-times its points.
+"""
+
+from __future__ import annotations
+
+import copy
+import dataclasses
+import os
+import sys
+import time
+from pathlib import Path
+from typing import Any
+
+from ...atomic_io import write_json
+from ...errors import UserError
+from .cache import Cache, CacheKeys
+from .config import MCSpec
+from .sweep import StudyInputs
+
+REPO_ROOT = Path(__file__).resolve().parents[3]
+
+
+def resolve_data_file(path: str) -> Path | None:
+    """A data file given relative to the working directory, the repo root, or `$LIGHTNING_DROP_SHARED/data`."""
+    p = Path(os.path.expandvars(os.path.expanduser(path)))
+    tries = [p]
+    if not p.is_absolute():
+        tries.append(REPO_ROOT / p)
+    if shared := os.environ.get("LIGHTNING_DROP_SHARED"):
+        tries.append(Path(shared) / "data" / p.name)
+    return next((t for t in tries if t.is_file()), None)
+
+
+class PointEvaluator:
+    """Evaluates drop sets of the study's base model under the config's evaluation and speed settings."""
+
+    def __init__(self, inputs: StudyInputs, cache: Cache, keys: CacheKeys) -> None:
+        self.inputs, self.cache, self.keys = inputs, cache, keys
+        self.cfg = inputs.cfg
+        self._heldout: Any = None
+        self._mc_include: Path | None = None
+        self._task_manager: Any = None
+
+    @property
+    def notes(self) -> list[str]:
+        return self.inputs.notes
+
+    def point_key(self, attn: list[int], mlp: list[int]) -> str:
+        return self.keys.point(self.eval_key(), attn, mlp)
+
+    def eval_key(self) -> dict[str, Any]:
+        ppl = dataclasses.asdict(self.cfg.eval.perplexity)
+        ppl.pop("batch_size")
+        if ppl["source"] == "calibration":
+            ppl["after"] = self._heldout_offset_spec()
+        mc = self._mc_spec_key()
+        speed = dataclasses.asdict(self.cfg.speed)
+        return {"perplexity": ppl, "mc": mc, "speed": speed}
+
+    def _mc_spec_key(self) -> dict[str, Any] | None:
+        mc = self.cfg.eval.mc
+        if mc is None or self.mc_data() is None:
+            return None
+        return {"task": mc.task, "data": Path(self.mc_data()).name, "limit": mc.limit}
+
+    def _heldout_offset_spec(self) -> dict[str, Any]:
+        base = self.cfg.calibration
+        return {"source": base.source, "text_field": base.text_field, "tokens": self.heldout_offset_tokens()}
+
+    def heldout_offset_tokens(self) -> int:
+        """Tokens of the calibration stream to skip: the largest calibration of any sweep on the same source."""
+        base = self.cfg.calibration
+        spans = [c.num_samples * c.seq_len for c in (self.cfg.calibration_for(s) for s in self.cfg.sweeps)
+                 if c.source == base.source and c.text_field == base.text_field]
+        return max(spans + [base.num_samples * base.seq_len])
+
+    def mc_data(self) -> Path | None:
+        mc = self.cfg.eval.mc
+        if mc is None:
+            return None
+        found = resolve_data_file(mc.data)
+        if found is None:
+            msg = (f"multiple-choice data file not found: {mc.data} (the HellaSwag sample ships in ../shared/data "
+                   "beside a clone of the repo; set eval.mc.data, $LIGHTNING_DROP_SHARED, or eval.mc: null)")
+            if mc.required:
+                raise FileNotFoundError(msg)
+            if msg not in self.notes:
+                self.notes.append(msg)
+                print(f"note: {msg}; the multiple-choice evaluation is skipped", file=sys.stderr)
+        return found
+
+    def heldout_windows(self) -> Any:
+        """Perplexity windows; from the calibration source they start after every calibration token used."""
+        import torch
+
+        from ...data import _token_chunks
+
+        if self._heldout is not None:
+            return self._heldout
+        spec = self.cfg.eval.perplexity
+        if spec.source == "calibration":
+            base = self.cfg.calibration
+            docs, skip = self.inputs.docs(base.source, base.text_field), self.heldout_offset_tokens()
+        else:
+            docs, skip = self.inputs.docs(spec.source, spec.text_field), 0
+        need = skip + spec.num_windows * spec.seq_len
+        stream: list[int] = []
+        for ids in _token_chunks(self.inputs.tokenizer, docs, self.inputs.tokenizer.eos_token_id):
+            stream.extend(ids)
+            if len(stream) >= need:
+                break
+        avail = (len(stream) - skip) // spec.seq_len
+        if avail < 1:
+            raise UserError(f"eval.perplexity: no held-out text left: the source has {len(stream)} tokens and "
+                             f"calibration uses the first {skip}; use fewer calibration samples or another "
+                             "eval.perplexity.source (e.g. wiki-sample)")
+        n = min(avail, spec.num_windows)
+        if n < spec.num_windows:
+            self.notes.append(f"only {n} held-out perplexity windows of {spec.seq_len} tokens available "
+                              f"({spec.num_windows} asked)")
+        self._heldout = torch.tensor(stream[skip:skip + n * spec.seq_len], dtype=torch.long).view(n, spec.seq_len)
+        return self._heldout
+
+    # ---- evaluation of one drop set
+    def point(self, attn: list[int], mlp: list[int]) -> dict[str, Any]:
+        """The evaluation of one drop set, cached; its speed is re-measured when it was timed on another machine.
+
+        Quality does not depend on the machine but timings do, so the machine (see `machine`) is stored beside
+        the speed fields instead of in the key: a cache moved to another machine keeps its perplexity and MC
+        results and re-times only. (Points cached before this field existed have no machine: timed once more.)
+        """
+        key = self.point_key(attn, mlp)
+        row = self.cache.get_or_compute("points", key, lambda: self.evaluate(attn, mlp))
+        if self.cfg.speed.enabled and (attn or mlp) and row.get("speed_machine") != self.machine():
+            from ...modeling_dropped import apply_drop
+
+            self.inputs.log(f"re-timing drop attention {attn} MLP {mlp}: its speed was measured on "
+                     f"{(row.get('speed_machine') or {}).get('node', 'an unrecorded machine')}")
+            model = copy.deepcopy(self.inputs.model)
+            apply_drop(model, attn=attn, mlp=mlp)
+            row = {**row, **self.measure_speed(self.inputs.model, model)}
+            del model
+            write_json(self.cache.path("points", key), row)
+            self.cache.retimed += 1
+        return row
+
+    def machine(self) -> dict[str, Any]:
+        """What a timing depends on besides the model: host, CPU count, torch threads and version, device."""
+        import platform
+
+        import torch
+
+        device = str(next(self.inputs.model.parameters()).device) if self.inputs.loaded else "cpu"
+        if device.startswith("cuda"):
+            device += f" ({torch.cuda.get_device_name(torch.device(device))})"
+        return {"node": platform.node(), "arch": platform.machine(), "cpus": os.cpu_count(),
+                "torch_threads": torch.get_num_threads(), "torch": torch.__version__, "device": device}
+
+    def measure_speed(self, base: Any, model: Any) -> dict[str, Any]:
+        """Base vs dropped timed alternately (speed spec of the config), with the machine it ran on."""
+        from ...speed import compare_speed
+
+        sp = self.cfg.speed
+        res = compare_speed(base, model, batch_size=sp.batch_size, prompt_len=sp.prompt_len, gen_len=sp.gen_len,
+                            repeats=sp.repeats, warmup=sp.warmup, seed=self.cfg.seed)
+        return dict(decode_speedup=res["speedup"]["decode"], prefill_speedup=res["speedup"]["prefill"],
+                    total_speedup=res["speedup"]["total"],
+                    base_decode_tokens_per_s=res["base"]["decode_tokens_per_s"],
+                    decode_tokens_per_s=res["dropped"]["decode_tokens_per_s"],
+                    kv_bytes_per_token=res["dropped"]["kv_bytes_per_token"],
+                    base_kv_bytes_per_token=res["base"]["kv_bytes_per_token"], speed_machine=self.machine())
+
+    def evaluate(self, attn: list[int], mlp: list[int]) -> dict[str, Any]:
+        from ...evaluation import perplexity
+        from ...modeling_dropped import apply_drop
+        from ...speed import count_params, kv_cache_bytes_per_token
+
+        base = self.inputs.model
+        self.inputs.log(f"evaluating drop attention {attn} MLP {mlp}")
+        t0, c0 = time.perf_counter(), time.process_time()
+        model = copy.deepcopy(base)
+        if attn or mlp:
+            apply_drop(model, attn=attn, mlp=mlp)
+        ppl_spec = self.cfg.eval.perplexity
+        row: dict[str, Any] = {"drop_attn": sorted(attn), "drop_mlp": sorted(mlp)}
+        row["perplexity"] = perplexity(model, self.heldout_windows(), batch_size=ppl_spec.batch_size)
+        mc, data = self.cfg.eval.mc, self.mc_data()
+        if mc is not None and data is not None:
+            row.update(self.mc_eval(model, mc, data))
+        sp = self.cfg.speed
+        row["params"] = count_params(model)
+        row["base_params"] = count_params(base)
+        if sp.enabled and (attn or mlp):
+            row.update(self.measure_speed(base, model))
+        else:
+            kv = kv_cache_bytes_per_token(model, prompt_len=min(sp.prompt_len, 32))
+            row.update(kv_bytes_per_token=kv, base_kv_bytes_per_token=kv_cache_bytes_per_token(base, 
+                       prompt_len=min(sp.prompt_len, 32)) if (attn or mlp) else kv)
+            if not (attn or mlp):
+                row.update(decode_speedup=1.0, prefill_speedup=1.0, total_speedup=1.0)
+        row["kv_ratio"] = row["kv_bytes_per_token"] / row["base_kv_bytes_per_token"] \
+            if row["base_kv_bytes_per_token"] else None
+        row["param_ratio"] = row["params"] / row["base_params"]
+        row["seconds"] = time.perf_counter() - t0
+        row["cpu_seconds"] = time.process_time() - c0  # CPU time of all threads: comparable under machine load
+        del model
+        return row
+
+    def mc_eval(self, model: Any, mc: MCSpec, data: Path) -> dict[str, Any]:
+        """lm-eval on the in-memory model, with one TaskManager that indexes only our local task.
+
+        (`evaluation.run_lm_eval` builds a TaskManager over all of lm-eval's several thousand task YAMLs on
+        every call, which costs more than the evaluation itself at this size.)
+        """
+        from lm_eval import simple_evaluate
+        from lm_eval.models.huggingface import HFLM
+        from lm_eval.tasks import TaskManager
+
+        from ...evaluation import local_task_dir
+
+        if self._mc_include is None:
+            self._mc_include = local_task_dir({mc.task: data}, self.cache.root / "tasks")
+            self._task_manager = TaskManager(include_path=str(self._mc_include), include_defaults=False)
+        lm = HFLM(pretrained=model, tokenizer=self.inputs.tokenizer, batch_size=mc.batch_size, device="cpu"
+                  if next(model.parameters()).device.type == "cpu" else str(next(model.parameters()).device))
+        out = simple_evaluate(model=lm, tasks=[mc.task], limit=mc.limit, task_manager=self._task_manager,
+                              log_samples=False, bootstrap_iters=0, verbosity="ERROR", random_seed=1234, numpy_random_seed=1234,
+                              torch_random_seed=1234, fewshot_random_seed=1234)
+        m = {k.split(",")[0]: v for k, v in out["results"][mc.task].items() if isinstance(v, (int, float))}
+        n = out.get("n-samples", {}).get(mc.task, {})
+        return {"mc_acc": m.get("acc_norm", m.get("acc")), "mc_acc_raw": m.get("acc"),
+                "mc_n": int(n.get("effective", n.get("original", 0))) if n else mc.limit}
+

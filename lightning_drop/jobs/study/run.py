@@ -1,0 +1,235 @@
+"""`lightning-drop study`: one run of a study config, from the cached sweep to the written results.
+
+`Study` wires the pieces (inputs and drop sets in `sweep`, point evaluation in `measure`, the cache in
+`cache`, the automated selection in `budget`, figures in `report`) and owns only what spans them: the plan
+check, the rows of every sweep point, the results document and the optional dropped checkpoint.
+"""
+
+from __future__ import annotations
+
+import copy
+import csv
+import io
+import json
+import os
+import time
+from pathlib import Path
+from typing import Any, Mapping, Sequence
+
+from ...atomic_io import atomic_write_text, write_json
+from ...errors import UserError
+from .budget import _fmt, auto_select, derive, parse_budget
+from .cache import Cache, CacheKeys, key_of
+from .config import StudyConfig, SweepSpec, load_config
+from .measure import PointEvaluator
+from .sweep import DropSets, StudyInputs
+
+
+class Study:
+    """Runs one StudyConfig; `run()` returns the results document (also written to the output dir)."""
+
+    def __init__(self, config: StudyConfig, output: str | os.PathLike | None = None, verbose: bool = True,
+                 overwrite: bool = False) -> None:
+        from ...atomic_io import check_output
+
+        self.cfg = config
+        self.out = Path(output or config.output)
+        # an earlier run of a study (its cache is there) is resumed; anything else is the user's
+        resumable = (self.out / "cache").is_dir()
+        check_output(self.out, overwrite=overwrite or resumable, sources=[config.model])
+        self.out.mkdir(parents=True, exist_ok=True)
+        self.cache = Cache(self.out)
+        self.keys = CacheKeys(config)
+        self.inputs = StudyInputs(config, verbose=verbose)
+        self.drops = DropSets(self.inputs, self.cache, self.keys)
+        self.points = PointEvaluator(self.inputs, self.cache, self.keys)
+
+    def rows(self, cached_only: bool = False) -> list[dict[str, Any]]:
+        """Every (sweep, target, num) point in sweep order: computed, or read from the cache.
+
+        `cached_only`: the points already evaluated, nothing computed (the report of a budget search).
+        """
+        out = []
+        base_row = None
+        for sweep in self.cfg.sweeps:
+            for target, nums in sweep.plan().items():
+                for num in nums:
+                    r = self.row(sweep, target, num, compute=not cached_only)
+                    if r is None:
+                        continue
+                    out.append(r)
+                    if num == 0:
+                        base_row = out[-1]
+        if base_row is None:
+            out.insert(0, self.row(self.cfg.sweeps[0], "baseline", 0))
+        return out
+
+    def row(self, sweep: SweepSpec, target: str, num: int, compute: bool = True) -> dict[str, Any] | None:
+        if not compute and num > 0 and sweep.schedule == "iterative" \
+                and not self.drops.has_iterative_set(sweep, target, num):
+            return None
+        attn, mlp = self.drops.drop_set(sweep, target, num)
+        if not compute and self.cache.get("points", self.points.point_key(attn, mlp)) is None:
+            return None
+        p = self.points.point(attn, mlp)
+        calib = self.cfg.calibration_for(sweep)
+        return {"sweep": sweep.name, "target": target if num else "baseline", "num": num, "metric": sweep.metric,
+                "schedule": sweep.schedule, "step": sweep.step if sweep.schedule == "iterative" else None,
+                "calibration": calib.source, "num_samples": calib.num_samples, **p}
+
+    def validate_plan(self) -> None:
+        """Refuse every count the model cannot take before any point is computed, naming the config key."""
+        from ...selection import require_droppable
+
+        n = self.drops.known_num_layers()
+        for i, sweep in enumerate(self.cfg.sweeps):
+            for target, nums in sweep.plan().items():
+                key = "nums_per_target" if target in sweep.nums_per_target else "nums"
+                if nums:
+                    require_droppable(max(nums), n, target, where=f"sweeps[{i}] ({sweep.name}) {key}")
+        ck = self.cfg.checkpoint
+        if ck is not None:
+            require_droppable(ck.num, n, ck.target, where="checkpoint.num")
+
+    def run(self, budget: str | None = None, max_quality_loss: float | None = None) -> dict[str, Any]:
+        t0 = time.perf_counter()
+        self.validate_plan()
+        budget = budget if budget is not None else self.cfg.selection.budget
+        max_loss = max_quality_loss if max_quality_loss is not None else self.cfg.selection.max_quality_loss
+        selection = None
+        if budget is not None or max_loss is not None:
+            selection = self.select(budget, max_loss)  # lazily walks the selection sweep first
+        rows = self.rows(cached_only=selection is not None)  # a budget search computes only what it walks
+        base = next(r for r in rows if r["num"] == 0)
+        for r in rows:
+            derive(r, base)
+        scores = self.drops.all_scores()
+        num_layers = self.inputs.num_layers if self.inputs.loaded or not scores \
+            else len(next(iter(scores.values()))["attn"])
+        doc = {"name": self.cfg.name, "config": self.cfg.to_dict(), "model": self.cfg.model,
+               "num_layers": num_layers, "scores": scores, "rows": rows, "selection": selection,
+               "notes": self.inputs.notes, "heldout": {"perplexity": self.points.eval_key()["perplexity"]},
+               "computed_this_run": dict(self.cache.computed), "reused_this_run": dict(self.cache.reused),
+               "retimed_this_run": self.cache.retimed, "machine": self.points.machine(), "seconds_this_run": None}
+        main = self.cfg.sweeps[0]
+        if main.schedule == "iterative":
+            doc["drop_order"] = self.drops.iterative_sets(main)
+        if self.cfg.checkpoint is not None:
+            doc["checkpoint"] = self.save_checkpoint()
+        doc["seconds_this_run"] = time.perf_counter() - t0
+        write_json(self.out / "results.json", doc)
+        write_csv(self.out / "results.csv", rows)
+        if selection is not None:
+            write_json(self.out / "selection.json", selection)
+        from .report import write_report
+
+        doc["report"] = str(write_report(doc, self.out))
+        return doc
+
+    def select(self, budget: str | None, max_loss: float | None) -> dict[str, Any]:
+        """The budget search over the selection sweep; it evaluates only the points its walks reach."""
+        sel = self.cfg.selection
+        sweep = self.cfg.sweep(sel.sweep)
+        base = self.points.point([], [])
+        directions = {t: [n for n in nums if n > 0] for t, nums in sweep.plan().items()}
+        res = auto_select(directions, lambda t, n: self.row(sweep, t, n), base, budget, max_loss, sel.quality)
+        res["sweep"] = sweep.name
+        return res
+
+    def save_checkpoint(self) -> dict[str, Any]:
+        from ...checkpoint import read_config, save_dropped
+        from ...modeling_dropped import apply_drop
+
+        ck = self.cfg.checkpoint
+        assert ck is not None
+        sweep = self.cfg.sweep(ck.sweep)
+        attn, mlp = self.drops.drop_set(sweep, ck.target, ck.num)
+        path = self.out / f"checkpoint-{ck.target}-{ck.num}"
+        info = {"path": str(path), "target": ck.target, "num": ck.num, "drop_attn": attn, "drop_mlp": mlp}
+        key = key_of({**self.keys.model(), **info})
+        marker = path / "study_checkpoint.json"
+        if marker.is_file() and json.loads(marker.read_text()).get("key") == key:
+            return info
+        self.inputs.log(f"saving {ck.target}-{ck.num} checkpoint to {path}")
+        model = copy.deepcopy(self.inputs.model)
+        apply_drop(model, attn=attn, mlp=mlp)
+        save_dropped(model, path, self.inputs.tokenizer, overwrite=True,
+                     extra=lambda tmp: (tmp / "study_checkpoint.json").write_text(json.dumps({"key": key, **info})))
+        read_config(path)
+        del model
+        return info
+
+
+CSV_COLUMNS = ("sweep", "target", "num", "metric", "schedule", "step", "calibration", "num_samples", "perplexity",
+               "ppl_loss", "mc_acc", "mc_loss", "mc_n", "decode_speedup", "prefill_speedup", "total_speedup",
+               "sdr", "sdr_ppl", "kv_bytes_per_token", "kv_ratio", "params", "param_ratio", "drop_attn", "drop_mlp")
+
+
+def write_csv(path: Path, rows: Sequence[Mapping[str, Any]]) -> None:
+    buf = io.StringIO()
+    w = csv.writer(buf)
+    w.writerow(CSV_COLUMNS)
+    for r in rows:
+        w.writerow([" ".join(map(str, r.get(c) or [])) if c in ("drop_attn", "drop_mlp") else
+                    ("" if r.get(c) is None else r.get(c)) for c in CSV_COLUMNS])
+    atomic_write_text(path, buf.getvalue())
+
+
+# ------------------------------------------------------------------------------------------------ terminal
+def format_table(rows: Sequence[Mapping[str, Any]], sweep: str | None = None) -> str:
+    """The paper-shaped table as text: baseline, then drop-n per target."""
+    lines = [f"{'config':<16}{'perplexity':>11}{'MC acc':>8}{'decode x':>9}{'total x':>9}{'KV':>7}{'params':>9}"
+             f"{'SDR ppl':>9}"]
+    seen = set()
+    for r in rows:
+        if sweep is not None and r["sweep"] != sweep and r["num"] > 0:
+            continue
+        label = "baseline" if r["num"] == 0 else f"{r['target']}-{r['num']}"
+        if label in seen:
+            continue
+        seen.add(label)
+        lines.append(f"{label:<16}{_fmt(r.get('perplexity'), '.2f'):>11}{_fmt(r.get('mc_acc'), '.3f'):>8}"
+                     f"{_fmt(r.get('decode_speedup'), '.3f'):>9}{_fmt(r.get('total_speedup'), '.3f'):>9}"
+                     f"{_fmt(r.get('kv_ratio'), '.2f'):>7}"
+                     f"{r['params'] / 1e6:>8.1f}M{_fmt(r.get('sdr_ppl'), '.1f'):>9}")
+    return "\n".join(lines)
+
+
+def study_main(config: str, output: str | None = None, budget: str | None = None,
+               max_quality_loss: float | None = None, overwrite: bool = False) -> dict[str, Any]:
+    """Sweep targets x number dropped; report with plots (configs/study/*.yaml).
+
+    Args:
+        config: study YAML (see configs/study/)
+        output: override the output directory of the config
+        budget: automated selection: e.g. speedup=1.2, params=0.8, kv=0.5
+        max_quality_loss: automated selection: largest allowed relative quality loss (e.g. 0.05)
+        overwrite: write into a non-empty output directory that is not an earlier run of this study
+    """
+    cfg = load_config(config)
+    if budget is not None:
+        parse_budget(budget)
+    if max_quality_loss is not None and max_quality_loss < 0:
+        raise UserError(f"--max-quality-loss must be >= 0, got {max_quality_loss}")
+    t0 = time.perf_counter()
+    doc = Study(cfg, output, overwrite=overwrite).run(budget=budget, max_quality_loss=max_quality_loss)
+    out = Path(output or cfg.output)
+    main = cfg.sweeps[0].name
+    print()
+    print(format_table(doc["rows"], sweep=main))
+    print(f"(perplexity on {cfg.eval.perplexity.num_windows} x {cfg.eval.perplexity.seq_len} held-out tokens; "
+          f"MC acc = {cfg.eval.mc.task if cfg.eval.mc else 'n/a'} acc_norm; decode x / total x = decode / "
+          "prefill + decode speedup vs base, measured alternately; KV = KV-cache bytes/token vs base; SDR ppl = "
+          "perplexity change % / total speedup %, lower is better)")
+    if doc.get("selection"):
+        print(doc["selection"]["message"])
+        print(f"selection written to {out / 'selection.json'}")
+    if doc.get("checkpoint"):
+        print(f"dropped checkpoint ready: {doc['checkpoint']['path']}  (load with lightning_drop.models.load_model)")
+    c, r = doc["computed_this_run"], doc["reused_this_run"]
+    print(f"computed this run: {c['scores']} scoring pass(es), {c['drops']} iterative direction(s), "
+          f"{c['points']} evaluation(s); reused from cache: {r['scores'] + r['drops'] + r['points']}"
+          + (f"; re-timed {doc['retimed_this_run']} cached point(s) measured on another machine"
+             if doc.get("retimed_this_run") else ""))
+    print(f"report: {doc['report']}  ({time.perf_counter() - t0:.0f} s)")
+    return doc
