@@ -23,7 +23,7 @@ def attention_drop(model, tokenizer, num: int, calib_windows: int = 8, seq_len: 
         return list(range(n - num, n)), "deepest (lightning_drop.importance not available)"
     if not C4.is_file():
         return list(range(n - num, n)), f"deepest ({C4} not found)"
-    from lightning_drop.data import load_documents, make_windows
+    from lightning_drop.text_data import load_documents, make_windows
 
     windows = make_windows(tokenizer, load_documents(C4), seq_len, calib_windows)
     scores = compute_importance(model, list(windows.split(2)), metric="cosine")

@@ -19,7 +19,7 @@ import _common  # noqa: F401  (offline environment)
 import torch
 
 from lightning_drop import apply_drop, get_spec
-from lightning_drop.models import load_model
+from lightning_drop.model_loading import load_model
 from lightning_drop.speed import _generate_lockstep, _random_prompt, place_weights_alike
 
 

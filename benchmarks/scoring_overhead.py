@@ -24,9 +24,9 @@ import torch
 
 sys.path.insert(0, os.path.join(os.path.dirname(__file__), ".."))
 
-from lightning_drop.data import calibration_windows, CalibrationConfig  # noqa: E402
+from lightning_drop.text_data import calibration_windows, CalibrationConfig  # noqa: E402
 from lightning_drop.importance import _decoder, compute_importance  # noqa: E402
-from lightning_drop.models import load_model  # noqa: E402
+from lightning_drop.model_loading import load_model  # noqa: E402
 
 
 def main(argv: list[str] | None = None) -> dict:

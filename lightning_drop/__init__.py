@@ -19,10 +19,10 @@ __version__ = "0.1.0"
 
 _EXPORTS = {
     "ArchSpec": "architectures", "get_spec": "architectures", "supported_model_types": "architectures",
-    "load_dropped": "checkpoint", "save_dropped": "checkpoint",
+    "load_dropped": "dropped_checkpoint", "save_dropped": "dropped_checkpoint",
     "apply_drop": "modeling_dropped", "dropped_layers": "modeling_dropped",
     "register_auto_classes": "modeling_dropped",
-    "load_model": "models", "load_tokenizer": "models",
+    "load_model": "model_loading", "load_tokenizer": "model_loading",
 }
 __all__ = [
     "ArchSpec", "apply_drop", "dropped_layers", "get_spec", "load_dropped", "load_model", "load_tokenizer",
@@ -122,6 +122,14 @@ _MOVED_MODULES = {
     f"{__name__}.vision.run": f"{__name__}.lightning_cli",  # the vision stack's old LightningCLI entry
     f"{__name__}.study": f"{__name__}.jobs.study",
     f"{__name__}.report": f"{__name__}.jobs.study.report",
+    # renamed so that no two module names are a letter apart and "checkpoint" means one thing
+    f"{__name__}.models": f"{__name__}.model_loading",
+    f"{__name__}.module": f"{__name__}.lightning_module",
+    f"{__name__}.data": f"{__name__}.text_data",
+    f"{__name__}.datamodule": f"{__name__}.lightning_datamodule",
+    f"{__name__}.checkpoint": f"{__name__}.dropped_checkpoint",
+    f"{__name__}.vision.module": f"{__name__}.vision.lightning_module",
+    f"{__name__}.vision.data": f"{__name__}.vision.image_data",
 }
 
 

@@ -111,7 +111,7 @@ def main(argv: Sequence[str] | None = None) -> int:
         if args.command is None:
             parser.print_help()
             return 2
-        from .models import no_stdin_prompts
+        from .model_loading import no_stdin_prompts
 
         no_stdin_prompts()
         try:

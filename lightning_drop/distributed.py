@@ -27,8 +27,6 @@ training itself is untested without a GPU. On CPU use `--trainer.strategy ddp` (
 from __future__ import annotations
 
 import os
-import pickle
-from pathlib import Path
 from typing import Any
 
 import torch
@@ -38,8 +36,10 @@ from torch import nn
 
 from .architectures import get_spec
 from .errors import UserError
+# Lightning checkpoints are read by their own module; these names stay importable from here
+from .training_checkpoint import (CKPT_KEY, checkpoint_meta, load_plain_checkpoint, resume_path,  # noqa: F401
+                                  verify_checkpoint)
 
-CKPT_KEY = "lightning_drop"  # DropModule's record in a Lightning checkpoint (drop plan, LoRA, config)
 STRATEGY_NAME = "fsdp_decoder_layers"
 
 
@@ -119,126 +119,3 @@ def refuse_if_sharded(trainer: Any, what: str, instead: str) -> None:
     name = sharded_strategy(getattr(trainer, "strategy", None))
     if name is not None:
         raise MisconfigurationException(f"{what} needs the full parameters after {name} has sharded them: {instead}")
-
-
-# ------------------------------------------------------------------------------------ resume before restore
-def resume_path(trainer: Any) -> str | None:
-    """The checkpoint this fit will restore, when it is known before the restore (for `Callback.setup` and
-    `configure_model`).
-
-    Lightning hands `fit(ckpt_path=...)` to the checkpoint connector only after setup, so it is known early
-    only when set as `trainer.ckpt_path = path` before `fit` (what `lightning-drop fit --ckpt_path` does).
-    A path left over from an earlier `fit/validate` of the same trainer is not user-managed and is ignored.
-    """
-    path = getattr(trainer, "ckpt_path", None)
-    connector = getattr(trainer, "_checkpoint_connector", None)
-    if not path or (connector is not None and not getattr(connector, "_user_managed", True)):
-        return None
-    return os.fspath(path)
-
-
-_META_CACHE: dict[tuple[tuple[str, int, int], ...], dict[str, Any]] = {}
-
-
-def checkpoint_meta(path: str | os.PathLike) -> dict[str, Any] | None:
-    """`callbacks` and DropModule's record of a Lightning checkpoint, read without restoring anything.
-
-    A checkpoint file is memory-mapped; an FSDP sharded checkpoint (a directory) keeps them in its
-    `meta.pt`. None for a directory in another format (e.g. DeepSpeed's). The last result is cached.
-    Nothing is read that could run code: only tensors and plain data are unpickled (`weights_only=True`),
-    and a sharded directory's `.metadata` (which the restore reads with plain `pickle.load`) may name only
-    the distributed-checkpoint records; anything else raises ValueError.
-    """
-    from lightning.fabric.strategies.fsdp import _METADATA_FILENAME
-
-    p = Path(path)
-    if p.is_dir():
-        p = p / _METADATA_FILENAME
-        if not p.is_file():
-            return None
-    elif not p.is_file():
-        raise FileNotFoundError(f"checkpoint not found: {path}")
-    sharded = p.parent / ".metadata" if p.name == _METADATA_FILENAME and (p.parent / ".metadata").is_file() else None
-    key = tuple((str(f.resolve()), f.stat().st_mtime_ns, f.stat().st_size) for f in (p, sharded) if f is not None)
-    if key not in _META_CACHE:
-        if sharded is not None:
-            _check_distributed_metadata(sharded)
-        ckpt = load_plain_checkpoint(p)
-        if not isinstance(ckpt, dict):
-            raise UserError(f"{p} is not a Lightning checkpoint (it holds a {type(ckpt).__name__}, not a dict)")
-        _META_CACHE.clear()
-        _META_CACHE[key] = {"callbacks": dict(ckpt.get("callbacks") or {}), CKPT_KEY: ckpt.get(CKPT_KEY)}
-        del ckpt
-    return _META_CACHE[key]
-
-
-def verify_checkpoint(path: str | os.PathLike) -> None:
-    """Raise ValueError when restoring `path` would unpickle anything beyond tensors and plain data.
-
-    Lightning restores some layouts with loaders that run pickled code: FSDP's full checkpoints through an
-    unrestricted unpickler, sharded (torch.distributed.checkpoint) directories through `pickle.load` of
-    their `.metadata`, URLs with `weights_only=False`. `lightning-drop fit|validate|test --ckpt_path` calls
-    this first: a file or an FSDP directory must pass `checkpoint_meta`, and every pickled file of another
-    directory (DeepSpeed's) must load with `weights_only=True`.
-    """
-    p = Path(path)
-    if checkpoint_meta(p) is None:
-        for f in sorted(p.rglob("*")):
-            if f.suffix in (".pt", ".ckpt", ".pth", ".bin") and f.is_file():
-                load_plain_checkpoint(f)
-
-
-# what torch.distributed.checkpoint pickles into `.metadata` (its record dataclasses, sizes, dtypes, paths)
-_DCP_GLOBALS = {
-    "torch.distributed.checkpoint.metadata": {"Metadata", "MetadataIndex", "BytesStorageMetadata", "StorageMeta",
-                                              "ChunkStorageMetadata", "TensorProperties", "TensorStorageMetadata",
-                                              "_MEM_FORMAT_ENCODING"},
-    "torch.distributed.checkpoint.filesystem": {"_StorageInfo"},
-    "torch.serialization": {"_get_layout"},
-    "torch": {"Size"},
-    "pathlib": {"Path", "PosixPath", "WindowsPath", "PurePath", "PurePosixPath", "PureWindowsPath"},
-    "collections": {"OrderedDict"},
-}
-
-
-def _check_distributed_metadata(path: Path) -> None:
-    class PlainMetadata(pickle.Unpickler):
-        def find_class(self, module: str, name: str) -> Any:
-            dtype = module == "torch" and isinstance(getattr(torch, name, None), torch.dtype)
-            if dtype or name in _DCP_GLOBALS.get(module, ()):
-                return super().find_class(module, name)
-            raise pickle.UnpicklingError(f"Unsupported global: GLOBAL {module}.{name}")
-
-    try:
-        with open(path, "rb") as f:
-            PlainMetadata(f).load()
-    except pickle.UnpicklingError as err:
-        raise UserError(f"{path}: refused to load: it names objects beyond the distributed-checkpoint records, "
-                         f"and unpickling them could run code ({_unpickling_reason(err)})") from None
-    except (EOFError, AttributeError, IndexError, KeyError, TypeError, ValueError) as err:
-        raise UserError(f"{path} is not a readable distributed-checkpoint record ({type(err).__name__})") from None
-
-
-def load_plain_checkpoint(path: str | os.PathLike) -> Any:
-    """`torch.load` of tensors and plain data only (memory-mapped when the file allows it).
-
-    Unpickling a user's file with `weights_only=False` runs whatever code its objects name, so anything
-    beyond torch's safe types is refused with a one-line ValueError that names the offending global.
-    """
-    try:
-        try:
-            return torch.load(path, map_location="cpu", weights_only=True, mmap=True)
-        except RuntimeError:  # not a zip-format file: mmap is not possible
-            return torch.load(path, map_location="cpu", weights_only=True)
-    except pickle.UnpicklingError as err:
-        raise UserError(f"{path}: refused to load: it holds pickled objects beyond tensors and plain data, and "
-                         f"unpickling them could run code ({_unpickling_reason(err)})") from None
-    except (EOFError, KeyError, RuntimeError, ValueError) as err:
-        raise UserError(f"{path} is not a readable torch checkpoint ({type(err).__name__}: "
-                         f"{str(err).splitlines()[0] if str(err) else 'no detail'})") from None
-
-
-def _unpickling_reason(err: Exception) -> str:
-    """The line of torch's weights-only error that names what was refused (its message spans paragraphs)."""
-    named = [line.strip() for line in str(err).splitlines() if "GLOBAL" in line or "Unsupported" in line]
-    return named[-1] if named else "torch.load(weights_only=True) refused it"

@@ -26,7 +26,7 @@ import torch
 import yaml
 
 from .atomic_io import atomic_write_text, write_json  # noqa: F401  (write_json: the callbacks import it from here)
-from .data import load_documents, make_windows
+from .text_data import load_documents, make_windows
 from .errors import UserError
 
 log = logging.getLogger(__name__)
@@ -102,7 +102,7 @@ def check_task_records(name: str, cfg: Mapping[str, Any], file: Path) -> None:
     for key in ("doc_to_text", "doc_to_choice", "doc_to_target"):
         if isinstance(cfg.get(key), str):
             fields |= meta.find_undeclared_variables(env.parse(cfg[key]))
-    from .data import _jsonl_records  # the one JSONL reader: errors name the file and line
+    from .text_data import _jsonl_records  # the one JSONL reader: errors name the file and line
 
     n = 0
     for where, record in _jsonl_records(file):
@@ -141,7 +141,7 @@ _PAPER_FIELD_FIXES: dict[str, dict[str, Any]] = {
 
 def _cache_dir() -> Path:
     try:
-        from lightning_drop.models import cache_dir  # the core's cache location
+        from lightning_drop.model_loading import cache_dir  # the core's cache location
 
         return Path(cache_dir())
     except ImportError:
@@ -372,7 +372,7 @@ def _leaves(group: str, tree: Mapping[str, list[str]]) -> list[str]:
 # --------------------------------------------------------------------------------------------------
 # Perplexity
 # --------------------------------------------------------------------------------------------------
-# The old names of the one text reader and window maker (`lightning_drop.data`).
+# The old names of the one text reader and window maker (`lightning_drop.text_data`).
 read_jsonl_texts = load_documents
 text_windows = make_windows
 

@@ -31,8 +31,8 @@ from lightning.pytorch.cli import LightningArgumentParser, LightningCLI
 from lightning_drop.errors import UserError
 
 SUBCOMMANDS = ("fit", "validate", "test")
-DEFAULT_MODEL = "lightning_drop.module.DropModule"
-DEFAULT_DATA = "lightning_drop.datamodule.TextDataModule"
+DEFAULT_MODEL = "lightning_drop.lightning_module.DropModule"
+DEFAULT_DATA = "lightning_drop.lightning_datamodule.TextDataModule"
 
 
 def _looks_local(path: str) -> bool:
@@ -60,7 +60,7 @@ class DropCLI(LightningCLI):
         local checkpoint before anything reads it (LightningCLI does, right here): some of Lightning's
         loaders unpickle anything (FSDP full and sharded checkpoints, URLs when `weights_only` is unset),
         which would run code the file carries."""
-        from .distributed import verify_checkpoint
+        from .training_checkpoint import verify_checkpoint
 
         subcommand = self.config.get("subcommand")
         config = self.config.get(subcommand) if subcommand else None
@@ -87,7 +87,7 @@ def run_lightning_cli(args: Sequence[str] | None = None, run: bool = True, **kwa
     os.environ.setdefault("TOKENIZERS_PARALLELISM", "false")
     import lightning_drop  # noqa: F401  (registers the dropped classes with transformers' Auto classes)
     import lightning_drop.distributed  # noqa: F401  (registers the `fsdp_decoder_layers` strategy name)
-    from lightning_drop.models import no_stdin_prompts
+    from lightning_drop.model_loading import no_stdin_prompts
 
     no_stdin_prompts()
 

@@ -3,7 +3,7 @@
 `config.json["block_configs"][i]` marks attention / MLP of block i as `no_op`; the rest are Llama modules with
 Llama tensor names. Engines derive each MLP's width from `ffn_mult` (`ffn_mult_to_intermediate_size`), so the
 writer (`lightning_drop.export.nemotron`) and this reader share that formula. Loading lives here, below the
-exporters, because `lightning_drop.models.load_model` opens such directories like any other checkpoint.
+exporters, because `lightning_drop.model_loading.load_model` opens such directories like any other checkpoint.
 """
 
 from __future__ import annotations
@@ -39,7 +39,7 @@ def load_nemotron_nas(directory: str | os.PathLike, dtype: torch.dtype = torch.f
     import transformers
     from safetensors.torch import load_file
 
-    from .checkpoint import read_config
+    from .dropped_checkpoint import read_config
     from .modeling_dropped import apply_drop
 
     directory = Path(directory)

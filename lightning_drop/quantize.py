@@ -33,7 +33,7 @@ from typing import Any, Iterable, Mapping, Sequence
 import torch
 from torch import nn
 
-from .data import load_documents, make_windows
+from .text_data import load_documents, make_windows
 from .errors import UserError
 
 log = logging.getLogger(__name__)
@@ -172,7 +172,7 @@ def quantized_linears(model_dir: str | os.PathLike) -> dict[str, tuple[int, int]
 
     from .architectures import get_spec
     from .modeling_dropped import register_auto_classes
-    from .models import from_pretrained
+    from .model_loading import from_pretrained
 
     register_auto_classes()
     config = from_pretrained(AutoConfig.from_pretrained, model_dir)
@@ -212,7 +212,7 @@ def check_shapes(linears: dict[str, tuple[int, int]], method: str, group_size: i
 # --------------------------------------------------------------------------------------------------
 # Calibration text
 # --------------------------------------------------------------------------------------------------
-#: The old name of the one text reader (`lightning_drop.data.load_documents` also takes a list of texts).
+#: The old name of the one text reader (`lightning_drop.text_data.load_documents` also takes a list of texts).
 read_texts = load_documents
 
 
@@ -225,11 +225,11 @@ def dir_size(path: str | os.PathLike, pattern: str = "*.safetensors") -> int:
 
 def _source_dir(model: str | os.PathLike, stack: list) -> Path:
     """A directory for `model`: an existing checkpoint dir, or a catalogue name saved to a temp dir."""
-    from .models import TINY_PREFIX, load_model, resolve
+    from .model_loading import TINY_PREFIX, load_model, resolve
 
     ref = str(model)
     if ref.startswith(TINY_PREFIX):
-        from .checkpoint import save_dropped
+        from .dropped_checkpoint import save_dropped
 
         m, tok = load_model(ref)
         tmp = Path(tempfile.mkdtemp(prefix="ld-quant-src-"))
@@ -257,12 +257,12 @@ def quantize(
 ) -> QuantizeResult:
     """Quantize the checkpoint at `model_dir` (plain, block-dropped or sublayer-dropped) into `out_dir`.
 
-    `calibration`: texts, a file or a sample name (see `data.load_documents`; default the offline C4 sample); cut into `num_samples` blocks of `seq_len` tokens
+    `calibration`: texts, a file or a sample name (see `text_data.load_documents`; default the offline C4 sample); cut into `num_samples` blocks of `seq_len` tokens
     (EOS after each document). `group_size=None` picks the largest of 128/64/32 dividing every quantized
     width. `dtype` is the precision the model is calibrated in and its unquantized tensors (embeddings,
     norms, lm_head) are saved in: default float16 on GPU; on CPU bfloat16 for AWQ (gptqmodel's CPU AWQ
     kernel needs a half type) and for GPTQ float32 unless the CPU has bfloat16 hardware (avx512_bf16/amx). The result is written atomically and reloads with
-    `lightning_drop.models.load_model(out_dir)`.
+    `lightning_drop.model_loading.load_model(out_dir)`.
     """
     method, bits, backend = check_args(method, bits, backend)
     if calibration is None:
@@ -302,7 +302,7 @@ def quantize(
 
         from transformers import AutoTokenizer
 
-        from .models import from_pretrained
+        from .model_loading import from_pretrained
 
         tokenizer = from_pretrained(AutoTokenizer.from_pretrained, src)
         blocks = make_windows(tokenizer, texts, seq_len, num_samples)
@@ -311,7 +311,7 @@ def quantize(
         _import_gptqmodel()
         from gptqmodel import BACKEND, GPTQModel, QuantizeConfig
 
-        from .checkpoint import atomic_dir
+        from .dropped_checkpoint import atomic_dir
 
         register_dropped_definitions()
         kwargs: dict[str, Any] = dict(bits=bits, group_size=group_size, sym=sym, offload_to_disk=False,
@@ -355,7 +355,7 @@ def _copy_remote_code(src: Path, dst: Path) -> None:
 
 def quantize_model(model: nn.Module, tokenizer: Any, out_dir: str | os.PathLike, **kwargs: Any) -> QuantizeResult:
     """Save an in-memory (dropped) model to a temporary directory, then `quantize` it into `out_dir`."""
-    from .checkpoint import save_dropped
+    from .dropped_checkpoint import save_dropped
 
     tmp = Path(tempfile.mkdtemp(prefix="ld-quant-"))
     try:
@@ -379,7 +379,7 @@ QUALITY_TABLE = "quality_table"  # written as quality_table.json + quality_table
 
 def _ref_size(ref: str | os.PathLike) -> int | None:
     """Bytes of the weights on disk (safetensors), or None when `ref` is not a local checkpoint directory."""
-    from .models import resolve
+    from .model_loading import resolve
 
     path = Path(resolve(str(ref)))
     if not path.is_dir():
@@ -433,7 +433,7 @@ def quality_table(models: Mapping[str, str | os.PathLike], data: str | os.PathLi
     if data is None and not tasks and not given:
         raise UserError("quality table: nothing to measure; give held-out text (data), lm-eval tasks or task results")
     from .evaluation import perplexity, run_lm_eval
-    from .models import load_model
+    from .model_loading import load_model
 
     table: dict[str, Any] = {"rows": [], "data": None if data is None else str(data), "seq_len": seq_len,
                              "tasks": tasks, "limit": limit}
@@ -509,7 +509,7 @@ def format_quality_table(table: Mapping[str, Any]) -> str:
 
 def write_quality_table(table: Mapping[str, Any], out_dir: str | os.PathLike, name: str = QUALITY_TABLE) -> tuple[Path, Path]:
     """Write `<out_dir>/<name>.json` and `<name>.md` atomically; returns both paths."""
-    from .checkpoint import atomic_write_text
+    from .dropped_checkpoint import atomic_write_text
 
     out = Path(out_dir)
     js, md = out / f"{name}.json", out / f"{name}.md"

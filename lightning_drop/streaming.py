@@ -17,7 +17,7 @@ during the first pass) + one batch of activations, whatever the number of layers
 the same buffer (`ReusedBuffer`), the hidden states are updated in place, and the heap's free pages are
 handed back after each layer (see `_trim_heap`).
 
-`write_dropped_streaming` writes the same checkpoint as `checkpoint.save_dropped` would for the in-memory
+`write_dropped_streaming` writes the same checkpoint as `dropped_checkpoint.save_dropped` would for the in-memory
 model (same tensors, names, config, remote code, tokenizer files; each shard byte for byte what
 `safetensors` writes), one tensor at a time, copying tensors from the source shards and skipping the
 dropped modules' tensors.
@@ -37,7 +37,7 @@ import torch
 from torch import nn
 
 from .architectures import get_spec
-from .checkpoint import (
+from .dropped_checkpoint import (
     _add_remote_code,
     _compact_blocks,
     atomic_dir,
@@ -81,7 +81,7 @@ def read_safetensors_header(path: str | os.PathLike) -> tuple[int, dict[str, dic
 
 
 # ------------------------------------------------------------------------------------------ checkpoint files
-class CheckpointTensors:
+class SafetensorsShards:
     """Tensor name -> file of a (possibly sharded) safetensors checkpoint; reads only the tensors asked for.
 
     Tensors are read with plain positional file reads, never memory-mapped: safetensors' own loader maps the
@@ -106,7 +106,7 @@ class CheckpointTensors:
         if missing:
             raise FileNotFoundError(f"shards listed in {index} are missing: {', '.join(missing)}")
 
-    def __enter__(self) -> "CheckpointTensors":
+    def __enter__(self) -> "SafetensorsShards":
         return self
 
     def __exit__(self, *exc: Any) -> None:
@@ -383,7 +383,7 @@ class _LayerArgs:
         raise RuntimeError(f"{type(self.decoder).__name__}.forward never called layer {i}")
 
 
-def _materialize_outside_layers(model: nn.Module, decoder: nn.Module, tensors: CheckpointTensors,
+def _materialize_outside_layers(model: nn.Module, decoder: nn.Module, tensors: SafetensorsShards,
                                 config: Any, dtype: torch.dtype, device: torch.device) -> None:
     """Real embedding (from the checkpoint) and rotary embedding on `device`; layers and norm stay meta."""
     prefix = next(name for name, mod in model.named_modules() if mod is decoder)
@@ -516,7 +516,7 @@ def stream_importance(model_dir: str | os.PathLike, windows: Any, metric: str = 
     weights = ReusedBuffer()
     layer_bytes = 0
     try:
-        with CheckpointTensors(model_dir) as tensors:
+        with SafetensorsShards(model_dir) as tensors:
             _materialize_outside_layers(model, decoder, tensors, config, dtype, device)
             embed = decoder.get_input_embeddings()
             embed_bytes = sum(p.numel() * p.element_size() for p in embed.parameters())
@@ -637,7 +637,7 @@ def write_dropped_streaming(model_dir: str | os.PathLike, out_dir: str | os.Path
         return key
 
     limit = _parse_size(max_shard_size)
-    with CheckpointTensors(model_dir) as tensors:
+    with SafetensorsShards(model_dir) as tensors:
         source = {}
         for key in tensors.keys():
             new = rename(key)
@@ -684,7 +684,7 @@ def write_dropped_streaming(model_dir: str | os.PathLike, out_dir: str | os.Path
     return out_dir
 
 
-def write_safetensors(path: str | os.PathLike, tensors: CheckpointTensors, names: dict[str, str],
+def write_safetensors(path: str | os.PathLike, tensors: SafetensorsShards, names: dict[str, str],
                       dtype: torch.dtype | None = None, buffer: ReusedBuffer | None = None,
                       metadata: dict[str, str] | None = None) -> None:
     """The safetensors file `safetensors.torch.save_file` writes for {name: tensors[source]} (floating

@@ -48,7 +48,7 @@ def test_unwritable_place_is_refused_before_work():
 
 def test_save_dropped_never_wipes_a_users_folder_or_its_source(tmp_path):
     import lightning_drop as ld
-    from lightning_drop.models import tiny_model
+    from lightning_drop.model_loading import tiny_model
 
     model, tok = tiny_model("llama")
     user = tmp_path / "user"

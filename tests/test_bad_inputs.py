@@ -18,7 +18,7 @@ import pytest
 import torch
 
 from lightning_drop.cli import main
-from lightning_drop.models import tiny_model
+from lightning_drop.model_loading import tiny_model
 
 ERROR_LINE = "error: "
 

@@ -13,9 +13,9 @@ import torch
 from lightning.pytorch.utilities.exceptions import MisconfigurationException
 
 from lightning_drop.callbacks import ImportanceTracker, LayerDrop, LoRARecovery, PerplexityCallback
-from lightning_drop.datamodule import TextDataModule
+from lightning_drop.lightning_datamodule import TextDataModule
 from lightning_drop.modeling_dropped import dropped_layers
-from lightning_drop.module import DropModule
+from lightning_drop.lightning_module import DropModule
 
 torch.set_num_threads(1)
 
@@ -214,7 +214,7 @@ def test_lora_recovery_lowers_held_out_loss(tmp_path, c4_path):
     assert trainable and not any("lora" in n for n in trainable)
     after = trainer(tmp_path, limit_val_batches=None).validate(module, dm, verbose=False)[0]["val/loss"]
     assert after < dropped_loss["v"] - 0.02, (dropped_loss, after)
-    from lightning_drop.models import load_model
+    from lightning_drop.model_loading import load_model
 
     saved, _ = load_model(str(tmp_path / "recovered"))
     assert saved.config.drop_attn_list == module.drop_plan()[0] and type(saved).__name__.startswith("Dropped")
@@ -358,7 +358,7 @@ def test_quantize_and_speed_listed_first_get_a_plain_model(tmp_path, c4_path, mo
     them: a merged plain copy that `save_dropped` can write (the quantizer itself needs gptqmodel: stubbed)."""
     import lightning_drop.callbacks.quantize as qcb
     from lightning_drop.callbacks import SpeedBenchmark
-    from lightning_drop.checkpoint import save_dropped
+    from lightning_drop.dropped_checkpoint import save_dropped
 
     monkeypatch.setattr(qcb, "require_backend", lambda backend: None)
     seen = {}

@@ -14,7 +14,7 @@ import torch
 from transformers import AutoModelForCausalLM
 
 from lightning_drop import apply_drop, dropped_layers, load_dropped, save_dropped
-from lightning_drop.models import load_model, tiny_model
+from lightning_drop.model_loading import load_model, tiny_model
 
 X = torch.arange(40).reshape(2, 20) % 250
 

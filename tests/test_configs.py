@@ -109,8 +109,8 @@ def test_cli_resume_knows_the_checkpoint_at_setup(tmp_path, c4_path, monkeypatch
     monkeypatch.chdir(tmp_path)
     config = {
         "seed_everything": 0,
-        "model": {"class_path": "lightning_drop.module.DropModule", "init_args": {"model": "tiny-llama"}},
-        "data": {"class_path": "lightning_drop.datamodule.TextDataModule",
+        "model": {"class_path": "lightning_drop.lightning_module.DropModule", "init_args": {"model": "tiny-llama"}},
+        "data": {"class_path": "lightning_drop.lightning_datamodule.TextDataModule",
                  "init_args": {"tokenizer": "tiny-llama", "source": str(c4_path), "seq_len": 32, "batch_size": 2,
                                "limit_documents": 20, "calibration_samples": 2}},
         "trainer": {"accelerator": "cpu", "max_steps": 2, "limit_val_batches": 0, "num_sanity_val_steps": 0,

@@ -18,8 +18,8 @@ from safetensors import safe_open
 
 from lightning_drop import apply_drop, dropped_layers, get_spec, load_dropped, save_dropped
 from lightning_drop.architectures import VISION_SPECS
-from lightning_drop.checkpoint import checkpoint_kind
-from lightning_drop.models import TINY_FAMILIES, tiny_model
+from lightning_drop.dropped_checkpoint import checkpoint_kind
+from lightning_drop.model_loading import TINY_FAMILIES, tiny_model
 from lightning_drop.sublayer_check import check_really_skipped, sublayer_call_counts
 
 TEXT = list(TINY_FAMILIES)
@@ -34,7 +34,7 @@ def build(family: str) -> tuple[torch.nn.Module, torch.Tensor]:
     if family in TINY_FAMILIES:
         model, _ = tiny_model(family)
         return model.eval(), torch.randint(0, 256, (2, SEQ), generator=torch.Generator().manual_seed(0))
-    from lightning_drop.vision.module import tiny_vision_model
+    from lightning_drop.vision.lightning_module import tiny_vision_model
 
     return tiny_vision_model(family), PIXELS
 

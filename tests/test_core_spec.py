@@ -10,8 +10,8 @@ import torch
 
 from lightning_drop import apply_drop, dropped_layers, get_spec, load_dropped, save_dropped
 from lightning_drop.importance import compute_importance
-from lightning_drop.models import tiny_model
-from lightning_drop.vision.module import tiny_vision_model
+from lightning_drop.model_loading import tiny_model
+from lightning_drop.vision.lightning_module import tiny_vision_model
 
 PIXELS = torch.randn(4, 3, 32, 32, generator=torch.Generator().manual_seed(1))
 
@@ -92,8 +92,8 @@ def test_compute_importance_takes_text_and_image_batches():
 
 
 def test_drop_plan_is_a_property_on_both_modules():
-    from lightning_drop.module import DropModule
-    from lightning_drop.vision.module import VisionDropModule
+    from lightning_drop.lightning_module import DropModule
+    from lightning_drop.vision.lightning_module import VisionDropModule
 
     for module in (DropModule(model="tiny-llama"), VisionDropModule(family="vit")):
         module.apply_drop([1], [2])
@@ -104,7 +104,7 @@ def test_drop_plan_is_a_property_on_both_modules():
 def test_vision_layer_drop_applies_the_broadcast_plan_on_every_rank():
     """Rank zero's choice is what every rank applies, even where this rank's own scores chose otherwise."""
     from lightning_drop.vision.callbacks import VisionLayerDrop
-    from lightning_drop.vision.module import VisionDropModule
+    from lightning_drop.vision.lightning_module import VisionDropModule
 
     module = VisionDropModule(family="vit")
     data = [(PIXELS, torch.tensor([0, 1, 2, 3]))]

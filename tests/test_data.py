@@ -9,8 +9,8 @@ from pathlib import Path
 import pytest
 import torch
 
-from lightning_drop import data
-from lightning_drop.data import CalibrationConfig, calibration_windows, load_documents, make_windows
+from lightning_drop import text_data as data
+from lightning_drop.text_data import CalibrationConfig, calibration_windows, load_documents, make_windows
 
 N_DOCS = 12
 

@@ -22,7 +22,7 @@ from lightning_drop.callbacks.evaluation import LMEvalCallback, PerplexityCallba
 from lightning_drop.evaluation import (  # noqa: E402
     PAPER_PRESET, local_task_dir, perplexity, resolve_tasks, run_lm_eval, text_windows,
 )
-from lightning_drop.models import load_model  # noqa: E402
+from lightning_drop.model_loading import load_model  # noqa: E402
 
 DATA = Path(__file__).resolve().parents[2] / "shared" / "data"
 HELLASWAG = DATA / "hellaswag_val_first1000.jsonl"

@@ -20,9 +20,9 @@ from lightning_drop.callbacks import (
 )
 from lightning_drop.callbacks._common import rebuild_optimizers
 from lightning_drop.callbacks.fit_end import FitEnd, FitEndMember
-from lightning_drop.datamodule import TextDataModule
+from lightning_drop.lightning_datamodule import TextDataModule
 from lightning_drop.modeling_dropped import dropped_layers
-from lightning_drop.module import DropModule, build_model
+from lightning_drop.lightning_module import DropModule, build_model
 
 torch.set_num_threads(1)
 

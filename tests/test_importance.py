@@ -12,7 +12,7 @@ import torch.nn.functional as F
 
 from lightning_drop import apply_drop, dropped_layers
 from lightning_drop.importance import compute_importance, token_scores
-from lightning_drop.models import tiny_model
+from lightning_drop.model_loading import tiny_model
 from lightning_drop.selection import drop_by_importance, resolve_num, select_modules
 
 
@@ -244,9 +244,9 @@ def test_ddp_two_processes_match_one(tmp_path):
 
 @pytest.mark.slow
 def test_smollm2_attention_scores_lower_than_mlp(shared_dir):
-    from lightning_drop.models import load_model
+    from lightning_drop.model_loading import load_model
 
-    from lightning_drop.data import CalibrationConfig, calibration_windows
+    from lightning_drop.text_data import CalibrationConfig, calibration_windows
 
     model, tok = load_model("smollm2-135m")
     # The command's own calibration pipeline: no special tokens, documents joined with EOS, first N windows.

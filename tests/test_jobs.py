@@ -11,9 +11,12 @@ from pathlib import Path
 from typing import Literal
 
 import pytest
+import yaml
 
 from lightning_drop.cli import COMMANDS, build_parser
 from lightning_drop.jobs.commandline import Command, add_command
+
+REPO = Path(__file__).resolve().parents[1]
 
 ROOT = Path(__file__).resolve().parents[1]
 
@@ -151,3 +154,33 @@ def test_old_vision_entry_runs_the_one_lightning_cli():
                           text=True, cwd=ROOT, timeout=600, stdin=subprocess.DEVNULL)
     assert proc.returncode == 0, proc.stderr[-2000:]
     assert "--trainer.callbacks" in proc.stdout and "--ckpt_path" in proc.stdout
+
+
+RENAMED = {"models": "model_loading", "module": "lightning_module", "datamodule": "lightning_datamodule",
+           "data": "text_data", "checkpoint": "dropped_checkpoint", "vision.module": "vision.lightning_module",
+           "vision.data": "vision.image_data"}
+
+
+@pytest.mark.parametrize("old", sorted(RENAMED))
+def test_renamed_modules_answer_to_their_old_names(old):
+    import importlib
+
+    new = importlib.import_module(f"lightning_drop.{RENAMED[old]}")
+    assert importlib.import_module(f"lightning_drop.{old}") is new
+    assert new.__spec__.name == f"lightning_drop.{RENAMED[old]}"
+
+
+def test_configs_with_the_old_class_paths_still_parse(tmp_path):
+    """A user's YAML written against `lightning_drop.module.DropModule` keeps working after the rename."""
+    text = (REPO / "configs" / "track_random_init.yaml").read_text()
+    old = text.replace("lightning_drop.lightning_module.", "lightning_drop.module.").replace(
+        "lightning_drop.lightning_datamodule.", "lightning_drop.datamodule.")
+    assert old != text
+    (tmp_path / "old.yaml").write_text(old)
+    proc = subprocess.run([sys.executable, "-m", "lightning_drop.lightning_cli", "fit", "--config",
+                           str(tmp_path / "old.yaml"), "--print_config"], capture_output=True, text=True, timeout=300,
+                          cwd=tmp_path)
+    assert proc.returncode == 0, proc.stderr[-3000:]
+    printed = yaml.safe_load(proc.stdout)
+    assert printed["model"]["class_path"].endswith("DropModule")
+    assert printed["data"]["class_path"].endswith("TextDataModule")

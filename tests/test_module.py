@@ -11,8 +11,8 @@ from lightning.pytorch.callbacks import Callback, ModelCheckpoint
 from lightning.pytorch.utilities.exceptions import MisconfigurationException
 
 from lightning_drop.callbacks import ImportanceTracker, LayerDrop, LoRARecovery
-from lightning_drop.datamodule import TextDataModule
-from lightning_drop.module import DropModule
+from lightning_drop.lightning_datamodule import TextDataModule
+from lightning_drop.lightning_module import DropModule
 
 torch.set_num_threads(1)  # 2 shared cores: avoid oversubscription
 
@@ -79,7 +79,7 @@ def test_random_init_from_config_and_bad_arguments():
 
 
 def test_save_pretrained_dropped_and_lora_merged(tmp_path):
-    from lightning_drop.models import load_model
+    from lightning_drop.model_loading import load_model
 
     pl.seed_everything(0)
     m = DropModule("tiny-llama")

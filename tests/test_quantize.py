@@ -21,7 +21,7 @@ import torch
 from safetensors import safe_open
 
 import lightning_drop as ld
-from lightning_drop.models import load_model, tiny_model
+from lightning_drop.model_loading import load_model, tiny_model
 from lightning_drop.quantize import (QuantizationBackendError, auto_group_size, backend_status, check_args,
                                      check_shapes, quantize)
 

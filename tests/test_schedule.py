@@ -5,10 +5,10 @@ from __future__ import annotations
 import pytest
 import torch
 
-from lightning_drop.data import CalibrationConfig
+from lightning_drop.text_data import CalibrationConfig
 from lightning_drop.drop_job import DropJob, run_drop
 from lightning_drop.importance import ImportanceScores, compute_importance
-from lightning_drop.models import tiny_model
+from lightning_drop.model_loading import tiny_model
 from lightning_drop.schedule import drop_rounds
 from lightning_drop.selection import select_modules
 from lightning_drop.jobs.study import Study, StudyConfig

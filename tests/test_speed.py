@@ -17,7 +17,7 @@ from torch.utils.data import DataLoader  # noqa: E402
 
 from lightning_drop import apply_drop  # noqa: E402
 from lightning_drop.callbacks.speed import SpeedBenchmark  # noqa: E402
-from lightning_drop.models import load_model  # noqa: E402
+from lightning_drop.model_loading import load_model  # noqa: E402
 from lightning_drop.speed import (  # noqa: E402
     compare_speed, count_params, dropped_part_modules, kv_cache_bytes_per_token, measure_generation, profile_drop,
     realized_gain, sdr, weight_bytes,
@@ -188,7 +188,7 @@ def test_speed_benchmark_callback(tmp_path):
 
 
 def test_speed_main_with_baseline_and_sdr(tmp_path):
-    from lightning_drop.checkpoint import save_dropped
+    from lightning_drop.dropped_checkpoint import save_dropped
     from lightning_drop.speed import speed_main
 
     model, tok = load_model("tiny-llama")
@@ -213,7 +213,7 @@ def test_process_clock_and_bad_clock():
 
 def test_speed_command_process_clock_and_threads(tmp_path, capsys):
     """`lightning-drop speed` with the steady settings; a bad value is one line."""
-    from lightning_drop.checkpoint import save_dropped
+    from lightning_drop.dropped_checkpoint import save_dropped
     from lightning_drop.cli import main
 
     model, tok = load_model("tiny-llama")

@@ -12,11 +12,11 @@ import torch
 from safetensors.torch import load_file
 
 from lightning_drop import streaming
-from lightning_drop.checkpoint import load_dropped, save_dropped
+from lightning_drop.dropped_checkpoint import load_dropped, save_dropped
 from lightning_drop.cli import main
 from lightning_drop.importance import compute_importance
 from lightning_drop.modeling_dropped import apply_drop
-from lightning_drop.models import tiny_model
+from lightning_drop.model_loading import tiny_model
 from lightning_drop.streaming import stream_importance, write_dropped_streaming
 
 SEQ = 32  # longer than the tiny families' sliding window (8)
@@ -240,8 +240,8 @@ def test_stream_errors_are_one_line(tmp_path, c4_path, capsys):
 
 @pytest.mark.slow
 def test_smollm2_streamed_scores_equal_in_memory(c4_path):
-    from lightning_drop.data import CalibrationConfig, calibration_windows
-    from lightning_drop.models import load_model, resolve
+    from lightning_drop.text_data import CalibrationConfig, calibration_windows
+    from lightning_drop.model_loading import load_model, resolve
 
     model, tok = load_model("smollm2-135m")
     windows = calibration_windows(tok, CalibrationConfig(source=str(c4_path), num_samples=4, seq_len=128))
@@ -281,10 +281,10 @@ def test_lightning_fsdp_refuses_cpu():
 
 
 def test_positional_reads_equal_safetensors_own_loader(tmp_path):
-    """CheckpointTensors reads without mapping the file; every dtype and shape must come back bit for bit."""
+    """SafetensorsShards reads without mapping the file; every dtype and shape must come back bit for bit."""
     from safetensors.torch import load_file, save_file
 
-    from lightning_drop.streaming import CheckpointTensors
+    from lightning_drop.streaming import SafetensorsShards
 
     g = torch.Generator().manual_seed(0)
     tensors = {"a.bf16": torch.randn(3, 5, generator=g).to(torch.bfloat16), "b.f32": torch.randn(7, generator=g),
@@ -292,7 +292,7 @@ def test_positional_reads_equal_safetensors_own_loader(tmp_path):
                "e.scalar": torch.tensor(2.5), "f.empty": torch.zeros(0, 4), "g.f16": torch.randn(4, 4).half()}
     save_file(tensors, str(tmp_path / "model.safetensors"))
     ref = load_file(str(tmp_path / "model.safetensors"))
-    with CheckpointTensors(tmp_path) as ct:
+    with SafetensorsShards(tmp_path) as ct:
         got = ct.get_many(list(tensors))
         assert sorted(ct.keys()) == sorted(tensors)
         assert ct.nbytes("a.bf16") == 30 and ct.dtype_of("c.i64") == "I64"
@@ -302,7 +302,7 @@ def test_positional_reads_equal_safetensors_own_loader(tmp_path):
     data = (tmp_path / "model.safetensors").read_bytes()
     (tmp_path / "model.safetensors").write_bytes(data[:-8])  # truncated shard
     with pytest.raises(ValueError, match="truncated"):
-        CheckpointTensors(tmp_path).get_many(list(tensors))
+        SafetensorsShards(tmp_path).get_many(list(tensors))
 
 
 def _mixed_tensors() -> dict[str, torch.Tensor]:
@@ -319,7 +319,7 @@ def test_reused_buffer_reads_and_tensor_by_tensor_writes_are_exact(tmp_path, mon
     """Reads into one reused buffer equal fresh reads; write_safetensors writes save_file's bytes."""
     from safetensors.torch import save_file
 
-    from lightning_drop.streaming import CheckpointTensors, ReusedBuffer, write_safetensors
+    from lightning_drop.streaming import SafetensorsShards, ReusedBuffer, write_safetensors
 
     if chunk is not None:
         monkeypatch.setattr(streaming, "_CAST_CHUNK", chunk)
@@ -327,7 +327,7 @@ def test_reused_buffer_reads_and_tensor_by_tensor_writes_are_exact(tmp_path, mon
     save_file(tensors, str(tmp_path / "model.safetensors"), metadata={"format": "pt"})
     ref = {k: v.to(dtype) if dtype is not None and v.is_floating_point() else v for k, v in tensors.items()}
     buffer = ReusedBuffer()
-    with CheckpointTensors(tmp_path) as ct:
+    with SafetensorsShards(tmp_path) as ct:
         for _ in range(2):  # the second read reuses the allocation of the first
             got = ct.get_many(list(tensors), dtype=dtype, into=buffer)
             for k, v in ref.items():

@@ -63,7 +63,7 @@ def test_sweep_writes_everything_and_rerun_recomputes_nothing(tmp_path, c4_path,
     assert csv_lines[0].startswith("sweep,target,num") and len(csv_lines) == len(doc["rows"]) + 1
     # the checkpoint loads and is dropped as recorded
     from lightning_drop.modeling_dropped import dropped_layers
-    from lightning_drop.models import load_model
+    from lightning_drop.model_loading import load_model
 
     model, _ = load_model(doc["checkpoint"]["path"])
     assert dropped_layers(model)[0] == rows[("attn", 2)]["drop_attn"]
@@ -256,7 +256,7 @@ def test_heldout_windows_follow_calibration(tmp_path, c4_path):
     study = Study(StudyConfig.from_dict(cfg), verbose=False)
     calib = study.inputs.calibration_batches(study.cfg.calibration)
     held = study.points.heldout_windows()
-    from lightning_drop.data import make_windows
+    from lightning_drop.text_data import make_windows
 
     stream = make_windows(study.inputs.tokenizer, study.inputs.docs(str(c4_path), "text"), 32, 3)
     assert calib[0].tolist() == stream[:2].tolist()

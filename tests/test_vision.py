@@ -14,7 +14,7 @@ import torch
 
 from lightning_drop.vision import (apply_drop, dropped_layers, get_vision_spec, save_vision_dropped)
 from lightning_drop.vision.importance import compute_vision_importance, vision_drop_by_importance
-from lightning_drop.vision.module import tiny_vision_model
+from lightning_drop.vision.lightning_module import tiny_vision_model
 from lightning_drop.vision.speed import check_really_skipped, compare_image_throughput, sublayer_call_counts
 
 FAMILIES = ["vit", "dinov2", "dinov2_with_registers", "dinov3_vit", "swinv2"]

@@ -9,7 +9,7 @@ import pytest
 import torch
 import yaml
 
-from lightning_drop.vision.data import ImageDataModule
+from lightning_drop.vision.image_data import ImageDataModule
 
 ROOT = Path(__file__).resolve().parents[1]
 CONFIG = ROOT / "configs" / "vision_digits.yaml"

@@ -62,7 +62,7 @@ class CalibrationSource:
                     "`calibration_source` (e.g. c4-sample or a .jsonl file)"
                 )
             return dm.calibration_batch()
-        from lightning_drop.data import load_documents, make_windows
+        from lightning_drop.text_data import load_documents, make_windows
 
         tok = getattr(pl_module, "tokenizer", None) or getattr(getattr(trainer, "datamodule", None), "tokenizer", None)
         if tok is None:

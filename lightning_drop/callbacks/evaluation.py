@@ -31,10 +31,10 @@ from .fit_end import FitEnd, FitEndMember, final_model
 
 
 def tokenizer_of(trainer: pl.Trainer, pl_module: pl.LightningModule, tokenizer_ref: str | None = None) -> Any:
-    """`tokenizer_ref` (loaded with `lightning_drop.models.load_tokenizer`), else `pl_module.tokenizer`, else
+    """`tokenizer_ref` (loaded with `lightning_drop.model_loading.load_tokenizer`), else `pl_module.tokenizer`, else
     `trainer.datamodule.tokenizer`."""
     if tokenizer_ref:
-        from lightning_drop.models import load_tokenizer
+        from lightning_drop.model_loading import load_tokenizer
 
         return load_tokenizer(tokenizer_ref)
     tok = getattr(pl_module, "tokenizer", None)

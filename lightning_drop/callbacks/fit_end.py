@@ -165,7 +165,7 @@ class FitEnd:
 
 
 def _has_adapters(model: Any) -> bool:
-    from lightning_drop.module import is_peft
+    from lightning_drop.lightning_module import is_peft
 
     return isinstance(model, nn.Module) and is_peft(model) and hasattr(model, "merge_and_unload")
 

@@ -114,7 +114,7 @@ class ImportanceTracker(Callback):
 
     def write_history(self, out_dir: str | os.PathLike) -> None:
         """`importance_history.json` (all entries) and `.csv` (one row per step x kind), atomically."""
-        from lightning_drop.checkpoint import atomic_write_text
+        from lightning_drop.dropped_checkpoint import atomic_write_text
 
         out_dir = Path(out_dir)
         n = max((len(e["attn"]) for e in self.history), default=0)

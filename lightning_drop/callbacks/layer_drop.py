@@ -27,7 +27,8 @@ import lightning.pytorch as pl
 from lightning.pytorch.utilities import rank_zero_info, rank_zero_warn
 from lightning.pytorch.utilities.exceptions import MisconfigurationException
 
-from lightning_drop.distributed import checkpoint_meta, refuse_if_sharded, resume_path
+from lightning_drop.distributed import refuse_if_sharded
+from lightning_drop.training_checkpoint import checkpoint_meta, resume_path
 
 from ._common import (
     CalibrationSource,
@@ -58,7 +59,7 @@ class LayerDrop(FitEndMember):
         keep: layer indices never dropped.
         seed: seed of the `random` metric.
         calibration_source: None for the datamodule's `calibration_batch()`, else a source for
-            `lightning_drop.data.load_documents` (`c4-sample`, a .jsonl file, ...), cut into
+            `lightning_drop.text_data.load_documents` (`c4-sample`, a .jsonl file, ...), cut into
             `calibration_samples` windows of `calibration_seq_len` tokens.
         calibration_batch_size: windows per forward pass while scoring.
         verbose: print each round's decision (rank zero).

@@ -37,14 +37,14 @@ from .fit_end import FitEnd, FitEndMember
 
 
 class QuantizeCallback(FitEndMember):
-    """GPTQ or AWQ of the trained model at fit end, saved so that `lightning_drop.models.load_model` reloads it.
+    """GPTQ or AWQ of the trained model at fit end, saved so that `lightning_drop.model_loading.load_model` reloads it.
 
     Args:
         output: directory for the quantized checkpoint (replaced atomically if it exists).
         method: "gptq" or "awq".
         bits: 4 or 8.
         calibration: calibration text: a `.jsonl`/`.json`/`.txt`/`.parquet` file, an offline sample
-            (`c4-sample`, the default) or a hub dataset spec (see `lightning_drop.data.load_documents`).
+            (`c4-sample`, the default) or a hub dataset spec (see `lightning_drop.text_data.load_documents`).
         num_samples, seq_len: calibration blocks (EOS after each document, concatenated, cut).
         group_size: None picks the largest of 128/64/32 dividing every quantized width.
         backend: "gptqmodel" (runs on CPU and GPU); "autoawq" and "auto-gptq" only explain why they cannot.
@@ -65,7 +65,7 @@ class QuantizeCallback(FitEndMember):
             raise UserError("QuantizeCallback: output must be a directory path")
         if Path(output).exists() and not Path(output).is_dir():
             raise UserError(f"QuantizeCallback: output {output} exists and is not a directory")
-        from lightning_drop.data import LOCAL_SUFFIXES
+        from lightning_drop.text_data import LOCAL_SUFFIXES
 
         for arg, src in (("calibration", calibration), ("eval_data", eval_data)):
             if arg == "calibration" and (not isinstance(src, str) or not src.strip()):
@@ -89,7 +89,7 @@ class QuantizeCallback(FitEndMember):
 
     def quantize(self, model: Any, tokenizer: Any) -> dict[str, Any]:
         """Save `model`, quantize it into `self.output`, measure; returns the report (also written as JSON)."""
-        from lightning_drop.checkpoint import atomic_write_text, save_dropped
+        from lightning_drop.dropped_checkpoint import atomic_write_text, save_dropped
         from lightning_drop.quantize import quality_report, quantize
 
         tmp = Path(tempfile.mkdtemp(prefix="ld-quantize-cb-"))

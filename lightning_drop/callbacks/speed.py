@@ -27,7 +27,7 @@ class SpeedBenchmark(FitEndMember):
     """Time the trained (dropped) model, alternately with a baseline when one is named.
 
     Args:
-        baseline: model reference for `lightning_drop.models.load_model` (dir, catalogue name, hub id); with
+        baseline: model reference for `lightning_drop.model_loading.load_model` (dir, catalogue name, hub id); with
             it the speedup, KV and parameter ratios are reported, and the SDR when `baseline_avg` is given and
             an `LMEvalCallback` of the same fit (anywhere in the callback list) measures the dropped model's
             average.
@@ -88,7 +88,7 @@ class SpeedBenchmark(FitEndMember):
         lm_eval = record.result(trainer, pl_module, "lm_eval") if self.baseline_avg is not None else None
         model = final_model(trainer, pl_module, merged_copy=trainer.is_global_zero)  # every rank: a drop is collective
         if trainer.is_global_zero:
-            from lightning_drop.models import load_model
+            from lightning_drop.model_loading import load_model
 
             _on_root_device(trainer, model)
             base = None

@@ -20,7 +20,7 @@ and otherwise use Llama's tensor names, minus the modules of no-op sublayers. A 
   so `AutoConfig.from_pretrained(dir, trust_remote_code=True)` yields attribute-style `block_configs`.
 
 Which engines load this layout, and what was run against which version, is in docs/engines.md; within this
-package `lightning_drop.nemotron_nas.load_nemotron_nas(dir)` and `lightning_drop.models.load_model(dir)` read it.
+package `lightning_drop.nemotron_nas.load_nemotron_nas(dir)` and `lightning_drop.model_loading.load_model(dir)` read it.
 
 Supported sources: `llama`, and `mistral` when it has no sliding window shorter than its context (then
 it is numerically a Llama). Other families raise ValueError.
@@ -62,10 +62,10 @@ def choose_ffn_mult(intermediate_size: int, hidden_size: int) -> tuple[float, in
 
 
 def _source(src: Any, tokenizer: Any = None) -> tuple[nn.Module, Any]:
-    """(model, tokenizer) from a model object or anything `lightning_drop.models.load_model` accepts."""
+    """(model, tokenizer) from a model object or anything `lightning_drop.model_loading.load_model` accepts."""
     if isinstance(src, nn.Module):
         return src, tokenizer
-    from ..models import load_model
+    from ..model_loading import load_model
 
     path = Path(src)
     if not path.exists() and not str(src).startswith(("tiny-", "smollm2")):

@@ -39,7 +39,7 @@ def source_dtype(ref: str) -> torch.dtype | None:
     """The dtype a local checkpoint's config.json records (None: not a local checkpoint, or not recorded)."""
     import torch
 
-    from ..models import resolve
+    from ..model_loading import resolve
 
     cfg = Path(resolve(ref)) / "config.json"
     if not cfg.is_file():
@@ -130,10 +130,10 @@ def run_drop(job: DropJob, progress: bool = True) -> dict[str, Any]:
     """Run `job`; returns the report (also written to OUTPUT/importance.json with a PNG beside it)."""
     if job.stream:
         return run_drop_streamed(job, progress)
-    from ..checkpoint import save_dropped
-    from ..data import calibration_windows
+    from ..dropped_checkpoint import save_dropped
+    from ..text_data import calibration_windows
     from ..modeling_dropped import dropped_layers
-    from ..models import load_model
+    from ..model_loading import load_model
     from ..selection import drop_by_importance
 
     model, tok = load_model(job.model, dtype=job.dtype, tokenizer=job.tokenizer)
@@ -173,10 +173,10 @@ def run_drop_streamed(job: DropJob, progress: bool = True) -> dict[str, Any]:
     Same selection, report and checkpoint as the in-memory path; the model is never built (see
     `lightning_drop.streaming`). The model must be a local safetensors checkpoint (or `smollm2-135m`).
     """
-    from ..checkpoint import read_config
-    from ..data import calibration_windows
+    from ..dropped_checkpoint import read_config
+    from ..text_data import calibration_windows
     from ..importance import ImportanceScores
-    from ..models import load_tokenizer, resolve
+    from ..model_loading import load_tokenizer, resolve
     from ..schedule import drop_rounds
     from ..selection import DropResult
     from ..streaming import stream_importance, write_dropped_streaming

@@ -44,7 +44,7 @@ def eval_main(model: str, tasks: Sequence[str] | str | None = None, preset: str 
         resolve_tasks,
         run_lm_eval,
     )
-    from ..models import load_model
+    from ..model_loading import load_model
 
     if output:
         check_output(output, kind="file", overwrite=overwrite, sources=[model, *(data or [])])
@@ -85,9 +85,9 @@ def perplexity_main(model: str, data: str, seq_len: int = 512, num_windows: int 
         output: JSON file for the result
         overwrite: replace an existing --output file
     """
-    from ..data import load_documents, make_windows
+    from ..text_data import load_documents, make_windows
     from ..evaluation import perplexity
-    from ..models import load_model
+    from ..model_loading import load_model
 
     if num_windows < 1:
         raise UserError(f"--num-windows must be >= 1, got {num_windows}")

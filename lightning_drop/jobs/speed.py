@@ -49,7 +49,7 @@ def speed_main(model: str, baseline: str | None = None, batch_size: int = 1, pro
     """
     import torch
 
-    from ..models import load_model
+    from ..model_loading import load_model
     from ..speed import (
         INTERLEAVE,
         _clock,

@@ -24,7 +24,7 @@ from lightning.pytorch.utilities import rank_zero_info, rank_zero_only
 from lightning.pytorch.utilities.exceptions import MisconfigurationException
 
 from ..callbacks._common import log_to_loggers
-from ..checkpoint import atomic_write_text
+from ..dropped_checkpoint import atomic_write_text
 from ..errors import UserError
 from ..importance import METRICS, compute_importance
 from ..modeling_dropped import apply_drop, dropped_layers
@@ -212,6 +212,6 @@ class VisionLayerDrop(pl.Callback):
         if self.report_path:
             atomic_write_text(self.report_path, json.dumps(report, indent=1) + "\n")
         if self.save_dir:
-            from ..checkpoint import save_dropped
+            from ..dropped_checkpoint import save_dropped
 
             save_dropped(pl_module.model, Path(self.save_dir), overwrite=True)  # a re-run replaces its own output

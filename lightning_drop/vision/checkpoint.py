@@ -1,4 +1,4 @@
-"""Dropped vision checkpoints: the core `lightning_drop.checkpoint` under the names vision code used.
+"""Dropped vision checkpoints: the core `lightning_drop.dropped_checkpoint` under the names vision code used.
 
 The three shapes (plain, renumbered blocks with `lightning_drop.original_depths` for SwinV2, dropped with
 self-contained remote code and `auto_map` for AutoModelForImageClassification or AutoModel) are written
@@ -14,7 +14,7 @@ from typing import Any
 import torch
 from torch import nn
 
-from ..checkpoint import _compact_blocks, checkpoint_kind, load_dropped, save_dropped  # noqa: F401
+from ..dropped_checkpoint import _compact_blocks, checkpoint_kind, load_dropped, save_dropped  # noqa: F401
 from .architectures import get_vision_spec
 
 
@@ -28,7 +28,7 @@ def save_vision_dropped(model: nn.Module, out_dir: str | os.PathLike, image_proc
 
 def load_vision_dropped(directory: str | os.PathLike, dtype: torch.dtype | None = None, **kwargs: Any) -> nn.Module:
     """`load_dropped` for a vision checkpoint (any of the three shapes, or a plain Hugging Face one)."""
-    from ..checkpoint import read_config
+    from ..dropped_checkpoint import read_config
 
     get_vision_spec(str(read_config(directory).get("model_type", "")))  # a decoder gets a vision-specific error
     return load_dropped(directory, dtype=dtype, **kwargs)

@@ -99,7 +99,7 @@ class PointEvaluator:
         """Perplexity windows; from the calibration source they start after every calibration token used."""
         import torch
 
-        from ...data import _token_chunks
+        from ...text_data import _token_chunks
 
         if self._heldout is not None:
             return self._heldout

@@ -137,7 +137,7 @@ class Study:
         return res
 
     def save_checkpoint(self) -> dict[str, Any]:
-        from ...checkpoint import read_config, save_dropped
+        from ...dropped_checkpoint import read_config, save_dropped
         from ...modeling_dropped import apply_drop
 
         ck = self.cfg.checkpoint
@@ -225,7 +225,7 @@ def study_main(config: str, output: str | None = None, budget: str | None = None
         print(doc["selection"]["message"])
         print(f"selection written to {out / 'selection.json'}")
     if doc.get("checkpoint"):
-        print(f"dropped checkpoint ready: {doc['checkpoint']['path']}  (load with lightning_drop.models.load_model)")
+        print(f"dropped checkpoint ready: {doc['checkpoint']['path']}  (load with lightning_drop.model_loading.load_model)")
     c, r = doc["computed_this_run"], doc["reused_this_run"]
     print(f"computed this run: {c['scores']} scoring pass(es), {c['drops']} iterative direction(s), "
           f"{c['points']} evaluation(s); reused from cache: {r['scores'] + r['drops'] + r['points']}"

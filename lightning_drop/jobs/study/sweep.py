@@ -44,7 +44,7 @@ class StudyInputs:
         if self._model is None:
             import torch
 
-            from ...models import load_model
+            from ...model_loading import load_model
 
             torch.manual_seed(self.cfg.seed)
             self.log(f"loading {self.cfg.model}")
@@ -61,14 +61,14 @@ class StudyInputs:
         return int(self.model.config.num_hidden_layers)
 
     def docs(self, source: str, text_field: str) -> list[str]:
-        from ...data import load_documents
+        from ...text_data import load_documents
 
         if (source, text_field) not in self._docs:
             self._docs[(source, text_field)] = load_documents(source, text_field=text_field)
         return self._docs[(source, text_field)]
 
     def calibration_batches(self, calib: CalibrationConfig) -> list[Any]:
-        from ...data import make_windows
+        from ...text_data import make_windows
 
         windows = make_windows(self.tokenizer, self.docs(calib.source, calib.text_field), calib.seq_len,
                                calib.num_samples, shuffle=calib.shuffle, seed=calib.seed,

@@ -20,7 +20,7 @@ from torchmetrics.classification import MulticlassAccuracy
 
 from ..errors import UserError
 from ..modeling_dropped import apply_drop, dropped_layers
-from ..module import DropPlan
+from ..lightning_module import DropPlan
 from .architectures import VISION_SPECS, get_vision_spec
 
 CKPT_KEY = "lightning_drop"
@@ -33,10 +33,10 @@ def build_vision_model(family: str = "vit", init_config: dict[str, Any] | None =
     the family's tiny defaults overridden by `init_config` (e.g. hidden_size, num_hidden_layers, image_size)."""
     import transformers
 
-    from ..checkpoint import read_config
+    from ..dropped_checkpoint import read_config
 
     if model_path:
-        from ..checkpoint import load_dropped
+        from ..dropped_checkpoint import load_dropped
 
         get_vision_spec(str(read_config(model_path).get("model_type", "")))
         return load_dropped(model_path)

@@ -30,15 +30,10 @@ from lightning.pytorch.utilities import rank_zero_info
 from lightning.pytorch.utilities.exceptions import MisconfigurationException
 from torch import nn
 
-from .distributed import (
-    CKPT_KEY,
-    checkpoint_meta,
-    refuse_if_sharded,
-    resume_path,
-    sharded_strategy,
-)
+from .distributed import refuse_if_sharded, sharded_strategy
 from .errors import UserError
 from .modeling_dropped import apply_drop, dropped_layers
+from .training_checkpoint import CKPT_KEY, checkpoint_meta, resume_path
 
 class DropPlan(NamedTuple):
     """(attention indices, MLP indices) dropped so far; what `drop_plan` of the drop modules returns.
@@ -59,13 +54,13 @@ SCHEDULERS = ("constant", "cosine", "linear")
 
 def build_model(model: str | None, init_config: dict[str, Any] | None, dtype: str = "float32",
                 tokenizer: str | None = None) -> tuple[nn.Module, Any]:
-    """(model, tokenizer) from a reference (`lightning_drop.models.load_model`) or a random-init config.
+    """(model, tokenizer) from a reference (`lightning_drop.model_loading.load_model`) or a random-init config.
 
     `model="tiny-<family>"` with `init_config` overrides the tiny config (e.g. more layers); `model=None`
     with `init_config={"model_type": "llama", ...}` builds that family at random init with the byte-level
     tokenizer's special ids and the tiny defaults for anything not given.
     """
-    from .models import TINY_PREFIX, load_model, load_tokenizer, tiny_config
+    from .model_loading import TINY_PREFIX, load_model, load_tokenizer, tiny_config
 
     torch_dtype = getattr(torch, dtype, None)
     if not isinstance(torch_dtype, torch.dtype):
@@ -113,7 +108,7 @@ class DropModule(pl.LightningModule):
 
     Args:
         model: catalogue name (`smollm2-135m`, `tiny-llama`, ...), checkpoint directory (plain or dropped),
-            `.gguf` file or hub id, for `lightning_drop.models.load_model`. `tiny-<family>` is random init.
+            `.gguf` file or hub id, for `lightning_drop.model_loading.load_model`. `tiny-<family>` is random init.
         init_config: random init: config fields, e.g. `{model_type: llama, hidden_size: 128,
             num_hidden_layers: 8}` (with `model=None`), or overrides of a `tiny-<family>` model.
         tokenizer_name: tokenizer reference when the model's own is not wanted (named so, not `tokenizer`,
@@ -218,7 +213,7 @@ class DropModule(pl.LightningModule):
 
         With LoRA attached and `merge=True`, a merged copy is saved and the module keeps its adapters.
         """
-        from .checkpoint import save_dropped
+        from .dropped_checkpoint import save_dropped
 
         model = self.model
         if self.lora_config is not None:

@@ -18,7 +18,7 @@ import torch
 from torch import nn
 
 from .architectures import SPECS, decoder_spec
-from .checkpoint import (
+from .dropped_checkpoint import (
     atomic_dir,
     atomic_write_text,
     is_llm_drop_config,

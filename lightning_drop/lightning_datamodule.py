@@ -14,7 +14,7 @@ import lightning.pytorch as pl
 import torch
 from torch.utils.data import DataLoader, Dataset
 
-from .data import load_documents, make_windows
+from .text_data import load_documents, make_windows
 from .errors import UserError
 
 
@@ -36,18 +36,18 @@ def resolve_tokenizer(tokenizer: Any) -> Any:
     """A tokenizer object passes through; a str goes through the model catalogue (`tiny-llama`, dirs, hub)."""
     if not isinstance(tokenizer, str):
         return tokenizer
-    from .models import load_tokenizer
+    from .model_loading import load_tokenizer
 
     return load_tokenizer(tokenizer)
 
 
 class TextDataModule(pl.LightningDataModule):
-    """Documents from `source` (see `data.load_documents`) packed into `seq_len` windows, split train/val.
+    """Documents from `source` (see `text_data.load_documents`) packed into `seq_len` windows, split train/val.
 
     Args:
         tokenizer: model reference whose tokenizer to use (`tiny-llama`, `smollm2-135m`, a path, a hub id);
             a tokenizer object is accepted from Python.
-        source, text_field, split, limit_documents: where the text comes from (`data.load_documents`).
+        source, text_field, split, limit_documents: where the text comes from (`text_data.load_documents`).
         seq_len: tokens per window. batch_size: windows per batch.
         val_fraction: share of windows (the tail of the stream) held out for validation/test; in (0, 1).
         num_workers: DataLoader workers. seed: train shuffling order.
