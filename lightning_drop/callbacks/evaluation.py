@@ -23,11 +23,9 @@ import lightning.pytorch as pl
 from lightning.pytorch.utilities import rank_zero_info
 from torch import nn
 
-from lightning_drop.distributed import refuse_if_sharded
-
 from ..errors import UserError
 from ._common import log_to_loggers
-from .fit_end import FitEnd, FitEndMember, final_model
+from .fit_end import FitEndMeasurement, final_model
 
 
 def tokenizer_of(trainer: pl.Trainer, pl_module: pl.LightningModule, tokenizer_ref: str | None = None) -> Any:
@@ -53,11 +51,6 @@ def hf_model_and_tokenizer(trainer: pl.Trainer, pl_module: pl.LightningModule, t
     return final_model(trainer, pl_module, merged_copy=merged_copy), tokenizer_of(trainer, pl_module, tokenizer_ref)
 
 
-def refuse_sharded_measurement(trainer: pl.Trainer, owner: str) -> None:
-    refuse_if_sharded(trainer, f"{owner} measures the whole model at fit end and",
-                      "use DDP, or save the model and measure it with `lightning-drop eval|perplexity|speed|quantize`")
-
-
 def _on_root_device(trainer: pl.Trainer, model: nn.Module) -> None:
     device = trainer.strategy.root_device
     p = next(model.parameters(), None)
@@ -65,7 +58,7 @@ def _on_root_device(trainer: pl.Trainer, model: nn.Module) -> None:
         model.to(device)
 
 
-class LMEvalCallback(FitEndMember):
+class LMEvalCallback(FitEndMeasurement):
     """Run lm-eval tasks on the trained (dropped) model at the end of fit.
 
     Args:
@@ -82,6 +75,8 @@ class LMEvalCallback(FitEndMember):
         tokenizer: tokenizer reference when the module/datamodule carries none.
         prefix: prefix of the logged metric names.
     """
+
+    result_key = "lm_eval"
 
     def __init__(self, tasks: Sequence[str] | None = None, preset: str | None = None, num_fewshot: int | None = None,
                  limit: int | float | None = None, include_path: str | None = None,
@@ -140,16 +135,6 @@ class LMEvalCallback(FitEndMember):
         return run_lm_eval(model, tokenizer, list(plan), num_fewshot=fewshot, limit=self.limit,
                            include_path=includes or None, batch_size=self.batch_size)
 
-    def setup(self, trainer: pl.Trainer, pl_module: pl.LightningModule, stage: str) -> None:
-        if stage == "fit":
-            refuse_sharded_measurement(trainer, "LMEvalCallback")
-            FitEnd.of(trainer).join(self, "measure", key="lm_eval", measure=self._measure)
-
-    def on_train_end(self, trainer: pl.Trainer, pl_module: pl.LightningModule) -> None:
-        # the published (broadcast) value: every rank holds rank zero's result
-        self.results = FitEnd.of(trainer).join(self, "measure", key="lm_eval", measure=self._measure).run_measure(
-            trainer, pl_module, self)
-
     def _measure(self, trainer: pl.Trainer, pl_module: pl.LightningModule) -> dict[str, Any] | None:
         model = final_model(trainer, pl_module)  # every rank: a pending fit-end drop is collective
         if trainer.is_global_zero:
@@ -176,7 +161,7 @@ class LMEvalCallback(FitEndMember):
         self.results = state_dict.get("results")
 
 
-class PerplexityCallback(FitEndMember):
+class PerplexityCallback(FitEndMeasurement):
     """Token-weighted perplexity of the trained model on held-out text at the end of fit.
 
     Args:
@@ -186,6 +171,8 @@ class PerplexityCallback(FitEndMember):
         batch_size: windows per forward pass.
         output: JSON file for the result (atomic, rank zero).
     """
+
+    result_key, result_attr = "perplexity", "value"
 
     def __init__(self, data: str, seq_len: int = 512, num_windows: int = 16, skip_windows: int = 0,
                  batch_size: int = 4, field: str = "text", output: str | None = None,
@@ -208,16 +195,6 @@ class PerplexityCallback(FitEndMember):
         if windows.shape[0] == 0:
             raise UserError(f"PerplexityCallback: {self.data} has no windows left after skipping {self.skip_windows}")
         return perplexity(model, windows, self.batch_size)
-
-    def setup(self, trainer: pl.Trainer, pl_module: pl.LightningModule, stage: str) -> None:
-        if stage == "fit":
-            refuse_sharded_measurement(trainer, "PerplexityCallback")
-            FitEnd.of(trainer).join(self, "measure", key="perplexity", measure=self._measure)
-
-    def on_train_end(self, trainer: pl.Trainer, pl_module: pl.LightningModule) -> None:
-        # the published (broadcast) value: every rank holds rank zero's result
-        self.value = FitEnd.of(trainer).join(self, "measure", key="perplexity", measure=self._measure).run_measure(
-            trainer, pl_module, self)
 
     def _measure(self, trainer: pl.Trainer, pl_module: pl.LightningModule) -> float | None:
         model = final_model(trainer, pl_module)  # every rank: a pending fit-end drop is collective

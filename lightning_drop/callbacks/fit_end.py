@@ -11,6 +11,7 @@ record in `setup("fit")` with a role:
   the drops listed before it, so a drop that would change the model under adapters already attached is
   refused when it joins (the list order of drops and adapters is the user's pipeline).
 - `measure`: provides a named result (`lm_eval`, `perplexity`, `speed`, `quantize`) through `measure`.
+  The measurement callbacks share `FitEndMeasurement`, which joins and publishes for them.
 
 At fit end, `final_model()` runs every registered `finish` step in joining order (the setup order, i.e.
 the pipeline order the user wrote; each step is idempotent, so the member's own `on_train_end` does nothing
@@ -184,3 +185,31 @@ class FitEndMember(Callback):
 
     def on_exception(self, trainer: pl.Trainer, pl_module: pl.LightningModule, exception: BaseException) -> None:
         FitEnd.close(trainer)
+
+
+class FitEndMeasurement(FitEndMember):
+    """Base of the fit-end measurements: each publishes one named result (`result_key`) on the fit's record.
+
+    A subclass implements `_measure(trainer, pl_module)`, which runs on every rank (reaching the final model
+    may be collective) and returns the result on rank zero; every rank then holds the broadcast result in
+    the attribute named by `result_attr`. Measuring needs the whole model, so sharded fits are refused.
+    """
+
+    result_key: str
+    result_attr: str = "results"
+
+    def setup(self, trainer: pl.Trainer, pl_module: pl.LightningModule, stage: str) -> None:
+        if stage == "fit":
+            from lightning_drop.distributed import refuse_if_sharded
+
+            refuse_if_sharded(trainer, f"{type(self).__name__} measures the whole model at fit end and",
+                              "use DDP, or save the model and measure it with "
+                              "`lightning-drop eval|perplexity|speed|quantize`")
+            FitEnd.of(trainer).join(self, "measure", key=self.result_key, measure=self._measure)
+
+    def on_train_end(self, trainer: pl.Trainer, pl_module: pl.LightningModule) -> None:
+        member = FitEnd.of(trainer).join(self, "measure", key=self.result_key, measure=self._measure)
+        setattr(self, self.result_attr, member.run_measure(trainer, pl_module, self))
+
+    def _measure(self, trainer: pl.Trainer, pl_module: pl.LightningModule) -> Any:
+        raise NotImplementedError(f"{type(self).__name__} must implement _measure")

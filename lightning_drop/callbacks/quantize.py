@@ -33,10 +33,10 @@ from lightning_drop.quantize import (
 
 from ..errors import UserError
 from ._common import log_to_loggers
-from .fit_end import FitEnd, FitEndMember
+from .fit_end import FitEndMeasurement
 
 
-class QuantizeCallback(FitEndMember):
+class QuantizeCallback(FitEndMeasurement):
     """GPTQ or AWQ of the trained model at fit end, saved so that `lightning_drop.model_loading.load_model` reloads it.
 
     Args:
@@ -54,6 +54,8 @@ class QuantizeCallback(FitEndMember):
         dtype: calibration precision (None: see `lightning_drop.quantize.quantize`).
         name: prefix of the logged metrics.
     """
+
+    result_key, result_attr = "quantize", "result"
 
     def __init__(self, output: str, method: str = "gptq", bits: int = 4, calibration: str = "c4-sample",
                  num_samples: int = 64, seq_len: int = 512, group_size: int | None = None,
@@ -114,18 +116,6 @@ class QuantizeCallback(FitEndMember):
                 "quantized_perplexity": r.get("quantized_perplexity"),
                 "perplexity_increase_pct": r.get("perplexity_increase_pct")}
         return {f"{self.name}/{k}": float(v) for k, v in keys.items() if v is not None and r}
-
-    def setup(self, trainer: pl.Trainer, pl_module: pl.LightningModule, stage: str) -> None:
-        if stage == "fit":
-            from lightning_drop.callbacks.evaluation import refuse_sharded_measurement
-
-            refuse_sharded_measurement(trainer, "QuantizeCallback")
-            FitEnd.of(trainer).join(self, "measure", key="quantize", measure=self._measure)
-
-    def on_train_end(self, trainer: pl.Trainer, pl_module: pl.LightningModule) -> None:
-        # the published (broadcast) value: every rank holds rank zero's result
-        self.result = FitEnd.of(trainer).join(self, "measure", key="quantize", measure=self._measure).run_measure(
-            trainer, pl_module, self)
 
     def _measure(self, trainer: pl.Trainer, pl_module: pl.LightningModule) -> dict[str, Any] | None:
         from lightning_drop.callbacks.evaluation import hf_model_and_tokenizer

@@ -14,16 +14,13 @@ from typing import Any
 import lightning.pytorch as pl
 
 from lightning_drop.callbacks._common import log_to_loggers
-from lightning_drop.callbacks.evaluation import (
-    _on_root_device,
-    refuse_sharded_measurement,
-)
-from lightning_drop.callbacks.fit_end import FitEnd, FitEndMember, final_model
+from lightning_drop.callbacks.evaluation import _on_root_device
+from lightning_drop.callbacks.fit_end import FitEnd, FitEndMeasurement, final_model
 
 from ..errors import UserError
 
 
-class SpeedBenchmark(FitEndMember):
+class SpeedBenchmark(FitEndMeasurement):
     """Time the trained (dropped) model, alternately with a baseline when one is named.
 
     Args:
@@ -36,6 +33,8 @@ class SpeedBenchmark(FitEndMember):
         baseline_avg: the baseline's average quality (same tasks as the LMEvalCallback), for the SDR.
         output: JSON file (atomic, rank zero).
     """
+
+    result_key = "speed"
 
     def __init__(self, baseline: str | None = None, batch_size: int = 1, prompt_len: int = 128, gen_len: int = 128,
                  repeats: int = 3, warmup: int = 1, ideal: bool = False, baseline_avg: float | None = None,
@@ -72,16 +71,6 @@ class SpeedBenchmark(FitEndMember):
         if self.baseline_avg is not None and dropped_avg is not None:
             res["sdr"] = speed.sdr(self.baseline_avg, dropped_avg, res["speedup"]["total"])
         return res
-
-    def setup(self, trainer: pl.Trainer, pl_module: pl.LightningModule, stage: str) -> None:
-        if stage == "fit":
-            refuse_sharded_measurement(trainer, "SpeedBenchmark")
-            FitEnd.of(trainer).join(self, "measure", key="speed", measure=self._measure)
-
-    def on_train_end(self, trainer: pl.Trainer, pl_module: pl.LightningModule) -> None:
-        # the published (broadcast) value: every rank holds rank zero's result
-        self.results = FitEnd.of(trainer).join(self, "measure", key="speed", measure=self._measure).run_measure(
-            trainer, pl_module, self)
 
     def _measure(self, trainer: pl.Trainer, pl_module: pl.LightningModule) -> dict[str, Any] | None:
         record = FitEnd.of(trainer)
