@@ -94,7 +94,12 @@ def test_digits_config_runs_a_few_steps(tmp_path, monkeypatch):
     assert r["speed"]["flops_ratio"] < 1.0
     for row in r["sublayer_calls"]:
         assert (row["attn_flops"] == 0) == row["attn_dropped"] and row["mlp_flops"] > 0
-    assert json.loads(history.read_text())[-1]["step"] == 3
+    # the one ImportanceTracker, on the image datamodule's calibration images, capped at calibration_images
+    # (128 images x (16 patches + CLS) tokens), with its CSV and heatmap beside the history
+    h = json.loads(history.read_text())["history"]
+    assert [e["event"] for e in h][0] == "fit_start" and h[-1]["step"] == 3
+    assert all(len(e["attn"]) == 4 and e["num_tokens"] == 128 * 17 for e in h)
+    assert (out / "importance_history.csv").is_file() and (out / "importance_heatmap.png").is_file()
     from lightning_drop.vision import load_vision_dropped
 
     assert load_vision_dropped(out / "dropped_model").config.drop_attn_list == r["drop_attn_list"]

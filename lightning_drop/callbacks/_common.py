@@ -30,22 +30,27 @@ def hf_of(pl_module: pl.LightningModule) -> nn.Module:
 
 
 def split_batch(batch: dict[str, torch.Tensor], batch_size: int) -> list[dict[str, torch.Tensor]]:
-    n = batch["input_ids"].shape[0]
+    """Rows of a batch (token windows or images) in batches of `batch_size`."""
+    n = next(iter(batch.values())).shape[0]
     return [{k: v[i:i + batch_size] for k, v in batch.items()} for i in range(0, n, batch_size)]
 
 
 class CalibrationSource:
-    """Fixed calibration batches: the datamodule's `calibration_batch()` or windows of a named source.
+    """Fixed calibration batches: the datamodule's `calibration_batch()` (token windows, or images from an
+    image datamodule) or windows of a named text source.
 
-    Args (as on the callbacks): source (None = the datamodule), samples, seq_len, batch_size.
+    Args (as on the callbacks): source (None = the datamodule), samples, seq_len, batch_size; `limit` keeps
+    the datamodule's first rows only (None: all it gives).
     """
 
-    def __init__(self, source: str | None, samples: int, seq_len: int, batch_size: int, owner: str) -> None:
+    def __init__(self, source: str | None, samples: int, seq_len: int, batch_size: int, owner: str,
+                 limit: int | None = None) -> None:
         for name, v in (("calibration_samples", samples), ("calibration_seq_len", seq_len),
                         ("calibration_batch_size", batch_size)):
             if not isinstance(v, int) or isinstance(v, bool) or v < 1:
                 raise MisconfigurationException(f"{owner}: {name} must be an integer >= 1, got {v!r}")
         self.source, self.samples, self.seq_len, self.batch_size, self.owner = source, samples, seq_len, batch_size, owner
+        self.limit = limit
         self._batches: list[dict[str, torch.Tensor]] | None = None
 
     def batches(self, trainer: pl.Trainer, pl_module: pl.LightningModule) -> list[dict[str, torch.Tensor]]:
@@ -58,10 +63,11 @@ class CalibrationSource:
             dm = getattr(trainer, "datamodule", None)
             if dm is None or not hasattr(dm, "calibration_batch"):
                 raise MisconfigurationException(
-                    f"{self.owner}: no calibration data: the datamodule has no `calibration_batch()`; set "
-                    "`calibration_source` (e.g. c4-sample or a .jsonl file)"
+                    f"{self.owner}: no calibration data: the datamodule has no `calibration_batch()`; give it one, "
+                    "or set `calibration_source` to a text source (e.g. c4-sample or a .jsonl file)"
                 )
-            return dm.calibration_batch()
+            batch = dm.calibration_batch()
+            return batch if self.limit is None else {k: v[:self.limit] for k, v in batch.items()}
         from lightning_drop.text_data import load_documents, make_windows
 
         tok = getattr(pl_module, "tokenizer", None) or getattr(getattr(trainer, "datamodule", None), "tokenizer", None)

@@ -30,6 +30,7 @@ from lightning_drop.distributed import refuse_if_sharded
 from ._common import CalibrationSource, hf_of, log_to_loggers
 
 KINDS = ("attn", "mlp", "block")
+HISTORY_JSON = "importance_history.json"
 
 
 class ImportanceTracker(Callback):
@@ -118,7 +119,7 @@ class ImportanceTracker(Callback):
 
         out_dir = Path(out_dir)
         n = max((len(e["attn"]) for e in self.history), default=0)
-        atomic_write_text(out_dir / "importance_history.json",
+        atomic_write_text(out_dir / HISTORY_JSON,
                           json.dumps({"metric": self.metric, "num_layers": n, "history": self.history}, indent=1) + "\n")
         buf = io.StringIO()
         w = csv.writer(buf)

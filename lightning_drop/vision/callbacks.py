@@ -24,6 +24,7 @@ from lightning.pytorch.utilities import rank_zero_info, rank_zero_only
 from lightning.pytorch.utilities.exceptions import MisconfigurationException
 
 from ..callbacks._common import log_to_loggers
+from ..callbacks.importance_tracker import HISTORY_JSON, ImportanceTracker
 from ..dropped_checkpoint import atomic_write_text
 from ..errors import UserError
 from ..importance import METRICS, compute_importance
@@ -46,46 +47,28 @@ def _calibration(trainer: pl.Trainer, max_images: int) -> list[torch.Tensor]:
     return out
 
 
-class VisionImportanceTracker(pl.Callback):
-    """Scores every block/attention/MLP on fixed calibration images every `every_n_steps` training steps.
+class VisionImportanceTracker(ImportanceTracker):
+    """`ImportanceTracker` scoring on the image datamodule's calibration images (`calibration_batch()`).
 
-    The history (step -> scores) is kept in `self.history`, logged as `importance/{kind}_{i}`, saved in
-    Lightning checkpoints, and written to `output` (JSON) at the end of training.
+    The vision arguments keep their names: `calibration_images` caps the images used; `output` names the
+    history JSON (its directory also gets the CSV and the heatmap). Any other `ImportanceTracker` argument
+    (`at_fit_start`, `heatmap`, `log_scalars`, ...) may be given too.
     """
 
     def __init__(self, every_n_steps: int = 50, metric: str = "cosine", calibration_images: int = 128,
-                 output: str | None = None) -> None:
-        if every_n_steps < 1:
-            raise MisconfigurationException(f"every_n_steps must be at least 1, got {every_n_steps}")
-        if metric not in METRICS:
-            raise MisconfigurationException(f"unknown metric '{metric}'; choose from {', '.join(METRICS)}")
-        self.every_n_steps, self.metric, self.calibration_images, self.output = every_n_steps, metric, calibration_images, output
-        self.history: list[dict[str, Any]] = []
-        self._calib: list[torch.Tensor] | None = None
+                 output: str | None = None, calibration_batch_size: int = 64, **tracker_args: Any) -> None:
+        if not isinstance(calibration_images, int) or isinstance(calibration_images, bool) or calibration_images < 1:
+            raise MisconfigurationException(
+                f"VisionImportanceTracker: calibration_images must be an integer >= 1, got {calibration_images!r}")
+        super().__init__(every_n_steps=every_n_steps, metric=metric, calibration_batch_size=calibration_batch_size,
+                         output_dir=str(Path(output).parent) if output else None, **tracker_args)
+        self.calibration.limit = calibration_images
+        self.output = output
 
-    def _score(self, trainer: pl.Trainer, pl_module: pl.LightningModule) -> None:
-        if self._calib is None:
-            self._calib = _calibration(trainer, self.calibration_images)
-        scores = compute_importance(pl_module.model, self._calib, self.metric)
-        self.history.append({"step": trainer.global_step, **scores.to_dict()})
-        log_to_loggers(trainer, {f"importance/{k}_{i}": v for k in ("attn", "mlp", "block")
-                       for i, v in enumerate(getattr(scores, k)) if v is not None})
-
-    def on_train_batch_end(self, trainer: pl.Trainer, pl_module: pl.LightningModule, *args: Any) -> None:
-        if trainer.global_step % self.every_n_steps == 0:
-            self._score(trainer, pl_module)
-
-    def on_train_end(self, trainer: pl.Trainer, pl_module: pl.LightningModule) -> None:
-        if not self.history or self.history[-1]["step"] != trainer.global_step:
-            self._score(trainer, pl_module)
-        if self.output and trainer.is_global_zero:
-            atomic_write_text(self.output, json.dumps(self.history, indent=1) + "\n")
-
-    def state_dict(self) -> dict[str, Any]:
-        return {"history": self.history}
-
-    def load_state_dict(self, state_dict: dict[str, Any]) -> None:
-        self.history = list(state_dict.get("history", []))
+    def write_history(self, out_dir: str | Path) -> None:
+        super().write_history(out_dir)
+        if self.output and Path(self.output).name != HISTORY_JSON:
+            atomic_write_text(self.output, (Path(out_dir) / HISTORY_JSON).read_text())
 
 
 @torch.no_grad()

@@ -175,6 +175,12 @@ class ImageDataModule(L.LightningDataModule):
     def test_dataloader(self) -> DataLoader:
         return self._loader("test")
 
+    def calibration_batch(self) -> dict[str, torch.Tensor]:
+        """The calibration images as one batch, as the importance callbacks take it from any datamodule."""
+        self._load()
+        ds = self.splits["train"]
+        return {"pixel_values": ds[:min(self.calibration_size, len(ds))][0]}
+
     def calibration_dataloader(self) -> DataLoader:
         """The first `calibration_size` training images (fixed order) for importance scoring."""
         self._load()
