@@ -26,7 +26,6 @@ training itself is untested without a GPU. On CPU use `--trainer.strategy ddp` (
 
 from __future__ import annotations
 
-import os
 from typing import Any
 
 import torch

@@ -27,7 +27,7 @@ from ..callbacks._common import log_to_loggers
 from ..callbacks.importance_tracker import HISTORY_JSON, ImportanceTracker
 from ..dropped_checkpoint import atomic_write_text
 from ..errors import UserError
-from ..importance import METRICS, compute_importance
+from ..importance import METRICS
 from ..modeling_dropped import apply_drop, dropped_layers
 from ..selection import SCHEDULES, TARGETS, drop_by_importance
 from ..sublayer_check import check_really_skipped
