@@ -398,3 +398,25 @@ def test_layer_drop_warns_when_the_schedule_outlasts_the_fit():
     with warnings.catch_warnings():
         warnings.simplefilter("error")  # rounds at steps 0, 5, 10 fit max_steps=10: no warning
         drop._check_schedule(SimpleNamespace(max_steps=10))
+
+
+def test_calibration_batches_are_shared_out_across_ranks():
+    """Under DDP each rank scores a disjoint share of the calibration batches and together they cover all
+    (the synced token-weighted sums then equal one process's: tests/test_ddp.py compares the scores)."""
+    from lightning_drop.callbacks._common import CalibrationSource
+
+    ids = torch.arange(7 * 3).view(7, 3)
+    dm = SimpleNamespace(calibration_batch=lambda: {"input_ids": ids, "attention_mask": torch.ones_like(ids)})
+
+    def rows(rank: int, world: int) -> list[int]:
+        src = CalibrationSource(None, 16, 8, 2, "test")
+        trainer = SimpleNamespace(datamodule=dm, global_rank=rank, world_size=world)
+        return [int(r[0]) for b in src.batches(trainer, None) for r in b["input_ids"]]
+
+    alone = rows(0, 1)
+    assert alone == list(range(0, 21, 3))
+    for world in (2, 3, 5):
+        shares = [rows(r, world) for r in range(world)]
+        assert sorted(sum(shares, [])) == alone  # every window once, on exactly one rank
+        assert all(not set(a) & set(b) for i, a in enumerate(shares) for b in shares[i + 1:])
+    assert rows(4, 5) == []  # 4 batches over 5 ranks: the last rank scores nothing and still syncs

@@ -194,8 +194,9 @@ def check_track_random_init(run: Run) -> None:
 def check_vision_digits(run: Run) -> None:
     out = run.cwd / "logs" / "vision_digits"
     run_dir = only_version(out / "lightning_logs")
-    history = json.loads((out / "importance_history.json").read_text())
-    assert [e["step"] for e in history] == [12]  # fit end (its every-60-steps point is after this short run)
+    history = json.loads((out / "importance_history.json").read_text())["history"]
+    # fit start and fit end (its every-60-steps point is after this short run)
+    assert [(e["step"], e["event"]) for e in history] == [(0, "fit_start"), (12, "fit_end")]
     report = json.loads((out / "drop_report.json").read_text())
     assert len(report["drop_attn_list"]) == 2 and report["drop_mlp_list"] == []
     for key in ("test_acc_before", "test_acc_after_drop", "test_acc_after_head_finetune"):
@@ -206,7 +207,7 @@ def check_vision_digits(run: Run) -> None:
     saved = json.loads((out / "dropped_model" / "config.json").read_text())
     assert saved["drop_attn_list"] == report["drop_attn_list"]
     header = (run_dir / "metrics.csv").read_text().splitlines()[0].split(",")
-    assert {"val/acc", "drop/test_acc_before", "importance/attn_0"} <= set(header)
+    assert {"val/acc", "drop/test_acc_before", "importance/attn/layer_00"} <= set(header)
     assert run.count("VisionLayerDrop: dropped attn") == 1  # rank zero reports and writes
     assert "self.log('val/loss', ..., sync_dist=True)" not in run.log  # the logged loss is over all ranks
 

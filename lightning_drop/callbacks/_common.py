@@ -54,9 +54,14 @@ class CalibrationSource:
         self._batches: list[dict[str, torch.Tensor]] | None = None
 
     def batches(self, trainer: pl.Trainer, pl_module: pl.LightningModule) -> list[dict[str, torch.Tensor]]:
+        """This rank's share of the calibration batches (all of them on one process).
+
+        Scores are token-weighted sums that add up across ranks when they sync, so N ranks scoring a share
+        each give the scores of one process scoring every batch, N times sooner. A rank may get none.
+        """
         if self._batches is None:
             self._batches = split_batch(self._load(trainer, pl_module), self.batch_size)
-        return self._batches
+        return self._batches[getattr(trainer, "global_rank", 0)::getattr(trainer, "world_size", 1)]
 
     def _load(self, trainer: pl.Trainer, pl_module: pl.LightningModule) -> dict[str, torch.Tensor]:
         if self.source is None:
