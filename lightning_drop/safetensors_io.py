@@ -36,6 +36,11 @@ def read_safetensors_header(path: str | os.PathLike) -> tuple[int, dict[str, dic
     return 8 + size, header
 
 
+def dir_size(path: str | os.PathLike, pattern: str = "*.safetensors") -> int:
+    """Bytes on disk of the files matching `pattern` in `path`: by default a checkpoint's weights."""
+    return sum(p.stat().st_size for p in Path(path).glob(pattern))
+
+
 class SafetensorsShards:
     """Tensor name -> file of a (possibly sharded) safetensors checkpoint; reads only the tensors asked for.
 
