@@ -68,6 +68,8 @@ MOVED_NAMES = [
         "QUALITY_TABLE", "TABLE_ORDER", "format_quality_table", "quality_report", "quality_table",
         "write_quality_table"]),
     ("lightning_drop.quantize", "lightning_drop.safetensors_io", ["dir_size"]),
+    ("lightning_drop.speed", "lightning_drop.ideal_speedup", [
+        "dropped_part_modules", "ideal_speedup", "profile_drop", "realized_gain"]),
 ]
 
 
