@@ -332,7 +332,7 @@ def test_quality_table_has_the_four_rows_and_writes_json_and_markdown(four_check
 
 
 def test_quality_table_runs_requested_tasks(four_checkpoints, shared_dir):
-    from lightning_drop.evaluation import local_task_dir
+    from lightning_drop.lm_eval_tasks import local_task_dir
     from lightning_drop.quality_table import format_quality_table, quality_table
 
     data = shared_dir / "data" / "hellaswag_val_first1000.jsonl"
