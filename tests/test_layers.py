@@ -73,6 +73,9 @@ MOVED_NAMES = [
     ("lightning_drop.evaluation", "lightning_drop.lm_eval_tasks", [
         "OLMO_EVAL_VERSION", "PAPER_PRESET", "TASKS_DIR", "available_presets", "check_task_records",
         "local_task_dir", "local_task_names", "prepare_paper_tasks", "resolve_tasks"]),
+    ("lightning_drop.jobs.study.report", "lightning_drop.jobs.study.figures", [
+        "COLORS", "LABELS", "LINESTYLES", "MARKERS", "SPEEDUP_KEY", "drop_order", "pareto_front", "plot_drop_order",
+        "plot_importance_heatmap", "plot_quality_vs_num", "plot_quality_vs_speedup"]),
 ]
 
 
