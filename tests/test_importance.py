@@ -263,7 +263,8 @@ def test_every_importance_figure_is_the_one_function(tmp_path, monkeypatch):
     `plots.importance_figure`, each under its own file name; dropped modules are outlined, gone ones blank."""
     from pathlib import Path
 
-    from lightning_drop import plots, report
+    from lightning_drop import plots
+    from lightning_drop.jobs.study import figures
     from lightning_drop.callbacks import ImportanceTracker
     from lightning_drop.importance import ImportanceScores
 
@@ -280,7 +281,7 @@ def test_every_importance_figure_is_the_one_function(tmp_path, monkeypatch):
     assert plots.plot_importance(s, tmp_path / "importance.png", drop_attn=[2], drop_mlp=[0]).stat().st_size > 3000
     rows, values, marked = drawn[-1][0][0]
     assert rows == ["attention", "MLP", "block"] and values[0] == [0.1, None, 0.3] and marked == [(0, 2), (1, 0)]
-    out = report.plot_importance_heatmap({"scores": {"a": s.to_dict(), "b": s.to_dict()}}, Path(tmp_path / "r.png"))
+    out = figures.plot_importance_heatmap({"scores": {"a": s.to_dict(), "b": s.to_dict()}}, Path(tmp_path / "r.png"))
     assert out.name == "r.png" and out.stat().st_size > 3000 and len(drawn[-1][0]) == 2
     tracker = ImportanceTracker(log_color=False)
     tracker.history = [{"step": k, "event": "step", "attn": s.attn, "mlp": s.mlp, "block": s.block} for k in (0, 5)]

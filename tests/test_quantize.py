@@ -251,7 +251,7 @@ def test_smollm2_attention_drop_quantized(tmp_path, c4_path, method):
         pytest.skip("AWQ on CPU runs in bfloat16 (its CPU kernel refuses float32) and this CPU has no "
                     "avx512_bf16/amx_bf16: measured ~10 min per SmolLM2 layer here, hours in all")
     from lightning_drop.evaluation import perplexity, text_windows
-    from lightning_drop.quantize import quality_report
+    from lightning_drop.quality_table import quality_report
 
     model, tok = load_model("smollm2-135m")
     ld.apply_drop(model, attn=SMOLLM2_ATTN_DROP)  # 8 of 30 attention layers
@@ -294,7 +294,8 @@ def four_checkpoints(tmp_path_factory):
 
 def test_quality_table_has_the_four_rows_and_writes_json_and_markdown(four_checkpoints, c4_path, tmp_path):
     from lightning_drop.evaluation import perplexity, text_windows
-    from lightning_drop.quantize import TABLE_ORDER, dir_size, quality_report
+    from lightning_drop.quality_table import TABLE_ORDER, quality_report
+    from lightning_drop.safetensors_io import dir_size
 
     ck = four_checkpoints
     (tmp_path / "base_eval.json").write_text(json.dumps({"scores": {"task_a": 0.5, "task_b": 0.3}, "average": 0.4}))
@@ -331,8 +332,8 @@ def test_quality_table_has_the_four_rows_and_writes_json_and_markdown(four_check
 
 
 def test_quality_table_runs_requested_tasks(four_checkpoints, shared_dir):
-    from lightning_drop.evaluation import local_task_dir
-    from lightning_drop.quantize import format_quality_table, quality_table
+    from lightning_drop.lm_eval_tasks import local_task_dir
+    from lightning_drop.quality_table import format_quality_table, quality_table
 
     data = shared_dir / "data" / "hellaswag_val_first1000.jsonl"
     table = quality_table({"dropped": four_checkpoints["dropped"]}, tasks="hellaswag_sample", limit=4,
@@ -344,7 +345,7 @@ def test_quality_table_runs_requested_tasks(four_checkpoints, shared_dir):
 
 
 def test_quality_table_bad_input(four_checkpoints, tmp_path):
-    from lightning_drop.quantize import quality_report, quality_table
+    from lightning_drop.quality_table import quality_report, quality_table
 
     ck = four_checkpoints
     with pytest.raises(ValueError, match="nothing to measure"):
@@ -363,6 +364,8 @@ def test_quantize_main_quantizes_the_baseline_too_and_writes_the_table(four_chec
                                                                        monkeypatch):
     """The command's wiring, with the backend replaced by the stand-in above (the real one is tested above)."""
     import lightning_drop.quantize as q
+    from lightning_drop.quality_table import TABLE_ORDER
+    from lightning_drop.safetensors_io import dir_size
 
     calls = []
 
@@ -371,7 +374,7 @@ def test_quantize_main_quantizes_the_baseline_too_and_writes_the_table(four_chec
         _fake_quantized(src, out)
         return q.QuantizeResult(out_dir=str(out), method=kw["method"], bits=kw["bits"], group_size=32,
                                 backend=kw["backend"], num_samples=kw["num_samples"], seq_len=kw["seq_len"],
-                                seconds=0.0, size_before_bytes=q.dir_size(src), size_after_bytes=q.dir_size(out),
+                                seconds=0.0, size_before_bytes=dir_size(src), size_after_bytes=dir_size(out),
                                 quantized_modules=0)
 
     monkeypatch.setattr(q, "quantize", fake_quantize)
@@ -380,7 +383,7 @@ def test_quantize_main_quantizes_the_baseline_too_and_writes_the_table(four_chec
     res = q.quantize_main(str(four_checkpoints["dropped"]), str(out), calibration=str(c4_path), num_samples=4,
                           seq_len=64, eval_data=str(c4_path), eval_windows=2, baseline=str(four_checkpoints["baseline"]))
     assert calls[0][1] == str(out) and calls[1] == (str(four_checkpoints["baseline"]), str(tmp_path / "q-baseline"), 32)
-    assert [r["config"] for r in res["table"]["rows"]] == list(q.TABLE_ORDER)
+    assert [r["config"] for r in res["table"]["rows"]] == list(TABLE_ORDER)
     report = json.loads((out / q.QUANT_REPORT).read_text())
     assert report["baseline_quantization"]["out_dir"] == str(tmp_path / "q-baseline")
     assert (out / "quality_table.md").is_file() and report["table"]["num_windows"] == 2

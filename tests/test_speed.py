@@ -17,10 +17,10 @@ from torch.utils.data import DataLoader  # noqa: E402
 
 from lightning_drop import apply_drop  # noqa: E402
 from lightning_drop.callbacks.speed import SpeedBenchmark  # noqa: E402
+from lightning_drop.ideal_speedup import dropped_part_modules, profile_drop, realized_gain  # noqa: E402
 from lightning_drop.model_loading import load_model  # noqa: E402
 from lightning_drop.speed import (  # noqa: E402
-    compare_speed, count_params, dropped_part_modules, kv_cache_bytes_per_token, measure_generation, profile_drop,
-    realized_gain, sdr, weight_bytes,
+    compare_speed, count_params, kv_cache_bytes_per_token, measure_generation, sdr, weight_bytes,
 )
 
 

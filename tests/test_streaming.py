@@ -17,6 +17,7 @@ from lightning_drop.cli import main
 from lightning_drop.importance import compute_importance
 from lightning_drop.modeling_dropped import apply_drop
 from lightning_drop.model_loading import tiny_model
+from lightning_drop.safetensors_io import INDEX_NAME, ReusedBuffer
 from lightning_drop.streaming import stream_importance, write_dropped_streaming
 
 SEQ = 32  # longer than the tiny families' sliding window (8)
@@ -53,7 +54,7 @@ def _assert_close(ref, got, tol: float = 1e-5) -> None:
 ])
 def test_streamed_scores_equal_in_memory(tmp_path, family, overrides):
     src = _save(tmp_path, family, **overrides)
-    assert (src / streaming.INDEX_NAME).is_file()
+    assert (src / INDEX_NAME).is_file()
     windows = _windows()
     ref = compute_importance(load_dropped(src), [windows[i:i + 2] for i in range(0, len(windows), 2)])
     got = stream_importance(src, windows, batch_size=2)
@@ -182,7 +183,7 @@ def test_sharded_writer_equals_save_dropped(tmp_path, family, attn, mlp):
     _, tok = tiny_model(family)
     save_dropped(model, tmp_path / "mem", tok)
     write_dropped_streaming(src, tmp_path / "str", attn, mlp, tok, dtype=torch.float32, max_shard_size="100KB")
-    index = json.loads((tmp_path / "str" / streaming.INDEX_NAME).read_text())
+    index = json.loads((tmp_path / "str" / INDEX_NAME).read_text())
     assert len(set(index["weight_map"].values())) > 1
     _assert_same_checkpoint(tmp_path / "mem", tmp_path / "str")
     reloaded = load_dropped(tmp_path / "str")
@@ -280,69 +281,12 @@ def test_lightning_fsdp_refuses_cpu():
         pl.Trainer(accelerator="cpu", strategy="fsdp", devices=2, logger=False)
 
 
-def test_positional_reads_equal_safetensors_own_loader(tmp_path):
-    """SafetensorsShards reads without mapping the file; every dtype and shape must come back bit for bit."""
-    from safetensors.torch import load_file, save_file
-
-    from lightning_drop.streaming import SafetensorsShards
-
-    g = torch.Generator().manual_seed(0)
-    tensors = {"a.bf16": torch.randn(3, 5, generator=g).to(torch.bfloat16), "b.f32": torch.randn(7, generator=g),
-               "c.i64": torch.arange(6).reshape(2, 3), "d.bool": torch.tensor([True, False, True]),
-               "e.scalar": torch.tensor(2.5), "f.empty": torch.zeros(0, 4), "g.f16": torch.randn(4, 4).half()}
-    save_file(tensors, str(tmp_path / "model.safetensors"))
-    ref = load_file(str(tmp_path / "model.safetensors"))
-    with SafetensorsShards(tmp_path) as ct:
-        got = ct.get_many(list(tensors))
-        assert sorted(ct.keys()) == sorted(tensors)
-        assert ct.nbytes("a.bf16") == 30 and ct.dtype_of("c.i64") == "I64"
-        assert ct.get("b.f32", dtype=torch.float64).dtype == torch.float64
-    for k, v in ref.items():
-        assert got[k].dtype == v.dtype and got[k].shape == v.shape and torch.equal(got[k], v), k
-    data = (tmp_path / "model.safetensors").read_bytes()
-    (tmp_path / "model.safetensors").write_bytes(data[:-8])  # truncated shard
-    with pytest.raises(ValueError, match="truncated"):
-        SafetensorsShards(tmp_path).get_many(list(tensors))
-
-
-def _mixed_tensors() -> dict[str, torch.Tensor]:
-    g = torch.Generator().manual_seed(0)
-    return {"z.bf16": torch.randn(3, 5, generator=g).to(torch.bfloat16), "b.f32": torch.randn(7, generator=g),
-            "c.i64": torch.arange(6).reshape(2, 3), "d.bool": torch.tensor([True, False, True]),
-            "e.scalar": torch.tensor(2.5), "f.empty": torch.zeros(0, 4), "a.f16": torch.randn(4, 4).half(),
-            "ü.f64": torch.ones(3, dtype=torch.float64)}
-
-
-@pytest.mark.parametrize("dtype", [None, torch.float32, torch.bfloat16])
-@pytest.mark.parametrize("chunk", [None, 16])  # 16 bytes: every cast goes through several staging chunks
-def test_reused_buffer_reads_and_tensor_by_tensor_writes_are_exact(tmp_path, monkeypatch, dtype, chunk):
-    """Reads into one reused buffer equal fresh reads; write_safetensors writes save_file's bytes."""
-    from safetensors.torch import save_file
-
-    from lightning_drop.streaming import SafetensorsShards, ReusedBuffer, write_safetensors
-
-    if chunk is not None:
-        monkeypatch.setattr(streaming, "_CAST_CHUNK", chunk)
-    tensors = _mixed_tensors()
-    save_file(tensors, str(tmp_path / "model.safetensors"), metadata={"format": "pt"})
-    ref = {k: v.to(dtype) if dtype is not None and v.is_floating_point() else v for k, v in tensors.items()}
-    buffer = ReusedBuffer()
-    with SafetensorsShards(tmp_path) as ct:
-        for _ in range(2):  # the second read reuses the allocation of the first
-            got = ct.get_many(list(tensors), dtype=dtype, into=buffer)
-            for k, v in ref.items():
-                assert got[k].dtype == v.dtype and got[k].shape == v.shape and torch.equal(got[k], v), k
-        write_safetensors(tmp_path / "ours.safetensors", ct, {k: k for k in tensors}, dtype)
-    save_file(ref, str(tmp_path / "ref.safetensors"), metadata={"format": "pt"})
-    assert (tmp_path / "ours.safetensors").read_bytes() == (tmp_path / "ref.safetensors").read_bytes()
-
-
 def test_dropped_writer_holds_one_tensor_at_a_time(tmp_path, monkeypatch):
     """Whatever the shard size, the writer's memory is its largest tensor, not a shard."""
     src = _save(tmp_path, "llama")
     sizes: list[int] = []
 
-    class Recording(streaming.ReusedBuffer):
+    class Recording(ReusedBuffer):
         def views(self, layout, extra_bytes=0):
             out = super().views(layout, extra_bytes)
             sizes.append(self.nbytes)

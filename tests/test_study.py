@@ -350,7 +350,7 @@ def test_sdr_is_on_total_speedup():
 
 
 def test_drop_order_figure_follows_an_iterative_main_sweep(tmp_path, c4_path, monkeypatch):
-    from lightning_drop import report
+    from lightning_drop.jobs.study import figures
 
     cfg = tiny_config(tmp_path, c4_path, speed={"enabled": False})
     cfg["sweeps"] = [{"name": "main", "targets": ["attn"], "nums": [0, 1, 2], "schedule": "iterative"}]
@@ -358,12 +358,12 @@ def test_drop_order_figure_follows_an_iterative_main_sweep(tmp_path, c4_path, mo
     sets = doc["drop_order"]["sets"]["attn"]
     rows = {r["num"]: r for r in doc["rows"]}
     assert sets["1"][0] == rows[1]["drop_attn"] and sets["2"][0] == rows[2]["drop_attn"]
-    grid = report._iterative_grid(sets, "attn", 4)
+    grid = figures._iterative_grid(sets, "attn", 4)
     assert [i for i in range(4) if grid[1, i] == 1] == rows[2]["drop_attn"]
     assert all(v != v for v in grid[2]) and all(v != v for v in grid[3])  # counts the walk never reached
     figs = []
-    monkeypatch.setattr(report, "_save", lambda fig, path: figs.append(fig) or path)
-    report.plot_drop_order(doc, tmp_path / "x.png")
+    monkeypatch.setattr(figures, "_save", lambda fig, path: figs.append(fig) or path)
+    figures.plot_drop_order(doc, tmp_path / "x.png")
     fig = figs[0]
     titles = [ax.get_title() for ax in fig.axes if ax.get_title()]
     assert "iterative" in fig._suptitle.get_text() and "one-shot" not in fig._suptitle.get_text()

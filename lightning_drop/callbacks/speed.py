@@ -53,7 +53,7 @@ class SpeedBenchmark(FitEndMeasurement):
         self.results: dict[str, Any] | None = None
 
     def measure(self, model: Any, base: Any = None, dropped_avg: float | None = None) -> dict[str, Any]:
-        from lightning_drop import speed
+        from lightning_drop import ideal_speedup, speed
 
         args = (self.batch_size, self.prompt_len, self.gen_len, self.repeats, self.warmup)
         if base is None:
@@ -64,10 +64,10 @@ class SpeedBenchmark(FitEndMeasurement):
             from lightning_drop.modeling_dropped import dropped_layers
 
             attn, mlp = dropped_layers(model)
-            prof = speed.profile_drop(base, attn, mlp, *args)
+            prof = ideal_speedup.profile_drop(base, attn, mlp, *args)
             res["ideal_speedup"] = prof["total"]["ideal_speedup"]
             if res["ideal_speedup"] != 1:
-                res["realized_gain"] = speed.realized_gain(res["speedup"]["total"], res["ideal_speedup"])
+                res["realized_gain"] = ideal_speedup.realized_gain(res["speedup"]["total"], res["ideal_speedup"])
         if self.baseline_avg is not None and dropped_avg is not None:
             res["sdr"] = speed.sdr(self.baseline_avg, dropped_avg, res["speedup"]["total"])
         return res

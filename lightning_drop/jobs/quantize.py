@@ -1,7 +1,8 @@
 """`lightning-drop quantize`: 4/8-bit AWQ or GPTQ of a saved (dropped) model, with the quality table.
 
-The quantizer and the quality measures are `lightning_drop.quantize`'s, looked up on that module when the
-command runs (so a replaced backend is the one used). Nothing heavy is imported until it runs.
+The quantizer is `lightning_drop.quantize`'s, looked up on that module when the command runs (so a replaced
+backend is the one used); the quality table is `lightning_drop.quality_table`'s. Nothing heavy is imported
+until it runs.
 """
 
 from __future__ import annotations
@@ -71,6 +72,7 @@ def quantize_main(model: str, output: str, method: Method = "gptq", bits: int = 
     from .. import (
         quantize as library,  # attribute lookups at call time: a replaced backend is honoured
     )
+    from ..quality_table import quality_report
 
     measure = bool(eval_data or tasks or task_results)
     if (baseline is not None or baseline_output is not None) and not measure:
@@ -98,11 +100,11 @@ def quantize_main(model: str, output: str, method: Method = "gptq", bits: int = 
                                         "model": str(baseline)}
     if measure:
         skip = num_samples if eval_skip_windows is None else eval_skip_windows
-        res.update(library.quality_report(model, output, eval_data or None, seq_len=seq_len,
-                                          num_windows=eval_windows, skip_windows=skip, baseline=baseline,
-                                          baseline_quantized=base_q, tasks=tasks, num_fewshot=num_fewshot,
-                                          limit=limit, include_path=include_path, task_results=task_results,
-                                          output=output))
+        res.update(quality_report(model, output, eval_data or None, seq_len=seq_len,
+                                  num_windows=eval_windows, skip_windows=skip, baseline=baseline,
+                                  baseline_quantized=base_q, tasks=tasks, num_fewshot=num_fewshot,
+                                  limit=limit, include_path=include_path, task_results=task_results,
+                                  output=output))
     atomic_write_text(Path(output) / library.QUANT_REPORT,
                       json.dumps(res, indent=2, sort_keys=True, default=str) + "\n")
     print(library.format_report(res))

@@ -49,6 +49,7 @@ def speed_main(model: str, baseline: str | None = None, batch_size: int = 1, pro
     """
     import torch
 
+    from ..ideal_speedup import profile_drop, realized_gain
     from ..model_loading import load_model
     from ..speed import (
         INTERLEAVE,
@@ -57,8 +58,6 @@ def speed_main(model: str, baseline: str | None = None, batch_size: int = 1, pro
         measure_generation,
         peak_rss_bytes,
         print_speed,
-        profile_drop,
-        realized_gain,
         sdr,
     )
 

@@ -222,7 +222,7 @@ class PointEvaluator:
         from lm_eval.models.huggingface import HFLM
         from lm_eval.tasks import TaskManager
 
-        from ...evaluation import local_task_dir
+        from ...lm_eval_tasks import local_task_dir
 
         if self._mc_include is None:
             self._mc_include = local_task_dir({mc.task: data}, self.cache.root / "tasks")

@@ -1,0 +1,137 @@
+"""The ideal speed-up of a drop, from profiling the base model, and how much of it a drop delivers.
+
+`profile_drop` generates with the base model as `lightning_drop.speed` does and, in alternate runs, times
+(per prefill/decode phase) the modules the drop would remove: each dropped sublayer and its norms.
+The ideal speed-up is T_base / (T_base - T_removed parts); `realized_gain` compares it with the speed-up the
+dropped model really shows (`speed.compare_speed`).
+"""
+
+from __future__ import annotations
+
+import contextlib
+import statistics
+from collections.abc import Iterable, Iterator, Sequence
+from typing import Any
+
+import torch
+from torch import nn
+
+from .errors import UserError
+from .speed import _check_args, _clock, _generate_once, _random_prompt, _sync
+
+
+def dropped_part_modules(model: nn.Module, attn: Iterable[int] = (), mlp: Iterable[int] = ()) -> list[nn.Module]:
+    """The base model's modules a drop removes: each dropped sublayer and its norms (from the ArchSpec)."""
+    from lightning_drop.architectures import get_spec
+
+    spec = get_spec(model)
+    layers = spec.get_layers(model)
+    mods: list[nn.Module] = []
+    for names, idx in (((spec.attn, *spec.attn_norms), attn), ((spec.mlp, *spec.mlp_norms), mlp)):
+        for i in idx:
+            if not 0 <= i < len(layers):
+                raise UserError(f"layer index {i} out of range (model has {len(layers)} layers)")
+            for n in names:
+                mods.append(getattr(layers[i], n))
+    return mods
+
+
+@contextlib.contextmanager
+def _time_modules(modules: Sequence[nn.Module], phase: dict[str, str], acc: dict[str, float],
+                  clock: str = "wall") -> Iterator[None]:
+    """Accumulate, per phase, the wall time spent inside `modules` (pre-hook to hook); hooks always removed."""
+    start: dict[int, float] = {}
+    handles = []
+    now = _clock(clock)
+
+    def pre(mod: nn.Module, *_: Any) -> None:
+        _sync(_device_of(mod))
+        start[id(mod)] = now()
+
+    def post(mod: nn.Module, *_: Any) -> None:
+        _sync(_device_of(mod))
+        acc[phase["name"]] = acc.get(phase["name"], 0.0) + now() - start.pop(id(mod))
+
+    try:
+        for m in modules:
+            handles.append(m.register_forward_pre_hook(pre))
+            handles.append(m.register_forward_hook(post))
+        yield
+    finally:
+        for h in handles:
+            h.remove()
+
+
+def _device_of(mod: nn.Module) -> torch.device:
+    for p in mod.parameters():
+        return p.device
+    return torch.device("cpu")
+
+
+def profile_drop(base_model: nn.Module, attn: Iterable[int] = (), mlp: Iterable[int] = (), batch_size: int = 1,
+                 prompt_len: int = 128, gen_len: int = 128, repeats: int = 3, warmup: int = 1,
+                 seed: int = 0, clock: str = "wall") -> dict[str, Any]:
+    """Time the base model (no hooks) and, in alternate runs, the time it spends in the parts a drop removes.
+
+    Returns per phase (prefill, decode, total): base seconds, seconds in dropped parts, and the ideal speedup
+    T_base / (T_base - T_parts).
+    """
+    _check_args(batch_size, prompt_len, gen_len, repeats, warmup)
+    attn, mlp = list(attn), list(mlp)
+    mods = dropped_part_modules(base_model, attn, mlp)
+    ids = _random_prompt(base_model, batch_size, prompt_len, seed)
+    was_training = base_model.training
+    base_model.eval()
+    base_p, base_d, hook_p, hook_d, part_p, part_d = [], [], [], [], [], []
+    phase = {"name": ""}
+    try:
+        for _ in range(warmup):
+            _generate_once(base_model, ids, gen_len)
+        for _ in range(repeats):
+            p, d, _ = _generate_once(base_model, ids, gen_len, clock=clock)
+            base_p.append(p)
+            base_d.append(d)
+            acc: dict[str, float] = {}
+            with _time_modules(mods, phase, acc, clock):
+                p, d, _ = _generate_once(base_model, ids, gen_len, phase=phase, clock=clock)
+            hook_p.append(p)
+            hook_d.append(d)
+            part_p.append(acc.get("prefill", 0.0))
+            part_d.append(acc.get("decode", 0.0))
+    finally:
+        base_model.train(was_training)
+    med = statistics.median
+    out: dict[str, Any] = {"attn": attn, "mlp": mlp, "setup": dict(batch_size=batch_size, prompt_len=prompt_len,
+                                                                   gen_len=gen_len, repeats=repeats, clock=clock)}
+
+    def ideal(total: float, parts: float) -> float:
+        return total / (total - parts) if total > parts else float("inf")
+
+    for name, b, h, q in (("prefill", base_p, hook_p, part_p), ("decode", base_d, hook_d, part_d),
+                          ("total", [x + y for x, y in zip(base_p, base_d)], [x + y for x, y in zip(hook_p, hook_d)],
+                           [x + y for x, y in zip(part_p, part_d)])):
+        # The share of time in the dropped parts is read from one and the same (profiled) run, so load that
+        # drifts between runs cancels; the unprofiled runs give the base time alone.
+        out[name] = {"base_s": med(b), "profiled_s": med(h), "dropped_parts_s": med(q),
+                     "dropped_share": med(tq / th for th, tq in zip(h, q)),
+                     "ideal_speedup": med(ideal(th, tq) for th, tq in zip(h, q))}
+        mh, mq = min(h), min(q)
+        out[name]["ideal_speedup_min"] = ideal(mh, mq)
+    return out
+
+
+def ideal_speedup(base_model: nn.Module, attn_drop: Iterable[int] = (), mlp_drop: Iterable[int] = (),
+                  batch_size: int = 1, prompt_len: int = 128, gen_len: int = 128, repeats: int = 3,
+                  warmup: int = 1, phase: str = "total", clock: str = "wall") -> float:
+    """T_base / (T_base - T_dropped_parts) over prefill + decode (or one `phase`), by profiling `base_model`."""
+    if phase not in ("prefill", "decode", "total"):
+        raise UserError(f"phase must be prefill, decode or total, got {phase!r}")
+    prof = profile_drop(base_model, attn_drop, mlp_drop, batch_size, prompt_len, gen_len, repeats, warmup, clock=clock)
+    return prof[phase]["ideal_speedup"]
+
+
+def realized_gain(measured: float, ideal: float) -> float:
+    """(measured - 1) / (ideal - 1): the share of the ideal gain the drop really delivers."""
+    if ideal == 1:
+        raise UserError("ideal speedup is 1: nothing to realize")
+    return (measured - 1.0) / (ideal - 1.0)

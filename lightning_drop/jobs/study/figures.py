@@ -1,0 +1,263 @@
+"""The study report's figures, one PNG each: importance heatmap (layers x {attention, MLP, block}), quality
+vs number dropped per target, quality vs total (prefill + decode) speedup (Pareto view, the speedup SDR
+uses), and the dropping order (which layers go first as n grows, paper Fig. 6; one-shot or iterative, as
+the main sweep).
+"""
+
+from __future__ import annotations
+
+from pathlib import Path
+from typing import Any, Mapping, Sequence
+
+import matplotlib
+
+matplotlib.use("Agg")
+import matplotlib.pyplot as plt  # noqa: E402
+from matplotlib.ticker import FuncFormatter, MaxNLocator  # noqa: E402
+
+from ...atomic_io import save_figure  # noqa: E402
+
+_PLAIN = FuncFormatter(lambda v, _: f"{v:g}")
+
+
+def _log_y(ax: Any) -> None:
+    """Log y axis with plain numbers (20, 50, 100) instead of 2 x 10^1."""
+    ax.set_yscale("log")
+    ax.yaxis.set_major_formatter(_PLAIN)
+    ax.yaxis.set_minor_formatter(_PLAIN)
+    ax.tick_params(axis="y", which="minor", labelsize=7)
+
+COLORS = {"attn": "#1f77b4", "mlp": "#ff7f0e", "block": "#2ca02c", "joint": "#9467bd", "baseline": "#000000"}
+LABELS = {"attn": "attention", "mlp": "MLP", "block": "block", "joint": "joint (attn + MLP)"}
+MARKERS = ["o", "s", "^", "D", "v", "P", "X", "*"]
+LINESTYLES = ["-", "--", ":", "-."]
+
+
+def _save(fig: Any, path: Path) -> Path:
+    return save_figure(fig, path, dpi=110, bbox_inches="tight")
+
+
+def _main_sweep(doc: Mapping[str, Any]) -> str:
+    return doc["config"]["sweeps"][0]["name"]
+
+
+def _baseline(rows: Sequence[Mapping[str, Any]]) -> Mapping[str, Any]:
+    return next(r for r in rows if r["num"] == 0)
+
+
+def _series(rows: Sequence[Mapping[str, Any]]) -> dict[tuple[str, str], list[Mapping[str, Any]]]:
+    """{(sweep, target): rows sorted by num, baseline included at n = 0}."""
+    base = _baseline(rows)
+    out: dict[tuple[str, str], list[Mapping[str, Any]]] = {}
+    for r in rows:
+        if r["num"] > 0:
+            out.setdefault((r["sweep"], r["target"]), []).append(r)
+    return {k: [base] + sorted(v, key=lambda r: r["num"]) for k, v in out.items()}
+
+
+def _style(sweeps: list[str], sweep: str) -> dict[str, Any]:
+    i = sweeps.index(sweep)
+    return {"linestyle": LINESTYLES[i % len(LINESTYLES)], "marker": MARKERS[i % len(MARKERS)]}
+
+
+# ------------------------------------------------------------------------------------------------ figures
+def plot_importance_heatmap(doc: Mapping[str, Any], path: Path) -> Path:
+    """One panel per score set of the study (`plots.importance_figure`)."""
+    from ...plots import importance_figure, score_panel
+
+    scores = doc["scores"]
+    if not scores:
+        fig, ax = plt.subplots(figsize=(6, 1.5))
+        ax.text(0.5, 0.5, "no importance scores (baseline only)", ha="center", va="center")
+        ax.axis("off")
+        return _save(fig, path)
+    panels = [score_panel(s, f"importance ({label}); lower = more redundant, dropped first")
+              for label, s in scores.items()]
+    return _save(importance_figure(panels), path)
+
+
+def plot_quality_vs_num(doc: Mapping[str, Any], path: Path) -> Path:
+    rows = doc["rows"]
+    series = _series(rows)
+    sweeps = [s["name"] for s in doc["config"]["sweeps"]]
+    has_mc = any(r.get("mc_acc") is not None for r in rows)
+    fig, axes = plt.subplots(1, 2 if has_mc else 1, figsize=(12 if has_mc else 6.5, 4.6), squeeze=False)
+    ax_p = axes[0, 0]
+    for (sweep, target), rs in series.items():
+        label = LABELS.get(target, target) + ("" if sweep == sweeps[0] else f" [{sweep}]")
+        st = _style(sweeps, sweep)
+        xs = [r["num"] for r in rs]
+        ax_p.plot(xs, [r["perplexity"] for r in rs], color=COLORS.get(target), label=label, **st)
+        if has_mc:
+            axes[0, 1].plot(xs, [r.get("mc_acc") for r in rs], color=COLORS.get(target), label=label, **st)
+    base = _baseline(rows)
+    ax_p.axhline(base["perplexity"], color="gray", lw=0.8, ls=":", label="baseline")
+    _log_y(ax_p)
+    for ax in axes[0]:
+        ax.xaxis.set_major_locator(MaxNLocator(integer=True))
+    ax_p.set_xlabel("number of modules dropped (n)")
+    ax_p.set_ylabel("held-out perplexity (log scale, lower is better)")
+    ax_p.set_title("perplexity vs number dropped")
+    ax_p.grid(alpha=0.3, which="both")
+    ax_p.legend(fontsize=8)
+    if has_mc:
+        ax = axes[0, 1]
+        ax.axhline(base.get("mc_acc"), color="gray", lw=0.8, ls=":", label="baseline")
+        ax.axhline(0.25, color="red", lw=0.8, ls="--", label="chance (4 choices)")
+        ax.set_xlabel("number of modules dropped (n)")
+        n_mc = base.get("mc_n")
+        ax.set_ylabel("multiple-choice accuracy (acc_norm)")
+        ax.set_title(f"HellaSwag sample accuracy (n={n_mc})")
+        ax.grid(alpha=0.3)
+        ax.legend(fontsize=8)
+    fig.tight_layout()
+    return _save(fig, path)
+
+
+def pareto_front(points: Sequence[tuple[float, float]]) -> list[tuple[float, float]]:
+    """Points (speedup, loss) not dominated by another (higher speedup with lower or equal loss)."""
+    front = []
+    for s, q in sorted(points, key=lambda p: (-p[0], p[1])):
+        if not front or q < front[-1][1]:
+            front.append((s, q))
+    return sorted(front)
+
+
+SPEEDUP_KEY = "total_speedup"  # the speedup SDR is computed on (prefill + decode, as the paper times)
+
+
+def plot_quality_vs_speedup(doc: Mapping[str, Any], path: Path) -> Path:
+    rows = [r for r in doc["rows"] if r.get(SPEEDUP_KEY) is not None]
+    sweeps = [s["name"] for s in doc["config"]["sweeps"]]
+    has_mc = any(r.get("mc_acc") is not None for r in rows)
+    fig, axes = plt.subplots(1, 2 if has_mc else 1, figsize=(12 if has_mc else 6.5, 4.8), squeeze=False)
+    panels = [("perplexity", "held-out perplexity (log scale, lower is better)", True)]
+    if has_mc:
+        panels.append(("mc_acc", "multiple-choice accuracy (acc_norm, higher is better)", False))
+    for ax, (key, ylabel, log) in zip(axes[0], panels):
+        seen = set()
+        pts = []
+        for r in rows:
+            if r.get(key) is None:
+                continue
+            target = r["target"]
+            lab = LABELS.get(target, target) + ("" if r["sweep"] == sweeps[0] else f" [{r['sweep']}]")
+            st = _style(sweeps, r["sweep"]) if r["num"] else {"marker": "*"}
+            ax.scatter(r[SPEEDUP_KEY], r[key], color=COLORS.get(target), marker=st["marker"], s=60 if r["num"] else 160,
+                       label=None if lab in seen else ("baseline" if target == "baseline" else lab), zorder=3)
+            seen.add(lab)
+            if r["num"]:
+                ax.annotate(str(r["num"]), (r[SPEEDUP_KEY], r[key]), textcoords="offset points",
+                            xytext=(4, 4), fontsize=7)
+            pts.append((r[SPEEDUP_KEY], r[key] if log else -r[key]))
+        front = pareto_front(pts)
+        if len(front) > 1:
+            ax.plot([p[0] for p in front], [p[1] if log else -p[1] for p in front], color="gray", lw=1, ls="--",
+                    label="Pareto front", zorder=2)
+        if log:
+            _log_y(ax)
+        ax.axvline(1.0, color="gray", lw=0.6, ls=":")
+        ax.set_xlabel("total speedup vs base (prefill + decode time, x, measured alternately)")
+        ax.set_ylabel(ylabel)
+        ax.grid(alpha=0.3, which="both")
+        ax.legend(fontsize=8)
+    axes[0, 0].set_title("quality vs speed (numbers = modules dropped)")
+    if has_mc:
+        axes[0, 1].set_title("accuracy vs speed (SDR gamma in the table)")
+    fig.tight_layout()
+    return _save(fig, path)
+
+
+def drop_order(scores: Mapping[str, Any], kind: str) -> list[int]:
+    """Layers in the order a one-shot drop of `kind` removes them (lowest score first, ties by layer)."""
+    vals = scores[kind]
+    return [i for _, i in sorted((v, i) for i, v in enumerate(vals) if v is not None)]
+
+
+def _scores_label(doc: Mapping[str, Any], sweep: Mapping[str, Any]) -> str | None:
+    """The `doc["scores"]` entry of this sweep's (metric, calibration), as `DropSets.all_scores` labels it."""
+    cal = {**doc["config"]["calibration"], **(sweep.get("calibration") or {})}
+    exact = f"{sweep['metric']} | {Path(str(cal['source'])).name} x{cal['num_samples']}"
+    if exact in doc["scores"]:
+        return exact
+    return next((k for k in doc["scores"] if k.startswith(f"{sweep['metric']} |")), next(iter(doc["scores"]), None))
+
+
+def _iterative_grid(sets: Mapping[str, Sequence[Sequence[int]]], kind: str, n: int) -> Any:
+    """Rows n = 1..L of an iterative walk: 1 = dropped at that count, NaN = a count the walk did not store."""
+    import numpy as np
+
+    grid = np.full((n, n), np.nan)
+    for k, (attn, mlp) in sets.items():
+        k = int(k)
+        if not 1 <= k <= n:
+            continue
+        layers = set(attn) if kind == "attn" else set(mlp) if kind == "mlp" else set(attn) & set(mlp)
+        grid[k - 1] = [1.0 if i in layers else 0.0 for i in range(n)]
+    return grid
+
+
+def plot_drop_order(doc: Mapping[str, Any], path: Path) -> Path:
+    """Paper Fig. 6: rows n = 1..L, a filled cell = that layer is dropped when n modules go.
+
+    It follows the main sweep's schedule: one-shot = the order of one scoring pass; iterative = the sets the
+    re-scoring walk actually reached (`doc["drop_order"]`, read from the study cache). A kind the iterative
+    sweep did not walk is shown one-shot, and its panel says so.
+    """
+    import numpy as np
+
+    main = doc["config"]["sweeps"][0]
+    label = _scores_label(doc, main)
+    walked = (doc.get("drop_order") or {}).get("sets", {}) if main["schedule"] == "iterative" else {}
+    if label is None and not walked:
+        fig, ax = plt.subplots(figsize=(6, 1.5))
+        ax.text(0.5, 0.5, "no importance scores (baseline only)", ha="center", va="center")
+        ax.axis("off")
+        return _save(fig, path)
+    s = doc["scores"].get(label) if label else None
+    n = len(s["attn"]) if s else int(doc.get("num_layers") or 0)
+    kinds = ["attn", "mlp", "block"]
+    fig, axes = plt.subplots(1, 3, figsize=(15.0, 5.0), sharey=True)
+    marks = {}
+    for r in doc["rows"]:
+        if r["sweep"] == main["name"] and r["num"] > 0:
+            marks.setdefault(r["target"], set()).add(r["num"])
+    cmap = plt.get_cmap("Blues").with_extremes(bad="#eeeeee")  # set_bad is deprecated
+    for ax, kind in zip(axes, kinds):
+        if kind in walked:
+            grid = _iterative_grid(walked[kind], kind, n)
+            stored = [k for k in range(n) if not np.isnan(grid[k, 0])]
+            first = ",".join(str(i) for i in np.flatnonzero(grid[stored[0]] > 0)) if stored else None
+            first_n = stored[0] + 1 if stored else 1
+            how = f"iterative, step {main['step']}"
+        elif s is not None:
+            order = drop_order(s, kind)
+            grid = np.zeros((n, n))
+            for k in range(1, n + 1):
+                for layer in order[:k]:
+                    grid[k - 1, layer] = 1.0
+            first, first_n = (order[0] if order else None), 1
+            how = "one-shot" + ("; not in the iterative sweep" if main["schedule"] == "iterative" else "")
+        else:
+            ax.text(0.5, 0.5, "not computed", ha="center", va="center", transform=ax.transAxes)
+            ax.set_title(LABELS[kind])
+            continue
+        ax.imshow(np.ma.masked_invalid(grid), aspect="auto", cmap=cmap, vmin=0, vmax=1.4, origin="lower",
+                  extent=(-0.5, n - 0.5, 0.5, n + 0.5), interpolation="nearest")
+        for k in sorted(marks.get(kind, ())):
+            ax.axhline(k, color=COLORS[kind], lw=1.2)
+            ax.text(n - 0.4, k, f" n={k}", color=COLORS[kind], va="center", fontsize=7)
+        ax.set_title(f"{LABELS[kind]} ({how}): first dropped" + (f" (n={first_n})" if first_n > 1 else "")
+                     + f" = layer {'-' if first is None else first}", fontsize=10)
+        ax.set_xlabel("layer index")
+        ax.set_xticks(range(0, n, max(1, n // 15)))
+        ax.yaxis.set_major_locator(MaxNLocator(integer=True))
+    axes[0].set_ylabel("number dropped n (filled = layer dropped)")
+    if walked:
+        title = (f"dropping order, {main['metric']} re-scored after every {main['step']} dropped (iterative sweep "
+                 f"'{main['name']}'; grey rows: counts the walk did not reach; lines: n evaluated)")
+    else:
+        title = f"dropping order, one-shot {label} (lines: n evaluated in the sweep)"
+    fig.suptitle(title, fontsize=11)
+    fig.tight_layout()
+    return _save(fig, path)
