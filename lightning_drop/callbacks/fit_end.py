@@ -213,3 +213,10 @@ class FitEndMeasurement(FitEndMember):
 
     def _measure(self, trainer: pl.Trainer, pl_module: pl.LightningModule) -> Any:
         raise NotImplementedError(f"{type(self).__name__} must implement _measure")
+
+    def state_dict(self) -> dict[str, Any]:
+        """The last result, kept in Lightning checkpoints under the attribute's name."""
+        return {self.result_attr: getattr(self, self.result_attr, None)}
+
+    def load_state_dict(self, state_dict: dict[str, Any]) -> None:
+        setattr(self, self.result_attr, state_dict.get(self.result_attr))

@@ -137,11 +137,5 @@ class QuantizeCallback(FitEndMeasurement):
         trainer.strategy.barrier("QuantizeCallback")
         return self.result if trainer.is_global_zero else None
 
-    def state_dict(self) -> dict[str, Any]:
-        return {"result": self.result}
-
-    def load_state_dict(self, state_dict: dict[str, Any]) -> None:
-        self.result = state_dict.get("result")
-
 
 __all__ = ["QuantizeCallback", "METHODS", "BITS", "BACKENDS"]

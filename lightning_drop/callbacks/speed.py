@@ -108,9 +108,3 @@ class SpeedBenchmark(FitEndMeasurement):
             del base
         trainer.strategy.barrier("SpeedBenchmark")
         return self.results if trainer.is_global_zero else None
-
-    def state_dict(self) -> dict[str, Any]:
-        return {"results": self.results}
-
-    def load_state_dict(self, state_dict: dict[str, Any]) -> None:
-        self.results = state_dict.get("results")
