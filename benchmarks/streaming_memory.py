@@ -173,7 +173,8 @@ def _worker(model_dir: str, out_dir: str, samples: int, seq_len: int, batch_size
     """Score and write the dropped checkpoint; print the memory figures as one JSON line."""
     import torch
 
-    from lightning_drop.streaming import stream_importance, write_dropped_streaming
+    from lightning_drop.streaming import stream_importance
+    from lightning_drop.streamed_writer import write_dropped_streaming
 
     torch.set_num_threads(2)
     vocab = json.loads((Path(model_dir) / "config.json").read_text())["vocab_size"]

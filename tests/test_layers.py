@@ -64,6 +64,7 @@ MOVED_NAMES = [
     ("lightning_drop.streaming", "lightning_drop.safetensors_io", [
         "INDEX_NAME", "SINGLE_NAME", "ReusedBuffer", "SafetensorsShards", "read_safetensors_header",
         "write_safetensors"]),
+    ("lightning_drop.streaming", "lightning_drop.streamed_writer", ["write_dropped_streaming"]),
     ("lightning_drop.quantize", "lightning_drop.quality_table", [
         "QUALITY_TABLE", "TABLE_ORDER", "format_quality_table", "quality_report", "quality_table",
         "write_quality_table"]),

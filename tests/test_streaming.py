@@ -11,14 +11,15 @@ import pytest
 import torch
 from safetensors.torch import load_file
 
-from lightning_drop import streaming
-from lightning_drop.dropped_checkpoint import load_dropped, save_dropped
+from lightning_drop import streamed_writer, streaming
 from lightning_drop.cli import main
+from lightning_drop.dropped_checkpoint import load_dropped, save_dropped
 from lightning_drop.importance import compute_importance
-from lightning_drop.modeling_dropped import apply_drop
 from lightning_drop.model_loading import tiny_model
+from lightning_drop.modeling_dropped import apply_drop
 from lightning_drop.safetensors_io import INDEX_NAME, ReusedBuffer
-from lightning_drop.streaming import stream_importance, write_dropped_streaming
+from lightning_drop.streamed_writer import write_dropped_streaming
+from lightning_drop.streaming import stream_importance
 
 SEQ = 32  # longer than the tiny families' sliding window (8)
 
@@ -241,8 +242,8 @@ def test_stream_errors_are_one_line(tmp_path, c4_path, capsys):
 
 @pytest.mark.slow
 def test_smollm2_streamed_scores_equal_in_memory(c4_path):
-    from lightning_drop.text_data import CalibrationConfig, calibration_windows
     from lightning_drop.model_loading import load_model, resolve
+    from lightning_drop.text_data import CalibrationConfig, calibration_windows
 
     model, tok = load_model("smollm2-135m")
     windows = calibration_windows(tok, CalibrationConfig(source=str(c4_path), num_samples=4, seq_len=128))
@@ -258,7 +259,11 @@ def test_fsdp_policy_wraps_exactly_the_decoder_layers():
     from transformers.models.gemma2.modeling_gemma2 import Gemma2DecoderLayer
     from transformers.models.llama.modeling_llama import LlamaDecoderLayer
 
-    from lightning_drop.distributed import DecoderLayerFSDPStrategy, decoder_layer_classes, fsdp_auto_wrap_policy
+    from lightning_drop.distributed import (
+        DecoderLayerFSDPStrategy,
+        decoder_layer_classes,
+        fsdp_auto_wrap_policy,
+    )
 
     model, _ = tiny_model("llama")
     apply_drop(model, attn=[1], mlp=[1])  # dropped layers keep the family's class
@@ -292,7 +297,7 @@ def test_dropped_writer_holds_one_tensor_at_a_time(tmp_path, monkeypatch):
             sizes.append(self.nbytes)
             return out
 
-    monkeypatch.setattr(streaming, "ReusedBuffer", Recording)
+    monkeypatch.setattr(streamed_writer, "ReusedBuffer", Recording)
     write_dropped_streaming(src, tmp_path / "out", [1], [2], dtype=torch.float32, max_shard_size="10GB")
     written = _tensors(tmp_path / "out")
     assert len(list((tmp_path / "out").glob("*.safetensors"))) == 1 and len(sizes) == len(written)

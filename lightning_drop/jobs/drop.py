@@ -131,10 +131,10 @@ def run_drop(job: DropJob, progress: bool = True) -> dict[str, Any]:
     if job.stream:
         return run_drop_streamed(job, progress)
     from ..dropped_checkpoint import save_dropped
-    from ..text_data import calibration_windows
-    from ..modeling_dropped import dropped_layers
     from ..model_loading import load_model
+    from ..modeling_dropped import dropped_layers
     from ..selection import drop_by_importance
+    from ..text_data import calibration_windows
 
     model, tok = load_model(job.model, dtype=job.dtype, tokenizer=job.tokenizer)
     check_vocabulary(tok, model.get_input_embeddings().num_embeddings, job.model)
@@ -174,12 +174,13 @@ def run_drop_streamed(job: DropJob, progress: bool = True) -> dict[str, Any]:
     `lightning_drop.streaming`). The model must be a local safetensors checkpoint (or `smollm2-135m`).
     """
     from ..dropped_checkpoint import read_config
-    from ..text_data import calibration_windows
     from ..importance import ImportanceScores
     from ..model_loading import load_tokenizer, resolve
     from ..schedule import drop_rounds
     from ..selection import DropResult
-    from ..streaming import stream_importance, write_dropped_streaming
+    from ..streamed_writer import write_dropped_streaming
+    from ..streaming import stream_importance
+    from ..text_data import calibration_windows
 
     path = Path(resolve(job.model))
     if not (path / "config.json").is_file():
