@@ -359,11 +359,12 @@ def compute_importance(model: nn.Module, batches: Iterable[Any], metric: str = "
     was_training = model.training
     model.eval()
     batches = list(batches) if progress else batches
-    iterator: Iterable[Any] = batches
+    bar = None
     if progress:
         from tqdm.auto import tqdm
 
-        iterator = tqdm(batches, desc="calibration", unit="batch")
+        bar = tqdm(batches, desc="calibration", unit="batch")
+    iterator: Iterable[Any] = batches if bar is None else bar
     try:
         with acc.hooks():
             for batch in iterator:
@@ -372,5 +373,7 @@ def compute_importance(model: nn.Module, batches: Iterable[Any], metric: str = "
                 run_forward(spec, model, inputs)
     finally:
         model.train(was_training)
+        if bar is not None:  # an interrupted loop keeps its bar open (its line unfinished) until the frame dies
+            bar.close()
     # No early exit for a rank that saw no batch: scores() syncs, and the other ranks wait for it there.
     return acc.scores()

@@ -28,6 +28,7 @@ decides what to read, when, and what to write.
 
 from __future__ import annotations
 
+import contextlib
 import ctypes
 import os
 import tempfile
@@ -313,7 +314,8 @@ def stream_importance(model_dir: str | os.PathLike, windows: Any, metric: str = 
                 from tqdm.auto import tqdm
 
                 order = tqdm(order, desc="layers (streamed)", unit="layer")
-            with acc.hooks():
+            # closing the bar at once ends its line, also when the loop is interrupted
+            with acc.hooks(), contextlib.closing(order) if progress else contextlib.nullcontext():
                 for i in order:
                     layer = layers[i]
                     names = {k: f"{spec.layer_prefix}.{i}.{k}" for k in layer.state_dict()}
