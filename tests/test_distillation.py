@@ -14,7 +14,7 @@ from lightning.pytorch.callbacks import ModelCheckpoint
 from lightning.pytorch.utilities.exceptions import MisconfigurationException
 
 from lightning_drop.callbacks import Distillation, LayerDrop, LoRARecovery
-from lightning_drop.callbacks.distillation import hidden_loss, kd_loss
+from lightning_drop.callbacks.distill_loss import hidden_loss, kd_and_lm_loss, kd_loss
 from lightning_drop.lightning_datamodule import TextDataModule
 from lightning_drop.lightning_module import DropModule
 from lightning_drop.modeling_dropped import dropped_layers
@@ -89,6 +89,30 @@ def test_kl_is_zero_when_student_equals_teacher_and_ignores_padding():
     assert float(hidden_loss(states, [s.clone() for s in states], real, [0, 1, 2])) == 0.0
 
 
+@pytest.mark.parametrize("temperature", [1.0, 2.5])
+def test_fused_losses_equal_their_definitions_with_gradients(temperature):
+    """KL and LM loss from one pass with a hand-written backward: values and gradients of the definitions
+    (`kd_loss`, transformers' shifted cross-entropy), with padding and ignored labels."""
+    torch.manual_seed(0)
+    batch, length, vocab = 2, 6, 13
+    s = torch.randn(batch, length, vocab, dtype=torch.float64, requires_grad=True)
+    t = torch.randn(batch, length, vocab, dtype=torch.float64) * 2
+    real = torch.ones(batch, length, dtype=torch.bool)
+    real[0, 4:] = False
+    labels = torch.randint(0, vocab, (batch, length)).masked_fill(~real, -100)
+    labels[1, 2] = -100
+    kd, lm = kd_and_lm_loss(s, t, labels, real, temperature)
+    ref_kd = kd_loss(s, t, real, temperature)
+    ref_lm = torch.nn.functional.cross_entropy(s[:, :-1].reshape(-1, vocab), labels[:, 1:].reshape(-1))
+    torch.testing.assert_close((kd, lm), (ref_kd, ref_lm))
+    grad = torch.autograd.grad(0.3 * kd + 0.7 * lm, s)[0]
+    ref = torch.autograd.grad(0.3 * ref_kd + 0.7 * ref_lm, s)[0]
+    torch.testing.assert_close(grad, ref)
+    assert torch.autograd.gradcheck(lambda x: kd_and_lm_loss(x, t, labels, real, temperature), (s,))
+    low, _ = kd_and_lm_loss(s.detach().float(), t.bfloat16(), labels, real, temperature)  # a bf16 teacher
+    assert abs(float(low) - float(ref_kd)) < 0.05
+
+
 def test_objective_of_an_undropped_copy_has_zero_kl(c4_path):
     module = DropModule("tiny-llama")
     d = Distillation(alpha=0.5, hidden_weight=1.0)
@@ -101,7 +125,7 @@ def test_objective_of_an_undropped_copy_has_zero_kl(c4_path):
     assert float(parts["kd_loss"]) == pytest.approx(0.0, abs=1e-6)
     assert float(parts["hidden_loss"]) == pytest.approx(0.0, abs=1e-6)
     assert float(loss) == pytest.approx(0.5 * float(parts["lm_loss"]), rel=1e-5)
-    assert float(parts["lm_loss"]) == pytest.approx(float(module._loss(batch)), rel=1e-6)
+    assert float(parts["lm_loss"]) == pytest.approx(float(module._loss(batch)), rel=1e-5)
 
 
 def test_distillation_lowers_the_kl_on_held_out_windows(tmp_path, c4_path, pretrained):
@@ -385,8 +409,9 @@ def test_resume_refuses_a_teacher_that_cannot_be_rebuilt(tmp_path, c4_path):
 # ------------------------------------------------------------------------------------------- real model
 @pytest.mark.slow
 def test_distillation_lowers_held_out_perplexity_of_smollm2_with_8_attention_layers_dropped(tmp_path, c4_path):
-    """SmolLM2-135M, the 8 most redundant attention layers dropped, 30 steps of LoRA + KD on C4 documents
-    0-99; perplexity on documents 250-299 (never in a training window) falls."""
+    """SmolLM2-135M, the 8 most redundant attention layers dropped, 10 steps (4 x 128 tokens) of LoRA on half
+    KL, half LM loss over C4 documents 0-99; perplexity on documents 250-299 (never in a training window)
+    falls by at least half the gap the drop opened (-s prints the numbers)."""
     from lightning_drop.evaluation import perplexity
 
     docs = load_documents(str(c4_path))
@@ -403,9 +428,12 @@ def test_distillation_lowers_held_out_perplexity_of_smollm2_with_8_attention_lay
     dm = data(c4_path, tokenizer="smollm2-135m", seq_len=128, batch_size=4, limit_documents=100,
               calibration_samples=8)
     d = Distillation(alpha=0.5, temperature=1.0, trainable="lora", r=16, lora_alpha=32, lora_dropout=0.0)
-    tr = trainer(tmp_path, max_steps=30, callbacks=[drop(num=8, calibration_batch_size=4), d, Probe()])
+    tr = trainer(tmp_path, max_steps=10, callbacks=[drop(num=8, calibration_batch_size=4), d, Probe()])
     tr.fit(module, dm)
     ppl["recovered"] = perplexity(module.hf_model, held)
+    print(f"SmolLM2-135M held-out perplexity: base {ppl['base']:.2f}, 8 attention layers dropped "
+          f"{ppl['dropped']:.2f}, after 10 steps of distillation {ppl['recovered']:.2f} "
+          f"({(ppl['dropped'] - ppl['recovered']) / (ppl['dropped'] - ppl['base']):.0%} of the gap recovered)")
     assert len(module.drop_plan()[0]) == 8 and d.merged
     assert ppl["dropped"] > ppl["base"] * 1.2, ppl
-    assert ppl["recovered"] < ppl["dropped"] - 0.25 * (ppl["dropped"] - ppl["base"]), ppl
+    assert ppl["recovered"] < ppl["dropped"] - 0.5 * (ppl["dropped"] - ppl["base"]), ppl

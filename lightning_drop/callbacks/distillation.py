@@ -3,7 +3,8 @@
 Loss per training step, over real (non-padding) tokens only:
 `alpha * T^2 * KL(teacher || student)` of the next-token distributions at temperature `T`
 `+ (1 - alpha) * LM loss` `+ hidden_weight * MSE(student, teacher block outputs) / mean(teacher^2)`, the last
-at the outputs of the blocks both models still have (blockwise matching; 0 by default). It reaches
+at the outputs of the blocks both models still have (blockwise matching; 0 by default); the first two come
+from one pass over the logits (`distill_loss.kd_and_lm_loss`). It reaches
 `DropModule.training_step` through the module's one hook for that, `set_training_objective`, and its parts
 are logged as `train/kd_loss`, `train/lm_loss` (and `train/hidden_loss`).
 
@@ -37,7 +38,6 @@ from typing import Any, Sequence
 
 import lightning.pytorch as pl
 import torch
-import torch.nn.functional as F
 from lightning.pytorch.utilities import rank_zero_info
 from lightning.pytorch.utilities.exceptions import MisconfigurationException
 from torch import nn
@@ -45,39 +45,9 @@ from torch import nn
 from lightning_drop.lightning_module import lm_batch, model_from_config
 
 from ._common import hf_of, rebuild_optimizers
+from .distill_loss import hidden_loss, kd_and_lm_loss
 from .fit_end import FitEnd, FitEndMember
 from .trainable import DEFAULT_TARGETS, LoRASettings, TrainableSet
-
-
-# ------------------------------------------------------------------------------------------------- losses
-def kd_loss(student_logits: torch.Tensor, teacher_logits: torch.Tensor, real: torch.Tensor | None,
-            temperature: float = 1.0) -> torch.Tensor:
-    """`T^2 * KL(teacher || student)` of softmax(logits / T), averaged over the real tokens (`real` [B, L]
-    bool, None for all); the T^2 keeps its gradients on the LM loss's scale whatever T."""
-    vocab = student_logits.shape[-1]
-    s, t = student_logits, teacher_logits.to(student_logits.device)
-    if real is not None:
-        s, t = s[real], t[real]
-    s, t = s.reshape(-1, vocab).float() / temperature, t.reshape(-1, vocab).float() / temperature
-    if s.shape[0] == 0:
-        return s.sum()  # no real token: zero, still part of the graph
-    log_p_t = F.log_softmax(t, dim=-1)
-    per_token = (log_p_t.exp() * (log_p_t - F.log_softmax(s, dim=-1))).sum(-1)
-    return per_token.mean() * temperature ** 2
-
-
-def hidden_loss(student_states: Sequence[torch.Tensor], teacher_states: Sequence[torch.Tensor],
-                real: torch.Tensor | None, layers: Sequence[int]) -> torch.Tensor:
-    """Mean over `layers` of MSE(student, teacher) / mean(teacher^2) at those blocks' outputs (`states[i + 1]`
-    of `output_hidden_states`), over real tokens: normalized, so every depth weighs the same."""
-    losses = []
-    for i in layers:
-        s, t = student_states[i + 1], teacher_states[i + 1].to(student_states[i + 1].device)
-        if real is not None:
-            s, t = s[real], t[real]
-        s, t = s.float(), t.float()
-        losses.append(F.mse_loss(s, t) / t.square().mean().clamp_min(1e-12))
-    return torch.stack(losses).mean()
 
 
 def fingerprint(model: nn.Module) -> torch.Tensor:
@@ -280,12 +250,11 @@ class Distillation(FitEndMember):
         """The training loss of a batch and its parts (`DropModule.set_training_objective`)."""
         ids, mask, labels = lm_batch(batch)
         hidden = self.hidden_weight > 0
-        out = module.model(input_ids=ids, attention_mask=mask, labels=labels, use_cache=False,
+        fused = self.alpha > 0  # with the teacher's logits at hand, both losses come from one pass over them
+        out = module.model(input_ids=ids, attention_mask=mask, labels=None if fused else labels, use_cache=False,
                            output_hidden_states=hidden)
-        parts = {"lm_loss": out.loss.detach()}
-        loss = (1.0 - self.alpha) * out.loss
         if not self.needs_teacher:
-            return loss, parts
+            return (1.0 - self.alpha) * out.loss, {"lm_loss": out.loss.detach()}
         teacher = self.teacher
         assert teacher is not None, "Distillation: no teacher (checked at train start)"
         device = next(teacher.parameters()).device
@@ -293,10 +262,13 @@ class Distillation(FitEndMember):
             t_out = teacher(input_ids=ids.to(device), attention_mask=None if mask is None else mask.to(device),
                             use_cache=False, output_hidden_states=hidden)
         real = None if mask is None else mask.bool()
-        if self.alpha > 0:
-            kd = kd_loss(out.logits, t_out.logits, real, self.temperature)
-            parts["kd_loss"] = kd.detach()
-            loss = loss + self.alpha * kd
+        if fused:
+            kd, lm = kd_and_lm_loss(out.logits, t_out.logits, labels, real, self.temperature)
+            parts = {"kd_loss": kd.detach(), "lm_loss": lm.detach()}
+            loss = self.alpha * kd + (1.0 - self.alpha) * lm
+        else:
+            parts = {"lm_loss": out.loss.detach()}
+            loss = out.loss
         if hidden:
             h = hidden_loss(out.hidden_states, t_out.hidden_states, real, _shared_blocks(hf_of(module), teacher))
             parts["hidden_loss"] = h.detach()
