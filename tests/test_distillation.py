@@ -306,6 +306,7 @@ def _other_vocabulary_teacher(path) -> str:
     ("fit_end", "nothing to recover"),
     ("two_recoveries", "use one recovery callback"),
     ("layers", r"layers \[7\] out of range: the model has 4 layers"),
+    ("last", r"layers='last:5' asks for more than the model's 4 layers"),
 ])
 def test_bad_setups_fail_before_training(tmp_path, c4_path, monkeypatch, case, match):
     callbacks = [drop(), Distillation()]
@@ -337,6 +338,8 @@ def test_bad_setups_fail_before_training(tmp_path, c4_path, monkeypatch, case, m
         callbacks.append(LoRARecovery())
     elif case == "layers":
         callbacks[1] = Distillation(trainable="layers", layers=[1, 7])
+    elif case == "last":
+        callbacks[1] = Distillation(trainable="layers", layers="last:5")
     started = Started()
     tr = trainer(tmp_path, max_steps=2, callbacks=[*callbacks, started])
     with pytest.raises(MisconfigurationException, match=match) as err:

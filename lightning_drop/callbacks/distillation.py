@@ -279,8 +279,11 @@ class Distillation(FitEndMember):
     def setup(self, trainer: pl.Trainer, pl_module: pl.LightningModule, stage: str) -> None:
         if stage != "fit":
             return
+        from lightning_drop.distributed import refuse_if_sharded
         from lightning_drop.modeling_dropped import dropped_layers
 
+        refuse_if_sharded(trainer, "Distillation keeps a whole unsharded teacher on every rank and",
+                          "use DDP (each rank holds its own teacher; teacher_dtype: bfloat16 halves it)")
         record = FitEnd.of(trainer).join(self, "adapters", finish=lambda tr, module: self.finish(module))
         if not hasattr(pl_module, "set_training_objective"):
             raise MisconfigurationException(f"Distillation needs a module with `set_training_objective` "
