@@ -244,7 +244,7 @@ def check_drop_and_distill(run: Run) -> None:
     assert not [k for k in _safetensor_keys(saved) if "lora_" in k], "LoRA adapters were not merged"
     assert run.count("Distillation from step 0") == 1 and run.count("Distillation: adapters merged") == 1
     run_dir = only_version(run.cwd / "lightning_logs" / "drop_and_distill")
-    assert {"train/kd_loss", "train/lm_loss"} <= set(tensorboard(run_dir).Tags()["scalars"])
+    assert "val/loss" in tensorboard(run_dir).Tags()["scalars"]  # (train/kd_loss: test_distillation_under_ddp)
     state = callback_state(lightning_checkpoint(run_dir), "Distillation")
     assert state["teacher_step"] == 0 and state["teacher_weights"] is None  # rebuilt from the source on resume
 
