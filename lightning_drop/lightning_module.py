@@ -58,8 +58,8 @@ class TrainingObjective(Protocol):
     `loss` is what `training_step` optimizes; `parts` are scalars it logs as `train/<name>`.
     """
 
-    def __call__(self, module: "DropModule", batch: dict[str, torch.Tensor]) -> tuple[torch.Tensor,
-                                                                                 dict[str, torch.Tensor]]: ...
+    def __call__(self, module: DropModule, batch: dict[str, torch.Tensor]) -> tuple[torch.Tensor,
+                                                                               dict[str, torch.Tensor]]: ...
 
 
 def lm_batch(batch: Any) -> tuple[torch.Tensor, torch.Tensor | None, torch.Tensor]:

@@ -51,8 +51,8 @@ def weights(model: torch.nn.Module) -> dict[str, torch.Tensor]:
 
 def assert_same(a: dict[str, torch.Tensor], b: dict[str, torch.Tensor]) -> None:
     assert a.keys() == b.keys()
-    for k in a:
-        torch.testing.assert_close(a[k].float(), b[k].float(), rtol=0, atol=0, msg=k)
+    for k, value in a.items():
+        torch.testing.assert_close(value.float(), b[k].float(), rtol=0, atol=0, msg=k)
 
 
 class Started(pl.Callback):

@@ -10,7 +10,8 @@ for measurements and as the reference the fused one is tested against.
 
 from __future__ import annotations
 
-from typing import Any, Sequence
+from collections.abc import Sequence
+from typing import Any
 
 import torch
 import torch.nn.functional as F
