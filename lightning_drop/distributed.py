@@ -15,8 +15,8 @@ with a `MisconfigurationException` at setup (the callbacks and DropModule call `
   `LoRARecovery(merge=False)` attached at setup; resuming (`DropModule.configure_model` rebuilds the saved drop
   plan and LoRA from `trainer.ckpt_path` before sharding, because these strategies restore after setup).
 - refused (they need the full parameters after sharding): drops during or at the end of training,
-  `ImportanceTracker`, LoRA merging, the fit-end measurement callbacks and `DropModule(save_dir=...)`.
-  Use DDP for those, or checkpoint (`FSDPStrategy(state_dict_type="full")` writes one file) and convert
+  `ImportanceTracker`, LoRA merging, the fit-end measurement callbacks and `DropModule(save_dir=...)`;
+  `Distillation` too (its teacher would be a whole unsharded model on every rank). Use DDP for those, or checkpoint (`FSDPStrategy(state_dict_type="full")` writes one file) and convert
   with `DropModule.load_from_checkpoint(path).save_pretrained(dir)`, then measure the saved model with
   `lightning-drop eval|perplexity|speed|quantize`.
 Lightning's FSDP strategy needs CUDA (`accelerator="cpu"` is refused), so none of this has been run here:

@@ -10,6 +10,10 @@ them back on resume:
   under `checkpoint["lightning_drop"]`;
 - `on_load_checkpoint` runs before Lightning loads the weights (Lightning 2.6 `restore_model`: hook first,
   then `load_model_state_dict`), and rebuilds the same architecture there, so the weights fit.
+- Recovery callbacks that train on another loss (`callbacks.Distillation`) register a *training objective*
+  with `set_training_objective`: `training_step` then returns `objective(module, batch)`'s loss and logs its
+  parts as `train/<name>`; validation and test keep the LM loss, so `val/loss` stays comparable. This is
+  the one way a callback changes the training loss.
 - Strategies that restore after setup (FSDP, DeepSpeed: `strategy.restore_checkpoint_after_setup`) call
   that hook after the model was sharded, too late to change it: `configure_model` rebuilds the architecture
   from `trainer.ckpt_path` before sharding instead, and `on_load_checkpoint` refuses a mismatch there.
@@ -22,7 +26,7 @@ from __future__ import annotations
 
 import math
 import os
-from typing import Any, Literal, NamedTuple
+from typing import Any, Literal, NamedTuple, Protocol
 
 import lightning.pytorch as pl
 import torch
@@ -46,6 +50,43 @@ class DropPlan(NamedTuple):
 
     def __call__(self) -> "DropPlan":
         return self
+
+
+class TrainingObjective(Protocol):
+    """What `DropModule.set_training_objective` takes: `(module, batch) -> (loss, parts)`.
+
+    `loss` is what `training_step` optimizes; `parts` are scalars it logs as `train/<name>`.
+    """
+
+    def __call__(self, module: DropModule, batch: dict[str, torch.Tensor]) -> tuple[torch.Tensor,
+                                                                               dict[str, torch.Tensor]]: ...
+
+
+def lm_batch(batch: Any) -> tuple[torch.Tensor, torch.Tensor | None, torch.Tensor]:
+    """(input_ids, attention_mask, labels) of a batch: a tensor of ids or a dict; labels default to the ids
+    with padding (mask 0) set to -100, so padding never counts in the loss."""
+    if isinstance(batch, torch.Tensor):
+        batch = {"input_ids": batch}
+    ids = batch["input_ids"]
+    mask = batch.get("attention_mask")
+    labels = batch.get("labels")
+    if labels is None:
+        labels = ids if mask is None else ids.masked_fill(mask == 0, -100)
+    return ids, mask, labels
+
+
+def model_from_config(config: dict[str, Any], dtype: torch.dtype) -> nn.Module:
+    """A random-init causal LM of a saved `config.to_dict()` (dropped classes included), weights to load next."""
+    from transformers import AutoConfig, AutoModelForCausalLM
+
+    from .modeling_dropped import register_auto_classes
+
+    register_auto_classes()
+    cfg = dict(config)
+    for key in ("auto_map", "architectures", "transformers_version"):
+        cfg.pop(key, None)
+    hf_config = AutoConfig.for_model(cfg.pop("model_type"), **cfg)
+    return AutoModelForCausalLM.from_config(hf_config).to(dtype)
 
 
 OPTIMIZERS = ("adamw", "adam", "sgd")
@@ -157,6 +198,7 @@ class DropModule(pl.LightningModule):
         self.save_hyperparameters()
         self.model, self.tokenizer = build_model(model, init_config, dtype, tokenizer_name)
         self.lora_config: dict[str, Any] | None = None
+        self.training_objective: TrainingObjective | None = None
         # Step at which the current optimizer/scheduler were built (after a drop or LoRA wrap mid-fit),
         # so a rebuilt scheduler continues the schedule instead of restarting it.
         self.lr_step_offset = 0
@@ -229,18 +271,28 @@ class DropModule(pl.LightningModule):
         return self.model(input_ids=input_ids, attention_mask=attention_mask, **kwargs)
 
     def _loss(self, batch: Any) -> torch.Tensor:
-        if isinstance(batch, torch.Tensor):
-            batch = {"input_ids": batch}
-        ids = batch["input_ids"]
-        mask = batch.get("attention_mask")
-        labels = batch.get("labels")
-        if labels is None:
-            labels = ids if mask is None else ids.masked_fill(mask == 0, -100)
+        ids, mask, labels = lm_batch(batch)
         return self.model(input_ids=ids, attention_mask=mask, labels=labels, use_cache=False).loss
 
+    def set_training_objective(self, objective: TrainingObjective | None) -> None:
+        """Train on `objective(self, batch) -> (loss, parts)` instead of the LM loss (None: the LM loss again).
+
+        One objective at a time: replacing another one is refused (two callbacks would fight over the loss).
+        """
+        if objective is not None and self.training_objective is not None and objective != self.training_objective:
+            raise MisconfigurationException("DropModule already trains on another objective: only one recovery "
+                                            "callback may set the training loss")
+        self.training_objective = objective
+
     def training_step(self, batch: Any, batch_idx: int) -> torch.Tensor:
-        loss = self._loss(batch)
-        self.log("train/loss", loss, prog_bar=True, batch_size=batch["input_ids"].shape[0])
+        size = lm_batch(batch)[0].shape[0]
+        if self.training_objective is None:
+            loss = self._loss(batch)
+        else:
+            loss, parts = self.training_objective(self, batch)
+            for name, value in parts.items():
+                self.log(f"train/{name}", value, batch_size=size)
+        self.log("train/loss", loss, prog_bar=True, batch_size=size)
         return loss
 
     def validation_step(self, batch: Any, batch_idx: int) -> None:
@@ -374,14 +426,4 @@ class DropModule(pl.LightningModule):
                           target_modules=lora["target_modules"])
 
     def _model_from_config(self, config: dict[str, Any]) -> nn.Module:
-        from transformers import AutoConfig, AutoModelForCausalLM
-
-        from .modeling_dropped import register_auto_classes
-
-        register_auto_classes()
-        cfg = dict(config)
-        for key in ("auto_map", "architectures", "transformers_version"):
-            cfg.pop(key, None)
-        hf_config = AutoConfig.for_model(cfg.pop("model_type"), **cfg)
-        dtype = getattr(torch, self.hparams.dtype)
-        return AutoModelForCausalLM.from_config(hf_config).to(dtype)
+        return model_from_config(config, getattr(torch, self.hparams.dtype))

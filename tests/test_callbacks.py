@@ -12,7 +12,7 @@ import pytest
 import torch
 from lightning.pytorch.utilities.exceptions import MisconfigurationException
 
-from lightning_drop.callbacks import ImportanceTracker, LayerDrop, LoRARecovery, PerplexityCallback
+from lightning_drop.callbacks import Distillation, ImportanceTracker, LayerDrop, LoRARecovery, PerplexityCallback
 from lightning_drop.lightning_datamodule import TextDataModule
 from lightning_drop.modeling_dropped import dropped_layers
 from lightning_drop.lightning_module import DropModule
@@ -320,6 +320,7 @@ def test_sharded_strategy_refusals(tmp_path, c4_path):
         (LayerDrop(num=2, schedule="iterative", every_n_steps=2), "LayerDrop.*every_n_steps=2"),
         (ImportanceTracker(), "ImportanceTracker .* DecoderLayerFSDPStrategy has sharded"),
         (LoRARecovery(merge=True), "LoRARecovery.*set merge: false"),
+        (Distillation(merge=False), "Distillation keeps a whole unsharded teacher.*use DDP"),
         (PerplexityCallback(data=str(c4_path)), "PerplexityCallback .*`lightning-drop eval"),
         (LMEvalCallback(tasks=["x"]), "LMEvalCallback measures the whole model"),
         (SpeedBenchmark(), "SpeedBenchmark measures the whole model"),

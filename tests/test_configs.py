@@ -71,6 +71,11 @@ def test_config_runs(path, tmp_path, c4_path, monkeypatch):
     if "LayerDrop" in names:
         assert names["LayerDrop"].finished
         assert any(cli.model.drop_plan())
+    if "Distillation" in names:  # recovered from a copy of the undropped model, from the first step
+        from lightning_drop.modeling_dropped import dropped_layers
+
+        distill = names["Distillation"]
+        assert distill.started_at == 0 and distill.merged and dropped_layers(distill.teacher) == ([], [])
     if "ImportanceTracker" in names:
         assert [e["step"] for e in names["ImportanceTracker"].history][:3] == [0, 2, 4]
     if cli.model.hparams.get("save_dir"):

@@ -238,6 +238,18 @@ def check_drop_and_recover(run: Run) -> None:
     assert ckpt["lightning_drop"]["drop_attn_list"] == dropped and ckpt["lightning_drop"]["lora"]["r"] == 16
 
 
+def check_drop_and_distill(run: Run) -> None:
+    saved = run.cwd / "checkpoints" / "smollm2-135m-drop8attn-distilled"
+    config = json.loads((saved / "config.json").read_text())
+    assert len(config["drop_attn_list"]) == 8 and config["drop_mlp_list"] == []
+    assert not [k for k in _safetensor_keys(saved) if "lora_" in k], "LoRA adapters were not merged"
+    assert run.count("Distillation from step 0") == 1 and run.count("Distillation: adapters merged") == 1
+    run_dir = only_version(run.cwd / "lightning_logs" / "drop_and_distill")
+    assert "val/loss" in tensorboard(run_dir).Tags()["scalars"]  # (train/kd_loss: test_distillation_under_ddp)
+    state = callback_state(lightning_checkpoint(run_dir), "Distillation")
+    assert state["teacher_step"] == 0 and state["teacher_weights"] is None  # rebuilt from the source on resume
+
+
 def _check_arm(run: Run, version: str, dropped: int, next_step: int | None) -> None:
     run_dir = run.cwd / "lightning_logs" / "iterative_vs_oneshot" / version
     assert only_version(run_dir.parent) == run_dir
@@ -277,6 +289,7 @@ CASES = {
     "vision_digits.yaml": Case(("--trainer.max_steps", "12", "--trainer.limit_val_batches", "1",
                                 "--trainer.callbacks.init_args.head_epochs", "1"), check_vision_digits, 300),
     "drop_and_recover.yaml": Case(SMOLLM2_STEPS, check_drop_and_recover, 600, slow=True),
+    "drop_and_distill.yaml": Case(SMOLLM2_STEPS, check_drop_and_distill, 600, slow=True),
     "iterative_vs_oneshot/iterative.yaml": Case(SMOLLM2_STEPS, check_iterative, 600, slow=True),
     "iterative_vs_oneshot/one_shot.yaml": Case(SMOLLM2_STEPS, check_one_shot, 600, slow=True),
 }
@@ -354,6 +367,49 @@ def test_fit_end_callbacks_under_ddp(tmp_path, c4_path, shared_dir):
     for line in ("perplexity: ", "lm-eval: ", "speedup  prefill", "saved the dropped model to",
                  "LoRARecovery: adapters merged"):
         assert run.count(line) == 1, line
+
+
+# ------------------------------------------------------------------------------------------ distillation
+def test_distillation_under_ddp(tmp_path, c4_path):
+    """A mid-training drop on both ranks, each rank copies its own teacher, recovery by distillation into the
+    layers next to the drop (KL + hidden states); the checkpoint keeps the teacher copied during training."""
+    cb = "lightning_drop.callbacks."
+    config = {
+        "seed_everything": 0,
+        "model": {"class_path": "lightning_drop.lightning_module.DropModule",
+                  "init_args": {"model": "tiny-llama", "lr": 3e-3, "save_dir": "saved"}},
+        "data": {"class_path": "lightning_drop.lightning_datamodule.TextDataModule",
+                 "init_args": {"tokenizer": "tiny-llama", "source": str(c4_path), "seq_len": 32, "batch_size": 2,
+                               "limit_documents": 20, "calibration_samples": 4}},
+        "trainer": {
+            "max_steps": 4, "limit_val_batches": 0, "num_sanity_val_steps": 0, "enable_progress_bar": False,
+            "enable_model_summary": False, "log_every_n_steps": 1,
+            "logger": {"class_path": "lightning.pytorch.loggers.TensorBoardLogger",
+                       "init_args": {"save_dir": "logs", "name": "distill"}},
+            "callbacks": [
+                {"class_path": cb + "LayerDrop",
+                 "init_args": {"target": "attn", "num": 1, "when": "step", "at_step": 2, "calibration_batch_size": 2}},
+                {"class_path": cb + "Distillation",
+                 "init_args": {"trainable": "layers", "layers": "near_drops", "hidden_weight": 0.5}},
+                {"class_path": "lightning.pytorch.callbacks.ModelCheckpoint",
+                 "init_args": {"every_n_train_steps": 4}},
+            ],
+        },
+    }
+    path = tmp_path / "distill.yaml"
+    path.write_text(yaml.safe_dump(config))
+    run = run_ddp(tmp_path, ["--config", str(path)], timeout=300)
+    assert_clean_ddp_run(run)
+    assert run.count("Distillation from step 2: layers") == 1  # rank zero reports; both ranks train
+    saved = json.loads((tmp_path / "saved" / "config.json").read_text())
+    assert len(saved["drop_attn_list"]) == 1
+    run_dir = only_version(tmp_path / "logs" / "distill")
+    tags = set(tensorboard(run_dir).Tags()["scalars"])
+    assert {"train/kd_loss", "train/lm_loss", "train/hidden_loss"} <= tags
+    state = callback_state(lightning_checkpoint(run_dir), "Distillation")
+    assert state["started_at"] == 2 and state["teacher_step"] == 2
+    weights = state["teacher_weights"]
+    assert weights is not None and any(".layers.{}.self_attn.".format(saved["drop_attn_list"][0]) in k for k in weights)
 
 
 # ------------------------------------------------------- same collectives on every rank (one process)

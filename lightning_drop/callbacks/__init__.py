@@ -6,16 +6,17 @@ guardedly, so a missing optional module never breaks the others.
 
 How they cooperate (`fit_end.FitEnd`, one record per fit on the trainer): in `setup("fit")` each callback
 joins with a role. `LayerDrop` is a `drop` (a fit-end drop registers its drop as a finishing step),
-`LoRARecovery` is `adapters` (its merge is a finishing step; it attaches once the drops that joined before
-it are finished), and `LMEvalCallback`, `PerplexityCallback`, `SpeedBenchmark` and `QuantizeCallback` are
-`measure`s that provide the results `lm_eval`, `perplexity`, `speed` and `quantize`. At fit end a
-measurement takes `FitEnd.final_model` (every finishing step run, in joining order, each once) and may ask
-for another's result (`FitEnd.result`: measured then if its callback comes later), so measurements may be
-listed anywhere. Only the order of drops and adapters matters, because it is the pipeline the user wrote
-(drops first, then the adapters that recover from them; a drop listed after adapters that act before it is
-refused). Everything works on any LightningModule holding a Hugging Face model (`_common.hf_of`) and under
-DDP: the calls are made on every rank, drops broadcast their selection and results are broadcast from rank
-zero, so all ranks agree.
+`LoRARecovery` and `Distillation` are `adapters` (a merge is a finishing step; they start once the drops that
+joined before them are finished; a drop calls `FitEnd.before_drop` first, so `Distillation` copies its teacher
+from the model as it was; what they train is one `trainable.TrainableSet`), and `LMEvalCallback`,
+`PerplexityCallback`, `SpeedBenchmark` and `QuantizeCallback` are `measure`s that provide the results
+`lm_eval`, `perplexity`, `speed` and `quantize`. At fit end a measurement takes `FitEnd.final_model` (every
+finishing step run, in joining order, each once) and may ask for another's result (`FitEnd.result`: measured
+then if its callback comes later), so measurements may be listed anywhere. Only the order of drops and
+adapters matters, because it is the pipeline the user wrote (drops first, then the adapters that recover from
+them; a drop listed after adapters that act before it is refused). Everything works on any LightningModule
+holding a Hugging Face model (`_common.hf_of`) and under DDP: the calls are made on every rank, drops
+broadcast their selection and results are broadcast from rank zero, so all ranks agree.
 """
 
 from __future__ import annotations
@@ -23,11 +24,12 @@ from __future__ import annotations
 import importlib
 import warnings
 
+from .distillation import Distillation
 from .importance_tracker import ImportanceTracker
 from .layer_drop import LayerDrop
 from .lora_recovery import LoRARecovery
 
-__all__ = ["ImportanceTracker", "LayerDrop", "LoRARecovery"]
+__all__ = ["Distillation", "ImportanceTracker", "LayerDrop", "LoRARecovery"]
 
 _OPTIONAL = {
     "evaluation": ("LMEvalCallback", "PerplexityCallback"),

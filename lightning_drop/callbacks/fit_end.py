@@ -7,9 +7,10 @@ record in `setup("fit")` with a role:
 
 - `drop`: changes the model's structure (`LayerDrop`). It exposes `when` (`fit_start`, `step`, `fit_end`)
   and `finished`; a fit-end drop registers its idempotent `finish` step.
-- `adapters`: trains adapters on the dropped model (`LoRARecovery`); `finish` merges them. It recovers from
-  the drops listed before it, so a drop that would change the model under adapters already attached is
-  refused when it joins (the list order of drops and adapters is the user's pipeline).
+- `adapters`: recovery training of the dropped model (`LoRARecovery`, `Distillation`); `finish` merges
+  adapters. It recovers from the drops listed before it, so a drop that would change the model under
+  adapters already attached is refused when it joins (the list order of drops and adapters is the user's
+  pipeline).
 - `measure`: provides a named result (`lm_eval`, `perplexity`, `speed`, `quantize`) through `measure`.
   The measurement callbacks share `FitEndMeasurement`, which joins and publishes for them.
 
@@ -19,6 +20,10 @@ after it) and returns the plain transformers model; `result(key)` returns a publ
 it now if its provider has not run yet. Both are collectives: call them on every rank (a drop scores and
 broadcasts; a result is measured on rank zero and broadcast, so every rank holds the same `results`).
 Nothing here needs a `DropModule`: the model is found with `_common.hf_of`, adapters with peft's own API.
+
+Just before a drop changes the model, the drop member calls `before_drop`: every `FitEndMember` of the
+trainer hears it, joined or not, because a fit-start drop happens in its own `setup`, before the callbacks
+listed after it have joined, and a distillation teacher must be copied from the model as it was.
 
 The record lives on the trainer from the first join of a fit until a member's `teardown` or
 `on_exception` (`FitEndMember`), so a second `fit` with the same trainer starts afresh.
@@ -114,6 +119,16 @@ class FitEnd:
         """Every joined drop has done all its rounds (vacuously true without drops)."""
         return all(getattr(d, "finished", True) for d in self.drops())
 
+    def before_drop(self, trainer: pl.Trainer, pl_module: pl.LightningModule) -> None:
+        """A drop is about to remove sublayers: tell every `FitEndMember` of the trainer (`before_drop`).
+
+        All of `trainer.callbacks` hear it through the base class's hook, not only the members that joined:
+        a fit-start drop happens in `setup`, before the callbacks listed after it join. Call on every rank.
+        """
+        for callback in trainer.callbacks:
+            if isinstance(callback, FitEndMember):
+                callback.before_drop(trainer, pl_module)
+
     # ----------------------------------------------------------------------------------------- fit end
     def finalize(self, trainer: pl.Trainer, pl_module: pl.LightningModule) -> None:
         """Run every `finish` step in joining order (each idempotent). Call on every rank."""
@@ -178,6 +193,9 @@ def final_model(trainer: pl.Trainer, pl_module: pl.LightningModule, merged_copy:
 
 class FitEndMember(Callback):
     """Base of the cooperating callbacks: the fit's record is dropped when the fit ends or fails."""
+
+    def before_drop(self, trainer: pl.Trainer, pl_module: pl.LightningModule) -> None:
+        """Called (on every rank) just before a drop removes sublayers of the model; nothing by default."""
 
     def teardown(self, trainer: pl.Trainer, pl_module: pl.LightningModule, stage: str) -> None:
         if stage == "fit":

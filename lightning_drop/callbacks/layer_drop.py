@@ -8,7 +8,8 @@ across processes (torchmetrics states) and rank zero's copy is broadcast before 
 drops the same modules. The rounds are those of `lightning_drop.schedule.drop_rounds`, as for every other way
 of dropping. Like `ModelPruning`, the structural change itself lives in the model (`DropModule`
 writes the drop plan into every checkpoint); this callback's `state_dict` keeps the schedule position and
-the per-round record.
+the per-round record. Just before each drop (and before re-applying recorded drops on resume) it calls
+`FitEnd.before_drop`, so a distillation teacher is copied from the model as it was.
 
 `setup` checks `num`/`ratio` and `keep` against the model before any training, so a mid-training drop cannot
 fail half-way. On resume (`trainer.ckpt_path` set before `fit`, as `lightning-drop fit --ckpt_path` does) it
@@ -179,6 +180,7 @@ class LayerDrop(FitEndMember):
                                self.keep, sorted(set(cur_attn) - set(walk_attn)), sorted(set(cur_mlp) - set(walk_mlp)),
                                start=self.dropped_count, walked=(walk_attn, walk_mlp)))
         attn, mlp, scores = rnd.attn, rnd.mlp, rnd.scores
+        FitEnd.of(trainer).before_drop(trainer, pl_module)
         apply_drop(model, attn=attn, mlp=mlp)
         if self.target == "block":  # a block whose attention was already gone drops only its MLP
             modules = [f"block.{i}" for i in sorted(set(attn) | set(mlp))]
@@ -279,6 +281,7 @@ class LayerDrop(FitEndMember):
         cur_attn, cur_mlp = dropped_layers_of(hf_of(pl_module))
         new_attn, new_mlp = sorted(set(attn) - set(cur_attn)), sorted(set(mlp) - set(cur_mlp))
         if new_attn or new_mlp:
+            FitEnd.of(trainer).before_drop(trainer, pl_module)  # the model as it was: a teacher is rebuilt from it
             apply_drop(hf_of(pl_module), attn=new_attn, mlp=new_mlp)
         if self.verbose:
             rank_zero_info(f"LayerDrop: resumed from {path}: {len(self.rounds)} round(s), attention {attn}, MLP {mlp}")

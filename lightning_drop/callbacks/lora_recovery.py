@@ -1,8 +1,9 @@
 """`LoRARecovery`: after a drop, freeze the model and train LoRA adapters (peft) to recover quality.
 
-The adapters are attached through `DropModule.add_lora` (the module records them in every checkpoint so a
-resume rebuilds the same wrapped model before the weights load) and merged back at the end of training
-(`merge_and_unload`), leaving the plain dropped model class that `save_dropped` writes. It joins the fit's
+The adapters are the `lora` kind of `trainable.TrainableSet` (shared with `Distillation`): attached through
+`DropModule.add_lora` (the module records them in every checkpoint so a resume rebuilds the same wrapped
+model before the weights load) and merged back at the end of training (`merge_and_unload`), leaving the
+plain dropped model class that `save_dropped` writes. It joins the fit's
 record with the role `adapters` (see `fit_end`): the merge is its finishing step, so fit-end measurements see
 the merged model wherever they stand in the callback list, and it learns from the record which drops it
 recovers from (those listed before it) and when they are done.
@@ -20,8 +21,9 @@ from lightning_drop.distributed import refuse_if_sharded
 
 from ._common import rebuild_optimizers
 from .fit_end import FitEnd, FitEndMember
+from .trainable import DEFAULT_TARGETS, LoRASettings, TrainableSet
 
-DEFAULT_TARGETS = ("q_proj", "k_proj", "v_proj", "o_proj", "gate_proj", "up_proj", "down_proj")
+__all__ = ["DEFAULT_TARGETS", "LoRARecovery"]
 
 
 class LoRARecovery(FitEndMember):
@@ -41,20 +43,11 @@ class LoRARecovery(FitEndMember):
     def __init__(self, r: int = 8, alpha: int = 16, dropout: float = 0.05,
                  target_modules: Sequence[str] = DEFAULT_TARGETS,
                  when: Literal["after_drop", "fit_start"] = "after_drop", merge: bool = True) -> None:
-        if not isinstance(r, int) or isinstance(r, bool) or r < 1:
-            raise MisconfigurationException(f"LoRARecovery: r must be an integer >= 1, got {r!r}")
-        if not alpha > 0:
-            raise MisconfigurationException(f"LoRARecovery: alpha must be > 0, got {alpha!r}")
-        if not 0.0 <= dropout < 1.0:
-            raise MisconfigurationException(f"LoRARecovery: dropout must be in [0, 1), got {dropout!r}")
-        if isinstance(target_modules, str):
-            target_modules = [t.strip() for t in target_modules.split(",") if t.strip()]
-        if not target_modules or not all(isinstance(t, str) and t for t in target_modules):
-            raise MisconfigurationException(
-                f"LoRARecovery: target_modules must be a non-empty list of module names, got {target_modules!r}")
+        settings = LoRASettings.checked("LoRARecovery", r, alpha, dropout, target_modules)
         if when not in ("after_drop", "fit_start"):
             raise MisconfigurationException(f"LoRARecovery: unknown when {when!r}; choose after_drop or fit_start")
-        self.r, self.alpha, self.dropout, self.target_modules = r, alpha, dropout, list(target_modules)
+        self.trainable = TrainableSet("LoRARecovery", "lora", lora=settings)
+        self.r, self.alpha, self.dropout, self.target_modules = r, alpha, dropout, list(settings.target_modules)
         self.when, self.merge = when, merge
         self.attached_at: int | None = None
         self.merged = False
@@ -68,16 +61,9 @@ class LoRARecovery(FitEndMember):
 
     # -------------------------------------------------------------------------------------------------
     def _attach(self, trainer: pl.Trainer, pl_module: pl.LightningModule) -> None:
-        if not hasattr(pl_module, "add_lora"):
-            raise MisconfigurationException(
-                f"LoRARecovery needs a module with `add_lora` (lightning_drop.DropModule), got {type(pl_module).__name__}")
-        if getattr(pl_module, "lora_config", None) is None:
-            pl_module.add_lora(r=self.r, alpha=self.alpha, dropout=self.dropout, target_modules=self.target_modules)
+        what = self.trainable.apply(pl_module)
         self.attached_at = trainer.global_step
-        trainable = sum(p.numel() for p in pl_module.parameters() if p.requires_grad)
-        total = sum(p.numel() for p in pl_module.parameters())
-        rank_zero_info(f"LoRARecovery: LoRA r={self.r} on {self.target_modules} at step {trainer.global_step}: "
-                       f"{trainable:,} trainable of {total:,} parameters")
+        rank_zero_info(f"LoRARecovery: {what} (attached at step {trainer.global_step})")
 
     def setup(self, trainer: pl.Trainer, pl_module: pl.LightningModule, stage: str) -> None:
         if stage != "fit":
@@ -106,8 +92,7 @@ class LoRARecovery(FitEndMember):
 
     def merge_now(self, pl_module: pl.LightningModule) -> None:
         """Merge the adapters into the weights now when `merge=True` (idempotent)."""
-        if self.merge and getattr(pl_module, "lora_config", None) is not None:
-            pl_module.merge_lora()
+        if self.merge and self.trainable.merge(pl_module):
             self.merged = True
             rank_zero_info("LoRARecovery: adapters merged into the weights")
 

@@ -1,0 +1,359 @@
+"""`Distillation`: recover a dropped model by distilling the model as it was before the drop into it.
+
+Loss per training step, over real (non-padding) tokens only:
+`alpha * T^2 * KL(teacher || student)` of the next-token distributions at temperature `T`
+`+ (1 - alpha) * LM loss` `+ hidden_weight * MSE(student, teacher block outputs) / mean(teacher^2)`, the last
+at the outputs of the blocks both models still have (blockwise matching; 0 by default); the first two come
+from one pass over the logits (`distill_loss.kd_and_lm_loss`). It reaches
+`DropModule.training_step` through the module's one hook for that, `set_training_objective`, and its parts
+are logged as `train/kd_loss`, `train/lm_loss` (and `train/hidden_loss`).
+
+The teacher is frozen (`requires_grad_(False)`, eval mode, run under `no_grad`), optionally on another device
+(`teacher_device`) and in lower precision (`teacher_dtype`); it is never a submodule of the LightningModule,
+so DDP, checkpoints of the module and its optimizer never see it, and under DDP each rank holds its own. It is:
+
+- by default, a deep copy of the model taken just before the first drop of the fit (`FitEnd.before_drop`,
+  which the drop callbacks call on every rank): a fit-start drop, a mid-training drop and the first round
+  of an iterative schedule all leave the undropped model as teacher;
+- or `teacher: <reference>`, loaded with `model_loading.load_model` at setup (a catalogue name, a directory,
+  a hub id), refused when its vocabulary or tokenizer differs from the student's.
+
+What trains is a `trainable.TrainableSet` (LoRA adapters, all weights, or chosen layers), as for
+`LoRARecovery`; recovery starts once every drop listed before this callback is finished (at setup for
+fit-start drops, after the last round for step and iterative drops, then the optimizers are rebuilt), and
+the fit's record sees it with the role `adapters` (a LoRA merge is its finishing step).
+
+Resume: the state records when the copy was taken. A copy taken at fit start (step 0) is the module's source
+model, so it is rebuilt the same way: the drop callback re-applies its drops on the freshly loaded model and
+calls `before_drop` first; a fingerprint of the weights (per-tensor sums) proves it is the same model. A
+copy taken during training has trained weights found nowhere else, so they are saved in this callback's
+state (in the teacher's dtype) and loaded from the checkpoint.
+"""
+
+from __future__ import annotations
+
+import copy
+import math
+from collections.abc import Sequence
+from typing import Any
+
+import lightning.pytorch as pl
+import torch
+from lightning.pytorch.utilities import rank_zero_info
+from lightning.pytorch.utilities.exceptions import MisconfigurationException
+from torch import nn
+
+from lightning_drop.lightning_module import lm_batch, model_from_config
+
+from ._common import hf_of, rebuild_optimizers
+from .distill_loss import hidden_loss, kd_and_lm_loss
+from .fit_end import FitEnd, FitEndMember
+from .trainable import DEFAULT_TARGETS, LoRASettings, TrainableSet
+
+
+def fingerprint(model: nn.Module) -> torch.Tensor:
+    """Per-tensor (sum, sum of squares) of a model's floating weights, in float64 on the CPU: equal models
+    agree to rounding, a different initialization or training does not."""
+    rows = [torch.stack((t.detach().double().sum(), t.detach().double().square().sum()))
+            for t in model.state_dict().values() if t.is_floating_point()]
+    return torch.stack(rows).cpu()
+
+
+def _shared_blocks(*models: nn.Module) -> list[int]:
+    """Blocks that every model still has (not fully dropped): where their outputs can be compared."""
+    from lightning_drop.architectures import get_spec
+    from lightning_drop.modeling_dropped import dropped_layers
+
+    n = len(get_spec(models[0]).get_layers(models[0]))
+    gone: set[int] = set()
+    for m in models:
+        attn, mlp = dropped_layers(m)
+        gone |= set(attn) & set(mlp)
+    return [i for i in range(n) if i not in gone]
+
+
+def _dtype(owner: str, name: str | None) -> torch.dtype | None:
+    if name is None:
+        return None
+    dtype = getattr(torch, str(name), None)
+    if not isinstance(dtype, torch.dtype) or not dtype.is_floating_point:
+        raise MisconfigurationException(f"{owner}: teacher_dtype must name a floating torch dtype such as "
+                                        f"'bfloat16', got {name!r}")
+    return dtype
+
+
+def _real_number(owner: str, name: str, value: Any) -> float:
+    if isinstance(value, bool) or not isinstance(value, (int, float)) or not math.isfinite(value):
+        raise MisconfigurationException(f"{owner}: {name} must be a finite number, got {value!r}")
+    return float(value)
+
+
+class Distillation(FitEndMember):
+    """Distill the model as it was before the drop (the teacher) into the dropped model (the student).
+
+    Args:
+        alpha: weight of the KL term; `1 - alpha` weighs the LM loss. In [0, 1].
+        temperature: softmax temperature T of both distributions (> 0); the KL is scaled by T^2.
+        hidden_weight: weight of the normalized MSE between block outputs both models have (>= 0; 0: off).
+            With `alpha=0` and `hidden_weight=0` no teacher is built: the LM loss alone on the same
+            trainable set (a control).
+        teacher: None for a copy of the model taken just before the first drop, or a model reference.
+        teacher_device: where the teacher runs (`cpu`, `cuda:1`, ...); None: the student's device.
+        teacher_dtype: the teacher's dtype (`bfloat16`, `float16`, ...); None: as loaded or copied.
+        trainable: `lora` (adapters), `all` (every weight) or `layers`.
+        layers: with `trainable: layers`: indices, `near_drops` or `last:K` (see `trainable`).
+        r, lora_alpha, lora_dropout, target_modules: the LoRA adapters of `trainable: lora`.
+        merge: merge LoRA adapters into the weights at the end of training (as `LoRARecovery`).
+    """
+
+    when = "after_drop"  # what the fit's record checks: it starts once the drops listed before it are done
+
+    def __init__(self, alpha: float = 0.5, temperature: float = 1.0, hidden_weight: float = 0.0,
+                 teacher: str | None = None, teacher_device: str | None = None, teacher_dtype: str | None = None,
+                 trainable: str = "lora", layers: Sequence[int] | str | None = None, r: int = 8,
+                 lora_alpha: float = 16, lora_dropout: float = 0.05,
+                 target_modules: Sequence[str] = DEFAULT_TARGETS, merge: bool = True) -> None:
+        owner = "Distillation"
+        self.alpha = _real_number(owner, "alpha", alpha)
+        if not 0.0 <= self.alpha <= 1.0:
+            raise MisconfigurationException(f"{owner}: alpha must be in [0, 1], got {alpha!r}")
+        self.temperature = _real_number(owner, "temperature", temperature)
+        if self.temperature <= 0:
+            raise MisconfigurationException(f"{owner}: temperature must be > 0, got {temperature!r}")
+        self.hidden_weight = _real_number(owner, "hidden_weight", hidden_weight)
+        if self.hidden_weight < 0:
+            raise MisconfigurationException(f"{owner}: hidden_weight must be >= 0, got {hidden_weight!r}")
+        if teacher is not None and (not isinstance(teacher, str) or not teacher.strip()):
+            raise MisconfigurationException(f"{owner}: teacher must be a model reference or null (a copy of the "
+                                            f"model before the drop), got {teacher!r}")
+        self.teacher_dtype = _dtype(owner, teacher_dtype)
+        try:
+            self.teacher_device = None if teacher_device is None else torch.device(teacher_device)
+        except (RuntimeError, TypeError):
+            raise MisconfigurationException(f"{owner}: teacher_device must name a device such as 'cpu' or 'cuda:1', "
+                                            f"got {teacher_device!r}") from None
+        lora = LoRASettings.checked(owner, r, lora_alpha, lora_dropout, target_modules,
+                                    names=("r", "lora_alpha", "lora_dropout"))
+        self.trainable = TrainableSet(owner, trainable, layers, lora=lora)
+        self.teacher_ref, self.merge = teacher, merge
+        self.teacher: nn.Module | None = None
+        self.teacher_step: int | None = None  # global step at which the copy was taken
+        self._fingerprint: torch.Tensor | None = None
+        self._config: dict[str, Any] | None = None
+        self.started_at: int | None = None
+        self.merged = False
+
+    @property
+    def needs_teacher(self) -> bool:
+        return self.alpha > 0 or self.hidden_weight > 0
+
+    # ------------------------------------------------------------------------------------------ state
+    def state_dict(self) -> dict[str, Any]:
+        copied = self.teacher_ref is None and self.teacher is not None and self.teacher_step is not None
+        trained = copied and self.teacher_step > 0  # weights found nowhere else: they go into the checkpoint
+        return {"started_at": self.started_at, "merged": self.merged,
+                "teacher_step": self.teacher_step if copied else None,
+                "teacher_fingerprint": self._fingerprint if copied else None,
+                "teacher_config": self._config if trained else None,
+                "teacher_weights": {k: v.detach().cpu() for k, v in self.teacher.state_dict().items()}
+                if trained else None}
+
+    def load_state_dict(self, state_dict: dict[str, Any]) -> None:
+        self.started_at = state_dict["started_at"]
+        self.merged = state_dict["merged"]
+
+    def on_load_checkpoint(self, trainer: pl.Trainer, pl_module: pl.LightningModule,
+                           checkpoint: dict[str, Any]) -> None:
+        """Restore the teacher and the trainable set before Lightning builds the optimizers (resume)."""
+        state = (checkpoint.get("callbacks") or {}).get(self.state_key)
+        if state is None:
+            return
+        if state.get("teacher_step") is not None and self.teacher_ref is None:
+            self._restore_teacher(trainer, state)
+        if state["started_at"] is not None and self.started_at is None and not state["merged"]:
+            self._start(trainer, pl_module, at=state["started_at"])
+
+    def _restore_teacher(self, trainer: pl.Trainer, state: dict[str, Any]) -> None:
+        saved = state["teacher_fingerprint"]
+        if state.get("teacher_weights") is not None:
+            weights = state["teacher_weights"]
+            model = model_from_config(state["teacher_config"], next(iter(weights.values())).dtype)
+            model.load_state_dict(weights)
+            self._adopt(model, state["teacher_step"], saved, state["teacher_config"])
+            self._place_teacher(trainer)
+            return
+        if self.teacher is None:
+            raise MisconfigurationException(
+                "Distillation: cannot rebuild the teacher: the checkpoint's teacher was copied before a fit-start "
+                "drop, but no drop was made or re-applied in this fit's setup; list the same LayerDrop callbacks")
+        if self._fingerprint is None or self._fingerprint.shape != saved.shape \
+                or not torch.allclose(self._fingerprint, saved, rtol=1e-5, atol=1e-6):
+            raise MisconfigurationException(
+                "Distillation: the teacher rebuilt from the module's source model differs from the one this "
+                "checkpoint's fit copied (a random init without a fixed seed, or a module trained before the "
+                "fit?): resume with the same model and seed_everything")
+        self.teacher_step = state["teacher_step"]
+
+    # ---------------------------------------------------------------------------------------- teacher
+    def before_drop(self, trainer: pl.Trainer, pl_module: pl.LightningModule) -> None:
+        """Copy the model as it is now, before the first drop of the fit removes anything (the teacher)."""
+        if self.teacher_ref is not None or self.teacher is not None or not self.needs_teacher:
+            return
+        model = hf_of(pl_module)
+        self._adopt(copy.deepcopy(model), trainer.global_step, fingerprint(model), model.config.to_dict())
+        if self.started_at is not None:
+            self._place_teacher(trainer)
+
+    def _adopt(self, model: nn.Module, step: int | None, mark: torch.Tensor | None,
+               config: dict[str, Any] | None) -> None:
+        model.requires_grad_(False)
+        self.teacher = model.eval()
+        self.teacher_step, self._fingerprint, self._config = step, mark, config
+
+    def _place_teacher(self, trainer: pl.Trainer) -> None:
+        if self.teacher is not None:
+            device = self.teacher_device or trainer.strategy.root_device
+            self.teacher.to(device=device, dtype=self.teacher_dtype)
+
+    def _load_reference(self, pl_module: pl.LightningModule) -> None:
+        from lightning_drop.model_loading import load_model
+
+        ref = self.teacher_ref
+        assert ref is not None
+        try:
+            model, tokenizer = load_model(ref, dtype=self.teacher_dtype or torch.float32)
+        except (OSError, ValueError) as err:
+            reason = (str(err).strip().splitlines() or [type(err).__name__])[0]
+            raise MisconfigurationException(f"Distillation: teacher {ref!r} does not load: {reason}") from err
+        student = hf_of(pl_module)
+        s_vocab, t_vocab = _vocab_size(student), _vocab_size(model)
+        if s_vocab != t_vocab:
+            raise MisconfigurationException(f"Distillation: teacher {ref!r} has a vocabulary of {t_vocab} tokens, the "
+                                            f"student {s_vocab}: distillation needs one shared vocabulary")
+        mine = getattr(pl_module, "tokenizer", None)
+        if mine is not None and tokenizer is not None and mine.get_vocab() != tokenizer.get_vocab():
+            theirs = tokenizer.get_vocab()
+            differ = sum(1 for k, v in mine.get_vocab().items() if theirs.get(k) != v)
+            raise MisconfigurationException(f"Distillation: teacher {ref!r} has another tokenizer than the student "
+                                            f"({differ} tokens map to other ids): both must share one vocabulary")
+        if self.hidden_weight > 0:
+            s_cfg, t_cfg = student.config, model.config
+            if (s_cfg.num_hidden_layers, s_cfg.hidden_size) != (t_cfg.num_hidden_layers, t_cfg.hidden_size):
+                raise MisconfigurationException(
+                    f"Distillation: hidden_weight > 0 compares block outputs, but teacher {ref!r} has "
+                    f"{t_cfg.num_hidden_layers} layers of width {t_cfg.hidden_size}, the student "
+                    f"{s_cfg.num_hidden_layers} of {s_cfg.hidden_size}")
+        self._adopt(model, None, None, None)
+
+    # ------------------------------------------------------------------------------------- objective
+    def objective(self, module: pl.LightningModule, batch: dict[str, torch.Tensor]) -> tuple[torch.Tensor,
+                                                                                          dict[str, torch.Tensor]]:
+        """The training loss of a batch and its parts (`DropModule.set_training_objective`)."""
+        ids, mask, labels = lm_batch(batch)
+        hidden = self.hidden_weight > 0
+        fused = self.alpha > 0  # with the teacher's logits at hand, both losses come from one pass over them
+        out = module.model(input_ids=ids, attention_mask=mask, labels=None if fused else labels, use_cache=False,
+                           output_hidden_states=hidden)
+        if not self.needs_teacher:
+            return (1.0 - self.alpha) * out.loss, {"lm_loss": out.loss.detach()}
+        teacher = self.teacher
+        assert teacher is not None, "Distillation: no teacher (checked at train start)"
+        device = next(teacher.parameters()).device
+        with torch.no_grad():
+            t_out = teacher(input_ids=ids.to(device), attention_mask=None if mask is None else mask.to(device),
+                            use_cache=False, output_hidden_states=hidden)
+        real = None if mask is None else mask.bool()
+        if fused:
+            kd, lm = kd_and_lm_loss(out.logits, t_out.logits, labels, real, self.temperature)
+            parts = {"kd_loss": kd.detach(), "lm_loss": lm.detach()}
+            loss = self.alpha * kd + (1.0 - self.alpha) * lm
+        else:
+            parts = {"lm_loss": out.loss.detach()}
+            loss = out.loss
+        if hidden:
+            h = hidden_loss(out.hidden_states, t_out.hidden_states, real, _shared_blocks(hf_of(module), teacher))
+            parts["hidden_loss"] = h.detach()
+            loss = loss + self.hidden_weight * h
+        return loss, parts
+
+    # ----------------------------------------------------------------------------------------- hooks
+    def setup(self, trainer: pl.Trainer, pl_module: pl.LightningModule, stage: str) -> None:
+        if stage != "fit":
+            return
+        from lightning_drop.distributed import refuse_if_sharded
+        from lightning_drop.modeling_dropped import dropped_layers
+
+        refuse_if_sharded(trainer, "Distillation keeps a whole unsharded teacher on every rank and",
+                          "use DDP (each rank holds its own teacher; teacher_dtype: bfloat16 halves it)")
+        record = FitEnd.of(trainer).join(self, "adapters", finish=lambda tr, module: self.finish(module))
+        if not hasattr(pl_module, "set_training_objective"):
+            raise MisconfigurationException(f"Distillation needs a module with `set_training_objective` "
+                                            f"(lightning_drop.DropModule), got {type(pl_module).__name__}")
+        drops = record.drops()
+        if any(getattr(d, "when", None) == "fit_end" for d in drops):
+            raise MisconfigurationException("Distillation with a LayerDrop(when='fit_end'): the drop comes after "
+                                            "training, so there is nothing to recover; drop at fit start or a step")
+        if not drops and (self.teacher_ref is None or not any(dropped_layers(hf_of(pl_module)))):
+            raise MisconfigurationException(
+                "Distillation: no drop configured: list a LayerDrop before it in trainer.callbacks (the teacher is "
+                "the model before the drop), or train an already dropped model with a `teacher` reference")
+        self.trainable.check_model(pl_module)
+        if self.teacher_ref is not None and self.needs_teacher and self.teacher is None:
+            self._load_reference(pl_module)
+        if self.started_at is None and record.drops_finished():
+            self._start(trainer, pl_module)  # before optimizers exist: nothing to rebuild
+
+    def on_fit_start(self, trainer: pl.Trainer, pl_module: pl.LightningModule) -> None:
+        others = [type(m.owner).__name__ for m in FitEnd.of(trainer).of_role("adapters") if m.owner is not self]
+        if others:
+            raise MisconfigurationException(
+                f"Distillation and {', '.join(others)} both train the dropped model: use one recovery callback "
+                "(Distillation(trainable='lora') trains LoRA adapters on the distillation loss)")
+
+    def on_train_start(self, trainer: pl.Trainer, pl_module: pl.LightningModule) -> None:
+        if self.started_at is not None and self.needs_teacher and self.teacher is None:
+            raise MisconfigurationException("Distillation: recovery starts but no teacher was taken: the model was "
+                                            "dropped before this fit; give a `teacher` reference")
+
+    def on_train_batch_end(self, trainer: pl.Trainer, pl_module: pl.LightningModule, outputs: Any, batch: Any,
+                           batch_idx: int) -> None:
+        if self.started_at is None and not self.merged and FitEnd.of(trainer).drops_finished():
+            self._start(trainer, pl_module)
+            rebuild_optimizers(trainer, pl_module)
+
+    def _start(self, trainer: pl.Trainer, pl_module: pl.LightningModule, at: int | None = None) -> None:
+        what = self.trainable.apply(pl_module)
+        self._place_teacher(trainer)
+        pl_module.set_training_objective(self.objective)
+        self.started_at = trainer.global_step if at is None else at
+        teacher = ("none (LM loss only)" if not self.needs_teacher else self.teacher_ref
+                   or f"the model before the drop (copied at step {self.teacher_step})")
+        rank_zero_info(f"Distillation from step {self.started_at}: {what}; teacher {teacher}, alpha={self.alpha}, "
+                       f"T={self.temperature}, hidden_weight={self.hidden_weight}")
+
+    def finish(self, pl_module: pl.LightningModule) -> None:
+        """End of recovery (idempotent): the LM loss again, LoRA merged when `merge`."""
+        if getattr(pl_module, "training_objective", None) == self.objective:
+            pl_module.set_training_objective(None)
+        if self.merge and self.trainable.merge(pl_module):
+            self.merged = True
+            rank_zero_info("Distillation: adapters merged into the weights")
+
+    def on_train_end(self, trainer: pl.Trainer, pl_module: pl.LightningModule) -> None:
+        self.finish(pl_module)
+
+    def teardown(self, trainer: pl.Trainer, pl_module: pl.LightningModule, stage: str) -> None:
+        if getattr(pl_module, "training_objective", None) == self.objective:
+            pl_module.set_training_objective(None)  # a later fit without this callback trains on the LM loss
+        super().teardown(trainer, pl_module, stage)
+
+    def on_exception(self, trainer: pl.Trainer, pl_module: pl.LightningModule, exception: BaseException) -> None:
+        if getattr(pl_module, "training_objective", None) == self.objective:
+            pl_module.set_training_objective(None)
+        super().on_exception(trainer, pl_module, exception)
+
+
+def _vocab_size(model: nn.Module) -> int:
+    head = model.get_output_embeddings() if hasattr(model, "get_output_embeddings") else None
+    weight = getattr(head, "weight", None)
+    return int(weight.shape[0]) if weight is not None else int(model.config.vocab_size)
