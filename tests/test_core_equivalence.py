@@ -215,3 +215,22 @@ def test_cached_generation_equals_uncached_left_padded(family, attn):
         cached = _greedy(model, batch, True)
         uncached = _greedy(model, batch, False)
     assert torch.equal(cached, uncached)
+
+
+@pytest.mark.parametrize("family", ["llama", "gemma2"])
+def test_cached_generation_after_save_and_reload(tmp_path, family):
+    """Left-padded batch, layer 0's attention dropped: the reloaded checkpoint generates what the in-memory model did."""
+    from transformers import AutoModelForCausalLM
+
+    model, tok = tiny_model(family)
+    apply_drop(model, attn=[0, 2], mlp=[3])
+    batch = _left_padded_batch(tok)
+    with torch.no_grad():
+        before = _greedy(model, batch, True)
+    save_dropped(model, tmp_path / "ckpt", tok)
+    loaded = AutoModelForCausalLM.from_pretrained(tmp_path / "ckpt")
+    assert dropped_layers(loaded) == ([0, 2], [3])
+    with torch.no_grad():
+        cached, uncached = _greedy(loaded, batch, True), _greedy(loaded, batch, False)
+    assert torch.equal(cached, uncached)
+    assert torch.equal(cached, before)
