@@ -2,8 +2,11 @@
 
 from __future__ import annotations
 
+import json
 import os
+import platform
 from pathlib import Path
+from typing import Any
 
 os.environ.setdefault("HF_HUB_OFFLINE", "1")
 os.environ.setdefault("HF_DATASETS_OFFLINE", "1")
@@ -29,3 +32,19 @@ def attention_drop(model, tokenizer, num: int, calib_windows: int = 8, seq_len: 
     scores = compute_importance(model, list(windows.split(2)), metric="cosine")
     attn, _ = select_modules(scores, "attn", num)
     return sorted(attn), f"cosine importance on {calib_windows} x {seq_len} C4 tokens"
+
+
+def machine_label(extra: str = "") -> str:
+    """What a printed timing ran on: CPU count, torch threads and the load, which move timings most."""
+    import torch
+
+    label = (f"{platform.machine()} {os.cpu_count()} CPUs, torch threads {torch.get_num_threads()}, "
+             f"load avg {os.getloadavg()[0]:.1f}")
+    return f"{label}, {extra}" if extra else label
+
+
+def write_json(path: str | None, result: dict[str, Any]) -> None:
+    """The benchmark's result as JSON at `path` (when one was given)."""
+    if path:
+        with open(path, "w") as fh:
+            json.dump(result, fh, indent=2)

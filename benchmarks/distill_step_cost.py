@@ -15,19 +15,16 @@ Target: <= 1.5x.
 from __future__ import annotations
 
 import argparse
-import json
 import os
-import platform
 import statistics
 import sys
 import time
 from datetime import date
 
-import torch
 
 sys.path.insert(0, os.path.join(os.path.dirname(__file__), ".."))
 
-from _common import C4  # noqa: E402
+from _common import C4, machine_label, write_json  # noqa: E402
 
 import lightning.pytorch as pl  # noqa: E402
 
@@ -87,8 +84,7 @@ def main(argv: list[str] | None = None) -> dict:
     lora, kd = alternate.times["lora"][a.warmup:], alternate.times["distill"][a.warmup:]
     m_lora, m_kd = statistics.median(lora), statistics.median(kd)
     device = str(trainer.strategy.root_device)
-    res = {"date": date.today().isoformat(), "machine": f"{platform.machine()} {os.cpu_count()} CPUs, torch threads "
-           f"{torch.get_num_threads()}, load avg {os.getloadavg()[0]:.1f}, device {device}",
+    res = {"date": date.today().isoformat(), "machine": machine_label(f"device {device}"),
            "model": a.model, "dropped_attention": module.drop_plan()[0], "tokens_per_step": a.batch_size * a.seq_len,
            "lora_r": a.r, "teacher_dtype": a.teacher_dtype or "as the student", "hidden_weight": a.hidden_weight,
            "lora_step_s": m_lora, "distill_step_s": m_kd, "ratio": m_kd / m_lora,
@@ -99,9 +95,7 @@ def main(argv: list[str] | None = None) -> dict:
     print(f"  plain LoRA step (LM loss)            {m_lora:8.3f} s")
     print(f"  distillation step (+ teacher, KL)    {m_kd:8.3f} s")
     print(f"  ratio                                {m_kd / m_lora:8.3f}x  (target <= 1.5x)")
-    if a.json:
-        with open(a.json, "w") as fh:
-            json.dump(res, fh, indent=2)
+    write_json(a.json, res)
     return res
 
 

@@ -12,9 +12,7 @@ norms of each layer's states once and reduce masked sums straight into the metri
 from __future__ import annotations
 
 import argparse
-import json
 import os
-import platform
 import statistics
 import sys
 import time
@@ -27,6 +25,9 @@ sys.path.insert(0, os.path.join(os.path.dirname(__file__), ".."))
 from lightning_drop.text_data import calibration_windows, CalibrationConfig  # noqa: E402
 from lightning_drop.importance import _decoder, compute_importance  # noqa: E402
 from lightning_drop.model_loading import load_model  # noqa: E402
+
+sys.path.insert(0, os.path.dirname(__file__))
+from _common import machine_label, write_json  # noqa: E402
 
 
 def main(argv: list[str] | None = None) -> dict:
@@ -67,8 +68,7 @@ def main(argv: list[str] | None = None) -> dict:
             times[name].append(time.perf_counter() - t0)
     t_plain, t_scored = times["plain"], times["scored"]
     mp, ms = statistics.median(t_plain), statistics.median(t_scored)
-    res = {"date": date.today().isoformat(), "machine": f"{platform.machine()} {os.cpu_count()} CPUs, "
-           f"torch threads {torch.get_num_threads()}, load avg {os.getloadavg()[0]:.1f}",
+    res = {"date": date.today().isoformat(), "machine": machine_label(),
            "model": a.model, "tokens": int(windows.numel()), "repeats": a.repeats, "metric": a.metric,
            "plain_forward_s": mp, "scoring_pass_s": ms, "ratio": ms / mp,
            "plain_runs_s": t_plain, "scoring_runs_s": t_scored}
@@ -77,9 +77,7 @@ def main(argv: list[str] | None = None) -> dict:
     print(f"  plain no_grad decoder forward  {mp:8.3f} s")
     print(f"  compute_importance ({a.metric})  {ms:8.3f} s")
     print(f"  ratio                          {ms / mp:8.3f}x  (target <= 1.15x)")
-    if a.json:
-        with open(a.json, "w") as fh:
-            json.dump(res, fh, indent=2)
+    write_json(a.json, res)
     return res
 
 
