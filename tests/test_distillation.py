@@ -249,6 +249,87 @@ def test_teacher_reference_for_a_dropped_model(tmp_path, c4_path, pretrained):
     assert {"train/kd_loss", "train/hidden_loss"} <= set(tr.callback_metrics)
 
 
+class RoundProbe(pl.Callback):
+    """What the model looked like at each step: dropped attention layers, LoRA attached, trainable count."""
+
+    def __init__(self) -> None:
+        self.seen: list[tuple[int, list[int], bool, int]] = []
+
+    def on_train_batch_start(self, trainer, pl_module, batch, batch_idx) -> None:
+        trainable = sum(p.numel() for p in pl_module.parameters() if p.requires_grad)
+        in_optimizer = sum(p.numel() for g in trainer.optimizers[0].param_groups for p in g["params"])
+        assert in_optimizer == trainable, "the optimizer must hold exactly the trainable set after each round"
+        self.seen.append((trainer.global_step, pl_module.drop_plan().attn, pl_module.lora_config is not None,
+                          trainable))
+
+
+@pytest.mark.parametrize("trainable", ["lora", "all"])
+def test_heal_between_rounds_trains_after_every_round_and_scores_the_healed_model(tmp_path, c4_path, trainable):
+    """Drop 1 attention layer per round every 2 steps, healing in between: the teacher is the undropped model,
+    recovery trains from the first round on, LoRA is merged before each later round (the scores of round 2 are
+    those of the healed model) and fresh adapters are trained after it."""
+    from lightning_drop import importance
+
+    pl.seed_everything(0)
+    module = DropModule("tiny-llama", lr=1e-2)
+    undropped = weights(module.hf_model)
+    scored_with_lora: list[bool] = []
+    real_compute = importance.compute_importance
+
+    def spy(model, *args, **kw):
+        scored_with_lora.append(any("lora_" in name for name, _ in model.named_parameters()))
+        return real_compute(model, *args, **kw)
+
+    layer_drop = drop(num=2, schedule="iterative", step=1, every_n_steps=2)
+    d = Distillation(alpha=0.5, trainable=trainable, r=2, start="first_drop")
+    probe = RoundProbe()
+    tr = trainer(tmp_path, max_steps=5, callbacks=[layer_drop, d, probe])
+    import unittest.mock
+
+    with unittest.mock.patch.object(importance, "compute_importance", spy):
+        tr.fit(module, data(c4_path))
+    assert [len(attn) for _, attn, _, _ in probe.seen] == [1, 1, 2, 2, 2]  # round 2 after step 2
+    assert d.started_at == 0 and layer_drop.finished
+    assert_same(weights(d.teacher), undropped)  # the teacher: the model before the first round
+    # the trainable set follows the model: one attention layer less to train (or adapt) after round 2
+    assert probe.seen[0][3] == probe.seen[1][3] > probe.seen[2][3] == probe.seen[4][3]
+    if trainable == "lora":
+        assert all(lora for _, _, lora, _ in probe.seen) and d.merged
+        assert scored_with_lora == [False, True]  # round 2 scored the healed model, adapters still on
+    else:
+        assert scored_with_lora == [False, False] and not any(lora for _, _, lora, _ in probe.seen)
+    assert module.drop_plan().attn == sorted(module.drop_plan().attn) and len(module.drop_plan().attn) == 2
+
+
+def test_first_drop_start_needs_a_drop_schedule(tmp_path, c4_path):
+    tr = trainer(tmp_path, max_steps=2, callbacks=[Distillation(start="first_drop", teacher="tiny-llama")])
+    with pytest.raises(MisconfigurationException, match="start='first_drop' heals between the rounds"):
+        tr.fit(DropModule("tiny-llama"), data(c4_path))
+
+
+def test_teacher_given_as_a_model_object(tmp_path, c4_path):
+    """From Python the teacher may be a model: used as it is, frozen; a student dropped beforehand recovers,
+    and an undropped student (a control) trains on the same loss."""
+    teacher = DropModule("tiny-llama").hf_model
+    reference = weights(teacher)
+    for drop_attn in ([1], []):
+        module = DropModule("tiny-llama", lr=1e-2)
+        module.model.load_state_dict(reference)
+        module.apply_drop(attn=drop_attn)
+        d = Distillation(alpha=1.0, trainable="all", teacher=teacher)
+        tr = trainer(tmp_path, max_steps=2, callbacks=[d])
+        tr.fit(module, data(c4_path))
+        assert d.teacher is teacher and not any(p.requires_grad for p in teacher.parameters())
+        assert_same(weights(teacher), reference)
+        assert module.drop_plan().attn == drop_attn and "train/kd_loss" in tr.callback_metrics
+    from lightning_drop.model_loading import tiny_model
+
+    other, _ = tiny_model("llama", vocab_size=400)
+    tr = trainer(tmp_path, max_steps=2, callbacks=[Distillation(teacher=other)])
+    with pytest.raises(MisconfigurationException, match="has a vocabulary of 400 tokens, the student 320"):
+        tr.fit(DropModule("tiny-llama"), data(c4_path))
+
+
 def test_one_training_objective_at_a_time():
     module = DropModule("tiny-llama")
     first, second = Distillation(), Distillation()
@@ -281,6 +362,7 @@ def test_one_training_objective_at_a_time():
     ({"teacher_device": "gpu0"}, "teacher_device must name a device"),
     ({"r": 0}, "r must be an integer >= 1"),
     ({"lora_dropout": 1.0}, r"lora_dropout must be in \[0, 1\)"),
+    ({"start": "later"}, "unknown start 'later'"),
 ])
 def test_bad_arguments_are_one_line_errors(kwargs, match):
     with pytest.raises(MisconfigurationException, match=match) as err:

@@ -18,10 +18,16 @@ so DDP, checkpoints of the module and its optimizer never see it, and under DDP 
 - or `teacher: <reference>`, loaded with `model_loading.load_model` at setup (a catalogue name, a directory,
   a hub id), refused when its vocabulary or tokenizer differs from the student's.
 
+- or, from Python, a model object (`teacher=model`): used as it is, frozen.
+
 What trains is a `trainable.TrainableSet` (LoRA adapters, all weights, or chosen layers), as for
-`LoRARecovery`; recovery starts once every drop listed before this callback is finished (at setup for
-fit-start drops, after the last round for step and iterative drops, then the optimizers are rebuilt), and
-the fit's record sees it with the role `adapters` (a LoRA merge is its finishing step).
+`LoRARecovery`; by default (`start: after_drops`) recovery starts once every drop listed before this callback
+is finished (at setup for fit-start drops, after the last round for step and iterative drops, then the
+optimizers are rebuilt), and the fit's record sees it with the role `adapters` (a LoRA merge is its
+finishing step). `start: first_drop` heals between the rounds of an iterative `LayerDrop` with
+`every_n_steps` (drop k, heal, score the healed model, drop the next k): recovery starts after the first
+round; before each later round LoRA adapters are merged (the next scores see the healed model), after it
+the trainable set is applied to the new model (fresh adapters; `near_drops` follows the new drops).
 
 Resume: the state records when the copy was taken. A copy taken at fit start (step 0) is the module's source
 model, so it is rebuilt the same way: the drop callback re-applies its drops on the freshly loaded model and
@@ -35,7 +41,7 @@ from __future__ import annotations
 import copy
 import math
 from collections.abc import Sequence
-from typing import Any
+from typing import Any, Literal
 
 import lightning.pytorch as pl
 import torch
@@ -97,13 +103,16 @@ class Distillation(FitEndMember):
         hidden_weight: weight of the normalized MSE between block outputs both models have (>= 0; 0: off).
             With `alpha=0` and `hidden_weight=0` no teacher is built: the LM loss alone on the same
             trainable set (a control).
-        teacher: None for a copy of the model taken just before the first drop, or a model reference.
+        teacher: None for a copy of the model taken just before the first drop, a model reference, or (from
+            Python) a model object.
         teacher_device: where the teacher runs (`cpu`, `cuda:1`, ...); None: the student's device.
         teacher_dtype: the teacher's dtype (`bfloat16`, `float16`, ...); None: as loaded or copied.
         trainable: `lora` (adapters), `all` (every weight) or `layers`.
         layers: with `trainable: layers`: indices, `near_drops` or `last:K` (see `trainable`).
         r, lora_alpha, lora_dropout, target_modules: the LoRA adapters of `trainable: lora`.
         merge: merge LoRA adapters into the weights at the end of training (as `LoRARecovery`).
+        start: `after_drops` (recover once every drop listed before this callback is done) or `first_drop`
+            (heal between the rounds of an iterative drop schedule, from the first round on).
     """
 
     when = "after_drop"  # what the fit's record checks: it starts once the drops listed before it are done
@@ -112,7 +121,8 @@ class Distillation(FitEndMember):
                  teacher: str | None = None, teacher_device: str | None = None, teacher_dtype: str | None = None,
                  trainable: str = "lora", layers: Sequence[int] | str | None = None, r: int = 8,
                  lora_alpha: float = 16, lora_dropout: float = 0.05,
-                 target_modules: Sequence[str] = DEFAULT_TARGETS, merge: bool = True) -> None:
+                 target_modules: Sequence[str] = DEFAULT_TARGETS, merge: bool = True,
+                 start: Literal["after_drops", "first_drop"] = "after_drops") -> None:
         owner = "Distillation"
         self.alpha = _real_number(owner, "alpha", alpha)
         if not 0.0 <= self.alpha <= 1.0:
@@ -123,9 +133,12 @@ class Distillation(FitEndMember):
         self.hidden_weight = _real_number(owner, "hidden_weight", hidden_weight)
         if self.hidden_weight < 0:
             raise MisconfigurationException(f"{owner}: hidden_weight must be >= 0, got {hidden_weight!r}")
-        if teacher is not None and (not isinstance(teacher, str) or not teacher.strip()):
+        given_model = isinstance(teacher, nn.Module)
+        if teacher is not None and not given_model and (not isinstance(teacher, str) or not teacher.strip()):
             raise MisconfigurationException(f"{owner}: teacher must be a model reference or null (a copy of the "
                                             f"model before the drop), got {teacher!r}")
+        if start not in START:
+            raise MisconfigurationException(f"{owner}: unknown start {start!r}; choose from {', '.join(START)}")
         self.teacher_dtype = _dtype(owner, teacher_dtype)
         try:
             self.teacher_device = None if teacher_device is None else torch.device(teacher_device)
@@ -135,13 +148,17 @@ class Distillation(FitEndMember):
         lora = LoRASettings.checked(owner, r, lora_alpha, lora_dropout, target_modules,
                                     names=("r", "lora_alpha", "lora_dropout"))
         self.trainable = TrainableSet(owner, trainable, layers, lora=lora)
-        self.teacher_ref, self.merge = teacher, merge
+        self.teacher_ref = "<model object>" if given_model else teacher
+        self.merge, self.start = merge, start
         self.teacher: nn.Module | None = None
         self.teacher_step: int | None = None  # global step at which the copy was taken
         self._fingerprint: torch.Tensor | None = None
         self._config: dict[str, Any] | None = None
         self.started_at: int | None = None
         self.merged = False
+        self._rounds_seen = 0  # drop rounds this fit (the `first_drop` start)
+        if given_model:
+            self._adopt(teacher, None, None, None)
 
     @property
     def needs_teacher(self) -> bool:
@@ -196,13 +213,27 @@ class Distillation(FitEndMember):
 
     # ---------------------------------------------------------------------------------------- teacher
     def before_drop(self, trainer: pl.Trainer, pl_module: pl.LightningModule) -> None:
-        """Copy the model as it is now, before the first drop of the fit removes anything (the teacher)."""
+        """Copy the model as it is now, before the first drop of the fit removes anything (the teacher); when
+        healing between rounds, merge the adapters so the round scores and drops the healed model."""
+        if self.started_at is not None and not self.merged:
+            self.trainable.merge(pl_module)
         if self.teacher_ref is not None or self.teacher is not None or not self.needs_teacher:
             return
         model = hf_of(pl_module)
         self._adopt(copy.deepcopy(model), trainer.global_step, fingerprint(model), model.config.to_dict())
         if self.started_at is not None:
             self._place_teacher(trainer)
+
+    def after_drop(self, trainer: pl.Trainer, pl_module: pl.LightningModule) -> None:
+        """After a round: start healing (`first_drop`), or make the new model trainable again (the drop
+        callback rebuilds the optimizers next)."""
+        self._rounds_seen += 1
+        if self.started_at is not None and not self.merged:
+            what = self.trainable.apply(pl_module)
+            rank_zero_info(f"Distillation: healing the model of round {self._rounds_seen} at step "
+                           f"{trainer.global_step}: {what}")
+        elif self._may_start(trainer) and trainer.global_step > 0:
+            self._start(trainer, pl_module)  # mid-fit: the drop callback rebuilds the optimizers after this
 
     def _adopt(self, model: nn.Module, step: int | None, mark: torch.Tensor | None,
                config: dict[str, Any] | None) -> None:
@@ -225,6 +256,13 @@ class Distillation(FitEndMember):
         except (OSError, ValueError) as err:
             reason = (str(err).strip().splitlines() or [type(err).__name__])[0]
             raise MisconfigurationException(f"Distillation: teacher {ref!r} does not load: {reason}") from err
+        self._check_teacher(pl_module, model, tokenizer)
+        self._adopt(model, None, None, None)
+
+    def _check_teacher(self, pl_module: pl.LightningModule, model: nn.Module, tokenizer: Any) -> None:
+        """One vocabulary (and tokenizer, when known) for teacher and student; same depth and width when block
+        outputs are compared."""
+        ref = self.teacher_ref
         student = hf_of(pl_module)
         s_vocab, t_vocab = _vocab_size(student), _vocab_size(model)
         if s_vocab != t_vocab:
@@ -243,7 +281,6 @@ class Distillation(FitEndMember):
                     f"Distillation: hidden_weight > 0 compares block outputs, but teacher {ref!r} has "
                     f"{t_cfg.num_hidden_layers} layers of width {t_cfg.hidden_size}, the student "
                     f"{s_cfg.num_hidden_layers} of {s_cfg.hidden_size}")
-        self._adopt(model, None, None, None)
 
     # ------------------------------------------------------------------------------------- objective
     def objective(self, module: pl.LightningModule, batch: dict[str, torch.Tensor]) -> tuple[torch.Tensor,
@@ -281,7 +318,6 @@ class Distillation(FitEndMember):
         if stage != "fit":
             return
         from lightning_drop.distributed import refuse_if_sharded
-        from lightning_drop.modeling_dropped import dropped_layers
 
         refuse_if_sharded(trainer, "Distillation keeps a whole unsharded teacher on every rank and",
                           "use DDP (each rank holds its own teacher; teacher_dtype: bfloat16 halves it)")
@@ -293,14 +329,19 @@ class Distillation(FitEndMember):
         if any(getattr(d, "when", None) == "fit_end" for d in drops):
             raise MisconfigurationException("Distillation with a LayerDrop(when='fit_end'): the drop comes after "
                                             "training, so there is nothing to recover; drop at fit start or a step")
-        if not drops and (self.teacher_ref is None or not any(dropped_layers(hf_of(pl_module)))):
+        if not drops and self.teacher_ref is None:
             raise MisconfigurationException(
                 "Distillation: no drop configured: list a LayerDrop before it in trainer.callbacks (the teacher is "
                 "the model before the drop), or train an already dropped model with a `teacher` reference")
         self.trainable.check_model(pl_module)
         if self.teacher_ref is not None and self.needs_teacher and self.teacher is None:
             self._load_reference(pl_module)
-        if self.started_at is None and record.drops_finished():
+        elif self.teacher_ref is not None and self.teacher is not None and self.needs_teacher:
+            self._check_teacher(pl_module, self.teacher, None)  # a model object given from Python
+        if self.start == "first_drop" and not drops:
+            raise MisconfigurationException("Distillation: start='first_drop' heals between the rounds of a drop "
+                                            "schedule: list an iterative LayerDrop (every_n_steps > 0) before it")
+        if self.started_at is None and self._may_start(trainer):
             self._start(trainer, pl_module)  # before optimizers exist: nothing to rebuild
 
     def on_fit_start(self, trainer: pl.Trainer, pl_module: pl.LightningModule) -> None:
@@ -317,9 +358,14 @@ class Distillation(FitEndMember):
 
     def on_train_batch_end(self, trainer: pl.Trainer, pl_module: pl.LightningModule, outputs: Any, batch: Any,
                            batch_idx: int) -> None:
-        if self.started_at is None and not self.merged and FitEnd.of(trainer).drops_finished():
+        if self.started_at is None and not self.merged and self._may_start(trainer):
             self._start(trainer, pl_module)
             rebuild_optimizers(trainer, pl_module)
+
+    def _may_start(self, trainer: pl.Trainer) -> bool:
+        if self.start == "first_drop" and self._rounds_seen:
+            return True
+        return FitEnd.of(trainer).drops_finished()
 
     def _start(self, trainer: pl.Trainer, pl_module: pl.LightningModule, at: int | None = None) -> None:
         what = self.trainable.apply(pl_module)
@@ -343,14 +389,19 @@ class Distillation(FitEndMember):
         self.finish(pl_module)
 
     def teardown(self, trainer: pl.Trainer, pl_module: pl.LightningModule, stage: str) -> None:
+        self._rounds_seen = 0
         if getattr(pl_module, "training_objective", None) == self.objective:
             pl_module.set_training_objective(None)  # a later fit without this callback trains on the LM loss
         super().teardown(trainer, pl_module, stage)
 
     def on_exception(self, trainer: pl.Trainer, pl_module: pl.LightningModule, exception: BaseException) -> None:
+        self._rounds_seen = 0
         if getattr(pl_module, "training_objective", None) == self.objective:
             pl_module.set_training_objective(None)
         super().on_exception(trainer, pl_module, exception)
+
+
+START = ("after_drops", "first_drop")
 
 
 def _vocab_size(model: nn.Module) -> int:

@@ -21,9 +21,11 @@ it now if its provider has not run yet. Both are collectives: call them on every
 broadcasts; a result is measured on rank zero and broadcast, so every rank holds the same `results`).
 Nothing here needs a `DropModule`: the model is found with `_common.hf_of`, adapters with peft's own API.
 
-Just before a drop changes the model, the drop member calls `before_drop`: every `FitEndMember` of the
-trainer hears it, joined or not, because a fit-start drop happens in its own `setup`, before the callbacks
-listed after it have joined, and a distillation teacher must be copied from the model as it was.
+Just before a drop changes the model, the drop member calls `before_drop`, and `after_drop` just after it:
+every `FitEndMember` of the trainer hears them, joined or not, because a fit-start drop happens in its own
+`setup`, before the callbacks listed after it have joined. A distillation teacher is copied from the model
+as it was; a recovery that heals between the rounds of a schedule merges its adapters before a round and
+makes the new model trainable after it.
 
 The record lives on the trainer from the first join of a fit until a member's `teardown` or
 `on_exception` (`FitEndMember`), so a second `fit` with the same trainer starts afresh.
@@ -129,6 +131,13 @@ class FitEnd:
             if isinstance(callback, FitEndMember):
                 callback.before_drop(trainer, pl_module)
 
+    def after_drop(self, trainer: pl.Trainer, pl_module: pl.LightningModule) -> None:
+        """A drop round has just removed sublayers (not called when recorded drops are re-applied on resume):
+        tell every `FitEndMember` of the trainer (`after_drop`), as `before_drop`. Call on every rank."""
+        for callback in trainer.callbacks:
+            if isinstance(callback, FitEndMember):
+                callback.after_drop(trainer, pl_module)
+
     # ----------------------------------------------------------------------------------------- fit end
     def finalize(self, trainer: pl.Trainer, pl_module: pl.LightningModule) -> None:
         """Run every `finish` step in joining order (each idempotent). Call on every rank."""
@@ -196,6 +205,9 @@ class FitEndMember(Callback):
 
     def before_drop(self, trainer: pl.Trainer, pl_module: pl.LightningModule) -> None:
         """Called (on every rank) just before a drop removes sublayers of the model; nothing by default."""
+
+    def after_drop(self, trainer: pl.Trainer, pl_module: pl.LightningModule) -> None:
+        """Called (on every rank) just after a drop round, before the optimizers are rebuilt; nothing by default."""
 
     def teardown(self, trainer: pl.Trainer, pl_module: pl.LightningModule, stage: str) -> None:
         if stage == "fit":

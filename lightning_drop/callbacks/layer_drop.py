@@ -9,7 +9,8 @@ drops the same modules. The rounds are those of `lightning_drop.schedule.drop_ro
 of dropping. Like `ModelPruning`, the structural change itself lives in the model (`DropModule`
 writes the drop plan into every checkpoint); this callback's `state_dict` keeps the schedule position and
 the per-round record. Just before each drop (and before re-applying recorded drops on resume) it calls
-`FitEnd.before_drop`, so a distillation teacher is copied from the model as it was.
+`FitEnd.before_drop`, so a distillation teacher is copied from the model as it was, and after each round
+`FitEnd.after_drop`, so a recovery that heals between rounds trains the new model.
 
 `setup` checks `num`/`ratio` and `keep` against the model before any training, so a mid-training drop cannot
 fail half-way. On resume (`trainer.ckpt_path` set before `fit`, as `lightning-drop fit --ckpt_path` does) it
@@ -180,7 +181,9 @@ class LayerDrop(FitEndMember):
                                self.keep, sorted(set(cur_attn) - set(walk_attn)), sorted(set(cur_mlp) - set(walk_mlp)),
                                start=self.dropped_count, walked=(walk_attn, walk_mlp)))
         attn, mlp, scores = rnd.attn, rnd.mlp, rnd.scores
-        FitEnd.of(trainer).before_drop(trainer, pl_module)
+        record_of_fit = FitEnd.of(trainer)
+        record_of_fit.before_drop(trainer, pl_module)
+        model = hf_of(pl_module)  # a recovery healing between rounds may have merged its adapters just now
         apply_drop(model, attn=attn, mlp=mlp)
         if self.target == "block":  # a block whose attention was already gone drops only its MLP
             modules = [f"block.{i}" for i in sorted(set(attn) | set(mlp))]
@@ -192,6 +195,7 @@ class LayerDrop(FitEndMember):
         if self.verbose:
             rank_zero_info(f"LayerDrop round {len(self.rounds)} at step {trainer.global_step}: dropped attention "
                            f"{attn}, MLP {mlp} ({self.dropped_count}/{self.total} {self.target} modules)")
+        record_of_fit.after_drop(trainer, pl_module)
         cur_attn, cur_mlp = dropped_layers_of(model)
         log_to_loggers(trainer, {"drop/num_attn_dropped": float(len(cur_attn)), "drop/num_mlp_dropped": float(len(cur_mlp))})
         return record

@@ -46,6 +46,7 @@ class PointEvaluator:
         self._heldout: Any = None
         self._mc_include: Path | None = None
         self._task_manager: Any = None
+        self._domains: dict[str, Any] = {}
 
     @property
     def notes(self) -> list[str]:
@@ -61,7 +62,10 @@ class PointEvaluator:
             ppl["after"] = self._heldout_offset_spec()
         mc = self._mc_spec_key()
         speed = dataclasses.asdict(self.cfg.speed)
-        return {"perplexity": ppl, "mc": mc, "speed": speed}
+        key = {"perplexity": ppl, "mc": mc, "speed": speed}
+        if self.cfg.eval.domains:  # only then: earlier caches keep their keys
+            key["domains"] = list(self.cfg.eval.domains)
+        return key
 
     def _mc_spec_key(self) -> dict[str, Any] | None:
         mc = self.cfg.eval.mc
@@ -127,6 +131,47 @@ class PointEvaluator:
         self._heldout = torch.tensor(stream[skip:skip + n * spec.seq_len], dtype=torch.long).view(n, spec.seq_len)
         return self._heldout
 
+    def heldout_end_document(self) -> int:
+        """Index of the first document of the held-out source that no held-out window touches (or, with
+        `source: calibration`, no calibration window either): where training text may start."""
+        from ...text_data import _token_chunks
+
+        spec = self.cfg.eval.perplexity
+        src = self.cfg.calibration if spec.source == "calibration" else spec
+        docs = self.inputs.docs(src.source, src.text_field)
+        n = self.heldout_windows().shape[0]
+        end = (self.heldout_offset_tokens() if spec.source == "calibration" else 0) + n * spec.seq_len
+        seen = 0
+        for i, ids in enumerate(_token_chunks(self.inputs.tokenizer, docs, self.inputs.tokenizer.eos_token_id)):
+            if seen >= end:
+                return i
+            seen += len(ids)
+        return len(docs)
+
+    def domain_windows(self, source: str) -> Any:
+        """The first perplexity-sized windows of another source (all of them held out: never trained on)."""
+        from ...text_data import make_windows
+
+        if source not in self._domains:
+            spec = self.cfg.eval.perplexity
+            windows = make_windows(self.inputs.tokenizer, self.inputs.docs(source, spec.text_field), spec.seq_len,
+                                   spec.num_windows)
+            self._domains[source] = windows
+        return self._domains[source]
+
+    def quality(self, model: Any) -> dict[str, Any]:
+        """What does not depend on the machine: held-out perplexity (every domain) and the MC accuracy."""
+        from ...evaluation import perplexity
+
+        spec = self.cfg.eval.perplexity
+        row: dict[str, Any] = {"perplexity": perplexity(model, self.heldout_windows(), batch_size=spec.batch_size)}
+        for source in self.cfg.eval.domains:
+            row[f"perplexity[{source}]"] = perplexity(model, self.domain_windows(source), batch_size=spec.batch_size)
+        mc, data = self.cfg.eval.mc, self.mc_data()
+        if mc is not None and data is not None:
+            row.update(self.mc_eval(model, mc, data))
+        return row
+
     # ---- evaluation of one drop set
     def point(self, attn: list[int], mlp: list[int]) -> dict[str, Any]:
         """The evaluation of one drop set, cached; its speed is re-measured when it was timed on another machine.
@@ -177,7 +222,6 @@ class PointEvaluator:
                     base_kv_bytes_per_token=res["base"]["kv_bytes_per_token"], speed_machine=self.machine())
 
     def evaluate(self, attn: list[int], mlp: list[int]) -> dict[str, Any]:
-        from ...evaluation import perplexity
         from ...modeling_dropped import apply_drop
         from ...speed import count_params, kv_cache_bytes_per_token
 
@@ -187,12 +231,7 @@ class PointEvaluator:
         model = copy.deepcopy(base)
         if attn or mlp:
             apply_drop(model, attn=attn, mlp=mlp)
-        ppl_spec = self.cfg.eval.perplexity
-        row: dict[str, Any] = {"drop_attn": sorted(attn), "drop_mlp": sorted(mlp)}
-        row["perplexity"] = perplexity(model, self.heldout_windows(), batch_size=ppl_spec.batch_size)
-        mc, data = self.cfg.eval.mc, self.mc_data()
-        if mc is not None and data is not None:
-            row.update(self.mc_eval(model, mc, data))
+        row: dict[str, Any] = {"drop_attn": sorted(attn), "drop_mlp": sorted(mlp), **self.quality(model)}
         sp = self.cfg.speed
         row["params"] = count_params(model)
         row["base_params"] = count_params(base)
@@ -230,10 +269,12 @@ class PointEvaluator:
         lm = HFLM(pretrained=model, tokenizer=self.inputs.tokenizer, batch_size=mc.batch_size, device="cpu"
                   if next(model.parameters()).device.type == "cpu" else str(next(model.parameters()).device))
         out = simple_evaluate(model=lm, tasks=[mc.task], limit=mc.limit, task_manager=self._task_manager,
-                              log_samples=False, bootstrap_iters=0, verbosity="ERROR", random_seed=1234, numpy_random_seed=1234,
+                              log_samples=False, bootstrap_iters=1000, verbosity="ERROR", random_seed=1234, numpy_random_seed=1234,
                               torch_random_seed=1234, fewshot_random_seed=1234)
         m = {k.split(",")[0]: v for k, v in out["results"][mc.task].items() if isinstance(v, (int, float))}
         n = out.get("n-samples", {}).get(mc.task, {})
+        # the standard error of a mean accuracy is closed-form in lm-eval (bootstrap_iters > 0 only enables it)
         return {"mc_acc": m.get("acc_norm", m.get("acc")), "mc_acc_raw": m.get("acc"),
+                "mc_stderr": m.get("acc_norm_stderr" if "acc_norm" in m else "acc_stderr"),
                 "mc_n": int(n.get("effective", n.get("original", 0))) if n else mc.limit}
 

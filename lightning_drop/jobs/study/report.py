@@ -110,6 +110,12 @@ def write_report(doc: Mapping[str, Any], out_dir: str | os.PathLike) -> Path:
         md += ["", f"## {title}", "", caption, "", f"![{title}](figures/{name})"]
     if doc.get("selection"):
         md += ["", "## Automated selection", "", doc["selection"]["message"]]
+    recovery = _recovery(doc, fig_dir)
+    if recovery is not None:
+        header, rec_rows, fig, caption = recovery
+        md += ["", "## Recovery", "", caption, "", "| " + " | ".join(header) + " |", "|" + "---|" * len(header)]
+        md += ["| " + " | ".join(row) + " |" for row in rec_rows]
+        md += ["", f"![held-out perplexity vs training tokens](figures/{fig.name})"]
     if doc.get("notes"):
         md += ["", "## Notes", ""] + [f"- {n}" for n in doc["notes"]]
     atomic_write_text(out / "report.md", "\n".join(md) + "\n")
@@ -133,6 +139,13 @@ def write_report(doc: Mapping[str, Any], out_dir: str | os.PathLike) -> Path:
                  "KV: KV-cache bytes per token measured from a real cache.</p>")
     if doc.get("selection"):
         parts.append(f"<h2>Automated selection</h2><p>{esc(doc['selection']['message'])}</p>")
+    if recovery is not None:
+        header, rec_rows, fig, caption = recovery
+        data = base64.b64encode(fig.read_bytes()).decode()
+        parts.append(f"<h2>Recovery</h2><p>{esc(caption)}</p><table><tr>"
+                     + "".join(f"<th>{esc(c)}</th>" for c in header) + "</tr>")
+        parts += ["<tr>" + "".join(f"<td>{esc(v)}</td>" for v in row) + "</tr>" for row in rec_rows]
+        parts.append(f"</table><figure><img alt='recovery curves' src='data:image/png;base64,{data}'></figure>")
     for name, title, path, caption in figs:
         data = base64.b64encode(Path(path).read_bytes()).decode()
         parts.append(f"<h2>{esc(title)}</h2><figure><img alt='{esc(title)}' src='data:image/png;base64,{data}'>"
@@ -143,6 +156,23 @@ def write_report(doc: Mapping[str, Any], out_dir: str | os.PathLike) -> Path:
     path = out / "report.html"
     atomic_write_text(path, "\n".join(parts))
     return path
+
+
+def _recovery(doc: Mapping[str, Any], fig_dir: Path) -> tuple[list[str], list[list[str]], Path, str] | None:
+    """The recovery table, its figure and caption, when the study trained recovery recipes."""
+    if not doc.get("recovery"):
+        return None
+    from .recovery_report import plot_recovery, recovery_table
+
+    header, rows = recovery_table(doc)
+    fig = plot_recovery(doc, fig_dir / "recovery.png")
+    t = doc["recovery_train"]
+    caption = (f"Each recipe trains {t['steps']} steps x {t['batch_size']} windows x {t['seq_len']} tokens "
+               f"({t['tokens']:,} tokens) of training text that shares no document with the held-out text. Gap "
+               "recovered = (ppl dropped - ppl recovered) / (ppl dropped - ppl base); vs control: with the ppl of "
+               "the undropped model given the same training instead of the base (what is left after adaptation to "
+               "the training text). Control rows train the undropped model.")
+    return header, rows, fig, caption
 
 
 def _summary_lines(doc: Mapping[str, Any]) -> list[str]:

@@ -9,6 +9,7 @@ from __future__ import annotations
 
 import copy
 import csv
+import dataclasses
 import io
 import json
 import os
@@ -90,6 +91,9 @@ class Study:
         ck = self.cfg.checkpoint
         if ck is not None:
             require_droppable(ck.num, n, ck.target, where="checkpoint.num")
+        if self.cfg.recovery is not None:
+            for i, p in enumerate(self.cfg.recovery.points):
+                require_droppable(p.num, n, p.target, where=f"recovery.points[{i}].num")
 
     def run(self, budget: str | None = None, max_quality_loss: float | None = None) -> dict[str, Any]:
         t0 = time.perf_counter()
@@ -116,6 +120,14 @@ class Study:
             doc["drop_order"] = self.drops.iterative_sets(main)
         if self.cfg.checkpoint is not None:
             doc["checkpoint"] = self.save_checkpoint()
+        if self.cfg.recovery is not None and selection is None:
+            from .recovery import RecoveryRunner
+
+            runner = RecoveryRunner(self.inputs, self.cache, self.keys, self.points, self.drops)
+            doc["recovery"] = runner.rows(rows, base)
+            doc["recovery_train"] = {**dataclasses.asdict(self.cfg.recovery.train),
+                                     "tokens": self.cfg.recovery.train.tokens}
+            doc["computed_this_run"], doc["reused_this_run"] = dict(self.cache.computed), dict(self.cache.reused)
         doc["seconds_this_run"] = time.perf_counter() - t0
         write_json(self.out / "results.json", doc)
         write_csv(self.out / "results.csv", rows)
@@ -224,6 +236,16 @@ def study_main(config: str, output: str | None = None, budget: str | None = None
     if doc.get("selection"):
         print(doc["selection"]["message"])
         print(f"selection written to {out / 'selection.json'}")
+    if doc.get("recovery"):
+        from .recovery_report import recovery_table
+
+        header, rec_rows = recovery_table(doc)
+        widths = [max(len(h), *(len(r[i]) for r in rec_rows)) for i, h in enumerate(header)]
+        print()
+        for line in [header] + rec_rows:
+            print("  ".join(v.ljust(w) for v, w in zip(line, widths)).rstrip())
+        print(f"(recovery: {doc['recovery_train']['tokens']:,} training tokens per recipe; gap recovered = (ppl dropped"
+              " - ppl recovered) / (ppl dropped - ppl base); control = the undropped model trained the same way)")
     if doc.get("checkpoint"):
         print(f"dropped checkpoint ready: {doc['checkpoint']['path']}  (load with lightning_drop.model_loading.load_model)")
     c, r = doc["computed_this_run"], doc["reused_this_run"]
