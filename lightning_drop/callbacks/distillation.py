@@ -34,6 +34,11 @@ model, so it is rebuilt the same way: the drop callback re-applies its drops on 
 calls `before_drop` first; a fingerprint of the weights (per-tensor sums) proves it is the same model. A
 copy taken during training has trained weights found nowhere else, so they are saved in this callback's
 state (in the teacher's dtype) and loaded from the checkpoint.
+
+With `teacher_logits: DIR` the teacher runs once, when recovery starts, over every training window, and its
+top-k log-probabilities are stored in DIR (`lightning_drop.teacher_logits`); the teacher is then freed and
+the KL is taken over the stored top-k and one tail bucket (`distill_loss.topk_kd_and_lm_loss`). The store on
+disk is then the teacher's state: the checkpoint records its digest, and a resumed fit reuses it.
 """
 
 from __future__ import annotations
@@ -49,20 +54,21 @@ from lightning.pytorch.utilities import rank_zero_info
 from lightning.pytorch.utilities.exceptions import MisconfigurationException
 from torch import nn
 
+from lightning_drop.errors import UserError
 from lightning_drop.lightning_module import lm_batch, model_from_config
+from lightning_drop.teacher_logits import (
+    TeacherLogitStore,
+    check_store_options,
+    fingerprint,
+    prepare_store,
+    training_windows,
+)
+from lightning_drop.teacher_logits import output_vocab_size as _vocab_size
 
 from ._common import hf_of, rebuild_optimizers
-from .distill_loss import hidden_loss, kd_and_lm_loss
+from .distill_loss import hidden_loss, kd_and_lm_loss, topk_kd_and_lm_loss
 from .fit_end import FitEnd, FitEndMember
 from .trainable import DEFAULT_TARGETS, LoRASettings, TrainableSet
-
-
-def fingerprint(model: nn.Module) -> torch.Tensor:
-    """Per-tensor (sum, sum of squares) of a model's floating weights, in float64 on the CPU: equal models
-    agree to rounding, a different initialization or training does not."""
-    rows = [torch.stack((t.detach().double().sum(), t.detach().double().square().sum()))
-            for t in model.state_dict().values() if t.is_floating_point()]
-    return torch.stack(rows).cpu()
 
 
 def _shared_blocks(*models: nn.Module) -> list[int]:
@@ -113,6 +119,11 @@ class Distillation(FitEndMember):
         merge: merge LoRA adapters into the weights at the end of training (as `LoRARecovery`).
         start: `after_drops` (recover once every drop listed before this callback is done) or `first_drop`
             (heal between the rounds of an iterative drop schedule, from the first round on).
+        teacher_logits: a directory for the teacher's top-k log-probabilities over every training window
+            (`lightning_drop.teacher_logits`): written once when recovery starts, reused when it matches, and
+            used instead of a live teacher, which is then freed. None: the live teacher.
+        teacher_logits_k: tokens kept per position (`k`); the rest of the teacher's mass is one tail bucket.
+        teacher_logits_dtype: `float16` (2 bytes per value) or `float32` (exact, 4).
     """
 
     when = "after_drop"  # what the fit's record checks: it starts once the drops listed before it are done
@@ -122,7 +133,9 @@ class Distillation(FitEndMember):
                  trainable: str = "lora", layers: Sequence[int] | str | None = None, r: int = 8,
                  lora_alpha: float = 16, lora_dropout: float = 0.05,
                  target_modules: Sequence[str] = DEFAULT_TARGETS, merge: bool = True,
-                 start: Literal["after_drops", "first_drop"] = "after_drops") -> None:
+                 start: Literal["after_drops", "first_drop"] = "after_drops",
+                 teacher_logits: str | None = None, teacher_logits_k: int = 64,
+                 teacher_logits_dtype: str = "float16") -> None:
         owner = "Distillation"
         self.alpha = _real_number(owner, "alpha", alpha)
         if not 0.0 <= self.alpha <= 1.0:
@@ -150,6 +163,19 @@ class Distillation(FitEndMember):
         self.trainable = TrainableSet(owner, trainable, layers, lora=lora)
         self.teacher_ref = "<model object>" if given_model else teacher
         self.merge, self.start = merge, start
+        if teacher_logits is not None and (self.hidden_weight > 0 or self.alpha == 0):
+            raise MisconfigurationException(
+                f"{owner}: teacher_logits stores the teacher's output distributions only: "
+                + ("hidden_weight > 0 needs its hidden states; set hidden_weight: 0" if self.hidden_weight > 0
+                   else "with alpha=0 nothing uses them; set alpha > 0 or teacher_logits: null"))
+        try:
+            check_store_options(teacher_logits, teacher_logits_k, teacher_logits_dtype)
+        except UserError as err:
+            raise MisconfigurationException(f"{owner}: {err}") from None
+        self.teacher_logits, self.teacher_logits_k = teacher_logits, teacher_logits_k
+        self.teacher_logits_dtype = teacher_logits_dtype
+        self._store: TeacherLogitStore | None = None  # open once recovery started with a store
+        self._store_digest: str | None = None  # the digest of the store a resumed checkpoint trained with
         self.teacher: nn.Module | None = None
         self.teacher_step: int | None = None  # global step at which the copy was taken
         self._fingerprint: torch.Tensor | None = None
@@ -173,7 +199,9 @@ class Distillation(FitEndMember):
                 "teacher_fingerprint": self._fingerprint if copied else None,
                 "teacher_config": self._config if trained else None,
                 "teacher_weights": {k: v.detach().cpu() for k, v in self.teacher.state_dict().items()}
-                if trained else None}
+                if trained else None,
+                "teacher_logits": None if self._store is None else {"path": str(self._store.path),
+                                                                    "digest": self._store.digest}}
 
     def load_state_dict(self, state_dict: dict[str, Any]) -> None:
         self.started_at = state_dict["started_at"]
@@ -185,6 +213,11 @@ class Distillation(FitEndMember):
         state = (checkpoint.get("callbacks") or {}).get(self.state_key)
         if state is None:
             return
+        if self.teacher_logits is not None and state.get("teacher_logits"):
+            self._store_digest = state["teacher_logits"]["digest"]  # the store on disk is the teacher's state
+            if self._store is not None and self._store.digest != self._store_digest:
+                raise MisconfigurationException(f"Distillation: the teacher-logit store at {self._store.path} is "
+                                                f"not the one this checkpoint trained with: restore that one")
         if state.get("teacher_step") is not None and self.teacher_ref is None:
             self._restore_teacher(trainer, state)
         if state["started_at"] is not None and self.started_at is None and not state["merged"]:
@@ -217,7 +250,8 @@ class Distillation(FitEndMember):
         healing between rounds, merge the adapters so the round scores and drops the healed model."""
         if self.started_at is not None and not self.merged:
             self.trainable.merge(pl_module)
-        if self.teacher_ref is not None or self.teacher is not None or not self.needs_teacher:
+        if self.teacher_ref is not None or self.teacher is not None or not self.needs_teacher \
+                or self._store is not None:
             return
         model = hf_of(pl_module)
         self._adopt(copy.deepcopy(model), trainer.global_step, fingerprint(model), model.config.to_dict())
@@ -293,6 +327,11 @@ class Distillation(FitEndMember):
                            output_hidden_states=hidden)
         if not self.needs_teacher:
             return (1.0 - self.alpha) * out.loss, {"lm_loss": out.loss.detach()}
+        if self._store is not None:  # the stored top-k of the teacher (alpha > 0, hidden_weight 0: checked)
+            values, top = self._store.lookup(ids)
+            kd, lm = topk_kd_and_lm_loss(out.logits, values, top, labels, None if mask is None else mask.bool(),
+                                         self.temperature)
+            return self.alpha * kd + (1.0 - self.alpha) * lm, {"kd_loss": kd.detach(), "lm_loss": lm.detach()}
         teacher = self.teacher
         assert teacher is not None, "Distillation: no teacher (checked at train start)"
         device = next(teacher.parameters()).device
@@ -352,7 +391,7 @@ class Distillation(FitEndMember):
                 "(Distillation(trainable='lora') trains LoRA adapters on the distillation loss)")
 
     def on_train_start(self, trainer: pl.Trainer, pl_module: pl.LightningModule) -> None:
-        if self.started_at is not None and self.needs_teacher and self.teacher is None:
+        if self.started_at is not None and self.needs_teacher and self.teacher is None and self._store is None:
             raise MisconfigurationException("Distillation: recovery starts but no teacher was taken: the model was "
                                             "dropped before this fit; give a `teacher` reference")
 
@@ -370,12 +409,34 @@ class Distillation(FitEndMember):
     def _start(self, trainer: pl.Trainer, pl_module: pl.LightningModule, at: int | None = None) -> None:
         what = self.trainable.apply(pl_module)
         self._place_teacher(trainer)
+        if self.teacher_logits is not None:
+            self._open_store(trainer, pl_module)
         pl_module.set_training_objective(self.objective)
         self.started_at = trainer.global_step if at is None else at
         teacher = ("none (LM loss only)" if not self.needs_teacher else self.teacher_ref
                    or f"the model before the drop (copied at step {self.teacher_step})")
+        if self._store is not None:
+            teacher += f", read as its top-{self._store.k} from {self._store.path}"
         rank_zero_info(f"Distillation from step {self.started_at}: {what}; teacher {teacher}, alpha={self.alpha}, "
                        f"T={self.temperature}, hidden_weight={self.hidden_weight}")
+
+    def _open_store(self, trainer: pl.Trainer, pl_module: pl.LightningModule) -> None:
+        """The teacher's top-k over every training window, written by rank zero when absent; then the teacher
+        is freed, so training holds the student alone. Every rank calls it (one barrier each)."""
+        if trainer.datamodule is None:
+            raise MisconfigurationException("Distillation: teacher_logits stores the teacher over the training "
+                                            "windows of a LightningDataModule: fit with `datamodule=`")
+        loader = trainer.datamodule.train_dataloader()
+        try:
+            self._store = prepare_store(
+                self.teacher_logits, training_windows(loader.dataset), teacher=self.teacher,
+                k=self.teacher_logits_k, temperature=self.temperature, dtype=self.teacher_logits_dtype,
+                vocab_size=_vocab_size(self.teacher if self.teacher is not None else hf_of(pl_module)),
+                batch_size=loader.batch_size or 8, writer=trainer.is_global_zero, barrier=trainer.strategy.barrier,
+                digest=self._store_digest, log=rank_zero_info)
+        except UserError as err:
+            raise MisconfigurationException(f"Distillation: {err}") from err
+        self.teacher = None
 
     def finish(self, pl_module: pl.LightningModule) -> None:
         """End of recovery (idempotent): the LM loss again, LoRA merged when `merge`."""
@@ -402,9 +463,3 @@ class Distillation(FitEndMember):
 
 
 START = ("after_drops", "first_drop")
-
-
-def _vocab_size(model: nn.Module) -> int:
-    head = model.get_output_embeddings() if hasattr(model, "get_output_embeddings") else None
-    weight = getattr(head, "weight", None)
-    return int(weight.shape[0]) if weight is not None else int(model.config.vocab_size)
