@@ -60,38 +60,16 @@ from lightning_drop.teacher_logits import (
     TeacherLogitStore,
     check_store_options,
     fingerprint,
+    output_vocab_size,
     prepare_store,
     training_windows,
 )
-from lightning_drop.teacher_logits import output_vocab_size as _vocab_size
 
 from ._common import hf_of, rebuild_optimizers
 from .distill_loss import hidden_loss, kd_and_lm_loss, topk_kd_and_lm_loss
 from .fit_end import FitEnd, FitEndMember
+from .teacher import check_teacher, load_teacher, shared_blocks, teacher_dtype_of
 from .trainable import DEFAULT_TARGETS, LoRASettings, TrainableSet
-
-
-def _shared_blocks(*models: nn.Module) -> list[int]:
-    """Blocks that every model still has (not fully dropped): where their outputs can be compared."""
-    from lightning_drop.architectures import get_spec
-    from lightning_drop.modeling_dropped import dropped_layers
-
-    n = len(get_spec(models[0]).get_layers(models[0]))
-    gone: set[int] = set()
-    for m in models:
-        attn, mlp = dropped_layers(m)
-        gone |= set(attn) & set(mlp)
-    return [i for i in range(n) if i not in gone]
-
-
-def _dtype(owner: str, name: str | None) -> torch.dtype | None:
-    if name is None:
-        return None
-    dtype = getattr(torch, str(name), None)
-    if not isinstance(dtype, torch.dtype) or not dtype.is_floating_point:
-        raise MisconfigurationException(f"{owner}: teacher_dtype must name a floating torch dtype such as "
-                                        f"'bfloat16', got {name!r}")
-    return dtype
 
 
 def _real_number(owner: str, name: str, value: Any) -> float:
@@ -152,7 +130,7 @@ class Distillation(FitEndMember):
                                             f"model before the drop), got {teacher!r}")
         if start not in START:
             raise MisconfigurationException(f"{owner}: unknown start {start!r}; choose from {', '.join(START)}")
-        self.teacher_dtype = _dtype(owner, teacher_dtype)
+        self.teacher_dtype = teacher_dtype_of(owner, teacher_dtype)
         try:
             self.teacher_device = None if teacher_device is None else torch.device(teacher_device)
         except (RuntimeError, TypeError):
@@ -280,42 +258,6 @@ class Distillation(FitEndMember):
             device = self.teacher_device or trainer.strategy.root_device
             self.teacher.to(device=device, dtype=self.teacher_dtype)
 
-    def _load_reference(self, pl_module: pl.LightningModule) -> None:
-        from lightning_drop.model_loading import load_model
-
-        ref = self.teacher_ref
-        assert ref is not None
-        try:
-            model, tokenizer = load_model(ref, dtype=self.teacher_dtype or torch.float32)
-        except (OSError, ValueError) as err:
-            reason = (str(err).strip().splitlines() or [type(err).__name__])[0]
-            raise MisconfigurationException(f"Distillation: teacher {ref!r} does not load: {reason}") from err
-        self._check_teacher(pl_module, model, tokenizer)
-        self._adopt(model, None, None, None)
-
-    def _check_teacher(self, pl_module: pl.LightningModule, model: nn.Module, tokenizer: Any) -> None:
-        """One vocabulary (and tokenizer, when known) for teacher and student; same depth and width when block
-        outputs are compared."""
-        ref = self.teacher_ref
-        student = hf_of(pl_module)
-        s_vocab, t_vocab = _vocab_size(student), _vocab_size(model)
-        if s_vocab != t_vocab:
-            raise MisconfigurationException(f"Distillation: teacher {ref!r} has a vocabulary of {t_vocab} tokens, the "
-                                            f"student {s_vocab}: distillation needs one shared vocabulary")
-        mine = getattr(pl_module, "tokenizer", None)
-        if mine is not None and tokenizer is not None and mine.get_vocab() != tokenizer.get_vocab():
-            theirs = tokenizer.get_vocab()
-            differ = sum(1 for k, v in mine.get_vocab().items() if theirs.get(k) != v)
-            raise MisconfigurationException(f"Distillation: teacher {ref!r} has another tokenizer than the student "
-                                            f"({differ} tokens map to other ids): both must share one vocabulary")
-        if self.hidden_weight > 0:
-            s_cfg, t_cfg = student.config, model.config
-            if (s_cfg.num_hidden_layers, s_cfg.hidden_size) != (t_cfg.num_hidden_layers, t_cfg.hidden_size):
-                raise MisconfigurationException(
-                    f"Distillation: hidden_weight > 0 compares block outputs, but teacher {ref!r} has "
-                    f"{t_cfg.num_hidden_layers} layers of width {t_cfg.hidden_size}, the student "
-                    f"{s_cfg.num_hidden_layers} of {s_cfg.hidden_size}")
-
     # ------------------------------------------------------------------------------------- objective
     def objective(self, module: pl.LightningModule, batch: dict[str, torch.Tensor]) -> tuple[torch.Tensor,
                                                                                           dict[str, torch.Tensor]]:
@@ -347,7 +289,7 @@ class Distillation(FitEndMember):
             parts = {"lm_loss": out.loss.detach()}
             loss = out.loss
         if hidden:
-            h = hidden_loss(out.hidden_states, t_out.hidden_states, real, _shared_blocks(hf_of(module), teacher))
+            h = hidden_loss(out.hidden_states, t_out.hidden_states, real, shared_blocks(hf_of(module), teacher))
             parts["hidden_loss"] = h.detach()
             loss = loss + self.hidden_weight * h
         return loss, parts
@@ -374,9 +316,11 @@ class Distillation(FitEndMember):
                 "the model before the drop), or train an already dropped model with a `teacher` reference")
         self.trainable.check_model(pl_module)
         if self.teacher_ref is not None and self.needs_teacher and self.teacher is None:
-            self._load_reference(pl_module)
+            model, tokenizer = load_teacher(self.teacher_ref, self.teacher_dtype)
+            check_teacher(pl_module, model, tokenizer, self.teacher_ref, self.hidden_weight > 0)
+            self._adopt(model, None, None, None)
         elif self.teacher_ref is not None and self.teacher is not None and self.needs_teacher:
-            self._check_teacher(pl_module, self.teacher, None)  # a model object given from Python
+            check_teacher(pl_module, self.teacher, None, self.teacher_ref, self.hidden_weight > 0)  # a model object
         if self.start == "first_drop" and not drops:
             raise MisconfigurationException("Distillation: start='first_drop' heals between the rounds of a drop "
                                             "schedule: list an iterative LayerDrop (every_n_steps > 0) before it")
@@ -431,7 +375,7 @@ class Distillation(FitEndMember):
             self._store = prepare_store(
                 self.teacher_logits, training_windows(loader.dataset), teacher=self.teacher,
                 k=self.teacher_logits_k, temperature=self.temperature, dtype=self.teacher_logits_dtype,
-                vocab_size=_vocab_size(self.teacher if self.teacher is not None else hf_of(pl_module)),
+                vocab_size=output_vocab_size(self.teacher if self.teacher is not None else hf_of(pl_module)),
                 batch_size=loader.batch_size or 8, writer=trainer.is_global_zero, barrier=trainer.strategy.barrier,
                 digest=self._store_digest, log=rank_zero_info)
         except UserError as err:

@@ -142,7 +142,6 @@ class RecoveryRunner:
         module = DropModule(model=self.cfg.model, dtype=self.cfg.dtype, lr=recipe.lr, scheduler="cosine",
                             warmup_steps=recipe.warmup_steps, max_steps=train.steps)
         module.model.load_state_dict(self.inputs.model.state_dict())  # exactly the study's base (random inits too)
-        teacher = copy.deepcopy(self.inputs.model)  # the undropped model; the study's own stays untouched
         callbacks: list[Any] = []
         args = dict(recipe.distillation)
         if point is not None and recipe.rounds > 1:
@@ -154,13 +153,12 @@ class RecoveryRunner:
                                        seed=self.cfg.seed, calibration_source=calib.source,
                                        calibration_samples=calib.num_samples, calibration_seq_len=calib.seq_len,
                                        calibration_batch_size=calib.batch_size, verbose=self.inputs.verbose))
-            args["start"] = "first_drop"
-            del teacher  # the copy taken before the first round is the teacher
+            args["start"] = "first_drop"  # the teacher: Distillation's copy of the model before the first round
         else:
             if point is not None:
                 attn, mlp = self.drops.drop_set(self.cfg.sweep(point.sweep), point.target, point.num)
                 module.apply_drop(attn=attn, mlp=mlp)
-            args["teacher"] = teacher
+            args["teacher"] = copy.deepcopy(self.inputs.model)  # the undropped model; the study's stays untouched
         curve = Curve(self.points, train.eval_every, train.batch_size * train.seq_len)
         callbacks += [Distillation(**args), curve]
         generator = torch.Generator().manual_seed(self.cfg.seed)

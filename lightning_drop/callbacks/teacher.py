@@ -1,0 +1,78 @@
+"""Where a distillation teacher comes from and whether it fits its student.
+
+A teacher given by reference is loaded through `model_loading.load_model`; any teacher must predict over the
+student's vocabulary with the student's tokenizer (checked when the tokenizer is known), and block outputs
+can only be matched between models of the same depth and width. Errors are one line naming the teacher.
+"""
+
+from __future__ import annotations
+
+from typing import Any
+
+import lightning.pytorch as pl
+import torch
+from lightning.pytorch.utilities.exceptions import MisconfigurationException
+from torch import nn
+
+from lightning_drop.teacher_logits import output_vocab_size
+
+from ._common import hf_of
+
+
+def teacher_dtype_of(owner: str, name: str | None) -> torch.dtype | None:
+    """The torch dtype a `teacher_dtype` argument names (None: keep the teacher's own)."""
+    if name is None:
+        return None
+    dtype = getattr(torch, str(name), None)
+    if not isinstance(dtype, torch.dtype) or not dtype.is_floating_point:
+        raise MisconfigurationException(f"{owner}: teacher_dtype must name a floating torch dtype such as "
+                                        f"'bfloat16', got {name!r}")
+    return dtype
+
+
+def load_teacher(ref: str, dtype: torch.dtype | None) -> tuple[nn.Module, Any]:
+    """(model, tokenizer) of a teacher reference; a reference that does not load is a one-line error."""
+    from lightning_drop.model_loading import load_model
+
+    try:
+        return load_model(ref, dtype=dtype or torch.float32)
+    except (OSError, ValueError) as err:
+        reason = (str(err).strip().splitlines() or [type(err).__name__])[0]
+        raise MisconfigurationException(f"Distillation: teacher {ref!r} does not load: {reason}") from err
+
+
+def check_teacher(pl_module: pl.LightningModule, model: nn.Module, tokenizer: Any, ref: str,
+                  compare_hidden: bool) -> None:
+    """One vocabulary (and tokenizer, when known) for teacher and student; the same depth and width when
+    block outputs are compared (`compare_hidden`)."""
+    student = hf_of(pl_module)
+    s_vocab, t_vocab = output_vocab_size(student), output_vocab_size(model)
+    if s_vocab != t_vocab:
+        raise MisconfigurationException(f"Distillation: teacher {ref!r} has a vocabulary of {t_vocab} tokens, the "
+                                        f"student {s_vocab}: distillation needs one shared vocabulary")
+    mine = getattr(pl_module, "tokenizer", None)
+    if mine is not None and tokenizer is not None and mine.get_vocab() != tokenizer.get_vocab():
+        theirs = tokenizer.get_vocab()
+        differ = sum(1 for k, v in mine.get_vocab().items() if theirs.get(k) != v)
+        raise MisconfigurationException(f"Distillation: teacher {ref!r} has another tokenizer than the student "
+                                        f"({differ} tokens map to other ids): both must share one vocabulary")
+    if compare_hidden:
+        s_cfg, t_cfg = student.config, model.config
+        if (s_cfg.num_hidden_layers, s_cfg.hidden_size) != (t_cfg.num_hidden_layers, t_cfg.hidden_size):
+            raise MisconfigurationException(
+                f"Distillation: hidden_weight > 0 compares block outputs, but teacher {ref!r} has "
+                f"{t_cfg.num_hidden_layers} layers of width {t_cfg.hidden_size}, the student "
+                f"{s_cfg.num_hidden_layers} of {s_cfg.hidden_size}")
+
+
+def shared_blocks(*models: nn.Module) -> list[int]:
+    """Blocks that every model still has (not fully dropped): where their outputs can be compared."""
+    from lightning_drop.architectures import get_spec
+    from lightning_drop.modeling_dropped import dropped_layers
+
+    n = len(get_spec(models[0]).get_layers(models[0]))
+    gone: set[int] = set()
+    for m in models:
+        attn, mlp = dropped_layers(m)
+        gone |= set(attn) & set(mlp)
+    return [i for i in range(n) if i not in gone]
