@@ -19,9 +19,9 @@ def config(out, c4, **over) -> dict:
         "calibration": {"source": str(c4), "num_samples": 2, "seq_len": 32},
         "eval": {"perplexity": {"num_windows": 2, "seq_len": 32}, "mc": None, "domains": [str(c4)]},
         "speed": {"enabled": False},
-        "sweeps": [{"name": "main", "targets": ["attn"], "nums": [0, 2]}],
+        "sweeps": [{"name": "main", "targets": ["attn"], "nums": [0, 1, 2]}],
         "recovery": {
-            "points": [{"target": "attn", "num": 2}],
+            "points": [{"target": "attn", "num": 2}, {"target": "attn", "num": 1, "recipes": ["lora-lm"]}],
             "train": {"seq_len": 32, "batch_size": 2, "steps": 4, "eval_every": 2},
             "recipes": [
                 {"name": "lora-lm", "lr": 1e-2, "distillation": {"alpha": 0.0, "trainable": "lora", "r": 2},
@@ -60,7 +60,7 @@ def test_recovery_rows_controls_rounds_cache_and_report(tmp_path, c4_path):
     doc = Study(StudyConfig.from_dict(cfg), verbose=False).run()
     rows = {(r["point"], r["recipe"]): r for r in doc["recovery"]}
     assert set(rows) == {("attn-2", "none"), ("attn-2", "lora-lm"), ("attn-2", "full-kd"),
-                         ("attn-2", "heal-rounds"), ("control", "lora-lm")}
+                         ("attn-2", "heal-rounds"), ("attn-1", "none"), ("attn-1", "lora-lm"), ("control", "lora-lm")}
     dropped = next(r for r in doc["rows"] if r["num"] == 2)
     base = next(r for r in doc["rows"] if r["num"] == 0)
     none = rows[("attn-2", "none")]
@@ -87,12 +87,12 @@ def test_recovery_rows_controls_rounds_cache_and_report(tmp_path, c4_path):
     # heal between rounds: the fit dropped 2 attention layers itself, one per round
     heal = rows[("attn-2", "heal-rounds")]
     assert len(heal["drop_attn"]) == 2 and heal["drop_mlp"] == []
-    assert doc["computed_this_run"]["recovery"] == 4
+    assert doc["computed_this_run"]["recovery"] == 5
     report = (out / "report.md").read_text()
     assert "## Recovery" in report and "heal-rounds" in report and (out / "figures" / "recovery.png").is_file()
     # a re-run trains nothing
     again = Study(StudyConfig.from_dict(cfg), verbose=False).run()
-    assert again["computed_this_run"]["recovery"] == 0 and again["reused_this_run"]["recovery"] == 4
+    assert again["computed_this_run"]["recovery"] == 0 and again["reused_this_run"]["recovery"] == 5
     assert again["recovery"] == doc["recovery"]
 
 
@@ -108,6 +108,8 @@ def test_recovery_rows_controls_rounds_cache_and_report(tmp_path, c4_path):
      "no layers near drops"),
     ({"recipes": [{"name": "a"}], "points": [{"target": "attn", "num": 2, "sweep": "x"}]}, "no sweep named 'x'"),
     ({"recipes": [{"name": "a", "rounds": 9}], "train": {"steps": 4}}, "9 rounds need at least as many"),
+    ({"recipes": [{"name": "a"}], "points": [{"target": "attn", "num": 2, "recipes": ["b"]}]},
+     "no recipe named ['b']"),
 ])
 def test_bad_recovery_configs_are_one_line_errors(tmp_path, c4_path, recovery, message):
     cfg = config(tmp_path / "o", c4_path, recovery=recovery)

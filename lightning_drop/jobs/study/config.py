@@ -162,11 +162,12 @@ class RecipeSpec:
 
 @dataclass
 class RecoveryPointSpec:
-    """A drop set to recover: `num` `target` modules of the sweep `sweep`."""
+    """A drop set to recover: `num` `target` modules of the sweep `sweep`, by `recipes` (None: every recipe)."""
 
     target: str = "attn"
     num: int = _at_least(1, 8)
     sweep: str = "main"
+    recipes: list[str] | None = None
 
 
 @dataclass
@@ -214,6 +215,9 @@ class RecoverySpec:
                 raise UserError(f"{at}.target: unknown target '{p.target}'; choose from {', '.join(TARGETS)}")
             if p.sweep not in sweeps:
                 raise UserError(f"{at}.sweep: no sweep named '{p.sweep}'; sweeps: {sweeps}")
+            unknown = [n for n in p.recipes or [] if n not in names]
+            if unknown:
+                raise UserError(f"{at}.recipes: no recipe named {unknown}; recipes: {names}")
 
 
 @dataclass

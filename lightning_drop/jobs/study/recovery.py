@@ -83,7 +83,8 @@ class RecoveryRunner:
             out.append(self._finish({"point": label, "recipe": "none", "tokens": 0, "drop_attn": attn,
                                      "drop_mlp": mlp, **_quality(dropped)}, base, dropped, None))
             for r in self.spec.recipes:
-                out.append(self._finish(self.row(p, r), base, dropped, controls.get(r.name)))
+                if p.recipes is None or r.name in p.recipes:
+                    out.append(self._finish(self.row(p, r), base, dropped, controls.get(r.name)))
         out += [self._finish(row, base, None, None) for row in controls.values()]
         return out
 
