@@ -302,7 +302,7 @@ def test_quickstart_shape_on_smollm2(tmp_path):
     cfg = copy.deepcopy(cfg)
     cfg.sweeps[0].targets, cfg.sweeps[0].nums, cfg.sweeps[0].nums_per_target = ["attn", "mlp"], [0, 4], {}
     cfg.calibration.num_samples, cfg.eval.perplexity.num_windows, cfg.eval.mc = 4, 2, None
-    cfg.speed.enabled, cfg.checkpoint = False, None
+    cfg.speed.enabled, cfg.checkpoint, cfg.recovery = False, None, None  # recovery: tests/test_study_recovery.py
     doc = Study(cfg, tmp_path, verbose=False).run()
     rows = {(r["target"], r["num"]): r for r in doc["rows"]}
     assert rows[("attn", 4)]["perplexity"] < rows[("mlp", 4)]["perplexity"]

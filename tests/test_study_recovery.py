@@ -22,7 +22,7 @@ def config(out, c4, **over) -> dict:
         "sweeps": [{"name": "main", "targets": ["attn"], "nums": [0, 1, 2]}],
         "recovery": {
             "points": [{"target": "attn", "num": 2}, {"target": "attn", "num": 1, "recipes": ["lora-lm"]}],
-            "train": {"seq_len": 32, "batch_size": 2, "steps": 4, "eval_every": 2},
+            "train": {"seq_len": 32, "batch_size": 2, "steps": 4, "eval_every": 2}, "save": True,
             "recipes": [
                 {"name": "lora-lm", "lr": 1e-2, "distillation": {"alpha": 0.0, "trainable": "lora", "r": 2},
                  "control": True},
@@ -38,7 +38,7 @@ def config(out, c4, **over) -> dict:
 
 def test_training_windows_never_share_a_document_with_held_out_or_calibration_text(tmp_path, c4_path):
     study = Study(StudyConfig.from_dict(config(tmp_path / "o", c4_path)), verbose=False)
-    runner = RecoveryRunner(study.inputs, study.cache, study.keys, study.points, study.drops)
+    runner = RecoveryRunner(study.inputs, study.cache, study.keys, study.points, study.drops, study.out)
     docs = study.inputs.docs(str(c4_path), "text")
     first = study.points.heldout_end_document()
     assert 0 < first < len(docs) and runner.train_documents() == docs[first:]
@@ -91,6 +91,15 @@ def test_recovery_rows_controls_rounds_cache_and_report(tmp_path, c4_path):
     report = (out / "report.md").read_text()
     assert "## Recovery" in report and "heal-rounds" in report and (out / "figures" / "recovery.png").is_file()
     # a re-run trains nothing
+    # the recovered models are dropped checkpoints that load and hold what was measured
+    from lightning_drop.evaluation import perplexity
+    from lightning_drop.model_loading import load_model
+
+    assert rows[("control", "lora-lm")]["checkpoint"] is None
+    model, _ = load_model(rows[("attn-2", "full-kd")]["checkpoint"])
+    study = Study(StudyConfig.from_dict(cfg), verbose=False)
+    assert perplexity(model, study.points.heldout_windows(), batch_size=2) == pytest.approx(
+        rows[("attn-2", "full-kd")]["perplexity"], rel=1e-4)
     again = Study(StudyConfig.from_dict(cfg), verbose=False).run()
     assert again["computed_this_run"]["recovery"] == 0 and again["reused_this_run"]["recovery"] == 5
     assert again["recovery"] == doc["recovery"]

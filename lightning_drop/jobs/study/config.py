@@ -177,6 +177,7 @@ class RecoverySpec:
     recipes: list[RecipeSpec] = field(default_factory=list)
     points: list[RecoveryPointSpec] = field(default_factory=lambda: [RecoveryPointSpec()])
     train: RecoveryTrainSpec = field(default_factory=RecoveryTrainSpec)
+    save: bool = False  # write each recovered model to OUTPUT/recovered-<point>-<recipe> (a dropped checkpoint)
 
     def check(self, where: str, sweeps: list[str]) -> None:
         from lightning.pytorch.utilities.exceptions import MisconfigurationException

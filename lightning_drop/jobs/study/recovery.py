@@ -15,6 +15,7 @@ import copy
 import dataclasses
 import math
 import time
+from pathlib import Path
 from typing import Any
 
 import lightning.pytorch as pl
@@ -30,8 +31,9 @@ class RecoveryRunner:
     """Trains and measures the recovery rows of one study (`recovery:` of its config)."""
 
     def __init__(self, inputs: StudyInputs, cache: Cache, keys: CacheKeys, points: PointEvaluator,
-                 drops: DropSets) -> None:
+                 drops: DropSets, out: Path) -> None:
         self.inputs, self.cache, self.keys, self.points, self.drops = inputs, cache, keys, points, drops
+        self.out = out
         self.cfg = inputs.cfg
         assert self.cfg.recovery is not None
         self.spec: RecoverySpec = self.cfg.recovery
@@ -175,7 +177,15 @@ class RecoveryRunner:
         quality = self.points.quality(model)
         curve.points.append({"step": train.steps, "tokens": train.tokens,
                              **{k: v for k, v in quality.items() if k.startswith("perplexity")}})
-        row = {"point": "control" if point is None else f"{point.target}-{point.num}", "recipe": recipe.name,
+        label = "control" if point is None else f"{point.target}-{point.num}"
+        saved = None
+        if self.spec.save and point is not None:
+            from ...dropped_checkpoint import save_dropped
+
+            saved = str(save_dropped(model, self.out / f"recovered-{label}-{recipe.name}", self.inputs.tokenizer,
+                                     overwrite=True))
+            self.inputs.log(f"recovered model saved to {saved}")
+        row = {"point": label, "recipe": recipe.name, "checkpoint": saved,
                "tokens": train.tokens, "drop_attn": attn, "drop_mlp": mlp, **quality,
                "curve": curve.points, "train_seconds": time.perf_counter() - t0,
                "train_cpu_seconds": time.process_time() - c0}

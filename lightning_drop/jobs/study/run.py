@@ -123,7 +123,7 @@ class Study:
         if self.cfg.recovery is not None and selection is None:
             from .recovery import RecoveryRunner
 
-            runner = RecoveryRunner(self.inputs, self.cache, self.keys, self.points, self.drops)
+            runner = RecoveryRunner(self.inputs, self.cache, self.keys, self.points, self.drops, self.out)
             doc["recovery"] = runner.rows(rows, base)
             doc["recovery_train"] = {**dataclasses.asdict(self.cfg.recovery.train),
                                      "tokens": self.cfg.recovery.train.tokens}
