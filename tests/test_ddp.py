@@ -370,10 +370,17 @@ def test_fit_end_callbacks_under_ddp(tmp_path, c4_path, shared_dir):
 
 
 # ------------------------------------------------------------------------------------------ distillation
-def test_distillation_under_ddp(tmp_path, c4_path):
+@pytest.mark.parametrize("start", ["after_drops", "first_drop"])
+def test_distillation_under_ddp(tmp_path, c4_path, start):
     """A mid-training drop on both ranks, each rank copies its own teacher, recovery by distillation into the
-    layers next to the drop (KL + hidden states); the checkpoint keeps the teacher copied during training."""
+    layers next to the drop (KL + hidden states); the checkpoint keeps the teacher copied during training.
+    `first_drop`: two rounds (steps 2 and 4) with healing from the first round on, the trainable set moved to
+    the layers next to the new drop after the second round, on both ranks."""
     cb = "lightning_drop.callbacks."
+    heal = start == "first_drop"
+    drop_args = {"target": "attn", "num": 1, "when": "step", "at_step": 2, "calibration_batch_size": 2}
+    if heal:
+        drop_args.update(num=2, schedule="iterative", step=1, every_n_steps=2)
     config = {
         "seed_everything": 0,
         "model": {"class_path": "lightning_drop.lightning_module.DropModule",
@@ -382,17 +389,17 @@ def test_distillation_under_ddp(tmp_path, c4_path):
                  "init_args": {"tokenizer": "tiny-llama", "source": str(c4_path), "seq_len": 32, "batch_size": 2,
                                "limit_documents": 20, "calibration_samples": 4}},
         "trainer": {
-            "max_steps": 4, "limit_val_batches": 0, "num_sanity_val_steps": 0, "enable_progress_bar": False,
+            "max_steps": 6 if heal else 4, "limit_val_batches": 0, "num_sanity_val_steps": 0,
+            "enable_progress_bar": False,
             "enable_model_summary": False, "log_every_n_steps": 1,
             "logger": {"class_path": "lightning.pytorch.loggers.TensorBoardLogger",
                        "init_args": {"save_dir": "logs", "name": "distill"}},
             "callbacks": [
-                {"class_path": cb + "LayerDrop",
-                 "init_args": {"target": "attn", "num": 1, "when": "step", "at_step": 2, "calibration_batch_size": 2}},
+                {"class_path": cb + "LayerDrop", "init_args": drop_args},
                 {"class_path": cb + "Distillation",
-                 "init_args": {"trainable": "layers", "layers": "near_drops", "hidden_weight": 0.5}},
+                 "init_args": {"trainable": "layers", "layers": "near_drops", "hidden_weight": 0.5, "start": start}},
                 {"class_path": "lightning.pytorch.callbacks.ModelCheckpoint",
-                 "init_args": {"every_n_train_steps": 4}},
+                 "init_args": {"every_n_train_steps": 6 if heal else 4}},
             ],
         },
     }
@@ -401,8 +408,9 @@ def test_distillation_under_ddp(tmp_path, c4_path):
     run = run_ddp(tmp_path, ["--config", str(path)], timeout=300)
     assert_clean_ddp_run(run)
     assert run.count("Distillation from step 2: layers") == 1  # rank zero reports; both ranks train
+    assert run.count("Distillation: healing the model of round 2 at step 4: layers") == (1 if heal else 0)
     saved = json.loads((tmp_path / "saved" / "config.json").read_text())
-    assert len(saved["drop_attn_list"]) == 1
+    assert len(saved["drop_attn_list"]) == (2 if heal else 1)
     run_dir = only_version(tmp_path / "logs" / "distill")
     tags = set(tensorboard(run_dir).Tags()["scalars"])
     assert {"train/kd_loss", "train/lm_loss", "train/hidden_loss"} <= tags
