@@ -284,6 +284,11 @@ class StudyConfig:
             raise UserError(f"selection.sweep: no sweep named '{self.selection.sweep}'; sweeps: {names}")
         if self.recovery is not None:
             self.recovery.check("recovery", names)
+            train = self.recovery.train
+            source = self.calibration.source if train.source == "calibration" else train.source
+            if source in self.eval.domains:
+                raise UserError(f"recovery.train.source: {source} is also in eval.domains, whose held-out windows "
+                                "would be trained on; train on another source")
 
     def _check_heldout(self) -> None:
         """Held-out perplexity windows start after the calibration tokens, which a shuffled calibration breaks."""

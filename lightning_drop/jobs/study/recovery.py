@@ -57,13 +57,18 @@ class RecoveryRunner:
         return docs
 
     def train_windows(self) -> Any:
+        """The first `steps x batch_size` windows of the training documents (refused when there are fewer)."""
+        import warnings
+
         from ...text_data import make_windows
 
         if self._windows is None:
             train = self.spec.train
             need = train.steps * train.batch_size
             docs = self.train_documents()
-            windows = make_windows(self.inputs.tokenizer, docs, train.seq_len, None) if docs else None
+            with warnings.catch_warnings():  # too few windows is the error below, not a warning
+                warnings.simplefilter("ignore")
+                windows = make_windows(self.inputs.tokenizer, docs, train.seq_len, need) if docs else None
             if windows is None or windows.shape[0] < need:
                 have = 0 if windows is None else windows.shape[0]
                 raise UserError(f"recovery.train: {train.steps} steps x {train.batch_size} windows of {train.seq_len} "
@@ -73,7 +78,7 @@ class RecoveryRunner:
         return self._windows
 
     # --------------------------------------------------------------------------------------------- rows
-    def rows(self, point_rows: list[dict[str, Any]], base: dict[str, Any]) -> list[dict[str, Any]]:
+    def rows(self, base: dict[str, Any]) -> list[dict[str, Any]]:
         """Per point: the dropped model untrained, then each recipe; then each recipe's control row."""
         out = []
         controls = {r.name: self.row(None, r) for r in self.spec.recipes if r.control}

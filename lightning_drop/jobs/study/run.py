@@ -124,7 +124,7 @@ class Study:
             from .recovery import RecoveryRunner
 
             runner = RecoveryRunner(self.inputs, self.cache, self.keys, self.points, self.drops, self.out)
-            doc["recovery"] = runner.rows(rows, base)
+            doc["recovery"] = runner.rows(base)
             doc["recovery_train"] = {**dataclasses.asdict(self.cfg.recovery.train),
                                      "tokens": self.cfg.recovery.train.tokens}
             doc["computed_this_run"], doc["reused_this_run"] = dict(self.cache.computed), dict(self.cache.reused)
