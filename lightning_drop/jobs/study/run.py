@@ -250,7 +250,8 @@ def study_main(config: str, output: str | None = None, budget: str | None = None
         print(f"dropped checkpoint ready: {doc['checkpoint']['path']}  (load with lightning_drop.model_loading.load_model)")
     c, r = doc["computed_this_run"], doc["reused_this_run"]
     print(f"computed this run: {c['scores']} scoring pass(es), {c['drops']} iterative direction(s), "
-          f"{c['points']} evaluation(s); reused from cache: {r['scores'] + r['drops'] + r['points']}"
+          f"{c['points']} evaluation(s)" + (f", {c['recovery']} recovery run(s)" if "recovery" in c else "")
+          + f"; reused from cache: {sum(r.values())}"
           + (f"; re-timed {doc['retimed_this_run']} cached point(s) measured on another machine"
              if doc.get("retimed_this_run") else ""))
     print(f"report: {doc['report']}  ({time.perf_counter() - t0:.0f} s)")
