@@ -79,21 +79,21 @@ class RecoveryRunner:
 
     # --------------------------------------------------------------------------------------------- rows
     def rows(self, base: dict[str, Any]) -> list[dict[str, Any]]:
-        """Per point: the dropped model untrained, then each recipe; then each recipe's control row."""
-        out = []
-        controls = {r.name: self.row(None, r) for r in self.spec.recipes if r.control}
+        """Per point: the dropped model untrained, then each recipe; then each recipe's control row. The
+        recovery runs come first, in that order, the controls after them."""
+        trained = []
         for p in self.spec.points:
-            sweep = self.cfg.sweep(p.sweep)
-            attn, mlp = self.drops.drop_set(sweep, p.target, p.num)
+            attn, mlp = self.drops.drop_set(self.cfg.sweep(p.sweep), p.target, p.num)
             dropped = self.points.point(attn, mlp)
-            label = f"{p.target}-{p.num}"
-            out.append(self._finish({"point": label, "recipe": "none", "tokens": 0, "drop_attn": attn,
-                                     "drop_mlp": mlp, **_quality(dropped)}, base, dropped, None))
-            for r in self.spec.recipes:
-                if p.recipes is None or r.name in p.recipes:
-                    out.append(self._finish(self.row(p, r), base, dropped, controls.get(r.name)))
-        out += [self._finish(row, base, None, None) for row in controls.values()]
-        return out
+            none = {"point": f"{p.target}-{p.num}", "recipe": "none", "tokens": 0, "drop_attn": attn,
+                    "drop_mlp": mlp, **_quality(dropped)}
+            trained.append((none, dropped, None))
+            trained += [(self.row(p, r), dropped, r.name) for r in self.spec.recipes
+                        if p.recipes is None or r.name in p.recipes]
+        controls = {r.name: self.row(None, r) for r in self.spec.recipes if r.control}
+        out = [self._finish(row, base, dropped, controls.get(name) if name else None)
+               for row, dropped, name in trained]
+        return out + [self._finish(row, base, None, None) for row in controls.values()]
 
     def row(self, point: RecoveryPointSpec | None, recipe: RecipeSpec) -> dict[str, Any]:
         """One recipe trained on one point (None: the control, the undropped model), cached."""
