@@ -54,11 +54,21 @@ def _lm_loss(s: torch.Tensor, lse: torch.Tensor, labels: torch.Tensor) -> tuple[
     return ((lse[:, :-1] - picked) * valid).sum() / n_valid, target, valid, n_valid
 
 
-def _lm_weights(g_lm: torch.Tensor, w: torch.Tensor, valid: torch.Tensor, n_valid: torch.Tensor) -> torch.Tensor:
-    """Per-position weight [B, L] of the LM loss's gradient `softmax(s) - onehot(label)`."""
+def _softmax_terms(s: torch.Tensor, temp: float, lse_t: torch.Tensor, lse: torch.Tensor, g_kd: torch.Tensor,
+                   g_lm: torch.Tensor, w: torch.Tensor, n_real: torch.Tensor, valid: torch.Tensor,
+                   n_valid: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+    """The student's side of both gradients, `c_kd * softmax(s / T) + c_lm * softmax(s)` (one new buffer), with
+    the per-position weights [B, L]: `c_kd` of the KL (`T * w / n`) and `c_lm` of the LM loss (`valid / m`)."""
+    c_kd = g_kd * temp * w / n_real
     c_lm = torch.zeros_like(w)
     c_lm[:, :-1] = g_lm * valid / n_valid
-    return c_lm
+    scaled = s if temp == 1.0 else s / temp
+    grad = (scaled - lse_t.unsqueeze(-1)).exp_()
+    if temp == 1.0:
+        grad.mul_((c_kd + c_lm).unsqueeze(-1))
+    else:
+        grad.mul_(c_kd.unsqueeze(-1)).add_((s - lse.unsqueeze(-1)).exp_().mul_(c_lm.unsqueeze(-1)))
+    return grad, c_kd, c_lm
 
 
 class _KDAndLM(torch.autograd.Function):
@@ -88,14 +98,7 @@ class _KDAndLM(torch.autograd.Function):
         s, p_t, lse_t, lse, w, n_real, target, valid, n_valid = ctx.saved_tensors
         temp = ctx.temperature
         # d kd / d s = T * w / n * (softmax(s / T) - p_t); d lm / d s = valid / m * (softmax(s) - onehot)
-        c_kd = g_kd * temp * w / n_real  # [B, L]
-        c_lm = _lm_weights(g_lm, w, valid, n_valid)
-        scaled = s if temp == 1.0 else s / temp
-        grad = (scaled - lse_t.unsqueeze(-1)).exp_()
-        if temp == 1.0:
-            grad.mul_((c_kd + c_lm).unsqueeze(-1))
-        else:
-            grad.mul_(c_kd.unsqueeze(-1)).add_((s - lse.unsqueeze(-1)).exp_().mul_(c_lm.unsqueeze(-1)))
+        grad, c_kd, c_lm = _softmax_terms(s, temp, lse_t, lse, g_kd, g_lm, w, n_real, valid, n_valid)
         grad.addcmul_(p_t, c_kd.unsqueeze(-1), value=-1.0)
         grad[:, :-1].scatter_add_(-1, target.clamp_min(0).unsqueeze(-1), -c_lm[:, :-1].unsqueeze(-1))
         return grad.to(ctx.dtype), None, None, None, None
@@ -189,15 +192,9 @@ class _TopKKDAndLM(torch.autograd.Function):
         s, ids, q, tail, lse_t, lse_tail, lse, w, n_real, target, valid, n_valid = ctx.saved_tensors
         temp = ctx.temperature
         # d kd / d s = T * w / n * (softmax(s / T) - q on the top-k - tail * softmax of the rest(s / T) off it)
-        c_kd = g_kd * temp * w / n_real
-        c_lm = _lm_weights(g_lm, w, valid, n_valid)
-        scaled = s if temp == 1.0 else s / temp
-        grad = (scaled - lse_t.unsqueeze(-1)).exp_()
-        if temp == 1.0:
-            grad.mul_((c_kd + c_lm).unsqueeze(-1))
-        else:
-            grad.mul_(c_kd.unsqueeze(-1)).add_((s - lse.unsqueeze(-1)).exp_().mul_(c_lm.unsqueeze(-1)))
+        grad, c_kd, c_lm = _softmax_terms(s, temp, lse_t, lse, g_kd, g_lm, w, n_real, valid, n_valid)
         if ctx.has_tail:  # exp of at most 0 off the top-k; the top-k entries are zeroed, not used
+            scaled = s if temp == 1.0 else s / temp
             rest = (scaled - lse_tail.unsqueeze(-1)).clamp_max_(0.0).exp_().scatter_(-1, ids, 0.0)
             grad.addcmul_(rest, (tail * c_kd).unsqueeze(-1), value=-1.0)
             del rest

@@ -186,10 +186,7 @@ class RecoverySpec:
 
         if not self.recipes:
             raise UserError(f"{where}.recipes: give at least one recipe")
-        names = [r.name for r in self.recipes]
-        dup = sorted({n for n in names if names.count(n) > 1})
-        if dup:
-            raise UserError(f"{where}.recipes: names must be unique, repeated: {dup}")
+        names = _unique_names(f"{where}.recipes", [r.name for r in self.recipes])
         for i, r in enumerate(self.recipes):
             at = f"{where}.recipes[{i}] ({r.name})"
             if not r.lr > 0:
@@ -265,10 +262,7 @@ class StudyConfig:
             self.eval.mc.check("eval.mc")
         if not self.sweeps:
             raise UserError("sweeps: give at least one sweep")
-        names = [s.name for s in self.sweeps]
-        dup = sorted({n for n in names if names.count(n) > 1})
-        if dup:
-            raise UserError(f"sweeps: names must be unique, repeated: {dup}")
+        names = _unique_names("sweeps", [s.name for s in self.sweeps])
         for i, s in enumerate(self.sweeps):
             where = f"sweeps[{i}] ({s.name})"
             s.check(where)
@@ -319,6 +313,14 @@ class StudyConfig:
 
     def to_dict(self) -> dict[str, Any]:
         return dataclasses.asdict(self)
+
+
+def _unique_names(where: str, names: list[str]) -> list[str]:
+    """`names`, or a one-line error naming the repeated ones."""
+    dup = sorted({n for n in names if names.count(n) > 1})
+    if dup:
+        raise UserError(f"{where}: names must be unique, repeated: {dup}")
+    return names
 
 
 def load_config(path: str | os.PathLike) -> StudyConfig:

@@ -159,14 +159,19 @@ class PointEvaluator:
             self._domains[source] = windows
         return self._domains[source]
 
-    def quality(self, model: Any) -> dict[str, Any]:
-        """What does not depend on the machine: held-out perplexity (every domain) and the MC accuracy."""
+    def perplexities(self, model: Any) -> dict[str, float]:
+        """Held-out perplexity: `perplexity` (the calibration domain) and `perplexity[<source>]` per domain."""
         from ...evaluation import perplexity
 
         spec = self.cfg.eval.perplexity
-        row: dict[str, Any] = {"perplexity": perplexity(model, self.heldout_windows(), batch_size=spec.batch_size)}
+        row = {"perplexity": perplexity(model, self.heldout_windows(), batch_size=spec.batch_size)}
         for source in self.cfg.eval.domains:
             row[f"perplexity[{source}]"] = perplexity(model, self.domain_windows(source), batch_size=spec.batch_size)
+        return row
+
+    def quality(self, model: Any) -> dict[str, Any]:
+        """What does not depend on the machine: held-out perplexity (every domain) and the MC accuracy."""
+        row: dict[str, Any] = self.perplexities(model)
         mc, data = self.cfg.eval.mc, self.mc_data()
         if mc is not None and data is not None:
             row.update(self.mc_eval(model, mc, data))

@@ -206,15 +206,8 @@ class Curve(pl.Callback):
         self.points: list[dict[str, Any]] = []
 
     def measure(self, step: int, model: Any) -> None:
-        from ...evaluation import perplexity
-
-        spec = self.evaluator.cfg.eval.perplexity
-        at = {"step": step, "tokens": step * self.tokens_per_step,
-              "perplexity": perplexity(model, self.evaluator.heldout_windows(), batch_size=spec.batch_size)}
-        for source in self.evaluator.cfg.eval.domains:
-            at[f"perplexity[{source}]"] = perplexity(model, self.evaluator.domain_windows(source),
-                                                     batch_size=spec.batch_size)
-        self.points.append(at)
+        self.points.append({"step": step, "tokens": step * self.tokens_per_step,
+                            **self.evaluator.perplexities(model)})
 
     def on_train_start(self, trainer: pl.Trainer, pl_module: pl.LightningModule) -> None:
         self.measure(0, pl_module.hf_model)
