@@ -139,9 +139,10 @@ class RecoveryRunner:
         from ...callbacks import Distillation, LayerDrop
         from ...lightning_datamodule import WindowDataset
         from ...lightning_module import DropModule
+        from ...modeling_dropped import dropped_layers
 
         train = self.spec.train
-        label = "control (undropped)" if point is None else f"{point.target}-{point.num}"
+        label = "control" if point is None else f"{point.target}-{point.num}"
         self.inputs.log(f"recovery {recipe.name} on {label}: {train.steps} steps x {train.batch_size} x "
                         f"{train.seq_len} tokens")
         t0, c0 = time.perf_counter(), time.process_time()
@@ -176,13 +177,10 @@ class RecoveryRunner:
                              limit_val_batches=0, gradient_clip_val=1.0, callbacks=callbacks)
         trainer.fit(module, train_dataloaders=loader)
         model = module.hf_model
-        from ...modeling_dropped import dropped_layers
-
         attn, mlp = dropped_layers(model)
         quality = self.points.quality(model)
         curve.points.append({"step": train.steps, "tokens": train.tokens,
                              **{k: v for k, v in quality.items() if k.startswith("perplexity")}})
-        label = "control" if point is None else f"{point.target}-{point.num}"
         saved = None
         if self.spec.save and point is not None:
             from ...dropped_checkpoint import save_dropped
