@@ -1,8 +1,9 @@
 """vLLM's CPU build (its own venv, `.venv-vllm`) runs the Nemotron-NAS exports of dropped SmolLM2-135M.
 
-Slow: every vLLM model load takes a minute or more on 2 CPUs. Skipped, with the install line, where
-`.venv-vllm` is absent, so `make test` on a fresh clone skips them; `make setup-vllm && make test-engines`
-runs them.
+The tests that run vLLM are slow (every model load takes a minute or more on 2 CPUs) and skip, with the
+install line, where `.venv-vllm` is absent, so `make test` on a fresh clone skips them;
+`make setup-vllm && make test-engines` runs them. The benchmark's own drop choice and comparison are tested
+without vLLM.
 """
 
 from __future__ import annotations
@@ -25,7 +26,7 @@ VLLM_PY = ROOT / ".venv-vllm" / "bin" / "python"
 SCRIPT = ROOT / "benchmarks" / "vllm_engine.py"
 PROMPT = "The license grants you the right to"
 
-pytestmark = pytest.mark.slow
+sys.path.insert(0, str(SCRIPT.parent))
 
 
 @pytest.fixture(scope="module")
@@ -33,7 +34,6 @@ def vllm_env() -> dict[str, str]:
     """The environment vLLM runs in (the benchmark's), or a skip that says how to install it."""
     if not VLLM_PY.is_file():
         pytest.skip(f"{VLLM_PY} absent: build it with `make setup-vllm`")
-    sys.path.insert(0, str(SCRIPT.parent))
     from vllm_engine import engine_env
 
     env = engine_env()
@@ -44,6 +44,7 @@ def vllm_env() -> dict[str, str]:
     return env
 
 
+@pytest.mark.slow
 def test_vllm_matches_dropped_smollm2(vllm_env, tmp_path):
     """Prompt log-probs within 1e-3 of ours (fp32) and identical greedy output: base and four drops."""
     report = tmp_path / "report.json"
@@ -68,6 +69,32 @@ def test_vllm_matches_dropped_smollm2(vllm_env, tmp_path):
     assert result["attn"]["kv_blocks"] > result["base"]["kv_blocks"] == result["mlp"]["kv_blocks"]
 
 
+def test_drop_sets_and_comparison(tmp_path):
+    """The benchmark's own logic, without vLLM: `mixed` holds all three layer shapes, and the comparison
+    finds the largest difference at the target token and over every token vLLM returned."""
+    import numpy as np
+
+    from lightning_drop.importance import ImportanceScores
+    from vllm_engine import compare, drop_sets
+
+    n = 12
+    scores = ImportanceScores("cosine", attn=[0.5 - 0.01 * i for i in range(n)], mlp=[0.2 + 0.01 * i for i in range(n)],
+                              block=[0.3 + 0.02 * ((5 * i) % n) for i in range(n)])
+    sets = drop_sets(scores, n_attn=4, n_mlp=4, n_block=4)
+    assert sets["base"] == ([], []) and sets["attn"] == ([8, 9, 10, 11], []) and sets["mlp"] == ([], [0, 1, 2, 3])
+    assert sets["block"][0] == sets["block"][1] and len(sets["block"][0]) == 4
+    attn, mlp = map(set, sets["mixed"])
+    assert attn - mlp and mlp - attn and attn & mlp
+
+    ref = np.log(np.full((3, 5), 0.2))
+    np.save(tmp_path / "ref.npy", ref)
+    ids = [0, 3, 4]
+    engine = [[[[3, ref[0, 3] + 1e-4], [1, ref[0, 1] - 5e-4]]], [[[4, ref[1, 4] - 2e-4]]]]
+    got = compare([str(tmp_path / "ref.npy")], [ids], [engine[0] + engine[1]])
+    assert got["max_target_logprob_diff"] == pytest.approx(2e-4) and got["max_logprob_diff"] == pytest.approx(5e-4)
+    assert got["logprobs_compared"] == 3
+
+
 def _free_port() -> int:
     with socket.socket() as s:
         s.bind(("127.0.0.1", 0))
@@ -82,6 +109,7 @@ def _request(url: str, body: dict | None = None, timeout: float = 10.0) -> dict:
     return json.loads(text) if text.strip() else {}
 
 
+@pytest.mark.slow
 def test_vllm_serve_completion_is_our_greedy_text(vllm_env, tmp_path):
     """`vllm serve` on the export answers an OpenAI completion request (temperature 0) with our greedy text."""
     import torch
