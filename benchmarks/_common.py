@@ -34,6 +34,26 @@ def attention_drop(model, tokenizer, num: int, calib_windows: int = 8, seq_len: 
     return sorted(attn), f"cosine importance on {calib_windows} x {seq_len} C4 tokens"
 
 
+def ref_logprobs(model, ids: list[int]):
+    """Next-token log-probabilities [len(ids), vocab] in float64, the reference engines are compared with."""
+    import torch
+
+    with torch.no_grad():
+        logits = model(torch.tensor([ids])).logits[0].double()
+    return torch.log_softmax(logits, -1).numpy()
+
+
+def greedy(model, prompt: list[int], n: int) -> list[int]:
+    """Greedy continuation without stopping at EOS (as the engine side does)."""
+    import torch
+
+    ids = list(prompt)
+    with torch.no_grad():
+        for _ in range(n):
+            ids.append(int(model(torch.tensor([ids])).logits[0, -1].argmax()))
+    return ids[len(prompt):]
+
+
 def machine_label(extra: str = "") -> str:
     """What a printed timing ran on: CPU count, torch threads and the load, which move timings most."""
     import torch

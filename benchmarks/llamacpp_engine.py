@@ -147,25 +147,6 @@ def attention_scores(model, tok, texts: list[str], seq_len: int) -> list[float]:
     return (acc / count).tolist()
 
 
-def ref_logprobs(model, ids: list[int]):
-    import torch
-
-    with torch.no_grad():
-        logits = model(torch.tensor([ids])).logits[0].double()
-    return torch.log_softmax(logits, -1).numpy()
-
-
-def greedy(model, prompt: list[int], n: int) -> list[int]:
-    """Greedy continuation without stopping at EOS (as the engine side does)."""
-    import torch
-
-    ids = list(prompt)
-    with torch.no_grad():
-        for _ in range(n):
-            ids.append(int(model(torch.tensor([ids])).logits[0, -1].argmax()))
-    return ids[len(prompt):]
-
-
 def run_engine(spec: dict, work: Path) -> dict:
     spec_file = work / "engine_spec.json"
     spec["out"] = str(work / "engine_out.json")
@@ -209,6 +190,7 @@ def main(argv: list[str] | None = None) -> dict:
     import numpy as np
     import torch
 
+    from _common import greedy, ref_logprobs
     from lightning_drop.export import export_gguf
     from lightning_drop.modeling_dropped import apply_drop
     from lightning_drop.model_loading import load_model

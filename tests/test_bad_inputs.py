@@ -94,6 +94,21 @@ def _big_vocab_tokenizer(world: Path, tmp: Path) -> Path:
     return tmp / "small-vocab"
 
 
+def _to_export(tmp: Path, family: str = "llama", attn: tuple[int, ...] = (), mlp: tuple[int, ...] = (),
+               **overrides) -> Path:
+    """A saved tiny model of a family / drop that `export --format nemotron-nas` must refuse."""
+    import lightning_drop as ld
+    from lightning_drop.modeling_dropped import apply_drop
+
+    model, tok = tiny_model(family, **overrides)
+    apply_drop(model, attn=list(attn), mlp=list(mlp))
+    return ld.save_dropped(model, tmp / "to-export", tok)
+
+
+def _export(src: Path, out: Path, *extra: str) -> list[str]:
+    return ["export", "--model", str(src), "--format", "nemotron-nas", "--output", str(out), *extra]
+
+
 D = "drop"
 COMMON = ["--num-samples", "2", "--seq-len", "32", "--num", "1"]
 # (id, argv from (world, tmp), substring the error line must contain)
@@ -104,6 +119,13 @@ CASES: list[tuple[str, Callable[[Path, Path], list[str]], str]] = [
                                          "--output", str(w / "model"), "--overwrite"], "is the input"),
     ("export-around-source", lambda w, t: ["export", "--model", str(w / "model"), "--format", "gguf",
                                            "--output", str(w), "--overwrite"], "contains the input"),
+    ("export-non-llama-family", lambda w, t: _export(_to_export(t, "qwen3"), t / "o"), "Llama-family"),
+    ("export-sliding-window", lambda w, t: _export(_to_export(t, "mistral"), t / "o"), "sliding window"),
+    ("export-non-silu-mlp", lambda w, t: _export(_to_export(t, hidden_act="gelu"), t / "o"), "hidden_act"),
+    ("export-no-attention-left", lambda w, t: _export(_to_export(t, attn=(0, 1, 2, 3)), t / "o"),
+     "every attention layer"),
+    ("export-starts-with-mlp", lambda w, t: _export(_to_export(t, attn=(0,)), t / "o"), "starts with an MLP"),
+    ("export-q8-nemotron", lambda w, t: _export(w / "model", t / "o", "--dtype", "q8_0"), "q8_0"),
     ("drop-into-user-dir", lambda w, t: [D, "--model", str(w / "model"), "--calibration", str(w / "c4.jsonl"),
                                          *COMMON, "--output", str(w / "user")], "not empty"),
     ("drop-unwritable", lambda w, t: [D, "--model", str(w / "model"), "--calibration", str(w / "c4.jsonl"),

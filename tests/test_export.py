@@ -26,17 +26,29 @@ ROOT = Path(__file__).resolve().parents[1]
 ENGINE_PY = ROOT / ".venv-engines" / "bin" / "python"
 ENGINE_SCRIPT = ROOT / "benchmarks" / "llamacpp_engine.py"
 
-# attention 0 dropped, MLP 1 dropped, block 2 dropped, layer 3 intact
+# GGUF: attention 0 dropped, MLP 1 dropped, block 2 dropped, layer 3 intact
 ATTN, MLP = [0, 2], [1, 2]
+# Nemotron-NAS: MLP 0 dropped, attention 1 dropped, block 2 dropped, layer 3 intact (vLLM cannot run a
+# model whose first sublayer is an MLP, so attention 0 stays)
+NAS_ATTN, NAS_MLP = [1, 2], [0, 2]
+
+
+def _saved(tmp_path, attn, mlp):
+    model, tok = tiny_model("llama")
+    apply_drop(model, attn=attn, mlp=mlp)
+    src = tmp_path / "src"
+    save_dropped(model, src, tokenizer=tok)
+    return model, tok, src
 
 
 @pytest.fixture
 def dropped_llama(tmp_path):
-    model, tok = tiny_model("llama")
-    apply_drop(model, attn=ATTN, mlp=MLP)
-    src = tmp_path / "src"
-    save_dropped(model, src, tokenizer=tok)
-    return model, tok, src
+    return _saved(tmp_path, ATTN, MLP)
+
+
+@pytest.fixture
+def nas_llama(tmp_path):
+    return _saved(tmp_path, NAS_ATTN, NAS_MLP)
 
 
 def _logits(model, ids):
@@ -52,49 +64,49 @@ def test_ffn_mult_round_trips_to_stored_width():
     assert choose_ffn_mult(1536, 576) == (4.0, 1536)  # SmolLM2-135M: no padding needed
 
 
-def test_nemotron_round_trip_logits(dropped_llama, tmp_path):
-    model, _, src = dropped_llama
+def test_nemotron_round_trip_logits(nas_llama, tmp_path):
+    model, _, src = nas_llama
     out = export_nemotron_nas(src, tmp_path / "nas", dtype="f32")
     cfg = json.loads((out / "config.json").read_text())
     assert cfg["model_type"] == "nemotron-nas" and cfg["architectures"] == ["DeciLMForCausalLM"]
     blocks = cfg["block_configs"]
-    assert [b["attention"]["no_op"] for b in blocks] == [True, False, True, False]
-    assert [b["ffn"]["no_op"] for b in blocks] == [False, True, True, False]
-    assert blocks[1]["attention"]["n_heads_in_group"] == 2 and blocks[0]["attention"]["n_heads_in_group"] is None
-    assert ffn_mult_to_intermediate_size(blocks[0]["ffn"]["ffn_mult"], cfg["hidden_size"]) == cfg["intermediate_size"]
+    assert [b["attention"]["no_op"] for b in blocks] == [False, True, True, False]
+    assert [b["ffn"]["no_op"] for b in blocks] == [True, False, True, False]
+    assert blocks[0]["attention"]["n_heads_in_group"] == 2 and blocks[1]["attention"]["n_heads_in_group"] is None
+    assert ffn_mult_to_intermediate_size(blocks[1]["ffn"]["ffn_mult"], cfg["hidden_size"]) == cfg["intermediate_size"]
     from safetensors import safe_open
 
     with safe_open(str(out / "model.safetensors"), "pt") as f:
         keys = set(f.keys())
-        assert f.get_tensor("model.layers.0.mlp.gate_proj.weight").shape[0] == cfg["intermediate_size"]
-    assert not any(k.startswith(("model.layers.0.self_attn", "model.layers.2.", "model.layers.1.mlp")) for k in keys)
-    assert "model.layers.0.input_layernorm.weight" not in keys
-    assert "model.layers.1.post_attention_layernorm.weight" not in keys
+        assert f.get_tensor("model.layers.1.mlp.gate_proj.weight").shape[0] == cfg["intermediate_size"]
+    assert not any(k.startswith(("model.layers.1.self_attn", "model.layers.2.", "model.layers.0.mlp")) for k in keys)
+    assert "model.layers.1.input_layernorm.weight" not in keys
+    assert "model.layers.0.post_attention_layernorm.weight" not in keys
 
     loaded, tok = load_nemotron_nas(out)
     assert tok is not None
-    assert dropped_layers(loaded) == (ATTN, MLP)
+    assert dropped_layers(loaded) == (NAS_ATTN, NAS_MLP)
     ids = torch.randint(0, 256, (2, 17))
     torch.testing.assert_close(_logits(loaded, ids), _logits(model, ids), atol=1e-5, rtol=0)
     assert loaded.config.intermediate_size == model.config.intermediate_size  # zero padding stripped again
 
 
-def test_nemotron_config_loads_with_remote_code_class(dropped_llama, tmp_path):
+def test_nemotron_config_loads_with_remote_code_class(nas_llama, tmp_path):
     from transformers import AutoConfig
 
-    _, _, src = dropped_llama
+    _, _, src = nas_llama
     out = export_nemotron_nas(src, tmp_path / "nas", dtype="bf16")
     cfg = AutoConfig.from_pretrained(out, trust_remote_code=True)
     # vLLM's DeciLMForCausalLM reads these as attributes
-    assert cfg.block_configs[0].attention.no_op is True
-    assert cfg.block_configs[1].attention.n_heads_in_group == 2
+    assert cfg.block_configs[1].attention.no_op is True
+    assert cfg.block_configs[0].attention.n_heads_in_group == 2
     assert cfg.block_configs[3].ffn.ffn_mult == pytest.approx(6.0)
 
 
-def test_load_model_reads_nemotron_layout(dropped_llama, tmp_path):
+def test_load_model_reads_nemotron_layout(nas_llama, tmp_path):
     from lightning_drop.model_loading import load_model
 
-    model, _, src = dropped_llama
+    model, _, src = nas_llama
     out = export_nemotron_nas(src, tmp_path / "nas", dtype="f32")
     loaded, _ = load_model(str(out))
     ids = torch.randint(0, 256, (1, 9))
@@ -164,6 +176,34 @@ def test_unsupported_family_and_patterns(tmp_path):
     assert not (tmp_path / "a").exists() and not (tmp_path / "c").exists()
     with pytest.raises(FileNotFoundError):
         export_nemotron_nas(tmp_path / "missing", tmp_path / "e")
+
+
+def test_nemotron_refuses_a_model_that_starts_with_an_mlp(tmp_path):
+    """vLLM's DeciLM layer starts the residual stream in attention: a first sublayer that is an MLP fails there
+    on every request, so the export refuses it before writing; GGUF (its own stubs) still takes it."""
+    model, tok = tiny_model("llama")
+    apply_drop(model, attn=[0])
+    with pytest.raises(ValueError, match="layer 0's attention is dropped but its MLP is kept.*--keep 0"):
+        export_nemotron_nas(model, tmp_path / "a", tokenizer=tok)
+    export_gguf(model, tmp_path / "a.gguf", dtype="f32", tokenizer=tok)
+    empty_first, _ = tiny_model("llama")
+    apply_drop(empty_first, attn=[0, 1], mlp=[0])  # block 0 empty: layer 1's MLP would come first
+    with pytest.raises(ValueError, match="layer 1's attention"):
+        export_nemotron_nas(empty_first, tmp_path / "b", tokenizer=tok)
+    assert not (tmp_path / "a").exists() and not (tmp_path / "b").exists()
+    fine, _ = tiny_model("llama")
+    apply_drop(fine, attn=[0, 2], mlp=[0, 1])  # block 0 empty, then attention 1 starts the stream
+    loaded, _ = load_nemotron_nas(export_nemotron_nas(fine, tmp_path / "c", dtype="f32", tokenizer=tok))
+    ids = torch.randint(0, 256, (1, 12))
+    torch.testing.assert_close(_logits(loaded, ids), _logits(fine, ids), atol=1e-5, rtol=0)
+
+
+def test_export_refuses_non_silu_mlp(tmp_path):
+    model, tok = tiny_model("llama", hidden_act="gelu")
+    for export, out in ((export_nemotron_nas, tmp_path / "a"), (export_gguf, tmp_path / "a.gguf")):
+        with pytest.raises(ValueError, match="hidden_act is 'gelu'"):
+            export(model, out, tokenizer=tok)
+        assert not out.exists()
 
 
 def test_mistral_without_window_exports_like_llama(tmp_path):

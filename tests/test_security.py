@@ -177,7 +177,7 @@ def nemotron_dir(tmp_path_factory):
     from lightning_drop.model_loading import tiny_model
 
     model, tok = tiny_model("llama")
-    apply_drop(model, attn=[0], mlp=[2])
+    apply_drop(model, attn=[1], mlp=[2])
     root = tmp_path_factory.mktemp("nemotron")
     save_dropped(model, root / "src", tokenizer=tok)
     return export_nemotron_nas(root / "src", root / "nas", dtype="f32")

