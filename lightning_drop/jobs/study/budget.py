@@ -46,6 +46,24 @@ def quality_loss(row: Mapping[str, Any], base: Mapping[str, Any], quality: str =
     return None if a is None or not a0 else 1.0 - a / a0
 
 
+def loss_stderr(row: Mapping[str, Any], base: Mapping[str, Any], quality: str) -> float | None:
+    """Standard error of the MC quality loss 1 - acc/acc0 (independent samples; None for perplexity, whose
+    windows are the same for every point)."""
+    if quality != "mc":
+        return None
+    a, a0, e, e0 = row.get("mc_acc"), base.get("mc_acc"), row.get("mc_stderr"), base.get("mc_stderr")
+    if a is None or not a0 or e is None or e0 is None:
+        return None
+    return math.hypot(e / a0, a * e0 / a0 ** 2)
+
+
+def within_noise(a: Mapping[str, Any], b: Mapping[str, Any], z: float = 2.0) -> bool:
+    """Whether two points' MC accuracies differ by less than `z` standard errors of their difference."""
+    if a.get("mc_acc") is None or b.get("mc_acc") is None or a.get("mc_stderr") is None or b.get("mc_stderr") is None:
+        return False
+    return abs(a["mc_acc"] - b["mc_acc"]) < z * math.hypot(a["mc_stderr"], b["mc_stderr"])
+
+
 def auto_select(directions: Mapping[str, Sequence[int]], evaluate: Callable[[str, int], Mapping[str, Any]],
                 base: Mapping[str, Any], budget: str | None = None, max_quality_loss: float | None = None,
                 quality: str = "perplexity") -> dict[str, Any]:
@@ -64,6 +82,7 @@ def auto_select(directions: Mapping[str, Sequence[int]], evaluate: Callable[[str
             row = evaluate(direction, n)
             loss = quality_loss(row, base, quality)
             entry = {"direction": direction, "num": n, "quality_loss": loss,
+                     "quality_loss_stderr": loss_stderr(row, base, quality),
                      "decode_speedup": row.get("decode_speedup"), "param_ratio": row.get("param_ratio"),
                      "kv_ratio": row.get("kv_ratio"), "row": dict(row)}
             walk["visited"].append(n)
@@ -82,9 +101,23 @@ def auto_select(directions: Mapping[str, Sequence[int]], evaluate: Callable[[str
     else:
         key = lambda e: (-(e["decode_speedup"] or 0.0), e["quality_loss"])  # noqa: E731
     best = min(candidates, key=key) if candidates else None
+    ties = []
+    if best is not None and kind is not None and quality == "mc":
+        # an accuracy edge within noise is no win: of the candidates that the best one does not beat by more
+        # than the noise, the fastest is chosen, and the message says which were tied
+        ties = [e for e in candidates if e is not best and within_noise(e["row"], best["row"])]
+        if ties:
+            group = [best] + ties
+            best = max(group, key=lambda e: e["decode_speedup"] or 0.0)
+            ties = [e for e in group if e is not best]
+    message = _selection_message(best, budget, max_quality_loss, quality)
+    if ties:
+        tied = ", ".join(f"{e['direction']}-{e['num']}" for e in ties)
+        message += (f"; the MC accuracies of {tied} and the choice are within two standard errors of each other, "
+                    "so the faster one was chosen")
     return {"budget": budget, "max_quality_loss": max_quality_loss, "quality": quality, "best": best,
-            "directions": walks, "evaluated": len(visited),
-            "message": _selection_message(best, budget, max_quality_loss, quality)}
+            "directions": walks, "evaluated": len(visited), "tied_within_noise": [f"{e['direction']}-{e['num']}"
+                                                                                 for e in ties], "message": message}
 
 
 def _fmt_loss(loss: float | None) -> str:
@@ -99,8 +132,10 @@ def _selection_message(best: Mapping[str, Any] | None, budget: str | None, max_l
         return f"no configuration of the sweep meets {cond or 'the request'}"
     r = best["row"]
     return (f"best under {cond or 'no constraint'}: {best['direction']} drop {best['num']} "
-            f"(attention {r.get('drop_attn')}, MLP {r.get('drop_mlp')}): {quality} loss {_fmt_loss(best['quality_loss'])}, "
-            f"decode speedup {_fmt(r.get('decode_speedup'), '.3f')}x, params {_fmt(r.get('param_ratio'), '.3f')}, "
+            f"(attention {r.get('drop_attn')}, MLP {r.get('drop_mlp')}): {quality} loss {_fmt_loss(best['quality_loss'])}"
+            + (f" ± {100 * best['quality_loss_stderr']:.1f}% (one standard error)"
+               if best.get("quality_loss_stderr") is not None else "")
+            + f", decode speedup {_fmt(r.get('decode_speedup'), '.3f')}x, params {_fmt(r.get('param_ratio'), '.3f')}, "
             f"KV {_fmt(r.get('kv_ratio'), '.3f')} of base")
 
 

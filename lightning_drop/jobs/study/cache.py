@@ -50,11 +50,11 @@ class Cache:
     def get_or_compute(self, kind: str, key: str, compute: Callable[[], Any]) -> Any:
         hit = self.get(kind, key)
         if hit is not None:
-            self.reused[kind] += 1
+            self.reused[kind] = self.reused.get(kind, 0) + 1
             return hit
         value = compute()
         write_json(self.path(kind, key), value)
-        self.computed[kind] += 1
+        self.computed[kind] = self.computed.get(kind, 0) + 1
         return value
 
 
@@ -83,6 +83,9 @@ class CacheKeys:
     def drops(self, sweep: SweepSpec, calib: CalibrationConfig, target: str) -> str:
         return key_of({"kind": "drops", **self.model(), "calibration": self.calibration(calib),
                        "metric": sweep.metric, "target": target, "step": sweep.step, "seed": self.cfg.seed})
+
+    def mc(self, task: dict[str, Any], attn: list[int], mlp: list[int]) -> str:
+        return key_of({"kind": "mc", **self.model(), "task": task, "attn": sorted(attn), "mlp": sorted(mlp)})
 
     def point(self, eval_key: dict[str, Any], attn: list[int], mlp: list[int]) -> str:
         return key_of({"kind": "point", **self.model(), "eval": eval_key, "attn": sorted(attn), "mlp": sorted(mlp)})

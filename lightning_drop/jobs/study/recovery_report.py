@@ -6,7 +6,7 @@ from __future__ import annotations
 from pathlib import Path
 from typing import Any, Mapping, Sequence
 
-from .figures import _log_y, _save, plt
+from .figures import _log_y, _save, mc_series, plt
 
 
 def _domains(rows: Sequence[Mapping[str, Any]]) -> list[str]:
@@ -36,17 +36,18 @@ def recovery_table(doc: Mapping[str, Any]) -> tuple[list[str], list[list[str]]]:
         name = _domain_label(k, doc)
         header += [f"ppl {name}", f"gap recovered {name}"]
     header += [f"gap recovered vs control {_domain_label(k, doc)}" for k in keys]
-    header += ["MC acc (± s.e.)"]
+    tasks = mc_series({**doc, "rows": list(doc["rows"]) + list(rows)})
+    header += [f"{task} acc (± s.e.)" for task, _, _ in tasks]
     base = next((r for r in doc["rows"] if r["num"] == 0), {})
     out = [["base (undropped)", "-", "0"] + sum([[_f(base.get(k), ".2f"), "-"] for k in keys], [])
-           + ["-" for _ in keys] + [_acc(base)]]
+           + ["-" for _ in keys] + [_acc(base, acc) for _, acc, _ in tasks]]
     for r in rows:
         line = [r["point"], r["recipe"], f"{r['tokens']:,}"]
         for k in keys:
             suffix = k[len("perplexity"):]
             line += [_f(r.get(k), ".2f"), _f(r.get(f"gap_recovered{suffix}"), "%")]
         line += [_f(r.get(f"gap_recovered_vs_control{k[len('perplexity'):]}"), "%") for k in keys]
-        line.append(_acc(r))
+        line += [_acc(r, acc) for _, acc, _ in tasks]
         out.append(line)
     return header, out
 
@@ -57,11 +58,11 @@ def _f(v: Any, spec: str) -> str:
     return f"{100 * v:.0f}%" if spec == "%" else format(v, spec)
 
 
-def _acc(r: Mapping[str, Any]) -> str:
-    if r.get("mc_acc") is None:
+def _acc(r: Mapping[str, Any], key: str = "mc_acc") -> str:
+    if r.get(key) is None:
         return "-"
-    err = r.get("mc_stderr")
-    return f"{r['mc_acc']:.3f}" + (f" ± {err:.3f}" if err is not None else "") + f" (n={r.get('mc_n')})"
+    err = r.get(key.replace("mc_acc", "mc_stderr"))
+    return f"{r[key]:.3f}" + (f" ± {err:.3f}" if err is not None else "") + f" (n={r.get(key.replace('mc_acc', 'mc_n'))})"
 
 
 def plot_recovery(doc: Mapping[str, Any], path: Path) -> Path:

@@ -31,17 +31,54 @@ from .figures import (  # noqa: F401  (re-exports)
 )
 
 # ------------------------------------------------------------------------------------------------ table
-TABLE_COLUMNS = [("config", None), ("perplexity", ".2f"), ("ppl change", "%"), ("MC acc", ".3f"),
+TABLE_COLUMNS = [("config", None), ("perplexity", ".2f"), ("ppl change", "%"), ("MC acc", "acc"),
                  ("decode speedup", ".3f"), ("prefill speedup", ".3f"), ("total speedup", ".3f"),
                  ("SDR gamma (MC, total)", ".2f"), ("SDR (ppl, total)", ".1f"),
                  ("KV bytes/token", ",.0f"), ("KV vs base", ".2f"), ("params (M)", ".1f"),
                  ("params vs base", ".3f"), ("dropped attention", None), ("dropped MLP", None)]
 
 
+def mc_tasks(doc: Mapping[str, Any]) -> list[dict[str, Any]]:
+    """The study's MC task specs (a results document of an older version holds one mapping or null)."""
+    mc = doc["config"]["eval"].get("mc")
+    return [] if not mc else list(mc) if isinstance(mc, list) else [mc]
+
+
+def table_columns(doc: Mapping[str, Any]) -> list[tuple[str, str | None]]:
+    """TABLE_COLUMNS with a perplexity column per extra domain, and, with several MC tasks, one per task."""
+    cols = list(TABLE_COLUMNS)
+    domains = doc["config"]["eval"].get("domains") or []
+    i = cols.index(("ppl change", "%")) + 1
+    cols[i:i] = [(f"perplexity [{d}]", ".2f") for d in domains]
+    tasks = [m["task"] for m in mc_tasks(doc)]
+    if len(tasks) > 1:
+        i = cols.index(("MC acc", "acc"))
+        cols[i:i + 1] = [(f"{t} acc", "acc") for t in tasks]
+    return cols
+
+
+def _value(r: Mapping[str, Any], col: str) -> Any:
+    if col.startswith("perplexity ["):
+        return r.get(f"perplexity[{col[len('perplexity ['):-1]}]")
+    if col == "MC acc":
+        return r.get("mc_acc"), r.get("mc_stderr")
+    if col.endswith(" acc"):
+        task = col[:-len(" acc")]
+        return r.get(f"mc_acc[{task}]"), r.get(f"mc_stderr[{task}]")
+    return {"config": None, "perplexity": r.get("perplexity"), "ppl change": r.get("ppl_loss"),
+            "decode speedup": r.get("decode_speedup"), "prefill speedup": r.get("prefill_speedup"),
+            "total speedup": r.get("total_speedup"), "SDR gamma (MC, total)": r.get("sdr"),
+            "SDR (ppl, total)": r.get("sdr_ppl"), "KV bytes/token": r.get("kv_bytes_per_token"),
+            "KV vs base": r.get("kv_ratio"), "params (M)": r["params"] / 1e6 if r.get("params") else None,
+            "params vs base": r.get("param_ratio"), "dropped attention": _compact(r.get("drop_attn")),
+            "dropped MLP": _compact(r.get("drop_mlp"))}[col]
+
+
 def table_rows(doc: Mapping[str, Any]) -> list[list[str]]:
     """Paper-shaped rows: baseline, then drop-n for each target of each sweep."""
     out = []
     main = _main_sweep(doc)
+    columns = table_columns(doc)
     rows = sorted(doc["rows"], key=lambda r: (r["num"] > 0, r["sweep"] != main, r["sweep"],
                                                list(LABELS).index(r["target"]) if r["target"] in LABELS else 9, r["num"]))
     seen = set()
@@ -51,17 +88,13 @@ def table_rows(doc: Mapping[str, Any]) -> list[list[str]]:
         if name in seen:
             continue
         seen.add(name)
-        vals = {"config": name, "perplexity": r.get("perplexity"), "ppl change": r.get("ppl_loss"),
-                "MC acc": r.get("mc_acc"), "decode speedup": r.get("decode_speedup"),
-                "prefill speedup": r.get("prefill_speedup"), "total speedup": r.get("total_speedup"),
-                "SDR gamma (MC, total)": r.get("sdr"), "SDR (ppl, total)": r.get("sdr_ppl"),
-                "KV bytes/token": r.get("kv_bytes_per_token"), "KV vs base": r.get("kv_ratio"),
-                "params (M)": r["params"] / 1e6 if r.get("params") else None, "params vs base": r.get("param_ratio"),
-                "dropped attention": _compact(r.get("drop_attn")), "dropped MLP": _compact(r.get("drop_mlp"))}
         line = []
-        for col, spec in TABLE_COLUMNS:
-            v = vals[col]
-            if v is None:
+        for col, spec in columns:
+            v = name if col == "config" else _value(r, col)
+            if spec == "acc":  # an accuracy is shown with its standard error, never alone
+                acc, se = v
+                line.append("-" if acc is None else f"{acc:.3f}" + (f" ± {se:.3f}" if se is not None else ""))
+            elif v is None:
                 line.append("-")
             elif spec == "%":
                 line.append(f"{100 * v:+.1f}%")
@@ -87,7 +120,9 @@ FIGURES = [("importance.png", "Importance per layer", plot_importance_heatmap,
             "Drops of the n lowest-scoring modules of each kind, under each sweep's schedule (one-shot or iterative)."),
            ("quality_vs_speedup.png", "Quality vs speedup (Pareto view)", plot_quality_vs_speedup,
             "Total speedup (prefill + decode time; the speedup SDR is computed on) measured base vs dropped "
-            "alternately in one run (medians). The table also lists the decode and prefill speedups."),
+            "alternately in one run (medians). The table also lists the decode and prefill speedups. Accuracy bars are "
+            "one standard error; on the accuracy panel a point joins the Pareto front only when its accuracy beats "
+            "every faster point's by more than twice the standard error of the difference."),
            ("drop_order.png", "Dropping order", plot_drop_order,
             "Which layers go first as n grows (paper Fig. 6), following the main sweep's schedule (one-shot or "
             "iterative).")]
@@ -100,11 +135,12 @@ def write_report(doc: Mapping[str, Any], out_dir: str | os.PathLike) -> Path:
     fig_dir.mkdir(parents=True, exist_ok=True)
     figs = [(name, title, fn(doc, fig_dir / name), caption) for name, title, fn, caption in FIGURES]
     table = table_rows(doc)
+    columns = table_columns(doc)
     summary = _summary_lines(doc)
     # Markdown + PNG
     md = [f"# Layer-drop study: {doc['name']}", ""] + [f"- {s}" for s in summary] + ["", "## Results", ""]
-    md.append("| " + " | ".join(c for c, _ in TABLE_COLUMNS) + " |")
-    md.append("|" + "---|" * len(TABLE_COLUMNS))
+    md.append("| " + " | ".join(c for c, _ in columns) + " |")
+    md.append("|" + "---|" * len(columns))
     md += ["| " + " | ".join(row) + " |" for row in table]
     for name, title, _, caption in figs:
         md += ["", f"## {title}", "", caption, "", f"![{title}](figures/{name})"]
@@ -130,7 +166,7 @@ def write_report(doc: Mapping[str, Any], out_dir: str | os.PathLike) -> Path:
              "code,pre{background:#f6f6f6}</style></head><body>",
              f"<h1>Layer-drop study: {esc(doc['name'])}</h1><ul>"]
     parts += [f"<li>{esc(s)}</li>" for s in summary]
-    parts.append("</ul><h2>Results</h2><table><tr>" + "".join(f"<th>{esc(c)}</th>" for c, _ in TABLE_COLUMNS) + "</tr>")
+    parts.append("</ul><h2>Results</h2><table><tr>" + "".join(f"<th>{esc(c)}</th>" for c, _ in columns) + "</tr>")
     parts += ["<tr>" + "".join(f"<td>{esc(v)}</td>" for v in row) + "</tr>" for row in table]
     parts.append("</table><p style='font-size:13px;color:#555'>ppl change: relative to the baseline. SDR gamma = "
                  "dAcc% / dSpeedup% on the multiple-choice accuracy and the total speedup (prefill + decode time, as the "
@@ -177,15 +213,25 @@ def _recovery(doc: Mapping[str, Any], fig_dir: Path) -> tuple[list[str], list[li
 
 def _summary_lines(doc: Mapping[str, Any]) -> list[str]:
     cfg = doc["config"]
-    cal, ppl, mc, sp = cfg["calibration"], cfg["eval"]["perplexity"], cfg["eval"].get("mc"), cfg["speed"]
+    cal, ppl, sp = cfg["calibration"], cfg["eval"]["perplexity"], cfg["speed"]
     lines = [f"model: {doc['model']} ({doc.get('num_layers')} layers)",
              f"calibration: {cal['num_samples']} x {cal['seq_len']} tokens of {cal['source']}",
              "perplexity: " + (f"{ppl['num_windows']} x {ppl['seq_len']} held-out tokens of {cal['source']} "
                                "(the windows after the calibration ones)" if ppl["source"] == "calibration" else
                                f"{ppl['num_windows']} x {ppl['seq_len']} tokens of {ppl['source']}")]
+    for d in cfg["eval"].get("domains") or []:
+        lines.append(f"perplexity [{d}]: the first {ppl['num_windows']} x {ppl['seq_len']} tokens of {d}, a second "
+                     "domain (never calibrated or trained on)")
     base = _baseline(doc["rows"])
-    if mc and base.get("mc_acc") is not None:
-        lines.append(f"multiple choice: {mc['task']} ({base.get('mc_n')} examples, acc_norm, zero-shot)")
+    for mc in mc_tasks(doc):
+        task = mc["task"]
+        n = base.get(f"mc_n[{task}]", base.get("mc_n") if task == mc_tasks(doc)[0]["task"] else None)
+        if n is None:
+            continue
+        where = "the base model, each target's largest count and recovered models" if mc.get("at") == "largest" \
+            else "every point"
+        lines.append(f"multiple choice: {task} ({n} examples, acc_norm, zero-shot, at {where}); ± = one standard "
+                     "error; two accuracies closer than twice the standard error of their difference are not told apart")
     lines.append(f"speed: batch {sp['batch_size']}, prompt {sp['prompt_len']}, generate {sp['gen_len']} tokens, "
                  f"median of {sp['repeats']} alternate runs (base vs dropped), CPU threads {_threads()}")
     sweeps = [f"{s['name']}: {s['metric']}, {s['schedule']}" for s in cfg["sweeps"]]

@@ -72,7 +72,9 @@ class Study:
         attn, mlp = self.drops.drop_set(sweep, target, num)
         if not compute and self.cache.get("points", self.points.point_key(attn, mlp)) is None:
             return None
-        p = self.points.point(attn, mlp)
+        # the costly `at: largest` tasks only where they inform: the base model and each target's largest count
+        largest = num == 0 or num == max(sweep.plan().get(target) or [num])
+        p = self.points.point(attn, mlp, all_tasks=largest, compute=compute)
         calib = self.cfg.calibration_for(sweep)
         return {"sweep": sweep.name, "target": target if num else "baseline", "num": num, "metric": sweep.metric,
                 "schedule": sweep.schedule, "step": sweep.step if sweep.schedule == "iterative" else None,
@@ -94,6 +96,7 @@ class Study:
         if self.cfg.recovery is not None:
             for i, p in enumerate(self.cfg.recovery.points):
                 require_droppable(p.num, n, p.target, where=f"recovery.points[{i}].num")
+        self.points.check_mc()
 
     def run(self, budget: str | None = None, max_quality_loss: float | None = None) -> dict[str, Any]:
         t0 = time.perf_counter()
@@ -173,25 +176,33 @@ class Study:
 
 
 CSV_COLUMNS = ("sweep", "target", "num", "metric", "schedule", "step", "calibration", "num_samples", "perplexity",
-               "ppl_loss", "mc_acc", "mc_loss", "mc_n", "decode_speedup", "prefill_speedup", "total_speedup",
+               "ppl_loss", "mc_acc", "mc_stderr", "mc_loss", "mc_n", "decode_speedup", "prefill_speedup", "total_speedup",
                "sdr", "sdr_ppl", "kv_bytes_per_token", "kv_ratio", "params", "param_ratio", "drop_attn", "drop_mlp")
 
 
 def write_csv(path: Path, rows: Sequence[Mapping[str, Any]]) -> None:
+    """CSV_COLUMNS, then the per-domain perplexities and per-task MC fields (`perplexity[wiki-sample]`, ...)."""
+    per = sorted({k for r in rows for k in r if "[" in k and k.startswith(("perplexity[", "mc_"))})
+    columns = CSV_COLUMNS + tuple(per)
     buf = io.StringIO()
     w = csv.writer(buf)
-    w.writerow(CSV_COLUMNS)
+    w.writerow(columns)
     for r in rows:
         w.writerow([" ".join(map(str, r.get(c) or [])) if c in ("drop_attn", "drop_mlp") else
-                    ("" if r.get(c) is None else r.get(c)) for c in CSV_COLUMNS])
+                    ("" if r.get(c) is None else r.get(c)) for c in columns])
     atomic_write_text(path, buf.getvalue())
 
 
 # ------------------------------------------------------------------------------------------------ terminal
-def format_table(rows: Sequence[Mapping[str, Any]], sweep: str | None = None) -> str:
-    """The paper-shaped table as text: baseline, then drop-n per target."""
-    lines = [f"{'config':<16}{'perplexity':>11}{'MC acc':>8}{'decode x':>9}{'total x':>9}{'KV':>7}{'params':>9}"
-             f"{'SDR ppl':>9}"]
+def format_table(rows: Sequence[Mapping[str, Any]], sweep: str | None = None, domains: Sequence[str] = (),
+                 tasks: Sequence[str] = ()) -> str:
+    """The paper-shaped table as text: baseline, then drop-n per target; a perplexity column per extra domain
+    and, with several MC tasks, an accuracy (± standard error) column per task."""
+    mc = [(f"{t} ± se", t) for t in tasks] if len(tasks) > 1 else [("MC acc ± se", None)]
+    head = f"{'config':<16}{'perplexity':>11}" + "".join(f"{'ppl ' + d:>{max(11, len(d) + 5)}}" for d in domains) \
+        + "".join(f"{h:>{max(14, len(h) + 2)}}" for h, _ in mc) \
+        + f"{'decode x':>9}{'total x':>9}{'KV':>7}{'params':>9}{'SDR ppl':>9}"
+    lines = [head]
     seen = set()
     for r in rows:
         if sweep is not None and r["sweep"] != sweep and r["num"] > 0:
@@ -200,11 +211,22 @@ def format_table(rows: Sequence[Mapping[str, Any]], sweep: str | None = None) ->
         if label in seen:
             continue
         seen.add(label)
-        lines.append(f"{label:<16}{_fmt(r.get('perplexity'), '.2f'):>11}{_fmt(r.get('mc_acc'), '.3f'):>8}"
-                     f"{_fmt(r.get('decode_speedup'), '.3f'):>9}{_fmt(r.get('total_speedup'), '.3f'):>9}"
+        lines.append(f"{label:<16}{_fmt(r.get('perplexity'), '.2f'):>11}"
+                     + "".join(f"{_fmt(r.get(f'perplexity[{d}]'), '.2f'):>{max(11, len(d) + 5)}}" for d in domains)
+                     + "".join(f"{_acc(r, t):>{max(14, len(h) + 2)}}" for h, t in mc)
+                     + f"{_fmt(r.get('decode_speedup'), '.3f'):>9}{_fmt(r.get('total_speedup'), '.3f'):>9}"
                      f"{_fmt(r.get('kv_ratio'), '.2f'):>7}"
                      f"{r['params'] / 1e6:>8.1f}M{_fmt(r.get('sdr_ppl'), '.1f'):>9}")
     return "\n".join(lines)
+
+
+def _acc(r: Mapping[str, Any], task: str | None = None) -> str:
+    """`0.460±0.035`: an accuracy is never shown without its standard error ('-' where not measured)."""
+    suffix = f"[{task}]" if task else ""
+    acc, se = r.get(f"mc_acc{suffix}"), r.get(f"mc_stderr{suffix}")
+    if acc is None:
+        return "-"
+    return f"{acc:.3f}" + (f"±{se:.3f}" if se is not None else "")
 
 
 def study_main(config: str, output: str | None = None, budget: str | None = None,
@@ -228,9 +250,13 @@ def study_main(config: str, output: str | None = None, budget: str | None = None
     out = Path(output or cfg.output)
     main = cfg.sweeps[0].name
     print()
-    print(format_table(doc["rows"], sweep=main))
+    print(format_table(doc["rows"], sweep=main, domains=cfg.eval.domains, tasks=[m.task for m in cfg.eval.mc or []]))
     print(f"(perplexity on {cfg.eval.perplexity.num_windows} x {cfg.eval.perplexity.seq_len} held-out tokens; "
-          f"MC acc = {cfg.eval.mc.task if cfg.eval.mc else 'n/a'} acc_norm; decode x / total x = decode / "
+          f"MC acc = {cfg.eval.mc[0].task if cfg.eval.mc else 'n/a'} acc_norm ± one standard error"
+          + (f", n = {', '.join(f'{m.task} {m.limit}' for m in cfg.eval.mc)}" if cfg.eval.mc else "")
+          + (" ('-': a task scored only at the base and the largest counts)" if any(m.at == "largest" for m in
+                                                                                   cfg.eval.mc or []) else "")
+          + "; decode x / total x = decode / "
           "prefill + decode speedup vs base, measured alternately; KV = KV-cache bytes/token vs base; SDR ppl = "
           "perplexity change % / total speedup %, lower is better)")
     if doc.get("selection"):
@@ -250,7 +276,8 @@ def study_main(config: str, output: str | None = None, budget: str | None = None
         print(f"dropped checkpoint ready: {doc['checkpoint']['path']}  (load with lightning_drop.model_loading.load_model)")
     c, r = doc["computed_this_run"], doc["reused_this_run"]
     print(f"computed this run: {c['scores']} scoring pass(es), {c['drops']} iterative direction(s), "
-          f"{c['points']} evaluation(s)" + (f", {c['recovery']} recovery run(s)" if "recovery" in c else "")
+          f"{c['points']} evaluation(s)" + (f", {c['mc']} multiple-choice run(s)" if c.get("mc") else "")
+          + (f", {c['recovery']} recovery run(s)" if "recovery" in c else "")
           + f"; reused from cache: {sum(r.values())}"
           + (f"; re-timed {doc['retimed_this_run']} cached point(s) measured on another machine"
              if doc.get("retimed_this_run") else ""))
