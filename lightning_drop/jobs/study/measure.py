@@ -321,17 +321,16 @@ class PointEvaluator:
         return row
 
     def mc_eval(self, model: Any, mc: MCSpec) -> dict[str, Any]:
-        """lm-eval on the in-memory model (each context run once: `SharedContextLM`), with one TaskManager
-        that indexes only the study's tasks.
+        """lm-eval on the in-memory model, with one TaskManager that indexes only the study's tasks.
 
         (`evaluation.run_lm_eval` builds a TaskManager over all of lm-eval's several thousand task YAMLs on
         every call, which costs more than the evaluation itself at this size.)
         """
         from lm_eval import simple_evaluate
+        from lm_eval.models.huggingface import HFLM
         from lm_eval.tasks import TaskManager
 
         from ...lm_eval_tasks import local_task_dir
-        from ...mc_scoring import SharedContextLM
 
         if self._task_manager is None:
             local = {m.task: self.mc_data(m) for m in self.mc_specs if m.data is not None and self.mc_data(m)}
@@ -339,7 +338,7 @@ class PointEvaluator:
             dirs += sorted({str(self.mc_data(m)) for m in self.mc_specs if m.data is None and self.mc_data(m)})
             self._task_manager = TaskManager(include_path=dirs, include_defaults=False)
         device = next(model.parameters()).device
-        lm = SharedContextLM(pretrained=model, tokenizer=self.inputs.tokenizer, batch_size=mc.batch_size,
+        lm = HFLM(pretrained=model, tokenizer=self.inputs.tokenizer, batch_size=mc.batch_size,
                   device="cpu" if device.type == "cpu" else str(device))
         out = simple_evaluate(model=lm, tasks=[mc.task], limit=mc.limit, task_manager=self._task_manager,
                               log_samples=False, bootstrap_iters=1000, verbosity="ERROR", random_seed=1234,
