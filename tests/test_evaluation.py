@@ -76,8 +76,9 @@ def test_local_task_dir_fills_the_data_file(tmp_path):
 def test_lm_eval_tiny_model_on_local_hellaswag_sample(tiny, tmp_path):
     model, tok = tiny
     data = _rows(tmp_path, 6)
+    # a limit equal to the number of documents is allowed (only one above it is refused)
     res = run_lm_eval(model, tok, ["hellaswag_sample"], include_path=local_task_dir({"hellaswag_sample": data}),
-                      batch_size=8)
+                      batch_size=8, limit=6)
     m = res["results"]["hellaswag_sample"]
     assert res["n_samples"]["hellaswag_sample"] == 6
     for k in ("acc", "acc_norm"):
