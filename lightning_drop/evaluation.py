@@ -55,11 +55,58 @@ def _clean_metrics(d: Mapping[str, Any]) -> dict[str, Any]:
     return out
 
 
-def primary_score(metrics: Mapping[str, float]) -> float | None:
+def primary_metric(metrics: Mapping[str, Any]) -> str | None:
+    """Name of the metric that stands for a task (the first of `PRIMARY_METRICS` it reports)."""
     for m in PRIMARY_METRICS:
-        if m in metrics and not math.isnan(metrics[m]):
-            return metrics[m]
+        v = metrics.get(m)
+        if isinstance(v, (int, float)) and not isinstance(v, bool) and not math.isnan(v):
+            return m
     return None
+
+
+def primary_score(metrics: Mapping[str, float]) -> float | None:
+    m = primary_metric(metrics)
+    return None if m is None else metrics[m]
+
+
+def metric_stderr(metrics: Mapping[str, Any], name: str) -> float | None:
+    """lm-eval's standard error of metric `name`; None where it gives none (it writes "N/A" for one example)."""
+    se = metrics.get(f"{name}_stderr")
+    if isinstance(se, (int, float)) and not isinstance(se, bool) and math.isfinite(se):
+        return float(se)
+    return None
+
+
+def primary_stderr(metrics: Mapping[str, Any]) -> float | None:
+    """Standard error of the task's primary metric (see `primary_metric`), or None."""
+    m = primary_metric(metrics)
+    return None if m is None else metric_stderr(metrics, m)
+
+
+def plus_minus(value: float, stderr: float | None, spec: str = ".4f", stderr_spec: str = ".4f") -> str:
+    """`0.4600 ± 0.0501`: a score is shown with its standard error, or alone where there is none."""
+    return format(value, spec) + ("" if stderr is None else f" ± {format(stderr, stderr_spec)}")
+
+
+def average_stderr(stderrs: Sequence[float | None]) -> float | None:
+    """Standard error of the mean of k task scores, sqrt(sum se_i^2) / k: the tasks are independent samples.
+
+    None when any task's standard error is unknown (a partial sum would understate the noise).
+    """
+    if not stderrs or any(s is None for s in stderrs):
+        return None
+    return math.sqrt(sum(s * s for s in stderrs)) / len(stderrs)  # type: ignore[operator]
+
+
+def result_stderrs(res: Mapping[str, Any]) -> dict[str, float | None]:
+    """{task: standard error of its score} of a `run_lm_eval` result or its JSON.
+
+    JSONs written before `stderrs` was stored still carry lm-eval's `<metric>_stderr` in `results`.
+    """
+    if isinstance(res.get("stderrs"), Mapping):
+        return {t: res["stderrs"].get(t) for t in res.get("scores", {})}
+    results = res.get("results") or {}
+    return {t: primary_stderr(results.get(t) or {}) for t in res.get("scores", {})}
 
 
 def _check_limit(tasks: Mapping[str, Any], limit: float | None) -> None:
@@ -88,8 +135,9 @@ def run_lm_eval(model: torch.nn.Module, tokenizer: Any, tasks: Sequence[str] | s
 
     `num_fewshot` is one count for all tasks, or {task: count}; tasks with different counts run as separate
     lm-eval calls. Returns {"results": {task: {metric: value}}, "n_samples": {task: n}, "num_fewshot":
-    {task: k}, "scores": {task: primary metric}, "average": mean of the requested tasks' primary metrics}.
-    A count `limit` above a task's number of documents is refused before anything is scored.
+    {task: k}, "scores": {task: primary metric}, "stderrs": {task: its standard error}, "average": mean of the
+    requested tasks' primary metrics, "average_stderr": its standard error}. A count `limit` above a task's
+    number of documents is refused before anything is scored.
     """
     from lm_eval import simple_evaluate
     from lm_eval.models.huggingface import HFLM
@@ -160,9 +208,11 @@ def run_lm_eval(model: torch.nn.Module, tokenizer: Any, tasks: Sequence[str] | s
     finally:
         model.train(was_training)
     scores = {t: primary_score(results.get(t, {})) for t in plan}
-    valid = [s for s in scores.values() if s is not None]
-    return {"results": results, "n_samples": n_samples, "num_fewshot": shots, "scores": scores,
-            "average": sum(valid) / len(valid) if valid else None, "limit": limit}
+    stderrs = {t: primary_stderr(results.get(t, {})) for t in plan}
+    valid = [t for t, s in scores.items() if s is not None]
+    return {"results": results, "n_samples": n_samples, "num_fewshot": shots, "scores": scores, "stderrs": stderrs,
+            "average": sum(scores[t] for t in valid) / len(valid) if valid else None,  # type: ignore[misc]
+            "average_stderr": average_stderr([stderrs[t] for t in valid]), "limit": limit}
 
 
 def _leaves(group: str, tree: Mapping[str, list[str]]) -> list[str]:
