@@ -102,7 +102,8 @@ def test_average_stderr_of_independent_tasks():
     assert primary_stderr({"acc": 0.5, "acc_stderr": 0.1, "acc_norm": 0.6, "acc_norm_stderr": 0.2}) == 0.2
     assert primary_stderr({"acc": 0.5}) is None and primary_stderr({"acc": 0.5, "acc_stderr": "N/A"}) is None
     # JSONs written before "stderrs" was stored: from their results, or None when they have none
-    old = {"scores": {"a": 0.6, "b": 0.3}, "results": {"a": {"acc_norm": 0.6, "acc_norm_stderr": 0.1}, "b": {"acc": 0.3}}}
+    old = {"scores": {"a": 0.6, "b": 0.3},
+           "results": {"a": {"acc_norm": 0.6, "acc_norm_stderr": 0.1}, "b": {"acc": 0.3}}}
     assert result_stderrs(old) == {"a": 0.1, "b": None}
     assert result_stderrs({"scores": {"a": 0.6}}) == {"a": None}
 
