@@ -55,11 +55,76 @@ def _clean_metrics(d: Mapping[str, Any]) -> dict[str, Any]:
     return out
 
 
-def primary_score(metrics: Mapping[str, float]) -> float | None:
+def primary_metric(metrics: Mapping[str, Any]) -> str | None:
+    """Name of the metric that stands for a task (the first of `PRIMARY_METRICS` it reports)."""
     for m in PRIMARY_METRICS:
-        if m in metrics and not math.isnan(metrics[m]):
-            return metrics[m]
+        v = metrics.get(m)
+        if isinstance(v, (int, float)) and not isinstance(v, bool) and not math.isnan(v):
+            return m
     return None
+
+
+def primary_score(metrics: Mapping[str, float]) -> float | None:
+    m = primary_metric(metrics)
+    return None if m is None else metrics[m]
+
+
+def metric_stderr(metrics: Mapping[str, Any], name: str) -> float | None:
+    """lm-eval's standard error of metric `name`; None where it gives none (it writes "N/A" for one example)."""
+    se = metrics.get(f"{name}_stderr")
+    if isinstance(se, (int, float)) and not isinstance(se, bool) and math.isfinite(se):
+        return float(se)
+    return None
+
+
+def primary_stderr(metrics: Mapping[str, Any]) -> float | None:
+    """Standard error of the task's primary metric (see `primary_metric`), or None."""
+    m = primary_metric(metrics)
+    return None if m is None else metric_stderr(metrics, m)
+
+
+def plus_minus(value: float, stderr: float | None, spec: str = ".4f", stderr_spec: str = ".4f") -> str:
+    """`0.4600 ± 0.0501`: a score is shown with its standard error, or alone where there is none."""
+    return format(value, spec) + ("" if stderr is None else f" ± {format(stderr, stderr_spec)}")
+
+
+def average_stderr(stderrs: Sequence[float | None]) -> float | None:
+    """Standard error of the mean of k task scores, sqrt(sum se_i^2) / k: the tasks are independent samples.
+
+    None when any task's standard error is unknown (a partial sum would understate the noise).
+    """
+    if not stderrs or any(s is None for s in stderrs):
+        return None
+    return math.sqrt(sum(s * s for s in stderrs)) / len(stderrs)  # type: ignore[operator]
+
+
+def result_stderrs(res: Mapping[str, Any]) -> dict[str, float | None]:
+    """{task: standard error of its score} of a `run_lm_eval` result or its JSON.
+
+    JSONs written before `stderrs` was stored still carry lm-eval's `<metric>_stderr` in `results`.
+    """
+    if isinstance(res.get("stderrs"), Mapping):
+        return {t: res["stderrs"].get(t) for t in res.get("scores", {})}
+    results = res.get("results") or {}
+    return {t: primary_stderr(results.get(t) or {}) for t in res.get("scores", {})}
+
+
+def _check_limit(tasks: Mapping[str, Any], limit: float | None) -> None:
+    """A count limit above a task's number of documents is a mistake: lm-eval would silently score fewer."""
+    if limit is None or limit < 1:  # below 1 it is a fraction of each task
+        return
+    n = int(limit)  # as lm-eval reads it
+    sizes = {name: len(task.eval_docs) for name, task in tasks.items()}
+    short = sorted((name, size) for name, size in sizes.items() if size < n)
+    if not short:
+        return
+    if len(short) == 1:
+        what = f"the {short[0][1]} documents of task {short[0][0]}"
+    else:
+        what = "the documents of tasks " + ", ".join(f"{name} ({size})" for name, size in short[:5]) \
+            + (f" and {len(short) - 5} more" if len(short) > 5 else "")
+    raise UserError(f"limit {n} is more than {what}; lm-eval would score fewer than asked: give a limit of at "
+                    f"most {min(size for _, size in short)} or a fraction below 1")
 
 
 def run_lm_eval(model: torch.nn.Module, tokenizer: Any, tasks: Sequence[str] | str,
@@ -70,7 +135,9 @@ def run_lm_eval(model: torch.nn.Module, tokenizer: Any, tasks: Sequence[str] | s
 
     `num_fewshot` is one count for all tasks, or {task: count}; tasks with different counts run as separate
     lm-eval calls. Returns {"results": {task: {metric: value}}, "n_samples": {task: n}, "num_fewshot":
-    {task: k}, "scores": {task: primary metric}, "average": mean of the requested tasks' primary metrics}.
+    {task: k}, "scores": {task: primary metric}, "stderrs": {task: its standard error}, "average": mean of the
+    requested tasks' primary metrics, "average_stderr": its standard error}. A count `limit` above a task's
+    number of documents is refused before anything is scored.
     """
     from lm_eval import simple_evaluate
     from lm_eval.models.huggingface import HFLM
@@ -92,27 +159,43 @@ def run_lm_eval(model: torch.nn.Module, tokenizer: Any, tasks: Sequence[str] | s
     if missing:
         raise UserError(f"unknown lm-eval task(s) {missing}; pass include_path= for local task YAMLs")
 
+    by_shots: dict[int | None, list[str]] = {}
+    for t, k in plan.items():
+        by_shots.setdefault(k, []).append(t)
+    from jinja2.exceptions import UndefinedError
+
+    def undefined(names: Sequence[str], err: Exception) -> UserError:
+        return UserError(f"task(s) {', '.join(names)}: a record of the data has no field the task's template uses "
+                         f"({err})")
+
+    # Built once here (this loads their data) and handed to lm-eval as objects: the limit is checked against
+    # every task's documents before anything is scored, at no second load.
+    loaded: dict[int | None, Any] = {}
+    for k, names in by_shots.items():
+        try:
+            loaded[k] = tm.load(names)
+        except UndefinedError as err:
+            raise undefined(names, err) from None
+    _check_limit({name: task for d in loaded.values() for name, task in d["tasks"].items()}, limit)
+
+    results: dict[str, dict[str, float]] = {}
+    n_samples: dict[str, int] = {}
+    shots: dict[str, int | None] = {}
     was_training = model.training
     model.eval()
     lm = HFLM(pretrained=model, tokenizer=tokenizer, batch_size=batch_size, max_length=max_length,
               device=str(next(model.parameters()).device))
-    by_shots: dict[int | None, list[str]] = {}
-    for t, k in plan.items():
-        by_shots.setdefault(k, []).append(t)
-    results: dict[str, dict[str, float]] = {}
-    n_samples: dict[str, int] = {}
-    shots: dict[str, int | None] = {}
-    from jinja2.exceptions import UndefinedError
-
     try:
         for k, names in by_shots.items():
+            built = loaded[k]
+            # a tag (a name for several tasks) is neither a task nor a group: lm-eval expands its name again
+            top = [built["groups"][n] if n in built["groups"] else built["tasks"].get(n, n) for n in names]
             try:
-                out = simple_evaluate(model=lm, tasks=names, num_fewshot=k, limit=limit, task_manager=tm,
+                out = simple_evaluate(model=lm, tasks=top, num_fewshot=k, limit=limit, task_manager=tm,
                                       log_samples=False, random_seed=seed, numpy_random_seed=seed,
                                       torch_random_seed=seed, fewshot_random_seed=seed, bootstrap_iters=1000)
             except UndefinedError as err:  # a task template names a field some record of the data lacks
-                raise UserError(f"task(s) {', '.join(names)}: a record of the data has no field the task's "
-                                f"template uses ({err})") from None
+                raise undefined(names, err) from None
             for name, metrics in out["results"].items():
                 results[name] = _clean_metrics(metrics)
                 shots[name] = k
@@ -125,9 +208,11 @@ def run_lm_eval(model: torch.nn.Module, tokenizer: Any, tasks: Sequence[str] | s
     finally:
         model.train(was_training)
     scores = {t: primary_score(results.get(t, {})) for t in plan}
-    valid = [s for s in scores.values() if s is not None]
-    return {"results": results, "n_samples": n_samples, "num_fewshot": shots, "scores": scores,
-            "average": sum(valid) / len(valid) if valid else None, "limit": limit}
+    stderrs = {t: primary_stderr(results.get(t, {})) for t in plan}
+    valid = [t for t, s in scores.items() if s is not None]
+    return {"results": results, "n_samples": n_samples, "num_fewshot": shots, "scores": scores, "stderrs": stderrs,
+            "average": sum(scores[t] for t in valid) / len(valid) if valid else None,  # type: ignore[misc]
+            "average_stderr": average_stderr([stderrs[t] for t in valid]), "limit": limit}
 
 
 def _leaves(group: str, tree: Mapping[str, list[str]]) -> list[str]:

@@ -64,9 +64,10 @@ def quality_table(models: Mapping[str, str | os.PathLike], data: str | os.PathLi
     """Measure each model of `models` ({row label: checkpoint}) the same way: one row per model.
 
     Columns: perplexity on the same held-out windows of `data` (skipping `skip_windows`), lm-eval task
-    scores and their average (run for `tasks`, or read from `task_results` = {label: eval JSON}), and the
-    weights' size on disk. Changes are relative to the first row (the baseline when there is one). Any
-    checkpoint directory works, quantized or not, so the table is built the same way with any backend.
+    scores and their average with their standard errors and numbers of examples (run for `tasks`, or read
+    from `task_results` = {label: eval JSON}), and the weights' size on disk. Changes are relative to the first
+    row (the baseline when there is one). Any checkpoint directory works, quantized or not, so the table is
+    built the same way with any backend.
     """
     if not models:
         raise UserError("quality table: give at least one model")
@@ -77,7 +78,7 @@ def quality_table(models: Mapping[str, str | os.PathLike], data: str | os.PathLi
     tasks = list(tasks or [])
     if data is None and not tasks and not given:
         raise UserError("quality table: nothing to measure; give held-out text (data), lm-eval tasks or task results")
-    from .evaluation import perplexity, run_lm_eval
+    from .evaluation import average_stderr, perplexity, result_stderrs, run_lm_eval
     from .model_loading import load_model
 
     table: dict[str, Any] = {"rows": [], "data": None if data is None else str(data), "seq_len": seq_len,
@@ -85,7 +86,8 @@ def quality_table(models: Mapping[str, str | os.PathLike], data: str | os.PathLi
     windows = None
     for label, ref in models.items():
         row: dict[str, Any] = {"config": label, "model": str(ref), "perplexity": None, "task_average": None,
-                               "task_scores": {}, "size_bytes": _ref_size(ref)}
+                               "task_average_stderr": None, "task_scores": {}, "task_stderrs": {}, "task_n": {},
+                               "size_bytes": _ref_size(ref)}
         needs_model = data is not None or (tasks and label not in given)
         if needs_model:
             model, tok = load_model(str(ref))
@@ -104,8 +106,13 @@ def quality_table(models: Mapping[str, str | os.PathLike], data: str | os.PathLi
         if label in given:
             res = given[label]
             row["task_scores"] = {k: v for k, v in res["scores"].items() if v is not None}
+            stderrs = result_stderrs(res)  # None for each task of a JSON that has none
+            row["task_stderrs"] = {t: stderrs.get(t) for t in row["task_scores"]}
+            row["task_n"] = {t: int(n) for t, n in (res.get("n_samples") or {}).items() if t in row["task_scores"]}
             valid = list(row["task_scores"].values())
             row["task_average"] = res.get("average", sum(valid) / len(valid) if valid else None)
+            row["task_average_stderr"] = res["average_stderr"] if "average_stderr" in res \
+                else average_stderr(list(row["task_stderrs"].values()))
         table["rows"].append(row)
     first = table["rows"][0]
     for row in table["rows"]:
@@ -121,9 +128,15 @@ def quality_table(models: Mapping[str, str | os.PathLike], data: str | os.PathLi
 
 
 def format_quality_table(table: Mapping[str, Any]) -> str:
-    """The table as Markdown: perplexity, task scores + average, size on disk; '-' where not measured."""
+    """The table as Markdown: perplexity, task scores + average ± one standard error, size on disk; '-' where
+    not measured, no ± where the results carry no standard error (JSONs of older versions)."""
+    from .evaluation import plus_minus
+
     def f(v: Any, spec: str) -> str:
         return "-" if v is None else format(v, spec)
+
+    def pm(v: Any, se: Any) -> str:
+        return "-" if v is None else plus_minus(v, se, ".4f", ".3f")
 
     def pct(v: Any) -> str:
         return "-" if v is None else f"{v:+.1f}%"
@@ -138,9 +151,10 @@ def format_quality_table(table: Mapping[str, Any]) -> str:
         cells = [r["config"]]
         if has_ppl:
             cells += [f(r["perplexity"], ".3f"), pct(r["perplexity_change_pct"])]
-        cells += [f(r["task_scores"].get(t), ".4f") for t in tasks]
+        stderrs = r.get("task_stderrs") or {}
+        cells += [pm(r["task_scores"].get(t), stderrs.get(t)) for t in tasks]
         if has_tasks:
-            cells += [f(r["task_average"], ".4f"), pct(r["task_average_change_pct"])]
+            cells += [pm(r["task_average"], r.get("task_average_stderr")), pct(r["task_average_change_pct"])]
         cells += [f(None if r["size_bytes"] is None else r["size_bytes"] / 1e6, ".2f"), f(r["size_ratio"], ".3f")]
         lines.append("| " + " | ".join(cells) + " |")
     notes = []
@@ -148,8 +162,30 @@ def format_quality_table(table: Mapping[str, Any]) -> str:
         notes.append(f"perplexity on {table.get('num_windows')} x {table['seq_len']} held-out tokens of {table['data']}")
     if has_tasks:
         notes.append("task avg = mean of the lm-eval primary metrics" + (f" (limit {table['limit']})" if table.get("limit") else ""))
+        shown = [r.get("task_average_stderr") for r in table["rows"]] \
+            + [se for r in table["rows"] for se in (r.get("task_stderrs") or {}).values()]
+        if any(se is not None for se in shown):
+            notes.append("± = one standard error")
+        examples = _examples_per_task(table["rows"], tasks)
+        if examples:
+            notes.append(f"examples per task: {examples}")
     notes.append("size = safetensors bytes on disk; changes are relative to the first row")
     return "\n".join(lines) + "\n\n" + "; ".join(notes) + ".\n"
+
+
+def _examples_per_task(rows: Sequence[Mapping[str, Any]], tasks: Sequence[str]) -> str:
+    """'hellaswag 20, piqa 50', naming the rows where they scored different numbers; '' when none is known."""
+    parts = []
+    for t in tasks:
+        ns = {r["config"]: (r.get("task_n") or {}).get(t) for r in rows if t in r["task_scores"]}
+        known = {n for n in ns.values() if n is not None}
+        if not known:
+            continue
+        if len(known) == 1 and None not in ns.values():
+            parts.append(f"{t} {known.pop()}")
+        else:
+            parts.append(f"{t} " + " / ".join(f"{'?' if n is None else n} ({label})" for label, n in ns.items()))
+    return ", ".join(parts)
 
 
 def write_quality_table(table: Mapping[str, Any], out_dir: str | os.PathLike, name: str = QUALITY_TABLE) -> tuple[Path, Path]:

@@ -182,7 +182,23 @@ CASES: list[tuple[str, Callable[[Path, Path], list[str]], str]] = [
 
 @pytest.mark.parametrize("name,argv,expect", CASES, ids=[c[0] for c in CASES])
 def test_bad_input_is_one_line_and_changes_nothing(world, tmp_path, capsys, name, argv, expect):
-    args = argv(world, tmp_path)  # may build a broken input under tmp_path
+    _fails_in_one_line(world, tmp_path, capsys, argv(world, tmp_path), expect)  # argv may build a broken input
+
+
+def test_eval_limit_above_a_tasks_documents(world, tmp_path, capsys, monkeypatch):
+    """lm-eval would silently score 3 documents for --limit 4: refused by name and size before any scoring."""
+    import lm_eval
+
+    def scoring(*args, **kwargs):
+        raise AssertionError("lm-eval started scoring before the limit was checked")
+
+    monkeypatch.setattr(lm_eval, "simple_evaluate", scoring)
+    argv = ["eval", "--model", str(world / "model"), "--data", f"hellaswag_sample={world / 'hs.jsonl'}",
+            "--limit", "4", "--output", str(tmp_path / "res.json")]
+    _fails_in_one_line(world, tmp_path, capsys, argv, "limit 4 is more than the 3 documents of task hellaswag_sample")
+
+
+def _fails_in_one_line(world: Path, tmp_path: Path, capsys, args: list[str], expect: str) -> None:
     before_world, before_tmp = _fingerprint(world), _fingerprint(tmp_path)
     code = main(args)
     err = capsys.readouterr().err

@@ -76,14 +76,56 @@ def test_local_task_dir_fills_the_data_file(tmp_path):
 def test_lm_eval_tiny_model_on_local_hellaswag_sample(tiny, tmp_path):
     model, tok = tiny
     data = _rows(tmp_path, 6)
+    # a limit equal to the number of documents is allowed (only one above it is refused)
     res = run_lm_eval(model, tok, ["hellaswag_sample"], include_path=local_task_dir({"hellaswag_sample": data}),
-                      batch_size=8)
+                      batch_size=8, limit=6)
     m = res["results"]["hellaswag_sample"]
     assert res["n_samples"]["hellaswag_sample"] == 6
     for k in ("acc", "acc_norm"):
         assert 0.0 <= m[k] <= 1.0
         assert abs(m[k] * 6 - round(m[k] * 6)) < 1e-9  # a share of 6 documents
     assert res["scores"]["hellaswag_sample"] == m["acc_norm"] == res["average"]
+    # the standard error of a share p of n documents: sqrt(p (1 - p) / (n - 1)) (lm-eval's sample stddev / sqrt n)
+    p = m["acc_norm"]
+    se = res["stderrs"]["hellaswag_sample"]
+    assert se > 0 and se == pytest.approx(math.sqrt(p * (1 - p) / 5)) and se == m["acc_norm_stderr"]
+    assert res["average_stderr"] == pytest.approx(se)  # one task: the average is its score
+
+
+def test_average_stderr_of_independent_tasks():
+    from lightning_drop.evaluation import average_stderr, primary_stderr, result_stderrs
+
+    assert average_stderr([0.03, 0.04]) == pytest.approx(0.025)  # sqrt(0.03^2 + 0.04^2) / 2
+    assert average_stderr([0.05]) == 0.05
+    assert average_stderr([0.03, None]) is None and average_stderr([]) is None
+    # the primary metric's stderr; "N/A" (one example) is dropped by _clean_metrics, so it is None
+    assert primary_stderr({"acc": 0.5, "acc_stderr": 0.1, "acc_norm": 0.6, "acc_norm_stderr": 0.2}) == 0.2
+    assert primary_stderr({"acc": 0.5}) is None and primary_stderr({"acc": 0.5, "acc_stderr": "N/A"}) is None
+    # JSONs written before "stderrs" was stored: from their results, or None when they have none
+    old = {"scores": {"a": 0.6, "b": 0.3},
+           "results": {"a": {"acc_norm": 0.6, "acc_norm_stderr": 0.1}, "b": {"acc": 0.3}}}
+    assert result_stderrs(old) == {"a": 0.1, "b": None}
+    assert result_stderrs({"scores": {"a": 0.6}}) == {"a": None}
+
+
+def test_eval_table_shows_stderr_and_n(capsys):
+    from lightning_drop.jobs.evaluate import _print_table
+
+    res = {"results": {"hs": {"acc": 0.4, "acc_stderr": 0.0492, "acc_norm": 0.46, "acc_norm_stderr": 0.0501},
+                       "one": {"acc": 1.0}},
+           "n_samples": {"hs": 100, "one": 1}, "num_fewshot": {"hs": 0, "one": 0}, "scores": {"hs": 0.46, "one": 1.0},
+           "stderrs": {"hs": 0.0501, "one": None}, "average": 0.73, "average_stderr": None}
+    _print_table(res)
+    lines = capsys.readouterr().out.splitlines()
+    hs = lines[1].split()
+    assert hs[:7] == ["hs", "0", "100", "acc_norm", "0.4600", "±", "0.0501"] and "acc=0.4000 ± 0.0492" in lines[1]
+    assert lines[2].split() == ["one", "0", "1", "acc", "1.0000"]  # no standard error from one example
+    assert lines[3].split() == ["average", "0.7300"]
+    res.update(average=0.46, average_stderr=0.0501, scores={"hs": 0.46})
+    _print_table(res)
+    out = capsys.readouterr().out
+    assert "average" in out and out.splitlines()[2].split() == ["average", "0.4600", "±", "0.0501"]
+    assert "one standard error" in out
 
 
 def test_lm_eval_unknown_task_is_a_clear_error(tiny):
@@ -217,13 +259,19 @@ def test_callback_arguments_are_validated(tmp_path):
 
 
 @needs_data
-def test_eval_callbacks_at_fit_end(tmp_path):
+def test_eval_callbacks_at_fit_end(tmp_path, monkeypatch):
+    import lightning_drop.callbacks.evaluation as cb
+
+    said: list[str] = []
+    monkeypatch.setattr(cb, "rank_zero_info", said.append)
     data = _rows(tmp_path, 4)
     lm_cb = LMEvalCallback(data_files={"hellaswag_sample": str(data)}, batch_size=8, output=str(tmp_path / "eval.json"))
     ppl_cb = PerplexityCallback(data=str(C4), seq_len=32, num_windows=3, output=str(tmp_path / "ppl.json"))
     trainer = _fit([lm_cb, ppl_cb], tmp_path)
     saved = json.loads((tmp_path / "eval.json").read_text())
     assert saved["n_samples"]["hellaswag_sample"] == 4 and 0 <= saved["average"] <= 1
+    score, se = saved["scores"]["hellaswag_sample"], saved["stderrs"]["hellaswag_sample"]
+    assert f"lm-eval: hellaswag_sample={score:.4f} ± {se:.4f} (n=4)" in "\n".join(said), said
     assert lm_cb.state_dict()["results"]["average"] == saved["average"]
     assert math.isfinite(ppl_cb.value) and ppl_cb.value > 1
     assert json.loads((tmp_path / "ppl.json").read_text())["perplexity"] == ppl_cb.value
@@ -240,7 +288,9 @@ def test_eval_main_writes_json(tmp_path):
 
     out = tmp_path / "res.json"
     res = eval_main("tiny-llama", data=[f"hellaswag_sample={_rows(tmp_path, 3)}"], batch_size=8, output=str(out))
-    assert json.loads(out.read_text())["n_samples"]["hellaswag_sample"] == 3 == res["n_samples"]["hellaswag_sample"]
+    saved = json.loads(out.read_text())
+    assert saved["n_samples"]["hellaswag_sample"] == 3 == res["n_samples"]["hellaswag_sample"]
+    assert saved["stderrs"] == res["stderrs"] and saved["average_stderr"] == res["average_stderr"]
     with pytest.raises(ValueError, match="TASK=FILE"):
         eval_main("tiny-llama", data=["hellaswag_sample"])
 
@@ -253,8 +303,12 @@ def test_eval_command_with_task_data_file(tmp_path, capsys):
     out = tmp_path / "res.json"
     assert main(["eval", "--model", "tiny-llama", "--data", f"hellaswag_sample={_rows(tmp_path, 3)}",
                  "--batch-size", "8", "--output", str(out)]) == 0
-    assert json.loads(out.read_text())["n_samples"]["hellaswag_sample"] == 3
-    capsys.readouterr()
+    saved = json.loads(out.read_text())
+    assert saved["n_samples"]["hellaswag_sample"] == 3
+    row = next(x for x in capsys.readouterr().out.splitlines() if x.startswith("hellaswag_sample"))
+    se = saved["stderrs"]["hellaswag_sample"]  # 3 examples: lm-eval gives one (it needs 2)
+    # the row: task, shots, n, then the primary metric as score ± standard error
+    assert f"3  acc_norm {saved['scores']['hellaswag_sample']:.4f} ± {se:.4f}" in row, row
     assert main(["eval", "--model", "tiny-llama", "--data", "hellaswag_sample"]) == 2
     err = capsys.readouterr().err.strip().splitlines()
     assert len(err) == 1 and "TASK=FILE" in err[0]

@@ -320,6 +320,9 @@ def test_quality_table_has_the_four_rows_and_writes_json_and_markdown(four_check
     assert res["perplexity_increase_pct"] == pytest.approx(
         100 * (rows["dropped+quant"]["perplexity"] / rows["dropped"]["perplexity"] - 1))
     assert rows["baseline"]["task_average"] == 0.4 and rows["dropped"]["task_average"] is None
+    # an eval JSON without standard errors or sizes (older versions): the values alone, nothing invented
+    assert rows["baseline"]["task_stderrs"] == {"task_a": None, "task_b": None} and rows["baseline"]["task_n"] == {}
+    assert rows["baseline"]["task_average_stderr"] is None
     assert table["task_names"] == ["task_a", "task_b"]
     out = tmp_path / "out"
     assert json.loads((out / "quality_table.json").read_text())["rows"] == json.loads(json.dumps(table["rows"]))
@@ -327,7 +330,8 @@ def test_quality_table_has_the_four_rows_and_writes_json_and_markdown(four_check
     lines = [x for x in md if x.startswith("|")]
     assert lines[0].split(" | ")[:3] == ["| config", "perplexity", "ppl change"] and "task avg" in lines[0]
     assert [x.split(" | ")[0] for x in lines[2:]] == [f"| {k}" for k in TABLE_ORDER]
-    assert "| 0.4000 |" in lines[2] and lines[4].count(" - ") >= 3  # dropped row: no task scores
+    assert "| 0.5000 | 0.3000 | 0.4000 |" in lines[2] and lines[4].count(" - ") >= 3  # dropped row: no task scores
+    assert "±" not in "\n".join(md) and "examples per task" not in "\n".join(md)
     assert not list(out.glob(".*"))  # atomic writes leave no temporaries
 
 
@@ -341,7 +345,38 @@ def test_quality_table_runs_requested_tasks(four_checkpoints, shared_dir):
     row = table["rows"][0]
     assert row["perplexity"] is None and set(row["task_scores"]) == {"hellaswag_sample"}
     assert 0 <= row["task_average"] <= 1 and row["task_average"] == row["task_scores"]["hellaswag_sample"]
-    assert "hellaswag_sample" in format_quality_table(table) and "perplexity" not in format_quality_table(table).split("\n")[0]
+    md = format_quality_table(table)
+    assert "hellaswag_sample" in md and "perplexity" not in md.split("\n")[0]
+    se = row["task_stderrs"]["hellaswag_sample"]
+    assert row["task_n"] == {"hellaswag_sample": 4} and isinstance(se, float) and row["task_average_stderr"] == se
+    assert f"| {row['task_average']:.4f} ± {se:.3f} |" in md and "examples per task: hellaswag_sample 4" in md
+
+
+def test_quality_table_shows_standard_errors_and_examples(four_checkpoints):
+    from lightning_drop.quality_table import format_quality_table, quality_table
+
+    ck = four_checkpoints
+    new = {"scores": {"a": 0.46, "b": 0.3}, "stderrs": {"a": 0.0501, "b": 0.03}, "n_samples": {"a": 100, "b": 200},
+           "average": 0.38, "average_stderr": 0.0292}
+    no_average_se = {k: v for k, v in new.items() if k != "average_stderr"}
+    old = {"scores": {"a": 0.5, "b": 0.3}, "average": 0.4}  # an eval JSON of an older version
+    table = quality_table({"baseline": ck["baseline"], "dropped": ck["dropped"], "dropped+quant": ck["dropped+quant"]},
+                          task_results={"baseline": new, "dropped": no_average_se, "dropped+quant": old})
+    base, dropped, quant = table["rows"]
+    assert base["task_stderrs"] == {"a": 0.0501, "b": 0.03} and base["task_average_stderr"] == 0.0292
+    assert base["task_n"] == {"a": 100, "b": 200}
+    # two independent tasks: the standard error of their mean is sqrt(se_a^2 + se_b^2) / 2
+    assert dropped["task_average_stderr"] == pytest.approx((0.0501 ** 2 + 0.03 ** 2) ** 0.5 / 2)
+    assert quant["task_stderrs"] == {"a": None, "b": None} and quant["task_average_stderr"] is None
+    md = format_quality_table(table)
+    lines = md.splitlines()
+    assert "| 0.4600 ± 0.050 | 0.3000 ± 0.030 | 0.3800 ± 0.029 |" in lines[2]
+    assert "| 0.5000 | 0.3000 | 0.4000 |" in lines[4]  # no standard errors given: none shown
+    assert "± = one standard error" in md
+    assert "examples per task: a 100 (baseline) / 100 (dropped) / ? (dropped+quant), b 200" in md
+    same = quality_table({"baseline": ck["baseline"], "dropped": ck["dropped"]},
+                         task_results={"baseline": new, "dropped": no_average_se})
+    assert "examples per task: a 100, b 200;" in format_quality_table(same)
 
 
 def test_quality_table_bad_input(four_checkpoints, tmp_path):

@@ -146,7 +146,14 @@ class LMEvalCallback(FitEndMeasurement):
                 from lightning_drop.evaluation import write_json
 
                 write_json(self.output, res)
-            rank_zero_info("lm-eval: " + ", ".join(f"{k}={v:.4f}" for k, v in metrics.items() if v is not None))
+            from lightning_drop.evaluation import plus_minus, result_stderrs
+
+            stderrs, n = result_stderrs(res), res.get("n_samples") or {}
+            shown = [f"{t}={plus_minus(s, stderrs.get(t))} (n={n.get(t, '?')})"
+                     for t, s in res["scores"].items() if s is not None]
+            if res.get("average") is not None:
+                shown.append(f"average={plus_minus(res['average'], res.get('average_stderr'))}")
+            rank_zero_info("lm-eval: " + ", ".join(shown) + " (± one standard error)")
         trainer.strategy.barrier("LMEvalCallback")
         return self.results if trainer.is_global_zero else None
 

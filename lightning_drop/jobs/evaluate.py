@@ -106,10 +106,19 @@ def perplexity_main(model: str, data: str, seq_len: int = 512, num_windows: int 
 
 
 def _print_table(res: Mapping[str, Any]) -> None:
-    print(f"{'task':<24}{'shots':>6}{'n':>8}  metrics")
+    """One row per task: its primary metric ± one standard error and the examples scored, then the rest."""
+    from ..evaluation import metric_stderr, plus_minus, primary_metric, result_stderrs
+
+    stderrs = result_stderrs(res)
+    print(f"{'task':<24}{'shots':>6}{'n':>8}  {'score ± stderr':<30}other metrics")
     for task, score in res["scores"].items():
         m = res["results"].get(task, {})
-        shown = ", ".join(f"{k}={v:.4f}" for k, v in m.items() if not k.endswith("_stderr"))
-        print(f"{task:<24}{res['num_fewshot'].get(task)!s:>6}{res['n_samples'].get(task, 0):>8}  {shown}")
+        name = primary_metric(m)
+        primary = "-" if score is None else f"{name} {plus_minus(score, stderrs.get(task))}"
+        others = ", ".join(f"{k}={plus_minus(v, metric_stderr(m, k))}" for k, v in m.items()
+                           if not k.endswith("_stderr") and k != name)
+        row = f"{task:<24}{res['num_fewshot'].get(task)!s:>6}{res['n_samples'].get(task, 0):>8}  {primary:<30}{others}"
+        print(row.rstrip())
     if res.get("average") is not None:
-        print(f"{'average':<24}{'':>6}{'':>8}  {res['average']:.4f}")
+        print(f"{'average':<24}{'':>6}{'':>8}  {plus_minus(res['average'], res.get('average_stderr'))}")
+    print("± = one standard error; n = examples scored per task")
