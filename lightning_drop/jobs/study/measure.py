@@ -330,6 +330,7 @@ class PointEvaluator:
         from lm_eval.models.huggingface import HFLM
         from lm_eval.tasks import TaskManager
 
+        from ...evaluation import _clean_metrics, primary_score, primary_stderr
         from ...lm_eval_tasks import local_task_dir
 
         if self._task_manager is None:
@@ -343,9 +344,8 @@ class PointEvaluator:
         out = simple_evaluate(model=lm, tasks=[mc.task], limit=mc.limit, task_manager=self._task_manager,
                               log_samples=False, bootstrap_iters=1000, verbosity="ERROR", random_seed=1234,
                               numpy_random_seed=1234, torch_random_seed=1234, fewshot_random_seed=1234)
-        m = {k.split(",")[0]: v for k, v in out["results"][mc.task].items() if isinstance(v, (int, float))}
+        m = _clean_metrics(out["results"][mc.task])
         n = out.get("n-samples", {}).get(mc.task, {})
         # the standard error of a mean accuracy is closed-form in lm-eval (bootstrap_iters > 0 only enables it)
-        return {"mc_acc": m.get("acc_norm", m.get("acc")), "mc_acc_raw": m.get("acc"),
-                "mc_stderr": m.get("acc_norm_stderr" if "acc_norm" in m else "acc_stderr"),
+        return {"mc_acc": primary_score(m), "mc_acc_raw": m.get("acc"), "mc_stderr": primary_stderr(m),
                 "mc_n": int(n.get("effective", n.get("original", 0))) if n else mc.limit}
