@@ -16,8 +16,9 @@ from typing import Any
 import torch
 from torch import nn
 
+from .clocks import resolve_clock, stopwatch
 from .errors import UserError
-from .speed import _check_args, _clock, _generate_once, _random_prompt, _sync
+from .speed import _check_args, _device, _generate_once, _random_prompt
 
 
 def dropped_part_modules(model: nn.Module, attn: Iterable[int] = (), mlp: Iterable[int] = ()) -> list[nn.Module]:
@@ -39,18 +40,16 @@ def dropped_part_modules(model: nn.Module, attn: Iterable[int] = (), mlp: Iterab
 @contextlib.contextmanager
 def _time_modules(modules: Sequence[nn.Module], phase: dict[str, str], acc: dict[str, float],
                   clock: str = "wall") -> Iterator[None]:
-    """Accumulate, per phase, the wall time spent inside `modules` (pre-hook to hook); hooks always removed."""
-    start: dict[int, float] = {}
+    """Accumulate, per phase, the time spent inside `modules` (pre-hook to hook, each module on its own
+    `clocks.stopwatch`: CUDA events on a GPU); hooks always removed."""
+    watches = {id(m): stopwatch(clock, _device_of(m)) for m in modules}
     handles = []
-    now = _clock(clock)
 
     def pre(mod: nn.Module, *_: Any) -> None:
-        _sync(_device_of(mod))
-        start[id(mod)] = now()
+        watches[id(mod)].start()
 
     def post(mod: nn.Module, *_: Any) -> None:
-        _sync(_device_of(mod))
-        acc[phase["name"]] = acc.get(phase["name"], 0.0) + now() - start.pop(id(mod))
+        acc[phase["name"]] = acc.get(phase["name"], 0.0) + watches[id(mod)].stop()
 
     try:
         for m in modules:
@@ -77,6 +76,7 @@ def profile_drop(base_model: nn.Module, attn: Iterable[int] = (), mlp: Iterable[
     T_base / (T_base - T_parts).
     """
     _check_args(batch_size, prompt_len, gen_len, repeats, warmup)
+    resolve_clock(clock, _device(base_model))
     attn, mlp = list(attn), list(mlp)
     mods = dropped_part_modules(base_model, attn, mlp)
     ids = _random_prompt(base_model, batch_size, prompt_len, seed)
