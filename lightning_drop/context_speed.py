@@ -33,7 +33,7 @@ def parse_lengths(text: str | Sequence[int], option: str = "--prompt-lens") -> l
     """Prompt lengths from "128,512,2048" (or a sequence of ints): each an integer >= 1, at least one."""
     items = [x.strip() for x in text.split(",") if x.strip()] if isinstance(text, str) else list(text)
     if not items:
-        raise UserError(f"{option}: give at least one length, e.g. {option} 128,512,2048")
+        raise UserError(f"{option}: give at least one length (e.g. 128,512,2048)")
     out = []
     for x in items:
         try:
@@ -61,6 +61,21 @@ def _get(config: Any, key: str) -> Any:
     if config is None:
         return None
     return config.get(key) if isinstance(config, Mapping) else getattr(config, key, None)
+
+
+def positions_before_loading(ref: str) -> int | None:
+    """A model reference's max_position_embeddings read from its config alone (a catalogue tiny model or a
+    directory with a config.json), so that a context too long is refused before any weights load; None for
+    other references (check those once loaded)."""
+    from pathlib import Path
+
+    from .dropped_checkpoint import read_config
+    from .model_loading import TINY_PREFIX, resolve, tiny_config
+
+    if ref.startswith(TINY_PREFIX):
+        return max_positions(tiny_config(ref[len(TINY_PREFIX):]))
+    path = Path(resolve(ref))
+    return max_positions(read_config(path)) if (path / "config.json").is_file() else None
 
 
 def check_context(prompt_lens: Sequence[int], gen_len: int, limit: int | None, model: str,
@@ -119,21 +134,23 @@ def _x(v: float | None, spec: str = ".3f") -> str:
 
 def format_context_table(per_length: Sequence[Mapping[str, Any]], labels: Mapping[str, str] | None = None,
                          kv_detail: bool = True) -> str:
-    """One row per prompt length: the base's KV cache, then per dropped model its speedups (prefill, decode,
-    total), its KV cache (bytes per token and MiB at that length with `kv_detail`; always its ratio to the
-    base's) and, when profiled, the ideal total speedup and the realized share of it."""
+    """One row per prompt length: the base's times (prefill seconds, milliseconds per decode step) and KV cache,
+    then per dropped model its speedups (prefill, decode, total), its KV cache (bytes per token and MiB at that
+    length with `kv_detail`; always its ratio to the base's) and, when profiled, the ideal total speedup and
+    the realized share of it."""
     first = per_length[0]
     names = list(first["vs_base"])
     labels = {n: (labels or {}).get(n, n) for n in names}
     ideal = "ideal_speedup" in first["vs_base"][names[0]]
     cuda = "peak_cuda_bytes" in first["base"]
-    base_cols = ["prompt", "context", "KV B/tok", "KV MiB"] + (["peak MiB"] if cuda else [])
+    base_cols = ["prompt", "context", "prefill s", "decode ms/tok", "KV B/tok", "KV MiB"] + (["peak MiB"] if cuda else [])
     drop_cols = ["prefill x", "decode x", "total x"] + (["KV B/tok", "KV MiB"] if kv_detail else []) + ["KV ratio"] \
         + (["ideal x", "realized"] if ideal else []) + (["peak MiB"] if cuda else [])
     rows = []
     for r in per_length:
         b = r["base"]
-        row = [str(r["setup"]["prompt_len"]), str(r["context_len"]), f"{b['kv_bytes_per_token']:.0f}",
+        row = [str(r["setup"]["prompt_len"]), str(r["context_len"]), f"{b['prefill_s']:.3f}",
+               f"{1e3 * b['decode_s'] / (r['setup']['gen_len'] - 1):.1f}", f"{b['kv_bytes_per_token']:.0f}",
                _mib(b["kv_cache_bytes"])] + ([_mib(b["peak_cuda_bytes"])] if cuda else [])
         for n in names:
             vs, d = r["vs_base"][n], r[n]

@@ -62,6 +62,8 @@ class PointEvaluator:
             ppl["after"] = self._heldout_offset_spec()
         mc = self._mc_spec_key()
         speed = dataclasses.asdict(self.cfg.speed)
+        if speed["prompt_lens"] is None:  # only when given: earlier caches keep their keys
+            del speed["prompt_lens"]
         key = {"perplexity": ppl, "mc": mc, "speed": speed}
         if self.cfg.eval.domains:  # only then: earlier caches keep their keys
             key["domains"] = list(self.cfg.eval.domains)
@@ -213,18 +215,25 @@ class PointEvaluator:
                 "torch_threads": torch.get_num_threads(), "torch": torch.__version__, "device": device}
 
     def measure_speed(self, base: Any, model: Any) -> dict[str, Any]:
-        """Base vs dropped timed alternately (speed spec of the config), with the machine it ran on."""
-        from ...speed import compare_speed
+        """Base vs dropped timed alternately (speed spec of the config), with the machine it ran on.
 
+        With `speed.prompt_lens`, at every length (`context_speed.speed_by_context`): the usual columns come
+        from `prompt_len` and `speed_by_length` holds one entry per length."""
         sp = self.cfg.speed
-        res = compare_speed(base, model, batch_size=sp.batch_size, prompt_len=sp.prompt_len, gen_len=sp.gen_len,
-                            repeats=sp.repeats, warmup=sp.warmup, seed=self.cfg.seed)
-        return dict(decode_speedup=res["speedup"]["decode"], prefill_speedup=res["speedup"]["prefill"],
-                    total_speedup=res["speedup"]["total"],
-                    base_decode_tokens_per_s=res["base"]["decode_tokens_per_s"],
-                    decode_tokens_per_s=res["dropped"]["decode_tokens_per_s"],
-                    kv_bytes_per_token=res["dropped"]["kv_bytes_per_token"],
-                    base_kv_bytes_per_token=res["base"]["kv_bytes_per_token"], speed_machine=self.machine())
+        kw = dict(batch_size=sp.batch_size, gen_len=sp.gen_len, repeats=sp.repeats, warmup=sp.warmup, seed=self.cfg.seed)
+        if sp.prompt_lens is None:
+            from ...speed import compare_speed
+
+            res = compare_speed(base, model, prompt_len=sp.prompt_len, **kw)
+            return {**_speed_columns(res), "speed_machine": self.machine()}
+        from ...context_speed import speed_by_context
+
+        per_length = speed_by_context({"base": base, "dropped": model}, sp.lengths(), **kw)
+        by_length = [{"prompt_len": r["setup"]["prompt_len"], "context_len": r["context_len"], **_speed_columns(r),
+                      "kv_cache_bytes": r["dropped"]["kv_cache_bytes"], "base_kv_cache_bytes": r["base"]["kv_cache_bytes"],
+                      "kv_cache_ratio": r["kv_cache_ratio"]} for r in per_length]
+        main = next(r for r in per_length if r["setup"]["prompt_len"] == sp.prompt_len)
+        return {**_speed_columns(main), "speed_by_length": by_length, "speed_machine": self.machine()}
 
     def evaluate(self, attn: list[int], mlp: list[int]) -> dict[str, Any]:
         from ...modeling_dropped import apply_drop
@@ -283,3 +292,11 @@ class PointEvaluator:
                 "mc_stderr": m.get("acc_norm_stderr" if "acc_norm" in m else "acc_stderr"),
                 "mc_n": int(n.get("effective", n.get("original", 0))) if n else mc.limit}
 
+
+def _speed_columns(res: dict[str, Any]) -> dict[str, Any]:
+    """A point's speed columns from a base-vs-dropped `compare_speed` result."""
+    return dict(decode_speedup=res["speedup"]["decode"], prefill_speedup=res["speedup"]["prefill"],
+                total_speedup=res["speedup"]["total"], base_decode_tokens_per_s=res["base"]["decode_tokens_per_s"],
+                decode_tokens_per_s=res["dropped"]["decode_tokens_per_s"],
+                kv_bytes_per_token=res["dropped"]["kv_bytes_per_token"],
+                base_kv_bytes_per_token=res["base"]["kv_bytes_per_token"])
