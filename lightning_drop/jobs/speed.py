@@ -47,22 +47,6 @@ def _workload(preset: str | None, prompt_len: int | None, prompt_lens: str | Non
     return lengths, 128 if gen_len is None else gen_len, 1 if batch_size is None else batch_size
 
 
-def _positions_before_loading(ref: str) -> int | None:
-    """The model's max_position_embeddings from its config alone (a catalogue tiny model or a directory with a
-    config.json), so that a context too long is refused before any weights load; None for other references
-    (checked once loaded)."""
-    from pathlib import Path
-
-    from ..context_speed import max_positions
-    from ..dropped_checkpoint import read_config
-    from ..model_loading import TINY_PREFIX, resolve, tiny_config
-
-    if ref.startswith(TINY_PREFIX):
-        return max_positions(tiny_config(ref[len(TINY_PREFIX):]))
-    path = Path(resolve(ref))
-    return max_positions(read_config(path)) if (path / "config.json").is_file() else None
-
-
 def speed_main(model: str, baseline: str | None = None, batch_size: int | None = None, prompt_len: int | None = None,
                prompt_lens: str | None = None, gen_len: int | None = None, preset: str | None = None,
                repeats: int = 3, warmup: int = 1, output: str | None = None,
@@ -101,7 +85,13 @@ def speed_main(model: str, baseline: str | None = None, batch_size: int | None =
     import torch
 
     from ..clocks import resolve_clock
-    from ..context_speed import check_context, format_context_table, max_positions, speed_by_context
+    from ..context_speed import (
+        check_context,
+        format_context_table,
+        max_positions,
+        positions_before_loading,
+        speed_by_context,
+    )
     from ..model_loading import load_model
     from ..speed import INTERLEAVE, measure_generation, peak_rss_bytes, print_speed, sdr
     from .drop import check_device
@@ -132,7 +122,7 @@ def speed_main(model: str, baseline: str | None = None, batch_size: int | None =
     option = "--prompt-lens" if prompt_lens is not None else "--preset" if preset else "--prompt-len"
     refs = [model] + ([baseline] if baseline else [])
     for ref in refs:
-        check_context(lengths, gen_len, _positions_before_loading(ref), ref, option)
+        check_context(lengths, gen_len, positions_before_loading(ref), ref, option)
     loaded = {}
     for ref in refs:
         m, _ = load_model(ref, dtype=DTYPES[dtype])
