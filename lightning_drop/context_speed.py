@@ -4,7 +4,7 @@ With a short prompt a small model's time is almost all MLP and embedding; at the
 paper times 2048 prompt + 2048 generated tokens) the KV cache and attention take a growing share, and that
 is where dropping attention pays. `speed_by_context` times the base and its dropped models in lock step
 (`speed.compare_speed`) at each prompt length, keeps the KV cache each leaves at that length, and with
-`ideal` profiles the base (`ideal_speedup.profile_drop`) for the share of the ideal gain each drop realizes
+`ideal` profiles the base (`ideal_speedup.profile_drops`, once for all drops) for the share of the ideal gain each drop realizes
 there. Checks on lengths (`parse_lengths`, `check_context`) are here so that the command, the study and the
 benchmark refuse the same inputs with the same line, before anything is timed.
 """
@@ -98,7 +98,7 @@ def speed_by_context(models: Mapping[str, nn.Module], prompt_lens: Sequence[int]
     `vs_base[name]["ideal_speedup"]` and `["realized_gain"]`, {prefill, decode, total} each, profiled on the
     base at that length (a realized gain is None where a drop removes nothing). Weights are placed alike once.
     """
-    from .ideal_speedup import profile_drop, realized_gain
+    from .ideal_speedup import profile_drops, realized_gain
     from .modeling_dropped import dropped_layers
     from .speed import compare_speed
 
@@ -113,11 +113,11 @@ def speed_by_context(models: Mapping[str, nn.Module], prompt_lens: Sequence[int]
                             warmup=warmup, seed=seed, clock=clock, interleave=interleave, place_alike=i == 0)
         res["context_len"] = prompt_len + gen_len
         if ideal:
+            # one profiling of the base serves every drop; no warm-up: the base has just run in compare_speed
+            profs = profile_drops(models["base"], {name: dropped_layers(models[name]) for name in res["vs_base"]},
+                                  batch_size, prompt_len, gen_len, repeats, warmup=0, seed=seed, clock=clock)
             for name, vs in res["vs_base"].items():
-                attn, mlp = dropped_layers(models[name])
-                prof = profile_drop(models["base"], attn, mlp, batch_size, prompt_len, gen_len, repeats, warmup,
-                                    seed=seed, clock=clock)
-                vs["ideal_speedup"] = {ph: prof[ph]["ideal_speedup"] for ph in ("prefill", "decode", "total")}
+                vs["ideal_speedup"] = {ph: profs[name][ph]["ideal_speedup"] for ph in ("prefill", "decode", "total")}
                 vs["realized_gain"] = {ph: realized_gain(vs["speedup"][ph], x) if x != 1 else None
                                        for ph, x in vs["ideal_speedup"].items()}
         out.append(res)

@@ -100,6 +100,23 @@ def test_speed_by_context_one_comparison_per_length_with_kv_at_that_length():
         speed_by_context({"base": base, "attn": attn}, [8, 600], gen_len=3, repeats=1, warmup=0)
 
 
+def test_profile_drops_times_every_drop_from_the_same_runs():
+    """Each drop sums its own modules' times of one profiled run: a drop that removes two others' modules
+    is charged exactly their sum, and all share the same base and profiled times."""
+    from lightning_drop.ideal_speedup import profile_drops
+
+    base, _ = _pair()
+    prof = profile_drops(base, {"attn": ([0, 1], []), "mlp": ([], [2]), "both": ([0, 1], [2])}, prompt_len=8,
+                         gen_len=4, repeats=2, warmup=0)
+    for phase in ("prefill", "decode", "total"):
+        parts = {name: p[phase]["dropped_parts_s"] for name, p in prof.items()}
+        assert 0 < parts["attn"] and 0 < parts["mlp"]
+        # two repeats: the median is the mean, which adds up
+        assert parts["both"] == pytest.approx(parts["attn"] + parts["mlp"], rel=1e-9)
+        assert prof["attn"][phase]["profiled_s"] == prof["mlp"][phase]["profiled_s"] == prof["both"][phase]["profiled_s"]
+    assert (prof["both"]["attn"], prof["both"]["mlp"]) == ([0, 1], [2])
+
+
 def test_lengths_presets_and_context_checks():
     assert parse_lengths("128, 512,2048") == [128, 512, 2048] and parse_lengths([4]) == [4]
     for bad, msg in (("", "at least one"), (" , ", "at least one"), ("128,abc", "'abc' is not an integer"),
