@@ -2,11 +2,11 @@
 
 With a short prompt a small model's time is almost all MLP and embedding; at the lengths people run (the
 paper times 2048 prompt + 2048 generated tokens) the KV cache and attention take a growing share, and that
-is where dropping attention pays. `speed_by_context` times the base and its dropped models in lock step
-(`speed.compare_speed`) at each prompt length, keeps the KV cache each leaves at that length, and with
-`ideal` profiles the base (`ideal_speedup.profile_drops`, once for all drops) for the share of the ideal gain each drop realizes
-there. Checks on lengths (`parse_lengths`, `check_context`) are here so that the command, the study and the
-benchmark refuse the same inputs with the same line, before anything is timed.
+is where dropping attention is expected to pay. `speed_by_context` times the base and its dropped models in
+lock step (`speed.compare_speed`) at each prompt length, keeps the KV cache each leaves at that length, and
+with `ideal` profiles the base (`ideal_speedup.profile_drops`, once for all drops) for the share of the
+ideal gain each drop realizes there. Checks on lengths (`parse_lengths`, `check_context`) are here so that
+the command, the study and the benchmark refuse the same inputs with the same line, before anything is timed.
 """
 
 from __future__ import annotations

@@ -5,6 +5,7 @@ from __future__ import annotations
 import copy
 import json
 import os
+from typing import ClassVar
 
 import pytest
 import torch
@@ -34,7 +35,7 @@ def _kv_per_token(model) -> int:
 class _FixedWatch:
     """A stopwatch whose every region takes one second: what the generation loop adds up becomes countable."""
 
-    made: list[torch.device] = []
+    made: ClassVar[list[torch.device]] = []
 
     def __init__(self, device):
         _FixedWatch.made.append(device)

@@ -31,7 +31,8 @@ def _workload(preset: str | None, prompt_len: int | None, prompt_lens: str | Non
               batch_size: int | None) -> tuple[list[int], int, int]:
     """(prompt lengths, gen_len, batch size) from the options: a preset fixes all three, so giving one of them
     beside it is refused rather than silently overridden."""
-    from ..context_speed import parse_lengths, preset as named_preset
+    from ..context_speed import parse_lengths
+    from ..context_speed import preset as named_preset
 
     if prompt_len is not None and prompt_lens is not None:
         raise UserError("give either --prompt-len (one length) or --prompt-lens (several), not both")
@@ -123,14 +124,14 @@ def speed_main(model: str, baseline: str | None = None, batch_size: int | None =
     refs = [model] + ([baseline] if baseline else [])
     for ref in refs:
         check_context(lengths, gen_len, positions_before_loading(ref), ref, option)
-    loaded = {}
+    loaded = []  # a list: a model may be compared with itself, two copies then
     for ref in refs:
         m, _ = load_model(ref, dtype=DTYPES[dtype])
         check_context(lengths, gen_len, max_positions(m.config), ref, option)
-        loaded[ref] = m.to(dev)
-    net = loaded[model]
+        loaded.append(m.to(dev))
+    net = loaded[0]
     if baseline:
-        per_length = speed_by_context({"base": loaded[baseline], "dropped": net}, lengths, gen_len, batch_size,
+        per_length = speed_by_context({"base": loaded[1], "dropped": net}, lengths, gen_len, batch_size,
                                       repeats, warmup, clock=clock, interleave=interleave, ideal=ideal)
     else:
         per_length = [{"dropped": measure_generation(net, batch_size, n, gen_len, repeats, warmup, clock=clock),
