@@ -1,7 +1,8 @@
 """The ideal speed-up of a drop, from profiling the base model, and how much of it a drop delivers.
 
 `profile_drop` generates with the base model as `lightning_drop.speed` does and, in alternate runs, times
-(per prefill/decode phase) the modules the drop would remove: each dropped sublayer and its norms.
+(per prefill/decode phase) the modules the drop would remove: each dropped sublayer and its norms
+(`profile_drops`: several drops from the same runs).
 The ideal speed-up is T_base / (T_base - T_removed parts); `realized_gain` compares it with the speed-up the
 dropped model really shows (`speed.compare_speed`).
 """
@@ -10,14 +11,15 @@ from __future__ import annotations
 
 import contextlib
 import statistics
-from collections.abc import Iterable, Iterator, Sequence
+from collections.abc import Iterable, Iterator, Mapping, Sequence
 from typing import Any
 
 import torch
 from torch import nn
 
+from .clocks import resolve_clock, stopwatch
 from .errors import UserError
-from .speed import _check_args, _clock, _generate_once, _random_prompt, _sync
+from .speed import _check_args, _device, _generate_once, _random_prompt
 
 
 def dropped_part_modules(model: nn.Module, attn: Iterable[int] = (), mlp: Iterable[int] = ()) -> list[nn.Module]:
@@ -37,20 +39,19 @@ def dropped_part_modules(model: nn.Module, attn: Iterable[int] = (), mlp: Iterab
 
 
 @contextlib.contextmanager
-def _time_modules(modules: Sequence[nn.Module], phase: dict[str, str], acc: dict[str, float],
+def _time_modules(modules: Sequence[nn.Module], phase: dict[str, str], acc: dict[tuple[int, str], float],
                   clock: str = "wall") -> Iterator[None]:
-    """Accumulate, per phase, the wall time spent inside `modules` (pre-hook to hook); hooks always removed."""
-    start: dict[int, float] = {}
+    """Accumulate the time spent inside each of `modules` per phase, in `acc[(id(module), phase)]` (pre-hook to
+    hook, each module on its own `clocks.stopwatch`: CUDA events on a GPU); hooks always removed."""
+    watches = {id(m): stopwatch(clock, _device_of(m)) for m in modules}
     handles = []
-    now = _clock(clock)
 
     def pre(mod: nn.Module, *_: Any) -> None:
-        _sync(_device_of(mod))
-        start[id(mod)] = now()
+        watches[id(mod)].start()
 
     def post(mod: nn.Module, *_: Any) -> None:
-        _sync(_device_of(mod))
-        acc[phase["name"]] = acc.get(phase["name"], 0.0) + now() - start.pop(id(mod))
+        key = (id(mod), phase["name"])
+        acc[key] = acc.get(key, 0.0) + watches[id(mod)].stop()
 
     try:
         for m in modules:
@@ -76,13 +77,27 @@ def profile_drop(base_model: nn.Module, attn: Iterable[int] = (), mlp: Iterable[
     Returns per phase (prefill, decode, total): base seconds, seconds in dropped parts, and the ideal speedup
     T_base / (T_base - T_parts).
     """
+    return profile_drops(base_model, {"drop": (attn, mlp)}, batch_size, prompt_len, gen_len, repeats, warmup,
+                         seed, clock)["drop"]
+
+
+def profile_drops(base_model: nn.Module, drops: Mapping[str, tuple[Iterable[int], Iterable[int]]],
+                  batch_size: int = 1, prompt_len: int = 128, gen_len: int = 128, repeats: int = 3, warmup: int = 1,
+                  seed: int = 0, clock: str = "wall") -> dict[str, dict[str, Any]]:
+    """`profile_drop` of several drops {name: (attention indices, MLP indices)} from the same runs: each
+    profiled run times every module any of them removes, and each drop sums its own modules, so comparing
+    drops costs the base runs of one."""
     _check_args(batch_size, prompt_len, gen_len, repeats, warmup)
-    attn, mlp = list(attn), list(mlp)
-    mods = dropped_part_modules(base_model, attn, mlp)
+    resolve_clock(clock, _device(base_model))
+    drops = {name: (list(attn), list(mlp)) for name, (attn, mlp) in drops.items()}
+    mods = {name: dropped_part_modules(base_model, attn, mlp) for name, (attn, mlp) in drops.items()}
+    hooked = list({id(m): m for ms in mods.values() for m in ms}.values())
     ids = _random_prompt(base_model, batch_size, prompt_len, seed)
     was_training = base_model.training
     base_model.eval()
-    base_p, base_d, hook_p, hook_d, part_p, part_d = [], [], [], [], [], []
+    base_p, base_d, hook_p, hook_d = [], [], [], []
+    part_p: dict[str, list[float]] = {name: [] for name in drops}
+    part_d: dict[str, list[float]] = {name: [] for name in drops}
     phase = {"name": ""}
     try:
         for _ in range(warmup):
@@ -91,18 +106,27 @@ def profile_drop(base_model: nn.Module, attn: Iterable[int] = (), mlp: Iterable[
             p, d, _ = _generate_once(base_model, ids, gen_len, clock=clock)
             base_p.append(p)
             base_d.append(d)
-            acc: dict[str, float] = {}
-            with _time_modules(mods, phase, acc, clock):
+            acc: dict[tuple[int, str], float] = {}
+            with _time_modules(hooked, phase, acc, clock):
                 p, d, _ = _generate_once(base_model, ids, gen_len, phase=phase, clock=clock)
             hook_p.append(p)
             hook_d.append(d)
-            part_p.append(acc.get("prefill", 0.0))
-            part_d.append(acc.get("decode", 0.0))
+            for name, ms in mods.items():
+                part_p[name].append(sum(acc.get((id(m), "prefill"), 0.0) for m in ms))
+                part_d[name].append(sum(acc.get((id(m), "decode"), 0.0) for m in ms))
     finally:
         base_model.train(was_training)
+    return {name: _ideal_from_runs(attn, mlp, base_p, base_d, hook_p, hook_d, part_p[name], part_d[name],
+                                   dict(batch_size=batch_size, prompt_len=prompt_len, gen_len=gen_len,
+                                        repeats=repeats, clock=clock))
+            for name, (attn, mlp) in drops.items()}
+
+
+def _ideal_from_runs(attn: list[int], mlp: list[int], base_p: list[float], base_d: list[float], hook_p: list[float],
+                     hook_d: list[float], part_p: list[float], part_d: list[float],
+                     setup: dict[str, Any]) -> dict[str, Any]:
     med = statistics.median
-    out: dict[str, Any] = {"attn": attn, "mlp": mlp, "setup": dict(batch_size=batch_size, prompt_len=prompt_len,
-                                                                   gen_len=gen_len, repeats=repeats, clock=clock)}
+    out: dict[str, Any] = {"attn": attn, "mlp": mlp, "setup": setup}
 
     def ideal(total: float, parts: float) -> float:
         return total / (total - parts) if total > parts else float("inf")

@@ -15,13 +15,13 @@ from __future__ import annotations
 import resource
 import statistics
 import sys
-import time
 from collections.abc import Mapping
 from typing import Any, get_args
 
 import torch
 from torch import nn
 
+from . import clocks as _clocks
 from .errors import UserError
 from .options import Interleave
 
@@ -48,11 +48,6 @@ def weight_bytes(model: nn.Module) -> int:
 
 def _device(model: nn.Module) -> torch.device:
     return next(model.parameters()).device
-
-
-def _sync(device: torch.device) -> None:
-    if device.type == "cuda":
-        torch.cuda.synchronize(device)
 
 
 @torch.no_grad()
@@ -142,37 +137,33 @@ def rss_bytes() -> int:
 # --------------------------------------------------------------------------------------------------
 # Timing
 # --------------------------------------------------------------------------------------------------
-#: "wall": elapsed time (what the paper reports). "process": CPU time of this process, which other
-#: processes on a shared machine barely disturb; it equals wall time for a single-threaded CPU run
-#: (`torch.set_num_threads(1)`), and is meaningless on a GPU.
-CLOCKS = {"wall": time.perf_counter, "process": time.process_time}
-
-
-def _clock(name: str):
-    if name not in CLOCKS:
-        raise UserError(f"clock must be one of {sorted(CLOCKS)}, got {name!r}")
-    return CLOCKS[name]
+# The clocks live in `clocks`; these names stay importable from here.
+CLOCKS = _clocks.CLOCKS
+_clock = _clocks.check_clock
+_sync = _clocks.sync
 
 
 def _generate_once(model: nn.Module, ids: torch.Tensor, gen_len: int, phase: dict[str, str] | None = None,
-                   clock: str = "wall") -> tuple[float, float, torch.Tensor]:
-    """(prefill seconds, decode seconds, generated tokens [B, gen_len]) for one greedy run with a KV cache."""
-    return _generate_lockstep({"model": model}, ids, gen_len, phase=phase, clock=clock)["model"]
+                   clock: str = "wall", kv_bytes: dict[str, int] | None = None) -> tuple[float, float, torch.Tensor]:
+    """(prefill seconds, decode seconds, generated tokens [B, gen_len]) for one greedy run with a KV cache;
+    `kv_bytes["model"]` receives the bytes of its cache at the end, when given."""
+    return _generate_lockstep({"model": model}, ids, gen_len, phase=phase, clock=clock, kv_bytes=kv_bytes)["model"]
 
 
 @torch.inference_mode()
 def _generate_lockstep(models: Mapping[str, nn.Module], ids: torch.Tensor, gen_len: int, flip: bool = False,
-                       phase: dict[str, str] | None = None,
-                       clock: str = "wall") -> dict[str, tuple[float, float, torch.Tensor]]:
+                       phase: dict[str, str] | None = None, clock: str = "wall",
+                       kv_bytes: dict[str, int] | None = None) -> dict[str, tuple[float, float, torch.Tensor]]:
     """Greedy generation with a KV cache fed back, for one or several models, alternating at every step.
 
-    Each model's prefill and each of its decode steps is timed on its own, and the models take turns,
-    swapping who goes first every step: load that drifts over seconds on a shared machine then falls on all
-    of them alike, which alternating whole runs cannot promise. `phase["name"]` says, while it runs, whether
-    the models are in "prefill" or "decode" (for `profile_drop`'s hooks). Returns {name: (prefill seconds,
+    Each model's prefill and each of its decode steps is timed on its own (`clocks.stopwatch`: a host clock
+    on a CPU, CUDA events on a GPU), and the models take turns, swapping who goes first every step: load that
+    drifts over seconds on a shared machine then falls on all of them alike, which alternating whole runs
+    cannot promise. `phase["name"]` says, while it runs, whether the models are in "prefill" or "decode" (for
+    `profile_drop`'s hooks). `kv_bytes`, when given, receives each model's cache bytes at the end (prompt_len +
+    gen_len - 1 tokens per sequence: the last token is never fed back). Returns {name: (prefill seconds,
     decode seconds, generated tokens [B, gen_len])}.
     """
-    now = _clock(clock)
     phase = {} if phase is None else phase
     names = list(models)[::-1] if flip else list(models)
     state: dict[str, dict[str, Any]] = {}
@@ -182,29 +173,28 @@ def _generate_lockstep(models: Mapping[str, nn.Module], ids: torch.Tensor, gen_l
         x = ids.to(_device(m))
         kw = _cache_kw(m)  # looked up once, outside the timed region
         cache = _new_cache(m)
-        _sync(x.device)
-        t0 = now()
+        watch = _clocks.stopwatch(clock, x.device)
+        watch.start()
         out = m(input_ids=x, **{kw: cache}, use_cache=True, logits_to_keep=1)
         nxt = out.logits[:, -1].argmax(-1, keepdim=True)
-        _sync(x.device)
-        state[name] = {"cache": cache, "nxt": nxt, "tokens": [nxt], "prefill": now() - t0, "decode": 0.0,
-                       "device": x.device, "kw": kw}
+        state[name] = {"cache": cache, "nxt": nxt, "tokens": [nxt], "prefill": watch.stop(), "decode": 0.0,
+                       "device": x.device, "kw": kw, "watch": watch}
     phase["name"] = "decode"
     pos = ids.shape[1]
     for step in range(gen_len - 1):
         for name in (names if step % 2 else names[::-1]):
             st, m = state[name], models[name]
             cache_position = torch.tensor([pos], device=st["device"])
-            _sync(st["device"])
-            t0 = now()
+            st["watch"].start()
             out = m(input_ids=st["nxt"], **{st["kw"]: st["cache"]}, use_cache=True, cache_position=cache_position,
                     position_ids=cache_position.expand(ids.shape[0], 1))
             st["nxt"] = out.logits[:, -1].argmax(-1, keepdim=True)
-            _sync(st["device"])
-            st["decode"] += now() - t0
+            st["decode"] += st["watch"].stop()
             st["tokens"].append(st["nxt"])
         pos += 1
     phase["name"] = ""
+    if kv_bytes is not None:
+        kv_bytes.update({name: cache_bytes(st["cache"]) for name, st in state.items()})
     return {name: (st["prefill"], st["decode"], torch.cat(st["tokens"], dim=1)) for name, st in state.items()}
 
 
@@ -251,44 +241,58 @@ def compare_speed(base: nn.Module | Mapping[str, nn.Module], dropped: nn.Module 
     decode step (see `_generate_lockstep`); "run": whole generations alternate (base, dropped, dropped,
     base, ...). Returns {"base": stats, "dropped": stats, "speedup": {"prefill", "decode", "total"}, ...}
     where a speedup is the median over repeats of the per-repeat ratio base time / dropped time (both
-    measured side by side in that repeat). `base` may also be a {name: model} mapping (no ratios then).
+    measured side by side in that repeat). `base` may also be a {name: model} mapping: with a "base" among
+    them, `result["vs_base"][name]` holds each other model's ratios (also there for the base/dropped pair,
+    whose ratios stay at the top level too). Each model's stats include `kv_cache_bytes`, its real cache at
+    the end (prompt_len + gen_len - 1 tokens per sequence), and on CUDA `peak_cuda_bytes` (the device's peak
+    during a run of that model alone, everything resident included) and `peak_cuda_extra_bytes` (that peak
+    less what was allocated before the run: its cache and activations).
     `place_alike`: first give all models' weights fresh memory (`place_weights_alike`), so that a base
     mapped from its checkpoint and a dropped deep copy of it are timed on equal terms.
     """
     _check_args(batch_size, prompt_len, gen_len, repeats, warmup)
-    _clock(clock)
     if interleave not in INTERLEAVE:
         raise UserError(f"interleave must be one of {', '.join(INTERLEAVE)}, got {interleave!r}")
     models = dict(base) if isinstance(base, Mapping) else {"base": base, "dropped": dropped}
     if any(m is None for m in models.values()):
         raise UserError("compare_speed needs both a base and a dropped model")
+    first = next(iter(models.values()))
+    timed_by = {_clocks.resolve_clock(clock, _device(m)) for m in models.values()}  # refuses a bad clock first
     if place_alike and len(models) > 1:
         for m in models.values():
             place_weights_alike(m)
-    first = next(iter(models.values()))
     ids = _random_prompt(first, batch_size, prompt_len, seed)
     states = {name: m.training for name, m in models.items()}
     for m in models.values():
         m.eval()
     times: dict[str, tuple[list[float], list[float]]] = {name: ([], []) for name in models}
+    peaks: dict[str, tuple[int, int]] = {}
+    kv_end: dict[str, int] = {}
     try:
-        for _ in range(warmup):
-            for m in models.values():
-                _generate_once(m, ids.to(_device(m)), gen_len)
+        for i in range(warmup):
+            for name, m in models.items():
+                if i == warmup - 1 and _device(m).type == "cuda":
+                    peaks[name] = _cuda_peak(m, ids, gen_len)  # the last warm-up run: each model on its own
+                else:
+                    _generate_once(m, ids.to(_device(m)), gen_len)
         order = list(models)
-        for m in models.values():
-            if _device(m).type == "cuda":
-                torch.cuda.reset_peak_memory_stats(_device(m))
         for r in range(repeats):
             if interleave == "step":
-                runs = _generate_lockstep(models, ids, gen_len, flip=r % 2 == 1, clock=clock)
+                runs = _generate_lockstep(models, ids, gen_len, flip=r % 2 == 1, clock=clock, kv_bytes=kv_end)
             else:
-                runs = {name: _generate_once(models[name], ids.to(_device(models[name])), gen_len, clock=clock)
-                        for name in (order if r % 2 == 0 else order[::-1])}  # alternate who goes first
+                runs = {}
+                for name in (order if r % 2 == 0 else order[::-1]):  # alternate who goes first
+                    one: dict[str, int] = {}
+                    runs[name] = _generate_once(models[name], ids.to(_device(models[name])), gen_len, clock=clock,
+                                                kv_bytes=one)
+                    kv_end[name] = one["model"]
             for name, (p, d, toks) in runs.items():
                 assert toks.shape == (batch_size, gen_len)
                 times[name][0].append(p)
                 times[name][1].append(d)
+        for name, m in models.items():
+            if _device(m).type == "cuda" and name not in peaks:  # no warm-up: one untimed run after the timed ones
+                peaks[name] = _cuda_peak(m, ids, gen_len)
     finally:
         for name, m in models.items():
             m.train(states[name])
@@ -296,24 +300,50 @@ def compare_speed(base: nn.Module | Mapping[str, nn.Module], dropped: nn.Module 
     for name, m in models.items():
         stats = _summary(*times[name], batch_size, prompt_len, gen_len)
         stats.update(params=count_params(m), weight_bytes=weight_bytes(m),
-                     kv_bytes_per_token=kv_cache_bytes_per_token(m, prompt_len=min(prompt_len, 32)))
-        if _device(m).type == "cuda":
-            stats["peak_cuda_bytes"] = int(torch.cuda.max_memory_allocated(_device(m)))
+                     kv_bytes_per_token=kv_cache_bytes_per_token(m, prompt_len=min(prompt_len, 32)),
+                     kv_cache_bytes=kv_end[name], kv_cache_tokens=batch_size * (prompt_len + gen_len - 1))
+        if name in peaks:
+            stats["peak_cuda_bytes"], stats["peak_cuda_extra_bytes"] = peaks[name]
         result[name] = stats
     result["peak_rss_bytes"] = peak_rss_bytes()
     result["setup"] = dict(batch_size=batch_size, prompt_len=prompt_len, gen_len=gen_len, repeats=repeats,
                            warmup=warmup, device=str(_device(first)), threads=torch.get_num_threads(),
-                           clock=clock, interleave=interleave)
-    if set(models) == {"base", "dropped"}:
-        b, d = result["base"], result["dropped"]
-        per_run = {"prefill": (times["base"][0], times["dropped"][0]), "decode": (times["base"][1], times["dropped"][1]),
-                   "total": ([x + y for x, y in zip(*times["base"])], [x + y for x, y in zip(*times["dropped"])])}
-        result["speedup_runs"] = {k: [tb / td for tb, td in zip(*per_run[k])] for k in per_run}
-        result["speedup"] = {k: statistics.median(v) for k, v in result["speedup_runs"].items()}
-        result["speedup_min"] = {k: b[f"{k}_min_s"] / d[f"{k}_min_s"] for k in ("prefill", "decode", "total")}
-        result["kv_ratio"] = d["kv_bytes_per_token"] / b["kv_bytes_per_token"] if b["kv_bytes_per_token"] else None
-        result["param_ratio"] = d["params"] / b["params"]
+                           clock=clock if timed_by == {clock} else ",".join(sorted(timed_by)), interleave=interleave)
+    if "base" in models and len(models) > 1:
+        result["vs_base"] = {name: _vs_base(result, times, name) for name in models if name != "base"}
+        if set(models) == {"base", "dropped"}:
+            result.update(result["vs_base"]["dropped"])
     return result
+
+
+def _vs_base(result: Mapping[str, Any], times: Mapping[str, tuple[list[float], list[float]]],
+             name: str) -> dict[str, Any]:
+    """Speedups of model `name` over "base" (median of per-repeat ratios, and of the fastest runs) and its
+    KV-cache and parameter ratios."""
+    b, d = result["base"], result[name]
+    (bp, bd), (dp, dd) = times["base"], times[name]
+    per_run = {"prefill": (bp, dp), "decode": (bd, dd),
+               "total": ([x + y for x, y in zip(bp, bd)], [x + y for x, y in zip(dp, dd)])}
+    runs = {k: [tb / td for tb, td in zip(*per_run[k])] for k in per_run}
+    return {"speedup_runs": runs, "speedup": {k: statistics.median(v) for k, v in runs.items()},
+            "speedup_min": {k: b[f"{k}_min_s"] / d[f"{k}_min_s"] for k in ("prefill", "decode", "total")},
+            "kv_ratio": d["kv_bytes_per_token"] / b["kv_bytes_per_token"] if b["kv_bytes_per_token"] else None,
+            "kv_cache_ratio": d["kv_cache_bytes"] / b["kv_cache_bytes"] if b["kv_cache_bytes"] else None,
+            "param_ratio": d["params"] / b["params"]}
+
+
+def _cuda_peak(model: nn.Module, ids: torch.Tensor, gen_len: int) -> tuple[int, int]:
+    """One untimed generation of `model` alone on its CUDA device: (the device's peak allocated bytes during
+    it, that peak less what was allocated before it). The peak statistics are reset first, so each model of a
+    comparison gets its own peak even when all share the device."""
+    dev = _device(model)
+    torch.cuda.synchronize(dev)
+    before = torch.cuda.memory_allocated(dev)
+    torch.cuda.reset_peak_memory_stats(dev)
+    _generate_once(model, ids.to(dev), gen_len)
+    torch.cuda.synchronize(dev)
+    peak = int(torch.cuda.max_memory_allocated(dev))
+    return peak, peak - int(before)
 
 
 def sdr(base_avg: float, dropped_avg: float, speedup: float) -> float | None:
@@ -336,7 +366,11 @@ def print_speed(res: Mapping[str, Any]) -> None:
             print(f"{name:<8} prefill {s['prefill_s'] * 1e3:8.1f} ms ({s['prefill_tokens_per_s']:9.1f} tok/s)  "
                   f"decode {s['decode_s'] * 1e3:8.1f} ms ({s['decode_tokens_per_s']:8.1f} tok/s)  "
                   f"params {s['params'] / 1e6:7.2f}M  weights {s['weight_bytes'] / 2**20:7.1f} MiB  "
-                  f"KV {s['kv_bytes_per_token'] / 1024:6.1f} KiB/token")
+                  f"KV {s['kv_bytes_per_token'] / 1024:6.1f} KiB/token"
+                  + (f" ({s['kv_cache_bytes'] / 2**20:.1f} MiB at {s['kv_cache_tokens']} tokens)"
+                     if "kv_cache_bytes" in s else "")
+                  + (f"  peak CUDA {s['peak_cuda_bytes'] / 2**20:.0f} MiB (+{s['peak_cuda_extra_bytes'] / 2**20:.0f}"
+                     " MiB generating)" if "peak_cuda_bytes" in s else ""))
     if "speedup" in res:
         sp = res["speedup"]
         print(f"speedup  prefill {sp['prefill']:.3f}x  decode {sp['decode']:.3f}x  total {sp['total']:.3f}x  "

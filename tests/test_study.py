@@ -173,6 +173,9 @@ def test_bad_budgets(text):
     ({"checkpoint": {"target": "attn", "num": 2, "sweep": "nope"}}, r"checkpoint\.sweep: no sweep named 'nope'"),
     ({"selection": {"budget": "fast"}}, r"budget 'fast'"),
     ({"speed": {"enabled": "yes"}}, r"speed\.enabled: expected true/false"),
+    ({"speed": {"prompt_lens": []}}, r"speed\.prompt_lens: give at least one length"),
+    ({"speed": {"prompt_lens": "64,abc"}}, r"speed\.prompt_lens\[1\]: expected an integer, got 'abc'"),
+    ({"speed": {"prompt_lens": [0, 64]}}, r"speed\.prompt_lens: lengths must be integers >= 1, got 0"),
     ({"modle": "x"}, r"unknown key\(s\) \['modle'\]"),
     ({"sweeps": [{"calibration": {"num_samples": 0}}]}, r"sweeps\[0\] \(main\)\.calibration\.num_samples must be >= 1"),
     ({"sweeps": [{"calibration": {"samples": 4}}]}, r"sweeps\[0\] \(main\)\.calibration: unknown key\(s\) \['samples'\]"),
@@ -185,6 +188,41 @@ def test_bad_configs_error_clearly(tmp_path, patch, message):
     path.write_text(yaml.safe_dump(cfg))
     with pytest.raises(ValueError, match=message):
         load_config(path)
+
+
+def test_speed_at_several_prompt_lengths_rows_and_figure(tmp_path, c4_path):
+    out = tmp_path / "out"
+    cfg = tiny_config(out, c4_path, speed={"prompt_len": 4, "prompt_lens": "4,16", "gen_len": 2, "repeats": 1,
+                                           "warmup": 0})
+    cfg["sweeps"][0].update(targets=["attn", "mlp", "block"], nums=[0, 2], nums_per_target={"attn": [0, 1, 2]})
+    _, doc = run(cfg)
+    rows = {(r["target"], r["num"]): r for r in doc["rows"]}
+    for target, kv in (("attn", 0.5), ("mlp", 1.0), ("block", 0.5)):
+        r = rows[(target, 2)]
+        by = r["speed_by_length"]
+        assert [(p["prompt_len"], p["context_len"]) for p in by] == [(4, 6), (16, 18)]
+        assert by[1]["kv_cache_ratio"] == pytest.approx(kv) and by[1]["base_kv_cache_bytes"] > by[0]["base_kv_cache_bytes"]
+        # the table's single-length columns are prompt_len's, timed once
+        assert (r["decode_speedup"], r["total_speedup"]) == (by[0]["decode_speedup"], by[0]["total_speedup"])
+    assert "speed_by_length" not in rows[("baseline", 0)]
+    fig = out / "figures" / "speedup_vs_context.png"
+    assert fig.stat().st_size > 0 and fig.read_bytes()[:4] == b"\x89PNG"
+    md = (out / "report.md").read_text()
+    section = md.split("## Speedup against context length")[1].split("\n## ")[0]
+    assert "| attn-2 | 16 | 18 |" in section and "| block-2 | 4 | 6 |" in section and "| attn-1 |" not in section
+    assert "also at prompt lengths 4, 16" in md
+    assert (out / "report.html").read_text().count("data:image/png;base64,") == 5
+    _, again = run(cfg)  # cached: the lengths are part of the point key
+    assert again["computed_this_run"]["points"] == 0
+    # a study without prompt_lens keeps its point keys (earlier caches stay valid) and gets no such figure
+    single = tiny_config(tmp_path / "single", c4_path)
+    assert "prompt_lens" not in Study(StudyConfig.from_dict(single), verbose=False).points.eval_key()["speed"]
+    # a context beyond the model's positions is refused before any point is computed
+    too_long = tiny_config(tmp_path / "long", c4_path, speed={"prompt_lens": [64, 600], "gen_len": 2})
+    with pytest.raises(ValueError, match=r"speed\.prompt_lens: prompt 600 \+ 2 generated tokens = 602 exceeds "
+                                         r"tiny-llama's max_position_embeddings \(512\)"):
+        run(too_long)
+    assert not list((tmp_path / "long" / "cache").glob("points-*.json"))
 
 
 def test_calibration_is_the_libraries_settings_type_with_the_study_defaults():

@@ -4,11 +4,16 @@ baseline in one run (the measures are `lightning_drop.speed`'s). Nothing heavy i
 from __future__ import annotations
 
 import json
-from typing import Any
+from typing import Any, Literal
 
 from ..atomic_io import check_output, write_json
 from ..errors import UserError
 from ..options import Clock, Interleave
+
+SpeedDtype = Literal["float32", "bfloat16", "float16", "fp32", "bf16", "fp16"]
+#: the dtype names `--dtype` takes, short spellings included, and the torch dtype each means
+DTYPES = {"float32": "float32", "bfloat16": "bfloat16", "float16": "float16", "fp32": "float32", "bf16": "bfloat16",
+          "fp16": "float16"}
 
 
 def _read_average(path: str | None) -> float | None:
@@ -22,83 +27,134 @@ def _read_average(path: str | None) -> float | None:
     return float(avg)
 
 
-def speed_main(model: str, baseline: str | None = None, batch_size: int = 1, prompt_len: int = 128,
-               gen_len: int = 128, repeats: int = 3, warmup: int = 1, output: str | None = None,
+def _workload(preset: str | None, prompt_len: int | None, prompt_lens: str | None, gen_len: int | None,
+              batch_size: int | None) -> tuple[list[int], int, int]:
+    """(prompt lengths, gen_len, batch size) from the options: a preset fixes all three, so giving one of them
+    beside it is refused rather than silently overridden."""
+    from ..context_speed import parse_lengths
+    from ..context_speed import preset as named_preset
+
+    if prompt_len is not None and prompt_lens is not None:
+        raise UserError("give either --prompt-len (one length) or --prompt-lens (several), not both")
+    if preset is not None:
+        work = named_preset(preset)
+        given = [o for o, v in (("--prompt-len", prompt_len), ("--prompt-lens", prompt_lens), ("--gen-len", gen_len),
+                                ("--batch-size", batch_size)) if v is not None]
+        if given:
+            raise UserError(f"--preset {preset} sets prompt {work['prompt_lens']}, --gen-len {work['gen_len']} and "
+                            f"--batch-size {work['batch_size']}; drop {', '.join(given)}")
+        return list(work["prompt_lens"]), work["gen_len"], work["batch_size"]
+    lengths = parse_lengths(prompt_lens) if prompt_lens is not None else [128 if prompt_len is None else prompt_len]
+    return lengths, 128 if gen_len is None else gen_len, 1 if batch_size is None else batch_size
+
+
+def speed_main(model: str, baseline: str | None = None, batch_size: int | None = None, prompt_len: int | None = None,
+               prompt_lens: str | None = None, gen_len: int | None = None, preset: str | None = None,
+               repeats: int = 3, warmup: int = 1, output: str | None = None,
                eval_results: str | None = None, baseline_eval_results: str | None = None,
                ideal: bool = False, clock: Clock = "wall", interleave: Interleave = "step",
-               threads: int | None = None, overwrite: bool = False) -> dict[str, Any]:
+               threads: int | None = None, device: str = "cpu", dtype: SpeedDtype = "float32",
+               overwrite: bool = False) -> dict[str, Any]:
     """Prompt then greedy generation with the KV cache; baseline and model are timed side by side after
-    warm-up (in lock step by default), medians of --repeats.
+    warm-up (in lock step by default), medians of --repeats, at each prompt length.
+
+    The JSON holds `per_length` (one comparison per prompt length: speedups, each model's KV-cache bytes per
+    token and at that length, with --ideal the ideal speedup and the realized share of it) and, at the top
+    level, the first length's comparison in the shape a single-length run has always written.
 
     Args:
         model: checkpoint dir, hub id or catalogue name of the model to time
         baseline: model to compare against (dir or catalogue name)
-        batch_size: prompts generated at once
-        prompt_len: prompt tokens (prefill)
-        gen_len: generated tokens (decode)
+        batch_size: prompts generated at once (default 1)
+        prompt_len: prompt tokens (prefill; default 128)
+        prompt_lens: several prompt lengths, comma-separated (e.g. 128,512,2048): one comparison each
+        gen_len: generated tokens (decode; default 128)
+        preset: a named workload: paper = prompt 2048 + 2048 generated tokens, batch 1
         repeats: timed runs; medians are reported
         warmup: untimed runs of each model first
         output: JSON file for the results
         eval_results: eval JSON of --model (for SDR)
         baseline_eval_results: eval JSON of --baseline (for SDR)
-        ideal: also profile the baseline for the ideal speedup
-        clock: process = this process's CPU time (with --threads 1: steady on a shared CPU machine)
+        ideal: also profile the baseline for the ideal speedup (at each length)
+        clock: process = this process's CPU time (with --threads 1: steady on a shared CPU machine); on CUDA, wall is timed with CUDA events
         interleave: step: the two models take turns at every decode step; run: whole generations alternate
         threads: torch threads (default: torch's own)
+        device: where the models run (cpu, cuda, cuda:1); on CUDA the peak memory of each model is reported
+        dtype: weights' dtype (bf16 = bfloat16, fp16 = float16)
         overwrite: replace an existing --output file
     """
     import torch
 
-    from ..ideal_speedup import profile_drop, realized_gain
-    from ..model_loading import load_model
-    from ..speed import (
-        INTERLEAVE,
-        _clock,
-        compare_speed,
-        measure_generation,
-        peak_rss_bytes,
-        print_speed,
-        sdr,
+    from ..clocks import resolve_clock
+    from ..context_speed import (
+        check_context,
+        format_context_table,
+        max_positions,
+        positions_before_loading,
+        speed_by_context,
     )
+    from ..model_loading import load_model
+    from ..speed import INTERLEAVE, measure_generation, peak_rss_bytes, print_speed, sdr
+    from .drop import check_device
 
     if ideal and not baseline:
         raise UserError("--ideal needs --baseline: the ideal speedup is profiled on the undropped model")
-    for name, value in (("--batch-size", batch_size), ("--prompt-len", prompt_len), ("--gen-len", gen_len),
-                        ("--repeats", repeats)):
+    lengths, gen_len, batch_size = _workload(preset, prompt_len, prompt_lens, gen_len, batch_size)
+    for name, value in (("--batch-size", batch_size), ("--prompt-len", min(lengths)), ("--repeats", repeats)):
         if value < 1:
             raise UserError(f"{name} must be >= 1, got {value}")
+    if gen_len < 2:  # the first token comes from the prefill: decode needs at least one more
+        raise UserError(f"--gen-len must be >= 2, got {gen_len}")
     if warmup < 0:
         raise UserError(f"--warmup must be >= 0, got {warmup}")
+    if dtype not in DTYPES:
+        raise UserError(f"--dtype must be one of {', '.join(DTYPES)}, got {dtype!r}")
+    dev = check_device(device, "--device")
     if output:
         check_output(output, kind="file", overwrite=overwrite,
                      sources=[model, baseline, eval_results, baseline_eval_results])
-    _clock(clock)
+    resolve_clock(clock, dev)
     if interleave not in INTERLEAVE:
         raise UserError(f"interleave must be one of {', '.join(INTERLEAVE)}, got {interleave!r}")
     if threads is not None:
         if threads < 1:
             raise UserError(f"threads must be >= 1, got {threads}")
         torch.set_num_threads(threads)
-    net, _ = load_model(model)
+    option = "--prompt-lens" if prompt_lens is not None else "--preset" if preset else "--prompt-len"
+    refs = [model] + ([baseline] if baseline else [])
+    for ref in refs:
+        check_context(lengths, gen_len, positions_before_loading(ref), ref, option)
+    loaded = []  # a list: a model may be compared with itself, two copies then
+    for ref in refs:
+        m, _ = load_model(ref, dtype=DTYPES[dtype])
+        check_context(lengths, gen_len, max_positions(m.config), ref, option)
+        loaded.append(m.to(dev))
+    net = loaded[0]
     if baseline:
-        base, _ = load_model(baseline)
-        res = compare_speed(base, net, batch_size, prompt_len, gen_len, repeats, warmup, clock=clock,
-                            interleave=interleave)
+        per_length = speed_by_context({"base": loaded[1], "dropped": net}, lengths, gen_len, batch_size,
+                                      repeats, warmup, clock=clock, interleave=interleave, ideal=ideal)
     else:
-        res = {"dropped": measure_generation(net, batch_size, prompt_len, gen_len, repeats, warmup, clock=clock)}
-        res["peak_rss_bytes"] = peak_rss_bytes()
-    res["model"], res["baseline"] = model, baseline
+        per_length = [{"dropped": measure_generation(net, batch_size, n, gen_len, repeats, warmup, clock=clock),
+                       "context_len": n + gen_len} for n in lengths]
+    res = {**per_length[0], "per_length": per_length, "peak_rss_bytes": peak_rss_bytes()}
+    res["model"], res["baseline"], res["preset"] = model, baseline, preset
     if baseline and ideal:
-        from ..modeling_dropped import dropped_layers
-
-        a, m = dropped_layers(net)
-        prof = profile_drop(base, a, m, batch_size, prompt_len, gen_len, repeats, warmup, clock=clock)
-        res["ideal_speedup"] = prof["total"]["ideal_speedup"]
-        res["realized_gain"] = realized_gain(res["speedup"]["total"], res["ideal_speedup"])
+        vs = per_length[0]["vs_base"]["dropped"]
+        res["ideal_speedup"], res["realized_gain"] = vs["ideal_speedup"]["total"], vs["realized_gain"]["total"]
     d_avg, b_avg = _read_average(eval_results), _read_average(baseline_eval_results)
     if baseline and d_avg is not None and b_avg is not None:
         res["sdr"] = sdr(b_avg, d_avg, res["speedup"]["total"])
     if output:
         write_json(output, res)
-    print_speed(res)
+    if baseline and len(lengths) > 1:
+        print(f"{model} vs {baseline}: batch {batch_size}, {gen_len} generated tokens, median of {repeats} "
+              f"per-repeat ratios ({per_length[0]['setup']['clock']} clock, {per_length[0]['setup']['device']})")
+        print(format_context_table(per_length))
+        print(f"peak RSS {res['peak_rss_bytes'] / 2**20:.0f} MiB")
+    elif len(lengths) > 1:
+        for n, r in zip(lengths, per_length):
+            print(f"prompt {n}:")
+            print_speed({**r, "peak_rss_bytes": res["peak_rss_bytes"]})
+    else:
+        print_speed(res)
     return res

@@ -98,7 +98,11 @@ class EvalSpec:
 
 @dataclass
 class SpeedSpec:
-    """Greedy generation with the KV cache; base and dropped timed alternately (medians of `repeats`)."""
+    """Greedy generation with the KV cache; base and dropped timed alternately (medians of `repeats`).
+
+    The table's speedups are timed at `prompt_len`; `prompt_lens` (optional) times every point at each of
+    these prompt lengths too (one more figure: speedup against context length). `prompt_len` is timed once
+    when it is also in the list."""
 
     enabled: bool = True
     batch_size: int = _at_least(1, 1)
@@ -106,6 +110,17 @@ class SpeedSpec:
     gen_len: int = _at_least(2, 32)
     repeats: int = _at_least(1, 2)
     warmup: int = _at_least(0, 1)
+    prompt_lens: list[int] | None = None
+
+    def check(self, where: str) -> None:
+        if self.prompt_lens is not None:
+            from ...context_speed import parse_lengths
+
+            parse_lengths(self.prompt_lens, f"{where}.prompt_lens")
+
+    def lengths(self) -> list[int]:
+        """Every prompt length timed, ascending: `prompt_lens` and `prompt_len`."""
+        return sorted({self.prompt_len, *(self.prompt_lens or [])})
 
 
 @dataclass
@@ -287,6 +302,7 @@ class StudyConfig:
         if self.dtype not in ("float32", "bfloat16", "float16"):
             raise UserError(f"dtype: choose from float32, bfloat16, float16, got '{self.dtype}'")
         self.eval.check("eval")
+        self.speed.check("speed")
         if not self.sweeps:
             raise UserError("sweeps: give at least one sweep")
         names = _unique_names("sweeps", [s.name for s in self.sweeps])

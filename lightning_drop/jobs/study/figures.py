@@ -1,7 +1,7 @@
 """The study report's figures, one PNG each: importance heatmap (layers x {attention, MLP, block}), quality
 vs number dropped per target, quality vs total (prefill + decode) speedup (Pareto view, the speedup SDR
-uses), and the dropping order (which layers go first as n grows, paper Fig. 6; one-shot or iterative, as
-the main sweep).
+uses), the dropping order (which layers go first as n grows, paper Fig. 6; one-shot or iterative, as
+the main sweep), and, when the study timed several prompt lengths, speedup against context length.
 """
 
 from __future__ import annotations
@@ -197,6 +197,42 @@ def plot_quality_vs_speedup(doc: Mapping[str, Any], path: Path) -> Path:
     axes[0, 0].set_title("quality vs speed (numbers = modules dropped)")
     if tasks:
         axes[0, 1].set_title("accuracy vs speed (SDR gamma in the table)")
+    fig.tight_layout()
+    return _save(fig, path)
+
+
+def context_series(doc: Mapping[str, Any]) -> dict[str, Mapping[str, Any]]:
+    """{target: the main sweep's row at that target's largest count}, for the rows timed at several prompt
+    lengths (`speed_by_length`); empty when the study timed one length."""
+    main = _main_sweep(doc)
+    out: dict[str, Mapping[str, Any]] = {}
+    for r in doc["rows"]:
+        if r["sweep"] == main and r["num"] > 0 and len(r.get("speed_by_length") or []) > 1:
+            if r["target"] not in out or r["num"] > out[r["target"]]["num"]:
+                out[r["target"]] = r
+    return dict(sorted(out.items(), key=lambda kv: list(LABELS).index(kv[0]) if kv[0] in LABELS else 9))
+
+
+def plot_speedup_vs_context(doc: Mapping[str, Any], path: Path) -> Path:
+    """Prefill, decode and total speedup against the prompt length, one line per drop (each target of the main
+    sweep at its largest count): whether attention drops gain more as the context grows."""
+    series = context_series(doc)
+    gen_len = doc["config"]["speed"]["gen_len"]
+    fig, axes = plt.subplots(1, 3, figsize=(15.0, 4.6), sharex=True)
+    for ax, phase in zip(axes, ("prefill", "decode", "total")):
+        for i, (target, r) in enumerate(series.items()):
+            pts = r["speed_by_length"]
+            ax.plot([p["prompt_len"] for p in pts], [p[f"{phase}_speedup"] for p in pts], color=COLORS.get(target),
+                    marker=MARKERS[i % len(MARKERS)], label=f"{LABELS.get(target, target)}-{r['num']}")
+        ax.axhline(1.0, color="gray", lw=0.8, ls=":")
+        ax.set_xscale("log", base=2)
+        ax.xaxis.set_major_formatter(_PLAIN)
+        ax.set_xlabel(f"prompt tokens (then {gen_len} generated)")
+        ax.set_title(f"{phase} speedup vs base")
+        ax.grid(alpha=0.3, which="both")
+    axes[0].set_ylabel("speedup (x, base and dropped timed alternately)")
+    axes[0].legend(fontsize=8)
+    fig.suptitle("speedup against context length (each target at its largest count dropped)", fontsize=11)
     fig.tight_layout()
     return _save(fig, path)
 

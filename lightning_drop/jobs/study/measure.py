@@ -67,6 +67,8 @@ class PointEvaluator:
         if ppl["source"] == "calibration":
             ppl["after"] = self._heldout_offset_spec()
         speed = dataclasses.asdict(self.cfg.speed)
+        if speed["prompt_lens"] is None:  # only when given: earlier caches keep their keys
+            del speed["prompt_lens"]
         tasks = [self.task_key(m) for m in self.mc_specs if self.mc_data(m) is not None]
         mc = tasks[0] if len(tasks) == 1 and self.mc_specs[0].at == "all" else (tasks or None)
         key: dict[str, Any] = {"perplexity": ppl, "mc": mc, "speed": speed}
@@ -277,18 +279,25 @@ class PointEvaluator:
                 "torch_threads": torch.get_num_threads(), "torch": torch.__version__, "device": device}
 
     def measure_speed(self, base: Any, model: Any) -> dict[str, Any]:
-        """Base vs dropped timed alternately (speed spec of the config), with the machine it ran on."""
-        from ...speed import compare_speed
+        """Base vs dropped timed alternately (speed spec of the config), with the machine it ran on.
 
+        With `speed.prompt_lens`, at every length (`context_speed.speed_by_context`): the usual columns come
+        from `prompt_len` and `speed_by_length` holds one entry per length."""
         sp = self.cfg.speed
-        res = compare_speed(base, model, batch_size=sp.batch_size, prompt_len=sp.prompt_len, gen_len=sp.gen_len,
-                            repeats=sp.repeats, warmup=sp.warmup, seed=self.cfg.seed)
-        return dict(decode_speedup=res["speedup"]["decode"], prefill_speedup=res["speedup"]["prefill"],
-                    total_speedup=res["speedup"]["total"],
-                    base_decode_tokens_per_s=res["base"]["decode_tokens_per_s"],
-                    decode_tokens_per_s=res["dropped"]["decode_tokens_per_s"],
-                    kv_bytes_per_token=res["dropped"]["kv_bytes_per_token"],
-                    base_kv_bytes_per_token=res["base"]["kv_bytes_per_token"], speed_machine=self.machine())
+        kw = dict(batch_size=sp.batch_size, gen_len=sp.gen_len, repeats=sp.repeats, warmup=sp.warmup, seed=self.cfg.seed)
+        if sp.prompt_lens is None:
+            from ...speed import compare_speed
+
+            res = compare_speed(base, model, prompt_len=sp.prompt_len, **kw)
+            return {**_speed_columns(res), "speed_machine": self.machine()}
+        from ...context_speed import speed_by_context
+
+        per_length = speed_by_context({"base": base, "dropped": model}, sp.lengths(), **kw)
+        by_length = [{"prompt_len": r["setup"]["prompt_len"], "context_len": r["context_len"], **_speed_columns(r),
+                      "kv_cache_bytes": r["dropped"]["kv_cache_bytes"], "base_kv_cache_bytes": r["base"]["kv_cache_bytes"],
+                      "kv_cache_ratio": r["kv_cache_ratio"]} for r in per_length]
+        main = next(r for r in per_length if r["setup"]["prompt_len"] == sp.prompt_len)
+        return {**_speed_columns(main), "speed_by_length": by_length, "speed_machine": self.machine()}
 
     def evaluate(self, attn: list[int], mlp: list[int]) -> dict[str, Any]:
         from ...modeling_dropped import apply_drop
@@ -349,3 +358,12 @@ class PointEvaluator:
         # the standard error of a mean accuracy is closed-form in lm-eval (bootstrap_iters > 0 only enables it)
         return {"mc_acc": primary_score(m), "mc_acc_raw": m.get("acc"), "mc_stderr": primary_stderr(m),
                 "mc_n": int(n.get("effective", n.get("original", 0))) if n else mc.limit}
+
+
+def _speed_columns(res: dict[str, Any]) -> dict[str, Any]:
+    """A point's speed columns from a base-vs-dropped `compare_speed` result."""
+    return dict(decode_speedup=res["speedup"]["decode"], prefill_speedup=res["speedup"]["prefill"],
+                total_speedup=res["speedup"]["total"], base_decode_tokens_per_s=res["base"]["decode_tokens_per_s"],
+                decode_tokens_per_s=res["dropped"]["decode_tokens_per_s"],
+                kv_bytes_per_token=res["dropped"]["kv_bytes_per_token"],
+                base_kv_bytes_per_token=res["base"]["kv_bytes_per_token"])

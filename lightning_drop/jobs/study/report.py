@@ -22,12 +22,14 @@ from .figures import (  # noqa: F401  (re-exports)
     SPEEDUP_KEY,
     _baseline,
     _main_sweep,
+    context_series,
     drop_order,
     pareto_front,
     plot_drop_order,
     plot_importance_heatmap,
     plot_quality_vs_num,
     plot_quality_vs_speedup,
+    plot_speedup_vs_context,
 )
 
 # ------------------------------------------------------------------------------------------------ table
@@ -146,6 +148,12 @@ def write_report(doc: Mapping[str, Any], out_dir: str | os.PathLike) -> Path:
         md += ["", f"## {title}", "", caption, "", f"![{title}](figures/{name})"]
     if doc.get("selection"):
         md += ["", "## Automated selection", "", doc["selection"]["message"]]
+    context = _context(doc, fig_dir)
+    if context is not None:
+        header, ctx_rows, fig, caption = context
+        md += ["", f"## {CONTEXT_TITLE}", "", caption, "", "| " + " | ".join(header) + " |", "|" + "---|" * len(header)]
+        md += ["| " + " | ".join(row) + " |" for row in ctx_rows]
+        md += ["", f"![{CONTEXT_TITLE}](figures/{fig.name})"]
     recovery = _recovery(doc, fig_dir)
     if recovery is not None:
         header, rec_rows, fig, caption = recovery
@@ -175,6 +183,13 @@ def write_report(doc: Mapping[str, Any], out_dir: str | os.PathLike) -> Path:
                  "KV: KV-cache bytes per token measured from a real cache.</p>")
     if doc.get("selection"):
         parts.append(f"<h2>Automated selection</h2><p>{esc(doc['selection']['message'])}</p>")
+    if context is not None:
+        header, ctx_rows, fig, caption = context
+        data = base64.b64encode(fig.read_bytes()).decode()
+        parts.append(f"<h2>{esc(CONTEXT_TITLE)}</h2><p>{esc(caption)}</p><table><tr>"
+                     + "".join(f"<th>{esc(c)}</th>" for c in header) + "</tr>")
+        parts += ["<tr>" + "".join(f"<td>{esc(v)}</td>" for v in row) + "</tr>" for row in ctx_rows]
+        parts.append(f"</table><figure><img alt='{esc(CONTEXT_TITLE)}' src='data:image/png;base64,{data}'></figure>")
     if recovery is not None:
         header, rec_rows, fig, caption = recovery
         data = base64.b64encode(fig.read_bytes()).decode()
@@ -192,6 +207,29 @@ def write_report(doc: Mapping[str, Any], out_dir: str | os.PathLike) -> Path:
     path = out / "report.html"
     atomic_write_text(path, "\n".join(parts))
     return path
+
+
+CONTEXT_TITLE = "Speedup against context length"
+
+
+def _context(doc: Mapping[str, Any], fig_dir: Path) -> tuple[list[str], list[list[str]], Path, str] | None:
+    """The speedup-by-length table and figure, when the study timed its points at several prompt lengths."""
+    series = context_series(doc)
+    if not series:
+        return None
+    fig = plot_speedup_vs_context(doc, fig_dir / "speedup_vs_context.png")
+    header = ["config", "prompt", "context", "prefill speedup", "decode speedup", "total speedup", "KV cache (MiB)",
+              "KV vs base"]
+    rows = [[f"{target}-{r['num']}", str(p["prompt_len"]), str(p["context_len"]), f"{p['prefill_speedup']:.3f}",
+             f"{p['decode_speedup']:.3f}", f"{p['total_speedup']:.3f}", f"{p['kv_cache_bytes'] / 2**20:.2f}",
+             f"{p['kv_cache_ratio']:.2f}"] for target, r in series.items() for p in r["speed_by_length"]]
+    sp = doc["config"]["speed"]
+    caption = (f"Each target of the main sweep at its largest count, base and dropped timed alternately at each "
+               f"prompt length (then {sp['gen_len']} generated tokens, batch {sp['batch_size']}, median of "
+               f"{sp['repeats']}); KV cache = the dropped model's cache at the end of the run (context tokens). As the "
+               "context grows, the KV cache and attention take a larger share of the time, so an attention drop is "
+               "expected to gain more at long contexts and an MLP drop less: the lines show whether it does here.")
+    return header, rows, fig, caption
 
 
 def _recovery(doc: Mapping[str, Any], fig_dir: Path) -> tuple[list[str], list[list[str]], Path, str] | None:
@@ -233,7 +271,8 @@ def _summary_lines(doc: Mapping[str, Any]) -> list[str]:
         lines.append(f"multiple choice: {task} ({n} examples, acc_norm, zero-shot, at {where}); ± = one standard "
                      "error; two accuracies closer than twice the standard error of their difference are not told apart")
     lines.append(f"speed: batch {sp['batch_size']}, prompt {sp['prompt_len']}, generate {sp['gen_len']} tokens, "
-                 f"median of {sp['repeats']} alternate runs (base vs dropped), CPU threads {_threads()}")
+                 f"median of {sp['repeats']} alternate runs (base vs dropped), CPU threads {_threads()}"
+                 + (f"; also at prompt lengths {', '.join(map(str, sp['prompt_lens']))}" if sp.get("prompt_lens") else ""))
     sweeps = [f"{s['name']}: {s['metric']}, {s['schedule']}" for s in cfg["sweeps"]]
     lines.append("sweeps: " + "; ".join(sweeps))
     return lines

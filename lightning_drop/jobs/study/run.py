@@ -96,6 +96,14 @@ class Study:
         if self.cfg.recovery is not None:
             for i, p in enumerate(self.cfg.recovery.points):
                 require_droppable(p.num, n, p.target, where=f"recovery.points[{i}].num")
+        sp = self.cfg.speed
+        if sp.enabled:
+            from ...context_speed import check_context, max_positions, positions_before_loading
+
+            limit = max_positions(self.inputs.model.config) if self.inputs.loaded \
+                else positions_before_loading(self.cfg.model)
+            check_context(sp.lengths(), sp.gen_len, limit, self.cfg.model,
+                          "speed.prompt_lens" if sp.prompt_lens else "speed.prompt_len")
         self.points.check_mc()
 
     def run(self, budget: str | None = None, max_quality_loss: float | None = None) -> dict[str, Any]:
