@@ -148,18 +148,13 @@ def write_report(doc: Mapping[str, Any], out_dir: str | os.PathLike) -> Path:
         md += ["", f"## {title}", "", caption, "", f"![{title}](figures/{name})"]
     if doc.get("selection"):
         md += ["", "## Automated selection", "", doc["selection"]["message"]]
-    context = _context(doc, fig_dir)
-    if context is not None:
-        header, ctx_rows, fig, caption = context
-        md += ["", f"## {CONTEXT_TITLE}", "", caption, "", "| " + " | ".join(header) + " |", "|" + "---|" * len(header)]
-        md += ["| " + " | ".join(row) + " |" for row in ctx_rows]
-        md += ["", f"![{CONTEXT_TITLE}](figures/{fig.name})"]
-    recovery = _recovery(doc, fig_dir)
-    if recovery is not None:
-        header, rec_rows, fig, caption = recovery
-        md += ["", "## Recovery", "", caption, "", "| " + " | ".join(header) + " |", "|" + "---|" * len(header)]
-        md += ["| " + " | ".join(row) + " |" for row in rec_rows]
-        md += ["", f"![held-out perplexity vs training tokens](figures/{fig.name})"]
+    # sections of a table with its figure: (title, (header, rows, figure, caption)) where the study has them
+    sections = [(title, sec) for title, sec in ((CONTEXT_TITLE, _context(doc, fig_dir)),
+                                                ("Recovery", _recovery(doc, fig_dir))) if sec is not None]
+    for title, (header, rows, fig, caption) in sections:
+        md += ["", f"## {title}", "", caption, "", "| " + " | ".join(header) + " |", "|" + "---|" * len(header)]
+        md += ["| " + " | ".join(row) + " |" for row in rows]
+        md += ["", f"![{title}](figures/{fig.name})"]
     if doc.get("notes"):
         md += ["", "## Notes", ""] + [f"- {n}" for n in doc["notes"]]
     atomic_write_text(out / "report.md", "\n".join(md) + "\n")
@@ -183,20 +178,12 @@ def write_report(doc: Mapping[str, Any], out_dir: str | os.PathLike) -> Path:
                  "KV: KV-cache bytes per token measured from a real cache.</p>")
     if doc.get("selection"):
         parts.append(f"<h2>Automated selection</h2><p>{esc(doc['selection']['message'])}</p>")
-    if context is not None:
-        header, ctx_rows, fig, caption = context
+    for title, (header, rows, fig, caption) in sections:
         data = base64.b64encode(fig.read_bytes()).decode()
-        parts.append(f"<h2>{esc(CONTEXT_TITLE)}</h2><p>{esc(caption)}</p><table><tr>"
+        parts.append(f"<h2>{esc(title)}</h2><p>{esc(caption)}</p><table><tr>"
                      + "".join(f"<th>{esc(c)}</th>" for c in header) + "</tr>")
-        parts += ["<tr>" + "".join(f"<td>{esc(v)}</td>" for v in row) + "</tr>" for row in ctx_rows]
-        parts.append(f"</table><figure><img alt='{esc(CONTEXT_TITLE)}' src='data:image/png;base64,{data}'></figure>")
-    if recovery is not None:
-        header, rec_rows, fig, caption = recovery
-        data = base64.b64encode(fig.read_bytes()).decode()
-        parts.append(f"<h2>Recovery</h2><p>{esc(caption)}</p><table><tr>"
-                     + "".join(f"<th>{esc(c)}</th>" for c in header) + "</tr>")
-        parts += ["<tr>" + "".join(f"<td>{esc(v)}</td>" for v in row) + "</tr>" for row in rec_rows]
-        parts.append(f"</table><figure><img alt='recovery curves' src='data:image/png;base64,{data}'></figure>")
+        parts += ["<tr>" + "".join(f"<td>{esc(v)}</td>" for v in row) + "</tr>" for row in rows]
+        parts.append(f"</table><figure><img alt='{esc(title)}' src='data:image/png;base64,{data}'></figure>")
     for name, title, path, caption in figs:
         data = base64.b64encode(Path(path).read_bytes()).decode()
         parts.append(f"<h2>{esc(title)}</h2><figure><img alt='{esc(title)}' src='data:image/png;base64,{data}'>"
