@@ -111,7 +111,10 @@ def test_ctrl_c_in_the_cli_prints_one_line_and_cleans_up(tmp_path, c4_path):
     proc = subprocess.Popen([sys.executable, "-m", "lightning_drop.cli", "drop", "--model", "tiny-llama",
                              "--calibration", str(c4_path), "--num-samples", "256", "--seq-len", "512",
                              "--batch-size", "1", "--num", "3", "--schedule", "iterative", "--output", str(out)],
-                            stderr=subprocess.PIPE, stdin=subprocess.DEVNULL)
+                            stderr=subprocess.PIPE, stdin=subprocess.DEVNULL,
+                            # a job started in the background of a shell inherits SIGINT ignored (and Python then
+                            # never raises KeyboardInterrupt); a user's terminal delivers it with the default action
+                            preexec_fn=lambda: signal.signal(signal.SIGINT, signal.SIG_DFL))
     seen = b""
     deadline = time.monotonic() + 120
     while b"calibration:" not in seen and time.monotonic() < deadline:  # interrupt while it calibrates
