@@ -45,7 +45,7 @@ class PointEvaluator:
         self.cfg = inputs.cfg
         self._heldout: Any = None
         self._task_manager: Any = None
-        self._mc_missing: set[str] = set()
+        self._mc_found: dict[str, Path | None] = {}
         self._domains: dict[str, Any] = {}
 
     @property
@@ -95,9 +95,13 @@ class PointEvaluator:
 
     def mc_data(self, mc: MCSpec) -> Path | None:
         """Where the task's examples are: its JSONL file, or the include directory of the paper's offline
-        tasks (`data: null`). None (with a note) when absent and not `required`."""
-        if mc.task in self._mc_missing:
-            return None
+        tasks (`data: null`). None (with a note) when absent and not `required`. Resolved once per task: every
+        point key asks, and preparing the paper's tasks writes their YAMLs."""
+        if mc.task not in self._mc_found:
+            self._mc_found[mc.task] = self._find_mc_data(mc)
+        return self._mc_found[mc.task]
+
+    def _find_mc_data(self, mc: MCSpec) -> Path | None:
         if mc.data is None:
             from ...lm_eval_tasks import prepare_paper_tasks
 
@@ -113,7 +117,6 @@ class PointEvaluator:
         if found is None:
             if mc.required:
                 raise FileNotFoundError(msg)
-            self._mc_missing.add(mc.task)
             self.notes.append(msg)
             print(f"note: {msg}; the multiple-choice evaluation is skipped", file=sys.stderr)
         return found
