@@ -83,10 +83,15 @@ CHANCE = {"hellaswag": 0.25, "arc": 0.25, "openbookqa": 0.25, "mmlu": 0.25, "piq
           "winogrande": 0.5, "rte": 0.5}
 
 
+def mc_tasks(doc: Mapping[str, Any]) -> list[dict[str, Any]]:
+    """The study's MC task specs (a results document of an older version holds one mapping or null)."""
+    mc = doc["config"]["eval"].get("mc")
+    return [] if not mc else list(mc) if isinstance(mc, list) else [mc]
+
+
 def mc_series(doc: Mapping[str, Any]) -> list[tuple[str, str, str]]:
     """(task, accuracy key, stderr key) per MC task with results; the first task's plain keys for older docs."""
-    mc = doc["config"]["eval"].get("mc")
-    tasks = [m["task"] for m in (mc if isinstance(mc, list) else [mc] if mc else [])]
+    tasks = [m["task"] for m in mc_tasks(doc)]
     out = []
     for t in tasks:
         acc = f"mc_acc[{t}]" if any(f"mc_acc[{t}]" in r for r in doc["rows"]) else "mc_acc"

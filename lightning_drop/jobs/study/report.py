@@ -22,6 +22,7 @@ from .figures import (  # noqa: F401  (re-exports)
     SPEEDUP_KEY,
     _baseline,
     _main_sweep,
+    mc_tasks,
     context_series,
     drop_order,
     pareto_front,
@@ -38,12 +39,6 @@ TABLE_COLUMNS = [("config", None), ("perplexity", ".2f"), ("ppl change", "%"), (
                  ("SDR gamma (MC, total)", ".2f"), ("SDR (ppl, total)", ".1f"),
                  ("KV bytes/token", ",.0f"), ("KV vs base", ".2f"), ("params (M)", ".1f"),
                  ("params vs base", ".3f"), ("dropped attention", None), ("dropped MLP", None)]
-
-
-def mc_tasks(doc: Mapping[str, Any]) -> list[dict[str, Any]]:
-    """The study's MC task specs (a results document of an older version holds one mapping or null)."""
-    mc = doc["config"]["eval"].get("mc")
-    return [] if not mc else list(mc) if isinstance(mc, list) else [mc]
 
 
 def table_columns(doc: Mapping[str, Any]) -> list[tuple[str, str | None]]:
