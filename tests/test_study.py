@@ -261,6 +261,36 @@ def test_cache_keys_are_those_earlier_studies_wrote():
     assert keys.scores(dataclasses.replace(calib, shuffle=True), "cosine") != "681100b3ff8c19fe"
 
 
+def test_dtype_auto_follows_the_machine_and_keys_the_cache_by_what_it_chose(tmp_path, c4_path, monkeypatch):
+    """`dtype: auto` runs in bfloat16 only where the hardware computes it natively; the cache key and the report
+    hold the dtype actually used, so an `auto` cache is not reused on a machine that resolves it differently."""
+    from lightning_drop import model_loading
+    from lightning_drop.jobs.study import CacheKeys
+
+    cpuinfo = tmp_path / "cpuinfo"
+    real_read = Path.read_text
+    monkeypatch.setattr(Path, "read_text", lambda self, *a, **k: real_read(cpuinfo if str(self) == "/proc/cpuinfo"
+                                                                            else self, *a, **k))
+    monkeypatch.setattr(model_loading.torch.cuda, "is_available", lambda: False)
+    cpuinfo.write_text("processor\t: 0\nflags\t\t: fpu sse avx2 avx512f\n")
+    assert model_loading.native_bf16() is None and model_loading.resolve_dtype("auto") == "float32"
+    auto = StudyConfig.from_dict(tiny_config(tmp_path / "out", c4_path, dtype="auto"))
+    fp32 = StudyConfig.from_dict(tiny_config(tmp_path / "out", c4_path, dtype="float32"))
+    assert CacheKeys(auto).model() == CacheKeys(fp32).model()
+    cpuinfo.write_text("processor\t: 0\nflags\t\t: fpu avx512f avx512_bf16 amx_bf16\n")
+    assert model_loading.native_bf16() == "CPU flag amx_bf16"
+    assert auto.model_dtype == "bfloat16" and CacheKeys(auto).model() != CacheKeys(fp32).model()
+    assert model_loading.resolve_dtype("float16") == "float16"
+
+    study = Study(auto, verbose=False)
+    doc = study.run()
+    assert doc["dtype"] == "bfloat16" and study.inputs.model.dtype == model_loading.torch.bfloat16
+    assert "in bfloat16 (auto: this machine has native bf16, CPU flag amx_bf16)" in \
+        (tmp_path / "out" / "report.md").read_text()
+    with pytest.raises(ValueError, match="dtype: choose from auto, float32"):
+        StudyConfig.from_dict(tiny_config(tmp_path / "out", c4_path, dtype="bf16"))
+
+
 def test_missing_model_and_file_errors(tmp_path, capsys):
     path = tmp_path / "c.yaml"
     path.write_text("name: x\n")

@@ -55,6 +55,25 @@ def test_largest_tasks_run_only_at_the_base_and_the_largest_counts(tmp_path, c4_
     with open(out / "results.csv") as fh:
         table = list(csv.DictReader(fh))
     assert "mc_stderr" in table[0] and "mc_acc[hellaswag_sample]" in table[0]
+    # each question's correctness is kept (results.json, not the CSV), so changes vs the base are paired
+    from lightning_drop.significance import diff_stderr, paired_stderr
+
+    base, attn = rows[("baseline", 0)], rows[("attn", 2)]
+    assert len(attn["mc_correct"]) == 4 and set(attn["mc_correct"]) <= {"0", "1"}
+    assert attn["mc_correct"].count("1") / 4 == pytest.approx(attn["mc_acc"])
+    assert attn["mc_diff"] == pytest.approx(attn["mc_acc"] - base["mc_acc"])
+    assert attn["mc_diff_stderr"] == pytest.approx(paired_stderr(attn["mc_correct"], base["mc_correct"]))
+    assert attn["mc_diff_stderr"] == diff_stderr(attn, base) and "mc_diff_stderr" in table[0]
+    assert not any(k.startswith("mc_correct") for k in table[0])
+    assert f"(Δ {attn['mc_diff']:+.3f} ± {attn['mc_diff_stderr']:.3f})" in md
+    # the ordering of the targets at their largest count, each step with its paired error
+    from lightning_drop.jobs.study.report import ordering_lines
+
+    (line,) = ordering_lines(doc)
+    hi, lo = sorted([attn, rows[("mlp", 2)]], key=lambda r: -r["mc_acc"])
+    se = paired_stderr(hi["mc_correct"], lo["mc_correct"])
+    assert line.startswith(f"hellaswag_sample: {hi['target']}-2 {hi['mc_acc']:.3f} > {lo['target']}-2")
+    assert f"(by {hi['mc_acc'] - lo['mc_acc']:.3f} ± {se:.3f}, " in line and line in md
     # a larger count computes the new point, and the old largest keeps its cached accuracy
     cfg["sweeps"][0]["nums"] = [0, 1, 2, 3]
     doc = Study(StudyConfig.from_dict(cfg), verbose=False).run()

@@ -7,6 +7,7 @@ import math
 from typing import Any, Callable, Mapping, Sequence
 
 from ...errors import UserError
+from ...significance import diff_stderr, relative_loss_stderr, within_noise
 
 BUDGET_KINDS = ("speedup", "params", "kv")
 
@@ -47,21 +48,9 @@ def quality_loss(row: Mapping[str, Any], base: Mapping[str, Any], quality: str =
 
 
 def loss_stderr(row: Mapping[str, Any], base: Mapping[str, Any], quality: str) -> float | None:
-    """Standard error of the MC quality loss 1 - acc/acc0 (independent samples; None for perplexity, whose
-    windows are the same for every point)."""
-    if quality != "mc":
-        return None
-    a, a0, e, e0 = row.get("mc_acc"), base.get("mc_acc"), row.get("mc_stderr"), base.get("mc_stderr")
-    if a is None or not a0 or e is None or e0 is None:
-        return None
-    return math.hypot(e / a0, a * e0 / a0 ** 2)
-
-
-def within_noise(a: Mapping[str, Any], b: Mapping[str, Any], z: float = 2.0) -> bool:
-    """Whether two points' MC accuracies differ by less than `z` standard errors of their difference."""
-    if a.get("mc_acc") is None or b.get("mc_acc") is None or a.get("mc_stderr") is None or b.get("mc_stderr") is None:
-        return False
-    return abs(a["mc_acc"] - b["mc_acc"]) < z * math.hypot(a["mc_stderr"], b["mc_stderr"])
+    """Standard error of the MC quality loss 1 - acc/acc0, paired over the same questions where both rows kept
+    each one's correctness (None for perplexity, whose windows are the same for every point)."""
+    return relative_loss_stderr(row, base) if quality == "mc" else None
 
 
 def auto_select(directions: Mapping[str, Sequence[int]], evaluate: Callable[[str, int], Mapping[str, Any]],
@@ -113,7 +102,7 @@ def auto_select(directions: Mapping[str, Sequence[int]], evaluate: Callable[[str
     message = _selection_message(best, budget, max_quality_loss, quality)
     if ties:
         tied = ", ".join(f"{e['direction']}-{e['num']}" for e in ties)
-        message += (f"; the MC accuracies of {tied} and the choice are within two standard errors of each other, "
+        message += (f"; the MC accuracies of {tied} and the choice are within two standard errors of their difference, "
                     "so the faster one was chosen")
     return {"budget": budget, "max_quality_loss": max_quality_loss, "quality": quality, "best": best,
             "directions": walks, "evaluated": len(visited), "tied_within_noise": [f"{e['direction']}-{e['num']}"
@@ -151,6 +140,11 @@ def derive(row: dict[str, Any], base: Mapping[str, Any]) -> None:
     """
     row["ppl_loss"] = quality_loss(row, base, "perplexity")
     row["mc_loss"] = quality_loss(row, base, "mc")
+    for key in [k for k in row if k == "mc_acc" or k.startswith("mc_acc[")]:  # each task: the change vs base
+        suffix = key[len("mc_acc"):]
+        if row[key] is not None and base.get(key) is not None and row is not base:
+            row[f"mc_diff{suffix}"] = row[key] - base[key]
+            row[f"mc_diff_stderr{suffix}"] = diff_stderr(row, base, suffix[1:-1] or None)
     sp = row.get("total_speedup")
     row["sdr"] = None
     # the same ratio on perplexity (dPPL% / dSpeedup%): meaningful even when a small MC sample is at chance

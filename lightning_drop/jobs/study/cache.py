@@ -66,7 +66,7 @@ class CacheKeys:
         self.cfg = config
 
     def model(self) -> dict[str, Any]:
-        return {"model": self.cfg.model, "dtype": self.cfg.dtype}
+        return {"model": self.cfg.model, "dtype": self.cfg.model_dtype}
 
     @staticmethod
     def calibration(calib: CalibrationConfig) -> dict[str, Any]:

@@ -9,7 +9,7 @@ from __future__ import annotations
 import math
 
 from pathlib import Path
-from typing import Any, Mapping, Sequence
+from typing import Any, Callable, Mapping, Sequence
 
 import matplotlib
 
@@ -18,6 +18,7 @@ import matplotlib.pyplot as plt  # noqa: E402
 from matplotlib.ticker import FuncFormatter, MaxNLocator  # noqa: E402
 
 from ...atomic_io import save_figure  # noqa: E402
+from ...significance import Z, diff_stderr  # noqa: E402
 
 _PLAIN = FuncFormatter(lambda v, _: f"{v:g}")
 
@@ -102,6 +103,17 @@ def mc_series(doc: Mapping[str, Any]) -> list[tuple[str, str, str]]:
     return out
 
 
+def acc_cell(acc: float | None, se: float | None, diff: float | None = None, diff_se: float | None = None) -> str:
+    """`0.460 ± 0.035 (Δ -0.010 ± 0.012)`: the accuracy, and its change vs the base with the error of that
+    change (paired over the same questions, so often much smaller than the accuracy's own)."""
+    if acc is None:
+        return "-"
+    cell = f"{acc:.3f}" + (f" ± {se:.3f}" if se is not None else "")
+    if diff is not None and diff_se is not None:
+        cell += f" (Δ {diff:+.3f} ± {diff_se:.3f})"
+    return cell
+
+
 def _chance(task: str) -> float | None:
     return next((v for k, v in CHANCE.items() if task.startswith(k)), None)
 
@@ -143,17 +155,25 @@ def plot_quality_vs_num(doc: Mapping[str, Any], path: Path) -> Path:
     return _save(fig, path)
 
 
-def pareto_front(points: Sequence[tuple[float, float]] | Sequence[tuple[float, float, float]],
-                 z: float = 2.0) -> list[tuple[float, float]]:
+def pareto_front(points: Sequence[tuple[float, float]] | Sequence[tuple[float, float, float | None]],
+                 z: float = Z, diff_se: Callable[[int, int], float | None] | None = None) -> list[tuple[float, float]]:
     """Points (speedup, loss[, standard error of the loss]) that no faster point matches in quality.
 
-    With standard errors, a faster point matches a slower one unless the slower one's loss is lower by more
-    than `z` standard errors of the difference: a quality edge within noise does not earn a place on the front.
+    With errors, a faster point matches a slower one unless the slower one's loss is lower by more than `z`
+    standard errors of the difference: a quality edge within noise does not earn a place on the front.
+    `diff_se(i, j)` gives that error for points i and j (paired, when they were scored on the same questions);
+    by default the two errors combined as independent.
     """
-    pts = [(p[0], p[1], p[2] if len(p) > 2 and p[2] is not None else 0.0) for p in points]
+    errs = [p[2] if len(p) > 2 and p[2] is not None else 0.0 for p in points]
+
+    def se(i: int, j: int) -> float:
+        e = diff_se(i, j) if diff_se else None
+        return math.hypot(errs[i], errs[j]) if e is None else e
+
     front = []
-    for s, q, e in pts:
-        beaten = any((s2 > s or (s2 == s and q2 < q)) and q2 <= q + z * math.hypot(e, e2) for s2, q2, e2 in pts)
+    for i, (s, q, *_) in enumerate(points):
+        beaten = any((s2 > s or (s2 == s and q2 < q)) and q2 <= q + z * se(i, j)
+                     for j, (s2, q2, *_) in enumerate(points))
         if not beaten:
             front.append((s, q))
     return sorted(front)
@@ -171,7 +191,7 @@ def plot_quality_vs_speedup(doc: Mapping[str, Any], path: Path) -> Path:
     panels += [(acc, se, f"{task} accuracy (acc_norm, ± one standard error)", False) for task, acc, se in tasks]
     for ax, (key, se_key, ylabel, log) in zip(axes[0], panels):
         seen = set()
-        pts = []
+        pts, kept = [], []
         for r in rows:
             if r.get(key) is None:
                 continue
@@ -188,7 +208,9 @@ def plot_quality_vs_speedup(doc: Mapping[str, Any], path: Path) -> Path:
                 ax.annotate(str(r["num"]), (r[SPEEDUP_KEY], r[key]), textcoords="offset points",
                             xytext=(4, 4), fontsize=7)
             pts.append((r[SPEEDUP_KEY], r[key] if log else -r[key], se))
-        front = pareto_front(pts)
+            kept.append(r)
+        task = None if key == "mc_acc" else key[len("mc_acc["):-1]
+        front = pareto_front(pts, diff_se=None if log else lambda i, j: diff_stderr(kept[i], kept[j], task))
         if len(front) > 1:
             ax.plot([p[0] for p in front], [p[1] if log else -p[1] for p in front], color="gray", lw=1, ls="--",
                     label="Pareto front" + ("" if log else " (edges within 2 s.e. do not count)"), zorder=2)

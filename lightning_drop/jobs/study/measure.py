@@ -342,7 +342,8 @@ class PointEvaluator:
         from lm_eval.models.huggingface import HFLM
         from lm_eval.tasks import TaskManager
 
-        from ...evaluation import _clean_metrics, primary_score, primary_stderr
+        from ...evaluation import _clean_metrics, primary_metric, primary_score, primary_stderr
+        from ...significance import correctness
         from ...lm_eval_tasks import local_task_dir
 
         if self._task_manager is None:
@@ -354,13 +355,16 @@ class PointEvaluator:
         lm = HFLM(pretrained=model, tokenizer=self.inputs.tokenizer, batch_size=mc.batch_size,
                   device="cpu" if device.type == "cpu" else str(device))
         out = simple_evaluate(model=lm, tasks=[mc.task], limit=mc.limit, task_manager=self._task_manager,
-                              log_samples=False, bootstrap_iters=1000, verbosity="ERROR", random_seed=1234,
+                              log_samples=True, bootstrap_iters=1000, verbosity="ERROR", random_seed=1234,
                               numpy_random_seed=1234, torch_random_seed=1234, fewshot_random_seed=1234)
         m = _clean_metrics(out["results"][mc.task])
         n = out.get("n-samples", {}).get(mc.task, {})
-        # the standard error of a mean accuracy is closed-form in lm-eval (bootstrap_iters > 0 only enables it)
+        metric = primary_metric(m)
+        # the standard error of a mean accuracy is closed-form in lm-eval (bootstrap_iters > 0 only enables it);
+        # each question's correctness makes comparisons between points paired (`significance`)
         return {"mc_acc": primary_score(m), "mc_acc_raw": m.get("acc"), "mc_stderr": primary_stderr(m),
-                "mc_n": int(n.get("effective", n.get("original", 0))) if n else mc.limit}
+                "mc_n": int(n.get("effective", n.get("original", 0))) if n else mc.limit,
+                "mc_correct": correctness(out["samples"][mc.task], metric) if metric else None}
 
 
 def _speed_columns(res: dict[str, Any]) -> dict[str, Any]:

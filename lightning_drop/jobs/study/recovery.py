@@ -148,7 +148,7 @@ class RecoveryRunner:
         t0, c0 = time.perf_counter(), time.process_time()
         windows = self.train_windows()
         pl.seed_everything(self.cfg.seed, verbose=False)
-        module = DropModule(model=self.cfg.model, dtype=self.cfg.dtype, lr=recipe.lr, scheduler="cosine",
+        module = DropModule(model=self.cfg.model, dtype=self.cfg.model_dtype, lr=recipe.lr, scheduler="cosine",
                             warmup_steps=recipe.warmup_steps, max_steps=train.steps)
         module.model.load_state_dict(self.inputs.model.state_dict())  # exactly the study's base (random inits too)
         callbacks: list[Any] = []

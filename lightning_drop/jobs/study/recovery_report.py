@@ -6,7 +6,8 @@ from __future__ import annotations
 from pathlib import Path
 from typing import Any, Mapping, Sequence
 
-from .figures import _log_y, _save, mc_series, plt
+from ...significance import diff_stderr
+from .figures import _log_y, _save, acc_cell, mc_series, plt
 
 
 def _domains(rows: Sequence[Mapping[str, Any]]) -> list[str]:
@@ -37,7 +38,7 @@ def recovery_table(doc: Mapping[str, Any]) -> tuple[list[str], list[list[str]]]:
         header += [f"ppl {name}", f"gap recovered {name}"]
     header += [f"gap recovered vs control {_domain_label(k, doc)}" for k in keys]
     tasks = mc_series({**doc, "rows": list(doc["rows"]) + list(rows)})
-    header += [f"{task} acc (± s.e.)" for task, _, _ in tasks]
+    header += [f"{task} acc (± s.e.; Δ vs base)" for task, _, _ in tasks]
     base = next((r for r in doc["rows"] if r["num"] == 0), {})
     out = [["base (undropped)", "-", "0"] + sum([[_f(base.get(k), ".2f"), "-"] for k in keys], [])
            + ["-" for _ in keys] + [_acc(base, acc) for _, acc, _ in tasks]]
@@ -47,7 +48,7 @@ def recovery_table(doc: Mapping[str, Any]) -> tuple[list[str], list[list[str]]]:
             suffix = k[len("perplexity"):]
             line += [_f(r.get(k), ".2f"), _f(r.get(f"gap_recovered{suffix}"), "%")]
         line += [_f(r.get(f"gap_recovered_vs_control{k[len('perplexity'):]}"), "%") for k in keys]
-        line += [_acc(r, acc) for _, acc, _ in tasks]
+        line += [_acc(r, acc, base) for _, acc, _ in tasks]
         out.append(line)
     return header, out
 
@@ -58,11 +59,15 @@ def _f(v: Any, spec: str) -> str:
     return f"{100 * v:.0f}%" if spec == "%" else format(v, spec)
 
 
-def _acc(r: Mapping[str, Any], key: str = "mc_acc") -> str:
+def _acc(r: Mapping[str, Any], key: str = "mc_acc", base: Mapping[str, Any] | None = None) -> str:
+    """The accuracy ± its error and n; with `base`, its change vs the base (paired error)."""
     if r.get(key) is None:
         return "-"
-    err = r.get(key.replace("mc_acc", "mc_stderr"))
-    return f"{r[key]:.3f}" + (f" ± {err:.3f}" if err is not None else "") + f" (n={r.get(key.replace('mc_acc', 'mc_n'))})"
+    task = key[len("mc_acc["):-1] if key != "mc_acc" else None
+    diff = r[key] - base[key] if base is not None and base.get(key) is not None else None
+    cell = acc_cell(r[key], r.get(key.replace("mc_acc", "mc_stderr")), diff,
+                    diff_stderr(r, base, task) if diff is not None else None)
+    return f"{cell} (n={r.get(key.replace('mc_acc', 'mc_n'))})"
 
 
 def plot_recovery(doc: Mapping[str, Any], path: Path) -> Path:

@@ -12,9 +12,11 @@ from pathlib import Path
 from typing import Any, Mapping, Sequence
 
 from ...atomic_io import atomic_write_text
+from ...significance import Z, diff_stderr
 
 # The figures moved to `figures`; their public names stay importable from this module.
 from .figures import (  # noqa: F401  (re-exports)
+    acc_cell,
     COLORS,
     LABELS,
     LINESTYLES,
@@ -22,6 +24,7 @@ from .figures import (  # noqa: F401  (re-exports)
     SPEEDUP_KEY,
     _baseline,
     _main_sweep,
+    mc_series,
     mc_tasks,
     context_series,
     drop_order,
@@ -57,11 +60,9 @@ def table_columns(doc: Mapping[str, Any]) -> list[tuple[str, str | None]]:
 def _value(r: Mapping[str, Any], col: str) -> Any:
     if col.startswith("perplexity ["):
         return r.get(f"perplexity[{col[len('perplexity ['):-1]}]")
-    if col == "MC acc":
-        return r.get("mc_acc"), r.get("mc_stderr")
-    if col.endswith(" acc"):
-        task = col[:-len(" acc")]
-        return r.get(f"mc_acc[{task}]"), r.get(f"mc_stderr[{task}]")
+    if col == "MC acc" or col.endswith(" acc"):
+        suffix = "" if col == "MC acc" else f"[{col[:-len(' acc')]}]"
+        return tuple(r.get(f"{k}{suffix}") for k in ("mc_acc", "mc_stderr", "mc_diff", "mc_diff_stderr"))
     return {"config": None, "perplexity": r.get("perplexity"), "ppl change": r.get("ppl_loss"),
             "decode speedup": r.get("decode_speedup"), "prefill speedup": r.get("prefill_speedup"),
             "total speedup": r.get("total_speedup"), "SDR gamma (MC, total)": r.get("sdr"),
@@ -89,8 +90,7 @@ def table_rows(doc: Mapping[str, Any]) -> list[list[str]]:
         for col, spec in columns:
             v = name if col == "config" else _value(r, col)
             if spec == "acc":  # an accuracy is shown with its standard error, never alone
-                acc, se = v
-                line.append("-" if acc is None else f"{acc:.3f}" + (f" ± {se:.3f}" if se is not None else ""))
+                line.append(acc_cell(*v))
             elif v is None:
                 line.append("-")
             elif spec == "%":
@@ -119,10 +119,42 @@ FIGURES = [("importance.png", "Importance per layer", plot_importance_heatmap,
             "Total speedup (prefill + decode time; the speedup SDR is computed on) measured base vs dropped "
             "alternately in one run (medians). The table also lists the decode and prefill speedups. Accuracy bars are "
             "one standard error; on the accuracy panel a point joins the Pareto front only when its accuracy beats "
-            "every faster point's by more than twice the standard error of the difference."),
+            "every faster point's by more than twice the standard error of the difference (paired: every point "
+            "answers the same questions)."),
            ("drop_order.png", "Dropping order", plot_drop_order,
             "Which layers go first as n grows (paper Fig. 6), following the main sweep's schedule (one-shot or "
             "iterative).")]
+
+
+def ordering_lines(doc: Mapping[str, Any]) -> list[str]:
+    """Per MC task, the main sweep's targets at their largest count ranked by accuracy, each step to the next
+    with its paired difference and whether it exceeds twice its standard error: is the ordering resolved?"""
+    main = _main_sweep(doc)
+    rows = [r for r in doc["rows"] if r["sweep"] == main and r["num"] > 0]
+    largest = {r["target"]: max(x["num"] for x in rows if x["target"] == r["target"]) for r in rows}
+    lines = []
+    for task, acc, _ in mc_series(doc):
+        name = None if acc == "mc_acc" else task
+        seen, ranked = set(), []
+        for r in sorted(rows, key=lambda r: -(r.get(acc) or 0.0)):
+            drop_set = (tuple(r.get("drop_attn") or ()), tuple(r.get("drop_mlp") or ()))
+            if r["num"] == largest[r["target"]] and r.get(acc) is not None and drop_set not in seen:
+                seen.add(drop_set)  # a target that picked another's drop set (joint = attention) is not a rung
+                ranked.append(r)
+        if len(ranked) < 2:
+            continue
+        text = f"{ranked[0]['target']}-{ranked[0]['num']} {ranked[0][acc]:.3f}"
+        for hi, lo in zip(ranked, ranked[1:]):
+            d, se = hi[acc] - lo[acc], diff_stderr(hi, lo, name)
+            verdict = "?" if se is None else "resolved" if d > Z * se else "within noise"
+            text += (f" > {lo['target']}-{lo['num']} {lo[acc]:.3f} (by {d:.3f}"
+                     + (f" ± {se:.3f}, {verdict})" if se is not None else ")"))
+        lines.append(f"{task}: {text}")
+    return lines
+
+
+ORDERING_NOTE = ("Ordering at each target's largest count, by accuracy; each step with its difference ± the "
+                 "standard error of that difference, paired over the same questions (resolved: more than twice it).")
 
 
 def write_report(doc: Mapping[str, Any], out_dir: str | os.PathLike) -> Path:
@@ -139,6 +171,9 @@ def write_report(doc: Mapping[str, Any], out_dir: str | os.PathLike) -> Path:
     md.append("| " + " | ".join(c for c, _ in columns) + " |")
     md.append("|" + "---|" * len(columns))
     md += ["| " + " | ".join(row) + " |" for row in table]
+    ordering = ordering_lines(doc)
+    if ordering:
+        md += ["", ORDERING_NOTE, ""] + [f"- {line}" for line in ordering]
     for name, title, _, caption in figs:
         md += ["", f"## {title}", "", caption, "", f"![{title}](figures/{name})"]
     if doc.get("selection"):
@@ -171,6 +206,8 @@ def write_report(doc: Mapping[str, Any], out_dir: str | os.PathLike) -> Path:
                  "paper times both; lower is better; meaningless while the MC sample is small and near chance), "
                  "SDR (ppl, total) = dPerplexity% / dSpeedup% on the same total speedup. "
                  "KV: KV-cache bytes per token measured from a real cache.</p>")
+    if ordering:
+        parts.append(f"<p>{esc(ORDERING_NOTE)}</p><ul>" + "".join(f"<li>{esc(x)}</li>" for x in ordering) + "</ul>")
     if doc.get("selection"):
         parts.append(f"<h2>Automated selection</h2><p>{esc(doc['selection']['message'])}</p>")
     for title, (header, rows, fig, caption) in sections:
@@ -231,10 +268,21 @@ def _recovery(doc: Mapping[str, Any], fig_dir: Path) -> tuple[list[str], list[li
     return header, rows, fig, caption
 
 
+def _dtype_note(doc: Mapping[str, Any]) -> str:
+    """`, in bfloat16 (auto: ...)`: the dtype every number was computed in, and why when `auto` chose it."""
+    if "dtype" not in doc:  # results written before the dtype was recorded
+        return ""
+    why = ""
+    if doc["config"].get("dtype") == "auto":
+        why = (f" (auto: this machine has native bf16, {doc['native_bf16']})" if doc.get("native_bf16")
+               else " (auto: no native bf16 on this machine)")
+    return f", in {doc['dtype']}{why}"
+
+
 def _summary_lines(doc: Mapping[str, Any]) -> list[str]:
     cfg = doc["config"]
     cal, ppl, sp = cfg["calibration"], cfg["eval"]["perplexity"], cfg["speed"]
-    lines = [f"model: {doc['model']} ({doc.get('num_layers')} layers)",
+    lines = [f"model: {doc['model']} ({doc.get('num_layers')} layers)" + _dtype_note(doc),
              f"calibration: {cal['num_samples']} x {cal['seq_len']} tokens of {cal['source']}",
              "perplexity: " + (f"{ppl['num_windows']} x {ppl['seq_len']} held-out tokens of {cal['source']} "
                                "(the windows after the calibration ones)" if ppl["source"] == "calibration" else
@@ -251,7 +299,8 @@ def _summary_lines(doc: Mapping[str, Any]) -> list[str]:
         where = "the base model, each target's largest count and recovered models" if mc.get("at") == "largest" \
             else "every point"
         lines.append(f"multiple choice: {task} ({n} examples, acc_norm, zero-shot, at {where}); ± = one standard "
-                     "error; two accuracies closer than twice the standard error of their difference are not told apart")
+                     "error; Δ = the change vs the base, its error paired over the same questions; two accuracies "
+                     "closer than twice the standard error of their difference are not told apart")
     lines.append(f"speed: batch {sp['batch_size']}, prompt {sp['prompt_len']}, generate {sp['gen_len']} tokens, "
                  f"median of {sp['repeats']} alternate runs (base vs dropped), CPU threads {_threads()}"
                  + (f"; also at prompt lengths {', '.join(map(str, sp['prompt_lens']))}" if sp.get("prompt_lens") else ""))

@@ -107,6 +107,8 @@ class Study:
         self.points.check_mc()
 
     def run(self, budget: str | None = None, max_quality_loss: float | None = None) -> dict[str, Any]:
+        from ...model_loading import native_bf16
+
         t0 = time.perf_counter()
         self.validate_plan()
         budget = budget if budget is not None else self.cfg.selection.budget
@@ -122,6 +124,7 @@ class Study:
         num_layers = self.inputs.num_layers if self.inputs.loaded or not scores \
             else len(next(iter(scores.values()))["attn"])
         doc = {"name": self.cfg.name, "config": self.cfg.to_dict(), "model": self.cfg.model,
+               "dtype": self.cfg.model_dtype, "native_bf16": native_bf16(),
                "num_layers": num_layers, "scores": scores, "rows": rows, "selection": selection,
                "notes": self.inputs.notes, "heldout": {"perplexity": self.points.eval_key()["perplexity"]},
                "computed_this_run": dict(self.cache.computed), "reused_this_run": dict(self.cache.reused),
@@ -184,13 +187,14 @@ class Study:
 
 
 CSV_COLUMNS = ("sweep", "target", "num", "metric", "schedule", "step", "calibration", "num_samples", "perplexity",
-               "ppl_loss", "mc_acc", "mc_stderr", "mc_loss", "mc_n", "decode_speedup", "prefill_speedup", "total_speedup",
+               "ppl_loss", "mc_acc", "mc_stderr", "mc_loss", "mc_n", "mc_diff", "mc_diff_stderr", "decode_speedup", "prefill_speedup", "total_speedup",
                "sdr", "sdr_ppl", "kv_bytes_per_token", "kv_ratio", "params", "param_ratio", "drop_attn", "drop_mlp")
 
 
 def write_csv(path: Path, rows: Sequence[Mapping[str, Any]]) -> None:
     """CSV_COLUMNS, then the per-domain perplexities and per-task MC fields (`perplexity[wiki-sample]`, ...)."""
-    per = sorted({k for r in rows for k in r if "[" in k and k.startswith(("perplexity[", "mc_"))})
+    per = sorted({k for r in rows for k in r if "[" in k and k.startswith(("perplexity[", "mc_"))
+                  and not k.startswith("mc_correct")})  # each question's correctness: in results.json only
     columns = CSV_COLUMNS + tuple(per)
     buf = io.StringIO()
     w = csv.writer(buf)
@@ -267,6 +271,12 @@ def study_main(config: str, output: str | None = None, budget: str | None = None
           + "; decode x / total x = decode / "
           "prefill + decode speedup vs base, measured alternately; KV = KV-cache bytes/token vs base; SDR ppl = "
           "perplexity change % / total speedup %, lower is better)")
+    from .report import ORDERING_NOTE, ordering_lines
+
+    ordering = ordering_lines(doc)
+    if ordering:
+        print(ORDERING_NOTE)
+        print("\n".join(f"  {line}" for line in ordering))
     if doc.get("selection"):
         print(doc["selection"]["message"])
         print(f"selection written to {out / 'selection.json'}")

@@ -48,7 +48,7 @@ class StudyInputs:
 
             torch.manual_seed(self.cfg.seed)
             self.log(f"loading {self.cfg.model}")
-            self._model, self._tok = load_model(self.cfg.model, dtype=self.cfg.dtype)
+            self._model, self._tok = load_model(self.cfg.model, dtype=self.cfg.model_dtype)
         return self._model
 
     @property
