@@ -83,3 +83,18 @@ def write_json(path: str | None, result: dict[str, Any]) -> None:
     if path:
         with open(path, "w") as fh:
             json.dump(result, fh, indent=2)
+
+
+def add_engine_args(p: Any) -> None:
+    """The options every engine check shares (llama.cpp, vLLM): what runs, the held-out text, the workload."""
+    p.add_argument("--model", default="smollm2-135m")
+    p.add_argument("--check-only", action="store_true")
+    p.add_argument("--speed-only", action="store_true")
+    p.add_argument("--seq-len", type=int, default=256)
+    p.add_argument("--eval-docs", type=int, default=4, help="held-out C4 docs (the last ones of the file)")
+    p.add_argument("--eval-tokens", type=int, default=256)
+    p.add_argument("--greedy-tokens", type=int, default=32)
+    p.add_argument("--prompt-tokens", type=int, default=512)
+    p.add_argument("--rounds", type=int, default=5)
+    p.add_argument("--work-dir", default=None)
+    p.add_argument("--json", default=None, help="write the results here")

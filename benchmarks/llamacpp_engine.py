@@ -162,23 +162,15 @@ def run_engine(spec: dict, work: Path) -> dict:
 
 def main(argv: list[str] | None = None) -> dict:
     p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
-    p.add_argument("--model", default="smollm2-135m")
+    from _common import add_engine_args
+
+    add_engine_args(p)
     p.add_argument("--n-drop", type=int, default=8, help="attention layers to drop")
     p.add_argument("--dtype", default="f32", choices=["f32", "f16"], help="GGUF dtype for the agreement check")
     p.add_argument("--speed-dtype", default="f16", choices=["f32", "f16", "q8_0"])
-    p.add_argument("--check-only", action="store_true")
-    p.add_argument("--speed-only", action="store_true")
     p.add_argument("--calib-docs", type=int, default=16)
-    p.add_argument("--seq-len", type=int, default=256)
-    p.add_argument("--eval-docs", type=int, default=4, help="held-out C4 docs (the last ones of the file)")
-    p.add_argument("--eval-tokens", type=int, default=256)
-    p.add_argument("--greedy-tokens", type=int, default=32)
-    p.add_argument("--prompt-tokens", type=int, default=512)
     p.add_argument("--decode-tokens", type=int, default=128)
-    p.add_argument("--rounds", type=int, default=5)
     p.add_argument("--threads", type=int, default=1)
-    p.add_argument("--work-dir", default=None)
-    p.add_argument("--json", default=None, help="write the results here")
     args = p.parse_args(argv)
 
     os.environ.setdefault("HF_HUB_OFFLINE", "1")

@@ -230,25 +230,17 @@ def compare(ref_files: list[str], texts: list[list[int]], engine: list) -> dict:
 
 def main(argv: list[str] | None = None) -> dict:
     p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
-    p.add_argument("--model", default="smollm2-135m")
+    from _common import add_engine_args
+
+    add_engine_args(p)
     p.add_argument("--n-attn", type=int, default=8, help="attention sublayers dropped in `attn`")
     p.add_argument("--n-mlp", type=int, default=4, help="MLPs dropped in `mlp`")
     p.add_argument("--n-block", type=int, default=4, help="whole blocks dropped in `block`")
     p.add_argument("--variants", default="base,attn,mlp,block,mixed", help="which models the check runs")
-    p.add_argument("--check-only", action="store_true")
-    p.add_argument("--speed-only", action="store_true")
     p.add_argument("--calib-windows", type=int, default=8)
-    p.add_argument("--seq-len", type=int, default=256)
-    p.add_argument("--eval-docs", type=int, default=4, help="held-out C4 docs (the last ones of the file)")
-    p.add_argument("--eval-tokens", type=int, default=256)
     p.add_argument("--top-k", type=int, default=20, help="vLLM's top-k log-probs compared at each position")
-    p.add_argument("--greedy-tokens", type=int, default=32)
-    p.add_argument("--prompt-tokens", type=int, default=512)
     p.add_argument("--new-tokens", type=int, default=128)
     p.add_argument("--concurrent", type=int, default=16)
-    p.add_argument("--rounds", type=int, default=5)
-    p.add_argument("--work-dir", default=None)
-    p.add_argument("--json", default=None, help="write the results here")
     args = p.parse_args(argv)
     if not VLLM_PY.is_file():
         sys.exit(f"{VLLM_PY} not found: run `{INSTALL}` first (vLLM's CPU build in its own venv)")
