@@ -6,7 +6,7 @@ stream, and the modules that belong to it (norms, DINOv2/v3 LayerScale, SwinV2 p
 Layer numbering never changes (flat block index for staged families, see `architectures.py`): a block drop
 is a layer whose two sublayers are both dropped. For decoders, dropped attention layers get no KV-cache slot:
 the dropped config marks them through `kv_sharing_modes`, which transformers' caches turn into storage-free
-`DummyLayer`s (and sequence length is then read from the first layer that really attends).
+`DummyLayer`s; the first layer keeps a slot that only counts tokens (see `DroppedAttention`).
 
 This file depends only on torch, transformers and `architectures.py` (with its two family files): it is
 copied into every dropped checkpoint so that `trust_remote_code=True` loads it where lightning_drop is not
@@ -35,10 +35,29 @@ except ImportError:  # pragma: no cover - imported as a flat module next to a ch
 
 
 class DroppedAttention(nn.Module):
-    """Stands in for a removed attention sublayer: adds nothing (a broadcast zero), caches nothing."""
+    """Stands in for a removed attention sublayer: adds nothing (a broadcast zero), caches nothing.
+
+    Transformers reads a cache's sequence length from its first layer, so the first layer keeps a cache slot
+    even when its attention is dropped; its stand-in appends one boolean per token there (keys and values one
+    wide: a cache that holds no elements reports length 0), so the slot counts the tokens seen.
+    """
+
+    def __init__(self, layer_idx: int | None = None) -> None:
+        super().__init__()
+        self.layer_idx = layer_idx
 
     def forward(self, hidden_states: torch.Tensor, *args: Any, **kwargs: Any) -> tuple[torch.Tensor, None]:
+        if self.layer_idx == 0 and hidden_states.dim() == 3:
+            cache = next((v for v in (*args, *kwargs.values()) if isinstance(v, transformers.Cache)), None)
+            layers = getattr(cache, "layers", None)
+            if layers and type(layers[0]).__name__ in _LENGTH_ONLY_LAYERS:
+                marks = hidden_states.new_zeros(hidden_states.shape[0], 1, hidden_states.shape[1], 1, dtype=torch.bool)
+                cache.update(marks, marks, 0)
         return hidden_states.new_zeros(()), None
+
+
+# Cache layers that grow with what is appended (a static layer preallocates full-width storage instead).
+_LENGTH_ONLY_LAYERS = ("DynamicLayer", "DynamicSlidingWindowLayer")
 
 
 class DroppedWindowAttention(nn.Module):
@@ -134,9 +153,9 @@ def _check_indices(name: str, indices: Sequence[Any], num_layers: int, names: Se
     return sorted(seen)
 
 
-def _replace_modules(layer: nn.Module, spec: ArchSpec, attn: bool, mlp: bool) -> None:
+def _replace_modules(layer: nn.Module, spec: ArchSpec, attn: bool, mlp: bool, index: int | None = None) -> None:
     if attn:
-        setattr(layer, spec.attn, DroppedWindowAttention() if spec.full_shape_attn else DroppedAttention())
+        setattr(layer, spec.attn, DroppedWindowAttention() if spec.full_shape_attn else DroppedAttention(index))
         for norm in spec.attn_norms:
             setattr(layer, norm, nn.Identity())
     if mlp:
@@ -170,7 +189,7 @@ def apply_drop(model: nn.Module, attn: Iterable[Any] = (), mlp: Iterable[Any] = 
     if len(new_attn) == n and len(new_mlp) == n:
         raise UserError(f"refusing to drop every block: all {n} attention and all {n} MLP sublayers would be gone")
     for i in set(attn) | set(mlp):
-        _replace_modules(layers[i], spec, i in attn, i in mlp)
+        _replace_modules(layers[i], spec, i in attn, i in mlp, i)
     _mark_dropped(model, spec, new_attn, new_mlp)
     return model
 
@@ -210,9 +229,7 @@ class _NoKVForDroppedAttention:
     def kv_sharing_modes(self) -> list[str | None]:
         dropped = set(self.drop_attn_list)  # type: ignore[attr-defined]
         modes = ["reuse" if i in dropped else None for i in range(self.num_hidden_layers)]  # type: ignore[attr-defined]
-        if all(modes):
-            # No layer attends: keep one (never written, so empty) slot so the cache can still report a length.
-            modes[0] = None
+        modes[0] = None  # the slot the cache's length is read from (see DroppedAttention)
         return modes
 
 
@@ -225,7 +242,7 @@ class _DroppedModelMixin:
         layers = spec.get_layers(self)  # type: ignore[arg-type]
         attn, mlp = set(config.drop_attn_list), set(config.drop_mlp_list)
         for i in attn | mlp:
-            _replace_modules(layers[i], spec, i in attn, i in mlp)
+            _replace_modules(layers[i], spec, i in attn, i in mlp, i)
         # Checkpoints written by the LLM-Drop reference code still hold the dropped weights.
         patterns = dropped_key_patterns(spec, sorted(attn), sorted(mlp), spec.layer_prefixes(self))  # type: ignore[arg-type]
         self._keys_to_ignore_on_load_unexpected = set(self._keys_to_ignore_on_load_unexpected or ()) | set(patterns)
