@@ -217,6 +217,22 @@ def test_cached_generation_equals_uncached_left_padded(family, attn):
     assert torch.equal(cached, uncached)
 
 
+def test_a_dropped_first_attention_keeps_only_a_token_count():
+    """Transformers reads a cache's length from layer 0: with layer 0's attention dropped that slot holds one
+    boolean per token for keys and for values, nothing else, and reports the tokens seen."""
+    from lightning_drop.speed import kv_cache_bytes_per_token
+
+    model, _ = tiny_model("llama")  # 4 layers
+    per_layer = kv_cache_bytes_per_token(model) / 4
+    apply_drop(model, attn=[0, 1])
+    assert kv_cache_bytes_per_token(model) == 2 * per_layer + 2
+    cache = transformers.DynamicCache(config=model.config)
+    with torch.no_grad():
+        model(input_ids=torch.randint(0, 100, (2, 7)), past_key_values=cache, use_cache=True)
+        model(input_ids=torch.randint(0, 100, (2, 1)), past_key_values=cache, use_cache=True)
+    assert cache.get_seq_length() == 8 and cache.layers[0].keys.dtype == torch.bool
+
+
 @pytest.mark.parametrize("family", ["llama", "gemma2"])
 def test_cached_generation_after_save_and_reload(tmp_path, family):
     """Left-padded batch, layer 0's attention dropped: the reloaded checkpoint generates what the in-memory model did."""
