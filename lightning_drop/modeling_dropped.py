@@ -38,8 +38,9 @@ class DroppedAttention(nn.Module):
     """Stands in for a removed attention sublayer: adds nothing (a broadcast zero), caches nothing.
 
     Transformers reads a cache's sequence length from its first layer, so the first layer keeps a cache slot
-    even when its attention is dropped; its stand-in appends one boolean per token there (keys and values one
-    wide: a cache that holds no elements reports length 0), so the slot counts the tokens seen.
+    even when its attention is dropped. Its stand-in keeps there a boolean of shape (batch, 1, tokens, 1) that
+    is one element expanded (stride 0): the slot reports the tokens seen and holds no per-token storage (a
+    slot with no elements would report length 0).
     """
 
     def __init__(self, layer_idx: int | None = None) -> None:
@@ -51,8 +52,11 @@ class DroppedAttention(nn.Module):
             cache = next((v for v in (*args, *kwargs.values()) if isinstance(v, transformers.Cache)), None)
             layers = getattr(cache, "layers", None)
             if layers and type(layers[0]).__name__ in _LENGTH_ONLY_LAYERS:
-                marks = hidden_states.new_zeros(hidden_states.shape[0], 1, hidden_states.shape[1], 1, dtype=torch.bool)
-                cache.update(marks, marks, 0)
+                batch, tokens = hidden_states.shape[:2]
+                mark = hidden_states.new_zeros((), dtype=torch.bool)
+                cache.update(mark.expand(batch, 1, tokens, 1), mark.expand(batch, 1, tokens, 1), 0)
+                slot = layers[0]
+                slot.keys = slot.values = mark.expand(*slot.keys.shape)  # the update concatenated: drop that storage
         return hidden_states.new_zeros(()), None
 
 

@@ -84,7 +84,9 @@ def _new_cache(model: nn.Module) -> Any:
 
 
 def cache_bytes(cache: Any) -> int:
-    """Bytes held by the key/value tensors of a transformers cache (shared tensors counted once)."""
+    """Bytes held by the key/value tensors of a transformers cache (shared tensors counted once). A boolean
+    slot is the token counter a dropped first attention keeps (`modeling_dropped.DroppedAttention`): one
+    element expanded, no keys or values, so not counted."""
     seen: set[int] = set()
     total = 0
     layers = getattr(cache, "layers", None)
@@ -93,7 +95,7 @@ def cache_bytes(cache: Any) -> int:
     for layer in layers:
         for name in ("keys", "values"):
             t = getattr(layer, name, None)
-            if isinstance(t, torch.Tensor) and t.numel() and t.data_ptr() not in seen:
+            if isinstance(t, torch.Tensor) and t.numel() and t.dtype != torch.bool and t.data_ptr() not in seen:
                 seen.add(t.data_ptr())
                 total += t.numel() * t.element_size()
     return total

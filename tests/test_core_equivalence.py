@@ -219,18 +219,20 @@ def test_cached_generation_equals_uncached_left_padded(family, attn):
 
 def test_a_dropped_first_attention_keeps_only_a_token_count():
     """Transformers reads a cache's length from layer 0: with layer 0's attention dropped that slot holds one
-    boolean per token for keys and for values, nothing else, and reports the tokens seen."""
+    boolean expanded to the tokens seen (no per-token storage), and reports them."""
     from lightning_drop.speed import kv_cache_bytes_per_token
 
     model, _ = tiny_model("llama")  # 4 layers
     per_layer = kv_cache_bytes_per_token(model) / 4
     apply_drop(model, attn=[0, 1])
-    assert kv_cache_bytes_per_token(model) == 2 * per_layer + 2
+    assert kv_cache_bytes_per_token(model) == 2 * per_layer
     cache = transformers.DynamicCache(config=model.config)
     with torch.no_grad():
         model(input_ids=torch.randint(0, 100, (2, 7)), past_key_values=cache, use_cache=True)
         model(input_ids=torch.randint(0, 100, (2, 1)), past_key_values=cache, use_cache=True)
-    assert cache.get_seq_length() == 8 and cache.layers[0].keys.dtype == torch.bool
+    slot = cache.layers[0]
+    assert cache.get_seq_length() == 8 and slot.keys.shape == (2, 1, 8, 1) and slot.keys.dtype == torch.bool
+    assert slot.keys.untyped_storage().nbytes() == 1 and slot.values.untyped_storage().nbytes() == 1
 
 
 @pytest.mark.parametrize("family", ["llama", "gemma2"])
