@@ -280,7 +280,9 @@ class Case:
     slow: bool = False
 
 
-SMOLLM2_STEPS = ("--trainer.max_steps", "1", "--trainer.val_check_interval", "1", "--trainer.limit_val_batches", "1")
+# one step, with short windows and a small calibration batch: the run goes through every callback as shipped
+SMOLLM2_STEPS = ("--trainer.max_steps", "1", "--trainer.val_check_interval", "1", "--trainer.limit_val_batches", "1",
+                 "--data.init_args.seq_len", "64", "--data.init_args.calibration_samples", "4")
 CASES = {
     # (scoring during training under DDP: test_fit_end_callbacks_under_ddp, every step)
     "track_random_init.yaml": Case(("--trainer.max_steps", "6", "--trainer.val_check_interval", "3",
