@@ -19,11 +19,14 @@ def _inputs(seed=0, batch=2, seq=SEQ):
 
 
 def _cache_bytes(cache):
+    """Bytes of keys and values; the boolean token counter a dropped layer 0 keeps holds one byte in all."""
     total = 0
     for layer in cache.layers:
         for name in ("keys", "values"):
             t = getattr(layer, name, None)
-            if isinstance(t, torch.Tensor):
+            if isinstance(t, torch.Tensor) and t.dtype == torch.bool:
+                assert t.untyped_storage().nbytes() == 1
+            elif isinstance(t, torch.Tensor):
                 total += t.numel() * t.element_size()
     return total
 
