@@ -259,11 +259,12 @@ def load_tokenizer(ref: str) -> Any:
     return from_pretrained(AutoTokenizer.from_pretrained, path)
 
 
-def native_bf16() -> str | None:
-    """Why this machine computes bfloat16 natively (a CUDA GPU with bf16, or the CPU's AMX / AVX512-BF16 / ARM
+def native_bf16(device: str = "cpu") -> str | None:
+    """Why `device` computes bfloat16 natively (a CUDA GPU with bf16, or the CPU's AMX / AVX512-BF16 / ARM
     BF16 instructions), or None. Without them, bf16 matmuls are emulated and slower than float32."""
-    if torch.cuda.is_available() and torch.cuda.is_bf16_supported():
-        return f"CUDA {torch.cuda.get_device_name()}"
+    if device.startswith("cuda"):
+        ok = torch.cuda.is_available() and torch.cuda.is_bf16_supported()
+        return f"CUDA {torch.cuda.get_device_name()}" if ok else None
     try:
         cpuinfo = Path("/proc/cpuinfo").read_text()
     except OSError:  # not Linux: no cheap way to tell, so no claim
@@ -276,12 +277,12 @@ def native_bf16() -> str | None:
     return f"CPU flag {found[0]}" if found else None
 
 
-def resolve_dtype(name: str) -> str:
-    """`auto` -> bfloat16 where this machine computes it natively (`native_bf16`), else float32; other names
-    as given."""
+def resolve_dtype(name: str, device: str = "cpu") -> str:
+    """`auto` -> bfloat16 where `device` computes it natively (`native_bf16`), else float32; other names as
+    given."""
     if name != "auto":
         return name
-    return "bfloat16" if native_bf16() else "float32"
+    return "bfloat16" if native_bf16(device) else "float32"
 
 
 def load_model(ref: str, dtype: torch.dtype | str = torch.float32, tokenizer: str | None = None) -> tuple[nn.Module, Any]:

@@ -281,6 +281,7 @@ def test_dtype_auto_follows_the_machine_and_keys_the_cache_by_what_it_chose(tmp_
     assert model_loading.native_bf16() == "CPU flag amx_bf16"
     assert auto.model_dtype == "bfloat16" and CacheKeys(auto).model() != CacheKeys(fp32).model()
     assert model_loading.resolve_dtype("float16") == "float16"
+    assert model_loading.resolve_dtype("auto", "cuda") == "float32"  # the CPU's bf16 says nothing of a GPU's
 
     study = Study(auto, verbose=False)
     doc = study.run()

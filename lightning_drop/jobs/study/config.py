@@ -336,9 +336,9 @@ class StudyConfig:
 
     @property
     def model_dtype(self) -> str:
-        """The dtype the study runs in: `auto` is bfloat16 where this machine computes it natively (as the
-        paper's runs), else float32. Cache keys hold this, so an `auto` cache moved to another machine is
-        reused only where it resolves the same."""
+        """The dtype the study runs in: `auto` is bfloat16 where this machine's CPU (a study runs on the CPU)
+        computes it natively, as the paper's runs, else float32. Cache keys hold this, so an `auto` cache
+        moved to another machine is reused only where it resolves the same."""
         from ...model_loading import resolve_dtype
 
         return resolve_dtype(self.dtype)
