@@ -102,9 +102,8 @@ def shell_commands(page: Path) -> list[Cmd]:
             logical = ""
     prose = _without_fences(text)
     for span in INLINE.finditer(prose):
-        code = span.group(1).strip()
-        if re.match(r"(\S*/)?lightning-drop\s", code + " "):
-            words = code.replace("...", " ").split()
+        words = span.group(1).replace("...", " ").split()
+        if words and _invocation(words):
             found.append(Cmd(page, _line_of(prose, span.start()), words, False, {}))
     return found
 
