@@ -4,7 +4,7 @@ Every `lightning-drop` command in a shell code block is parsed by the real parse
 every option must be one of its options, spelled in full, with a valid value); `fit|validate|test` commands
 go through LightningCLI's own parser, without building anything, and the configs they name must exist and
 load. Inline commands (`lightning-drop drop --keep 0` in prose, often with placeholders) must name an existing
-subcommand and existing options. Study configs load, `python benchmarks/...` scripts exist with the options
+subcommand, existing options and valid choices. Study configs load, `python benchmarks/...` scripts exist with the options
 used, `make` targets exist, YAML `class_path`s import, Python blocks compile and use only public `ld.` names,
 relative links resolve (anchors included), and the README stays a front door of at most 10,500 bytes.
 Nothing here loads a model.
@@ -95,7 +95,11 @@ def shell_commands(page: Path) -> list[Cmd]:
                 logical += raw.rstrip()[:-1] + " "
                 continue
             logical += raw
-            for words in _split_commands(shlex.split(logical, comments=True)):
+            try:
+                words_of_line = shlex.split(logical, comments=True)
+            except ValueError:  # not shell (an unlabelled block of output): no command to check
+                words_of_line = []
+            for words in _split_commands(words_of_line):
                 if words[0] == "cp" and len(words) == 3:
                     aliases[words[2]] = words[1]
                 found.append(Cmd(page, first, words, True, dict(aliases)))
@@ -164,7 +168,8 @@ def _config_values(args: list[str]) -> list[str]:
 def _existing(path: str, aliases: dict[str, str], where: str) -> Path:
     source = aliases.get(path, path)
     resolved = REPO / source
-    assert resolved.is_file(), f"{where}: {path} does not exist" + (f" (copied from {source})" if source != path else "")
+    copied = f" (copied from {source})" if source != path else ""
+    assert resolved.is_file(), f"{where}: {path} does not exist{copied}"
     return resolved
 
 
