@@ -11,6 +11,7 @@ import hashlib
 import importlib.util
 import json
 import os
+from functools import partial
 from pathlib import Path
 from typing import Any, Callable
 
@@ -185,14 +186,17 @@ def gguf_checkpoint_dir(gguf_file: str | os.PathLike) -> Path:
             done = json.loads((out / GGUF_SOURCE).read_text()).get("sha256") == digest
         except (OSError, ValueError):
             done = False
-        if not done or not (out / "config.json").is_file():
-            _clean_from_gguf(path, out, {"sha256": digest, "file": str(path), "size": path.stat().st_size})
+        try:
+            if not done or not (out / "config.json").is_file():
+                _clean_from_gguf(path, out, {"sha256": digest, "file": str(path), "size": path.stat().st_size})
+        except ValueError as err:  # transformers' refusal of an architecture it cannot convert
+            raise UserError(f"{path}: cannot be read back ({str(err).splitlines()[0]})") from None
     return out
 
 
 def gguf_architecture(path: Path) -> str:
-    """`general.architecture` of a GGUF file, refused in one line naming the file (before hashing or converting
-    it) when it is not a GGUF file or is the `deci` layout that `export --format gguf` writes for llama.cpp."""
+    """`general.architecture` of a GGUF file; not one, or the `deci` layout `export --format gguf` writes for
+    llama.cpp: one line naming the file, before it is hashed or converted."""
     from gguf import GGUFReader
 
     try:
@@ -402,12 +406,8 @@ def _load_local(path: Path, dtype: torch.dtype) -> nn.Module:
 
     if model_type not in CONFIG_MAPPING:
         return _load_remote_code(path, config, dtype)
-    return from_pretrained(_complete(AutoModelForCausalLM.from_pretrained), path, dtype=dtype)
+    return from_pretrained(partial(load_complete, AutoModelForCausalLM.from_pretrained), path, dtype=dtype)
 
-
-def _complete(load: Callable[..., Any]) -> Callable[..., Any]:
-    """`load` through `dropped_checkpoint.load_complete`: a missing weight is an error, never a random init."""
-    return lambda ref, **kwargs: load_complete(load, ref, **kwargs)
 
 
 def _load_remote_code(path: Path, config: dict, dtype: torch.dtype) -> nn.Module:
@@ -432,7 +432,7 @@ def _load_hub(ref: str, dtype: torch.dtype) -> nn.Module:
     from transformers import AutoModelForCausalLM
 
     try:
-        return from_pretrained(_complete(AutoModelForCausalLM.from_pretrained), ref, dtype=dtype)
+        return from_pretrained(partial(load_complete, AutoModelForCausalLM.from_pretrained), ref, dtype=dtype)
     except OSError as err:
         raise UserError(
             f"cannot load '{ref}': not a local path, not a catalogue name ({', '.join(catalogue())}), "
