@@ -153,33 +153,34 @@ def run_drop(job: DropJob, progress: bool = True) -> dict[str, Any]:
                                 step=job.step, keep=list(job.keep), seed=job.calibration.seed, progress=progress)
     report = build_report(job, result, windows)
     if job.output is not None:
-        model = _with_source_weights(job, model)
-        save_dropped(model, job.output, tok, max_shard_size=job.max_shard_size,
+        if not _holds_source_weights(job):
+            attn, mlp = dropped_layers(model)
+            del model  # one model in memory at a time
+            model = _reload_dropped(job, attn, mlp)
+        save_dropped(model.to("cpu", save_dtype_of(job)), job.output, tok, max_shard_size=job.max_shard_size,
                      extra=lambda tmp: write_report(tmp, report, result), overwrite=True)
     return report
 
 
-def _with_source_weights(job: DropJob, model: Any) -> Any:
-    """The dropped `model` with the source's weights in the save dtype, on the CPU.
-
-    Scoring in another dtype than the source's rounded the weights in memory; then the source is loaded
-    again in the save dtype (only one model is held at a time) and given the same drops, so the saved
-    tensors are the source's bit for bit, or cast once as `--save-dtype` asks.
-    """
+def _holds_source_weights(job: DropJob) -> bool:
+    """Whether the model scored in `--dtype` still holds the source's weights exactly (same dtype, or float32
+    for a 16-bit source); if not, scoring rounded them and the checkpoint must not be written from it."""
     import torch
 
+    scored, source = getattr(torch, job.dtype), source_dtype(job.model)
+    return scored == source or scored == torch.float32 and source in (torch.bfloat16, torch.float16)
+
+
+def _reload_dropped(job: DropJob, attn: Sequence[int], mlp: Sequence[int]) -> Any:
+    """The source model loaded again in the save dtype with the same drops, so the saved tensors are the
+    source's bit for bit (or cast once, as `--save-dtype` asks)."""
     from ..model_loading import load_model
     from ..modeling_dropped import apply_drop, dropped_layers
 
-    dtype, scored, source = save_dtype_of(job), getattr(torch, job.dtype), source_dtype(job.model)
-    if scored == source or scored == torch.float32 and source in (torch.bfloat16, torch.float16):  # held exactly
-        return model.to("cpu", dtype)
-    attn, mlp = dropped_layers(model)
-    del model
-    fresh, _ = load_model(job.model, dtype=dtype, tokenizer=job.tokenizer)
-    had_attn, had_mlp = dropped_layers(fresh)
-    apply_drop(fresh, attn=[i for i in attn if i not in had_attn], mlp=[i for i in mlp if i not in had_mlp])
-    return fresh
+    model, _ = load_model(job.model, dtype=save_dtype_of(job), tokenizer=job.tokenizer)
+    had_attn, had_mlp = dropped_layers(model)
+    apply_drop(model, attn=[i for i in attn if i not in had_attn], mlp=[i for i in mlp if i not in had_mlp])
+    return model
 
 
 def _check_request(job: DropJob, n_layers: int, dropped_attn: Sequence[int] = (),
