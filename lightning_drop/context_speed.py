@@ -70,10 +70,10 @@ def positions_before_loading(ref: str) -> int | None:
     from pathlib import Path
 
     from .dropped_checkpoint import read_config
-    from .model_loading import TINY_PREFIX, resolve, tiny_config
+    from .model_loading import resolve, tiny_config, tiny_family
 
-    if ref.startswith(TINY_PREFIX):
-        return max_positions(tiny_config(ref[len(TINY_PREFIX):]))
+    if tiny_family(ref) is not None:
+        return max_positions(tiny_config(tiny_family(ref)))
     path = Path(resolve(ref))
     return max_positions(read_config(path)) if (path / "config.json").is_file() else None
 

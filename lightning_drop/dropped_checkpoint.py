@@ -15,11 +15,13 @@ Every write goes to a temporary sibling directory that is renamed into place onl
 
 from __future__ import annotations
 
+import contextlib
 import json
+import logging
 import os
 import shutil
 from pathlib import Path
-from typing import Any, Callable
+from typing import Any, Callable, Iterable, Iterator, Sequence
 
 import torch
 from torch import nn
@@ -177,6 +179,55 @@ def is_llm_drop_config(config: dict) -> bool:
     return has_lists and not str(config.get("model_type", "")).startswith("dropped_")
 
 
+def require_weights(where: str | os.PathLike, missing: Iterable[str] = (), unexpected: Iterable[str] = (),
+                    mismatched: Iterable[tuple[str, Sequence[int], Sequence[int]]] = ()) -> None:
+    """One line naming the weights a checkpoint lacks, has in excess, or has in another shape than its config.
+
+    Every loader goes through this: transformers would fill a missing weight with random values (and drop
+    an unexpected one) with only a log message, and the result would look like a model that works.
+    """
+    missing, unexpected, mismatched = sorted(set(missing)), sorted(set(unexpected)), sorted(mismatched)
+    if not (missing or unexpected or mismatched):
+        return
+
+    def few(names: list[str]) -> str:
+        shown = ", ".join(names[:3])
+        return f"{shown} and {len(names) - 3} more" if len(names) > 3 else shown
+
+    parts = []
+    if missing:
+        parts.append(f"{len(missing)} missing ({few(missing)})")
+    if unexpected:
+        parts.append(f"{len(unexpected)} unexpected ({few(unexpected)})")
+    if mismatched:
+        shapes = [f"{k} {list(a)} vs config {list(b)}" for k, a, b in mismatched]
+        parts.append(f"{len(mismatched)} of another shape than config.json gives ({few(shapes)})")
+    raise UserError(f"{where}: the weights do not match config.json: {'; '.join(parts)}; check config.json "
+                    "(layer count, sizes, drop lists) against the safetensors files")
+
+
+@contextlib.contextmanager
+def _no_load_report() -> Iterator[None]:
+    """transformers logs a many-line table of the weights it did not load; `require_weights` says it in one."""
+    log = logging.getLogger("transformers.modeling_utils")
+    level = log.level
+    log.setLevel(logging.ERROR)
+    try:
+        yield
+    finally:
+        log.setLevel(level)
+
+
+def load_complete(load: Callable[..., Any], ref: str | os.PathLike, **kwargs: Any) -> nn.Module:
+    """`load(ref, **kwargs)` (any transformers model `from_pretrained`), refused unless every weight of the
+    model came from the checkpoint in its shape and every weight of the checkpoint was used."""
+    with _no_load_report():
+        model, info = load(str(ref), output_loading_info=True, ignore_mismatched_sizes=True, **kwargs)
+    require_weights(ref, info.get("missing_keys", ()), info.get("unexpected_keys", ()),
+                    info.get("mismatched_keys", ()))
+    return model
+
+
 def load_dropped(directory: str | os.PathLike, dtype: torch.dtype | None = None, **kwargs: Any) -> nn.Module:
     """Load any checkpoint this package writes (any family), or one written by the LLM-Drop reference code."""
     import transformers
@@ -201,11 +252,12 @@ def load_dropped(directory: str | os.PathLike, dtype: torch.dtype | None = None,
         cfg["drop_mlp_list"] = normalize_drop_list(cfg.get("drop_mlp_list"), n)
         cfg["base_model_type"] = model_type
         cls = dropped_model_class(spec, base_name if base_name in spec.model_classes else spec.model_classes[0])
-        return cls.from_pretrained(directory, config=dropped_config_class(spec)(**cfg), **kwargs).eval()
+        config = dropped_config_class(spec)(**cfg)
+        return load_complete(cls.from_pretrained, directory, config=config, **kwargs).eval()
     if spec.inputs == "text":  # the Auto class also serves remote-code families and their own configs
-        return transformers.AutoModelForCausalLM.from_pretrained(directory, **kwargs).eval()
+        return load_complete(transformers.AutoModelForCausalLM.from_pretrained, directory, **kwargs).eval()
     if model_type.startswith(DROPPED_PREFIX):
         cls = dropped_model_class(spec, base_name)
     else:
         cls = getattr(transformers, base_name)
-    return cls.from_pretrained(directory, **kwargs).eval()
+    return load_complete(cls.from_pretrained, directory, **kwargs).eval()

@@ -101,14 +101,14 @@ def build_model(model: str | None, init_config: dict[str, Any] | None, dtype: st
     with `init_config={"model_type": "llama", ...}` builds that family at random init with the byte-level
     tokenizer's special ids and the tiny defaults for anything not given.
     """
-    from .model_loading import TINY_PREFIX, load_model, load_tokenizer, tiny_config
+    from .model_loading import TINY_PREFIX, load_model, load_tokenizer, tiny_config, tiny_family
 
     torch_dtype = getattr(torch, dtype, None)
     if not isinstance(torch_dtype, torch.dtype):
         raise UserError(f"dtype must name a torch dtype such as 'float32' or 'bfloat16', got {dtype!r}")
     if model is None and not init_config:
         raise UserError("DropModule needs `model` (catalogue name, path or hub id) or `init_config` (random init)")
-    random_init = model is None or model.startswith(TINY_PREFIX)
+    random_init = model is None or tiny_family(model) is not None
     if not random_init:
         if init_config:
             raise UserError(f"init_config is only for random init (model=None or 'tiny-<family>'), not {model!r}")
@@ -119,7 +119,7 @@ def build_model(model: str | None, init_config: dict[str, Any] | None, dtype: st
 
     overrides = dict(init_config or {})
     if model is not None:
-        family = model[len(TINY_PREFIX):]
+        family = tiny_family(model)
         if "model_type" in overrides:
             raise UserError(f"init_config.model_type conflicts with model={model!r}: give one of them")
     else:

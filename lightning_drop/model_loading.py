@@ -11,6 +11,7 @@ import hashlib
 import importlib.util
 import json
 import os
+from functools import partial
 from pathlib import Path
 from typing import Any, Callable
 
@@ -22,6 +23,7 @@ from .dropped_checkpoint import (
     atomic_dir,
     atomic_write_text,
     is_llm_drop_config,
+    load_complete,
     load_dropped,
     read_config,
 )
@@ -72,11 +74,8 @@ def from_pretrained(load: Callable[..., Any], ref: str | os.PathLike, **kwargs: 
 
 
 def no_stdin_prompts() -> None:
-    """Make a transformers load that leaves `trust_remote_code` unset fail instead of asking on stdin.
-
-    Every load in this package passes it (`from_pretrained` above); this is the command line's guarantee
-    for any that does not (transformers' own switch: a zero prompt timeout).
-    """
+    """Make a transformers load that leaves `trust_remote_code` unset fail instead of asking on stdin (every
+    load here passes it; this guards any that does not with transformers' own switch: a zero timeout)."""
     from transformers import dynamic_module_utils
 
     dynamic_module_utils.TIME_OUT_REMOTE_CODE = 0
@@ -172,16 +171,14 @@ def _clean_from_gguf(gguf_file: Path, out_dir: Path, source: dict[str, Any] | No
 def gguf_checkpoint_dir(gguf_file: str | os.PathLike) -> Path:
     """The cached safetensors conversion of `gguf_file`, converted first when the cache has none.
 
-    Keyed by content: the directory is named after the file's SHA-256 and records it, so another file
-    with the same name, or this file edited in place, never reuses a conversion made from other bytes.
-    A full hash rather than a sample of the first/last MiB: two fine-tunes of one base model can share
-    size, header, tokenizer and last tensors and differ only in the middle. Its cost (one read of the
-    file, far less than the conversion, which reads and dequantizes all of it) is paid once per change:
-    see `_gguf_sha256`.
+    Keyed by the file's full SHA-256 (named and recorded), so a file of the same name or edited in place
+    never reuses a conversion of other bytes; not a sample, as two fine-tunes may differ only in the
+    middle. The hash costs one read, far less than the conversion, once per change (`_gguf_sha256`).
     """
     from filelock import FileLock
 
     path = Path(gguf_file).resolve()
+    gguf_architecture(path)
     digest = _gguf_sha256(path)
     out = cache_dir() / "models" / f"gguf-{path.stem}-{digest[:16]}"
     with FileLock(str(out) + ".lock"):
@@ -189,18 +186,35 @@ def gguf_checkpoint_dir(gguf_file: str | os.PathLike) -> Path:
             done = json.loads((out / GGUF_SOURCE).read_text()).get("sha256") == digest
         except (OSError, ValueError):
             done = False
-        if not done or not (out / "config.json").is_file():
-            _clean_from_gguf(path, out, {"sha256": digest, "file": str(path), "size": path.stat().st_size})
+        try:
+            if not done or not (out / "config.json").is_file():
+                _clean_from_gguf(path, out, {"sha256": digest, "file": str(path), "size": path.stat().st_size})
+        except ValueError as err:  # transformers' refusal of an architecture it cannot convert
+            raise UserError(f"{path}: cannot be read back ({str(err).splitlines()[0]})") from None
     return out
 
 
-def _gguf_sha256(path: Path) -> str:
-    """SHA-256 of `path`, re-read only when its stat changes.
+def gguf_architecture(path: Path) -> str:
+    """`general.architecture` of a GGUF file; not one, or the `deci` layout `export --format gguf` writes for
+    llama.cpp: one line naming the file, before it is hashed or converted."""
+    from gguf import GGUFReader
 
-    The record beside the cache holds path, size, mtime_ns, ctime_ns and inode with the digest: ctime
-    moves on every write and cannot be set back, so an edit that restores mtime (cp -p, touch -r, rsync
-    -t) is still seen, and a replaced file has a new inode.
-    """
+    try:
+        field = GGUFReader(str(path)).fields["general.architecture"]
+        arch = bytes(field.parts[field.data[0]]).decode()
+    except (ValueError, KeyError, IndexError, OSError, UnicodeDecodeError) as err:
+        why = " ".join(str(err).split())[:120] or type(err).__name__
+        raise UserError(f"{path}: not a readable GGUF file (random, truncated or damaged: {why})") from None
+    if arch == "deci":
+        raise UserError(f"{path}: GGUF architecture 'deci' (Nemotron-NAS, written by `export --format gguf` for "
+                        "llama.cpp) cannot be read back; load the checkpoint directory it was exported from")
+    return arch
+
+
+def _gguf_sha256(path: Path) -> str:
+    """SHA-256 of `path`, re-read only when its stat changes: the record holds path, size, mtime_ns, ctime_ns
+    and inode; ctime moves on every write and cannot be set back, so an edit that restores mtime (cp -p,
+    touch -r, rsync -t) is still seen, and a replaced file has a new inode."""
     def stamp() -> dict[str, Any]:
         st = path.stat()
         return {"file": str(path), "size": st.st_size, "mtime_ns": st.st_mtime_ns, "ctime_ns": st.st_ctime_ns,
@@ -235,19 +249,35 @@ def smollm2_dir() -> Path:
     return out
 
 
+def catalogue_name(ref: str | os.PathLike) -> str | None:
+    """`ref` when it names a catalogue entry (`smollm2-135m`, `tiny-<family>`), else None.
+
+    The one resolution rule of every loader, streamed or not: a path that exists wins, so a folder
+    `./tiny-llama` or `smollm2-135m` in the working directory is that folder, never the catalogue's model.
+    """
+    ref = str(ref)
+    return ref if (ref == SMOLLM2 or ref.startswith(TINY_PREFIX)) and not Path(ref).exists() else None
+
+
+def tiny_family(ref: str | os.PathLike) -> str | None:
+    """The family of a `tiny-<family>` catalogue reference (`catalogue_name`), else None."""
+    return name[len(TINY_PREFIX):] if (name := catalogue_name(ref) or "").startswith(TINY_PREFIX) else None
+
+
 def resolve(ref: str) -> str:
     """Turn a catalogue name into a loadable path; other references pass through unchanged."""
-    return str(smollm2_dir()) if ref == SMOLLM2 else ref
+    return str(smollm2_dir()) if catalogue_name(ref) == SMOLLM2 else ref
 
 
 def load_tokenizer(ref: str) -> Any:
     """The tokenizer belonging to a model reference (catalogue name, directory, .gguf file or hub id)."""
     from transformers import AutoTokenizer
 
-    if ref.startswith(TINY_PREFIX):
+    if tiny_family(ref) is not None:
         return byte_tokenizer()
     path = Path(resolve(ref))
     if path.suffix == ".gguf":
+        gguf_architecture(path)
         return AutoTokenizer.from_pretrained(path.parent, gguf_file=path.name, trust_remote_code=False)
     if (path / "config.json").is_file() and read_config(path).get("model_type") in NEMOTRON_TYPES:
         from .nemotron_nas import load_nemotron_tokenizer
@@ -290,9 +320,11 @@ def load_model(ref: str, dtype: torch.dtype | str = torch.float32, tokenizer: st
     if isinstance(dtype, str):
         dtype = getattr(torch, dtype)
     tok_ref = tokenizer
-    if ref.startswith(TINY_PREFIX):
-        model, tok = tiny_model(ref[len(TINY_PREFIX):])
+    family = tiny_family(ref)
+    if family is not None:
+        model, tok = tiny_model(family)
         model = model.to(dtype)
+        tok = load_tokenizer(tok_ref) if tok_ref else tok
     else:
         path = Path(resolve(ref))
         if path.suffix == ".gguf":
@@ -301,18 +333,27 @@ def load_model(ref: str, dtype: torch.dtype | str = torch.float32, tokenizer: st
             path = gguf_checkpoint_dir(path)
         if path.exists():
             model = _load_local_or_explain(path, dtype)
-        elif ref.startswith((".", "/", "~")) or os.sep in ref and not _looks_like_hub_id(ref):
+        elif ref.startswith((".", "/", "~")) or ref.count("/") > 1:  # a path, not a hub id (owner/name)
             raise FileNotFoundError(f"model directory not found: {ref}")
         else:
             model = _load_hub(ref, dtype)
         tok = load_tokenizer(tok_ref) if tok_ref else _tokenizer_or_none(str(path) if path.exists() else ref)
         if tok is None:
             raise UserError(f"no tokenizer found with {ref}: pass a tokenizer reference (a path or catalogue name)")
+    check_tokenizer(tok, model.get_input_embeddings().num_embeddings, ref, tok_ref)
     return model.eval(), tok
 
 
-def _looks_like_hub_id(ref: str) -> bool:
-    return ref.count("/") == 1 and not ref.startswith((".", "/", "~"))
+def check_tokenizer(tok: Any, vocab_size: int, model: str, tokenizer: str | None = None) -> None:
+    """Refuse a tokenizer that does not belong to a model of `vocab_size` embeddings: ids past the embedding
+    fail deep in the first forward pass, and a user's `tokenizer` much smaller than the embedding is another
+    model's (a model's own may be smaller by the padding models add to their embedding: 1%, or 256)."""
+    n, what = len(tok), f"the tokenizer {tokenizer}" if tokenizer else f"{model}'s tokenizer"
+    bad = sorted({i for i in getattr(tok, "all_special_ids", []) if i is not None and not 0 <= i < vocab_size})
+    if n > vocab_size or bad or tokenizer and vocab_size - n > max(256, vocab_size // 100):
+        why = f"special token ids {bad} outside" if bad and n <= vocab_size else f"a vocabulary of {n} tokens for"
+        raise UserError(f"{what} has {why} the {vocab_size} embeddings of {model}: it is another model's "
+                        "tokenizer; use the model's own")
 
 
 def _load_local_or_explain(path: Path, dtype: torch.dtype) -> nn.Module:
@@ -365,7 +406,8 @@ def _load_local(path: Path, dtype: torch.dtype) -> nn.Module:
 
     if model_type not in CONFIG_MAPPING:
         return _load_remote_code(path, config, dtype)
-    return from_pretrained(AutoModelForCausalLM.from_pretrained, path, dtype=dtype)
+    return from_pretrained(partial(load_complete, AutoModelForCausalLM.from_pretrained), path, dtype=dtype)
+
 
 
 def _load_remote_code(path: Path, config: dict, dtype: torch.dtype) -> nn.Module:
@@ -383,14 +425,14 @@ def _load_remote_code(path: Path, config: dict, dtype: torch.dtype) -> nn.Module
                                 f"{path}: copy the model's modeling/configuration files there")
     if not remote_code_allowed():
         raise RemoteCodeRefused(f"{path} runs its own code ({module_file.name}); set {REMOTE_CODE_ENV}=1 to allow it")
-    return AutoModelForCausalLM.from_pretrained(path, dtype=dtype, trust_remote_code=True)
+    return load_complete(AutoModelForCausalLM.from_pretrained, path, dtype=dtype, trust_remote_code=True)
 
 
 def _load_hub(ref: str, dtype: torch.dtype) -> nn.Module:
     from transformers import AutoModelForCausalLM
 
     try:
-        return from_pretrained(AutoModelForCausalLM.from_pretrained, ref, dtype=dtype)
+        return from_pretrained(partial(load_complete, AutoModelForCausalLM.from_pretrained), ref, dtype=dtype)
     except OSError as err:
         raise UserError(
             f"cannot load '{ref}': not a local path, not a catalogue name ({', '.join(catalogue())}), "

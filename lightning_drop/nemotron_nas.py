@@ -39,7 +39,7 @@ def load_nemotron_nas(directory: str | os.PathLike, dtype: torch.dtype = torch.f
     import transformers
     from safetensors.torch import load_file
 
-    from .dropped_checkpoint import read_config
+    from .dropped_checkpoint import read_config, require_weights
     from .modeling_dropped import apply_drop
 
     directory = Path(directory)
@@ -89,11 +89,11 @@ def load_nemotron_nas(directory: str | os.PathLike, dtype: torch.dtype = torch.f
     apply_drop(model, attn=attn, mlp=mlp)
     if config.tie_word_embeddings:
         state.pop("lm_head.weight", None)
-    missing = set(model.state_dict()) - set(state) - ({"lm_head.weight"} if config.tie_word_embeddings else set())
-    extra = set(state) - set(model.state_dict())
-    if missing or extra:
-        raise UserError(f"{directory}: weights do not match block_configs (missing {sorted(missing)[:4]}, "
-                         f"unexpected {sorted(extra)[:4]})")
+    expected = {k: tuple(v.shape) for k, v in model.state_dict().items()}
+    missing = set(expected) - set(state) - ({"lm_head.weight"} if config.tie_word_embeddings else set())
+    mismatched = [(k, tuple(v.shape), expected[k]) for k, v in state.items()
+                  if k in expected and tuple(v.shape) != expected[k]]
+    require_weights(directory, missing, set(state) - set(expected), mismatched)
     model.load_state_dict(state, strict=False, assign=True)
     if config.tie_word_embeddings:
         model.tie_weights()

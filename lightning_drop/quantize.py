@@ -231,10 +231,10 @@ read_texts = load_documents
 # --------------------------------------------------------------------------------------------------
 def _source_dir(model: str | os.PathLike, stack: list) -> Path:
     """A directory for `model`: an existing checkpoint dir, or a catalogue name saved to a temp dir."""
-    from .model_loading import TINY_PREFIX, load_model, resolve
+    from .model_loading import load_model, resolve, tiny_family
 
     ref = str(model)
-    if ref.startswith(TINY_PREFIX):
+    if tiny_family(ref) is not None:
         from .dropped_checkpoint import save_dropped
 
         m, tok = load_model(ref)

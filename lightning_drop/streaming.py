@@ -42,6 +42,7 @@ from .architectures import get_spec
 from .dropped_checkpoint import (
     is_llm_drop_config,
     read_config,
+    require_weights,
 )
 from .errors import UserError
 from .importance import (
@@ -104,6 +105,30 @@ def meta_model(config: Any, dtype: torch.dtype = torch.float32) -> nn.Module:
     with torch.device("meta"):
         model = cls(config)
     return model.to(dtype).eval()
+
+
+def check_weights(model_dir: str | os.PathLike, model: nn.Module) -> None:
+    """Refuse, before any layer runs, a checkpoint whose tensors are not exactly the (meta) model's.
+
+    What `dropped_checkpoint.load_complete` refuses for a loaded model, read from the safetensors headers:
+    a missing tensor would otherwise end the run late, an unexpected one be silently skipped.
+    """
+    import re
+
+    from transformers.modeling_utils import remove_tied_weights_from_state_dict
+
+    state = model.state_dict()
+    expected = {k: tuple(v.shape) for k, v in remove_tied_weights_from_state_dict(state, model).items()}
+    with SafetensorsShards(model_dir) as tensors:
+        found = {k: tuple(tensors._header(k)[1]) for k in tensors.keys()}
+
+    def ignored(key: str, patterns: Any) -> bool:
+        return any(re.search(p, key) for p in patterns or ())
+
+    missing = [k for k in expected if k not in found and not ignored(k, model._keys_to_ignore_on_load_missing)]
+    unexpected = [k for k in found if k not in state and not ignored(k, model._keys_to_ignore_on_load_unexpected)]
+    mismatched = [(k, found[k], expected[k]) for k in expected if k in found and found[k] != expected[k]]
+    require_weights(model_dir, missing, unexpected, mismatched)
 
 
 def _generation_config(model_dir: Path, config: Any) -> Any:
@@ -279,6 +304,7 @@ def stream_importance(model_dir: str | os.PathLike, windows: Any, metric: str = 
     model_dir = Path(model_dir)
     config = load_config(model_dir)
     model = meta_model(config, dtype)
+    check_weights(model_dir, model)
     if drop_attn or drop_mlp:
         apply_drop(model, attn=list(drop_attn), mlp=list(drop_mlp))
     if metric in ("reverse", "random"):  # positional: no data pass, nothing loaded

@@ -67,10 +67,10 @@ def _source(src: Any, tokenizer: Any = None) -> tuple[nn.Module, Any]:
     """(model, tokenizer) from a model object or anything `lightning_drop.model_loading.load_model` accepts."""
     if isinstance(src, nn.Module):
         return src, tokenizer
-    from ..model_loading import load_model
+    from ..model_loading import catalogue_name, load_model
 
     path = Path(src)
-    if not path.exists() and not str(src).startswith(("tiny-", "smollm2")):
+    if not path.exists() and catalogue_name(str(src)) is None:
         raise FileNotFoundError(f"model directory not found: {src}")
     model, tok = load_model(str(src), dtype=torch.float32)
     return model, tokenizer if tokenizer is not None else tok

@@ -35,23 +35,36 @@ SAVE_DTYPES: tuple[str, ...] = get_args(SaveDtype)
 ScoreDtype = Literal["float32", "bfloat16", "float16"]
 
 
-def source_dtype(ref: str) -> torch.dtype | None:
-    """The dtype a local checkpoint's config.json records (None: not a local checkpoint, or not recorded)."""
+def source_dtype(ref: str) -> torch.dtype:
+    """The dtype a reference's weights are stored in, which a dropped checkpoint keeps by default.
+
+    A local checkpoint's config.json says it (else its first floating safetensors tensor does); tiny models
+    and GGUF conversions are float32, and so is anything unknown (what `load_model` loads by default).
+    """
     import torch
 
-    from ..model_loading import resolve
+    from ..dropped_checkpoint import read_config
+    from ..model_loading import resolve, tiny_family
+    from ..safetensors_io import read_safetensors_header
 
-    cfg = Path(resolve(ref)) / "config.json"
-    if not cfg.is_file():
-        return None
-    data = json.loads(cfg.read_text())
-    name = data.get("dtype") or data.get("torch_dtype")
-    value = getattr(torch, str(name), None) if name else None
-    return value if isinstance(value, torch.dtype) else None
+    path = Path(resolve(ref))
+    if tiny_family(ref) is not None or not (path / "config.json").is_file():
+        return torch.float32
+    config = read_config(path)
+    value = getattr(torch, str(config.get("dtype") or config.get("torch_dtype")), None)
+    if isinstance(value, torch.dtype):
+        return value
+    names = {"F32": torch.float32, "BF16": torch.bfloat16, "F16": torch.float16}
+    for file in sorted(path.glob("*.safetensors")):
+        for info in read_safetensors_header(file)[1].values():
+            if isinstance(info, dict) and info.get("dtype") in names:
+                return names[info["dtype"]]
+    return torch.float32
 
 
-def save_dtype_of(job: DropJob) -> torch.dtype | None:
-    """dtype to write the checkpoint in (None: keep what the model or the source tensors have)."""
+def save_dtype_of(job: DropJob) -> torch.dtype:
+    """dtype to write the checkpoint in: `--save-dtype`, or the source's own for auto (never the scoring
+    dtype: `--dtype bfloat16` must not round a float32 model's saved weights)."""
     import torch
 
     return source_dtype(job.model) if job.save_dtype == "auto" else getattr(torch, job.save_dtype)
@@ -92,8 +105,10 @@ class DropJob:
             raise UserError(f"unknown --save-dtype '{self.save_dtype}'; choose from {', '.join(SAVE_DTYPES)}")
         if self.batch_size < 1 or self.step < 1:
             raise UserError("--batch-size and --step must be at least 1")
-        if self.stream:
-            check_device(self.device, "--device")
+        check_device(self.device, "--device")
+        if self.offload_dir is not None and not self.stream:
+            raise UserError("--offload-dir keeps streamed hidden states on disk and applies only with --stream; "
+                            "add --stream or leave --offload-dir out")
         if self.output is not None:
             check_output(self.output, overwrite=self.overwrite,
                          sources=[self.model, self.tokenizer, self.calibration.source, self.offload_dir])
@@ -118,14 +133,6 @@ def check_device(device: str, option: str) -> torch.device:
     return dev
 
 
-def check_vocabulary(tokenizer: Any, vocab_size: int, model: str) -> None:
-    """A tokenizer whose ids exceed the embedding would fail deep inside the first forward pass."""
-    n = len(tokenizer)
-    if n > vocab_size:
-        raise UserError(f"the tokenizer's vocabulary ({n} tokens) is larger than {model}'s embedding "
-                        f"({vocab_size}): pass the model's own tokenizer with --tokenizer")
-
-
 def run_drop(job: DropJob, progress: bool = True) -> dict[str, Any]:
     """Run `job`; returns the report (also written to OUTPUT/importance.json with a PNG beside it)."""
     if job.stream:
@@ -136,8 +143,8 @@ def run_drop(job: DropJob, progress: bool = True) -> dict[str, Any]:
     from ..selection import drop_by_importance
     from ..text_data import calibration_windows
 
-    model, tok = load_model(job.model, dtype=job.dtype, tokenizer=job.tokenizer)
-    check_vocabulary(tok, model.get_input_embeddings().num_embeddings, job.model)
+    model, tok = load_model(job.model, dtype=job.dtype, tokenizer=job.tokenizer)  # checks the tokenizer
+    model.to(check_device(job.device, "--device"))
     num = _check_request(job, model.config.num_hidden_layers, *dropped_layers(model))
     max_pos = getattr(model.config, "max_position_embeddings", None)
     windows = calibration_windows(tok, job.calibration, max_positions=max_pos)
@@ -146,11 +153,34 @@ def run_drop(job: DropJob, progress: bool = True) -> dict[str, Any]:
                                 step=job.step, keep=list(job.keep), seed=job.calibration.seed, progress=progress)
     report = build_report(job, result, windows)
     if job.output is not None:
-        dtype = save_dtype_of(job)
-        if dtype is not None and next(model.parameters()).dtype != dtype:
-            model = model.to(dtype)
-        save_dropped(model, job.output, tok, extra=lambda tmp: write_report(tmp, report, result), overwrite=True)
+        if not _holds_source_weights(job):
+            attn, mlp = dropped_layers(model)
+            del model  # one model in memory at a time
+            model = _reload_dropped(job, attn, mlp)
+        save_dropped(model.to("cpu", save_dtype_of(job)), job.output, tok, max_shard_size=job.max_shard_size,
+                     extra=lambda tmp: write_report(tmp, report, result), overwrite=True)
     return report
+
+
+def _holds_source_weights(job: DropJob) -> bool:
+    """Whether the model scored in `--dtype` still holds the source's weights exactly (same dtype, or float32
+    for a 16-bit source); if not, scoring rounded them and the checkpoint must not be written from it."""
+    import torch
+
+    scored, source = getattr(torch, job.dtype), source_dtype(job.model)
+    return scored == source or scored == torch.float32 and source in (torch.bfloat16, torch.float16)
+
+
+def _reload_dropped(job: DropJob, attn: Sequence[int], mlp: Sequence[int]) -> Any:
+    """The source model loaded again in the save dtype with the same drops, so the saved tensors are the
+    source's bit for bit (or cast once, as `--save-dtype` asks)."""
+    from ..model_loading import load_model
+    from ..modeling_dropped import apply_drop, dropped_layers
+
+    model, _ = load_model(job.model, dtype=save_dtype_of(job), tokenizer=job.tokenizer)
+    had_attn, had_mlp = dropped_layers(model)
+    apply_drop(model, attn=[i for i in attn if i not in had_attn], mlp=[i for i in mlp if i not in had_mlp])
+    return model
 
 
 def _check_request(job: DropJob, n_layers: int, dropped_attn: Sequence[int] = (),
@@ -175,7 +205,7 @@ def run_drop_streamed(job: DropJob, progress: bool = True) -> dict[str, Any]:
     """
     from ..dropped_checkpoint import read_config
     from ..importance import ImportanceScores
-    from ..model_loading import load_tokenizer, resolve
+    from ..model_loading import check_tokenizer, load_tokenizer, resolve
     from ..schedule import drop_rounds
     from ..selection import DropResult
     from ..streamed_writer import write_dropped_streaming
@@ -201,7 +231,7 @@ def run_drop_streamed(job: DropJob, progress: bool = True) -> dict[str, Any]:
         except (OSError, ValueError):
             raise UserError(f"no tokenizer found with {job.model}: pass --tokenizer (a path or catalogue name)") from None
     if isinstance(config.get("vocab_size"), int):
-        check_vocabulary(tok, config["vocab_size"], job.model)
+        check_tokenizer(tok, config["vocab_size"], job.model, job.tokenizer)
     windows = calibration_windows(tok, job.calibration, max_positions=config.get("max_position_embeddings"))
 
     def score(attn: list[int], mlp: list[int], index: int) -> ImportanceScores:
@@ -287,9 +317,9 @@ def drop_main(model: str, output: str, target: Target = "attn", num: int | None 
         tokenizer: tokenizer (directory, hub id or catalogue name) when the model dir has none
         stream: models larger than memory: score one decoder layer at a time from the safetensors shards and
             write the dropped checkpoint shard by shard (needs a local checkpoint dir)
-        device: --stream: device each layer runs on (cpu, cuda, cuda:1)
+        device: device the scoring runs on (cpu, cuda, cuda:1); with --stream, each layer in turn
         offload_dir: --stream: keep the calibration hidden states memory-mapped in this directory, not in RAM
-        max_shard_size: --stream: largest output shard (e.g. 2GB, 500MB)
+        max_shard_size: largest output shard (e.g. 2GB, 500MB)
         overwrite: replace a non-empty --output directory
 
     Returns the report that OUTPUT/importance.json holds.
