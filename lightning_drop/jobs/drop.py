@@ -12,7 +12,7 @@ from pathlib import Path
 from typing import TYPE_CHECKING, Any, Literal, Sequence, get_args
 
 from ..atomic_io import check_output
-from ..errors import UserError
+from ..errors import UserError, param
 from ..options import (
     METRICS,
     SCHEDULES,
@@ -123,7 +123,7 @@ def check_vocabulary(tokenizer: Any, vocab_size: int, model: str) -> None:
     n = len(tokenizer)
     if n > vocab_size:
         raise UserError(f"the tokenizer's vocabulary ({n} tokens) is larger than {model}'s embedding "
-                        f"({vocab_size}): pass the model's own tokenizer with --tokenizer")
+                        f"({vocab_size}): pass the model's own tokenizer with {param('tokenizer', '...', 'REF')}")
 
 
 def run_drop(job: DropJob, progress: bool = True) -> dict[str, Any]:
@@ -199,7 +199,8 @@ def run_drop_streamed(job: DropJob, progress: bool = True) -> dict[str, Any]:
         try:
             tok = load_tokenizer(str(path))
         except (OSError, ValueError):
-            raise UserError(f"no tokenizer found with {job.model}: pass --tokenizer (a path or catalogue name)") from None
+            raise UserError(f"no tokenizer found with {job.model}: pass {param('tokenizer', '...', 'REF')} "
+                            "(a path or catalogue name)") from None
     if isinstance(config.get("vocab_size"), int):
         check_vocabulary(tok, config["vocab_size"], job.model)
     windows = calibration_windows(tok, job.calibration, max_positions=config.get("max_position_embeddings"))

@@ -54,7 +54,7 @@ def speed_main(model: str, baseline: str | None = None, batch_size: int | None =
                eval_results: str | None = None, baseline_eval_results: str | None = None,
                ideal: bool = False, clock: Clock = "wall", interleave: Interleave = "step",
                threads: int | None = None, device: str = "cpu", dtype: SpeedDtype = "float32",
-               overwrite: bool = False) -> dict[str, Any]:
+               tokenizer: str | None = None, overwrite: bool = False) -> dict[str, Any]:
     """Prompt then greedy generation with the KV cache; baseline and model are timed side by side after
     warm-up (in lock step by default), medians of --repeats, at each prompt length.
 
@@ -81,6 +81,8 @@ def speed_main(model: str, baseline: str | None = None, batch_size: int | None =
         threads: torch threads (default: torch's own)
         device: where the models run (cpu, cuda, cuda:1); on CUDA the peak memory of each model is reported
         dtype: weights' dtype (bf16 = bfloat16, fp16 = float16)
+        tokenizer: tokenizer (directory, hub id or catalogue name) for a model without one of its own (the
+            prompts are random token ids: it is loaded with the model, not used for timing)
         overwrite: replace an existing --output file
     """
     import torch
@@ -112,7 +114,7 @@ def speed_main(model: str, baseline: str | None = None, batch_size: int | None =
     dev = check_device(device, "--device")
     if output:
         check_output(output, kind="file", overwrite=overwrite,
-                     sources=[model, baseline, eval_results, baseline_eval_results])
+                     sources=[model, baseline, eval_results, baseline_eval_results, tokenizer])
     resolve_clock(clock, dev)
     if interleave not in INTERLEAVE:
         raise UserError(f"interleave must be one of {', '.join(INTERLEAVE)}, got {interleave!r}")
@@ -126,7 +128,7 @@ def speed_main(model: str, baseline: str | None = None, batch_size: int | None =
         check_context(lengths, gen_len, positions_before_loading(ref), ref, option)
     loaded = []  # a list: a model may be compared with itself, two copies then
     for ref in refs:
-        m, _ = load_model(ref, dtype=DTYPES[dtype])
+        m, _ = load_model(ref, dtype=DTYPES[dtype], tokenizer=tokenizer)
         check_context(lengths, gen_len, max_positions(m.config), ref, option)
         loaded.append(m.to(dev))
     net = loaded[0]
