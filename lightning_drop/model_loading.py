@@ -307,7 +307,8 @@ def load_model(ref: str, dtype: torch.dtype | str = torch.float32, tokenizer: st
             model = _load_hub(ref, dtype)
         tok = load_tokenizer(tok_ref) if tok_ref else _tokenizer_or_none(str(path) if path.exists() else ref)
         if tok is None:
-            raise UserError(f"no tokenizer found with {ref}: pass {param('tokenizer', '...', 'REF')} (a path or catalogue name)")
+            raise UserError(f"no tokenizer found with {ref}: pass {param('tokenizer', '...', 'REF')} "
+                            "(a path or catalogue name)")
     return model.eval(), tok
 
 

@@ -4,10 +4,11 @@ baseline in one run (the measures are `lightning_drop.speed`'s). Nothing heavy i
 from __future__ import annotations
 
 import json
+import math
 from typing import Any, Literal
 
 from ..atomic_io import check_output, write_json
-from ..errors import UserError
+from ..errors import UserError, input_file
 from ..options import Clock, Interleave
 
 SpeedDtype = Literal["float32", "bfloat16", "float16", "fp32", "bf16", "fp16"]
@@ -16,14 +17,21 @@ DTYPES = {"float32": "float32", "bfloat16": "bfloat16", "float16": "float16", "f
           "fp16": "float16"}
 
 
-def _read_average(path: str | None) -> float | None:
+def _read_average(path: str | None, option: str) -> float | None:
+    """The average score in an eval JSON (`lightning-drop eval --output`), read before any model loads."""
     if not path:
         return None
-    with open(path) as fh:
-        data = json.load(fh)
-    avg = data.get("average")
+    file = input_file(path, f"{option} file")
+    try:
+        data = json.loads(file.read_text(encoding="utf-8"))
+    except (json.JSONDecodeError, UnicodeDecodeError) as err:
+        raise UserError(f"{option} {path} is not JSON ({err}); expected the JSON written by `lightning-drop eval`") \
+            from None
+    avg = data.get("average") if isinstance(data, dict) else None
     if avg is None:
-        raise UserError(f"{path} has no 'average' (expected the JSON written by `lightning-drop eval`)")
+        raise UserError(f"{option} {path} has no 'average' (expected the JSON written by `lightning-drop eval`)")
+    if isinstance(avg, bool) or not isinstance(avg, (int, float)) or not math.isfinite(avg) or avg < 0:
+        raise UserError(f"{option} {path}: 'average' must be a score >= 0, got {json.dumps(avg)[:40]}")
     return float(avg)
 
 
@@ -116,6 +124,10 @@ def speed_main(model: str, baseline: str | None = None, batch_size: int | None =
         check_output(output, kind="file", overwrite=overwrite,
                      sources=[model, baseline, eval_results, baseline_eval_results, tokenizer])
     resolve_clock(clock, dev)
+    d_avg = _read_average(eval_results, "--eval-results")
+    b_avg = _read_average(baseline_eval_results, "--baseline-eval-results")
+    if b_avg == 0:
+        raise UserError(f"--baseline-eval-results {baseline_eval_results}: an average of 0 leaves nothing to degrade")
     if interleave not in INTERLEAVE:
         raise UserError(f"interleave must be one of {', '.join(INTERLEAVE)}, got {interleave!r}")
     if threads is not None:
@@ -138,12 +150,12 @@ def speed_main(model: str, baseline: str | None = None, batch_size: int | None =
     else:
         per_length = [{"dropped": measure_generation(net, batch_size, n, gen_len, repeats, warmup, clock=clock),
                        "context_len": n + gen_len} for n in lengths]
-    res = {**per_length[0], "per_length": per_length, "peak_rss_bytes": peak_rss_bytes()}
+    res = {**per_length[0], "per_length": per_length, "peak_rss_bytes": peak_rss_bytes(),
+           "warnings": [w for r in per_length for w in r.get("warnings", [])]}
     res["model"], res["baseline"], res["preset"] = model, baseline, preset
     if baseline and ideal:
         vs = per_length[0]["vs_base"]["dropped"]
         res["ideal_speedup"], res["realized_gain"] = vs["ideal_speedup"]["total"], vs["realized_gain"]["total"]
-    d_avg, b_avg = _read_average(eval_results), _read_average(baseline_eval_results)
     if baseline and d_avg is not None and b_avg is not None:
         res["sdr"] = sdr(b_avg, d_avg, res["speedup"]["total"])
     if output:
@@ -159,4 +171,6 @@ def speed_main(model: str, baseline: str | None = None, batch_size: int | None =
             print_speed({**r, "peak_rss_bytes": res["peak_rss_bytes"]})
     else:
         print_speed(res)
+    for warning in res["warnings"]:
+        print(f"warning: {warning}")
     return res
