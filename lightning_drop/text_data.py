@@ -233,6 +233,17 @@ def _looks_local(source: str) -> bool:
         or os.path.exists(os.path.expanduser(source))
 
 
+def check_source(source: str | os.PathLike | Iterable[str]) -> None:
+    """Refuse a local source that cannot be read — missing, or a FIFO or device whose read would block — without
+    reading it, so that a job can check its text before it loads a model."""
+    if isinstance(source, (str, os.PathLike)) and os.fspath(source) not in SAMPLES and _looks_local(os.fspath(source)):
+        path = Path(source).expanduser()
+        if not path.exists():
+            raise FileNotFoundError(f"document source not found: {path}")
+        if not path.is_dir():
+            input_file(path, "document source")
+
+
 def load_documents(source: str | os.PathLike | Iterable[str], text_field: str = "text", split: str | None = None,
                    limit: int | None = None) -> list[str]:
     """Documents (non-blank strings, in source order) from a file, a directory, a sample name or a hub spec.
@@ -254,12 +265,9 @@ def load_documents(source: str | os.PathLike | Iterable[str], text_field: str = 
         texts = _split_sample(SAMPLES[source], path.read_text(encoding="utf-8"))
         label = f"{source} ({path})"
     elif _looks_local(source):
+        check_source(source)
         path = Path(source).expanduser()
         label = str(path)
-        if not path.exists():
-            raise FileNotFoundError(f"document source not found: {path}")
-        if not path.is_dir():
-            input_file(path, "document source")  # a FIFO or a device would block the read
         if path.is_dir() and ((path / "dataset_info.json").is_file() or (path / "dataset_dict.json").is_file()):
             import datasets
 

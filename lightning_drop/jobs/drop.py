@@ -97,6 +97,9 @@ class DropJob:
         if self.output is not None:
             check_output(self.output, overwrite=self.overwrite,
                          sources=[self.model, self.tokenizer, self.calibration.source, self.offload_dir])
+        from ..text_data import check_source  # imports torch: not at the job module's import
+
+        check_source(self.calibration.source)
 
 
 def check_device(device: str, option: str) -> torch.device:

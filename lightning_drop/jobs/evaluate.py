@@ -68,8 +68,8 @@ def eval_main(model: str, tasks: Sequence[str] | str | None = None, preset: str 
             prepared = prepare_lm_eval(list(plan), plan if any(v is not None for v in plan.values()) else None,
                                        limit, includes or None)
         print(f"lm-eval's progress and messages: {log}", file=sys.stderr)
-        net, tok = load_model(model, tokenizer=tokenizer)
         with dependency_output_to(log):
+            net, tok = load_model(model, tokenizer=tokenizer)
             res = run_lm_eval(net, tok, list(plan), batch_size=batch_size, prepared=prepared)
     except UserError:
         os.unlink(log)  # the one error line says what was wrong
