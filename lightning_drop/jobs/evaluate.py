@@ -63,16 +63,19 @@ def eval_main(model: str, tasks: Sequence[str] | str | None = None, preset: str 
     # to a log, so the terminal keeps this command's lines
     fd, log = tempfile.mkstemp(prefix="lightning-drop-eval-", suffix=".log")
     os.close(fd)
+    announced = False
     try:
         with dependency_output_to(log):  # the tasks and their data first: a mistake there is found before loading
             prepared = prepare_lm_eval(list(plan), plan if any(v is not None for v in plan.values()) else None,
                                        limit, includes or None)
         print(f"lm-eval's progress and messages: {log}", file=sys.stderr)
+        announced = True
         with dependency_output_to(log):
             net, tok = load_model(model, tokenizer=tokenizer)
             res = run_lm_eval(net, tok, list(plan), batch_size=batch_size, prepared=prepared)
-    except UserError:
-        os.unlink(log)  # the one error line says what was wrong
+    except BaseException as err:
+        if not announced or isinstance(err, UserError):  # the one error line says what was wrong
+            os.unlink(log)
         raise
     res["model"] = model
     if output:
