@@ -24,7 +24,7 @@ from contextlib import contextmanager
 from pathlib import Path
 from typing import Any, Iterable, Iterator
 
-from .errors import UserError
+from .errors import UserError, param
 
 _LIVE: set[Path] = set()
 _LOCK = threading.Lock()
@@ -138,7 +138,7 @@ def _nearest_existing(path: Path) -> Path:
 
 def check_output(path: str | os.PathLike, *, kind: str = "dir", overwrite: bool = False,
                  sources: Iterable[str | os.PathLike | None] = (), option: str = "--output",
-                 hint: str = "pass --overwrite to replace it") -> Path:
+                 hint: str | None = None) -> Path:
     """Refuse a target that would destroy something, before any work starts; returns it as a Path.
 
     `kind` is "dir" (a checkpoint, a report folder) or "file". `sources` are the job's inputs (model directories,
@@ -163,6 +163,7 @@ def check_output(path: str | os.PathLike, *, kind: str = "dir", overwrite: bool 
         non_empty = any(target.iterdir()) if kind == "dir" else True
         if non_empty and not overwrite:
             what = "already exists and is not empty" if kind == "dir" else "already exists"
+            hint = hint or f"pass {param('overwrite', 'True')} to replace it"
             raise UserError(f"{option} {target} {what} ({hint})")
     _probe_writable(target, option)
     return target

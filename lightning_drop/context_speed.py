@@ -94,11 +94,12 @@ def speed_by_context(models: Mapping[str, nn.Module], prompt_lens: Sequence[int]
                      interleave: str = "step", ideal: bool = False) -> list[dict[str, Any]]:
     """One `compare_speed` result per prompt length, in the order given (`models` holds a "base").
 
-    Each result also has `context_len` (prompt + generated tokens) and, with `ideal`, per dropped model
-    `vs_base[name]["ideal_speedup"]` and `["realized_gain"]`, {prefill, decode, total} each, profiled on the
-    base at that length (a realized gain is None where a drop removes nothing). Weights are placed alike once.
+    Each result also has `context_len` (prompt + generated tokens), `warnings` (`ideal_speedup.speedup_warnings`:
+    speedups not to be trusted) and, with `ideal`, per dropped model `vs_base[name]["ideal_speedup"]` and
+    `["realized_gain"]`, {prefill, decode, total} each, profiled on the base at that length (a realized gain is
+    None where a drop removes nothing). Weights are placed alike once.
     """
-    from .ideal_speedup import profile_drops, realized_gain
+    from .ideal_speedup import profile_drops, realized_gain, speedup_warnings
     from .modeling_dropped import dropped_layers
     from .speed import compare_speed
 
@@ -120,6 +121,8 @@ def speed_by_context(models: Mapping[str, nn.Module], prompt_lens: Sequence[int]
                 vs["ideal_speedup"] = {ph: profs[name][ph]["ideal_speedup"] for ph in ("prefill", "decode", "total")}
                 vs["realized_gain"] = {ph: realized_gain(vs["speedup"][ph], x) if x != 1 else None
                                        for ph, x in vs["ideal_speedup"].items()}
+        res["warnings"] = [w for name, vs in res["vs_base"].items() for w in
+                           speedup_warnings(vs, f"prompt {prompt_len}" + (f", {name}" if len(models) > 2 else ""))]
         out.append(res)
     return out
 

@@ -28,7 +28,7 @@ from torch import nn
 
 from .architectures import DROPPED_PREFIX, ArchSpec, get_spec
 from .atomic_io import atomic_dir, atomic_write_text, check_output
-from .errors import UserError
+from .errors import UserError, param
 from .modeling_dropped import dropped_layers
 
 # Copied next to a dropped checkpoint: modeling_dropped.py and every file it imports relatively.
@@ -127,7 +127,7 @@ def save_dropped(model: nn.Module, out_dir: str | os.PathLike, tokenizer: Any = 
     kind = checkpoint_kind(model)
     out_dir = check_output(out_dir, overwrite=overwrite, option="save_dropped: out_dir",
                            sources=[getattr(model.config, "_name_or_path", None) or None],
-                           hint="pass overwrite=True to replace it")
+                           hint=f"pass {param('overwrite', 'True')} to replace it")
     with atomic_dir(out_dir) as tmp:
         target = model
         if kind == "blocks":

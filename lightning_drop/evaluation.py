@@ -8,10 +8,14 @@
 
 from __future__ import annotations
 
+import contextlib
+import dataclasses
 import logging
 import math
 import os
-from collections.abc import Mapping, Sequence
+import re
+import sys
+from collections.abc import Iterator, Mapping, Sequence
 from pathlib import Path
 from typing import Any
 
@@ -19,7 +23,7 @@ import torch
 
 from .atomic_io import atomic_write_text, write_json  # noqa: F401  (write_json: the callbacks import it from here)
 from .text_data import load_documents, make_windows
-from .errors import UserError
+from .errors import UserError, param
 
 # Choosing and preparing the tasks moved to `lm_eval_tasks`; these names stay importable from
 # `lightning_drop.evaluation`.
@@ -127,27 +131,28 @@ def _check_limit(tasks: Mapping[str, Any], limit: float | None) -> None:
                     f"most {min(size for _, size in short)} or a fraction below 1")
 
 
-def run_lm_eval(model: torch.nn.Module, tokenizer: Any, tasks: Sequence[str] | str,
-                num_fewshot: int | Mapping[str, int] | None = None, limit: int | float | None = None,
-                include_path: str | os.PathLike | Sequence[str | os.PathLike] | None = None,
-                batch_size: int = 4, max_length: int | None = None, seed: int = 1234) -> dict[str, Any]:
-    """Run lm-eval tasks on `model` as it is in memory.
+@dataclasses.dataclass
+class PreparedTasks:
+    """lm-eval tasks built and checked before a model is involved (`prepare_lm_eval`): their plan
+    {task: few-shot}, the task manager, and the built tasks per few-shot count."""
 
-    `num_fewshot` is one count for all tasks, or {task: count}; tasks with different counts run as separate
-    lm-eval calls. Returns {"results": {task: {metric: value}}, "n_samples": {task: n}, "num_fewshot":
-    {task: k}, "scores": {task: primary metric}, "stderrs": {task: its standard error}, "average": mean of the
-    requested tasks' primary metrics, "average_stderr": its standard error}. A count `limit` above a task's
-    number of documents is refused before anything is scored.
-    """
-    from lm_eval import simple_evaluate
-    from lm_eval.models.huggingface import HFLM
+    plan: dict[str, int | None]
+    manager: Any
+    loaded: dict[int | None, Any]
+    limit: int | float | None
+
+
+def prepare_lm_eval(tasks: Sequence[str] | str, num_fewshot: int | Mapping[str, int] | None = None,
+                    limit: int | float | None = None,
+                    include_path: str | os.PathLike | Sequence[str | os.PathLike] | None = None) -> PreparedTasks:
+    """Find and build the tasks (this loads their data) and check the limit against their documents, so that
+    every mistake in the request — an unknown task, a dataset only the network has, a limit too large —
+    is reported before any model loads."""
     from lm_eval.tasks import TaskManager
 
     plan = resolve_tasks(tasks, num_fewshot=num_fewshot)
     if limit is not None and limit <= 0:
         raise UserError(f"limit must be > 0, got {limit}")
-    if batch_size < 1:
-        raise UserError(f"batch_size must be >= 1, got {batch_size}")
     if include_path is not None:
         paths = [include_path] if isinstance(include_path, (str, os.PathLike)) else list(include_path)
         for p in paths:
@@ -157,16 +162,12 @@ def run_lm_eval(model: torch.nn.Module, tokenizer: Any, tasks: Sequence[str] | s
     tm = TaskManager(include_path=include_path)
     missing = [t for t in plan if t not in tm.all_tasks]
     if missing:
-        raise UserError(f"unknown lm-eval task(s) {missing}; pass include_path= for local task YAMLs")
-
+        raise UserError(f"unknown lm-eval task(s) {missing}; pass {param('include_path', 'DIR', 'DIR')} for local "
+                        "task YAMLs")
     by_shots: dict[int | None, list[str]] = {}
     for t, k in plan.items():
         by_shots.setdefault(k, []).append(t)
     from jinja2.exceptions import UndefinedError
-
-    def undefined(names: Sequence[str], err: Exception) -> UserError:
-        return UserError(f"task(s) {', '.join(names)}: a record of the data has no field the task's template uses "
-                         f"({err})")
 
     # Built once here (this loads their data) and handed to lm-eval as objects: the limit is checked against
     # every task's documents before anything is scored, at no second load.
@@ -175,8 +176,80 @@ def run_lm_eval(model: torch.nn.Module, tokenizer: Any, tasks: Sequence[str] | s
         try:
             loaded[k] = tm.load(names)
         except UndefinedError as err:
-            raise undefined(names, err) from None
+            raise _undefined(names, err) from None
+        except ConnectionError as err:
+            raise _needs_network(tm, names, err) from None
     _check_limit({name: task for d in loaded.values() for name, task in d["tasks"].items()}, limit)
+    return PreparedTasks(plan, tm, loaded, limit)
+
+
+def _undefined(names: Sequence[str], err: Exception) -> UserError:
+    return UserError(f"task(s) {', '.join(names)}: a record of the data has no field the task's template uses "
+                     f"({err})")
+
+
+def _needs_network(tm: Any, names: Sequence[str], err: ConnectionError) -> UserError:
+    """One line for a task whose dataset only the Hugging Face Hub has: which task, which dataset, and how to
+    run it offline."""
+    from .lm_eval_tasks import PAPER_TASK_SOURCES, local_task_names
+
+    datasets = {n: _datasets_of(tm, n, set()) for n in names}
+    named = {d for ds in datasets.values() for d in ds if re.search(rf"'{re.escape(d)}'", str(err))}
+    users = [n for n in names if datasets[n] & named] or list(names)
+    dataset = " ".join(sorted(named)) or "(see lm-eval's task YAML)"
+    paper = [n for n in users if n in PAPER_TASK_SOURCES or n.startswith("mmlu")]
+    if paper:
+        offline = f"{param('preset', repr('paper'), 'paper')} runs the paper's tasks from local copies"
+    else:
+        example = param("data", "[...]", "hellaswag_sample=FILE.jsonl")
+        offline = f"a shipped task over a local JSONL file runs offline ({', '.join(local_task_names())}: {example})"
+    return UserError(f"task {', '.join(users)} needs the network: its dataset {dataset} is on the Hugging "
+                     f"Face Hub and could not be reached ({type(err).__name__}); offline, {offline}")
+
+
+def _datasets_of(tm: Any, name: str, seen: set[str]) -> set[str]:
+    """The `dataset_path`s of a task, group or tag of lm-eval's index (its members' for a group or tag)."""
+    entry = tm.task_index.get(name)
+    if entry is None or name in seen:
+        return set()
+    seen.add(name)
+    cfg = getattr(entry, "cfg", None) or {}
+    found = {cfg["dataset_path"]} if isinstance(cfg.get("dataset_path"), str) else set()
+    members = list(cfg["task"]) if isinstance(cfg.get("task"), list) else []
+    if not found and not members:  # a tag: the tasks that carry it
+        members = [n for n, e in tm.task_index.items() if name in (getattr(e, "tags", None) or ())]
+    for member in members:
+        if isinstance(member, str):
+            found |= _datasets_of(tm, member, seen)
+    return found
+
+
+def run_lm_eval(model: torch.nn.Module, tokenizer: Any, tasks: Sequence[str] | str,
+                num_fewshot: int | Mapping[str, int] | None = None, limit: int | float | None = None,
+                include_path: str | os.PathLike | Sequence[str | os.PathLike] | None = None,
+                batch_size: int = 4, max_length: int | None = None, seed: int = 1234,
+                prepared: PreparedTasks | None = None) -> dict[str, Any]:
+    """Run lm-eval tasks on `model` as it is in memory.
+
+    `num_fewshot` is one count for all tasks, or {task: count}; tasks with different counts run as separate
+    lm-eval calls. Returns {"results": {task: {metric: value}}, "n_samples": {task: n}, "num_fewshot":
+    {task: k}, "scores": {task: primary metric}, "stderrs": {task: its standard error}, "average": mean of the
+    requested tasks' primary metrics, "average_stderr": its standard error}. A count `limit` above a task's
+    number of documents is refused before anything is scored. `prepared` (from `prepare_lm_eval`, called
+    before the model loaded) replaces `tasks`, `num_fewshot`, `limit` and `include_path`.
+    """
+    from lm_eval import simple_evaluate
+    from lm_eval.models.huggingface import HFLM
+    from jinja2.exceptions import UndefinedError
+
+    if batch_size < 1:
+        raise UserError(f"batch_size must be >= 1, got {batch_size}")
+    if prepared is None:
+        prepared = prepare_lm_eval(tasks, num_fewshot, limit, include_path)
+    plan, tm, loaded, limit = prepared.plan, prepared.manager, prepared.loaded, prepared.limit
+    by_shots: dict[int | None, list[str]] = {}
+    for t, k in plan.items():
+        by_shots.setdefault(k, []).append(t)
 
     results: dict[str, dict[str, float]] = {}
     n_samples: dict[str, int] = {}
@@ -195,7 +268,7 @@ def run_lm_eval(model: torch.nn.Module, tokenizer: Any, tasks: Sequence[str] | s
                                       log_samples=False, random_seed=seed, numpy_random_seed=seed,
                                       torch_random_seed=seed, fewshot_random_seed=seed, bootstrap_iters=1000)
             except UndefinedError as err:  # a task template names a field some record of the data lacks
-                raise undefined(names, err) from None
+                raise _undefined(names, err) from None
             for name, metrics in out["results"].items():
                 results[name] = _clean_metrics(metrics)
                 shots[name] = k
@@ -213,6 +286,40 @@ def run_lm_eval(model: torch.nn.Module, tokenizer: Any, tasks: Sequence[str] | s
     return {"results": results, "n_samples": n_samples, "num_fewshot": shots, "scores": scores, "stderrs": stderrs,
             "average": sum(scores[t] for t in valid) / len(valid) if valid else None,  # type: ignore[misc]
             "average_stderr": average_stderr([stderrs[t] for t in valid]), "limit": limit}
+
+
+@contextlib.contextmanager
+def dependency_output_to(log: str | os.PathLike) -> Iterator[None]:
+    """Send what lm-eval, datasets and transformers print while inside (progress bars, their warnings and log
+    records, and the output of the programs they start, such as `git`) to the file `log`, appended.
+
+    Both the process's stdout/stderr descriptors and Python's `sys.stdout`/`sys.stderr` (and the logging
+    handlers writing to them) are redirected, and restored on the way out, exceptions included.
+    """
+    with open(log, "a", encoding="utf-8", errors="replace") as fh:
+        sys.stdout.flush()
+        sys.stderr.flush()
+        saved = {fd: os.dup(fd) for fd in (1, 2)}
+        handlers = [h for lg in [logging.getLogger(), *logging.Logger.manager.loggerDict.values()]
+                    if isinstance(lg, logging.Logger) for h in lg.handlers
+                    if isinstance(h, logging.StreamHandler) and not isinstance(h, logging.FileHandler)
+                    and not isinstance(getattr(type(h), "stream", None), property)]  # those follow sys.stderr
+        streams = [(h, h.stream) for h in handlers if h.stream in (sys.stdout, sys.stderr, sys.__stdout__,
+                                                                  sys.__stderr__)]
+        try:
+            for fd in saved:
+                os.dup2(fh.fileno(), fd)
+            for h, _ in streams:
+                h.setStream(fh)
+            with contextlib.redirect_stdout(fh), contextlib.redirect_stderr(fh):
+                yield
+        finally:
+            fh.flush()
+            for h, stream in streams:
+                h.setStream(stream)
+            for fd, copy in saved.items():
+                os.dup2(copy, fd)
+                os.close(copy)
 
 
 def _leaves(group: str, tree: Mapping[str, list[str]]) -> list[str]:

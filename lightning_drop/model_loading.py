@@ -27,7 +27,7 @@ from .dropped_checkpoint import (
     load_dropped,
     read_config,
 )
-from .errors import UserError
+from .errors import UserError, param
 
 SMOLLM2 = "smollm2-135m"
 SMOLLM2_GGUF = "SmolLM2-135M-Instruct.Q4_1.gguf"
@@ -339,7 +339,8 @@ def load_model(ref: str, dtype: torch.dtype | str = torch.float32, tokenizer: st
             model = _load_hub(ref, dtype)
         tok = load_tokenizer(tok_ref) if tok_ref else _tokenizer_or_none(str(path) if path.exists() else ref)
         if tok is None:
-            raise UserError(f"no tokenizer found with {ref}: pass a tokenizer reference (a path or catalogue name)")
+            raise UserError(f"no tokenizer found with {ref}: pass {param('tokenizer', '...', 'REF')} "
+                            "(a path or catalogue name)")
     check_tokenizer(tok, model.get_input_embeddings().num_embeddings, ref, tok_ref)
     return model.eval(), tok
 

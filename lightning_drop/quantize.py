@@ -32,7 +32,7 @@ import torch
 from torch import nn
 
 from .text_data import load_documents, make_windows
-from .errors import UserError
+from .errors import UserError, param
 
 # The quality table (and the size on disk it reports) moved to `quality_table` and `safetensors_io`; these
 # names stay importable from `lightning_drop.quantize`.
@@ -103,6 +103,11 @@ def check_args(method: str, bits: int, backend: str = "gptqmodel") -> tuple[str,
     return m, bits, b
 
 
+def _use_gptqmodel() -> str:
+    """The backend to use instead, as the user spells it."""
+    return param("backend", "'gptqmodel'", "gptqmodel")
+
+
 def backend_status(backend: str = "gptqmodel") -> str | None:
     """None when `backend` can run here, else a one-line reason (with what it needs)."""
     import importlib.util
@@ -110,11 +115,11 @@ def backend_status(backend: str = "gptqmodel") -> str | None:
     backend = check_args("gptq", 4, backend)[2]
     if backend == "autoawq":
         return ("backend 'autoawq' does not run on this stack: AutoAWQ 0.2.9 is deprecated by its authors "
-                "(transformers 5 unsupported) and its forward pass needs CUDA; use backend='gptqmodel', "
+                f"(transformers 5 unsupported) and its forward pass needs CUDA; use {_use_gptqmodel()}, "
                 f"which does AWQ on CPU and GPU ({EXTRA_HINT})")
     if backend == "auto-gptq":
         return ("backend 'auto-gptq' does not run on this stack: auto-gptq 0.7.1 fails to import with "
-                "transformers 5 (no_init_weights) and is unmaintained; use backend='gptqmodel', its successor "
+                f"transformers 5 (no_init_weights) and is unmaintained; use {_use_gptqmodel()}, its successor "
                 f"({EXTRA_HINT})")
     missing = [name for name in ("gptqmodel", "optimum") if importlib.util.find_spec(name) is None]
     if missing:
@@ -272,7 +277,8 @@ def quantize(
     """
     method, bits, backend = check_args(method, bits, backend)
     if calibration is None:
-        raise UserError("quantization needs calibration text: pass texts, a .jsonl/.txt file or a sample name")
+        raise UserError(f"quantization needs calibration text: pass {param('calibration', '...', 'SOURCE')} "
+                        "(texts, a .jsonl/.txt file or a sample name)")
     if num_samples < 1:
         raise UserError(f"num_samples must be >= 1, got {num_samples}")
     if group_size is not None and (isinstance(group_size, bool) or not isinstance(group_size, int)

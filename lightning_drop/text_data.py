@@ -26,7 +26,7 @@ from typing import Any, Iterable, Iterator, Sequence
 
 import torch
 
-from .errors import UserError
+from .errors import UserError, input_file
 from .options import CalibrationConfig
 
 EXLLAMAV2 = "exllamav2==0.3.2"
@@ -120,7 +120,8 @@ def _records_field(records: Iterator[tuple[str, Any]], field: str, where: Path) 
         if field not in rec:
             raise UserError(f"{where}{loc}: no field {field!r}; available fields: {sorted(rec)}")
         if not isinstance(rec[field], str):
-            raise UserError(f"{where}{loc}: field {field!r} is {type(rec[field]).__name__}, not a string")
+            kind = "null" if rec[field] is None else type(rec[field]).__name__
+            raise UserError(f"{where}{loc}: field {field!r} is {kind}, not a string")
         yield rec[field]
 
 
@@ -132,13 +133,13 @@ def _not_utf8(path: Path, err: UnicodeDecodeError, where: str = "") -> UserError
 def read_utf8(path: Path) -> str:
     """A text file's contents; a file in another encoding is the user's to convert, named in one line."""
     try:
-        return path.read_text(encoding="utf-8")
+        return input_file(path, "text file").read_text(encoding="utf-8")
     except UnicodeDecodeError as err:
         raise _not_utf8(path, err) from None
 
 
 def _jsonl_records(path: Path) -> Iterator[tuple[str, Any]]:
-    with path.open("rb") as fh:
+    with input_file(path, "JSON lines file").open("rb") as fh:
         for n, raw in enumerate(fh, 1):
             try:
                 line = raw.decode("utf-8")
@@ -232,6 +233,17 @@ def _looks_local(source: str) -> bool:
         or os.path.exists(os.path.expanduser(source))
 
 
+def check_source(source: str | os.PathLike | Iterable[str]) -> None:
+    """Refuse a local source that cannot be read — missing, or a FIFO or device whose read would block — without
+    reading it, so that a job can check its text before it loads a model."""
+    if isinstance(source, (str, os.PathLike)) and os.fspath(source) not in SAMPLES and _looks_local(os.fspath(source)):
+        path = Path(source).expanduser()
+        if not path.exists():
+            raise FileNotFoundError(f"document source not found: {path}")
+        if not path.is_dir():
+            input_file(path, "document source")
+
+
 def load_documents(source: str | os.PathLike | Iterable[str], text_field: str = "text", split: str | None = None,
                    limit: int | None = None) -> list[str]:
     """Documents (non-blank strings, in source order) from a file, a directory, a sample name or a hub spec.
@@ -253,10 +265,9 @@ def load_documents(source: str | os.PathLike | Iterable[str], text_field: str = 
         texts = _split_sample(SAMPLES[source], path.read_text(encoding="utf-8"))
         label = f"{source} ({path})"
     elif _looks_local(source):
+        check_source(source)
         path = Path(source).expanduser()
         label = str(path)
-        if not path.exists():
-            raise FileNotFoundError(f"document source not found: {path}")
         if path.is_dir() and ((path / "dataset_info.json").is_file() or (path / "dataset_dict.json").is_file()):
             import datasets
 

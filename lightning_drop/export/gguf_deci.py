@@ -32,7 +32,7 @@ import torch
 from torch import nn
 
 from ..atomic_io import atomic_file, check_output
-from ..errors import UserError
+from ..errors import UserError, param
 from .nemotron import _source, block_plan, check_llama_family
 
 DTYPES = ("f32", "f16", "bf16", "q8_0")
@@ -151,7 +151,7 @@ def export_gguf(src: Any, out_file: str | os.PathLike, dtype: str = "f16", token
                  sources=[src] if isinstance(src, (str, os.PathLike)) else [])
     model, tok = _source(src, tokenizer)
     if tok is None:
-        raise UserError("GGUF export needs the model's tokenizer: pass tokenizer=...")
+        raise UserError(f"GGUF export needs the model's tokenizer: pass {param('tokenizer', '...', 'REF')}")
     config = model.config
     check_llama_family(config, "GGUF (deci)")
     if getattr(config, "attention_bias", False) or getattr(config, "mlp_bias", False):

@@ -24,6 +24,8 @@ import types
 import typing
 from typing import Any, Callable, Literal, Mapping, Union
 
+from ..errors import command_line_options
+
 
 @dataclasses.dataclass(frozen=True)
 class Command:
@@ -45,8 +47,14 @@ class Command:
         """The job parameters the command line sets."""
         return [p for p in inspect.signature(self.function()).parameters if p not in self.hidden]
 
+    def option(self, name: str) -> str:
+        """The command-line spelling of parameter `name`."""
+        return self.flags.get(name, "--" + name.replace("_", "-"))
+
     def run(self, args: argparse.Namespace) -> Any:
-        return self.function()(**{p: getattr(args, p) for p in self.options()})
+        options = self.options()
+        with command_line_options({p: self.option(p) for p in options}):  # messages then name --options
+            return self.function()(**{p: getattr(args, p) for p in options})
 
 
 def _int_list(text: str) -> list[int]:
@@ -121,7 +129,7 @@ def add_command(sub: argparse._SubParsersAction, command: Command) -> argparse.A
     for name, param in inspect.signature(func).parameters.items():
         if name in command.hidden:
             continue
-        option = command.flags.get(name, "--" + name.replace("_", "-"))
+        option = command.option(name)
         if name in command.repeated:
             kwargs: dict[str, Any] = {"action": "append", "metavar": command.repeated[name]}
         else:

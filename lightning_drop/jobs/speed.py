@@ -4,10 +4,11 @@ baseline in one run (the measures are `lightning_drop.speed`'s). Nothing heavy i
 from __future__ import annotations
 
 import json
+import math
 from typing import Any, Literal
 
 from ..atomic_io import check_output, write_json
-from ..errors import UserError
+from ..errors import UserError, input_file
 from ..options import Clock, Interleave
 
 SpeedDtype = Literal["float32", "bfloat16", "float16", "fp32", "bf16", "fp16"]
@@ -16,14 +17,21 @@ DTYPES = {"float32": "float32", "bfloat16": "bfloat16", "float16": "float16", "f
           "fp16": "float16"}
 
 
-def _read_average(path: str | None) -> float | None:
+def _read_average(path: str | None, option: str) -> float | None:
+    """The average score in an eval JSON (`lightning-drop eval --output`), read before any model loads."""
     if not path:
         return None
-    with open(path) as fh:
-        data = json.load(fh)
-    avg = data.get("average")
+    file = input_file(path, f"{option} file")
+    try:
+        data = json.loads(file.read_text(encoding="utf-8"))
+    except (json.JSONDecodeError, UnicodeDecodeError) as err:
+        raise UserError(f"{option} {path} is not JSON ({err}); expected the JSON written by `lightning-drop eval`") \
+            from None
+    avg = data.get("average") if isinstance(data, dict) else None
     if avg is None:
-        raise UserError(f"{path} has no 'average' (expected the JSON written by `lightning-drop eval`)")
+        raise UserError(f"{option} {path} has no 'average' (expected the JSON written by `lightning-drop eval`)")
+    if isinstance(avg, bool) or not isinstance(avg, (int, float)) or not math.isfinite(avg) or avg < 0:
+        raise UserError(f"{option} {path}: 'average' must be a score >= 0, got {json.dumps(avg)[:40]}")
     return float(avg)
 
 
@@ -54,7 +62,7 @@ def speed_main(model: str, baseline: str | None = None, batch_size: int | None =
                eval_results: str | None = None, baseline_eval_results: str | None = None,
                ideal: bool = False, clock: Clock = "wall", interleave: Interleave = "step",
                threads: int | None = None, device: str = "cpu", dtype: SpeedDtype = "float32",
-               overwrite: bool = False) -> dict[str, Any]:
+               tokenizer: str | None = None, overwrite: bool = False) -> dict[str, Any]:
     """Prompt then greedy generation with the KV cache; baseline and model are timed side by side after
     warm-up (in lock step by default), medians of --repeats, at each prompt length.
 
@@ -81,6 +89,8 @@ def speed_main(model: str, baseline: str | None = None, batch_size: int | None =
         threads: torch threads (default: torch's own)
         device: where the models run (cpu, cuda, cuda:1); on CUDA the peak memory of each model is reported
         dtype: weights' dtype (bf16 = bfloat16, fp16 = float16)
+        tokenizer: tokenizer (directory, hub id or catalogue name) for a model without one of its own (the
+            prompts are random token ids: it is loaded with the model, not used for timing)
         overwrite: replace an existing --output file
     """
     import torch
@@ -112,8 +122,12 @@ def speed_main(model: str, baseline: str | None = None, batch_size: int | None =
     dev = check_device(device, "--device")
     if output:
         check_output(output, kind="file", overwrite=overwrite,
-                     sources=[model, baseline, eval_results, baseline_eval_results])
+                     sources=[model, baseline, eval_results, baseline_eval_results, tokenizer])
     resolve_clock(clock, dev)
+    d_avg = _read_average(eval_results, "--eval-results")
+    b_avg = _read_average(baseline_eval_results, "--baseline-eval-results")
+    if b_avg == 0:
+        raise UserError(f"--baseline-eval-results {baseline_eval_results}: an average of 0 leaves nothing to degrade")
     if interleave not in INTERLEAVE:
         raise UserError(f"interleave must be one of {', '.join(INTERLEAVE)}, got {interleave!r}")
     if threads is not None:
@@ -126,7 +140,7 @@ def speed_main(model: str, baseline: str | None = None, batch_size: int | None =
         check_context(lengths, gen_len, positions_before_loading(ref), ref, option)
     loaded = []  # a list: a model may be compared with itself, two copies then
     for ref in refs:
-        m, _ = load_model(ref, dtype=DTYPES[dtype])
+        m, _ = load_model(ref, dtype=DTYPES[dtype], tokenizer=tokenizer)
         check_context(lengths, gen_len, max_positions(m.config), ref, option)
         loaded.append(m.to(dev))
     net = loaded[0]
@@ -136,12 +150,12 @@ def speed_main(model: str, baseline: str | None = None, batch_size: int | None =
     else:
         per_length = [{"dropped": measure_generation(net, batch_size, n, gen_len, repeats, warmup, clock=clock),
                        "context_len": n + gen_len} for n in lengths]
-    res = {**per_length[0], "per_length": per_length, "peak_rss_bytes": peak_rss_bytes()}
+    res = {**per_length[0], "per_length": per_length, "peak_rss_bytes": peak_rss_bytes(),
+           "warnings": [w for r in per_length for w in r.get("warnings", [])]}
     res["model"], res["baseline"], res["preset"] = model, baseline, preset
     if baseline and ideal:
         vs = per_length[0]["vs_base"]["dropped"]
         res["ideal_speedup"], res["realized_gain"] = vs["ideal_speedup"]["total"], vs["realized_gain"]["total"]
-    d_avg, b_avg = _read_average(eval_results), _read_average(baseline_eval_results)
     if baseline and d_avg is not None and b_avg is not None:
         res["sdr"] = sdr(b_avg, d_avg, res["speedup"]["total"])
     if output:
@@ -157,4 +171,6 @@ def speed_main(model: str, baseline: str | None = None, batch_size: int | None =
             print_speed({**r, "peak_rss_bytes": res["peak_rss_bytes"]})
     else:
         print_speed(res)
+    for warning in res["warnings"]:
+        print(f"warning: {warning}")
     return res
