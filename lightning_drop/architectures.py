@@ -229,6 +229,19 @@ def decoder_spec(model_or_config: Any) -> ArchSpec:
     spec = get_spec(model_or_config)
     if spec.inputs != "text":
         raise UserError(f"'{spec.model_types[0]}' is a vision transformer: use lightning_drop.vision "
-                        "(load_vision_dropped, VisionDropModule, VisionLayerDrop) or the core functions "
+                        "(VisionDropModule, VisionLayerDrop) or the core functions "
                         "apply_drop / compute_importance / save_dropped directly")
+    return spec
+
+
+def vision_spec(model_or_config: Any) -> ArchSpec:
+    """`get_spec` for code that handles image models only: a decoder gets a vision-specific error."""
+    try:
+        spec = get_spec(model_or_config)
+    except UserError:
+        spec = None
+    if spec is None or spec.inputs != "image":
+        name = model_or_config if isinstance(model_or_config, str) else type(model_or_config).__name__
+        raise UserError(f"unsupported vision architecture '{name}'; supported model types: "
+                        f"{', '.join(supported_model_types('image'))}")
     return spec

@@ -6,7 +6,7 @@ import pytest
 import torch
 
 from lightning_drop.text_data import CalibrationConfig
-from lightning_drop.drop_job import DropJob, run_drop
+from lightning_drop.jobs.drop import DropJob, run_drop
 from lightning_drop.importance import ImportanceScores, compute_importance
 from lightning_drop.model_loading import tiny_model
 from lightning_drop.schedule import drop_rounds
