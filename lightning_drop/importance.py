@@ -87,7 +87,7 @@ class ImportanceScores:
         return getattr(self, kind)
 
 
-def _hidden(value: Any) -> torch.Tensor:
+def hidden_of(value: Any) -> torch.Tensor:
     return value[0] if isinstance(value, (tuple, list)) else value
 
 
@@ -199,7 +199,7 @@ class ImportanceAccumulator:
         def layer_post(i: int) -> Callable:
             def fn(module: nn.Module, args: tuple, kwargs: dict, output: Any) -> None:
                 s = state.pop(i)
-                y = _hidden(output)
+                y = hidden_of(output)
                 if self.metric == "cosine_no_residual":
                     self._reduce("block", i, s["x"], y - s["x"])
                     return
@@ -210,7 +210,7 @@ class ImportanceAccumulator:
             def fn(module: nn.Module, args: tuple, kwargs: dict, output: Any) -> None:
                 x = state[i].pop(f"{kind}_in", None)
                 if x is not None:
-                    self._reduce(kind, i, x, _hidden(output))
+                    self._reduce(kind, i, x, hidden_of(output))
             return fn
 
         try:
@@ -270,7 +270,7 @@ def _has_drops(model: nn.Module) -> bool:
     return bool(attn or mlp)
 
 
-def _as_batch(batch: Any, device: torch.device) -> dict[str, torch.Tensor]:
+def as_batch(batch: Any, device: torch.device) -> dict[str, torch.Tensor]:
     """Text batches: a tensor of ids, or a dict with `input_ids` (and optionally `attention_mask`)."""
     if isinstance(batch, torch.Tensor):
         batch = {"input_ids": batch}
@@ -302,13 +302,13 @@ def _as_pixels(batch: Any, device: torch.device) -> dict[str, torch.Tensor]:
 
 def model_inputs(spec: ArchSpec, batch: Any, device: torch.device) -> dict[str, torch.Tensor]:
     """Keyword arguments of one forward pass of a `spec` model over `batch`, on `device`."""
-    return _as_batch(batch, device) if spec.inputs == "text" else _as_pixels(batch, device)
+    return as_batch(batch, device) if spec.inputs == "text" else _as_pixels(batch, device)
 
 
 def run_forward(spec: ArchSpec, model: nn.Module, inputs: dict[str, torch.Tensor]) -> Any:
     """One forward pass of the model without its task head (scores need hidden states, not logits)."""
     if spec.inputs == "text":
-        return _decoder(model)(**inputs, use_cache=False)
+        return decoder_body(model)(**inputs, use_cache=False)
     return spec.base_model(model)(**inputs)
 
 
@@ -329,7 +329,7 @@ def _positional_scores(metric: str, n: int, seed: int) -> list[float]:
     return torch.rand(n, generator=g, dtype=torch.float64).tolist()
 
 
-def _decoder(model: nn.Module) -> nn.Module:
+def decoder_body(model: nn.Module) -> nn.Module:
     """The model without its LM head: scores need hidden states, not logits."""
     inner = getattr(model, "model", None)
     return inner if isinstance(inner, nn.Module) and hasattr(inner, "layers") else model

@@ -112,10 +112,10 @@ def check_task_records(name: str, cfg: Mapping[str, Any], file: Path) -> int:
     for key in ("doc_to_text", "doc_to_choice", "doc_to_target"):
         if isinstance(cfg.get(key), str):
             fields |= meta.find_undeclared_variables(env.parse(cfg[key]))
-    from .text_data import _jsonl_records  # the one JSONL reader: errors name the file and line
+    from .text_data import jsonl_records  # the one JSONL reader: errors name the file and line
 
     n = 0
-    for where, record in _jsonl_records(file):
+    for where, record in jsonl_records(file):
         n += 1
         if not isinstance(record, dict):
             raise UserError(f"{file}{where}: expected a JSON object, got {type(record).__name__}")

@@ -10,12 +10,16 @@ caller asks for, and every caller gets the same sets from the same scores.
 
 from __future__ import annotations
 
-from dataclasses import dataclass
-from typing import Callable, Iterator, Sequence
+from dataclasses import dataclass, field
+from typing import Any, Callable, Iterable, Iterator, Sequence
 
+from torch import nn
+
+from .architectures import get_spec
 from .errors import UserError
-from .importance import ImportanceScores
-from .options import SCHEDULES, TARGETS
+from .importance import ImportanceScores, compute_importance
+from .modeling_dropped import apply_drop, dropped_layers
+from .options import METRICS, SCHEDULES, TARGETS
 from .selection import require_droppable, select_modules
 
 #: Scores one round: called with the modules this schedule has dropped so far (attention, MLP; on top of
@@ -97,3 +101,47 @@ def _rounds(score: ScoreFn, target: str, num: int, schedule: str, step: int, kee
         yield rnd
         walk_attn, walk_mlp = rnd.dropped_attn, rnd.dropped_mlp
         at += k
+
+
+@dataclass
+class DropResult:
+    """What was dropped (original layer indices) and the scores of every round."""
+
+    attn: list[int]
+    mlp: list[int]
+    rounds: list[ImportanceScores] = field(default_factory=list)
+    round_drops: list[dict[str, list[int]]] = field(default_factory=list)
+
+    def record(self, scores: ImportanceScores, attn: list[int], mlp: list[int]) -> None:
+        """Add one round: its scores and the modules it dropped."""
+        self.rounds.append(scores)
+        self.round_drops.append({"drop_attn": attn, "drop_mlp": mlp})
+
+    def to_dict(self) -> dict[str, Any]:
+        return {"drop_attn_list": self.attn, "drop_mlp_list": self.mlp,
+                "rounds": [{"scores": r.to_dict(), **d} for r, d in zip(self.rounds, self.round_drops)]}
+
+
+def drop_by_importance(model: nn.Module, batches: Iterable[Any] | Callable[[], Iterable[Any]], target: str,
+                       num: int, metric: str = "cosine", schedule: str = "one-shot", step: int = 1,
+                       keep: Sequence[int] = (), seed: int = 0, progress: bool = False) -> DropResult:
+    """Score, select and drop `num` modules of `model` in place (`drop_rounds`).
+
+    One-shot scores once. Iterative drops `step` modules, re-scores the dropped model, and repeats.
+    `batches` may be a callable returning a fresh iterable (needed when it is a one-pass generator).
+    """
+    check_schedule(target, schedule, step)
+    if metric not in METRICS:
+        raise UserError(f"unknown metric '{metric}'; choose from {', '.join(METRICS)}")
+    get_batches = batches if callable(batches) else (lambda data=list(batches): data)
+
+    def score(attn: list[int], mlp: list[int], index: int) -> ImportanceScores:
+        return compute_importance(model, get_batches(), metric=metric, seed=seed + index, progress=progress)
+
+    result = DropResult([], [])
+    for rnd in drop_rounds(score, target, num, len(get_spec(model).get_layers(model)), schedule, step, keep,
+                           *dropped_layers(model)):
+        apply_drop(model, attn=rnd.attn, mlp=rnd.mlp)  # the next round scores the dropped model
+        result.record(rnd.scores, rnd.attn, rnd.mlp)
+    result.attn, result.mlp = dropped_layers(model)
+    return result

@@ -48,9 +48,9 @@ from .importance import (
     METRICS,
     ImportanceAccumulator,
     ImportanceScores,
-    _as_batch,
-    _decoder,
-    _hidden,
+    as_batch,
+    decoder_body,
+    hidden_of,
     compute_importance,
 )
 from .modeling_dropped import (
@@ -106,7 +106,7 @@ def meta_model(config: Any, dtype: torch.dtype = torch.float32) -> nn.Module:
     return model.to(dtype).eval()
 
 
-def _generation_config(model_dir: Path, config: Any) -> Any:
+def load_generation_config(model_dir: Path, config: Any) -> Any:
     from transformers import GenerationConfig
 
     if (model_dir / "generation_config.json").is_file():
@@ -251,7 +251,7 @@ def _batches(windows: Any, batch_size: int) -> list[dict[str, torch.Tensor]]:
         if batch_size < 1:
             raise UserError(f"batch_size must be at least 1, got {batch_size}")
         return [{"input_ids": windows[i:i + batch_size]} for i in range(0, len(windows), batch_size)]
-    return [_as_batch(b, torch.device("cpu")) for b in windows]
+    return [as_batch(b, torch.device("cpu")) for b in windows]
 
 
 # ---------------------------------------------------------------------------------------------------- scoring
@@ -285,7 +285,7 @@ def stream_importance(model_dir: str | os.PathLike, windows: Any, metric: str = 
         return compute_importance(model, [], metric=metric, seed=seed)
     spec = get_spec(model)
     layers = spec.get_layers(model)
-    decoder = _decoder(model)
+    decoder = decoder_body(model)
     batches = _batches(windows, batch_size)
     if not batches:
         raise UserError("no calibration data: the batches held no real tokens")
@@ -334,7 +334,7 @@ def stream_importance(model_dir: str | os.PathLike, windows: Any, metric: str = 
                             out = layer(hidden, *args[1:], **kwargs)
                         else:
                             out = layer(**{**kwargs, "hidden_states": hidden})
-                        store.set(b, _hidden(out))
+                        store.set(b, hidden_of(out))
                         del out, hidden, args, kwargs
                     if on_layer is not None:
                         on_layer(i, layer)
@@ -347,13 +347,3 @@ def stream_importance(model_dir: str | os.PathLike, windows: Any, metric: str = 
     scores = acc.scores()
     scores.extra["streamed"] = True
     return scores
-
-
-def __getattr__(name: str) -> Any:
-    """`write_dropped_streaming` stays importable from here; it lives in `streamed_writer`, which imports
-    this module's meta model (a plain re-export would be an import cycle)."""
-    if name == "write_dropped_streaming":
-        from .streamed_writer import write_dropped_streaming
-
-        return write_dropped_streaming
-    raise AttributeError(f"module {__name__!r} has no attribute {name!r}")

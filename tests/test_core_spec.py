@@ -130,11 +130,11 @@ def test_vision_scores_are_synced_across_ddp_ranks(tmp_path):
 
 
 def test_vision_drop_by_importance_is_the_core_selection(monkeypatch):
-    import lightning_drop.selection as selection
+    import lightning_drop.schedule as schedule
 
     calls = []
-    real = selection.compute_importance
-    monkeypatch.setattr(selection, "compute_importance", lambda *a, **k: calls.append(1) or real(*a, **k))
+    real = schedule.compute_importance
+    monkeypatch.setattr(schedule, "compute_importance", lambda *a, **k: calls.append(1) or real(*a, **k))
     model = tiny_vision_model("swinv2")
-    result = selection.drop_by_importance(model, [PIXELS], target="block", num=2, schedule="iterative")
+    result = schedule.drop_by_importance(model, [PIXELS], target="block", num=2, schedule="iterative")
     assert len(calls) == 2 and len(result.attn) == 2 and result.attn == result.mlp == dropped_layers(model)[0]

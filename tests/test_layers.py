@@ -64,13 +64,10 @@ MOVED_NAMES = [
     ("lightning_drop.streaming", "lightning_drop.safetensors_io", [
         "INDEX_NAME", "SINGLE_NAME", "ReusedBuffer", "SafetensorsShards", "read_safetensors_header",
         "write_safetensors"]),
-    ("lightning_drop.streaming", "lightning_drop.streamed_writer", ["write_dropped_streaming"]),
     ("lightning_drop.quantize", "lightning_drop.quality_table", [
         "QUALITY_TABLE", "TABLE_ORDER", "format_quality_table", "quality_report", "quality_table",
         "write_quality_table"]),
     ("lightning_drop.quantize", "lightning_drop.safetensors_io", ["dir_size"]),
-    ("lightning_drop.speed", "lightning_drop.ideal_speedup", [
-        "dropped_part_modules", "ideal_speedup", "profile_drop", "realized_gain"]),
     ("lightning_drop.evaluation", "lightning_drop.lm_eval_tasks", [
         "OLMO_EVAL_VERSION", "PAPER_PRESET", "TASKS_DIR", "available_presets", "check_task_records",
         "local_task_dir", "local_task_names", "prepare_paper_tasks", "resolve_tasks"]),

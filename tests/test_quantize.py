@@ -425,7 +425,7 @@ def test_quantize_main_quantizes_the_baseline_too_and_writes_the_table(four_chec
 
 
 def test_quantize_main_checks_before_quantizing(tmp_path):
-    from lightning_drop.quantize import quantize_main
+    from lightning_drop.jobs.quantize import quantize_main
 
     with pytest.raises(ValueError, match="baseline is only used for the quality table"):
         quantize_main("tiny-llama", str(tmp_path / "q"), baseline="tiny-llama")

@@ -47,7 +47,7 @@ def test_drop_parser_defaults_match_the_library():
     from lightning_drop.text_data import CalibrationConfig
     from lightning_drop.importance import METRICS
     from lightning_drop.options import CalibrationConfig as LightCalibrationConfig
-    from lightning_drop.selection import SCHEDULES, TARGETS
+    from lightning_drop.options import SCHEDULES, TARGETS
 
     assert CalibrationConfig is LightCalibrationConfig
     args = build_parser().parse_args(["drop", "--model", "m", "--num", "1", "--output", "o"])

@@ -15,7 +15,7 @@ import torch
 from lightning_drop import apply_drop, dropped_layers, save_dropped
 from lightning_drop.architectures import vision_spec
 from lightning_drop.importance import compute_importance
-from lightning_drop.selection import drop_by_importance
+from lightning_drop.schedule import drop_by_importance
 from lightning_drop.sublayer_check import check_really_skipped, sublayer_call_counts
 from lightning_drop.vision.lightning_module import tiny_vision_model
 from lightning_drop.vision.speed import compare_image_throughput

@@ -87,7 +87,7 @@ class LayerDrop(FitEndMember):
         verbose: bool = True,
     ) -> None:
         from lightning_drop.importance import METRICS
-        from lightning_drop.selection import SCHEDULES, TARGETS
+        from lightning_drop.options import SCHEDULES, TARGETS
 
         if target not in TARGETS:
             raise MisconfigurationException(f"LayerDrop: unknown target {target!r}; choose from {', '.join(TARGETS)}")

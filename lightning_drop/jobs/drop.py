@@ -26,7 +26,7 @@ from ..options import (
 if TYPE_CHECKING:
     import torch
 
-    from ..selection import DropResult
+    from ..schedule import DropResult
 
 #: "auto" writes the dropped checkpoint in the source checkpoint's own dtype (scoring may run in float32:
 #: a bf16 model must not come back twice its size).
@@ -133,7 +133,7 @@ def run_drop(job: DropJob, progress: bool = True) -> dict[str, Any]:
     from ..dropped_checkpoint import save_dropped
     from ..model_loading import load_model
     from ..modeling_dropped import dropped_layers
-    from ..selection import drop_by_importance
+    from ..schedule import drop_by_importance
     from ..text_data import calibration_windows
 
     model, tok = load_model(job.model, dtype=job.dtype, tokenizer=job.tokenizer)
@@ -177,7 +177,7 @@ def run_drop_streamed(job: DropJob, progress: bool = True) -> dict[str, Any]:
     from ..importance import ImportanceScores
     from ..model_loading import load_tokenizer, resolve
     from ..schedule import drop_rounds
-    from ..selection import DropResult
+    from ..schedule import DropResult
     from ..streamed_writer import write_dropped_streaming
     from ..streaming import stream_importance
     from ..text_data import calibration_windows

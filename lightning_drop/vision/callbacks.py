@@ -29,7 +29,8 @@ from ..dropped_checkpoint import atomic_write_text
 from ..errors import UserError
 from ..importance import METRICS
 from ..modeling_dropped import apply_drop, dropped_layers
-from ..selection import SCHEDULES, TARGETS, drop_by_importance
+from ..options import SCHEDULES, TARGETS
+from ..schedule import drop_by_importance
 from ..sublayer_check import check_really_skipped
 from .speed import compare_image_throughput
 
@@ -117,7 +118,7 @@ class VisionLayerDrop(pl.Callback):
 
     Args:
         target: block | attn | mlp | joint. num: modules to drop. metric / schedule / step: as in
-            `lightning_drop.selection.drop_by_importance`. keep: flat block indices never dropped.
+            `lightning_drop.schedule.drop_by_importance`. keep: flat block indices never dropped.
         calibration_images: training images used for scoring.
         head_epochs / head_lr: head fine-tuning after the drop (0 epochs: none).
         speed_batch_size / speed_iters: images/s measurement (0 iters: skip speed).

@@ -19,7 +19,7 @@ from typing import Any, Mapping, Sequence
 
 from ...atomic_io import atomic_write_text, write_json
 from ...errors import UserError
-from .budget import _fmt, auto_select, derive, parse_budget
+from .budget import fmt_or_na, auto_select, derive, parse_budget
 from .cache import Cache, CacheKeys, key_of
 from .config import StudyConfig, SweepSpec, load_config
 from .measure import PointEvaluator
@@ -223,12 +223,12 @@ def format_table(rows: Sequence[Mapping[str, Any]], sweep: str | None = None, do
         if label in seen:
             continue
         seen.add(label)
-        lines.append(f"{label:<16}{_fmt(r.get('perplexity'), '.2f'):>11}"
-                     + "".join(f"{_fmt(r.get(f'perplexity[{d}]'), '.2f'):>{max(11, len(d) + 5)}}" for d in domains)
+        lines.append(f"{label:<16}{fmt_or_na(r.get('perplexity'), '.2f'):>11}"
+                     + "".join(f"{fmt_or_na(r.get(f'perplexity[{d}]'), '.2f'):>{max(11, len(d) + 5)}}" for d in domains)
                      + "".join(f"{_acc(r, t):>{max(14, len(h) + 2)}}" for h, t in mc)
-                     + f"{_fmt(r.get('decode_speedup'), '.3f'):>9}{_fmt(r.get('total_speedup'), '.3f'):>9}"
-                     f"{_fmt(r.get('kv_ratio'), '.2f'):>7}"
-                     f"{r['params'] / 1e6:>8.1f}M{_fmt(r.get('sdr_ppl'), '.1f'):>9}")
+                     + f"{fmt_or_na(r.get('decode_speedup'), '.3f'):>9}{fmt_or_na(r.get('total_speedup'), '.3f'):>9}"
+                     f"{fmt_or_na(r.get('kv_ratio'), '.2f'):>7}"
+                     f"{r['params'] / 1e6:>8.1f}M{fmt_or_na(r.get('sdr_ppl'), '.1f'):>9}")
     return "\n".join(lines)
 
 
