@@ -2,11 +2,15 @@
 
 from __future__ import annotations
 
-from typing import Sequence
+from typing import Any, Callable, Sequence
 
 from .errors import UserError
 from .importance import ImportanceScores
 from .options import TARGETS
+from .registry import Registry, check_arity
+
+#: A selection rule: (scores, target, how many, kept layers) -> (attention indices, MLP indices) to drop.
+RuleFn = Callable[[ImportanceScores, str, int, Sequence[int]], tuple[list[int], list[int]]]
 
 
 def candidates(scores: ImportanceScores, target: str, keep: Sequence[int] = ()) -> list[tuple[float, int, str, int]]:
@@ -100,3 +104,22 @@ def select_modules(scores: ImportanceScores, target: str, num: int, keep: Sequen
 
 def total_modules(num_layers: int, target: str) -> int:
     return 2 * num_layers if target == "joint" else num_layers
+
+
+def _make_rule(name: str, fn: Any) -> RuleFn:
+    check_arity(fn, 4, f"selection rule '{name}'")
+    return fn
+
+
+RULE_REGISTRY: Registry[RuleFn] = Registry("selection rule", _make_rule)
+RULE_REGISTRY.register("lowest", select_modules)
+
+
+def register_rule(name: str, fn: RuleFn) -> RuleFn:
+    """Make `fn(scores, target, num, keep) -> (attn, mlp)` a selection rule under `name`."""
+    return RULE_REGISTRY.register(name, fn)
+
+
+def resolve_rule(rule: str | RuleFn) -> RuleFn:
+    """A registered name (`lowest`: the `num` lowest scores), a rule callable or an importable name of one."""
+    return RULE_REGISTRY.resolve(rule)

@@ -45,7 +45,6 @@ from .dropped_checkpoint import (
 )
 from .errors import UserError
 from .importance import (
-    METRICS,
     ImportanceAccumulator,
     ImportanceScores,
     as_batch,
@@ -53,6 +52,7 @@ from .importance import (
     hidden_of,
     compute_importance,
 )
+from .importance_metrics import resolve_metric
 from .modeling_dropped import (
     apply_drop,
     dropped_classes,
@@ -256,7 +256,7 @@ def _batches(windows: Any, batch_size: int) -> list[dict[str, torch.Tensor]]:
 
 # ---------------------------------------------------------------------------------------------------- scoring
 @torch.no_grad()
-def stream_importance(model_dir: str | os.PathLike, windows: Any, metric: str = "cosine", batch_size: int = 4,
+def stream_importance(model_dir: str | os.PathLike, windows: Any, metric: Any = "cosine", batch_size: int = 4,
                       device: str | torch.device = "cpu", offload_dir: str | os.PathLike | None = None,
                       dtype: torch.dtype | str = torch.float32, drop_attn: Sequence[int] = (),
                       drop_mlp: Sequence[int] = (), seed: int = 0, progress: bool = False,
@@ -271,8 +271,7 @@ def stream_importance(model_dir: str | os.PathLike, windows: Any, metric: str = 
     layer)` is called once layer i has run over every batch, before its weights are released (memory probes,
     progress); the layer's weights are views of a buffer that the next layer overwrites, so keep none of them.
     """
-    if metric not in METRICS:
-        raise UserError(f"unknown metric '{metric}'; choose from {', '.join(METRICS)}")
+    measure = resolve_metric(metric)
     if isinstance(dtype, str):
         dtype = getattr(torch, dtype)
     device = torch.device(device)
@@ -281,15 +280,15 @@ def stream_importance(model_dir: str | os.PathLike, windows: Any, metric: str = 
     model = meta_model(config, dtype)
     if drop_attn or drop_mlp:
         apply_drop(model, attn=list(drop_attn), mlp=list(drop_mlp))
-    if metric in ("reverse", "random"):  # positional: no data pass, nothing loaded
-        return compute_importance(model, [], metric=metric, seed=seed)
+    if measure.positional is not None:  # no data pass, nothing loaded
+        return compute_importance(model, [], metric=measure, seed=seed)
     spec = get_spec(model)
     layers = spec.get_layers(model)
     decoder = decoder_body(model)
     batches = _batches(windows, batch_size)
     if not batches:
         raise UserError("no calibration data: the batches held no real tokens")
-    acc = ImportanceAccumulator(model, metric, spec).to(device)
+    acc = ImportanceAccumulator(model, measure, spec).to(device)
     store = _HiddenStore(offload_dir)
     weights = ReusedBuffer()
     layer_bytes = 0

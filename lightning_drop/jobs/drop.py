@@ -14,8 +14,6 @@ from typing import TYPE_CHECKING, Any, Literal, Sequence, get_args
 from ..atomic_io import check_output
 from ..errors import UserError
 from ..options import (
-    METRICS,
-    SCHEDULES,
     TARGETS,
     CalibrationConfig,
     Metric,
@@ -82,10 +80,12 @@ class DropJob:
     max_shard_size: str = "2GB"
 
     def __post_init__(self) -> None:
-        for name, value, allowed in (("target", self.target, TARGETS), ("metric", self.metric, METRICS),
-                                     ("schedule", self.schedule, SCHEDULES)):
-            if value not in allowed:
-                raise UserError(f"unknown {name} '{value}'; choose from {', '.join(allowed)}")
+        from ..importance_metrics import resolve_metric
+        from ..schedule import resolve_schedule
+
+        if self.target not in TARGETS:
+            raise UserError(f"unknown target '{self.target}'; choose from {', '.join(TARGETS)}")
+        resolve_metric(self.metric), resolve_schedule(self.schedule)
         if (self.num is None) == (self.ratio is None):
             raise UserError("give exactly one of --num or --ratio")
         if self.save_dtype not in SAVE_DTYPES:
@@ -237,7 +237,9 @@ def build_report(job: DropJob, result: DropResult, windows: torch.Tensor) -> dic
         "drop_attn_list": result.attn, "drop_mlp_list": result.mlp, "keep": list(job.keep),
         "calibration": calib,
     }
-    if job.schedule == "iterative":
+    from ..schedule import resolve_schedule
+
+    if resolve_schedule(job.schedule).rescores:
         report["rounds"] = result.to_dict()["rounds"]
     return report
 

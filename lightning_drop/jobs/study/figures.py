@@ -300,11 +300,14 @@ def plot_drop_order(doc: Mapping[str, Any], path: Path) -> Path:
     re-scoring walk actually reached (`doc["drop_order"]`, read from the study cache). A kind the iterative
     sweep did not walk is shown one-shot, and its panel says so.
     """
+    from ...schedule import resolve_schedule
+
     import numpy as np
 
     main = doc["config"]["sweeps"][0]
     label = _scores_label(doc, main)
-    walked = (doc.get("drop_order") or {}).get("sets", {}) if main["schedule"] == "iterative" else {}
+    rescores = resolve_schedule(main["schedule"]).rescores
+    walked = (doc.get("drop_order") or {}).get("sets", {}) if rescores else {}
     if label is None and not walked:
         fig, ax = plt.subplots(figsize=(6, 1.5))
         ax.text(0.5, 0.5, "no importance scores (baseline only)", ha="center", va="center")
@@ -333,7 +336,7 @@ def plot_drop_order(doc: Mapping[str, Any], path: Path) -> Path:
                 for layer in order[:k]:
                     grid[k - 1, layer] = 1.0
             first, first_n = (order[0] if order else None), 1
-            how = "one-shot" + ("; not in the iterative sweep" if main["schedule"] == "iterative" else "")
+            how = "one-shot" + ("; not in the iterative sweep" if rescores else "")
         else:
             ax.text(0.5, 0.5, "not computed", ha="center", va="center", transform=ax.transAxes)
             ax.set_title(LABELS[kind])

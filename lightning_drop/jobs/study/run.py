@@ -66,7 +66,9 @@ class Study:
         return out
 
     def row(self, sweep: SweepSpec, target: str, num: int, compute: bool = True) -> dict[str, Any] | None:
-        if not compute and num > 0 and sweep.schedule == "iterative" \
+        from ...schedule import resolve_schedule
+
+        if not compute and num > 0 and resolve_schedule(sweep.schedule).rescores \
                 and not self.drops.has_iterative_set(sweep, target, num):
             return None
         attn, mlp = self.drops.drop_set(sweep, target, num)
@@ -77,7 +79,7 @@ class Study:
         p = self.points.point(attn, mlp, all_tasks=largest, compute=compute)
         calib = self.cfg.calibration_for(sweep)
         return {"sweep": sweep.name, "target": target if num else "baseline", "num": num, "metric": sweep.metric,
-                "schedule": sweep.schedule, "step": sweep.step if sweep.schedule == "iterative" else None,
+                "schedule": sweep.schedule, "step": sweep.step if resolve_schedule(sweep.schedule).rescores else None,
                 "calibration": calib.source, "num_samples": calib.num_samples, **p}
 
     def validate_plan(self) -> None:
@@ -107,6 +109,8 @@ class Study:
         self.points.check_mc()
 
     def run(self, budget: str | None = None, max_quality_loss: float | None = None) -> dict[str, Any]:
+        from ...schedule import resolve_schedule
+
         from ...model_loading import native_bf16
 
         t0 = time.perf_counter()
@@ -130,7 +134,7 @@ class Study:
                "computed_this_run": dict(self.cache.computed), "reused_this_run": dict(self.cache.reused),
                "retimed_this_run": self.cache.retimed, "machine": self.points.machine(), "seconds_this_run": None}
         main = self.cfg.sweeps[0]
-        if main.schedule == "iterative":
+        if resolve_schedule(main.schedule).rescores:
             doc["drop_order"] = self.drops.iterative_sets(main)
         if self.cfg.checkpoint is not None:
             doc["checkpoint"] = self.save_checkpoint()
