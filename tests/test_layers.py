@@ -60,21 +60,21 @@ def _copy_with(tmp_path: Path, module: str, extra: str) -> Path:
     return copy
 
 
-@needs_lint
-def test_a_library_module_importing_a_job_breaks_it(tmp_path):
-    copy = _copy_with(tmp_path, "selection.py", "def _bad() -> None:\n    from .jobs import drop  # noqa: F401\n")
-    run = _lint(copy)
-    assert run.returncode != 0
-    assert "lightning_drop.selection is not allowed to import lightning_drop.jobs" in run.stdout
+#: (file changed, import appended inside a function, what the linter must report): a library module importing
+#: a job; `evaluation | speed`, which share a layer, knowing each other
+BREAKS = [
+    ("selection.py", "from .jobs import drop", "lightning_drop.selection is not allowed to import lightning_drop.jobs"),
+    ("evaluation.py", "from . import speed", "- lightning_drop.evaluation -> lightning_drop.speed (l."),
+]
 
 
 @needs_lint
-def test_independent_siblings_importing_each_other_break_it(tmp_path):
-    """`evaluation | speed` share a layer: neither may know the other."""
-    copy = _copy_with(tmp_path, "evaluation.py", "def _bad() -> None:\n    from . import speed  # noqa: F401\n")
+@pytest.mark.parametrize("module,statement,report", BREAKS, ids=[b[0] for b in BREAKS])
+def test_an_import_against_the_layers_breaks_it(tmp_path, module, statement, report):
+    copy = _copy_with(tmp_path, module, f"def _bad() -> None:\n    {statement}  # noqa: F401\n")
     run = _lint(copy)
     assert run.returncode != 0
-    assert "- lightning_drop.evaluation -> lightning_drop.speed (l." in run.stdout
+    assert report in run.stdout
 
 
 # ------------------------------------------------------------------ cycles, string imports, private names
