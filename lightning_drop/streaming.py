@@ -52,7 +52,7 @@ from .importance import (
     hidden_of,
     compute_importance,
 )
-from .importance_metrics import resolve_metric
+from .importance_metrics import ImportanceMetric, resolve_metric
 from .modeling_dropped import (
     apply_drop,
     dropped_classes,
@@ -256,7 +256,8 @@ def _batches(windows: Any, batch_size: int) -> list[dict[str, torch.Tensor]]:
 
 # ---------------------------------------------------------------------------------------------------- scoring
 @torch.no_grad()
-def stream_importance(model_dir: str | os.PathLike, windows: Any, metric: Any = "cosine", batch_size: int = 4,
+def stream_importance(model_dir: str | os.PathLike, windows: Any,
+                      metric: str | Callable | ImportanceMetric = "cosine", batch_size: int = 4,
                       device: str | torch.device = "cpu", offload_dir: str | os.PathLike | None = None,
                       dtype: torch.dtype | str = torch.float32, drop_attn: Sequence[int] = (),
                       drop_mlp: Sequence[int] = (), seed: int = 0, progress: bool = False,
