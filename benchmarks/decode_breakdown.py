@@ -20,7 +20,7 @@ import torch
 
 from lightning_drop import apply_drop, get_spec
 from lightning_drop.model_loading import load_model
-from lightning_drop.speed import _generate_lockstep, _random_prompt, place_weights_alike
+from lightning_drop.speed import generate_lockstep, random_prompt, place_weights_alike
 
 
 def _hook_all(model: torch.nn.Module, dropped: set[int], acc: dict[tuple[str, str], float], now) -> list[Any]:
@@ -62,14 +62,14 @@ def main() -> None:
     if not a.no_place_alike:  # as compare_speed does: a base mapped from its checkpoint vs a copied dropped model
         for m in models.values():
             place_weights_alike(m)
-    ids = _random_prompt(base, a.batch_size, a.prompt_len)
-    _generate_lockstep(models, ids, 4, clock="process")  # warm-up
+    ids = random_prompt(base, a.batch_size, a.prompt_len)
+    generate_lockstep(models, ids, 4, clock="process")  # warm-up
     acc: dict[str, dict[tuple[str, str], float]] = {"base": {}, "dropped": {}}
     handles = [h for name, m in models.items() for h in _hook_all(m, set(attn), acc[name], now)]
     totals = {"base": 0.0, "dropped": 0.0}
     try:
         for r in range(a.repeats):
-            for name, (p, d, _) in _generate_lockstep(models, ids, a.gen_len, flip=r % 2 == 1, clock="process").items():
+            for name, (p, d, _) in generate_lockstep(models, ids, a.gen_len, flip=r % 2 == 1, clock="process").items():
                 totals[name] += p + d
     finally:
         for h in handles:

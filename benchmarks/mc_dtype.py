@@ -20,7 +20,7 @@ from pathlib import Path
 
 import _common  # noqa: F401  (offline environment)
 
-from lightning_drop.evaluation import _clean_metrics, primary_metric
+from lightning_drop.evaluation import clean_metrics, primary_metric
 from lightning_drop.lm_eval_tasks import local_task_dir
 from lightning_drop.model_loading import load_model, native_bf16
 from lightning_drop.significance import correctness, paired_stderr
@@ -41,7 +41,7 @@ def score(model, tok, tasks_dir: Path, limit: int, batch_size: int) -> tuple[flo
                           verbosity="ERROR", bootstrap_iters=0, random_seed=1234, numpy_random_seed=1234,
                           torch_random_seed=1234, fewshot_random_seed=1234)
     seconds = time.perf_counter() - t0
-    metric = primary_metric(_clean_metrics(out["results"]["hellaswag_sample"]))
+    metric = primary_metric(clean_metrics(out["results"]["hellaswag_sample"]))
     return seconds, correctness(out["samples"]["hellaswag_sample"], metric)
 
 

@@ -23,7 +23,7 @@ import torch
 sys.path.insert(0, os.path.join(os.path.dirname(__file__), ".."))
 
 from lightning_drop.text_data import calibration_windows, CalibrationConfig  # noqa: E402
-from lightning_drop.importance import _decoder, compute_importance  # noqa: E402
+from lightning_drop.importance import decoder_body, compute_importance  # noqa: E402
 from lightning_drop.model_loading import load_model  # noqa: E402
 
 sys.path.insert(0, os.path.dirname(__file__))
@@ -47,7 +47,7 @@ def main(argv: list[str] | None = None) -> dict:
     windows = calibration_windows(tok, CalibrationConfig(source=a.calibration, num_samples=a.num_samples,
                                                          seq_len=a.seq_len))
     batches = [windows[i:i + a.batch_size] for i in range(0, len(windows), a.batch_size)]
-    runner = _decoder(model)
+    runner = decoder_body(model)
 
     @torch.no_grad()
     def plain() -> None:

@@ -115,50 +115,6 @@ def _find_spec_elsewhere(hook: Any, fullname: str, path: Any, target: Any) -> An
     return None
 
 
-# ------------------------------------------------------------------ modules that moved, under their old names
-#: old module -> where it lives now; imported only when the old name is (the library never imports jobs)
-_MOVED_MODULES = {
-    f"{__name__}.drop_job": f"{__name__}.jobs.drop",
-    f"{__name__}.vision.run": f"{__name__}.lightning_cli",  # the vision stack's old LightningCLI entry
-    f"{__name__}.study": f"{__name__}.jobs.study",
-    f"{__name__}.report": f"{__name__}.jobs.study.report",
-    # renamed so that no two module names are a letter apart and "checkpoint" means one thing
-    f"{__name__}.models": f"{__name__}.model_loading",
-    f"{__name__}.module": f"{__name__}.lightning_module",
-    f"{__name__}.data": f"{__name__}.text_data",
-    f"{__name__}.datamodule": f"{__name__}.lightning_datamodule",
-    f"{__name__}.checkpoint": f"{__name__}.dropped_checkpoint",
-    f"{__name__}.vision.module": f"{__name__}.vision.lightning_module",
-    f"{__name__}.vision.data": f"{__name__}.vision.image_data",
-}
-
-
-class _MovedModuleFinder(importlib.abc.MetaPathFinder, importlib.abc.Loader):
-    """`import lightning_drop.drop_job` (and `from ... import`) gives the module at its new path, the same
-    object, so code and pickles written against the old path keep working."""
-
-    def find_spec(self, fullname: str, path: Any = None, target: Any = None) -> Any:
-        if fullname not in _MOVED_MODULES:
-            return None
-        # the new file as origin: `python -m OLD_NAME` puts it in sys.argv[0]
-        new = importlib.util.find_spec(_MOVED_MODULES[fullname])
-        return importlib.util.spec_from_loader(fullname, self, origin=new.origin if new else None)
-
-    def create_module(self, spec: Any) -> Any:
-        module = importlib.import_module(_MOVED_MODULES[spec.name])
-        self.own_spec = module.__spec__
-        return module
-
-    def exec_module(self, module: Any) -> None:
-        module.__spec__ = self.own_spec  # the import machinery stamped the old name's spec on it
-
-    def get_code(self, fullname: str) -> Any:
-        """`python -m OLD_NAME` runs the new module's code (runpy asks the loader for it)."""
-        new = importlib.util.find_spec(_MOVED_MODULES[fullname])
-        return new.loader.get_code(new.name)
-
-
-sys.meta_path.insert(0, _MovedModuleFinder())  # before path finders: the old file must not win
 sys.meta_path.insert(0, _RegistrationHook(transformers_loaded="transformers" in sys.modules))
 if "transformers" in sys.modules:
     _after_transformers()

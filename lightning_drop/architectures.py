@@ -224,11 +224,39 @@ def get_spec(model_or_config: Any) -> ArchSpec:
     return spec_for_model_type(base)
 
 
+def register_family(spec: ArchSpec) -> ArchSpec:
+    """Make a family `get_spec` finds by its `model_types`, for this process: scoring, `apply_drop` and the
+    run-time checks then work for it. Its checkpoints load with `load_dropped` only where it is registered
+    too; a family in `decoder_families.py` / `vision_families.py` also travels with every checkpoint."""
+    if not isinstance(spec, ArchSpec):
+        raise UserError(f"register_family takes an ArchSpec, got {type(spec).__name__}")
+    taken = [mt for mt in spec.model_types if mt in _BY_MODEL_TYPE]
+    if not spec.model_types or taken:
+        raise UserError(f"family '{spec.family}' needs model types no family has; taken: {', '.join(taken) or '-'}")
+    if spec.inputs not in ("text", "image"):
+        raise UserError(f"family '{spec.family}': inputs must be 'text' or 'image', got {spec.inputs!r}")
+    _BY_MODEL_TYPE.update(dict.fromkeys(spec.model_types, spec))
+    return spec
+
+
 def decoder_spec(model_or_config: Any) -> ArchSpec:
     """`get_spec` for code that handles causal LMs only: a vision family gets a pointer to the vision tools."""
     spec = get_spec(model_or_config)
     if spec.inputs != "text":
         raise UserError(f"'{spec.model_types[0]}' is a vision transformer: use lightning_drop.vision "
-                        "(load_vision_dropped, VisionDropModule, VisionLayerDrop) or the core functions "
+                        "(VisionDropModule, VisionLayerDrop) or the core functions "
                         "apply_drop / compute_importance / save_dropped directly")
+    return spec
+
+
+def vision_spec(model_or_config: Any) -> ArchSpec:
+    """`get_spec` for code that handles image models only: a decoder gets a vision-specific error."""
+    try:
+        spec = get_spec(model_or_config)
+    except UserError:
+        spec = None
+    if spec is None or spec.inputs != "image":
+        name = model_or_config if isinstance(model_or_config, str) else type(model_or_config).__name__
+        raise UserError(f"unsupported vision architecture '{name}'; supported model types: "
+                        f"{', '.join(supported_model_types('image'))}")
     return spec

@@ -44,7 +44,7 @@ def _base_class_name(model: nn.Module) -> str:
     return name[len("Dropped"):] if name.startswith("Dropped") else name
 
 
-def _compact_blocks(model: nn.Module, spec: ArchSpec, blocks: list[int]) -> nn.Module | None:
+def compact_blocks(model: nn.Module, spec: ArchSpec, blocks: list[int]) -> nn.Module | None:
     """A plain base-architecture model without the dropped blocks, sharing tensors with `model`.
 
     Returns None when the renumbered config would not rebuild the same modules, in which case the caller
@@ -131,12 +131,12 @@ def save_dropped(model: nn.Module, out_dir: str | os.PathLike, tokenizer: Any = 
     with atomic_dir(out_dir) as tmp:
         target = model
         if kind == "blocks":
-            target = _compact_blocks(model, spec, attn) or model
+            target = compact_blocks(model, spec, attn) or model
             if target is model:
                 kind = "dropped"
         target.save_pretrained(tmp, safe_serialization=True, max_shard_size=max_shard_size)
         if kind == "dropped":
-            _add_remote_code(tmp, model, spec)
+            add_remote_code(tmp, model, spec)
         if tokenizer is not None:
             tokenizer.save_pretrained(tmp)
         if extra is not None:
@@ -144,7 +144,7 @@ def save_dropped(model: nn.Module, out_dir: str | os.PathLike, tokenizer: Any = 
     return out_dir
 
 
-def _add_remote_code(directory: Path, model: nn.Module, spec: ArchSpec | None = None) -> None:
+def add_remote_code(directory: Path, model: nn.Module, spec: ArchSpec | None = None) -> None:
     spec = spec or get_spec(model)
     for name in _REMOTE_FILES:
         shutil.copyfile(_PACKAGE_DIR / name, directory / name)

@@ -48,7 +48,7 @@ PRIMARY_METRICS = ("acc_norm", "acc", "exact_match", "f1")
 # --------------------------------------------------------------------------------------------------
 # lm-eval on the in-memory model
 # --------------------------------------------------------------------------------------------------
-def _clean_metrics(d: Mapping[str, Any]) -> dict[str, Any]:
+def clean_metrics(d: Mapping[str, Any]) -> dict[str, Any]:
     out = {}
     for k, v in d.items():
         if k in ("alias", "sample_len"):
@@ -270,7 +270,7 @@ def run_lm_eval(model: torch.nn.Module, tokenizer: Any, tasks: Sequence[str] | s
             except UndefinedError as err:  # a task template names a field some record of the data lacks
                 raise _undefined(names, err) from None
             for name, metrics in out["results"].items():
-                results[name] = _clean_metrics(metrics)
+                results[name] = clean_metrics(metrics)
                 shots[name] = k
             for name, n in out.get("n-samples", {}).items():
                 n_samples[name] = int(n.get("effective", n.get("original", 0)))
@@ -391,16 +391,3 @@ def parse_pairs(items: Sequence[str], usage: str) -> dict[str, str]:
             raise UserError(f"{usage}, got {item!r}")
         pairs[key.strip()] = file.strip()
     return pairs
-
-
-#: The command functions that lived here, now in the jobs layer (imported on first use: the library never
-#: imports jobs).
-_MOVED_TO_JOBS = {"eval_main", "perplexity_main"}
-
-
-def __getattr__(name: str) -> Any:
-    if name in _MOVED_TO_JOBS:
-        import importlib
-
-        return getattr(importlib.import_module("lightning_drop.jobs.evaluate"), name)
-    raise AttributeError(f"module {__name__!r} has no attribute {name!r}")

@@ -21,7 +21,7 @@ from torch import nn
 
 from .clocks import resolve_clock, stopwatch
 from .errors import UserError
-from .speed import _check_args, _device, _generate_once, _random_prompt
+from .speed import check_generation_args, model_device, generate_once, random_prompt
 
 
 def dropped_part_modules(model: nn.Module, attn: Iterable[int] = (), mlp: Iterable[int] = ()) -> list[nn.Module]:
@@ -89,12 +89,12 @@ def profile_drops(base_model: nn.Module, drops: Mapping[str, tuple[Iterable[int]
     """`profile_drop` of several drops {name: (attention indices, MLP indices)} from the same runs: each
     profiled run times every module any of them removes, and each drop sums its own modules, so comparing
     drops costs the base runs of one."""
-    _check_args(batch_size, prompt_len, gen_len, repeats, warmup)
-    resolve_clock(clock, _device(base_model))
+    check_generation_args(batch_size, prompt_len, gen_len, repeats, warmup)
+    resolve_clock(clock, model_device(base_model))
     drops = {name: (list(attn), list(mlp)) for name, (attn, mlp) in drops.items()}
     mods = {name: dropped_part_modules(base_model, attn, mlp) for name, (attn, mlp) in drops.items()}
     hooked = list({id(m): m for ms in mods.values() for m in ms}.values())
-    ids = _random_prompt(base_model, batch_size, prompt_len, seed)
+    ids = random_prompt(base_model, batch_size, prompt_len, seed)
     was_training = base_model.training
     base_model.eval()
     base_p, base_d, hook_p, hook_d = [], [], [], []
@@ -103,14 +103,14 @@ def profile_drops(base_model: nn.Module, drops: Mapping[str, tuple[Iterable[int]
     phase = {"name": ""}
     try:
         for _ in range(warmup):
-            _generate_once(base_model, ids, gen_len)
+            generate_once(base_model, ids, gen_len)
         for _ in range(repeats):
-            p, d, _ = _generate_once(base_model, ids, gen_len, clock=clock)
+            p, d, _ = generate_once(base_model, ids, gen_len, clock=clock)
             base_p.append(p)
             base_d.append(d)
             acc: dict[tuple[int, str], float] = {}
             with _time_modules(hooked, phase, acc, clock):
-                p, d, _ = _generate_once(base_model, ids, gen_len, phase=phase, clock=clock)
+                p, d, _ = generate_once(base_model, ids, gen_len, phase=phase, clock=clock)
             hook_p.append(p)
             hook_d.append(d)
             for name, ms in mods.items():

@@ -17,7 +17,6 @@ from dataclasses import asdict, dataclass, field
 from typing import Any, Callable, Iterable, Iterator, Mapping
 
 import torch
-import torch.nn.functional as F
 from torch import nn
 from torchmetrics import Metric
 from torchmetrics.aggregation import SumMetric
@@ -25,21 +24,10 @@ from torchmetrics.aggregation import SumMetric
 from .architectures import ArchSpec, get_spec
 from .errors import UserError
 from .modeling_dropped import dropped_layers, is_standin
-from .options import METRICS
+from .importance_metrics import ImportanceMetric, positional_scores, resolve_metric, token_scores
+from .options import METRICS  # noqa: F401  (the shipped names, for callers that list them)
 
 KINDS = ("attn", "mlp", "block")
-
-
-def token_scores(metric: str, x: torch.Tensor, y: torch.Tensor) -> torch.Tensor:
-    """Per-token score of a module mapping x -> y (last dim is hidden). Lower = more redundant."""
-    x, y = x.float(), y.float()
-    if metric in ("cosine", "cosine_no_residual"):
-        return 1.0 - F.cosine_similarity(x, y, dim=-1)
-    if metric == "angular":
-        return torch.arccos(F.cosine_similarity(x, y, dim=-1).clamp(-1.0, 1.0)) / math.pi
-    if metric == "relative_magnitude":  # ShortGPT: ||f(x)|| / ||x + f(x)||
-        return (y - x).norm(dim=-1) / y.norm(dim=-1).clamp_min(1e-12)
-    raise UserError(f"metric '{metric}' has no per-token form; choose from {', '.join(METRICS)}")
 
 
 class LayerScoreMean(Metric):
@@ -87,7 +75,7 @@ class ImportanceScores:
         return getattr(self, kind)
 
 
-def _hidden(value: Any) -> torch.Tensor:
+def hidden_of(value: Any) -> torch.Tensor:
     return value[0] if isinstance(value, (tuple, list)) else value
 
 
@@ -106,11 +94,13 @@ class ImportanceAccumulator:
     or, after `count_next_forward()`, taken from the first layer's input (images: every patch token).
     """
 
-    def __init__(self, model: nn.Module, metric: str = "cosine", spec: ArchSpec | None = None) -> None:
-        if metric not in METRICS:
-            raise UserError(f"unknown metric '{metric}'; choose from {', '.join(METRICS)}")
+    def __init__(self, model: nn.Module, metric: str | ImportanceMetric | Callable = "cosine",
+                 spec: ArchSpec | None = None) -> None:
+        self.measure = resolve_metric(metric)
+        if self.measure.token is None:
+            raise UserError(f"metric '{self.measure.name}' scores layers by position: it needs no calibration pass")
         self.model = model
-        self.metric = metric
+        self.metric = self.measure.name
         self.spec = spec or get_spec(model)
         self.layers = self.spec.get_layers(model)
         n = len(self.layers)
@@ -153,11 +143,12 @@ class ImportanceAccumulator:
     def _reduce(self, kind: str, layer: int, x: torch.Tensor, y: torch.Tensor) -> None:
         if y.dim() == 0:  # a dropped stand-in contributes nothing: no score
             return
-        self._accumulate(kind, layer, token_scores(self.metric, x, y.expand_as(x) if y.shape != x.shape else y))
+        self._accumulate(kind, layer, token_scores(self.measure, x, y.expand_as(x) if y.shape != x.shape else y))
 
     def _reduce_layer(self, layer: int, x: torch.Tensor, h: torch.Tensor, y: torch.Tensor) -> None:
         """All three scores of one layer; cosine-based metrics share the three norms (the costly part)."""
-        if self.metric not in ("cosine", "angular"):
+        from_cosine = self.measure.from_cosine
+        if from_cosine is None:
             for kind, (a, b) in (("attn", (x, h)), ("mlp", (h, y)), ("block", (x, y))):
                 self._reduce(kind, layer, a, b)
             return
@@ -165,8 +156,7 @@ class ImportanceAccumulator:
         nx, nh, ny = (torch.linalg.vector_norm(t, dim=-1) for t in (x, h, y))
         for kind, (a, b, na, nb) in (("attn", (x, h, nx, nh)), ("mlp", (h, y, nh, ny)), ("block", (x, y, nx, ny))):
             cos = torch.linalg.vecdot(a, b) / (na * nb).clamp_min(1e-8)
-            scores = 1.0 - cos if self.metric == "cosine" else torch.arccos(cos.clamp(-1.0, 1.0)) / math.pi
-            self._accumulate(kind, layer, scores)
+            self._accumulate(kind, layer, from_cosine(cos))
 
     def _sublayer_ends(self, layer: nn.Module, kind: str) -> tuple[nn.Module, nn.Module] | None:
         """(module whose input is the sublayer's input, module whose output is its contribution), or None
@@ -199,8 +189,8 @@ class ImportanceAccumulator:
         def layer_post(i: int) -> Callable:
             def fn(module: nn.Module, args: tuple, kwargs: dict, output: Any) -> None:
                 s = state.pop(i)
-                y = _hidden(output)
-                if self.metric == "cosine_no_residual":
+                y = hidden_of(output)
+                if not self.measure.residual:
                     self._reduce("block", i, s["x"], y - s["x"])
                     return
                 self._reduce_layer(i, s["x"], s["h"], y)
@@ -210,14 +200,14 @@ class ImportanceAccumulator:
             def fn(module: nn.Module, args: tuple, kwargs: dict, output: Any) -> None:
                 x = state[i].pop(f"{kind}_in", None)
                 if x is not None:
-                    self._reduce(kind, i, x, _hidden(output))
+                    self._reduce(kind, i, x, hidden_of(output))
             return fn
 
         try:
             for i, layer in enumerate(self.layers):
                 handles.append(layer.register_forward_pre_hook(layer_pre(i), with_kwargs=True))
                 handles.append(layer.register_forward_hook(layer_post(i), with_kwargs=True))
-                if self.metric == "cosine_no_residual":
+                if not self.measure.residual:
                     for kind in ("attn", "mlp"):
                         ends = self._sublayer_ends(layer, kind)
                         if ends is None:
@@ -270,7 +260,7 @@ def _has_drops(model: nn.Module) -> bool:
     return bool(attn or mlp)
 
 
-def _as_batch(batch: Any, device: torch.device) -> dict[str, torch.Tensor]:
+def as_batch(batch: Any, device: torch.device) -> dict[str, torch.Tensor]:
     """Text batches: a tensor of ids, or a dict with `input_ids` (and optionally `attention_mask`)."""
     if isinstance(batch, torch.Tensor):
         batch = {"input_ids": batch}
@@ -302,13 +292,13 @@ def _as_pixels(batch: Any, device: torch.device) -> dict[str, torch.Tensor]:
 
 def model_inputs(spec: ArchSpec, batch: Any, device: torch.device) -> dict[str, torch.Tensor]:
     """Keyword arguments of one forward pass of a `spec` model over `batch`, on `device`."""
-    return _as_batch(batch, device) if spec.inputs == "text" else _as_pixels(batch, device)
+    return as_batch(batch, device) if spec.inputs == "text" else _as_pixels(batch, device)
 
 
 def run_forward(spec: ArchSpec, model: nn.Module, inputs: dict[str, torch.Tensor]) -> Any:
     """One forward pass of the model without its task head (scores need hidden states, not logits)."""
     if spec.inputs == "text":
-        return _decoder(model)(**inputs, use_cache=False)
+        return decoder_body(model)(**inputs, use_cache=False)
     return spec.base_model(model)(**inputs)
 
 
@@ -322,38 +312,30 @@ def _feed(acc: ImportanceAccumulator, spec: ArchSpec, inputs: dict[str, torch.Te
         acc.count_next_forward()
 
 
-def _positional_scores(metric: str, n: int, seed: int) -> list[float]:
-    if metric == "reverse":  # deepest first: the last layer gets the lowest score
-        return [float(n - 1 - i) for i in range(n)]
-    g = torch.Generator().manual_seed(seed)
-    return torch.rand(n, generator=g, dtype=torch.float64).tolist()
-
-
-def _decoder(model: nn.Module) -> nn.Module:
+def decoder_body(model: nn.Module) -> nn.Module:
     """The model without its LM head: scores need hidden states, not logits."""
     inner = getattr(model, "model", None)
     return inner if isinstance(inner, nn.Module) and hasattr(inner, "layers") else model
 
 
 @torch.no_grad()
-def compute_importance(model: nn.Module, batches: Iterable[Any], metric: str = "cosine", seed: int = 0,
-                       progress: bool = False) -> ImportanceScores:
+def compute_importance(model: nn.Module, batches: Iterable[Any], metric: str | ImportanceMetric | Callable = "cosine",
+                       seed: int = 0, progress: bool = False) -> ImportanceScores:
     """Score every block, attention and MLP sublayer of `model` (any family) over `batches` in one pass.
 
     Text batches: ids or dicts with `input_ids` / `attention_mask` (padding is not scored); image batches:
     pixel tensors, (images, labels) or dicts with `pixel_values` (every token counts: CLS, registers, patches).
     """
-    if metric not in METRICS:
-        raise UserError(f"unknown metric '{metric}'; choose from {', '.join(METRICS)}")
+    measure = resolve_metric(metric)
     spec = get_spec(model)
     n = len(spec.get_layers(model))
-    if metric in ("reverse", "random"):
-        rows = {k: _positional_scores(metric, n, seed + j) for j, k in enumerate(KINDS)}
+    if measure.positional is not None:
+        rows = {k: positional_scores(measure, n, seed + j) for j, k in enumerate(KINDS)}
         attn_d, mlp_d = dropped_layers(model) if _has_drops(model) else ([], [])
         gone = {"attn": set(attn_d), "mlp": set(mlp_d), "block": set(attn_d) & set(mlp_d)}
-        return ImportanceScores(metric, *[[None if i in gone[k] else v for i, v in enumerate(rows[k])] for k in KINDS],
+        return ImportanceScores(measure.name, *[[None if i in gone[k] else v for i, v in enumerate(rows[k])] for k in KINDS],
                                 num_tokens=0, extra=_extra(spec, model))
-    acc = ImportanceAccumulator(model, metric, spec)
+    acc = ImportanceAccumulator(model, measure, spec)
     device = next(model.parameters()).device
     acc.to(device)
     was_training = model.training

@@ -149,11 +149,11 @@ def _value_problem(record: Mapping[str, Any], roles: Mapping[str, str]) -> str |
 def check_task_records(name: str, cfg: Mapping[str, Any], file: Path) -> int:
     """Every record of a shipped task's JSONL data has the fields its templates use, with values of the kind
     they stand for (`_value_problem`), before any model runs; returns how many records there are."""
-    from .text_data import _jsonl_records  # the one JSONL reader: errors name the file and line
+    from .text_data import jsonl_records  # the one JSONL reader: errors name the file and line
 
     fields, roles = _template_roles(cfg)
     n = 0
-    for where, record in _jsonl_records(input_file(file, f"data file for task {name!r}")):
+    for where, record in jsonl_records(input_file(file, f"data file for task {name!r}")):
         n += 1
         if not isinstance(record, dict):
             raise UserError(f"{file}{where}: expected a JSON object, got {type(record).__name__}")

@@ -20,13 +20,13 @@ from .errors import UserError
 FFN_MULTIPLE = 256
 
 
-def _find_multiple(n: int, k: int) -> int:
+def find_multiple(n: int, k: int) -> int:
     return n if n % k == 0 else n + k - (n % k)
 
 
 def ffn_mult_to_intermediate_size(ffn_mult: float, hidden_size: int) -> int:
     """The MLP width engines derive from `ffn_mult` (same formula as vLLM and llama.cpp)."""
-    return _find_multiple(int(2 * ffn_mult * hidden_size / 3), FFN_MULTIPLE)
+    return find_multiple(int(2 * ffn_mult * hidden_size / 3), FFN_MULTIPLE)
 
 
 def load_nemotron_nas(directory: str | os.PathLike, dtype: torch.dtype = torch.float32) -> tuple[nn.Module, Any]:

@@ -393,16 +393,3 @@ def format_report(res: dict[str, Any]) -> str:
     if res.get("table_files"):
         lines.append("table written to " + " and ".join(res["table_files"]))
     return "\n".join(lines)
-
-
-#: The command function that lived here, now in the jobs layer (imported on first use: the library never
-#: imports jobs).
-_MOVED_TO_JOBS = {"quantize_main", "default_baseline_output"}
-
-
-def __getattr__(name: str) -> Any:
-    if name in _MOVED_TO_JOBS:
-        import importlib
-
-        return getattr(importlib.import_module("lightning_drop.jobs.quantize"), name)
-    raise AttributeError(f"module {__name__!r} has no attribute {name!r}")

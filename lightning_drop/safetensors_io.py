@@ -272,7 +272,7 @@ def write_safetensors(path: str | os.PathLike, tensors: SafetensorsShards, names
     layout: dict[str, tuple[torch.dtype, list[int]]] = {}
     for name, src in names.items():
         st_dtype, shape = tensors._header(src)
-        cast = dtype is not None and _is_float(st_dtype)
+        cast = dtype is not None and is_float_dtype(st_dtype)
         layout[name] = (dtype if cast else _TORCH_DTYPES[st_dtype], shape)  # type: ignore[assignment]
     # safetensors' own order of the tensors in the file (by dtype, then name), from one-element stand-ins
     probe = save({name: torch.zeros(1, dtype=d) for name, (d, _) in layout.items()}, metadata=metadata)
@@ -297,5 +297,5 @@ def write_safetensors(path: str | os.PathLike, tensors: SafetensorsShards, names
                 f.write(memoryview(t.reshape(-1).view(torch.uint8).numpy()))
 
 
-def _is_float(st_dtype: str) -> bool:
+def is_float_dtype(st_dtype: str) -> bool:
     return st_dtype.startswith(("F", "BF"))

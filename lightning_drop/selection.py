@@ -1,17 +1,16 @@
-"""Choosing what to drop from importance scores: one-shot or iterative, per kind or jointly."""
+"""Choosing what to drop from importance scores: ranking, limits, per kind or jointly."""
 
 from __future__ import annotations
 
-from dataclasses import dataclass, field
-from typing import Any, Callable, Iterable, Sequence
+from typing import Any, Callable, Sequence
 
-from torch import nn
-
-from .architectures import get_spec
 from .errors import UserError
-from .importance import ImportanceScores, compute_importance
-from .modeling_dropped import apply_drop, dropped_layers
-from .options import METRICS, SCHEDULES, TARGETS  # noqa: F401 (SCHEDULES: callers import it from here)
+from .importance import ImportanceScores
+from .options import TARGETS
+from .registry import Registry, check_arity
+
+#: A selection rule: (scores, target, how many, kept layers) -> (attention indices, MLP indices) to drop.
+RuleFn = Callable[[ImportanceScores, str, int, Sequence[int]], tuple[list[int], list[int]]]
 
 
 def candidates(scores: ImportanceScores, target: str, keep: Sequence[int] = ()) -> list[tuple[float, int, str, int]]:
@@ -107,47 +106,20 @@ def total_modules(num_layers: int, target: str) -> int:
     return 2 * num_layers if target == "joint" else num_layers
 
 
-@dataclass
-class DropResult:
-    """What was dropped (original layer indices) and the scores of every round."""
-
-    attn: list[int]
-    mlp: list[int]
-    rounds: list[ImportanceScores] = field(default_factory=list)
-    round_drops: list[dict[str, list[int]]] = field(default_factory=list)
-
-    def record(self, scores: ImportanceScores, attn: list[int], mlp: list[int]) -> None:
-        """Add one round: its scores and the modules it dropped."""
-        self.rounds.append(scores)
-        self.round_drops.append({"drop_attn": attn, "drop_mlp": mlp})
-
-    def to_dict(self) -> dict[str, Any]:
-        return {"drop_attn_list": self.attn, "drop_mlp_list": self.mlp,
-                "rounds": [{"scores": r.to_dict(), **d} for r, d in zip(self.rounds, self.round_drops)]}
+def _make_rule(name: str, fn: Any) -> RuleFn:
+    check_arity(fn, 4, f"selection rule '{name}'")
+    return fn
 
 
-def drop_by_importance(model: nn.Module, batches: Iterable[Any] | Callable[[], Iterable[Any]], target: str,
-                       num: int, metric: str = "cosine", schedule: str = "one-shot", step: int = 1,
-                       keep: Sequence[int] = (), seed: int = 0, progress: bool = False) -> DropResult:
-    """Score, select and drop `num` modules of `model` in place (`lightning_drop.schedule.drop_rounds`).
+RULE_REGISTRY: Registry[RuleFn] = Registry("selection rule", _make_rule)
+RULE_REGISTRY.register("lowest", select_modules)
 
-    One-shot scores once. Iterative drops `step` modules, re-scores the dropped model, and repeats.
-    `batches` may be a callable returning a fresh iterable (needed when it is a one-pass generator).
-    """
-    from .schedule import check_schedule, drop_rounds
 
-    check_schedule(target, schedule, step)
-    if metric not in METRICS:
-        raise UserError(f"unknown metric '{metric}'; choose from {', '.join(METRICS)}")
-    get_batches = batches if callable(batches) else (lambda data=list(batches): data)
+def register_rule(name: str, fn: RuleFn) -> RuleFn:
+    """Make `fn(scores, target, num, keep) -> (attn, mlp)` a selection rule under `name`."""
+    return RULE_REGISTRY.register(name, fn)
 
-    def score(attn: list[int], mlp: list[int], index: int) -> ImportanceScores:
-        return compute_importance(model, get_batches(), metric=metric, seed=seed + index, progress=progress)
 
-    result = DropResult([], [])
-    for rnd in drop_rounds(score, target, num, len(get_spec(model).get_layers(model)), schedule, step, keep,
-                           *dropped_layers(model)):
-        apply_drop(model, attn=rnd.attn, mlp=rnd.mlp)  # the next round scores the dropped model
-        result.record(rnd.scores, rnd.attn, rnd.mlp)
-    result.attn, result.mlp = dropped_layers(model)
-    return result
+def resolve_rule(rule: str | RuleFn) -> RuleFn:
+    """A registered name (`lowest`: the `num` lowest scores), a rule callable or an importable name of one."""
+    return RULE_REGISTRY.resolve(rule)

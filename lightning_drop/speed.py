@@ -46,7 +46,7 @@ def weight_bytes(model: nn.Module) -> int:
     return total
 
 
-def _device(model: nn.Module) -> torch.device:
+def model_device(model: nn.Module) -> torch.device:
     return next(model.parameters()).device
 
 
@@ -101,12 +101,12 @@ def cache_bytes(cache: Any) -> int:
     return total
 
 
-def _random_prompt(model: nn.Module, batch_size: int, prompt_len: int, seed: int = 0) -> torch.Tensor:
+def random_prompt(model: nn.Module, batch_size: int, prompt_len: int, seed: int = 0) -> torch.Tensor:
     vocab = int(model.config.vocab_size if hasattr(model.config, "vocab_size") else model.config.get_text_config().vocab_size)
     g = torch.Generator().manual_seed(seed)
     # Avoid the very top of the vocabulary, where special tokens usually live.
     high = max(2, min(vocab, vocab - 512) if vocab > 1024 else vocab)
-    return torch.randint(0, high, (batch_size, prompt_len), generator=g).to(_device(model))
+    return torch.randint(0, high, (batch_size, prompt_len), generator=g).to(model_device(model))
 
 
 @torch.inference_mode()
@@ -117,7 +117,7 @@ def kv_cache_bytes_per_token(model: nn.Module, prompt_len: int = 32, batch_size:
     """
     if prompt_len < 1 or batch_size < 1:
         raise UserError(f"prompt_len and batch_size must be >= 1, got {prompt_len}, {batch_size}")
-    ids = _random_prompt(model, batch_size, prompt_len)
+    ids = random_prompt(model, batch_size, prompt_len)
     cache = _new_cache(model)
     model(input_ids=ids, **{_cache_kw(model): cache}, use_cache=True, logits_to_keep=1)
     return cache_bytes(cache) / (batch_size * prompt_len)
@@ -145,15 +145,15 @@ _clock = _clocks.check_clock
 _sync = _clocks.sync
 
 
-def _generate_once(model: nn.Module, ids: torch.Tensor, gen_len: int, phase: dict[str, str] | None = None,
+def generate_once(model: nn.Module, ids: torch.Tensor, gen_len: int, phase: dict[str, str] | None = None,
                    clock: str = "wall", kv_bytes: dict[str, int] | None = None) -> tuple[float, float, torch.Tensor]:
     """(prefill seconds, decode seconds, generated tokens [B, gen_len]) for one greedy run with a KV cache;
     `kv_bytes["model"]` receives the bytes of its cache at the end, when given."""
-    return _generate_lockstep({"model": model}, ids, gen_len, phase=phase, clock=clock, kv_bytes=kv_bytes)["model"]
+    return generate_lockstep({"model": model}, ids, gen_len, phase=phase, clock=clock, kv_bytes=kv_bytes)["model"]
 
 
 @torch.inference_mode()
-def _generate_lockstep(models: Mapping[str, nn.Module], ids: torch.Tensor, gen_len: int, flip: bool = False,
+def generate_lockstep(models: Mapping[str, nn.Module], ids: torch.Tensor, gen_len: int, flip: bool = False,
                        phase: dict[str, str] | None = None, clock: str = "wall",
                        kv_bytes: dict[str, int] | None = None) -> dict[str, tuple[float, float, torch.Tensor]]:
     """Greedy generation with a KV cache fed back, for one or several models, alternating at every step.
@@ -172,7 +172,7 @@ def _generate_lockstep(models: Mapping[str, nn.Module], ids: torch.Tensor, gen_l
     phase["name"] = "prefill"
     for name in names:
         m = models[name]
-        x = ids.to(_device(m))
+        x = ids.to(model_device(m))
         kw = _cache_kw(m)  # looked up once, outside the timed region
         cache = _new_cache(m)
         watch = _clocks.stopwatch(clock, x.device)
@@ -200,7 +200,7 @@ def _generate_lockstep(models: Mapping[str, nn.Module], ids: torch.Tensor, gen_l
     return {name: (st["prefill"], st["decode"], torch.cat(st["tokens"], dim=1)) for name, st in state.items()}
 
 
-def _check_args(batch_size: int, prompt_len: int, gen_len: int, repeats: int, warmup: int) -> None:
+def check_generation_args(batch_size: int, prompt_len: int, gen_len: int, repeats: int, warmup: int) -> None:
     for name, v, lo in (("batch_size", batch_size, 1), ("prompt_len", prompt_len, 1), ("gen_len", gen_len, 2),
                         ("repeats", repeats, 1), ("warmup", warmup, 0)):
         if not isinstance(v, int) or v < lo:
@@ -240,7 +240,7 @@ def compare_speed(base: nn.Module | Mapping[str, nn.Module], dropped: nn.Module 
     """Measure models ALTERNATELY in one run (same prompt).
 
     interleave="step" (default): the models generate in lock step, taking turns at every prefill and every
-    decode step (see `_generate_lockstep`); "run": whole generations alternate (base, dropped, dropped,
+    decode step (see `generate_lockstep`); "run": whole generations alternate (base, dropped, dropped,
     base, ...). Returns {"base": stats, "dropped": stats, "speedup": {"prefill", "decode", "total"}, ...}
     where a speedup is the median over repeats of the per-repeat ratio base time / dropped time (both
     measured side by side in that repeat). `base` may also be a {name: model} mapping: with a "base" among
@@ -252,18 +252,18 @@ def compare_speed(base: nn.Module | Mapping[str, nn.Module], dropped: nn.Module 
     `place_alike`: first give all models' weights fresh memory (`place_weights_alike`), so that a base
     mapped from its checkpoint and a dropped deep copy of it are timed on equal terms.
     """
-    _check_args(batch_size, prompt_len, gen_len, repeats, warmup)
+    check_generation_args(batch_size, prompt_len, gen_len, repeats, warmup)
     if interleave not in INTERLEAVE:
         raise UserError(f"interleave must be one of {', '.join(INTERLEAVE)}, got {interleave!r}")
     models = dict(base) if isinstance(base, Mapping) else {"base": base, "dropped": dropped}
     if any(m is None for m in models.values()):
         raise UserError("compare_speed needs both a base and a dropped model")
     first = next(iter(models.values()))
-    timed_by = {_clocks.resolve_clock(clock, _device(m)) for m in models.values()}  # refuses a bad clock first
+    timed_by = {_clocks.resolve_clock(clock, model_device(m)) for m in models.values()}  # refuses a bad clock first
     if place_alike and len(models) > 1:
         for m in models.values():
             place_weights_alike(m)
-    ids = _random_prompt(first, batch_size, prompt_len, seed)
+    ids = random_prompt(first, batch_size, prompt_len, seed)
     states = {name: m.training for name, m in models.items()}
     for m in models.values():
         m.eval()
@@ -273,19 +273,19 @@ def compare_speed(base: nn.Module | Mapping[str, nn.Module], dropped: nn.Module 
     try:
         for i in range(warmup):
             for name, m in models.items():
-                if i == warmup - 1 and _device(m).type == "cuda":
+                if i == warmup - 1 and model_device(m).type == "cuda":
                     peaks[name] = _cuda_peak(m, ids, gen_len)  # the last warm-up run: each model on its own
                 else:
-                    _generate_once(m, ids.to(_device(m)), gen_len)
+                    generate_once(m, ids.to(model_device(m)), gen_len)
         order = list(models)
         for r in range(repeats):
             if interleave == "step":
-                runs = _generate_lockstep(models, ids, gen_len, flip=r % 2 == 1, clock=clock, kv_bytes=kv_end)
+                runs = generate_lockstep(models, ids, gen_len, flip=r % 2 == 1, clock=clock, kv_bytes=kv_end)
             else:
                 runs = {}
                 for name in (order if r % 2 == 0 else order[::-1]):  # alternate who goes first
                     one: dict[str, int] = {}
-                    runs[name] = _generate_once(models[name], ids.to(_device(models[name])), gen_len, clock=clock,
+                    runs[name] = generate_once(models[name], ids.to(model_device(models[name])), gen_len, clock=clock,
                                                 kv_bytes=one)
                     kv_end[name] = one["model"]
             for name, (p, d, toks) in runs.items():
@@ -293,7 +293,7 @@ def compare_speed(base: nn.Module | Mapping[str, nn.Module], dropped: nn.Module 
                 times[name][0].append(p)
                 times[name][1].append(d)
         for name, m in models.items():
-            if _device(m).type == "cuda" and name not in peaks:  # no warm-up: one untimed run after the timed ones
+            if model_device(m).type == "cuda" and name not in peaks:  # no warm-up: one untimed run after the timed ones
                 peaks[name] = _cuda_peak(m, ids, gen_len)
     finally:
         for name, m in models.items():
@@ -309,7 +309,7 @@ def compare_speed(base: nn.Module | Mapping[str, nn.Module], dropped: nn.Module 
         result[name] = stats
     result["peak_rss_bytes"] = peak_rss_bytes()
     result["setup"] = dict(batch_size=batch_size, prompt_len=prompt_len, gen_len=gen_len, repeats=repeats,
-                           warmup=warmup, device=str(_device(first)), threads=torch.get_num_threads(),
+                           warmup=warmup, device=str(model_device(first)), threads=torch.get_num_threads(),
                            clock=clock if timed_by == {clock} else ",".join(sorted(timed_by)), interleave=interleave)
     if "base" in models and len(models) > 1:
         result["vs_base"] = {name: _vs_base(result, times, name) for name in models if name != "base"}
@@ -338,11 +338,11 @@ def _cuda_peak(model: nn.Module, ids: torch.Tensor, gen_len: int) -> tuple[int, 
     """One untimed generation of `model` alone on its CUDA device: (the device's peak allocated bytes during
     it, that peak less what was allocated before it). The peak statistics are reset first, so each model of a
     comparison gets its own peak even when all share the device."""
-    dev = _device(model)
+    dev = model_device(model)
     torch.cuda.synchronize(dev)
     before = torch.cuda.memory_allocated(dev)
     torch.cuda.reset_peak_memory_stats(dev)
-    _generate_once(model, ids.to(dev), gen_len)
+    generate_once(model, ids.to(dev), gen_len)
     torch.cuda.synchronize(dev)
     peak = int(torch.cuda.max_memory_allocated(dev))
     return peak, peak - int(before)
@@ -381,21 +381,3 @@ def print_speed(res: Mapping[str, Any]) -> None:
         if res.get(k) is not None:
             print(f"{k} {res[k]:.3f}")
     print(f"peak RSS {res['peak_rss_bytes'] / 2**20:.0f} MiB")
-
-
-#: The command function that lived here, now in the jobs layer (imported on first use: the library never
-#: imports jobs).
-_MOVED_TO_JOBS = {"speed_main"}
-#: The ideal-speedup profiling that lived here, now in `ideal_speedup`; these names stay importable from
-#: `lightning_drop.speed` (looked up on first use: `ideal_speedup` imports this module's generation loop).
-_MOVED_TO_IDEAL_SPEEDUP = {"dropped_part_modules", "profile_drop", "ideal_speedup", "realized_gain"}
-
-
-def __getattr__(name: str) -> Any:
-    import importlib
-
-    if name in _MOVED_TO_JOBS:
-        return getattr(importlib.import_module("lightning_drop.jobs.speed"), name)
-    if name in _MOVED_TO_IDEAL_SPEEDUP:
-        return getattr(importlib.import_module("lightning_drop.ideal_speedup"), name)
-    raise AttributeError(f"module {__name__!r} has no attribute {name!r}")

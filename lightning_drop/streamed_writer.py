@@ -19,8 +19,8 @@ from torch import nn
 
 from .architectures import get_spec
 from .dropped_checkpoint import (
-    _add_remote_code,
-    _compact_blocks,
+    add_remote_code,
+    compact_blocks,
     atomic_dir,
     checkpoint_kind,
 )
@@ -31,10 +31,10 @@ from .safetensors_io import (
     SINGLE_NAME,
     ReusedBuffer,
     SafetensorsShards,
-    _is_float,
+    is_float_dtype,
     write_safetensors,
 )
-from .streaming import _generation_config, load_config, meta_model
+from .streaming import load_generation_config, load_config, meta_model
 
 
 def _parse_size(size: int | str) -> int:
@@ -52,7 +52,7 @@ def _target_model(model_dir: Path, config: Any, dtype: torch.dtype, attn: Sequen
                   mlp: Sequence[int]) -> tuple[nn.Module, nn.Module, str, dict[int, int]]:
     """(dropped meta model, model to save, kind, layer renumbering) — the choices `save_dropped` makes."""
     model = meta_model(config, dtype)
-    model.generation_config = _generation_config(model_dir, config)
+    model.generation_config = load_generation_config(model_dir, config)
     old_attn, old_mlp = dropped_layers(model) if isinstance(config, dropped_classes(get_spec(config))[0]) else ([], [])
     new_attn = sorted(set(attn) - set(old_attn))
     new_mlp = sorted(set(mlp) - set(old_mlp))
@@ -63,7 +63,7 @@ def _target_model(model_dir: Path, config: Any, dtype: torch.dtype, attn: Sequen
     target, remap = model, {}
     if kind == "blocks":
         blocks = dropped_layers(model)[0]
-        target = _compact_blocks(model, spec, blocks) or model
+        target = compact_blocks(model, spec, blocks) or model
         if target is model:
             kind = "dropped"
         else:
@@ -115,7 +115,7 @@ def write_dropped_streaming(model_dir: str | os.PathLike, out_dir: str | os.Path
                              f"{' ...' if len(missing) > 5 else ''}")
         shards: list[list[str]] = [[]]
         size = 0
-        sizes = {k: tensors.nbytes(source[k], dtype if _is_float(tensors.dtype_of(source[k])) else None)
+        sizes = {k: tensors.nbytes(source[k], dtype if is_float_dtype(tensors.dtype_of(source[k])) else None)
                  for k in expected}
         for key in expected:
             if shards[-1] and size + sizes[key] > limit:
@@ -142,7 +142,7 @@ def write_dropped_streaming(model_dir: str | os.PathLike, out_dir: str | os.Path
             if target.can_generate():
                 target.generation_config.save_pretrained(tmp)
             if kind == "dropped":
-                _add_remote_code(tmp, model)
+                add_remote_code(tmp, model)
             if tokenizer is not None:
                 tokenizer.save_pretrained(tmp)
             if extra is not None:

@@ -46,14 +46,14 @@ from .dropped_checkpoint import (
 )
 from .errors import UserError
 from .importance import (
-    METRICS,
     ImportanceAccumulator,
     ImportanceScores,
-    _as_batch,
-    _decoder,
-    _hidden,
+    as_batch,
+    decoder_body,
+    hidden_of,
     compute_importance,
 )
+from .importance_metrics import ImportanceMetric, resolve_metric
 from .modeling_dropped import (
     apply_drop,
     dropped_classes,
@@ -131,7 +131,7 @@ def check_weights(model_dir: str | os.PathLike, model: nn.Module) -> None:
     require_weights(model_dir, missing, unexpected, mismatched)
 
 
-def _generation_config(model_dir: Path, config: Any) -> Any:
+def load_generation_config(model_dir: Path, config: Any) -> Any:
     from transformers import GenerationConfig
 
     if (model_dir / "generation_config.json").is_file():
@@ -276,12 +276,13 @@ def _batches(windows: Any, batch_size: int) -> list[dict[str, torch.Tensor]]:
         if batch_size < 1:
             raise UserError(f"batch_size must be at least 1, got {batch_size}")
         return [{"input_ids": windows[i:i + batch_size]} for i in range(0, len(windows), batch_size)]
-    return [_as_batch(b, torch.device("cpu")) for b in windows]
+    return [as_batch(b, torch.device("cpu")) for b in windows]
 
 
 # ---------------------------------------------------------------------------------------------------- scoring
 @torch.no_grad()
-def stream_importance(model_dir: str | os.PathLike, windows: Any, metric: str = "cosine", batch_size: int = 4,
+def stream_importance(model_dir: str | os.PathLike, windows: Any,
+                      metric: str | Callable | ImportanceMetric = "cosine", batch_size: int = 4,
                       device: str | torch.device = "cpu", offload_dir: str | os.PathLike | None = None,
                       dtype: torch.dtype | str = torch.float32, drop_attn: Sequence[int] = (),
                       drop_mlp: Sequence[int] = (), seed: int = 0, progress: bool = False,
@@ -296,8 +297,7 @@ def stream_importance(model_dir: str | os.PathLike, windows: Any, metric: str = 
     layer)` is called once layer i has run over every batch, before its weights are released (memory probes,
     progress); the layer's weights are views of a buffer that the next layer overwrites, so keep none of them.
     """
-    if metric not in METRICS:
-        raise UserError(f"unknown metric '{metric}'; choose from {', '.join(METRICS)}")
+    measure = resolve_metric(metric)
     if isinstance(dtype, str):
         dtype = getattr(torch, dtype)
     device = torch.device(device)
@@ -307,15 +307,15 @@ def stream_importance(model_dir: str | os.PathLike, windows: Any, metric: str = 
     check_weights(model_dir, model)
     if drop_attn or drop_mlp:
         apply_drop(model, attn=list(drop_attn), mlp=list(drop_mlp))
-    if metric in ("reverse", "random"):  # positional: no data pass, nothing loaded
-        return compute_importance(model, [], metric=metric, seed=seed)
+    if measure.positional is not None:  # no data pass, nothing loaded
+        return compute_importance(model, [], metric=measure, seed=seed)
     spec = get_spec(model)
     layers = spec.get_layers(model)
-    decoder = _decoder(model)
+    decoder = decoder_body(model)
     batches = _batches(windows, batch_size)
     if not batches:
         raise UserError("no calibration data: the batches held no real tokens")
-    acc = ImportanceAccumulator(model, metric, spec).to(device)
+    acc = ImportanceAccumulator(model, measure, spec).to(device)
     store = _HiddenStore(offload_dir)
     weights = ReusedBuffer()
     layer_bytes = 0
@@ -360,7 +360,7 @@ def stream_importance(model_dir: str | os.PathLike, windows: Any, metric: str = 
                             out = layer(hidden, *args[1:], **kwargs)
                         else:
                             out = layer(**{**kwargs, "hidden_states": hidden})
-                        store.set(b, _hidden(out))
+                        store.set(b, hidden_of(out))
                         del out, hidden, args, kwargs
                     if on_layer is not None:
                         on_layer(i, layer)
@@ -373,13 +373,3 @@ def stream_importance(model_dir: str | os.PathLike, windows: Any, metric: str = 
     scores = acc.scores()
     scores.extra["streamed"] = True
     return scores
-
-
-def __getattr__(name: str) -> Any:
-    """`write_dropped_streaming` stays importable from here; it lives in `streamed_writer`, which imports
-    this module's meta model (a plain re-export would be an import cycle)."""
-    if name == "write_dropped_streaming":
-        from .streamed_writer import write_dropped_streaming
-
-        return write_dropped_streaming
-    raise AttributeError(f"module {__name__!r} has no attribute {name!r}")

@@ -138,7 +138,7 @@ def read_utf8(path: Path) -> str:
         raise _not_utf8(path, err) from None
 
 
-def _jsonl_records(path: Path) -> Iterator[tuple[str, Any]]:
+def jsonl_records(path: Path) -> Iterator[tuple[str, Any]]:
     with input_file(path, "JSON lines file").open("rb") as fh:
         for n, raw in enumerate(fh, 1):
             try:
@@ -157,7 +157,7 @@ def _json_records(path: Path, field: str) -> Iterator[tuple[str, Any]]:
     try:
         data = json.loads(read_utf8(path))
     except json.JSONDecodeError:
-        yield from _jsonl_records(path)
+        yield from jsonl_records(path)
         return
     if isinstance(data, dict):
         if isinstance(data.get(field), list):
@@ -285,7 +285,7 @@ def load_documents(source: str | os.PathLike | Iterable[str], text_field: str = 
         elif path.suffix.lower() == ".txt":
             texts = [read_utf8(path)]
         elif path.suffix.lower() == ".jsonl":
-            texts = list(_records_field(_jsonl_records(path), text_field, path))
+            texts = list(_records_field(jsonl_records(path), text_field, path))
         elif path.suffix.lower() == ".json":
             texts = list(_records_field(_json_records(path, text_field), text_field, path))
         elif path.suffix.lower() == ".parquet":
@@ -302,7 +302,7 @@ def load_documents(source: str | os.PathLike | Iterable[str], text_field: str = 
 
 
 # ---------------------------------------------------------------------------------------------- windows
-def _token_chunks(tokenizer: Any, documents: Sequence[str], eos: int) -> Iterator[list[int]]:
+def token_chunks(tokenizer: Any, documents: Sequence[str], eos: int) -> Iterator[list[int]]:
     """Token ids of each document + EOS, tokenized in batches (one fast-tokenizer call per chunk)."""
     for start in range(0, len(documents), _TOKENIZE_CHUNK):
         batch = list(documents[start:start + _TOKENIZE_CHUNK])
@@ -335,7 +335,7 @@ def make_windows(tokenizer: Any, documents: Iterable[str], seq_len: int, num_sam
         raise UserError(f"tokenizer {type(tokenizer).__name__} has no eos_token_id; documents are joined with EOS")
     need = None if shuffle or num_samples is None else num_samples * seq_len
     stream: list[int] = []
-    for ids in _token_chunks(tokenizer, docs, eos):  # stops early once the first windows are covered
+    for ids in token_chunks(tokenizer, docs, eos):  # stops early once the first windows are covered
         stream.extend(ids)
         if need is not None and len(stream) >= need:
             break

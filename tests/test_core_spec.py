@@ -42,39 +42,22 @@ def test_bad_drop_lists_in_a_config_are_refused(tmp_path, family, field, value, 
         load_dropped(tmp_path / "ckpt")
 
 
-def test_vision_loader_refuses_a_negative_index_too(tmp_path):
-    """Through the vision names: `-1` used to drop the last block silently."""
-    from lightning_drop.vision import apply_drop as vision_apply_drop
-    from lightning_drop.vision import load_vision_dropped, save_vision_dropped
-
-    model = vision_apply_drop(tiny_vision_model("vit"), attn=[1])
-    save_vision_dropped(model, tmp_path / "ckpt")
-    cfg = json.loads((tmp_path / "ckpt" / "config.json").read_text())
-    (tmp_path / "ckpt" / "config.json").write_text(json.dumps({**cfg, "drop_attn_list": [-1]}))
-    with pytest.raises(ValueError, match="drop list index -1 is out of range"):
-        load_vision_dropped(tmp_path / "ckpt")
-
-
 @pytest.mark.parametrize("family", ["llama", "vit", "swinv2"])
 def test_numpy_and_torch_integer_indices_are_accepted(family):
-    from lightning_drop import vision
-
     np = pytest.importorskip("numpy")
     model = _model(family)
-    drop = apply_drop if family == "llama" else vision.apply_drop  # the vision name is the core function
-    drop(model, attn=[np.int64(1), torch.tensor(2)], mlp=[np.int32(3)])
+    apply_drop(model, attn=[np.int64(1), torch.tensor(2)], mlp=[np.int32(3)])
     assert dropped_layers(model) == ([1, 2], [3])
 
 
 def test_one_spec_type_and_decoder_only_code_points_to_vision():
-    from lightning_drop.architectures import ArchSpec, decoder_spec
-    from lightning_drop.vision import VisionSpec, get_vision_spec
+    from lightning_drop.architectures import decoder_spec, vision_spec
 
-    assert VisionSpec is ArchSpec and get_spec("vit") is get_vision_spec("vit") and get_spec("vit").inputs == "image"
+    assert get_spec("vit") is vision_spec("vit") and get_spec("vit").inputs == "image"
     with pytest.raises(ValueError, match="'vit' is a vision transformer: use lightning_drop.vision"):
         decoder_spec("vit")
     with pytest.raises(ValueError, match="unsupported vision architecture 'llama'"):
-        get_vision_spec("llama")
+        vision_spec("llama")
 
 
 def test_compute_importance_takes_text_and_image_batches():
@@ -129,9 +112,7 @@ def _ddp_worker(rank, world, init_file, pixels, out):
 
     torch.set_num_threads(1)
     dist.init_process_group("gloo", init_method=f"file://{init_file}", rank=rank, world_size=world)
-    from lightning_drop.vision.importance import compute_vision_importance
-
-    scores = compute_vision_importance(tiny_vision_model("vit"), [pixels[rank::world]])
+    scores = compute_importance(tiny_vision_model("vit"), [pixels[rank::world]])
     torch.save(scores.to_dict(), f"{out}.{rank}")
     dist.destroy_process_group()
 
@@ -141,31 +122,19 @@ def test_vision_scores_are_synced_across_ddp_ranks(tmp_path):
 
     mp.spawn(_ddp_worker, args=(2, str(tmp_path / "init"), PIXELS, str(tmp_path / "scores")), nprocs=2, join=True)
     r0, r1 = torch.load(f"{tmp_path}/scores.0"), torch.load(f"{tmp_path}/scores.1")
-    from lightning_drop.vision.importance import compute_vision_importance
-
-    single = compute_vision_importance(tiny_vision_model("vit"), [PIXELS])
+    single = compute_importance(tiny_vision_model("vit"), [PIXELS])
     assert r0["num_tokens"] == r1["num_tokens"] == single.num_tokens
     for kind in ("attn", "mlp", "block"):
         assert r0[kind] == r1[kind]  # identical on every rank
         assert r0[kind] == pytest.approx(single.row(kind), abs=1e-6)
 
 
-def test_vision_throughput_comparison_has_its_own_name():
-    from lightning_drop.vision import speed
-
-    assert speed.compare_speed is speed.compare_image_throughput
-    import lightning_drop.speed as decoder_speed
-
-    assert decoder_speed.compare_speed is not speed.compare_image_throughput
-
-
 def test_vision_drop_by_importance_is_the_core_selection(monkeypatch):
-    import lightning_drop.selection as selection
-    from lightning_drop.vision.importance import vision_drop_by_importance
+    import lightning_drop.schedule as schedule
 
     calls = []
-    real = selection.compute_importance
-    monkeypatch.setattr(selection, "compute_importance", lambda *a, **k: calls.append(1) or real(*a, **k))
+    real = schedule.compute_importance
+    monkeypatch.setattr(schedule, "compute_importance", lambda *a, **k: calls.append(1) or real(*a, **k))
     model = tiny_vision_model("swinv2")
-    result = vision_drop_by_importance(model, [PIXELS], target="block", num=2, schedule="iterative")
+    result = schedule.drop_by_importance(model, [PIXELS], target="block", num=2, schedule="iterative")
     assert len(calls) == 2 and len(result.attn) == 2 and result.attn == result.mlp == dropped_layers(model)[0]

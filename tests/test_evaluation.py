@@ -98,7 +98,7 @@ def test_average_stderr_of_independent_tasks():
     assert average_stderr([0.03, 0.04]) == pytest.approx(0.025)  # sqrt(0.03^2 + 0.04^2) / 2
     assert average_stderr([0.05]) == 0.05
     assert average_stderr([0.03, None]) is None and average_stderr([]) is None
-    # the primary metric's stderr; "N/A" (one example) is dropped by _clean_metrics, so it is None
+    # the primary metric's stderr; "N/A" (one example) is dropped by clean_metrics, so it is None
     assert primary_stderr({"acc": 0.5, "acc_stderr": 0.1, "acc_norm": 0.6, "acc_norm_stderr": 0.2}) == 0.2
     assert primary_stderr({"acc": 0.5}) is None and primary_stderr({"acc": 0.5, "acc_stderr": "N/A"}) is None
     # JSONs written before "stderrs" was stored: from their results, or None when they have none
@@ -284,7 +284,7 @@ def test_eval_callbacks_at_fit_end(tmp_path, monkeypatch):
 
 @needs_data
 def test_eval_main_writes_json(tmp_path):
-    from lightning_drop.evaluation import eval_main
+    from lightning_drop.jobs.evaluate import eval_main
 
     out = tmp_path / "res.json"
     res = eval_main("tiny-llama", data=[f"hellaswag_sample={_rows(tmp_path, 3)}"], batch_size=8, output=str(out))
@@ -316,7 +316,7 @@ def test_eval_command_with_task_data_file(tmp_path, capsys):
 
 def test_perplexity_reads_a_json_array_as_records(tmp_path, c4_path, capsys):
     """The same records as .jsonl and as a JSON array give the same perplexity (the raw JSON text is not scored)."""
-    from lightning_drop.evaluation import perplexity_main
+    from lightning_drop.jobs.evaluate import perplexity_main
 
     records = [json.loads(line) for line in c4_path.read_text().splitlines()[:20]]
     (tmp_path / "r.json").write_text(json.dumps(records))
@@ -327,7 +327,7 @@ def test_perplexity_reads_a_json_array_as_records(tmp_path, c4_path, capsys):
 
 
 def test_perplexity_caps_seq_len_at_the_context(tmp_path, c4_path):
-    from lightning_drop.evaluation import perplexity_main
+    from lightning_drop.jobs.evaluate import perplexity_main
 
     with pytest.warns(UserWarning, match="capped at max_positions=512"):
         res = perplexity_main("tiny-llama", str(c4_path), seq_len=4096, num_windows=1)

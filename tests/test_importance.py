@@ -13,7 +13,8 @@ import torch.nn.functional as F
 from lightning_drop import apply_drop, dropped_layers
 from lightning_drop.importance import compute_importance, token_scores
 from lightning_drop.model_loading import tiny_model
-from lightning_drop.selection import drop_by_importance, resolve_num, select_modules
+from lightning_drop.schedule import drop_by_importance
+from lightning_drop.selection import resolve_num, select_modules
 
 
 def _windows(n=3, seq=24, seed=0):

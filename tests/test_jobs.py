@@ -1,4 +1,4 @@
-"""The jobs layer: commands above the library, their options derived from typed signatures, old paths kept."""
+"""The jobs layer: commands above the library, their options derived from typed signatures."""
 
 from __future__ import annotations
 
@@ -14,6 +14,7 @@ import pytest
 import yaml
 
 from lightning_drop.cli import COMMANDS, build_parser
+from lightning_drop.errors import UserError
 from lightning_drop.jobs.commandline import Command, add_command
 
 REPO = Path(__file__).resolve().parents[1]
@@ -43,37 +44,6 @@ print(json.dumps([len(names), sorted(m for m in sys.modules if m.startswith("lig
     assert proc.returncode == 0, proc.stderr[-3000:]
     count, jobs = json.loads(proc.stdout.strip().splitlines()[-1])
     assert count > 20 and jobs == []
-
-
-def test_old_import_paths_reach_the_jobs():
-    import lightning_drop.drop_job as old_drop
-    from lightning_drop.drop_job import DropJob, run_drop
-
-    import lightning_drop.jobs.drop as drop
-    from lightning_drop import evaluation, quantize, speed
-    from lightning_drop.jobs import evaluate as eval_jobs
-    from lightning_drop.jobs import quantize as quantize_jobs
-    from lightning_drop.jobs import speed as speed_jobs
-
-    assert old_drop is drop and DropJob is drop.DropJob and run_drop is drop.run_drop
-    assert drop.__spec__.name == "lightning_drop.jobs.drop"  # the alias did not rename the real module
-    assert evaluation.eval_main is eval_jobs.eval_main and evaluation.perplexity_main is eval_jobs.perplexity_main
-    assert speed.speed_main is speed_jobs.speed_main and quantize.quantize_main is quantize_jobs.quantize_main
-    with pytest.raises(AttributeError):
-        evaluation.no_such_name  # noqa: B018
-
-
-def test_old_study_and_report_paths_reach_the_study_package():
-    import lightning_drop.jobs.study as study
-    import lightning_drop.jobs.study.report as report
-    import lightning_drop.study as old_study
-    from lightning_drop import report as old_report
-    from lightning_drop.study import Study, StudyConfig, _derive, study_main
-
-    assert old_study is study and old_report is report
-    assert Study is study.run.Study and StudyConfig is study.config.StudyConfig and _derive is study.budget.derive
-    assert study_main is study.run.study_main and old_report.write_report is report.write_report
-    assert study.__spec__.name == "lightning_drop.jobs.study" and report.__spec__.name == "lightning_drop.jobs.study.report"
 
 
 @pytest.mark.parametrize("name", sorted(COMMANDS))
@@ -144,43 +114,23 @@ def test_a_flag_that_defaults_to_true_is_refused():
         del sys.modules["ld_test_flag"]
 
 
-def test_old_vision_entry_runs_the_one_lightning_cli():
-    """`python -m lightning_drop.vision.run` (the vision stack's old entry) is `lightning-drop fit|validate|test`."""
-    import lightning_drop.lightning_cli as lightning_cli
-    import lightning_drop.vision.run as old
+def test_an_old_class_path_gets_one_error_naming_the_new_one(tmp_path, capsys):
+    """A user's YAML written against a module that moved (`lightning_drop.module.DropModule`) is refused in
+    one line that names the class's path now, before anything is built or written."""
+    from lightning_drop.cli import main
 
-    assert old is lightning_cli
-    proc = subprocess.run([sys.executable, "-m", "lightning_drop.vision.run", "fit", "--help"], capture_output=True,
-                          text=True, cwd=ROOT, timeout=600, stdin=subprocess.DEVNULL)
-    assert proc.returncode == 0, proc.stderr[-2000:]
-    assert "--trainer.callbacks" in proc.stdout and "--ckpt_path" in proc.stdout
-
-
-RENAMED = {"models": "model_loading", "module": "lightning_module", "datamodule": "lightning_datamodule",
-           "data": "text_data", "checkpoint": "dropped_checkpoint", "vision.module": "vision.lightning_module",
-           "vision.data": "vision.image_data"}
-
-
-@pytest.mark.parametrize("old", sorted(RENAMED))
-def test_renamed_modules_answer_to_their_old_names(old):
-    import importlib
-
-    new = importlib.import_module(f"lightning_drop.{RENAMED[old]}")
-    assert importlib.import_module(f"lightning_drop.{old}") is new
-    assert new.__spec__.name == f"lightning_drop.{RENAMED[old]}"
-
-
-def test_configs_with_the_old_class_paths_still_parse(tmp_path):
-    """A user's YAML written against `lightning_drop.module.DropModule` keeps working after the rename."""
     text = (REPO / "configs" / "track_random_init.yaml").read_text()
-    old = text.replace("lightning_drop.lightning_module.", "lightning_drop.module.").replace(
-        "lightning_drop.lightning_datamodule.", "lightning_drop.datamodule.")
+    old = text.replace("lightning_drop.lightning_module.", "lightning_drop.module.")
     assert old != text
     (tmp_path / "old.yaml").write_text(old)
-    proc = subprocess.run([sys.executable, "-m", "lightning_drop.lightning_cli", "fit", "--config",
-                           str(tmp_path / "old.yaml"), "--print_config"], capture_output=True, text=True, timeout=300,
-                          cwd=tmp_path)
-    assert proc.returncode == 0, proc.stderr[-3000:]
-    printed = yaml.safe_load(proc.stdout)
-    assert printed["model"]["class_path"].endswith("DropModule")
-    assert printed["data"]["class_path"].endswith("TextDataModule")
+    before = sorted(p.name for p in tmp_path.iterdir())
+    assert main(["fit", "--config", str(tmp_path / "old.yaml"), "--trainer.default_root_dir", str(tmp_path)]) == 2
+    err = capsys.readouterr().err
+    errors = [line for line in err.splitlines() if "error:" in line]
+    assert errors == ["lightning-drop fit: error: class_path lightning_drop.module.DropModule no longer exists: "
+                      "use lightning_drop.lightning_module.DropModule"], err
+    assert "Traceback" not in err and sorted(p.name for p in tmp_path.iterdir()) == before
+    with pytest.raises(UserError, match="use lightning_drop.vision.image_data.ImageDataModule"):
+        from lightning_drop.lightning_cli import check_moved_class_paths
+
+        check_moved_class_paths(["--data.class_path=lightning_drop.vision.data.ImageDataModule"])

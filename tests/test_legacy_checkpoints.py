@@ -31,10 +31,10 @@ def test_text_checkpoint_loads_with_the_same_logits(name, expected):
 
 
 def test_vision_checkpoint_loads_with_the_same_logits(expected):
-    from lightning_drop.vision import dropped_layers, load_vision_dropped
+    import lightning_drop as ld
 
-    model = load_vision_dropped(FIXTURES / "vit-attn-mlp")
-    assert dropped_layers(model) == ([1], [0])
+    model = ld.load_dropped(FIXTURES / "vit-attn-mlp")
+    assert ld.dropped_layers(model) == ([1], [0])
     with torch.no_grad():
         logits = model(pixel_values=expected["pixel_values"]).logits
     torch.testing.assert_close(logits, expected["vit-attn-mlp.logits"], atol=1e-5, rtol=0)

@@ -415,7 +415,9 @@ def test_quantize_main_quantizes_the_baseline_too_and_writes_the_table(four_chec
     monkeypatch.setattr(q, "quantize", fake_quantize)
     monkeypatch.setattr(q, "require_backend", lambda backend="gptqmodel": None)
     out = tmp_path / "q"
-    res = q.quantize_main(str(four_checkpoints["dropped"]), str(out), calibration=str(c4_path), num_samples=4,
+    from lightning_drop.jobs.quantize import quantize_main
+
+    res = quantize_main(str(four_checkpoints["dropped"]), str(out), calibration=str(c4_path), num_samples=4,
                           seq_len=64, eval_data=str(c4_path), eval_windows=2, baseline=str(four_checkpoints["baseline"]))
     assert calls[0][1] == str(out) and calls[1] == (str(four_checkpoints["baseline"]), str(tmp_path / "q-baseline"), 32)
     assert [r["config"] for r in res["table"]["rows"]] == list(TABLE_ORDER)
@@ -425,7 +427,7 @@ def test_quantize_main_quantizes_the_baseline_too_and_writes_the_table(four_chec
 
 
 def test_quantize_main_checks_before_quantizing(tmp_path):
-    from lightning_drop.quantize import quantize_main
+    from lightning_drop.jobs.quantize import quantize_main
 
     with pytest.raises(ValueError, match="baseline is only used for the quality table"):
         quantize_main("tiny-llama", str(tmp_path / "q"), baseline="tiny-llama")

@@ -6,7 +6,7 @@ import pytest
 import torch
 
 from lightning_drop.text_data import CalibrationConfig
-from lightning_drop.drop_job import DropJob, run_drop
+from lightning_drop.jobs.drop import DropJob, run_drop
 from lightning_drop.importance import ImportanceScores, compute_importance
 from lightning_drop.model_loading import tiny_model
 from lightning_drop.schedule import drop_rounds
@@ -109,3 +109,56 @@ def test_scoring_pass_counter_sees_scoring_and_not_training(scoring_passes):
     assert scoring_passes() == 0
     compute_importance(model, [ids, ids])
     assert scoring_passes() == 2
+
+
+def thirds(remaining: int, step: int) -> int:
+    """A user's schedule, reached by its importable name below."""
+    return max(1, remaining // 3)
+
+
+def _fixed_scores(attn, mlp, index):
+    """Scores that rank attention 3, 2, 1, 0 (lowest first), whatever is already gone."""
+    row = [None if i in attn else float(4 - i) for i in range(4)]
+    return ImportanceScores("fixed", row, [1.0] * 4, [1.0] * 4)
+
+
+def test_a_users_schedule_by_name_callable_or_importable_name():
+    from lightning_drop.schedule import register_schedule, resolve_schedule
+
+    by_path = [(r.at, r.size) for r in drop_rounds(_fixed_scores, "attn", 3, 4, "test_schedule.thirds")]
+    by_callable = [(r.at, r.size) for r in drop_rounds(_fixed_scores, "attn", 3, 4, thirds)]
+    register_schedule("thirds", thirds)
+    by_name = [(r.at, r.size, r.attn) for r in drop_rounds(_fixed_scores, "attn", 3, 4, "thirds")]
+    assert by_path == by_callable == [(0, 1), (1, 1), (2, 1)]
+    assert by_name == [(0, 1, [3]), (1, 1, [2]), (2, 1, [1])]
+    assert resolve_schedule("one-shot").sizes(5, 2) == [5] and resolve_schedule("iterative").sizes(5, 2) == [2, 2, 1]
+    # a walk continues only where one of its rounds starts
+    with pytest.raises(ValueError, match="no round of the iterative schedule starts at 1"):
+        drop_rounds(_fixed_scores, "attn", 4, 4, "iterative", step=2, start=1)
+    with pytest.raises(ValueError, match="no round of the one-shot schedule starts at 2"):
+        drop_rounds(_fixed_scores, "attn", 3, 4, "one-shot", start=2)
+
+
+def test_a_bad_schedule_rule_or_metric_is_refused_where_it_is_given():
+    from lightning_drop.callbacks import LayerDrop
+    from lightning_drop.importance_metrics import register_metric
+    from lightning_drop.schedule import register_schedule
+    from lightning_drop.selection import register_rule
+
+    with pytest.raises(ValueError, match=r"schedule 'two' <lambda>\(a, b, c\) must take 2 positional arguments"):
+        register_schedule("two", lambda a, b, c: 1)
+    with pytest.raises(ValueError, match="selection rule 'r' .* must take 4 positional arguments"):
+        register_rule("r", lambda scores: ([], []))
+    with pytest.raises(ValueError, match="metric 'm' .* must take 2 positional arguments"):
+        register_metric("m", lambda x, y, z: x)
+    with pytest.raises(ValueError, match="schedule 'test_schedule.no_such' does not import"):
+        drop_rounds(_fixed_scores, "attn", 1, 4, "test_schedule.no_such")
+    with pytest.raises(ValueError, match="must drop between 1 and 2 modules in a round, got 0"):
+        list(drop_rounds(_fixed_scores, "attn", 2, 4, lambda remaining, step: 0))
+    from lightning.pytorch.utilities.exceptions import MisconfigurationException
+
+    with pytest.raises(MisconfigurationException, match="LayerDrop: unknown schedule 'greedy'"):
+        LayerDrop(num=1, schedule="greedy")
+    with pytest.raises(MisconfigurationException, match="LayerDrop: unknown selection rule 'highest'"):
+        LayerDrop(num=1, rule="highest")
+    assert LayerDrop(num=1, schedule="test_schedule.thirds", metric="angular")._schedule.round_size is thirds

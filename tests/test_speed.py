@@ -42,11 +42,11 @@ def test_measure_generation_counts_and_positive_times():
 @pytest.mark.parametrize("family,attn", [("llama", ()), ("llama", (0, 2)), ("gemma2", (1,))])
 def test_timed_decode_generates_what_generate_does(family, attn):
     """The timed loop really decodes with its KV cache fed back: same greedy tokens as `generate`."""
-    from lightning_drop.speed import _generate_once, _random_prompt
+    from lightning_drop.speed import generate_once, random_prompt
 
     model = _tiny(family, attn=attn).eval()
-    ids = _random_prompt(model, 2, 12)  # longer than gemma2's tiny sliding window (8)
-    _, _, toks = _generate_once(model, ids, gen_len=10)
+    ids = random_prompt(model, 2, 12)  # longer than gemma2's tiny sliding window (8)
+    _, _, toks = generate_once(model, ids, gen_len=10)
     with torch.no_grad():
         ref = model.generate(ids, attention_mask=torch.ones_like(ids), max_new_tokens=10, min_new_tokens=10,
                              do_sample=False, pad_token_id=0)
@@ -55,15 +55,15 @@ def test_timed_decode_generates_what_generate_does(family, attn):
 
 def test_lockstep_generation_equals_separate_runs():
     """Interleaving two models step by step must not mix their caches: each generates what it does alone."""
-    from lightning_drop.speed import _generate_lockstep, _generate_once, _random_prompt
+    from lightning_drop.speed import generate_lockstep, generate_once, random_prompt
 
     base, dropped = _tiny("gemma2").eval(), _tiny("gemma2", attn=(0, 2)).eval()
-    ids = _random_prompt(base, 2, 12)
-    runs = _generate_lockstep({"base": base, "dropped": dropped}, ids, gen_len=8, flip=True)
+    ids = random_prompt(base, 2, 12)
+    runs = generate_lockstep({"base": base, "dropped": dropped}, ids, gen_len=8, flip=True)
     for name, m in (("base", base), ("dropped", dropped)):
         p, d, toks = runs[name]
         assert p > 0 and d > 0
-        assert torch.equal(toks, _generate_once(m, ids, gen_len=8)[2])
+        assert torch.equal(toks, generate_once(m, ids, gen_len=8)[2])
     assert not torch.equal(runs["base"][2], runs["dropped"][2])  # really two different models
 
 
@@ -189,7 +189,7 @@ def test_speed_benchmark_callback(tmp_path):
 
 def test_speed_main_with_baseline_and_sdr(tmp_path):
     from lightning_drop.dropped_checkpoint import save_dropped
-    from lightning_drop.speed import speed_main
+    from lightning_drop.jobs.speed import speed_main
 
     model, tok = load_model("tiny-llama")
     apply_drop(model, attn=[1, 3])

@@ -47,7 +47,7 @@ def test_drop_parser_defaults_match_the_library():
     from lightning_drop.text_data import CalibrationConfig
     from lightning_drop.importance import METRICS
     from lightning_drop.options import CalibrationConfig as LightCalibrationConfig
-    from lightning_drop.selection import SCHEDULES, TARGETS
+    from lightning_drop.options import SCHEDULES, TARGETS
 
     assert CalibrationConfig is LightCalibrationConfig
     args = build_parser().parse_args(["drop", "--model", "m", "--num", "1", "--output", "o"])
@@ -70,7 +70,7 @@ from lightning_drop.model_loading import load_model as real_load_model
 same = (apply_drop is real_apply_drop and load_model is real_load_model and ld.ArchSpec is ArchSpec
         and ld.save_dropped is save_dropped and ld.load_dropped is load_dropped)
 names = all(hasattr(ld, n) for n in ld.__all__) and set(ld.__all__) <= set(dir(ld))
-sub = ld.vision.get_vision_spec.__module__ == "lightning_drop.vision.architectures" and ld.model_loading.load_model is load_model
+sub = ld.vision.__name__ == "lightning_drop.vision" and ld.model_loading.load_model is load_model
 try:
     ld.no_such_name
     missing = False

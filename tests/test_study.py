@@ -431,7 +431,7 @@ def test_drop_order_figure_follows_an_iterative_main_sweep(tmp_path, c4_path, mo
     assert [i for i in range(4) if grid[1, i] == 1] == rows[2]["drop_attn"]
     assert all(v != v for v in grid[2]) and all(v != v for v in grid[3])  # counts the walk never reached
     figs = []
-    monkeypatch.setattr(figures, "_save", lambda fig, path: figs.append(fig) or path)
+    monkeypatch.setattr(figures, "save_png", lambda fig, path: figs.append(fig) or path)
     figures.plot_drop_order(doc, tmp_path / "x.png")
     fig = figs[0]
     titles = [ax.get_title() for ax in fig.axes if ax.get_title()]

@@ -12,10 +12,13 @@ import textwrap
 import pytest
 import torch
 
-from lightning_drop.vision import (apply_drop, dropped_layers, get_vision_spec, save_vision_dropped)
-from lightning_drop.vision.importance import compute_vision_importance, vision_drop_by_importance
+from lightning_drop import apply_drop, dropped_layers, save_dropped
+from lightning_drop.architectures import vision_spec
+from lightning_drop.importance import compute_importance
+from lightning_drop.schedule import drop_by_importance
+from lightning_drop.sublayer_check import check_really_skipped, sublayer_call_counts
 from lightning_drop.vision.lightning_module import tiny_vision_model
-from lightning_drop.vision.speed import check_really_skipped, compare_image_throughput, sublayer_call_counts
+from lightning_drop.vision.speed import compare_image_throughput
 
 FAMILIES = ["vit", "dinov2", "dinov2_with_registers", "dinov3_vit", "swinv2"]
 X = torch.randn(2, 3, 32, 32, generator=torch.Generator().manual_seed(0))
@@ -30,12 +33,12 @@ def _out(model, x=X):
 def test_really_skipped_catches_a_standin_that_runs_the_original(monkeypatch):
     """A stand-in patched to run the original attention (held outside the module tree, so no hook sits on
     it): only the FLOPs counted inside the slot can see it."""
-    from lightning_drop.vision.modeling_dropped import DroppedVisionAttention
+    from lightning_drop.modeling_dropped import DroppedAttention
 
     full = tiny_vision_model("vit")
-    original = get_vision_spec(full).get_layers(full)[1].attention
+    original = vision_spec(full).get_layers(full)[1].attention
     model = apply_drop(copy.deepcopy(full), attn=[1])
-    monkeypatch.setattr(DroppedVisionAttention, "forward", lambda self, hidden_states, *a, **k: original(hidden_states))
+    monkeypatch.setattr(DroppedAttention, "forward", lambda self, hidden_states, *a, **k: original(hidden_states))
     rows = sublayer_call_counts(model, X)
     assert rows[1]["attn_compute_calls"] == 0 and rows[1]["attn_flops"] == rows[0]["attn_flops"] > 0
     with pytest.raises(RuntimeError, match="block 1: dropped attn ran"):
@@ -52,15 +55,15 @@ def test_really_skipped_catches_an_undeclared_standin():
 def test_dinov2_layerscale_is_inside_y():
     """With LayerScale ~0 the attention/MLP contributions vanish: scores must be ~0 (hooks after LayerScale)."""
     model = tiny_vision_model("dinov2", layerscale_value=1e-7)
-    s = compute_vision_importance(model, [X])
+    s = compute_importance(model, [X])
     assert max(s.attn) < 1e-6 and max(s.mlp) < 1e-6
-    big = compute_vision_importance(tiny_vision_model("dinov2", layerscale_value=1.0), [X])
+    big = compute_importance(tiny_vision_model("dinov2", layerscale_value=1.0), [X])
     assert min(big.mlp) > 1e-4
 
 
 def test_vit_block_scores_match_hidden_states():
     model = tiny_vision_model("vit")
-    s = compute_vision_importance(model, [X])
+    s = compute_importance(model, [X])
     with torch.no_grad():
         hs = model(pixel_values=X, output_hidden_states=True).hidden_states
     for i in range(4):
@@ -72,16 +75,16 @@ def test_vit_block_scores_match_hidden_states():
 @pytest.mark.parametrize("family", ["vit", "swinv2"])
 def test_scores_skip_dropped_and_drop_by_importance(family):
     model = tiny_vision_model(family)
-    result = vision_drop_by_importance(model, [X], target="attn", num=2, schedule="iterative")
+    result = drop_by_importance(model, [X], target="attn", num=2, schedule="iterative")
     assert len(result.rounds) == 2 and len(result.attn) == 2
     assert result.rounds[1].attn[result.round_drops[0]["drop_attn"][0]] is None
-    s = compute_vision_importance(model, [X], metric="cosine_no_residual")
+    s = compute_importance(model, [X], metric="cosine_no_residual")
     assert [v is None for v in s.attn] == [i in result.attn for i in range(4)]
 
 
 def test_swinv2_two_level_names():
     model = tiny_vision_model("swinv2")
-    spec = get_vision_spec(model)
+    spec = vision_spec(model)
     assert spec.block_names(model) == ["0.0", "0.1", "1.0", "1.1"]
     assert spec.flat_index(model, "1.0") == 2
     apply_drop(model, attn=["1.0"], mlp=[0])
@@ -108,13 +111,13 @@ def test_bad_inputs_and_unsupported():
     with pytest.raises(ValueError, match="already dropped"):
         apply_drop(model, attn=[1])
     with pytest.raises(ValueError, match="unsupported vision architecture 'llama'"):
-        get_vision_spec("llama")
+        vision_spec("llama")
     with pytest.raises(ValueError, match="unknown metric"):
-        compute_vision_importance(model, [X], metric="nope")
+        compute_importance(model, [X], metric="nope")
     with pytest.raises(ValueError, match=r"\(batch, channels, height, width\)"):
-        compute_vision_importance(model, [torch.randn(3, 32, 32)])
+        compute_importance(model, [torch.randn(3, 32, 32)])
     with pytest.raises(ValueError, match="no calibration data"):
-        compute_vision_importance(model, [])
+        compute_importance(model, [])
 
 
 CLEAN_ENV_SCRIPT = textwrap.dedent(
@@ -138,7 +141,7 @@ def test_trust_remote_code_load_without_the_package(tmp_path):
     model = tiny_vision_model("dinov2")
     apply_drop(model, attn=[1, 3], mlp=[0])
     expected = _out(model)
-    out = save_vision_dropped(model, tmp_path / "ckpt")
+    out = save_dropped(model, tmp_path / "ckpt")
     (tmp_path / "clean.py").write_text(CLEAN_ENV_SCRIPT)
     torch.save(X, tmp_path / "x.pt")
     env = dict(os.environ, HF_MODULES_CACHE=str(tmp_path / "modules"), HF_HUB_OFFLINE="1")

@@ -100,6 +100,6 @@ def test_digits_config_runs_a_few_steps(tmp_path, monkeypatch):
     assert [e["event"] for e in h][0] == "fit_start" and h[-1]["step"] == 3
     assert all(len(e["attn"]) == 4 and e["num_tokens"] == 128 * 17 for e in h)
     assert (out / "importance_history.csv").is_file() and (out / "importance_heatmap.png").is_file()
-    from lightning_drop.vision import load_vision_dropped
+    from lightning_drop import load_dropped
 
-    assert load_vision_dropped(out / "dropped_model").config.drop_attn_list == r["drop_attn_list"]
+    assert load_dropped(out / "dropped_model").config.drop_attn_list == r["drop_attn_list"]

@@ -51,7 +51,7 @@ def hf_model_and_tokenizer(trainer: pl.Trainer, pl_module: pl.LightningModule, t
     return final_model(trainer, pl_module, merged_copy=merged_copy), tokenizer_of(trainer, pl_module, tokenizer_ref)
 
 
-def _on_root_device(trainer: pl.Trainer, model: nn.Module) -> None:
+def to_root_device(trainer: pl.Trainer, model: nn.Module) -> None:
     device = trainer.strategy.root_device
     p = next(model.parameters(), None)
     if p is not None and p.device != device:
@@ -135,7 +135,7 @@ class LMEvalCallback(FitEndMeasurement):
         model = final_model(trainer, pl_module)  # every rank: a pending fit-end drop is collective
         if trainer.is_global_zero:
             tok = tokenizer_of(trainer, pl_module, self.tokenizer)
-            _on_root_device(trainer, model)
+            to_root_device(trainer, model)
             res = self.evaluate(model, tok)
             res["global_step"] = trainer.global_step
             self.results = res
@@ -197,7 +197,7 @@ class PerplexityCallback(FitEndMeasurement):
         model = final_model(trainer, pl_module)  # every rank: a pending fit-end drop is collective
         if trainer.is_global_zero:
             tok = tokenizer_of(trainer, pl_module, self.tokenizer)
-            _on_root_device(trainer, model)
+            to_root_device(trainer, model)
             self.value = self.compute(model, tok)
             log_to_loggers(trainer, {self.name: self.value})
             if self.output:

@@ -64,13 +64,15 @@ class ImportanceTracker(Callback):
         at_fit_end: bool = True,
         prefix: str = "importance/",
     ) -> None:
-        from lightning_drop.importance import METRICS
+        from lightning_drop.errors import UserError
+        from lightning_drop.importance_metrics import resolve_metric
 
         if not isinstance(every_n_steps, int) or isinstance(every_n_steps, bool) or every_n_steps < 1:
             raise MisconfigurationException(f"ImportanceTracker: every_n_steps must be an integer >= 1, got {every_n_steps!r}")
-        if metric not in METRICS:
-            raise MisconfigurationException(
-                f"ImportanceTracker: unknown metric {metric!r}; choose from {', '.join(METRICS)}")
+        try:
+            resolve_metric(metric)
+        except UserError as err:
+            raise MisconfigurationException(f"ImportanceTracker: {err}") from None
         self.every_n_steps, self.metric = every_n_steps, metric
         self.calibration = CalibrationSource(calibration_source, calibration_samples, calibration_seq_len,
                                              calibration_batch_size, "ImportanceTracker")

@@ -51,10 +51,12 @@ class LayerDrop(FitEndMember):
         target: `block`, `attn`, `mlp` or `joint` (attention and MLP ranked together).
         num / ratio: how many modules in total (exactly one of them; ratio of the layers, or of 2x the
             layers for `joint`).
-        metric: importance metric of `lightning_drop.importance.METRICS` (`cosine` is the paper's).
-        schedule: `one-shot` (score once, drop all) or `iterative` (drop `step` modules per round and
-            re-score the dropped model before the next round).
+        metric: a metric of `lightning_drop.importance_metrics` (`cosine` is the paper's), or the importable
+            name of one's own (`my_package.metrics.dot`).
+        schedule: `one-shot` (score once, drop all), `iterative` (drop `step` modules per round and
+            re-score the dropped model before the next round), or the importable name of a round-size function.
         step: modules per iterative round.
+        rule: how a round picks its modules from the scores: `lowest`, or the importable name of a rule.
         every_n_steps: training steps between iterative rounds (0: all rounds back to back, as the paper).
         when: `fit_start`, `step` (first round after optimizer step `at_step`) or `fit_end`.
         at_step: the global step of the first round when `when="step"`.
@@ -73,7 +75,7 @@ class LayerDrop(FitEndMember):
         num: int | None = None,
         ratio: float | None = None,
         metric: str = "cosine",
-        schedule: Literal["one-shot", "iterative"] = "one-shot",
+        schedule: str = "one-shot",
         step: int = 1,
         every_n_steps: int = 0,
         when: Literal["fit_start", "step", "fit_end"] = "fit_start",
@@ -85,9 +87,13 @@ class LayerDrop(FitEndMember):
         calibration_seq_len: int = 256,
         calibration_batch_size: int = 8,
         verbose: bool = True,
+        rule: str = "lowest",
     ) -> None:
-        from lightning_drop.importance import METRICS
-        from lightning_drop.selection import SCHEDULES, TARGETS
+        from lightning_drop.errors import UserError
+        from lightning_drop.importance_metrics import resolve_metric
+        from lightning_drop.options import TARGETS
+        from lightning_drop.schedule import resolve_schedule
+        from lightning_drop.selection import resolve_rule
 
         if target not in TARGETS:
             raise MisconfigurationException(f"LayerDrop: unknown target {target!r}; choose from {', '.join(TARGETS)}")
@@ -97,11 +103,11 @@ class LayerDrop(FitEndMember):
             raise MisconfigurationException(f"LayerDrop: num must be an integer >= 1, got {num!r}")
         if ratio is not None and not 0.0 < ratio < 1.0:
             raise MisconfigurationException(f"LayerDrop: ratio must be in (0, 1), got {ratio!r}")
-        if metric not in METRICS:
-            raise MisconfigurationException(f"LayerDrop: unknown metric {metric!r}; choose from {', '.join(METRICS)}")
-        if schedule not in SCHEDULES:
-            raise MisconfigurationException(
-                f"LayerDrop: unknown schedule {schedule!r}; choose from {', '.join(SCHEDULES)}")
+        try:
+            self._metric, self._schedule, self._rule = resolve_metric(metric), resolve_schedule(schedule), \
+                resolve_rule(rule)
+        except UserError as err:
+            raise MisconfigurationException(f"LayerDrop: {err}") from None
         if not isinstance(step, int) or step < 1:
             raise MisconfigurationException(f"LayerDrop: step must be an integer >= 1, got {step!r}")
         if not isinstance(every_n_steps, int) or every_n_steps < 0:
@@ -170,16 +176,16 @@ class LayerDrop(FitEndMember):
         model = hf_of(pl_module)
 
         def score(attn: list[int], mlp: list[int], index: int) -> ImportanceScores:
-            scores = compute_importance(model, self.calibration.batches(trainer, pl_module), metric=self.metric,
+            scores = compute_importance(model, self.calibration.batches(trainer, pl_module), metric=self._metric,
                                         seed=self.seed + index)
             # The scores are synced across ranks; rank zero's copy makes every rank rank them identically.
             return trainer.strategy.broadcast(scores, src=0)
 
         walk_attn, walk_mlp = self.recorded_plan()
         cur_attn, cur_mlp = dropped_layers_of(model)
-        rnd = next(drop_rounds(score, self.target, self.total, self._num_layers(pl_module), self.schedule, self.step,
+        rnd = next(drop_rounds(score, self.target, self.total, self._num_layers(pl_module), self._schedule, self.step,
                                self.keep, sorted(set(cur_attn) - set(walk_attn)), sorted(set(cur_mlp) - set(walk_mlp)),
-                               start=self.dropped_count, walked=(walk_attn, walk_mlp)))
+                               start=self.dropped_count, walked=(walk_attn, walk_mlp), rule=self._rule))
         attn, mlp, scores = rnd.attn, rnd.mlp, rnd.scores
         record_of_fit = FitEnd.of(trainer)
         record_of_fit.before_drop(trainer, pl_module)
@@ -250,7 +256,7 @@ class LayerDrop(FitEndMember):
             raise MisconfigurationException(
                 f"LayerDrop: at_step={self.at_step} is after the last step of this fit (max_steps={max_steps}): "
                 "the drop would never happen")
-        rounds = 1 if self.schedule == "one-shot" else -(-self.total // self.step)
+        rounds = len(self._schedule.sizes(self.total, self.step))
         if self.every_n_steps and rounds > 1:
             first = self.at_step if self.when == "step" else 0
             last = first + (rounds - 1) * self.every_n_steps

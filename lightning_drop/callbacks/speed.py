@@ -14,7 +14,7 @@ from typing import Any
 import lightning.pytorch as pl
 
 from lightning_drop.callbacks._common import log_to_loggers
-from lightning_drop.callbacks.evaluation import _on_root_device
+from lightning_drop.callbacks.evaluation import to_root_device
 from lightning_drop.callbacks.fit_end import FitEnd, FitEndMeasurement, final_model
 
 from ..errors import UserError
@@ -79,7 +79,7 @@ class SpeedBenchmark(FitEndMeasurement):
         if trainer.is_global_zero:
             from lightning_drop.model_loading import load_model
 
-            _on_root_device(trainer, model)
+            to_root_device(trainer, model)
             base = None
             if self.baseline:
                 base, _ = load_model(self.baseline, dtype=next(model.parameters()).dtype)

@@ -33,7 +33,7 @@ from torch import nn
 
 from ..atomic_io import atomic_file, check_output
 from ..errors import UserError, param
-from .nemotron import _source, block_plan, check_llama_family
+from .nemotron import model_and_tokenizer, block_plan, check_llama_family
 
 DTYPES = ("f32", "f16", "bf16", "q8_0")
 STUB_FFN = 32
@@ -149,7 +149,7 @@ def export_gguf(src: Any, out_file: str | os.PathLike, dtype: str = "f16", token
         raise UserError(f"dtype must be one of {', '.join(DTYPES)}, got '{dtype}'")
     check_output(out_file, kind="file", overwrite=overwrite,
                  sources=[src] if isinstance(src, (str, os.PathLike)) else [])
-    model, tok = _source(src, tokenizer)
+    model, tok = model_and_tokenizer(src, tokenizer)
     if tok is None:
         raise UserError(f"GGUF export needs the model's tokenizer: pass {param('tokenizer', '...', 'REF')}")
     config = model.config

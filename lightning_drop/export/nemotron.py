@@ -8,7 +8,7 @@ and otherwise use Llama's tensor names, minus the modules of no-op sublayers. A 
 (or MLP) this package dropped is exactly such a no-op, so the export is a relabelling plus two details:
 
 - MLP width: engines do not read `intermediate_size`; they recompute it per block as
-  `_find_multiple(int(2 * ffn_mult * hidden_size / 3), 256)` (vLLM `nemotron_nas.py`, llama.cpp
+  `find_multiple(int(2 * ffn_mult * hidden_size / 3), 256)` (vLLM `nemotron_nas.py`, llama.cpp
   `conversion/deci.py`). When the model's `intermediate_size` is not a multiple of 256 (SmolLM2-135M's 1536
   is; small test models are not) the MLP weights are zero-padded to that width: the extra units compute
   silu(0) * 0 = 0, so outputs are bit-for-bit unchanged. `ffn_mult` is chosen so the formula gives the
@@ -42,7 +42,7 @@ from torch import nn
 from ..errors import UserError
 from ..nemotron_nas import (  # noqa: F401  (the format's reader and width formula, re-exported)
     FFN_MULTIPLE as _MULTIPLE,
-    _find_multiple,
+    find_multiple,
     ffn_mult_to_intermediate_size,
     load_nemotron_nas,
     load_nemotron_tokenizer,
@@ -55,7 +55,7 @@ _HERE = Path(__file__).resolve().parent
 
 def choose_ffn_mult(intermediate_size: int, hidden_size: int) -> tuple[float, int]:
     """(ffn_mult, stored width): the width is `intermediate_size` rounded up to a multiple of 256."""
-    width = _find_multiple(intermediate_size, _MULTIPLE)
+    width = find_multiple(intermediate_size, _MULTIPLE)
     mult = round(3 * width / (2 * hidden_size), 8)
     if ffn_mult_to_intermediate_size(mult, hidden_size) != width:  # pragma: no cover - float corner case
         mult = 3 * width / (2 * hidden_size)
@@ -63,7 +63,7 @@ def choose_ffn_mult(intermediate_size: int, hidden_size: int) -> tuple[float, in
     return mult, width
 
 
-def _source(src: Any, tokenizer: Any = None) -> tuple[nn.Module, Any]:
+def model_and_tokenizer(src: Any, tokenizer: Any = None) -> tuple[nn.Module, Any]:
     """(model, tokenizer) from a model object or anything `lightning_drop.model_loading.load_model` accepts."""
     if isinstance(src, nn.Module):
         return src, tokenizer
@@ -144,7 +144,7 @@ def export_nemotron_nas(src: Any, out_dir: str | os.PathLike, dtype: str = "bf16
     if dtype not in _DTYPES:
         raise UserError(f"dtype must be one of {', '.join(_DTYPES)}, got '{dtype}'")
     check_output(out_dir, overwrite=overwrite, sources=[src] if isinstance(src, (str, os.PathLike)) else [])
-    model, tok = _source(src, tokenizer)
+    model, tok = model_and_tokenizer(src, tokenizer)
     config = model.config
     base = check_llama_family(config, "Nemotron-NAS")
     attn, mlp = block_plan(model, "Nemotron-NAS")

@@ -14,8 +14,6 @@ from typing import TYPE_CHECKING, Any, Literal, Sequence, get_args
 from ..atomic_io import check_output
 from ..errors import UserError, param
 from ..options import (
-    METRICS,
-    SCHEDULES,
     TARGETS,
     CalibrationConfig,
     Metric,
@@ -26,7 +24,7 @@ from ..options import (
 if TYPE_CHECKING:
     import torch
 
-    from ..selection import DropResult
+    from ..schedule import DropResult
 
 #: "auto" writes the dropped checkpoint in the source checkpoint's own dtype (scoring may run in float32:
 #: a bf16 model must not come back twice its size).
@@ -95,10 +93,12 @@ class DropJob:
     max_shard_size: str = "2GB"
 
     def __post_init__(self) -> None:
-        for name, value, allowed in (("target", self.target, TARGETS), ("metric", self.metric, METRICS),
-                                     ("schedule", self.schedule, SCHEDULES)):
-            if value not in allowed:
-                raise UserError(f"unknown {name} '{value}'; choose from {', '.join(allowed)}")
+        from ..importance_metrics import resolve_metric
+        from ..schedule import resolve_schedule
+
+        if self.target not in TARGETS:
+            raise UserError(f"unknown target '{self.target}'; choose from {', '.join(TARGETS)}")
+        resolve_metric(self.metric), resolve_schedule(self.schedule)
         if (self.num is None) == (self.ratio is None):
             raise UserError("give exactly one of --num or --ratio")
         if self.save_dtype not in SAVE_DTYPES:
@@ -143,7 +143,7 @@ def run_drop(job: DropJob, progress: bool = True) -> dict[str, Any]:
     from ..dropped_checkpoint import save_dropped
     from ..model_loading import load_model
     from ..modeling_dropped import dropped_layers
-    from ..selection import drop_by_importance
+    from ..schedule import drop_by_importance
     from ..text_data import calibration_windows
 
     model, tok = load_model(job.model, dtype=job.dtype, tokenizer=job.tokenizer)  # checks the tokenizer
@@ -210,7 +210,7 @@ def run_drop_streamed(job: DropJob, progress: bool = True) -> dict[str, Any]:
     from ..importance import ImportanceScores
     from ..model_loading import check_tokenizer, load_tokenizer, resolve
     from ..schedule import drop_rounds
-    from ..selection import DropResult
+    from ..schedule import DropResult
     from ..streamed_writer import write_dropped_streaming
     from ..streaming import stream_importance
     from ..text_data import calibration_windows
@@ -271,7 +271,9 @@ def build_report(job: DropJob, result: DropResult, windows: torch.Tensor) -> dic
         "drop_attn_list": result.attn, "drop_mlp_list": result.mlp, "keep": list(job.keep),
         "calibration": calib,
     }
-    if job.schedule == "iterative":
+    from ..schedule import resolve_schedule
+
+    if resolve_schedule(job.schedule).rescores:
         report["rounds"] = result.to_dict()["rounds"]
     return report
 

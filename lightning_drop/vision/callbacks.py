@@ -27,9 +27,10 @@ from ..callbacks._common import log_to_loggers
 from ..callbacks.importance_tracker import HISTORY_JSON, ImportanceTracker
 from ..dropped_checkpoint import atomic_write_text
 from ..errors import UserError
-from ..importance import METRICS
+from ..importance_metrics import resolve_metric
 from ..modeling_dropped import apply_drop, dropped_layers
-from ..selection import SCHEDULES, TARGETS, drop_by_importance
+from ..options import TARGETS
+from ..schedule import drop_by_importance, resolve_schedule
 from ..sublayer_check import check_really_skipped
 from .speed import compare_image_throughput
 
@@ -117,7 +118,7 @@ class VisionLayerDrop(pl.Callback):
 
     Args:
         target: block | attn | mlp | joint. num: modules to drop. metric / schedule / step: as in
-            `lightning_drop.selection.drop_by_importance`. keep: flat block indices never dropped.
+            `lightning_drop.schedule.drop_by_importance`. keep: flat block indices never dropped.
         calibration_images: training images used for scoring.
         head_epochs / head_lr: head fine-tuning after the drop (0 epochs: none).
         speed_batch_size / speed_iters: images/s measurement (0 iters: skip speed).
@@ -130,10 +131,10 @@ class VisionLayerDrop(pl.Callback):
                  report_path: str | None = None, save_dir: str | None = None) -> None:
         if target not in TARGETS:
             raise MisconfigurationException(f"unknown target '{target}'; choose from {', '.join(TARGETS)}")
-        if metric not in METRICS:
-            raise MisconfigurationException(f"unknown metric '{metric}'; choose from {', '.join(METRICS)}")
-        if schedule not in SCHEDULES:
-            raise MisconfigurationException(f"unknown schedule '{schedule}'; choose from {', '.join(SCHEDULES)}")
+        try:
+            resolve_metric(metric), resolve_schedule(schedule)
+        except UserError as err:
+            raise MisconfigurationException(str(err)) from None
         if num < 1 or step < 1:
             raise MisconfigurationException(f"num and step must be at least 1, got num={num}, step={step}")
         if head_epochs < 0 or speed_iters < 0:

@@ -21,7 +21,7 @@ from torchmetrics.classification import MulticlassAccuracy
 from ..errors import UserError
 from ..modeling_dropped import apply_drop, dropped_layers
 from ..lightning_module import DropPlan
-from .architectures import VISION_SPECS, get_vision_spec
+from ..architectures import VISION_SPECS, vision_spec
 
 CKPT_KEY = "lightning_drop"
 FAMILIES = tuple(spec.family for spec in VISION_SPECS)
@@ -38,11 +38,11 @@ def build_vision_model(family: str = "vit", init_config: dict[str, Any] | None =
     if model_path:
         from ..dropped_checkpoint import load_dropped
 
-        get_vision_spec(str(read_config(model_path).get("model_type", "")))
+        vision_spec(str(read_config(model_path).get("model_type", "")))
         return load_dropped(model_path)
     if family not in FAMILIES:
         raise UserError(f"unknown vision family '{family}'; choose from {', '.join(FAMILIES)}")
-    spec = get_vision_spec(family)
+    spec = vision_spec(family)
     kwargs = {**spec.tiny_overrides, **(init_config or {})}
     if spec.classification_class:
         kwargs["num_labels"] = num_labels
@@ -86,7 +86,7 @@ class VisionDropModule(pl.LightningModule):
             raise UserError(f"num_labels must be at least 2, got {num_labels}")
         self.save_hyperparameters()
         self.model = build_vision_model(family, init_config, model_path, num_labels, seed)
-        self.spec = get_vision_spec(self.model)
+        self.spec = vision_spec(self.model)
         self.head: nn.Module | None = None
         if self.spec.classification_class is None:
             self.head = nn.Linear(hidden_size(self.model.config), num_labels)

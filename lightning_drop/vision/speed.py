@@ -1,6 +1,5 @@
 """Speed of vision models: images/s and FLOPs per image (baseline vs dropped). The run-time check that
-dropped sublayers are really skipped lives in the core (`lightning_drop.sublayer_check`, any family) and is
-re-exported here under its old names.
+dropped sublayers are really skipped is the core's (`lightning_drop.sublayer_check`, any family).
 
 FLOPs are counted by `torch.utils.flop_counter.FlopCounterMode` over one real forward, so they follow exactly
 what runs: a dropped sublayer's stand-in does no matmul and counts zero.
@@ -17,8 +16,7 @@ from torch.utils.flop_counter import FlopCounterMode
 
 from ..errors import UserError
 from ..modeling_dropped import dropped_layers
-from ..sublayer_check import check_really_skipped, declared_drops, sublayer_call_counts  # noqa: F401
-from .architectures import get_vision_spec
+from ..architectures import vision_spec
 
 
 def _image_shape(model: nn.Module, image_size: int | None) -> tuple[int, int, int]:
@@ -91,13 +89,9 @@ def compare_image_throughput(base: nn.Module, dropped: nn.Module, batch_size: in
     }
 
 
-# The earlier name; `lightning_drop.speed.compare_speed` is a different (generation) measurement.
-compare_speed = compare_image_throughput
-
-
 def _is_vision(model: nn.Module) -> bool:
     try:
-        get_vision_spec(model)
+        vision_spec(model)
         return True
     except ValueError:
         return False

@@ -19,8 +19,7 @@ the same drop set share its evaluation. SDR is computed on the total (prefill + 
 Modules: `config` (the YAML's typed dataclasses), `cache`, `sweep` (inputs, scores, drop sets), `measure`
 (one point's evaluation), `budget` (automated selection), `run` (`Study`, `study_main`), `report` (table,
 HTML and markdown) with `figures` (its PNGs); both are imported only when a report is written, as the
-figures load matplotlib. `lightning_drop.study` and `lightning_drop.report` are these modules under their
-old names.
+figures load matplotlib.
 """
 
 from __future__ import annotations

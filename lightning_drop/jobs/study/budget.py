@@ -124,11 +124,11 @@ def _selection_message(best: Mapping[str, Any] | None, budget: str | None, max_l
             f"(attention {r.get('drop_attn')}, MLP {r.get('drop_mlp')}): {quality} loss {_fmt_loss(best['quality_loss'])}"
             + (f" ± {100 * best['quality_loss_stderr']:.1f}% (one standard error)"
                if best.get("quality_loss_stderr") is not None else "")
-            + f", decode speedup {_fmt(r.get('decode_speedup'), '.3f')}x, params {_fmt(r.get('param_ratio'), '.3f')}, "
-            f"KV {_fmt(r.get('kv_ratio'), '.3f')} of base")
+            + f", decode speedup {fmt_or_na(r.get('decode_speedup'), '.3f')}x, params {fmt_or_na(r.get('param_ratio'), '.3f')}, "
+            f"KV {fmt_or_na(r.get('kv_ratio'), '.3f')} of base")
 
 
-def _fmt(v: Any, spec: str) -> str:
+def fmt_or_na(v: Any, spec: str) -> str:
     return "n/a" if v is None else format(v, spec)
 
 

@@ -12,7 +12,7 @@ from pathlib import Path
 from typing import Any, Mapping
 
 from ...errors import UserError
-from ...options import METRICS, SCHEDULES, TARGETS, CalibrationConfig
+from ...options import SCHEDULES, TARGETS, CalibrationConfig
 from .construction import build
 
 QUALITY_KEYS = ("perplexity", "mc")
@@ -137,10 +137,15 @@ class SweepSpec:
                 raise UserError(f"{where}: unknown target '{t}'; choose from {', '.join(TARGETS)}")
         if not self.targets and not self.nums_per_target:
             raise UserError(f"{where}: no targets given")
-        if self.metric not in METRICS:
-            raise UserError(f"{where}.metric: unknown metric '{self.metric}'; choose from {', '.join(METRICS)}")
-        if self.schedule not in SCHEDULES:
-            raise UserError(f"{where}.schedule: unknown schedule '{self.schedule}'; choose from {', '.join(SCHEDULES)}")
+        from ...importance_metrics import resolve_metric
+
+        try:
+            resolve_metric(self.metric)
+        except UserError as err:
+            raise UserError(f"{where}.metric: {err}") from None
+        if self.schedule not in SCHEDULES:  # its cache stores walks of `step`-sized rounds
+            raise UserError(f"{where}.schedule: unknown schedule '{self.schedule}'; the study walks "
+                            f"{', '.join(SCHEDULES)}")
         for t, nums in [("nums", self.nums)] + [(f"nums_per_target.{k}", v) for k, v in self.nums_per_target.items()]:
             bad = [n for n in nums if n < 0]
             if bad:

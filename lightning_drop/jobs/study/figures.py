@@ -23,7 +23,7 @@ from ...significance import Z, diff_stderr  # noqa: E402
 _PLAIN = FuncFormatter(lambda v, _: f"{v:g}")
 
 
-def _log_y(ax: Any) -> None:
+def log_y(ax: Any) -> None:
     """Log y axis with plain numbers (20, 50, 100) instead of 2 x 10^1."""
     ax.set_yscale("log")
     ax.yaxis.set_major_formatter(_PLAIN)
@@ -36,21 +36,21 @@ MARKERS = ["o", "s", "^", "D", "v", "P", "X", "*"]
 LINESTYLES = ["-", "--", ":", "-."]
 
 
-def _save(fig: Any, path: Path) -> Path:
+def save_png(fig: Any, path: Path) -> Path:
     return save_figure(fig, path, dpi=110, bbox_inches="tight")
 
 
-def _main_sweep(doc: Mapping[str, Any]) -> str:
+def main_sweep(doc: Mapping[str, Any]) -> str:
     return doc["config"]["sweeps"][0]["name"]
 
 
-def _baseline(rows: Sequence[Mapping[str, Any]]) -> Mapping[str, Any]:
+def baseline_row(rows: Sequence[Mapping[str, Any]]) -> Mapping[str, Any]:
     return next(r for r in rows if r["num"] == 0)
 
 
 def _series(rows: Sequence[Mapping[str, Any]]) -> dict[tuple[str, str], list[Mapping[str, Any]]]:
     """{(sweep, target): rows sorted by num, baseline included at n = 0}."""
-    base = _baseline(rows)
+    base = baseline_row(rows)
     out: dict[tuple[str, str], list[Mapping[str, Any]]] = {}
     for r in rows:
         if r["num"] > 0:
@@ -73,10 +73,10 @@ def plot_importance_heatmap(doc: Mapping[str, Any], path: Path) -> Path:
         fig, ax = plt.subplots(figsize=(6, 1.5))
         ax.text(0.5, 0.5, "no importance scores (baseline only)", ha="center", va="center")
         ax.axis("off")
-        return _save(fig, path)
+        return save_png(fig, path)
     panels = [score_panel(s, f"importance ({label}); lower = more redundant, dropped first")
               for label, s in scores.items()]
-    return _save(importance_figure(panels), path)
+    return save_png(importance_figure(panels), path)
 
 
 #: Accuracy of guessing, per task family (a reference line on the accuracy panels).
@@ -133,9 +133,9 @@ def plot_quality_vs_num(doc: Mapping[str, Any], path: Path) -> Path:
             pts = [r for r in rs if r.get(acc) is not None]  # `at: largest` tasks skip the counts in between
             ax.errorbar([r["num"] for r in pts], [r[acc] for r in pts], yerr=[r.get(se) or 0.0 for r in pts],
                         color=COLORS.get(target), label=label, capsize=3, **st)
-    base = _baseline(rows)
+    base = baseline_row(rows)
     ax_p.axhline(base["perplexity"], color="gray", lw=0.8, ls=":", label="baseline")
-    _log_y(ax_p)
+    log_y(ax_p)
     for ax in axes[0]:
         ax.xaxis.set_major_locator(MaxNLocator(integer=True))
         ax.set_xlabel("number of modules dropped (n)")
@@ -152,7 +152,7 @@ def plot_quality_vs_num(doc: Mapping[str, Any], path: Path) -> Path:
     for ax in axes[0]:
         ax.legend(fontsize=8)
     fig.tight_layout()
-    return _save(fig, path)
+    return save_png(fig, path)
 
 
 def pareto_front(points: Sequence[tuple[float, float]] | Sequence[tuple[float, float, float | None]],
@@ -215,7 +215,7 @@ def plot_quality_vs_speedup(doc: Mapping[str, Any], path: Path) -> Path:
             ax.plot([p[0] for p in front], [p[1] if log else -p[1] for p in front], color="gray", lw=1, ls="--",
                     label="Pareto front" + ("" if log else " (edges within 2 s.e. do not count)"), zorder=2)
         if log:
-            _log_y(ax)
+            log_y(ax)
         ax.axvline(1.0, color="gray", lw=0.6, ls=":")
         ax.set_xlabel("total speedup vs base (prefill + decode time, x, measured alternately)")
         ax.set_ylabel(ylabel)
@@ -225,13 +225,13 @@ def plot_quality_vs_speedup(doc: Mapping[str, Any], path: Path) -> Path:
     if tasks:
         axes[0, 1].set_title("accuracy vs speed (SDR gamma in the table)")
     fig.tight_layout()
-    return _save(fig, path)
+    return save_png(fig, path)
 
 
 def context_series(doc: Mapping[str, Any]) -> dict[str, Mapping[str, Any]]:
     """{target: the main sweep's row at that target's largest count}, for the rows timed at several prompt
     lengths (`speed_by_length`); empty when the study timed one length."""
-    main = _main_sweep(doc)
+    main = main_sweep(doc)
     out: dict[str, Mapping[str, Any]] = {}
     for r in doc["rows"]:
         if r["sweep"] == main and r["num"] > 0 and len(r.get("speed_by_length") or []) > 1:
@@ -261,7 +261,7 @@ def plot_speedup_vs_context(doc: Mapping[str, Any], path: Path) -> Path:
     axes[0].legend(fontsize=8)
     fig.suptitle("speedup against context length (each target at its largest count dropped)", fontsize=11)
     fig.tight_layout()
-    return _save(fig, path)
+    return save_png(fig, path)
 
 
 def drop_order(scores: Mapping[str, Any], kind: str) -> list[int]:
@@ -300,16 +300,19 @@ def plot_drop_order(doc: Mapping[str, Any], path: Path) -> Path:
     re-scoring walk actually reached (`doc["drop_order"]`, read from the study cache). A kind the iterative
     sweep did not walk is shown one-shot, and its panel says so.
     """
+    from ...schedule import resolve_schedule
+
     import numpy as np
 
     main = doc["config"]["sweeps"][0]
     label = _scores_label(doc, main)
-    walked = (doc.get("drop_order") or {}).get("sets", {}) if main["schedule"] == "iterative" else {}
+    rescores = resolve_schedule(main["schedule"]).rescores
+    walked = (doc.get("drop_order") or {}).get("sets", {}) if rescores else {}
     if label is None and not walked:
         fig, ax = plt.subplots(figsize=(6, 1.5))
         ax.text(0.5, 0.5, "no importance scores (baseline only)", ha="center", va="center")
         ax.axis("off")
-        return _save(fig, path)
+        return save_png(fig, path)
     s = doc["scores"].get(label) if label else None
     n = len(s["attn"]) if s else int(doc.get("num_layers") or 0)
     kinds = ["attn", "mlp", "block"]
@@ -333,7 +336,7 @@ def plot_drop_order(doc: Mapping[str, Any], path: Path) -> Path:
                 for layer in order[:k]:
                     grid[k - 1, layer] = 1.0
             first, first_n = (order[0] if order else None), 1
-            how = "one-shot" + ("; not in the iterative sweep" if main["schedule"] == "iterative" else "")
+            how = "one-shot" + ("; not in the iterative sweep" if rescores else "")
         else:
             ax.text(0.5, 0.5, "not computed", ha="center", va="center", transform=ax.transAxes)
             ax.set_title(LABELS[kind])
@@ -356,4 +359,4 @@ def plot_drop_order(doc: Mapping[str, Any], path: Path) -> Path:
         title = f"dropping order, one-shot {label} (lines: n evaluated in the sweep)"
     fig.suptitle(title, fontsize=11)
     fig.tight_layout()
-    return _save(fig, path)
+    return save_png(fig, path)

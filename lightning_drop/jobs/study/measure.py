@@ -138,7 +138,7 @@ class PointEvaluator:
         """Perplexity windows; from the calibration source they start after every calibration token used."""
         import torch
 
-        from ...text_data import _token_chunks
+        from ...text_data import token_chunks
 
         if self._heldout is not None:
             return self._heldout
@@ -150,7 +150,7 @@ class PointEvaluator:
             docs, skip = self.inputs.docs(spec.source, spec.text_field), 0
         need = skip + spec.num_windows * spec.seq_len
         stream: list[int] = []
-        for ids in _token_chunks(self.inputs.tokenizer, docs, self.inputs.tokenizer.eos_token_id):
+        for ids in token_chunks(self.inputs.tokenizer, docs, self.inputs.tokenizer.eos_token_id):
             stream.extend(ids)
             if len(stream) >= need:
                 break
@@ -169,7 +169,7 @@ class PointEvaluator:
     def heldout_end_document(self) -> int:
         """Index of the first document of the held-out source that no held-out window touches (or, with
         `source: calibration`, no calibration window either): where training text may start."""
-        from ...text_data import _token_chunks
+        from ...text_data import token_chunks
 
         spec = self.cfg.eval.perplexity
         src = self.cfg.calibration if spec.source == "calibration" else spec
@@ -177,7 +177,7 @@ class PointEvaluator:
         n = self.heldout_windows().shape[0]
         end = (self.heldout_offset_tokens() if spec.source == "calibration" else 0) + n * spec.seq_len
         seen = 0
-        for i, ids in enumerate(_token_chunks(self.inputs.tokenizer, docs, self.inputs.tokenizer.eos_token_id)):
+        for i, ids in enumerate(token_chunks(self.inputs.tokenizer, docs, self.inputs.tokenizer.eos_token_id)):
             if seen >= end:
                 return i
             seen += len(ids)
@@ -342,7 +342,7 @@ class PointEvaluator:
         from lm_eval.models.huggingface import HFLM
         from lm_eval.tasks import TaskManager
 
-        from ...evaluation import _clean_metrics, primary_metric, primary_score, primary_stderr
+        from ...evaluation import clean_metrics, primary_metric, primary_score, primary_stderr
         from ...significance import correctness
         from ...lm_eval_tasks import local_task_dir
 
@@ -357,7 +357,7 @@ class PointEvaluator:
         out = simple_evaluate(model=lm, tasks=[mc.task], limit=mc.limit, task_manager=self._task_manager,
                               log_samples=True, bootstrap_iters=1000, verbosity="ERROR", random_seed=1234,
                               numpy_random_seed=1234, torch_random_seed=1234, fewshot_random_seed=1234)
-        m = _clean_metrics(out["results"][mc.task])
+        m = clean_metrics(out["results"][mc.task])
         n = out.get("n-samples", {}).get(mc.task, {})
         metric = primary_metric(m)
         # the standard error of a mean accuracy is closed-form in lm-eval (bootstrap_iters > 0 only enables it);

@@ -7,7 +7,7 @@ from pathlib import Path
 from typing import Any, Mapping, Sequence
 
 from ...significance import diff_stderr
-from .figures import _log_y, _save, acc_cell, mc_series, plt
+from .figures import log_y, save_png, acc_cell, mc_series, plt
 
 
 def _domains(rows: Sequence[Mapping[str, Any]]) -> list[str]:
@@ -87,11 +87,11 @@ def plot_recovery(doc: Mapping[str, Any], path: Path) -> Path:
                             label=r["recipe"])
             if base.get(k) is not None:
                 ax.axhline(base[k], color="gray", lw=0.8, ls=":", label="undropped, untrained")
-            _log_y(ax)
+            log_y(ax)
             ax.set_title(f"{point}: held-out {_domain_label(k, doc)}", fontsize=10)
             ax.set_xlabel("training tokens")
             ax.set_ylabel("perplexity (log scale)")
             ax.grid(alpha=0.3, which="both")
             ax.legend(fontsize=7)
     fig.tight_layout()
-    return _save(fig, path)
+    return save_png(fig, path)

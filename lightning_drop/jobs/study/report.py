@@ -22,8 +22,8 @@ from .figures import (  # noqa: F401  (re-exports)
     LINESTYLES,
     MARKERS,
     SPEEDUP_KEY,
-    _baseline,
-    _main_sweep,
+    baseline_row,
+    main_sweep,
     mc_series,
     mc_tasks,
     context_series,
@@ -75,7 +75,7 @@ def _value(r: Mapping[str, Any], col: str) -> Any:
 def table_rows(doc: Mapping[str, Any]) -> list[list[str]]:
     """Paper-shaped rows: baseline, then drop-n for each target of each sweep."""
     out = []
-    main = _main_sweep(doc)
+    main = main_sweep(doc)
     columns = table_columns(doc)
     rows = sorted(doc["rows"], key=lambda r: (r["num"] > 0, r["sweep"] != main, r["sweep"],
                                                list(LABELS).index(r["target"]) if r["target"] in LABELS else 9, r["num"]))
@@ -129,7 +129,7 @@ FIGURES = [("importance.png", "Importance per layer", plot_importance_heatmap,
 def ordering_lines(doc: Mapping[str, Any]) -> list[str]:
     """Per MC task, the main sweep's targets at their largest count ranked by accuracy, each step to the next
     with its paired difference and whether it exceeds twice its standard error: is the ordering resolved?"""
-    main = _main_sweep(doc)
+    main = main_sweep(doc)
     rows = [r for r in doc["rows"] if r["sweep"] == main and r["num"] > 0]
     largest = {r["target"]: max(x["num"] for x in rows if x["target"] == r["target"]) for r in rows}
     lines = []
@@ -290,7 +290,7 @@ def _summary_lines(doc: Mapping[str, Any]) -> list[str]:
     for d in cfg["eval"].get("domains") or []:
         lines.append(f"perplexity [{d}]: the first {ppl['num_windows']} x {ppl['seq_len']} tokens of {d}, a second "
                      "domain (never calibrated or trained on)")
-    base = _baseline(doc["rows"])
+    base = baseline_row(doc["rows"])
     for mc in mc_tasks(doc):
         task = mc["task"]
         n = base.get(f"mc_n[{task}]", base.get("mc_n") if task == mc_tasks(doc)[0]["task"] else None)

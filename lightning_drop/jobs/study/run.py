@@ -19,7 +19,7 @@ from typing import Any, Mapping, Sequence
 
 from ...atomic_io import atomic_write_text, write_json
 from ...errors import UserError
-from .budget import _fmt, auto_select, derive, parse_budget
+from .budget import fmt_or_na, auto_select, derive, parse_budget
 from .cache import Cache, CacheKeys, key_of
 from .config import StudyConfig, SweepSpec, load_config
 from .measure import PointEvaluator
@@ -66,7 +66,9 @@ class Study:
         return out
 
     def row(self, sweep: SweepSpec, target: str, num: int, compute: bool = True) -> dict[str, Any] | None:
-        if not compute and num > 0 and sweep.schedule == "iterative" \
+        from ...schedule import resolve_schedule
+
+        if not compute and num > 0 and resolve_schedule(sweep.schedule).rescores \
                 and not self.drops.has_iterative_set(sweep, target, num):
             return None
         attn, mlp = self.drops.drop_set(sweep, target, num)
@@ -77,7 +79,7 @@ class Study:
         p = self.points.point(attn, mlp, all_tasks=largest, compute=compute)
         calib = self.cfg.calibration_for(sweep)
         return {"sweep": sweep.name, "target": target if num else "baseline", "num": num, "metric": sweep.metric,
-                "schedule": sweep.schedule, "step": sweep.step if sweep.schedule == "iterative" else None,
+                "schedule": sweep.schedule, "step": sweep.step if resolve_schedule(sweep.schedule).rescores else None,
                 "calibration": calib.source, "num_samples": calib.num_samples, **p}
 
     def validate_plan(self) -> None:
@@ -107,6 +109,8 @@ class Study:
         self.points.check_mc()
 
     def run(self, budget: str | None = None, max_quality_loss: float | None = None) -> dict[str, Any]:
+        from ...schedule import resolve_schedule
+
         from ...model_loading import native_bf16
 
         t0 = time.perf_counter()
@@ -130,7 +134,7 @@ class Study:
                "computed_this_run": dict(self.cache.computed), "reused_this_run": dict(self.cache.reused),
                "retimed_this_run": self.cache.retimed, "machine": self.points.machine(), "seconds_this_run": None}
         main = self.cfg.sweeps[0]
-        if main.schedule == "iterative":
+        if resolve_schedule(main.schedule).rescores:
             doc["drop_order"] = self.drops.iterative_sets(main)
         if self.cfg.checkpoint is not None:
             doc["checkpoint"] = self.save_checkpoint()
@@ -223,12 +227,12 @@ def format_table(rows: Sequence[Mapping[str, Any]], sweep: str | None = None, do
         if label in seen:
             continue
         seen.add(label)
-        lines.append(f"{label:<16}{_fmt(r.get('perplexity'), '.2f'):>11}"
-                     + "".join(f"{_fmt(r.get(f'perplexity[{d}]'), '.2f'):>{max(11, len(d) + 5)}}" for d in domains)
+        lines.append(f"{label:<16}{fmt_or_na(r.get('perplexity'), '.2f'):>11}"
+                     + "".join(f"{fmt_or_na(r.get(f'perplexity[{d}]'), '.2f'):>{max(11, len(d) + 5)}}" for d in domains)
                      + "".join(f"{_acc(r, t):>{max(14, len(h) + 2)}}" for h, t in mc)
-                     + f"{_fmt(r.get('decode_speedup'), '.3f'):>9}{_fmt(r.get('total_speedup'), '.3f'):>9}"
-                     f"{_fmt(r.get('kv_ratio'), '.2f'):>7}"
-                     f"{r['params'] / 1e6:>8.1f}M{_fmt(r.get('sdr_ppl'), '.1f'):>9}")
+                     + f"{fmt_or_na(r.get('decode_speedup'), '.3f'):>9}{fmt_or_na(r.get('total_speedup'), '.3f'):>9}"
+                     f"{fmt_or_na(r.get('kv_ratio'), '.2f'):>7}"
+                     f"{r['params'] / 1e6:>8.1f}M{fmt_or_na(r.get('sdr_ppl'), '.1f'):>9}")
     return "\n".join(lines)
 
 

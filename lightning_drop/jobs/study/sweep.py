@@ -103,13 +103,15 @@ class DropSets:
         return self._scores[key]
 
     def drop_set(self, sweep: SweepSpec, target: str, num: int) -> tuple[list[int], list[int]]:
+        from ...schedule import resolve_schedule
+
         from ...importance import ImportanceScores
         from ...selection import select_modules
 
         if num == 0:
             return [], []
         calib = self.cfg.calibration_for(sweep)
-        if sweep.schedule == "one-shot":
+        if not resolve_schedule(sweep.schedule).rescores:
             d = self.scores(calib, sweep.metric)
             return select_modules(ImportanceScores.from_dict(d), target, num)
         return self.iterative_drop_set(sweep, calib, target, num)
@@ -170,7 +172,8 @@ class DropSets:
         # the last needed round is taken whole (up to the limit): its full set is where a longer walk resumes
         end = min(need[-1] + step, limit)
         walked = sets[str(at)] if at else ([], [])
-        for rnd in drop_rounds(score, target, end, self.inputs.num_layers, "iterative", step, start=at, walked=walked):
+        for rnd in drop_rounds(score, target, end, self.inputs.num_layers, sweep.schedule, step, start=at,
+                               walked=walked):
             if rnd.at not in scored:
                 scored[rnd.at] = {"at": rnd.at, "scores": rnd.scores.to_dict(), "drop_attn": rnd.attn,
                                   "drop_mlp": rnd.mlp}
