@@ -241,7 +241,7 @@ def _scripted_timings(monkeypatch, decode: dict[str, list[float]], ideal: dict[s
     import lightning_drop.ideal_speedup as ideal_speedup
     import lightning_drop.speed as speed
 
-    real = speed._generate_lockstep
+    real = speed.generate_lockstep
     calls = {"n": 0}
 
     def lockstep(models, ids, gen_len, flip=False, phase=None, clock="wall", kv_bytes=None):
@@ -255,7 +255,7 @@ def _scripted_timings(monkeypatch, decode: dict[str, list[float]], ideal: dict[s
     def profile_drops(base_model, drops, *args, **kwargs):
         return {name: {phase: {"ideal_speedup": x} for phase, x in ideal.items()} for name in drops}
 
-    monkeypatch.setattr(speed, "_generate_lockstep", lockstep)
+    monkeypatch.setattr(speed, "generate_lockstep", lockstep)
     monkeypatch.setattr(ideal_speedup, "profile_drops", profile_drops)
 
 
