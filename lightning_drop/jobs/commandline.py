@@ -24,6 +24,8 @@ import types
 import typing
 from typing import Any, Callable, Literal, Mapping, Union
 
+from ..errors import UserError
+
 
 @dataclasses.dataclass(frozen=True)
 class Command:
@@ -45,8 +47,22 @@ class Command:
         """The job parameters the command line sets."""
         return [p for p in inspect.signature(self.function()).parameters if p not in self.hidden]
 
+    def option(self, parameter: str) -> str:
+        """The command line's spelling of `parameter`."""
+        return self.flags.get(parameter, "--" + parameter.replace("_", "-"))
+
     def run(self, args: argparse.Namespace) -> Any:
-        return self.function()(**{p: getattr(args, p) for p in self.options()})
+        values = {p: getattr(args, p) for p in self.options()}
+        for name, value in values.items():
+            # an empty path would mean "no output" to some jobs and the working directory to others
+            if _is_path(name) and isinstance(value, str) and not value.strip():
+                raise UserError(f"{self.option(name)} is empty: give a path")
+        return self.function()(**values)
+
+
+def _is_path(parameter: str) -> bool:
+    """Parameters that name a place to write, by the naming convention of the jobs."""
+    return parameter == "output" or parameter.endswith(("_dir", "_output"))
 
 
 def _int_list(text: str) -> list[int]:
@@ -121,7 +137,7 @@ def add_command(sub: argparse._SubParsersAction, command: Command) -> argparse.A
     for name, param in inspect.signature(func).parameters.items():
         if name in command.hidden:
             continue
-        option = command.flags.get(name, "--" + name.replace("_", "-"))
+        option = command.option(name)
         if name in command.repeated:
             kwargs: dict[str, Any] = {"action": "append", "metavar": command.repeated[name]}
         else:

@@ -3,10 +3,9 @@ baseline in one run (the measures are `lightning_drop.speed`'s). Nothing heavy i
 
 from __future__ import annotations
 
-import json
 from typing import Any, Literal
 
-from ..atomic_io import check_output, write_json
+from ..atomic_io import check_output, read_json, write_json
 from ..errors import UserError
 from ..options import Clock, Interleave
 
@@ -19,12 +18,8 @@ DTYPES = {"float32": "float32", "bfloat16": "bfloat16", "float16": "float16", "f
 def _read_average(path: str | None) -> float | None:
     if not path:
         return None
-    with open(path) as fh:
-        data = json.load(fh)
-    avg = data.get("average")
-    if avg is None:
-        raise UserError(f"{path} has no 'average' (expected the JSON written by `lightning-drop eval`)")
-    return float(avg)
+    data = read_json(path, "the JSON written by `lightning-drop eval --output`", {"average": (int, float)})
+    return float(data["average"])
 
 
 def _workload(preset: str | None, prompt_len: int | None, prompt_lens: str | None, gen_len: int | None,
@@ -114,6 +109,7 @@ def speed_main(model: str, baseline: str | None = None, batch_size: int | None =
         check_output(output, kind="file", overwrite=overwrite,
                      sources=[model, baseline, eval_results, baseline_eval_results])
     resolve_clock(clock, dev)
+    d_avg, b_avg = _read_average(eval_results), _read_average(baseline_eval_results)  # before the long work
     if interleave not in INTERLEAVE:
         raise UserError(f"interleave must be one of {', '.join(INTERLEAVE)}, got {interleave!r}")
     if threads is not None:
@@ -141,7 +137,6 @@ def speed_main(model: str, baseline: str | None = None, batch_size: int | None =
     if baseline and ideal:
         vs = per_length[0]["vs_base"]["dropped"]
         res["ideal_speedup"], res["realized_gain"] = vs["ideal_speedup"]["total"], vs["realized_gain"]["total"]
-    d_avg, b_avg = _read_average(eval_results), _read_average(baseline_eval_results)
     if baseline and d_avg is not None and b_avg is not None:
         res["sdr"] = sdr(b_avg, d_avg, res["speedup"]["total"])
     if output:
