@@ -199,26 +199,32 @@ def test_disk_full_during_export(world, tmp_path, capsys, monkeypatch):
 # ----------------------------------------------------------------------------- signals and concurrent runs
 def _start(args: list[str], cwd: Path) -> subprocess.Popen:
     return subprocess.Popen([sys.executable, "-m", "lightning_drop.cli", *args], cwd=cwd, stderr=subprocess.PIPE,
-                            stdin=subprocess.DEVNULL, stdout=subprocess.DEVNULL,
+                            stdin=subprocess.DEVNULL, stdout=subprocess.PIPE,
                             # a background job inherits SIGINT ignored; a terminal delivers it with the default
                             preexec_fn=lambda: signal.signal(signal.SIGINT, signal.SIG_DFL))
 
 
-def _wait_for(proc: subprocess.Popen, text: bytes, timeout: float = 180) -> bytes:
-    seen = b""
+def _wait_for(proc: subprocess.Popen, text: bytes, timeout: float = 240) -> bytes:
+    """Read the run's stdout and stderr until `text` shows (the run is where the test wants it); what stderr said."""
+    import select
+
+    seen, err = b"", b""
     deadline = time.monotonic() + timeout
     while text not in seen and time.monotonic() < deadline:
-        chunk = os.read(proc.stderr.fileno(), 4096)
-        if not chunk:
+        ready, _, _ = select.select([proc.stdout, proc.stderr], [], [], 1.0)
+        for stream in ready:
+            chunk = os.read(stream.fileno(), 4096)
+            seen += chunk
+            err += chunk if stream is proc.stderr else b""
+        if proc.poll() is not None and not ready:
             break
-        seen += chunk
     assert text in seen, seen.decode()
-    return seen
+    return err
 
 
 def _interrupted(proc: subprocess.Popen, seen: bytes, signum: int, command: str) -> None:
     proc.send_signal(signum)
-    err = (seen + proc.communicate(timeout=120)[1]).decode()
+    err = (seen + proc.communicate(timeout=180)[1]).decode()
     assert proc.returncode == 130, err
     assert err.strip().splitlines()[-1] == f"lightning-drop {command}: interrupted", err
     assert "Traceback" not in err
@@ -243,11 +249,10 @@ def test_a_second_run_on_the_same_output_is_refused_and_sigterm_is_interrupted(w
 
 @pytest.mark.parametrize("signum", [signal.SIGINT, signal.SIGTERM], ids=["ctrl-c", "sigterm"])
 def test_fit_interrupted_is_one_line_and_130(world, tmp_path, signum):
-    args = [*FIT, "--data.source", str(world / "c4.jsonl"), "--trainer.max_steps", "100000",
-            "--trainer.enable_progress_bar", "true"]
+    args = [*FIT, "--data.source", str(world / "c4.jsonl"), "--trainer.max_steps", "100000"]
     proc = _start(args, tmp_path)
     try:
-        seen = _wait_for(proc, b"Epoch 0:")
+        seen = _wait_for(proc, b"Total params")  # the model summary: the trainer's fit has begun
         _interrupted(proc, seen, signum, "fit")
     finally:
         proc.kill()
