@@ -81,7 +81,11 @@ def _close_progress_bars() -> None:
     below the last message."""
     tqdm = sys.modules.get("tqdm")
     for bar in list(getattr(getattr(tqdm, "tqdm", None), "_instances", ())):
+        # a bar interrupted inside its constructor, after it drew its first line, closes without ending that line
+        unfinished = hasattr(bar, "sp") and not hasattr(bar, "last_print_t") and not getattr(bar, "disable", True)
         bar.close()
+        if unfinished:
+            bar.fp.write("\n")
 
 
 def _interruption(err: BaseException) -> bool:
