@@ -14,6 +14,7 @@ import os
 from pathlib import Path
 from typing import Any, Mapping, Sequence
 
+from .atomic_io import read_json
 from .errors import UserError
 from .safetensors_io import dir_size
 from .text_data import load_documents, make_windows
@@ -48,7 +49,7 @@ def _read_task_results(given: Any, labels: Sequence[str]) -> dict[str, dict[str,
             path = Path(res)
             if not path.is_file():
                 raise FileNotFoundError(f"task results file not found for {label}: {path}")
-            res = json.loads(path.read_text())
+            res = read_json(path, "the JSON of `lightning-drop eval --output`", {"scores": dict})
         if not isinstance(res.get("scores"), Mapping):
             raise UserError(f"task results for {label} have no 'scores' mapping (expected the JSON of lightning-drop eval)")
         out[label] = dict(res)

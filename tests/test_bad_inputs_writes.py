@@ -140,6 +140,15 @@ def test_a_results_file_of_the_wrong_shape_is_one_line(world, tmp_path, capsys):
                                                      str(results), "--repeats", "1"], str(results))
 
 
+@pytest.mark.parametrize("index", ["[1, 2]", '{"weight_map": {"lm_head.weight": 3}}'])
+def test_a_shard_index_of_the_wrong_shape_is_one_line(world, tmp_path, capsys, index):
+    ck = _copy_model(world, tmp_path)
+    (ck / "model.safetensors.index.json").write_text(index)
+    _fails_in_one_line(world, tmp_path, capsys, [D, "--model", str(ck), "--stream", "--calibration",
+                                                 str(world / "c4.jsonl"), *COMMON, "--output", str(tmp_path / "o")],
+                       str(ck / "model.safetensors.index.json"))
+
+
 # ----------------------------------------------------------------------------- full disk
 def _disk_full_after_half(state: dict, filename: str, **kwargs) -> None:
     from safetensors import SafetensorError
