@@ -9,7 +9,7 @@ that renames into place. The rules for a target, checked before any long work st
 - a symbolic link is followed: the result goes where it points, and the link stays;
 - the place must be writable (probed with a real temporary entry, which also works for root and read-only
   file systems);
-- inside a command-line run (`exclusive_targets`), the target is locked until the run ends, so a second run
+- inside a command-line run (`lock_targets`), the target is locked until the run ends, so a second run
   writing the same place is refused at its start instead of silently replacing (or being replaced by) the first.
 A temporary is a hidden sibling folder that holds a marker naming it: the next write to the same target removes
 those whose writer has died, and never anything without that marker (a user's `.out.old-backup` is not ours).
@@ -154,19 +154,21 @@ def install_signal_cleanup() -> None:
 _HELD: dict[str, tuple[int, Path]] | None = None  # resolved target -> (fd, lock file); None: no run open
 
 
-@contextmanager
-def exclusive_targets() -> Iterator[None]:
-    """One run: every target `check_output` accepts inside it is locked until it ends (see `_lock`)."""
+def lock_targets() -> None:
+    """Start a run: every target `check_output` accepts from now on stays locked (see `_lock`) until
+    `release_targets`."""
     global _HELD
-    outer, _HELD = _HELD, ({} if _HELD is None else _HELD)
-    try:
-        yield
-    finally:
-        if outer is None:
-            held, _HELD = _HELD, None
-            for fd, path in held.values():
-                path.unlink(missing_ok=True)
-                os.close(fd)
+    if _HELD is None:
+        _HELD = {}
+
+
+def release_targets() -> None:
+    """End the run `lock_targets` started: its targets are free for other runs again."""
+    global _HELD
+    held, _HELD = _HELD or {}, None
+    for fd, path in held.values():
+        path.unlink(missing_ok=True)
+        os.close(fd)
 
 
 def _lock_dir() -> Path:
@@ -234,8 +236,8 @@ def check_output(path: str | os.PathLike, *, kind: str = "dir", overwrite: bool 
     """Refuse a target that would destroy something, before any work starts; returns it as a Path.
 
     `kind` is "dir" (a checkpoint, a report folder) or "file". `sources` are the job's inputs (model directories,
-    data files): the target may be none of them, no folder holding one, and no place inside one. Inside
-    `exclusive_targets` the accepted target stays locked until the run ends.
+    data files): the target may be none of them, no folder holding one, and no place inside one. After
+    `lock_targets` the accepted target stays locked until `release_targets`.
     """
     if kind not in ("dir", "file"):
         raise UserError(f"kind must be 'dir' or 'file', got {kind!r}")
@@ -253,8 +255,11 @@ def check_output(path: str | os.PathLike, *, kind: str = "dir", overwrite: bool 
             continue
         source = Path(src).expanduser().resolve()
         if _same_or_inside(source, resolved) or _same_or_inside(resolved, source):
-            what = "is" if source == resolved else "contains" if _same_or_inside(source, resolved) else "is inside"
-            raise UserError(f"{option} {given} {what} the input {src}: writing there would destroy it")
+            if _same_or_inside(source, resolved):
+                what, harm = ("is" if source == resolved else "contains"), "destroy"
+            else:
+                what, harm = "is inside", "change"
+            raise UserError(f"{option} {given} {what} the input {src}: writing there would {harm} it")
     _lock(resolved, option, given)
     if target.exists():
         if kind == "dir" and not target.is_dir():

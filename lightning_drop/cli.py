@@ -99,15 +99,44 @@ def _interruption(err: BaseException) -> bool:
 
 
 def main(argv: Sequence[str] | None = None) -> int:
-    from .atomic_io import cleanup_temporaries, exclusive_targets, install_signal_cleanup
+    from .atomic_io import cleanup_temporaries, install_signal_cleanup, lock_targets, release_targets
 
     argv = list(sys.argv[1:] if argv is None else argv)
     os.environ.setdefault("TOKENIZERS_PARALLELISM", "false")
     install_signal_cleanup()
     command = argv[0] if argv else "lightning-drop"
+    lock_targets()  # until this run ends, a second run writing one of its targets is refused
     try:
-        with exclusive_targets():  # a second run writing the same target is refused while this one runs
-            return _dispatch(argv, command)
+        if argv and argv[0] in LIGHTNING_SUBCOMMANDS:
+            from .lightning_cli import run_lightning_cli
+
+            try:
+                run_lightning_cli(argv)
+            except Exception as err:
+                cause = _user_cause(err)
+                if cause is None:
+                    raise
+                # after LightningCLI's own usage line, as its parser errors look
+                print(f"usage: lightning-drop {command} [-h] [-c CONFIG] [--print_config] ...", file=sys.stderr)
+                print(f"lightning-drop {command}: error: {_one_line(cause)}", file=sys.stderr)
+                return 2
+            return 0
+        parser = build_parser()
+        args = parser.parse_args(argv)
+        if args.command is None:
+            parser.print_help()
+            return 2
+        from .model_loading import no_stdin_prompts
+
+        no_stdin_prompts()
+        try:
+            COMMANDS[args.command].run(args)
+        except Exception as err:
+            cause = _user_cause(err)
+            if cause is None:
+                raise
+            print(f"lightning-drop {args.command}: error: {_one_line(cause)}", file=sys.stderr)
+            return 2
     except (KeyboardInterrupt, SystemExit) as err:
         if not _interruption(err):
             raise
@@ -115,39 +144,8 @@ def main(argv: Sequence[str] | None = None) -> int:
         _close_progress_bars()
         print(f"lightning-drop {command}: interrupted", file=sys.stderr)
         return 130
-
-
-def _dispatch(argv: list[str], command: str) -> int:
-    if argv and argv[0] in LIGHTNING_SUBCOMMANDS:
-        from .lightning_cli import run_lightning_cli
-
-        try:
-            run_lightning_cli(argv)
-        except Exception as err:
-            cause = _user_cause(err)
-            if cause is None:
-                raise
-            # after LightningCLI's own usage line, as its parser errors look
-            print(f"usage: lightning-drop {command} [-h] [-c CONFIG] [--print_config] ...", file=sys.stderr)
-            print(f"lightning-drop {command}: error: {_one_line(cause)}", file=sys.stderr)
-            return 2
-        return 0
-    parser = build_parser()
-    args = parser.parse_args(argv)
-    if args.command is None:
-        parser.print_help()
-        return 2
-    from .model_loading import no_stdin_prompts
-
-    no_stdin_prompts()
-    try:
-        COMMANDS[args.command].run(args)
-    except Exception as err:
-        cause = _user_cause(err)
-        if cause is None:
-            raise
-        print(f"lightning-drop {args.command}: error: {_one_line(cause)}", file=sys.stderr)
-        return 2
+    finally:
+        release_targets()
     return 0
 
 
