@@ -4,14 +4,21 @@ Writes land in a temporary sibling that is renamed into place only when complete
 SIGTERM never leaves a half-written checkpoint or report where a user's files were. This is the only module
 that renames into place. The rules for a target, checked before any long work starts:
 - a non-empty target is replaced only when the caller says so (`overwrite`);
-- a target that is, or contains, one of the job's own inputs is refused;
+- a target that is, contains, or lies inside one of the job's own inputs is refused, and so are an empty path
+  and the working directory or a folder above it;
+- a symbolic link is followed: the result goes where it points, and the link stays;
 - the place must be writable (probed with a real temporary entry, which also works for root and read-only
-  file systems).
-Temporaries carry the writer's pid in their name, so the next run can remove those a killed run left behind.
+  file systems);
+- inside a command-line run (`lock_targets`), the target is locked until the run ends, so a second run
+  writing the same place is refused at its start instead of silently replacing (or being replaced by) the first.
+A temporary is a hidden sibling folder that holds a marker naming it: the next write to the same target removes
+those whose writer has died, and never anything without that marker (a user's `.out.old-backup` is not ours).
 """
 
 from __future__ import annotations
 
+import errno
+import hashlib
 import json
 import os
 import re
@@ -19,18 +26,27 @@ import shutil
 import signal
 import tempfile
 import threading
-import time
 from contextlib import contextmanager
 from pathlib import Path
-from typing import Any, Iterable, Iterator
+from typing import Any, Iterable, Iterator, Mapping
 
-from .errors import UserError, param
+from .errors import UserError, input_file, param
 
-_LIVE: set[Path] = set()
+_LIVE: dict[Path, Path] = {}  # temporary -> the target it belongs to
 _LOCK = threading.Lock()
-_TEMP = re.compile(r"^\.(?P<name>.+)\.(?:tmp|old)-(?:(?P<pid>\d+)-)?[^.]*$")
-#: temporaries without a pid (older versions) are left alone this long, in case their writer is still running
-_LEGACY_GRACE_S = 600.0
+_TEMP = re.compile(r"^\.(?P<name>.+)\.(?P<kind>tmp|old)-(?P<pid>\d+)-[^/]+$")
+#: the file inside each temporary that proves this package made it; its text names the temporary
+MARKER = ".lightning-drop-temporary"
+#: errno values that mean the machine could not store the result (not that an input was missing)
+_STORAGE_ERRNOS = {errno.ENOSPC, errno.EDQUOT, errno.EFBIG, errno.EROFS}
+
+
+class Terminated(SystemExit):
+    """SIGTERM, raised where the main thread is: the command line reports it as an interruption."""
+
+
+class WriteFailed(UserError):
+    """The machine could not store a result (disk full, quota, read-only): nothing was replaced."""
 
 
 def _umask() -> int:
@@ -49,8 +65,26 @@ def make_shareable(root: str | os.PathLike) -> None:
             path.chmod((0o777 if path.is_dir() else 0o666) & ~mask)
 
 
-def _temp_prefix(dest: Path, kind: str) -> str:
-    return f".{dest.name}.{kind}-{os.getpid()}-"
+def _marker_text(temporary: Path) -> str:
+    return f"lightning-drop {temporary.name}\n"
+
+
+def _new_temporary(dest: Path, kind: str) -> Path:
+    """A marked, hidden folder next to `dest` (same file system, so the final rename is atomic)."""
+    wrapper = Path(tempfile.mkdtemp(prefix=f".{dest.name}.{kind}-{os.getpid()}-", dir=dest.parent))
+    with _LOCK:
+        _LIVE[wrapper] = dest
+    (wrapper / MARKER).write_text(_marker_text(wrapper))
+    return wrapper
+
+
+def _ours(entry: Path) -> bool:
+    marker = entry / MARKER
+    try:
+        return (entry.is_dir() and not entry.is_symlink() and marker.is_file() and not marker.is_symlink()
+                and marker.read_text() == _marker_text(entry))
+    except (OSError, UnicodeDecodeError):
+        return False
 
 
 def _pid_alive(pid: int) -> bool:
@@ -63,8 +97,21 @@ def _pid_alive(pid: int) -> bool:
     return True
 
 
+def _discard(wrapper: Path, dest: Path) -> None:
+    """Remove a temporary; a previous target parked in an `old` one (the swap was cut short) goes back first."""
+    m = _TEMP.match(wrapper.name)
+    parked = wrapper / "x"
+    if m and m.group("kind") == "old" and (parked.exists() or parked.is_symlink()) \
+            and not (dest.exists() or dest.is_symlink()):
+        os.replace(parked, dest)
+    shutil.rmtree(wrapper, ignore_errors=True)
+    with _LOCK:
+        _LIVE.pop(wrapper, None)
+
+
 def remove_stale_temporaries(dest: str | os.PathLike) -> list[Path]:
-    """Remove temporaries of `dest` left by writers that are no longer running; returns what was removed."""
+    """Remove the temporaries of `dest` that this package made and whose writer is no longer running; returns
+    what was removed. Entries without the marker are left alone, whatever their name."""
     dest = Path(dest)
     if not dest.parent.is_dir():
         return []
@@ -73,45 +120,23 @@ def remove_stale_temporaries(dest: str | os.PathLike) -> list[Path]:
         m = _TEMP.match(entry.name)
         if not m or m.group("name") != dest.name or entry in _LIVE:
             continue
-        pid = m.group("pid")
-        if pid is not None:
-            stale = int(pid) != os.getpid() and not _pid_alive(int(pid))
-        else:
-            stale = time.time() - entry.lstat().st_mtime > _LEGACY_GRACE_S
-        if stale:
-            _remove(entry)
+        pid = int(m.group("pid"))
+        if pid != os.getpid() and not _pid_alive(pid) and _ours(entry):
+            _discard(entry, dest)
             removed.append(entry)
     return removed
-
-
-def _remove(path: Path) -> None:
-    if path.is_dir() and not path.is_symlink():
-        shutil.rmtree(path, ignore_errors=True)
-    else:
-        path.unlink(missing_ok=True)
-
-
-def _track(path: Path) -> None:
-    with _LOCK:
-        _LIVE.add(path)
-
-
-def _untrack(path: Path) -> None:
-    with _LOCK:
-        _LIVE.discard(path)
 
 
 def cleanup_temporaries() -> None:
     """Remove every temporary this process still has open (called when the process is told to stop)."""
     with _LOCK:
-        live = list(_LIVE)
-        _LIVE.clear()
-    for path in live:
-        _remove(path)
+        live = list(_LIVE.items())
+    for wrapper, dest in live:
+        _discard(wrapper, dest)
 
 
 def install_signal_cleanup() -> None:
-    """Turn SIGTERM into a normal exit, so that the writers' cleanup runs as it does for Ctrl-C.
+    """Turn SIGTERM into an exception (`Terminated`), so that the writers' cleanup runs as it does for Ctrl-C.
 
     Only the main thread may set handlers; elsewhere this does nothing.
     """
@@ -120,9 +145,73 @@ def install_signal_cleanup() -> None:
 
     def _terminate(signum: int, frame: Any) -> None:
         cleanup_temporaries()
-        raise SystemExit(128 + signum)
+        raise Terminated(128 + signum)
 
     signal.signal(signal.SIGTERM, _terminate)
+
+
+# ------------------------------------------------------------------------------------------------ locking
+_HELD: dict[str, tuple[int, Path]] | None = None  # resolved target -> (fd, lock file); None: no run open
+
+
+def lock_targets() -> None:
+    """Start a run: every target `check_output` accepts from now on stays locked (see `_lock`) until
+    `release_targets`."""
+    global _HELD
+    if _HELD is None:
+        _HELD = {}
+
+
+def release_targets() -> None:
+    """End the run `lock_targets` started: its targets are free for other runs again."""
+    global _HELD
+    held, _HELD = _HELD or {}, None
+    for fd, path in held.values():
+        path.unlink(missing_ok=True)
+        os.close(fd)
+
+
+def _lock_dir() -> Path:
+    d = Path(tempfile.gettempdir()) / f"lightning-drop-locks-{os.getuid() if hasattr(os, 'getuid') else 0}"
+    d.mkdir(mode=0o700, exist_ok=True)
+    return d
+
+
+def _lock(resolved: Path, option: str, target: Path) -> None:
+    """Hold an exclusive lock named by the target's real path, or refuse: another run is writing there.
+
+    The lock files live in the temporary directory (not beside the target: nothing of the user's folder changes)
+    and are removed on release; a run that dies releases its locks with its file descriptors.
+    Only global rank zero locks: the other ranks of a distributed run check the same targets but never write.
+    """
+    try:
+        import fcntl
+    except ImportError:  # no flock here: the check at the start is all there is
+        return
+    key = str(resolved)
+    if _HELD is None or key in _HELD or os.environ.get("LOCAL_RANK", "0") != "0" or os.environ.get("RANK", "0") != "0":
+        return
+    path = _lock_dir() / (hashlib.sha256(key.encode()).hexdigest()[:32] + ".lock")
+    while True:
+        fd = os.open(path, os.O_RDWR | os.O_CREAT, 0o600)
+        try:
+            fcntl.flock(fd, fcntl.LOCK_EX | fcntl.LOCK_NB)
+        except OSError:
+            holder = os.read(fd, 64).decode(errors="replace").split()[:1]
+            os.close(fd)
+            who = f" (pid {holder[0]})" if holder else ""
+            raise UserError(f"{option} {target} is being written by another lightning-drop run{who}; "
+                            f"wait for it to finish or choose another path") from None
+        try:
+            same = os.fstat(fd).st_ino == os.stat(path).st_ino
+        except FileNotFoundError:
+            same = False
+        if same:  # not a lock file its holder removed while we waited for it
+            break
+        os.close(fd)
+    os.ftruncate(fd, 0)
+    os.write(fd, f"{os.getpid()} {key}\n".encode())
+    _HELD[key] = (fd, path)
 
 
 def _same_or_inside(path: Path, root: Path) -> bool:
@@ -136,35 +225,52 @@ def _nearest_existing(path: Path) -> Path:
     return Path("/")
 
 
+def _follow(path: Path) -> Path:
+    """Where a symbolic link at `path` points (the link itself is the user's and stays); `path` otherwise."""
+    return Path(os.path.realpath(path)) if path.is_symlink() else path
+
+
 def check_output(path: str | os.PathLike, *, kind: str = "dir", overwrite: bool = False,
                  sources: Iterable[str | os.PathLike | None] = (), option: str = "--output",
                  hint: str | None = None) -> Path:
     """Refuse a target that would destroy something, before any work starts; returns it as a Path.
 
     `kind` is "dir" (a checkpoint, a report folder) or "file". `sources` are the job's inputs (model directories,
-    data files): the target may be neither one of them nor a folder holding one.
+    data files): the target may be none of them, no folder holding one, and no place inside one. After
+    `lock_targets` the accepted target stays locked until `release_targets`.
     """
     if kind not in ("dir", "file"):
         raise UserError(f"kind must be 'dir' or 'file', got {kind!r}")
-    target = Path(path).expanduser()
+    if not str(path).strip():
+        raise UserError(f"{option} is empty: give the path to write")
+    given = Path(path).expanduser()
+    if given.is_symlink() and not given.exists():
+        raise UserError(f"{option} {given} is a symbolic link to {os.readlink(given)}, which does not exist")
+    target = _follow(given)
     resolved = target.resolve()
+    if _same_or_inside(Path(os.path.realpath(os.curdir)), resolved):
+        raise UserError(f"{option} {given} is the working directory or a folder above it; give a new path")
     for src in sources:
-        if src is None or not Path(src).exists():
+        if src is None or not str(src).strip() or not Path(src).expanduser().exists():
             continue
         source = Path(src).expanduser().resolve()
-        if _same_or_inside(source, resolved):
-            what = "is" if source == resolved else "contains"
-            raise UserError(f"{option} {target} {what} the input {src}: writing there would destroy it")
-    if target.exists() or target.is_symlink():
+        if _same_or_inside(source, resolved) or _same_or_inside(resolved, source):
+            if _same_or_inside(source, resolved):
+                what, harm = ("is" if source == resolved else "contains"), "destroy"
+            else:
+                what, harm = "is inside", "change"
+            raise UserError(f"{option} {given} {what} the input {src}: writing there would {harm} it")
+    _lock(resolved, option, given)
+    if target.exists():
         if kind == "dir" and not target.is_dir():
-            raise UserError(f"{option} {target} exists and is not a directory")
+            raise UserError(f"{option} {given} exists and is not a directory")
         if kind == "file" and target.is_dir():
-            raise UserError(f"{option} {target} is a directory; give a file path")
+            raise UserError(f"{option} {given} is a directory; give a file path")
         non_empty = any(target.iterdir()) if kind == "dir" else True
         if non_empty and not overwrite:
             what = "already exists and is not empty" if kind == "dir" else "already exists"
             hint = hint or f"pass {param('overwrite', 'True')} to replace it"
-            raise UserError(f"{option} {target} {what} ({hint})")
+            raise UserError(f"{option} {given} {what} ({hint})")
     _probe_writable(target, option)
     return target
 
@@ -181,24 +287,59 @@ def _probe_writable(target: Path, option: str) -> None:
     os.rmdir(probe)
 
 
+def _storage_failure(err: BaseException, wrapper: Path, dest: Path) -> WriteFailed | None:
+    """`err` as one line naming the file being written, when it means the machine could not store it.
+
+    safetensors reports a full disk as a `SafetensorError` (not an `OSError`) that names no file: the file
+    is the newest one in the temporary, the one the writer was filling when the disk ran out.
+    """
+    if isinstance(err, OSError) and err.errno in _STORAGE_ERRNOS:
+        reason = err.strerror or str(err)
+    elif type(err).__name__ == "SafetensorError" and "IoError" in str(err):
+        m = re.search(r'message: "([^"]+)"', str(err))
+        reason = m.group(1) if m else " ".join(str(err).split())
+    else:
+        return None
+    files = [p for p in wrapper.rglob("*") if p.is_file() and p.name != MARKER]
+    newest = max(files, key=lambda p: (p.stat().st_mtime_ns, p.stat().st_size), default=None)
+    named = dest if newest is None else dest.parent / newest.relative_to(wrapper)  # the payload is named as dest
+    return WriteFailed(f"could not write {named}: {reason}; nothing was replaced")
+
+
+@contextmanager
+def _writing(dest: Path) -> Iterator[Path]:
+    """A marked temporary folder next to `dest` (removed at the end, whatever happens); storage failures of the
+    writer become `WriteFailed`."""
+    dest.parent.mkdir(parents=True, exist_ok=True)
+    remove_stale_temporaries(dest)
+    wrapper = _new_temporary(dest, "tmp")
+    try:
+        try:
+            yield wrapper
+        except Exception as err:
+            failure = _storage_failure(err, wrapper, dest)
+            if failure is None:
+                raise
+            raise failure from None
+    finally:
+        _discard(wrapper, dest)
+
+
 @contextmanager
 def atomic_dir(dest: str | os.PathLike) -> Iterator[Path]:
     """Yield a temporary directory next to `dest`; on success it replaces `dest`, on failure it vanishes.
 
     Whether `dest` may be replaced is the caller's decision (see `check_output`). A previous `dest` survives a
-    failed rename.
+    failed rename. A symbolic link at `dest` is followed.
     """
-    dest = Path(dest)
-    dest.parent.mkdir(parents=True, exist_ok=True)
-    remove_stale_temporaries(dest)
-    tmp = Path(tempfile.mkdtemp(prefix=_temp_prefix(dest, "tmp"), dir=dest.parent))
-    _track(tmp)
-    try:
+    dest = _follow(Path(dest))
+    with _writing(dest) as wrapper:
+        tmp = wrapper / dest.name
+        tmp.mkdir()
         yield tmp
         make_shareable(tmp)
         if dest.exists() or dest.is_symlink():
-            old = Path(tempfile.mkdtemp(prefix=_temp_prefix(dest, "old"), dir=dest.parent))
-            _track(old)
+            old = _new_temporary(dest, "old")
             try:
                 os.replace(dest, old / "x")
                 try:
@@ -207,33 +348,22 @@ def atomic_dir(dest: str | os.PathLike) -> Iterator[Path]:
                     os.replace(old / "x", dest)  # put the previous one back
                     raise
             finally:
-                _remove(old)
-                _untrack(old)
+                _discard(old, dest)
         else:
             os.replace(tmp, dest)
-    finally:
-        _untrack(tmp)
-        if tmp.exists():
-            _remove(tmp)
 
 
 @contextmanager
 def atomic_file(path: str | os.PathLike) -> Iterator[Path]:
-    """Yield a temporary path next to `path` (for writers that take a file name); renamed into place on success."""
-    path = Path(path)
-    path.parent.mkdir(parents=True, exist_ok=True)
-    remove_stale_temporaries(path)
-    fd, name = tempfile.mkstemp(prefix=_temp_prefix(path, "tmp"), suffix=path.suffix, dir=path.parent)
-    os.close(fd)
-    tmp = Path(name)
-    _track(tmp)
-    try:
+    """Yield a temporary path next to `path` (for writers that take a file name; same name and suffix); renamed
+    into place on success. A symbolic link at `path` is followed."""
+    path = _follow(Path(path))
+    with _writing(path) as wrapper:
+        tmp = wrapper / path.name
+        tmp.touch()
         yield tmp
         make_shareable(tmp)
         os.replace(tmp, path)
-    finally:
-        _untrack(tmp)
-        tmp.unlink(missing_ok=True)
 
 
 def atomic_write_text(path: str | os.PathLike, text: str) -> Path:
@@ -246,6 +376,23 @@ def atomic_write_text(path: str | os.PathLike, text: str) -> Path:
 def write_json(path: str | os.PathLike, data: Any) -> Path:
     """Atomic, indented, key-sorted JSON (values JSON cannot hold are written as strings)."""
     return atomic_write_text(path, json.dumps(data, indent=2, sort_keys=True, default=str) + "\n")
+
+
+def read_json(path: str | os.PathLike, what: str, keys: Mapping[str, type | tuple[type, ...]] = {}) -> Any:
+    """A JSON object this package wrote (a results file, a cache entry, a manifest), read back; one line that names
+    the file and what is wrong when it is not valid JSON, not an object, or lacks one of `keys` of its type."""
+    path = input_file(path, "results file")
+    try:
+        data = json.loads(path.read_text(encoding="utf-8"))
+    except (json.JSONDecodeError, UnicodeDecodeError) as err:
+        raise UserError(f"{path} is not valid JSON ({err}); expected {what}") from None
+    if not isinstance(data, dict):
+        raise UserError(f"{path} holds a JSON {type(data).__name__}, not an object; expected {what}")
+    for key, kind in keys.items():
+        if not isinstance(data.get(key), kind):
+            found = "no" if key not in data else f"a {type(data[key]).__name__} as"
+            raise UserError(f"{path} has {found} '{key}'; expected {what}")
+    return data
 
 
 def save_figure(fig: Any, path: str | os.PathLike, **savefig_kwargs: Any) -> Path:

@@ -81,16 +81,31 @@ def _close_progress_bars() -> None:
     below the last message."""
     tqdm = sys.modules.get("tqdm")
     for bar in list(getattr(getattr(tqdm, "tqdm", None), "_instances", ())):
+        # a bar interrupted inside its constructor, after it drew its first line, closes without ending that line
+        unfinished = hasattr(bar, "sp") and not hasattr(bar, "last_print_t") and not getattr(bar, "disable", True)
         bar.close()
+        if unfinished:
+            bar.fp.write("\n")
+
+
+def _interruption(err: BaseException) -> bool:
+    """Whether `err` ends the run because the user stopped it: Ctrl-C, SIGTERM, or the `sys.exit(1)` with which
+    Lightning's trainer answers a Ctrl-C."""
+    from .atomic_io import Terminated
+
+    if isinstance(err, (KeyboardInterrupt, Terminated)):
+        return True
+    return isinstance(err, SystemExit) and isinstance(err.__context__, (KeyboardInterrupt, Terminated))
 
 
 def main(argv: Sequence[str] | None = None) -> int:
-    from .atomic_io import cleanup_temporaries, install_signal_cleanup
+    from .atomic_io import cleanup_temporaries, install_signal_cleanup, lock_targets, release_targets
 
     argv = list(sys.argv[1:] if argv is None else argv)
     os.environ.setdefault("TOKENIZERS_PARALLELISM", "false")
     install_signal_cleanup()
     command = argv[0] if argv else "lightning-drop"
+    lock_targets()  # until this run ends, a second run writing one of its targets is refused
     try:
         if argv and argv[0] in LIGHTNING_SUBCOMMANDS:
             from .lightning_cli import run_lightning_cli
@@ -122,11 +137,15 @@ def main(argv: Sequence[str] | None = None) -> int:
                 raise
             print(f"lightning-drop {args.command}: error: {_one_line(cause)}", file=sys.stderr)
             return 2
-    except KeyboardInterrupt:
+    except (KeyboardInterrupt, SystemExit) as err:
+        if not _interruption(err):
+            raise
         cleanup_temporaries()
         _close_progress_bars()
         print(f"lightning-drop {command}: interrupted", file=sys.stderr)
         return 130
+    finally:
+        release_targets()
     return 0
 
 

@@ -14,7 +14,8 @@ import os
 from pathlib import Path
 from typing import Any, Mapping, Sequence
 
-from .errors import UserError, input_file
+from .atomic_io import read_json
+from .errors import UserError
 from .safetensors_io import dir_size
 from .text_data import load_documents, make_windows
 
@@ -45,12 +46,8 @@ def _read_task_results(given: Any, labels: Sequence[str]) -> dict[str, dict[str,
         if label not in labels:
             raise UserError(f"task results for {label!r}, which is not a row of this table ({', '.join(labels)})")
         if not isinstance(res, Mapping):
-            path = input_file(res, "task results file")
-            try:
-                res = json.loads(path.read_text(encoding="utf-8"))
-            except (json.JSONDecodeError, UnicodeDecodeError) as err:
-                raise UserError(f"task results file for {label} {path} is not JSON ({err})") from None
-        if not isinstance(res, Mapping) or not isinstance(res.get("scores"), Mapping):
+            res = read_json(res, "the JSON of `lightning-drop eval --output`", {"scores": dict})
+        if not isinstance(res.get("scores"), Mapping):
             raise UserError(f"task results for {label} have no 'scores' mapping (expected the JSON of lightning-drop eval)")
         out[label] = dict(res)
     return out

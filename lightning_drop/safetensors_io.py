@@ -16,6 +16,7 @@ from typing import Any, Iterable, Sequence
 
 import torch
 
+from .atomic_io import read_json
 from .errors import UserError
 
 INDEX_NAME = "model.safetensors.index.json"
@@ -55,7 +56,10 @@ class SafetensorsShards:
         single = self.directory / SINGLE_NAME
         self._headers: dict[Path, tuple[int, dict[str, dict[str, Any]]]] = {}
         if index.is_file():
-            weight_map = json.loads(index.read_text())["weight_map"]
+            what = "a safetensors index: 'weight_map' maps each tensor name to its shard's file name"
+            weight_map = read_json(index, what, {"weight_map": dict})["weight_map"]
+            if not all(isinstance(v, str) and v for v in weight_map.values()):
+                raise UserError(f"{index} has a 'weight_map' value that is not a file name; expected {what}")
             self.weight_map = {k: self.directory / v for k, v in weight_map.items()}
         elif single.is_file():
             self.weight_map = {k: single for k in self._file_header(single)[1]}

@@ -9,8 +9,11 @@ import subprocess
 import sys
 import textwrap
 import time
+from pathlib import Path
 
 import pytest
+
+from lightning_drop import atomic_io
 
 from lightning_drop.atomic_io import (atomic_dir, atomic_write_text, check_output, remove_stale_temporaries,
                                       write_json)
@@ -64,22 +67,89 @@ def test_save_dropped_never_wipes_a_users_folder_or_its_source(tmp_path):
     assert (src / "config.json").is_file()
 
 
+def _killed_writer(dest: Path, *, swap: bool = False) -> None:
+    """A writer killed (SIGKILL: no clean-up runs) while it writes `dest`, or, with `swap`, after it parked the
+    previous `dest` and before the new one took its place."""
+    body = ("os.replace(dest, atomic_io._new_temporary(dest, 'old') / 'x')" if swap else
+            "(tmp / 'big.bin').write_bytes(b'x' * 1000)")
+    script = textwrap.dedent(f"""
+        import os, signal
+        from pathlib import Path
+        from lightning_drop import atomic_io
+        dest = Path({str(dest)!r})
+        with atomic_io.atomic_dir(dest) as tmp:
+            {body}
+            os.kill(os.getpid(), signal.SIGKILL)
+    """)
+    assert subprocess.run([sys.executable, "-c", script]).returncode == -signal.SIGKILL
+
+
 def test_stale_temporaries_of_dead_writers_are_removed(tmp_path):
+    """Only what this package provably wrote (its marker inside) is removed: a user's entries with look-alike
+    names, and unmarked temporaries of older versions, stay."""
     dest = tmp_path / "ckpt"
-    dead = subprocess.run([sys.executable, "-c", "import os; print(os.getpid())"], capture_output=True,
-                          text=True).stdout.strip()
-    stale = tmp_path / f".ckpt.tmp-{dead}-abc"
-    stale.mkdir()
-    (stale / "model.safetensors").write_bytes(b"x" * 100)
+    _killed_writer(dest)
+    stale = [p for p in tmp_path.iterdir() if p.name.startswith(".ckpt.tmp-")]
+    assert len(stale) == 1 and (stale[0] / "ckpt" / "big.bin").is_file()
+    dead = stale[0].name.split("-")[1]
+    users = [tmp_path / ".ckpt.old-backup", tmp_path / f".ckpt.tmp-{dead}-abc", tmp_path / ".ckpt.tmp-x"]
+    users[0].mkdir()
+    (users[0] / "weights.bin").write_text("mine")
+    users[1].mkdir()
+    (users[1] / atomic_io.MARKER).write_text("not the marker of this folder")
+    users[2].write_text("mine too")
     live = tmp_path / f".ckpt.tmp-{os.getppid()}-abc"  # a running process's temporary stays
     live.mkdir()
-    other = tmp_path / f".other.tmp-{dead}-abc"  # another target's stays
-    other.mkdir()
+    (live / atomic_io.MARKER).write_text(atomic_io._marker_text(live))
     with atomic_dir(dest) as tmp:
         (tmp / "a.txt").write_text("a")
-    assert not stale.exists() and live.exists() and other.exists()
+    assert not stale[0].exists() and live.exists() and all(p.exists() for p in users)
+    assert (users[0] / "weights.bin").read_text() == "mine" and users[2].read_text() == "mine too"
     assert (dest / "a.txt").read_text() == "a"
     assert remove_stale_temporaries(dest) == []
+
+
+def test_a_previous_target_parked_by_a_killed_writer_comes_back(tmp_path):
+    dest = tmp_path / "ckpt"
+    dest.mkdir()
+    (dest / "old.txt").write_text("old")
+    _killed_writer(dest, swap=True)
+    assert not dest.exists()
+    assert len(remove_stale_temporaries(dest)) == 2  # its new checkpoint and the parked old one
+    assert (dest / "old.txt").read_text() == "old"
+    assert sorted(p.name for p in tmp_path.iterdir()) == ["ckpt"]
+
+
+def test_targets_inside_an_input_empty_or_above_the_working_directory_are_refused(tmp_path, monkeypatch):
+    src = tmp_path / "model"
+    src.mkdir()
+    (src / "model.safetensors").write_text("weights")
+    with pytest.raises(UserError, match="is inside the input"):
+        check_output(src / "model.safetensors", kind="file", overwrite=True, sources=[src])
+    with pytest.raises(UserError, match="is inside the input"):
+        check_output(src / "new", overwrite=True, sources=[src])
+    with pytest.raises(UserError, match="is empty"):
+        check_output("", overwrite=True)
+    monkeypatch.chdir(src)
+    for path in (".", "..", str(tmp_path)):
+        with pytest.raises(UserError, match="working directory"):
+            check_output(path, overwrite=True)
+    assert (src / "model.safetensors").read_text() == "weights"
+
+
+def test_a_symlinked_target_is_followed_and_the_link_stays(tmp_path):
+    real = tmp_path / "real"
+    real.mkdir()
+    (real / "old.txt").write_text("old")
+    link = tmp_path / "link"
+    link.symlink_to(real)
+    assert check_output(link, overwrite=True) == real
+    with atomic_dir(link) as tmp:
+        (tmp / "new.txt").write_text("new")
+    assert link.is_symlink() and [p.name for p in real.iterdir()] == ["new.txt"]
+    (tmp_path / "gone").symlink_to(tmp_path / "nowhere")
+    with pytest.raises(UserError, match="which does not exist"):
+        check_output(tmp_path / "gone")
 
 
 def test_sigterm_during_a_write_removes_the_temporary(tmp_path):

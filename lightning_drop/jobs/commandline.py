@@ -24,7 +24,7 @@ import types
 import typing
 from typing import Any, Callable, Literal, Mapping, Union
 
-from ..errors import command_line_options
+from ..errors import UserError, command_line_options
 
 
 @dataclasses.dataclass(frozen=True)
@@ -52,9 +52,18 @@ class Command:
         return self.flags.get(name, "--" + name.replace("_", "-"))
 
     def run(self, args: argparse.Namespace) -> Any:
-        options = self.options()
-        with command_line_options({p: self.option(p) for p in options}):  # messages then name --options
-            return self.function()(**{p: getattr(args, p) for p in options})
+        values = {p: getattr(args, p) for p in self.options()}
+        for name, value in values.items():
+            # an empty path would mean "no output" to some jobs and the working directory to others
+            if _is_path(name) and isinstance(value, str) and not value.strip():
+                raise UserError(f"{self.option(name)} is empty: give a path")
+        with command_line_options({p: self.option(p) for p in values}):  # messages then name --options
+            return self.function()(**values)
+
+
+def _is_path(parameter: str) -> bool:
+    """Parameters that name a place to write, by the naming convention of the jobs."""
+    return parameter == "output" or parameter.endswith(("_dir", "_output"))
 
 
 def _int_list(text: str) -> list[int]:

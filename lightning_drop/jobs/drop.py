@@ -7,11 +7,12 @@ from __future__ import annotations
 
 import json
 import os
+from contextlib import contextmanager
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import TYPE_CHECKING, Any, Literal, Sequence, get_args
+from typing import TYPE_CHECKING, Any, Iterator, Literal, Sequence, get_args
 
-from ..atomic_io import check_output
+from ..atomic_io import WriteFailed, check_output
 from ..errors import UserError, param
 from ..options import (
     TARGETS,
@@ -160,9 +161,26 @@ def run_drop(job: DropJob, progress: bool = True) -> dict[str, Any]:
             attn, mlp = dropped_layers(model)
             del model  # one model in memory at a time
             model = _reload_dropped(job, attn, mlp)
-        save_dropped(model.to("cpu", save_dtype_of(job)), job.output, tok, max_shard_size=job.max_shard_size,
-                     extra=lambda tmp: write_report(tmp, report, result), overwrite=True)
+        with _result_kept(report):
+            save_dropped(model.to("cpu", save_dtype_of(job)), job.output, tok, max_shard_size=job.max_shard_size,
+                         extra=lambda tmp: write_report(tmp, report, result), overwrite=True)
     return report
+
+
+@contextmanager
+def _result_kept(report: dict[str, Any]) -> Iterator[None]:
+    """When the checkpoint cannot be stored (disk full), the drop lists that took the scoring to find are
+    still printed before the one-line error."""
+    try:
+        yield
+    except WriteFailed:
+        print(f"{summary(report)}; not written")
+        raise
+
+
+def summary(report: dict[str, Any]) -> str:
+    return (f"dropped attention {report['drop_attn_list']} MLP {report['drop_mlp_list']} "
+            f"({report['metric']}, {report['schedule']})")
 
 
 def _holds_source_weights(job: DropJob) -> bool:
@@ -253,9 +271,10 @@ def run_drop_streamed(job: DropJob, progress: bool = True) -> dict[str, Any]:
     report = build_report(job, result, windows)
     report["streamed"] = True
     if job.output is not None:
-        write_dropped_streaming(path, job.output, result.attn, result.mlp, tokenizer=tok, dtype=save_dtype_of(job),
-                                max_shard_size=job.max_shard_size,
-                                extra=lambda tmp: write_report(tmp, report, result))
+        with _result_kept(report):
+            write_dropped_streaming(path, job.output, result.attn, result.mlp, tokenizer=tok,
+                                    dtype=save_dtype_of(job), max_shard_size=job.max_shard_size,
+                                    extra=lambda tmp: write_report(tmp, report, result))
     return report
 
 
@@ -337,6 +356,5 @@ def drop_main(model: str, output: str, target: Target = "attn", num: int | None 
                   calibration=CalibrationConfig(source=calibration, text_field=text_field, num_samples=num_samples,
                                                 seq_len=seq_len, shuffle=shuffle, seed=seed))
     report = run_drop(job)
-    print(f"dropped attention {report['drop_attn_list']} MLP {report['drop_mlp_list']} "
-          f"({report['metric']}, {report['schedule']}); wrote {output} (importance.json, importance.png)")
+    print(f"{summary(report)}; wrote {output} (importance.json, importance.png)")
     return report

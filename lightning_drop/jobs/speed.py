@@ -7,8 +7,8 @@ import json
 import math
 from typing import Any, Literal
 
-from ..atomic_io import check_output, write_json
-from ..errors import UserError, input_file
+from ..atomic_io import check_output, read_json, write_json
+from ..errors import UserError
 from ..options import Clock, Interleave
 
 SpeedDtype = Literal["float32", "bfloat16", "float16", "fp32", "bf16", "fp16"]
@@ -21,16 +21,9 @@ def _read_average(path: str | None, option: str) -> float | None:
     """The average score in an eval JSON (`lightning-drop eval --output`), read before any model loads."""
     if not path:
         return None
-    file = input_file(path, f"{option} file")
-    try:
-        data = json.loads(file.read_text(encoding="utf-8"))
-    except (json.JSONDecodeError, UnicodeDecodeError) as err:
-        raise UserError(f"{option} {path} is not JSON ({err}); expected the JSON written by `lightning-drop eval`") \
-            from None
-    avg = data.get("average") if isinstance(data, dict) else None
-    if avg is None:
-        raise UserError(f"{option} {path} has no 'average' (expected the JSON written by `lightning-drop eval`)")
-    if isinstance(avg, bool) or not isinstance(avg, (int, float)) or not math.isfinite(avg) or avg < 0:
+    data = read_json(path, "the JSON written by `lightning-drop eval --output`", {"average": (int, float)})
+    avg = data["average"]
+    if isinstance(avg, bool) or not math.isfinite(avg) or avg < 0:
         raise UserError(f"{option} {path}: 'average' must be a score >= 0, got {json.dumps(avg)[:40]}")
     return float(avg)
 

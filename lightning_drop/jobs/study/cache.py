@@ -13,7 +13,7 @@ import json
 from pathlib import Path
 from typing import Any, Callable
 
-from ...atomic_io import write_json
+from ...atomic_io import read_json, write_json
 from ...options import CalibrationConfig
 from .config import StudyConfig, SweepSpec
 
@@ -25,12 +25,33 @@ def key_of(payload: Any) -> str:
     return hashlib.sha256(blob.encode()).hexdigest()[:16]
 
 
+#: written into OUTPUT/cache by the study that made it: only such a folder is resumed (written into without
+#: --overwrite); a folder that merely has a `cache/` subfolder is someone else's
+MANIFEST = "study-cache.json"
+WRITTEN_BY = "lightning-drop study"
+#: what each kind of entry must hold to be one this study wrote (all are JSON objects)
+ENTRY_KEYS: dict[str, dict[str, type | tuple[type, ...]]] = {
+    "scores": {"attn": list, "mlp": list}, "drops": {"sets": dict},
+    "points": {"drop_attn": list, "drop_mlp": list, "params": int},
+}
+
+
+def is_study_output(out: Path) -> bool:
+    """Whether `out` is the output of a study (its cache carries the manifest a study writes)."""
+    manifest = out / "cache" / MANIFEST
+    if not manifest.is_file():
+        return False
+    return read_json(manifest, "the manifest of a study's cache", {"written_by": str})["written_by"] == WRITTEN_BY
+
+
 class Cache:
     """One JSON per item under OUTPUT/cache; counts what it computed (timing-free evidence of reuse)."""
 
     def __init__(self, root: Path) -> None:
         self.root = root / "cache"
         self.root.mkdir(parents=True, exist_ok=True)
+        if not (self.root / MANIFEST).is_file():
+            write_json(self.root / MANIFEST, {"written_by": WRITTEN_BY, "cache_version": CACHE_VERSION})
         self.computed: dict[str, int] = {"scores": 0, "drops": 0, "points": 0}
         self.reused: dict[str, int] = {"scores": 0, "drops": 0, "points": 0}
         self.retimed = 0  # cached points whose speed was re-measured (timed on another machine)
@@ -43,9 +64,11 @@ class Cache:
         if not p.is_file():
             return None
         try:
-            return json.loads(p.read_text())
-        except json.JSONDecodeError:  # never written non-atomically by us; treat as missing
+            json.loads(p.read_text())
+        except (json.JSONDecodeError, UnicodeDecodeError):  # never written non-atomically by us; treat as missing
             return None
+        return read_json(p, f"a study cache entry of kind '{kind}' (delete the file to recompute it)",
+                         ENTRY_KEYS.get(kind, {}))
 
     def get_or_compute(self, kind: str, key: str, compute: Callable[[], Any]) -> Any:
         hit = self.get(kind, key)

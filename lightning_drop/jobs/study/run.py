@@ -17,10 +17,10 @@ import time
 from pathlib import Path
 from typing import Any, Mapping, Sequence
 
-from ...atomic_io import atomic_write_text, write_json
+from ...atomic_io import atomic_write_text, read_json, write_json
 from ...errors import UserError
 from .budget import fmt_or_na, auto_select, derive, parse_budget
-from .cache import Cache, CacheKeys, key_of
+from .cache import Cache, CacheKeys, is_study_output, key_of
 from .config import StudyConfig, SweepSpec, load_config
 from .measure import PointEvaluator
 from .sweep import DropSets, StudyInputs
@@ -35,9 +35,10 @@ class Study:
 
         self.cfg = config
         self.out = Path(output or config.output)
-        # an earlier run of a study (its cache is there) is resumed; anything else is the user's
-        resumable = (self.out / "cache").is_dir()
-        check_output(self.out, overwrite=overwrite or resumable, sources=[config.model])
+        # an earlier run of a study (its cache's manifest says so) is resumed; anything else is the user's
+        resumable = is_study_output(self.out)
+        check_output(self.out, overwrite=overwrite or resumable, sources=[config.model],
+                     hint="it is not the output of a lightning-drop study; pass --overwrite to write into it")
         self.out.mkdir(parents=True, exist_ok=True)
         self.cache = Cache(self.out)
         self.keys = CacheKeys(config)
@@ -178,7 +179,7 @@ class Study:
         info = {"path": str(path), "target": ck.target, "num": ck.num, "drop_attn": attn, "drop_mlp": mlp}
         key = key_of({**self.keys.model(), **info})
         marker = path / "study_checkpoint.json"
-        if marker.is_file() and json.loads(marker.read_text()).get("key") == key:
+        if marker.is_file() and read_json(marker, "the record of a study's checkpoint", {"key": str})["key"] == key:
             return info
         self.inputs.log(f"saving {ck.target}-{ck.num} checkpoint to {path}")
         model = copy.deepcopy(self.inputs.model)
