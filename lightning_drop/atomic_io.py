@@ -378,20 +378,23 @@ def write_json(path: str | os.PathLike, data: Any) -> Path:
     return atomic_write_text(path, json.dumps(data, indent=2, sort_keys=True, default=str) + "\n")
 
 
-def read_json(path: str | os.PathLike, what: str, keys: Mapping[str, type | tuple[type, ...]] = {}) -> Any:
+def read_json(path: str | os.PathLike, what: str, keys: Mapping[str, type | tuple[type, ...]] = {},
+              option: str = "results file") -> Any:
     """A JSON object this package wrote (a results file, a cache entry, a manifest), read back; one line that names
-    the file and what is wrong when it is not valid JSON, not an object, or lacks one of `keys` of its type."""
-    path = input_file(path, "results file")
+    the file (as `option` gave it) and what is wrong when it is not valid JSON, not an object, or lacks one of
+    `keys` of its type."""
+    path = input_file(path, option)
+    label = f"{option} {path}" if option.startswith("--") else str(path)
     try:
         data = json.loads(path.read_text(encoding="utf-8"))
     except (json.JSONDecodeError, UnicodeDecodeError) as err:
-        raise UserError(f"{path} is not valid JSON ({err}); expected {what}") from None
+        raise UserError(f"{label} is not valid JSON ({err}); expected {what}") from None
     if not isinstance(data, dict):
-        raise UserError(f"{path} holds a JSON {type(data).__name__}, not an object; expected {what}")
+        raise UserError(f"{label} holds a JSON {type(data).__name__}, not an object; expected {what}")
     for key, kind in keys.items():
         if not isinstance(data.get(key), kind):
             found = "no" if key not in data else f"a {type(data[key]).__name__} as"
-            raise UserError(f"{path} has {found} '{key}'; expected {what}")
+            raise UserError(f"{label} has {found} '{key}'; expected {what}")
     return data
 
 

@@ -46,7 +46,7 @@ def _read_task_results(given: Any, labels: Sequence[str]) -> dict[str, dict[str,
         if label not in labels:
             raise UserError(f"task results for {label!r}, which is not a row of this table ({', '.join(labels)})")
         if not isinstance(res, Mapping):
-            res = read_json(res, "the JSON of `lightning-drop eval --output`", {"scores": dict})
+            res = read_json(res, "the JSON of `lightning-drop eval --output`", {"scores": dict}, "task results file")
         if not isinstance(res.get("scores"), Mapping):
             raise UserError(f"task results for {label} have no 'scores' mapping (expected the JSON of lightning-drop eval)")
         out[label] = dict(res)

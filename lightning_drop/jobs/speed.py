@@ -21,7 +21,7 @@ def _read_average(path: str | None, option: str) -> float | None:
     """The average score in an eval JSON (`lightning-drop eval --output`), read before any model loads."""
     if not path:
         return None
-    data = read_json(path, "the JSON written by `lightning-drop eval --output`", {"average": (int, float)})
+    data = read_json(path, "the JSON written by `lightning-drop eval --output`", {"average": (int, float)}, option)
     avg = data["average"]
     if isinstance(avg, bool) or not math.isfinite(avg) or avg < 0:
         raise UserError(f"{option} {path}: 'average' must be a score >= 0, got {json.dumps(avg)[:40]}")
