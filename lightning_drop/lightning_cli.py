@@ -75,11 +75,21 @@ class DropCLI(LightningCLI):
         # `trainer.ckpt_path = path` is Lightning's user-managed resume path: the same restore, but visible
         # to `Callback.setup` (see lightning_drop.distributed.resume_path). "last"/"best"/URLs stay as given.
         config = self.config_init[self.subcommand] if self.subcommand else self.config_init
+        self._check_save_dir()
         path = config.get("ckpt_path")
         if isinstance(path, (str, os.PathLike)) and os.path.exists(path):
             self._refuse_other_model(path, config)
             self.trainer.ckpt_path = path
             config["ckpt_path"] = None
+
+    def _check_save_dir(self) -> None:
+        """DropModule's `save_dir`, checked before the trainer's setup writes anything (the config it saves, the
+        logger's run folder); DropModule.setup checks again where `{log_dir}` is a logger's new run folder."""
+        from .lightning_module import LOG_DIR, DropModule
+
+        save_dir = getattr(self.model, "hparams", {}).get("save_dir") if isinstance(self.model, DropModule) else None
+        if save_dir and (LOG_DIR not in str(save_dir) or not self.trainer.loggers):
+            self.model.check_save_dir(str(self.trainer.default_root_dir))
 
     def _refuse_other_model(self, path: str | os.PathLike, config: Any) -> None:
         """A DropModule resume must restore the configured model: checked here, before setup prepares data and
@@ -87,7 +97,7 @@ class DropCLI(LightningCLI):
         from .lightning_module import DropModule
         from .training_checkpoint import CKPT_KEY, checkpoint_meta, refuse_other_model
 
-        if not isinstance(self.model, DropModule) or not config.get("weights_only", True):
+        if not isinstance(self.model, DropModule) or config.get("weights_only") is False:
             return  # (a checkpoint of pickled objects is read by Lightning's own loader, when the user opts in)
         meta = checkpoint_meta(path)
         if meta is not None:  # None: a directory layout other than Lightning's (DeepSpeed's)
@@ -110,7 +120,43 @@ class DropCLI(LightningCLI):
                 raise UserError(f"--ckpt_path {path}: no such file or directory")
             if config["weights_only"] and isinstance(path, (str, os.PathLike)) and os.path.exists(path):
                 verify_checkpoint(path)
-        super()._parse_ckpt_path()
+        configured = self._model_arguments()
+        super()._parse_ckpt_path()  # the checkpoint's hyperparameters replace the configured model's
+        if configured:
+            self._refuse_other_arguments(configured, self._model_arguments() or {})
+
+    def _model_arguments(self) -> dict[str, Any] | None:
+        """The DropModule arguments that decide which model trains (those given: not None)."""
+        from .lightning_module import DropModule
+
+        subcommand = self.config.get("subcommand")
+        model = self.config.get(subcommand, {}).get("model") if subcommand else None
+        class_path = model.get("class_path") if model is not None and hasattr(model, "get") else None
+        module, _, name = str(class_path).rpartition(".")
+        try:
+            cls = getattr(importlib.import_module(module), name)
+        except (ImportError, AttributeError, ValueError):
+            return None
+        if not (isinstance(cls, type) and issubclass(cls, DropModule)):
+            return None
+        init = model.get("init_args") or {}
+        return {key: init.get(key) for key in ("model", "init_config") if init.get(key) is not None}
+
+    def _refuse_other_arguments(self, configured: dict[str, Any], restored: dict[str, Any]) -> None:
+        """LightningCLI resumes with the model arguments saved in the checkpoint, silently replacing the
+        configured ones: a configured model that is not the checkpoint's is refused instead."""
+        def same(a: Any, b: Any) -> bool:
+            if isinstance(a, str) and isinstance(b, str) and os.path.exists(a) and os.path.exists(b):
+                return os.path.samefile(a, b)
+            return a == b
+
+        if any(not same(value, restored.get(key)) for key, value in configured.items()):
+            subcommand = self.config.get("subcommand")
+            path = self.config.get(subcommand, {}).get("ckpt_path")
+            saved = ", ".join(f"{key}: {restored.get(key)}" for key in configured)
+            given = ", ".join(f"{key}: {value}" for key, value in configured.items())
+            raise UserError(f"--ckpt_path {path} was trained with {saved}, not the configured {given}: resume "
+                            "with the model it was trained on, or start a new fit without --ckpt_path")
 
     @staticmethod
     def subcommands() -> dict[str, set[str]]:

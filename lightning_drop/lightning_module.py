@@ -117,9 +117,11 @@ def build_model(model: str | None, init_config: dict[str, Any] | None, dtype: st
         if "model_type" not in overrides:
             raise UserError("init_config needs 'model_type' (e.g. llama) when `model` is not given")
         family = get_spec(str(overrides.pop("model_type"))).family
-    try:
+    from huggingface_hub import errors as hub_errors
+
+    try:  # transformers checks the sizes (heads that divide hidden_size, ...)
         config = tiny_config(family, int(overrides.pop("num_hidden_layers", 4)), **overrides)
-    except ValueError as err:  # transformers checks the sizes (heads that divide hidden_size, ...)
+    except (ValueError, getattr(hub_errors, "StrictDataclassError", ValueError)) as err:
         while err.__cause__ is not None:
             err = err.__cause__
         raise UserError(f"init_config {init_config}: {' '.join(str(err).split())}") from None
@@ -324,26 +326,26 @@ class DropModule(pl.LightningModule):
                               "leave save_dir unset, checkpoint with ModelCheckpoint (FSDPStrategy(state_dict_type="
                               "'full') writes one file) and convert it with "
                               "DropModule.load_from_checkpoint(path).save_pretrained(dir)")
-            self.save_path = self._checked_save_path()
+            trainer, problem = self.trainer, None
+            log_dir = str(trainer.log_dir or trainer.default_root_dir)  # on every rank: a broadcast
+            try:
+                if trainer.is_global_zero:
+                    self.check_save_dir(log_dir)
+            except UserError as err:
+                problem = str(err)
+            problem = trainer.strategy.broadcast(problem)  # every rank stops, or none
+            if problem is not None:
+                raise UserError(problem)
+            self.save_path = str(self.hparams.save_dir).replace(LOG_DIR, log_dir)
 
-    def _checked_save_path(self) -> str:
-        """`save_dir` resolved and checked (as every writer's target) before step 0; all ranks share the verdict."""
+    def check_save_dir(self, log_dir: str) -> None:
+        """Refuse `save_dir` (`{log_dir}` resolved) as every writer refuses its target, before step 0: not empty
+        (without `overwrite`), an input, not writable. `lightning-drop fit` asks before the fit starts."""
         from .atomic_io import check_output
 
-        trainer, save_dir, problem = self.trainer, str(self.hparams.save_dir), None
-        if LOG_DIR in save_dir:  # asked on every rank: `trainer.log_dir` is a broadcast
-            save_dir = save_dir.replace(LOG_DIR, str(trainer.log_dir or trainer.default_root_dir))
-        try:
-            if trainer.is_global_zero:
-                check_output(save_dir, overwrite=bool(self.hparams.overwrite), option="DropModule save_dir",
-                             sources=[self.hparams.model, self.hparams.tokenizer_name],
-                             hint="set model.init_args.overwrite: true to replace it, or another save_dir")
-        except UserError as err:
-            problem = str(err)
-        problem = trainer.strategy.broadcast(problem)
-        if problem is not None:
-            raise UserError(problem)
-        return save_dir
+        check_output(str(self.hparams.save_dir).replace(LOG_DIR, log_dir), overwrite=bool(self.hparams.overwrite),
+                     option="DropModule save_dir", sources=[self.hparams.model, self.hparams.tokenizer_name],
+                     hint="set model.init_args.overwrite: true to replace it, or another save_dir")
 
     def configure_model(self) -> None:
         """Rebuild the checkpoint's architecture before sharding when the strategy restores after setup."""
