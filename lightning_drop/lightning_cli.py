@@ -85,7 +85,7 @@ class DropCLI(LightningCLI):
     def _check_save_dir(self) -> None:
         """DropModule's `save_dir`, checked before the trainer's setup writes anything (the config it saves, the
         logger's run folder); DropModule.setup checks again where `{log_dir}` is a logger's new run folder."""
-        from .lightning_module import LOG_DIR, DropModule
+        from lightning_drop.lightning_module import LOG_DIR, DropModule
 
         save_dir = getattr(self.model, "hparams", {}).get("save_dir") if isinstance(self.model, DropModule) else None
         if save_dir and (LOG_DIR not in str(save_dir) or not self.trainer.loggers):
@@ -94,8 +94,8 @@ class DropCLI(LightningCLI):
     def _refuse_other_model(self, path: str | os.PathLike, config: Any) -> None:
         """A DropModule resume must restore the configured model: checked here, before setup prepares data and
         callbacks score or drop (DropModule.on_load_checkpoint checks again, for `Trainer.fit(ckpt_path=...)`)."""
-        from .lightning_module import DropModule
-        from .training_checkpoint import CKPT_KEY, checkpoint_meta, refuse_other_model
+        from lightning_drop.lightning_module import DropModule
+        from lightning_drop.training_checkpoint import CKPT_KEY, checkpoint_meta, refuse_other_model
 
         if not isinstance(self.model, DropModule) or config.get("weights_only") is False:
             return  # (a checkpoint of pickled objects is read by Lightning's own loader, when the user opts in)
@@ -108,7 +108,7 @@ class DropCLI(LightningCLI):
         local checkpoint before anything reads it (LightningCLI does, right here): some of Lightning's
         loaders unpickle anything (FSDP full and sharded checkpoints, URLs when `weights_only` is unset),
         which would run code the file carries."""
-        from .training_checkpoint import verify_checkpoint
+        from lightning_drop.training_checkpoint import verify_checkpoint
 
         subcommand = self.config.get("subcommand")
         config = self.config.get(subcommand) if subcommand else None
@@ -121,13 +121,26 @@ class DropCLI(LightningCLI):
             if config["weights_only"] and isinstance(path, (str, os.PathLike)) and os.path.exists(path):
                 verify_checkpoint(path)
         configured = self._model_arguments()
-        super()._parse_ckpt_path()  # the checkpoint's hyperparameters replace the configured model's
+        try:
+            super()._parse_ckpt_path()  # the checkpoint's hyperparameters replace the configured model's
+        except argparse.ArgumentError as err:
+            problem = explain_parse_error(str(err), [], {}, self._subcommand_parsers.get(subcommand, self.parser))
+            raise UserError(f"--ckpt_path {config.get('ckpt_path') if config is not None else ''}: the model "
+                            f"hyperparameters saved in it do not fit: {problem}") from None
+        model = self.config.get(subcommand, {}).get("model") if subcommand else None
+        saved = dict(model.get("dict_kwargs") or {}) if hasattr(model, "get") else {}  # passed on unchecked
+        class_path = str(model.get("class_path")) if saved else ""
+        unknown = sorted(set(saved) - set(_options_of(class_path) or saved))
+        if unknown:
+            raise UserError(f"--ckpt_path {config.get('ckpt_path')}: the model hyperparameters saved in it do not "
+                            f"fit: {', '.join(unknown)}: unknown option of {class_path.rsplit('.', 1)[-1]} (saved by "
+                            "another version?)")
         if configured:
             self._refuse_other_arguments(configured, self._model_arguments() or {})
 
     def _model_arguments(self) -> dict[str, Any] | None:
         """The DropModule arguments that decide which model trains (those given: not None)."""
-        from .lightning_module import DropModule
+        from lightning_drop.lightning_module import DropModule
 
         subcommand = self.config.get("subcommand")
         model = self.config.get(subcommand, {}).get("model") if subcommand else None
@@ -173,7 +186,7 @@ def read_config_files(args: Sequence[str]) -> dict[str, Any]:
     configs: dict[str, Any] = {}
     for value in values:
         path = Path(value)
-        inline = not path.exists() and "\n" not in value and not isinstance(_yaml_or_none(value), str)
+        inline = not path.exists() and not isinstance(_yaml_or_none(value), str)  # YAML text, not a path
         if not inline and not path.exists():
             raise UserError(f"--config {value}: no such file")
         if not inline and not path.is_file():
@@ -319,17 +332,21 @@ def _on_command_line(key: str, args: Sequence[str]) -> list[tuple[str, str | Non
 
 
 def _options_of(class_path: str) -> list[str]:
+    """The keyword options of the class `class_path` names (none known: it cannot be imported or takes **kwargs)."""
     module, _, name = class_path.rpartition(".")
     try:
         params = inspect.signature(getattr(importlib.import_module(module), name)).parameters.values()
     except (ImportError, AttributeError, TypeError, ValueError):
         return []
-    return [p.name for p in params if p.kind not in (p.VAR_POSITIONAL, p.VAR_KEYWORD)]
+    if any(p.kind == p.VAR_KEYWORD for p in params):
+        return []
+    return [p.name for p in params if p.kind != p.VAR_POSITIONAL]
 
 
 def explain_parse_error(message: str, args: list[str], configs: dict[str, Any], parser: Any) -> str:
     """One line for a jsonargparse error: where (the config file or the command-line option), which key,
     what was expected (and the close match of an unknown option)."""
+    message = message.replace('"<unicode string>"', "the --config text")  # YAML given inline
     lines = [line for line in message.splitlines() if line.strip()]
     top = _NOT_ACCEPTED.match(lines[0].strip()) if lines else None
     if top:  # a key no class takes: the first unknown level, with the known keys beside it
@@ -395,7 +412,13 @@ def run_lightning_cli(args: Sequence[str] | None = None, run: bool = True, **kwa
 
 
 def main() -> None:
-    run_lightning_cli(sys.argv[1:])
+    """`python -m lightning_drop.lightning_cli fit ...` is `lightning-drop fit ...` (its one-line errors too)."""
+    args = sys.argv[1:]
+    if args and args[0] in SUBCOMMANDS:
+        from lightning_drop.cli import main as cli_main  # absolute: this file also runs as an old module name
+
+        raise SystemExit(cli_main(args))
+    run_lightning_cli(args)
 
 
 if __name__ == "__main__":

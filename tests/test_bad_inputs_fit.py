@@ -137,10 +137,15 @@ def _retarget(ckpt: Path, tmp: Path) -> Path:
 
     model, tok = tiny_model("qwen3")
     ld.save_dropped(model, tmp / "qwen3", tok)
-    data = torch.load(ckpt, weights_only=True)
-    data["hyper_parameters"]["model"] = str(tmp / "qwen3")
-    torch.save(data, ckpt)
+    _edit_hparams(ckpt, model=str(tmp / "qwen3"))
     return tmp / "qwen3"
+
+
+def _edit_hparams(ckpt: Path, **hparams) -> Path:
+    data = torch.load(ckpt, weights_only=True)
+    data["hyper_parameters"].update(hparams)
+    torch.save(data, ckpt)
+    return ckpt
 
 
 def _other_ckpt(tmp: Path) -> Path:
@@ -159,6 +164,8 @@ RESUME_CASES: list[tuple[str, Callable[[Path, Path, Path], list[str]], tuple[str
     ("model-folder-changed", lambda w, t, c: [*FIT[:1], "--model.model", str(_retarget(c, t)), *FIT[3:],
                                               "--data.source", str(w / "c4.jsonl"), "--ckpt_path", str(c)],
      ("run.ckpt holds another model than the configured one (model_type llama vs qwen3",)),
+    ("saved-hyperparameters-do-not-fit", lambda w, t, c: _fit(w, "--ckpt_path", str(_edit_hparams(c, bogus=1))),
+     ("run.ckpt: the model hyperparameters saved in it do not fit: bogus: unknown option of DropModule",)),
     ("not-a-dropmodule-checkpoint", lambda w, t, c: _fit(w, "--ckpt_path", str(_other_ckpt(t))),
      ("plain.ckpt was not written by DropModule",)),
 ]
