@@ -272,7 +272,8 @@ def _leaf(nodes: list[tuple[str, list]]) -> tuple[list[Any], str, str | None]:
                     return [("class", klass.group(1)), "class_path"], _no_class(klass.group(1), problem), None
                 return [("class", klass.group(1)), *path], problem, got
         kinds = [_type_name(m.group(1)) if (m := _EXPECTED.match(t)) else
-                 re.sub(r"^- Not a valid subclass of (\w+).*", r"a \1 (class_path and init_args)", t) for t, _ in errors]
+                 re.sub(r"^- Not a valid subclass of (\w+).*", r"a \1 (class_path and init_args)", t)
+                 for t, _ in errors]
         return [], f"expected {' or '.join(kinds)}" + (f", got {given}" if given is not None else ""), given
     return [], " ".join([text] + [t for t, _ in children]), None
 
@@ -287,14 +288,16 @@ def _no_class(class_path: str, problem: str) -> str:
     return f"cannot use {class_path} ({problem})" + (f"; did you mean {module}.{close[0]}?" if close else "")
 
 
-def _locate(data: Any, path: list[Any]) -> tuple[str, bool]:
-    """The key as the user wrote it in `data` (list indices, `init_args` where given) and whether it is there."""
+def _locate(data: Any, path: list[Any]) -> tuple[str, bool, Any]:
+    """The key as the user wrote it in `data` (list indices, `init_args` where given), whether it is there, and
+    its value there (None unless a plain value)."""
     parts: list[str] = []
     found = bool(path)
     for seg in path:
         if isinstance(seg, tuple):  # a class_path level: the list entry naming that class, then its init_args
             if isinstance(data, list):
-                names = [e if isinstance(e, str) else (e or {}).get("class_path", "") for e in data]
+                names = [e if isinstance(e, str) else e.get("class_path") if isinstance(e, dict) else None
+                         for e in data]
                 hits = [j for j, n in enumerate(names) if n and (n == seg[1] or seg[1].endswith("." + n))]
                 parts[-1] += f"[{hits[0]}]" if hits else ""
                 data = data[hits[0]] if hits else None
@@ -305,19 +308,7 @@ def _locate(data: Any, path: list[Any]) -> tuple[str, bool]:
         parts.append(str(seg))
         found = found and isinstance(data, dict) and seg in data
         data = data.get(seg) if isinstance(data, dict) else None
-    return ".".join(parts), found
-
-
-def _value_at(data: Any, path: list[Any]) -> Any:
-    """The value a config file gives the key (None where it cannot tell)."""
-    for seg in path:
-        if isinstance(seg, tuple):
-            if isinstance(data, list):
-                data = next((e for e in data if isinstance(e, dict) and seg[1].endswith(str(e.get("class_path")))), None)
-            data = data.get("init_args", data) if isinstance(data, dict) else None
-        else:
-            data = data.get(seg) if isinstance(data, dict) else None
-    return data if isinstance(data, (str, int, float, bool)) else None
+    return ".".join(parts), found, data if isinstance(data, (str, int, float, bool)) else None
 
 
 def _on_command_line(key: str, args: Sequence[str]) -> list[tuple[str, str | None]]:
@@ -366,8 +357,8 @@ def explain_parse_error(message: str, args: list[str], configs: dict[str, Any], 
         return " ".join(message.split())
     # the last place that sets the key and, where several do, gives the value that failed
     key = _locate(None, path)[0]
-    places = [(f"{name}: {k}", _value_at(data, path)) for name, data in configs.items()
-              for k, found in [_locate(data, path)] if found] + _on_command_line(key, args)
+    places = [(f"{name}: {k}", value) for name, data in configs.items()
+              for k, found, value in [_locate(data, path)] if found] + _on_command_line(key, args)
     fitting = [where for where, value in places if got is None or value is None or str(value) == got]
     where = (fitting or [where for where, _ in places] or [f"--{key}"])[-1]
     leaf = str(path[-1])
