@@ -18,8 +18,8 @@ them back on resume:
   that hook after the model was sharded, too late to change it: `configure_model` rebuilds the architecture
   from `trainer.ckpt_path` before sharding instead, and `on_load_checkpoint` refuses a mismatch there.
   Under sharding `save_dir` is refused (the full weights are not on rank zero at fit end); see
-  `lightning_drop.distributed` for what else is. The FSDP paths are tested on CPU with constructed strategy
-  objects (Lightning's FSDP refuses CPU).
+  `lightning_drop.distributed` for what else is. The FSDP paths are untested without a GPU (Lightning's
+  FSDP refuses CPU); their logic is tested on CPU with constructed strategy objects.
 """
 
 from __future__ import annotations
@@ -40,8 +40,7 @@ from .errors import UserError
 from .modeling_dropped import apply_drop, dropped_layers
 from .training_checkpoint import CKPT_KEY, checkpoint_meta, model_from_config, refuse_other_model, resume_path
 
-#: the one placeholder of `DropModule(save_dir=...)`: the trainer's log dir (the logger's run folder)
-LOG_DIR = "{log_dir}"
+LOG_DIR = "{log_dir}"  # the one placeholder of `DropModule(save_dir=...)`: the logger's run folder
 
 
 class DropPlan(NamedTuple):
@@ -326,26 +325,26 @@ class DropModule(pl.LightningModule):
                               "leave save_dir unset, checkpoint with ModelCheckpoint (FSDPStrategy(state_dict_type="
                               "'full') writes one file) and convert it with "
                               "DropModule.load_from_checkpoint(path).save_pretrained(dir)")
-            trainer, problem = self.trainer, None
-            log_dir = str(trainer.log_dir or trainer.default_root_dir)  # on every rank: a broadcast
-            try:
-                if trainer.is_global_zero:
-                    self.check_save_dir(log_dir)
-            except UserError as err:
-                problem = str(err)
-            problem = trainer.strategy.broadcast(problem)  # every rank stops, or none
-            if problem is not None:
-                raise UserError(problem)
-            self.save_path = str(self.hparams.save_dir).replace(LOG_DIR, log_dir)
+            self.save_path = self.check_save_dir(str(self.trainer.log_dir or self.trainer.default_root_dir))
 
-    def check_save_dir(self, log_dir: str) -> None:
-        """Refuse `save_dir` (`{log_dir}` resolved) as every writer refuses its target, before step 0: not empty
-        (without `overwrite`), an input, not writable. `lightning-drop fit` asks before the fit starts."""
+    def check_save_dir(self, log_dir: str) -> str:
+        """`save_dir` with `{log_dir}` resolved, refused before step 0 as every writer refuses its target (not empty
+        without `overwrite`, an input, not writable); `lightning-drop fit` asks before the trainer writes."""
         from .atomic_io import check_output
 
-        check_output(str(self.hparams.save_dir).replace(LOG_DIR, log_dir), overwrite=bool(self.hparams.overwrite),
-                     option="DropModule save_dir", sources=[self.hparams.model, self.hparams.tokenizer_name],
-                     hint="set model.init_args.overwrite: true to replace it, or another save_dir")
+        save_dir, problem, trainer = str(self.hparams.save_dir).replace(LOG_DIR, log_dir), None, self._trainer
+        try:
+            if trainer is None or trainer.is_global_zero:
+                check_output(save_dir, overwrite=bool(self.hparams.overwrite), option="DropModule save_dir",
+                             sources=[self.hparams.model, self.hparams.tokenizer_name],
+                             hint="set model.init_args.overwrite: true to replace it, or another save_dir")
+        except UserError as err:
+            problem = str(err)
+        if trainer is not None:
+            problem = trainer.strategy.broadcast(problem)  # global rank zero's verdict: all ranks stop together
+        if problem is not None:
+            raise UserError(problem)
+        return save_dir
 
     def configure_model(self) -> None:
         """Rebuild the checkpoint's architecture before sharding when the strategy restores after setup."""
@@ -356,6 +355,7 @@ class DropModule(pl.LightningModule):
         meta = checkpoint_meta(path) if path is not None else None
         state = (meta or {}).get(CKPT_KEY)
         if state:
+            refuse_other_model(state, self.hf_model.config.to_dict(), f"the checkpoint {path}")
             self._restore_architecture(state)
 
     def configure_optimizers(self) -> Any:
