@@ -122,7 +122,7 @@ def dropped_ckpt(tmp_path_factory, world) -> Path:  # noqa: F811
     root = tmp_path_factory.mktemp("ckpt")
     callbacks = ["--trainer.callbacks+=lightning_drop.callbacks.LayerDrop", "--trainer.callbacks.num", "1",
                  "--trainer.callbacks+=lightning.pytorch.callbacks.ModelCheckpoint",
-                 "--trainer.callbacks.dirpath", str(root)]
+                 "--trainer.callbacks.dirpath", str(root), "--trainer.default_root_dir", str(root)]  # config.yaml too
     checkpointing = FIT.index("--trainer.enable_checkpointing")  # FIT turns it off: this fit writes one
     cli = run_lightning_cli([*FIT[:checkpointing], *FIT[checkpointing + 2:], "--data.source", str(world / "c4.jsonl"),
                              *callbacks])
