@@ -14,15 +14,26 @@ the trainer as `trainer.ckpt_path` before `fit`, so callbacks and `DropModule.co
 then re-applies the checkpoint's drops instead of scoring again. `--trainer.strategy fsdp_decoder_layers`
 names `lightning_drop.distributed.DecoderLayerFSDPStrategy`.
 
+A mistake in the configuration is one `UserError` line that names the file (or the command line), the key
+and what was expected, instead of jsonargparse's usage text and its nested report of every Union subtype
+(`explain_parse_error`). A resume whose checkpoint holds another model than the configured one is refused
+before the fit starts.
+
 Run as a module (`python -m lightning_drop.lightning_cli fit ...`) it re-launches itself correctly for
 Lightning's DDP subprocess launcher.
 """
 
 from __future__ import annotations
 
+import argparse
+import difflib
+import importlib
+import inspect
 import os
+import re
 import sys
 import warnings
+from pathlib import Path
 from typing import Any, Sequence
 
 import lightning.pytorch as pl
@@ -101,21 +112,58 @@ class DropCLI(LightningCLI):
     def add_arguments_to_parser(self, parser: LightningArgumentParser) -> None:
         parser.set_defaults({"model": {"class_path": DEFAULT_MODEL}, "data": {"class_path": DEFAULT_DATA}})
 
+    def init_parser(self, **kwargs: Any) -> LightningArgumentParser:
+        # raise instead of printing the whole usage: `parse_arguments` turns the error into one line
+        kwargs.setdefault("exit_on_error", False)
+        return super().init_parser(**kwargs)
+
+    def parse_arguments(self, parser: LightningArgumentParser, args: Any) -> None:
+        configs = read_config_files(args) if isinstance(args, (list, tuple)) else {}
+        try:
+            super().parse_arguments(parser, args)
+        except argparse.ArgumentError as err:
+            subcommand = next((a for a in args or () if a in SUBCOMMANDS), None)
+            subparser = getattr(self, "_subcommand_parsers", {}).get(subcommand, parser)
+            raise UserError(explain_parse_error(str(err), list(args or ()), configs, subparser)) from None
+
     def before_fit(self) -> None:
         # `trainer.ckpt_path = path` is Lightning's user-managed resume path: the same restore, but visible
         # to `Callback.setup` (see lightning_drop.distributed.resume_path). "last"/"best"/URLs stay as given.
         config = self.config_init[self.subcommand] if self.subcommand else self.config_init
+        self._check_save_dir()
         path = config.get("ckpt_path")
         if isinstance(path, (str, os.PathLike)) and os.path.exists(path):
+            self._refuse_other_model(path, config)
             self.trainer.ckpt_path = path
             config["ckpt_path"] = None
+
+    def _check_save_dir(self) -> None:
+        """DropModule's `save_dir`, checked before the trainer's setup writes anything (the config it saves, the
+        logger's run folder); DropModule.setup checks again where `{log_dir}` is a logger's new run folder."""
+        from lightning_drop.lightning_module import LOG_DIR, DropModule
+
+        save_dir = getattr(self.model, "hparams", {}).get("save_dir") if isinstance(self.model, DropModule) else None
+        if save_dir and (LOG_DIR not in str(save_dir) or not self.trainer.loggers):
+            self.model.check_save_dir(str(self.trainer.default_root_dir))
+
+    def _refuse_other_model(self, path: str | os.PathLike, config: Any) -> None:
+        """A DropModule resume must restore the configured model: checked here, before setup prepares data and
+        callbacks score or drop (DropModule.on_load_checkpoint checks again, for `Trainer.fit(ckpt_path=...)`)."""
+        from lightning_drop.lightning_module import DropModule
+        from lightning_drop.training_checkpoint import CKPT_KEY, checkpoint_meta, refuse_other_model
+
+        if not isinstance(self.model, DropModule) or config.get("weights_only") is False:
+            return  # (a checkpoint of pickled objects is read by Lightning's own loader, when the user opts in)
+        meta = checkpoint_meta(path)
+        if meta is not None:  # None: a directory layout other than Lightning's (DeepSpeed's)
+            refuse_other_model(meta.get(CKPT_KEY), self.model.hf_model.config.to_dict(), f"--ckpt_path {path}")
 
     def _parse_ckpt_path(self) -> None:
         """Restore `--ckpt_path` with `weights_only=True` unless `--weights_only false` opts out, and check a
         local checkpoint before anything reads it (LightningCLI does, right here): some of Lightning's
         loaders unpickle anything (FSDP full and sharded checkpoints, URLs when `weights_only` is unset),
         which would run code the file carries."""
-        from .training_checkpoint import verify_checkpoint
+        from lightning_drop.training_checkpoint import verify_checkpoint
 
         subcommand = self.config.get("subcommand")
         config = self.config.get(subcommand) if subcommand else None
@@ -127,11 +175,254 @@ class DropCLI(LightningCLI):
                 raise UserError(f"--ckpt_path {path}: no such file or directory")
             if config["weights_only"] and isinstance(path, (str, os.PathLike)) and os.path.exists(path):
                 verify_checkpoint(path)
-        super()._parse_ckpt_path()
+        configured = self._model_arguments()
+        try:
+            super()._parse_ckpt_path()  # the checkpoint's hyperparameters replace the configured model's
+        except argparse.ArgumentError as err:
+            problem = explain_parse_error(str(err), [], {}, self._subcommand_parsers.get(subcommand, self.parser))
+            raise UserError(f"--ckpt_path {config.get('ckpt_path') if config is not None else ''}: the model "
+                            f"hyperparameters saved in it do not fit: {problem}") from None
+        model = self.config.get(subcommand, {}).get("model") if subcommand else None
+        saved = dict(model.get("dict_kwargs") or {}) if hasattr(model, "get") else {}  # passed on unchecked
+        class_path = str(model.get("class_path")) if saved else ""
+        unknown = sorted(set(saved) - set(_options_of(class_path) or saved))
+        if unknown:
+            raise UserError(f"--ckpt_path {config.get('ckpt_path')}: the model hyperparameters saved in it do not "
+                            f"fit: {', '.join(unknown)}: unknown option of {class_path.rsplit('.', 1)[-1]} (saved by "
+                            "another version?)")
+        if configured:
+            self._refuse_other_arguments(configured, self._model_arguments() or {})
+
+    def _model_arguments(self) -> dict[str, Any] | None:
+        """The DropModule arguments that decide which model trains (those given: not None)."""
+        from lightning_drop.lightning_module import DropModule
+
+        subcommand = self.config.get("subcommand")
+        model = self.config.get(subcommand, {}).get("model") if subcommand else None
+        class_path = model.get("class_path") if model is not None and hasattr(model, "get") else None
+        module, _, name = str(class_path).rpartition(".")
+        try:
+            cls = getattr(importlib.import_module(module), name)
+        except (ImportError, AttributeError, ValueError):
+            return None
+        if not (isinstance(cls, type) and issubclass(cls, DropModule)):
+            return None
+        init = model.get("init_args") or {}
+        return {key: init.get(key) for key in ("model", "init_config") if init.get(key) is not None}
+
+    def _refuse_other_arguments(self, configured: dict[str, Any], restored: dict[str, Any]) -> None:
+        """LightningCLI resumes with the model arguments saved in the checkpoint, silently replacing the
+        configured ones: a configured model that is not the checkpoint's is refused instead."""
+        def same(a: Any, b: Any) -> bool:
+            if isinstance(a, str) and isinstance(b, str) and os.path.exists(a) and os.path.exists(b):
+                return os.path.samefile(a, b)
+            return a == b
+
+        if any(not same(value, restored.get(key)) for key, value in configured.items()):
+            subcommand = self.config.get("subcommand")
+            path = self.config.get(subcommand, {}).get("ckpt_path")
+            saved = ", ".join(f"{key}: {restored.get(key)}" for key in configured)
+            given = ", ".join(f"{key}: {value}" for key, value in configured.items())
+            raise UserError(f"--ckpt_path {path} was trained with {saved}, not the configured {given}: resume "
+                            "with the model it was trained on, or start a new fit without --ckpt_path")
 
     @staticmethod
     def subcommands() -> dict[str, set[str]]:
         return {k: v for k, v in LightningCLI.subcommands().items() if k in SUBCOMMANDS}
+
+
+def read_config_files(args: Sequence[str]) -> dict[str, Any]:
+    """{file: its YAML} for each `--config` in `args`, each checked first, so that a mistake names the file
+    (jsonargparse names a YAML syntax error's place `"<unicode string>"`); inline YAML text is read too."""
+    import yaml
+
+    values = [args[i + 1] for i, a in enumerate(args[:-1]) if a in ("-c", "--config")]
+    values += [a.split("=", 1)[1] for a in args if a.startswith("--config=")]
+    configs: dict[str, Any] = {}
+    for value in values:
+        path = Path(value)
+        inline = not path.exists() and not isinstance(_yaml_or_none(value), str)  # YAML text, not a path
+        if not inline and not path.exists():
+            raise UserError(f"--config {value}: no such file")
+        if not inline and not path.is_file():
+            raise UserError(f"--config {value} is not a file")
+        name = "the --config text" if inline else value
+        try:
+            data = yaml.safe_load(value if inline else path.read_bytes().decode("utf-8"))
+        except UnicodeDecodeError as err:
+            raise UserError(f"{value} is not UTF-8 text (byte {err.start})") from None
+        except yaml.MarkedYAMLError as err:
+            mark = err.problem_mark or err.context_mark
+            where = f", line {mark.line + 1}, column {mark.column + 1}" if mark is not None else ""
+            context = (f" ({err.context} at line {err.context_mark.line + 1})"
+                       if err.context and err.context_mark is not None else "")
+            raise UserError(f"{name}{where}: YAML syntax error: {err.problem}{context}") from None
+        except yaml.YAMLError as err:
+            raise UserError(f"{name}: not YAML: {' '.join(str(err).split())}") from None
+        if data is not None and not isinstance(data, dict):
+            raise UserError(f"{name}: expected a mapping of options (trainer:, model:, data:, ...) at the top "
+                            f"level, not a {type(data).__name__}")
+        configs[name] = data or {}
+    return configs
+
+
+def _yaml_or_none(text: str) -> Any:
+    import yaml
+
+    try:
+        return yaml.safe_load(text)
+    except yaml.YAMLError:
+        return None
+
+
+_KEY = re.compile(r'^Parser key "([^"]+)":?\s*(.*)$')
+_CLASS = re.compile(r"^- Problem with given class_path '([^']+)':$")
+_UNKNOWN = re.compile(r"^Option '([^']+)' is not accepted$")
+_EXPECTED = re.compile(r"^-?\s*Expected an? (.+?)(?:\. Got value: (.*))?$")
+_NOT_ACCEPTED = re.compile(r"^Subcommand '\w+' does not accept option '([^']+)'$")
+
+
+def _tree(lines: list[str]) -> list[tuple[str, list]]:
+    """jsonargparse's indented report as (line, children) nodes."""
+    nodes: list[tuple[str, list]] = []
+    while lines:
+        indent = len(lines[0]) - len(lines[0].lstrip())
+        end = next((i for i in range(1, len(lines)) if len(lines[i]) - len(lines[i].lstrip()) <= indent), len(lines))
+        nodes.append((lines[0].strip(), _tree(lines[1:end])))
+        lines = lines[end:]
+    return nodes
+
+
+def _type_name(text: str) -> str:
+    literal = re.fullmatch(r"typing\.Literal\[(.*)\]", text)
+    if literal:
+        return f"one of {literal.group(1)}"
+    text = re.sub(r"<class '([\w.]+)'>", lambda m: m.group(1).rsplit(".", 1)[-1], text)
+    return {"NoneType": "null"}.get(text, text)
+
+
+def _leaf(nodes: list[tuple[str, list]]) -> tuple[list[Any], str, str | None]:
+    """(key path, problem, the value given) at the bottom of the report: the `Parser key` and class_path levels
+    lead to the line that says what is wrong; a Union's other subtypes are alternatives the user did not mean."""
+    if not nodes:
+        return [], "", None
+    text, children = nodes[0]
+    given = next((t.split(":", 1)[1].strip() for t, _ in nodes if t.startswith("Given value:")), None)
+    key, unknown, expected = _KEY.match(text), _UNKNOWN.match(text), _EXPECTED.match(text)
+    if key:
+        path, problem, got = _leaf(children or [(key.group(2), [])])
+        return [*key.group(1).split("."), *path], problem, got
+    if unknown:
+        return [unknown.group(1)], "unknown option", None
+    if expected:
+        got = expected.group(2) if expected.group(2) is not None else given
+        return [], f"expected {_type_name(expected.group(1))}" + (f", got {got}" if got is not None else ""), got
+    if text.startswith("Does not validate against any of the Union subtypes"):
+        errors = next((c for t, c in nodes if t == "Errors:"), [])
+        for item, sub in errors:
+            klass = _CLASS.match(item)
+            if klass:
+                path, problem, got = _leaf(sub)
+                if not path and not problem.startswith("expected"):
+                    return [("class", klass.group(1)), "class_path"], _no_class(klass.group(1), problem), None
+                return [("class", klass.group(1)), *path], problem, got
+        kinds = [_type_name(m.group(1)) if (m := _EXPECTED.match(t)) else
+                 re.sub(r"^- Not a valid subclass of (\w+).*", r"a \1 (class_path and init_args)", t)
+                 for t, _ in errors]
+        return [], f"expected {' or '.join(kinds)}" + (f", got {given}" if given is not None else ""), given
+    return [], " ".join([text] + [t for t, _ in children]), None
+
+
+def _no_class(class_path: str, problem: str) -> str:
+    """Why `class_path` cannot be used, with the close match of a misspelt class name."""
+    module, _, name = class_path.rpartition(".")
+    try:
+        close = difflib.get_close_matches(name, dir(importlib.import_module(module)), n=1)
+    except ImportError:
+        close = []
+    return f"cannot use {class_path} ({problem})" + (f"; did you mean {module}.{close[0]}?" if close else "")
+
+
+def _locate(data: Any, path: list[Any]) -> tuple[str, bool, Any]:
+    """The key as the user wrote it in `data` (list indices, `init_args` where given), whether it is there, and
+    its value there (None unless a plain value)."""
+    parts: list[str] = []
+    found = bool(path)
+    for seg in path:
+        if isinstance(seg, tuple):  # a class_path level: the list entry naming that class, then its init_args
+            if isinstance(data, list):
+                names = [e if isinstance(e, str) else e.get("class_path") if isinstance(e, dict) else None
+                         for e in data]
+                hits = [j for j, n in enumerate(names) if n and (n == seg[1] or seg[1].endswith("." + n))]
+                parts[-1] += f"[{hits[0]}]" if hits else ""
+                data = data[hits[0]] if hits else None
+            if not isinstance(data, dict) or "init_args" in data:
+                parts.append("init_args")
+                data = data.get("init_args") if isinstance(data, dict) else None
+            continue
+        parts.append(str(seg))
+        found = found and isinstance(data, dict) and seg in data
+        data = data.get(seg) if isinstance(data, dict) else None
+    return ".".join(parts), found, data if isinstance(data, (str, int, float, bool)) else None
+
+
+def _on_command_line(key: str, args: Sequence[str]) -> list[tuple[str, str | None]]:
+    """(`--option`, its value) of each option in `args` that sets `key`."""
+    plain, found = re.sub(r"\[\d+\]|\.init_args", "", key), []
+    for i, arg in enumerate(args):
+        name, eq, value = arg[2:].partition("=") if arg.startswith("--") else ("", "", "")
+        name = name.rstrip("+")
+        if name and (re.sub(r"\.init_args", "", name) == plain or plain.startswith(name + ".")):
+            found.append((f"--{name}", value if eq else (args[i + 1] if i + 1 < len(args) else None)))
+    return found
+
+
+def _options_of(class_path: str) -> list[str]:
+    """The keyword options of the class `class_path` names (none known: it cannot be imported or takes **kwargs)."""
+    module, _, name = class_path.rpartition(".")
+    try:
+        params = inspect.signature(getattr(importlib.import_module(module), name)).parameters.values()
+    except (ImportError, AttributeError, TypeError, ValueError):
+        return []
+    if any(p.kind == p.VAR_KEYWORD for p in params):
+        return []
+    return [p.name for p in params if p.kind != p.VAR_POSITIONAL]
+
+
+def explain_parse_error(message: str, args: list[str], configs: dict[str, Any], parser: Any) -> str:
+    """One line for a jsonargparse error: where (the config file or the command-line option), which key,
+    what was expected (and the close match of an unknown option)."""
+    message = message.replace('"<unicode string>"', "the --config text")  # YAML given inline
+    lines = [line for line in message.splitlines() if line.strip()]
+    top = _NOT_ACCEPTED.match(lines[0].strip()) if lines else None
+    if top:  # a key no class takes: the first unknown level, with the known keys beside it
+        path, known = top.group(1).split("."), [a.dest.split(".") for a in parser._actions]
+        depth = 0
+        while depth < len(path) and any(d[:depth + 1] == path[:depth + 1] for d in known):
+            depth += 1
+        siblings = sorted({d[depth] for d in known if len(d) > depth and d[:depth] == path[:depth]})
+        path, options, problem, got = path[:depth + 1], siblings, "unknown option", None
+    else:
+        path, problem, got = _leaf(_tree(lines))
+        classes = [seg[1] for seg in path if isinstance(seg, tuple)]
+        options = _options_of(classes[-1]) if problem == "unknown option" and classes else []
+        if problem == "unknown option" and classes:
+            problem = f"unknown option of {classes[-1].rsplit('.', 1)[-1]}"
+    if not path:
+        return " ".join(message.split())
+    # the last place that sets the key and, where several do, gives the value that failed
+    key = _locate(None, path)[0]
+    places = [(f"{name}: {k}", value) for name, data in configs.items()
+              for k, found, value in [_locate(data, path)] if found] + _on_command_line(key, args)
+    fitting = [where for where, value in places if got is None or value is None or str(value) == got]
+    where = (fitting or [where for where, _ in places] or [f"--{key}"])[-1]
+    leaf = str(path[-1])
+    close = difflib.get_close_matches(leaf, options, n=1) if problem.startswith("unknown option") else []
+    if close:
+        problem += f" (did you mean '{close[0]}'?)"
+    elif options:
+        problem += f" (expected one of: {', '.join(options[:24])}{', ...' if len(options) > 24 else ''})"
+    return f"{where}: {problem}"
 
 
 def run_lightning_cli(args: Sequence[str] | None = None, run: bool = True, **kwargs: Any) -> DropCLI:
@@ -168,7 +459,13 @@ def run_lightning_cli(args: Sequence[str] | None = None, run: bool = True, **kwa
 
 
 def main() -> None:
-    run_lightning_cli(sys.argv[1:])
+    """`python -m lightning_drop.lightning_cli fit ...` is `lightning-drop fit ...` (its one-line errors too)."""
+    args = sys.argv[1:]
+    if args and args[0] in SUBCOMMANDS:
+        from lightning_drop.cli import main as cli_main  # absolute: this file also runs as an old module name
+
+        raise SystemExit(cli_main(args))
+    run_lightning_cli(args)
 
 
 if __name__ == "__main__":

@@ -26,6 +26,7 @@ from __future__ import annotations
 
 import math
 import os
+import re
 from typing import Any, Literal, NamedTuple, Protocol
 
 import lightning.pytorch as pl
@@ -37,7 +38,10 @@ from torch import nn
 from .distributed import refuse_if_sharded, sharded_strategy
 from .errors import UserError
 from .modeling_dropped import apply_drop, dropped_layers
-from .training_checkpoint import CKPT_KEY, checkpoint_meta, resume_path
+from .training_checkpoint import CKPT_KEY, checkpoint_meta, model_from_config, refuse_other_model, resume_path
+
+LOG_DIR = "{log_dir}"  # the one placeholder of `DropModule(save_dir=...)`: the logger's run folder
+
 
 class DropPlan(NamedTuple):
     """(attention indices, MLP indices) dropped so far; what `drop_plan` of the drop modules returns.
@@ -73,20 +77,6 @@ def lm_batch(batch: Any) -> tuple[torch.Tensor, torch.Tensor | None, torch.Tenso
     if labels is None:
         labels = ids if mask is None else ids.masked_fill(mask == 0, -100)
     return ids, mask, labels
-
-
-def model_from_config(config: dict[str, Any], dtype: torch.dtype) -> nn.Module:
-    """A random-init causal LM of a saved `config.to_dict()` (dropped classes included), weights to load next."""
-    from transformers import AutoConfig, AutoModelForCausalLM
-
-    from .modeling_dropped import register_auto_classes
-
-    register_auto_classes()
-    cfg = dict(config)
-    for key in ("auto_map", "architectures", "transformers_version"):
-        cfg.pop(key, None)
-    hf_config = AutoConfig.for_model(cfg.pop("model_type"), **cfg)
-    return AutoModelForCausalLM.from_config(hf_config).to(dtype)
 
 
 OPTIMIZERS = ("adamw", "adam", "sgd")
@@ -126,8 +116,14 @@ def build_model(model: str | None, init_config: dict[str, Any] | None, dtype: st
         if "model_type" not in overrides:
             raise UserError("init_config needs 'model_type' (e.g. llama) when `model` is not given")
         family = get_spec(str(overrides.pop("model_type"))).family
-    num_layers = int(overrides.pop("num_hidden_layers", 4))
-    config = tiny_config(family, num_layers, **overrides)
+    from huggingface_hub import errors as hub_errors
+
+    try:  # transformers checks the sizes (heads that divide hidden_size, ...)
+        config = tiny_config(family, int(overrides.pop("num_hidden_layers", 4)), **overrides)
+    except (ValueError, getattr(hub_errors, "StrictDataclassError", ValueError)) as err:
+        while err.__cause__ is not None:
+            err = err.__cause__
+        raise UserError(f"init_config {init_config}: {' '.join(str(err).split())}") from None
     spec = get_spec(config)
     hf = getattr(transformers, spec.causal_lm_class)(config).to(torch_dtype)
     tok = load_tokenizer(tokenizer or f"{TINY_PREFIX}{family}")
@@ -137,10 +133,8 @@ def build_model(model: str | None, init_config: dict[str, Any] | None, dtype: st
 
 
 def is_peft(model: nn.Module) -> bool:
-    try:
-        from peft import PeftModel
-    except ImportError:  # pragma: no cover - peft is a dependency
-        return False
+    from peft import PeftModel  # a dependency; imported late, as it is slow to import
+
     return isinstance(model, PeftModel)
 
 
@@ -160,7 +154,10 @@ class DropModule(pl.LightningModule):
         scheduler: `constant`, `cosine` or `linear` (decay to `min_lr_ratio * lr` at `max_steps`, default
             the trainer's estimated stepping batches), after `warmup_steps` of linear warmup.
         save_dir: when set, the final model (dropped, LoRA merged if a callback merged it) is saved there
-            with `save_pretrained` at the end of fit (global rank zero). Refused under FSDP (sharded weights).
+            with `save_pretrained` at the end of fit (global rank zero). `{log_dir}` in it is the trainer's log
+            dir (the logger's run folder, new for each run: `"{log_dir}/dropped_model"`); the resolved path is
+            `save_path`. Checked before the first step; refused under FSDP (sharded weights).
+        overwrite: replace a non-empty `save_dir` (else the fit is refused before it starts).
     """
 
     def __init__(
@@ -179,6 +176,7 @@ class DropModule(pl.LightningModule):
         max_steps: int | None = None,
         min_lr_ratio: float = 0.0,
         save_dir: str | None = None,
+        overwrite: bool = False,
     ) -> None:
         super().__init__()
         if optimizer not in OPTIMIZERS:
@@ -195,6 +193,10 @@ class DropModule(pl.LightningModule):
             raise UserError(f"max_steps must be an integer >= 1 or None, got {max_steps!r}")
         if not 0.0 <= min_lr_ratio <= 1.0:
             raise UserError(f"min_lr_ratio must be in [0, 1], got {min_lr_ratio}")
+        other = set(re.findall(r"\{[^{}]*\}", save_dir or "")) - {LOG_DIR}
+        if other:
+            raise UserError(f"save_dir {save_dir!r}: unknown placeholder {sorted(other)[0]} (the one placeholder is "
+                            f"{LOG_DIR}, the trainer's log dir)")
         self.save_hyperparameters()
         self.model, self.tokenizer = build_model(model, init_config, dtype, tokenizer_name)
         self.lora_config: dict[str, Any] | None = None
@@ -202,6 +204,8 @@ class DropModule(pl.LightningModule):
         # Step at which the current optimizer/scheduler were built (after a drop or LoRA wrap mid-fit),
         # so a rebuilt scheduler continues the schedule instead of restarting it.
         self.lr_step_offset = 0
+        #: where fit end saves the model: `save_dir` with `{log_dir}` resolved (set in `setup("fit")`)
+        self.save_path: str | None = None
 
     # ------------------------------------------------------------------------------------------ model
     @property
@@ -250,10 +254,11 @@ class DropModule(pl.LightningModule):
         self.model = merged
         self.lora_config = None
 
-    def save_pretrained(self, out_dir: str | os.PathLike, merge: bool = True) -> str:
+    def save_pretrained(self, out_dir: str | os.PathLike, merge: bool = True, overwrite: bool = False) -> str:
         """Save the current model with `save_dropped` (dropped weights physically absent).
 
-        With LoRA attached and `merge=True`, a merged copy is saved and the module keeps its adapters.
+        With LoRA attached and `merge=True`, a merged copy is saved and the module keeps its adapters. A
+        non-empty `out_dir` is replaced only with `overwrite=True`.
         """
         from .dropped_checkpoint import save_dropped
 
@@ -264,7 +269,7 @@ class DropModule(pl.LightningModule):
             import copy
 
             model = copy.deepcopy(self.model).merge_and_unload()
-        return str(save_dropped(model, out_dir, tokenizer=self.tokenizer))
+        return str(save_dropped(model, out_dir, tokenizer=self.tokenizer, overwrite=overwrite))
 
     # --------------------------------------------------------------------------------------- training
     def forward(self, input_ids: torch.Tensor, attention_mask: torch.Tensor | None = None, **kwargs: Any) -> Any:
@@ -320,6 +325,26 @@ class DropModule(pl.LightningModule):
                               "leave save_dir unset, checkpoint with ModelCheckpoint (FSDPStrategy(state_dict_type="
                               "'full') writes one file) and convert it with "
                               "DropModule.load_from_checkpoint(path).save_pretrained(dir)")
+            self.save_path = self.check_save_dir(str(self.trainer.log_dir or self.trainer.default_root_dir))
+
+    def check_save_dir(self, log_dir: str) -> str:
+        """`save_dir` with `{log_dir}` resolved, refused before step 0 as every writer refuses its target (not empty
+        without `overwrite`, an input, not writable); `lightning-drop fit` asks before the trainer writes."""
+        from .atomic_io import check_output
+
+        save_dir, problem, trainer = str(self.hparams.save_dir).replace(LOG_DIR, log_dir), None, self._trainer
+        try:
+            if trainer is None or trainer.is_global_zero:
+                check_output(save_dir, overwrite=bool(self.hparams.overwrite), option="DropModule save_dir",
+                             sources=[self.hparams.model, self.hparams.tokenizer_name],
+                             hint="set model.init_args.overwrite: true to replace it, or another save_dir")
+        except UserError as err:
+            problem = str(err)
+        if trainer is not None:
+            problem = trainer.strategy.broadcast(problem)  # global rank zero's verdict: all ranks stop together
+        if problem is not None:
+            raise UserError(problem)
+        return save_dir
 
     def configure_model(self) -> None:
         """Rebuild the checkpoint's architecture before sharding when the strategy restores after setup."""
@@ -330,6 +355,7 @@ class DropModule(pl.LightningModule):
         meta = checkpoint_meta(path) if path is not None else None
         state = (meta or {}).get(CKPT_KEY)
         if state:
+            refuse_other_model(state, self.hf_model.config.to_dict(), f"the checkpoint {path}")
             self._restore_architecture(state)
 
     def configure_optimizers(self) -> Any:
@@ -342,12 +368,11 @@ class DropModule(pl.LightningModule):
             raise UserError("no trainable parameters (everything is frozen)")
         groups = [g for g in ({"params": decay, "weight_decay": hp.weight_decay},
                               {"params": no_decay, "weight_decay": 0.0}) if g["params"]]
-        if hp.optimizer == "adamw":
-            opt = torch.optim.AdamW(groups, lr=hp.lr, betas=tuple(hp.betas))
-        elif hp.optimizer == "adam":
-            opt = torch.optim.Adam(groups, lr=hp.lr, betas=tuple(hp.betas))
-        else:
+        if hp.optimizer == "sgd":
             opt = torch.optim.SGD(groups, lr=hp.lr, momentum=hp.momentum)
+        else:
+            opt = {"adamw": torch.optim.AdamW, "adam": torch.optim.Adam}[hp.optimizer](groups, lr=hp.lr,
+                                                                                      betas=tuple(hp.betas))
         if hp.scheduler == "constant" and hp.warmup_steps == 0:
             return opt
         total = hp.max_steps
@@ -370,28 +395,24 @@ class DropModule(pl.LightningModule):
         return {"optimizer": opt, "lr_scheduler": {"scheduler": sched, "interval": "step"}}
 
     def on_train_end(self) -> None:
-        if self.hparams.save_dir and self.trainer.is_global_zero:
-            path = self.save_pretrained(self.hparams.save_dir)
+        if self.save_path and self.trainer.is_global_zero:
+            path = self.save_pretrained(self.save_path, overwrite=bool(self.hparams.overwrite))
             rank_zero_info(f"saved the {'dropped ' if any(self.drop_plan) else ''}model to {path}")
-        if self.hparams.save_dir:
+        if self.save_path:
             self.trainer.strategy.barrier("drop_module_save")
 
     # ------------------------------------------------------------------------------------- checkpoints
     def on_save_checkpoint(self, checkpoint: dict[str, Any]) -> None:
         attn, mlp = self.drop_plan
-        checkpoint[CKPT_KEY] = {
-            "drop_attn_list": attn,
-            "drop_mlp_list": mlp,
-            "lora": self.lora_config,
-            "lr_step_offset": self.lr_step_offset,
-            "hf_config": self.hf_model.config.to_dict(),
-        }
+        checkpoint[CKPT_KEY] = {"drop_attn_list": attn, "drop_mlp_list": mlp, "lora": self.lora_config,
+                                "lr_step_offset": self.lr_step_offset, "hf_config": self.hf_model.config.to_dict()}
 
     def on_load_checkpoint(self, checkpoint: dict[str, Any]) -> None:
         """Rebuild the saved architecture (drops, LoRA) before Lightning loads the weights into it."""
         state = checkpoint.get(CKPT_KEY)
         if not state:
             return
+        refuse_other_model(state, self.hf_model.config.to_dict(), "the checkpoint to resume")
         self.lr_step_offset = int(state.get("lr_step_offset", 0))
         saved = (list(state["drop_attn_list"]), list(state["drop_mlp_list"]))
         if self.drop_plan == saved and self.lora_config == state.get("lora"):

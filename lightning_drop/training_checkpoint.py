@@ -3,7 +3,7 @@
 Distinct from the dropped Hugging Face checkpoint (`dropped_checkpoint`): these are what `Trainer` writes to
 resume a fit. The callbacks and DropModule read their own records from one before Lightning restores it
 (to rebuild drops and LoRA before optimizers or sharding exist), and `lightning-drop fit --ckpt_path`
-checks that restoring it cannot unpickle code.
+checks that restoring it cannot unpickle code and that it holds the configured model (`refuse_other_model`).
 """
 
 from __future__ import annotations
@@ -14,6 +14,7 @@ from pathlib import Path
 from typing import Any
 
 import torch
+from torch import nn
 
 from .errors import UserError
 
@@ -134,6 +135,51 @@ def load_plain_checkpoint(path: str | os.PathLike) -> Any:
     except (EOFError, KeyError, RuntimeError, ValueError) as err:
         raise UserError(f"{path} is not a readable torch checkpoint ({type(err).__name__}: "
                          f"{str(err).splitlines()[0] if str(err) else 'no detail'})") from None
+
+
+#: config fields that fix the shapes and names of a model's weights: a resume must agree on each one both have
+ARCHITECTURE_FIELDS = ("model_type", "vocab_size", "hidden_size", "intermediate_size", "num_hidden_layers",
+                       "num_attention_heads", "num_key_value_heads", "head_dim", "tie_word_embeddings")
+
+
+def refuse_other_model(record: dict[str, Any] | None, config: dict[str, Any], source: str) -> None:
+    """Raise UserError when DropModule's checkpoint `record` holds another model than `config` (a
+    `config.to_dict()`), before anything is restored: Lightning would otherwise load the weights into a
+    model rebuilt from the checkpoint, and the fit would silently train a model the user did not configure.
+
+    Drops are not compared (a resume re-applies them); a record without a saved config is refused, as it was
+    not written by DropModule.
+    """
+    saved = (record or {}).get("hf_config")
+    if not isinstance(saved, dict):
+        raise UserError(f"{source} was not written by DropModule (it has no '{CKPT_KEY}' record of its model): "
+                        "resume only a checkpoint of this fit's model")
+
+    def value(cfg: dict[str, Any], key: str) -> Any:
+        return cfg.get("base_model_type") or cfg.get("model_type") if key == "model_type" else cfg.get(key)
+
+    diffs = [f"{key} {value(saved, key)} vs {value(config, key)}" for key in ARCHITECTURE_FIELDS
+             if value(saved, key) is not None and value(config, key) is not None
+             and value(saved, key) != value(config, key)]
+    if diffs:
+        name = saved.get("_name_or_path")
+        raise UserError(f"{source} holds another model than the configured one ({', '.join(diffs)}; checkpoint vs "
+                        f"configured): configure the model it was trained on{f' ({name})' if name else ''} or "
+                        "start a new fit without it")
+
+
+def model_from_config(config: dict[str, Any], dtype: torch.dtype) -> nn.Module:
+    """A random-init causal LM of a saved `config.to_dict()` (dropped classes included), weights to load next."""
+    from transformers import AutoConfig, AutoModelForCausalLM
+
+    from .modeling_dropped import register_auto_classes
+
+    register_auto_classes()
+    cfg = dict(config)
+    for key in ("auto_map", "architectures", "transformers_version"):
+        cfg.pop(key, None)
+    hf_config = AutoConfig.for_model(cfg.pop("model_type"), **cfg)
+    return AutoModelForCausalLM.from_config(hf_config).to(dtype)
 
 
 def _unpickling_reason(err: Exception) -> str:

@@ -30,7 +30,7 @@ def shrink(config: dict, tmp_path: Path, c4_path: Path, tiny: bool = True) -> di
             config["data"]["init_args"]["tokenizer"] = "tiny-llama"
     if tiny and str(model.get("model", "")).startswith("tiny-") and model.get("init_config"):
         model["init_config"] = {**model["init_config"], "hidden_size": 32, "intermediate_size": 64}
-    if model.get("save_dir"):
+    if model.get("save_dir") and "{log_dir}" not in model["save_dir"]:  # {log_dir} is under tmp already
         model["save_dir"] = str(tmp_path / "saved")
     data = config["data"]["init_args"]
     if "source" in data:
@@ -78,8 +78,9 @@ def test_config_runs(path, tmp_path, c4_path, monkeypatch):
         assert distill.started_at == 0 and distill.merged and dropped_layers(distill.teacher) == ([], [])
     if "ImportanceTracker" in names:
         assert [e["step"] for e in names["ImportanceTracker"].history][:3] == [0, 2, 4]
-    if cli.model.hparams.get("save_dir"):
-        assert (Path(cli.model.hparams.save_dir) / "config.json").is_file()
+    if cli.model.hparams.get("save_dir"):  # the shipped configs save into the run's own log folder
+        assert Path(cli.model.save_path).parent == Path(trainer.log_dir)
+        assert (Path(cli.model.save_path) / "config.json").is_file()
 
 
 def test_print_config_and_cli_overrides(tmp_path, capsys):

@@ -223,7 +223,8 @@ def _safetensor_keys(model_dir: Path) -> list[str]:
 
 
 def check_drop_and_recover(run: Run) -> None:
-    saved = run.cwd / "checkpoints" / "smollm2-135m-drop8attn-lora"
+    run_dir = only_version(run.cwd / "lightning_logs" / "drop_and_recover")
+    saved = run_dir / "smollm2-135m-drop8attn-lora"  # save_dir: "{log_dir}/...": the run's own folder
     config = json.loads((saved / "config.json").read_text())
     dropped = config["drop_attn_list"]
     assert len(dropped) == 8 and config["drop_mlp_list"] == [] and config["num_hidden_layers"] == 30
@@ -232,27 +233,25 @@ def check_drop_and_recover(run: Run) -> None:
     with_attn = {int(k.split(".layers.")[1].split(".")[0]) for k in keys if ".self_attn." in k}
     assert with_attn == set(range(30)) - set(dropped)  # dropped attention weights are physically absent
     assert run.count("saved the dropped model to") == 1 and run.count("LoRARecovery: adapters merged") == 1
-    run_dir = only_version(run.cwd / "lightning_logs" / "drop_and_recover")
     assert "val/loss" in tensorboard(run_dir).Tags()["scalars"]
     ckpt = lightning_checkpoint(run_dir)
     assert ckpt["lightning_drop"]["drop_attn_list"] == dropped and ckpt["lightning_drop"]["lora"]["r"] == 16
 
 
 def check_drop_and_distill(run: Run) -> None:
-    saved = run.cwd / "checkpoints" / "smollm2-135m-drop8attn-distilled"
+    run_dir = only_version(run.cwd / "lightning_logs" / "drop_and_distill")
+    saved = run_dir / "smollm2-135m-drop8attn-distilled"  # in the run's own folder
     config = json.loads((saved / "config.json").read_text())
     assert len(config["drop_attn_list"]) == 8 and config["drop_mlp_list"] == []
     assert not [k for k in _safetensor_keys(saved) if "lora_" in k], "LoRA adapters were not merged"
     assert run.count("Distillation from step 0") == 1 and run.count("Distillation: adapters merged") == 1
-    run_dir = only_version(run.cwd / "lightning_logs" / "drop_and_distill")
     assert "val/loss" in tensorboard(run_dir).Tags()["scalars"]  # (train/kd_loss: test_distillation_under_ddp)
     state = callback_state(lightning_checkpoint(run_dir), "Distillation")
     assert state["teacher_step"] == 0 and state["teacher_weights"] is None  # rebuilt from the source on resume
 
 
 def _check_arm(run: Run, version: str, dropped: int, next_step: int | None) -> None:
-    run_dir = run.cwd / "lightning_logs" / "iterative_vs_oneshot" / version
-    assert only_version(run_dir.parent) == run_dir
+    run_dir = only_version(run.cwd / "lightning_logs" / "iterative_vs_oneshot" / version)  # each run: version_N
     history = check_history(run_dir, [0, 1], layers=30, dropped_attn=dropped)
     ckpt = lightning_checkpoint(run_dir)
     record = ckpt["lightning_drop"]
