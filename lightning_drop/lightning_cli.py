@@ -19,8 +19,8 @@ and what was expected, instead of jsonargparse's usage text and its nested repor
 (`explain_parse_error`). A resume whose checkpoint holds another model than the configured one is refused
 before the fit starts.
 
-Run as a module (`python -m lightning_drop.lightning_cli fit ...`) it re-launches itself correctly for
-Lightning's DDP subprocess launcher.
+`lightning-drop fit ...` (or `python -m lightning_drop.cli fit ...`) is the entry point: it turns these
+errors into one line and re-launches itself correctly for Lightning's DDP subprocess launcher.
 """
 
 from __future__ import annotations
@@ -457,16 +457,3 @@ def run_lightning_cli(args: Sequence[str] | None = None, run: bool = True, **kwa
         warnings.filterwarnings("ignore", message="LightningCLI's args parameter")
         return DropCLI(**options)
 
-
-def main() -> None:
-    """`python -m lightning_drop.lightning_cli fit ...` is `lightning-drop fit ...` (its one-line errors too)."""
-    args = sys.argv[1:]
-    if args and args[0] in SUBCOMMANDS:
-        from lightning_drop.cli import main as cli_main  # absolute: this file also runs as an old module name
-
-        raise SystemExit(cli_main(args))
-    run_lightning_cli(args)
-
-
-if __name__ == "__main__":
-    main()

@@ -35,7 +35,7 @@ INLINE = re.compile(r"(?<!`)`([^`\n]+)`(?!`)")
 LINK = re.compile(r"!?\[[^\]\n]*\]\(([^)\s]+)\)")
 SEPARATORS = {"&&", "||", ";", "|"}
 # `python -m MODULE` entry points: the CLI, and LightningCLI alone (fit|validate|test only)
-PYTHON_MODULES = {"lightning_drop.cli": None, "lightning_drop.lightning_cli": ("fit", "validate", "test")}
+PYTHON_MODULES = {"lightning_drop.cli": None}
 
 
 @dataclasses.dataclass
@@ -176,6 +176,7 @@ def _existing(path: str, aliases: dict[str, str], where: str) -> Path:
 def _check_lightning(cmd: Cmd, args: list[str], monkeypatch: pytest.MonkeyPatch) -> None:
     """Parse with LightningCLI's real parser (configs included) and build nothing."""
     from lightning_drop import lightning_cli
+    from lightning_drop.errors import UserError
 
     configs = {c: _existing(c, cmd.aliases, cmd.id) for c in _config_values(args)}
     args = [str(configs.get(a, a)) if a in configs else a for a in args]
@@ -201,6 +202,8 @@ def _check_lightning(cmd: Cmd, args: list[str], monkeypatch: pytest.MonkeyPatch)
         except SystemExit as exit_:
             if exit_.code not in (0, None):  # 0: --print_config / --help printed and stopped
                 raise AssertionError(f"{cmd.id}: {err.getvalue().strip().splitlines()[-1:]}") from None
+        except UserError as mistake:  # a configuration mistake, as the command line would print it
+            raise AssertionError(f"{cmd.id}: {mistake}") from None
 
 
 def _check_choices(cmd: Cmd, parser: argparse.ArgumentParser, args: list[str]) -> None:
@@ -307,7 +310,7 @@ def test_every_subcommand_is_documented() -> None:
     ("lightning-drop fit --config configs/drop_and_recover.yaml --trainer.no_such_key 3", "unrecognized"),
     ("lightning-drop fit --config configs/missing.yaml", "does not exist"),
     ("python -m lightning_drop drop --model m", "not an entry point"),
-    ("python -m lightning_drop.lightning_cli drop --model m", "runs only"),
+    ("python -m lightning_drop.lightning_cli fit --config configs/drop_and_recover.yaml", "not an entry point"),
     ("python benchmarks/kv_cache.py --no-such-option 3", "has no option"),
     ("python benchmarks/no_such_benchmark.py", "does not exist"),
     ("make no-such-target", "no target"),
