@@ -16,7 +16,7 @@ C4 = Path(__file__).resolve().parents[2] / "shared" / "data" / "c4_demo.jsonl"
 
 
 def attention_drop(model, tokenizer, num: int, calib_windows: int = 8, seq_len: int = 256) -> tuple[list[int], str]:
-    """Attention layers to drop: lowest cosine importance when `lightning_drop.importance` is there and the
+    """Attention layers to drop: lowest cosine importance when `lightning_drop.scoring.importance` is there and the
     C4 sample exists, else the deepest `num` layers. Returns (indices, how they were chosen)."""
     sets, how = importance_drops(model, tokenizer, num, ("attn",), calib_windows, seq_len)
     return sets["attn"][0], how
@@ -25,7 +25,7 @@ def attention_drop(model, tokenizer, num: int, calib_windows: int = 8, seq_len: 
 def importance_drops(model, tokenizer, num: int, targets=("attn", "mlp", "block"), calib_windows: int = 8,
                      seq_len: int = 256) -> tuple[dict[str, tuple[list[int], list[int]]], str]:
     """{target: (attention indices, MLP indices)} of `num` modules to drop per target, from one cosine scoring
-    pass on C4 when `lightning_drop.importance` and the sample are there, else the deepest `num` layers.
+    pass on C4 when `lightning_drop.scoring.importance` and the sample are there, else the deepest `num` layers.
     Returns (sets, how they were chosen)."""
     n = model.config.num_hidden_layers
     deepest = list(range(n - num, n))
@@ -35,13 +35,13 @@ def importance_drops(model, tokenizer, num: int, targets=("attn", "mlp", "block"
         return {t: kinds[t] for t in targets}, f"deepest ({why})"
 
     try:
-        from lightning_drop.importance import compute_importance
-        from lightning_drop.selection import select_modules
+        from lightning_drop.scoring.importance import compute_importance
+        from lightning_drop.scoring.selection import select_modules
     except ImportError:
-        return fallback("lightning_drop.importance not available")
+        return fallback("lightning_drop.scoring.importance not available")
     if not C4.is_file():
         return fallback(f"{C4} not found")
-    from lightning_drop.text_data import load_documents, make_windows
+    from lightning_drop.io.text_data import load_documents, make_windows
 
     windows = make_windows(tokenizer, load_documents(C4), seq_len, calib_windows)
     scores = compute_importance(model, list(windows.split(2)), metric="cosine")

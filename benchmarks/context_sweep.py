@@ -2,7 +2,7 @@
 at several prompt lengths, all four timed in lock step in one run.
 
 The same number of modules of each kind is dropped (lowest cosine importance on C4, one scoring pass). At each
-prompt length (`lightning_drop.context_speed.speed_by_context`): prefill + greedy decode of --gen-len tokens
+prompt length (`lightning_drop.measure.context_speed.speed_by_context`): prefill + greedy decode of --gen-len tokens
 with the KV cache, the four models taking turns at every step; speedups are medians of per-repeat ratios;
 KV = the dropped model's cache at the end of the run over the base's; realized = (measured total speedup - 1)
 / (ideal - 1), the ideal profiled on the base (time in the modules the drop removes). With a short prompt a
@@ -30,7 +30,7 @@ import _common  # noqa: F401  (offline environment)
 import torch
 
 from lightning_drop import apply_drop
-from lightning_drop.context_speed import (
+from lightning_drop.measure.context_speed import (
     check_context,
     format_context_table,
     max_positions,
@@ -40,7 +40,7 @@ from lightning_drop.context_speed import (
     speed_by_context,
 )
 from lightning_drop.errors import UserError
-from lightning_drop.model_loading import load_model
+from lightning_drop.io.model_loading import load_model
 
 LABELS = {"attn": "attention", "mlp": "MLP", "block": "block"}
 

@@ -19,8 +19,8 @@ import _common  # noqa: F401  (offline environment)
 import torch
 
 from lightning_drop import apply_drop, get_spec
-from lightning_drop.model_loading import load_model
-from lightning_drop.speed import generate_lockstep, random_prompt, place_weights_alike
+from lightning_drop.io.model_loading import load_model
+from lightning_drop.measure.speed import generate_lockstep, random_prompt, place_weights_alike
 
 
 def _hook_all(model: torch.nn.Module, dropped: set[int], acc: dict[tuple[str, str], float], now) -> list[Any]:

@@ -21,9 +21,9 @@ import _common  # noqa: F401  (offline environment)
 import torch
 
 from lightning_drop import apply_drop
-from lightning_drop.ideal_speedup import profile_drop, realized_gain
-from lightning_drop.model_loading import load_model
-from lightning_drop.speed import compare_speed
+from lightning_drop.measure.ideal_speedup import profile_drop, realized_gain
+from lightning_drop.io.model_loading import load_model
+from lightning_drop.measure.speed import compare_speed
 
 
 def main(argv=None) -> int:

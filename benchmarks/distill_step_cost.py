@@ -35,8 +35,8 @@ from _common import C4, machine_label, write_json  # noqa: E402
 import lightning.pytorch as pl  # noqa: E402
 
 from lightning_drop.callbacks import Distillation, LayerDrop  # noqa: E402
-from lightning_drop.lightning_datamodule import TextDataModule  # noqa: E402
-from lightning_drop.lightning_module import DropModule  # noqa: E402
+from lightning_drop.lightning.datamodule import TextDataModule  # noqa: E402
+from lightning_drop.lightning.module import DropModule  # noqa: E402
 
 
 class Alternate(pl.Callback):

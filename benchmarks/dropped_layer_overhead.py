@@ -17,7 +17,7 @@ import time
 import torch
 
 from lightning_drop import apply_drop
-from lightning_drop.model_loading import load_model
+from lightning_drop.io.model_loading import load_model
 
 
 def _time(fn, iters: int) -> float:

@@ -12,8 +12,8 @@ import sys
 import _common  # noqa: F401  (offline environment)
 
 from lightning_drop import apply_drop
-from lightning_drop.model_loading import load_model
-from lightning_drop.speed import count_params, kv_cache_bytes_per_token
+from lightning_drop.io.model_loading import load_model
+from lightning_drop.measure.speed import count_params, kv_cache_bytes_per_token
 
 
 def main(argv=None) -> int:

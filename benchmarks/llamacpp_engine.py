@@ -184,8 +184,8 @@ def main(argv: list[str] | None = None) -> dict:
 
     from _common import greedy, ref_logprobs
     from lightning_drop.export import export_gguf
-    from lightning_drop.modeling_dropped import apply_drop
-    from lightning_drop.model_loading import load_model
+    from lightning_drop.core.modeling_dropped import apply_drop
+    from lightning_drop.io.model_loading import load_model
 
     torch.set_num_threads(args.threads)
     work = Path(args.work_dir or tempfile.mkdtemp(prefix="llamacpp_engine_"))

@@ -20,10 +20,10 @@ from pathlib import Path
 
 import _common  # noqa: F401  (offline environment)
 
-from lightning_drop.evaluation import clean_metrics, primary_metric
-from lightning_drop.lm_eval_tasks import local_task_dir
-from lightning_drop.model_loading import load_model, native_bf16
-from lightning_drop.significance import correctness, paired_stderr
+from lightning_drop.measure.evaluation import clean_metrics, primary_metric
+from lightning_drop.measure.lm_eval_tasks import local_task_dir
+from lightning_drop.io.model_loading import load_model, native_bf16
+from lightning_drop.measure.significance import correctness, paired_stderr
 
 HELLASWAG = Path(__file__).resolve().parents[2] / "shared" / "data" / "hellaswag_val_first1000.jsonl"
 

@@ -2,7 +2,7 @@
 
 For each case — a float32 and a bfloat16 checkpoint, each in many shards and in one file — a random-init
 Llama is written tensor by tensor, then a subprocess whose address space is capped (`RLIMIT_AS`) scores it
-with `lightning_drop.streaming.stream_importance` (float32 compute) and writes the dropped checkpoint with
+with `lightning_drop.scoring.streaming.stream_importance` (float32 compute) and writes the dropped checkpoint with
 `write_dropped_streaming`, while a thread samples `RssAnon` in /proc/self/status every few milliseconds.
 Per case it prints:
 
@@ -173,8 +173,8 @@ def _worker(model_dir: str, out_dir: str, samples: int, seq_len: int, batch_size
     """Score and write the dropped checkpoint; print the memory figures as one JSON line."""
     import torch
 
-    from lightning_drop.streaming import stream_importance
-    from lightning_drop.streamed_writer import write_dropped_streaming
+    from lightning_drop.scoring.streaming import stream_importance
+    from lightning_drop.scoring.streamed_writer import write_dropped_streaming
 
     torch.set_num_threads(2)
     vocab = json.loads((Path(model_dir) / "config.json").read_text())["vocab_size"]

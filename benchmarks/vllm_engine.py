@@ -182,7 +182,7 @@ def run_engine(spec: dict, work: Path, tag: str, timeout: float | None = None) -
 
 def drop_sets(scores, n_attn: int, n_mlp: int, n_block: int) -> dict[str, tuple[list[int], list[int]]]:
     """{variant: (attention, MLP)} from one set of importance scores (see the module docstring)."""
-    from lightning_drop.selection import select_modules
+    from lightning_drop.scoring.selection import select_modules
 
     sets = {"base": ([], []), "attn": select_modules(scores, "attn", n_attn),
             "mlp": select_modules(scores, "mlp", n_mlp), "block": select_modules(scores, "block", n_block)}
@@ -197,7 +197,7 @@ def drop_sets(scores, n_attn: int, n_mlp: int, n_block: int) -> dict[str, tuple[
 
 def export(model, tok, name: str, work: Path) -> Path:
     """Save `model` as the project does, then export it with the CLI a user runs."""
-    from lightning_drop.dropped_checkpoint import save_dropped
+    from lightning_drop.io.dropped_checkpoint import save_dropped
 
     src, out = work / f"src-{name}", work / f"nas-{name}"
     save_dropped(model, src, tokenizer=tok, overwrite=True)
@@ -251,10 +251,10 @@ def main(argv: list[str] | None = None) -> dict:
     import torch
 
     from _common import C4, greedy, ref_logprobs
-    from lightning_drop.importance import compute_importance
-    from lightning_drop.model_loading import load_model
-    from lightning_drop.modeling_dropped import apply_drop
-    from lightning_drop.text_data import load_documents, make_windows
+    from lightning_drop.scoring.importance import compute_importance
+    from lightning_drop.io.model_loading import load_model
+    from lightning_drop.core.modeling_dropped import apply_drop
+    from lightning_drop.io.text_data import load_documents, make_windows
 
     work = Path(args.work_dir or tempfile.mkdtemp(prefix="vllm_engine_"))
     work.mkdir(parents=True, exist_ok=True)

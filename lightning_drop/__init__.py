@@ -18,11 +18,11 @@ from typing import Any
 __version__ = "0.1.0"
 
 _EXPORTS = {
-    "ArchSpec": "architectures", "get_spec": "architectures", "supported_model_types": "architectures",
-    "load_dropped": "dropped_checkpoint", "save_dropped": "dropped_checkpoint",
-    "apply_drop": "modeling_dropped", "dropped_layers": "modeling_dropped",
-    "register_auto_classes": "modeling_dropped",
-    "load_model": "model_loading", "load_tokenizer": "model_loading",
+    "ArchSpec": "core.architectures", "get_spec": "core.architectures", "supported_model_types": "core.architectures",
+    "load_dropped": "io.dropped_checkpoint", "save_dropped": "io.dropped_checkpoint",
+    "apply_drop": "core.modeling_dropped", "dropped_layers": "core.modeling_dropped",
+    "register_auto_classes": "core.modeling_dropped",
+    "load_model": "io.model_loading", "load_tokenizer": "io.model_loading",
 }
 __all__ = [
     "ArchSpec", "apply_drop", "dropped_layers", "get_spec", "load_dropped", "load_model", "load_tokenizer",
@@ -56,7 +56,7 @@ __getattr__, __dir__ = _lazy_exports(__name__, _EXPORTS)
 # ------------------------------------------------------------------ Auto-class registration, import-order free
 # module -> its registration function; each registers itself the moment its own import completes
 _REGISTRARS = {
-    f"{__name__}.modeling_dropped": "register_auto_classes",  # every family, decoders and vision alike
+    f"{__name__}.core.modeling_dropped": "register_auto_classes",  # every family, decoders and vision alike
 }
 
 

@@ -50,8 +50,8 @@ def build_parser() -> argparse.ArgumentParser:
 def _user_errors() -> tuple[type[BaseException], ...]:
     """Exceptions that mean the input was wrong (or an optional part is missing), not that the code is."""
     types: list[type[BaseException]] = [UserError, OSError, ModuleNotFoundError]
-    if "lightning_drop.quantize" in sys.modules:
-        types.append(sys.modules["lightning_drop.quantize"].QuantizationBackendError)
+    if "lightning_drop.measure.quantize" in sys.modules:
+        types.append(sys.modules["lightning_drop.measure.quantize"].QuantizationBackendError)
     if "lightning.pytorch" in sys.modules:
         from lightning.fabric.utilities.exceptions import MisconfigurationException
 
@@ -91,7 +91,7 @@ def _close_progress_bars() -> None:
 def _interruption(err: BaseException) -> bool:
     """Whether `err` ends the run because the user stopped it: Ctrl-C, SIGTERM, or the `sys.exit(1)` with which
     Lightning's trainer answers a Ctrl-C."""
-    from .atomic_io import Terminated
+    from .io.atomic_io import Terminated
 
     if isinstance(err, (KeyboardInterrupt, Terminated)):
         return True
@@ -99,7 +99,7 @@ def _interruption(err: BaseException) -> bool:
 
 
 def main(argv: Sequence[str] | None = None) -> int:
-    from .atomic_io import cleanup_temporaries, install_signal_cleanup, lock_targets, release_targets
+    from .io.atomic_io import cleanup_temporaries, install_signal_cleanup, lock_targets, release_targets
 
     argv = list(sys.argv[1:] if argv is None else argv)
     os.environ.setdefault("TOKENIZERS_PARALLELISM", "false")
@@ -108,7 +108,7 @@ def main(argv: Sequence[str] | None = None) -> int:
     lock_targets()  # until this run ends, a second run writing one of its targets is refused
     try:
         if argv and argv[0] in LIGHTNING_SUBCOMMANDS:
-            from .lightning_cli import run_lightning_cli
+            from .lightning.cli import run_lightning_cli
 
             try:
                 run_lightning_cli(argv)
@@ -126,7 +126,7 @@ def main(argv: Sequence[str] | None = None) -> int:
         if args.command is None:
             parser.print_help()
             return 2
-        from .model_loading import no_stdin_prompts
+        from .io.model_loading import no_stdin_prompts
 
         no_stdin_prompts()
         try:

@@ -39,7 +39,7 @@ def c4_path(shared_dir: Path) -> Path:
 @pytest.fixture(scope="session")
 def byte_tokenizer():
     """Offline byte-level tokenizer (256 bytes + `<|endoftext|>` EOS) from the model catalogue."""
-    from lightning_drop.model_loading import load_tokenizer
+    from lightning_drop.io.model_loading import load_tokenizer
 
     return load_tokenizer("tiny-llama")
 

@@ -13,10 +13,15 @@ from pathlib import Path
 
 import pytest
 
-from lightning_drop import atomic_io
+from lightning_drop.io import atomic_io
 
-from lightning_drop.atomic_io import (atomic_dir, atomic_write_text, check_output, remove_stale_temporaries,
-                                      write_json)
+from lightning_drop.io.atomic_io import (
+    atomic_dir,
+    atomic_write_text,
+    check_output,
+    remove_stale_temporaries,
+    write_json,
+)
 from lightning_drop.errors import UserError
 
 
@@ -51,7 +56,7 @@ def test_unwritable_place_is_refused_before_work():
 
 def test_save_dropped_never_wipes_a_users_folder_or_its_source(tmp_path):
     import lightning_drop as ld
-    from lightning_drop.model_loading import tiny_model
+    from lightning_drop.io.model_loading import tiny_model
 
     model, tok = tiny_model("llama")
     user = tmp_path / "user"
@@ -159,7 +164,7 @@ def test_sigterm_during_a_write_removes_the_temporary(tmp_path):
     script = textwrap.dedent(f"""
         import time
         from pathlib import Path
-        from lightning_drop.atomic_io import atomic_dir, install_signal_cleanup
+        from lightning_drop.io.atomic_io import atomic_dir, install_signal_cleanup
         install_signal_cleanup()
         with atomic_dir(Path({str(tmp_path / 'ckpt')!r})) as tmp:
             (tmp / "big.bin").write_bytes(b"x" * 1000)
@@ -205,7 +210,7 @@ def test_written_files_get_ordinary_permissions(tmp_path):
     try:
         atomic_write_text(tmp_path / "report.md", "x")
         write_json(tmp_path / "results.json", {"a": 1})
-        from lightning_drop.atomic_io import save_figure
+        from lightning_drop.io.atomic_io import save_figure
         import matplotlib
 
         matplotlib.use("Agg")

@@ -18,7 +18,7 @@ import pytest
 import torch
 
 from lightning_drop.cli import main
-from lightning_drop.model_loading import tiny_model
+from lightning_drop.io.model_loading import tiny_model
 
 ERROR_LINE = "error: "
 
@@ -98,7 +98,7 @@ def _to_export(tmp: Path, family: str = "llama", attn: tuple[int, ...] = (), mlp
                **overrides) -> Path:
     """A saved tiny model of a family / drop that `export --format nemotron-nas` must refuse."""
     import lightning_drop as ld
-    from lightning_drop.modeling_dropped import apply_drop
+    from lightning_drop.core.modeling_dropped import apply_drop
 
     model, tok = tiny_model(family, **overrides)
     apply_drop(model, attn=list(attn), mlp=list(mlp))

@@ -41,7 +41,7 @@ def _refused(world: Path, tmp_path: Path, capsys, argv: list[str], *expect: str)
 @pytest.fixture
 def no_model_loading(monkeypatch):
     """Loading a model fails the test: the mistake must be found before."""
-    import lightning_drop.model_loading as model_loading
+    import lightning_drop.io.model_loading as model_loading
 
     def load_model(*args, **kwargs):
         raise AssertionError("the model was loaded before the input was checked")
@@ -82,7 +82,7 @@ def test_task_record_values_are_checked_with_their_line(world, tmp_path, capsys,
 
 def test_task_records_stored_as_digit_strings_pass(tmp_path):
     """HellaSwag on the Hub stores its label as a string of digits: that is a valid index."""
-    from lightning_drop.lm_eval_tasks import _shipped_tasks, check_task_records
+    from lightning_drop.measure.lm_eval_tasks import _shipped_tasks, check_task_records
 
     data = _jsonl(tmp_path / "hs.jsonl", [GOOD, {**GOOD, "label": "0"}])
     assert check_task_records("hellaswag_sample", _shipped_tasks()["hellaswag_sample"], data) == 2
@@ -116,7 +116,7 @@ def test_no_tasks_names_the_options(world, tmp_path, capsys, no_model_loading):
 
 def test_no_tasks_from_python_names_the_parameters():
     """The same mistake from Python is spelled as Python."""
-    from lightning_drop.lm_eval_tasks import resolve_tasks
+    from lightning_drop.measure.lm_eval_tasks import resolve_tasks
 
     with pytest.raises(ValueError, match=r"pass tasks=\[\.\.\.\] or preset='paper'"):
         resolve_tasks([])
@@ -129,7 +129,7 @@ def test_unknown_task_names_include_path_option(world, tmp_path, capsys, no_mode
 
 
 def test_existing_output_names_overwrite_as_the_user_sets_it(world, tmp_path, capsys):
-    from lightning_drop.atomic_io import check_output
+    from lightning_drop.io.atomic_io import check_output
 
     _refused(world, tmp_path, capsys, ["perplexity", "--model", str(world / "model"), "--data",
                                        str(world / "c4.jsonl"), "--output", str(world / "results.json")],
@@ -238,8 +238,8 @@ def test_speed_eval_results_are_checked_before_timing(world, tmp_path, capsys, n
 def _scripted_timings(monkeypatch, decode: dict[str, list[float]], ideal: dict[str, float]) -> None:
     """Replace the clock: each timed generation takes the scripted seconds (repeat by repeat), and profiling the
     base gives `ideal`; the models still generate, so shapes, caches and sizes are real."""
-    import lightning_drop.ideal_speedup as ideal_speedup
-    import lightning_drop.speed as speed
+    import lightning_drop.measure.ideal_speedup as ideal_speedup
+    import lightning_drop.measure.speed as speed
 
     real = speed.generate_lockstep
     calls = {"n": 0}
@@ -300,7 +300,7 @@ def test_speed_within_the_ideal_and_steady_has_no_warning(world, tmp_path, capsy
 
 
 def test_speedup_warnings_thresholds():
-    from lightning_drop.ideal_speedup import speedup_warnings
+    from lightning_drop.measure.ideal_speedup import speedup_warnings
 
     def vs(decode_runs, ideal=None):
         runs = {"prefill": [1.0, 1.0], "decode": decode_runs, "total": [1.0, 1.0]}

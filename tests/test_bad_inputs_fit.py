@@ -19,7 +19,7 @@ from test_configs import REPO, shrink
 
 from lightning_drop.cli import main
 from lightning_drop.errors import UserError
-from lightning_drop.lightning_cli import run_lightning_cli
+from lightning_drop.lightning.cli import run_lightning_cli
 
 
 def _yaml(tmp: Path, text: str, name: str = "bad.yaml") -> str:
@@ -93,7 +93,7 @@ def test_fit_mistake_is_one_line(world, tmp_path, capsys, monkeypatch, name, arg
 def _fit_fails(world: Path, tmp_path: Path, capsys, monkeypatch, args: list[str], expect: tuple[str, ...]) -> str:
     """Exit 2, one error line (after the one-line usage) holding every `expect`, no jsonargparse report, no
     traceback, no training step, nothing changed on disk; returns the error line."""
-    from lightning_drop.lightning_module import DropModule
+    from lightning_drop.lightning.module import DropModule
 
     def step(*args, **kwargs):
         raise AssertionError("training started before the mistake was found")
@@ -134,7 +134,7 @@ def dropped_ckpt(tmp_path_factory, world) -> Path:  # noqa: F811
 def _retarget(ckpt: Path, tmp: Path) -> Path:
     """Make `ckpt` say it was trained from a folder that holds a tiny Qwen3 model (it was a tiny Llama)."""
     import lightning_drop as ld
-    from lightning_drop.model_loading import tiny_model
+    from lightning_drop.io.model_loading import tiny_model
 
     model, tok = tiny_model("qwen3")
     ld.save_dropped(model, tmp / "qwen3", tok)
@@ -187,8 +187,8 @@ def test_resume_of_another_model_through_the_trainer(world, dropped_ckpt, tmp_pa
     load into the configured model."""
     import lightning.pytorch as pl
 
-    from lightning_drop.lightning_datamodule import TextDataModule
-    from lightning_drop.lightning_module import DropModule
+    from lightning_drop.lightning.datamodule import TextDataModule
+    from lightning_drop.lightning.module import DropModule
 
     trainer = pl.Trainer(max_steps=2, accelerator="cpu", logger=False, enable_checkpointing=False,
                          enable_progress_bar=False, default_root_dir=str(tmp_path))

@@ -180,7 +180,7 @@ def test_disk_full_during_drop_prints_the_drop_lists_and_writes_nothing(world, t
 def test_disk_full_during_streamed_drop(world, tmp_path, capsys, monkeypatch):
     import errno
 
-    from lightning_drop import safetensors_io
+    from lightning_drop.io import safetensors_io
 
     real_open = open
 

@@ -13,9 +13,9 @@ import torch
 from lightning.pytorch.utilities.exceptions import MisconfigurationException
 
 from lightning_drop.callbacks import Distillation, ImportanceTracker, LayerDrop, LoRARecovery, PerplexityCallback
-from lightning_drop.lightning_datamodule import TextDataModule
-from lightning_drop.modeling_dropped import dropped_layers
-from lightning_drop.lightning_module import DropModule
+from lightning_drop.lightning.datamodule import TextDataModule
+from lightning_drop.core.modeling_dropped import dropped_layers
+from lightning_drop.lightning.module import DropModule
 
 torch.set_num_threads(1)
 
@@ -214,7 +214,7 @@ def test_lora_recovery_lowers_held_out_loss(tmp_path, c4_path):
     assert trainable and not any("lora" in n for n in trainable)
     after = trainer(tmp_path, limit_val_batches=None).validate(module, dm, verbose=False)[0]["val/loss"]
     assert after < dropped_loss["v"] - 0.02, (dropped_loss, after)
-    from lightning_drop.model_loading import load_model
+    from lightning_drop.io.model_loading import load_model
 
     saved, _ = load_model(str(tmp_path / "recovered"))
     assert saved.config.drop_attn_list == module.drop_plan()[0] and type(saved).__name__.startswith("Dropped")
@@ -302,7 +302,7 @@ def test_final_model_with_adapters_kept_gives_a_merged_copy(tmp_path, c4_path):
 
 # ----------------------------------------------------- sharded strategies (constructed, not run: no GPU)
 def fsdp_trainer(callbacks=(), **kw):
-    from lightning_drop.distributed import DecoderLayerFSDPStrategy
+    from lightning_drop.lightning.distributed import DecoderLayerFSDPStrategy
 
     return SimpleNamespace(strategy=DecoderLayerFSDPStrategy(), callbacks=list(callbacks), max_steps=10,
                            ckpt_path=None, datamodule=None, global_step=0, **kw)
@@ -348,7 +348,7 @@ def test_sharded_strategy_refusals(tmp_path, c4_path):
 def test_fsdp_strategy_name_is_registered():
     from lightning.pytorch.strategies import StrategyRegistry
 
-    from lightning_drop.distributed import DecoderLayerFSDPStrategy
+    from lightning_drop.lightning.distributed import DecoderLayerFSDPStrategy
 
     assert DecoderLayerFSDPStrategy.strategy_name in StrategyRegistry
     assert type(StrategyRegistry.get("fsdp_decoder_layers")) is DecoderLayerFSDPStrategy
@@ -359,7 +359,7 @@ def test_quantize_and_speed_listed_first_get_a_plain_model(tmp_path, c4_path, mo
     them: a merged plain copy that `save_dropped` can write (the quantizer itself needs gptqmodel: stubbed)."""
     import lightning_drop.callbacks.quantize as qcb
     from lightning_drop.callbacks import SpeedBenchmark
-    from lightning_drop.dropped_checkpoint import save_dropped
+    from lightning_drop.io.dropped_checkpoint import save_dropped
 
     monkeypatch.setattr(qcb, "require_backend", lambda backend: None)
     seen = {}
@@ -375,7 +375,7 @@ def test_quantize_and_speed_listed_first_get_a_plain_model(tmp_path, c4_path, mo
 
     quant = qcb.QuantizeCallback(output=str(tmp_path / "q"), calibration=str(c4_path))
     quant.quantize = fake_quantize
-    monkeypatch.setattr("lightning_drop.quantize.format_report", lambda result: "report")
+    monkeypatch.setattr("lightning_drop.measure.quantize.format_report", lambda result: "report")
     speed = SpeedBenchmark()
     speed.measure = fake_measure
     pl.seed_everything(0)

@@ -14,7 +14,7 @@ import torch
 from transformers import AutoModelForCausalLM
 
 from lightning_drop import apply_drop, dropped_layers, load_dropped, save_dropped
-from lightning_drop.model_loading import load_model, tiny_model
+from lightning_drop.io.model_loading import load_model, tiny_model
 
 X = torch.arange(40).reshape(2, 20) % 250
 
@@ -113,7 +113,7 @@ def test_failed_write_leaves_destination_untouched(tmp_path, monkeypatch):
 
 
 def test_failed_final_rename_restores_the_previous_checkpoint(tmp_path, monkeypatch):
-    from lightning_drop import atomic_io
+    from lightning_drop.io import atomic_io
 
     model, tok = tiny_model("llama")
     dest = save_dropped(model, tmp_path / "ckpt", tok)

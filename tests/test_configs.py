@@ -12,7 +12,7 @@ from pathlib import Path
 import pytest
 import yaml
 
-from lightning_drop.lightning_cli import run_lightning_cli
+from lightning_drop.lightning.cli import run_lightning_cli
 
 REPO = Path(__file__).resolve().parents[1]
 # configs/study/ and configs/vision_digits.yaml are tested by their owners' test files.
@@ -72,7 +72,7 @@ def test_config_runs(path, tmp_path, c4_path, monkeypatch):
         assert names["LayerDrop"].finished
         assert any(cli.model.drop_plan())
     if "Distillation" in names:  # recovered from a copy of the undropped model, from the first step
-        from lightning_drop.modeling_dropped import dropped_layers
+        from lightning_drop.core.modeling_dropped import dropped_layers
 
         distill = names["Distillation"]
         assert distill.started_at == 0 and distill.merged and dropped_layers(distill.teacher) == ([], [])
@@ -115,8 +115,8 @@ def test_cli_resume_knows_the_checkpoint_at_setup(tmp_path, c4_path, monkeypatch
     monkeypatch.chdir(tmp_path)
     config = {
         "seed_everything": 0,
-        "model": {"class_path": "lightning_drop.lightning_module.DropModule", "init_args": {"model": "tiny-llama"}},
-        "data": {"class_path": "lightning_drop.lightning_datamodule.TextDataModule",
+        "model": {"class_path": "lightning_drop.lightning.module.DropModule", "init_args": {"model": "tiny-llama"}},
+        "data": {"class_path": "lightning_drop.lightning.datamodule.TextDataModule",
                  "init_args": {"tokenizer": "tiny-llama", "source": str(c4_path), "seq_len": 32, "batch_size": 2,
                                "limit_documents": 20, "calibration_samples": 2}},
         "trainer": {"accelerator": "cpu", "max_steps": 2, "limit_val_batches": 0, "num_sanity_val_steps": 0,

@@ -17,10 +17,10 @@ import transformers
 from safetensors import safe_open
 
 from lightning_drop import apply_drop, dropped_layers, get_spec, load_dropped, save_dropped
-from lightning_drop.architectures import VISION_SPECS
-from lightning_drop.dropped_checkpoint import checkpoint_kind
-from lightning_drop.model_loading import TINY_FAMILIES, tiny_model
-from lightning_drop.sublayer_check import check_really_skipped, sublayer_call_counts
+from lightning_drop.core.architectures import VISION_SPECS
+from lightning_drop.io.dropped_checkpoint import checkpoint_kind
+from lightning_drop.io.model_loading import TINY_FAMILIES, tiny_model
+from lightning_drop.measure.sublayer_check import check_really_skipped, sublayer_call_counts
 
 TEXT = list(TINY_FAMILIES)
 VISION = [spec.family for spec in VISION_SPECS]
@@ -220,7 +220,7 @@ def test_cached_generation_equals_uncached_left_padded(family, attn):
 def test_a_dropped_first_attention_keeps_only_a_token_count():
     """Transformers reads a cache's length from layer 0: with layer 0's attention dropped that slot holds one
     boolean expanded to the tokens seen (no per-token storage), and reports them."""
-    from lightning_drop.speed import kv_cache_bytes_per_token
+    from lightning_drop.measure.speed import kv_cache_bytes_per_token
 
     model, _ = tiny_model("llama")  # 4 layers
     per_layer = kv_cache_bytes_per_token(model) / 4

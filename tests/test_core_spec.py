@@ -9,8 +9,8 @@ import pytest
 import torch
 
 from lightning_drop import apply_drop, dropped_layers, get_spec, load_dropped, save_dropped
-from lightning_drop.importance import compute_importance
-from lightning_drop.model_loading import tiny_model
+from lightning_drop.scoring.importance import compute_importance
+from lightning_drop.io.model_loading import tiny_model
 from lightning_drop.vision.lightning_module import tiny_vision_model
 
 PIXELS = torch.randn(4, 3, 32, 32, generator=torch.Generator().manual_seed(1))
@@ -51,7 +51,7 @@ def test_numpy_and_torch_integer_indices_are_accepted(family):
 
 
 def test_one_spec_type_and_decoder_only_code_points_to_vision():
-    from lightning_drop.architectures import decoder_spec, vision_spec
+    from lightning_drop.core.architectures import decoder_spec, vision_spec
 
     assert get_spec("vit") is vision_spec("vit") and get_spec("vit").inputs == "image"
     with pytest.raises(ValueError, match="'vit' is a vision transformer: use lightning_drop.vision"):
@@ -75,7 +75,7 @@ def test_compute_importance_takes_text_and_image_batches():
 
 
 def test_drop_plan_is_a_property_on_both_modules():
-    from lightning_drop.lightning_module import DropModule
+    from lightning_drop.lightning.module import DropModule
     from lightning_drop.vision.lightning_module import VisionDropModule
 
     for module in (DropModule(model="tiny-llama"), VisionDropModule(family="vit")):
@@ -130,7 +130,7 @@ def test_vision_scores_are_synced_across_ddp_ranks(tmp_path):
 
 
 def test_vision_drop_by_importance_is_the_core_selection(monkeypatch):
-    import lightning_drop.schedule as schedule
+    import lightning_drop.scoring.schedule as schedule
 
     calls = []
     real = schedule.compute_importance

@@ -9,8 +9,8 @@ from pathlib import Path
 import pytest
 import torch
 
-from lightning_drop import text_data as data
-from lightning_drop.text_data import CalibrationConfig, calibration_windows, load_documents, make_windows
+from lightning_drop.io import text_data as data
+from lightning_drop.io.text_data import CalibrationConfig, calibration_windows, load_documents, make_windows
 
 N_DOCS = 12
 
@@ -173,7 +173,7 @@ def test_texts_in_memory_are_read_like_any_source(tmp_path: Path, docs: list[str
 
 
 def test_the_old_reader_and_window_names_are_the_one_reader_and_window_maker() -> None:
-    from lightning_drop import evaluation, quantize
+    from lightning_drop.measure import evaluation, quantize
 
     assert evaluation.read_jsonl_texts is quantize.read_texts is load_documents
     assert evaluation.text_windows is make_windows

@@ -8,8 +8,8 @@ from pathlib import Path
 import pytest
 import torch
 
-from lightning_drop.text_data import load_documents, make_windows
-from lightning_drop.lightning_datamodule import TextDataModule
+from lightning_drop.io.text_data import load_documents, make_windows
+from lightning_drop.lightning.datamodule import TextDataModule
 
 SEQ = 128
 
@@ -116,7 +116,7 @@ def test_fit_a_tiny_model_on_it(byte_tokenizer, small_c4: Path) -> None:
     """The batches feed a causal LM under a real Trainer (train + val loops run)."""
     import lightning.pytorch as pl
 
-    from lightning_drop.model_loading import tiny_model
+    from lightning_drop.io.model_loading import tiny_model
 
     class LM(pl.LightningModule):
         def __init__(self) -> None:

@@ -325,9 +325,9 @@ def test_fit_end_callbacks_under_ddp(tmp_path, c4_path, shared_dir):
     cb = "lightning_drop.callbacks."
     config = {
         "seed_everything": 0,
-        "model": {"class_path": "lightning_drop.lightning_module.DropModule",
+        "model": {"class_path": "lightning_drop.lightning.module.DropModule",
                   "init_args": {"model": "tiny-llama", "save_dir": "saved"}},
-        "data": {"class_path": "lightning_drop.lightning_datamodule.TextDataModule",
+        "data": {"class_path": "lightning_drop.lightning.datamodule.TextDataModule",
                  "init_args": {"tokenizer": "tiny-llama", "source": str(c4_path), "seq_len": 32, "batch_size": 2,
                                "limit_documents": 20, "calibration_samples": 4}},
         "trainer": {
@@ -384,9 +384,9 @@ def test_distillation_under_ddp(tmp_path, c4_path, start):
         drop_args.update(num=2, schedule="iterative", step=1, every_n_steps=2)
     config = {
         "seed_everything": 0,
-        "model": {"class_path": "lightning_drop.lightning_module.DropModule",
+        "model": {"class_path": "lightning_drop.lightning.module.DropModule",
                   "init_args": {"model": "tiny-llama", "lr": 3e-3, "save_dir": "saved"}},
-        "data": {"class_path": "lightning_drop.lightning_datamodule.TextDataModule",
+        "data": {"class_path": "lightning_drop.lightning.datamodule.TextDataModule",
                  "init_args": {"tokenizer": "tiny-llama", "source": str(c4_path), "seq_len": 32, "batch_size": 2,
                                "limit_documents": 20, "calibration_samples": 4}},
         "trainer": {
@@ -476,8 +476,8 @@ def _fit_as_rank(rank: int, out: Path, c4_path: Path, hellaswag: Path, monkeypat
         PerplexityCallback,
         SpeedBenchmark,
     )
-    from lightning_drop.lightning_datamodule import TextDataModule
-    from lightning_drop.lightning_module import DropModule
+    from lightning_drop.lightning.datamodule import TextDataModule
+    from lightning_drop.lightning.module import DropModule
 
     calls: list = []
     sync = torchmetrics.Metric.sync
@@ -542,9 +542,9 @@ def test_rank_zero_work_reaches_no_collective(tmp_path, c4_path, shared_dir, mon
 def config(tmp: Path, c4_path: Path) -> dict:
     return {
         "seed_everything": 0,
-        "model": {"class_path": "lightning_drop.lightning_module.DropModule",
+        "model": {"class_path": "lightning_drop.lightning.module.DropModule",
                   "init_args": {"model": "tiny-llama", "lr": 3e-3, "save_dir": str(tmp / "final")}},
-        "data": {"class_path": "lightning_drop.lightning_datamodule.TextDataModule",
+        "data": {"class_path": "lightning_drop.lightning.datamodule.TextDataModule",
                  "init_args": {"tokenizer": "tiny-llama", "source": str(c4_path), "seq_len": 32, "batch_size": 2,
                                "limit_documents": 20, "calibration_samples": 4}},
         "trainer": {

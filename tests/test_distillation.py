@@ -15,10 +15,10 @@ from lightning.pytorch.utilities.exceptions import MisconfigurationException
 
 from lightning_drop.callbacks import Distillation, LayerDrop, LoRARecovery
 from lightning_drop.callbacks.distill_loss import hidden_loss, kd_and_lm_loss, kd_loss
-from lightning_drop.lightning_datamodule import TextDataModule
-from lightning_drop.lightning_module import DropModule
-from lightning_drop.modeling_dropped import dropped_layers
-from lightning_drop.text_data import load_documents, make_windows
+from lightning_drop.lightning.datamodule import TextDataModule
+from lightning_drop.lightning.module import DropModule
+from lightning_drop.core.modeling_dropped import dropped_layers
+from lightning_drop.io.text_data import load_documents, make_windows
 
 torch.set_num_threads(1)
 TRAIN_DOCS = 60  # the training windows come from the first documents, held-out ones from documents after them
@@ -268,7 +268,7 @@ def test_heal_between_rounds_trains_after_every_round_and_scores_the_healed_mode
     """Drop 1 attention layer per round every 2 steps, healing in between: the teacher is the undropped model,
     recovery trains from the first round on, LoRA is merged before each later round (the scores of round 2 are
     those of the healed model) and fresh adapters are trained after it."""
-    from lightning_drop import importance
+    from lightning_drop.scoring import importance
 
     pl.seed_everything(0)
     module = DropModule("tiny-llama", lr=1e-2)
@@ -322,7 +322,7 @@ def test_teacher_given_as_a_model_object(tmp_path, c4_path):
         assert d.teacher is teacher and not any(p.requires_grad for p in teacher.parameters())
         assert_same(weights(teacher), reference)
         assert module.drop_plan().attn == drop_attn and "train/kd_loss" in tr.callback_metrics
-    from lightning_drop.model_loading import tiny_model
+    from lightning_drop.io.model_loading import tiny_model
 
     other, _ = tiny_model("llama", vocab_size=400)
     tr = trainer(tmp_path, max_steps=2, callbacks=[Distillation(teacher=other)])
@@ -371,7 +371,7 @@ def test_bad_arguments_are_one_line_errors(kwargs, match):
 
 
 def _other_vocabulary_teacher(path) -> str:
-    from lightning_drop.model_loading import tiny_model
+    from lightning_drop.io.model_loading import tiny_model
 
     model, tok = tiny_model("llama", vocab_size=400)
     model.save_pretrained(path)
@@ -397,7 +397,7 @@ def test_bad_setups_fail_before_training(tmp_path, c4_path, monkeypatch, case, m
     elif case == "vocabulary":
         callbacks[1] = Distillation(teacher=_other_vocabulary_teacher(tmp_path / "big"))
     elif case == "tokenizer":
-        from lightning_drop import model_loading
+        from lightning_drop.io import model_loading
 
         real = model_loading.load_model
 
@@ -497,7 +497,7 @@ def test_distillation_lowers_held_out_perplexity_of_smollm2_with_8_attention_lay
     """SmolLM2-135M, the 8 most redundant attention layers dropped, 10 steps (4 x 128 tokens) of LoRA on half
     KL, half LM loss over C4 documents 0-99; perplexity on documents 250-299 (never in a training window)
     falls by at least half the gap the drop opened (-s prints the numbers)."""
-    from lightning_drop.evaluation import perplexity
+    from lightning_drop.measure.evaluation import perplexity
 
     docs = load_documents(str(c4_path))
     assert not set(docs[:100]) & set(docs[250:])

@@ -175,7 +175,7 @@ def _existing(path: str, aliases: dict[str, str], where: str) -> Path:
 
 def _check_lightning(cmd: Cmd, args: list[str], monkeypatch: pytest.MonkeyPatch) -> None:
     """Parse with LightningCLI's real parser (configs included) and build nothing."""
-    from lightning_drop import lightning_cli
+    from lightning_drop.lightning import cli as lightning_cli
     from lightning_drop.errors import UserError
 
     configs = {c: _existing(c, cmd.aliases, cmd.id) for c in _config_values(args)}
@@ -310,7 +310,7 @@ def test_every_subcommand_is_documented() -> None:
     ("lightning-drop fit --config configs/drop_and_recover.yaml --trainer.no_such_key 3", "unrecognized"),
     ("lightning-drop fit --config configs/missing.yaml", "does not exist"),
     ("python -m lightning_drop drop --model m", "not an entry point"),
-    ("python -m lightning_drop.lightning_cli fit --config configs/drop_and_recover.yaml", "not an entry point"),
+    ("python -m lightning_drop.lightning.cli fit --config configs/drop_and_recover.yaml", "not an entry point"),
     ("python benchmarks/kv_cache.py --no-such-option 3", "has no option"),
     ("python benchmarks/no_such_benchmark.py", "does not exist"),
     ("make no-such-target", "no target"),

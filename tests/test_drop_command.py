@@ -8,7 +8,7 @@ import pytest
 from transformers import AutoModelForCausalLM
 
 from lightning_drop.cli import main
-from lightning_drop.modeling_dropped import dropped_layers
+from lightning_drop.core.modeling_dropped import dropped_layers
 
 
 def _args(c4_path, out, *extra):
@@ -103,7 +103,7 @@ def test_checkpoint_keeps_the_source_dtype_unless_told(tmp_path, c4_path, stream
     import torch
     from safetensors import safe_open
 
-    from lightning_drop.model_loading import tiny_model
+    from lightning_drop.io.model_loading import tiny_model
 
     model, tok = tiny_model("llama")
     model.to(torch.bfloat16).save_pretrained(tmp_path / "src")

@@ -7,7 +7,7 @@ import pytest
 import torch
 
 from lightning_drop import apply_drop, dropped_layers
-from lightning_drop.model_loading import TINY_FAMILIES, tiny_model
+from lightning_drop.io.model_loading import TINY_FAMILIES, tiny_model
 
 FAMILIES = list(TINY_FAMILIES)
 SEQ = 24  # longer than the tiny sliding windows (8), so window handling is exercised
@@ -84,7 +84,7 @@ def test_already_dropped_is_refused():
 
 
 def test_unknown_architecture_names_supported():
-    from lightning_drop.architectures import get_spec as gs
+    from lightning_drop.core.architectures import get_spec as gs
 
     with pytest.raises(ValueError, match="supported model types: .*llama"):
         gs("gpt_bigcode")

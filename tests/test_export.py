@@ -16,11 +16,11 @@ os.environ.setdefault("HF_DATASETS_OFFLINE", "1")
 
 gguf = pytest.importorskip("gguf")
 
-from lightning_drop.dropped_checkpoint import save_dropped  # noqa: E402
+from lightning_drop.io.dropped_checkpoint import save_dropped  # noqa: E402
 from lightning_drop.export import export_gguf, export_nemotron_nas, load_nemotron_nas  # noqa: E402
 from lightning_drop.export.nemotron import choose_ffn_mult, ffn_mult_to_intermediate_size  # noqa: E402
-from lightning_drop.modeling_dropped import apply_drop, dropped_layers  # noqa: E402
-from lightning_drop.model_loading import tiny_model  # noqa: E402
+from lightning_drop.core.modeling_dropped import apply_drop, dropped_layers  # noqa: E402
+from lightning_drop.io.model_loading import tiny_model  # noqa: E402
 
 ROOT = Path(__file__).resolve().parents[1]
 ENGINE_PY = ROOT / ".venv-engines" / "bin" / "python"
@@ -104,7 +104,7 @@ def test_nemotron_config_loads_with_remote_code_class(nas_llama, tmp_path):
 
 
 def test_load_model_reads_nemotron_layout(nas_llama, tmp_path):
-    from lightning_drop.model_loading import load_model
+    from lightning_drop.io.model_loading import load_model
 
     model, _, src = nas_llama
     out = export_nemotron_nas(src, tmp_path / "nas", dtype="f32")
@@ -285,7 +285,7 @@ def test_nemotron_writes_llama3_rope_scaling_at_top_level(tmp_path):
 
 @pytest.mark.slow
 def test_nemotron_keeps_smollm2_rope_theta(tmp_path):
-    from lightning_drop.model_loading import load_model
+    from lightning_drop.io.model_loading import load_model
 
     model, tok = load_model("smollm2-135m")
     theta = model.config.rope_parameters["rope_theta"]

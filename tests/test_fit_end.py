@@ -20,9 +20,9 @@ from lightning_drop.callbacks import (
 )
 from lightning_drop.callbacks._common import rebuild_optimizers
 from lightning_drop.callbacks.fit_end import FitEnd, FitEndMember
-from lightning_drop.lightning_datamodule import TextDataModule
-from lightning_drop.modeling_dropped import dropped_layers
-from lightning_drop.lightning_module import DropModule, build_model
+from lightning_drop.lightning.datamodule import TextDataModule
+from lightning_drop.core.modeling_dropped import dropped_layers
+from lightning_drop.lightning.module import DropModule, build_model
 
 torch.set_num_threads(1)
 
@@ -89,7 +89,7 @@ def test_speed_listed_before_lm_eval_gets_its_average(tmp_path, c4_path, monkeyp
                                              "params", "weight_bytes")}, "peak_rss_bytes": 1}
 
     speed.measure = fake_measure
-    monkeypatch.setattr("lightning_drop.speed.print_speed", lambda res: None)
+    monkeypatch.setattr("lightning_drop.measure.speed.print_speed", lambda res: None)
     lm = LMEvalCallback(tasks=["t"])
     drop = LayerDrop(target="attn", num=1, when="fit_end", calibration_batch_size=2, verbose=False)
     tr = trainer(tmp_path, max_steps=1, callbacks=[speed, lm, drop])

@@ -10,9 +10,9 @@ import torch
 
 gguf = pytest.importorskip("gguf")
 
-import lightning_drop.model_loading as models  # noqa: E402
+import lightning_drop.io.model_loading as models  # noqa: E402
 from lightning_drop.export.gguf_deci import _add_tokenizer, _permute  # noqa: E402
-from lightning_drop.model_loading import load_model, tiny_model  # noqa: E402
+from lightning_drop.io.model_loading import load_model, tiny_model  # noqa: E402
 
 
 def write_llama_gguf(model, tok, path) -> None:

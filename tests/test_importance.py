@@ -11,10 +11,10 @@ import torch
 import torch.nn.functional as F
 
 from lightning_drop import apply_drop, dropped_layers
-from lightning_drop.importance import compute_importance, token_scores
-from lightning_drop.model_loading import tiny_model
-from lightning_drop.schedule import drop_by_importance
-from lightning_drop.selection import resolve_num, select_modules
+from lightning_drop.scoring.importance import compute_importance, token_scores
+from lightning_drop.io.model_loading import tiny_model
+from lightning_drop.scoring.schedule import drop_by_importance
+from lightning_drop.scoring.selection import resolve_num, select_modules
 
 
 def _windows(n=3, seq=24, seed=0):
@@ -139,7 +139,7 @@ def test_positional_metrics():
 
 
 def test_selection_targets_and_ties():
-    from lightning_drop.importance import ImportanceScores
+    from lightning_drop.scoring.importance import ImportanceScores
 
     s = ImportanceScores("cosine", attn=[0.5, 0.1, 0.1, 0.9], mlp=[0.05, 0.3, 0.2, 0.95], block=[0.6, 0.4, 0.3, 1.0])
     assert select_modules(s, "attn", 2) == ([1, 2], [])
@@ -161,7 +161,7 @@ def test_block_target_on_a_half_dropped_model_takes_the_surviving_sublayer():
     apply_drop(model, attn=[1, 2])
     scores = compute_importance(model, [_windows()])
     assert scores.attn[1] is None and scores.block[1] is not None
-    from lightning_drop.importance import ImportanceScores
+    from lightning_drop.scoring.importance import ImportanceScores
 
     rigged = ImportanceScores("cosine", scores.attn, scores.mlp, block=[0.9, 0.0, 0.8, 0.7])
     assert select_modules(rigged, "block", 1) == ([], [1])  # only the MLP of block 1 is left to drop
@@ -170,7 +170,7 @@ def test_block_target_on_a_half_dropped_model_takes_the_surviving_sublayer():
 
 
 def test_requests_that_would_remove_everything_fail_before_scoring():
-    from lightning_drop.selection import max_droppable
+    from lightning_drop.scoring.selection import max_droppable
 
     assert max_droppable(4, "block") == 3
     assert max_droppable(4, "joint") == 7
@@ -245,9 +245,9 @@ def test_ddp_two_processes_match_one(tmp_path):
 
 @pytest.mark.slow
 def test_smollm2_attention_scores_lower_than_mlp(shared_dir):
-    from lightning_drop.model_loading import load_model
+    from lightning_drop.io.model_loading import load_model
 
-    from lightning_drop.text_data import CalibrationConfig, calibration_windows
+    from lightning_drop.io.text_data import CalibrationConfig, calibration_windows
 
     model, tok = load_model("smollm2-135m")
     # The command's own calibration pipeline: no special tokens, documents joined with EOS, first N windows.
@@ -264,10 +264,10 @@ def test_every_importance_figure_is_the_one_function(tmp_path, monkeypatch):
     `plots.importance_figure`, each under its own file name; dropped modules are outlined, gone ones blank."""
     from pathlib import Path
 
-    from lightning_drop import plots
+    from lightning_drop.measure import plots
     from lightning_drop.jobs.study import figures
     from lightning_drop.callbacks import ImportanceTracker
-    from lightning_drop.importance import ImportanceScores
+    from lightning_drop.scoring.importance import ImportanceScores
 
     drawn = []
     real = plots.importance_figure

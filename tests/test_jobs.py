@@ -27,7 +27,7 @@ def test_the_library_never_imports_jobs():
     code = """
 import json, pkgutil, importlib, sys
 import lightning_drop
-skip = ("lightning_drop.jobs", "lightning_drop.cli", "lightning_drop.lightning_cli")
+skip = ("lightning_drop.jobs", "lightning_drop.cli", "lightning_drop.lightning.cli")
 names, todo = [], [("lightning_drop.", lightning_drop.__path__)]
 while todo:  # walk_packages would import every package it walks into, jobs included
     prefix, path = todo.pop()
@@ -120,7 +120,7 @@ def test_an_old_class_path_gets_one_error_naming_the_new_one(tmp_path, capsys):
     from lightning_drop.cli import main
 
     text = (REPO / "configs" / "track_random_init.yaml").read_text()
-    old = text.replace("lightning_drop.lightning_module.", "lightning_drop.module.")
+    old = text.replace("lightning_drop.lightning.module.", "lightning_drop.module.")
     assert old != text
     (tmp_path / "old.yaml").write_text(old)
     before = sorted(p.name for p in tmp_path.iterdir())
@@ -128,9 +128,9 @@ def test_an_old_class_path_gets_one_error_naming_the_new_one(tmp_path, capsys):
     err = capsys.readouterr().err
     errors = [line for line in err.splitlines() if "error:" in line]
     assert errors == ["lightning-drop fit: error: class_path lightning_drop.module.DropModule no longer exists: "
-                      "use lightning_drop.lightning_module.DropModule"], err
+                      "use lightning_drop.lightning.module.DropModule"], err
     assert "Traceback" not in err and sorted(p.name for p in tmp_path.iterdir()) == before
     with pytest.raises(UserError, match="use lightning_drop.vision.image_data.ImageDataModule"):
-        from lightning_drop.lightning_cli import check_moved_class_paths
+        from lightning_drop.lightning.cli import check_moved_class_paths
 
         check_moved_class_paths(["--data.class_path=lightning_drop.vision.data.ImageDataModule"])

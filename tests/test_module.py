@@ -11,8 +11,8 @@ from lightning.pytorch.callbacks import Callback, ModelCheckpoint
 from lightning.pytorch.utilities.exceptions import MisconfigurationException
 
 from lightning_drop.callbacks import ImportanceTracker, LayerDrop, LoRARecovery
-from lightning_drop.lightning_datamodule import TextDataModule
-from lightning_drop.lightning_module import DropModule
+from lightning_drop.lightning.datamodule import TextDataModule
+from lightning_drop.lightning.module import DropModule
 
 torch.set_num_threads(1)  # 2 shared cores: avoid oversubscription
 
@@ -79,7 +79,7 @@ def test_random_init_from_config_and_bad_arguments():
 
 
 def test_save_pretrained_dropped_and_lora_merged(tmp_path):
-    from lightning_drop.model_loading import load_model
+    from lightning_drop.io.model_loading import load_model
 
     pl.seed_everything(0)
     m = DropModule("tiny-llama")
@@ -204,7 +204,7 @@ def test_configure_model_rebuilds_the_plan_before_fsdp_shards(tmp_path, c4_path)
     (strategy object constructed, not run: Lightning's FSDP needs a GPU)."""
     from types import SimpleNamespace
 
-    from lightning_drop.distributed import DecoderLayerFSDPStrategy
+    from lightning_drop.lightning.distributed import DecoderLayerFSDPStrategy
 
     full, _, _ = fit_start_run(tmp_path, c4_path, max_steps=2)
     ckpt = tmp_path / "ckpt" / "epoch=0-step=2.ckpt"

@@ -21,9 +21,15 @@ import torch
 from safetensors import safe_open
 
 import lightning_drop as ld
-from lightning_drop.model_loading import load_model, tiny_model
-from lightning_drop.quantize import (QuantizationBackendError, auto_group_size, backend_status, check_args,
-                                     check_shapes, quantize)
+from lightning_drop.io.model_loading import load_model, tiny_model
+from lightning_drop.measure.quantize import (
+    QuantizationBackendError,
+    auto_group_size,
+    backend_status,
+    check_args,
+    check_shapes,
+    quantize,
+)
 
 BACKEND_MISSING = backend_status("gptqmodel")
 needs_backend = pytest.mark.skipif(BACKEND_MISSING is not None, reason=f"{BACKEND_MISSING}")
@@ -245,13 +251,13 @@ def test_callback_quantizes_at_fit_end(tmp_path, c4_path):
 @needs_backend
 @pytest.mark.parametrize("method", ["gptq", "awq"])
 def test_smollm2_attention_drop_quantized(tmp_path, c4_path, method):
-    from lightning_drop.quantize import cpu_has_fast_bf16
+    from lightning_drop.measure.quantize import cpu_has_fast_bf16
 
     if method == "awq" and not torch.cuda.is_available() and not cpu_has_fast_bf16():
         pytest.skip("AWQ on CPU runs in bfloat16 (its CPU kernel refuses float32) and this CPU has no "
                     "avx512_bf16/amx_bf16: measured ~10 min per SmolLM2 layer here, hours in all")
-    from lightning_drop.evaluation import perplexity, text_windows
-    from lightning_drop.quality_table import quality_report
+    from lightning_drop.measure.evaluation import perplexity, text_windows
+    from lightning_drop.measure.quality_table import quality_report
 
     model, tok = load_model("smollm2-135m")
     ld.apply_drop(model, attn=SMOLLM2_ATTN_DROP)  # 8 of 30 attention layers
@@ -293,9 +299,9 @@ def four_checkpoints(tmp_path_factory):
 
 
 def test_quality_table_has_the_four_rows_and_writes_json_and_markdown(four_checkpoints, c4_path, tmp_path):
-    from lightning_drop.evaluation import perplexity, text_windows
-    from lightning_drop.quality_table import TABLE_ORDER, quality_report
-    from lightning_drop.safetensors_io import dir_size
+    from lightning_drop.measure.evaluation import perplexity, text_windows
+    from lightning_drop.measure.quality_table import TABLE_ORDER, quality_report
+    from lightning_drop.io.safetensors_io import dir_size
 
     ck = four_checkpoints
     (tmp_path / "base_eval.json").write_text(json.dumps({"scores": {"task_a": 0.5, "task_b": 0.3}, "average": 0.4}))
@@ -336,8 +342,8 @@ def test_quality_table_has_the_four_rows_and_writes_json_and_markdown(four_check
 
 
 def test_quality_table_runs_requested_tasks(four_checkpoints, shared_dir):
-    from lightning_drop.lm_eval_tasks import local_task_dir
-    from lightning_drop.quality_table import format_quality_table, quality_table
+    from lightning_drop.measure.lm_eval_tasks import local_task_dir
+    from lightning_drop.measure.quality_table import format_quality_table, quality_table
 
     data = shared_dir / "data" / "hellaswag_val_first1000.jsonl"
     table = quality_table({"dropped": four_checkpoints["dropped"]}, tasks="hellaswag_sample", limit=4,
@@ -353,7 +359,7 @@ def test_quality_table_runs_requested_tasks(four_checkpoints, shared_dir):
 
 
 def test_quality_table_shows_standard_errors_and_examples(four_checkpoints):
-    from lightning_drop.quality_table import format_quality_table, quality_table
+    from lightning_drop.measure.quality_table import format_quality_table, quality_table
 
     ck = four_checkpoints
     new = {"scores": {"a": 0.46, "b": 0.3}, "stderrs": {"a": 0.0501, "b": 0.03}, "n_samples": {"a": 100, "b": 200},
@@ -380,7 +386,7 @@ def test_quality_table_shows_standard_errors_and_examples(four_checkpoints):
 
 
 def test_quality_table_bad_input(four_checkpoints, tmp_path):
-    from lightning_drop.quality_table import quality_report, quality_table
+    from lightning_drop.measure.quality_table import quality_report, quality_table
 
     ck = four_checkpoints
     with pytest.raises(ValueError, match="nothing to measure"):
@@ -398,9 +404,9 @@ def test_quality_table_bad_input(four_checkpoints, tmp_path):
 def test_quantize_main_quantizes_the_baseline_too_and_writes_the_table(four_checkpoints, c4_path, tmp_path,
                                                                        monkeypatch):
     """The command's wiring, with the backend replaced by the stand-in above (the real one is tested above)."""
-    import lightning_drop.quantize as q
-    from lightning_drop.quality_table import TABLE_ORDER
-    from lightning_drop.safetensors_io import dir_size
+    import lightning_drop.measure.quantize as q
+    from lightning_drop.measure.quality_table import TABLE_ORDER
+    from lightning_drop.io.safetensors_io import dir_size
 
     calls = []
 

@@ -5,8 +5,8 @@ from __future__ import annotations
 import pytest
 import torch
 
-from lightning_drop import safetensors_io
-from lightning_drop.safetensors_io import ReusedBuffer, SafetensorsShards, write_safetensors
+from lightning_drop.io import safetensors_io
+from lightning_drop.io.safetensors_io import ReusedBuffer, SafetensorsShards, write_safetensors
 
 
 def test_positional_reads_equal_safetensors_own_loader(tmp_path):

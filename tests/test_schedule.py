@@ -5,12 +5,12 @@ from __future__ import annotations
 import pytest
 import torch
 
-from lightning_drop.text_data import CalibrationConfig
+from lightning_drop.io.text_data import CalibrationConfig
 from lightning_drop.jobs.drop import DropJob, run_drop
-from lightning_drop.importance import ImportanceScores, compute_importance
-from lightning_drop.model_loading import tiny_model
-from lightning_drop.schedule import drop_rounds
-from lightning_drop.selection import select_modules
+from lightning_drop.scoring.importance import ImportanceScores, compute_importance
+from lightning_drop.io.model_loading import tiny_model
+from lightning_drop.scoring.schedule import drop_rounds
+from lightning_drop.scoring.selection import select_modules
 from lightning_drop.jobs.study import Study, StudyConfig
 
 NUMS = (1, 2, 3)
@@ -71,7 +71,7 @@ def test_a_walk_continued_from_its_middle_makes_the_same_rounds():
     seen = []
 
     def score(attn, mlp, index):
-        from lightning_drop.modeling_dropped import apply_drop, dropped_layers
+        from lightning_drop.core.modeling_dropped import apply_drop, dropped_layers
 
         m, _ = tiny_model("llama")
         apply_drop(m, attn=attn, mlp=mlp)
@@ -123,7 +123,7 @@ def _fixed_scores(attn, mlp, index):
 
 
 def test_a_users_schedule_by_name_callable_or_importable_name():
-    from lightning_drop.schedule import register_schedule, resolve_schedule
+    from lightning_drop.scoring.schedule import register_schedule, resolve_schedule
 
     by_path = [(r.at, r.size) for r in drop_rounds(_fixed_scores, "attn", 3, 4, "test_schedule.thirds")]
     by_callable = [(r.at, r.size) for r in drop_rounds(_fixed_scores, "attn", 3, 4, thirds)]
@@ -141,9 +141,9 @@ def test_a_users_schedule_by_name_callable_or_importable_name():
 
 def test_a_bad_schedule_rule_or_metric_is_refused_where_it_is_given():
     from lightning_drop.callbacks import LayerDrop
-    from lightning_drop.importance_metrics import register_metric
-    from lightning_drop.schedule import register_schedule
-    from lightning_drop.selection import register_rule
+    from lightning_drop.scoring.metrics import register_metric
+    from lightning_drop.scoring.schedule import register_schedule
+    from lightning_drop.scoring.selection import register_rule
 
     with pytest.raises(ValueError, match=r"schedule 'two' <lambda>\(a, b, c\) must take 2 positional arguments"):
         register_schedule("two", lambda a, b, c: 1)

@@ -15,7 +15,7 @@ import pytest
 import torch
 import yaml
 
-from lightning_drop.training_checkpoint import checkpoint_meta, verify_checkpoint
+from lightning_drop.io.training_checkpoint import checkpoint_meta, verify_checkpoint
 
 ROOT = Path(__file__).resolve().parents[1]
 
@@ -94,8 +94,8 @@ def test_other_checkpoint_directories_hold_only_plain_files(tmp_path, marker):
 
 def _fit_config(tmp_path: Path, c4_path: Path) -> Path:
     config = {
-        "model": {"class_path": "lightning_drop.lightning_module.DropModule", "init_args": {"model": "tiny-llama"}},
-        "data": {"class_path": "lightning_drop.lightning_datamodule.TextDataModule",
+        "model": {"class_path": "lightning_drop.lightning.module.DropModule", "init_args": {"model": "tiny-llama"}},
+        "data": {"class_path": "lightning_drop.lightning.datamodule.TextDataModule",
                  "init_args": {"tokenizer": "tiny-llama", "source": str(c4_path), "seq_len": 32, "batch_size": 2,
                                "limit_documents": 20, "calibration_samples": 2}},
         "trainer": {"accelerator": "cpu", "max_steps": 1, "limit_val_batches": 0, "num_sanity_val_steps": 0,
@@ -139,7 +139,7 @@ def test_fit_restores_with_weights_only_unless_opted_out(tmp_path, c4_path, monk
 
     import lightning.pytorch as pl
 
-    from lightning_drop.lightning_cli import run_lightning_cli
+    from lightning_drop.lightning.cli import run_lightning_cli
 
     monkeypatch.chdir(tmp_path)
     seen = []
@@ -155,7 +155,7 @@ def test_fit_restores_with_weights_only_unless_opted_out(tmp_path, c4_path, monk
 
 # ------------------------------------------------------------------------------------- remote code
 def test_tokenizer_remote_code_needs_the_opt_in(tmp_path, marker, monkeypatch):
-    from lightning_drop.model_loading import RemoteCodeRefused, load_tokenizer
+    from lightning_drop.io.model_loading import RemoteCodeRefused, load_tokenizer
 
     (tmp_path / "config.json").write_text(json.dumps({"model_type": "llama"}))
     (tmp_path / "tokenizer_config.json").write_text(json.dumps(
@@ -171,10 +171,10 @@ def test_tokenizer_remote_code_needs_the_opt_in(tmp_path, marker, monkeypatch):
 # ------------------------------------------------------------------------------------------- stdin
 @pytest.fixture(scope="module")
 def nemotron_dir(tmp_path_factory):
-    from lightning_drop.dropped_checkpoint import save_dropped
+    from lightning_drop.io.dropped_checkpoint import save_dropped
     from lightning_drop.export import export_nemotron_nas
-    from lightning_drop.modeling_dropped import apply_drop
-    from lightning_drop.model_loading import tiny_model
+    from lightning_drop.core.modeling_dropped import apply_drop
+    from lightning_drop.io.model_loading import tiny_model
 
     model, tok = tiny_model("llama")
     apply_drop(model, attn=[1], mlp=[2])
@@ -185,7 +185,7 @@ def nemotron_dir(tmp_path_factory):
 
 def test_nemotron_export_loads_without_asking(nemotron_dir, monkeypatch):
     """A Nemotron-NAS export names remote code in its config; loading it (model and tokenizer) never asks."""
-    from lightning_drop.model_loading import load_model, load_tokenizer
+    from lightning_drop.io.model_loading import load_model, load_tokenizer
 
     asked = []
     monkeypatch.setattr(builtins, "input", lambda *a: asked.append(a) or "n")

@@ -9,8 +9,13 @@ import pytest
 
 from lightning_drop.jobs.study.budget import auto_select, derive, loss_stderr
 from lightning_drop.jobs.study.figures import pareto_front
-from lightning_drop.significance import (correctness, diff_stderr, paired_stderr, relative_loss_stderr,
-                                         within_noise)
+from lightning_drop.measure.significance import (
+    correctness,
+    diff_stderr,
+    paired_stderr,
+    relative_loss_stderr,
+    within_noise,
+)
 
 
 def _row(bits: str, **extra) -> dict:

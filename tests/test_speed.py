@@ -17,10 +17,15 @@ from torch.utils.data import DataLoader  # noqa: E402
 
 from lightning_drop import apply_drop  # noqa: E402
 from lightning_drop.callbacks.speed import SpeedBenchmark  # noqa: E402
-from lightning_drop.ideal_speedup import dropped_part_modules, profile_drop, realized_gain  # noqa: E402
-from lightning_drop.model_loading import load_model  # noqa: E402
-from lightning_drop.speed import (  # noqa: E402
-    compare_speed, count_params, kv_cache_bytes_per_token, measure_generation, sdr, weight_bytes,
+from lightning_drop.measure.ideal_speedup import dropped_part_modules, profile_drop, realized_gain  # noqa: E402
+from lightning_drop.io.model_loading import load_model  # noqa: E402
+from lightning_drop.measure.speed import (  # noqa: E402
+    compare_speed,
+    count_params,
+    kv_cache_bytes_per_token,
+    measure_generation,
+    sdr,
+    weight_bytes,
 )
 
 
@@ -42,7 +47,7 @@ def test_measure_generation_counts_and_positive_times():
 @pytest.mark.parametrize("family,attn", [("llama", ()), ("llama", (0, 2)), ("gemma2", (1,))])
 def test_timed_decode_generates_what_generate_does(family, attn):
     """The timed loop really decodes with its KV cache fed back: same greedy tokens as `generate`."""
-    from lightning_drop.speed import generate_once, random_prompt
+    from lightning_drop.measure.speed import generate_once, random_prompt
 
     model = _tiny(family, attn=attn).eval()
     ids = random_prompt(model, 2, 12)  # longer than gemma2's tiny sliding window (8)
@@ -55,7 +60,7 @@ def test_timed_decode_generates_what_generate_does(family, attn):
 
 def test_lockstep_generation_equals_separate_runs():
     """Interleaving two models step by step must not mix their caches: each generates what it does alone."""
-    from lightning_drop.speed import generate_lockstep, generate_once, random_prompt
+    from lightning_drop.measure.speed import generate_lockstep, generate_once, random_prompt
 
     base, dropped = _tiny("gemma2").eval(), _tiny("gemma2", attn=(0, 2)).eval()
     ids = random_prompt(base, 2, 12)
@@ -68,7 +73,7 @@ def test_lockstep_generation_equals_separate_runs():
 
 
 def test_place_weights_alike_copies_storage_and_keeps_values_and_ties():
-    from lightning_drop.speed import place_weights_alike
+    from lightning_drop.measure.speed import place_weights_alike
 
     model = _tiny()
     model.config.tie_word_embeddings = True
@@ -188,7 +193,7 @@ def test_speed_benchmark_callback(tmp_path):
 
 
 def test_speed_main_with_baseline_and_sdr(tmp_path):
-    from lightning_drop.dropped_checkpoint import save_dropped
+    from lightning_drop.io.dropped_checkpoint import save_dropped
     from lightning_drop.jobs.speed import speed_main
 
     model, tok = load_model("tiny-llama")
@@ -213,7 +218,7 @@ def test_process_clock_and_bad_clock():
 
 def test_speed_command_process_clock_and_threads(tmp_path, capsys):
     """`lightning-drop speed` with the steady settings; a bad value is one line."""
-    from lightning_drop.dropped_checkpoint import save_dropped
+    from lightning_drop.io.dropped_checkpoint import save_dropped
     from lightning_drop.cli import main
 
     model, tok = load_model("tiny-llama")

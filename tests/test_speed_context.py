@@ -13,12 +13,17 @@ import torch
 os.environ.setdefault("HF_HUB_OFFLINE", "1")
 os.environ.setdefault("HF_DATASETS_OFFLINE", "1")
 
-from lightning_drop import apply_drop, clocks  # noqa: E402
-from lightning_drop.context_speed import (  # noqa: E402
-    check_context, format_context_table, parse_lengths, preset, speed_by_context,
+from lightning_drop import apply_drop  # noqa: E402
+from lightning_drop.measure import clocks  # noqa: E402
+from lightning_drop.measure.context_speed import (  # noqa: E402
+    check_context,
+    format_context_table,
+    parse_lengths,
+    preset,
+    speed_by_context,
 )
-from lightning_drop.model_loading import load_model  # noqa: E402
-from lightning_drop.speed import compare_speed  # noqa: E402
+from lightning_drop.io.model_loading import load_model  # noqa: E402
+from lightning_drop.measure.speed import compare_speed  # noqa: E402
 
 
 def _pair(attn=(0, 2), mlp=()):
@@ -104,7 +109,7 @@ def test_speed_by_context_one_comparison_per_length_with_kv_at_that_length():
 def test_profile_drops_times_every_drop_from_the_same_runs():
     """Each drop sums its own modules' times of one profiled run: a drop that removes two others' modules
     is charged exactly their sum, and all share the same base and profiled times."""
-    from lightning_drop.ideal_speedup import profile_drops
+    from lightning_drop.measure.ideal_speedup import profile_drops
 
     base, _ = _pair()
     prof = profile_drops(base, {"attn": ([0, 1], []), "mlp": ([], [2]), "both": ([0, 1], [2])}, prompt_len=8,
@@ -135,7 +140,7 @@ def test_lengths_presets_and_context_checks():
 
 def test_speed_command_per_length_json_and_table(tmp_path, capsys):
     from lightning_drop.cli import main
-    from lightning_drop.dropped_checkpoint import save_dropped
+    from lightning_drop.io.dropped_checkpoint import save_dropped
 
     model, tok = load_model("tiny-llama")
     apply_drop(model, attn=[1, 3])
@@ -157,7 +162,7 @@ def test_speed_command_per_length_json_and_table(tmp_path, capsys):
 def test_speed_command_preset_sets_the_workload(tmp_path, monkeypatch):
     """A preset's prompt lengths, generated tokens and batch reach the measurement (a small stand-in preset:
     the paper's 2048 + 2048 exceeds the tiny model's 512 positions, which is refused before loading)."""
-    from lightning_drop import context_speed
+    from lightning_drop.measure import context_speed
     from lightning_drop.jobs.speed import speed_main
 
     monkeypatch.setitem(context_speed.PRESETS, "small", {"prompt_lens": [6, 10], "gen_len": 3, "batch_size": 2})
@@ -169,7 +174,7 @@ def test_speed_command_preset_sets_the_workload(tmp_path, monkeypatch):
     def no_loading(*a, **k):
         raise AssertionError("weights loaded before the context length was checked")
 
-    monkeypatch.setattr("lightning_drop.model_loading.load_model", no_loading)
+    monkeypatch.setattr("lightning_drop.io.model_loading.load_model", no_loading)
     with pytest.raises(ValueError, match=r"--preset: prompt 2048 \+ 2048 generated tokens = 4096 exceeds"):
         speed_main("tiny-llama", baseline="tiny-llama", preset="paper")
 
@@ -179,7 +184,7 @@ def test_speed_command_preset_sets_the_workload(tmp_path, monkeypatch):
 def test_cuda_refused_in_one_line_without_a_gpu(capsys, monkeypatch):
     from lightning_drop.cli import main
 
-    monkeypatch.setattr("lightning_drop.model_loading.load_model", lambda *a, **k: pytest.fail("loaded a model"))
+    monkeypatch.setattr("lightning_drop.io.model_loading.load_model", lambda *a, **k: pytest.fail("loaded a model"))
     assert main(["speed", "--model", "tiny-llama", "--device", "cuda", "--dtype", "bf16"]) == 2
     err = capsys.readouterr().err.strip().splitlines()
     assert len(err) == 1 and err[0].startswith("lightning-drop speed: error: --device cuda: ")

@@ -44,10 +44,10 @@ print(json.dumps({{"codes": codes, "loaded": [m for m in {HEAVY!r} if m in sys.m
 def test_drop_parser_defaults_match_the_library():
     """The parser's choices and defaults come from the light options module; the library uses the same ones."""
     from lightning_drop.cli import build_parser
-    from lightning_drop.text_data import CalibrationConfig
-    from lightning_drop.importance import METRICS
-    from lightning_drop.options import CalibrationConfig as LightCalibrationConfig
-    from lightning_drop.options import SCHEDULES, TARGETS
+    from lightning_drop.io.text_data import CalibrationConfig
+    from lightning_drop.scoring.importance import METRICS
+    from lightning_drop.core.options import CalibrationConfig as LightCalibrationConfig
+    from lightning_drop.core.options import SCHEDULES, TARGETS
 
     assert CalibrationConfig is LightCalibrationConfig
     args = build_parser().parse_args(["drop", "--model", "m", "--num", "1", "--output", "o"])
@@ -63,14 +63,14 @@ import json, sys
 import lightning_drop as ld
 light = "transformers" not in sys.modules and "torch" not in sys.modules
 from lightning_drop import apply_drop, load_model
-from lightning_drop.architectures import ArchSpec
-from lightning_drop.dropped_checkpoint import load_dropped, save_dropped
-from lightning_drop.modeling_dropped import apply_drop as real_apply_drop
-from lightning_drop.model_loading import load_model as real_load_model
+from lightning_drop.core.architectures import ArchSpec
+from lightning_drop.io.dropped_checkpoint import load_dropped, save_dropped
+from lightning_drop.core.modeling_dropped import apply_drop as real_apply_drop
+from lightning_drop.io.model_loading import load_model as real_load_model
 same = (apply_drop is real_apply_drop and load_model is real_load_model and ld.ArchSpec is ArchSpec
         and ld.save_dropped is save_dropped and ld.load_dropped is load_dropped)
 names = all(hasattr(ld, n) for n in ld.__all__) and set(ld.__all__) <= set(dir(ld))
-sub = ld.vision.__name__ == "lightning_drop.vision" and ld.model_loading.load_model is load_model
+sub = ld.vision.__name__ == "lightning_drop.vision" and ld.io.model_loading.load_model is load_model
 try:
     ld.no_such_name
     missing = False
@@ -83,9 +83,9 @@ print(json.dumps([light, same, names, sub, missing]))
 
 @pytest.fixture(scope="module")
 def dropped_dir(tmp_path_factory):
-    from lightning_drop.dropped_checkpoint import save_dropped
-    from lightning_drop.modeling_dropped import apply_drop
-    from lightning_drop.model_loading import tiny_model
+    from lightning_drop.io.dropped_checkpoint import save_dropped
+    from lightning_drop.core.modeling_dropped import apply_drop
+    from lightning_drop.io.model_loading import tiny_model
 
     model, tok = tiny_model("llama")
     apply_drop(model, attn=[1], mlp=[2])
@@ -97,7 +97,7 @@ def dropped_dir(tmp_path_factory):
 @pytest.mark.parametrize("first", [
     "import lightning_drop",                                # package first, transformers later
     "import transformers; import lightning_drop",           # transformers already there
-    "from lightning_drop.dropped_checkpoint import read_config",    # transformers first imported from inside the package
+    "from lightning_drop.io.dropped_checkpoint import read_config",    # transformers first imported from inside the package
 ])
 def test_auto_classes_registered_in_any_import_order(dropped_dir, first):
     """`AutoModelForCausalLM.from_pretrained(dropped_dir)` works after `import lightning_drop`, without

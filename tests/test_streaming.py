@@ -11,15 +11,15 @@ import pytest
 import torch
 from safetensors.torch import load_file
 
-from lightning_drop import streamed_writer, streaming
+from lightning_drop.scoring import streamed_writer, streaming
 from lightning_drop.cli import main
-from lightning_drop.dropped_checkpoint import load_dropped, save_dropped
-from lightning_drop.importance import compute_importance
-from lightning_drop.model_loading import tiny_model
-from lightning_drop.modeling_dropped import apply_drop
-from lightning_drop.safetensors_io import INDEX_NAME, ReusedBuffer
-from lightning_drop.streamed_writer import write_dropped_streaming
-from lightning_drop.streaming import stream_importance
+from lightning_drop.io.dropped_checkpoint import load_dropped, save_dropped
+from lightning_drop.scoring.importance import compute_importance
+from lightning_drop.io.model_loading import tiny_model
+from lightning_drop.core.modeling_dropped import apply_drop
+from lightning_drop.io.safetensors_io import INDEX_NAME, ReusedBuffer
+from lightning_drop.scoring.streamed_writer import write_dropped_streaming
+from lightning_drop.scoring.streaming import stream_importance
 
 SEQ = 32  # longer than the tiny families' sliding window (8)
 
@@ -242,8 +242,8 @@ def test_stream_errors_are_one_line(tmp_path, c4_path, capsys):
 
 @pytest.mark.slow
 def test_smollm2_streamed_scores_equal_in_memory(c4_path):
-    from lightning_drop.model_loading import load_model, resolve
-    from lightning_drop.text_data import CalibrationConfig, calibration_windows
+    from lightning_drop.io.model_loading import load_model, resolve
+    from lightning_drop.io.text_data import CalibrationConfig, calibration_windows
 
     model, tok = load_model("smollm2-135m")
     windows = calibration_windows(tok, CalibrationConfig(source=str(c4_path), num_samples=4, seq_len=128))
@@ -259,7 +259,7 @@ def test_fsdp_policy_wraps_exactly_the_decoder_layers():
     from transformers.models.gemma2.modeling_gemma2 import Gemma2DecoderLayer
     from transformers.models.llama.modeling_llama import LlamaDecoderLayer
 
-    from lightning_drop.distributed import (
+    from lightning_drop.lightning.distributed import (
         DecoderLayerFSDPStrategy,
         decoder_layer_classes,
         fsdp_auto_wrap_policy,

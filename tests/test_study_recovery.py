@@ -91,8 +91,8 @@ def test_recovery_rows_controls_rounds_cache_and_report(tmp_path, c4_path):
     assert "## Recovery" in report and "heal-rounds" in report and (out / "figures" / "recovery.png").is_file()
     # a re-run trains nothing
     # the recovered models are dropped checkpoints that load and hold what was measured
-    from lightning_drop.evaluation import perplexity
-    from lightning_drop.model_loading import load_model
+    from lightning_drop.measure.evaluation import perplexity
+    from lightning_drop.io.model_loading import load_model
 
     assert rows[("control", "lora-lm")]["checkpoint"] is None
     model, _ = load_model(rows[("attn-2", "full-kd")]["checkpoint"])

@@ -1,4 +1,4 @@
-"""The stored top-k teacher (`lightning_drop.teacher_logits`) and its loss (`distill_loss.topk_*`): the store's
+"""The stored top-k teacher (`lightning_drop.io.teacher_logits`) and its loss (`distill_loss.topk_*`): the store's
 round trip and lookup by content, its errors (a missing row, a mismatching manifest, a foreign directory),
 atomic writing; the loss against the dense definition; `Distillation(teacher_logits=...)` on tiny-llama:
 the same trained weights as the live teacher when k is the vocabulary, no teacher held while training,
@@ -23,11 +23,18 @@ from lightning.pytorch.utilities.exceptions import MisconfigurationException
 from lightning_drop.callbacks import Distillation, LayerDrop
 from lightning_drop.callbacks.distill_loss import kd_and_lm_loss, kd_loss, topk_kd_and_lm_loss, topk_kd_loss
 from lightning_drop.errors import UserError
-from lightning_drop.lightning_datamodule import TextDataModule
-from lightning_drop.lightning_module import DropModule
-from lightning_drop.model_loading import tiny_model
-from lightning_drop.teacher_logits import (MANIFEST, StoreMismatch, TeacherLogitStore, prepare_store, read_manifest,
-                                           top_k_logprobs, write_store)
+from lightning_drop.lightning.datamodule import TextDataModule
+from lightning_drop.lightning.module import DropModule
+from lightning_drop.io.model_loading import tiny_model
+from lightning_drop.io.teacher_logits import (
+    MANIFEST,
+    StoreMismatch,
+    TeacherLogitStore,
+    prepare_store,
+    read_manifest,
+    top_k_logprobs,
+    write_store,
+)
 
 torch.set_num_threads(1)
 VOCAB = 320  # tiny-llama's
@@ -348,9 +355,9 @@ def test_rank_zero_writes_the_store_and_both_ranks_train_from_it(tmp_path, c4_pa
     cb = "lightning_drop.callbacks."
     config = {
         "seed_everything": 0,
-        "model": {"class_path": "lightning_drop.lightning_module.DropModule",
+        "model": {"class_path": "lightning_drop.lightning.module.DropModule",
                   "init_args": {"model": "tiny-llama", "lr": 3e-3}},
-        "data": {"class_path": "lightning_drop.lightning_datamodule.TextDataModule",
+        "data": {"class_path": "lightning_drop.lightning.datamodule.TextDataModule",
                  "init_args": {"tokenizer": "tiny-llama", "source": str(c4_path), "seq_len": 32, "batch_size": 2,
                                "limit_documents": 20, "calibration_samples": 4, "max_train_windows": 16}},
         "trainer": {"max_steps": 3, "limit_val_batches": 0, "num_sanity_val_steps": 0, "enable_progress_bar": False,

@@ -13,10 +13,10 @@ import pytest
 import torch
 
 from lightning_drop import apply_drop, dropped_layers, save_dropped
-from lightning_drop.architectures import vision_spec
-from lightning_drop.importance import compute_importance
-from lightning_drop.schedule import drop_by_importance
-from lightning_drop.sublayer_check import check_really_skipped, sublayer_call_counts
+from lightning_drop.core.architectures import vision_spec
+from lightning_drop.scoring.importance import compute_importance
+from lightning_drop.scoring.schedule import drop_by_importance
+from lightning_drop.measure.sublayer_check import check_really_skipped, sublayer_call_counts
 from lightning_drop.vision.lightning_module import tiny_vision_model
 from lightning_drop.vision.speed import compare_image_throughput
 
@@ -33,7 +33,7 @@ def _out(model, x=X):
 def test_really_skipped_catches_a_standin_that_runs_the_original(monkeypatch):
     """A stand-in patched to run the original attention (held outside the module tree, so no hook sits on
     it): only the FLOPs counted inside the slot can see it."""
-    from lightning_drop.modeling_dropped import DroppedAttention
+    from lightning_drop.core.modeling_dropped import DroppedAttention
 
     full = tiny_vision_model("vit")
     original = vision_spec(full).get_layers(full)[1].attention

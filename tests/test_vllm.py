@@ -74,7 +74,7 @@ def test_drop_sets_and_comparison(tmp_path):
     finds the largest difference at the target token and over every token vLLM returned."""
     import numpy as np
 
-    from lightning_drop.importance import ImportanceScores
+    from lightning_drop.scoring.importance import ImportanceScores
     from vllm_engine import compare, drop_sets
 
     n = 12
@@ -114,9 +114,9 @@ def test_vllm_serve_completion_is_our_greedy_text(vllm_env, tmp_path):
     """`vllm serve` on the export answers an OpenAI completion request (temperature 0) with our greedy text."""
     import torch
 
-    from lightning_drop.dropped_checkpoint import save_dropped
-    from lightning_drop.modeling_dropped import apply_drop
-    from lightning_drop.model_loading import load_model
+    from lightning_drop.io.dropped_checkpoint import save_dropped
+    from lightning_drop.core.modeling_dropped import apply_drop
+    from lightning_drop.io.model_loading import load_model
     from _common import greedy
 
     model, tok = load_model("smollm2-135m", dtype=torch.float32)

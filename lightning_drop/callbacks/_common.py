@@ -73,7 +73,7 @@ class CalibrationSource:
                 )
             batch = dm.calibration_batch()
             return batch if self.limit is None else {k: v[:self.limit] for k, v in batch.items()}
-        from lightning_drop.text_data import load_documents, make_windows
+        from lightning_drop.io.text_data import load_documents, make_windows
 
         tok = getattr(pl_module, "tokenizer", None) or getattr(getattr(trainer, "datamodule", None), "tokenizer", None)
         if tok is None:

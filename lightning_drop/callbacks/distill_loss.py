@@ -6,7 +6,7 @@ one log-normalizer of the student's logits and its own backward (the gradient of
 respect to the logits is `softmax(s) * (a' + b') - a' * p_teacher - b' * onehot(label)`, built in place), where
 autograd through `log_softmax` twice would make about ten passes. `kd_loss` is the plain definition, kept
 for measurements and as the reference the fused one is tested against. `topk_kd_loss` / `topk_kd_and_lm_loss`
-are the same pair for a teacher stored as its top-k log-probabilities (`lightning_drop.teacher_logits`).
+are the same pair for a teacher stored as its top-k log-probabilities (`lightning_drop.io.teacher_logits`).
 """
 
 from __future__ import annotations

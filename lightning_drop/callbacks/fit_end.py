@@ -190,7 +190,7 @@ class FitEnd:
 
 
 def _has_adapters(model: Any) -> bool:
-    from lightning_drop.lightning_module import is_peft
+    from lightning_drop.lightning.module import is_peft
 
     return isinstance(model, nn.Module) and is_peft(model) and hasattr(model, "merge_and_unload")
 
@@ -230,7 +230,7 @@ class FitEndMeasurement(FitEndMember):
 
     def setup(self, trainer: pl.Trainer, pl_module: pl.LightningModule, stage: str) -> None:
         if stage == "fit":
-            from lightning_drop.distributed import refuse_if_sharded
+            from lightning_drop.lightning.distributed import refuse_if_sharded
 
             refuse_if_sharded(trainer, f"{type(self).__name__} measures the whole model at fit end and",
                               "use DDP, or save the model and measure it with "

@@ -24,8 +24,8 @@ import lightning.pytorch as pl
 from lightning.pytorch.callbacks import Callback
 from lightning.pytorch.utilities.exceptions import MisconfigurationException
 
-from lightning_drop.atomic_io import atomic_file
-from lightning_drop.distributed import refuse_if_sharded
+from lightning_drop.io.atomic_io import atomic_file
+from lightning_drop.lightning.distributed import refuse_if_sharded
 
 from ._common import CalibrationSource, hf_of, log_to_loggers
 
@@ -38,7 +38,7 @@ class ImportanceTracker(Callback):
 
     Args:
         every_n_steps: score every this many optimizer steps (also at fit start and fit end).
-        metric: importance metric (`lightning_drop.importance.METRICS`).
+        metric: importance metric (`lightning_drop.scoring.importance.METRICS`).
         calibration_source / calibration_samples / calibration_seq_len / calibration_batch_size: as on
             `LayerDrop` (None = the datamodule's `calibration_batch()`).
         output_dir: where the history files and the PNG go (default: the trainer's log dir).
@@ -65,7 +65,7 @@ class ImportanceTracker(Callback):
         prefix: str = "importance/",
     ) -> None:
         from lightning_drop.errors import UserError
-        from lightning_drop.importance_metrics import resolve_metric
+        from lightning_drop.scoring.metrics import resolve_metric
 
         if not isinstance(every_n_steps, int) or isinstance(every_n_steps, bool) or every_n_steps < 1:
             raise MisconfigurationException(f"ImportanceTracker: every_n_steps must be an integer >= 1, got {every_n_steps!r}")
@@ -92,7 +92,7 @@ class ImportanceTracker(Callback):
     # ---------------------------------------------------------------------------------------- scoring
     def score(self, trainer: pl.Trainer, pl_module: pl.LightningModule, event: str) -> dict[str, Any]:
         """Score now (every rank), append to the history, write files and log (rank zero)."""
-        from lightning_drop.importance import compute_importance
+        from lightning_drop.scoring.importance import compute_importance
 
         scores = compute_importance(hf_of(pl_module), self.calibration.batches(trainer, pl_module),
                                     metric=self.metric)
@@ -117,7 +117,7 @@ class ImportanceTracker(Callback):
 
     def write_history(self, out_dir: str | os.PathLike) -> None:
         """`importance_history.json` (all entries) and `.csv` (one row per step x kind), atomically."""
-        from lightning_drop.dropped_checkpoint import atomic_write_text
+        from lightning_drop.io.dropped_checkpoint import atomic_write_text
 
         out_dir = Path(out_dir)
         n = max((len(e["attn"]) for e in self.history), default=0)
@@ -134,7 +134,7 @@ class ImportanceTracker(Callback):
     def figure(self) -> Any:
         """Matplotlib figure (`plots.importance_figure`): one panel per kind, a row per scoring step, layers
         on x (dropped modules blank)."""
-        from lightning_drop.plots import KIND_LABELS, Panel, importance_figure
+        from lightning_drop.measure.plots import KIND_LABELS, Panel, importance_figure
 
         steps = [str(e["step"]) for e in self.history]
         panels = [Panel(f"{KIND_LABELS[kind]} importance ({self.metric})", steps, [e[kind] for e in self.history],

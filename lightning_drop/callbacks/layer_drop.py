@@ -5,7 +5,7 @@ the strategy moves the model and builds optimizers (as `BaseFinetuning.setup` ch
 training it happens after an optimizer step and is followed by a rebuild of DDP, optimizers and
 schedulers (`trainer.strategy.setup_optimizers`); at fit end in `on_train_end`. Scores are synchronized
 across processes (torchmetrics states) and rank zero's copy is broadcast before the selection, so every rank
-drops the same modules. The rounds are those of `lightning_drop.schedule.drop_rounds`, as for every other way
+drops the same modules. The rounds are those of `lightning_drop.scoring.schedule.drop_rounds`, as for every other way
 of dropping. Like `ModelPruning`, the structural change itself lives in the model (`DropModule`
 writes the drop plan into every checkpoint); this callback's `state_dict` keeps the schedule position and
 the per-round record. Just before each drop (and before re-applying recorded drops on resume) it calls
@@ -18,7 +18,7 @@ reads its state from the checkpoint and re-applies the recorded drops instead of
 `trainer.fit(ckpt_path=...)` Lightning reveals the path only after setup, so a fit-start drop is re-scored
 and `DropModule.on_load_checkpoint` then restores the checkpoint's architecture (correct, but wasted work).
 Under FSDP only fit-start drops without training between rounds are allowed (see
-`lightning_drop.distributed`).
+`lightning_drop.lightning.distributed`).
 """
 
 from __future__ import annotations
@@ -29,16 +29,10 @@ import lightning.pytorch as pl
 from lightning.pytorch.utilities import rank_zero_info, rank_zero_warn
 from lightning.pytorch.utilities.exceptions import MisconfigurationException
 
-from lightning_drop.distributed import refuse_if_sharded
-from lightning_drop.training_checkpoint import checkpoint_meta, resume_path
+from lightning_drop.lightning.distributed import refuse_if_sharded
+from lightning_drop.io.training_checkpoint import checkpoint_meta, resume_path
 
-from ._common import (
-    CalibrationSource,
-    hf_of,
-    log_to_loggers,
-    rebuild_optimizers,
-    scoring_device,
-)
+from ._common import CalibrationSource, hf_of, log_to_loggers, rebuild_optimizers, scoring_device
 from .fit_end import FitEnd, FitEndMember
 
 WHEN = ("fit_start", "step", "fit_end")
@@ -51,7 +45,7 @@ class LayerDrop(FitEndMember):
         target: `block`, `attn`, `mlp` or `joint` (attention and MLP ranked together).
         num / ratio: how many modules in total (exactly one of them; ratio of the layers, or of 2x the
             layers for `joint`).
-        metric: a metric of `lightning_drop.importance_metrics` (`cosine` is the paper's), or the importable
+        metric: a metric of `lightning_drop.scoring.metrics` (`cosine` is the paper's), or the importable
             name of one's own (`my_package.metrics.dot`).
         schedule: `one-shot` (score once, drop all), `iterative` (drop `step` modules per round and
             re-score the dropped model before the next round), or the importable name of a round-size function.
@@ -63,7 +57,7 @@ class LayerDrop(FitEndMember):
         keep: layer indices never dropped.
         seed: seed of the `random` metric.
         calibration_source: None for the datamodule's `calibration_batch()`, else a source for
-            `lightning_drop.text_data.load_documents` (`c4-sample`, a .jsonl file, ...), cut into
+            `lightning_drop.io.text_data.load_documents` (`c4-sample`, a .jsonl file, ...), cut into
             `calibration_samples` windows of `calibration_seq_len` tokens.
         calibration_batch_size: windows per forward pass while scoring.
         verbose: print each round's decision (rank zero).
@@ -90,10 +84,10 @@ class LayerDrop(FitEndMember):
         rule: str = "lowest",
     ) -> None:
         from lightning_drop.errors import UserError
-        from lightning_drop.importance_metrics import resolve_metric
-        from lightning_drop.options import TARGETS
-        from lightning_drop.schedule import resolve_schedule
-        from lightning_drop.selection import resolve_rule
+        from lightning_drop.scoring.metrics import resolve_metric
+        from lightning_drop.core.options import TARGETS
+        from lightning_drop.scoring.schedule import resolve_schedule
+        from lightning_drop.scoring.selection import resolve_rule
 
         if target not in TARGETS:
             raise MisconfigurationException(f"LayerDrop: unknown target {target!r}; choose from {', '.join(TARGETS)}")
@@ -152,8 +146,8 @@ class LayerDrop(FitEndMember):
 
     # ---------------------------------------------------------------------------------------- dropping
     def _resolve_total(self, pl_module: pl.LightningModule) -> int:
-        from lightning_drop.architectures import get_spec
-        from lightning_drop.selection import resolve_num, total_modules
+        from lightning_drop.core.architectures import get_spec
+        from lightning_drop.scoring.selection import resolve_num, total_modules
 
         model = hf_of(pl_module)
         n = len(get_spec(model).get_layers(model))
@@ -162,12 +156,12 @@ class LayerDrop(FitEndMember):
     def drop_round(self, trainer: pl.Trainer, pl_module: pl.LightningModule) -> dict[str, Any]:
         """Score the current model and drop the next round's modules (on every rank identically).
 
-        The round is the next one of `lightning_drop.schedule.drop_rounds`, continued from this callback's
+        The round is the next one of `lightning_drop.scoring.schedule.drop_rounds`, continued from this callback's
         recorded rounds, so a round after a resume is the one an uninterrupted fit would have made.
         """
-        from lightning_drop.importance import ImportanceScores, compute_importance
-        from lightning_drop.modeling_dropped import apply_drop
-        from lightning_drop.schedule import drop_rounds
+        from lightning_drop.scoring.importance import ImportanceScores, compute_importance
+        from lightning_drop.core.modeling_dropped import apply_drop
+        from lightning_drop.scoring.schedule import drop_rounds
 
         if self.total is None:
             self.total = self._resolve_total(pl_module)
@@ -222,7 +216,7 @@ class LayerDrop(FitEndMember):
 
     # ------------------------------------------------------------------------------------------- hooks
     def _num_layers(self, pl_module: pl.LightningModule) -> int:
-        from lightning_drop.architectures import get_spec
+        from lightning_drop.core.architectures import get_spec
 
         model = hf_of(pl_module)
         return len(get_spec(model).get_layers(model))
@@ -234,7 +228,7 @@ class LayerDrop(FitEndMember):
         if bad:
             raise MisconfigurationException(f"LayerDrop: keep indices {bad} out of range: the model has {n} layers "
                                             f"(0..{n - 1})")
-        from lightning_drop.selection import droppable_modules, max_droppable
+        from lightning_drop.scoring.selection import droppable_modules, max_droppable
 
         attn_d, mlp_d = dropped_layers_of(hf_of(pl_module))
         count, removes_all = droppable_modules(n, self.target, self.keep, attn_d, mlp_d)
@@ -272,7 +266,7 @@ class LayerDrop(FitEndMember):
 
     def _resume(self, trainer: pl.Trainer, pl_module: pl.LightningModule, path: str) -> None:
         """Take this callback's state from the checkpoint and re-apply its recorded drops (no scoring)."""
-        from lightning_drop.modeling_dropped import apply_drop
+        from lightning_drop.core.modeling_dropped import apply_drop
 
         meta = checkpoint_meta(path)
         if meta is None:
@@ -351,6 +345,6 @@ class LayerDrop(FitEndMember):
 
 
 def dropped_layers_of(model: Any) -> tuple[list[int], list[int]]:
-    from lightning_drop.modeling_dropped import dropped_layers
+    from lightning_drop.core.modeling_dropped import dropped_layers
 
     return dropped_layers(model)

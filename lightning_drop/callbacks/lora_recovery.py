@@ -17,7 +17,7 @@ import lightning.pytorch as pl
 from lightning.pytorch.utilities import rank_zero_info
 from lightning.pytorch.utilities.exceptions import MisconfigurationException
 
-from lightning_drop.distributed import refuse_if_sharded
+from lightning_drop.lightning.distributed import refuse_if_sharded
 
 from ._common import rebuild_optimizers
 from .fit_end import FitEnd, FitEndMember

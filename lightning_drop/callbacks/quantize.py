@@ -1,7 +1,7 @@
 """Quantize the trained (dropped) model at the end of fit: `QuantizeCallback`.
 
 Runs in `on_train_end` on global rank zero: the model is saved to a temporary checkpoint (gptqmodel must
-read a dropped model from disk, see `lightning_drop.quantize`), quantized on CPU into `output`, and the
+read a dropped model from disk, see `lightning_drop.measure.quantize`), quantized on CPU into `output`, and the
 sizes, the time and, given held-out text, the perplexity before and after quantization (the shape of the
 paper's Table 10) go to `trainer.loggers` (`self.log` is not allowed in this hook) and to
 `output/lightning_drop_quant.json`. The other ranks wait at a barrier. It joins the fit's record as the
@@ -22,14 +22,7 @@ from typing import Any
 import lightning.pytorch as pl
 from lightning.pytorch.utilities import rank_zero_info
 
-from lightning_drop.quantize import (
-    BACKENDS,
-    BITS,
-    METHODS,
-    QUANT_REPORT,
-    check_args,
-    require_backend,
-)
+from lightning_drop.measure.quantize import BACKENDS, BITS, METHODS, QUANT_REPORT, check_args, require_backend
 
 from ..errors import UserError
 from ._common import log_to_loggers
@@ -37,21 +30,21 @@ from .fit_end import FitEndMeasurement
 
 
 class QuantizeCallback(FitEndMeasurement):
-    """GPTQ or AWQ of the trained model at fit end, saved so that `lightning_drop.model_loading.load_model` reloads it.
+    """GPTQ or AWQ of the trained model at fit end, saved so that `lightning_drop.io.model_loading.load_model` reloads it.
 
     Args:
         output: directory for the quantized checkpoint (replaced atomically if it exists).
         method: "gptq" or "awq".
         bits: 4 or 8.
         calibration: calibration text: a `.jsonl`/`.json`/`.txt`/`.parquet` file, an offline sample
-            (`c4-sample`, the default) or a hub dataset spec (see `lightning_drop.text_data.load_documents`).
+            (`c4-sample`, the default) or a hub dataset spec (see `lightning_drop.io.text_data.load_documents`).
         num_samples, seq_len: calibration blocks (EOS after each document, concatenated, cut).
         group_size: None picks the largest of 128/64/32 dividing every quantized width.
         backend: "gptqmodel" (runs on CPU and GPU); "autoawq" and "auto-gptq" only explain why they cannot.
         eval_data: held-out text (same kinds of source as `calibration`); when given, perplexity of the dropped model and of its quantized copy.
         eval_windows, eval_seq_len, eval_skip_windows: held-out windows; `eval_skip_windows=None` skips as many
             tokens as calibration used (`num_samples * seq_len`), so the calibration text is not scored.
-        dtype: calibration precision (None: see `lightning_drop.quantize.quantize`).
+        dtype: calibration precision (None: see `lightning_drop.measure.quantize.quantize`).
         name: prefix of the logged metrics.
     """
 
@@ -67,7 +60,7 @@ class QuantizeCallback(FitEndMeasurement):
             raise UserError("QuantizeCallback: output must be a directory path")
         if Path(output).exists() and not Path(output).is_dir():
             raise UserError(f"QuantizeCallback: output {output} exists and is not a directory")
-        from lightning_drop.text_data import LOCAL_SUFFIXES
+        from lightning_drop.io.text_data import LOCAL_SUFFIXES
 
         for arg, src in (("calibration", calibration), ("eval_data", eval_data)):
             if arg == "calibration" and (not isinstance(src, str) or not src.strip()):
@@ -91,9 +84,9 @@ class QuantizeCallback(FitEndMeasurement):
 
     def quantize(self, model: Any, tokenizer: Any) -> dict[str, Any]:
         """Save `model`, quantize it into `self.output`, measure; returns the report (also written as JSON)."""
-        from lightning_drop.dropped_checkpoint import atomic_write_text, save_dropped
-        from lightning_drop.quality_table import quality_report
-        from lightning_drop.quantize import quantize
+        from lightning_drop.io.dropped_checkpoint import atomic_write_text, save_dropped
+        from lightning_drop.measure.quality_table import quality_report
+        from lightning_drop.measure.quantize import quantize
 
         tmp = Path(tempfile.mkdtemp(prefix="ld-quantize-cb-"))
         try:
@@ -124,7 +117,7 @@ class QuantizeCallback(FitEndMeasurement):
         # every rank: a pending fit-end drop is collective; a merged copy if the adapters stay attached
         model, tok = hf_model_and_tokenizer(trainer, pl_module, merged_copy=trainer.is_global_zero)
         if trainer.is_global_zero:
-            from lightning_drop.quantize import format_report
+            from lightning_drop.measure.quantize import format_report
 
             was_training = model.training
             model.eval()

@@ -24,7 +24,7 @@ class SpeedBenchmark(FitEndMeasurement):
     """Time the trained (dropped) model, alternately with a baseline when one is named.
 
     Args:
-        baseline: model reference for `lightning_drop.model_loading.load_model` (dir, catalogue name, hub id); with
+        baseline: model reference for `lightning_drop.io.model_loading.load_model` (dir, catalogue name, hub id); with
             it the speedup, KV and parameter ratios are reported, and the SDR when `baseline_avg` is given and
             an `LMEvalCallback` of the same fit (anywhere in the callback list) measures the dropped model's
             average.
@@ -53,7 +53,7 @@ class SpeedBenchmark(FitEndMeasurement):
         self.results: dict[str, Any] | None = None
 
     def measure(self, model: Any, base: Any = None, dropped_avg: float | None = None) -> dict[str, Any]:
-        from lightning_drop import ideal_speedup, speed
+        from lightning_drop.measure import ideal_speedup, speed
 
         args = (self.batch_size, self.prompt_len, self.gen_len, self.repeats, self.warmup)
         if base is None:
@@ -61,7 +61,7 @@ class SpeedBenchmark(FitEndMeasurement):
             return res
         res = speed.compare_speed(base, model, *args)
         if self.ideal:
-            from lightning_drop.modeling_dropped import dropped_layers
+            from lightning_drop.core.modeling_dropped import dropped_layers
 
             attn, mlp = dropped_layers(model)
             prof = ideal_speedup.profile_drop(base, attn, mlp, *args)
@@ -77,7 +77,7 @@ class SpeedBenchmark(FitEndMeasurement):
         lm_eval = record.result(trainer, pl_module, "lm_eval") if self.baseline_avg is not None else None
         model = final_model(trainer, pl_module, merged_copy=trainer.is_global_zero)  # every rank: a drop is collective
         if trainer.is_global_zero:
-            from lightning_drop.model_loading import load_model
+            from lightning_drop.io.model_loading import load_model
 
             to_root_device(trainer, model)
             base = None
@@ -99,10 +99,10 @@ class SpeedBenchmark(FitEndMeasurement):
                     metrics[k] = res[k]
             log_to_loggers(trainer, {f"{self.prefix}{k}": v for k, v in metrics.items()})
             if self.output:
-                from lightning_drop.evaluation import write_json
+                from lightning_drop.measure.evaluation import write_json
 
                 write_json(self.output, res)
-            from lightning_drop.speed import print_speed
+            from lightning_drop.measure.speed import print_speed
 
             print_speed(res)
             del base

@@ -14,7 +14,7 @@ import torch
 from lightning.pytorch.utilities.exceptions import MisconfigurationException
 from torch import nn
 
-from lightning_drop.teacher_logits import output_vocab_size
+from lightning_drop.io.teacher_logits import output_vocab_size
 
 from ._common import hf_of
 
@@ -32,7 +32,7 @@ def teacher_dtype_of(owner: str, name: str | None) -> torch.dtype | None:
 
 def load_teacher(ref: str, dtype: torch.dtype | None) -> tuple[nn.Module, Any]:
     """(model, tokenizer) of a teacher reference; a reference that does not load is a one-line error."""
-    from lightning_drop.model_loading import load_model
+    from lightning_drop.io.model_loading import load_model
 
     try:
         return load_model(ref, dtype=dtype or torch.float32)
@@ -67,8 +67,8 @@ def check_teacher(pl_module: pl.LightningModule, model: nn.Module, tokenizer: An
 
 def shared_blocks(*models: nn.Module) -> list[int]:
     """Blocks that every model still has (not fully dropped): where their outputs can be compared."""
-    from lightning_drop.architectures import get_spec
-    from lightning_drop.modeling_dropped import dropped_layers
+    from lightning_drop.core.architectures import get_spec
+    from lightning_drop.core.modeling_dropped import dropped_layers
 
     n = len(get_spec(models[0]).get_layers(models[0]))
     gone: set[int] = set()

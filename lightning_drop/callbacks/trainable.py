@@ -100,7 +100,7 @@ class TrainableSet:
 
     def layer_indices(self, model: nn.Module) -> list[int]:
         """The chosen layers of `model` that have weights (resolved against its current drops)."""
-        from lightning_drop.modeling_dropped import dropped_layers
+        from lightning_drop.core.modeling_dropped import dropped_layers
 
         n = _num_layers(model)
         attn, mlp = dropped_layers(model)
@@ -184,7 +184,7 @@ def _checked_layers(owner: str, layers: Any) -> list[int] | str:
 
 
 def _layers(model: nn.Module) -> nn.ModuleList:
-    from lightning_drop.architectures import get_spec
+    from lightning_drop.core.architectures import get_spec
 
     return get_spec(model).get_layers(model)
 

@@ -31,7 +31,7 @@ import numpy as np
 import torch
 from torch import nn
 
-from ..atomic_io import atomic_file, check_output
+from ..io.atomic_io import atomic_file, check_output
 from ..errors import UserError, param
 from .nemotron import model_and_tokenizer, block_plan, check_llama_family
 

@@ -20,7 +20,7 @@ and otherwise use Llama's tensor names, minus the modules of no-op sublayers. A 
   so `AutoConfig.from_pretrained(dir, trust_remote_code=True)` yields attribute-style `block_configs`.
 
 Which engines load this layout, and what was run against which version, is in docs/engines.md; within this
-package `lightning_drop.nemotron_nas.load_nemotron_nas(dir)` and `lightning_drop.model_loading.load_model(dir)` read it.
+package `lightning_drop.io.nemotron_nas.load_nemotron_nas(dir)` and `lightning_drop.io.model_loading.load_model(dir)` read it.
 
 Supported sources: `llama`, and `mistral` when it has no sliding window shorter than its context (then
 it is numerically a Llama), with silu (SwiGLU) MLPs. Other families raise ValueError, and so do two drops
@@ -40,7 +40,7 @@ import torch
 from torch import nn
 
 from ..errors import UserError
-from ..nemotron_nas import (  # noqa: F401  (the format's reader and width formula, re-exported)
+from ..io.nemotron_nas import (  # noqa: F401  (the format's reader and width formula, re-exported)
     FFN_MULTIPLE as _MULTIPLE,
     find_multiple,
     ffn_mult_to_intermediate_size,
@@ -64,10 +64,10 @@ def choose_ffn_mult(intermediate_size: int, hidden_size: int) -> tuple[float, in
 
 
 def model_and_tokenizer(src: Any, tokenizer: Any = None) -> tuple[nn.Module, Any]:
-    """(model, tokenizer) from a model object or anything `lightning_drop.model_loading.load_model` accepts."""
+    """(model, tokenizer) from a model object or anything `lightning_drop.io.model_loading.load_model` accepts."""
     if isinstance(src, nn.Module):
         return src, tokenizer
-    from ..model_loading import catalogue_name, load_model
+    from ..io.model_loading import catalogue_name, load_model
 
     path = Path(src)
     if not path.exists() and catalogue_name(str(src)) is None:
@@ -100,7 +100,7 @@ def check_llama_family(config: Any, target: str) -> str:
 
 def block_plan(model: nn.Module, target: str) -> tuple[list[int], list[int]]:
     """(dropped attention, dropped MLP) indices, refusing drops the engines cannot run."""
-    from ..modeling_dropped import dropped_layers
+    from ..core.modeling_dropped import dropped_layers
 
     attn, mlp = dropped_layers(model)
     n = model.config.num_hidden_layers
@@ -139,7 +139,7 @@ def export_nemotron_nas(src: Any, out_dir: str | os.PathLike, dtype: str = "bf16
     """
     from safetensors.torch import save_file
 
-    from ..atomic_io import atomic_dir, check_output
+    from ..io.atomic_io import atomic_dir, check_output
 
     if dtype not in _DTYPES:
         raise UserError(f"dtype must be one of {', '.join(_DTYPES)}, got '{dtype}'")

@@ -12,20 +12,14 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import TYPE_CHECKING, Any, Iterator, Literal, Sequence, get_args
 
-from ..atomic_io import WriteFailed, check_output
+from ..io.atomic_io import WriteFailed, check_output
 from ..errors import UserError, param
-from ..options import (
-    TARGETS,
-    CalibrationConfig,
-    Metric,
-    Schedule,
-    Target,
-)
+from ..core.options import TARGETS, CalibrationConfig, Metric, Schedule, Target
 
 if TYPE_CHECKING:
     import torch
 
-    from ..schedule import DropResult
+    from ..scoring.schedule import DropResult
 
 #: "auto" writes the dropped checkpoint in the source checkpoint's own dtype (scoring may run in float32:
 #: a bf16 model must not come back twice its size).
@@ -42,9 +36,9 @@ def source_dtype(ref: str) -> torch.dtype:
     """
     import torch
 
-    from ..dropped_checkpoint import read_config
-    from ..model_loading import resolve, tiny_family
-    from ..safetensors_io import read_safetensors_header
+    from ..io.dropped_checkpoint import read_config
+    from ..io.model_loading import resolve, tiny_family
+    from ..io.safetensors_io import read_safetensors_header
 
     path = Path(resolve(ref))
     if tiny_family(ref) is not None or not (path / "config.json").is_file():
@@ -94,8 +88,8 @@ class DropJob:
     max_shard_size: str = "2GB"
 
     def __post_init__(self) -> None:
-        from ..importance_metrics import resolve_metric
-        from ..schedule import resolve_schedule
+        from ..scoring.metrics import resolve_metric
+        from ..scoring.schedule import resolve_schedule
 
         if self.target not in TARGETS:
             raise UserError(f"unknown target '{self.target}'; choose from {', '.join(TARGETS)}")
@@ -113,7 +107,7 @@ class DropJob:
         if self.output is not None:
             check_output(self.output, overwrite=self.overwrite,
                          sources=[self.model, self.tokenizer, self.calibration.source, self.offload_dir])
-        from ..text_data import check_source  # imports torch: not at the job module's import
+        from ..io.text_data import check_source  # imports torch: not at the job module's import
 
         check_source(self.calibration.source)
 
@@ -141,11 +135,11 @@ def run_drop(job: DropJob, progress: bool = True) -> dict[str, Any]:
     """Run `job`; returns the report (also written to OUTPUT/importance.json with a PNG beside it)."""
     if job.stream:
         return run_drop_streamed(job, progress)
-    from ..dropped_checkpoint import save_dropped
-    from ..model_loading import load_model
-    from ..modeling_dropped import dropped_layers
-    from ..schedule import drop_by_importance
-    from ..text_data import calibration_windows
+    from ..io.dropped_checkpoint import save_dropped
+    from ..io.model_loading import load_model
+    from ..core.modeling_dropped import dropped_layers
+    from ..scoring.schedule import drop_by_importance
+    from ..io.text_data import calibration_windows
 
     model, tok = load_model(job.model, dtype=job.dtype, tokenizer=job.tokenizer)  # checks the tokenizer
     model.to(check_device(job.device, "--device"))
@@ -195,8 +189,8 @@ def _holds_source_weights(job: DropJob) -> bool:
 def _reload_dropped(job: DropJob, attn: Sequence[int], mlp: Sequence[int]) -> Any:
     """The source model loaded again in the save dtype with the same drops, so the saved tensors are the
     source's bit for bit (or cast once, as `--save-dtype` asks)."""
-    from ..model_loading import load_model
-    from ..modeling_dropped import apply_drop, dropped_layers
+    from ..io.model_loading import load_model
+    from ..core.modeling_dropped import apply_drop, dropped_layers
 
     model, _ = load_model(job.model, dtype=save_dtype_of(job), tokenizer=job.tokenizer)
     had_attn, had_mlp = dropped_layers(model)
@@ -207,7 +201,7 @@ def _reload_dropped(job: DropJob, attn: Sequence[int], mlp: Sequence[int]) -> An
 def _check_request(job: DropJob, n_layers: int, dropped_attn: Sequence[int] = (),
                    dropped_mlp: Sequence[int] = ()) -> int:
     """Number of modules to drop; errors for bad --keep/--num before the (long) calibration pass."""
-    from ..selection import require_droppable, resolve_num, total_modules
+    from ..scoring.selection import require_droppable, resolve_num, total_modules
 
     bad_keep = [i for i in job.keep if not 0 <= i < n_layers]
     if bad_keep:
@@ -222,16 +216,16 @@ def run_drop_streamed(job: DropJob, progress: bool = True) -> dict[str, Any]:
     """`run_drop` for models larger than memory: layer-streamed scoring, shard-by-shard checkpoint.
 
     Same selection, report and checkpoint as the in-memory path; the model is never built (see
-    `lightning_drop.streaming`). The model must be a local safetensors checkpoint (or `smollm2-135m`).
+    `lightning_drop.scoring.streaming`). The model must be a local safetensors checkpoint (or `smollm2-135m`).
     """
-    from ..dropped_checkpoint import read_config
-    from ..importance import ImportanceScores
-    from ..model_loading import check_tokenizer, load_tokenizer, resolve
-    from ..schedule import drop_rounds
-    from ..schedule import DropResult
-    from ..streamed_writer import write_dropped_streaming
-    from ..streaming import stream_importance
-    from ..text_data import calibration_windows
+    from ..io.dropped_checkpoint import read_config
+    from ..scoring.importance import ImportanceScores
+    from ..io.model_loading import check_tokenizer, load_tokenizer, resolve
+    from ..scoring.schedule import drop_rounds
+    from ..scoring.schedule import DropResult
+    from ..scoring.streamed_writer import write_dropped_streaming
+    from ..scoring.streaming import stream_importance
+    from ..io.text_data import calibration_windows
 
     path = Path(resolve(job.model))
     if not (path / "config.json").is_file():
@@ -239,7 +233,7 @@ def run_drop_streamed(job: DropJob, progress: bool = True) -> dict[str, Any]:
                          f"got '{job.model}'")
     config = read_config(path)
     n_layers = int(config["num_hidden_layers"])
-    from ..modeling_dropped import normalize_drop_list
+    from ..core.modeling_dropped import normalize_drop_list
 
     base_attn = normalize_drop_list(config.get("drop_attn_list"), n_layers)
     base_mlp = normalize_drop_list(config.get("drop_mlp_list"), n_layers)
@@ -290,7 +284,7 @@ def build_report(job: DropJob, result: DropResult, windows: torch.Tensor) -> dic
         "drop_attn_list": result.attn, "drop_mlp_list": result.mlp, "keep": list(job.keep),
         "calibration": calib,
     }
-    from ..schedule import resolve_schedule
+    from ..scoring.schedule import resolve_schedule
 
     if resolve_schedule(job.schedule).rescores:
         report["rounds"] = result.to_dict()["rounds"]
@@ -299,7 +293,7 @@ def build_report(job: DropJob, result: DropResult, windows: torch.Tensor) -> dic
 
 def write_report(directory: str | os.PathLike, report: dict[str, Any], result: DropResult) -> None:
     """importance.json and importance.png into `directory`."""
-    from ..plots import plot_importance
+    from ..measure.plots import plot_importance
 
     directory = Path(directory)
     (directory / "importance.json").write_text(json.dumps(report, indent=2) + "\n")

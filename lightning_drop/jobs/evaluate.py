@@ -1,6 +1,6 @@
 """`lightning-drop eval` and `lightning-drop perplexity`: quality of a saved (dropped) model.
 
-The measures themselves are `lightning_drop.evaluation`'s; these load the model, check the arguments before the
+The measures themselves are `lightning_drop.measure.evaluation`'s; these load the model, check the arguments before the
 long work, write the JSON and print the table. Nothing heavy is imported until a command runs.
 """
 
@@ -13,7 +13,7 @@ import tempfile
 from collections.abc import Mapping, Sequence
 from typing import Any
 
-from ..atomic_io import check_output, write_json
+from ..io.atomic_io import check_output, write_json
 from ..errors import UserError
 
 
@@ -41,9 +41,9 @@ def eval_main(model: str, tasks: Sequence[str] | str | None = None, preset: str 
         tokenizer: tokenizer (directory, hub id or catalogue name) when the model has none of its own
         overwrite: replace an existing --output file
     """
-    from ..evaluation import dependency_output_to, parse_pairs, prepare_lm_eval, run_lm_eval
-    from ..lm_eval_tasks import local_task_dir, prepare_paper_tasks, resolve_tasks
-    from ..model_loading import load_model
+    from ..measure.evaluation import dependency_output_to, parse_pairs, prepare_lm_eval, run_lm_eval
+    from ..measure.lm_eval_tasks import local_task_dir, prepare_paper_tasks, resolve_tasks
+    from ..io.model_loading import load_model
 
     if output:
         check_output(output, kind="file", overwrite=overwrite, sources=[model, tokenizer, *(data or [])])
@@ -103,9 +103,9 @@ def perplexity_main(model: str, data: str, seq_len: int = 512, num_windows: int 
         tokenizer: tokenizer (directory, hub id or catalogue name) when the model has none of its own
         overwrite: replace an existing --output file
     """
-    from ..text_data import load_documents, make_windows
-    from ..evaluation import perplexity
-    from ..model_loading import load_model
+    from ..io.text_data import load_documents, make_windows
+    from ..measure.evaluation import perplexity
+    from ..io.model_loading import load_model
 
     if num_windows < 1:
         raise UserError(f"--num-windows must be >= 1, got {num_windows}")
@@ -130,7 +130,7 @@ def perplexity_main(model: str, data: str, seq_len: int = 512, num_windows: int 
 
 def _print_table(res: Mapping[str, Any]) -> None:
     """One row per task: its primary metric ± one standard error and the examples scored, then the rest."""
-    from ..evaluation import metric_stderr, plus_minus, primary_metric, result_stderrs
+    from ..measure.evaluation import metric_stderr, plus_minus, primary_metric, result_stderrs
 
     stderrs = result_stderrs(res)
     print(f"{'task':<24}{'shots':>6}{'n':>8}  {'score ± stderr':<30}other metrics")

@@ -5,7 +5,7 @@ from __future__ import annotations
 from pathlib import Path
 from typing import Any, Literal
 
-from ..atomic_io import check_output
+from ..io.atomic_io import check_output
 from ..errors import UserError
 
 ExportFormat = Literal["nemotron-nas", "gguf"]
@@ -34,7 +34,7 @@ def export_main(model: str, format: ExportFormat, output: str, dtype: ExportDtyp
     if tokenizer:
         # the writers load a model reference with its own tokenizer: given another, the job loads both here,
         # after the target is checked against every input
-        from ..model_loading import load_model
+        from ..io.model_loading import load_model
 
         check_output(output, kind="file" if format == "gguf" else "dir", overwrite=overwrite,
                      sources=[model, tokenizer])

@@ -1,7 +1,7 @@
 """`lightning-drop quantize`: 4/8-bit AWQ or GPTQ of a saved (dropped) model, with the quality table.
 
-The quantizer is `lightning_drop.quantize`'s, looked up on that module when the command runs (so a replaced
-backend is the one used); the quality table is `lightning_drop.quality_table`'s. Nothing heavy is imported
+The quantizer is `lightning_drop.measure.quantize`'s, looked up on that module when the command runs (so a replaced
+backend is the one used); the quality table is `lightning_drop.measure.quality_table`'s. Nothing heavy is imported
 until it runs.
 """
 
@@ -13,7 +13,7 @@ from collections.abc import Mapping, Sequence
 from pathlib import Path
 from typing import Any, Literal
 
-from ..atomic_io import atomic_write_text, check_output
+from ..io.atomic_io import atomic_write_text, check_output
 from ..errors import UserError
 
 Method = Literal["awq", "gptq"]
@@ -69,10 +69,8 @@ def quantize_main(model: str, output: str, method: Method = "gptq", bits: int = 
             baseline, baseline+quant, dropped, dropped+quant); repeatable
         overwrite: replace a non-empty --output / --baseline-output
     """
-    from .. import (
-        quantize as library,  # attribute lookups at call time: a replaced backend is honoured
-    )
-    from ..quality_table import quality_report
+    from ..measure import quantize as library
+    from ..measure.quality_table import quality_report
 
     measure = bool(eval_data or tasks or task_results)
     if (baseline is not None or baseline_output is not None) and not measure:

@@ -1,5 +1,5 @@
 """`lightning-drop speed`: prefill/decode speed, KV-cache bytes and size of a saved model, side by side with a
-baseline in one run (the measures are `lightning_drop.speed`'s). Nothing heavy is imported until it runs."""
+baseline in one run (the measures are `lightning_drop.measure.speed`'s). Nothing heavy is imported until it runs."""
 
 from __future__ import annotations
 
@@ -7,9 +7,9 @@ import json
 import math
 from typing import Any, Literal
 
-from ..atomic_io import check_output, read_json, write_json
+from ..io.atomic_io import check_output, read_json, write_json
 from ..errors import UserError
-from ..options import Clock, Interleave
+from ..core.options import Clock, Interleave
 
 SpeedDtype = Literal["float32", "bfloat16", "float16", "fp32", "bf16", "fp16"]
 #: the dtype names `--dtype` takes, short spellings included, and the torch dtype each means
@@ -32,8 +32,8 @@ def _workload(preset: str | None, prompt_len: int | None, prompt_lens: str | Non
               batch_size: int | None) -> tuple[list[int], int, int]:
     """(prompt lengths, gen_len, batch size) from the options: a preset fixes all three, so giving one of them
     beside it is refused rather than silently overridden."""
-    from ..context_speed import parse_lengths
-    from ..context_speed import preset as named_preset
+    from ..measure.context_speed import parse_lengths
+    from ..measure.context_speed import preset as named_preset
 
     if prompt_len is not None and prompt_lens is not None:
         raise UserError("give either --prompt-len (one length) or --prompt-lens (several), not both")
@@ -88,16 +88,16 @@ def speed_main(model: str, baseline: str | None = None, batch_size: int | None =
     """
     import torch
 
-    from ..clocks import resolve_clock
-    from ..context_speed import (
+    from ..measure.clocks import resolve_clock
+    from ..measure.context_speed import (
         check_context,
         format_context_table,
         max_positions,
         positions_before_loading,
         speed_by_context,
     )
-    from ..model_loading import load_model
-    from ..speed import INTERLEAVE, measure_generation, peak_rss_bytes, print_speed, sdr
+    from ..io.model_loading import load_model
+    from ..measure.speed import INTERLEAVE, measure_generation, peak_rss_bytes, print_speed, sdr
     from .drop import check_device
 
     if ideal and not baseline:

@@ -1,7 +1,7 @@
 """Vision transformers (ViT, DINOv2 (+registers), DINOv3 ViT, SwinV2): image data, the image-classification
 LightningModule and its callbacks, and image throughput.
 
-Surgery, scores and checkpoints of vision families are the core's (`lightning_drop.architectures`,
+Surgery, scores and checkpoints of vision families are the core's (`lightning_drop.core.architectures`,
 `modeling_dropped`, `importance`, `dropped_checkpoint`): one set of functions for decoders and encoders. Once
 `lightning_drop` is imported, the dropped classes of every family are registered with transformers' Auto
 classes (when transformers is imported), so `AutoModelForImageClassification.from_pretrained(dir)` (or

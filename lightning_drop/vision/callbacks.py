@@ -25,13 +25,13 @@ from lightning.pytorch.utilities.exceptions import MisconfigurationException
 
 from ..callbacks._common import log_to_loggers
 from ..callbacks.importance_tracker import HISTORY_JSON, ImportanceTracker
-from ..dropped_checkpoint import atomic_write_text
+from ..io.dropped_checkpoint import atomic_write_text
 from ..errors import UserError
-from ..importance_metrics import resolve_metric
-from ..modeling_dropped import apply_drop, dropped_layers
-from ..options import TARGETS
-from ..schedule import drop_by_importance, resolve_schedule
-from ..sublayer_check import check_really_skipped
+from ..scoring.metrics import resolve_metric
+from ..core.modeling_dropped import apply_drop, dropped_layers
+from ..core.options import TARGETS
+from ..scoring.schedule import drop_by_importance, resolve_schedule
+from ..measure.sublayer_check import check_really_skipped
 from .speed import compare_image_throughput
 
 
@@ -118,7 +118,7 @@ class VisionLayerDrop(pl.Callback):
 
     Args:
         target: block | attn | mlp | joint. num: modules to drop. metric / schedule / step: as in
-            `lightning_drop.schedule.drop_by_importance`. keep: flat block indices never dropped.
+            `lightning_drop.scoring.schedule.drop_by_importance`. keep: flat block indices never dropped.
         calibration_images: training images used for scoring.
         head_epochs / head_lr: head fine-tuning after the drop (0 epochs: none).
         speed_batch_size / speed_iters: images/s measurement (0 iters: skip speed).
@@ -196,6 +196,6 @@ class VisionLayerDrop(pl.Callback):
         if self.report_path:
             atomic_write_text(self.report_path, json.dumps(report, indent=1) + "\n")
         if self.save_dir:
-            from ..dropped_checkpoint import save_dropped
+            from ..io.dropped_checkpoint import save_dropped
 
             save_dropped(pl_module.model, Path(self.save_dir), overwrite=True)  # a re-run replaces its own output

@@ -19,9 +19,9 @@ from torch import nn
 from torchmetrics.classification import MulticlassAccuracy
 
 from ..errors import UserError
-from ..modeling_dropped import apply_drop, dropped_layers
-from ..lightning_module import DropPlan
-from ..architectures import VISION_SPECS, vision_spec
+from ..core.modeling_dropped import apply_drop, dropped_layers
+from ..lightning.module import DropPlan
+from ..core.architectures import VISION_SPECS, vision_spec
 
 CKPT_KEY = "lightning_drop"
 FAMILIES = tuple(spec.family for spec in VISION_SPECS)
@@ -33,10 +33,10 @@ def build_vision_model(family: str = "vit", init_config: dict[str, Any] | None =
     the family's tiny defaults overridden by `init_config` (e.g. hidden_size, num_hidden_layers, image_size)."""
     import transformers
 
-    from ..dropped_checkpoint import read_config
+    from ..io.dropped_checkpoint import read_config
 
     if model_path:
-        from ..dropped_checkpoint import load_dropped
+        from ..io.dropped_checkpoint import load_dropped
 
         vision_spec(str(read_config(model_path).get("model_type", "")))
         return load_dropped(model_path)

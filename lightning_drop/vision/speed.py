@@ -1,5 +1,5 @@
 """Speed of vision models: images/s and FLOPs per image (baseline vs dropped). The run-time check that
-dropped sublayers are really skipped is the core's (`lightning_drop.sublayer_check`, any family).
+dropped sublayers are really skipped is the core's (`lightning_drop.measure.sublayer_check`, any family).
 
 FLOPs are counted by `torch.utils.flop_counter.FlopCounterMode` over one real forward, so they follow exactly
 what runs: a dropped sublayer's stand-in does no matmul and counts zero.
@@ -15,8 +15,8 @@ from torch import nn
 from torch.utils.flop_counter import FlopCounterMode
 
 from ..errors import UserError
-from ..modeling_dropped import dropped_layers
-from ..architectures import vision_spec
+from ..core.modeling_dropped import dropped_layers
+from ..core.architectures import vision_spec
 
 
 def _image_shape(model: nn.Module, image_size: int | None) -> tuple[int, int, int]:
@@ -68,7 +68,7 @@ def images_per_second(model: nn.Module, batch_size: int = 32, image_size: int | 
 def compare_image_throughput(base: nn.Module, dropped: nn.Module, batch_size: int = 32, image_size: int | None = None,
                   iters: int = 10, rounds: int = 3) -> dict[str, Any]:
     """Images/s, FLOPs per image and parameters of a baseline and a dropped vision model in one run: timings
-    alternate (best of `rounds`) so machine load hits both alike. (Not `lightning_drop.speed.compare_speed`,
+    alternate (best of `rounds`) so machine load hits both alike. (Not `lightning_drop.measure.speed.compare_speed`,
     which measures token generation of decoders.)"""
     if rounds < 1:
         raise UserError(f"rounds must be at least 1, got {rounds}")

@@ -24,11 +24,21 @@ figures load matplotlib.
 
 from __future__ import annotations
 
-from ...options import CalibrationConfig
+from ...core.options import CalibrationConfig
 from .budget import BUDGET_KINDS, auto_select, derive, meets_budget, parse_budget, quality_loss
 from .cache import CACHE_VERSION, Cache, CacheKeys, key_of
-from .config import (QUALITY_KEYS, CheckpointSpec, EvalSpec, MCSpec, PerplexitySpec, SelectionSpec, SpeedSpec,
-                     StudyConfig, SweepSpec, load_config)
+from .config import (
+    QUALITY_KEYS,
+    CheckpointSpec,
+    EvalSpec,
+    MCSpec,
+    PerplexitySpec,
+    SelectionSpec,
+    SpeedSpec,
+    StudyConfig,
+    SweepSpec,
+    load_config,
+)
 from .measure import PointEvaluator
 from .run import CSV_COLUMNS, Study, format_table, study_main, write_csv
 from .sweep import DropSets, StudyInputs

@@ -7,7 +7,7 @@ import math
 from typing import Any, Callable, Mapping, Sequence
 
 from ...errors import UserError
-from ...significance import diff_stderr, relative_loss_stderr, within_noise
+from ...measure.significance import diff_stderr, relative_loss_stderr, within_noise
 
 BUDGET_KINDS = ("speedup", "params", "kv")
 
@@ -152,7 +152,7 @@ def derive(row: dict[str, Any], base: Mapping[str, Any]) -> None:
         if row["num"] > 0 and row.get("ppl_loss") is not None and sp is not None and abs(sp - 1.0) > 1e-9 else None
     if row.get("mc_acc") is not None and base.get("mc_acc") and sp is not None and abs(sp - 1.0) > 1e-9 \
             and row["num"] > 0:
-        from ...speed import sdr
+        from ...measure.speed import sdr
 
         row["sdr"] = sdr(base["mc_acc"], row["mc_acc"], sp)
 

@@ -13,8 +13,8 @@ import json
 from pathlib import Path
 from typing import Any, Callable
 
-from ...atomic_io import read_json, write_json
-from ...options import CalibrationConfig
+from ...io.atomic_io import read_json, write_json
+from ...core.options import CalibrationConfig
 from .config import StudyConfig, SweepSpec
 
 CACHE_VERSION = 1

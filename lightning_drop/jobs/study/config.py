@@ -12,7 +12,7 @@ from pathlib import Path
 from typing import Any, Mapping
 
 from ...errors import UserError
-from ...options import SCHEDULES, TARGETS, CalibrationConfig
+from ...core.options import SCHEDULES, TARGETS, CalibrationConfig
 from .construction import build
 
 QUALITY_KEYS = ("perplexity", "mc")
@@ -64,7 +64,7 @@ class MCSpec:
         if self.at not in MC_AT:
             raise UserError(f"{where}.at: choose from {', '.join(MC_AT)}, got '{self.at}'")
         if self.data is None:
-            from ...lm_eval_tasks import PAPER_TASK_SOURCES
+            from ...measure.lm_eval_tasks import PAPER_TASK_SOURCES
 
             if self.task not in PAPER_TASK_SOURCES:
                 raise UserError(f"{where}: task '{self.task}' has no data file and is not one of the paper's "
@@ -109,7 +109,7 @@ class SpeedSpec:
 
     def check(self, where: str) -> None:
         if self.prompt_lens is not None:
-            from ...context_speed import parse_lengths
+            from ...measure.context_speed import parse_lengths
 
             parse_lengths(self.prompt_lens, f"{where}.prompt_lens")
 
@@ -137,7 +137,7 @@ class SweepSpec:
                 raise UserError(f"{where}: unknown target '{t}'; choose from {', '.join(TARGETS)}")
         if not self.targets and not self.nums_per_target:
             raise UserError(f"{where}: no targets given")
-        from ...importance_metrics import resolve_metric
+        from ...scoring.metrics import resolve_metric
 
         try:
             resolve_metric(self.metric)
@@ -344,7 +344,7 @@ class StudyConfig:
         """The dtype the study runs in: `auto` is bfloat16 where this machine's CPU (a study runs on the CPU)
         computes it natively, as the paper's runs, else float32. Cache keys hold this, so an `auto` cache
         moved to another machine is reused only where it resolves the same."""
-        from ...model_loading import resolve_dtype
+        from ...io.model_loading import resolve_dtype
 
         return resolve_dtype(self.dtype)
 

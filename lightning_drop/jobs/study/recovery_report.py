@@ -6,7 +6,7 @@ from __future__ import annotations
 from pathlib import Path
 from typing import Any, Mapping, Sequence
 
-from ...significance import diff_stderr
+from ...measure.significance import diff_stderr
 from .figures import log_y, save_png, acc_cell, mc_series, plt
 
 

@@ -11,8 +11,8 @@ import os
 from pathlib import Path
 from typing import Any, Mapping, Sequence
 
-from ...atomic_io import atomic_write_text
-from ...significance import Z, diff_stderr
+from ...io.atomic_io import atomic_write_text
+from ...measure.significance import Z, diff_stderr
 
 # The figures moved to `figures`; their public names stay importable from this module.
 from .figures import (  # noqa: F401  (re-exports)

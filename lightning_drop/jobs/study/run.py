@@ -17,7 +17,7 @@ import time
 from pathlib import Path
 from typing import Any, Mapping, Sequence
 
-from ...atomic_io import atomic_write_text, read_json, write_json
+from ...io.atomic_io import atomic_write_text, read_json, write_json
 from ...errors import UserError
 from .budget import fmt_or_na, auto_select, derive, parse_budget
 from .cache import Cache, CacheKeys, is_study_output, key_of
@@ -31,7 +31,7 @@ class Study:
 
     def __init__(self, config: StudyConfig, output: str | os.PathLike | None = None, verbose: bool = True,
                  overwrite: bool = False) -> None:
-        from ...atomic_io import check_output
+        from ...io.atomic_io import check_output
 
         self.cfg = config
         self.out = Path(output or config.output)
@@ -67,7 +67,7 @@ class Study:
         return out
 
     def row(self, sweep: SweepSpec, target: str, num: int, compute: bool = True) -> dict[str, Any] | None:
-        from ...schedule import resolve_schedule
+        from ...scoring.schedule import resolve_schedule
 
         if not compute and num > 0 and resolve_schedule(sweep.schedule).rescores \
                 and not self.drops.has_iterative_set(sweep, target, num):
@@ -85,7 +85,7 @@ class Study:
 
     def validate_plan(self) -> None:
         """Refuse every count the model cannot take before any point is computed, naming the config key."""
-        from ...selection import require_droppable
+        from ...scoring.selection import require_droppable
 
         n = self.drops.known_num_layers()
         for i, sweep in enumerate(self.cfg.sweeps):
@@ -101,7 +101,7 @@ class Study:
                 require_droppable(p.num, n, p.target, where=f"recovery.points[{i}].num")
         sp = self.cfg.speed
         if sp.enabled:
-            from ...context_speed import check_context, max_positions, positions_before_loading
+            from ...measure.context_speed import check_context, max_positions, positions_before_loading
 
             limit = max_positions(self.inputs.model.config) if self.inputs.loaded \
                 else positions_before_loading(self.cfg.model)
@@ -110,9 +110,9 @@ class Study:
         self.points.check_mc()
 
     def run(self, budget: str | None = None, max_quality_loss: float | None = None) -> dict[str, Any]:
-        from ...schedule import resolve_schedule
+        from ...scoring.schedule import resolve_schedule
 
-        from ...model_loading import native_bf16
+        from ...io.model_loading import native_bf16
 
         t0 = time.perf_counter()
         self.validate_plan()
@@ -168,8 +168,8 @@ class Study:
         return res
 
     def save_checkpoint(self) -> dict[str, Any]:
-        from ...dropped_checkpoint import read_config, save_dropped
-        from ...modeling_dropped import apply_drop
+        from ...io.dropped_checkpoint import read_config, save_dropped
+        from ...core.modeling_dropped import apply_drop
 
         ck = self.cfg.checkpoint
         assert ck is not None
@@ -296,7 +296,7 @@ def study_main(config: str, output: str | None = None, budget: str | None = None
         print(f"(recovery: {doc['recovery_train']['tokens']:,} training tokens per recipe; gap recovered = (ppl dropped"
               " - ppl recovered) / (ppl dropped - ppl base); control = the undropped model trained the same way)")
     if doc.get("checkpoint"):
-        print(f"dropped checkpoint ready: {doc['checkpoint']['path']}  (load with lightning_drop.model_loading.load_model)")
+        print(f"dropped checkpoint ready: {doc['checkpoint']['path']}  (load with lightning_drop.io.model_loading.load_model)")
     c, r = doc["computed_this_run"], doc["reused_this_run"]
     print(f"computed this run: {c['scores']} scoring pass(es), {c['drops']} iterative direction(s), "
           f"{c['points']} evaluation(s)" + (f", {c['mc']} multiple-choice run(s)" if c.get("mc") else "")

@@ -2,7 +2,7 @@
 re-run loads nothing), importance scores, and the drop set of every (sweep, target, number dropped).
 
 One-shot sets come from ONE scoring pass per (model, calibration, metric); iterative sets follow
-`lightning_drop.schedule.drop_rounds`, re-scoring after each step, with every round cached as it is reached.
+`lightning_drop.scoring.schedule.drop_rounds`, re-scoring after each step, with every round cached as it is reached.
 """
 
 from __future__ import annotations
@@ -13,9 +13,9 @@ import time
 from pathlib import Path
 from typing import Any
 
-from ...atomic_io import write_json
+from ...io.atomic_io import write_json
 from ...errors import UserError
-from ...options import CalibrationConfig
+from ...core.options import CalibrationConfig
 from .cache import Cache, CacheKeys
 from .config import StudyConfig, SweepSpec
 
@@ -44,7 +44,7 @@ class StudyInputs:
         if self._model is None:
             import torch
 
-            from ...model_loading import load_model
+            from ...io.model_loading import load_model
 
             torch.manual_seed(self.cfg.seed)
             self.log(f"loading {self.cfg.model}")
@@ -61,14 +61,14 @@ class StudyInputs:
         return int(self.model.config.num_hidden_layers)
 
     def docs(self, source: str, text_field: str) -> list[str]:
-        from ...text_data import load_documents
+        from ...io.text_data import load_documents
 
         if (source, text_field) not in self._docs:
             self._docs[(source, text_field)] = load_documents(source, text_field=text_field)
         return self._docs[(source, text_field)]
 
     def calibration_batches(self, calib: CalibrationConfig) -> list[Any]:
-        from ...text_data import make_windows
+        from ...io.text_data import make_windows
 
         windows = make_windows(self.tokenizer, self.docs(calib.source, calib.text_field), calib.seq_len,
                                calib.num_samples, shuffle=calib.shuffle, seed=calib.seed,
@@ -90,7 +90,7 @@ class DropSets:
             return self._scores[key]
 
         def compute() -> dict[str, Any]:
-            from ...importance import compute_importance
+            from ...scoring.importance import compute_importance
 
             self.inputs.log(f"scoring {metric} on {calib.num_samples} x {calib.seq_len} tokens of {calib.source}")
             t0, c0 = time.perf_counter(), time.process_time()
@@ -103,10 +103,10 @@ class DropSets:
         return self._scores[key]
 
     def drop_set(self, sweep: SweepSpec, target: str, num: int) -> tuple[list[int], list[int]]:
-        from ...schedule import resolve_schedule
+        from ...scoring.schedule import resolve_schedule
 
-        from ...importance import ImportanceScores
-        from ...selection import select_modules
+        from ...scoring.importance import ImportanceScores
+        from ...scoring.selection import select_modules
 
         if num == 0:
             return [], []
@@ -123,17 +123,17 @@ class DropSets:
 
     def iterative_drop_set(self, sweep: SweepSpec, calib: CalibrationConfig, target: str,
                            num: int) -> tuple[list[int], list[int]]:
-        """Iterative: the walk of `lightning_drop.schedule.drop_rounds`; every set and round on it is cached.
+        """Iterative: the walk of `lightning_drop.scoring.schedule.drop_rounds`; every set and round on it is cached.
 
         The schedule is a function of (step, n) alone, so a set never depends on which other counts a sweep
         lists: the walk goes 0, step, 2 step, ... and a count n between two of them is the walk's set at
         `step * (n // step)` plus the `n % step` lowest of that round's scores (the first part of the next
         round's selection; no extra scoring pass). An extended sweep therefore reuses every stored round.
         """
-        from ...importance import ImportanceScores, compute_importance
-        from ...modeling_dropped import apply_drop, dropped_layers
-        from ...schedule import drop_rounds
-        from ...selection import max_droppable
+        from ...scoring.importance import ImportanceScores, compute_importance
+        from ...core.modeling_dropped import apply_drop, dropped_layers
+        from ...scoring.schedule import drop_rounds
+        from ...scoring.selection import max_droppable
 
         step = sweep.step
         key = self.keys.drops(sweep, calib, target)

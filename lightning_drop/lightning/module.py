@@ -1,0 +1,450 @@
+"""`DropModule`: a LightningModule around a (possibly dropped, possibly LoRA-wrapped) causal LM.
+
+The wrapped Hugging Face model is `self.model` (a peft model while LoRA adapters are attached);
+`self.hf_model` is always the plain transformers model underneath, the one `apply_drop`, the importance
+hooks and `save_dropped` work on. Drops and LoRA wrapping are done by callbacks
+(`lightning_drop.callbacks`); this module only knows how to record them in a Lightning checkpoint and put
+them back on resume:
+
+- `on_save_checkpoint` writes the drop plan (`dropped_layers`), the LoRA settings and the model config
+  under `checkpoint["lightning_drop"]`;
+- `on_load_checkpoint` runs before Lightning loads the weights (Lightning 2.6 `restore_model`: hook first,
+  then `load_model_state_dict`), and rebuilds the same architecture there, so the weights fit.
+- Recovery callbacks that train on another loss (`callbacks.Distillation`) register a *training objective*
+  with `set_training_objective`: `training_step` then returns `objective(module, batch)`'s loss and logs its
+  parts as `train/<name>`; validation and test keep the LM loss, so `val/loss` stays comparable. This is
+  the one way a callback changes the training loss.
+- Strategies that restore after setup (FSDP, DeepSpeed: `strategy.restore_checkpoint_after_setup`) call
+  that hook after the model was sharded, too late to change it: `configure_model` rebuilds the architecture
+  from `trainer.ckpt_path` before sharding instead, and `on_load_checkpoint` refuses a mismatch there.
+  Under sharding `save_dir` is refused (the full weights are not on rank zero at fit end); see
+  `lightning_drop.lightning.distributed` for what else is. The FSDP paths are untested without a GPU (Lightning's
+  FSDP refuses CPU); their logic is tested on CPU with constructed strategy objects.
+"""
+
+from __future__ import annotations
+
+import math
+import os
+import re
+from typing import Any, Literal, NamedTuple, Protocol
+
+import lightning.pytorch as pl
+import torch
+from lightning.pytorch.utilities import rank_zero_info
+from lightning.pytorch.utilities.exceptions import MisconfigurationException
+from torch import nn
+
+from .distributed import refuse_if_sharded, sharded_strategy
+from ..errors import UserError
+from ..core.modeling_dropped import apply_drop, dropped_layers
+from ..io.training_checkpoint import CKPT_KEY, checkpoint_meta, model_from_config, refuse_other_model, resume_path
+
+LOG_DIR = "{log_dir}"  # the one placeholder of `DropModule(save_dir=...)`: the logger's run folder
+
+
+class DropPlan(NamedTuple):
+    """(attention indices, MLP indices) dropped so far; what `drop_plan` of the drop modules returns.
+
+    Calling it returns itself, so code written when `DropModule.drop_plan` was a method keeps working.
+    """
+
+    attn: list[int]
+    mlp: list[int]
+
+    def __call__(self) -> "DropPlan":
+        return self
+
+
+class TrainingObjective(Protocol):
+    """What `DropModule.set_training_objective` takes: `(module, batch) -> (loss, parts)`.
+
+    `loss` is what `training_step` optimizes; `parts` are scalars it logs as `train/<name>`.
+    """
+
+    def __call__(self, module: DropModule, batch: dict[str, torch.Tensor]) -> tuple[torch.Tensor,
+                                                                               dict[str, torch.Tensor]]: ...
+
+
+def lm_batch(batch: Any) -> tuple[torch.Tensor, torch.Tensor | None, torch.Tensor]:
+    """(input_ids, attention_mask, labels) of a batch: a tensor of ids or a dict; labels default to the ids
+    with padding (mask 0) set to -100, so padding never counts in the loss."""
+    if isinstance(batch, torch.Tensor):
+        batch = {"input_ids": batch}
+    ids = batch["input_ids"]
+    mask = batch.get("attention_mask")
+    labels = batch.get("labels")
+    if labels is None:
+        labels = ids if mask is None else ids.masked_fill(mask == 0, -100)
+    return ids, mask, labels
+
+
+OPTIMIZERS = ("adamw", "adam", "sgd")
+SCHEDULERS = ("constant", "cosine", "linear")
+
+
+def build_model(model: str | None, init_config: dict[str, Any] | None, dtype: str = "float32",
+                tokenizer: str | None = None) -> tuple[nn.Module, Any]:
+    """(model, tokenizer) from a reference (`lightning_drop.io.model_loading.load_model`) or a random-init config.
+
+    `model="tiny-<family>"` with `init_config` overrides the tiny config (e.g. more layers); `model=None`
+    with `init_config={"model_type": "llama", ...}` builds that family at random init with the byte-level
+    tokenizer's special ids and the tiny defaults for anything not given.
+    """
+    from ..io.model_loading import TINY_PREFIX, load_model, load_tokenizer, tiny_config, tiny_family
+
+    torch_dtype = getattr(torch, dtype, None)
+    if not isinstance(torch_dtype, torch.dtype):
+        raise UserError(f"dtype must name a torch dtype such as 'float32' or 'bfloat16', got {dtype!r}")
+    if model is None and not init_config:
+        raise UserError("DropModule needs `model` (catalogue name, path or hub id) or `init_config` (random init)")
+    random_init = model is None or tiny_family(model) is not None
+    if not random_init:
+        if init_config:
+            raise UserError(f"init_config is only for random init (model=None or 'tiny-<family>'), not {model!r}")
+        return load_model(model, dtype=torch_dtype, tokenizer=tokenizer)
+    import transformers
+
+    from ..core.architectures import get_spec
+
+    overrides = dict(init_config or {})
+    if model is not None:
+        family = tiny_family(model)
+        if "model_type" in overrides:
+            raise UserError(f"init_config.model_type conflicts with model={model!r}: give one of them")
+    else:
+        if "model_type" not in overrides:
+            raise UserError("init_config needs 'model_type' (e.g. llama) when `model` is not given")
+        family = get_spec(str(overrides.pop("model_type"))).family
+    from huggingface_hub import errors as hub_errors
+
+    try:  # transformers checks the sizes (heads that divide hidden_size, ...)
+        config = tiny_config(family, int(overrides.pop("num_hidden_layers", 4)), **overrides)
+    except (ValueError, getattr(hub_errors, "StrictDataclassError", ValueError)) as err:
+        while err.__cause__ is not None:
+            err = err.__cause__
+        raise UserError(f"init_config {init_config}: {' '.join(str(err).split())}") from None
+    spec = get_spec(config)
+    hf = getattr(transformers, spec.causal_lm_class)(config).to(torch_dtype)
+    tok = load_tokenizer(tokenizer or f"{TINY_PREFIX}{family}")
+    if len(tok) > config.vocab_size:
+        raise UserError(f"tokenizer has {len(tok)} tokens but init_config.vocab_size is {config.vocab_size}")
+    return hf, tok
+
+
+def is_peft(model: nn.Module) -> bool:
+    from peft import PeftModel  # a dependency; imported late, as it is slow to import
+
+    return isinstance(model, PeftModel)
+
+
+class DropModule(pl.LightningModule):
+    """Causal-LM training of a transformer that callbacks may drop layers from and attach LoRA to.
+
+    Args:
+        model: catalogue name (`smollm2-135m`, `tiny-llama`, ...), checkpoint directory (plain or dropped),
+            `.gguf` file or hub id, for `lightning_drop.io.model_loading.load_model`. `tiny-<family>` is random init.
+        init_config: random init: config fields, e.g. `{model_type: llama, hidden_size: 128,
+            num_hidden_layers: 8}` (with `model=None`), or overrides of a `tiny-<family>` model.
+        tokenizer_name: tokenizer reference when the model's own is not wanted (named so, not `tokenizer`,
+            because Lightning merges module and datamodule hyperparameters and they must not clash).
+        dtype: parameter dtype (`float32`, `bfloat16`, ...).
+        optimizer: `adamw`, `adam` or `sgd`. lr, weight_decay, betas, momentum: its settings (no decay on
+            biases and norm weights).
+        scheduler: `constant`, `cosine` or `linear` (decay to `min_lr_ratio * lr` at `max_steps`, default
+            the trainer's estimated stepping batches), after `warmup_steps` of linear warmup.
+        save_dir: when set, the final model (dropped, LoRA merged if a callback merged it) is saved there
+            with `save_pretrained` at the end of fit (global rank zero). `{log_dir}` in it is the trainer's log
+            dir (the logger's run folder, new for each run: `"{log_dir}/dropped_model"`); the resolved path is
+            `save_path`. Checked before the first step; refused under FSDP (sharded weights).
+        overwrite: replace a non-empty `save_dir` (else the fit is refused before it starts).
+    """
+
+    def __init__(
+        self,
+        model: str | None = None,
+        init_config: dict[str, Any] | None = None,
+        tokenizer_name: str | None = None,
+        dtype: str = "float32",
+        optimizer: Literal["adamw", "adam", "sgd"] = "adamw",
+        lr: float = 3e-4,
+        weight_decay: float = 0.0,
+        betas: tuple[float, float] = (0.9, 0.95),
+        momentum: float = 0.9,
+        scheduler: Literal["constant", "cosine", "linear"] = "constant",
+        warmup_steps: int = 0,
+        max_steps: int | None = None,
+        min_lr_ratio: float = 0.0,
+        save_dir: str | None = None,
+        overwrite: bool = False,
+    ) -> None:
+        super().__init__()
+        if optimizer not in OPTIMIZERS:
+            raise UserError(f"unknown optimizer '{optimizer}'; choose from {', '.join(OPTIMIZERS)}")
+        if scheduler not in SCHEDULERS:
+            raise UserError(f"unknown scheduler '{scheduler}'; choose from {', '.join(SCHEDULERS)}")
+        if not lr > 0:
+            raise UserError(f"lr must be > 0, got {lr}")
+        if weight_decay < 0:
+            raise UserError(f"weight_decay must be >= 0, got {weight_decay}")
+        if not isinstance(warmup_steps, int) or warmup_steps < 0:
+            raise UserError(f"warmup_steps must be an integer >= 0, got {warmup_steps!r}")
+        if max_steps is not None and (not isinstance(max_steps, int) or max_steps < 1):
+            raise UserError(f"max_steps must be an integer >= 1 or None, got {max_steps!r}")
+        if not 0.0 <= min_lr_ratio <= 1.0:
+            raise UserError(f"min_lr_ratio must be in [0, 1], got {min_lr_ratio}")
+        other = set(re.findall(r"\{[^{}]*\}", save_dir or "")) - {LOG_DIR}
+        if other:
+            raise UserError(f"save_dir {save_dir!r}: unknown placeholder {sorted(other)[0]} (the one placeholder is "
+                            f"{LOG_DIR}, the trainer's log dir)")
+        self.save_hyperparameters()
+        self.model, self.tokenizer = build_model(model, init_config, dtype, tokenizer_name)
+        self.lora_config: dict[str, Any] | None = None
+        self.training_objective: TrainingObjective | None = None
+        # Step at which the current optimizer/scheduler were built (after a drop or LoRA wrap mid-fit),
+        # so a rebuilt scheduler continues the schedule instead of restarting it.
+        self.lr_step_offset = 0
+        #: where fit end saves the model: `save_dir` with `{log_dir}` resolved (set in `setup("fit")`)
+        self.save_path: str | None = None
+
+    # ------------------------------------------------------------------------------------------ model
+    @property
+    def hf_model(self) -> nn.Module:
+        """The transformers model under any peft wrapper (what drops, scores and saving act on)."""
+        return self.model.get_base_model() if is_peft(self.model) else self.model
+
+    @property
+    def drop_plan(self) -> "DropPlan":
+        """(attention, MLP) indices dropped so far (original numbering)."""
+        return DropPlan(*dropped_layers(self.hf_model))
+
+    def apply_drop(self, attn: list[int] = (), mlp: list[int] = ()) -> None:  # type: ignore[assignment]
+        """Drop more sublayers in place (the optimizer must be rebuilt if one exists)."""
+        apply_drop(self.hf_model, attn=list(attn), mlp=list(mlp))
+
+    def add_lora(self, r: int = 8, alpha: int = 16, dropout: float = 0.0,
+                 target_modules: list[str] | None = None) -> None:
+        """Freeze the model and attach LoRA adapters (peft) to `target_modules` of the live layers."""
+        from peft import LoraConfig, get_peft_model
+
+        if self.lora_config is not None:
+            raise UserError("LoRA adapters are already attached")
+        targets = list(target_modules or ["q_proj", "k_proj", "v_proj", "o_proj", "gate_proj", "up_proj",
+                                          "down_proj"])
+        config = LoraConfig(r=r, lora_alpha=alpha, lora_dropout=dropout, target_modules=targets, bias="none",
+                            task_type="CAUSAL_LM")
+        try:
+            self.model = get_peft_model(self.model, config)
+        except ValueError as err:
+            raise UserError(f"LoRA target_modules {targets} match no module of the (dropped) model: {err}") from err
+        self.lora_config = {"r": r, "alpha": alpha, "dropout": dropout, "target_modules": targets}
+
+    def merge_lora(self) -> None:
+        """Fold the LoRA adapters into the weights; the model becomes the plain (dropped) class again."""
+        if self.lora_config is None:
+            return
+        plan = self.drop_plan
+        merged = self.model.merge_and_unload()
+        if (plan[0] or plan[1]) and not type(merged).__name__.startswith("Dropped"):
+            apply_drop(merged)  # re-mark the class (no new drops): cannot happen with peft 0.21, kept as a guard
+        if dropped_layers(merged) != plan:
+            raise RuntimeError(f"LoRA merge changed the drop plan {plan} -> {dropped_layers(merged)}")
+        for p in merged.parameters():
+            p.requires_grad_(True)
+        self.model = merged
+        self.lora_config = None
+
+    def save_pretrained(self, out_dir: str | os.PathLike, merge: bool = True, overwrite: bool = False) -> str:
+        """Save the current model with `save_dropped` (dropped weights physically absent).
+
+        With LoRA attached and `merge=True`, a merged copy is saved and the module keeps its adapters. A
+        non-empty `out_dir` is replaced only with `overwrite=True`.
+        """
+        from ..io.dropped_checkpoint import save_dropped
+
+        model = self.model
+        if self.lora_config is not None:
+            if not merge:
+                raise UserError("save_pretrained of a LoRA-wrapped model needs merge=True (or call merge_lora())")
+            import copy
+
+            model = copy.deepcopy(self.model).merge_and_unload()
+        return str(save_dropped(model, out_dir, tokenizer=self.tokenizer, overwrite=overwrite))
+
+    # --------------------------------------------------------------------------------------- training
+    def forward(self, input_ids: torch.Tensor, attention_mask: torch.Tensor | None = None, **kwargs: Any) -> Any:
+        return self.model(input_ids=input_ids, attention_mask=attention_mask, **kwargs)
+
+    def _loss(self, batch: Any) -> torch.Tensor:
+        ids, mask, labels = lm_batch(batch)
+        return self.model(input_ids=ids, attention_mask=mask, labels=labels, use_cache=False).loss
+
+    def set_training_objective(self, objective: TrainingObjective | None) -> None:
+        """Train on `objective(self, batch) -> (loss, parts)` instead of the LM loss (None: the LM loss again).
+
+        One objective at a time: replacing another one is refused (two callbacks would fight over the loss).
+        """
+        if objective is not None and self.training_objective is not None and objective != self.training_objective:
+            raise MisconfigurationException("DropModule already trains on another objective: only one recovery "
+                                            "callback may set the training loss")
+        self.training_objective = objective
+
+    def training_step(self, batch: Any, batch_idx: int) -> torch.Tensor:
+        size = lm_batch(batch)[0].shape[0]
+        if self.training_objective is None:
+            loss = self._loss(batch)
+        else:
+            loss, parts = self.training_objective(self, batch)
+            for name, value in parts.items():
+                self.log(f"train/{name}", value, batch_size=size)
+        self.log("train/loss", loss, prog_bar=True, batch_size=size)
+        return loss
+
+    def validation_step(self, batch: Any, batch_idx: int) -> None:
+        loss = self._loss(batch)
+        self.log("val/loss", loss, prog_bar=True, sync_dist=True, batch_size=batch["input_ids"].shape[0])
+
+    def test_step(self, batch: Any, batch_idx: int) -> None:
+        loss = self._loss(batch)
+        self.log("test/loss", loss, sync_dist=True, batch_size=batch["input_ids"].shape[0])
+
+    def on_validation_epoch_end(self) -> None:
+        loss = self.trainer.callback_metrics.get("val/loss")
+        if loss is not None:
+            self.log("val/ppl", math.exp(min(float(loss), 50.0)), sync_dist=False)
+
+    def setup(self, stage: str) -> None:
+        dm = getattr(self.trainer, "datamodule", None) if self._trainer is not None else None
+        tok = getattr(dm, "tokenizer", None) if dm is not None else None
+        emb = self.hf_model.get_input_embeddings()
+        if tok is not None and emb is not None and len(tok) > emb.num_embeddings:
+            raise UserError(f"the datamodule's tokenizer has {len(tok)} tokens but the model embeds only "
+                             f"{emb.num_embeddings}: set the datamodule's tokenizer to the model's")
+        if self.hparams.save_dir and self._trainer is not None and stage == "fit":
+            refuse_if_sharded(self.trainer, "DropModule(save_dir=...) saves the whole model at fit end and",
+                              "leave save_dir unset, checkpoint with ModelCheckpoint (FSDPStrategy(state_dict_type="
+                              "'full') writes one file) and convert it with "
+                              "DropModule.load_from_checkpoint(path).save_pretrained(dir)")
+            self.save_path = self.check_save_dir(str(self.trainer.log_dir or self.trainer.default_root_dir))
+
+    def check_save_dir(self, log_dir: str) -> str:
+        """`save_dir` with `{log_dir}` resolved, refused before step 0 as every writer refuses its target (not empty
+        without `overwrite`, an input, not writable); `lightning-drop fit` asks before the trainer writes."""
+        from ..io.atomic_io import check_output
+
+        save_dir, problem, trainer = str(self.hparams.save_dir).replace(LOG_DIR, log_dir), None, self._trainer
+        try:
+            if trainer is None or trainer.is_global_zero:
+                check_output(save_dir, overwrite=bool(self.hparams.overwrite), option="DropModule save_dir",
+                             sources=[self.hparams.model, self.hparams.tokenizer_name],
+                             hint="set model.init_args.overwrite: true to replace it, or another save_dir")
+        except UserError as err:
+            problem = str(err)
+        if trainer is not None:
+            problem = trainer.strategy.broadcast(problem)  # global rank zero's verdict: all ranks stop together
+        if problem is not None:
+            raise UserError(problem)
+        return save_dir
+
+    def configure_model(self) -> None:
+        """Rebuild the checkpoint's architecture before sharding when the strategy restores after setup."""
+        trainer = self._trainer
+        if trainer is None or not getattr(trainer.strategy, "restore_checkpoint_after_setup", False):
+            return
+        path = resume_path(trainer)
+        meta = checkpoint_meta(path) if path is not None else None
+        state = (meta or {}).get(CKPT_KEY)
+        if state:
+            refuse_other_model(state, self.hf_model.config.to_dict(), f"the checkpoint {path}")
+            self._restore_architecture(state)
+
+    def configure_optimizers(self) -> Any:
+        hp = self.hparams
+        decay, no_decay = [], []
+        for name, p in self.named_parameters():
+            if p.requires_grad:
+                (decay if p.ndim >= 2 else no_decay).append(p)
+        if not decay and not no_decay:
+            raise UserError("no trainable parameters (everything is frozen)")
+        groups = [g for g in ({"params": decay, "weight_decay": hp.weight_decay},
+                              {"params": no_decay, "weight_decay": 0.0}) if g["params"]]
+        if hp.optimizer == "sgd":
+            opt = torch.optim.SGD(groups, lr=hp.lr, momentum=hp.momentum)
+        else:
+            opt = {"adamw": torch.optim.AdamW, "adam": torch.optim.Adam}[hp.optimizer](groups, lr=hp.lr,
+                                                                                      betas=tuple(hp.betas))
+        if hp.scheduler == "constant" and hp.warmup_steps == 0:
+            return opt
+        total = hp.max_steps
+        if total is None:
+            total = self.trainer.estimated_stepping_batches if self._trainer is not None else 1000
+            total = int(total) if math.isfinite(total) else 1000
+        warmup, kind, floor, offset = hp.warmup_steps, hp.scheduler, hp.min_lr_ratio, self.lr_step_offset
+
+        def factor(step: int) -> float:
+            s = step + offset
+            if s < warmup:
+                return (s + 1) / warmup
+            if kind == "constant":
+                return 1.0
+            progress = min(1.0, (s - warmup) / max(1, total - warmup))
+            shape = 0.5 * (1.0 + math.cos(math.pi * progress)) if kind == "cosine" else 1.0 - progress
+            return floor + (1.0 - floor) * shape
+
+        sched = torch.optim.lr_scheduler.LambdaLR(opt, factor)
+        return {"optimizer": opt, "lr_scheduler": {"scheduler": sched, "interval": "step"}}
+
+    def on_train_end(self) -> None:
+        if self.save_path and self.trainer.is_global_zero:
+            path = self.save_pretrained(self.save_path, overwrite=bool(self.hparams.overwrite))
+            rank_zero_info(f"saved the {'dropped ' if any(self.drop_plan) else ''}model to {path}")
+        if self.save_path:
+            self.trainer.strategy.barrier("drop_module_save")
+
+    # ------------------------------------------------------------------------------------- checkpoints
+    def on_save_checkpoint(self, checkpoint: dict[str, Any]) -> None:
+        attn, mlp = self.drop_plan
+        checkpoint[CKPT_KEY] = {"drop_attn_list": attn, "drop_mlp_list": mlp, "lora": self.lora_config,
+                                "lr_step_offset": self.lr_step_offset, "hf_config": self.hf_model.config.to_dict()}
+
+    def on_load_checkpoint(self, checkpoint: dict[str, Any]) -> None:
+        """Rebuild the saved architecture (drops, LoRA) before Lightning loads the weights into it."""
+        state = checkpoint.get(CKPT_KEY)
+        if not state:
+            return
+        refuse_other_model(state, self.hf_model.config.to_dict(), "the checkpoint to resume")
+        self.lr_step_offset = int(state.get("lr_step_offset", 0))
+        saved = (list(state["drop_attn_list"]), list(state["drop_mlp_list"]))
+        if self.drop_plan == saved and self.lora_config == state.get("lora"):
+            return
+        trainer = self._trainer
+        if trainer is not None and getattr(trainer.strategy, "restore_checkpoint_after_setup", False):
+            name = sharded_strategy(trainer.strategy) or type(trainer.strategy).__name__
+            raise MisconfigurationException(
+                f"the checkpoint holds drops {saved} and LoRA {state.get('lora')}, the model {tuple(self.drop_plan)} and "
+                f"LoRA {self.lora_config}, and {name} restores after the model was set up: set `trainer.ckpt_path` "
+                "before `fit` (`lightning-drop fit --ckpt_path` does) so DropModule.configure_model rebuilds it first")
+        self._restore_architecture(state)
+
+    def _restore_architecture(self, state: dict[str, Any]) -> None:
+        """Make the model's drops and LoRA those of a checkpoint record (before its weights load)."""
+        saved = (list(state["drop_attn_list"]), list(state["drop_mlp_list"]))
+        lora = state.get("lora")
+        current = self.drop_plan
+        if current == saved and self.lora_config == lora:
+            return
+        subset = set(current[0]) <= set(saved[0]) and set(current[1]) <= set(saved[1])
+        if subset and (self.lora_config is None or self.lora_config == lora):
+            # Same base model with fewer drops so far (e.g. resuming after a mid-training drop).
+            self.apply_drop(sorted(set(saved[0]) - set(current[0])), sorted(set(saved[1]) - set(current[1])))
+        else:
+            # The run already changed the model differently (a callback re-decided at setup): start again
+            # from the saved config; every weight comes from the checkpoint next.
+            self.model = self._model_from_config(state["hf_config"])
+            self.lora_config = None
+        if lora is not None and self.lora_config is None:
+            self.add_lora(r=lora["r"], alpha=lora["alpha"], dropout=lora["dropout"],
+                          target_modules=lora["target_modules"])
+
+    def _model_from_config(self, config: dict[str, Any]) -> nn.Module:
+        return model_from_config(config, getattr(torch, self.hparams.dtype))
