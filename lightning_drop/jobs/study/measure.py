@@ -339,12 +339,12 @@ class PointEvaluator:
         every call, which costs more than the evaluation itself at this size.)
         """
         from lm_eval import simple_evaluate
-        from lm_eval.models.huggingface import HFLM
         from lm_eval.tasks import TaskManager
 
         from ...evaluation import _clean_metrics, primary_metric, primary_score, primary_stderr
         from ...significance import correctness
         from ...lm_eval_tasks import local_task_dir
+        from ...mc_scoring import SharedContextLM
 
         if self._task_manager is None:
             local = {m.task: self.mc_data(m) for m in self.mc_specs if m.data is not None and self.mc_data(m)}
@@ -352,8 +352,8 @@ class PointEvaluator:
             dirs += sorted({str(self.mc_data(m)) for m in self.mc_specs if m.data is None and self.mc_data(m)})
             self._task_manager = TaskManager(include_path=dirs, include_defaults=False)
         device = next(model.parameters()).device
-        lm = HFLM(pretrained=model, tokenizer=self.inputs.tokenizer, batch_size=mc.batch_size,
-                  device="cpu" if device.type == "cpu" else str(device))
+        lm = SharedContextLM(pretrained=model, tokenizer=self.inputs.tokenizer, batch_size=mc.batch_size,
+                             device="cpu" if device.type == "cpu" else str(device))
         out = simple_evaluate(model=lm, tasks=[mc.task], limit=mc.limit, task_manager=self._task_manager,
                               log_samples=True, bootstrap_iters=1000, verbosity="ERROR", random_seed=1234,
                               numpy_random_seed=1234, torch_random_seed=1234, fewshot_random_seed=1234)
