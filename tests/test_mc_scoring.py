@@ -70,7 +70,8 @@ def test_hellaswag_matches_hflm_request_by_request(family, attn, mlp, shared_dir
         apply_drop(model, attn=attn, mlp=mlp)
     requests = _requests("hellaswag_sample", 10, shared_dir, tmp_path)
     assert len({r.args[0] for r in requests}) == 10  # 4 endings share each context
-    lm = _compare(model, tok, requests, contexts_per_batch=4)  # batches of contexts of different lengths
+    # batches of contexts of different lengths; batches of rows of several contexts, sorted by length
+    lm = _compare(model, tok, requests, contexts_per_batch=4, rows_per_batch=6)
     assert lm.shared_requests == len(requests) and lm.plain_requests == 0
 
 
@@ -156,3 +157,23 @@ def test_smollm2_matches_hflm_request_by_request(task, shared_dir, tmp_path):
     requests = _requests(task, 16, shared_dir, tmp_path)
     lm = _compare(model.eval(), tok, requests)
     assert lm.shared_requests == len(requests)
+
+
+def test_a_study_times_its_phases_in_log_results_and_report(tmp_path, c4_path, shared_dir, capsys):
+    """Seconds per phase, each second counted once; a re-run computes nothing, so it times no phase."""
+    from lightning_drop.jobs.study import Study, StudyConfig
+    from test_study import tiny_config
+
+    out = tmp_path / "out"
+    mc = {"task": "hellaswag_sample", "data": str(shared_dir / "data" / "hellaswag_val_first1000.jsonl"),
+          "limit": 3, "batch_size": 4}
+    cfg = tiny_config(out, c4_path, eval={"perplexity": {"num_windows": 1, "seq_len": 32}, "mc": [mc]})
+    doc = Study(StudyConfig.from_dict(cfg), verbose=True).run()
+    phases = doc["phase_seconds"]
+    assert {"scoring", "perplexity", "mc"} <= set(phases) and all(s > 0 for s in phases.values()), phases
+    assert sum(phases.values()) <= doc["seconds_this_run"]
+    log = capsys.readouterr().out
+    assert "hellaswag_sample (3 examples): " in log and "time by phase: scoring" in log
+    assert "time this run:" in (out / "report.md").read_text() and "by phase: " in (out / "report.md").read_text()
+    again = Study(StudyConfig.from_dict(cfg), verbose=False).run()
+    assert again["phase_seconds"] == {} and sum(again["computed_this_run"].values()) == 0
