@@ -19,7 +19,7 @@ from lightning_drop.mc_scoring import SharedContextLM
 from lightning_drop.model_loading import tiny_model
 from lightning_drop.modeling_dropped import apply_drop
 
-TOL = 1e-4  # float32, as the plain path computes it
+TOL = 1e-4  # float32; relative 1e-6 where a byte-level tiny model sums hundreds of tokens (|log-likelihood| > 100)
 
 
 def _requests(task: str, limit: int, shared_dir: Path, tmp_path: Path) -> list[Any]:
@@ -51,7 +51,7 @@ def _compare(model: torch.nn.Module, tok: Any, requests: list[Any], **kwargs: An
     mine = lm.loglikelihood(requests, disable_tqdm=True)
     assert len(mine) == len(plain) == len(requests)
     for i, ((a, ga), (b, gb)) in enumerate(zip(plain, mine)):
-        assert abs(a - b) <= TOL * max(1.0, abs(a) / 100), f"request {i}: {a} (HFLM) vs {b}"
+        assert abs(a - b) <= max(TOL, 1e-6 * abs(a)), f"request {i}: {a} (HFLM) vs {b}"
         assert ga == gb, f"request {i}: greedy {ga} (HFLM) vs {gb}"
     return lm
 
