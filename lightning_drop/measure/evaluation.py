@@ -1,7 +1,8 @@
 """Quality of a (dropped) model: lm-eval tasks on the in-memory model, and perplexity.
 
-- `run_lm_eval` wraps lm-eval's `HFLM` around a model already in memory (no save/reload), so a
-  dropped model is evaluated exactly as it will run. Which tasks run and where their data comes from
+- `run_lm_eval` wraps lm-eval's `HFLM` (as `mc_scoring.SharedContextLM`, which computes a context shared by
+  several choices once) around a model already in memory (no save/reload), so a dropped model is evaluated
+  exactly as it will run. Which tasks run and where their data comes from
   (presets, the shipped task YAMLs, the paper's tasks offline) is `lightning_drop.measure.lm_eval_tasks`'s.
 - `perplexity` is token-weighted (torchmetrics `Perplexity`), padding excluded.
 """
@@ -242,7 +243,7 @@ def run_lm_eval(model: torch.nn.Module, tokenizer: Any, tasks: Sequence[str] | s
     before the model loaded) replaces `tasks`, `num_fewshot`, `limit` and `include_path`.
     """
     from lm_eval import simple_evaluate
-    from lm_eval.models.huggingface import HFLM
+    from .mc_scoring import SharedContextLM
     from jinja2.exceptions import UndefinedError
 
     if batch_size < 1:
@@ -259,8 +260,8 @@ def run_lm_eval(model: torch.nn.Module, tokenizer: Any, tasks: Sequence[str] | s
     shots: dict[str, int | None] = {}
     was_training = model.training
     model.eval()
-    lm = HFLM(pretrained=model, tokenizer=tokenizer, batch_size=batch_size, max_length=max_length,
-              device=str(next(model.parameters()).device))
+    lm = SharedContextLM(pretrained=model, tokenizer=tokenizer, batch_size=batch_size, max_length=max_length,
+                         device=str(next(model.parameters()).device))
     try:
         for k, names in by_shots.items():
             built = loaded[k]

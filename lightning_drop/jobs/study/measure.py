@@ -199,9 +199,11 @@ class PointEvaluator:
         from ...measure.evaluation import perplexity
 
         spec = self.cfg.eval.perplexity
-        row = {"perplexity": perplexity(model, self.heldout_windows(), batch_size=spec.batch_size)}
-        for source in self.cfg.eval.domains:
-            row[f"perplexity[{source}]"] = perplexity(model, self.domain_windows(source), batch_size=spec.batch_size)
+        heldout, domains = self.heldout_windows(), {d: self.domain_windows(d) for d in self.cfg.eval.domains}
+        with self.inputs.timed("perplexity", f"perplexity ({1 + len(domains)} domain(s))"):
+            row = {"perplexity": perplexity(model, heldout, batch_size=spec.batch_size)}
+            for source, windows in domains.items():
+                row[f"perplexity[{source}]"] = perplexity(model, windows, batch_size=spec.batch_size)
         return row
 
     def quality(self, model: Any) -> dict[str, Any]:
@@ -286,6 +288,10 @@ class PointEvaluator:
 
         With `speed.prompt_lens`, at every length (`context_speed.speed_by_context`): the usual columns come
         from `prompt_len` and `speed_by_length` holds one entry per length."""
+        with self.inputs.timed("speed", "decode speed, base vs dropped"):
+            return self._measure_speed(base, model)
+
+    def _measure_speed(self, base: Any, model: Any) -> dict[str, Any]:
         sp = self.cfg.speed
         kw = dict(batch_size=sp.batch_size, gen_len=sp.gen_len, repeats=sp.repeats, warmup=sp.warmup, seed=self.cfg.seed)
         if sp.prompt_lens is None:
@@ -339,12 +345,12 @@ class PointEvaluator:
         every call, which costs more than the evaluation itself at this size.)
         """
         from lm_eval import simple_evaluate
-        from lm_eval.models.huggingface import HFLM
         from lm_eval.tasks import TaskManager
 
         from ...measure.evaluation import clean_metrics, primary_metric, primary_score, primary_stderr
         from ...measure.significance import correctness
         from ...measure.lm_eval_tasks import local_task_dir
+        from ...measure.mc_scoring import SharedContextLM
 
         if self._task_manager is None:
             local = {m.task: self.mc_data(m) for m in self.mc_specs if m.data is not None and self.mc_data(m)}
@@ -352,11 +358,12 @@ class PointEvaluator:
             dirs += sorted({str(self.mc_data(m)) for m in self.mc_specs if m.data is None and self.mc_data(m)})
             self._task_manager = TaskManager(include_path=dirs, include_defaults=False)
         device = next(model.parameters()).device
-        lm = HFLM(pretrained=model, tokenizer=self.inputs.tokenizer, batch_size=mc.batch_size,
-                  device="cpu" if device.type == "cpu" else str(device))
-        out = simple_evaluate(model=lm, tasks=[mc.task], limit=mc.limit, task_manager=self._task_manager,
-                              log_samples=True, bootstrap_iters=1000, verbosity="ERROR", random_seed=1234,
-                              numpy_random_seed=1234, torch_random_seed=1234, fewshot_random_seed=1234)
+        lm = SharedContextLM(pretrained=model, tokenizer=self.inputs.tokenizer, batch_size=mc.batch_size,
+                             device="cpu" if device.type == "cpu" else str(device))
+        with self.inputs.timed("mc", f"{mc.task} ({mc.limit or 'all'} examples)"):
+            out = simple_evaluate(model=lm, tasks=[mc.task], limit=mc.limit, task_manager=self._task_manager,
+                                  log_samples=True, bootstrap_iters=1000, verbosity="ERROR", random_seed=1234,
+                                  numpy_random_seed=1234, torch_random_seed=1234, fewshot_random_seed=1234)
         m = clean_metrics(out["results"][mc.task])
         n = out.get("n-samples", {}).get(mc.task, {})
         metric = primary_metric(m)

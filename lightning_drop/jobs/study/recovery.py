@@ -98,7 +98,13 @@ class RecoveryRunner:
     def row(self, point: RecoveryPointSpec | None, recipe: RecipeSpec) -> dict[str, Any]:
         """One recipe trained on one point (None: the control, the undropped model), cached."""
         key = self.key(point, recipe)
-        return self.cache.get_or_compute("recovery", key, lambda: self.train(point, recipe))
+        label = "control" if point is None else f"{point.target}-{point.num}"
+
+        def train() -> dict[str, Any]:
+            with self.inputs.timed("recovery", f"recovery {recipe.name} on {label} (its evaluation apart)"):
+                return self.train(point, recipe)
+
+        return self.cache.get_or_compute("recovery", key, train)
 
     def key(self, point: RecoveryPointSpec | None, recipe: RecipeSpec) -> str:
         payload: dict[str, Any] = {"kind": "recovery", **self.keys.model(), "eval": self.points.eval_key(),

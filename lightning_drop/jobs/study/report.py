@@ -306,6 +306,9 @@ def _summary_lines(doc: Mapping[str, Any]) -> list[str]:
                  + (f"; also at prompt lengths {', '.join(map(str, sp['prompt_lens']))}" if sp.get("prompt_lens") else ""))
     sweeps = [f"{s['name']}: {s['metric']}, {s['schedule']}" for s in cfg["sweeps"]]
     lines.append("sweeps: " + "; ".join(sweeps))
+    if doc.get("phase_seconds"):  # what this run computed (a cached item costs nothing), by phase
+        lines.append(f"time this run: {doc['seconds_this_run']:.0f} s; by phase: " + ", ".join(
+            f"{phase} {seconds:.0f} s" for phase, seconds in sorted(doc["phase_seconds"].items(), key=lambda x: -x[1])))
     return lines
 
 

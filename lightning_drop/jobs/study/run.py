@@ -148,6 +148,8 @@ class Study:
                                      "tokens": self.cfg.recovery.train.tokens}
             doc["computed_this_run"], doc["reused_this_run"] = dict(self.cache.computed), dict(self.cache.reused)
         doc["seconds_this_run"] = time.perf_counter() - t0
+        doc["phase_seconds"] = dict(self.inputs.phase_seconds)  # each phase's share of this run
+        self.inputs.log("time by phase: " + ", ".join(f"{k} {v:.1f} s" for k, v in doc["phase_seconds"].items()))
         write_json(self.out / "results.json", doc)
         write_csv(self.out / "results.csv", rows)
         if selection is not None:

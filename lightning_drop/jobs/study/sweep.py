@@ -7,9 +7,11 @@ One-shot sets come from ONE scoring pass per (model, calibration, metric); itera
 
 from __future__ import annotations
 
+import contextlib
 import copy
 import dataclasses
 import time
+from collections.abc import Iterator
 from pathlib import Path
 from typing import Any
 
@@ -30,10 +32,28 @@ class StudyInputs:
         self._model: Any = None
         self._tok: Any = None
         self._docs: dict[tuple[str, str], list[str]] = {}
+        #: seconds spent per phase this run (scoring, drops, perplexity, mc, speed, recovery), each second in
+        #: one phase only: a phase timed inside another (a recovered model's evaluation) leaves the outer one
+        self.phase_seconds: dict[str, float] = {}
+        self._open: list[list[float]] = []  # per open phase: [its start, seconds of phases inside it]
 
     def log(self, msg: str) -> None:
         if self.verbose:
             print(f"[study {time.strftime('%H:%M:%S')}] {msg}", flush=True)
+
+    @contextlib.contextmanager
+    def timed(self, phase: str, what: str) -> Iterator[None]:
+        """Time `phase` (added to `phase_seconds`) and log `what` with its seconds."""
+        self._open.append([time.perf_counter(), 0.0])
+        try:
+            yield
+        finally:
+            start, inner = self._open.pop()
+            seconds = time.perf_counter() - start
+            self.phase_seconds[phase] = self.phase_seconds.get(phase, 0.0) + seconds - inner
+            if self._open:
+                self._open[-1][1] += seconds
+            self.log(f"{what}: {seconds:.1f} s")
 
     @property
     def loaded(self) -> bool:
@@ -94,8 +114,9 @@ class DropSets:
 
             self.inputs.log(f"scoring {metric} on {calib.num_samples} x {calib.seq_len} tokens of {calib.source}")
             t0, c0 = time.perf_counter(), time.process_time()
-            s = compute_importance(self.inputs.model, self.inputs.calibration_batches(calib), metric=metric,
-                                   seed=self.cfg.seed)
+            with self.inputs.timed("scoring", f"scored {metric}"):
+                s = compute_importance(self.inputs.model, self.inputs.calibration_batches(calib), metric=metric,
+                                       seed=self.cfg.seed)
             return {**s.to_dict(), "seconds": time.perf_counter() - t0, "cpu_seconds": time.process_time() - c0,
                     "calibration": dataclasses.asdict(calib)}
 
@@ -172,16 +193,17 @@ class DropSets:
         # the last needed round is taken whole (up to the limit): its full set is where a longer walk resumes
         end = min(need[-1] + step, limit)
         walked = sets[str(at)] if at else ([], [])
-        for rnd in drop_rounds(score, target, end, self.inputs.num_layers, sweep.schedule, step, start=at,
-                               walked=walked):
-            if rnd.at not in scored:
-                scored[rnd.at] = {"at": rnd.at, "scores": rnd.scores.to_dict(), "drop_attn": rnd.attn,
-                                  "drop_mlp": rnd.mlp}
-            for n in range(rnd.at + 1, rnd.at + rnd.size + 1):
-                if str(n) not in sets and (n in missing or n == rnd.at + step):
-                    sets[str(n)] = list(rnd.set_at(n))
-            have["sets"], have["rounds"] = sets, [scored[k] for k in sorted(scored)]
-            write_json(self.cache.path("drops", key), have)  # resumable after every round
+        with self.inputs.timed("drops", f"iterative {sweep.metric} {target} up to {upto}"):
+            for rnd in drop_rounds(score, target, end, self.inputs.num_layers, sweep.schedule, step, start=at,
+                                   walked=walked):
+                if rnd.at not in scored:
+                    scored[rnd.at] = {"at": rnd.at, "scores": rnd.scores.to_dict(), "drop_attn": rnd.attn,
+                                      "drop_mlp": rnd.mlp}
+                for n in range(rnd.at + 1, rnd.at + rnd.size + 1):
+                    if str(n) not in sets and (n in missing or n == rnd.at + step):
+                        sets[str(n)] = list(rnd.set_at(n))
+                have["sets"], have["rounds"] = sets, [scored[k] for k in sorted(scored)]
+                write_json(self.cache.path("drops", key), have)  # resumable after every round
         self.cache.computed["drops"] += 1
         del model
         a, m = sets[str(num)]
