@@ -87,7 +87,7 @@ def test_requests_sharing_no_context_take_the_plain_path_said_once(shared_dir, t
     model, tok = tiny_model("llama")
     requests = _requests("hellaswag_sample", 6, shared_dir, tmp_path)
     firsts = [r for r in requests if r.idx == 0]  # one ending per context: no context is shared
-    with caplog.at_level(logging.INFO, logger="lightning_drop.mc_scoring"):
+    with caplog.at_level(logging.INFO, logger="lightning_drop.measure.mc_scoring"):
         lm = _compare(model, tok, firsts)
         _compare(model, tok, firsts)
     assert lm.shared_requests == 0 and lm.plain_requests == len(firsts)
@@ -119,7 +119,7 @@ def test_a_model_without_a_reusable_decoder_falls_back_said_once(shared_dir, tmp
     torch.manual_seed(0)
     model = GPT2LMHeadModel(GPT2Config(vocab_size=len(tok), n_embd=32, n_layer=2, n_head=2, n_positions=1024)).eval()
     requests = _requests("hellaswag_sample", 4, shared_dir, tmp_path)
-    with caplog.at_level(logging.INFO, logger="lightning_drop.mc_scoring"):
+    with caplog.at_level(logging.INFO, logger="lightning_drop.measure.mc_scoring"):
         lm = _compare(model, tok, requests)
         _compare(model, tok, requests)
     assert lm.shared_requests == 0 and lm.plain_requests == len(requests)
