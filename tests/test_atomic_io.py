@@ -80,7 +80,7 @@ def _killed_writer(dest: Path, *, swap: bool = False) -> None:
     script = textwrap.dedent(f"""
         import os, signal
         from pathlib import Path
-        from lightning_drop import atomic_io
+        from lightning_drop.io import atomic_io
         dest = Path({str(dest)!r})
         with atomic_io.atomic_dir(dest) as tmp:
             {body}
