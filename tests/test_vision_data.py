@@ -77,11 +77,11 @@ def test_digits_config_runs_a_few_steps(tmp_path, monkeypatch):
     cfg = yaml.safe_load(CONFIG.read_text())
     assert cfg["model"]["init_args"]["family"] == "vit"
     assert [c["class_path"].rsplit(".", 1)[1] for c in cfg["trainer"]["callbacks"]] == \
-        ["VisionImportanceTracker", "VisionLayerDrop"]
+        ["ImportanceTracker", "LayerDrop", "ImageDropReport"]
     monkeypatch.chdir(tmp_path)
     assert main(["fit", "--config", str(CONFIG), "--trainer.max_steps", "3", "--trainer.limit_val_batches", "1",
                  "--trainer.enable_progress_bar", "false", "--trainer.enable_model_summary", "false",
-                 # `trainer.callbacks.init_args.*` sets the last callback's arguments (VisionLayerDrop)
+                 # `trainer.callbacks.init_args.*` sets the last callback's arguments (ImageDropReport)
                  "--trainer.callbacks.init_args.head_epochs", "1", "--trainer.callbacks.init_args.speed_iters", "1",
                  "--trainer.callbacks.init_args.speed_batch_size", "8"]) == 0
     out = tmp_path / "logs" / "vision_digits"
