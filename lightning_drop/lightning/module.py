@@ -226,6 +226,10 @@ class DropModule(pl.LightningModule):
         """The task's forward: the LM's output for `input_ids`, an image classifier's logits for `pixel_values`."""
         return self.task(self.model, *args, **kwargs)
 
+    def _loss(self, batch: Any) -> torch.Tensor:
+        """The task's loss of a batch (what validation reports and training optimizes without an objective)."""
+        return self.task.loss(self.model, batch)
+
     def set_training_objective(self, objective: TrainingObjective | None) -> None:
         """Train on `objective(self, batch) -> (loss, parts)` instead of the LM loss (None: the LM loss again).
 
@@ -239,7 +243,7 @@ class DropModule(pl.LightningModule):
     def training_step(self, batch: Any, batch_idx: int) -> torch.Tensor:
         size = self.task.batch_size(batch)
         if self.training_objective is None:
-            loss = self.task.loss(self.model, batch)
+            loss = self._loss(batch)
         else:
             loss, parts = self.training_objective(self, batch)
             for name, value in parts.items():
