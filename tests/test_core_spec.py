@@ -83,6 +83,38 @@ def test_drop_plan_is_a_property_of_the_module_for_text_and_images():
         assert module.drop_plan() == ([1], [2])  # code written against the earlier method still works
 
 
+def test_the_model_chooses_the_task_and_mixed_arguments_are_refused(tmp_path):
+    from lightning_drop.errors import UserError
+    from lightning_drop.lightning.module import DropModule
+    from lightning_drop.lightning.task import CausalLM, ImageClassification
+
+    image = DropModule(family="dinov3_vit", num_labels=3)
+    assert isinstance(image.task, ImageClassification) and image(PIXELS).shape == (4, 3)
+    assert isinstance(image.task.head, torch.nn.Linear)  # DINOv3 has no classification class: the task's head
+    assert isinstance(DropModule(family="llama").task, CausalLM)
+    save_dropped(apply_drop(tiny_vision_model("vit"), attn=[1]), tmp_path / "vit")
+    reloaded = DropModule(model=str(tmp_path / "vit"))
+    assert isinstance(reloaded.task, ImageClassification) and reloaded.drop_plan == ([1], [])
+    for kwargs, message in [({"model": "tiny-llama", "family": "vit"}, "not both"),
+                            ({"model": "tiny-llama", "num_labels": 3}, "num_labels is for image classification"),
+                            ({"family": "vit", "num_labels": 1}, "num_labels must be an integer >= 2"),
+                            ({"family": "nope"}, "unknown family 'nope'"),
+                            ({"family": "vit", "tokenizer_name": "tiny-llama"}, "takes no tokenizer")]:
+        with pytest.raises(UserError, match=message):
+            DropModule(**kwargs)
+
+
+def test_image_drop_report_refuses_a_language_model():
+    from lightning.pytorch.utilities.exceptions import MisconfigurationException
+
+    from lightning_drop.lightning.module import DropModule
+    from lightning_drop.vision.drop_report import ImageDropReport
+
+    trainer = SimpleNamespace(strategy=SimpleNamespace(), datamodule=SimpleNamespace(test_dataloader=list))
+    with pytest.raises(MisconfigurationException, match="needs a DropModule training an image classifier"):
+        ImageDropReport().setup(trainer, DropModule(model="tiny-llama"), "fit")
+
+
 def test_layer_drop_on_an_image_model_ranks_rank_zeros_scores_on_every_rank():
     """Rank zero's scores are what every rank ranks, even where this rank's own scores chose otherwise."""
     from lightning_drop.callbacks import LayerDrop
