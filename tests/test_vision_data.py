@@ -94,7 +94,7 @@ def test_digits_config_runs_a_few_steps(tmp_path, monkeypatch):
     assert r["speed"]["flops_ratio"] < 1.0
     for row in r["sublayer_calls"]:
         assert (row["attn_flops"] == 0) == row["attn_dropped"] and row["mlp_flops"] > 0
-    # the one ImportanceTracker, on the image datamodule's calibration images, capped at calibration_images
+    # the one ImportanceTracker, on the image datamodule's calibration images, capped at calibration_limit
     # (128 images x (16 patches + CLS) tokens), with its CSV and heatmap beside the history
     h = json.loads(history.read_text())["history"]
     assert [e["event"] for e in h][0] == "fit_start" and h[-1]["step"] == 3
