@@ -34,7 +34,7 @@ def build(family: str) -> tuple[torch.nn.Module, torch.Tensor]:
     if family in TINY_FAMILIES:
         model, _ = tiny_model(family)
         return model.eval(), torch.randint(0, 256, (2, SEQ), generator=torch.Generator().manual_seed(0))
-    from lightning_drop.vision.lightning_module import tiny_vision_model
+    from lightning_drop.io.vision_loading import tiny_vision_model
 
     return tiny_vision_model(family), PIXELS
 

@@ -11,7 +11,7 @@ import torch
 from lightning_drop import apply_drop, dropped_layers, get_spec, load_dropped, save_dropped
 from lightning_drop.scoring.importance import compute_importance
 from lightning_drop.io.model_loading import tiny_model
-from lightning_drop.vision.lightning_module import tiny_vision_model
+from lightning_drop.io.vision_loading import tiny_vision_model
 
 PIXELS = torch.randn(4, 3, 32, 32, generator=torch.Generator().manual_seed(1))
 
@@ -74,37 +74,73 @@ def test_compute_importance_takes_text_and_image_batches():
     assert compute_importance(swin, [PIXELS]).extra["block_names"] == ["0.0", "0.1", "1.0", "1.1"]
 
 
-def test_drop_plan_is_a_property_on_both_modules():
+def test_drop_plan_is_a_property_of_the_module_for_text_and_images():
     from lightning_drop.lightning.module import DropModule
-    from lightning_drop.vision.lightning_module import VisionDropModule
 
-    for module in (DropModule(model="tiny-llama"), VisionDropModule(family="vit")):
+    for module in (DropModule(model="tiny-llama"), DropModule(family="vit")):
         module.apply_drop([1], [2])
         assert module.drop_plan == ([1], [2]) and module.drop_plan.attn == [1]
         assert module.drop_plan() == ([1], [2])  # code written against the earlier method still works
 
 
-def test_vision_layer_drop_applies_the_broadcast_plan_on_every_rank():
-    """Rank zero's choice is what every rank applies, even where this rank's own scores chose otherwise."""
-    from lightning_drop.vision.callbacks import VisionLayerDrop
-    from lightning_drop.vision.lightning_module import VisionDropModule
+def test_the_model_chooses_the_task_and_mixed_arguments_are_refused(tmp_path):
+    from lightning_drop.errors import UserError
+    from lightning_drop.lightning.module import DropModule
+    from lightning_drop.lightning.task import CausalLM, ImageClassification
 
-    module = VisionDropModule(family="vit")
-    data = [(PIXELS, torch.tensor([0, 1, 2, 3]))]
-    datamodule = SimpleNamespace(test_dataloader=lambda: data, train_dataloader=lambda: data)
+    image = DropModule(family="dinov3_vit", num_labels=3)
+    assert isinstance(image.task, ImageClassification) and image(PIXELS).shape == (4, 3)
+    assert isinstance(image.task.head, torch.nn.Linear)  # DINOv3 has no classification class: the task's head
+    assert isinstance(DropModule(family="llama").task, CausalLM)
+    save_dropped(apply_drop(tiny_vision_model("vit"), attn=[1]), tmp_path / "vit")
+    reloaded = DropModule(model=str(tmp_path / "vit"))
+    assert isinstance(reloaded.task, ImageClassification) and reloaded.drop_plan == ([1], [])
+    for kwargs, message in [({"model": "tiny-llama", "family": "vit"}, "not both"),
+                            ({"model": "tiny-llama", "num_labels": 3}, "num_labels is for image classification"),
+                            ({"family": "vit", "num_labels": 1}, "num_labels must be an integer >= 2"),
+                            ({"family": "nope"}, "unknown family 'nope'"),
+                            ({"family": "vit", "tokenizer_name": "tiny-llama"}, "takes no tokenizer")]:
+        with pytest.raises(UserError, match=message):
+            DropModule(**kwargs)
+
+
+def test_image_drop_report_refuses_a_language_model():
+    from lightning.pytorch.utilities.exceptions import MisconfigurationException
+
+    from lightning_drop.lightning.module import DropModule
+    from lightning_drop.vision.drop_report import ImageDropReport
+
+    trainer = SimpleNamespace(strategy=SimpleNamespace(), datamodule=SimpleNamespace(test_dataloader=list))
+    with pytest.raises(MisconfigurationException, match="needs a DropModule training an image classifier"):
+        ImageDropReport().setup(trainer, DropModule(model="tiny-llama"), "fit")
+
+
+def test_layer_drop_on_an_image_model_ranks_rank_zeros_scores_on_every_rank():
+    """Rank zero's scores are what every rank ranks, even where this rank's own scores chose otherwise."""
+    from lightning_drop.callbacks import LayerDrop
+    from lightning_drop.lightning.module import DropModule
+    from lightning_drop.scoring.importance import ImportanceScores
+
+    module = DropModule(family="vit")
+    datamodule = SimpleNamespace(calibration_batch=lambda: {"pixel_values": PIXELS})
     seen = []
 
     def broadcast(obj, src=0):
         seen.append(obj)
-        return ([3], [0])  # rank zero decided differently from this rank
+        # rank zero's lowest attention score is at another layer than this rank's
+        theirs = 3 if obj.attn.index(min(obj.attn)) != 3 else 0
+        attn = [0.0 if i == theirs else 1.0 for i in range(len(obj.attn))]
+        return ImportanceScores(obj.metric, attn, obj.mlp, obj.block, obj.num_tokens)
 
     trainer = SimpleNamespace(datamodule=datamodule, strategy=SimpleNamespace(broadcast=broadcast), loggers=[],
-                              global_step=0, is_global_zero=True)
-    callback = VisionLayerDrop(target="attn", num=1, head_epochs=0, speed_iters=0)
-    callback.on_train_end(trainer, module)
-    assert len(seen) == 1 and seen[0] != ([3], [0])
-    assert module.drop_plan == ([3], [0]) and module.model.config.drop_attn_list == [3]
-    assert callback.report["drop_attn_list"] == [3] and callback.report["drop_mlp_list"] == [0]
+                              global_step=0, is_global_zero=True, callbacks=[], global_rank=0, world_size=1)
+    callback = LayerDrop(target="attn", num=1, when="fit_end", verbose=False)
+    callback.drop_round(trainer, module)
+    own = seen[0].attn.index(min(seen[0].attn))
+    chosen = 3 if own != 3 else 0
+    assert len(seen) == 1 and own != chosen
+    assert module.drop_plan == ([chosen], []) and module.model.config.drop_attn_list == [chosen]
+    assert callback.rounds[0]["attn"] == [chosen]
 
 
 def _ddp_worker(rank, world, init_file, pixels, out):

@@ -208,7 +208,7 @@ def check_vision_digits(run: Run) -> None:
     assert saved["drop_attn_list"] == report["drop_attn_list"]
     header = (run_dir / "metrics.csv").read_text().splitlines()[0].split(",")
     assert {"val/acc", "drop/test_acc_before", "importance/attn/layer_00"} <= set(header)
-    assert run.count("VisionLayerDrop: dropped attn") == 1  # rank zero reports and writes
+    assert run.count("ImageDropReport: dropped attn") == 1  # rank zero reports and writes
     assert "self.log('val/loss', ..., sync_dist=True)" not in run.log  # the logged loss is over all ranks
 
 

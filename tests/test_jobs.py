@@ -134,3 +134,7 @@ def test_an_old_class_path_gets_one_error_naming_the_new_one(tmp_path, capsys):
         from lightning_drop.lightning.cli import check_moved_class_paths
 
         check_moved_class_paths(["--data.class_path=lightning_drop.vision.data.ImageDataModule"])
+    with pytest.raises(UserError, match="VisionLayerDrop no longer exists: use lightning_drop.callbacks.LayerDrop$"):
+        check_moved_class_paths(["--trainer.callbacks+=lightning_drop.vision.callbacks.VisionLayerDrop"])
+    with pytest.raises(UserError, match="use lightning_drop.lightning.module.DropModule$"):
+        check_moved_class_paths(["--model.class_path=lightning_drop.vision.lightning_module.VisionDropModule"])

@@ -17,7 +17,7 @@ from lightning_drop.core.architectures import vision_spec
 from lightning_drop.scoring.importance import compute_importance
 from lightning_drop.scoring.schedule import drop_by_importance
 from lightning_drop.measure.sublayer_check import check_really_skipped, sublayer_call_counts
-from lightning_drop.vision.lightning_module import tiny_vision_model
+from lightning_drop.io.vision_loading import tiny_vision_model
 from lightning_drop.vision.speed import compare_image_throughput
 
 FAMILIES = ["vit", "dinov2", "dinov2_with_registers", "dinov3_vit", "swinv2"]

@@ -77,11 +77,11 @@ def test_digits_config_runs_a_few_steps(tmp_path, monkeypatch):
     cfg = yaml.safe_load(CONFIG.read_text())
     assert cfg["model"]["init_args"]["family"] == "vit"
     assert [c["class_path"].rsplit(".", 1)[1] for c in cfg["trainer"]["callbacks"]] == \
-        ["VisionImportanceTracker", "VisionLayerDrop"]
+        ["ImportanceTracker", "LayerDrop", "ImageDropReport"]
     monkeypatch.chdir(tmp_path)
     assert main(["fit", "--config", str(CONFIG), "--trainer.max_steps", "3", "--trainer.limit_val_batches", "1",
                  "--trainer.enable_progress_bar", "false", "--trainer.enable_model_summary", "false",
-                 # `trainer.callbacks.init_args.*` sets the last callback's arguments (VisionLayerDrop)
+                 # `trainer.callbacks.init_args.*` sets the last callback's arguments (ImageDropReport)
                  "--trainer.callbacks.init_args.head_epochs", "1", "--trainer.callbacks.init_args.speed_iters", "1",
                  "--trainer.callbacks.init_args.speed_batch_size", "8"]) == 0
     out = tmp_path / "logs" / "vision_digits"
@@ -94,7 +94,7 @@ def test_digits_config_runs_a_few_steps(tmp_path, monkeypatch):
     assert r["speed"]["flops_ratio"] < 1.0
     for row in r["sublayer_calls"]:
         assert (row["attn_flops"] == 0) == row["attn_dropped"] and row["mlp_flops"] > 0
-    # the one ImportanceTracker, on the image datamodule's calibration images, capped at calibration_images
+    # the one ImportanceTracker, on the image datamodule's calibration images, capped at calibration_limit
     # (128 images x (16 patches + CLS) tokens), with its CSV and heatmap beside the history
     h = json.loads(history.read_text())["history"]
     assert [e["event"] for e in h][0] == "fit_start" and h[-1]["step"] == 3

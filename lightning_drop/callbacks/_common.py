@@ -49,6 +49,8 @@ class CalibrationSource:
                         ("calibration_batch_size", batch_size)):
             if not isinstance(v, int) or isinstance(v, bool) or v < 1:
                 raise MisconfigurationException(f"{owner}: {name} must be an integer >= 1, got {v!r}")
+        if limit is not None and (not isinstance(limit, int) or isinstance(limit, bool) or limit < 1):
+            raise MisconfigurationException(f"{owner}: calibration_limit must be an integer >= 1, got {limit!r}")
         self.source, self.samples, self.seq_len, self.batch_size, self.owner = source, samples, seq_len, batch_size, owner
         self.limit = limit
         self._batches: list[dict[str, torch.Tensor]] | None = None

@@ -41,6 +41,7 @@ class ImportanceTracker(Callback):
         metric: importance metric (`lightning_drop.scoring.importance.METRICS`).
         calibration_source / calibration_samples / calibration_seq_len / calibration_batch_size: as on
             `LayerDrop` (None = the datamodule's `calibration_batch()`).
+        calibration_limit: keep only the first rows (windows, images) of the datamodule's calibration batch.
         output_dir: where the history files and the PNG go (default: the trainer's log dir).
         log_scalars: log `importance/<kind>/layer_XX` through the loggers.
         heatmap: draw the layer x step heatmap (PNG file and loggers).
@@ -63,6 +64,7 @@ class ImportanceTracker(Callback):
         at_fit_start: bool = True,
         at_fit_end: bool = True,
         prefix: str = "importance/",
+        calibration_limit: int | None = None,
     ) -> None:
         from lightning_drop.errors import UserError
         from lightning_drop.scoring.metrics import resolve_metric
@@ -75,7 +77,7 @@ class ImportanceTracker(Callback):
             raise MisconfigurationException(f"ImportanceTracker: {err}") from None
         self.every_n_steps, self.metric = every_n_steps, metric
         self.calibration = CalibrationSource(calibration_source, calibration_samples, calibration_seq_len,
-                                             calibration_batch_size, "ImportanceTracker")
+                                             calibration_batch_size, "ImportanceTracker", calibration_limit)
         self.output_dir, self.log_scalars, self.heatmap, self.log_color = output_dir, log_scalars, heatmap, log_color
         self.at_fit_start, self.at_fit_end, self.prefix = at_fit_start, at_fit_end, prefix
         self.history: list[dict[str, Any]] = []

@@ -243,8 +243,8 @@ def decoder_spec(model_or_config: Any) -> ArchSpec:
     """`get_spec` for code that handles causal LMs only: a vision family gets a pointer to the vision tools."""
     spec = get_spec(model_or_config)
     if spec.inputs != "text":
-        raise UserError(f"'{spec.model_types[0]}' is a vision transformer: use lightning_drop.vision "
-                        "(VisionDropModule, VisionLayerDrop) or the core functions "
+        raise UserError(f"'{spec.model_types[0]}' is a vision transformer: use lightning_drop.vision's "
+                        "ImageDataModule with DropModule(family=...) and LayerDrop, or the core functions "
                         "apply_drop / compute_importance / save_dropped directly")
     return spec
 

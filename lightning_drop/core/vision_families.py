@@ -39,7 +39,7 @@ VISION_FAMILIES: tuple[dict[str, Any], ...] = (
             ("Dinov2WithRegistersForImageClassification", "Dinov2WithRegistersModel"),
             "Dinov2WithRegistersForImageClassification", "dinov2_with_registers", "encoder.layer", _DINO,
             tiny_overrides={**_SMALL, "mlp_ratio": 2, "layerscale_value": 0.5, "num_register_tokens": 2}),
-    # transformers ships DINOv3 ViT only as a backbone (no classification head): VisionDropModule adds one.
+    # transformers ships DINOv3 ViT only as a backbone (no classification head): the image task adds one.
     _vision("dinov3_vit", "DINOv3ViTConfig", ("DINOv3ViTModel",), None, "", "model.layer", _DINO,
             tiny_overrides={**_SMALL, "layerscale_value": 0.5, "num_register_tokens": 2}),
     _vision("swinv2", "Swinv2Config", ("Swinv2ForImageClassification", "Swinv2Model"), "Swinv2ForImageClassification",

@@ -92,7 +92,10 @@ MOVED_CLASS_PATHS = {
     "lightning_drop.drop_job": "lightning_drop.jobs.drop",
     "lightning_drop.study": "lightning_drop.jobs.study",
     "lightning_drop.report": "lightning_drop.jobs.study.report",
-    "lightning_drop.vision.module": "lightning_drop.vision.lightning_module",
+    "lightning_drop.vision.module.VisionDropModule": "lightning_drop.lightning.module.DropModule",
+    "lightning_drop.vision.lightning_module.VisionDropModule": "lightning_drop.lightning.module.DropModule",
+    "lightning_drop.vision.callbacks.VisionLayerDrop": "lightning_drop.callbacks.LayerDrop",
+    "lightning_drop.vision.callbacks.VisionImportanceTracker": "lightning_drop.callbacks.ImportanceTracker",
     "lightning_drop.vision.data": "lightning_drop.vision.image_data",
 }
 

@@ -1,4 +1,7 @@
-"""`DropModule`: a LightningModule around a (possibly dropped, possibly LoRA-wrapped) causal LM.
+"""`DropModule`: a LightningModule around a (possibly dropped, possibly LoRA-wrapped) causal LM or image model.
+
+What it trains on a batch (loss, metrics) is its task (`lightning_drop.lightning.task`), chosen by the model:
+next-token prediction for a decoder, image classification for a vision family.
 
 The wrapped Hugging Face model is `self.model` (a peft model while LoRA adapters are attached);
 `self.hf_model` is always the plain transformers model underneath, the one `apply_drop`, the importance
@@ -12,7 +15,7 @@ them back on resume:
   then `load_model_state_dict`), and rebuilds the same architecture there, so the weights fit.
 - Recovery callbacks that train on another loss (`callbacks.Distillation`) register a *training objective*
   with `set_training_objective`: `training_step` then returns `objective(module, batch)`'s loss and logs its
-  parts as `train/<name>`; validation and test keep the LM loss, so `val/loss` stays comparable. This is
+  parts as `train/<name>`; validation and test keep the task's loss, so `val/loss` stays comparable. This is
   the one way a callback changes the training loss.
 - Strategies that restore after setup (FSDP, DeepSpeed: `strategy.restore_checkpoint_after_setup`) call
   that hook after the model was sharded, too late to change it: `configure_model` rebuilds the architecture
@@ -36,6 +39,7 @@ from lightning.pytorch.utilities.exceptions import MisconfigurationException
 from torch import nn
 
 from .distributed import refuse_if_sharded, sharded_strategy
+from .task import build_model, build_task, lm_batch  # noqa: F401  (build_model, lm_batch: public helpers)
 from ..errors import UserError
 from ..core.modeling_dropped import apply_drop, dropped_layers
 from ..io.training_checkpoint import CKPT_KEY, checkpoint_meta, model_from_config, refuse_other_model, resume_path
@@ -66,70 +70,8 @@ class TrainingObjective(Protocol):
                                                                                dict[str, torch.Tensor]]: ...
 
 
-def lm_batch(batch: Any) -> tuple[torch.Tensor, torch.Tensor | None, torch.Tensor]:
-    """(input_ids, attention_mask, labels) of a batch: a tensor of ids or a dict; labels default to the ids
-    with padding (mask 0) set to -100, so padding never counts in the loss."""
-    if isinstance(batch, torch.Tensor):
-        batch = {"input_ids": batch}
-    ids = batch["input_ids"]
-    mask = batch.get("attention_mask")
-    labels = batch.get("labels")
-    if labels is None:
-        labels = ids if mask is None else ids.masked_fill(mask == 0, -100)
-    return ids, mask, labels
-
-
 OPTIMIZERS = ("adamw", "adam", "sgd")
 SCHEDULERS = ("constant", "cosine", "linear")
-
-
-def build_model(model: str | None, init_config: dict[str, Any] | None, dtype: str = "float32",
-                tokenizer: str | None = None) -> tuple[nn.Module, Any]:
-    """(model, tokenizer) from a reference (`lightning_drop.io.model_loading.load_model`) or a random-init config.
-
-    `model="tiny-<family>"` with `init_config` overrides the tiny config (e.g. more layers); `model=None`
-    with `init_config={"model_type": "llama", ...}` builds that family at random init with the byte-level
-    tokenizer's special ids and the tiny defaults for anything not given.
-    """
-    from ..io.model_loading import TINY_PREFIX, load_model, load_tokenizer, tiny_config, tiny_family
-
-    torch_dtype = getattr(torch, dtype, None)
-    if not isinstance(torch_dtype, torch.dtype):
-        raise UserError(f"dtype must name a torch dtype such as 'float32' or 'bfloat16', got {dtype!r}")
-    if model is None and not init_config:
-        raise UserError("DropModule needs `model` (catalogue name, path or hub id) or `init_config` (random init)")
-    random_init = model is None or tiny_family(model) is not None
-    if not random_init:
-        if init_config:
-            raise UserError(f"init_config is only for random init (model=None or 'tiny-<family>'), not {model!r}")
-        return load_model(model, dtype=torch_dtype, tokenizer=tokenizer)
-    import transformers
-
-    from ..core.architectures import get_spec
-
-    overrides = dict(init_config or {})
-    if model is not None:
-        family = tiny_family(model)
-        if "model_type" in overrides:
-            raise UserError(f"init_config.model_type conflicts with model={model!r}: give one of them")
-    else:
-        if "model_type" not in overrides:
-            raise UserError("init_config needs 'model_type' (e.g. llama) when `model` is not given")
-        family = get_spec(str(overrides.pop("model_type"))).family
-    from huggingface_hub import errors as hub_errors
-
-    try:  # transformers checks the sizes (heads that divide hidden_size, ...)
-        config = tiny_config(family, int(overrides.pop("num_hidden_layers", 4)), **overrides)
-    except (ValueError, getattr(hub_errors, "StrictDataclassError", ValueError)) as err:
-        while err.__cause__ is not None:
-            err = err.__cause__
-        raise UserError(f"init_config {init_config}: {' '.join(str(err).split())}") from None
-    spec = get_spec(config)
-    hf = getattr(transformers, spec.causal_lm_class)(config).to(torch_dtype)
-    tok = load_tokenizer(tokenizer or f"{TINY_PREFIX}{family}")
-    if len(tok) > config.vocab_size:
-        raise UserError(f"tokenizer has {len(tok)} tokens but init_config.vocab_size is {config.vocab_size}")
-    return hf, tok
 
 
 def is_peft(model: nn.Module) -> bool:
@@ -139,13 +81,18 @@ def is_peft(model: nn.Module) -> bool:
 
 
 class DropModule(pl.LightningModule):
-    """Causal-LM training of a transformer that callbacks may drop layers from and attach LoRA to.
+    """Training of a transformer (causal LM or image classifier) that callbacks may drop layers from.
 
     Args:
         model: catalogue name (`smollm2-135m`, `tiny-llama`, ...), checkpoint directory (plain or dropped),
             `.gguf` file or hub id, for `lightning_drop.io.model_loading.load_model`. `tiny-<family>` is random init.
         init_config: random init: config fields, e.g. `{model_type: llama, hidden_size: 128,
             num_hidden_layers: 8}` (with `model=None`), or overrides of a `tiny-<family>` model.
+        family: random init of a family with its tiny defaults, `init_config` overriding them: a vision
+            family (`vit`, `dinov2`, `dinov2_with_registers`, `dinov3_vit`, `swinv2`: image classification)
+            or a decoder one (as `model="tiny-<family>"`). A vision checkpoint directory as `model` also
+            trains as image classification.
+        num_labels: classes of an image classifier (default 10); not for language models.
         tokenizer_name: tokenizer reference when the model's own is not wanted (named so, not `tokenizer`,
             because Lightning merges module and datamodule hyperparameters and they must not clash).
         dtype: parameter dtype (`float32`, `bfloat16`, ...).
@@ -177,6 +124,8 @@ class DropModule(pl.LightningModule):
         min_lr_ratio: float = 0.0,
         save_dir: str | None = None,
         overwrite: bool = False,
+        family: str | None = None,
+        num_labels: int | None = None,
     ) -> None:
         super().__init__()
         if optimizer not in OPTIMIZERS:
@@ -198,7 +147,8 @@ class DropModule(pl.LightningModule):
             raise UserError(f"save_dir {save_dir!r}: unknown placeholder {sorted(other)[0]} (the one placeholder is "
                             f"{LOG_DIR}, the trainer's log dir)")
         self.save_hyperparameters()
-        self.model, self.tokenizer = build_model(model, init_config, dtype, tokenizer_name)
+        self.model, self.tokenizer, self.task = build_task(model, init_config, family, num_labels, dtype,
+                                                           tokenizer_name)
         self.lora_config: dict[str, Any] | None = None
         self.training_objective: TrainingObjective | None = None
         # Step at which the current optimizer/scheduler were built (after a drop or LoRA wrap mid-fit),
@@ -272,12 +222,13 @@ class DropModule(pl.LightningModule):
         return str(save_dropped(model, out_dir, tokenizer=self.tokenizer, overwrite=overwrite))
 
     # --------------------------------------------------------------------------------------- training
-    def forward(self, input_ids: torch.Tensor, attention_mask: torch.Tensor | None = None, **kwargs: Any) -> Any:
-        return self.model(input_ids=input_ids, attention_mask=attention_mask, **kwargs)
+    def forward(self, *args: Any, **kwargs: Any) -> Any:
+        """The task's forward: the LM's output for `input_ids`, an image classifier's logits for `pixel_values`."""
+        return self.task(self.model, *args, **kwargs)
 
     def _loss(self, batch: Any) -> torch.Tensor:
-        ids, mask, labels = lm_batch(batch)
-        return self.model(input_ids=ids, attention_mask=mask, labels=labels, use_cache=False).loss
+        """The task's loss of a batch (what validation reports and training optimizes without an objective)."""
+        return self.task.loss(self.model, batch)
 
     def set_training_objective(self, objective: TrainingObjective | None) -> None:
         """Train on `objective(self, batch) -> (loss, parts)` instead of the LM loss (None: the LM loss again).
@@ -290,7 +241,7 @@ class DropModule(pl.LightningModule):
         self.training_objective = objective
 
     def training_step(self, batch: Any, batch_idx: int) -> torch.Tensor:
-        size = lm_batch(batch)[0].shape[0]
+        size = self.task.batch_size(batch)
         if self.training_objective is None:
             loss = self._loss(batch)
         else:
@@ -301,22 +252,18 @@ class DropModule(pl.LightningModule):
         return loss
 
     def validation_step(self, batch: Any, batch_idx: int) -> None:
-        loss = self._loss(batch)
-        self.log("val/loss", loss, prog_bar=True, sync_dist=True, batch_size=batch["input_ids"].shape[0])
+        self.task.evaluate(self, batch, "val")
 
     def test_step(self, batch: Any, batch_idx: int) -> None:
-        loss = self._loss(batch)
-        self.log("test/loss", loss, sync_dist=True, batch_size=batch["input_ids"].shape[0])
+        self.task.evaluate(self, batch, "test")
 
     def on_validation_epoch_end(self) -> None:
-        loss = self.trainer.callback_metrics.get("val/loss")
-        if loss is not None:
-            self.log("val/ppl", math.exp(min(float(loss), 50.0)), sync_dist=False)
+        self.task.on_validation_epoch_end(self)
 
     def setup(self, stage: str) -> None:
         dm = getattr(self.trainer, "datamodule", None) if self._trainer is not None else None
         tok = getattr(dm, "tokenizer", None) if dm is not None else None
-        emb = self.hf_model.get_input_embeddings()
+        emb = self.hf_model.get_input_embeddings() if tok is not None else None
         if tok is not None and emb is not None and len(tok) > emb.num_embeddings:
             raise UserError(f"the datamodule's tokenizer has {len(tok)} tokens but the model embeds only "
                              f"{emb.num_embeddings}: set the datamodule's tokenizer to the model's")

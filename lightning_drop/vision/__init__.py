@@ -1,5 +1,8 @@
-"""Vision transformers (ViT, DINOv2 (+registers), DINOv3 ViT, SwinV2): image data, the image-classification
-LightningModule and its callbacks, and image throughput.
+"""Vision transformers (ViT, DINOv2 (+registers), DINOv3 ViT, SwinV2): image data, the report of what a drop
+did to an image classifier (`ImageDropReport`), and image throughput.
+
+Training is `DropModule` (a vision family trains as image classification, `lightning_drop.lightning.task`) with
+the callbacks of `lightning_drop.callbacks`, the same as for language models.
 
 Surgery, scores and checkpoints of vision families are the core's (`lightning_drop.core.architectures`,
 `modeling_dropped`, `importance`, `dropped_checkpoint`): one set of functions for decoders and encoders. Once
