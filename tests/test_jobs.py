@@ -23,7 +23,7 @@ ROOT = Path(__file__).resolve().parents[1]
 
 
 def test_the_library_never_imports_jobs():
-    """Every module outside jobs/, cli.py and lightning_cli.py imports without pulling in the jobs layer."""
+    """Every module outside jobs/, cli.py and lightning/cli.py imports without pulling in the jobs layer."""
     code = """
 import json, pkgutil, importlib, sys
 import lightning_drop
@@ -131,7 +131,7 @@ def test_an_old_class_path_gets_one_error_naming_the_new_one(tmp_path, capsys):
                       "use lightning_drop.lightning.module.DropModule"], err
     assert "Traceback" not in err and sorted(p.name for p in tmp_path.iterdir()) == before
     with pytest.raises(UserError, match="use lightning_drop.vision.image_data.ImageDataModule"):
-        from lightning_drop.lightning.cli import check_moved_class_paths
+        from lightning_drop.lightning.config_errors import check_moved_class_paths
 
         check_moved_class_paths(["--data.class_path=lightning_drop.vision.data.ImageDataModule"])
     with pytest.raises(UserError, match="VisionLayerDrop no longer exists: use lightning_drop.callbacks.LayerDrop$"):
