@@ -28,7 +28,7 @@ import tempfile
 import threading
 from contextlib import contextmanager
 from pathlib import Path
-from typing import Any, Iterable, Iterator, Mapping
+from typing import Any, Callable, ContextManager, Iterable, Iterator, Mapping
 
 from ..errors import UserError, input_file, param
 
@@ -326,44 +326,49 @@ def _writing(dest: Path) -> Iterator[Path]:
 
 
 @contextmanager
-def atomic_dir(dest: str | os.PathLike) -> Iterator[Path]:
+def _staged(dest: str | os.PathLike, make: Callable[[Path], None], install: Callable[[Path, Path], None]
+            ) -> Iterator[Path]:
+    """A temporary made by `make` next to `dest` (a symbolic link at `dest` is followed), given ordinary
+    permissions and put in place by `install(tmp, dest)` on success; it vanishes on failure."""
+    dest = _follow(Path(dest))
+    with _writing(dest) as wrapper:
+        tmp = wrapper / dest.name
+        make(tmp)
+        yield tmp
+        make_shareable(tmp)
+        install(tmp, dest)
+
+
+def _replace_keeping_previous(tmp: Path, dest: Path) -> None:
+    """Rename `tmp` to `dest`; a previous `dest` is parked in a marked temporary and put back if that fails."""
+    if not (dest.exists() or dest.is_symlink()):
+        os.replace(tmp, dest)
+        return
+    old = _new_temporary(dest, "old")
+    try:
+        os.replace(dest, old / "x")
+        try:
+            os.replace(tmp, dest)
+        except BaseException:
+            os.replace(old / "x", dest)  # put the previous one back
+            raise
+    finally:
+        _discard(old, dest)
+
+
+def atomic_dir(dest: str | os.PathLike) -> ContextManager[Path]:
     """Yield a temporary directory next to `dest`; on success it replaces `dest`, on failure it vanishes.
 
     Whether `dest` may be replaced is the caller's decision (see `check_output`). A previous `dest` survives a
     failed rename. A symbolic link at `dest` is followed.
     """
-    dest = _follow(Path(dest))
-    with _writing(dest) as wrapper:
-        tmp = wrapper / dest.name
-        tmp.mkdir()
-        yield tmp
-        make_shareable(tmp)
-        if dest.exists() or dest.is_symlink():
-            old = _new_temporary(dest, "old")
-            try:
-                os.replace(dest, old / "x")
-                try:
-                    os.replace(tmp, dest)
-                except BaseException:
-                    os.replace(old / "x", dest)  # put the previous one back
-                    raise
-            finally:
-                _discard(old, dest)
-        else:
-            os.replace(tmp, dest)
+    return _staged(dest, Path.mkdir, _replace_keeping_previous)
 
 
-@contextmanager
-def atomic_file(path: str | os.PathLike) -> Iterator[Path]:
+def atomic_file(path: str | os.PathLike) -> ContextManager[Path]:
     """Yield a temporary path next to `path` (for writers that take a file name; same name and suffix); renamed
     into place on success. A symbolic link at `path` is followed."""
-    path = _follow(Path(path))
-    with _writing(path) as wrapper:
-        tmp = wrapper / path.name
-        tmp.touch()
-        yield tmp
-        make_shareable(tmp)
-        os.replace(tmp, path)
+    return _staged(path, Path.touch, os.replace)
 
 
 def atomic_write_text(path: str | os.PathLike, text: str) -> Path:
