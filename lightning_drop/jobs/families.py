@@ -81,13 +81,17 @@ def layout(model: Any, encoder_decoder: bool = False) -> str:
 def _row(model_type: str) -> dict[str, Any]:
     import torch
 
-    from ..core.architectures import supported_model_types
+    from ..core.architectures import get_spec, supported_model_types
     from ..export.nemotron import SUPPORTED_FAMILIES
     from ..io.tiny_configs import REFUSED, causal_lm_class, shrunk_config
 
     if model_type in supported_model_types("text"):
+        # the export writers' own list (`check_llama_family`); every family's dropped checkpoint loads in transformers
         engines = ["transformers"] + (["Nemotron-NAS", "GGUF"] if model_type in SUPPORTED_FAMILIES else [])
-        return dict(model_type=model_type, status="supported", sublayers="attn, mlp", engines=engines, layout="")
+        spec = get_spec(model_type)
+        sublayers = f"attn `{spec.attn}`, mlp `{spec.mlp}`"
+        return dict(model_type=model_type, status="supported", sublayers=sublayers, engines=engines,
+                    layout=f"{spec.layers}[i]")
     if model_type in REFUSED:
         return dict(model_type=model_type, status="refused", sublayers="", engines=[], layout=REFUSED[model_type])
     # the model type's own class (a family's `tiny-<family>` name may denote another type: gemma3 -> gemma3_text)
@@ -137,7 +141,11 @@ def families_main(format: TableFormat = "text") -> str:
     """
     import transformers
 
+    verbosity = transformers.logging.get_verbosity()
     transformers.logging.set_verbosity_error()  # building ~200 configs would warn about each one's quirks
-    text = render(family_rows(), format)
+    try:
+        text = render(family_rows(), format)
+    finally:
+        transformers.logging.set_verbosity(verbosity)
     print(text, end="")
     return text
