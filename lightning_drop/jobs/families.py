@@ -32,7 +32,8 @@ def _mixer_kind(module: Any) -> str:
     """A mixer's kind, read from its class name (Gated DeltaNet and Mamba hide under `self_attn`/`mixer` too)."""
     name = type(module).__name__.lower()
     for word, kind in (("mamba", "mamba"), ("delta", "linear attention"), ("linear", "linear attention"),
-                       ("conv", "conv"), ("mlp", "mlp"), ("moe", "moe")):
+                       ("conv", "conv"), ("attention", "attention"), ("attn", "attention"), ("mlp", "mlp"),
+                       ("moe", "moe")):  # "attention" before "moe": Qwen2MoeAttention is attention
         if word in name:
             return kind
     return "attention"
