@@ -28,6 +28,8 @@ def test_table_statuses_and_layouts_come_from_the_code(capsys):
     assert "parallel residual" in rows["gpt_neox"]["layout"]
     assert "hybrid" in rows["qwen3_next"]["layout"] and "linear_attn" in rows["qwen3_next"]["layout"]
     assert "block_sparse_moe (MoE)" in rows["granitemoe"]["layout"]
+    assert "hybrid" in rows["lfm2"]["layout"] and "conv" in rows["lfm2"]["layout"]
+    assert "hybrid" not in rows["llama4_text"]["layout"]  # chunked + full attention: one mixer kind, two masks
     assert "encoder layer" in rows["bert"]["layout"] and rows["bert"]["status"] == "refused"
     assert all(r["status"] in ("supported", "not yet", "refused") for r in rows.values())
     assert all(r["layout"] for r in rows.values() if r["status"] != "supported")

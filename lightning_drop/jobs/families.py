@@ -13,6 +13,7 @@ TableFormat = Literal["markdown", "text", "json"]
 # module names of a layer's children, read as the layout they reveal (the name is the evidence, not the family)
 _MIXERS = {"self_attn": "attention", "attn": "attention", "attention": "attention", "self_attention": "attention",
            "linear_attn": "linear attention", "mamba": "mamba", "conv": "conv", "mixer": "one mixer per layer"}
+_OTHER_MIXERS = ("linear_attn", "mamba", "conv")
 _MLPS = ("mlp", "feed_forward", "block_sparse_moe", "ffn", "moe", "intermediate")
 
 
@@ -41,7 +42,7 @@ def _mixer_kind(module: Any) -> str:
 
 def layout(model: Any, encoder_decoder: bool = False) -> str:
     """The layout of a model's layers as its module names show it: where the layers are, the mixer module
-    names and the kinds of their classes, the MLP's name (MoE when its module holds experts), and whether
+    names and their kinds (the config's `layer_types`-style list, else the mixer classes' names), the MLP's name (MoE when its module holds experts), and whether
     one norm feeds both sublayers (parallel residual)."""
     config = model.config
     if encoder_decoder or getattr(config, "is_encoder_decoder", False):
@@ -61,13 +62,18 @@ def layout(model: Any, encoder_decoder: bool = False) -> str:
             if name in _MIXERS:  # a module named for its kind says it; otherwise its class does
                 kinds.add({"linear_attn": "linear attention", "mamba": "mamba", "conv": "conv"}.get(name)
                           or _mixer_kind(child))
+    declared = getattr(text, "layer_types", None) or getattr(text, "layers_block_type", None)
+    if isinstance(declared, list) and declared and all(isinstance(k, str) for k in declared):
+        kinds = {k.replace("_", " ") for k in declared}  # the config's own per-layer kinds, where it states them
     mixers = sorted({n for n in children if n in _MIXERS})
     mlp = next((n for n in _MLPS if n in children), None)
     norms = [n for n in children if "norm" in n or n.startswith("ln")]
     if not mixers:
         return f"{path}: no mixer module ({', '.join(children)})"
     parts = [f"{path}[i]: " + "/".join(mixers) + f" ({' + '.join(sorted(kinds))})"]
-    if len(kinds) > 1:
+    # hybrid: a mixer other than softmax attention beside another kind (sliding + full attention is not)
+    other = {k for k in kinds if "attention" not in k or "linear" in k} | {n for n in mixers if n in _OTHER_MIXERS}
+    if other and (len(kinds) > 1 or len(mixers) > 1):
         parts.append("hybrid")
     if mlp:
         moe = any("expert" in n for n, _ in children[mlp].named_modules())
