@@ -36,4 +36,5 @@ def test_table_statuses_and_layouts_come_from_the_code(capsys):
 
 
 def test_docs_families_page_is_current(capsys):
-    assert DOC.read_text() == _run(capsys, "markdown"), "regenerate: lightning-drop families --format markdown > docs/families.md"
+    assert DOC.read_text() == _run(capsys, "markdown"), \
+        "regenerate: lightning-drop families --format markdown > docs/families.md"

@@ -19,37 +19,32 @@ HEADS = 4
 HEAD_DIM = HIDDEN // HEADS
 WINDOW = 8  # sliding windows shorter than a test sequence, so the window is exercised
 
-# field names -> the small value; a field is set only where the config has it (and it is not None)
+# field names (as the installed config classes spell them) -> the small value; set only where a config has it
 _SIZES: dict[tuple[str, ...], Any] = {
-    ("hidden_size", "n_embd", "d_model", "embed_dim", "dim", "model_dim", "n_embed", "word_embed_proj_dim"): HIDDEN,
+    ("hidden_size", "n_embd", "d_model", "word_embed_proj_dim"): HIDDEN,
     ("num_attention_heads", "n_head", "num_heads", "n_heads", "encoder_attention_heads",
      "decoder_attention_heads"): HEADS,
     ("head_dim", "attention_head_dim", "kv_channels", "v_head_dim", "linear_key_head_dim",
-     "linear_value_head_dim", "mamba_d_head", "mamba_head_dim", "ssm_head_dim"): HEAD_DIM,
-    ("intermediate_size", "n_inner", "ffn_dim", "ffn_hidden_size", "intermediate_dim", "d_ff", "ffn_size",
-     "ffn_dim_multiplier_size", "encoder_ffn_dim", "decoder_ffn_dim", "dense_intermediate_size",
-     "block_ff_dim", "feed_forward_proj_size"): 128,
-    ("moe_intermediate_size", "expert_intermediate_size", "shared_expert_intermediate_size",
-     "moe_ffn_hidden_size", "expert_hidden_size", "ffn_hidden_size_moe"): 32,
-    ("num_experts", "n_routed_experts", "num_local_experts", "moe_num_experts", "n_experts", "num_routed_experts",
-     "ffn_num_experts"): 4,
-    ("num_experts_per_tok", "moe_topk", "num_experts_per_token", "moe_k", "top_k", "num_selected_experts",
-     "experts_per_token", "moe_top_k"): 2,
-    ("n_shared_experts", "num_shared_experts", "moe_num_shared_experts", "shared_expert_count"): 1,
-    ("max_position_embeddings", "n_positions", "n_ctx", "max_sequence_length", "seq_length",
-     "max_seq_len"): 512,
-    ("sliding_window", "attention_window", "sliding_window_size", "window_size", "local_window_size"): WINDOW,
+     "linear_value_head_dim", "mamba_d_head", "mamba_head_dim"): HEAD_DIM,
+    ("intermediate_size", "n_inner", "ffn_dim", "ffn_hidden_size", "encoder_ffn_dim", "decoder_ffn_dim",
+     "dense_intermediate_size"): 128,
+    ("moe_intermediate_size", "shared_expert_intermediate_size"): 32,
+    ("num_experts", "n_routed_experts", "num_local_experts", "moe_num_experts"): 4,
+    ("num_experts_per_tok", "moe_topk", "num_experts_per_token", "moe_k"): 2,
+    ("n_shared_experts", "num_shared_experts", "moe_num_shared_experts"): 1,
+    ("max_position_embeddings", "n_positions", "n_ctx", "max_seq_len"): 512,
+    ("sliding_window", "sliding_window_size", "window_size"): WINDOW,
     ("kv_lora_rank",): 16, ("q_lora_rank",): 24, ("qk_rope_head_dim",): 8, ("qk_nope_head_dim",): 8,
     ("n_group", "topk_group"): 1, ("first_k_dense_replace",): 1,
-    ("state_size", "mamba_d_state", "ssm_state_size", "d_state"): 16,
+    ("state_size", "mamba_d_state", "ssm_state_size"): 16,
     ("linear_num_key_heads", "linear_num_value_heads"): HEADS,
     # Mamba-2 mixers: heads x head_dim must equal expand (2) x hidden
-    ("mamba_n_heads", "ssm_num_heads"): 2 * HIDDEN // HEAD_DIM, ("mamba_d_ssm",): 2 * HIDDEN,
+    ("mamba_n_heads",): 2 * HIDDEN // HEAD_DIM, ("mamba_d_ssm",): 2 * HIDDEN,
     ("rotary_dim",): HEAD_DIM // 2,
-    ("mamba_n_groups", "n_groups", "ssm_n_groups"): 1,
-    ("time_step_rank", "mamba_dt_rank", "dt_rank"): 8,
-    ("num_key_value_heads", "num_kv_heads", "n_kv_heads", "multi_query_group_num", "num_key_value_groups"): 2,
-    ("conv_L_cache", "mamba_d_conv", "conv_kernel", "linear_conv_kernel_dim", "d_conv"): 4,
+    ("mamba_n_groups", "n_groups"): 1,
+    ("time_step_rank", "mamba_dt_rank"): 8,
+    ("num_key_value_heads", "num_kv_heads"): 2,
+    ("conv_L_cache", "mamba_d_conv", "conv_kernel", "linear_conv_kernel_dim"): 4,
 }
 # fields that must equal another after the shrink (MLA: rotary embeddings span the rope part of a head only)
 _DERIVED = {"head_dim": "qk_rope_head_dim"}
@@ -149,7 +144,8 @@ def _layer_count(config: Any, old_layers: int) -> int:
     """Enough layers (at least NUM_LAYERS) to hold each distinct kind of every per-layer list."""
     need = NUM_LAYERS
     for value in vars(config).values():
-        if isinstance(value, list) and old_layers and len(value) == old_layers and all(isinstance(v, str) for v in value):
+        per_layer = isinstance(value, list) and old_layers and len(value) == old_layers
+        if per_layer and all(isinstance(v, str) for v in value):
             need = max(need, len(set(value)))  # named kinds; flags and numbers per layer need no more layers
     return need
 

@@ -42,8 +42,8 @@ def _mixer_kind(module: Any) -> str:
 
 def layout(model: Any, encoder_decoder: bool = False) -> str:
     """The layout of a model's layers as its module names show it: where the layers are, the mixer module
-    names and their kinds (the config's `layer_types`-style list, else the mixer classes' names), the MLP's name (MoE when its module holds experts), and whether
-    one norm feeds both sublayers (parallel residual)."""
+    names and their kinds (the config's `layer_types`-style list, else the mixer classes' names), the MLP's
+    name (MoE when its module holds experts), and whether one norm feeds both sublayers (parallel residual)."""
     config = model.config
     if encoder_decoder or getattr(config, "is_encoder_decoder", False):
         return "encoder-decoder"
@@ -78,7 +78,8 @@ def layout(model: Any, encoder_decoder: bool = False) -> str:
     if mlp:
         moe = any("expert" in n for n, _ in children[mlp].named_modules())
         parts.append(f"{mlp} (MoE)" if moe else mlp)
-    if mlp and len(norms) == 1 or getattr(config, "use_parallel_residual", False) or getattr(config, "parallel_attn", False):
+    parallel = getattr(config, "use_parallel_residual", False) or getattr(config, "parallel_attn", False)
+    if mlp and len(norms) == 1 or parallel:
         parts.append("parallel residual")
     if "intermediate" in children:
         parts.append("encoder layer")
