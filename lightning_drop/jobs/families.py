@@ -76,7 +76,9 @@ def layout(model: Any, encoder_decoder: bool = False) -> str:
     if other and (len(kinds) > 1 or len(mixers) > 1):
         parts.append("hybrid")
     if mlp:
-        moe = any("expert" in n for n, _ in children[mlp].named_modules())
+        # any layer's: MoE families often keep their first layers dense
+        moe = any("expert" in n for layer in layers if hasattr(layer, mlp)
+                  for n, _ in getattr(layer, mlp).named_modules())
         parts.append(f"{mlp} (MoE)" if moe else mlp)
     parallel = getattr(config, "use_parallel_residual", False) or getattr(config, "parallel_attn", False)
     if mlp and len(norms) == 1 or parallel:
