@@ -29,6 +29,8 @@ COMMANDS: dict[str, Command] = {c.name: c for c in (
             help="4/8-bit AWQ or GPTQ of a saved (dropped) model"),
     Command("export", "lightning_drop.jobs.export:export_main",
             help="export for inference engines: Nemotron-NAS (vLLM, TensorRT-LLM) or GGUF"),
+    Command("families", "lightning_drop.jobs.families:families_main",
+            help="every causal-LM model type of the installed transformers: supported, not yet, or refused"),
     Command("study", "lightning_drop.jobs.study:study_main",
             help="sweep targets x number dropped; report with plots (configs/study/*.yaml)"),
 )}

@@ -28,6 +28,7 @@ from .dropped_checkpoint import (
     read_config,
 )
 from ..errors import UserError, param
+from .tiny_configs import causal_lm_class, shrunk_config
 
 SMOLLM2 = "smollm2-135m"
 SMOLLM2_GGUF = "SmolLM2-135M-Instruct.Q4_1.gguf"
@@ -82,7 +83,7 @@ def no_stdin_prompts() -> None:
 
 
 def catalogue() -> list[str]:
-    return [SMOLLM2] + [TINY_PREFIX + f for f in TINY_FAMILIES]
+    return [SMOLLM2] + [TINY_PREFIX + f for f in TINY_FAMILIES]  # any causal-LM model type also works as tiny-<type>
 
 
 def byte_tokenizer() -> Any:
@@ -104,16 +105,14 @@ def byte_tokenizer() -> Any:
 
 
 def tiny_config(family: str, num_layers: int = 4, **overrides: Any) -> Any:
-    """A small random-init config of `family` (hidden 64) whose token ids match `byte_tokenizer()`."""
+    """A small random-init config of a family or any causal-LM model type; token ids as `byte_tokenizer()`'s."""
     import transformers
 
-    if family not in TINY_FAMILIES:
-        raise UserError(f"unknown tiny family '{family}'; choose from {', '.join(TINY_FAMILIES)}")
+    ids = {k: getattr(tok, k) for tok in [byte_tokenizer()] for k in ("eos_token_id", "pad_token_id", "bos_token_id")}
+    if family not in TINY_FAMILIES:  # any other causal-LM model type, shrunk from its config class's defaults
+        return shrunk_config(family, ids, **({"num_hidden_layers": num_layers} if num_layers != 4 else {}), **overrides)
     spec = TINY_FAMILIES[family]
-    tok = byte_tokenizer()
-    kwargs = {**_TINY_BASE, **spec.tiny_overrides, "num_hidden_layers": num_layers,
-              "eos_token_id": tok.eos_token_id, "pad_token_id": tok.pad_token_id, "bos_token_id": tok.bos_token_id,
-              **overrides}
+    kwargs = {**_TINY_BASE, **spec.tiny_overrides, "num_hidden_layers": num_layers, **ids, **overrides}
     return getattr(transformers, spec.config_class)(**kwargs)
 
 
@@ -122,10 +121,11 @@ def tiny_model(family: str, num_layers: int = 4, seed: int = 0, **overrides: Any
     import transformers
 
     config = tiny_config(family, num_layers, **overrides)
-    spec = TINY_FAMILIES[family]
+    spec = TINY_FAMILIES.get(family)
+    cls = getattr(transformers, spec.causal_lm_class) if spec else causal_lm_class(family)
     with torch.random.fork_rng(devices=[]):
         torch.manual_seed(seed)
-        model = getattr(transformers, spec.causal_lm_class)(config)
+        model = cls(config)
     return model.eval(), byte_tokenizer()
 
 
