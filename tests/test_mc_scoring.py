@@ -83,6 +83,15 @@ def test_piqa_matches_hflm_request_by_request(shared_dir, tmp_path):
     assert lm.shared_requests == len(requests) == 24 and lm.plain_requests == 0
 
 
+@pytest.fixture(autouse=True)
+def nothing_said_yet(monkeypatch):
+    """The scorer says each fallback once per process: a test that counts what is said starts from silence,
+    whatever ran before it in this process."""
+    from lightning_drop.measure import mc_scoring
+
+    monkeypatch.setattr(mc_scoring, "_said", set())
+
+
 def test_requests_sharing_no_context_take_the_plain_path_said_once(shared_dir, tmp_path, caplog):
     model, tok = tiny_model("llama")
     requests = _requests("hellaswag_sample", 6, shared_dir, tmp_path)
