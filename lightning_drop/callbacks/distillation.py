@@ -91,9 +91,13 @@ class Distillation(FitEndMember):
             Python) a model object.
         teacher_device: where the teacher runs (`cpu`, `cuda:1`, ...); None: the student's device.
         teacher_dtype: the teacher's dtype (`bfloat16`, `float16`, ...); None: as loaded or copied.
-        trainable: `lora` (adapters), `all` (every weight) or `layers`.
+        trainable: `lora` (adapters), `all` (every weight), `layers`, or `last_layers` (the output head and
+            the last `last_k` remaining layers, as "Reassessing Layer Pruning" heals).
         layers: with `trainable: layers`: indices, `near_drops` or `last:K` (see `trainable`).
+        last_k: with `trainable: last_layers`: how many of the last layers that still have weights train.
         r, lora_alpha, lora_dropout, target_modules: the LoRA adapters of `trainable: lora`.
+        base_dtype: with `trainable: lora`: keep the frozen base in `bfloat16` / `float16` (QLoRA-style; `nf4`
+            needs bitsandbytes and CUDA, refused where they are missing); None: the model's own dtype.
         merge: merge LoRA adapters into the weights at the end of training (as `LoRARecovery`).
         start: `after_drops` (recover once every drop listed before this callback is done) or `first_drop`
             (heal between the rounds of an iterative drop schedule, from the first round on).
@@ -113,7 +117,8 @@ class Distillation(FitEndMember):
                  target_modules: Sequence[str] = DEFAULT_TARGETS, merge: bool = True,
                  start: Literal["after_drops", "first_drop"] = "after_drops",
                  teacher_logits: str | None = None, teacher_logits_k: int = 64,
-                 teacher_logits_dtype: str = "float16") -> None:
+                 teacher_logits_dtype: str = "float16", last_k: int | None = None,
+                 base_dtype: str | None = None) -> None:
         owner = "Distillation"
         self.alpha = _real_number(owner, "alpha", alpha)
         if not 0.0 <= self.alpha <= 1.0:
@@ -137,8 +142,8 @@ class Distillation(FitEndMember):
             raise MisconfigurationException(f"{owner}: teacher_device must name a device such as 'cpu' or 'cuda:1', "
                                             f"got {teacher_device!r}") from None
         lora = LoRASettings.checked(owner, r, lora_alpha, lora_dropout, target_modules,
-                                    names=("r", "lora_alpha", "lora_dropout"))
-        self.trainable = TrainableSet(owner, trainable, layers, lora=lora)
+                                    names=("r", "lora_alpha", "lora_dropout"), base_dtype=base_dtype)
+        self.trainable = TrainableSet(owner, trainable, layers, lora=lora, last_k=last_k)
         self.teacher_ref = "<model object>" if given_model else teacher
         self.merge, self.start = merge, start
         if teacher_logits is not None and (self.hidden_weight > 0 or self.alpha == 0):

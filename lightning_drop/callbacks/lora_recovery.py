@@ -38,17 +38,20 @@ class LoRARecovery(FitEndMember):
             in `trainer.callbacks`.
         merge: merge the adapters into the weights at the end of training (so evaluation callbacks that
             follow and `DropModule(save_dir=...)` see a plain dropped model).
+        base_dtype: keep the frozen base in `bfloat16` / `float16` while the adapters train in float32
+            (QLoRA-style; `nf4` needs bitsandbytes and CUDA, refused where they are missing); None: as loaded.
     """
 
     def __init__(self, r: int = 8, alpha: int = 16, dropout: float = 0.05,
                  target_modules: Sequence[str] = DEFAULT_TARGETS,
-                 when: Literal["after_drop", "fit_start"] = "after_drop", merge: bool = True) -> None:
-        settings = LoRASettings.checked("LoRARecovery", r, alpha, dropout, target_modules)
+                 when: Literal["after_drop", "fit_start"] = "after_drop", merge: bool = True,
+                 base_dtype: str | None = None) -> None:
+        settings = LoRASettings.checked("LoRARecovery", r, alpha, dropout, target_modules, base_dtype=base_dtype)
         if when not in ("after_drop", "fit_start"):
             raise MisconfigurationException(f"LoRARecovery: unknown when {when!r}; choose after_drop or fit_start")
         self.trainable = TrainableSet("LoRARecovery", "lora", lora=settings)
         self.r, self.alpha, self.dropout, self.target_modules = r, alpha, dropout, list(settings.target_modules)
-        self.when, self.merge = when, merge
+        self.when, self.merge, self.base_dtype = when, merge, base_dtype
         self.attached_at: int | None = None
         self.merged = False
 
