@@ -31,6 +31,8 @@ COMMANDS: dict[str, Command] = {c.name: c for c in (
             help="export for inference engines: Nemotron-NAS (vLLM, TensorRT-LLM) or GGUF"),
     Command("families", "lightning_drop.jobs.families:families_main",
             help="every causal-LM model type of the installed transformers: supported, not yet, or refused"),
+    Command("track", "lightning_drop.jobs.track:track_main", many=("models",),
+            help="importance of every layer across a series of checkpoints (.ckpt, directories, hub@revision)"),
     Command("study", "lightning_drop.jobs.study:study_main",
             help="sweep targets x number dropped; report with plots (configs/study/*.yaml)"),
 )}

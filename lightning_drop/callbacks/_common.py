@@ -54,6 +54,7 @@ class CalibrationSource:
         self.source, self.samples, self.seq_len, self.batch_size, self.owner = source, samples, seq_len, batch_size, owner
         self.limit = limit
         self._batches: list[dict[str, torch.Tensor]] | None = None
+        self._digest: str | None = None
 
     def batches(self, trainer: pl.Trainer, pl_module: pl.LightningModule) -> list[dict[str, torch.Tensor]]:
         """This rank's share of the calibration batches (all of them on one process).
@@ -62,8 +63,19 @@ class CalibrationSource:
         each give the scores of one process scoring every batch, N times sooner. A rank may get none.
         """
         if self._batches is None:
-            self._batches = split_batch(self._load(trainer, pl_module), self.batch_size)
+            from lightning_drop.measure.importance_history import windows_digest
+
+            batch = self._load(trainer, pl_module)
+            if "input_ids" in batch:
+                self._digest = windows_digest(batch["input_ids"])
+            self._batches = split_batch(batch, self.batch_size)
         return self._batches[getattr(trainer, "global_rank", 0)::getattr(trainer, "world_size", 1)]
+
+    def record(self) -> dict[str, Any]:
+        """Which windows were scored: the options, and the digest of the token windows once loaded (an
+        offline scoring of saved checkpoints on the same windows shows the same digest)."""
+        return {"source": self.source or "datamodule", "samples": self.samples, "seq_len": self.seq_len,
+                "limit": self.limit, "windows_sha256": self._digest}
 
     def _load(self, trainer: pl.Trainer, pl_module: pl.LightningModule) -> dict[str, torch.Tensor]:
         if self.source is None:

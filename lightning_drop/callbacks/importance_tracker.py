@@ -3,7 +3,9 @@
 Scores at fit start (`on_train_start`, after any checkpoint restore), every `every_n_steps` optimizer steps
 and at fit end (`on_train_end`, while the model is still on the accelerator). All ranks compute (the scores
 are torchmetrics states, synchronized across processes); global rank zero writes
-`importance_history.json` / `.csv` and `importance_heatmap.png` atomically into a directory that every rank
+`importance_history.json` / `.csv` and `importance_heatmap.png` (`measure.importance_history`, the files and
+figure `lightning-drop track` writes for a series of saved checkpoints; the JSON records which calibration
+windows were scored, by digest) atomically into a directory that every rank
 resolves before that (the trainer's log dir is a broadcast: asked on rank zero alone it would hang DDP;
 `ModelCheckpoint` resolves its dirpath on all ranks for the same reason). Scalars and the layer x step
 heatmap go through every Lightning logger (`trainer.loggers`, as `LearningRateMonitor` does): TensorBoard
@@ -13,9 +15,6 @@ strategy set the model up, so under FSDP (sharded parameters) the tracker is ref
 
 from __future__ import annotations
 
-import csv
-import io
-import json
 import os
 from pathlib import Path
 from typing import Any
@@ -26,11 +25,11 @@ from lightning.pytorch.utilities.exceptions import MisconfigurationException
 
 from lightning_drop.io.atomic_io import atomic_file
 from lightning_drop.lightning.distributed import refuse_if_sharded
+from lightning_drop.measure.importance_history import HEATMAP_PNG, HISTORY_JSON, KINDS, history_figure, write_history
 
 from ._common import CalibrationSource, hf_of, log_to_loggers
 
-KINDS = ("attn", "mlp", "block")
-HISTORY_JSON = "importance_history.json"
+__all__ = ["HISTORY_JSON", "KINDS", "ImportanceTracker"]
 
 
 class ImportanceTracker(Callback):
@@ -118,35 +117,17 @@ class ImportanceTracker(Callback):
         return self._dir
 
     def write_history(self, out_dir: str | os.PathLike) -> None:
-        """`importance_history.json` (all entries) and `.csv` (one row per step x kind), atomically."""
-        from lightning_drop.io.dropped_checkpoint import atomic_write_text
-
-        out_dir = Path(out_dir)
-        n = max((len(e["attn"]) for e in self.history), default=0)
-        atomic_write_text(out_dir / HISTORY_JSON,
-                          json.dumps({"metric": self.metric, "num_layers": n, "history": self.history}, indent=1) + "\n")
-        buf = io.StringIO()
-        w = csv.writer(buf)
-        w.writerow(["step", "event", "kind"] + [f"layer_{i}" for i in range(n)])
-        for e in self.history:
-            for k in KINDS:
-                w.writerow([e["step"], e["event"], k] + ["" if v is None else f"{v:.8g}" for v in e[k]])
-        atomic_write_text(out_dir / "importance_history.csv", buf.getvalue())
+        """`importance_history.json` (all entries, the calibration windows' record) and `.csv`, atomically."""
+        write_history(out_dir, self.metric, self.history, self.calibration.record())
 
     def figure(self) -> Any:
-        """Matplotlib figure (`plots.importance_figure`): one panel per kind, a row per scoring step, layers
-        on x (dropped modules blank)."""
-        from lightning_drop.measure.plots import KIND_LABELS, Panel, importance_figure
-
-        steps = [str(e["step"]) for e in self.history]
-        panels = [Panel(f"{KIND_LABELS[kind]} importance ({self.metric})", steps, [e[kind] for e in self.history],
-                        self.metric) for kind in KINDS]
-        return importance_figure(panels, row_axis="training step", log_color=self.log_color, side_by_side=True,
-                                 rows_upward=True)
+        """Matplotlib figure (`importance_history.history_figure`): one panel per kind, a row per scoring step,
+        layers on x (dropped modules blank)."""
+        return history_figure(self.history, self.metric, "training step", self.log_color)
 
     def _heatmap(self, trainer: pl.Trainer, out_dir: Path) -> None:
         fig = self.figure()
-        png = out_dir / "importance_heatmap.png"
+        png = out_dir / HEATMAP_PNG
         try:
             with atomic_file(png) as tmp:
                 fig.savefig(tmp, dpi=110, format="png")

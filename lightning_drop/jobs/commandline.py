@@ -7,7 +7,8 @@ from the annotation, its help from the docstring's `Args:` section:
 - `Literal[...]`: those choices; `int`, `float`, `str`: that type; `X | None`: optional, default None;
 - `list[int]` / `Sequence[str]`: one comma-separated value, `--keep 0,1`, `--tasks a,b`;
 - `int | float`: a count when >= 1, a fraction below (lm-eval's `limit`);
-- a parameter named in `Command.repeated`: a repeatable `--data TASK=FILE`, collected in a list.
+- a parameter named in `Command.repeated`: a repeatable `--data TASK=FILE`, collected in a list;
+- a parameter named in `Command.many`: several values after one option, `--models a b c`.
 
 jsonargparse derives options from signatures too, but spells them `--seq_len`, wants `--overwrite true`,
 `--keep [0,1]` and reports type errors over several lines; the commands keep their established spellings.
@@ -37,6 +38,7 @@ class Command:
     flags: Mapping[str, str] = dataclasses.field(default_factory=dict)  # parameter -> option, when not --dashed
     repeated: Mapping[str, str] = dataclasses.field(default_factory=dict)  # parameter -> METAVAR (repeatable)
     one_of: tuple[str, ...] = ()  # parameters of which exactly one must be given
+    many: tuple[str, ...] = ()  # parameters that take several values after one option (`--models a b c`)
     hidden: tuple[str, ...] = ()  # parameters the command line does not offer (their defaults apply)
 
     def function(self) -> Callable[..., Any]:
@@ -141,6 +143,8 @@ def add_command(sub: argparse._SubParsersAction, command: Command) -> argparse.A
         option = command.option(name)
         if name in command.repeated:
             kwargs: dict[str, Any] = {"action": "append", "metavar": command.repeated[name]}
+        elif name in command.many:
+            kwargs = {"nargs": "+", "metavar": name.rstrip("s").upper()}
         else:
             kwargs = _kind(name, hints[name])
             if "choices" not in kwargs and kwargs.get("action") != "store_true":
