@@ -99,13 +99,14 @@ class CacheKeys:
             d.update(shuffle=True, seed=calib.seed)
         return d
 
-    def scores(self, calib: CalibrationConfig, metric: str) -> str:
+    def scores(self, calib: CalibrationConfig, metric: str, seed: int | None = None) -> str:
         return key_of({"kind": "scores", **self.model(), "calibration": self.calibration(calib), "metric": metric,
-                       "seed": self.cfg.seed})
+                       "seed": self.cfg.seed if seed is None else seed})
 
     def drops(self, sweep: SweepSpec, calib: CalibrationConfig, target: str) -> str:
         return key_of({"kind": "drops", **self.model(), "calibration": self.calibration(calib),
-                       "metric": sweep.metric, "target": target, "step": sweep.step, "seed": self.cfg.seed})
+                       "metric": sweep.metric, "target": target, "step": sweep.step,
+                       "seed": self.cfg.seed_for(sweep)})
 
     def mc(self, task: dict[str, Any], attn: list[int], mlp: list[int]) -> str:
         return key_of({"kind": "mc", **self.model(), "task": task, "attn": sorted(attn), "mlp": sorted(mlp)})

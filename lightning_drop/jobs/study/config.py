@@ -120,7 +120,9 @@ class SpeedSpec:
 
 @dataclass
 class SweepSpec:
-    """One family of directions: every target x every num, under one metric/schedule/calibration."""
+    """One family of directions: every target x every num, under one metric/schedule/calibration. A sweep is a
+    selection rule of the study: `rule` names it in the rules comparison (default: the sweep's name; sweeps of
+    one rule, e.g. random at several seeds, share it); `seed` (default: the study's) seeds the random metric."""
 
     name: str = "main"
     targets: list[str] = field(default_factory=lambda: ["attn", "mlp", "block"])
@@ -130,6 +132,8 @@ class SweepSpec:
     schedule: str = "one-shot"
     step: int = _at_least(1, 1)
     calibration: dict[str, Any] = field(default_factory=dict)  # overrides of the study's calibration
+    seed: int | None = None
+    rule: str | None = None
 
     def check(self, where: str) -> None:
         for t in list(self.targets) + list(self.nums_per_target):
@@ -347,6 +351,9 @@ class StudyConfig:
         from ...io.model_loading import resolve_dtype
 
         return resolve_dtype(self.dtype)
+
+    def seed_for(self, sweep: SweepSpec) -> int:
+        return self.seed if sweep.seed is None else sweep.seed
 
     def calibration_for(self, sweep: SweepSpec) -> CalibrationConfig:
         return dataclasses.replace(self.calibration, **sweep.calibration)

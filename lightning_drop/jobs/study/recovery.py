@@ -83,12 +83,15 @@ class RecoveryRunner:
         recovery runs come first, in that order, the controls after them."""
         trained = []
         for p in self.spec.points:
-            attn, mlp = self.drops.drop_set(self.cfg.sweep(p.sweep), p.target, p.num)
+            sweep = self.cfg.sweep(p.sweep)
+            attn, mlp = self.drops.drop_set(sweep, p.target, p.num)
             dropped = self.points.point(attn, mlp)
-            none = {"point": f"{p.target}-{p.num}", "recipe": "none", "tokens": 0, "drop_attn": attn,
-                    "drop_mlp": mlp, **_quality(dropped)}
+            # the same target and count under several rules (sweeps) are told apart by the sweep
+            where = {"point": f"{p.target}-{p.num}" + ("" if p.sweep == self.cfg.sweeps[0].name else f" [{p.sweep}]"),
+                     "sweep": p.sweep, "rule": sweep.rule or sweep.name}
+            none = {"recipe": "none", "tokens": 0, "drop_attn": attn, "drop_mlp": mlp, **_quality(dropped), **where}
             trained.append((none, dropped, None))
-            trained += [(self.row(p, r), dropped, r.name) for r in self.spec.recipes
+            trained += [({**self.row(p, r), **where}, dropped, r.name) for r in self.spec.recipes
                         if p.recipes is None or r.name in p.recipes]
         controls = {r.name: self.row(None, r) for r in self.spec.recipes if r.control}
         out = [self._finish(row, base, dropped, controls.get(name) if name else None)

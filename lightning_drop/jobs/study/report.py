@@ -179,7 +179,10 @@ def write_report(doc: Mapping[str, Any], out_dir: str | os.PathLike) -> Path:
     if doc.get("selection"):
         md += ["", "## Automated selection", "", doc["selection"]["message"]]
     # sections of a table with its figure: (title, (header, rows, figure, caption)) where the study has them
-    sections = [(title, sec) for title, sec in ((CONTEXT_TITLE, _context(doc, fig_dir)),
+    from .rules_report import rules_section
+
+    sections = [(title, sec) for title, sec in ((RULES_TITLE, rules_section(doc, fig_dir)),
+                                                (CONTEXT_TITLE, _context(doc, fig_dir)),
                                                 ("Recovery", _recovery(doc, fig_dir))) if sec is not None]
     for title, (header, rows, fig, caption) in sections:
         md += ["", f"## {title}", "", caption, "", "| " + " | ".join(header) + " |", "|" + "---|" * len(header)]
@@ -229,6 +232,7 @@ def write_report(doc: Mapping[str, Any], out_dir: str | os.PathLike) -> Path:
 
 
 CONTEXT_TITLE = "Speedup against context length"
+RULES_TITLE = "Selection rules compared"
 
 
 def _context(doc: Mapping[str, Any], fig_dir: Path) -> tuple[list[str], list[list[str]], Path, str] | None:

@@ -81,7 +81,9 @@ class Study:
         calib = self.cfg.calibration_for(sweep)
         return {"sweep": sweep.name, "target": target if num else "baseline", "num": num, "metric": sweep.metric,
                 "schedule": sweep.schedule, "step": sweep.step if resolve_schedule(sweep.schedule).rescores else None,
-                "calibration": calib.source, "num_samples": calib.num_samples, **p}
+                "rule": sweep.rule or sweep.name, "seed": self.cfg.seed_for(sweep),
+                "calibration": calib.source, "num_samples": calib.num_samples, **p,
+                **self.drops.selection_cost(sweep, target, num)}
 
     def validate_plan(self) -> None:
         """Refuse every count the model cannot take before any point is computed, naming the config key."""
@@ -195,7 +197,8 @@ class Study:
 
 CSV_COLUMNS = ("sweep", "target", "num", "metric", "schedule", "step", "calibration", "num_samples", "perplexity",
                "ppl_loss", "mc_acc", "mc_stderr", "mc_loss", "mc_n", "mc_diff", "mc_diff_stderr", "decode_speedup", "prefill_speedup", "total_speedup",
-               "sdr", "sdr_ppl", "kv_bytes_per_token", "kv_ratio", "params", "param_ratio", "drop_attn", "drop_mlp")
+               "sdr", "sdr_ppl", "kv_bytes_per_token", "kv_ratio", "params", "param_ratio", "drop_attn", "drop_mlp",
+               "rule", "seed", "selection_passes", "selection_seconds")
 
 
 def write_csv(path: Path, rows: Sequence[Mapping[str, Any]]) -> None:

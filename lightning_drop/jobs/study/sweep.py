@@ -22,6 +22,29 @@ from .cache import Cache, CacheKeys
 from .config import StudyConfig, SweepSpec
 
 
+@contextlib.contextmanager
+def counted_passes(model: Any, num_batches: int) -> Iterator[list[float]]:
+    """Count the forward passes the scoring inside runs, as full passes over `num_batches` calibration batches:
+    every decoder layer call is a `1 / layers` part of one batch's pass, so a search that runs only the layers
+    after a shared prefix is charged for what it runs. The count lands in the yielded list's one item."""
+    from ...core.architectures import get_spec
+
+    layers = list(get_spec(model).get_layers(model))
+    calls = [0]
+
+    def count(*_: Any) -> None:
+        calls[0] += 1
+
+    hooks = [layer.register_forward_pre_hook(count) for layer in layers]
+    passes = [0.0]
+    try:
+        yield passes
+    finally:
+        for hook in hooks:
+            hook.remove()
+        passes[0] = calls[0] / (max(1, len(layers)) * max(1, num_batches))
+
+
 class StudyInputs:
     """The base model, its tokenizer and the documents of one study, each loaded on first use."""
 
@@ -104,8 +127,9 @@ class DropSets:
         self.cfg = inputs.cfg
         self._scores: dict[str, Any] = {}
 
-    def scores(self, calib: CalibrationConfig, metric: str) -> dict[str, Any]:
-        key = self.keys.scores(calib, metric)
+    def scores(self, calib: CalibrationConfig, metric: str, seed: int | None = None) -> dict[str, Any]:
+        seed = self.cfg.seed if seed is None else seed
+        key = self.keys.scores(calib, metric, seed)
         if key in self._scores:
             return self._scores[key]
 
@@ -114,11 +138,11 @@ class DropSets:
 
             self.inputs.log(f"scoring {metric} on {calib.num_samples} x {calib.seq_len} tokens of {calib.source}")
             t0, c0 = time.perf_counter(), time.process_time()
-            with self.inputs.timed("scoring", f"scored {metric}"):
-                s = compute_importance(self.inputs.model, self.inputs.calibration_batches(calib), metric=metric,
-                                       seed=self.cfg.seed)
+            batches = self.inputs.calibration_batches(calib)
+            with self.inputs.timed("scoring", f"scored {metric}"), counted_passes(self.inputs.model, len(batches)) as n:
+                s = compute_importance(self.inputs.model, batches, metric=metric, seed=seed)
             return {**s.to_dict(), "seconds": time.perf_counter() - t0, "cpu_seconds": time.process_time() - c0,
-                    "calibration": dataclasses.asdict(calib)}
+                    "passes": n[0], "calibration": dataclasses.asdict(calib)}
 
         self._scores[key] = self.cache.get_or_compute("scores", key, compute)
         return self._scores[key]
@@ -133,9 +157,29 @@ class DropSets:
             return [], []
         calib = self.cfg.calibration_for(sweep)
         if not resolve_schedule(sweep.schedule).rescores:
-            d = self.scores(calib, sweep.metric)
+            d = self.scores(calib, sweep.metric, self.cfg.seed_for(sweep))
             return select_modules(ImportanceScores.from_dict(d), target, num)
         return self.iterative_drop_set(sweep, calib, target, num)
+
+    def selection_cost(self, sweep: SweepSpec, target: str, num: int) -> dict[str, float | None]:
+        """What choosing this drop set cost: forward passes over the calibration windows (in full-model passes:
+        a pass through part of the layers counts as that part) and seconds. One-shot: the one scoring pass every
+        target and count shares; iterative: every round the walk scored before reaching `num`. None where the
+        cache predates the count."""
+        from ...scoring.schedule import resolve_schedule
+
+        if num == 0:
+            return {"selection_passes": 0.0, "selection_seconds": 0.0}
+        calib = self.cfg.calibration_for(sweep)
+        if not resolve_schedule(sweep.schedule).rescores:
+            d = self.scores(calib, sweep.metric, self.cfg.seed_for(sweep))
+            return {"selection_passes": d.get("passes"), "selection_seconds": d.get("seconds")}
+        walk = (self.cache.get("drops", self.keys.drops(sweep, calib, target)) or {}).get("rounds", [])
+        rounds = [r for i, r in enumerate(walk) if int(r.get("at", i * sweep.step)) < num]
+        if not rounds or any(r.get("passes") is None for r in rounds):
+            return {"selection_passes": None, "selection_seconds": None}
+        return {"selection_passes": sum(r["passes"] for r in rounds),
+                "selection_seconds": sum(r["seconds"] for r in rounds)}
 
     def has_iterative_set(self, sweep: SweepSpec, target: str, num: int) -> bool:
         """Whether an iterative walk already reached `num` (the cache answers; nothing is scored)."""
@@ -177,18 +221,24 @@ class DropSets:
         at = max(d for d in range(0, need[0] + 1, step) if d == 0 or str(d) in sets)
         self.inputs.log(f"iterative {sweep.metric} {target}: re-scoring after every {step} up to {upto}")
         model, batches = None, None
+        cost: dict[int, dict[str, float]] = {}  # per round scored this run: its seconds and forward passes
 
         def score(attn: list[int], mlp: list[int], index: int) -> ImportanceScores:
             nonlocal model, batches
             if index * step in scored:
                 return ImportanceScores.from_dict(scored[index * step]["scores"])
+            t0 = time.perf_counter()
             if model is None:
                 model, batches = copy.deepcopy(self.inputs.model), self.inputs.calibration_batches(calib)
             gone_attn, gone_mlp = dropped_layers(model)
             new_attn, new_mlp = sorted(set(attn) - set(gone_attn)), sorted(set(mlp) - set(gone_mlp))
             if new_attn or new_mlp:
                 apply_drop(model, attn=new_attn, mlp=new_mlp)
-            return compute_importance(model, batches, metric=sweep.metric, seed=self.cfg.seed + index)
+            with counted_passes(model, len(batches)) as n:
+                scores = compute_importance(model, batches, metric=sweep.metric,
+                                            seed=self.cfg.seed_for(sweep) + index)
+            cost[index * step] = {"passes": n[0], "seconds": time.perf_counter() - t0}
+            return scores
 
         # the last needed round is taken whole (up to the limit): its full set is where a longer walk resumes
         end = min(need[-1] + step, limit)
@@ -198,7 +248,7 @@ class DropSets:
                                    walked=walked):
                 if rnd.at not in scored:
                     scored[rnd.at] = {"at": rnd.at, "scores": rnd.scores.to_dict(), "drop_attn": rnd.attn,
-                                      "drop_mlp": rnd.mlp}
+                                      "drop_mlp": rnd.mlp, **cost.get(rnd.at, {})}
                 for n in range(rnd.at + 1, rnd.at + rnd.size + 1):
                     if str(n) not in sets and (n in missing or n == rnd.at + step):
                         sets[str(n)] = list(rnd.set_at(n))
@@ -224,15 +274,18 @@ class DropSets:
         out = {}
         for sweep in self.cfg.sweeps:
             calib = self.cfg.calibration_for(sweep)
-            label = f"{sweep.metric} | {Path(calib.source).name} x{calib.num_samples}"
+            seed = self.cfg.seed_for(sweep)
+            label = f"{sweep.metric} | {Path(calib.source).name} x{calib.num_samples}" \
+                + ("" if seed == self.cfg.seed else f" | seed {seed}")
             if label not in out and any(n > 0 for nums in sweep.plan().values() for n in nums):
-                out[label] = self.scores(calib, sweep.metric)
+                out[label] = self.scores(calib, sweep.metric, seed)
         return out
 
     def known_num_layers(self) -> int:
         """The model's depth, from cached scores when there are any (a cached re-run loads no model)."""
         for sweep in self.cfg.sweeps:
-            hit = self.cache.get("scores", self.keys.scores(self.cfg.calibration_for(sweep), sweep.metric))
+            hit = self.cache.get("scores", self.keys.scores(self.cfg.calibration_for(sweep), sweep.metric,
+                                                            self.cfg.seed_for(sweep)))
             if hit is not None:
                 return len(hit["attn"])
         return self.inputs.num_layers
