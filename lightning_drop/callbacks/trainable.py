@@ -185,14 +185,18 @@ class TrainableSet:
                                                 f"(lightning_drop.DropModule), got {type(pl_module).__name__}")
             if not self.attached(pl_module):
                 assert self.lora is not None
-                if self.lora.base_dtype is not None:
-                    import torch
-
-                    model = hf_of(pl_module)
-                    self._dtype_before = next(model.parameters()).dtype
-                    model.to(getattr(torch, self.lora.base_dtype))  # peft keeps the adapters float32
                 pl_module.add_lora(r=self.lora.r, alpha=self.lora.alpha, dropout=self.lora.dropout,
                                    target_modules=list(self.lora.target_modules))
+            assert self.lora is not None
+            if self.lora.base_dtype is not None:
+                # also when the adapters came back from a checkpoint (resume): its weights load into this dtype
+                import torch
+
+                dtype = getattr(torch, self.lora.base_dtype)
+                for name, p in hf_of(pl_module).named_parameters():
+                    if "lora_" not in name and p.dtype != dtype:
+                        self._dtype_before = self._dtype_before or p.dtype
+                        p.data = p.data.to(dtype)
             what = f"LoRA r={pl_module.lora_config['r']} on {pl_module.lora_config['target_modules']}"
         elif self.kind == "all":
             for p in hf_of(pl_module).parameters():

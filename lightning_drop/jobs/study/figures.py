@@ -30,6 +30,16 @@ def log_y(ax: Any) -> None:
     ax.yaxis.set_minor_formatter(_PLAIN)
     ax.tick_params(axis="y", which="minor", labelsize=7)
 
+
+def perplexity_panel(ax: Any, title: str, xlabel: str, ylabel: str) -> None:
+    """Finish a panel of perplexity lines: log y, labels, grid and legend (one look across the report)."""
+    log_y(ax)
+    ax.set_title(title, fontsize=10)
+    ax.set_xlabel(xlabel)
+    ax.set_ylabel(ylabel)
+    ax.grid(alpha=0.3, which="both")
+    ax.legend(fontsize=7)
+
 COLORS = {"attn": "#1f77b4", "mlp": "#ff7f0e", "block": "#2ca02c", "joint": "#9467bd", "baseline": "#000000"}
 LABELS = {"attn": "attention", "mlp": "MLP", "block": "block", "joint": "joint (attn + MLP)"}
 MARKERS = ["o", "s", "^", "D", "v", "P", "X", "*"]

@@ -7,7 +7,7 @@ from pathlib import Path
 from typing import Any, Mapping, Sequence
 
 from ...measure.significance import diff_stderr
-from .figures import log_y, save_png, acc_cell, mc_series, plt
+from .figures import acc_cell, mc_series, perplexity_panel, plt, save_png
 
 
 def _domains(rows: Sequence[Mapping[str, Any]]) -> list[str]:
@@ -87,11 +87,7 @@ def plot_recovery(doc: Mapping[str, Any], path: Path) -> Path:
                             label=r["recipe"])
             if base.get(k) is not None:
                 ax.axhline(base[k], color="gray", lw=0.8, ls=":", label="undropped, untrained")
-            log_y(ax)
-            ax.set_title(f"{point}: held-out {_domain_label(k, doc)}", fontsize=10)
-            ax.set_xlabel("training tokens")
-            ax.set_ylabel("perplexity (log scale)")
-            ax.grid(alpha=0.3, which="both")
-            ax.legend(fontsize=7)
+            perplexity_panel(ax, f"{point}: held-out {_domain_label(k, doc)}", "training tokens",
+                             "perplexity (log scale)")
     fig.tight_layout()
     return save_png(fig, path)

@@ -10,7 +10,7 @@ from pathlib import Path
 from typing import Any, Mapping
 
 from ...measure.significance import Z, diff_stderr
-from .figures import LABELS, baseline_row, log_y, mc_series, save_png, plt
+from .figures import LABELS, baseline_row, mc_series, perplexity_panel, plt, save_png
 
 
 def compared(doc: Mapping[str, Any]) -> dict[tuple[str, int], list[Mapping[str, Any]]]:
@@ -79,12 +79,8 @@ def plot_rules(doc: Mapping[str, Any], path: Path) -> Path:
             ax.plot([0] + [r["num"] for r in pts], [base["perplexity"]] + [r["perplexity"] for r in pts],
                     marker="o", ms=3, color=colors(rules.index(rule) % 10), alpha=0.85,
                     label=rule if rule == sweep else f"{rule} [{sweep}]")
-        log_y(ax)
-        ax.set_title(f"{LABELS.get(target, target)}: perplexity vs modules dropped", fontsize=10)
-        ax.set_xlabel("modules dropped (n)")
-        ax.set_ylabel("held-out perplexity (log scale, lower is better)")
-        ax.grid(alpha=0.3, which="both")
-        ax.legend(fontsize=7)
+        perplexity_panel(ax, f"{LABELS.get(target, target)}: perplexity vs modules dropped", "modules dropped (n)",
+                         "held-out perplexity (log scale, lower is better)")
     fig.tight_layout()
     return save_png(fig, path)
 
