@@ -101,3 +101,18 @@ def test_last_k_beyond_the_model_is_refused_before_training(tmp_path, c4_path):
     tr = trainer(tmp_path, max_steps=1, callbacks=[drop(), Distillation(trainable="last_layers", last_k=5)])
     with pytest.raises(MisconfigurationException, match=r"last_k=5 asks for more than the model's 4 layers"):
         tr.fit(module, data(c4_path))
+
+
+def test_a_resumed_fit_puts_the_restored_adapters_base_back_in_low_precision():
+    """On resume DropModule rebuilds the adapters from its checkpoint record before the recipe applies: the
+    base must still become bfloat16 (the checkpoint's weights then load into it), and the merge returns it."""
+    from lightning_drop.callbacks.trainable import LoRASettings, TrainableSet
+
+    module = DropModule("tiny-llama")
+    module.add_lora(r=4, alpha=8, dropout=0.0)  # what a resume rebuilds
+    recipe = TrainableSet("LoRARecovery", "lora", lora=LoRASettings(r=4, alpha=8, dropout=0.0, base_dtype="bfloat16"))
+    recipe.apply(module)
+    dtypes = {n: p.dtype for n, p in module.hf_model.named_parameters()}
+    assert {d for n, d in dtypes.items() if "lora_" in n} == {torch.float32}
+    assert {d for n, d in dtypes.items() if "lora_" not in n} == {torch.bfloat16}
+    assert recipe.merge(module) and {p.dtype for p in module.hf_model.parameters()} == {torch.float32}
