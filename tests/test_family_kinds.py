@@ -117,9 +117,9 @@ def test_a_family_with_both_layouts_follows_its_config(family, parallel):
 @pytest.mark.parametrize("family,targets", [("gpt2", {"c_attn", "c_proj", "c_fc"}), ("falcon", {"query_key_value"}),
                                             ("llama", {"q_proj", "down_proj"})])
 def test_lora_finds_the_family_linear_layers(family, targets):
-    from lightning_drop import DropModule
+    from lightning_drop.lightning.module import DropModule
 
-    module = DropModule(family=family)
+    module = DropModule(model=f"tiny-{family}")
     module.apply_drop(attn=[1])
     module.add_lora(r=2)  # the default targets: the family's own names (Conv1D for GPT-2)
     wrapped = {n.rsplit(".", 1)[-1] for n, m in module.model.named_modules() if hasattr(m, "lora_A")}
@@ -177,7 +177,7 @@ def test_bad_mixer_requests_are_one_line_and_write_nothing(tmp_path, capsys, ext
     before = _fingerprint(tmp_path)
     assert main([*DROP, *extra, "--output", str(tmp_path / "out")]) == 2
     err = capsys.readouterr().err.strip()
-    assert err.startswith("error: ") and expect in err and "\n" not in err, err
+    assert err.startswith("lightning-drop drop: error: ") and expect in err and "\n" not in err, err
     assert _fingerprint(tmp_path) == before
 
 
