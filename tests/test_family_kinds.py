@@ -20,6 +20,7 @@ from torch import nn
 from lightning_drop import apply_drop, dropped_layers, get_spec, load_dropped, save_dropped
 from lightning_drop.cli import main
 from lightning_drop.io.model_loading import tiny_model
+from lightning_drop.measure.plots import MIXER_LABELS, score_panel
 from lightning_drop.measure.speed import cache_bytes_by_kind
 from lightning_drop.scoring.importance import compute_importance
 
@@ -136,6 +137,7 @@ def test_hybrid_mixer_kinds_scores_and_state(family):
     assert RECURRENT & set(kinds) and "full_attention" in kinds
     scores = compute_importance(model, [X])
     assert scores.extra["mixer_kinds"] == kinds and all(v is not None for v in scores.attn)
+    assert score_panel(scores, "t").columns == [f"{i}\n{MIXER_LABELS[k]}" for i, k in enumerate(kinds)]
     recurrent = [i for i, k in enumerate(kinds) if k in RECURRENT]
     before = cache_bytes_by_kind(model, prompt_len=12)
     kind = kinds[recurrent[0]]
