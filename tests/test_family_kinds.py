@@ -27,7 +27,7 @@ from lightning_drop.scoring.importance import compute_importance
 X = torch.randint(0, 256, (2, 20), generator=torch.Generator().manual_seed(0))
 GPT2_STYLE = ["gpt2", "gpt-sw3", "gpt_bigcode", "gpt_neo", "biogpt"]
 PARALLEL = ["gptj", "codegen", "phi", "cohere", "cohere2", "falcon", "gpt_neox"]
-HYBRID = ["qwen3_next", "qwen3_5_text", "qwen3_5_moe_text", "jamba", "bamba", "lfm2"]
+HYBRID = ["qwen3_next", "qwen3_5_text", "qwen3_5_moe_text", "jamba", "bamba", "lfm2", "granitemoehybrid"]
 RECURRENT = {"linear_attention", "mamba", "conv"}
 
 

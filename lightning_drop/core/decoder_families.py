@@ -89,6 +89,10 @@ _HYBRID: tuple[dict[str, Any], ...] = (
     _decoder("lfm2", "lfm2", "Lfm2ForCausalLM", "Lfm2Config",
              dict(attn_norms=("operator_norm",), mlp="feed_forward", mlp_norms=("ffn_norm",), mlp_entry="ffn_norm"),
              mixers={"conv": "conv"}, tiny_overrides=None),
+    # Granite-4 hybrids: Mamba-2 or attention; the MLP sublayer is the shared MLP plus the routed experts
+    _decoder("granitemoehybrid", "granitemoehybrid", "GraniteMoeHybridForCausalLM", "GraniteMoeHybridConfig",
+             _PRE_NORM, mlp="shared_mlp", mlp_parts=("block_sparse_moe",), mixers={"mamba": "mamba"},
+             tiny_overrides=None),
 )
 
 

@@ -187,7 +187,9 @@ def _replace_modules(layer: nn.Module, spec: ArchSpec, attn: bool, mlp: bool, in
         _to_identity(layer, (*spec.attn_norms, *(() if parallel else spec.shared_norms)))
     if mlp:
         for name in (spec.mlp, *spec.mlp_parts):
-            part = getattr(layer, name)
+            part = getattr(layer, name, None)
+            if part is None and name != spec.mlp:  # an optional part (Granite-4's routed experts in a dense layer)
+                continue
             setattr(layer, name, DroppedResidualOutput() if type(part).__name__ in RESIDUAL_OUTPUTS
                     else DroppedMLP(spec.full_shape_mlp))
         _to_identity(layer, spec.mlp_norms)
