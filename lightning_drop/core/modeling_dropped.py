@@ -4,9 +4,10 @@ A dropped sublayer is replaced by a parameter-free stand-in that contributes zer
 stream, and the modules that belong to it (norms, DINOv2/v3 LayerScale, SwinV2 post-norms) by
 `nn.Identity`, so the family's own layer code runs unchanged and the dropped weights are physically gone.
 Layer numbering never changes (flat block index for staged families, see `architectures.py`): a block drop
-is a layer whose two sublayers are both dropped. For decoders, dropped attention layers get no KV-cache slot:
-the dropped config marks them through `kv_sharing_modes`, which transformers' caches turn into storage-free
-`DummyLayer`s; the first layer keeps a slot that only counts tokens (see `DroppedAttention`).
+is a layer whose two sublayers are both dropped. For decoders, layers whose token mixer is dropped (attention,
+or a hybrid's linear-attention, Mamba or convolution mixer) get no cache slot: the dropped config marks them
+through `kv_sharing_modes`, which transformers' caches turn into storage-free `DummyLayer`s (no KV, no
+recurrent or conv state); the first layer keeps a slot that only counts tokens (see `DroppedAttention`).
 
 This file depends only on torch, transformers and `architectures.py` (with its two family files): it is
 copied into every dropped checkpoint so that `trust_remote_code=True` loads it where lightning_drop is not

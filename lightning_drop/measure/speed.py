@@ -402,6 +402,11 @@ def print_speed(res: Mapping[str, Any]) -> None:
                      if "kv_cache_bytes" in s else "")
                   + (f"  peak CUDA {s['peak_cuda_bytes'] / 2**20:.0f} MiB (+{s['peak_cuda_extra_bytes'] / 2**20:.0f}"
                      " MiB generating)" if "peak_cuda_bytes" in s else ""))
+            kinds = s.get("cache_by_mixer_kind") or {}
+            if len(kinds.get("kv_bytes_per_token", {})) > 1:  # hybrids, sliding windows: the cache per mixer kind
+                print("         by mixer kind: " + "; ".join(
+                    f"{k} KV {kv / 1024:.2f} KiB/token, state {kinds['state_bytes_per_sequence'][k] / 1024:.1f}"
+                    " KiB/sequence" for k, kv in kinds["kv_bytes_per_token"].items()))
     if "speedup" in res:
         sp = res["speedup"]
         print(f"speedup  prefill {sp['prefill']:.3f}x  decode {sp['decode']:.3f}x  total {sp['total']:.3f}x  "
