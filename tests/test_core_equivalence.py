@@ -75,7 +75,10 @@ def zeroed_sublayers(model, attn, mlp):
         return torch.zeros_like(out)
 
     handles = [getattr(layers[i], spec.mixer_ends(layers[i])[1]).register_forward_hook(zero) for i in attn]
-    handles += [getattr(layers[i], spec.mlp_out).register_forward_hook(zero) for i in mlp]
+    # a decoder MLP of several parts (Granite-4's shared MLP + routed experts) contributes their sum
+    parts = spec.mlp_parts if spec.inputs == "text" else ()
+    handles += [getattr(layers[i], name).register_forward_hook(zero) for i in mlp for name in (spec.mlp_out, *parts)
+                if getattr(layers[i], name, None) is not None]
     try:
         yield model
     finally:

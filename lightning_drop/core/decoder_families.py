@@ -37,8 +37,8 @@ _GPT2_STYLE: tuple[dict[str, Any], ...] = (
              lora_targets=("q_proj", "k_proj", "v_proj", "out_proj", "c_fc", "c_proj")),
     # BioGPT's MLP is two modules of the layer itself (fc1, activation, fc2)
     _decoder("biogpt", "biogpt", "BioGptForCausalLM", "BioGptConfig",
-             dict(layers="biogpt.layers", mlp="fc1", mlp_parts=("fc2",), attn_norms=("self_attn_layer_norm",),
-                  mlp_norms=("final_layer_norm",), mlp_entry="final_layer_norm"),
+             dict(layers="biogpt.layers", mlp="fc1", mlp_parts=("fc2",), mlp_out="fc2",
+                  attn_norms=("self_attn_layer_norm",), mlp_norms=("final_layer_norm",), mlp_entry="final_layer_norm"),
              lora_targets=("q_proj", "k_proj", "v_proj", "out_proj", "fc1", "fc2")),
 )
 
