@@ -130,9 +130,9 @@ def _check_mixers(job: DropJob) -> None:
         raise UserError("--mixers needs the model's layers, which --stream never builds; leave one of them out")
 
 
-def mixer_keep(job: DropJob, kinds: Sequence[str], dropped_attn: Sequence[int] = ()) -> list[int]:
+def mixer_keep(job: DropJob, kinds: Sequence[str], dropped_attn: Sequence[int] = (), hybrid: bool = False) -> list[int]:
     """`job.keep` plus every layer whose token mixer is of a kind `--mixers` leaves alone; refuses a kind the
-    model does not have and a request that would leave the model no token mixer."""
+    model does not have and a request that would leave a hybrid no token mixer (its caches need one)."""
     if job.mixers:
         missing = [k for k in job.mixers if k not in kinds]
         if missing:
@@ -140,7 +140,7 @@ def mixer_keep(job: DropJob, kinds: Sequence[str], dropped_attn: Sequence[int] =
                             f"are {', '.join(dict.fromkeys(kinds))}")
     keep = set(job.keep) | {i for i, k in enumerate(kinds) if job.mixers and k not in job.mixers}
     live = len(kinds) - len(set(dropped_attn))
-    if job.target == "attn" and job.num is not None and job.num >= live:
+    if hybrid and job.target == "attn" and job.num is not None and job.num >= live:
         raise UserError(f"cannot drop {job.num} token mixers: the model has {live} left and would have none "
                         "(no token would see another)")
     return sorted(keep)
@@ -179,8 +179,9 @@ def run_drop(job: DropJob, progress: bool = True) -> dict[str, Any]:
     model.to(check_device(job.device, "--device"))
     from ..core.architectures import get_spec
 
-    kinds = get_spec(model).mixer_kinds(model)
-    keep = mixer_keep(job, kinds, dropped_layers(model)[0])
+    spec = get_spec(model)
+    kinds = spec.mixer_kinds(model)
+    keep = mixer_keep(job, kinds, dropped_layers(model)[0], hybrid=bool(spec.mixers))
     num = _check_request(job, model.config.num_hidden_layers, *dropped_layers(model), keep=keep)
     max_pos = getattr(model.config, "max_position_embeddings", None)
     windows = calibration_windows(tok, job.calibration, max_positions=max_pos)
