@@ -18,6 +18,7 @@ from safetensors import safe_open
 
 from lightning_drop import apply_drop, dropped_layers, get_spec, load_dropped, save_dropped
 from lightning_drop.core.architectures import VISION_SPECS
+from lightning_drop.errors import UserError
 from lightning_drop.io.dropped_checkpoint import checkpoint_kind
 from lightning_drop.io.model_loading import TINY_FAMILIES, tiny_model
 from lightning_drop.measure.sublayer_check import check_really_skipped, sublayer_call_counts
@@ -45,6 +46,22 @@ def output(model: torch.nn.Module, x: torch.Tensor) -> torch.Tensor:
     return o.logits if getattr(o, "logits", None) is not None else o.last_hidden_state
 
 
+def refuses_every_mixer(model, attn) -> bool:
+    """A hybrid keeps at least one token mixer: dropping them all is refused, and nothing changes."""
+    spec = get_spec(model)
+    if not spec.mixers or len(attn) < len(spec.get_layers(model)):
+        return False
+    with pytest.raises(UserError, match="every token mixer"):
+        apply_drop(model, attn=attn)
+    assert dropped_layers(model) == ([], [])
+    return True
+
+
+# FlopCounterMode's module tracker fails inside the hub-kernel wrappers of Mamba/conv/DeltaNet mixers
+# ("Expected gradient function to be set"); their drops are proven by the zeroed reference and generation.
+NO_FLOP_COUNT = {"qwen3_next", "qwen3_5_text", "qwen3_5_moe_text", "jamba", "bamba", "lfm2", "granitemoehybrid"}
+
+
 @contextmanager
 def zeroed_sublayers(model, attn, mlp):
     """Reference: the ORIGINAL model with the outputs of `spec.attn_out` / `spec.mlp_out` (the sublayer's whole
@@ -57,8 +74,11 @@ def zeroed_sublayers(model, attn, mlp):
             return (torch.zeros_like(out[0]),) + tuple(out[1:])
         return torch.zeros_like(out)
 
-    handles = [getattr(layers[i], spec.attn_out).register_forward_hook(zero) for i in attn]
-    handles += [getattr(layers[i], spec.mlp_out).register_forward_hook(zero) for i in mlp]
+    handles = [getattr(layers[i], spec.mixer_ends(layers[i])[1]).register_forward_hook(zero) for i in attn]
+    # a decoder MLP of several parts (Granite-4's shared MLP + routed experts) contributes their sum
+    parts = spec.mlp_parts if spec.inputs == "text" else ()
+    handles += [getattr(layers[i], name).register_forward_hook(zero) for i in mlp for name in (spec.mlp_out, *parts)
+                if getattr(layers[i], name, None) is not None]
     try:
         yield model
     finally:
@@ -70,6 +90,8 @@ def zeroed_sublayers(model, attn, mlp):
 @pytest.mark.parametrize("attn,mlp", [([0, 2], [1]), ([1], [1, 3]), ([0, 1, 2, 3], [2])])
 def test_forward_equals_zeroed_reference(family, attn, mlp):
     model, x = build(family)
+    if refuses_every_mixer(model, attn):
+        return
     with zeroed_sublayers(model, attn, mlp):
         ref = output(model, x)
     assert not torch.allclose(ref, output(model, x))  # the reference really differs from the full model
@@ -80,7 +102,8 @@ def test_forward_equals_zeroed_reference(family, attn, mlp):
     spec = get_spec(model)
     prefixes = spec.layer_prefixes(model)
     keys = list(model.state_dict())
-    for indices, names in ((attn, spec.attn_modules()), (mlp, spec.mlp_modules())):
+    parallel = spec.inputs == "text" and spec.is_parallel(model.config)  # a shared norm stays while one sublayer does
+    for indices, names in ((attn, spec.attn_modules(parallel=parallel)), (mlp, spec.mlp_modules())):
         for i in indices:
             for name in names:  # the sublayer, its norms and (DINO) its LayerScale are gone
                 assert not any(k.startswith(prefixes[i] + name + ".") for k in keys), (i, name)
@@ -88,7 +111,7 @@ def test_forward_equals_zeroed_reference(family, attn, mlp):
     assert model.config.drop_attn_list == sorted(attn) and model.config.drop_mlp_list == sorted(mlp)
 
 
-@pytest.mark.parametrize("family", ALL)
+@pytest.mark.parametrize("family", [f for f in ALL if f not in NO_FLOP_COUNT])
 def test_dropped_sublayers_never_run(family):
     model, x = build(family)
     full = copy.deepcopy(model)
@@ -150,7 +173,8 @@ def test_sublayer_drop_roundtrips_through_save_and_reload(tmp_path, family):
     for name in ("modeling_dropped.py", "architectures.py", "decoder_families.py", "vision_families.py"):
         assert (out / name).is_file(), name
     prefixes = spec.layer_prefixes(model)
-    gone = [prefixes[i] + n + "." for i in (0, 2) for n in spec.attn_modules()]
+    parallel = spec.inputs == "text" and spec.is_parallel(model.config)
+    gone = [prefixes[i] + n + "." for i in (0, 2) for n in spec.attn_modules(parallel=parallel)]
     gone += [prefixes[1] + n + "." for n in spec.mlp_modules()]
     assert not any(k.startswith(g) for k in _saved_keys(out) for g in gone)
     for loaded in (auto.from_pretrained(out), load_dropped(out)):  # registered classes, no trust_remote_code
@@ -208,6 +232,8 @@ def _greedy(model, batch, use_cache, n=12):
 @pytest.mark.parametrize("attn", [[0], [0, 1, 2], [0, 1, 2, 3]])
 def test_cached_generation_equals_uncached_left_padded(family, attn):
     model, tok = tiny_model(family)
+    if refuses_every_mixer(model, attn):
+        return
     apply_drop(model, attn=attn, mlp=[3])
     batch = _left_padded_batch(tok)
     assert (batch["attention_mask"] == 0).any()  # padding really present

@@ -24,7 +24,8 @@ def test_table_statuses_and_layouts_come_from_the_code(capsys):
     assert rows["llama"]["status"] == "supported" and "GGUF" in rows["llama"]["engines"]
     assert rows["qwen2"]["status"] == "supported" and rows["qwen2"]["engines"] == ["transformers"]
     assert rows["bart"] == dict(model_type="bart", status="refused", sublayers="", engines=[], layout="encoder-decoder")
-    assert rows["gpt2"]["layout"].startswith("transformer.h[i]: attn")
+    assert rows["gpt2"]["status"] == "supported" and rows["gpt2"]["layout"] == "transformer.h[i]"
+    assert rows["gpt2"]["sublayers"] == "attn `attn`, mlp `mlp`"
     assert "parallel residual" in rows["gpt_neox"]["layout"]
     assert "hybrid" in rows["qwen3_next"]["layout"] and "linear_attn" in rows["qwen3_next"]["layout"]
     assert "block_sparse_moe (MoE)" in rows["granitemoe"]["layout"]

@@ -32,6 +32,9 @@ except ImportError:  # pragma: no cover - imported as a flat module next to a ch
 
 DROPPED_PREFIX = "dropped_"
 INPUTS = ("text", "image")
+LLAMA_LORA_TARGETS = ("q_proj", "k_proj", "v_proj", "o_proj", "gate_proj", "up_proj", "down_proj")
+# Kinds of token mixer a layer may hold (attention's kind is read from the config's per-layer types).
+MIXER_KINDS = ("full_attention", "sliding_attention", "linear_attention", "mamba", "conv")
 
 
 @dataclass(frozen=True)
@@ -57,6 +60,15 @@ class ArchSpec:
     - `full_shape_attn`: the layer reshapes the attention output (SwinV2 windows), so the stand-in returns
       zeros of the input's shape instead of a broadcast scalar zero.
     - `num_layers_key`: config field with the number of layers (a list of per-stage depths is summed).
+    - `mixers`: token mixers other than `attn` that a layer may hold in its place (hybrids), module name ->
+      kind (`linear_attention`, `mamba`, `conv`); they return the mixed states alone, not a tuple. The layer's
+      token mixer is whichever of `attn` and these it has; `--target attn` drops token mixers of any kind.
+    - `parallel`: attention and MLP read the same input X (`x + attn(ln1(x)) + mlp(ln2(x))`): True, or the
+      config fields any of which says so (families with both layouts). Each is scored on (X, X + its output).
+    - `shared_norms`: norms that both sublayers of a parallel layer read; they go only with the whole block
+      (in a sequential layer of the same family they are attention's).
+    - `full_shape_mlp`: the layer adds into the MLP output in place, so the stand-in returns full-shape zeros.
+    - `lora_targets`: names of the family's linear (or Conv1D) layers that LoRA adapts by default.
     """
 
     family: str
@@ -69,8 +81,9 @@ class ArchSpec:
     attn_norms: tuple[str, ...] = ("input_layernorm",)
     mlp_norms: tuple[str, ...] = ("post_attention_layernorm",)
     mlp_entry: str = "post_attention_layernorm"
-    # Extra config fields a tiny random-init test model needs (kept with the family).
-    tiny_overrides: dict[str, Any] = field(default_factory=dict)
+    # Extra config fields a tiny random-init test model needs (kept with the family); None: the tiny model is
+    # the config class's defaults shrunk (io/tiny_configs), as for any causal-LM type.
+    tiny_overrides: dict[str, Any] | None = field(default_factory=dict)
     inputs: str = "text"
     model_classes: tuple[str, ...] = ()
     classification_class: str | None = None
@@ -84,6 +97,11 @@ class ArchSpec:
     stage_blocks: str | None = None
     full_shape_attn: bool = False
     num_layers_key: str = "num_hidden_layers"
+    mixers: dict[str, str] = field(default_factory=dict)
+    parallel: bool | tuple[str, ...] = False
+    shared_norms: tuple[str, ...] = ()
+    full_shape_mlp: bool = False
+    lora_targets: tuple[str, ...] = LLAMA_LORA_TARGETS
 
     def __post_init__(self) -> None:
         if self.inputs not in INPUTS:
@@ -162,13 +180,51 @@ class ArchSpec:
         return None if value is None else int(value)
 
     # ---------------------------------------------------------------------------------------- sublayers
-    def attn_modules(self) -> tuple[str, ...]:
-        """Every module of a layer that belongs to its attention sublayer."""
-        return (self.attn, *self.attn_norms)
+    def is_parallel(self, config: Any) -> bool:
+        """Whether attention and MLP read the same input in models of this `config`."""
+        if isinstance(self.parallel, bool):
+            return self.parallel
+        text = getattr(config, "get_text_config", lambda **_: config)(decoder=True)
+        return any(bool(getattr(text, key, False)) for key in self.parallel)
 
-    def mlp_modules(self) -> tuple[str, ...]:
+    def mixer_name(self, layer: nn.Module) -> str:
+        """The module name of a layer's token mixer: `attn`, or the hybrid mixer the layer holds instead."""
+        return next((n for n in (self.attn, *self.mixers) if isinstance(getattr(layer, n, None), nn.Module)), self.attn)
+
+    def mixer_ends(self, layer: nn.Module) -> tuple[str, str]:
+        """(`attn_in`, `attn_out`) of one layer: a hybrid layer's mixer stands where `attn` would."""
+        mixer = self.mixer_name(layer)
+        return (mixer if self.attn_in == self.attn else self.attn_in,
+                mixer if self.attn_out == self.attn else self.attn_out)
+
+    def mixer_kinds(self, model: nn.Module) -> list[str]:
+        """Each layer's token-mixer kind: a hybrid mixer's from `mixers`; attention's from the config's per-layer
+        types (sliding or chunked windows are `sliding_attention`), as transformers' caches read them."""
+        config = getattr(model, "config", None)
+        text = config.get_text_config(decoder=True) if hasattr(config, "get_text_config") else config
+        types = getattr(text, "layer_types", None)
+        kinds = []
+        for i, layer in enumerate(self.get_layers(model)):
+            name = self.mixer_name(layer)
+            if name in self.mixers:
+                kinds.append(self.mixers[name])
+            elif isinstance(types, (list, tuple)) and i < len(types):
+                kinds.append("sliding_attention" if types[i] in ("sliding_attention", "chunked_attention")
+                             else "full_attention")
+            else:
+                window = getattr(text, "sliding_window", None) or getattr(text, "attention_chunk_size", None)
+                kinds.append("sliding_attention" if window is not None and self.inputs == "text" else "full_attention")
+        return kinds
+
+    def attn_modules(self, layer: nn.Module | None = None, parallel: bool = False) -> tuple[str, ...]:
+        """Every module of a layer that belongs to its attention (token-mixer) sublayer; given the layer, only
+        those it has (a hybrid layer holds one of the mixers)."""
+        names = (self.attn, *self.mixers, *self.attn_norms, *(() if parallel else self.shared_norms))
+        return _present(layer, names)
+
+    def mlp_modules(self, layer: nn.Module | None = None) -> tuple[str, ...]:
         """Every module of a layer that belongs to its MLP sublayer."""
-        return (self.mlp, *self.mlp_parts, *self.mlp_norms)
+        return _present(layer, (self.mlp, *self.mlp_parts, *self.mlp_norms))
 
     @property
     def attn_extra(self) -> tuple[str, ...]:
@@ -186,6 +242,13 @@ class ArchSpec:
         if self.inputs == "text":
             return "AutoModelForCausalLM"
         return "AutoModelForImageClassification" if base == self.classification_class else "AutoModel"
+
+
+def _present(layer: nn.Module | None, names: tuple[str, ...]) -> tuple[str, ...]:
+    """`names` (all of them without a layer), or those that are modules of `layer`."""
+    if layer is None:
+        return names
+    return tuple(n for n in names if isinstance(getattr(layer, n, None), nn.Module))
 
 
 SPECS: tuple[ArchSpec, ...] = tuple(ArchSpec(**f) for f in DECODER_FAMILIES)

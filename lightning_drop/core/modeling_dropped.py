@@ -4,9 +4,10 @@ A dropped sublayer is replaced by a parameter-free stand-in that contributes zer
 stream, and the modules that belong to it (norms, DINOv2/v3 LayerScale, SwinV2 post-norms) by
 `nn.Identity`, so the family's own layer code runs unchanged and the dropped weights are physically gone.
 Layer numbering never changes (flat block index for staged families, see `architectures.py`): a block drop
-is a layer whose two sublayers are both dropped. For decoders, dropped attention layers get no KV-cache slot:
-the dropped config marks them through `kv_sharing_modes`, which transformers' caches turn into storage-free
-`DummyLayer`s; the first layer keeps a slot that only counts tokens (see `DroppedAttention`).
+is a layer whose two sublayers are both dropped. For decoders, layers whose token mixer is dropped (attention,
+or a hybrid's linear-attention, Mamba or convolution mixer) get no cache slot: the dropped config marks them
+through `kv_sharing_modes`, which transformers' caches turn into storage-free `DummyLayer`s (no KV, no
+recurrent or conv state); the first layer keeps a slot that only counts tokens (see `DroppedAttention`).
 
 This file depends only on torch, transformers and `architectures.py` (with its two family files): it is
 copied into every dropped checkpoint so that `trust_remote_code=True` loads it where lightning_drop is not
@@ -35,31 +36,41 @@ except ImportError:  # pragma: no cover - imported as a flat module next to a ch
 
 
 class DroppedAttention(nn.Module):
-    """Stands in for a removed attention sublayer: adds nothing (a broadcast zero), caches nothing.
+    """Stands in for a removed token mixer (attention, or a hybrid's linear-attention, Mamba or convolution
+    mixer): adds nothing (a broadcast zero), caches nothing. Attention returns (states, weights); the other
+    mixers return the states alone (`tuple_output=False`).
 
     Transformers reads a cache's sequence length from its first layer, so the first layer keeps a cache slot
-    even when its attention is dropped. Its stand-in keeps there a boolean of shape (batch, 1, tokens, 1) that
-    is one element expanded (stride 0): the slot reports the tokens seen and holds no per-token storage (a
-    slot with no elements would report length 0).
+    even when its mixer is dropped. For attention the stand-in keeps there a boolean of shape
+    (batch, 1, tokens, 1) that is one element expanded (stride 0): the slot reports the tokens seen and holds
+    no per-token storage (a slot with no elements would report length 0). A recurrent slot (linear attention,
+    Mamba, convolution) only has its token count advanced; its state is never allocated.
     """
 
-    def __init__(self, layer_idx: int | None = None) -> None:
+    def __init__(self, layer_idx: int | None = None, tuple_output: bool = True) -> None:
         super().__init__()
         self.layer_idx = layer_idx
+        self.tuple_output = tuple_output
 
-    def forward(self, hidden_states: torch.Tensor, *args: Any, **kwargs: Any) -> tuple[torch.Tensor, None]:
+    def forward(self, hidden_states: torch.Tensor, *args: Any, **kwargs: Any) -> Any:
         if self.layer_idx == 0 and hidden_states.dim() == 3:
             cache = next((v for v in (*args, *kwargs.values()) if isinstance(v, transformers.Cache)), None)
             layers = getattr(cache, "layers", None)
-            if layers and type(layers[0]).__name__ in _LENGTH_ONLY_LAYERS:
-                batch, tokens = hidden_states.shape[:2]
+            kind = type(layers[0]).__name__ if layers else None
+            batch, tokens = hidden_states.shape[:2]
+            if kind in _LENGTH_ONLY_LAYERS:
                 mark = hidden_states.new_zeros((), dtype=torch.bool)
                 cache.update(mark.expand(batch, 1, tokens, 1), mark.expand(batch, 1, tokens, 1), 0)
                 slot = layers[0]
                 slot.keys = slot.values = mark.expand(*slot.keys.shape)  # the update concatenated: drop that storage
-        return hidden_states.new_zeros(()), None
+            elif kind in _RECURRENT_LAYERS:
+                slot = layers[0]
+                slot.cumulative_length_linear = slot.cumulative_length_linear.to(hidden_states.device) + tokens
+        zero = hidden_states.new_zeros(())
+        return (zero, None) if self.tuple_output else zero
 
 
+_RECURRENT_LAYERS = ("LinearAttentionLayer",)
 # Cache layers that grow with what is appended (a static layer preallocates full-width storage instead).
 _LENGTH_ONLY_LAYERS = ("DynamicLayer", "DynamicSlidingWindowLayer")
 
@@ -72,10 +83,15 @@ class DroppedWindowAttention(nn.Module):
 
 
 class DroppedMLP(nn.Module):
-    """Stands in for (one part of) a removed MLP (or MoE) sublayer: adds nothing."""
+    """Stands in for (one part of) a removed MLP (or MoE) sublayer: adds nothing. `full_shape`: zeros of the
+    input's shape, for layers that add into the MLP output in place (Falcon's parallel layer)."""
+
+    def __init__(self, full_shape: bool = False) -> None:
+        super().__init__()
+        self.full_shape = full_shape
 
     def forward(self, hidden_states: torch.Tensor, *args: Any, **kwargs: Any) -> torch.Tensor:
-        return hidden_states.new_zeros(())
+        return torch.zeros_like(hidden_states) if self.full_shape else hidden_states.new_zeros(())
 
 
 class DroppedResidualOutput(nn.Module):
@@ -136,7 +152,7 @@ def dropped_layers(model: nn.Module) -> tuple[list[int], list[int]]:
     """(attention indices, MLP indices) currently dropped in `model`, read from the modules themselves."""
     spec = get_spec(model)
     layers = spec.get_layers(model)
-    attn = [i for i, layer in enumerate(layers) if is_standin(getattr(layer, spec.attn))]
+    attn = [i for i, layer in enumerate(layers) if is_standin(getattr(layer, spec.mixer_name(layer)))]
     mlp = [i for i, layer in enumerate(layers) if is_standin(getattr(layer, spec.mlp))]
     return attn, mlp
 
@@ -157,17 +173,29 @@ def _check_indices(name: str, indices: Sequence[Any], num_layers: int, names: Se
     return sorted(seen)
 
 
-def _replace_modules(layer: nn.Module, spec: ArchSpec, attn: bool, mlp: bool, index: int | None = None) -> None:
+def _to_identity(layer: nn.Module, names: Iterable[str]) -> None:
+    for name in names:
+        if isinstance(getattr(layer, name, None), nn.Module):  # a family's optional norms may be absent or None
+            setattr(layer, name, nn.Identity())
+
+
+def _replace_modules(layer: nn.Module, spec: ArchSpec, attn: bool, mlp: bool, index: int | None = None,
+                     parallel: bool = False) -> None:
     if attn:
-        setattr(layer, spec.attn, DroppedWindowAttention() if spec.full_shape_attn else DroppedAttention(index))
-        for norm in spec.attn_norms:
-            setattr(layer, norm, nn.Identity())
+        mixer = spec.mixer_name(layer)
+        setattr(layer, mixer, DroppedWindowAttention() if spec.full_shape_attn
+                else DroppedAttention(index, tuple_output=mixer not in spec.mixers))
+        _to_identity(layer, (*spec.attn_norms, *(() if parallel else spec.shared_norms)))
     if mlp:
         for name in (spec.mlp, *spec.mlp_parts):
-            part = getattr(layer, name)
-            setattr(layer, name, DroppedResidualOutput() if type(part).__name__ in RESIDUAL_OUTPUTS else DroppedMLP())
-        for norm in spec.mlp_norms:
-            setattr(layer, norm, nn.Identity())
+            part = getattr(layer, name, None)
+            if part is None and name != spec.mlp:  # an optional part (Granite-4's routed experts in a dense layer)
+                continue
+            setattr(layer, name, DroppedResidualOutput() if type(part).__name__ in RESIDUAL_OUTPUTS
+                    else DroppedMLP(spec.full_shape_mlp))
+        _to_identity(layer, spec.mlp_norms)
+    if parallel and is_standin(getattr(layer, spec.mixer_name(layer))) and is_standin(getattr(layer, spec.mlp)):
+        _to_identity(layer, spec.shared_norms)  # read by both sublayers: gone with the whole block only
 
 
 def apply_drop(model: nn.Module, attn: Iterable[Any] = (), mlp: Iterable[Any] = ()) -> nn.Module:
@@ -192,8 +220,12 @@ def apply_drop(model: nn.Module, attn: Iterable[Any] = (), mlp: Iterable[Any] = 
     new_attn, new_mlp = sorted(set(old_attn) | set(attn)), sorted(set(old_mlp) | set(mlp))
     if len(new_attn) == n and len(new_mlp) == n:
         raise UserError(f"refusing to drop every block: all {n} attention and all {n} MLP sublayers would be gone")
+    if len(new_attn) == n and spec.mixers:  # transformers' hybrid caches and masks need one token mixer
+        raise UserError(f"refusing to drop every token mixer: all {n} layers of this {spec.family} model would mix "
+                        "no tokens")
+    parallel = spec.is_parallel(model.config)
     for i in set(attn) | set(mlp):
-        _replace_modules(layers[i], spec, i in attn, i in mlp, i)
+        _replace_modules(layers[i], spec, i in attn, i in mlp, i, parallel)
     _mark_dropped(model, spec, new_attn, new_mlp)
     return model
 
@@ -245,15 +277,17 @@ class _DroppedModelMixin:
         spec = get_spec(config)
         layers = spec.get_layers(self)  # type: ignore[arg-type]
         attn, mlp = set(config.drop_attn_list), set(config.drop_mlp_list)
+        parallel = spec.is_parallel(config)
         for i in attn | mlp:
-            _replace_modules(layers[i], spec, i in attn, i in mlp, i)
+            _replace_modules(layers[i], spec, i in attn, i in mlp, i, parallel)
         # Checkpoints written by the LLM-Drop reference code still hold the dropped weights.
-        patterns = dropped_key_patterns(spec, sorted(attn), sorted(mlp), spec.layer_prefixes(self))  # type: ignore[arg-type]
+        patterns = dropped_key_patterns(spec, sorted(attn), sorted(mlp), spec.layer_prefixes(self),  # type: ignore[arg-type]
+                                        parallel)
         self._keys_to_ignore_on_load_unexpected = set(self._keys_to_ignore_on_load_unexpected or ()) | set(patterns)
 
 
 def dropped_key_patterns(spec: ArchSpec, attn: Sequence[int], mlp: Sequence[int],
-                         prefixes: Sequence[str] | None = None) -> list[str]:
+                         prefixes: Sequence[str] | None = None, parallel: bool = False) -> list[str]:
     """Regexes of the state-dict keys that belong to dropped modules.
 
     `prefixes[i]` is layer i's state-dict prefix (`spec.layer_prefixes(model)`); without it, the unstaged
@@ -262,8 +296,10 @@ def dropped_key_patterns(spec: ArchSpec, attn: Sequence[int], mlp: Sequence[int]
     def prefix(i: int) -> str:
         return prefixes[i] if prefixes is not None else f"{spec.layer_prefix}.{i}."
 
-    pats = [re.escape(prefix(i) + name) + r"\." for i in attn for name in spec.attn_modules()]
+    pats = [re.escape(prefix(i) + name) + r"\." for i in attn for name in spec.attn_modules(parallel=parallel)]
     pats += [re.escape(prefix(i) + name) + r"\." for i in mlp for name in spec.mlp_modules()]
+    pats += [re.escape(prefix(i) + name) + r"\." for i in sorted(set(attn) & set(mlp)) for name in spec.shared_norms
+             if parallel]
     return pats
 
 

@@ -109,9 +109,10 @@ def tiny_config(family: str, num_layers: int = 4, **overrides: Any) -> Any:
     import transformers
 
     ids = {k: getattr(tok, k) for tok in [byte_tokenizer()] for k in ("eos_token_id", "pad_token_id", "bos_token_id")}
-    if family not in TINY_FAMILIES:  # any other causal-LM model type, shrunk from its config class's defaults
-        return shrunk_config(family, ids, **({"num_hidden_layers": num_layers} if num_layers != 4 else {}), **overrides)
-    spec = TINY_FAMILIES[family]
+    spec = TINY_FAMILIES.get(family)
+    if spec is None or spec.tiny_overrides is None:  # shrunk from its config class's defaults (any causal-LM type)
+        model_type = spec.model_types[0] if spec else family
+        return shrunk_config(model_type, ids, **({"num_hidden_layers": num_layers} if num_layers != 4 else {}), **overrides)
     kwargs = {**_TINY_BASE, **spec.tiny_overrides, "num_hidden_layers": num_layers, **ids, **overrides}
     return getattr(transformers, spec.config_class)(**kwargs)
 

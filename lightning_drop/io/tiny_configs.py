@@ -65,6 +65,7 @@ FAMILY_OVERRIDES: dict[str, dict[str, Any]] = {
     "mamba2": {"num_heads": 2 * HIDDEN // HEAD_DIM},
     "bamba": {"attn_layer_indices": [1, 3]},
     "lfm2": {"layer_types": ["conv", "full_attention", "conv", "full_attention"]},
+    "granitemoehybrid": {"layer_types": ["linear_attention", "full_attention", "linear_attention", "full_attention"]},
 }
 
 # Model types that cannot be a tiny decoder here, and why (checked by the tests: each must still fail to build).
@@ -88,7 +89,7 @@ REFUSED: dict[str, str] = {
     **{t: f"{_INCONSISTENT}: multi-head latent attention sizes" for t in (
         "axk2", "deepseek_v2", "deepseek_v32", "glm_moe_dsa", "hy_v4", "longcat_flash")},
     **{t: f"{_INCONSISTENT}: hybrid layer pattern or Mamba sizes" for t in (
-        "granitemoehybrid", "lfm2_moe", "zamba", "zamba2", "hrm_text")},
+        "lfm2_moe", "zamba", "zamba2", "hrm_text")},
     **{t: f"{_INCONSISTENT}: attention sizes read from a field it does not set" for t in (
         "cohere_compass_text", "dbrx", "dory", "dots1", "kolibri1_1", "nemotron", "qwen4_exp", "qwen4_exp_text")},
 }

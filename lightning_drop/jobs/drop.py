@@ -75,6 +75,7 @@ class DropJob:
     schedule: str = "one-shot"
     step: int = 1
     keep: Sequence[int] = ()
+    mixers: Sequence[str] = ()
     calibration: CalibrationConfig = field(default_factory=CalibrationConfig)
     batch_size: int = 4
     dtype: str = "float32"
@@ -101,6 +102,7 @@ class DropJob:
         if self.batch_size < 1 or self.step < 1:
             raise UserError("--batch-size and --step must be at least 1")
         check_device(self.device, "--device")
+        _check_mixers(self)
         if self.offload_dir is not None and not self.stream:
             raise UserError("--offload-dir keeps streamed hidden states on disk and applies only with --stream; "
                             "add --stream or leave --offload-dir out")
@@ -110,6 +112,38 @@ class DropJob:
         from ..io.text_data import check_source  # imports torch: not at the job module's import
 
         check_source(self.calibration.source)
+
+
+def _check_mixers(job: DropJob) -> None:
+    """`--mixers` names token-mixer kinds and restricts `--target attn` (what the model holds is checked once
+    it is loaded, by `mixer_keep`)."""
+    if not job.mixers:
+        return
+    from ..core.architectures import MIXER_KINDS
+
+    bad = [k for k in job.mixers if k not in MIXER_KINDS]
+    if bad:
+        raise UserError(f"--mixers {','.join(bad)}: not a token-mixer kind; choose from {', '.join(MIXER_KINDS)}")
+    if job.target != "attn":
+        raise UserError(f"--mixers restricts --target attn (which token mixers may go), not --target {job.target}")
+    if job.stream:
+        raise UserError("--mixers needs the model's layers, which --stream never builds; leave one of them out")
+
+
+def mixer_keep(job: DropJob, kinds: Sequence[str], dropped_attn: Sequence[int] = (), hybrid: bool = False) -> list[int]:
+    """`job.keep` plus every layer whose token mixer is of a kind `--mixers` leaves alone; refuses a kind the
+    model does not have and a request that would leave a hybrid no token mixer (its caches need one)."""
+    if job.mixers:
+        missing = [k for k in job.mixers if k not in kinds]
+        if missing:
+            raise UserError(f"--mixers {','.join(missing)}: this model has no such token mixer; its layers' kinds "
+                            f"are {', '.join(dict.fromkeys(kinds))}")
+    keep = set(job.keep) | {i for i, k in enumerate(kinds) if job.mixers and k not in job.mixers}
+    live = len(kinds) - len(set(dropped_attn))
+    if hybrid and job.target == "attn" and job.num is not None and job.num >= live:
+        raise UserError(f"cannot drop {job.num} token mixers: the model has {live} left and would have none "
+                        "(no token would see another)")
+    return sorted(keep)
 
 
 def check_device(device: str, option: str) -> torch.device:
@@ -143,13 +177,18 @@ def run_drop(job: DropJob, progress: bool = True) -> dict[str, Any]:
 
     model, tok = load_model(job.model, dtype=job.dtype, tokenizer=job.tokenizer)  # checks the tokenizer
     model.to(check_device(job.device, "--device"))
-    num = _check_request(job, model.config.num_hidden_layers, *dropped_layers(model))
+    from ..core.architectures import get_spec
+
+    spec = get_spec(model)
+    kinds = spec.mixer_kinds(model)
+    keep = mixer_keep(job, kinds, dropped_layers(model)[0], hybrid=bool(spec.mixers))
+    num = _check_request(job, model.config.num_hidden_layers, *dropped_layers(model), keep=keep)
     max_pos = getattr(model.config, "max_position_embeddings", None)
     windows = calibration_windows(tok, job.calibration, max_positions=max_pos)
     batches = [windows[i:i + job.batch_size] for i in range(0, len(windows), job.batch_size)]
     result = drop_by_importance(model, batches, job.target, num, metric=job.metric, schedule=job.schedule,
-                                step=job.step, keep=list(job.keep), seed=job.calibration.seed, progress=progress)
-    report = build_report(job, result, windows)
+                                step=job.step, keep=keep, seed=job.calibration.seed, progress=progress)
+    report = build_report(job, result, windows, kinds)
     if job.output is not None:
         if not _holds_source_weights(job):
             attn, mlp = dropped_layers(model)
@@ -199,8 +238,9 @@ def _reload_dropped(job: DropJob, attn: Sequence[int], mlp: Sequence[int]) -> An
 
 
 def _check_request(job: DropJob, n_layers: int, dropped_attn: Sequence[int] = (),
-                   dropped_mlp: Sequence[int] = ()) -> int:
-    """Number of modules to drop; errors for bad --keep/--num before the (long) calibration pass."""
+                   dropped_mlp: Sequence[int] = (), keep: Sequence[int] | None = None) -> int:
+    """Number of modules to drop; errors for bad --keep/--num before the (long) calibration pass. `keep`:
+    the layers never to drop (default `--keep`; `mixer_keep` adds those `--mixers` protects)."""
     from ..scoring.selection import require_droppable, resolve_num, total_modules
 
     bad_keep = [i for i in job.keep if not 0 <= i < n_layers]
@@ -208,7 +248,7 @@ def _check_request(job: DropJob, n_layers: int, dropped_attn: Sequence[int] = ()
         raise UserError(f"--keep {bad_keep} out of range: the model has {n_layers} layers")
     total = total_modules(n_layers, job.target)
     num = resolve_num(total, job.num, job.ratio)
-    require_droppable(num, n_layers, job.target, job.keep, dropped_attn, dropped_mlp)
+    require_droppable(num, n_layers, job.target, job.keep if keep is None else keep, dropped_attn, dropped_mlp)
     return num
 
 
@@ -272,7 +312,8 @@ def run_drop_streamed(job: DropJob, progress: bool = True) -> dict[str, Any]:
     return report
 
 
-def build_report(job: DropJob, result: DropResult, windows: torch.Tensor) -> dict[str, Any]:
+def build_report(job: DropJob, result: DropResult, windows: torch.Tensor,
+                 kinds: Sequence[str] = ()) -> dict[str, Any]:
     first = result.rounds[0]
     # the windows per forward pass were the job's --batch-size, not the calibration settings' study default
     calib = {**job.calibration.to_dict(), "batch_size": job.batch_size, "num_samples": int(windows.shape[0]),
@@ -284,6 +325,10 @@ def build_report(job: DropJob, result: DropResult, windows: torch.Tensor) -> dic
         "drop_attn_list": result.attn, "drop_mlp_list": result.mlp, "keep": list(job.keep),
         "calibration": calib,
     }
+    if job.mixers:
+        report["mixers"] = list(job.mixers)
+    if set(kinds) - {"full_attention"}:  # hybrids and sliding windows: each layer's token-mixer kind
+        report["mixer_kinds"] = list(kinds)
     from ..scoring.schedule import resolve_schedule
 
     if resolve_schedule(job.schedule).rescores:
@@ -304,7 +349,8 @@ def write_report(directory: str | os.PathLike, report: dict[str, Any], result: D
 
 def drop_main(model: str, output: str, target: Target = "attn", num: int | None = None, ratio: float | None = None,
               metric: Metric = "cosine", schedule: Schedule = "one-shot", step: int = 1,
-              keep: list[int] | None = None, calibration: str = CalibrationConfig.source,
+              keep: list[int] | None = None, mixers: list[str] | None = None,
+              calibration: str = CalibrationConfig.source,
               text_field: str = CalibrationConfig.text_field, num_samples: int = CalibrationConfig.num_samples,
               seq_len: int = CalibrationConfig.seq_len, shuffle: bool = False, seed: int = CalibrationConfig.seed,
               batch_size: int = 4, dtype: ScoreDtype = "float32", save_dtype: SaveDtype = "auto",
@@ -323,6 +369,8 @@ def drop_main(model: str, output: str, target: Target = "attn", num: int | None 
         schedule: one-shot: score once; iterative: re-score after every --step drops
         step: modules dropped per round with --schedule iterative
         keep: comma-separated layer indices never to drop
+        mixers: --target attn: drop only token mixers of these kinds (comma-separated: full_attention,
+            sliding_attention, linear_attention, mamba, conv); the others are kept
         calibration: calibration text: .txt file or dir, .json/.jsonl, .parquet, a HF dataset
             name[:config][@split], or c4-sample / wiki-sample / tinystories-sample (offline)
         text_field: text field of json/jsonl/parquet/HF sources
@@ -344,7 +392,8 @@ def drop_main(model: str, output: str, target: Target = "attn", num: int | None 
     Returns the report that OUTPUT/importance.json holds.
     """
     job = DropJob(model=model, target=target, num=num, ratio=ratio, metric=metric, schedule=schedule, step=step,
-                  keep=list(keep or []), batch_size=batch_size, dtype=dtype, save_dtype=save_dtype,
+                  keep=list(keep or []), mixers=list(mixers or []), batch_size=batch_size, dtype=dtype,
+                  save_dtype=save_dtype,
                   tokenizer=tokenizer, output=output, overwrite=overwrite, stream=stream, device=device,
                   offload_dir=offload_dir, max_shard_size=max_shard_size,
                   calibration=CalibrationConfig(source=calibration, text_field=text_field, num_samples=num_samples,

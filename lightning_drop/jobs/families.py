@@ -99,9 +99,15 @@ def _row(model_type: str) -> dict[str, Any]:
         # the export writers' own list (`check_llama_family`); every family's dropped checkpoint loads in transformers
         engines = ["transformers"] + (["Nemotron-NAS", "GGUF"] if model_type in SUPPORTED_FAMILIES else [])
         spec = get_spec(model_type)
-        sublayers = f"attn `{spec.attn}`, mlp `{spec.mlp}`"
+        mixers = "".join(f" or `{name}` ({kind})" for name, kind in spec.mixers.items())
+        sublayers = f"attn `{spec.attn}`{mixers}, mlp `{spec.mlp}`"
+        if isinstance(spec.parallel, bool):
+            parallel = ", parallel residual" if spec.parallel else ""
+        else:
+            parallel = ", parallel residual if " + " or ".join(f"`{k}`" for k in spec.parallel)
         return dict(model_type=model_type, status="supported", sublayers=sublayers, engines=engines,
-                    layout=f"{spec.layers}[i]")
+                    layout=f"{spec.layers}[i]{parallel}"
+                    + (f", hybrid ({'/'.join((spec.attn, *spec.mixers))})" if spec.mixers else ""))
     if model_type in REFUSED:
         return dict(model_type=model_type, status="refused", sublayers="", engines=[], layout=REFUSED[model_type])
     # the model type's own class (a family's `tiny-<family>` name may denote another type: gemma3 -> gemma3_text)

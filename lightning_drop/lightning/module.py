@@ -41,6 +41,7 @@ from torch import nn
 from .distributed import refuse_if_sharded, sharded_strategy
 from .task import build_model, build_task, lm_batch  # noqa: F401  (build_model, lm_batch: public helpers)
 from ..errors import UserError
+from ..core.architectures import LLAMA_LORA_TARGETS, get_spec
 from ..core.modeling_dropped import apply_drop, dropped_layers
 from ..io.training_checkpoint import CKPT_KEY, checkpoint_meta, model_from_config, refuse_other_model, resume_path
 
@@ -179,8 +180,10 @@ class DropModule(pl.LightningModule):
 
         if self.lora_config is not None:
             raise UserError("LoRA adapters are already attached")
-        targets = list(target_modules or ["q_proj", "k_proj", "v_proj", "o_proj", "gate_proj", "up_proj",
-                                          "down_proj"])
+        # the default (Llama's names) means the family's own linear layers: GPT-2's Conv1D c_attn/c_proj/c_fc, ...
+        family_targets = get_spec(self.hf_model).lora_targets
+        targets = list(family_targets if not target_modules or tuple(target_modules) == LLAMA_LORA_TARGETS
+                       else target_modules)
         config = LoraConfig(r=r, lora_alpha=alpha, lora_dropout=dropout, target_modules=targets, bias="none",
                             task_type="CAUSAL_LM")
         try:

@@ -28,6 +28,9 @@ KIND_LABELS = {"attn": "attention", "mlp": "MLP", "block": "block"}
 METRIC_LABELS = {"cosine": "1 - cos(X, Y)", "cosine_no_residual": "1 - cos (no residual)",
                  "angular": "arccos(cos)/pi", "relative_magnitude": "||f(x)||/||x+f(x)||"}
 _MAX_ROW_TICKS = 12
+# token-mixer kinds as short x labels: a hybrid's figure shows which kind each layer's mixer is
+MIXER_LABELS = {"full_attention": "attn", "sliding_attention": "swa", "linear_attention": "lin", "mamba": "mamba",
+                "conv": "conv"}
 
 
 class _PlainLog(LogFormatter):
@@ -40,13 +43,14 @@ class _PlainLog(LogFormatter):
 @dataclass
 class Panel:
     """One heatmap: `values[row][layer]` (None: the module is gone), `rows` labels its rows, `marked` holds
-    (row, layer) cells to outline (the modules a drop removes)."""
+    (row, layer) cells to outline (the modules a drop removes), `columns` labels each layer (its mixer kind)."""
 
     title: str
     rows: Sequence[str]
     values: Sequence[Sequence[float | None]]
     metric: str = ""
     marked: Collection[tuple[int, int]] = field(default_factory=tuple)
+    columns: Sequence[str] = ()
 
 
 def score_panel(scores: Any, title: str, drop_attn: Sequence[int] = (), drop_mlp: Sequence[int] = ()) -> Panel:
@@ -55,7 +59,9 @@ def score_panel(scores: Any, title: str, drop_attn: Sequence[int] = (), drop_mlp
     metric = scores.metric if isinstance(scores, ImportanceScores) else scores.get("metric", "")
     attn, mlp = set(drop_attn), set(drop_mlp)
     marked = [(0, i) for i in attn] + [(1, i) for i in mlp] + [(2, i) for i in attn & mlp]
-    return Panel(title, [KIND_LABELS[k] for k in KINDS], [list(get(k)) for k in KINDS], metric, marked)
+    extra = scores.extra if isinstance(scores, ImportanceScores) else scores.get("extra") or {}
+    columns = [f"{i}\n{MIXER_LABELS.get(k, k)}" for i, k in enumerate(extra.get("mixer_kinds") or ())]
+    return Panel(title, [KIND_LABELS[k] for k in KINDS], [list(get(k)) for k in KINDS], metric, marked, columns)
 
 
 def importance_figure(panels: Sequence[Panel], *, row_axis: str = "", log_color: bool = True,
@@ -93,9 +99,12 @@ def importance_figure(panels: Sequence[Panel], *, row_axis: str = "", log_color:
         stride = max(1, -(-len(p.rows) // _MAX_ROW_TICKS))
         ticks = list(range(0, len(p.rows), stride))
         ax.set_yticks(ticks, [str(p.rows[i]) for i in ticks])
-        ax.set_xticks(range(0, n, max(1, n // 32)))
-        ax.tick_params(axis="x", labelsize=7)
-        ax.set_xlabel("layer index")
+        if p.columns:
+            ax.set_xticks(range(len(p.columns)), p.columns)
+        else:
+            ax.set_xticks(range(0, n, max(1, n // 32)))
+        ax.tick_params(axis="x", labelsize=7 if not p.columns else 6)
+        ax.set_xlabel("layer index" + (" and token-mixer kind" if p.columns else ""))
         if row_axis:
             ax.set_ylabel(row_axis)
         ax.set_title(p.title + ("\nred outline: dropped" if p.marked else ""), fontsize=10)

@@ -88,17 +88,45 @@ def cache_bytes(cache: Any) -> int:
     slot is the token counter a dropped first attention keeps (`modeling_dropped.DroppedAttention`): one
     element expanded, no keys or values, so not counted."""
     seen: set[int] = set()
-    total = 0
     layers = getattr(cache, "layers", None)
     if layers is None:
         raise TypeError(f"unsupported cache type {type(cache).__name__} (expected a transformers Cache with .layers)")
-    for layer in layers:
-        for name in ("keys", "values"):
-            t = getattr(layer, name, None)
-            if isinstance(t, torch.Tensor) and t.numel() and t.dtype != torch.bool and t.data_ptr() not in seen:
-                seen.add(t.data_ptr())
-                total += t.numel() * t.element_size()
+    return sum(_tensor_bytes((getattr(layer, "keys", None), getattr(layer, "values", None)), seen) for layer in layers)
+
+
+def _tensor_bytes(tensors: Any, seen: set[int]) -> int:
+    total = 0
+    for t in tensors:
+        if isinstance(t, torch.Tensor) and t.numel() and t.dtype != torch.bool and t.data_ptr() not in seen:
+            seen.add(t.data_ptr())
+            total += t.numel() * t.element_size()
     return total
+
+
+@torch.inference_mode()
+def cache_bytes_by_kind(model: nn.Module, prompt_len: int = 32, batch_size: int = 1) -> dict[str, dict[str, float]]:
+    """Per token-mixer kind (full/sliding attention, linear attention, Mamba, conv): KV-cache bytes per token
+    and recurrent/conv-state bytes per sequence, measured from a real cache after a prompt. A dropped mixer
+    holds neither, so its kind counts only its kept layers. Empty for a model of no known family."""
+    from ..core.architectures import get_spec
+
+    try:
+        kinds = get_spec(model).mixer_kinds(model)
+    except (UserError, AttributeError):
+        return {}
+    ids = random_prompt(model, batch_size, prompt_len)
+    cache = _new_cache(model)
+    model(input_ids=ids, **{_cache_kw(model): cache}, use_cache=True, logits_to_keep=1)
+    per_token: dict[str, float] = dict.fromkeys(kinds, 0.0)
+    per_sequence: dict[str, float] = dict.fromkeys(kinds, 0.0)
+    seen: set[int] = set()
+    for kind, layer in zip(kinds, cache.layers):
+        per_token[kind] += _tensor_bytes((getattr(layer, "keys", None), getattr(layer, "values", None)), seen) / (
+            batch_size * prompt_len)
+        states = [*(getattr(layer, "conv_states", None) or {}).values(),
+                  *(getattr(layer, "recurrent_states", None) or {}).values()]
+        per_sequence[kind] += _tensor_bytes(states, seen) / batch_size
+    return {"kv_bytes_per_token": per_token, "state_bytes_per_sequence": per_sequence}
 
 
 def random_prompt(model: nn.Module, batch_size: int, prompt_len: int, seed: int = 0) -> torch.Tensor:
@@ -303,7 +331,8 @@ def compare_speed(base: nn.Module | Mapping[str, nn.Module], dropped: nn.Module 
         stats = _summary(*times[name], batch_size, prompt_len, gen_len)
         stats.update(params=count_params(m), weight_bytes=weight_bytes(m),
                      kv_bytes_per_token=kv_cache_bytes_per_token(m, prompt_len=min(prompt_len, 32)),
-                     kv_cache_bytes=kv_end[name], kv_cache_tokens=batch_size * (prompt_len + gen_len - 1))
+                     kv_cache_bytes=kv_end[name], kv_cache_tokens=batch_size * (prompt_len + gen_len - 1),
+                     cache_by_mixer_kind=cache_bytes_by_kind(m, prompt_len=min(prompt_len, 32)))
         if name in peaks:
             stats["peak_cuda_bytes"], stats["peak_cuda_extra_bytes"] = peaks[name]
         result[name] = stats
@@ -373,6 +402,11 @@ def print_speed(res: Mapping[str, Any]) -> None:
                      if "kv_cache_bytes" in s else "")
                   + (f"  peak CUDA {s['peak_cuda_bytes'] / 2**20:.0f} MiB (+{s['peak_cuda_extra_bytes'] / 2**20:.0f}"
                      " MiB generating)" if "peak_cuda_bytes" in s else ""))
+            kinds = s.get("cache_by_mixer_kind") or {}
+            if len(kinds.get("kv_bytes_per_token", {})) > 1:  # hybrids, sliding windows: the cache per mixer kind
+                print("         by mixer kind: " + "; ".join(
+                    f"{k} KV {kv / 1024:.2f} KiB/token, state {kinds['state_bytes_per_sequence'][k] / 1024:.1f}"
+                    " KiB/sequence" for k, kv in kinds["kv_bytes_per_token"].items()))
     if "speedup" in res:
         sp = res["speedup"]
         print(f"speedup  prefill {sp['prefill']:.3f}x  decode {sp['decode']:.3f}x  total {sp['total']:.3f}x  "

@@ -80,9 +80,11 @@ def sublayer_call_counts(model: nn.Module, batch: Any) -> list[dict[str, Any]]:
     if spec.inputs == "text":
         inputs["use_cache"] = False
     was = model.training
+    parallel = spec.is_parallel(model.config) if spec.inputs == "text" else False
     try:
         for i, layer in enumerate(layers):
-            for kind, group in (("attn", spec.attn_modules()), ("mlp", spec.mlp_modules())):
+            # a parallel layer's shared norm belongs to neither sublayer (it runs while either is kept)
+            for kind, group in (("attn", spec.attn_modules(layer, parallel)), ("mlp", spec.mlp_modules(layer))):
                 for name in group:
                     slot = getattr(layer, name)
                     handles.append(slot.register_forward_pre_hook(pre(i, kind)))

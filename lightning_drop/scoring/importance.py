@@ -2,7 +2,8 @@
 
 For every layer three residual-stream states are captured with hooks: X (layer input), h (the input of
 `spec.mlp_entry`, i.e. after the attention residual) and Y (layer output). Attention is scored on (X, h),
-the MLP on (h, Y) and the block on (X, Y). Per-token scores are reduced immediately over real tokens only,
+the MLP on (h, Y) and the block on (X, Y). In a parallel-residual layer both sublayers read X: each is scored
+on (X, X + its output), the block on (X, Y). Per-token scores are reduced immediately over real tokens only,
 into torchmetrics states (float64) read through `compute()`, so DDP ranks end with identical scores. A
 small input adapter (`model_inputs`) turns text batches (ids + attention mask) and image batches
 (pixel_values) into one forward pass.
@@ -160,9 +161,11 @@ class ImportanceAccumulator:
 
     def _sublayer_ends(self, layer: nn.Module, kind: str) -> tuple[nn.Module, nn.Module] | None:
         """(module whose input is the sublayer's input, module whose output is its contribution), or None
-        for a dropped sublayer (nothing to score)."""
+        for a dropped sublayer (nothing to score). A hybrid layer's mixer stands where `attn` would."""
         spec = self.spec
         slot, src, dst = (spec.attn, spec.attn_in, spec.attn_out) if kind == "attn" else (spec.mlp, spec.mlp_in, spec.mlp_out)
+        if kind == "attn":
+            slot, (src, dst) = spec.mixer_name(layer), spec.mixer_ends(layer)
         if is_standin(getattr(layer, slot)):
             return None
         return (layer if not src else getattr(layer, src)), getattr(layer, dst)
@@ -171,6 +174,7 @@ class ImportanceAccumulator:
     def hooks(self) -> Iterator["ImportanceAccumulator"]:
         spec, handles = self.spec, []
         state: dict[int, dict[str, torch.Tensor]] = {}
+        parallel = spec.inputs == "text" and spec.is_parallel(self.model.config)
 
         def layer_pre(i: int) -> Callable:
             def fn(module: nn.Module, args: tuple, kwargs: dict) -> None:
@@ -193,7 +197,18 @@ class ImportanceAccumulator:
                 if not self.measure.residual:
                     self._reduce("block", i, s["x"], y - s["x"])
                     return
+                if parallel:  # both sublayers read X: each on (X, X + its output); a stand-in's 0-d zero is skipped
+                    for kind in ("attn", "mlp"):
+                        if s[kind].dim():
+                            self._reduce(kind, i, s["x"], s["x"] + s[kind])
+                    self._reduce("block", i, s["x"], y)
+                    return
                 self._reduce_layer(i, s["x"], s["h"], y)
+            return fn
+
+        def out(i: int, key: str) -> Callable:
+            def fn(module: nn.Module, args: tuple, kwargs: dict, output: Any) -> None:
+                state.setdefault(i, {})[key] = hidden_of(output).clone()  # Falcon adds into its MLP output in place
             return fn
 
         def sub_post(i: int, kind: str) -> Callable:
@@ -214,6 +229,9 @@ class ImportanceAccumulator:
                             continue
                         handles.append(ends[0].register_forward_pre_hook(pre(i, f"{kind}_in"), with_kwargs=True))
                         handles.append(ends[1].register_forward_hook(sub_post(i, kind), with_kwargs=True))
+                elif parallel:
+                    for kind, name in (("attn", spec.mixer_name(layer)), ("mlp", spec.mlp)):
+                        handles.append(getattr(layer, name).register_forward_hook(out(i, kind), with_kwargs=True))
                 else:
                     entry = getattr(layer, spec.mlp_entry)
                     handles.append(entry.register_forward_pre_hook(pre(i, "h"), with_kwargs=True))
@@ -248,8 +266,14 @@ class ImportanceAccumulator:
 
 
 def _extra(spec: ArchSpec, model: nn.Module) -> dict[str, Any]:
-    """Block names of staged families (flat index -> "stage.block"), so reports can show both."""
-    return {"block_names": spec.block_names(model)} if spec.staged else {}
+    """Block names of staged families (flat index -> "stage.block"), so reports can show both; each layer's
+    token-mixer kind where a model has any other than full attention (hybrids, sliding windows)."""
+    extra: dict[str, Any] = {"block_names": spec.block_names(model)} if spec.staged else {}
+    if spec.inputs == "text":
+        kinds = spec.mixer_kinds(model)
+        if set(kinds) != {"full_attention"}:
+            extra["mixer_kinds"] = kinds
+    return extra
 
 
 def _has_drops(model: nn.Module) -> bool:
