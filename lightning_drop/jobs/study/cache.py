@@ -99,9 +99,9 @@ class CacheKeys:
             d.update(shuffle=True, seed=calib.seed)
         return d
 
-    def scores(self, calib: CalibrationConfig, metric: str) -> str:
+    def scores(self, calib: CalibrationConfig, metric: str, span: int | None = None) -> str:
         return key_of({"kind": "scores", **self.model(), "calibration": self.calibration(calib), "metric": metric,
-                       "seed": self.cfg.seed})
+                       "seed": self.cfg.seed, **({"span": span} if span else {})})
 
     def drops(self, sweep: SweepSpec, calib: CalibrationConfig, target: str) -> str:
         return key_of({"kind": "drops", **self.model(), "calibration": self.calibration(calib),

@@ -104,8 +104,8 @@ class DropSets:
         self.cfg = inputs.cfg
         self._scores: dict[str, Any] = {}
 
-    def scores(self, calib: CalibrationConfig, metric: str) -> dict[str, Any]:
-        key = self.keys.scores(calib, metric)
+    def scores(self, calib: CalibrationConfig, metric: str, span: int | None = None) -> dict[str, Any]:
+        key = self.keys.scores(calib, metric, span)
         if key in self._scores:
             return self._scores[key]
 
@@ -116,7 +116,7 @@ class DropSets:
             t0, c0 = time.perf_counter(), time.process_time()
             with self.inputs.timed("scoring", f"scored {metric}"):
                 s = compute_importance(self.inputs.model, self.inputs.calibration_batches(calib), metric=metric,
-                                       seed=self.cfg.seed)
+                                       seed=self.cfg.seed, span=span)
             return {**s.to_dict(), "seconds": time.perf_counter() - t0, "cpu_seconds": time.process_time() - c0,
                     "calibration": dataclasses.asdict(calib)}
 
@@ -127,13 +127,15 @@ class DropSets:
         from ...scoring.schedule import resolve_schedule
 
         from ...scoring.importance import ImportanceScores
-        from ...scoring.selection import select_modules
+        from ...scoring.selection import check_span, select_modules
 
         if num == 0:
             return [], []
         calib = self.cfg.calibration_for(sweep)
+        span = num if sweep.span else None
+        check_span(span, sweep.metric, target, self.inputs.num_layers, where=f"sweep '{sweep.name}': span")
         if not resolve_schedule(sweep.schedule).rescores:
-            d = self.scores(calib, sweep.metric)
+            d = self.scores(calib, sweep.metric, span)
             return select_modules(ImportanceScores.from_dict(d), target, num)
         return self.iterative_drop_set(sweep, calib, target, num)
 
@@ -154,7 +156,7 @@ class DropSets:
         from ...scoring.importance import ImportanceScores, compute_importance
         from ...core.modeling_dropped import apply_drop, dropped_layers
         from ...scoring.schedule import drop_rounds
-        from ...scoring.selection import max_droppable
+        from ...scoring.selection import max_droppable, target_kinds
 
         step = sweep.step
         key = self.keys.drops(sweep, calib, target)
@@ -188,7 +190,8 @@ class DropSets:
             new_attn, new_mlp = sorted(set(attn) - set(gone_attn)), sorted(set(mlp) - set(gone_mlp))
             if new_attn or new_mlp:
                 apply_drop(model, attn=new_attn, mlp=new_mlp)
-            return compute_importance(model, batches, metric=sweep.metric, seed=self.cfg.seed + index)
+            return compute_importance(model, batches, metric=sweep.metric, seed=self.cfg.seed + index,
+                                      kinds=target_kinds(target))
 
         # the last needed round is taken whole (up to the limit): its full set is where a longer walk resumes
         end = min(need[-1] + step, limit)
