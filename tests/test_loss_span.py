@@ -216,3 +216,20 @@ def test_drop_command_prints_the_selection_cost(world, tmp_path, capsys):  # noq
     assert report["cost"]["forward_passes"] > 1 and report["cost"]["seconds"] > 0
     assert len(report["rounds"]) == 2 and len(report["drop_attn_list"]) == 2
     assert "selection cost" in capsys.readouterr().out
+
+
+def test_study_sweeps_loss_greedy_and_spans(tmp_path, c4_path):
+    from test_study import run, tiny_config
+
+    cfg = tiny_config(tmp_path, c4_path, speed={"enabled": False})
+    cfg["sweeps"] = [{"name": "main", "targets": ["block"], "nums": [0, 2], "metric": "loss",
+                      "schedule": "iterative"},
+                     {"name": "gromov", "targets": ["block"], "nums": [2], "metric": "angular", "span": True}]
+    _, doc = run(cfg)
+    rows = {r["sweep"]: r for r in doc["rows"] if r.get("drop_attn")}
+    span = rows["gromov"]["drop_attn"]
+    assert span == rows["gromov"]["drop_mlp"] and span == list(range(span[0], span[0] + 2))
+    assert len(rows["main"]["drop_attn"]) == 2
+    bad = tiny_config(tmp_path, c4_path, sweeps=[{"targets": ["attn"], "metric": "angular", "span": True}])
+    with pytest.raises(UserError, match=r"span drops consecutive blocks: it needs the block target, not 'attn'"):
+        run(bad)

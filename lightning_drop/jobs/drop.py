@@ -100,10 +100,10 @@ class DropJob:
         check_span(self.span, measure.name, self.target, _layers_on_disk(self.model), self.num)
         if self.span is not None and self.num is None and self.ratio is None:
             self.num = self.span  # a span of N blocks drops N blocks
-        if self.stream and (measure.model is not None or self.span is not None):
-            what = f"--metric {measure.name}" if measure.model is not None else "--span"
-            raise UserError(f"{what} needs the whole model for every candidate, which --stream never holds: "
-                            "leave out --stream (score in memory, e.g. --dtype bfloat16) or use --metric cosine")
+        if self.stream:
+            from ..scoring.streaming import check_streamable
+
+            check_streamable(measure, self.span)
         if (self.num is None) == (self.ratio is None):
             raise UserError("give exactly one of --num or --ratio")
         if self.save_dtype not in SAVE_DTYPES:

@@ -10,7 +10,7 @@ itself (`fn(model, inputs, kinds)`, the shipped `loss`: the calibration loss's r
 from __future__ import annotations
 
 import math
-from dataclasses import dataclass
+from dataclasses import dataclass, replace
 from typing import Any, Callable, Sequence
 
 import torch
@@ -55,15 +55,18 @@ def _make(name: str, value: Any) -> ImportanceMetric:
 METRIC_REGISTRY: Registry[ImportanceMetric] = Registry("metric", _make)
 
 
-def register_metric(name: str, fn: TokenFn | PositionalFn, *, positional: bool = False,
+def register_metric(name: str, fn: TokenFn | PositionalFn | ImportanceMetric, *, positional: bool = False,
                     residual: bool = True) -> ImportanceMetric:
     """Make `fn` a metric under `name` (`--metric name` / `metric: name` in the same process).
 
     `fn(x, y)` returns per-token scores of shape `x.shape[:-1]`; with `positional=True` it is
-    `fn(num_layers, seed)` and returns one score per layer.
+    `fn(num_layers, seed)` and returns one score per layer; an `ImportanceMetric` is registered as it is.
     """
-    metric = ImportanceMetric(name, positional=fn) if positional else \
-        ImportanceMetric(name, token=fn, residual=residual)
+    if isinstance(fn, ImportanceMetric):
+        metric = replace(fn, name=name)
+    else:
+        metric = ImportanceMetric(name, positional=fn) if positional else \
+            ImportanceMetric(name, token=fn, residual=residual)
     return METRIC_REGISTRY.register(name, metric)
 
 
