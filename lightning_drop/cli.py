@@ -17,7 +17,7 @@ from .jobs.commandline import Command, add_command
 LIGHTNING_SUBCOMMANDS = ("fit", "validate", "test")
 
 COMMANDS: dict[str, Command] = {c.name: c for c in (
-    Command("drop", "lightning_drop.jobs.drop:drop_main", one_of=("num", "ratio"),
+    Command("drop", "lightning_drop.jobs.drop:drop_main", one_of=("num", "ratio", "span"),
             help="score modules on calibration text and write a dropped checkpoint"),
     Command("eval", "lightning_drop.jobs.evaluate:eval_main", repeated={"data": "TASK=FILE"},
             hidden=("offline_data",), help="lm-eval tasks on a model (in memory)"),

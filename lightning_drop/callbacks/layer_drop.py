@@ -51,6 +51,8 @@ class LayerDrop(FitEndMember):
             re-score the dropped model before the next round), or the importable name of a round-size function.
         step: modules per iterative round.
         rule: how a round picks its modules from the scores: `lowest`, or the importable name of a rule.
+        span: with `metric="angular"` and `target="block"`: drop the `span` consecutive blocks whose first
+            input and last output are closest (Gromov et al.); `num` may be left out.
         every_n_steps: training steps between iterative rounds (0: all rounds back to back, as the paper).
         when: `fit_start`, `step` (first round after optimizer step `at_step`) or `fit_end`.
         at_step: the global step of the first round when `when="step"`.
@@ -82,15 +84,18 @@ class LayerDrop(FitEndMember):
         calibration_batch_size: int = 8,
         verbose: bool = True,
         rule: str = "lowest",
+        span: int | None = None,
     ) -> None:
         from lightning_drop.errors import UserError
         from lightning_drop.scoring.metrics import resolve_metric
         from lightning_drop.core.options import TARGETS
         from lightning_drop.scoring.schedule import resolve_schedule
-        from lightning_drop.scoring.selection import resolve_rule
+        from lightning_drop.scoring.selection import check_span, resolve_rule
 
         if target not in TARGETS:
             raise MisconfigurationException(f"LayerDrop: unknown target {target!r}; choose from {', '.join(TARGETS)}")
+        if span is not None and num is None and ratio is None:
+            num = span  # a span of N blocks drops N blocks
         if (num is None) == (ratio is None):
             raise MisconfigurationException("LayerDrop: give exactly one of `num` or `ratio`")
         if num is not None and (not isinstance(num, int) or isinstance(num, bool) or num < 1):
@@ -100,6 +105,7 @@ class LayerDrop(FitEndMember):
         try:
             self._metric, self._schedule, self._rule = resolve_metric(metric), resolve_schedule(schedule), \
                 resolve_rule(rule)
+            check_span(span, self._metric.name, target, num=num, where="span")
         except UserError as err:
             raise MisconfigurationException(f"LayerDrop: {err}") from None
         if not isinstance(step, int) or step < 1:
@@ -116,7 +122,7 @@ class LayerDrop(FitEndMember):
             raise MisconfigurationException("LayerDrop: when='fit_end' cannot train between rounds: set every_n_steps=0")
         if any(not isinstance(i, int) or i < 0 for i in keep):
             raise MisconfigurationException(f"LayerDrop: keep must hold layer indices >= 0, got {list(keep)!r}")
-        self.target, self.num, self.ratio, self.metric = target, num, ratio, metric
+        self.target, self.num, self.ratio, self.metric, self.span = target, num, ratio, metric, span
         self.schedule, self.step, self.every_n_steps = schedule, step, every_n_steps
         self.when, self.at_step, self.keep, self.seed, self.verbose = when, at_step, list(keep), seed, verbose
         self.calibration = CalibrationSource(calibration_source, calibration_samples, calibration_seq_len,
@@ -162,6 +168,7 @@ class LayerDrop(FitEndMember):
         from lightning_drop.scoring.importance import ImportanceScores, compute_importance
         from lightning_drop.core.modeling_dropped import apply_drop
         from lightning_drop.scoring.schedule import drop_rounds
+        from lightning_drop.scoring.selection import target_kinds
 
         if self.total is None:
             self.total = self._resolve_total(pl_module)
@@ -171,7 +178,7 @@ class LayerDrop(FitEndMember):
 
         def score(attn: list[int], mlp: list[int], index: int) -> ImportanceScores:
             scores = compute_importance(model, self.calibration.batches(trainer, pl_module), metric=self._metric,
-                                        seed=self.seed + index)
+                                        seed=self.seed + index, kinds=target_kinds(self.target), span=self.span)
             # The scores are synced across ranks; rank zero's copy makes every rank rank them identically.
             return trainer.strategy.broadcast(scores, src=0)
 
@@ -223,7 +230,17 @@ class LayerDrop(FitEndMember):
 
     def _check_model(self, pl_module: pl.LightningModule) -> None:
         """`keep` and the number to drop must fit this model (before any training)."""
+        from lightning_drop.errors import UserError
+        from lightning_drop.scoring.loss_metric import require_lm_head
+        from lightning_drop.scoring.selection import check_span
+
         n = self._num_layers(pl_module)
+        try:
+            check_span(self.span, self._metric.name, self.target, n, where="span")
+            if self._metric.model is not None:
+                require_lm_head(hf_of(pl_module), f"metric '{self._metric.name}'")
+        except UserError as err:
+            raise MisconfigurationException(f"LayerDrop: {err}") from None
         bad = [i for i in self.keep if i >= n]
         if bad:
             raise MisconfigurationException(f"LayerDrop: keep indices {bad} out of range: the model has {n} layers "

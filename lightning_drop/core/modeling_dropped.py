@@ -18,7 +18,8 @@ from __future__ import annotations
 
 import operator
 import re
-from typing import Any, Iterable, Sequence
+from contextlib import contextmanager
+from typing import Any, Iterable, Iterator, Sequence
 
 import torch
 import transformers
@@ -196,6 +197,23 @@ def _replace_modules(layer: nn.Module, spec: ArchSpec, attn: bool, mlp: bool, in
         _to_identity(layer, spec.mlp_norms)
     if parallel and is_standin(getattr(layer, spec.mixer_name(layer))) and is_standin(getattr(layer, spec.mlp)):
         _to_identity(layer, spec.shared_norms)  # read by both sublayers: gone with the whole block only
+
+
+@contextmanager
+def standins_swapped(model: nn.Module, index: int, attn: bool, mlp: bool) -> Iterator[None]:
+    """Layer `index` of `model` with its attention and/or MLP replaced by stand-ins while inside, its own
+    modules back afterwards: scoring a drop by running the model without it needs no copy of the model."""
+    spec = get_spec(model)
+    layer = spec.get_layers(model)[index]
+    names = [*((spec.attn, *spec.attn_norms) if attn else ()),
+             *((spec.mlp, *spec.mlp_parts, *spec.mlp_norms) if mlp else ())]
+    saved = {name: getattr(layer, name) for name in names}
+    _replace_modules(layer, spec, attn, mlp, index)
+    try:
+        yield
+    finally:
+        for name, module in saved.items():
+            setattr(layer, name, module)
 
 
 def apply_drop(model: nn.Module, attn: Iterable[Any] = (), mlp: Iterable[Any] = ()) -> nn.Module:

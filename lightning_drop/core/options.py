@@ -12,7 +12,7 @@ from typing import Any, Literal, get_args
 from ..errors import UserError
 
 # The Literal types are what the command line reads choices from; the tuples are the same values.
-Metric = Literal["cosine", "cosine_no_residual", "angular", "relative_magnitude", "reverse", "random"]
+Metric = Literal["cosine", "cosine_no_residual", "angular", "relative_magnitude", "reverse", "random", "loss"]
 Target = Literal["block", "attn", "mlp", "joint"]
 Schedule = Literal["one-shot", "iterative"]
 METRICS: tuple[str, ...] = get_args(Metric)

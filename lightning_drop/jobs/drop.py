@@ -7,6 +7,7 @@ from __future__ import annotations
 
 import json
 import os
+import time
 from contextlib import contextmanager
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -87,14 +88,23 @@ class DropJob:
     device: str = "cpu"
     offload_dir: str | None = None
     max_shard_size: str = "2GB"
+    span: int | None = None
 
     def __post_init__(self) -> None:
         from ..scoring.metrics import resolve_metric
         from ..scoring.schedule import resolve_schedule
+        from ..scoring.selection import check_span
 
         if self.target not in TARGETS:
             raise UserError(f"unknown target '{self.target}'; choose from {', '.join(TARGETS)}")
-        resolve_metric(self.metric), resolve_schedule(self.schedule)
+        measure, _ = resolve_metric(self.metric), resolve_schedule(self.schedule)
+        check_span(self.span, measure.name, self.target, _layers_on_disk(self.model), self.num)
+        if self.span is not None and self.num is None and self.ratio is None:
+            self.num = self.span  # a span of N blocks drops N blocks
+        if self.stream:
+            from ..scoring.streaming import check_streamable
+
+            check_streamable(measure, self.span)
         if (self.num is None) == (self.ratio is None):
             raise UserError("give exactly one of --num or --ratio")
         if self.save_dtype not in SAVE_DTYPES:
@@ -146,6 +156,19 @@ def mixer_keep(job: DropJob, kinds: Sequence[str], dropped_attn: Sequence[int] =
     return sorted(keep)
 
 
+def _layers_on_disk(ref: str) -> int | None:
+    """The layer count a local checkpoint's config.json states (None: not known before loading)."""
+    from ..io.dropped_checkpoint import read_config
+    from ..io.model_loading import resolve
+
+    try:
+        path = Path(resolve(ref))
+    except (UserError, OSError):
+        return None
+    value = read_config(path).get("num_hidden_layers") if (path / "config.json").is_file() else None
+    return value if isinstance(value, int) else None
+
+
 def check_device(device: str, option: str) -> torch.device:
     """A device this torch build can use, or one line saying why not (before anything is loaded)."""
     import torch
@@ -172,6 +195,8 @@ def run_drop(job: DropJob, progress: bool = True) -> dict[str, Any]:
     from ..io.dropped_checkpoint import save_dropped
     from ..io.model_loading import load_model
     from ..core.modeling_dropped import dropped_layers
+    from ..scoring.loss_metric import require_lm_head
+    from ..scoring.metrics import resolve_metric
     from ..scoring.schedule import drop_by_importance
     from ..io.text_data import calibration_windows
 
@@ -183,11 +208,14 @@ def run_drop(job: DropJob, progress: bool = True) -> dict[str, Any]:
     kinds = spec.mixer_kinds(model)
     keep = mixer_keep(job, kinds, dropped_layers(model)[0], hybrid=bool(spec.mixers))
     num = _check_request(job, model.config.num_hidden_layers, *dropped_layers(model), keep=keep)
+    if resolve_metric(job.metric).model is not None:
+        require_lm_head(model, f"--metric {job.metric}")
     max_pos = getattr(model.config, "max_position_embeddings", None)
     windows = calibration_windows(tok, job.calibration, max_positions=max_pos)
     batches = [windows[i:i + job.batch_size] for i in range(0, len(windows), job.batch_size)]
     result = drop_by_importance(model, batches, job.target, num, metric=job.metric, schedule=job.schedule,
-                                step=job.step, keep=keep, seed=job.calibration.seed, progress=progress)
+                                step=job.step, keep=keep, seed=job.calibration.seed, progress=progress,
+                                span=job.span)
     report = build_report(job, result, windows, kinds)
     if job.output is not None:
         if not _holds_source_weights(job):
@@ -212,8 +240,10 @@ def _result_kept(report: dict[str, Any]) -> Iterator[None]:
 
 
 def summary(report: dict[str, Any]) -> str:
+    cost = report["cost"]
     return (f"dropped attention {report['drop_attn_list']} MLP {report['drop_mlp_list']} "
-            f"({report['metric']}, {report['schedule']})")
+            f"({report['metric']}, {report['schedule']}; selection cost {cost['forward_passes']:g} forward passes, "
+            f"{cost['seconds']:.1f} s)")
 
 
 def _holds_source_weights(job: DropJob) -> bool:
@@ -241,8 +271,9 @@ def _check_request(job: DropJob, n_layers: int, dropped_attn: Sequence[int] = ()
                    dropped_mlp: Sequence[int] = (), keep: Sequence[int] | None = None) -> int:
     """Number of modules to drop; errors for bad --keep/--num before the (long) calibration pass. `keep`:
     the layers never to drop (default `--keep`; `mixer_keep` adds those `--mixers` protects)."""
-    from ..scoring.selection import require_droppable, resolve_num, total_modules
+    from ..scoring.selection import check_span, require_droppable, resolve_num, total_modules
 
+    check_span(job.span, job.metric, job.target, n_layers)
     bad_keep = [i for i in job.keep if not 0 <= i < n_layers]
     if bad_keep:
         raise UserError(f"--keep {bad_keep} out of range: the model has {n_layers} layers")
@@ -295,13 +326,13 @@ def run_drop_streamed(job: DropJob, progress: bool = True) -> dict[str, Any]:
                                  offload_dir=job.offload_dir, dtype=job.dtype, drop_attn=attn, drop_mlp=mlp,
                                  seed=job.calibration.seed + index, progress=progress)
 
-    result = DropResult([], [])
+    result, start = DropResult([], []), time.perf_counter()
     attn, mlp = list(base_attn), list(base_mlp)
     for rnd in drop_rounds(score, job.target, num, n_layers, job.schedule, job.step, list(job.keep), base_attn,
                            base_mlp):
         result.record(rnd.scores, rnd.attn, rnd.mlp)
         attn, mlp = sorted(set(attn) | set(rnd.attn)), sorted(set(mlp) | set(rnd.mlp))
-    result.attn, result.mlp = attn, mlp
+    result.attn, result.mlp, result.seconds = attn, mlp, time.perf_counter() - start
     report = build_report(job, result, windows)
     report["streamed"] = True
     if job.output is not None:
@@ -320,10 +351,11 @@ def build_report(job: DropJob, result: DropResult, windows: torch.Tensor,
              "seq_len": int(windows.shape[1]), "num_tokens": int(windows.numel())}
     report: dict[str, Any] = {
         "model": job.model, "metric": job.metric, "target": job.target, "schedule": job.schedule,
+        **({"span": job.span} if job.span is not None else {}),
         "num": len(result.attn) + len(result.mlp) if job.target != "block" else len(result.attn),
         "attn": first.attn, "mlp": first.mlp, "block": first.block,
         "drop_attn_list": result.attn, "drop_mlp_list": result.mlp, "keep": list(job.keep),
-        "calibration": calib,
+        "calibration": calib, "cost": result.cost(),
     }
     if job.mixers:
         report["mixers"] = list(job.mixers)
@@ -355,7 +387,8 @@ def drop_main(model: str, output: str, target: Target = "attn", num: int | None 
               seq_len: int = CalibrationConfig.seq_len, shuffle: bool = False, seed: int = CalibrationConfig.seed,
               batch_size: int = 4, dtype: ScoreDtype = "float32", save_dtype: SaveDtype = "auto",
               tokenizer: str | None = None, stream: bool = False, device: str = "cpu",
-              offload_dir: str | None = None, max_shard_size: str = "2GB", overwrite: bool = False) -> dict[str, Any]:
+              offload_dir: str | None = None, max_shard_size: str = "2GB", overwrite: bool = False,
+              span: int | None = None) -> dict[str, Any]:
     """Score every block, attention and MLP sublayer (S = 1 - cos(X, Y) by default) on calibration text, drop
     the lowest-scoring modules, and write the dropped checkpoint with importance.json and importance.png.
 
@@ -388,6 +421,8 @@ def drop_main(model: str, output: str, target: Target = "attn", num: int | None 
         offload_dir: --stream: keep the calibration hidden states memory-mapped in this directory, not in RAM
         max_shard_size: largest output shard (e.g. 2GB, 500MB)
         overwrite: replace a non-empty --output directory
+        span: block target, angular metric: drop the SPAN consecutive blocks whose first input and last output
+            are closest (Gromov et al.); --num may be left out
 
     Returns the report that OUTPUT/importance.json holds.
     """
@@ -395,7 +430,7 @@ def drop_main(model: str, output: str, target: Target = "attn", num: int | None 
                   keep=list(keep or []), mixers=list(mixers or []), batch_size=batch_size, dtype=dtype,
                   save_dtype=save_dtype,
                   tokenizer=tokenizer, output=output, overwrite=overwrite, stream=stream, device=device,
-                  offload_dir=offload_dir, max_shard_size=max_shard_size,
+                  offload_dir=offload_dir, max_shard_size=max_shard_size, span=span,
                   calibration=CalibrationConfig(source=calibration, text_field=text_field, num_samples=num_samples,
                                                 seq_len=seq_len, shuffle=shuffle, seed=seed))
     report = run_drop(job)

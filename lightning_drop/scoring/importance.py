@@ -15,7 +15,7 @@ import math
 import warnings
 from contextlib import contextmanager
 from dataclasses import asdict, dataclass, field
-from typing import Any, Callable, Iterable, Iterator, Mapping
+from typing import Any, Callable, Iterable, Iterator, Mapping, Sequence
 
 import torch
 from torch import nn
@@ -96,16 +96,20 @@ class ImportanceAccumulator:
     """
 
     def __init__(self, model: nn.Module, metric: str | ImportanceMetric | Callable = "cosine",
-                 spec: ArchSpec | None = None) -> None:
+                 spec: ArchSpec | None = None, span: int | None = None) -> None:
         self.measure = resolve_metric(metric)
         if self.measure.token is None:
-            raise UserError(f"metric '{self.measure.name}' scores layers by position: it needs no calibration pass")
+            raise UserError(f"metric '{self.measure.name}' does not score hidden states: it needs no hooks")
+        #: blocks per span: the block row then scores the span starting at each layer (input of its first
+        #: block against output of its last), and attention and MLP are not scored
+        self.span = span
         self.model = model
         self.metric = self.measure.name
         self.spec = spec or get_spec(model)
         self.layers = self.spec.get_layers(model)
         n = len(self.layers)
         self.metrics = nn.ModuleDict({k: LayerScoreMean(n) for k in KINDS})
+        self._span_inputs: dict[int, torch.Tensor] = {}
         # Real tokens seen, summed over processes like the scores (a rank may have seen none).
         self.tokens = SumMetric()
         self.set_mask(None)
@@ -180,6 +184,8 @@ class ImportanceAccumulator:
             def fn(module: nn.Module, args: tuple, kwargs: dict) -> None:
                 x = _hidden_arg(args, kwargs)
                 state[i] = {"x": x}
+                if self.span:
+                    self._span_inputs[i] = x
                 if i == 0 and self._count_pending:
                     self._count_pending = False
                     self.count_tokens(int(self._mask_count) if self.mask is not None else x.shape[:-1].numel())
@@ -194,6 +200,11 @@ class ImportanceAccumulator:
             def fn(module: nn.Module, args: tuple, kwargs: dict, output: Any) -> None:
                 s = state.pop(i)
                 y = hidden_of(output)
+                if self.span:
+                    start = self._span_inputs.pop(i - self.span + 1, None)
+                    if start is not None:
+                        self._reduce("block", i - self.span + 1, start, y)
+                    return
                 if not self.measure.residual:
                     self._reduce("block", i, s["x"], y - s["x"])
                     return
@@ -229,6 +240,8 @@ class ImportanceAccumulator:
                             continue
                         handles.append(ends[0].register_forward_pre_hook(pre(i, f"{kind}_in"), with_kwargs=True))
                         handles.append(ends[1].register_forward_hook(sub_post(i, kind), with_kwargs=True))
+                elif self.span:
+                    continue  # a span's score needs only the layers' inputs and outputs
                 elif parallel:
                     for kind, name in (("attn", spec.mixer_name(layer)), ("mlp", spec.mlp)):
                         handles.append(getattr(layer, name).register_forward_hook(out(i, kind), with_kwargs=True))
@@ -253,6 +266,12 @@ class ImportanceAccumulator:
             raise UserError("no calibration data: the batches held no real tokens")
         gone = {"attn": set(attn_dropped), "mlp": set(mlp_dropped),
                 "block": set(attn_dropped) & set(mlp_dropped)}
+        extra = _extra(self.spec, self.model)
+        if self.span:  # a span may not start too late or hold a block that is already gone
+            n, blocks = len(self.layers), gone["block"]
+            gone = {"attn": set(range(n)), "mlp": set(range(n)),
+                    "block": {i for i in range(n) if i + self.span > n or blocks & set(range(i, i + self.span))}}
+            extra.update(span=self.span, dropped={"attn": sorted(attn_dropped), "mlp": sorted(mlp_dropped)})
         for kind in KINDS:
             rows[kind] = [None if i in gone[kind] else v for i, v in enumerate(rows[kind])]
             bad = [i for i, v in enumerate(rows[kind]) if v is not None and not math.isfinite(v)]
@@ -261,8 +280,7 @@ class ImportanceAccumulator:
                     f"non-finite {kind} importance scores for layers {bad}: the model produced NaN/inf hidden "
                     "states (try float32) or the calibration data had no real tokens"
                 )
-        return ImportanceScores(self.metric, rows["attn"], rows["mlp"], rows["block"], num_tokens,
-                                extra=_extra(self.spec, self.model))
+        return ImportanceScores(self.metric, rows["attn"], rows["mlp"], rows["block"], num_tokens, extra=extra)
 
 
 def _extra(spec: ArchSpec, model: nn.Module) -> dict[str, Any]:
@@ -344,11 +362,14 @@ def decoder_body(model: nn.Module) -> nn.Module:
 
 @torch.no_grad()
 def compute_importance(model: nn.Module, batches: Iterable[Any], metric: str | ImportanceMetric | Callable = "cosine",
-                       seed: int = 0, progress: bool = False) -> ImportanceScores:
+                       seed: int = 0, progress: bool = False, kinds: Sequence[str] = KINDS,
+                       span: int | None = None) -> ImportanceScores:
     """Score every block, attention and MLP sublayer of `model` (any family) over `batches` in one pass.
 
     Text batches: ids or dicts with `input_ids` / `attention_mask` (padding is not scored); image batches:
     pixel tensors, (images, labels) or dicts with `pixel_values` (every token counts: CLS, registers, patches).
+    `kinds` are the rows the caller will rank: a model metric (`loss`), whose cost grows with the candidates,
+    scores only those (the other rows are None). `span`: the block row scores spans of that many blocks.
     """
     measure = resolve_metric(metric)
     spec = get_spec(model)
@@ -359,11 +380,7 @@ def compute_importance(model: nn.Module, batches: Iterable[Any], metric: str | I
         gone = {"attn": set(attn_d), "mlp": set(mlp_d), "block": set(attn_d) & set(mlp_d)}
         return ImportanceScores(measure.name, *[[None if i in gone[k] else v for i, v in enumerate(rows[k])] for k in KINDS],
                                 num_tokens=0, extra=_extra(spec, model))
-    acc = ImportanceAccumulator(model, measure, spec)
     device = next(model.parameters()).device
-    acc.to(device)
-    was_training = model.training
-    model.eval()
     batches = list(batches) if progress else batches
     bar = None
     if progress:
@@ -371,6 +388,19 @@ def compute_importance(model: nn.Module, batches: Iterable[Any], metric: str | I
 
         bar = tqdm(batches, desc="calibration", unit="batch")
     iterator: Iterable[Any] = batches if bar is None else bar
+    if measure.model is not None:
+        try:
+            out = measure.model(model, (model_inputs(spec, batch, device) for batch in iterator), tuple(kinds))
+        finally:
+            if bar is not None:
+                bar.close()
+        rows = out["rows"]
+        extra = {**_extra(spec, model), **{k: v for k, v in out.items() if k not in ("rows", "num_tokens")}}
+        return ImportanceScores(measure.name, rows["attn"], rows["mlp"], rows["block"], out["num_tokens"], extra)
+    acc = ImportanceAccumulator(model, measure, spec, span=span)
+    acc.to(device)
+    was_training = model.training
+    model.eval()
     try:
         with acc.hooks():
             for batch in iterator:

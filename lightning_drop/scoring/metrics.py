@@ -3,13 +3,14 @@
 
 A *token* metric scores every token from the module's input and output hidden states (`fn(x, y)`, last
 dimension hidden, lower = more redundant); a *positional* metric scores layers without looking at data
-(`fn(num_layers, seed)`, one score per layer; no calibration pass runs).
+(`fn(num_layers, seed)`, one score per layer; no calibration pass runs); a *model* metric runs the model
+itself (`fn(model, inputs, kinds)`, the shipped `loss`: the calibration loss's rise when a module is dropped).
 """
 
 from __future__ import annotations
 
 import math
-from dataclasses import dataclass
+from dataclasses import dataclass, replace
 from typing import Any, Callable, Sequence
 
 import torch
@@ -17,28 +18,32 @@ import torch.nn.functional as F
 
 from ..errors import UserError
 from ..core.options import METRICS
+from .loss_metric import loss_scores
 from .registry import Registry, check_arity
 
 TokenFn = Callable[[torch.Tensor, torch.Tensor], torch.Tensor]
 PositionalFn = Callable[[int, int], Sequence[float]]
+#: (model, forward inputs per batch, kinds to score) -> {"rows": {kind: scores}, "num_tokens": ..., "cost": ...}
+ModelFn = Callable[[Any, Sequence[dict[str, torch.Tensor]], Sequence[str]], dict[str, Any]]
 
 
 @dataclass(frozen=True)
 class ImportanceMetric:
-    """One metric; exactly one of `token` and `positional` is set."""
+    """One metric; exactly one of `token`, `positional` and `model` is set."""
 
     name: str
     token: TokenFn | None = None
     positional: PositionalFn | None = None
+    model: ModelFn | None = None
     #: False: attention and MLP are scored on their own input/output instead of the residual stream
     residual: bool = True
     #: the score as a function of cos(x, y): lets the three scores of a layer share their norms (faster)
     from_cosine: Callable[[torch.Tensor], torch.Tensor] | None = None
 
     def __post_init__(self) -> None:
-        if (self.token is None) == (self.positional is None):
-            raise UserError(f"metric '{self.name}': give exactly one of a token and a positional function")
-        check_arity(self.token or self.positional, 2, f"metric '{self.name}'")
+        if sum(fn is not None for fn in (self.token, self.positional, self.model)) != 1:
+            raise UserError(f"metric '{self.name}': give exactly one of a token, a positional and a model function")
+        check_arity(self.token or self.positional or self.model, 3 if self.model else 2, f"metric '{self.name}'")
 
 
 def _make(name: str, value: Any) -> ImportanceMetric:
@@ -50,15 +55,18 @@ def _make(name: str, value: Any) -> ImportanceMetric:
 METRIC_REGISTRY: Registry[ImportanceMetric] = Registry("metric", _make)
 
 
-def register_metric(name: str, fn: TokenFn | PositionalFn, *, positional: bool = False,
+def register_metric(name: str, fn: TokenFn | PositionalFn | ImportanceMetric, *, positional: bool = False,
                     residual: bool = True) -> ImportanceMetric:
     """Make `fn` a metric under `name` (`--metric name` / `metric: name` in the same process).
 
     `fn(x, y)` returns per-token scores of shape `x.shape[:-1]`; with `positional=True` it is
-    `fn(num_layers, seed)` and returns one score per layer.
+    `fn(num_layers, seed)` and returns one score per layer; an `ImportanceMetric` is registered as it is.
     """
-    metric = ImportanceMetric(name, positional=fn) if positional else \
-        ImportanceMetric(name, token=fn, residual=residual)
+    if isinstance(fn, ImportanceMetric):
+        metric = replace(fn, name=name)
+    else:
+        metric = ImportanceMetric(name, positional=fn) if positional else \
+            ImportanceMetric(name, token=fn, residual=residual)
     return METRIC_REGISTRY.register(name, metric)
 
 
@@ -122,6 +130,7 @@ for _metric in (
     ImportanceMetric("relative_magnitude", token=_relative_magnitude),
     ImportanceMetric("reverse", positional=_reverse),
     ImportanceMetric("random", positional=_random),
+    ImportanceMetric("loss", model=loss_scores),
 ):
     METRIC_REGISTRY.register(_metric.name, _metric)
 assert METRIC_REGISTRY.names() == METRICS, "options.METRICS lists the shipped metrics for the command line"

@@ -14,6 +14,7 @@ importable name wherever a schedule is asked for.
 
 from __future__ import annotations
 
+import time
 from dataclasses import dataclass, field
 from typing import Any, Callable, Iterable, Iterator, Sequence
 
@@ -26,7 +27,7 @@ from .metrics import ImportanceMetric, resolve_metric
 from ..core.modeling_dropped import apply_drop, dropped_layers
 from ..core.options import SCHEDULES, TARGETS
 from .registry import Registry, check_arity
-from .selection import RuleFn, require_droppable, resolve_rule
+from .selection import RuleFn, check_span, require_droppable, resolve_rule, target_kinds
 
 #: Scores one round: called with the modules this schedule has dropped so far (attention, MLP; on top of
 #: what was gone before it started) and the round index (`at // step`: the seed offset of the `random` metric).
@@ -175,6 +176,13 @@ class DropResult:
     mlp: list[int]
     rounds: list[ImportanceScores] = field(default_factory=list)
     round_drops: list[dict[str, list[int]]] = field(default_factory=list)
+    seconds: float = 0.0  # wall time of the walk (scoring and dropping)
+
+    def cost(self) -> dict[str, float]:
+        """What selecting cost: full forward passes over the calibration text (a `loss` round counts its layer
+        forwards as fractions of one pass) and seconds."""
+        passes = sum(r.extra.get("cost", {}).get("forward_passes", 1.0 if r.num_tokens else 0.0) for r in self.rounds)
+        return {"forward_passes": round(passes, 3), "seconds": round(self.seconds, 3)}
 
     def record(self, scores: ImportanceScores, attn: list[int], mlp: list[int]) -> None:
         """Add one round: its scores and the modules it dropped."""
@@ -190,24 +198,28 @@ def drop_by_importance(model: nn.Module, batches: Iterable[Any] | Callable[[], I
                        num: int, metric: str | Callable | ImportanceMetric = "cosine",
                        schedule: str | RoundSizeFn | DropSchedule = "one-shot", step: int = 1,
                        keep: Sequence[int] = (), seed: int = 0, progress: bool = False,
-                       rule: str | RuleFn = "lowest") -> DropResult:
+                       rule: str | RuleFn = "lowest", span: int | None = None) -> DropResult:
     """Score, select and drop `num` modules of `model` in place (`drop_rounds`).
 
     One-shot scores once. Iterative drops `step` modules, re-scores the dropped model, and repeats.
     `batches` may be a callable returning a fresh iterable (needed when it is a one-pass generator).
+    `span`: drop the `num` consecutive blocks whose input and output are closest (angular metric).
     """
     plan = check_schedule(target, schedule, step)
     measure = resolve_metric(metric)
+    check_span(span, measure.name, target, len(get_spec(model).get_layers(model)), num)
     pick = resolve_rule(rule)
     get_batches = batches if callable(batches) else (lambda data=list(batches): data)
 
     def score(attn: list[int], mlp: list[int], index: int) -> ImportanceScores:
-        return compute_importance(model, get_batches(), metric=measure, seed=seed + index, progress=progress)
+        return compute_importance(model, get_batches(), metric=measure, seed=seed + index, progress=progress,
+                                  kinds=target_kinds(target), span=span)
 
-    result = DropResult([], [])
+    result, start = DropResult([], []), time.perf_counter()
     for rnd in drop_rounds(score, target, num, len(get_spec(model).get_layers(model)), plan, step, keep,
                            *dropped_layers(model), rule=pick):
         apply_drop(model, attn=rnd.attn, mlp=rnd.mlp)  # the next round scores the dropped model
         result.record(rnd.scores, rnd.attn, rnd.mlp)
     result.attn, result.mlp = dropped_layers(model)
+    result.seconds = time.perf_counter() - start
     return result

@@ -13,11 +13,16 @@ from .registry import Registry, check_arity
 RuleFn = Callable[[ImportanceScores, str, int, Sequence[int]], tuple[list[int], list[int]]]
 
 
-def candidates(scores: ImportanceScores, target: str, keep: Sequence[int] = ()) -> list[tuple[float, int, str, int]]:
-    """Sort keys (score, kind order, layer, kind) of droppable modules: lowest score first, ties by kind then layer."""
+def target_kinds(target: str) -> tuple[str, ...]:
+    """The score rows a target ranks (joint: attention and MLP together)."""
     if target not in TARGETS:
         raise UserError(f"unknown target '{target}'; choose from {', '.join(TARGETS)}")
-    kinds = {"block": ["block"], "attn": ["attn"], "mlp": ["mlp"], "joint": ["attn", "mlp"]}[target]
+    return {"block": ("block",), "attn": ("attn",), "mlp": ("mlp",), "joint": ("attn", "mlp")}[target]
+
+
+def candidates(scores: ImportanceScores, target: str, keep: Sequence[int] = ()) -> list[tuple[float, int, str, int]]:
+    """Sort keys (score, kind order, layer, kind) of droppable modules: lowest score first, ties by kind then layer."""
+    kinds = target_kinds(target)
     protected = set(keep)
     out = []
     for order, kind in enumerate(kinds):
@@ -83,21 +88,67 @@ def require_droppable(num: int, num_layers: int, target: str, keep: Sequence[int
                         f"(the model has {num_layers} layers)")
 
 
+def check_span(span: int | None, metric: str, target: str, num_layers: int | None = None,
+               num: int | None = None, where: str = "--span") -> None:
+    """One line, before any model work, for a span the span rule cannot take: Gromov's rule compares the input
+    of a span of blocks with its output by angular distance, so it needs the angular metric and the block
+    target, a span within the model, and drops exactly the span."""
+    if span is None:
+        return
+    if isinstance(span, bool) or not isinstance(span, int) or span < 1:
+        raise UserError(f"{where} must be an integer >= 1, got {span!r}")
+    if metric != "angular":
+        raise UserError(f"{where} scores spans by angular distance: it needs the angular metric, not '{metric}'")
+    if target != "block":
+        raise UserError(f"{where} drops consecutive blocks: it needs the block target, not '{target}'")
+    if num_layers is not None and span >= num_layers:
+        raise UserError(f"{where} {span} is not smaller than the model's {num_layers} layers")
+    if num is not None and num != span:
+        raise UserError(f"{where} {span} drops {span} blocks, but the count asked for is {num}")
+
+
+def select_span(scores: ImportanceScores, num: int, keep: Sequence[int] = ()) -> tuple[list[int], list[int]]:
+    """The blocks of the lowest-scoring span (the block row of span scores holds one score per first block)."""
+    span = int(scores.extra["span"])
+    if num != span:
+        raise UserError(f"span scores of {span} blocks cannot drop {num} blocks")
+    starts = [(float(v), i) for i, v in enumerate(scores.block)
+              if v is not None and not set(keep) & set(range(i, i + span))]
+    if not starts:
+        raise UserError(f"no span of {span} blocks can be dropped{' (after --keep)' if keep else ''}")
+    first = min(starts)[1]
+    gone_attn, gone_mlp = gone(scores, "attn"), gone(scores, "mlp")
+    return ([i for i in range(first, first + span) if i not in gone_attn],
+            [i for i in range(first, first + span) if i not in gone_mlp])
+
+
+def gone(scores: ImportanceScores, kind: str) -> set[int]:
+    """Sublayers of `kind` already dropped when `scores` were taken. Scores that leave rows unscored (spans,
+    a `loss` round scoring only its target's kind) record them; otherwise they are the None entries."""
+    if "dropped" in scores.extra:
+        return set(scores.extra["dropped"][kind])
+    return {i for i, v in enumerate(scores.row(kind)) if v is None}
+
+
 def select_modules(scores: ImportanceScores, target: str, num: int, keep: Sequence[int] = ()) -> tuple[list[int], list[int]]:
     """(attention indices, MLP indices) of the `num` lowest-scoring modules; a block counts as both.
 
-    A block whose one sublayer is already gone contributes only its surviving sublayer.
+    A block whose one sublayer is already gone contributes only its surviving sublayer. Scores of spans
+    (`compute_importance(..., span=n)`) give the lowest-scoring span.
     """
+    if scores.extra.get("span") and target == "block":
+        return select_span(scores, num, keep)
     ranked = candidates(scores, target, keep)
     if num > len(ranked):
         raise UserError(f"cannot drop {num} {target} modules: only {len(ranked)} can be dropped"
                          f"{' (after --keep)' if keep else ''}")
     attn: list[int] = []
     mlp: list[int] = []
+    gone_attn, gone_mlp = gone(scores, "attn"), gone(scores, "mlp")
     for _, _, i, kind in ranked[:num]:
-        if kind == "attn" or (kind == "block" and scores.attn[i] is not None):
+        if kind == "attn" or (kind == "block" and i not in gone_attn):
             attn.append(i)
-        if kind == "mlp" or (kind == "block" and scores.mlp[i] is not None):
+        if kind == "mlp" or (kind == "block" and i not in gone_mlp):
             mlp.append(i)
     return sorted(attn), sorted(mlp)
 

@@ -265,6 +265,15 @@ def _batches(windows: Any, batch_size: int) -> list[dict[str, torch.Tensor]]:
 
 # ---------------------------------------------------------------------------------------------------- scoring
 @torch.no_grad()
+def check_streamable(metric: ImportanceMetric, span: int | None = None) -> None:
+    """Refuse what one layer in memory cannot score: a model metric (`loss`) runs every layer after a
+    candidate's for each candidate, a span compares states several layers apart."""
+    if metric.model is not None or span is not None:
+        what = f"--metric {metric.name}" if metric.model is not None else "--span"
+        raise UserError(f"{what} needs the whole model for every candidate, which --stream never holds: "
+                        "leave out --stream (score in memory, e.g. --dtype bfloat16) or use --metric cosine")
+
+
 def stream_importance(model_dir: str | os.PathLike, windows: Any,
                       metric: str | Callable | ImportanceMetric = "cosine", batch_size: int = 4,
                       device: str | torch.device = "cpu", offload_dir: str | os.PathLike | None = None,
@@ -282,6 +291,7 @@ def stream_importance(model_dir: str | os.PathLike, windows: Any,
     progress); the layer's weights are views of a buffer that the next layer overwrites, so keep none of them.
     """
     measure = resolve_metric(metric)
+    check_streamable(measure)
     if isinstance(dtype, str):
         dtype = getattr(torch, dtype)
     device = torch.device(device)

@@ -99,9 +99,9 @@ class CacheKeys:
             d.update(shuffle=True, seed=calib.seed)
         return d
 
-    def scores(self, calib: CalibrationConfig, metric: str, seed: int | None = None) -> str:
+    def scores(self, calib: CalibrationConfig, metric: str, seed: int | None = None, span: int | None = None) -> str:
         return key_of({"kind": "scores", **self.model(), "calibration": self.calibration(calib), "metric": metric,
-                       "seed": self.cfg.seed if seed is None else seed})
+                       "seed": self.cfg.seed if seed is None else seed, **({"span": span} if span else {})})
 
     def drops(self, sweep: SweepSpec, calib: CalibrationConfig, target: str) -> str:
         return key_of({"kind": "drops", **self.model(), "calibration": self.calibration(calib),

@@ -134,6 +134,9 @@ class SweepSpec:
     calibration: dict[str, Any] = field(default_factory=dict)  # overrides of the study's calibration
     seed: int | None = None
     rule: str | None = None
+    #: Gromov's rule: each block count n drops the span of n consecutive blocks whose first input and last
+    #: output are closest (metric angular, target block, one-shot)
+    span: bool = False
 
     def check(self, where: str) -> None:
         for t in list(self.targets) + list(self.nums_per_target):
@@ -144,9 +147,16 @@ class SweepSpec:
         from ...scoring.metrics import resolve_metric
 
         try:
-            resolve_metric(self.metric)
+            measure = resolve_metric(self.metric)
         except UserError as err:
             raise UserError(f"{where}.metric: {err}") from None
+        if self.span:
+            from ...scoring.selection import check_span
+
+            for t in self.plan():
+                check_span(1, measure.name, t, where=f"{where}.span")
+            if self.schedule != "one-shot":
+                raise UserError(f"{where}.span: a span is chosen in one round: use schedule one-shot")
         if self.schedule not in SCHEDULES:  # its cache stores walks of `step`-sized rounds
             raise UserError(f"{where}.schedule: unknown schedule '{self.schedule}'; the study walks "
                             f"{', '.join(SCHEDULES)}")

@@ -127,9 +127,10 @@ class DropSets:
         self.cfg = inputs.cfg
         self._scores: dict[str, Any] = {}
 
-    def scores(self, calib: CalibrationConfig, metric: str, seed: int | None = None) -> dict[str, Any]:
+    def scores(self, calib: CalibrationConfig, metric: str, seed: int | None = None,
+               span: int | None = None) -> dict[str, Any]:
         seed = self.cfg.seed if seed is None else seed
-        key = self.keys.scores(calib, metric, seed)
+        key = self.keys.scores(calib, metric, seed, span)
         if key in self._scores:
             return self._scores[key]
 
@@ -140,7 +141,7 @@ class DropSets:
             t0, c0 = time.perf_counter(), time.process_time()
             batches = self.inputs.calibration_batches(calib)
             with self.inputs.timed("scoring", f"scored {metric}"), counted_passes(self.inputs.model, len(batches)) as n:
-                s = compute_importance(self.inputs.model, batches, metric=metric, seed=seed)
+                s = compute_importance(self.inputs.model, batches, metric=metric, seed=seed, span=span)
             return {**s.to_dict(), "seconds": time.perf_counter() - t0, "cpu_seconds": time.process_time() - c0,
                     "passes": n[0], "calibration": dataclasses.asdict(calib)}
 
@@ -151,13 +152,15 @@ class DropSets:
         from ...scoring.schedule import resolve_schedule
 
         from ...scoring.importance import ImportanceScores
-        from ...scoring.selection import select_modules
+        from ...scoring.selection import check_span, select_modules
 
         if num == 0:
             return [], []
         calib = self.cfg.calibration_for(sweep)
+        span = num if sweep.span else None
+        check_span(span, sweep.metric, target, self.inputs.num_layers, where=f"sweep '{sweep.name}': span")
         if not resolve_schedule(sweep.schedule).rescores:
-            d = self.scores(calib, sweep.metric, self.cfg.seed_for(sweep))
+            d = self.scores(calib, sweep.metric, self.cfg.seed_for(sweep), span)
             return select_modules(ImportanceScores.from_dict(d), target, num)
         return self.iterative_drop_set(sweep, calib, target, num)
 
@@ -198,7 +201,7 @@ class DropSets:
         from ...scoring.importance import ImportanceScores, compute_importance
         from ...core.modeling_dropped import apply_drop, dropped_layers
         from ...scoring.schedule import drop_rounds
-        from ...scoring.selection import max_droppable
+        from ...scoring.selection import max_droppable, target_kinds
 
         step = sweep.step
         key = self.keys.drops(sweep, calib, target)
@@ -236,7 +239,7 @@ class DropSets:
                 apply_drop(model, attn=new_attn, mlp=new_mlp)
             with counted_passes(model, len(batches)) as n:
                 scores = compute_importance(model, batches, metric=sweep.metric,
-                                            seed=self.cfg.seed_for(sweep) + index)
+                                            seed=self.cfg.seed_for(sweep) + index, kinds=target_kinds(target))
             cost[index * step] = {"passes": n[0], "seconds": time.perf_counter() - t0}
             return scores
 
