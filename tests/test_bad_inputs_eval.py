@@ -129,7 +129,7 @@ def test_unknown_task_names_include_path_option(world, tmp_path, capsys, no_mode
 
 
 def test_existing_output_names_overwrite_as_the_user_sets_it(world, tmp_path, capsys):
-    from lightning_drop.io.atomic_io import check_output
+    from lightning_drop.io.output_targets import check_output
 
     _refused(world, tmp_path, capsys, ["perplexity", "--model", str(world / "model"), "--data",
                                        str(world / "c4.jsonl"), "--output", str(world / "results.json")],

@@ -20,7 +20,7 @@ from test_bad_inputs import _copy_model, _fails_in_one_line, world  # noqa: F401
 
 import lightning_drop as ld
 from lightning_drop.cli import main
-from lightning_drop.io.model_loading import byte_tokenizer, tiny_model
+from lightning_drop.io.tiny_models import byte_tokenizer, tiny_model
 
 COMMON = ["--num-samples", "2", "--seq-len", "32", "--num", "1"]
 

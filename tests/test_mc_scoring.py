@@ -16,7 +16,7 @@ import pytest
 import torch
 
 from lightning_drop.measure.mc_scoring import SharedContextLM
-from lightning_drop.io.model_loading import tiny_model
+from lightning_drop.io.tiny_models import tiny_model
 from lightning_drop.core.modeling_dropped import apply_drop
 
 TOL = 1e-4  # float32; relative 1e-6 where a byte-level tiny model sums hundreds of tokens (|log-likelihood| > 100)

@@ -13,7 +13,8 @@ import tempfile
 from collections.abc import Mapping, Sequence
 from typing import Any
 
-from ..io.atomic_io import check_output, write_json
+from ..io.atomic_io import write_json
+from ..io.output_targets import check_output
 from ..errors import UserError
 
 
