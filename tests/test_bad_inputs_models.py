@@ -269,6 +269,7 @@ def test_options_that_would_do_nothing_are_refused(world, tmp_path, capsys, name
     _fails_in_one_line(world, tmp_path, capsys, argv, expect)
 
 
+@pytest.mark.cuda
 @pytest.mark.skipif(not torch.cuda.is_available(), reason="needs a CUDA device")
 def test_device_cuda_is_honoured_in_memory(world, tmp_path, monkeypatch):  # noqa: F811
     """Scoring runs on the GPU (the model's forward sees CUDA tensors) and the checkpoint equals the CPU one's."""
