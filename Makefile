@@ -13,7 +13,7 @@ export HF_HUB_OFFLINE ?= 1
 export HF_DATASETS_OFFLINE ?= 1
 export TOKENIZERS_PARALLELISM ?= false
 
-.PHONY: setup setup-quant setup-vllm run test test-fast test-quant test-engines bench clean
+.PHONY: setup setup-quant setup-vllm run test test-fast test-quant test-engines bench gpu-check clean
 
 setup: $(STAMP)
 
@@ -55,6 +55,11 @@ bench: $(STAMP)
 	  fi; \
 	  $(PY) $$f || exit 1; \
 	done
+
+# On a machine with CUDA (at most about 8 minutes on one H100): the CUDA tests, paper-preset speed, lm-eval on the
+# GPU and a sharded fit, written to gpu-check.json; without CUDA it stops at once with one line.
+gpu-check: $(STAMP)
+	$(PY) scripts/gpu_check.py --output gpu-check.json --overwrite
 
 # Optional: GPTQ/AWQ backend (gptqmodel) pinned against the installed torch/transformers.
 CONSTRAINTS := $(VENV)/constraints.txt

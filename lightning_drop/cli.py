@@ -103,7 +103,8 @@ def _interruption(err: BaseException) -> bool:
 
 
 def main(argv: Sequence[str] | None = None) -> int:
-    from .io.atomic_io import cleanup_temporaries, install_signal_cleanup, lock_targets, release_targets
+    from .io.atomic_io import cleanup_temporaries, install_signal_cleanup
+    from .io.output_targets import lock_targets, release_targets
 
     argv = list(sys.argv[1:] if argv is None else argv)
     os.environ.setdefault("TOKENIZERS_PARALLELISM", "false")

@@ -15,13 +15,8 @@ import pytest
 
 from lightning_drop.io import atomic_io
 
-from lightning_drop.io.atomic_io import (
-    atomic_dir,
-    atomic_write_text,
-    check_output,
-    remove_stale_temporaries,
-    write_json,
-)
+from lightning_drop.io.atomic_io import atomic_dir, atomic_write_text, remove_stale_temporaries, write_json
+from lightning_drop.io.output_targets import check_output
 from lightning_drop.errors import UserError
 
 
@@ -56,7 +51,7 @@ def test_unwritable_place_is_refused_before_work():
 
 def test_save_dropped_never_wipes_a_users_folder_or_its_source(tmp_path):
     import lightning_drop as ld
-    from lightning_drop.io.model_loading import tiny_model
+    from lightning_drop.io.tiny_models import tiny_model
 
     model, tok = tiny_model("llama")
     user = tmp_path / "user"

@@ -18,7 +18,7 @@ import pytest
 import torch
 
 from lightning_drop.cli import main
-from lightning_drop.io.model_loading import tiny_model
+from lightning_drop.io.tiny_models import tiny_model
 
 ERROR_LINE = "error: "
 

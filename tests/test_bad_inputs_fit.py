@@ -134,7 +134,7 @@ def dropped_ckpt(tmp_path_factory, world) -> Path:  # noqa: F811
 def _retarget(ckpt: Path, tmp: Path) -> Path:
     """Make `ckpt` say it was trained from a folder that holds a tiny Qwen3 model (it was a tiny Llama)."""
     import lightning_drop as ld
-    from lightning_drop.io.model_loading import tiny_model
+    from lightning_drop.io.tiny_models import tiny_model
 
     model, tok = tiny_model("qwen3")
     ld.save_dropped(model, tmp / "qwen3", tok)

@@ -20,7 +20,7 @@ from test_bad_inputs import _copy_model, _fails_in_one_line, world  # noqa: F401
 
 import lightning_drop as ld
 from lightning_drop.cli import main
-from lightning_drop.io.model_loading import byte_tokenizer, tiny_model
+from lightning_drop.io.tiny_models import byte_tokenizer, tiny_model
 
 COMMON = ["--num-samples", "2", "--seq-len", "32", "--num", "1"]
 
@@ -269,6 +269,7 @@ def test_options_that_would_do_nothing_are_refused(world, tmp_path, capsys, name
     _fails_in_one_line(world, tmp_path, capsys, argv, expect)
 
 
+@pytest.mark.cuda
 @pytest.mark.skipif(not torch.cuda.is_available(), reason="needs a CUDA device")
 def test_device_cuda_is_honoured_in_memory(world, tmp_path, monkeypatch):  # noqa: F811
     """Scoring runs on the GPU (the model's forward sees CUDA tensors) and the checkpoint equals the CPU one's."""

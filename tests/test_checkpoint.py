@@ -14,7 +14,8 @@ import torch
 from transformers import AutoModelForCausalLM
 
 from lightning_drop import apply_drop, dropped_layers, load_dropped, save_dropped
-from lightning_drop.io.model_loading import load_model, tiny_model
+from lightning_drop.io.model_loading import load_model
+from lightning_drop.io.tiny_models import tiny_model
 
 X = torch.arange(40).reshape(2, 20) % 250
 

@@ -20,7 +20,7 @@ from lightning_drop import apply_drop, dropped_layers, get_spec, load_dropped, s
 from lightning_drop.core.architectures import VISION_SPECS
 from lightning_drop.errors import UserError
 from lightning_drop.io.dropped_checkpoint import checkpoint_kind
-from lightning_drop.io.model_loading import TINY_FAMILIES, tiny_model
+from lightning_drop.io.tiny_models import TINY_FAMILIES, tiny_model
 from lightning_drop.measure.sublayer_check import check_really_skipped, sublayer_call_counts
 
 TEXT = list(TINY_FAMILIES)

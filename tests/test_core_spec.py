@@ -10,7 +10,7 @@ import torch
 
 from lightning_drop import apply_drop, dropped_layers, get_spec, load_dropped, save_dropped
 from lightning_drop.scoring.importance import compute_importance
-from lightning_drop.io.model_loading import tiny_model
+from lightning_drop.io.tiny_models import tiny_model
 from lightning_drop.io.vision_loading import tiny_vision_model
 
 PIXELS = torch.randn(4, 3, 32, 32, generator=torch.Generator().manual_seed(1))

@@ -116,7 +116,7 @@ def test_fit_a_tiny_model_on_it(byte_tokenizer, small_c4: Path) -> None:
     """The batches feed a causal LM under a real Trainer (train + val loops run)."""
     import lightning.pytorch as pl
 
-    from lightning_drop.io.model_loading import tiny_model
+    from lightning_drop.io.tiny_models import tiny_model
 
     class LM(pl.LightningModule):
         def __init__(self) -> None:

@@ -322,7 +322,7 @@ def test_teacher_given_as_a_model_object(tmp_path, c4_path):
         assert d.teacher is teacher and not any(p.requires_grad for p in teacher.parameters())
         assert_same(weights(teacher), reference)
         assert module.drop_plan().attn == drop_attn and "train/kd_loss" in tr.callback_metrics
-    from lightning_drop.io.model_loading import tiny_model
+    from lightning_drop.io.tiny_models import tiny_model
 
     other, _ = tiny_model("llama", vocab_size=400)
     tr = trainer(tmp_path, max_steps=2, callbacks=[Distillation(teacher=other)])
@@ -371,7 +371,7 @@ def test_bad_arguments_are_one_line_errors(kwargs, match):
 
 
 def _other_vocabulary_teacher(path) -> str:
-    from lightning_drop.io.model_loading import tiny_model
+    from lightning_drop.io.tiny_models import tiny_model
 
     model, tok = tiny_model("llama", vocab_size=400)
     model.save_pretrained(path)

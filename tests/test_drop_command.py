@@ -103,7 +103,7 @@ def test_checkpoint_keeps_the_source_dtype_unless_told(tmp_path, c4_path, stream
     import torch
     from safetensors import safe_open
 
-    from lightning_drop.io.model_loading import tiny_model
+    from lightning_drop.io.tiny_models import tiny_model
 
     model, tok = tiny_model("llama")
     model.to(torch.bfloat16).save_pretrained(tmp_path / "src")

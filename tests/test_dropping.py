@@ -7,7 +7,7 @@ import pytest
 import torch
 
 from lightning_drop import apply_drop, dropped_layers
-from lightning_drop.io.model_loading import TINY_FAMILIES, tiny_model
+from lightning_drop.io.tiny_models import TINY_FAMILIES, tiny_model
 
 FAMILIES = list(TINY_FAMILIES)
 SEQ = 24  # longer than the tiny sliding windows (8), so window handling is exercised

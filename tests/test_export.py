@@ -20,7 +20,7 @@ from lightning_drop.io.dropped_checkpoint import save_dropped  # noqa: E402
 from lightning_drop.export import export_gguf, export_nemotron_nas, load_nemotron_nas  # noqa: E402
 from lightning_drop.export.nemotron import choose_ffn_mult, ffn_mult_to_intermediate_size  # noqa: E402
 from lightning_drop.core.modeling_dropped import apply_drop, dropped_layers  # noqa: E402
-from lightning_drop.io.model_loading import tiny_model  # noqa: E402
+from lightning_drop.io.tiny_models import tiny_model  # noqa: E402
 
 ROOT = Path(__file__).resolve().parents[1]
 ENGINE_PY = ROOT / ".venv-engines" / "bin" / "python"

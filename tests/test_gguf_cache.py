@@ -10,9 +10,10 @@ import torch
 
 gguf = pytest.importorskip("gguf")
 
-import lightning_drop.io.model_loading as models  # noqa: E402
+import lightning_drop.io.gguf_loading as gguf_loading  # noqa: E402
 from lightning_drop.export.gguf_deci import _add_tokenizer, _permute  # noqa: E402
-from lightning_drop.io.model_loading import load_model, tiny_model  # noqa: E402
+from lightning_drop.io.model_loading import load_model  # noqa: E402
+from lightning_drop.io.tiny_models import tiny_model  # noqa: E402
 
 
 def write_llama_gguf(model, tok, path) -> None:
@@ -49,8 +50,8 @@ def write_llama_gguf(model, tok, path) -> None:
 def cache(tmp_path, monkeypatch):
     monkeypatch.setenv("LIGHTNING_DROP_CACHE", str(tmp_path / "cache"))
     calls = []
-    convert = models._clean_from_gguf
-    monkeypatch.setattr(models, "_clean_from_gguf", lambda *a, **k: calls.append(a[0]) or convert(*a, **k))
+    convert = gguf_loading._clean_from_gguf
+    monkeypatch.setattr(gguf_loading, "_clean_from_gguf", lambda *a, **k: calls.append(a[0]) or convert(*a, **k))
     return calls
 
 

@@ -12,7 +12,7 @@ import torch.nn.functional as F
 
 from lightning_drop import apply_drop, dropped_layers
 from lightning_drop.scoring.importance import compute_importance, token_scores
-from lightning_drop.io.model_loading import tiny_model
+from lightning_drop.io.tiny_models import tiny_model
 from lightning_drop.scoring.schedule import drop_by_importance
 from lightning_drop.scoring.selection import resolve_num, select_modules
 

@@ -16,7 +16,7 @@ import pytest
 import torch
 
 from lightning_drop.measure.mc_scoring import SharedContextLM
-from lightning_drop.io.model_loading import tiny_model
+from lightning_drop.io.tiny_models import tiny_model
 from lightning_drop.core.modeling_dropped import apply_drop
 
 TOL = 1e-4  # float32; relative 1e-6 where a byte-level tiny model sums hundreds of tokens (|log-likelihood| > 100)
@@ -187,3 +187,98 @@ def test_a_study_times_its_phases_in_log_results_and_report(tmp_path, c4_path, s
     assert "time this run:" in (out / "report.md").read_text() and "by phase: " in (out / "report.md").read_text()
     again = Study(StudyConfig.from_dict(cfg), verbose=False).run()
     assert again["phase_seconds"] == {} and sum(again["computed_this_run"].values()) == 0
+
+
+def test_a_lora_wrapped_model_is_scored_on_shared_contexts_as_the_merged_model(shared_dir, tmp_path):
+    """Adapters attached and not merged (a peft wrapper): the shared path, through the base model whose layers
+    carry the adapters, with the merged model's log-likelihoods request by request."""
+    import copy
+
+    from lm_eval.models.huggingface import HFLM
+
+    from lightning_drop.lightning.module import DropModule
+
+    module = DropModule(model="tiny-llama")
+    module.apply_drop(attn=[1], mlp=[])
+    module.add_lora(r=4)
+    with torch.no_grad():  # adapters that change the model (peft starts them at zero)
+        for name, p in module.model.named_parameters():
+            if "lora_B" in name:
+                p.normal_(0.0, 0.05)
+    wrapped = module.model
+    assert type(wrapped).__name__.startswith("Peft")
+    requests = _requests("hellaswag_sample", 6, shared_dir, tmp_path)
+    lm = SharedContextLM(pretrained=wrapped, tokenizer=module.tokenizer, batch_size=4, device="cpu")
+    mine = lm.loglikelihood(requests, disable_tqdm=True)
+    assert lm.shared_requests == len(requests) and lm.plain_requests == 0
+    merged = copy.deepcopy(wrapped).merge_and_unload().eval()
+    plain = HFLM(pretrained=merged, tokenizer=module.tokenizer, batch_size=4, device="cpu").loglikelihood(
+        requests, disable_tqdm=True)
+    for i, ((a, ga), (b, gb)) in enumerate(zip(plain, mine)):
+        assert abs(a - b) <= max(TOL, 1e-6 * abs(a)), f"request {i}: {a} (merged, HFLM) vs {b} (wrapped, shared)"
+        assert ga == gb
+    with wrapped.disable_adapter():  # the adapters are in what was scored: without them the numbers differ
+        bare = HFLM(pretrained=wrapped, tokenizer=module.tokenizer, batch_size=4, device="cpu").loglikelihood(
+            requests, disable_tqdm=True)
+    assert max(abs(a - b) for (a, _), (b, _) in zip(bare, mine)) > 1e-2
+
+
+def test_a_studys_recovered_point_is_scored_on_shared_contexts_and_git_stays_quiet(tmp_path, c4_path, shared_dir,
+                                                                                    monkeypatch, capfd):
+    """Every point of a study with recovery, the recovered model included, takes the shared path; run where
+    the working directory is no git repository, lm-eval's git probe prints nothing."""
+    from lightning_drop.jobs.study import Study, StudyConfig
+    from test_study_recovery import config
+
+    monkeypatch.setattr(SharedContextLM, "_plain", lambda self, requests, *a: pytest.fail(
+        f"{len(requests)} requests on the plain path"))
+    seen: list[int] = []
+    real = SharedContextLM._shared
+    monkeypatch.setattr(SharedContextLM, "_shared", lambda self, *a: seen.append(id(self.model)) or real(self, *a))
+    mc = {"task": "hellaswag_sample", "data": str(shared_dir / "data" / "hellaswag_val_first1000.jsonl"),
+          "limit": 3, "batch_size": 4, "at": "largest"}
+    cfg = config(tmp_path / "out", c4_path, eval={"perplexity": {"num_windows": 1, "seq_len": 32}, "mc": [mc],
+                                                  "domains": []},
+                 sweeps=[{"name": "main", "targets": ["attn"], "nums": [0, 2]}])
+    cfg["recovery"] = {"points": [{"target": "attn", "num": 2}], "train": {"seq_len": 32, "batch_size": 2, "steps": 2},
+                       "recipes": [{"name": "lora-kd", "lr": 1e-2,
+                                    "distillation": {"alpha": 1.0, "trainable": "lora", "r": 2}}]}
+    monkeypatch.chdir(tmp_path)  # not a git repository
+    doc = Study(StudyConfig.from_dict(cfg), verbose=False).run()
+    recovered = next(r for r in doc["recovery"] if r["recipe"] == "lora-kd")
+    assert recovered["mc_n"] == 3 and recovered["drop_attn"]
+    assert len(seen) == 3  # base, attn-2 and the recovered model: each on the shared path
+    out, err = capfd.readouterr()
+    assert "not a git repository" not in out + err and "fatal:" not in out + err
+
+
+def test_the_git_probe_is_quiet_and_still_records_a_commit(tmp_path, monkeypatch, capfd):
+    """Inside `quiet_git_probe` lm-eval's probe captures git's complaint (None outside a repository) and still
+    finds the commit inside one; git run by anyone else, and the probe outside the context, still speak."""
+    import subprocess
+
+    import lm_eval.evaluator as evaluator
+
+    from lightning_drop.measure.mc_scoring import quiet_git_probe
+
+    real = evaluator.get_git_commit_hash
+    monkeypatch.chdir(tmp_path)
+    with quiet_git_probe():
+        assert evaluator.get_git_commit_hash() is None
+        subprocess.run(["git", "describe", "--always"], check=False)  # not lm-eval's probe: its output stays
+    assert evaluator.get_git_commit_hash is real
+    err = capfd.readouterr().err
+    assert err.count("not a git repository") == 1, err
+    real()  # lm-eval's own probe, outside the context, complains as before
+    assert "not a git repository" in capfd.readouterr().err
+    repo = tmp_path / "repo"
+    repo.mkdir()
+    subprocess.run(["git", "init", "-q", str(repo)], check=True)
+    subprocess.run(["git", "-C", str(repo), "-c", "user.name=t", "-c", "user.email=t@t", "commit", "-q",
+                    "--allow-empty", "-m", "x"], check=True)
+    head = subprocess.run(["git", "-C", str(repo), "rev-parse", "--short", "HEAD"], capture_output=True, text=True,
+                          check=True).stdout.strip()
+    monkeypatch.chdir(repo)
+    with quiet_git_probe():
+        assert evaluator.get_git_commit_hash() == head
+    assert capfd.readouterr().err == ""

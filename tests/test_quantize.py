@@ -21,7 +21,8 @@ import torch
 from safetensors import safe_open
 
 import lightning_drop as ld
-from lightning_drop.io.model_loading import load_model, tiny_model
+from lightning_drop.io.model_loading import load_model
+from lightning_drop.io.tiny_models import tiny_model
 from lightning_drop.measure.quantize import (
     QuantizationBackendError,
     auto_group_size,

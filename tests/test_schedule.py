@@ -8,7 +8,7 @@ import torch
 from lightning_drop.io.text_data import CalibrationConfig
 from lightning_drop.jobs.drop import DropJob, run_drop
 from lightning_drop.scoring.importance import ImportanceScores, compute_importance
-from lightning_drop.io.model_loading import tiny_model
+from lightning_drop.io.tiny_models import tiny_model
 from lightning_drop.scoring.schedule import drop_rounds
 from lightning_drop.scoring.selection import select_modules
 from lightning_drop.jobs.study import Study, StudyConfig

@@ -174,7 +174,7 @@ def nemotron_dir(tmp_path_factory):
     from lightning_drop.io.dropped_checkpoint import save_dropped
     from lightning_drop.export import export_nemotron_nas
     from lightning_drop.core.modeling_dropped import apply_drop
-    from lightning_drop.io.model_loading import tiny_model
+    from lightning_drop.io.tiny_models import tiny_model
 
     model, tok = tiny_model("llama")
     apply_drop(model, attn=[1], mlp=[2])

@@ -190,6 +190,7 @@ def test_cuda_refused_in_one_line_without_a_gpu(capsys, monkeypatch):
     assert len(err) == 1 and err[0].startswith("lightning-drop speed: error: --device cuda: ")
 
 
+@pytest.mark.cuda
 @pytest.mark.skipif(not torch.cuda.is_available(), reason="needs a CUDA device")
 def test_cuda_timing_peak_memory_and_kv(tmp_path):
     """On a GPU: CUDA-event timings and per-model peak memory come back positive, the dropped cache is smaller."""

@@ -85,7 +85,7 @@ print(json.dumps([light, same, names, sub, missing]))
 def dropped_dir(tmp_path_factory):
     from lightning_drop.io.dropped_checkpoint import save_dropped
     from lightning_drop.core.modeling_dropped import apply_drop
-    from lightning_drop.io.model_loading import tiny_model
+    from lightning_drop.io.tiny_models import tiny_model
 
     model, tok = tiny_model("llama")
     apply_drop(model, attn=[1], mlp=[2])

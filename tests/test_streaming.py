@@ -15,7 +15,7 @@ from lightning_drop.scoring import streamed_writer, streaming
 from lightning_drop.cli import main
 from lightning_drop.io.dropped_checkpoint import load_dropped, save_dropped
 from lightning_drop.scoring.importance import compute_importance
-from lightning_drop.io.model_loading import tiny_model
+from lightning_drop.io.tiny_models import tiny_model
 from lightning_drop.core.modeling_dropped import apply_drop
 from lightning_drop.io.safetensors_io import INDEX_NAME, ReusedBuffer
 from lightning_drop.scoring.streamed_writer import write_dropped_streaming

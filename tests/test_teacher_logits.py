@@ -25,7 +25,7 @@ from lightning_drop.callbacks.distill_loss import kd_and_lm_loss, kd_loss, topk_
 from lightning_drop.errors import UserError
 from lightning_drop.lightning.datamodule import TextDataModule
 from lightning_drop.lightning.module import DropModule
-from lightning_drop.io.model_loading import tiny_model
+from lightning_drop.io.tiny_models import tiny_model
 from lightning_drop.io.teacher_logits import (
     MANIFEST,
     StoreMismatch,

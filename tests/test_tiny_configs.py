@@ -9,7 +9,8 @@ import pytest
 import torch
 
 from lightning_drop.errors import UserError
-from lightning_drop.io.model_loading import TINY_FAMILIES, load_model, tiny_config
+from lightning_drop.io.model_loading import load_model
+from lightning_drop.io.tiny_models import TINY_FAMILIES, tiny_config
 from lightning_drop.io.tiny_configs import REFUSED, VOCAB_SIZE, causal_lm_types
 
 TYPES = causal_lm_types()

@@ -29,11 +29,8 @@ finishing step). `start: first_drop` heals between the rounds of an iterative `L
 round; before each later round LoRA adapters are merged (the next scores see the healed model), after it
 the trainable set is applied to the new model (fresh adapters; `near_drops` follows the new drops).
 
-Resume: the state records when the copy was taken. A copy taken at fit start (step 0) is the module's source
-model, so it is rebuilt the same way: the drop callback re-applies its drops on the freshly loaded model and
-calls `before_drop` first; a fingerprint of the weights (per-tensor sums) proves it is the same model. A
-copy taken during training has trained weights found nowhere else, so they are saved in this callback's
-state (in the teacher's dtype) and loaded from the checkpoint.
+Resume: the state records when the copy was taken, and a resumed fit continues with the same teacher
+(`teacher.copied_teacher_state`, `teacher.restored_teacher`).
 
 With `teacher_logits: DIR` the teacher runs once, when recovery starts, over every training window, and its
 top-k log-probabilities are stored in DIR (`lightning_drop.io.teacher_logits`); the teacher is then freed and
@@ -55,7 +52,7 @@ from lightning.pytorch.utilities.exceptions import MisconfigurationException
 from torch import nn
 
 from lightning_drop.errors import UserError
-from lightning_drop.lightning.module import lm_batch, model_from_config
+from lightning_drop.lightning.module import lm_batch
 from lightning_drop.io.teacher_logits import (
     TeacherLogitStore,
     check_store_options,
@@ -68,7 +65,15 @@ from lightning_drop.io.teacher_logits import (
 from ._common import hf_of, rebuild_optimizers
 from .distill_loss import hidden_loss, kd_and_lm_loss, topk_kd_and_lm_loss
 from .fit_end import FitEnd, FitEndMember
-from .teacher import check_teacher, load_teacher, shared_blocks, teacher_dtype_of
+from .teacher import (
+    check_teacher,
+    copied_teacher_state,
+    frozen,
+    load_teacher,
+    restored_teacher,
+    shared_blocks,
+    teacher_dtype_of,
+)
 from .trainable import DEFAULT_TARGETS, LoRASettings, TrainableSet
 
 
@@ -176,13 +181,9 @@ class Distillation(FitEndMember):
     # ------------------------------------------------------------------------------------------ state
     def state_dict(self) -> dict[str, Any]:
         copied = self.teacher_ref is None and self.teacher is not None and self.teacher_step is not None
-        trained = copied and self.teacher_step > 0  # weights found nowhere else: they go into the checkpoint
         return {"started_at": self.started_at, "merged": self.merged,
-                "teacher_step": self.teacher_step if copied else None,
-                "teacher_fingerprint": self._fingerprint if copied else None,
-                "teacher_config": self._config if trained else None,
-                "teacher_weights": {k: v.detach().cpu() for k, v in self.teacher.state_dict().items()}
-                if trained else None,
+                **copied_teacher_state(self.teacher if copied else None, self.teacher_step, self._fingerprint,
+                                       self._config),
                 "teacher_logits": None if self._store is None else {"path": str(self._store.path),
                                                                     "digest": self._store.digest}}
 
@@ -207,24 +208,10 @@ class Distillation(FitEndMember):
             self._start(trainer, pl_module, at=state["started_at"])
 
     def _restore_teacher(self, trainer: pl.Trainer, state: dict[str, Any]) -> None:
-        saved = state["teacher_fingerprint"]
-        if state.get("teacher_weights") is not None:
-            weights = state["teacher_weights"]
-            model = model_from_config(state["teacher_config"], next(iter(weights.values())).dtype)
-            model.load_state_dict(weights)
-            self._adopt(model, state["teacher_step"], saved, state["teacher_config"])
+        model = restored_teacher(state, self.teacher, self._fingerprint)
+        if model is not None:
+            self._adopt(model, state["teacher_step"], state["teacher_fingerprint"], state["teacher_config"])
             self._place_teacher(trainer)
-            return
-        if self.teacher is None:
-            raise MisconfigurationException(
-                "Distillation: cannot rebuild the teacher: the checkpoint's teacher was copied before a fit-start "
-                "drop, but no drop was made or re-applied in this fit's setup; list the same LayerDrop callbacks")
-        if self._fingerprint is None or self._fingerprint.shape != saved.shape \
-                or not torch.allclose(self._fingerprint, saved, rtol=1e-5, atol=1e-6):
-            raise MisconfigurationException(
-                "Distillation: the teacher rebuilt from the module's source model differs from the one this "
-                "checkpoint's fit copied (a random init without a fixed seed, or a module trained before the "
-                "fit?): resume with the same model and seed_everything")
         self.teacher_step = state["teacher_step"]
 
     # ---------------------------------------------------------------------------------------- teacher
@@ -254,8 +241,7 @@ class Distillation(FitEndMember):
 
     def _adopt(self, model: nn.Module, step: int | None, mark: torch.Tensor | None,
                config: dict[str, Any] | None) -> None:
-        model.requires_grad_(False)
-        self.teacher = model.eval()
+        self.teacher = frozen(model)
         self.teacher_step, self._fingerprint, self._config = step, mark, config
 
     def _place_teacher(self, trainer: pl.Trainer) -> None:

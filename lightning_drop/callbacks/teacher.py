@@ -1,8 +1,14 @@
-"""Where a distillation teacher comes from and whether it fits its student.
+"""Where a distillation teacher comes from, whether it fits its student, and how a resumed fit gets it back.
 
 A teacher given by reference is loaded through `model_loading.load_model`; any teacher must predict over the
 student's vocabulary with the student's tokenizer (checked when the tokenizer is known), and block outputs
 can only be matched between models of the same depth and width. Errors are one line naming the teacher.
+
+Resume of a teacher copied from the model before the drop: the checkpoint records when the copy was taken. A
+copy taken at fit start (step 0) is the module's source model, so it is rebuilt the same way: the drop
+callback re-applies its drops on the freshly loaded model and calls `before_drop` first; a fingerprint of the
+weights (per-tensor sums) proves it is the same model. A copy taken during training has trained weights found
+nowhere else, so they are saved in the checkpoint (in the teacher's dtype) and loaded from it.
 """
 
 from __future__ import annotations
@@ -15,6 +21,7 @@ from lightning.pytorch.utilities.exceptions import MisconfigurationException
 from torch import nn
 
 from lightning_drop.io.teacher_logits import output_vocab_size
+from lightning_drop.lightning.module import model_from_config
 
 from ._common import hf_of
 
@@ -76,3 +83,43 @@ def shared_blocks(*models: nn.Module) -> list[int]:
         attn, mlp = dropped_layers(m)
         gone |= set(attn) & set(mlp)
     return [i for i in range(n) if i not in gone]
+
+
+def frozen(model: nn.Module) -> nn.Module:
+    """`model` as a teacher: no gradients, eval mode."""
+    model.requires_grad_(False)
+    return model.eval()
+
+
+def copied_teacher_state(teacher: nn.Module | None, step: int | None, mark: torch.Tensor | None,
+                         config: dict[str, Any] | None) -> dict[str, Any]:
+    """The checkpoint's record of a teacher copied at global step `step` (None: no copied teacher): the step and
+    the fingerprint, and for a copy taken during training (`step > 0`) its config and weights."""
+    copied = teacher is not None and step is not None
+    trained = copied and step > 0  # weights found nowhere else: they go into the checkpoint
+    return {"teacher_step": step if copied else None, "teacher_fingerprint": mark if copied else None,
+            "teacher_config": config if trained else None,
+            "teacher_weights": {k: v.detach().cpu() for k, v in teacher.state_dict().items()} if trained else None}
+
+
+def restored_teacher(state: dict[str, Any], current: nn.Module | None, mark: torch.Tensor | None
+                     ) -> nn.Module | None:
+    """The teacher a resumed fit continues with (`state` from `copied_teacher_state`): a model built from the
+    checkpoint's weights for a copy taken during training; None when the copy taken at fit start was rebuilt
+    already (`current`, whose fingerprint `mark` must be the checkpoint's)."""
+    saved = state["teacher_fingerprint"]
+    if state.get("teacher_weights") is not None:
+        weights = state["teacher_weights"]
+        model = model_from_config(state["teacher_config"], next(iter(weights.values())).dtype)
+        model.load_state_dict(weights)
+        return model
+    if current is None:
+        raise MisconfigurationException(
+            "Distillation: cannot rebuild the teacher: the checkpoint's teacher was copied before a fit-start "
+            "drop, but no drop was made or re-applied in this fit's setup; list the same LayerDrop callbacks")
+    if mark is None or mark.shape != saved.shape or not torch.allclose(mark, saved, rtol=1e-5, atol=1e-6):
+        raise MisconfigurationException(
+            "Distillation: the teacher rebuilt from the module's source model differs from the one this "
+            "checkpoint's fit copied (a random init without a fixed seed, or a module trained before the "
+            "fit?): resume with the same model and seed_everything")
+    return None

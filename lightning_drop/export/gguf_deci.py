@@ -31,7 +31,8 @@ import numpy as np
 import torch
 from torch import nn
 
-from ..io.atomic_io import atomic_file, check_output
+from ..io.atomic_io import atomic_file
+from ..io.output_targets import check_output
 from ..errors import UserError, param
 from .nemotron import model_and_tokenizer, block_plan, check_llama_family
 

@@ -139,7 +139,8 @@ def export_nemotron_nas(src: Any, out_dir: str | os.PathLike, dtype: str = "bf16
     """
     from safetensors.torch import save_file
 
-    from ..io.atomic_io import atomic_dir, check_output
+    from ..io.atomic_io import atomic_dir
+    from ..io.output_targets import check_output
 
     if dtype not in _DTYPES:
         raise UserError(f"dtype must be one of {', '.join(_DTYPES)}, got '{dtype}'")

@@ -27,7 +27,8 @@ import torch
 from torch import nn
 
 from ..core.architectures import DROPPED_PREFIX, ArchSpec, get_spec
-from .atomic_io import atomic_dir, atomic_write_text, check_output
+from .atomic_io import atomic_dir, atomic_write_text
+from .output_targets import check_output
 from ..errors import UserError, param
 from ..core.modeling_dropped import dropped_layers
 

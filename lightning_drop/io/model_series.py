@@ -19,7 +19,8 @@ from torch import nn
 
 from ..errors import UserError
 from .dropped_checkpoint import read_config
-from .model_loading import catalogue_name, load_model, load_tokenizer, resolve, tiny_config, tiny_family
+from .model_loading import catalogue_name, load_model, load_tokenizer, resolve, tiny_family
+from .tiny_models import tiny_config
 from .training_checkpoint import ARCHITECTURE_FIELDS, CKPT_KEY, checkpoint_meta, load_plain_checkpoint, \
     model_from_config
 

@@ -29,7 +29,8 @@ import numpy as np
 import torch
 from torch import nn
 
-from .atomic_io import atomic_dir, check_output, write_json
+from .atomic_io import atomic_dir, write_json
+from .output_targets import check_output
 from ..errors import UserError
 
 FORMAT = 1

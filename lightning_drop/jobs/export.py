@@ -5,7 +5,7 @@ from __future__ import annotations
 from pathlib import Path
 from typing import Any, Literal
 
-from ..io.atomic_io import check_output
+from ..io.output_targets import check_output
 from ..errors import UserError
 
 ExportFormat = Literal["nemotron-nas", "gguf"]

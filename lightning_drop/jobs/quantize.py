@@ -13,7 +13,8 @@ from collections.abc import Mapping, Sequence
 from pathlib import Path
 from typing import Any, Literal
 
-from ..io.atomic_io import atomic_write_text, check_output
+from ..io.atomic_io import atomic_write_text
+from ..io.output_targets import check_output
 from ..errors import UserError
 
 Method = Literal["awq", "gptq"]

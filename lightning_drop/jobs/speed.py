@@ -7,7 +7,8 @@ import json
 import math
 from typing import Any, Literal
 
-from ..io.atomic_io import check_output, read_json, write_json
+from ..io.atomic_io import read_json, write_json
+from ..io.output_targets import check_output
 from ..errors import UserError
 from ..core.options import Clock, Interleave
 

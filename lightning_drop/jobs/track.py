@@ -15,7 +15,7 @@ from pathlib import Path
 from typing import Any, Literal, Sequence
 
 from ..errors import UserError
-from ..io.atomic_io import check_output
+from ..io.output_targets import check_output
 
 TrackDtype = Literal["float32", "bfloat16", "float16"]
 

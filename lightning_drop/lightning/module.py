@@ -280,7 +280,7 @@ class DropModule(pl.LightningModule):
     def check_save_dir(self, log_dir: str) -> str:
         """`save_dir` with `{log_dir}` resolved, refused before step 0 as every writer refuses its target (not empty
         without `overwrite`, an input, not writable); `lightning-drop fit` asks before the trainer writes."""
-        from ..io.atomic_io import check_output
+        from ..io.output_targets import check_output
 
         save_dir, problem, trainer = str(self.hparams.save_dir).replace(LOG_DIR, log_dir), None, self._trainer
         try:

@@ -40,7 +40,8 @@ def build_model(model: str | None, init_config: dict[str, Any] | None, dtype: st
     with `init_config={"model_type": "llama", ...}` builds that family at random init with the byte-level
     tokenizer's special ids and the tiny defaults for anything not given.
     """
-    from ..io.model_loading import TINY_PREFIX, load_model, load_tokenizer, tiny_config, tiny_family
+    from ..io.model_loading import TINY_PREFIX, load_model, load_tokenizer, tiny_family
+    from ..io.tiny_models import tiny_config
 
     torch_dtype = getattr(torch, dtype, None)
     if not isinstance(torch_dtype, torch.dtype):
@@ -179,7 +180,8 @@ def build_task(model: str | None, init_config: dict[str, Any] | None, family: st
         if num_labels is not None:
             raise UserError("num_labels is for image classification (a vision family or checkpoint)")
         if family is not None:
-            from ..io.model_loading import TINY_FAMILIES, TINY_PREFIX
+            from ..io.model_loading import TINY_PREFIX
+            from ..io.tiny_models import TINY_FAMILIES
 
             if family not in TINY_FAMILIES:
                 raise UserError(f"unknown family '{family}'; choose from {', '.join(VISION_FAMILIES)} or a "

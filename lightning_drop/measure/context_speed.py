@@ -70,7 +70,8 @@ def positions_before_loading(ref: str) -> int | None:
     from pathlib import Path
 
     from ..io.dropped_checkpoint import read_config
-    from ..io.model_loading import resolve, tiny_config, tiny_family
+    from ..io.model_loading import resolve, tiny_family
+    from ..io.tiny_models import tiny_config
 
     if tiny_family(ref) is not None:
         return max_positions(tiny_config(tiny_family(ref)))

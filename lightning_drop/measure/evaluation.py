@@ -243,7 +243,7 @@ def run_lm_eval(model: torch.nn.Module, tokenizer: Any, tasks: Sequence[str] | s
     before the model loaded) replaces `tasks`, `num_fewshot`, `limit` and `include_path`.
     """
     from lm_eval import simple_evaluate
-    from .mc_scoring import SharedContextLM
+    from .mc_scoring import SharedContextLM, quiet_git_probe
     from jinja2.exceptions import UndefinedError
 
     if batch_size < 1:
@@ -268,9 +268,10 @@ def run_lm_eval(model: torch.nn.Module, tokenizer: Any, tasks: Sequence[str] | s
             # a tag (a name for several tasks) is neither a task nor a group: lm-eval expands its name again
             top = [built["groups"][n] if n in built["groups"] else built["tasks"].get(n, n) for n in names]
             try:
-                out = simple_evaluate(model=lm, tasks=top, num_fewshot=k, limit=limit, task_manager=tm,
-                                      log_samples=False, random_seed=seed, numpy_random_seed=seed,
-                                      torch_random_seed=seed, fewshot_random_seed=seed, bootstrap_iters=1000)
+                with quiet_git_probe():
+                    out = simple_evaluate(model=lm, tasks=top, num_fewshot=k, limit=limit, task_manager=tm,
+                                          log_samples=False, random_seed=seed, numpy_random_seed=seed,
+                                          torch_random_seed=seed, fewshot_random_seed=seed, bootstrap_iters=1000)
             except UndefinedError as err:  # a task template names a field some record of the data lacks
                 raise _undefined(names, err) from None
             for name, metrics in out["results"].items():

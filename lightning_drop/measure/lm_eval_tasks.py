@@ -25,7 +25,7 @@ import yaml
 
 from ..io.atomic_io import atomic_write_text
 from ..errors import UserError, input_file, param
-from ..io.model_loading import cache_dir
+from ..io.cache import cache_dir
 
 TASKS_DIR = Path(__file__).parent.parent / "tasks"
 

@@ -13,14 +13,23 @@ What keeps the plain `HFLM` path, said once per process in the log:
   choice), contexts of a single token, and pairs that `HFLM` would truncate;
 - a model whose cache cannot be reused: no decoder at `model.model`, no output embeddings, a seq2seq model,
   or a first shared group that scores differently from the plain path (checked once per model).
+
+`quiet_git_probe` keeps lm-eval's evaluator, which every evaluation here runs this scorer under, from printing
+git's complaint where the working directory is not a repository.
+
+A model with LoRA adapters attached (a peft wrapper, as during or after a recovery fit that does not merge)
+is scored through its base model, whose layers carry the adapters: the same numbers as the merged model.
 """
 
 from __future__ import annotations
 
+import contextlib
 import copy
 import logging
+import os
+import subprocess
 import weakref
-from collections.abc import Sequence
+from collections.abc import Iterator, Sequence
 from typing import Any
 
 import torch
@@ -71,11 +80,11 @@ class SharedContextLM(HFLM):
             if len(ctx) > 1 and fits:
                 groups.setdefault(tuple(ctx), []).append(i)
         shared = {c: idx for c, idx in groups.items() if len(idx) > 1}
-        if shared and not self._reuse_ok(requests, next(iter(shared.items()))):
-            shared = {}
         if not shared:
             if self.backend == "causal":
                 _say_once("loglikelihood requests share no context: scored on lm-eval's plain path")
+            return self._plain(requests, disable_tqdm, override_bs)
+        if not self._reuse_ok(requests, next(iter(shared.items()))):  # said once by the check
             return self._plain(requests, disable_tqdm, override_bs)
         out: list[tuple[float, bool] | None] = [None] * len(requests)
         on_shared = {i for idx in shared.values() for i in idx}
@@ -98,7 +107,7 @@ class SharedContextLM(HFLM):
     def _reuse_ok(self, requests: list[Request], group: tuple[tuple[int, ...], list[int]]) -> bool:
         """Whether this model's KV cache can be reused: its first shared `group` scores as on the plain path
         (checked once per model object; see the module)."""
-        model = self.model
+        model = causal_lm(self.model)
         if self.backend != "causal" or not isinstance(getattr(model, "model", None), torch.nn.Module) \
                 or model.get_output_embeddings() is None:
             _say_once(f"{type(model).__name__}: no decoder whose cache can be reused; multiple-choice requests "
@@ -139,7 +148,7 @@ class SharedContextLM(HFLM):
         """One batch: the contexts (but their last token) once, then every continuation on the cache."""
         from transformers import DynamicCache
 
-        model, dev = self.model, self.device
+        model, dev = causal_lm(self.model), self.device
         pad = 0
         prefix_lens = [len(ctx) - 1 for ctx, _ in groups]
         width = max(prefix_lens)
@@ -170,7 +179,7 @@ class SharedContextLM(HFLM):
                   rows: list[tuple[int, int]], prefix: Any, prefix_mask: torch.Tensor, prefix_lens: list[int]
                   ) -> dict[int, tuple[float, bool]]:
         """Rows (group, request index) run on their contexts' cache; the LM head only where a token is read."""
-        model, dev = self.model, self.device
+        model, dev = causal_lm(self.model), self.device
         conts = [requests[i][2] for _, i in rows]
         lens = [len(c) for c in conts]
         span = max(lens)
@@ -196,6 +205,46 @@ class SharedContextLM(HFLM):
         for (_, i), lp, hit in zip(rows, token_lp.split(lens), greedy.split(lens)):
             out[i] = (float(lp.sum()), bool(hit.all()))
         return out
+
+
+@contextlib.contextmanager
+def quiet_git_probe() -> Iterator[None]:
+    """lm-eval's evaluator records the git commit of the working directory by running `git describe` with the
+    terminal as its stderr, so outside a repository every evaluation prints "fatal: not a git repository".
+    lm-eval has no switch for it; inside this context its probe asks git with git's stderr captured (kept in
+    the debug log): the commit is recorded as before, None outside a repository, and every other message of
+    the evaluation still reaches the terminal."""
+    import lm_eval.evaluator as evaluator
+
+    real = evaluator.get_git_commit_hash
+    evaluator.get_git_commit_hash = _git_commit_hash
+    try:
+        yield
+    finally:
+        evaluator.get_git_commit_hash = real
+
+
+def _git_commit_hash() -> str | None:
+    """lm-eval's `get_git_commit_hash`, with git's complaint captured instead of printed."""
+    from lm_eval.loggers.utils import get_commit_from_path
+
+    try:
+        done = subprocess.run(["git", "describe", "--always"], capture_output=True, text=True, check=False)
+    except OSError as err:  # no git on this machine
+        log.debug("git describe: %s", err)
+    else:
+        if done.returncode == 0 and done.stdout.strip():
+            return done.stdout.strip()
+        log.debug("git describe: %s", done.stderr.strip())
+    return get_commit_from_path(os.getcwd())
+
+
+def causal_lm(model: torch.nn.Module) -> Any:
+    """The transformers causal LM that does the computing: under a peft wrapper its base model, whose layers
+    carry the (unmerged) adapters, so a context run through its decoder sees them. The wrapper's own `.model`
+    is the whole causal LM, not its decoder, which would make every request take the plain path."""
+    get_base_model = getattr(model, "get_base_model", None)
+    return get_base_model() if callable(get_base_model) else model
 
 
 def _rows_of(cache: Any, which: torch.Tensor) -> Any:

@@ -350,7 +350,7 @@ class PointEvaluator:
         from ...measure.evaluation import clean_metrics, primary_metric, primary_score, primary_stderr
         from ...measure.significance import correctness
         from ...measure.lm_eval_tasks import local_task_dir
-        from ...measure.mc_scoring import SharedContextLM
+        from ...measure.mc_scoring import SharedContextLM, quiet_git_probe
 
         if self._task_manager is None:
             local = {m.task: self.mc_data(m) for m in self.mc_specs if m.data is not None and self.mc_data(m)}
@@ -358,12 +358,16 @@ class PointEvaluator:
             dirs += sorted({str(self.mc_data(m)) for m in self.mc_specs if m.data is None and self.mc_data(m)})
             self._task_manager = TaskManager(include_path=dirs, include_defaults=False)
         device = next(model.parameters()).device
+        model.eval()  # a recovered model comes straight from training: no dropout in what is measured
         lm = SharedContextLM(pretrained=model, tokenizer=self.inputs.tokenizer, batch_size=mc.batch_size,
                              device="cpu" if device.type == "cpu" else str(device))
-        with self.inputs.timed("mc", f"{mc.task} ({mc.limit or 'all'} examples)"):
+        with self.inputs.timed("mc", f"{mc.task} ({mc.limit or 'all'} examples)"), quiet_git_probe():
             out = simple_evaluate(model=lm, tasks=[mc.task], limit=mc.limit, task_manager=self._task_manager,
                                   log_samples=True, bootstrap_iters=1000, verbosity="ERROR", random_seed=1234,
                                   numpy_random_seed=1234, torch_random_seed=1234, fewshot_random_seed=1234)
+        if lm.plain_requests:  # each context computed for every request: the slow path, worth a line in the log
+            self.inputs.log(f"{mc.task}: {lm.plain_requests} of {lm.plain_requests + lm.shared_requests} requests "
+                            "scored on lm-eval's plain path")
         m = clean_metrics(out["results"][mc.task])
         n = out.get("n-samples", {}).get(mc.task, {})
         metric = primary_metric(m)

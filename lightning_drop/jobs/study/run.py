@@ -31,7 +31,7 @@ class Study:
 
     def __init__(self, config: StudyConfig, output: str | os.PathLike | None = None, verbose: bool = True,
                  overwrite: bool = False) -> None:
-        from ...io.atomic_io import check_output
+        from ...io.output_targets import check_output
 
         self.cfg = config
         self.out = Path(output or config.output)
