@@ -59,11 +59,18 @@ class CalibrationSource:
         """This rank's share of the calibration batches (all of them on one process).
 
         Scores are token-weighted sums that add up across ranks when they sync, so N ranks scoring a share
-        each give the scores of one process scoring every batch, N times sooner. A rank may get none.
+        each give the scores of one process scoring every batch, N times sooner. A rank may get none, except
+        on a sharded model, whose every forward is a collective: when the batches do not split evenly there,
+        every rank scores all of them (the synced sums grow N-fold, their ratios stay the same).
         """
+        from lightning_drop.lightning.distributed import is_sharded
+
         if self._batches is None:
             self._batches = split_batch(self._load(trainer, pl_module), self.batch_size)
-        return self._batches[getattr(trainer, "global_rank", 0)::getattr(trainer, "world_size", 1)]
+        world = getattr(trainer, "world_size", 1)
+        if len(self._batches) % world and is_sharded(pl_module):
+            return list(self._batches)
+        return self._batches[getattr(trainer, "global_rank", 0)::world]
 
     def _load(self, trainer: pl.Trainer, pl_module: pl.LightningModule) -> dict[str, torch.Tensor]:
         if self.source is None:

@@ -300,7 +300,7 @@ class Distillation(FitEndMember):
             return
         from lightning_drop.lightning.distributed import refuse_if_sharded
 
-        refuse_if_sharded(trainer, "Distillation keeps a whole unsharded teacher on every rank and",
+        refuse_if_sharded(trainer, "Distillation (its teacher would be whole on every rank)",
                           "use DDP (each rank holds its own teacher; teacher_dtype: bfloat16 halves it)")
         record = FitEnd.of(trainer).join(self, "adapters", finish=lambda tr, module: self.finish(module))
         if not hasattr(pl_module, "set_training_objective"):

@@ -17,8 +17,9 @@ fail half-way. On resume (`trainer.ckpt_path` set before `fit`, as `lightning-dr
 reads its state from the checkpoint and re-applies the recorded drops instead of scoring again; with
 `trainer.fit(ckpt_path=...)` Lightning reveals the path only after setup, so a fit-start drop is re-scored
 and `DropModule.on_load_checkpoint` then restores the checkpoint's architecture (correct, but wasted work).
-Under FSDP only fit-start drops without training between rounds are allowed (see
-`lightning_drop.lightning.distributed`).
+Under FSDP2 a fit-start drop happens before `DropModule.configure_model` shards the model; a later drop
+scores the sharded model (every rank runs the same calibration batches) and swaps sublayers inside the
+sharded layers; the optimizers are rebuilt with the surviving parameters, as under DDP.
 """
 
 from __future__ import annotations
@@ -29,7 +30,6 @@ import lightning.pytorch as pl
 from lightning.pytorch.utilities import rank_zero_info, rank_zero_warn
 from lightning.pytorch.utilities.exceptions import MisconfigurationException
 
-from lightning_drop.lightning.distributed import refuse_if_sharded
 from lightning_drop.io.training_checkpoint import checkpoint_meta, resume_path
 
 from ._common import CalibrationSource, hf_of, log_to_loggers, rebuild_optimizers, scoring_device
@@ -258,12 +258,6 @@ class LayerDrop(FitEndMember):
                 rank_zero_warn(f"LayerDrop: the last of {rounds} rounds would be at step {last}, after max_steps="
                                f"{max_steps}: this fit drops fewer than {self.total} modules")
 
-    def _check_strategy(self, trainer: pl.Trainer) -> None:
-        if self.when != "fit_start" or self.every_n_steps:
-            refuse_if_sharded(trainer, f"LayerDrop(when={self.when!r}, every_n_steps={self.every_n_steps}) drops "
-                                       "during or after training and",
-                              "drop at fit start (when: fit_start, every_n_steps: 0) or use DDP")
-
     def _resume(self, trainer: pl.Trainer, pl_module: pl.LightningModule, path: str) -> None:
         """Take this callback's state from the checkpoint and re-apply its recorded drops (no scoring)."""
         from lightning_drop.core.modeling_dropped import apply_drop
@@ -302,7 +296,6 @@ class LayerDrop(FitEndMember):
             return
         # role `drop` (see `fit_end`): a fit-end drop is a finishing step that measurements run first
         FitEnd.of(trainer).join(self, "drop", finish=self.drop_at_fit_end if self.when == "fit_end" else None)
-        self._check_strategy(trainer)
         self.total = self._resolve_total(pl_module)
         self._check_model(pl_module)
         self._check_schedule(trainer)

@@ -17,7 +17,7 @@ import lightning.pytorch as pl
 from lightning.pytorch.utilities import rank_zero_info
 from lightning.pytorch.utilities.exceptions import MisconfigurationException
 
-from lightning_drop.lightning.distributed import refuse_if_sharded
+from lightning_drop.lightning.distributed import is_sharded
 
 from ._common import rebuild_optimizers
 from .fit_end import FitEnd, FitEndMember
@@ -68,10 +68,6 @@ class LoRARecovery(FitEndMember):
     def setup(self, trainer: pl.Trainer, pl_module: pl.LightningModule, stage: str) -> None:
         if stage != "fit":
             return
-        if self.merge:
-            refuse_if_sharded(trainer, "LoRARecovery(merge=True) merges the adapters into the weights at fit end and",
-                              "set merge: false and merge offline (DropModule.load_from_checkpoint(path)"
-                              ".save_pretrained(dir) merges), or use DDP")
         # role `adapters`: the merge is a finishing step; drops listed later are checked when they join
         record = FitEnd.of(trainer).join(self, "adapters", finish=lambda tr, module: self.merge_now(module))
         late = [d for d in record.drops() if getattr(d, "when", None) == "fit_end"]
@@ -91,7 +87,10 @@ class LoRARecovery(FitEndMember):
             rebuild_optimizers(trainer, pl_module)
 
     def merge_now(self, pl_module: pl.LightningModule) -> None:
-        """Merge the adapters into the weights now when `merge=True` (idempotent)."""
+        """Merge the adapters into the weights now when `merge=True` (idempotent). A sharded model keeps them:
+        what needs the merged model at fit end gathers it, and the gathered weights are merged."""
+        if self.merge and is_sharded(pl_module):
+            return
         if self.merge and self.trainable.merge(pl_module):
             self.merged = True
             rank_zero_info("LoRARecovery: adapters merged into the weights")

@@ -1,47 +1,118 @@
-"""Distributed training of DropModule: FSDP wrapping per decoder layer, and what sharding rules out.
+"""Sharded training of DropModule: FSDP2 (`fully_shard`) per decoder layer under Lightning's ModelParallelStrategy.
 
-The decoder layer class is read from the model through its ArchSpec (`spec.get_layers(model)`), so every
-supported family (and its dropped variant, whose layers keep the family's class) gets the right policy
-without naming transformers classes in a config. With LightningCLI:
+`DropModule.configure_model` calls `shard_model` when the trainer's strategy is a `ModelParallelStrategy`:
+every decoder layer (found through the model's ArchSpec, so every family and its dropped variant) and then
+the root are sharded with `torch.distributed.fsdp.fully_shard` over the mesh's `data_parallel` dimension,
+in bf16 mixed precision on GPU. `FSDP2Strategy` (`--trainer.strategy fsdp2`) is that strategy with a pure
+data-parallel mesh (every process holds one shard); it runs on CPU (gloo) as on GPU (NCCL), on one node or
+many (`trainer.num_nodes`):
 
-    lightning-drop fit --config configs/drop_and_recover.yaml \\
-        --trainer.accelerator gpu --trainer.devices 8 \\
-        --trainer.strategy fsdp_decoder_layers      # or lightning_drop.lightning.distributed.DecoderLayerFSDPStrategy
+    lightning-drop fit --config configs/sharded/recover_fsdp2.yaml --trainer.devices 8 --trainer.num_nodes 2
 
-What works under a parameter-sharding strategy (FSDP, ModelParallel, DeepSpeed ZeRO-3), and what is refused
-with a `MisconfigurationException` at setup (the callbacks and DropModule call `refuse_if_sharded`):
-- works: a fit-start `LayerDrop` (one-shot, or iterative with `every_n_steps: 0`), done in `Callback.setup`
-  before sharding and scored on `trainer.strategy.root_device`, so the score sync is a GPU collective;
-  `LoRARecovery(merge=False)` attached at setup; resuming (`DropModule.configure_model` rebuilds the saved drop
-  plan and LoRA from `trainer.ckpt_path` before sharding, because these strategies restore after setup).
-- refused (they need the full parameters after sharding): drops during or at the end of training,
-  `ImportanceTracker`, LoRA merging, the fit-end measurement callbacks and `DropModule(save_dir=...)`;
-  `Distillation` too (its teacher would be a whole unsharded model on every rank). Use DDP for those, or checkpoint (`FSDPStrategy(state_dict_type="full")` writes one file) and convert
-  with `DropModule.load_from_checkpoint(path).save_pretrained(dir)`, then measure the saved model with
-  `lightning-drop eval|perplexity|speed|quantize`.
-Lightning's FSDP strategy needs CUDA (`accelerator="cpu"` is refused), so none of this has been run here:
-the refusals and the resume logic are tested on CPU with constructed strategy objects; the sharded
-training itself is untested without a GPU. On CPU use `--trainer.strategy ddp` (gloo).
+Everything DDP does works sharded with the same decisions (fit-start drops happen in `Callback.setup`,
+before sharding; later drops and scoring run on the sharded layers, whose hooks see full parameters). What
+needs the whole model after training (the fit-end measurements, `DropModule(save_dir=...)`) gets it through
+`gather_to_directory`: parameters are gathered one at a time (a collective on every rank) and rank zero
+writes them, LoRA merged, one decoder layer per safetensors file; the saved checkpoint is then written from
+there by the streamed writer, so rank zero never holds the whole model for saving.
+
+Refused at setup, one line on every rank: FSDP1 (`FSDPStrategy`, CUDA only) and DeepSpeed ZeRO-3 (use
+`fsdp2`), and a tensor-parallel dimension (`tensor_parallel_size > 1`: use `tensor_parallel_size: 1`).
 """
 
 from __future__ import annotations
 
+import copy
+import json
+import os
+import re
+from collections.abc import Iterator
+from pathlib import Path
 from typing import Any
 
 import torch
-from lightning.pytorch.strategies import FSDPStrategy, StrategyRegistry
-from lightning.pytorch.utilities.exceptions import MisconfigurationException
+from lightning.pytorch.strategies import ModelParallelStrategy, StrategyRegistry
 from torch import nn
 
 from ..core.architectures import get_spec
 from ..errors import UserError
-# Lightning checkpoints are read by their own module; these names stay importable from here
-from ..io.training_checkpoint import CKPT_KEY, checkpoint_meta, load_plain_checkpoint, resume_path, verify_checkpoint
 
-STRATEGY_NAME = "fsdp_decoder_layers"
+STRATEGY_NAME = "fsdp2"
 
 
-def _find_decoder(model: nn.Module) -> nn.Module:
+class FSDP2Strategy(ModelParallelStrategy):
+    """`ModelParallelStrategy` with a data-parallel mesh by default: all processes of all nodes shard the model.
+
+    Lightning's own default (`auto`) puts every process of a node into the tensor-parallel dimension, which
+    `DropModule` does not shard along; here `data_parallel_size="auto"` means world size / tensor size.
+    Writable in YAML as `trainer.strategy: fsdp2` or with its class path and any init arg of the parent.
+    """
+
+    strategy_name = STRATEGY_NAME
+
+    def __init__(self, data_parallel_size: int | str = "auto", tensor_parallel_size: int = 1, **kwargs: Any) -> None:
+        super().__init__(data_parallel_size=data_parallel_size, tensor_parallel_size=tensor_parallel_size, **kwargs)
+
+    def setup_environment(self) -> None:
+        if self._data_parallel_size == "auto" and isinstance(self._tensor_parallel_size, int):
+            self._data_parallel_size = max(1, self.num_nodes * self.num_processes // self._tensor_parallel_size)
+        super().setup_environment()
+
+
+if torch.distributed.is_available() and STRATEGY_NAME not in StrategyRegistry:
+    # `--trainer.strategy fsdp2` (the registry resolves strategy names at Trainer init)
+    StrategyRegistry.register(STRATEGY_NAME, FSDP2Strategy,
+                              description="FSDP2 with one unit per decoder layer of the model (lightning_drop)")
+
+
+# ------------------------------------------------------------------------------------------ strategies
+def sharded_strategy(strategy: Any) -> str | None:
+    """The class name of `strategy` when it shards parameters across processes (FSDP, ModelParallel,
+    DeepSpeed ZeRO-3), else None."""
+    from lightning.pytorch.strategies import DeepSpeedStrategy, FSDPStrategy
+
+    if isinstance(strategy, (FSDPStrategy, ModelParallelStrategy)):
+        return type(strategy).__name__
+    if isinstance(strategy, DeepSpeedStrategy) and getattr(strategy, "zero_stage_3", False):
+        return f"{type(strategy).__name__} (ZeRO stage 3)"
+    return None
+
+
+def is_fsdp2(strategy: Any) -> bool:
+    """Whether `strategy` shards through `DropModule.configure_model` (Lightning's ModelParallelStrategy)."""
+    return isinstance(strategy, ModelParallelStrategy)
+
+
+def check_strategy(strategy: Any) -> None:
+    """Refuse, on every rank before any model work, a sharding this project cannot train with (one line)."""
+    name = sharded_strategy(strategy)
+    if name is None:
+        return
+    if not is_fsdp2(strategy):
+        raise UserError(f"{name} is not supported: shard with FSDP2 (`--trainer.strategy fsdp2`, Lightning's "
+                        "ModelParallelStrategy), or use `ddp`")
+    tp = getattr(strategy, "_tensor_parallel_size", 1)
+    if tp not in (1, "auto") or (tp == "auto" and getattr(strategy, "_data_parallel_size", None) != "auto"
+                                 and strategy.device_mesh["tensor_parallel"].size() > 1):
+        raise UserError(f"{name}: tensor_parallel_size={tp}, but DropModule shards only along data parallelism "
+                        "(drops replace whole sublayers): set tensor_parallel_size: 1 (`--trainer.strategy fsdp2`)")
+    mesh = getattr(strategy, "_device_mesh", None)
+    if mesh is not None and mesh["tensor_parallel"].size() > 1:
+        raise UserError(f"{name} puts {mesh['tensor_parallel'].size()} processes into tensor parallelism, which "
+                        "DropModule does not shard along: set data_parallel_size to the world size and "
+                        "tensor_parallel_size: 1 (`--trainer.strategy fsdp2` does)")
+
+
+def refuse_if_sharded(trainer: Any, what: str, instead: str) -> None:
+    """Raise (one line, at setup, on every rank) if the trainer shards parameters: `what` cannot run sharded."""
+    from lightning.pytorch.utilities.exceptions import MisconfigurationException
+
+    name = sharded_strategy(getattr(trainer, "strategy", None))
+    if name is not None:
+        raise MisconfigurationException(f"{what} cannot run under {name}: {instead}")
+
+
+def find_decoder(model: nn.Module) -> nn.Module:
     """The Hugging Face model inside `model` (itself, a peft wrapper, or a LightningModule holding it)."""
     for module in model.modules():
         config = getattr(module, "config", None)
@@ -53,67 +124,125 @@ def _find_decoder(model: nn.Module) -> nn.Module:
         except (ValueError, AttributeError):
             continue
         return module
-    raise UserError(f"{type(model).__name__} holds no model of a supported family: no decoder layers to wrap")
+    raise UserError(f"{type(model).__name__} holds no model of a supported family: no decoder layers to shard")
 
 
-def decoder_layer_classes(model: nn.Module) -> set[type[nn.Module]]:
-    """The decoder layer class(es) of the (wrapped) model: the units FSDP should shard."""
-    hf = _find_decoder(model)
-    return {type(layer) for layer in get_spec(hf).get_layers(hf)}
+def is_sharded(model: nn.Module) -> bool:
+    """Whether `model` (or a module inside it) has been sharded with `fully_shard`."""
+    from torch.distributed.fsdp import FSDPModule
+
+    return any(isinstance(m, FSDPModule) for m in model.modules())
 
 
-def fsdp_auto_wrap_policy(model: nn.Module) -> Any:
-    """`ModuleWrapPolicy` over the decoder layer class(es) of `model` (pass as FSDP's `auto_wrap_policy`)."""
-    from torch.distributed.fsdp.wrap import ModuleWrapPolicy
+def shard_model(model: nn.Module, mesh: Any, device: torch.device) -> None:
+    """`fully_shard` every decoder layer of `model`, then `model` itself (a no-op when already sharded).
 
-    return ModuleWrapPolicy(decoder_layer_classes(model))
-
-
-class DecoderLayerFSDPStrategy(FSDPStrategy):
-    """Lightning's `FSDPStrategy` whose auto-wrap policy is the model's decoder layers, found at setup.
-
-    Writable in YAML as `trainer.strategy: lightning_drop.lightning.distributed.DecoderLayerFSDPStrategy` with any
-    `FSDPStrategy` init arg (sharding_strategy, mixed_precision, cpu_offload, state_dict_type, ...).
-    An explicit `auto_wrap_policy` wins. Layers are wrapped after `Callback.setup`, so drops applied at
-    setup/fit start (LayerDrop `when: fit_start`) are already in place when the model is sharded.
+    bf16 compute with fp32 gradient reduction on GPU; full precision on CPU, where bf16 matmuls are slow.
     """
+    from torch.distributed.fsdp import MixedPrecisionPolicy, fully_shard
 
-    strategy_name = STRATEGY_NAME
-
-    def _setup_model(self, model: nn.Module) -> nn.Module:
-        if "auto_wrap_policy" not in self.kwargs:
-            self.kwargs["auto_wrap_policy"] = fsdp_auto_wrap_policy(model)
-        return super()._setup_model(model)
-
-
-def fsdp_strategy(model: nn.Module | None = None, **kwargs: Any) -> FSDPStrategy:
-    """A `DecoderLayerFSDPStrategy` (policy fixed now when `model` is given); kwargs go to `FSDPStrategy`."""
-    if model is not None:
-        kwargs.setdefault("auto_wrap_policy", decoder_layer_classes(model))
-    return DecoderLayerFSDPStrategy(**kwargs)
+    if is_sharded(model):
+        return
+    kwargs: dict[str, Any] = {"mesh": mesh}
+    if device.type == "cuda":
+        kwargs["mp_policy"] = MixedPrecisionPolicy(param_dtype=torch.bfloat16, reduce_dtype=torch.float32)
+    hf = find_decoder(model)
+    for layer in get_spec(hf).get_layers(hf):
+        fully_shard(layer, **kwargs)
+    fully_shard(model, **kwargs)
 
 
-if torch.distributed.is_available() and STRATEGY_NAME not in StrategyRegistry:
-    # `--trainer.strategy fsdp_decoder_layers` (the registry resolves strategy names at Trainer init)
-    StrategyRegistry.register(STRATEGY_NAME, DecoderLayerFSDPStrategy,
-                              description="FSDP with one unit per decoder layer of the model (lightning_drop)")
+# ---------------------------------------------------------------------------------------- gathering
+def full_tensors(model: nn.Module, keep: bool) -> Iterator[tuple[str, torch.Tensor | None]]:
+    """(name, full CPU tensor) for every parameter and persistent buffer of `model`, in state-dict order.
+
+    Sharded parameters are gathered one at a time: a collective, so every rank must iterate to the end;
+    only where `keep` is true is the tensor kept (None is yielded elsewhere).
+    """
+    from torch.distributed.tensor import DTensor
+
+    for name, tensor in model.state_dict(keep_vars=True).items():
+        if isinstance(tensor, DTensor):
+            tensor = tensor.full_tensor()
+        yield name, (tensor.detach().cpu() if keep else None)
 
 
-# ---------------------------------------------------------------------------------- sharding refusals
-def sharded_strategy(strategy: Any) -> str | None:
-    """The class name of `strategy` when it shards parameters across processes (FSDP, ModelParallel,
-    DeepSpeed ZeRO-3), else None."""
-    from lightning.pytorch.strategies import DeepSpeedStrategy, ModelParallelStrategy
-
-    if isinstance(strategy, (FSDPStrategy, ModelParallelStrategy)):
-        return type(strategy).__name__
-    if isinstance(strategy, DeepSpeedStrategy) and getattr(strategy, "zero_stage_3", False):
-        return f"{type(strategy).__name__} (ZeRO stage 3)"
-    return None
+_PEFT_PREFIX = "base_model.model."
+_LORA_RE = re.compile(r"\.lora_(A|B)\.[^.]+\.weight$")
 
 
-def refuse_if_sharded(trainer: Any, what: str, instead: str) -> None:
-    """Raise if the trainer shards parameters: `what` (needs the full model after sharding) cannot run."""
-    name = sharded_strategy(getattr(trainer, "strategy", None))
-    if name is not None:
-        raise MisconfigurationException(f"{what} needs the full parameters after {name} has sharded them: {instead}")
+def _merged_lora(tensors: dict[str, torch.Tensor], lora: dict[str, Any] | None) -> dict[str, torch.Tensor]:
+    """Plain transformers names and weights of one group of peft tensors, adapters folded in (W + s * B @ A)."""
+    out, adapters = {}, {}
+    for name, t in tensors.items():
+        name = name[len(_PEFT_PREFIX):] if name.startswith(_PEFT_PREFIX) else name
+        m = _LORA_RE.search(name)
+        if m:
+            adapters.setdefault(name[:m.start()], {})[m.group(1)] = t
+        else:
+            out[name.replace(".base_layer.", ".")] = t
+    for module, ab in adapters.items():
+        assert lora is not None, f"LoRA tensors of {module} without a LoRA record"
+        weight = out[f"{module}.weight"]
+        delta = (ab["B"].float() @ ab["A"].float()) * (lora["alpha"] / lora["r"])
+        out[f"{module}.weight"] = (weight.float() + delta).to(weight.dtype)
+    return out
+
+
+def gather_to_directory(model: nn.Module, directory: str | os.PathLike | None, config: Any,
+                        lora: dict[str, Any] | None, group_prefix: str) -> None:
+    """Write the full weights of a sharded `model` as a plain Hugging Face directory (rank zero's `directory`;
+    None on the other ranks, which take part in the gathers only).
+
+    One safetensors file per decoder layer (names starting `group_prefix.<i>.`) and one for the rest, LoRA
+    merged: rank zero holds one layer at a time. `config` (the model's transformers config) is saved with it.
+    """
+    from safetensors.torch import save_file
+
+    keep = directory is not None
+    layer_re = re.compile(rf"(?:^|\.){re.escape(group_prefix)}\.(\d+)\.")  # also under a peft prefix
+    groups: dict[str, dict[str, torch.Tensor]] = {}
+    current: str | None = None
+    weight_map: dict[str, str] = {}
+
+    def flush(group: str) -> None:
+        tensors = _merged_lora(groups.pop(group), lora)
+        file = f"part-{group}.safetensors"
+        save_file({k: v.contiguous() for k, v in tensors.items()}, str(Path(directory) / file))  # type: ignore[arg-type]
+        weight_map.update({k: file for k in tensors})
+
+    if keep:
+        Path(directory).mkdir(parents=True, exist_ok=True)  # type: ignore[arg-type]
+    for name, tensor in full_tensors(model, keep):
+        if not keep:
+            continue
+        m = layer_re.search(name)
+        group = f"layer{int(m.group(1)):05d}" if m else "rest"
+        if group != current and current is not None and current != "rest" and current in groups:
+            flush(current)  # a decoder layer is complete once the next group starts
+        current = group
+        groups.setdefault(group, {})[name] = tensor  # type: ignore[assignment]
+    if not keep:
+        return
+    for group in list(groups):
+        flush(group)
+    target = Path(directory)  # type: ignore[arg-type]
+    index = {"metadata": {}, "weight_map": dict(sorted(weight_map.items()))}
+    (target / "model.safetensors.index.json").write_text(json.dumps(index, indent=2) + "\n")
+    config = copy.deepcopy(config)
+    config.architectures = [unsharded_class(find_decoder(model)).__name__]
+    config.save_pretrained(target)
+
+
+def unsharded_class(module: nn.Module) -> type:
+    """The class `module` had before `fully_shard` (which swaps in a subclass named `FSDP<class>`)."""
+    from torch.distributed.fsdp import FSDPModule
+
+    return next(c for c in type(module).__mro__ if not issubclass(c, FSDPModule))
+
+
+def load_gathered(directory: str | os.PathLike, dtype: torch.dtype | None = None) -> nn.Module:
+    """The plain model of a `gather_to_directory` output (rank zero), in eval mode."""
+    from ..io.dropped_checkpoint import load_dropped
+
+    return load_dropped(directory, dtype=dtype).eval()

@@ -17,12 +17,12 @@ them back on resume:
   with `set_training_objective`: `training_step` then returns `objective(module, batch)`'s loss and logs its
   parts as `train/<name>`; validation and test keep the task's loss, so `val/loss` stays comparable. This is
   the one way a callback changes the training loss.
-- Strategies that restore after setup (FSDP, DeepSpeed: `strategy.restore_checkpoint_after_setup`) call
+- Strategies that restore after setup (ModelParallelStrategy: `strategy.restore_checkpoint_after_setup`) call
   that hook after the model was sharded, too late to change it: `configure_model` rebuilds the architecture
   from `trainer.ckpt_path` before sharding instead, and `on_load_checkpoint` refuses a mismatch there.
-  Under sharding `save_dir` is refused (the full weights are not on rank zero at fit end); see
-  `lightning_drop.lightning.distributed` for what else is. The FSDP paths are untested without a GPU (Lightning's
-  FSDP refuses CPU); their logic is tested on CPU with constructed strategy objects.
+- Under `ModelParallelStrategy` (`--trainer.strategy fsdp2`) `configure_model` then shards every decoder layer
+  and the root with FSDP2; what needs the whole model at fit end (measurements, `save_dir`) reads it through
+  `gathered_dir` (see `lightning_drop.lightning.distributed`).
 """
 
 from __future__ import annotations
@@ -38,7 +38,7 @@ from lightning.pytorch.utilities import rank_zero_info
 from lightning.pytorch.utilities.exceptions import MisconfigurationException
 from torch import nn
 
-from .distributed import refuse_if_sharded, sharded_strategy
+from .distributed import check_strategy, gather_to_directory, is_fsdp2, is_sharded, shard_model, sharded_strategy
 from .task import build_model, build_task, lm_batch  # noqa: F401  (build_model, lm_batch: public helpers)
 from ..errors import UserError
 from ..core.modeling_dropped import apply_drop, dropped_layers
@@ -103,7 +103,8 @@ class DropModule(pl.LightningModule):
         save_dir: when set, the final model (dropped, LoRA merged if a callback merged it) is saved there
             with `save_pretrained` at the end of fit (global rank zero). `{log_dir}` in it is the trainer's log
             dir (the logger's run folder, new for each run: `"{log_dir}/dropped_model"`); the resolved path is
-            `save_path`. Checked before the first step; refused under FSDP (sharded weights).
+            `save_path`. Checked before the first step. Sharded weights are gathered one layer at a time
+            to rank zero and written by the streamed writer.
         overwrite: replace a non-empty `save_dir` (else the fit is refused before it starts).
     """
 
@@ -156,6 +157,7 @@ class DropModule(pl.LightningModule):
         self.lr_step_offset = 0
         #: where fit end saves the model: `save_dir` with `{log_dir}` resolved (set in `setup("fit")`)
         self.save_path: str | None = None
+        self._gathered: tuple[Any, str | None] | None = None  # (model state it was gathered at, rank zero's dir)
 
     # ------------------------------------------------------------------------------------------ model
     @property
@@ -267,11 +269,9 @@ class DropModule(pl.LightningModule):
         if tok is not None and emb is not None and len(tok) > emb.num_embeddings:
             raise UserError(f"the datamodule's tokenizer has {len(tok)} tokens but the model embeds only "
                              f"{emb.num_embeddings}: set the datamodule's tokenizer to the model's")
+        if self._trainer is not None:
+            check_strategy(self.trainer.strategy)
         if self.hparams.save_dir and self._trainer is not None and stage == "fit":
-            refuse_if_sharded(self.trainer, "DropModule(save_dir=...) saves the whole model at fit end and",
-                              "leave save_dir unset, checkpoint with ModelCheckpoint (FSDPStrategy(state_dict_type="
-                              "'full') writes one file) and convert it with "
-                              "DropModule.load_from_checkpoint(path).save_pretrained(dir)")
             self.save_path = self.check_save_dir(str(self.trainer.log_dir or self.trainer.default_root_dir))
 
     def check_save_dir(self, log_dir: str) -> str:
@@ -294,16 +294,52 @@ class DropModule(pl.LightningModule):
         return save_dir
 
     def configure_model(self) -> None:
-        """Rebuild the checkpoint's architecture before sharding when the strategy restores after setup."""
+        """Rebuild the checkpoint's architecture before sharding when the strategy restores after setup, then
+        shard every decoder layer and the root with FSDP2 under `ModelParallelStrategy`."""
         trainer = self._trainer
         if trainer is None or not getattr(trainer.strategy, "restore_checkpoint_after_setup", False):
             return
         path = resume_path(trainer)
-        meta = checkpoint_meta(path) if path is not None else None
+        meta = checkpoint_meta(path) if path is not None and not is_sharded(self.model) else None
         state = (meta or {}).get(CKPT_KEY)
         if state:
             refuse_other_model(state, self.hf_model.config.to_dict(), f"the checkpoint {path}")
             self._restore_architecture(state)
+        if is_fsdp2(trainer.strategy):
+            strategy = trainer.strategy
+            shard_model(self.model, strategy.device_mesh["data_parallel"], strategy.root_device)
+
+    def gathered_dir(self) -> str | None:
+        """The full weights of the sharded model as a Hugging Face directory on rank zero (None elsewhere).
+
+        A collective: every rank calls it. Gathered once per model state (step, drops, adapters) of a fit.
+        """
+        import tempfile
+
+        trainer = self.trainer
+        key = (trainer.global_step, tuple(map(tuple, self.drop_plan)), repr(self.lora_config))
+        if self._gathered is not None and self._gathered[0] == key:
+            return self._gathered[1]
+        self.drop_gathered()
+        directory = tempfile.mkdtemp(prefix="lightning_drop_gathered_") if trainer.is_global_zero else None
+        from ..core.architectures import get_spec
+
+        gather_to_directory(self.model, directory, self.hf_model.config, self.lora_config,
+                            get_spec(self.hf_model).layer_prefix)
+        self._gathered = (key, directory)
+        trainer.strategy.barrier("gathered_dir")
+        return directory
+
+    def drop_gathered(self) -> None:
+        """Remove the gathered copy (rank zero's temporary directory)."""
+        import shutil
+
+        if self._gathered is not None and self._gathered[1] is not None:
+            shutil.rmtree(self._gathered[1], ignore_errors=True)
+        self._gathered = None
+
+    def teardown(self, stage: str) -> None:
+        self.drop_gathered()
 
     def configure_optimizers(self) -> Any:
         hp = self.hparams
@@ -342,11 +378,24 @@ class DropModule(pl.LightningModule):
         return {"optimizer": opt, "lr_scheduler": {"scheduler": sched, "interval": "step"}}
 
     def on_train_end(self) -> None:
-        if self.save_path and self.trainer.is_global_zero:
+        if self.save_path and is_sharded(self.model):
+            self._save_sharded(self.save_path)
+        elif self.save_path and self.trainer.is_global_zero:
             path = self.save_pretrained(self.save_path, overwrite=bool(self.hparams.overwrite))
             rank_zero_info(f"saved the {'dropped ' if any(self.drop_plan) else ''}model to {path}")
         if self.save_path:
             self.trainer.strategy.barrier("drop_module_save")
+
+    def _save_sharded(self, out_dir: str) -> None:
+        """Write the dropped checkpoint from sharded weights: gathered a layer at a time, written by the
+        streamed writer on rank zero (which never holds the whole model); every rank takes part."""
+        from ..scoring.streamed_writer import write_dropped_streaming
+
+        source = self.gathered_dir()
+        if self.trainer.is_global_zero:
+            write_dropped_streaming(source, out_dir, tokenizer=self.tokenizer, dtype=getattr(torch, self.hparams.dtype),
+                                    max_shard_size="5GB")
+            rank_zero_info(f"saved the {'dropped ' if any(self.drop_plan) else ''}model to {out_dir}")
 
     # ------------------------------------------------------------------------------------- checkpoints
     def on_save_checkpoint(self, checkpoint: dict[str, Any]) -> None:
