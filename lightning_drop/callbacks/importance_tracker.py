@@ -94,10 +94,12 @@ class ImportanceTracker(Callback):
     # ---------------------------------------------------------------------------------------- scoring
     def score(self, trainer: pl.Trainer, pl_module: pl.LightningModule, event: str) -> dict[str, Any]:
         """Score now (every rank), append to the history, write files and log (rank zero)."""
+        from lightning_drop.lightning.distributed import whole_root
         from lightning_drop.scoring.importance import compute_importance
 
-        scores = compute_importance(hf_of(pl_module), self.calibration.batches(trainer, pl_module),
-                                    metric=self.metric)
+        with whole_root(pl_module):  # sharded: the scoring pass runs the decoder body, not the root
+            scores = compute_importance(hf_of(pl_module), self.calibration.batches(trainer, pl_module),
+                                        metric=self.metric)
         entry = {"step": trainer.global_step, "event": event, "metric": self.metric,
                  "num_tokens": scores.num_tokens, **{k: scores.row(k) for k in KINDS}}
         self.history.append(entry)

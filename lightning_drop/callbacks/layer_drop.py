@@ -31,8 +31,9 @@ from lightning.pytorch.utilities import rank_zero_info, rank_zero_warn
 from lightning.pytorch.utilities.exceptions import MisconfigurationException
 
 from lightning_drop.io.training_checkpoint import checkpoint_meta, resume_path
+from lightning_drop.lightning.distributed import whole_root
 
-from ._common import CalibrationSource, hf_of, log_to_loggers, rebuild_optimizers, scoring_device
+from ._common import CalibrationSource, ensure_unsharded, hf_of, log_to_loggers, rebuild_optimizers, scoring_device
 from .fit_end import FitEnd, FitEndMember
 
 WHEN = ("fit_start", "step", "fit_end")
@@ -170,8 +171,9 @@ class LayerDrop(FitEndMember):
         model = hf_of(pl_module)
 
         def score(attn: list[int], mlp: list[int], index: int) -> ImportanceScores:
-            scores = compute_importance(model, self.calibration.batches(trainer, pl_module), metric=self._metric,
-                                        seed=self.seed + index)
+            with whole_root(pl_module):  # sharded: the scoring pass runs the decoder body, not the root
+                scores = compute_importance(model, self.calibration.batches(trainer, pl_module), metric=self._metric,
+                                            seed=self.seed + index)
             # The scores are synced across ranks; rank zero's copy makes every rank rank them identically.
             return trainer.strategy.broadcast(scores, src=0)
 
@@ -181,6 +183,7 @@ class LayerDrop(FitEndMember):
                                self.keep, sorted(set(cur_attn) - set(walk_attn)), sorted(set(cur_mlp) - set(walk_mlp)),
                                start=self.dropped_count, walked=(walk_attn, walk_mlp), rule=self._rule))
         attn, mlp, scores = rnd.attn, rnd.mlp, rnd.scores
+        ensure_unsharded(trainer, pl_module)  # sharded: the change is made on the plain model, sharded again later
         record_of_fit = FitEnd.of(trainer)
         record_of_fit.before_drop(trainer, pl_module)
         model = hf_of(pl_module)  # a recovery healing between rounds may have merged its adapters just now

@@ -17,9 +17,8 @@ import lightning.pytorch as pl
 from lightning.pytorch.utilities import rank_zero_info
 from lightning.pytorch.utilities.exceptions import MisconfigurationException
 
-from lightning_drop.lightning.distributed import is_sharded
 
-from ._common import rebuild_optimizers
+from ._common import ensure_unsharded, rebuild_optimizers
 from .fit_end import FitEnd, FitEndMember
 from .trainable import DEFAULT_TARGETS, LoRASettings, TrainableSet
 
@@ -83,14 +82,13 @@ class LoRARecovery(FitEndMember):
         if getattr(pl_module, "lora_config", None) is not None or self.merged:
             return
         if FitEnd.of(trainer).drops_finished():
+            ensure_unsharded(trainer, pl_module)
             self._attach(trainer, pl_module)
             rebuild_optimizers(trainer, pl_module)
 
     def merge_now(self, pl_module: pl.LightningModule) -> None:
-        """Merge the adapters into the weights now when `merge=True` (idempotent). A sharded model keeps them:
-        what needs the merged model at fit end gathers it, and the gathered weights are merged."""
-        if self.merge and is_sharded(pl_module):
-            return
+        """Merge the adapters into the weights now when `merge=True` (idempotent; a sharded model keeps them,
+        see `TrainableSet.merge`)."""
         if self.merge and self.trainable.merge(pl_module):
             self.merged = True
             rank_zero_info("LoRARecovery: adapters merged into the weights")

@@ -27,6 +27,7 @@ import json
 import os
 import re
 from collections.abc import Iterator
+from contextlib import contextmanager
 from pathlib import Path
 from typing import Any
 
@@ -152,6 +153,33 @@ def shard_model(model: nn.Module, mesh: Any, device: torch.device) -> None:
     fully_shard(model, **kwargs)
 
 
+@contextmanager
+def whole_root(module: nn.Module) -> Iterator[None]:
+    """Hold the root unit's parameters (embeddings, final norm, head) gathered while code runs a part of a sharded
+    model that is not the root's forward (scoring calls the decoder body): a collective; no-op unsharded.
+
+    The root is initialized first, as its first forward would, so no decoder layer takes the root's role.
+    """
+    from torch.distributed.fsdp import FSDPModule
+
+    roots: list[Any] = []
+    for m in module.modules():
+        if isinstance(m, FSDPModule) and not any(r is m or _contains(r, m) for r in roots):
+            roots.append(m)
+    for root in roots:
+        root._get_fsdp_state()._lazy_init()  # what the root's first forward does (no public entry point)
+        root.unshard()
+    try:
+        yield
+    finally:
+        for root in roots:
+            root.reshard()
+
+
+def _contains(parent: nn.Module, child: nn.Module) -> bool:
+    return any(m is child for m in parent.modules())
+
+
 # ---------------------------------------------------------------------------------------- gathering
 def full_tensors(model: nn.Module, keep: bool) -> Iterator[tuple[str, torch.Tensor | None]]:
     """(name, full CPU tensor) for every parameter and persistent buffer of `model`, in state-dict order.
@@ -246,3 +274,97 @@ def load_gathered(directory: str | os.PathLike, dtype: torch.dtype | None = None
     from ..io.dropped_checkpoint import load_dropped
 
     return load_dropped(directory, dtype=dtype).eval()
+
+
+# ----------------------------------------------------------------------------- DropModule, sharded
+def gathered_dir(module: Any) -> str | None:
+    """The full weights of `module.model` (sharded) as a Hugging Face directory on rank zero, None elsewhere.
+
+    A collective: every rank calls it. Gathered once per model state (step, drops, adapters) and kept in a
+    temporary directory until `drop_gathered` (the module's teardown).
+    """
+    import tempfile
+
+    trainer = module.trainer
+    key = (trainer.global_step, tuple(map(tuple, module.drop_plan)), repr(module.lora_config))
+    cached = getattr(module, "_gathered", None)
+    if cached is not None and cached[0] == key:
+        return cached[1]
+    drop_gathered(module)
+    directory = tempfile.mkdtemp(prefix="lightning_drop_gathered_") if trainer.is_global_zero else None
+    gather_to_directory(module.model, directory, module.hf_model.config, module.lora_config,
+                        get_spec(module.hf_model).layer_prefix)
+    module._gathered = (key, directory)
+    trainer.strategy.barrier("gathered_dir")
+    return directory
+
+
+def drop_gathered(module: Any) -> None:
+    """Remove the gathered copy of `gathered_dir` (rank zero's temporary directory)."""
+    import shutil
+
+    cached = getattr(module, "_gathered", None)
+    if cached is not None and cached[1] is not None:
+        shutil.rmtree(cached[1], ignore_errors=True)
+    module._gathered = None
+
+
+def save_sharded(module: Any, out_dir: str) -> None:
+    """Write the dropped checkpoint of a sharded `module.model`: gathered a layer at a time, then written by the
+    streamed writer on rank zero, which never holds the whole model. Every rank calls it."""
+    from lightning.pytorch.utilities import rank_zero_info
+
+    from ..scoring.streamed_writer import write_dropped_streaming
+
+    source = gathered_dir(module)
+    if module.trainer.is_global_zero:
+        write_dropped_streaming(source, out_dir, tokenizer=module.tokenizer,
+                                dtype=getattr(torch, module.hparams.dtype), max_shard_size="5GB")
+        rank_zero_info(f"saved the {'dropped ' if any(module.drop_plan) else ''}model to {out_dir}")
+    module.trainer.strategy.barrier("save_sharded")
+
+
+def unshard_module(module: Any) -> None:
+    """Replace the sharded `module.model` by a plain one with the full weights on every rank (a collective).
+
+    Used before a change of structure during training (a drop, adapters attached or merged): the change is
+    made on the plain model and `reshard_module` shards it again. The optimizer state of every parameter is
+    kept by name for that rebuild (`module._state_by_name`). Correct rather than lean: for that moment every
+    rank holds the whole model, as under DDP.
+    """
+    if not is_sharded(module.model):
+        return
+    old = module.model
+    trainer = getattr(module, "_trainer", None)
+    names = {id(p): n for n, p in old.named_parameters()}
+    module._state_by_name = {names[id(p)]: s for opt in (trainer.optimizers if trainer is not None else [])
+                             for p, s in opt.state.items() if id(p) in names}
+    trainable = {n: p.requires_grad for n, p in old.named_parameters()}
+    full = {n: t for n, t in full_tensors(old, keep=True)}
+    buffers = {n: b for n, b in old.named_buffers()}
+    lora, config = module.lora_config, module.hf_model.config.to_dict()
+    with torch.device("meta"):
+        module.model = module._model_from_config(config)
+        module.lora_config = None
+        if lora is not None:
+            module.add_lora(r=lora["r"], alpha=lora["alpha"], dropout=lora["dropout"],
+                            target_modules=lora["target_modules"])
+    module.model.load_state_dict(full, strict=True, assign=True)
+    for name, buffer in module.model.named_buffers():
+        if buffer.is_meta and name in buffers:  # non-persistent buffers (rotary tables) are not in a state dict
+            owner, _, leaf = name.rpartition(".")
+            module.model.get_submodule(owner).register_buffer(leaf, buffers[name].detach().clone(), persistent=False)
+    module.hf_model.tie_weights()
+    for name, p in module.model.named_parameters():
+        p.requires_grad_(trainable.get(name, p.requires_grad))
+    if trainer is not None:
+        module.model.to(trainer.strategy.root_device)
+
+
+def reshard_module(module: Any) -> dict[str, Any]:
+    """Shard `module.model` again after `unshard_module` (every rank); returns the kept optimizer state by name."""
+    strategy = module.trainer.strategy
+    shard_model(module.model, strategy.device_mesh["data_parallel"], strategy.root_device)
+    state = getattr(module, "_state_by_name", None) or {}
+    module._state_by_name = None
+    return state

@@ -38,7 +38,8 @@ from lightning.pytorch.utilities import rank_zero_info
 from lightning.pytorch.utilities.exceptions import MisconfigurationException
 from torch import nn
 
-from .distributed import check_strategy, gather_to_directory, is_fsdp2, is_sharded, shard_model, sharded_strategy
+from .distributed import (check_strategy, drop_gathered, gathered_dir, is_fsdp2, is_sharded, save_sharded, shard_model,
+                          sharded_strategy, unshard_module)
 from .task import build_model, build_task, lm_batch  # noqa: F401  (build_model, lm_batch: public helpers)
 from ..errors import UserError
 from ..core.modeling_dropped import apply_drop, dropped_layers
@@ -310,36 +311,17 @@ class DropModule(pl.LightningModule):
             shard_model(self.model, strategy.device_mesh["data_parallel"], strategy.root_device)
 
     def gathered_dir(self) -> str | None:
-        """The full weights of the sharded model as a Hugging Face directory on rank zero (None elsewhere).
+        """The full weights of the sharded model as a Hugging Face directory on rank zero (None elsewhere);
+        a collective (`lightning_drop.lightning.distributed.gathered_dir`)."""
+        return gathered_dir(self)
 
-        A collective: every rank calls it. Gathered once per model state (step, drops, adapters) of a fit.
-        """
-        import tempfile
-
-        trainer = self.trainer
-        key = (trainer.global_step, tuple(map(tuple, self.drop_plan)), repr(self.lora_config))
-        if self._gathered is not None and self._gathered[0] == key:
-            return self._gathered[1]
-        self.drop_gathered()
-        directory = tempfile.mkdtemp(prefix="lightning_drop_gathered_") if trainer.is_global_zero else None
-        from ..core.architectures import get_spec
-
-        gather_to_directory(self.model, directory, self.hf_model.config, self.lora_config,
-                            get_spec(self.hf_model).layer_prefix)
-        self._gathered = (key, directory)
-        trainer.strategy.barrier("gathered_dir")
-        return directory
-
-    def drop_gathered(self) -> None:
-        """Remove the gathered copy (rank zero's temporary directory)."""
-        import shutil
-
-        if self._gathered is not None and self._gathered[1] is not None:
-            shutil.rmtree(self._gathered[1], ignore_errors=True)
-        self._gathered = None
+    def unshard(self) -> None:
+        """Make the sharded model plain (full weights on every rank; a collective) before its structure changes;
+        `rebuild_optimizers` shards it again."""
+        unshard_module(self)
 
     def teardown(self, stage: str) -> None:
-        self.drop_gathered()
+        drop_gathered(self)
 
     def configure_optimizers(self) -> Any:
         hp = self.hparams
@@ -379,23 +361,12 @@ class DropModule(pl.LightningModule):
 
     def on_train_end(self) -> None:
         if self.save_path and is_sharded(self.model):
-            self._save_sharded(self.save_path)
+            save_sharded(self, self.save_path)
         elif self.save_path and self.trainer.is_global_zero:
             path = self.save_pretrained(self.save_path, overwrite=bool(self.hparams.overwrite))
             rank_zero_info(f"saved the {'dropped ' if any(self.drop_plan) else ''}model to {path}")
         if self.save_path:
             self.trainer.strategy.barrier("drop_module_save")
-
-    def _save_sharded(self, out_dir: str) -> None:
-        """Write the dropped checkpoint from sharded weights: gathered a layer at a time, written by the
-        streamed writer on rank zero (which never holds the whole model); every rank takes part."""
-        from ..scoring.streamed_writer import write_dropped_streaming
-
-        source = self.gathered_dir()
-        if self.trainer.is_global_zero:
-            write_dropped_streaming(source, out_dir, tokenizer=self.tokenizer, dtype=getattr(torch, self.hparams.dtype),
-                                    max_shard_size="5GB")
-            rank_zero_info(f"saved the {'dropped ' if any(self.drop_plan) else ''}model to {out_dir}")
 
     # ------------------------------------------------------------------------------------- checkpoints
     def on_save_checkpoint(self, checkpoint: dict[str, Any]) -> None:
