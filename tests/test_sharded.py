@@ -102,3 +102,114 @@ def test_fsdp2_fit_equals_ddp(tmp_path, c4_path, monkeypatch):
                                atol=1e-5, rtol=1e-5)
     assert_same_checkpoint(ddp.cwd / "saved", fsdp.cwd / "saved")
     assert not list(scratch.glob("lightning_drop_gathered_*")), "the gathered copy was left behind"
+
+
+# -------------------------------------------------------- a mid-training iterative drop, sharded, to the end
+@pytest.mark.slow
+def test_iterative_drop_with_tracker_and_distillation_runs_sharded(tmp_path, c4_path):
+    """Rounds at steps 0, 2 and 4 (each unshards, drops, shards again and heals with LoRA distillation from the
+    sharded teacher); the tracker scores the sharded model; the saved checkpoint holds the 3 drops, merged."""
+    cb = "lightning_drop.callbacks."
+    calibration = {"calibration_seq_len": 32, "calibration_samples": 6, "calibration_batch_size": 2}
+    config = tiny_config(tmp_path, c4_path, [
+        {"class_path": cb + "LayerDrop", "init_args": {"target": "attn", "num": 3, "schedule": "iterative",
+                                                        "every_n_steps": 2, **calibration}},
+        {"class_path": cb + "ImportanceTracker", "init_args": {"every_n_steps": 2, "output_dir": "tracker",
+                                                                **calibration}},
+        {"class_path": cb + "Distillation", "init_args": {"trainable": "lora", "r": 4, "lora_alpha": 8,
+                                                           "start": "first_drop"}}], max_steps=6)
+    run = run_ddp(tmp_path / "fsdp2", ["--config", str(config)], timeout=300, flags=FSDP2_FLAGS)
+    assert_clean_ddp_run(run)
+    assert "`Trainer.fit` stopped: `max_steps=6` reached." in run.log and "FSDPPeftModelForCausalLM" in run.log
+    rounds = DROP_LINE.findall(run.log)
+    assert [r.split(" at step ")[1].split(":")[0] for r in rounds] == ["0", "2", "4"]
+    assert run.count("Distillation: healing the model of round") == 2
+    history = json.loads((run.cwd / "tracker" / "importance_history.json").read_text())["history"]
+    assert [e["step"] for e in history] == [0, 2, 4, 6]
+    assert [sum(v is None for v in e["attn"]) for e in history] == [1, 2, 3, 3]  # scored after each round
+    saved = json.loads((run.cwd / "saved" / "config.json").read_text())
+    assert len(saved["drop_attn_list"]) == 3
+    assert not [k for k in saved_tensors(run.cwd / "saved") if "lora_" in k]
+    losses_by_step = losses(run.cwd)
+    assert sorted(losses_by_step) == [0, 1, 2, 3, 4, 5]
+
+
+# ------------------------------------------------------------------------- save, stop, resume (2 and 1)
+def checkpointed_config(tmp_path: Path, c4_path: Path) -> Path:
+    config = yaml.safe_load(tiny_config(tmp_path, c4_path, drop_and_lora(), max_steps=4).read_text())
+    trainer = config["trainer"]
+    trainer.update(enable_checkpointing=True, limit_train_batches=2)  # an epoch is 2 steps: resume at its end
+    trainer["callbacks"].append({"class_path": "lightning.pytorch.callbacks.ModelCheckpoint",
+                                 "init_args": {"dirpath": "ckpt", "every_n_train_steps": 2, "save_top_k": -1}})
+    path = tmp_path / "checkpointed.yaml"
+    path.write_text(yaml.safe_dump(config))
+    return path
+
+
+@pytest.mark.slow
+def test_sharded_checkpoint_resumes_with_the_same_losses(tmp_path, c4_path):
+    import torch
+
+    config = checkpointed_config(tmp_path, c4_path)
+    full = run_ddp(tmp_path / "full", ["--config", str(config)], timeout=240, flags=FSDP2_FLAGS)
+    assert_clean_ddp_run(full)
+    ckpt = full.cwd / "ckpt" / "epoch=0-step=2.ckpt"
+    assert (ckpt / "meta.pt").is_file() and list(ckpt.glob("*.distcp")), "not a distributed checkpoint"
+    # the run that stopped at step 2 goes on from its sharded checkpoint
+    again = run_ddp(tmp_path / "again", ["--config", str(config), "--ckpt_path", str(ckpt)], timeout=240,
+                    flags=FSDP2_FLAGS)
+    assert_clean_ddp_run(again)
+    assert "LayerDrop: resumed from" in again.log and not DROP_LINE.search(again.log)  # the plan, not scored again
+    full_losses, resumed = losses(full.cwd), losses(again.cwd)
+    assert sorted(resumed) == [2, 3]
+    torch.testing.assert_close(torch.tensor([resumed[2], resumed[3]]), torch.tensor([full_losses[2], full_losses[3]]),
+                               atol=1e-4, rtol=1e-4)
+    assert_same_checkpoint(full.cwd / "saved", again.cwd / "saved")
+    # the same sharded checkpoint on 1 process (torch.distributed.checkpoint reshards on load)
+    one = run_ddp(tmp_path / "one", ["--config", str(config), "--ckpt_path", str(ckpt)], timeout=240,
+                  flags=(*FSDP2_FLAGS, "--trainer.devices", "1"))
+    assert one.returncode == 0 and "Traceback" not in one.log, one.log[-3000:]
+    assert "`Trainer.fit` stopped: `max_steps=4` reached." in one.log and "LayerDrop: resumed from" in one.log
+    assert json.loads((one.cwd / "saved" / "config.json").read_text())["drop_attn_list"] == \
+        json.loads((full.cwd / "saved" / "config.json").read_text())["drop_attn_list"]
+
+
+# ------------------------------------------------------------------------------------------- bad input
+@pytest.fixture(scope="module")
+def sharded_checkpoint(tmp_path_factory, c4_path) -> Path:
+    """A distributed checkpoint of a 2-step FSDP2 fit that dropped 1 attention sublayer at fit start."""
+    tmp = tmp_path_factory.mktemp("sharded_ckpt")
+    config = yaml.safe_load(tiny_config(tmp, c4_path, drop_and_lora()[:1], max_steps=2).read_text())
+    config["trainer"]["enable_checkpointing"] = True
+    config["trainer"]["callbacks"][0]["init_args"]["num"] = 1
+    config["trainer"]["callbacks"].append({"class_path": "lightning.pytorch.callbacks.ModelCheckpoint",
+                                           "init_args": {"dirpath": "ckpt", "every_n_train_steps": 2}})
+    path = tmp / "ckpt.yaml"
+    path.write_text(yaml.safe_dump(config))
+    run = run_ddp(tmp / "run", ["--config", str(path)], timeout=180, flags=FSDP2_FLAGS)
+    assert_clean_ddp_run(run)
+    return run.cwd / "ckpt" / "epoch=0-step=2.ckpt"
+
+
+@pytest.mark.parametrize("extra, message", [
+    (("--trainer.strategy.init_args.tensor_parallel_size", "2", "--trainer.strategy.init_args.data_parallel_size",
+      "1"), "tensor_parallel_size=2, but DropModule shards only along data parallelism"),
+    (("--trainer.callbacks+=lightning_drop.callbacks.Distillation", "--trainer.callbacks.teacher_device", "cpu"),
+     "teacher_device='cpu' would hold the whole teacher on one device"),
+    pytest.param(("--trainer.callbacks.target", "mlp", "--ckpt_path", "{ckpt}"), "was written by another drop plan",
+                 marks=pytest.mark.slow),
+])
+def test_bad_sharded_setups_are_one_line_on_every_rank(tmp_path, c4_path, extra, message, request):
+    """Refused at setup with one line (on each rank that started), none left waiting; nothing written."""
+    if "{ckpt}" in extra:
+        ckpt = request.getfixturevalue("sharded_checkpoint")
+        extra = tuple(a.replace("{ckpt}", str(ckpt)) for a in extra)
+    cb = "lightning_drop.callbacks."
+    config = tiny_config(tmp_path, c4_path, [
+        {"class_path": cb + "LayerDrop", "init_args": {"target": "attn", "num": 1, "calibration_seq_len": 32,
+                                                        "calibration_samples": 4, "calibration_batch_size": 2}}])
+    run = run_ddp(tmp_path / "run", ["--config", str(config)], timeout=180, flags=(*FSDP2_FLAGS, *extra))
+    assert run.returncode == 2, run.log[-3000:]
+    errors = [line for line in run.log.splitlines() if "error: " in line]
+    assert errors and all(message in line for line in errors), run.log[-3000:]
+    assert "Traceback (most recent call last)" not in run.log and not (run.cwd / "saved").exists()

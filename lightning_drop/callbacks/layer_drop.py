@@ -277,6 +277,12 @@ class LayerDrop(FitEndMember):
                     "would replace a fit-start drop made now; to drop a trained model, start a new fit from it "
                     "(DropModule.load_from_checkpoint(path).save_pretrained(dir), then DropModule(model=dir))")
             return  # a step / fit-end drop still to come: it happens in this run as configured
+        kinds = {m.split(".")[0] for r in state["rounds"] for m in r["modules"]}
+        if state["total"] != self.total or not kinds <= ({"attn", "mlp"} if self.target == "joint" else {self.target}):
+            raise MisconfigurationException(
+                f"LayerDrop: {path} was written by another drop plan ({state['total']} modules, rounds "
+                f"{[r['modules'] for r in state['rounds']]}) than this LayerDrop(target={self.target!r}) dropping "
+                f"{self.total}: resume with the LayerDrop settings of that fit, or start a new fit")
         self.load_state_dict(state)
         attn, mlp = self.recorded_plan()
         cur_attn, cur_mlp = dropped_layers_of(hf_of(pl_module))

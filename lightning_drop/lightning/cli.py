@@ -76,7 +76,10 @@ class DropCLI(LightningCLI):
     def before_fit(self) -> None:
         # `trainer.ckpt_path = path` is Lightning's user-managed resume path: the same restore, but visible
         # to `Callback.setup` (see lightning_drop.lightning.distributed.resume_path). "last"/"best"/URLs stay as given.
+        from lightning_drop.lightning.distributed import check_strategy
+
         config = self.config_init[self.subcommand] if self.subcommand else self.config_init
+        check_strategy(self.trainer.strategy)  # every rank runs this command: one line each, before any work
         self._check_save_dir()
         path = config.get("ckpt_path")
         if isinstance(path, (str, os.PathLike)) and os.path.exists(path):

@@ -55,6 +55,7 @@ class FSDP2Strategy(ModelParallelStrategy):
         super().__init__(data_parallel_size=data_parallel_size, tensor_parallel_size=tensor_parallel_size, **kwargs)
 
     def setup_environment(self) -> None:
+        check_strategy(self)  # before any process group, callback or model work: one line on every rank
         if self._data_parallel_size == "auto" and isinstance(self._tensor_parallel_size, int):
             self._data_parallel_size = max(1, self.num_nodes * self.num_processes // self._tensor_parallel_size)
         super().setup_environment()
@@ -92,16 +93,24 @@ def check_strategy(strategy: Any) -> None:
     if not is_fsdp2(strategy):
         raise UserError(f"{name} is not supported: shard with FSDP2 (`--trainer.strategy fsdp2`, Lightning's "
                         "ModelParallelStrategy), or use `ddp`")
-    tp = getattr(strategy, "_tensor_parallel_size", 1)
-    if tp not in (1, "auto") or (tp == "auto" and getattr(strategy, "_data_parallel_size", None) != "auto"
-                                 and strategy.device_mesh["tensor_parallel"].size() > 1):
+    tp = _tensor_parallel_processes(strategy)
+    if tp > 1:
         raise UserError(f"{name}: tensor_parallel_size={tp}, but DropModule shards only along data parallelism "
-                        "(drops replace whole sublayers): set tensor_parallel_size: 1 (`--trainer.strategy fsdp2`)")
+                        "(drops replace whole sublayers): set tensor_parallel_size: 1 and data_parallel_size to the "
+                        "number of processes (`--trainer.strategy fsdp2` does)")
+
+
+def _tensor_parallel_processes(strategy: Any) -> int:
+    """The size of the mesh's tensor-parallel dimension, before the mesh exists as after (Lightning's `auto`
+    puts every process of a node there unless the data-parallel size is given)."""
     mesh = getattr(strategy, "_device_mesh", None)
-    if mesh is not None and mesh["tensor_parallel"].size() > 1:
-        raise UserError(f"{name} puts {mesh['tensor_parallel'].size()} processes into tensor parallelism, which "
-                        "DropModule does not shard along: set data_parallel_size to the world size and "
-                        "tensor_parallel_size: 1 (`--trainer.strategy fsdp2` does)")
+    if mesh is not None:
+        return int(mesh["tensor_parallel"].size())
+    tp, dp = getattr(strategy, "_tensor_parallel_size", 1), getattr(strategy, "_data_parallel_size", "auto")
+    if tp != "auto":
+        return int(tp)
+    world = getattr(strategy, "num_nodes", 1) * (getattr(strategy, "num_processes", 1) or 1)
+    return world // int(dp) if dp != "auto" else (getattr(strategy, "num_processes", 1) or 1)
 
 
 def refuse_if_sharded(trainer: Any, what: str, instead: str) -> None:
