@@ -65,7 +65,8 @@ from lightning_drop.io.teacher_logits import (
     prepare_store,
     training_windows,
 )
-from lightning_drop.lightning.distributed import full_tensors, is_fsdp2, is_sharded, shard_model
+from lightning_drop.lightning.distributed import is_fsdp2, is_sharded, shard_model
+from lightning_drop.lightning.sharded_weights import full_tensors
 
 from ._common import ensure_unsharded, hf_of, rebuild_optimizers
 from .distill_loss import hidden_loss, kd_and_lm_loss, topk_kd_and_lm_loss

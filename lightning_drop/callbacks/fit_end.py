@@ -166,7 +166,7 @@ class FitEnd:
     def _gathered_model(self, trainer: pl.Trainer, pl_module: pl.LightningModule) -> nn.Module:
         """Under FSDP2: the whole model gathered (adapters merged) on rank zero, loaded on CPU, once per model
         state; other ranks take part in the gathers and get the sharded model (they measure nothing)."""
-        from lightning_drop.lightning.distributed import load_gathered
+        from lightning_drop.lightning.sharded_weights import load_gathered
 
         gather = getattr(pl_module, "gathered_dir", None)
         if gather is None:

@@ -313,6 +313,11 @@ class LayerDrop(FitEndMember):
             self._resume(trainer, pl_module, path)
             return
         if self.when == "fit_start" and not self.rounds:
+            if any(p.is_meta for p in hf_of(pl_module).parameters()):
+                raise MisconfigurationException(
+                    "LayerDrop(when='fit_start'): the model has no weights before it is sharded "
+                    "(DropModule(load_sharded=true)): drop first with `lightning-drop drop --stream`, then recover "
+                    "the dropped checkpoint")
             with scoring_device(trainer, hf_of(pl_module)):
                 self._drop_rounds_now(trainer, pl_module)  # before optimizers exist: nothing to rebuild
 

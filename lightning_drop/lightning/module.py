@@ -38,6 +38,7 @@ from lightning.pytorch.utilities import rank_zero_info
 from lightning.pytorch.utilities.exceptions import MisconfigurationException
 from torch import nn
 
+from .sharded_weights import empty_model, materialize
 from .distributed import (check_strategy, drop_gathered, gathered_dir, is_fsdp2, is_sharded, save_sharded, shard_model,
                           sharded_strategy, unshard_module)
 from .task import build_model, build_task, lm_batch  # noqa: F401  (build_model, lm_batch: public helpers)
@@ -107,6 +108,10 @@ class DropModule(pl.LightningModule):
             `save_path`. Checked before the first step. Sharded weights are gathered one layer at a time
             to rank zero and written by the streamed writer.
         overwrite: replace a non-empty `save_dir` (else the fit is refused before it starts).
+        load_sharded: build the model on the meta device and read its weights in `configure_model`, after
+            FSDP2 sharded it: each rank reads only its own rows from the safetensors files (`model` must be a
+            checkpoint directory). The weights exist only from then on, so a fit-start drop is refused: drop
+            first (`lightning-drop drop --stream`), then recover the dropped checkpoint.
     """
 
     def __init__(
@@ -128,6 +133,7 @@ class DropModule(pl.LightningModule):
         overwrite: bool = False,
         family: str | None = None,
         num_labels: int | None = None,
+        load_sharded: bool = False,
     ) -> None:
         super().__init__()
         if optimizer not in OPTIMIZERS:
@@ -149,8 +155,19 @@ class DropModule(pl.LightningModule):
             raise UserError(f"save_dir {save_dir!r}: unknown placeholder {sorted(other)[0]} (the one placeholder is "
                             f"{LOG_DIR}, the trainer's log dir)")
         self.save_hyperparameters()
-        self.model, self.tokenizer, self.task = build_task(model, init_config, family, num_labels, dtype,
-                                                           tokenizer_name)
+        self._load_from: str | None = None  # `load_sharded`: the directory configure_model reads weights from
+        if load_sharded:
+            from ..io.model_loading import load_tokenizer
+            from .task import CausalLM
+
+            if model is None or not os.path.isdir(model) or init_config or family:
+                raise UserError(f"load_sharded reads a checkpoint directory's safetensors files: model={model!r} is "
+                                "not a directory")
+            self.model, self.task = empty_model(model, getattr(torch, dtype)), CausalLM()
+            self.tokenizer, self._load_from = load_tokenizer(tokenizer_name or model), model
+        else:
+            self.model, self.tokenizer, self.task = build_task(model, init_config, family, num_labels, dtype,
+                                                               tokenizer_name)
         self.lora_config: dict[str, Any] | None = None
         self.training_objective: TrainingObjective | None = None
         # Step at which the current optimizer/scheduler were built (after a drop or LoRA wrap mid-fit),
@@ -299,6 +316,7 @@ class DropModule(pl.LightningModule):
         shard every decoder layer and the root with FSDP2 under `ModelParallelStrategy`."""
         trainer = self._trainer
         if trainer is None or not getattr(trainer.strategy, "restore_checkpoint_after_setup", False):
+            self._materialize()
             return
         path = resume_path(trainer)
         meta = checkpoint_meta(path) if path is not None and not is_sharded(self.model) else None
@@ -309,6 +327,14 @@ class DropModule(pl.LightningModule):
         if is_fsdp2(trainer.strategy):
             strategy = trainer.strategy
             shard_model(self.model, strategy.device_mesh["data_parallel"], strategy.root_device)
+        self._materialize()
+
+    def _materialize(self) -> None:
+        """`load_sharded`: read the weights now (each rank its own shards when sharded)."""
+        if self._load_from is not None:
+            device = self.trainer.strategy.root_device if self._trainer is not None else torch.device("cpu")
+            materialize(self.model, self._load_from, device)
+            self._load_from = None
 
     def gathered_dir(self) -> str | None:
         """The full weights of the sharded model as a Hugging Face directory on rank zero (None elsewhere);
