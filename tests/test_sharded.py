@@ -28,7 +28,7 @@ DROP_LINE = re.compile(r"LayerDrop round \d+ at step \d+: dropped attention \[[^
 
 
 def tiny_config(tmp_path: Path, c4_path: Path, callbacks: list[dict], max_steps: int = 5, **model: object) -> Path:
-    """A 5-step fit of tiny-llama (8 layers) on C4 windows, logging every step's loss to a CSV file."""
+    """A 5-step fit of tiny-llama on C4 windows, logging every step's loss to a CSV file."""
     config = {
         "seed_everything": 0,
         "model": {"class_path": "lightning_drop.lightning.module.DropModule",
@@ -42,6 +42,7 @@ def tiny_config(tmp_path: Path, c4_path: Path, callbacks: list[dict], max_steps:
                                "init_args": {"save_dir": "logs", "name": "run"}},
                     "callbacks": callbacks},
     }
+    tmp_path.mkdir(parents=True, exist_ok=True)
     path = tmp_path / "tiny.yaml"
     path.write_text(yaml.safe_dump(config))
     return path
@@ -221,3 +222,39 @@ def test_bad_sharded_setups_are_one_line_on_every_rank(tmp_path, c4_path, extra,
     errors = [line for line in run.log.splitlines() if "error: " in line]
     assert errors and all(message in line for line in errors), run.log[-3000:]
     assert "Traceback (most recent call last)" not in run.log and not (run.cwd / "saved").exists()
+
+
+# ------------------------------------------------------------------------------- loading that scales
+@pytest.mark.slow
+def test_load_sharded_reads_each_ranks_rows_and_trains_as_the_eager_load(tmp_path, c4_path):
+    """DropModule(load_sharded=true): built on the meta device, each rank reads its rows of the dropped checkpoint
+    after sharding; the fit gives the losses and the checkpoint of the same fit with the whole model loaded."""
+    import torch
+
+    from lightning_drop import apply_drop, save_dropped
+    from lightning_drop.io.model_loading import tiny_model
+
+    torch.manual_seed(0)
+    model, tokenizer = tiny_model("llama")
+    apply_drop(model, attn=[1], mlp=[3])
+    source = tmp_path / "dropped"
+    save_dropped(model, source, tokenizer=tokenizer)
+    runs = {}
+    for name, load_sharded, callbacks in (("eager", False, []), ("sharded", True, []),
+                                          ("sharded_lora", True, drop_and_lora()[1:])):
+        config = tiny_config(tmp_path / name, c4_path, callbacks, max_steps=3, model=str(source),
+                             load_sharded=load_sharded)
+        run = run_ddp(tmp_path / f"run_{name}", ["--config", str(config)], timeout=240, flags=FSDP2_FLAGS)
+        assert_clean_ddp_run(run)
+        runs[name] = run
+    eager, sharded = losses(runs["eager"].cwd), losses(runs["sharded"].cwd)
+    assert sorted(eager) == sorted(sharded) == [0, 1, 2]
+    torch.testing.assert_close(torch.tensor(list(sharded.values())), torch.tensor(list(eager.values())),
+                               atol=1e-6, rtol=1e-6)
+    assert_same_checkpoint(runs["eager"].cwd / "saved", runs["sharded"].cwd / "saved")
+    # new adapters start at zero (B = 0): the first loss is the loaded model's, then they train
+    with_lora = losses(runs["sharded_lora"].cwd)
+    assert with_lora[0] == pytest.approx(eager[0], abs=1e-6) and with_lora[2] != pytest.approx(with_lora[0])
+    assert not [k for k in saved_tensors(runs["sharded_lora"].cwd / "saved") if "lora_" in k]
+    config = json.loads((runs["sharded"].cwd / "saved" / "config.json").read_text())
+    assert config["drop_attn_list"] == [1] and config["drop_mlp_list"] == [3]

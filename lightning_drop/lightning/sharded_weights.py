@@ -20,6 +20,9 @@ from torch import nn
 from ..core.architectures import get_spec
 from ..errors import UserError
 
+_PEFT_PREFIX = "base_model.model."
+_LORA_RE = re.compile(r"\.lora_(A|B)\.[^.]+\.weight$")
+
 
 def find_decoder(model: nn.Module) -> nn.Module:
     """The Hugging Face model inside `model` (itself, a peft wrapper, or a LightningModule holding it)."""
@@ -83,23 +86,58 @@ def materialize(model: nn.Module, directory: str | os.PathLike, device: torch.de
             if id(tensor) in done or name in real:
                 continue
             done.add(id(tensor))
-            if name not in weight_map:
-                raise UserError(f"{directory}: no tensor {name} in its safetensors files (config.json and weights "
+            stored = _stored_name(name)
+            if stored not in weight_map and _LORA_RE.search(name):
+                _init_adapter(name, tensor)  # a fresh adapter: not in the checkpoint
+                continue
+            if stored not in weight_map:
+                raise UserError(f"{directory}: no tensor {stored} in its safetensors files (config.json and weights "
                                 "disagree)")
-            file = weight_map[name]
+            file = weight_map[stored]
             if file not in files:
                 files[file] = stack.enter_context(safe_open(str(directory / file), framework="pt"))
-            rows = files[file].get_slice(name)
+            rows = files[file].get_slice(stored)
             if isinstance(tensor, DTensor):
-                local, mesh = tensor.to_local(), tensor.device_mesh
-                chunk = -(-tensor.shape[0] // mesh.size())
-                start = min(tensor.shape[0], mesh.get_local_rank() * chunk)
+                local, start = _local_rows(tensor)
                 if local.numel():
                     local.copy_(rows[start:start + local.shape[0]].to(local.dtype))
             else:
                 tensor.copy_(rows[:].to(tensor.dtype))
     if isinstance(model, nn.Module) and hasattr(model, "tie_weights"):
         model.tie_weights()
+
+
+def _stored_name(name: str) -> str:
+    """The checkpoint's name of a parameter of the (possibly peft-wrapped) model."""
+    name = name[len(_PEFT_PREFIX):] if name.startswith(_PEFT_PREFIX) else name
+    return name.replace(".base_layer.", ".")
+
+
+def _local_rows(tensor: Any) -> tuple[torch.Tensor, int]:
+    """(this rank's local tensor, index of its first row) of a parameter sharded along dim 0, or (it, 0)."""
+    from torch.distributed.tensor import DTensor
+
+    if not isinstance(tensor, DTensor):
+        return tensor, 0
+    mesh = tensor.device_mesh
+    chunk = -(-tensor.shape[0] // mesh.size())
+    return tensor.to_local(), min(tensor.shape[0], mesh.get_local_rank() * chunk)
+
+
+def _init_adapter(name: str, tensor: Any) -> None:
+    """LoRA's initialization of a new adapter (A: Kaiming-uniform, B: zeros), the same full tensor on every rank
+    (a generator seeded by the name) of which each rank keeps its rows."""
+    import math
+    import zlib
+
+    local, start = _local_rows(tensor)
+    if ".lora_B." in name:
+        local.zero_()
+        return
+    full = torch.empty(tensor.shape, dtype=torch.float32)
+    torch.nn.init.kaiming_uniform_(full, a=math.sqrt(5), generator=torch.Generator().manual_seed(zlib.crc32(name.encode())))
+    if local.numel():
+        local.copy_(full[start:start + local.shape[0]].to(local.dtype))
 
 
 def _keys(path: Path) -> list[str]:
@@ -124,8 +162,6 @@ def full_tensors(model: nn.Module, keep: bool) -> Iterator[tuple[str, torch.Tens
         yield name, (tensor.detach().cpu() if keep else None)
 
 
-_PEFT_PREFIX = "base_model.model."
-_LORA_RE = re.compile(r"\.lora_(A|B)\.[^.]+\.weight$")
 
 
 def _merged_lora(tensors: dict[str, torch.Tensor], lora: dict[str, Any] | None) -> dict[str, torch.Tensor]:
@@ -151,22 +187,24 @@ def gather_to_directory(model: nn.Module, directory: str | os.PathLike | None, c
     """Write the full weights of a sharded `model` as a plain Hugging Face directory (rank zero's `directory`;
     None on the other ranks, which take part in the gathers only).
 
-    One safetensors file per decoder layer (names starting `group_prefix.<i>.`) and one for the rest, LoRA
-    merged: rank zero holds one layer at a time. `config` (the model's transformers config) is saved with it.
+    One safetensors file per decoder layer (names starting `group_prefix.<i>.`) and per run of other tensors
+    (embedding, final norm and head), LoRA merged: rank zero holds one layer (or the embedding) at a time. `config` (the model's transformers config) is saved with it.
     """
     from safetensors.torch import save_file
 
     keep = directory is not None
     layer_re = re.compile(rf"(?:^|\.){re.escape(group_prefix)}\.(\d+)\.")  # also under a peft prefix
-    groups: dict[str, dict[str, torch.Tensor]] = {}
-    current: str | None = None
+    group: dict[str, torch.Tensor] = {}
+    label: str | None = None
     weight_map: dict[str, str] = {}
 
-    def flush(group: str) -> None:
-        tensors = _merged_lora(groups.pop(group), lora)
-        file = f"part-{group}.safetensors"
+    def flush() -> None:
+        # a run of tensors of one layer (or of the embedding / head between layers) is complete: write it
+        tensors = _merged_lora(group, lora)
+        file = f"part-{len(set(weight_map.values())):05d}-{label}.safetensors"
         save_file({k: v.contiguous() for k, v in tensors.items()}, str(Path(directory) / file))  # type: ignore[arg-type]
         weight_map.update({k: file for k in tensors})
+        group.clear()
 
     if keep:
         Path(directory).mkdir(parents=True, exist_ok=True)  # type: ignore[arg-type]
@@ -174,15 +212,15 @@ def gather_to_directory(model: nn.Module, directory: str | os.PathLike | None, c
         if not keep:
             continue
         m = layer_re.search(name)
-        group = f"layer{int(m.group(1)):05d}" if m else "rest"
-        if group != current and current is not None and current != "rest" and current in groups:
-            flush(current)  # a decoder layer is complete once the next group starts
-        current = group
-        groups.setdefault(group, {})[name] = tensor  # type: ignore[assignment]
+        now = f"layer{int(m.group(1)):05d}" if m else "other"
+        if now != label and group:
+            flush()
+        label = now
+        group[name] = tensor  # type: ignore[assignment]
     if not keep:
         return
-    for group in list(groups):
-        flush(group)
+    if group:
+        flush()
     target = Path(directory)  # type: ignore[arg-type]
     index = {"metadata": {}, "weight_map": dict(sorted(weight_map.items()))}
     (target / "model.safetensors.index.json").write_text(json.dumps(index, indent=2) + "\n")
