@@ -68,7 +68,7 @@ class CalibrationSource:
         if self._batches is None:
             self._batches = split_batch(self._load(trainer, pl_module), self.batch_size)
         world = getattr(trainer, "world_size", 1)
-        if len(self._batches) % world and is_sharded(pl_module):
+        if len(self._batches) % world and isinstance(pl_module, nn.Module) and is_sharded(pl_module):
             return list(self._batches)
         return self._batches[getattr(trainer, "global_rank", 0)::world]
 
