@@ -11,8 +11,8 @@ would forbid setting it and fail for other module classes); `DropModule.setup` r
 tokenizer with more tokens than the model embeds. `fit --ckpt_path PATH` with a local PATH is handed to
 the trainer as `trainer.ckpt_path` before `fit`, so callbacks and `DropModule.configure_model` know in
 `setup` that this fit resumes (Lightning itself reveals `fit(ckpt_path=...)` only after setup); LayerDrop
-then re-applies the checkpoint's drops instead of scoring again. `--trainer.strategy fsdp_decoder_layers`
-names `lightning_drop.lightning.distributed.DecoderLayerFSDPStrategy`.
+then re-applies the checkpoint's drops instead of scoring again. `--trainer.strategy fsdp2`
+names `lightning_drop.lightning.distributed.FSDP2Strategy`.
 
 A mistake in the configuration is one `UserError` line that names the file (or the command line), the key
 and what was expected, instead of jsonargparse's usage text and its nested report of every Union subtype
@@ -188,7 +188,7 @@ def run_lightning_cli(args: Sequence[str] | None = None, run: bool = True, **kwa
     """
     os.environ.setdefault("TOKENIZERS_PARALLELISM", "false")
     import lightning_drop  # noqa: F401  (registers the dropped classes with transformers' Auto classes)
-    import lightning_drop.lightning.distributed  # noqa: F401  (registers the `fsdp_decoder_layers` strategy name)
+    import lightning_drop.lightning.distributed  # noqa: F401  (registers the `fsdp2` strategy name)
     from lightning_drop.io.model_loading import no_stdin_prompts
 
     no_stdin_prompts()
