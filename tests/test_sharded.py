@@ -258,3 +258,24 @@ def test_load_sharded_reads_each_ranks_rows_and_trains_as_the_eager_load(tmp_pat
     assert not [k for k in saved_tensors(runs["sharded_lora"].cwd / "saved") if "lora_" in k]
     config = json.loads((runs["sharded"].cwd / "saved" / "config.json").read_text())
     assert config["drop_attn_list"] == [1] and config["drop_mlp_list"] == [3]
+
+
+# ------------------------------------------------------------- the shipped recovery config, sharded
+@pytest.mark.slow
+def test_drop_and_recover_runs_sharded_as_shipped(tmp_path):
+    """configs/drop_and_recover.yaml + the overlay on SmolLM2, shortened only by step counts: the 8-attention
+    drop, LoRA trained sharded, and the merged, dropped checkpoint written from the sharded weights."""
+    from test_ddp import SMOLLM2_STEPS, only_version
+
+    run = run_ddp(tmp_path, ["--config", str(CONFIGS / "drop_and_recover.yaml"), *SMOLLM2_STEPS], timeout=600,
+                  flags=FSDP2_FLAGS)
+    assert_clean_ddp_run(run)
+    assert "`Trainer.fit` stopped: `max_steps=1` reached." in run.log and "FSDPPeftModelForCausalLM" in run.log
+    saved = only_version(run.cwd / "lightning_logs" / "drop_and_recover") / "smollm2-135m-drop8attn-lora"
+    config = json.loads((saved / "config.json").read_text())
+    assert len(config["drop_attn_list"]) == 8 and config["num_hidden_layers"] == 30
+    keys = saved_tensors(saved)
+    assert not [k for k in keys if "lora_" in k], "LoRA adapters were not merged"
+    with_attn = {int(k.split(".layers.")[1].split(".")[0]) for k in keys if ".self_attn." in k}
+    assert with_attn == set(range(30)) - set(config["drop_attn_list"])
+    assert run.count("saved the dropped model to") == 1
