@@ -279,3 +279,33 @@ def test_drop_and_recover_runs_sharded_as_shipped(tmp_path):
     with_attn = {int(k.split(".layers.")[1].split(".")[0]) for k in keys if ".self_attn." in k}
     assert with_attn == set(range(30)) - set(config["drop_attn_list"])
     assert run.count("saved the dropped model to") == 1
+
+
+# -------------------------------------------------------------------------- a fit-end drop, sharded
+@pytest.mark.slow
+def test_fit_end_drop_and_measurement_sharded_equal_ddp(tmp_path, c4_path):
+    """A fit-end drop (scored on the sharded model, made on the plain one) after LoRA training, a perplexity of
+    the final model and the saved checkpoint: the same under FSDP2 as under DDP."""
+    import torch
+
+    cb = "lightning_drop.callbacks."
+    config = tiny_config(tmp_path, c4_path, [
+        {"class_path": cb + "PerplexityCallback",
+         "init_args": {"data": str(c4_path), "seq_len": 32, "num_windows": 4, "output": "ppl.json"}},
+        {"class_path": cb + "LayerDrop", "init_args": {"target": "attn", "num": 2, "when": "fit_end",
+                                                        "calibration_seq_len": 32, "calibration_samples": 6,
+                                                        "calibration_batch_size": 2}},
+        {"class_path": cb + "LoRARecovery", "init_args": {"r": 4, "alpha": 8, "dropout": 0.0, "when": "fit_start"}},
+    ], max_steps=3)
+    ddp = run_ddp(tmp_path / "ddp", ["--config", str(config)], timeout=240)
+    fsdp = run_ddp(tmp_path / "fsdp2", ["--config", str(config)], timeout=240, flags=FSDP2_FLAGS)
+    for run in (ddp, fsdp):
+        assert_clean_ddp_run(run)
+        assert run.count("saved the dropped model to saved") == 1
+    assert DROP_LINE.findall(fsdp.log) == DROP_LINE.findall(ddp.log) and " at step 3: " in DROP_LINE.findall(ddp.log)[0]
+    loss_ddp, loss_fsdp = losses(ddp.cwd), losses(fsdp.cwd)
+    torch.testing.assert_close(torch.tensor(list(loss_fsdp.values())), torch.tensor(list(loss_ddp.values())),
+                               atol=1e-5, rtol=1e-5)
+    ppl_ddp, ppl_fsdp = (json.loads((run.cwd / "ppl.json").read_text())["perplexity"] for run in (ddp, fsdp))
+    assert ppl_fsdp == pytest.approx(ppl_ddp, rel=1e-5)
+    assert_same_checkpoint(ddp.cwd / "saved", fsdp.cwd / "saved")
