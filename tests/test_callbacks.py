@@ -300,58 +300,50 @@ def test_final_model_with_adapters_kept_gives_a_merged_copy(tmp_path, c4_path):
     torch.testing.assert_close(plain(input_ids=ids).logits, expected, atol=1e-5, rtol=1e-5)
 
 
-# ----------------------------------------------------- sharded strategies (constructed, not run: no GPU)
-def fsdp_trainer(callbacks=(), **kw):
-    from lightning_drop.lightning.distributed import DecoderLayerFSDPStrategy
+# ------------------------------------- sharded strategies (constructed here; run: tests/test_sharded.py)
+def fsdp2_trainer(callbacks=(), **kw):
+    from lightning_drop.lightning.distributed import FSDP2Strategy
 
-    return SimpleNamespace(strategy=DecoderLayerFSDPStrategy(), callbacks=list(callbacks), max_steps=10,
+    return SimpleNamespace(strategy=FSDP2Strategy(), callbacks=list(callbacks), max_steps=10,
                            ckpt_path=None, datamodule=None, global_step=0, **kw)
 
 
-def test_sharded_strategy_refusals(tmp_path, c4_path):
-    from lightning.pytorch.strategies import DDPStrategy, FSDPStrategy
+def test_callbacks_accept_fsdp2_and_other_shardings_are_refused(tmp_path, c4_path):
+    """Under FSDP2 every callback sets up as under DDP; FSDP1 and tensor parallelism are one-line refusals."""
+    from lightning.pytorch.strategies import FSDPStrategy, ModelParallelStrategy
 
     from lightning_drop.callbacks import LMEvalCallback, SpeedBenchmark
+    from lightning_drop.errors import UserError
 
     module = DropModule("tiny-llama")
-    refused = [
-        (LayerDrop(num=1, when="step", at_step=2), "LayerDrop.*drop at fit start"),
-        (LayerDrop(num=1, when="fit_end"), "LayerDrop.*use DDP"),
-        (LayerDrop(num=2, schedule="iterative", every_n_steps=2), "LayerDrop.*every_n_steps=2"),
-        (ImportanceTracker(), "ImportanceTracker .* DecoderLayerFSDPStrategy has sharded"),
-        (LoRARecovery(merge=True), "LoRARecovery.*set merge: false"),
-        (Distillation(merge=False), "Distillation keeps a whole unsharded teacher.*use DDP"),
-        (PerplexityCallback(data=str(c4_path)), "PerplexityCallback .*`lightning-drop eval"),
-        (LMEvalCallback(tasks=["x"]), "LMEvalCallback measures the whole model"),
-        (SpeedBenchmark(), "SpeedBenchmark measures the whole model"),
-    ]
-    for cb, match in refused:
-        with pytest.raises(MisconfigurationException, match=match):
-            cb.setup(fsdp_trainer([cb]), module, "fit")
-        cb.setup(fsdp_trainer([cb]), module, "validate")  # only fit is checked
-    # Lightning's own FSDPStrategy is refused the same way; DDP is not
-    with pytest.raises(MisconfigurationException, match="FSDPStrategy has sharded"):
-        ImportanceTracker().setup(SimpleNamespace(strategy=FSDPStrategy()), module, "fit")
-    ImportanceTracker().setup(SimpleNamespace(strategy=DDPStrategy()), module, "fit")
-    # allowed: a fit-start drop without training between rounds, LoRA without merging (attached at setup)
-    LayerDrop(num=2, schedule="iterative", every_n_steps=0)._check_strategy(fsdp_trainer())
-    lora = LoRARecovery(r=2, merge=False, target_modules=["q_proj"])
-    lora.setup(fsdp_trainer([lora]), module, "fit")
+    for cb in (LayerDrop(num=1, when="step", at_step=2), LayerDrop(num=1, when="fit_end"), ImportanceTracker(),
+               PerplexityCallback(data=str(c4_path)), LMEvalCallback(tasks=["x"]), SpeedBenchmark()):
+        cb.setup(fsdp2_trainer([cb]), module, "fit")
+    lora = LoRARecovery(r=2, merge=True, target_modules=["q_proj"])
+    lora.setup(fsdp2_trainer([lora]), module, "fit")
     assert module.lora_config is not None
-    # DropModule(save_dir) cannot write the sharded weights at fit end
     saver = DropModule("tiny-llama", save_dir=str(tmp_path / "out"))
-    saver._trainer = fsdp_trainer()
-    with pytest.raises(MisconfigurationException, match=r"save_dir.*load_from_checkpoint\(path\).save_pretrained"):
-        saver.setup("fit")
+    saver._trainer = fsdp2_trainer(is_global_zero=True, log_dir=str(tmp_path), default_root_dir=str(tmp_path))
+    saver._trainer.strategy.broadcast = lambda obj, src=0: obj
+    saver.setup("fit")  # the sharded weights are gathered at fit end: no refusal
+    assert saver.save_path == str(tmp_path / "out")
+    for strategy, match in ((FSDPStrategy(), "FSDPStrategy is not supported: shard with FSDP2"),
+                            (ModelParallelStrategy(data_parallel_size=1, tensor_parallel_size=2),
+                             "tensor_parallel_size=2, but DropModule shards only along data parallelism")):
+        other = DropModule("tiny-llama")
+        other._trainer = SimpleNamespace(strategy=strategy, datamodule=None)
+        with pytest.raises(UserError, match=match):
+            other.setup("fit")
 
 
-def test_fsdp_strategy_name_is_registered():
+def test_fsdp2_strategy_name_is_registered():
     from lightning.pytorch.strategies import StrategyRegistry
 
-    from lightning_drop.lightning.distributed import DecoderLayerFSDPStrategy
+    from lightning_drop.lightning.distributed import FSDP2Strategy
 
-    assert DecoderLayerFSDPStrategy.strategy_name in StrategyRegistry
-    assert type(StrategyRegistry.get("fsdp_decoder_layers")) is DecoderLayerFSDPStrategy
+    assert FSDP2Strategy.strategy_name in StrategyRegistry
+    strategy = StrategyRegistry.get("fsdp2")
+    assert type(strategy) is FSDP2Strategy and strategy._tensor_parallel_size == 1
 
 
 def test_quantize_and_speed_listed_first_get_a_plain_model(tmp_path, c4_path, monkeypatch):

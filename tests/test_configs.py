@@ -15,8 +15,8 @@ import yaml
 from lightning_drop.lightning.cli import run_lightning_cli
 
 REPO = Path(__file__).resolve().parents[1]
-# configs/study/ and configs/vision_digits.yaml are tested by their owners' test files.
-OTHERS = {"study", "vision_digits.yaml"}
+# configs/study/, configs/vision_digits.yaml and the configs/sharded/ overlays are tested by their owners' test files.
+OTHERS = {"study", "vision_digits.yaml", "sharded"}
 CONFIGS = sorted(p for p in (REPO / "configs").rglob("*.yaml")
                  if not OTHERS & set(p.relative_to(REPO / "configs").parts))
 
@@ -139,11 +139,14 @@ def test_cli_resume_knows_the_checkpoint_at_setup(tmp_path, c4_path, monkeypatch
     assert scoring_passes() == before  # not scored again on resume
 
 
-def test_fsdp_overrides_in_drop_and_recover_comment(capsys):
-    """The overrides the config's FSDP comment names reach LoRARecovery and DropModule."""
+def test_sharded_overlay_composes_with_drop_and_recover(capsys):
+    """The FSDP2 overlay the config's comment names keeps the recipe (drop, LoRA merge, save) and sets the strategy."""
     with pytest.raises(SystemExit):
         run_lightning_cli(["fit", "--config", str(REPO / "configs" / "drop_and_recover.yaml"),
-                           "--trainer.callbacks.merge", "false", "--model.init_args.save_dir", "null", "--print_config"])
+                           "--config", str(REPO / "configs" / "sharded" / "recover_fsdp2.yaml"), "--print_config"])
     printed = yaml.safe_load(capsys.readouterr().out)
     lora = [cb for cb in printed["trainer"]["callbacks"] if cb["class_path"].endswith("LoRARecovery")]
-    assert lora[0]["init_args"]["merge"] is False and printed["model"]["init_args"]["save_dir"] is None
+    assert lora[0]["init_args"]["merge"] is True and printed["model"]["init_args"]["save_dir"]
+    strategy = printed["trainer"]["strategy"]
+    assert strategy["class_path"] == "lightning_drop.lightning.distributed.FSDP2Strategy"
+    assert strategy["init_args"]["tensor_parallel_size"] == 1 and printed["trainer"]["devices"] == 2

@@ -71,8 +71,10 @@ class Run:
         return self.log.count(text)
 
 
-def run_ddp(cwd: Path, args: Sequence[str], timeout: float, grace: float = 30.0) -> Run:
-    """`lightning-drop fit ARGS` + DDP on 2 CPU processes in `cwd`; fails the test if it hangs.
+def run_ddp(cwd: Path, args: Sequence[str], timeout: float, grace: float = 30.0,
+            flags: Sequence[str] = DDP_FLAGS) -> Run:
+    """`lightning-drop fit ARGS` + DDP (or the strategy of `flags`) on 2 CPU processes in `cwd`; fails the test
+    if it hangs.
 
     Rank 0 is started in a new session, so rank 1 (its child) shares its process group: after `timeout`
     seconds the group is killed and the test fails. When rank 0 has exited, rank 1 gets `grace` seconds to
@@ -81,7 +83,7 @@ def run_ddp(cwd: Path, args: Sequence[str], timeout: float, grace: float = 30.0)
     cwd.mkdir(parents=True, exist_ok=True)
     env = {**os.environ, "OMP_NUM_THREADS": "1", "HF_HUB_OFFLINE": "1", "HF_DATASETS_OFFLINE": "1",
            "TOKENIZERS_PARALLELISM": "false"}
-    cmd = [*cli_command(), "fit", *args, *DDP_FLAGS]
+    cmd = [*cli_command(), "fit", *args, *flags]
     log_path = cwd / "ddp.log"
     start = time.monotonic()
     hung = None
@@ -175,8 +177,9 @@ def callback_state(ckpt: dict, name: str) -> dict:
 
 # ---------------------------------------------------------------------------- every shipped fit config
 def fit_configs() -> list[Path]:
-    """Every YAML under configs/ that LightningCLI `fit` reads (it configures a `trainer`)."""
-    return sorted(p for p in CONFIGS.rglob("*.yaml") if "trainer" in (yaml.safe_load(p.read_text()) or {}))
+    """Every YAML under configs/ that LightningCLI `fit` reads alone (it configures a `trainer` and a `model`;
+    the configs/sharded/ overlays are composed with one of these: tests/test_sharded.py)."""
+    return sorted(p for p in CONFIGS.rglob("*.yaml") if {"trainer", "model"} <= set(yaml.safe_load(p.read_text()) or {}))
 
 
 def check_track_random_init(run: Run) -> None:
@@ -301,8 +304,9 @@ def test_every_fit_config_has_a_ddp_case():
     names = {str(p.relative_to(CONFIGS)) for p in fit_configs()}
     assert names == set(CASES)
     others = [p for p in CONFIGS.rglob("*.yaml") if str(p.relative_to(CONFIGS)) not in names]
-    for path in others:  # `lightning-drop study` configs: no trainer, a sweep
-        assert path.parent.name == "study" and "sweeps" in yaml.safe_load(path.read_text()), path
+    for path in others:  # `lightning-drop study` configs (no trainer, a sweep) and the sharded overlays
+        doc = yaml.safe_load(path.read_text())
+        assert (path.parent.name == "study" and "sweeps" in doc) or (path.parent.name == "sharded" and "model" not in doc), path
 
 
 @pytest.mark.parametrize("name", [pytest.param(n, marks=[pytest.mark.slow] if c.slow else [])

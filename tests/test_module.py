@@ -200,23 +200,23 @@ def test_resume_from_a_checkpoint_without_drop_state(tmp_path, c4_path):
 
 
 def test_configure_model_rebuilds_the_plan_before_fsdp_shards(tmp_path, c4_path):
-    """FSDP restores after setup: configure_model applies the checkpoint's drops and LoRA from trainer.ckpt_path
-    (strategy object constructed, not run: Lightning's FSDP needs a GPU)."""
+    """Sharded strategies restore after setup: configure_model applies the checkpoint's drops and LoRA from
+    trainer.ckpt_path (a strategy that restores late, constructed; the sharded resume runs in test_sharded.py)."""
     from types import SimpleNamespace
 
-    from lightning_drop.lightning.distributed import DecoderLayerFSDPStrategy
+    late = SimpleNamespace(restore_checkpoint_after_setup=True)
 
     full, _, _ = fit_start_run(tmp_path, c4_path, max_steps=2)
     ckpt = tmp_path / "ckpt" / "epoch=0-step=2.ckpt"
     module = DropModule("tiny-llama")
-    module._trainer = SimpleNamespace(strategy=DecoderLayerFSDPStrategy(), ckpt_path=str(ckpt))
+    module._trainer = SimpleNamespace(strategy=late, ckpt_path=str(ckpt))
     module.configure_model()
     assert module.drop_plan() == full.drop_plan() and module.lora_config == full.lora_config
     saved = torch.load(ckpt, map_location="cpu", weights_only=False)
     module.on_load_checkpoint(saved)  # the plan matches: nothing to change after sharding
     assert sorted(module.state_dict()) == sorted(saved["state_dict"])
     other = DropModule("tiny-llama")  # path not known before sharding: a mismatch is refused, not patched
-    other._trainer = SimpleNamespace(strategy=DecoderLayerFSDPStrategy(), ckpt_path=None)
+    other._trainer = SimpleNamespace(strategy=late, ckpt_path=None)
     other.configure_model()
     assert other.drop_plan() == ([], [])
     with pytest.raises(MisconfigurationException, match="set `trainer.ckpt_path` before `fit`"):

@@ -1,4 +1,4 @@
-"""Layer-streamed scoring and shard-by-shard dropping equal the in-memory path; FSDP wrap policy."""
+"""Layer-streamed scoring and shard-by-shard dropping equal the in-memory path."""
 
 from __future__ import annotations
 
@@ -254,35 +254,10 @@ def test_smollm2_streamed_scores_equal_in_memory(c4_path):
 
 
 # ------------------------------------------------------------------------------------------------------ FSDP
-def test_fsdp_policy_wraps_exactly_the_decoder_layers():
-    from torch.distributed.fsdp.wrap import ModuleWrapPolicy
-    from transformers.models.gemma2.modeling_gemma2 import Gemma2DecoderLayer
-    from transformers.models.llama.modeling_llama import LlamaDecoderLayer
-
-    from lightning_drop.lightning.distributed import (
-        DecoderLayerFSDPStrategy,
-        decoder_layer_classes,
-        fsdp_auto_wrap_policy,
-    )
-
-    model, _ = tiny_model("llama")
-    apply_drop(model, attn=[1], mlp=[1])  # dropped layers keep the family's class
-    assert decoder_layer_classes(model) == {LlamaDecoderLayer}
-    policy = fsdp_auto_wrap_policy(torch.nn.ModuleDict({"lightning_module_child": model}))
-    assert isinstance(policy, ModuleWrapPolicy)
-    wrapped = policy._run_policy(model, ignored_modules=set(), root_kwargs={})
-    assert set(wrapped) == set(model.model.layers)  # each decoder layer, nothing else (FSDP wraps the root)
-    assert decoder_layer_classes(tiny_model("gemma2")[0]) == {Gemma2DecoderLayer}
-    with pytest.raises(ValueError, match="no decoder layers"):
-        decoder_layer_classes(torch.nn.Linear(2, 2))
-    strategy = DecoderLayerFSDPStrategy()
-    assert "auto_wrap_policy" not in strategy.kwargs  # filled from the model at setup
-
-
 def test_lightning_fsdp_refuses_cpu():
     import lightning.pytorch as pl
 
-    with pytest.raises(ValueError, match="requires a GPU accelerator"):
+    with pytest.raises(ValueError, match="requires a GPU accelerator"):  # why the project shards with FSDP2
         pl.Trainer(accelerator="cpu", strategy="fsdp", devices=2, logger=False)
 
 

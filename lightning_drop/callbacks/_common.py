@@ -60,8 +60,12 @@ class CalibrationSource:
         """This rank's share of the calibration batches (all of them on one process).
 
         Scores are token-weighted sums that add up across ranks when they sync, so N ranks scoring a share
-        each give the scores of one process scoring every batch, N times sooner. A rank may get none.
+        each give the scores of one process scoring every batch, N times sooner. A rank may get none, except
+        on a sharded model, whose every forward is a collective: when the batches do not split evenly there,
+        every rank scores all of them (the synced sums grow N-fold, their ratios stay the same).
         """
+        from lightning_drop.lightning.distributed import is_sharded
+
         if self._batches is None:
             from lightning_drop.measure.importance_history import windows_digest
 
@@ -69,7 +73,10 @@ class CalibrationSource:
             if "input_ids" in batch:
                 self._digest = windows_digest(batch["input_ids"])
             self._batches = split_batch(batch, self.batch_size)
-        return self._batches[getattr(trainer, "global_rank", 0)::getattr(trainer, "world_size", 1)]
+        world = getattr(trainer, "world_size", 1)
+        if len(self._batches) % world and isinstance(pl_module, nn.Module) and is_sharded(pl_module):
+            return list(self._batches)
+        return self._batches[getattr(trainer, "global_rank", 0)::world]
 
     def record(self) -> dict[str, Any]:
         """Which windows were scored: the options, and the digest of the token windows once loaded (an
@@ -98,7 +105,8 @@ class CalibrationSource:
 
 
 def rebuild_optimizers(trainer: pl.Trainer, pl_module: pl.LightningModule) -> None:
-    """After the model's parameters changed mid-fit: re-wrap DDP, rebuild optimizers and schedulers.
+    """After the model's parameters changed mid-fit: re-wrap DDP (or shard again under FSDP2), rebuild optimizers
+    and schedulers.
 
     The optimizer state (e.g. Adam moments) of every surviving parameter carries over; schedulers continue
     from the current step (`lr_step_offset`, when the module has one). This is the one place that relies on
@@ -110,10 +118,15 @@ def rebuild_optimizers(trainer: pl.Trainer, pl_module: pl.LightningModule) -> No
     from lightning.fabric.utilities.optimizer import _optimizers_to_device
     from torch.nn.parallel import DistributedDataParallel
 
+    from lightning_drop.lightning.distributed import is_fsdp2, is_sharded, reshard_module
+
     old_state = {id(p): s for opt in trainer.optimizers for p, s in opt.state.items()}
     if hasattr(pl_module, "lr_step_offset"):
         pl_module.lr_step_offset = trainer.global_step
     strategy = trainer.strategy
+    if is_fsdp2(strategy) and not is_sharded(pl_module):  # made plain for the change (`ensure_unsharded`)
+        by_name = reshard_module(pl_module)
+        old_state = {id(p): by_name[n] for n, p in pl_module.named_parameters() if n in by_name}
     if isinstance(strategy.model, DistributedDataParallel) and hasattr(strategy, "_setup_model"):
         strategy.model = strategy._setup_model(strategy.lightning_module)
         if hasattr(strategy, "_register_ddp_hooks"):
@@ -125,6 +138,19 @@ def rebuild_optimizers(trainer: pl.Trainer, pl_module: pl.LightningModule) -> No
                 if id(p) in old_state:
                     opt.state[p] = old_state[id(p)]
     _optimizers_to_device(trainer.optimizers, strategy.root_device)
+
+
+def ensure_unsharded(trainer: pl.Trainer, pl_module: pl.LightningModule) -> None:
+    """Before the model's structure changes during a sharded fit (a drop, adapters attached or merged): make it
+    plain on every rank (`DropModule.unshard`, a collective); `rebuild_optimizers` shards it again."""
+    from lightning_drop.lightning.distributed import is_sharded
+
+    if is_sharded(pl_module):
+        unshard = getattr(pl_module, "unshard", None)
+        if unshard is None:
+            raise MisconfigurationException(f"{type(pl_module).__name__} cannot change a sharded model: use "
+                                            "lightning_drop.DropModule")
+        unshard()
 
 
 @contextmanager

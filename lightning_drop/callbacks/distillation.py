@@ -10,7 +10,8 @@ are logged as `train/kd_loss`, `train/lm_loss` (and `train/hidden_loss`).
 
 The teacher is frozen (`requires_grad_(False)`, eval mode, run under `no_grad`), optionally on another device
 (`teacher_device`) and in lower precision (`teacher_dtype`); it is never a submodule of the LightningModule,
-so DDP, checkpoints of the module and its optimizer never see it, and under DDP each rank holds its own. It is:
+so DDP, checkpoints of the module and its optimizer never see it, and under DDP each rank holds its own; under
+FSDP2 it is sharded like the student (each rank holds a shard; `teacher_device` is refused there). It is:
 
 - by default, a deep copy of the model taken just before the first drop of the fit (`FitEnd.before_drop`,
   which the drop callbacks call on every rank): a fit-start drop, a mid-training drop and the first round
@@ -61,8 +62,9 @@ from lightning_drop.io.teacher_logits import (
     prepare_store,
     training_windows,
 )
+from lightning_drop.lightning.distributed import is_fsdp2, is_sharded, shard_model
 
-from ._common import hf_of, rebuild_optimizers
+from ._common import ensure_unsharded, hf_of, rebuild_optimizers
 from .distill_loss import hidden_loss, kd_and_lm_loss, topk_kd_and_lm_loss
 from .fit_end import FitEnd, FitEndMember
 from .teacher import (
@@ -245,7 +247,12 @@ class Distillation(FitEndMember):
         self.teacher_step, self._fingerprint, self._config = step, mark, config
 
     def _place_teacher(self, trainer: pl.Trainer) -> None:
-        if self.teacher is not None:
+        strategy = trainer.strategy
+        if self.teacher is not None and is_fsdp2(strategy):  # sharded as the student is: frozen, no optimizer
+            if not is_sharded(self.teacher):
+                self.teacher.to(device=strategy.root_device, dtype=self.teacher_dtype)
+                shard_model(self.teacher, strategy.device_mesh["data_parallel"], strategy.root_device)
+        elif self.teacher is not None:
             device = self.teacher_device or trainer.strategy.root_device
             self.teacher.to(device=device, dtype=self.teacher_dtype)
 
@@ -289,10 +296,11 @@ class Distillation(FitEndMember):
     def setup(self, trainer: pl.Trainer, pl_module: pl.LightningModule, stage: str) -> None:
         if stage != "fit":
             return
-        from lightning_drop.lightning.distributed import refuse_if_sharded
-
-        refuse_if_sharded(trainer, "Distillation keeps a whole unsharded teacher on every rank and",
-                          "use DDP (each rank holds its own teacher; teacher_dtype: bfloat16 halves it)")
+        if self.teacher_device is not None and is_fsdp2(trainer.strategy):
+            raise MisconfigurationException(
+                f"Distillation: teacher_device={str(self.teacher_device)!r} would hold the whole teacher on one device, "
+                "but under FSDP2 the teacher is sharded like the student: leave teacher_device unset (or precompute "
+                "its top-k with teacher_logits)")
         record = FitEnd.of(trainer).join(self, "adapters", finish=lambda tr, module: self.finish(module))
         if not hasattr(pl_module, "set_training_objective"):
             raise MisconfigurationException(f"Distillation needs a module with `set_training_objective` "
@@ -333,6 +341,7 @@ class Distillation(FitEndMember):
     def on_train_batch_end(self, trainer: pl.Trainer, pl_module: pl.LightningModule, outputs: Any, batch: Any,
                            batch_idx: int) -> None:
         if self.started_at is None and not self.merged and self._may_start(trainer):
+            ensure_unsharded(trainer, pl_module)
             self._start(trainer, pl_module)
             rebuild_optimizers(trainer, pl_module)
 

@@ -8,9 +8,9 @@ JSON output is written atomically. The last results are kept in `state_dict()`.
 Both join the fit's record with the role `measure` (see `fit_end`; results `lm_eval` and `perplexity`,
 broadcast to every rank) and measure `FitEnd.final_model`, so a callback listed before a
 `LayerDrop(when="fit_end")` or a merging `LoRARecovery` still sees the dropped, merged model, and another
-callback may ask for their result before their own `on_train_end` (it is measured then, once). Under FSDP
-(sharded weights at fit end) they are refused at setup: measure the saved model with
-`lightning-drop eval|perplexity|speed|quantize` instead.
+callback may ask for their result before their own `on_train_end` (it is measured then, once). Under FSDP2
+the final model is gathered to rank zero's CPU one tensor at a time and measured there (`FitEnd.final_model`)
+while the other ranks wait.
 """
 
 from __future__ import annotations

@@ -43,6 +43,8 @@ from lightning.pytorch.callbacks import Callback
 from lightning.pytorch.utilities.exceptions import MisconfigurationException
 from torch import nn
 
+from lightning_drop.lightning.distributed import is_sharded
+
 from ._common import hf_of
 
 Role = Literal["drop", "adapters", "measure"]
@@ -67,6 +69,7 @@ class FitEnd:
         self.results: dict[str, Any] = {}
         self._measured: set[int] = set()
         self._running: set[int] = set()
+        self._gathered: tuple[str, nn.Module] | None = None  # rank zero's plain copy of a sharded model
 
     @staticmethod
     def of(trainer: pl.Trainer) -> FitEnd:
@@ -154,9 +157,27 @@ class FitEnd:
         """
         self.finalize(trainer, pl_module)
         wrapped = getattr(pl_module, "model", None)
+        if isinstance(wrapped, nn.Module) and is_sharded(wrapped):
+            return self._gathered_model(trainer, pl_module)
         if merged_copy and _has_adapters(wrapped):
             return copy.deepcopy(wrapped).merge_and_unload()
         return hf_of(pl_module)
+
+    def _gathered_model(self, trainer: pl.Trainer, pl_module: pl.LightningModule) -> nn.Module:
+        """Under FSDP2: the whole model gathered (adapters merged) on rank zero, loaded on CPU, once per model
+        state; other ranks take part in the gathers and get the sharded model (they measure nothing)."""
+        from lightning_drop.lightning.sharded_weights import load_gathered
+
+        gather = getattr(pl_module, "gathered_dir", None)
+        if gather is None:
+            raise MisconfigurationException(f"{type(pl_module).__name__} cannot gather its sharded model for fit-end "
+                                            "measurements: use lightning_drop.DropModule")
+        directory = gather()
+        if directory is None:
+            return hf_of(pl_module)
+        if self._gathered is None or self._gathered[0] != directory:
+            self._gathered = (directory, load_gathered(directory))
+        return self._gathered[1]
 
     def publish(self, trainer: pl.Trainer, key: str, value: Any) -> Any:
         """Record `value` (rank zero's, broadcast: every rank holds the same results). Call on every rank."""
@@ -222,7 +243,7 @@ class FitEndMeasurement(FitEndMember):
 
     A subclass implements `_measure(trainer, pl_module)`, which runs on every rank (reaching the final model
     may be collective) and returns the result on rank zero; every rank then holds the broadcast result in
-    the attribute named by `result_attr`. Measuring needs the whole model, so sharded fits are refused.
+    the attribute named by `result_attr`. A sharded model is gathered to rank zero first (`final_model`).
     """
 
     result_key: str
@@ -230,11 +251,6 @@ class FitEndMeasurement(FitEndMember):
 
     def setup(self, trainer: pl.Trainer, pl_module: pl.LightningModule, stage: str) -> None:
         if stage == "fit":
-            from lightning_drop.lightning.distributed import refuse_if_sharded
-
-            refuse_if_sharded(trainer, f"{type(self).__name__} measures the whole model at fit end and",
-                              "use DDP, or save the model and measure it with "
-                              "`lightning-drop eval|perplexity|speed|quantize`")
             FitEnd.of(trainer).join(self, "measure", key=self.result_key, measure=self._measure)
 
     def on_train_end(self, trainer: pl.Trainer, pl_module: pl.LightningModule) -> None:

@@ -10,7 +10,8 @@ resolves before that (the trainer's log dir is a broadcast: asked on rank zero a
 `ModelCheckpoint` resolves its dirpath on all ranks for the same reason). Scalars and the layer x step
 heatmap go through every Lightning logger (`trainer.loggers`, as `LearningRateMonitor` does): TensorBoard
 gets `add_figure`, loggers with `log_image` (W&B, ...) get the image. Every scoring point comes after the
-strategy set the model up, so under FSDP (sharded parameters) the tracker is refused at setup: use DDP.
+strategy set the model up: under FSDP2 the hooks sit on sharded layers, which run with their full
+parameters, and every rank scores the same number of batches (each forward is a collective there).
 """
 
 from __future__ import annotations
@@ -24,7 +25,6 @@ from lightning.pytorch.callbacks import Callback
 from lightning.pytorch.utilities.exceptions import MisconfigurationException
 
 from lightning_drop.io.atomic_io import atomic_file
-from lightning_drop.lightning.distributed import refuse_if_sharded
 from lightning_drop.measure.importance_history import HEATMAP_PNG, HISTORY_JSON, KINDS, history_figure, write_history
 
 from ._common import CalibrationSource, hf_of, log_to_loggers
@@ -93,10 +93,12 @@ class ImportanceTracker(Callback):
     # ---------------------------------------------------------------------------------------- scoring
     def score(self, trainer: pl.Trainer, pl_module: pl.LightningModule, event: str) -> dict[str, Any]:
         """Score now (every rank), append to the history, write files and log (rank zero)."""
+        from lightning_drop.lightning.distributed import whole_root
         from lightning_drop.scoring.importance import compute_importance
 
-        scores = compute_importance(hf_of(pl_module), self.calibration.batches(trainer, pl_module),
-                                    metric=self.metric)
+        with whole_root(pl_module):  # sharded: the scoring pass runs the decoder body, not the root
+            scores = compute_importance(hf_of(pl_module), self.calibration.batches(trainer, pl_module),
+                                        metric=self.metric)
         entry = {"step": trainer.global_step, "event": event, "metric": self.metric,
                  "num_tokens": scores.num_tokens, **{k: scores.row(k) for k in KINDS}}
         self.history.append(entry)
@@ -140,8 +142,6 @@ class ImportanceTracker(Callback):
     # ------------------------------------------------------------------------------------------- hooks
     def setup(self, trainer: pl.Trainer, pl_module: pl.LightningModule, stage: str) -> None:
         if stage == "fit":
-            refuse_if_sharded(trainer, "ImportanceTracker scores the model during training and",
-                              "track importance under DDP (--trainer.strategy ddp)")
             self._dir = None  # a new fit may have a new logger version: resolved at its first score
 
     def on_train_start(self, trainer: pl.Trainer, pl_module: pl.LightningModule) -> None:

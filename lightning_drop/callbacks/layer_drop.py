@@ -17,8 +17,9 @@ fail half-way. On resume (`trainer.ckpt_path` set before `fit`, as `lightning-dr
 reads its state from the checkpoint and re-applies the recorded drops instead of scoring again; with
 `trainer.fit(ckpt_path=...)` Lightning reveals the path only after setup, so a fit-start drop is re-scored
 and `DropModule.on_load_checkpoint` then restores the checkpoint's architecture (correct, but wasted work).
-Under FSDP only fit-start drops without training between rounds are allowed (see
-`lightning_drop.lightning.distributed`).
+Under FSDP2 a fit-start drop happens before `DropModule.configure_model` shards the model; a later drop
+scores the sharded model (every rank runs the same calibration batches) and swaps sublayers inside the
+sharded layers; the optimizers are rebuilt with the surviving parameters, as under DDP.
 """
 
 from __future__ import annotations
@@ -29,10 +30,10 @@ import lightning.pytorch as pl
 from lightning.pytorch.utilities import rank_zero_info, rank_zero_warn
 from lightning.pytorch.utilities.exceptions import MisconfigurationException
 
-from lightning_drop.lightning.distributed import refuse_if_sharded
 from lightning_drop.io.training_checkpoint import checkpoint_meta, resume_path
+from lightning_drop.lightning.distributed import whole_root
 
-from ._common import CalibrationSource, hf_of, log_to_loggers, rebuild_optimizers, scoring_device
+from ._common import CalibrationSource, ensure_unsharded, hf_of, log_to_loggers, rebuild_optimizers, scoring_device
 from .fit_end import FitEnd, FitEndMember
 
 WHEN = ("fit_start", "step", "fit_end")
@@ -177,8 +178,9 @@ class LayerDrop(FitEndMember):
         model = hf_of(pl_module)
 
         def score(attn: list[int], mlp: list[int], index: int) -> ImportanceScores:
-            scores = compute_importance(model, self.calibration.batches(trainer, pl_module), metric=self._metric,
-                                        seed=self.seed + index, kinds=target_kinds(self.target), span=self.span)
+            with whole_root(pl_module):  # sharded: the scoring pass runs the decoder body, not the root
+                scores = compute_importance(model, self.calibration.batches(trainer, pl_module), metric=self._metric,
+                                            seed=self.seed + index, kinds=target_kinds(self.target), span=self.span)
             # The scores are synced across ranks; rank zero's copy makes every rank rank them identically.
             return trainer.strategy.broadcast(scores, src=0)
 
@@ -188,6 +190,7 @@ class LayerDrop(FitEndMember):
                                self.keep, sorted(set(cur_attn) - set(walk_attn)), sorted(set(cur_mlp) - set(walk_mlp)),
                                start=self.dropped_count, walked=(walk_attn, walk_mlp), rule=self._rule))
         attn, mlp, scores = rnd.attn, rnd.mlp, rnd.scores
+        ensure_unsharded(trainer, pl_module)  # sharded: the change is made on the plain model, sharded again later
         record_of_fit = FitEnd.of(trainer)
         record_of_fit.before_drop(trainer, pl_module)
         model = hf_of(pl_module)  # a recovery healing between rounds may have merged its adapters just now
@@ -275,12 +278,6 @@ class LayerDrop(FitEndMember):
                 rank_zero_warn(f"LayerDrop: the last of {rounds} rounds would be at step {last}, after max_steps="
                                f"{max_steps}: this fit drops fewer than {self.total} modules")
 
-    def _check_strategy(self, trainer: pl.Trainer) -> None:
-        if self.when != "fit_start" or self.every_n_steps:
-            refuse_if_sharded(trainer, f"LayerDrop(when={self.when!r}, every_n_steps={self.every_n_steps}) drops "
-                                       "during or after training and",
-                              "drop at fit start (when: fit_start, every_n_steps: 0) or use DDP")
-
     def _resume(self, trainer: pl.Trainer, pl_module: pl.LightningModule, path: str) -> None:
         """Take this callback's state from the checkpoint and re-apply its recorded drops (no scoring)."""
         from lightning_drop.core.modeling_dropped import apply_drop
@@ -297,6 +294,12 @@ class LayerDrop(FitEndMember):
                     "would replace a fit-start drop made now; to drop a trained model, start a new fit from it "
                     "(DropModule.load_from_checkpoint(path).save_pretrained(dir), then DropModule(model=dir))")
             return  # a step / fit-end drop still to come: it happens in this run as configured
+        kinds = {m.split(".")[0] for r in state["rounds"] for m in r["modules"]}
+        if state["total"] != self.total or not kinds <= ({"attn", "mlp"} if self.target == "joint" else {self.target}):
+            raise MisconfigurationException(
+                f"LayerDrop: {path} was written by another drop plan ({state['total']} modules, rounds "
+                f"{[r['modules'] for r in state['rounds']]}) than this LayerDrop(target={self.target!r}) dropping "
+                f"{self.total}: resume with the LayerDrop settings of that fit, or start a new fit")
         self.load_state_dict(state)
         attn, mlp = self.recorded_plan()
         cur_attn, cur_mlp = dropped_layers_of(hf_of(pl_module))
@@ -319,7 +322,6 @@ class LayerDrop(FitEndMember):
             return
         # role `drop` (see `fit_end`): a fit-end drop is a finishing step that measurements run first
         FitEnd.of(trainer).join(self, "drop", finish=self.drop_at_fit_end if self.when == "fit_end" else None)
-        self._check_strategy(trainer)
         self.total = self._resolve_total(pl_module)
         self._check_model(pl_module)
         self._check_schedule(trainer)
@@ -328,6 +330,11 @@ class LayerDrop(FitEndMember):
             self._resume(trainer, pl_module, path)
             return
         if self.when == "fit_start" and not self.rounds:
+            if any(p.is_meta for p in hf_of(pl_module).parameters()):
+                raise MisconfigurationException(
+                    "LayerDrop(when='fit_start'): the model has no weights before it is sharded "
+                    "(DropModule(load_sharded=true)): drop first with `lightning-drop drop --stream`, then recover "
+                    "the dropped checkpoint")
             with scoring_device(trainer, hf_of(pl_module)):
                 self._drop_rounds_now(trainer, pl_module)  # before optimizers exist: nothing to rebuild
 

@@ -17,9 +17,8 @@ import lightning.pytorch as pl
 from lightning.pytorch.utilities import rank_zero_info
 from lightning.pytorch.utilities.exceptions import MisconfigurationException
 
-from lightning_drop.lightning.distributed import refuse_if_sharded
 
-from ._common import rebuild_optimizers
+from ._common import ensure_unsharded, rebuild_optimizers
 from .fit_end import FitEnd, FitEndMember
 from .trainable import DEFAULT_TARGETS, LoRASettings, TrainableSet
 
@@ -71,10 +70,6 @@ class LoRARecovery(FitEndMember):
     def setup(self, trainer: pl.Trainer, pl_module: pl.LightningModule, stage: str) -> None:
         if stage != "fit":
             return
-        if self.merge:
-            refuse_if_sharded(trainer, "LoRARecovery(merge=True) merges the adapters into the weights at fit end and",
-                              "set merge: false and merge offline (DropModule.load_from_checkpoint(path)"
-                              ".save_pretrained(dir) merges), or use DDP")
         # role `adapters`: the merge is a finishing step; drops listed later are checked when they join
         record = FitEnd.of(trainer).join(self, "adapters", finish=lambda tr, module: self.merge_now(module))
         late = [d for d in record.drops() if getattr(d, "when", None) == "fit_end"]
@@ -90,11 +85,13 @@ class LoRARecovery(FitEndMember):
         if getattr(pl_module, "lora_config", None) is not None or self.merged:
             return
         if FitEnd.of(trainer).drops_finished():
+            ensure_unsharded(trainer, pl_module)
             self._attach(trainer, pl_module)
             rebuild_optimizers(trainer, pl_module)
 
     def merge_now(self, pl_module: pl.LightningModule) -> None:
-        """Merge the adapters into the weights now when `merge=True` (idempotent)."""
+        """Merge the adapters into the weights now when `merge=True` (idempotent; a sharded model keeps them,
+        see `TrainableSet.merge`)."""
         if self.merge and self.trainable.merge(pl_module):
             self.merged = True
             rank_zero_info("LoRARecovery: adapters merged into the weights")

@@ -7,7 +7,7 @@ paper's Table 10) go to `trainer.loggers` (`self.log` is not allowed in this hoo
 `output/lightning_drop_quant.json`. The other ranks wait at a barrier. It joins the fit's record as the
 `quantize` measure (see `fit_end`) and quantizes the final model (`FitEnd.final_model`: fit-end drops done,
 LoRA merged; a merged copy when the adapters stay attached), wherever it stands in the callback list;
-refused under FSDP.
+under FSDP2 the model gathered on rank zero.
 """
 
 from __future__ import annotations

@@ -4,7 +4,7 @@ Runs in `on_train_end` on `trainer.strategy.root_device`; logs through `trainer.
 It joins the fit's record as the `speed` measure (see `fit_end`) and times the final model
 (`FitEnd.final_model`: fit-end drops done, LoRA merged; a merged copy when the adapters stay attached),
 wherever it stands in the callback list; the SDR takes the `lm_eval` result of the same fit (measured first
-if its callback comes later in the list). Refused under FSDP.
+if its callback comes later in the list). Under FSDP2 it measures the model gathered on rank zero.
 """
 
 from __future__ import annotations

@@ -22,6 +22,7 @@ from torch import nn
 
 from lightning_drop.io.teacher_logits import output_vocab_size
 from lightning_drop.lightning.module import model_from_config
+from lightning_drop.lightning.sharded_weights import full_tensors
 
 from ._common import hf_of
 
@@ -99,7 +100,8 @@ def copied_teacher_state(teacher: nn.Module | None, step: int | None, mark: torc
     trained = copied and step > 0  # weights found nowhere else: they go into the checkpoint
     return {"teacher_step": step if copied else None, "teacher_fingerprint": mark if copied else None,
             "teacher_config": config if trained else None,
-            "teacher_weights": {k: v.detach().cpu() for k, v in teacher.state_dict().items()} if trained else None}
+            # a sharded teacher is gathered tensor by tensor (every rank takes part: a collective)
+            "teacher_weights": dict(full_tensors(teacher, keep=True)) if trained else None}
 
 
 def restored_teacher(state: dict[str, Any], current: nn.Module | None, mark: torch.Tensor | None

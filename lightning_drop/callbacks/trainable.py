@@ -224,8 +224,11 @@ class TrainableSet:
         return f"{what}: {trainable:,} trainable of {total:,} parameters"
 
     def merge(self, pl_module: pl.LightningModule) -> bool:
-        """Fold LoRA adapters into the weights (idempotent); whether a merge happened."""
-        if self.kind == "lora" and self.attached(pl_module):
+        """Fold LoRA adapters into the weights (idempotent); whether a merge happened. A sharded model keeps
+        them: what needs the merged model at fit end gathers it, and the gathered weights are merged."""
+        from lightning_drop.lightning.distributed import is_sharded
+
+        if self.kind == "lora" and self.attached(pl_module) and not is_sharded(pl_module):
             pl_module.merge_lora()
             if self._dtype_before is not None:  # the merged weights keep the low-precision base's rounding
                 hf_of(pl_module).to(self._dtype_before)

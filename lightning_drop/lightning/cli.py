@@ -11,8 +11,8 @@ would forbid setting it and fail for other module classes); `DropModule.setup` r
 tokenizer with more tokens than the model embeds. `fit --ckpt_path PATH` with a local PATH is handed to
 the trainer as `trainer.ckpt_path` before `fit`, so callbacks and `DropModule.configure_model` know in
 `setup` that this fit resumes (Lightning itself reveals `fit(ckpt_path=...)` only after setup); LayerDrop
-then re-applies the checkpoint's drops instead of scoring again. `--trainer.strategy fsdp_decoder_layers`
-names `lightning_drop.lightning.distributed.DecoderLayerFSDPStrategy`.
+then re-applies the checkpoint's drops instead of scoring again. `--trainer.strategy fsdp2`
+names `lightning_drop.lightning.distributed.FSDP2Strategy`.
 
 A mistake in the configuration is one `UserError` line that names the file (or the command line), the key
 and what was expected, instead of jsonargparse's usage text and its nested report of every Union subtype
@@ -76,7 +76,10 @@ class DropCLI(LightningCLI):
     def before_fit(self) -> None:
         # `trainer.ckpt_path = path` is Lightning's user-managed resume path: the same restore, but visible
         # to `Callback.setup` (see lightning_drop.lightning.distributed.resume_path). "last"/"best"/URLs stay as given.
+        from lightning_drop.lightning.distributed import check_strategy
+
         config = self.config_init[self.subcommand] if self.subcommand else self.config_init
+        check_strategy(self.trainer.strategy)  # every rank runs this command: one line each, before any work
         self._check_save_dir()
         path = config.get("ckpt_path")
         if isinstance(path, (str, os.PathLike)) and os.path.exists(path):
@@ -185,7 +188,7 @@ def run_lightning_cli(args: Sequence[str] | None = None, run: bool = True, **kwa
     """
     os.environ.setdefault("TOKENIZERS_PARALLELISM", "false")
     import lightning_drop  # noqa: F401  (registers the dropped classes with transformers' Auto classes)
-    import lightning_drop.lightning.distributed  # noqa: F401  (registers the `fsdp_decoder_layers` strategy name)
+    import lightning_drop.lightning.distributed  # noqa: F401  (registers the `fsdp2` strategy name)
     from lightning_drop.io.model_loading import no_stdin_prompts
 
     no_stdin_prompts()

@@ -1,109 +1,73 @@
-"""Distributed training of DropModule: FSDP wrapping per decoder layer, and what sharding rules out.
+"""Sharded training of DropModule: FSDP2 (`fully_shard`) per decoder layer under Lightning's ModelParallelStrategy.
 
-The decoder layer class is read from the model through its ArchSpec (`spec.get_layers(model)`), so every
-supported family (and its dropped variant, whose layers keep the family's class) gets the right policy
-without naming transformers classes in a config. With LightningCLI:
+`DropModule.configure_model` calls `shard_model` when the trainer's strategy is a `ModelParallelStrategy`:
+every decoder layer (found through the model's ArchSpec, so every family and its dropped variant) and then
+the root are sharded with `torch.distributed.fsdp.fully_shard` over the mesh's `data_parallel` dimension,
+in bf16 mixed precision on GPU. `FSDP2Strategy` (`--trainer.strategy fsdp2`) is that strategy with a pure
+data-parallel mesh (every process holds one shard); it runs on CPU (gloo) as on GPU (NCCL), on one node or
+many (`trainer.num_nodes`):
 
-    lightning-drop fit --config configs/drop_and_recover.yaml \\
-        --trainer.accelerator gpu --trainer.devices 8 \\
-        --trainer.strategy fsdp_decoder_layers      # or lightning_drop.lightning.distributed.DecoderLayerFSDPStrategy
+    lightning-drop fit --config configs/sharded/recover_fsdp2.yaml --trainer.devices 8 --trainer.num_nodes 2
 
-What works under a parameter-sharding strategy (FSDP, ModelParallel, DeepSpeed ZeRO-3), and what is refused
-with a `MisconfigurationException` at setup (the callbacks and DropModule call `refuse_if_sharded`):
-- works: a fit-start `LayerDrop` (one-shot, or iterative with `every_n_steps: 0`), done in `Callback.setup`
-  before sharding and scored on `trainer.strategy.root_device`, so the score sync is a GPU collective;
-  `LoRARecovery(merge=False)` attached at setup; resuming (`DropModule.configure_model` rebuilds the saved drop
-  plan and LoRA from `trainer.ckpt_path` before sharding, because these strategies restore after setup).
-- refused (they need the full parameters after sharding): drops during or at the end of training,
-  `ImportanceTracker`, LoRA merging, the fit-end measurement callbacks and `DropModule(save_dir=...)`;
-  `Distillation` too (its teacher would be a whole unsharded model on every rank). Use DDP for those, or checkpoint (`FSDPStrategy(state_dict_type="full")` writes one file) and convert
-  with `DropModule.load_from_checkpoint(path).save_pretrained(dir)`, then measure the saved model with
-  `lightning-drop eval|perplexity|speed|quantize`.
-Lightning's FSDP strategy needs CUDA (`accelerator="cpu"` is refused), so none of this has been run here:
-the refusals and the resume logic are tested on CPU with constructed strategy objects; the sharded
-training itself is untested without a GPU. On CPU use `--trainer.strategy ddp` (gloo).
+Everything DDP does works sharded with the same decisions (fit-start drops happen in `Callback.setup`,
+before sharding; later drops and scoring run on the sharded layers, whose hooks see full parameters). What
+needs the whole model after training (the fit-end measurements, `DropModule(save_dir=...)`) gets it through
+`gather_to_directory`: parameters are gathered one at a time (a collective on every rank) and rank zero
+writes them, LoRA merged, one decoder layer per safetensors file; the saved checkpoint is then written from
+there by the streamed writer, so rank zero never holds the whole model for saving.
+
+Refused at setup, one line on every rank: FSDP1 (`FSDPStrategy`, CUDA only) and DeepSpeed ZeRO-3 (use
+`fsdp2`), and a tensor-parallel dimension (`tensor_parallel_size > 1`: use `tensor_parallel_size: 1`).
 """
 
 from __future__ import annotations
 
+from collections.abc import Iterator
+from contextlib import contextmanager
 from typing import Any
 
 import torch
-from lightning.pytorch.strategies import FSDPStrategy, StrategyRegistry
-from lightning.pytorch.utilities.exceptions import MisconfigurationException
+from lightning.pytorch.strategies import ModelParallelStrategy, StrategyRegistry
 from torch import nn
 
 from ..core.architectures import get_spec
 from ..errors import UserError
-# Lightning checkpoints are read by their own module; these names stay importable from here
-from ..io.training_checkpoint import CKPT_KEY, checkpoint_meta, load_plain_checkpoint, resume_path, verify_checkpoint
+from .sharded_weights import find_decoder, full_tensors, gather_to_directory
 
-STRATEGY_NAME = "fsdp_decoder_layers"
-
-
-def _find_decoder(model: nn.Module) -> nn.Module:
-    """The Hugging Face model inside `model` (itself, a peft wrapper, or a LightningModule holding it)."""
-    for module in model.modules():
-        config = getattr(module, "config", None)
-        if config is None or not hasattr(config, "model_type"):
-            continue
-        try:
-            spec = get_spec(module)
-            spec.get_layers(module)
-        except (ValueError, AttributeError):
-            continue
-        return module
-    raise UserError(f"{type(model).__name__} holds no model of a supported family: no decoder layers to wrap")
+STRATEGY_NAME = "fsdp2"
 
 
-def decoder_layer_classes(model: nn.Module) -> set[type[nn.Module]]:
-    """The decoder layer class(es) of the (wrapped) model: the units FSDP should shard."""
-    hf = _find_decoder(model)
-    return {type(layer) for layer in get_spec(hf).get_layers(hf)}
+class FSDP2Strategy(ModelParallelStrategy):
+    """`ModelParallelStrategy` with a data-parallel mesh by default: all processes of all nodes shard the model.
 
-
-def fsdp_auto_wrap_policy(model: nn.Module) -> Any:
-    """`ModuleWrapPolicy` over the decoder layer class(es) of `model` (pass as FSDP's `auto_wrap_policy`)."""
-    from torch.distributed.fsdp.wrap import ModuleWrapPolicy
-
-    return ModuleWrapPolicy(decoder_layer_classes(model))
-
-
-class DecoderLayerFSDPStrategy(FSDPStrategy):
-    """Lightning's `FSDPStrategy` whose auto-wrap policy is the model's decoder layers, found at setup.
-
-    Writable in YAML as `trainer.strategy: lightning_drop.lightning.distributed.DecoderLayerFSDPStrategy` with any
-    `FSDPStrategy` init arg (sharding_strategy, mixed_precision, cpu_offload, state_dict_type, ...).
-    An explicit `auto_wrap_policy` wins. Layers are wrapped after `Callback.setup`, so drops applied at
-    setup/fit start (LayerDrop `when: fit_start`) are already in place when the model is sharded.
+    Lightning's own default (`auto`) puts every process of a node into the tensor-parallel dimension, which
+    `DropModule` does not shard along; here `data_parallel_size="auto"` means world size / tensor size.
+    Writable in YAML as `trainer.strategy: fsdp2` or with its class path and any init arg of the parent.
     """
 
     strategy_name = STRATEGY_NAME
 
-    def _setup_model(self, model: nn.Module) -> nn.Module:
-        if "auto_wrap_policy" not in self.kwargs:
-            self.kwargs["auto_wrap_policy"] = fsdp_auto_wrap_policy(model)
-        return super()._setup_model(model)
+    def __init__(self, data_parallel_size: int | str = "auto", tensor_parallel_size: int = 1, **kwargs: Any) -> None:
+        super().__init__(data_parallel_size=data_parallel_size, tensor_parallel_size=tensor_parallel_size, **kwargs)
 
-
-def fsdp_strategy(model: nn.Module | None = None, **kwargs: Any) -> FSDPStrategy:
-    """A `DecoderLayerFSDPStrategy` (policy fixed now when `model` is given); kwargs go to `FSDPStrategy`."""
-    if model is not None:
-        kwargs.setdefault("auto_wrap_policy", decoder_layer_classes(model))
-    return DecoderLayerFSDPStrategy(**kwargs)
+    def setup_environment(self) -> None:
+        check_strategy(self)  # before any process group, callback or model work: one line on every rank
+        if self._data_parallel_size == "auto" and isinstance(self._tensor_parallel_size, int):
+            self._data_parallel_size = max(1, self.num_nodes * self.num_processes // self._tensor_parallel_size)
+        super().setup_environment()
 
 
 if torch.distributed.is_available() and STRATEGY_NAME not in StrategyRegistry:
-    # `--trainer.strategy fsdp_decoder_layers` (the registry resolves strategy names at Trainer init)
-    StrategyRegistry.register(STRATEGY_NAME, DecoderLayerFSDPStrategy,
-                              description="FSDP with one unit per decoder layer of the model (lightning_drop)")
+    # `--trainer.strategy fsdp2` (the registry resolves strategy names at Trainer init)
+    StrategyRegistry.register(STRATEGY_NAME, FSDP2Strategy,
+                              description="FSDP2 with one unit per decoder layer of the model (lightning_drop)")
 
 
-# ---------------------------------------------------------------------------------- sharding refusals
+# ------------------------------------------------------------------------------------------ strategies
 def sharded_strategy(strategy: Any) -> str | None:
     """The class name of `strategy` when it shards parameters across processes (FSDP, ModelParallel,
     DeepSpeed ZeRO-3), else None."""
-    from lightning.pytorch.strategies import DeepSpeedStrategy, ModelParallelStrategy
+    from lightning.pytorch.strategies import DeepSpeedStrategy, FSDPStrategy
 
     if isinstance(strategy, (FSDPStrategy, ModelParallelStrategy)):
         return type(strategy).__name__
@@ -112,8 +76,210 @@ def sharded_strategy(strategy: Any) -> str | None:
     return None
 
 
+def is_fsdp2(strategy: Any) -> bool:
+    """Whether `strategy` shards through `DropModule.configure_model` (Lightning's ModelParallelStrategy)."""
+    return isinstance(strategy, ModelParallelStrategy)
+
+
+def check_strategy(strategy: Any) -> None:
+    """Refuse, on every rank before any model work, a sharding this project cannot train with (one line)."""
+    name = sharded_strategy(strategy)
+    if name is None:
+        return
+    if not is_fsdp2(strategy):
+        raise UserError(f"{name} is not supported: shard with FSDP2 (`--trainer.strategy fsdp2`, Lightning's "
+                        "ModelParallelStrategy), or use `ddp`")
+    tp = _tensor_parallel_processes(strategy)
+    if tp > 1:
+        raise UserError(f"{name}: tensor_parallel_size={tp}, but DropModule shards only along data parallelism "
+                        "(drops replace whole sublayers): set tensor_parallel_size: 1 and data_parallel_size to the "
+                        "number of processes (`--trainer.strategy fsdp2` does)")
+
+
+def _tensor_parallel_processes(strategy: Any) -> int:
+    """The size of the mesh's tensor-parallel dimension, before the mesh exists as after (Lightning's `auto`
+    puts every process of a node there unless the data-parallel size is given)."""
+    mesh = getattr(strategy, "_device_mesh", None)
+    if mesh is not None:
+        return int(mesh["tensor_parallel"].size())
+    tp, dp = getattr(strategy, "_tensor_parallel_size", 1), getattr(strategy, "_data_parallel_size", "auto")
+    if tp != "auto":
+        return int(tp)
+    world = getattr(strategy, "num_nodes", 1) * (getattr(strategy, "num_processes", 1) or 1)
+    return world // int(dp) if dp != "auto" else (getattr(strategy, "num_processes", 1) or 1)
+
+
 def refuse_if_sharded(trainer: Any, what: str, instead: str) -> None:
-    """Raise if the trainer shards parameters: `what` (needs the full model after sharding) cannot run."""
+    """Raise (one line, at setup, on every rank) if the trainer shards parameters: `what` cannot run sharded."""
+    from lightning.pytorch.utilities.exceptions import MisconfigurationException
+
     name = sharded_strategy(getattr(trainer, "strategy", None))
     if name is not None:
-        raise MisconfigurationException(f"{what} needs the full parameters after {name} has sharded them: {instead}")
+        raise MisconfigurationException(f"{what} cannot run under {name}: {instead}")
+
+
+def is_sharded(model: nn.Module) -> bool:
+    """Whether `model` (or a module inside it) has been sharded with `fully_shard`."""
+    from torch.distributed.fsdp import FSDPModule
+
+    return any(isinstance(m, FSDPModule) for m in model.modules())
+
+
+def shard_model(model: nn.Module, mesh: Any, device: torch.device) -> None:
+    """`fully_shard` every decoder layer of `model`, then `model` itself (a no-op when already sharded).
+
+    bf16 compute with fp32 gradient reduction on GPU; full precision on CPU, where bf16 matmuls are slow.
+    """
+    from torch.distributed.fsdp import MixedPrecisionPolicy, fully_shard
+
+    if is_sharded(model):
+        return
+    if device.type == "cpu":
+        _fixed_mmap_threshold()
+    kwargs: dict[str, Any] = {"mesh": mesh}
+    if device.type == "cuda":
+        kwargs["mp_policy"] = MixedPrecisionPolicy(param_dtype=torch.bfloat16, reduce_dtype=torch.float32)
+    hf = find_decoder(model)
+    for layer in get_spec(hf).get_layers(hf):
+        fully_shard(layer, **kwargs)
+    fully_shard(model, **kwargs)
+
+
+def _fixed_mmap_threshold(size: int = 128 * 1024) -> None:
+    """Return the gathered layers' memory to the system when freed (CPU processes, glibc).
+
+    glibc raises its mmap threshold each time a large block is freed, so the next layers' all-gather buffers
+    come from the heap, which keeps them: measured with benchmarks/fsdp_memory.py, a rank then peaks at 0.84x
+    DDP's memory instead of 0.64x. A fixed threshold (`mallopt(M_MMAP_THRESHOLD)`) stops that.
+    """
+    import ctypes
+    import ctypes.util
+
+    name = ctypes.util.find_library("c")
+    try:
+        libc = ctypes.CDLL(name) if name else None
+        if libc is not None and hasattr(libc, "mallopt"):
+            libc.mallopt(-3, size)  # M_MMAP_THRESHOLD
+    except OSError:  # not glibc: nothing to tune
+        pass
+
+
+@contextmanager
+def whole_root(module: nn.Module) -> Iterator[None]:
+    """Hold the root unit's parameters (embeddings, final norm, head) gathered while code runs a part of a sharded
+    model that is not the root's forward (scoring calls the decoder body): a collective; no-op unsharded.
+
+    The root is initialized first, as its first forward would, so no decoder layer takes the root's role.
+    """
+    from torch.distributed.fsdp import FSDPModule
+
+    roots: list[Any] = []
+    for m in module.modules():
+        if isinstance(m, FSDPModule) and not any(r is m or _contains(r, m) for r in roots):
+            roots.append(m)
+    for root in roots:
+        root._get_fsdp_state()._lazy_init()  # what the root's first forward does (no public entry point)
+        root.unshard()
+    try:
+        yield
+    finally:
+        for root in roots:
+            root.reshard()
+
+
+def _contains(parent: nn.Module, child: nn.Module) -> bool:
+    return any(m is child for m in parent.modules())
+
+
+# ----------------------------------------------------------------------------- DropModule, sharded
+def gathered_dir(module: Any) -> str | None:
+    """The full weights of `module.model` (sharded) as a Hugging Face directory on rank zero, None elsewhere.
+
+    A collective: every rank calls it. Gathered once per model state (step, drops, adapters) and kept in a
+    temporary directory until `drop_gathered` (the module's teardown).
+    """
+    import tempfile
+
+    trainer = module.trainer
+    key = (trainer.global_step, tuple(map(tuple, module.drop_plan)), repr(module.lora_config))
+    cached = getattr(module, "_gathered", None)
+    if cached is not None and cached[0] == key:
+        return cached[1]
+    drop_gathered(module)
+    directory = tempfile.mkdtemp(prefix="lightning_drop_gathered_") if trainer.is_global_zero else None
+    gather_to_directory(module.model, directory, module.hf_model.config, module.lora_config,
+                        get_spec(module.hf_model).layer_prefix)
+    module._gathered = (key, directory)
+    trainer.strategy.barrier("gathered_dir")
+    return directory
+
+
+def drop_gathered(module: Any) -> None:
+    """Remove the gathered copy of `gathered_dir` (rank zero's temporary directory)."""
+    import shutil
+
+    cached = getattr(module, "_gathered", None)
+    if cached is not None and cached[1] is not None:
+        shutil.rmtree(cached[1], ignore_errors=True)
+    module._gathered = None
+
+
+def save_sharded(module: Any, out_dir: str) -> None:
+    """Write the dropped checkpoint of a sharded `module.model`: gathered a layer at a time, then written by the
+    streamed writer on rank zero, which never holds the whole model. Every rank calls it."""
+    from lightning.pytorch.utilities import rank_zero_info
+
+    from ..scoring.streamed_writer import write_dropped_streaming
+
+    source = gathered_dir(module)
+    if module.trainer.is_global_zero:
+        write_dropped_streaming(source, out_dir, tokenizer=module.tokenizer,
+                                dtype=getattr(torch, module.hparams.dtype), max_shard_size="5GB")
+        rank_zero_info(f"saved the {'dropped ' if any(module.drop_plan) else ''}model to {out_dir}")
+    module.trainer.strategy.barrier("save_sharded")
+
+
+def unshard_module(module: Any) -> None:
+    """Replace the sharded `module.model` by a plain one with the full weights on every rank (a collective).
+
+    Used before a change of structure during training (a drop, adapters attached or merged): the change is
+    made on the plain model and `reshard_module` shards it again. The optimizer state of every parameter is
+    kept by name for that rebuild (`module._state_by_name`). Correct rather than lean: for that moment every
+    rank holds the whole model, as under DDP.
+    """
+    if not is_sharded(module.model):
+        return
+    old = module.model
+    trainer = getattr(module, "_trainer", None)
+    names = {id(p): n for n, p in old.named_parameters()}
+    module._state_by_name = {names[id(p)]: s for opt in (trainer.optimizers if trainer is not None else [])
+                             for p, s in opt.state.items() if id(p) in names}
+    trainable = {n: p.requires_grad for n, p in old.named_parameters()}
+    full = {n: t for n, t in full_tensors(old, keep=True)}
+    buffers = {n: b for n, b in old.named_buffers()}
+    lora, config = module.lora_config, module.hf_model.config.to_dict()
+    with torch.device("meta"):
+        module.model = module._model_from_config(config)
+        module.lora_config = None
+        if lora is not None:
+            module.add_lora(r=lora["r"], alpha=lora["alpha"], dropout=lora["dropout"],
+                            target_modules=lora["target_modules"])
+    module.model.load_state_dict(full, strict=True, assign=True)
+    for name, buffer in module.model.named_buffers():
+        if buffer.is_meta and name in buffers:  # non-persistent buffers (rotary tables) are not in a state dict
+            owner, _, leaf = name.rpartition(".")
+            module.model.get_submodule(owner).register_buffer(leaf, buffers[name].detach().clone(), persistent=False)
+    module.hf_model.tie_weights()
+    for name, p in module.model.named_parameters():
+        p.requires_grad_(trainable.get(name, p.requires_grad))
+    if trainer is not None:
+        module.model.to(trainer.strategy.root_device)
+
+
+def reshard_module(module: Any) -> dict[str, Any]:
+    """Shard `module.model` again after `unshard_module` (every rank); returns the kept optimizer state by name."""
+    strategy = module.trainer.strategy
+    shard_model(module.model, strategy.device_mesh["data_parallel"], strategy.root_device)
+    state = getattr(module, "_state_by_name", None) or {}
+    module._state_by_name = None
+    return state

@@ -17,12 +17,12 @@ them back on resume:
   with `set_training_objective`: `training_step` then returns `objective(module, batch)`'s loss and logs its
   parts as `train/<name>`; validation and test keep the task's loss, so `val/loss` stays comparable. This is
   the one way a callback changes the training loss.
-- Strategies that restore after setup (FSDP, DeepSpeed: `strategy.restore_checkpoint_after_setup`) call
+- Strategies that restore after setup (ModelParallelStrategy: `strategy.restore_checkpoint_after_setup`) call
   that hook after the model was sharded, too late to change it: `configure_model` rebuilds the architecture
   from `trainer.ckpt_path` before sharding instead, and `on_load_checkpoint` refuses a mismatch there.
-  Under sharding `save_dir` is refused (the full weights are not on rank zero at fit end); see
-  `lightning_drop.lightning.distributed` for what else is. The FSDP paths are untested without a GPU (Lightning's
-  FSDP refuses CPU); their logic is tested on CPU with constructed strategy objects.
+- Under `ModelParallelStrategy` (`--trainer.strategy fsdp2`) `configure_model` then shards every decoder layer
+  and the root with FSDP2; what needs the whole model at fit end (measurements, `save_dir`) reads it through
+  `gathered_dir` (see `lightning_drop.lightning.distributed`).
 """
 
 from __future__ import annotations
@@ -38,7 +38,9 @@ from lightning.pytorch.utilities import rank_zero_info
 from lightning.pytorch.utilities.exceptions import MisconfigurationException
 from torch import nn
 
-from .distributed import refuse_if_sharded, sharded_strategy
+from .sharded_weights import empty_model, materialize
+from .distributed import (check_strategy, drop_gathered, gathered_dir, is_fsdp2, is_sharded, save_sharded, shard_model,
+                          sharded_strategy, unshard_module)
 from .task import build_model, build_task, lm_batch  # noqa: F401  (build_model, lm_batch: public helpers)
 from ..errors import UserError
 from ..core.architectures import LLAMA_LORA_TARGETS, get_spec
@@ -104,8 +106,13 @@ class DropModule(pl.LightningModule):
         save_dir: when set, the final model (dropped, LoRA merged if a callback merged it) is saved there
             with `save_pretrained` at the end of fit (global rank zero). `{log_dir}` in it is the trainer's log
             dir (the logger's run folder, new for each run: `"{log_dir}/dropped_model"`); the resolved path is
-            `save_path`. Checked before the first step; refused under FSDP (sharded weights).
+            `save_path`. Checked before the first step. Sharded weights are gathered one layer at a time
+            to rank zero and written by the streamed writer.
         overwrite: replace a non-empty `save_dir` (else the fit is refused before it starts).
+        load_sharded: build the model on the meta device and read its weights in `configure_model`, after
+            FSDP2 sharded it: each rank reads only its own rows from the safetensors files (`model` must be a
+            checkpoint directory). The weights exist only from then on, so a fit-start drop is refused: drop
+            first (`lightning-drop drop --stream`), then recover the dropped checkpoint.
     """
 
     def __init__(
@@ -127,6 +134,7 @@ class DropModule(pl.LightningModule):
         overwrite: bool = False,
         family: str | None = None,
         num_labels: int | None = None,
+        load_sharded: bool = False,
     ) -> None:
         super().__init__()
         if optimizer not in OPTIMIZERS:
@@ -148,8 +156,19 @@ class DropModule(pl.LightningModule):
             raise UserError(f"save_dir {save_dir!r}: unknown placeholder {sorted(other)[0]} (the one placeholder is "
                             f"{LOG_DIR}, the trainer's log dir)")
         self.save_hyperparameters()
-        self.model, self.tokenizer, self.task = build_task(model, init_config, family, num_labels, dtype,
-                                                           tokenizer_name)
+        self._load_from: str | None = None  # `load_sharded`: the directory configure_model reads weights from
+        if load_sharded:
+            from ..io.model_loading import load_tokenizer
+            from .task import CausalLM
+
+            if model is None or not os.path.isdir(model) or init_config or family:
+                raise UserError(f"load_sharded reads a checkpoint directory's safetensors files: model={model!r} is "
+                                "not a directory")
+            self.model, self.task = empty_model(model, getattr(torch, dtype)), CausalLM()
+            self.tokenizer, self._load_from = load_tokenizer(tokenizer_name or model), model
+        else:
+            self.model, self.tokenizer, self.task = build_task(model, init_config, family, num_labels, dtype,
+                                                               tokenizer_name)
         self.lora_config: dict[str, Any] | None = None
         self.training_objective: TrainingObjective | None = None
         # Step at which the current optimizer/scheduler were built (after a drop or LoRA wrap mid-fit),
@@ -157,6 +176,7 @@ class DropModule(pl.LightningModule):
         self.lr_step_offset = 0
         #: where fit end saves the model: `save_dir` with `{log_dir}` resolved (set in `setup("fit")`)
         self.save_path: str | None = None
+        self._gathered: tuple[Any, str | None] | None = None  # (model state it was gathered at, rank zero's dir)
 
     # ------------------------------------------------------------------------------------------ model
     @property
@@ -270,11 +290,9 @@ class DropModule(pl.LightningModule):
         if tok is not None and emb is not None and len(tok) > emb.num_embeddings:
             raise UserError(f"the datamodule's tokenizer has {len(tok)} tokens but the model embeds only "
                              f"{emb.num_embeddings}: set the datamodule's tokenizer to the model's")
+        if self._trainer is not None:
+            check_strategy(self.trainer.strategy)
         if self.hparams.save_dir and self._trainer is not None and stage == "fit":
-            refuse_if_sharded(self.trainer, "DropModule(save_dir=...) saves the whole model at fit end and",
-                              "leave save_dir unset, checkpoint with ModelCheckpoint (FSDPStrategy(state_dict_type="
-                              "'full') writes one file) and convert it with "
-                              "DropModule.load_from_checkpoint(path).save_pretrained(dir)")
             self.save_path = self.check_save_dir(str(self.trainer.log_dir or self.trainer.default_root_dir))
 
     def check_save_dir(self, log_dir: str) -> str:
@@ -297,16 +315,42 @@ class DropModule(pl.LightningModule):
         return save_dir
 
     def configure_model(self) -> None:
-        """Rebuild the checkpoint's architecture before sharding when the strategy restores after setup."""
+        """Rebuild the checkpoint's architecture before sharding when the strategy restores after setup, then
+        shard every decoder layer and the root with FSDP2 under `ModelParallelStrategy`."""
         trainer = self._trainer
         if trainer is None or not getattr(trainer.strategy, "restore_checkpoint_after_setup", False):
+            self._materialize()
             return
         path = resume_path(trainer)
-        meta = checkpoint_meta(path) if path is not None else None
+        meta = checkpoint_meta(path) if path is not None and not is_sharded(self.model) else None
         state = (meta or {}).get(CKPT_KEY)
         if state:
             refuse_other_model(state, self.hf_model.config.to_dict(), f"the checkpoint {path}")
             self._restore_architecture(state)
+        if is_fsdp2(trainer.strategy):
+            strategy = trainer.strategy
+            shard_model(self.model, strategy.device_mesh["data_parallel"], strategy.root_device)
+        self._materialize()
+
+    def _materialize(self) -> None:
+        """`load_sharded`: read the weights now (each rank its own shards when sharded)."""
+        if self._load_from is not None:
+            device = self.trainer.strategy.root_device if self._trainer is not None else torch.device("cpu")
+            materialize(self.model, self._load_from, device)
+            self._load_from = None
+
+    def gathered_dir(self) -> str | None:
+        """The full weights of the sharded model as a Hugging Face directory on rank zero (None elsewhere);
+        a collective (`lightning_drop.lightning.distributed.gathered_dir`)."""
+        return gathered_dir(self)
+
+    def unshard(self) -> None:
+        """Make the sharded model plain (full weights on every rank; a collective) before its structure changes;
+        `rebuild_optimizers` shards it again."""
+        unshard_module(self)
+
+    def teardown(self, stage: str) -> None:
+        drop_gathered(self)
 
     def configure_optimizers(self) -> Any:
         hp = self.hparams
@@ -345,7 +389,9 @@ class DropModule(pl.LightningModule):
         return {"optimizer": opt, "lr_scheduler": {"scheduler": sched, "interval": "step"}}
 
     def on_train_end(self) -> None:
-        if self.save_path and self.trainer.is_global_zero:
+        if self.save_path and is_sharded(self.model):
+            save_sharded(self, self.save_path)
+        elif self.save_path and self.trainer.is_global_zero:
             path = self.save_pretrained(self.save_path, overwrite=bool(self.hparams.overwrite))
             rank_zero_info(f"saved the {'dropped ' if any(self.drop_plan) else ''}model to {path}")
         if self.save_path:

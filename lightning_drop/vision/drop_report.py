@@ -106,7 +106,7 @@ class ImageDropReport(FitEndMember):
     def setup(self, trainer: pl.Trainer, pl_module: pl.LightningModule, stage: str) -> None:
         if stage != "fit":
             return
-        refuse_if_sharded(trainer, "ImageDropReport measures the whole model at fit end and", "use DDP")
+        refuse_if_sharded(trainer, "ImageDropReport (it measures the whole image model at fit end)", "use DDP")
         if not isinstance(getattr(pl_module, "task", None), ImageClassification):
             raise MisconfigurationException("ImageDropReport needs a DropModule training an image classifier "
                                             "(a vision `family` or checkpoint)")
