@@ -18,7 +18,8 @@ from typing import Any, Callable
 import torch
 from torch import nn
 
-from ..core.architectures import SPECS, decoder_spec
+from ..core.architectures import SPECS
+from ..core.decoder_families import LLAMA_LIKE_FAMILIES
 from .dropped_checkpoint import (
     atomic_dir,
     atomic_write_text,
@@ -28,12 +29,13 @@ from .dropped_checkpoint import (
     read_config,
 )
 from ..errors import UserError, param
+from .family_inference import check_family, with_family
 from .tiny_configs import causal_lm_class, shrunk_config
 
 SMOLLM2 = "smollm2-135m"
 SMOLLM2_GGUF = "SmolLM2-135M-Instruct.Q4_1.gguf"
 TINY_PREFIX = "tiny-"
-TINY_FAMILIES = {spec.family: spec for spec in SPECS if spec.family != "baichuan"}
+TINY_FAMILIES = {s.family: s for s in SPECS if s.family != "baichuan" and s.family not in LLAMA_LIKE_FAMILIES}
 REMOTE_CODE_ENV = "LIGHTNING_DROP_TRUST_REMOTE_CODE"
 NEMOTRON_TYPES = ("nemotron-nas", "deci")
 GGUF_SOURCE = "gguf_source.json"  # in a converted GGUF checkpoint: the SHA-256 of the file it came from
@@ -398,17 +400,15 @@ def _load_local(path: Path, dtype: torch.dtype) -> nn.Module:
         from .nemotron_nas import load_nemotron_nas
 
         return load_nemotron_nas(path)[0].to(dtype)
-    if config.get("quantization_config") is None:
-        decoder_spec(model_type)  # refuse unsupported (and vision) architectures with what is supported
+    if config.get("quantization_config") is None:  # refuse unsupported (and vision) architectures, or infer
+        check_family(path, model_type)
     if model_type.startswith("dropped_") or is_llm_drop_config(config):
         return load_dropped(path, dtype=dtype)
     from transformers import AutoModelForCausalLM
     from transformers.models.auto.configuration_auto import CONFIG_MAPPING
-
     if model_type not in CONFIG_MAPPING:
         return _load_remote_code(path, config, dtype)
-    return from_pretrained(partial(load_complete, AutoModelForCausalLM.from_pretrained), path, dtype=dtype)
-
+    return with_family(from_pretrained(partial(load_complete, AutoModelForCausalLM.from_pretrained), path, dtype=dtype))
 
 
 def _load_remote_code(path: Path, config: dict, dtype: torch.dtype) -> nn.Module:
