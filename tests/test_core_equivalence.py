@@ -9,7 +9,6 @@ from __future__ import annotations
 
 import copy
 import json
-from contextlib import contextmanager
 
 import pytest
 import torch
@@ -19,6 +18,7 @@ from safetensors import safe_open
 from lightning_drop import apply_drop, dropped_layers, get_spec, load_dropped, save_dropped
 from lightning_drop.core.architectures import VISION_SPECS
 from lightning_drop.io.dropped_checkpoint import checkpoint_kind
+from lightning_drop.io.family_inference import zeroed_outputs
 from lightning_drop.io.model_loading import TINY_FAMILIES, tiny_model
 from lightning_drop.measure.sublayer_check import check_really_skipped, sublayer_call_counts
 
@@ -45,25 +45,10 @@ def output(model: torch.nn.Module, x: torch.Tensor) -> torch.Tensor:
     return o.logits if getattr(o, "logits", None) is not None else o.last_hidden_state
 
 
-@contextmanager
 def zeroed_sublayers(model, attn, mlp):
     """Reference: the ORIGINAL model with the outputs of `spec.attn_out` / `spec.mlp_out` (the sublayer's whole
     contribution: after LayerScale / post-norm) replaced by zeros."""
-    spec = get_spec(model)
-    layers = spec.get_layers(model)
-
-    def zero(mod, args, out):
-        if isinstance(out, tuple):
-            return (torch.zeros_like(out[0]),) + tuple(out[1:])
-        return torch.zeros_like(out)
-
-    handles = [getattr(layers[i], spec.attn_out).register_forward_hook(zero) for i in attn]
-    handles += [getattr(layers[i], spec.mlp_out).register_forward_hook(zero) for i in mlp]
-    try:
-        yield model
-    finally:
-        for h in handles:
-            h.remove()
+    return zeroed_outputs(model, get_spec(model), attn, mlp)
 
 
 @pytest.mark.parametrize("family", ALL)

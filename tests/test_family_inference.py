@@ -75,3 +75,9 @@ def test_uninferable_type_is_one_line_before_loading_weights(tmp_path, capsys, m
     assert code == 2 and "Traceback" not in err and len(lines) == 1, err
     assert f"error: unsupported architecture '{model_type}': cannot infer a family" in lines[0] and reason in lines[0]
     assert _fingerprint(tmp_path) == before
+
+
+def test_a_known_vision_family_is_pointed_to_the_vision_tools_not_inferred(tmp_path):
+    (tmp_path / "config.json").write_text('{"model_type": "vit"}')
+    with pytest.raises(UserError, match="'vit' is a vision transformer: use lightning_drop.vision"):
+        load_model(str(tmp_path))

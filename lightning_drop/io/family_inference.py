@@ -178,12 +178,14 @@ def check_family(path: str | os.PathLike, model_type: str) -> None:
     from transformers.models.auto.configuration_auto import CONFIG_MAPPING
 
     try:
-        decoder_spec(model_type)
-        return
+        get_spec(model_type)
     except UserError as err:
         if model_type not in CONFIG_MAPPING:
             raise
         known_err = err
+    else:
+        decoder_spec(model_type)  # a vision family gets its pointer to the vision tools
+        return
     config = AutoConfig.from_pretrained(path, trust_remote_code=False)
     with torch.device("meta"):
         try:
