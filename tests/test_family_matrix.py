@@ -200,3 +200,10 @@ def test_lora_finds_the_family_linear_layers(family):
             assert not (gone and adapted), (i, kind, adapted)
             assert gone or kind == spec.mlp or adapted, (i, kind)  # every live attention has linear layers
     assert torch.isfinite(logits(peft_model)).all()
+
+
+def test_lora_default_targets_of_llama_are_the_named_defaults():
+    """For Llama's layout (SmolLM2) the family's linear layers are exactly the documented default names."""
+    from lightning_drop.callbacks.trainable import DEFAULT_TARGETS, linear_targets
+
+    assert linear_targets(built("llama")[0]) == list(DEFAULT_TARGETS)
