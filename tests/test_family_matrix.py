@@ -29,7 +29,6 @@ from lightning_drop.scoring.importance import compute_importance
 
 TEXT_SPECS = {s.family: s for s in SPECS if s.inputs == "text" and s.family != "baichuan"}  # baichuan: remote code
 FAMILIES = list(TEXT_SPECS)
-ATTN, MLP = proof_drops(4)  # attention of layer 0 and 2, MLP of 2 and 3: block 2 whole
 IDS = torch.randint(0, 256, (2, 12), generator=torch.Generator().manual_seed(0))
 _BUILT: dict[str, tuple[torch.nn.Module, object]] = {}
 
@@ -57,15 +56,16 @@ def test_the_matrix_covers_dense_and_moe_families():
 def test_dropped_equals_zeroed(family):
     model, _ = built(family)
     spec = get_spec(model)
+    attn, mlp = proof_drops(len(spec.get_layers(model)))  # first attention, a middle block, last MLP
     full = logits(model)
-    with zeroed_outputs(model, spec, ATTN, MLP):
+    with zeroed_outputs(model, spec, attn, mlp):
         ref = logits(model)
     assert not torch.allclose(ref, full)  # the zeroed sublayers really matter
     n_params = sum(p.numel() for p in model.parameters())
-    apply_drop(model, attn=ATTN, mlp=MLP)
+    apply_drop(model, attn=attn, mlp=mlp)
     torch.testing.assert_close(logits(model), ref, atol=1e-5, rtol=1e-5)
     assert sum(p.numel() for p in model.parameters()) < n_params
-    assert dropped_layers(model) == (ATTN, MLP)
+    assert dropped_layers(model) == (attn, mlp)
 
 
 @pytest.mark.parametrize("family", FAMILIES)
@@ -159,7 +159,8 @@ def test_block_only_drop_writes_the_original_architecture(tmp_path, family):
         loaded = load_dropped(out)
     else:
         assert config["model_type"] == spec.model_types[0] and "auto_map" not in config
-        assert spec.num_layers(config) == 3 and config["lightning_drop"]["dropped_blocks"] == [1]
+        assert spec.num_layers(config) == len(spec.get_layers(model)) - 1
+        assert config["lightning_drop"]["dropped_blocks"] == [1]
         loaded = getattr(transformers, config["architectures"][0]).from_pretrained(out)
         assert type(loaded).__module__.startswith("transformers.models.")
     torch.testing.assert_close(logits(loaded.eval()), expected, atol=1e-5, rtol=1e-5)
@@ -170,11 +171,12 @@ def test_importance_in_one_pass_covers_every_sublayer(family, scoring_passes):
     model, _ = built(family)
     apply_drop(model, attn=[1], mlp=[2])
     scores = compute_importance(model, [IDS])
+    n = len(get_spec(model).get_layers(model))
     assert scoring_passes() == 1
-    assert [s is None for s in scores.attn] == [i == 1 for i in range(4)]
-    assert [s is None for s in scores.mlp] == [i == 2 for i in range(4)]
+    assert [s is None for s in scores.attn] == [i == 1 for i in range(n)]
+    assert [s is None for s in scores.mlp] == [i == 2 for i in range(n)]
     live = [s for s in scores.attn + scores.mlp + scores.block if s is not None]
-    assert len(live) == 3 + 3 + 4 and all(torch.isfinite(torch.tensor(live)))
+    assert len(live) == 3 * n - 2 and all(torch.isfinite(torch.tensor(live)))
 
 
 @pytest.mark.parametrize("family", FAMILIES)
