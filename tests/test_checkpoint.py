@@ -185,6 +185,8 @@ def test_remote_code_family_needs_its_local_code(tmp_path, monkeypatch):
 
 
 def test_unsupported_architecture_is_refused(tmp_path):
-    (tmp_path / "config.json").write_text(json.dumps({"model_type": "gpt2"}))
-    with pytest.raises(ValueError, match="unsupported architecture 'gpt2'; supported model types"):
+    """No family and no Llama-like layout to infer one from: refused with what did not match (no weights read)."""
+    (tmp_path / "config.json").write_text(json.dumps({"model_type": "bert"}))
+    with pytest.raises(ValueError, match="unsupported architecture 'bert': cannot infer a family for 'bert': no layer "
+                                         "list at model.layers"):
         load_model(str(tmp_path))

@@ -9,7 +9,6 @@ from __future__ import annotations
 
 import copy
 import json
-from contextlib import contextmanager
 
 import pytest
 import torch
@@ -20,6 +19,7 @@ from lightning_drop import apply_drop, dropped_layers, get_spec, load_dropped, s
 from lightning_drop.core.architectures import VISION_SPECS
 from lightning_drop.errors import UserError
 from lightning_drop.io.dropped_checkpoint import checkpoint_kind
+from lightning_drop.io.family_inference import zeroed_outputs
 from lightning_drop.io.tiny_models import TINY_FAMILIES, tiny_model
 from lightning_drop.measure.sublayer_check import check_really_skipped, sublayer_call_counts
 
@@ -62,28 +62,10 @@ def refuses_every_mixer(model, attn) -> bool:
 NO_FLOP_COUNT = {"qwen3_next", "qwen3_5_text", "qwen3_5_moe_text", "jamba", "bamba", "lfm2", "granitemoehybrid"}
 
 
-@contextmanager
 def zeroed_sublayers(model, attn, mlp):
     """Reference: the ORIGINAL model with the outputs of `spec.attn_out` / `spec.mlp_out` (the sublayer's whole
     contribution: after LayerScale / post-norm) replaced by zeros."""
-    spec = get_spec(model)
-    layers = spec.get_layers(model)
-
-    def zero(mod, args, out):
-        if isinstance(out, tuple):
-            return (torch.zeros_like(out[0]),) + tuple(out[1:])
-        return torch.zeros_like(out)
-
-    handles = [getattr(layers[i], spec.mixer_ends(layers[i])[1]).register_forward_hook(zero) for i in attn]
-    # a decoder MLP of several parts (Granite-4's shared MLP + routed experts) contributes their sum
-    parts = spec.mlp_parts if spec.inputs == "text" else ()
-    handles += [getattr(layers[i], name).register_forward_hook(zero) for i in mlp for name in (spec.mlp_out, *parts)
-                if getattr(layers[i], name, None) is not None]
-    try:
-        yield model
-    finally:
-        for h in handles:
-            h.remove()
+    return zeroed_outputs(model, get_spec(model), attn, mlp)
 
 
 @pytest.mark.parametrize("family", ALL)

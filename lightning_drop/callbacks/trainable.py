@@ -185,8 +185,10 @@ class TrainableSet:
                                                 f"(lightning_drop.DropModule), got {type(pl_module).__name__}")
             if not self.attached(pl_module):
                 assert self.lora is not None
+                targets = list(self.lora.target_modules)  # the default names are Llama's: any family's own
+                targets = linear_targets(hf_of(pl_module)) if tuple(targets) == DEFAULT_TARGETS else targets
                 pl_module.add_lora(r=self.lora.r, alpha=self.lora.alpha, dropout=self.lora.dropout,
-                                   target_modules=list(self.lora.target_modules))
+                                   target_modules=targets)
             assert self.lora is not None
             if self.lora.base_dtype is not None:
                 # also when the adapters came back from a checkpoint (resume): its weights load into this dtype
@@ -255,6 +257,21 @@ def _checked_layers(owner: str, layers: Any) -> list[int] | str:
     if any(not isinstance(i, int) or isinstance(i, bool) or i < 0 for i in layers):
         raise MisconfigurationException(f"{owner}: layers must be indices >= 0, got {list(layers)!r}")
     return sorted(set(layers))
+
+
+def linear_targets(model: nn.Module) -> list[str]:
+    """The names of the linear layers in the live attention and MLP sublayers of `model`, any family (Llama's
+    q/k/v/o and gate/up/down projections; Persimmon's query_key_value, dense, ...): LoRA's default targets.
+    Plain `nn.Linear` only: a router that subclasses it returns routing weights, not features, and stays as
+    it is; mixture-of-experts blocks whose experts are one fused tensor contribute their shared experts only."""
+    from lightning_drop.core.architectures import get_spec
+
+    spec = get_spec(model)
+    names: dict[str, None] = {}
+    for layer in spec.get_layers(model):
+        for sublayer in (getattr(layer, spec.attn), getattr(layer, spec.mlp)):
+            names.update((n.rsplit(".", 1)[-1], None) for n, m in sublayer.named_modules() if type(m) is nn.Linear)
+    return list(names)
 
 
 def _layers(model: nn.Module) -> nn.ModuleList:

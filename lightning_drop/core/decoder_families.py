@@ -15,6 +15,25 @@ _SANDWICH = dict(attn_norms=("input_layernorm", "post_attention_layernorm"),
 # OLMo2's MLP has no pre-norm: the residual stream h enters the MLP itself.
 _POST_NORM = dict(attn_norms=("post_attention_layernorm",), mlp_norms=("post_feedforward_layernorm",),
                   mlp_entry="mlp")
+# Further names of the same two layouts, found in transformers' Llama-like decoders.
+_PRE_NORM_FFN = dict(attn_norms=("input_layernorm",), mlp_norms=("pre_feedforward_layernorm",),
+                     mlp_entry="pre_feedforward_layernorm")
+_PRE_NORM_NAMED = dict(attn_norms=("attention_layernorm",), mlp_norms=("feedforward_layernorm",),
+                       mlp_entry="feedforward_layernorm")
+_SANDWICH_SELF_ATTN = dict(attn_norms=("input_layernorm", "post_self_attn_layernorm"),
+                           mlp_norms=("post_attention_layernorm", "post_mlp_layernorm"),
+                           mlp_entry="post_attention_layernorm")
+_SANDWICH_NUMBERED = dict(attn_norms=("input_layernorm", "post_norm1"),
+                          mlp_norms=("post_attention_layernorm", "post_norm2"), mlp_entry="post_attention_layernorm")
+_SANDWICH_PRE_MLP = dict(attn_norms=("input_layernorm", "post_attention_layernorm"),
+                         mlp_norms=("pre_mlp_layernorm", "post_mlp_layernorm"), mlp_entry="pre_mlp_layernorm")
+# Every norm layout of a layer `x + attn(norms(x))`, `h + mlp(norms(h))`, by the norm names it uses: the
+# families below use them, and a model type no family knows is matched against them (`io/family_inference`).
+NORM_LAYOUTS: dict[str, dict[str, Any]] = {
+    "pre-norm": _PRE_NORM, "pre-norm (pre_feedforward)": _PRE_NORM_FFN, "pre-norm (named)": _PRE_NORM_NAMED,
+    "sandwich": _SANDWICH, "sandwich (post_self_attn)": _SANDWICH_SELF_ATTN,
+    "sandwich (post_norm1/2)": _SANDWICH_NUMBERED, "sandwich (pre_mlp)": _SANDWICH_PRE_MLP, "post-norm": _POST_NORM,
+}
 
 
 def _decoder(family: str, model_type: str, causal_lm_class: str, config_class: str, norms: dict[str, Any],
@@ -117,4 +136,73 @@ DECODER_FAMILIES: tuple[dict[str, Any], ...] = (
                              "n_shared_experts": 1}),
     # Baichuan ships only remote modeling code (trust_remote_code); its layout is Llama's.
     _decoder("baichuan", "baichuan", "BaichuanForCausalLM", "BaichuanConfig", _PRE_NORM),
-) + _GPT2_STYLE + _PARALLEL_RESIDUAL + _HYBRID
+)
+
+
+def _llama_like(model_type: str, causal_lm_class: str, config_class: str, norms: dict[str, Any] = _PRE_NORM,
+                **more: Any) -> dict[str, Any]:
+    return _decoder(model_type, model_type, causal_lm_class, config_class, norms, **more)
+
+
+# Transformers' decoders with Llama's layout under their own names: `model.layers[i]` holds `self_attn` and an
+# MLP or mixture-of-experts block (the whole block, router and shared experts included, is the MLP sublayer),
+# each with its own norms. Each entry passed the family matrix (tests/test_family_matrix.py); their tiny models
+# are their config classes' defaults, shrunk (`io/tiny_configs`).
+_LLAMA_LIKE: tuple[dict[str, Any], ...] = (
+    _llama_like("afmoe", "AfmoeForCausalLM", "AfmoeConfig", _SANDWICH_PRE_MLP),  # MoE
+    _llama_like("apertus", "ApertusForCausalLM", "ApertusConfig", _PRE_NORM_NAMED),
+    _llama_like("apertus1p5_text", "Apertus1p5TextForCausalLM", "Apertus1p5TextConfig", _PRE_NORM_NAMED),
+    _llama_like("arcee", "ArceeForCausalLM", "ArceeConfig"),
+    _llama_like("aria_text", "AriaTextForCausalLM", "AriaTextConfig"),  # MoE
+    _llama_like("beam", "BeamForCausalLM", "BeamConfig", _SANDWICH),  # MoE
+    _llama_like("bitnet", "BitNetForCausalLM", "BitNetConfig"),
+    _llama_like("cwm", "CwmForCausalLM", "CwmConfig"),
+    _llama_like("doge", "DogeForCausalLM", "DogeConfig"),
+    _llama_like("ernie4_5", "Ernie4_5ForCausalLM", "Ernie4_5Config"),
+    _llama_like("ernie4_5_moe", "Ernie4_5_MoeForCausalLM", "Ernie4_5_MoeConfig"),  # MoE
+    _llama_like("exaone4", "Exaone4ForCausalLM", "Exaone4Config", _POST_NORM),
+    _llama_like("exaone_moe", "ExaoneMoeForCausalLM", "ExaoneMoeConfig"),  # MoE
+    _llama_like("flex_olmo", "FlexOlmoForCausalLM", "FlexOlmoConfig", _POST_NORM),  # MoE
+    _llama_like("flint", "FlintForCausalLM", "FlintConfig"),  # MoE
+    _llama_like("gemma", "GemmaForCausalLM", "GemmaConfig"),
+    _llama_like("glm", "GlmForCausalLM", "GlmConfig"),
+    _llama_like("glm4", "Glm4ForCausalLM", "Glm4Config", _SANDWICH_SELF_ATTN),
+    _llama_like("glm4_moe", "Glm4MoeForCausalLM", "Glm4MoeConfig"),  # MoE
+    _llama_like("granite", "GraniteForCausalLM", "GraniteConfig"),
+    _llama_like("granite_swa", "GraniteSWAForCausalLM", "GraniteSWAConfig"),
+    _llama_like("granitemoe", "GraniteMoeForCausalLM", "GraniteMoeConfig", mlp="block_sparse_moe"),  # MoE
+    _llama_like("granitemoe_swa", "GraniteMoeSWAForCausalLM", "GraniteMoeSWAConfig", mlp="block_sparse_moe"),  # MoE
+    _llama_like("granitemoeshared", "GraniteMoeSharedForCausalLM", "GraniteMoeSharedConfig",
+                mlp="block_sparse_moe"),  # MoE
+    _llama_like("helium", "HeliumForCausalLM", "HeliumConfig"),
+    _llama_like("hunyuan_v1_dense", "HunYuanDenseV1ForCausalLM", "HunYuanDenseV1Config"),
+    _llama_like("hunyuan_v1_moe", "HunYuanMoEV1ForCausalLM", "HunYuanMoEV1Config"),  # MoE
+    _llama_like("hy_v3", "HYV3ForCausalLM", "HYV3Config"),  # MoE
+    _llama_like("hyperclovax", "HyperCLOVAXForCausalLM", "HyperCLOVAXConfig", _SANDWICH_NUMBERED),
+    _llama_like("jais2", "Jais2ForCausalLM", "Jais2Config"),
+    _llama_like("kolibri1", "Kolibri1ForCausalLM", "Kolibri1Config", _SANDWICH_SELF_ATTN),  # MoE
+    _llama_like("laguna", "LagunaForCausalLM", "LagunaConfig"),  # MoE
+    _llama_like("mellum", "MellumForCausalLM", "MellumConfig"),  # MoE
+    _llama_like("mimo_v2_flash", "MiMoV2FlashForCausalLM", "MiMoV2FlashConfig"),  # MoE
+    _llama_like("minicpm5_moe", "MiniCPM5MoeForCausalLM", "MiniCPM5MoeConfig"),  # MoE
+    _llama_like("minimax_m2", "MiniMaxM2ForCausalLM", "MiniMaxM2Config"),  # MoE
+    _llama_like("minimax_m3_vl_text", "MiniMaxM3VLForCausalLM", "MiniMaxM3VLTextConfig"),  # MoE
+    _llama_like("ministral", "MinistralForCausalLM", "MinistralConfig"),
+    _llama_like("ministral3", "Ministral3ForCausalLM", "Ministral3Config"),
+    _llama_like("mixtral", "MixtralForCausalLM", "MixtralConfig"),  # MoE
+    _llama_like("nanochat", "NanoChatForCausalLM", "NanoChatConfig"),
+    _llama_like("olmo", "OlmoForCausalLM", "OlmoConfig"),
+    _llama_like("olmo3", "Olmo3ForCausalLM", "Olmo3Config", _POST_NORM),
+    _llama_like("olmoe", "OlmoeForCausalLM", "OlmoeConfig"),  # MoE
+    _llama_like("persimmon", "PersimmonForCausalLM", "PersimmonConfig"),
+    _llama_like("phimoe", "PhimoeForCausalLM", "PhimoeConfig"),  # MoE
+    _llama_like("qwen2_moe", "Qwen2MoeForCausalLM", "Qwen2MoeConfig"),  # MoE
+    _llama_like("qwen3_moe", "Qwen3MoeForCausalLM", "Qwen3MoeConfig"),  # MoE
+    _llama_like("seed_oss", "SeedOssForCausalLM", "SeedOssConfig"),
+    _llama_like("smollm3", "SmolLM3ForCausalLM", "SmolLM3Config"),
+    _llama_like("solar_open", "SolarOpenForCausalLM", "SolarOpenConfig"),  # MoE
+    _llama_like("starcoder2", "Starcoder2ForCausalLM", "Starcoder2Config"),
+    _llama_like("vaultgemma", "VaultGemmaForCausalLM", "VaultGemmaConfig", _PRE_NORM_FFN),
+)
+DECODER_FAMILIES += _GPT2_STYLE + _PARALLEL_RESIDUAL + _HYBRID + _LLAMA_LIKE
+LLAMA_LIKE_FAMILIES = tuple(f["family"] for f in _LLAMA_LIKE)

@@ -398,3 +398,9 @@ def register_auto_classes() -> None:
         for name in spec.model_classes:
             auto = getattr(transformers, spec.auto_class(name))
             auto.register(config_cls, dropped_model_class(spec, name), exist_ok=True)
+
+
+def replace_sublayers(layer: nn.Module, spec: ArchSpec, attn: bool, mlp: bool, index: int | None = None) -> None:
+    """Put the stand-ins of a dropped attention and/or MLP into one `layer`, as `apply_drop` does, leaving the
+    model's class and config alone: a trial drop (proving an inferred family) that the caller undoes."""
+    _replace_modules(layer, spec, attn, mlp, index)

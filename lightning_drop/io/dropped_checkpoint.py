@@ -73,8 +73,9 @@ def compact_blocks(model: nn.Module, spec: ArchSpec, blocks: list[int]) -> nn.Mo
         cfg["depths"] = depths
     else:
         cfg[spec.num_layers_key] = len(keep)
-    if cfg.get("layer_types") is not None:
-        cfg["layer_types"] = [config.layer_types[i] for i in keep]
+    for key, value in list(cfg.items()):  # per-layer lists (layer_types, mlp_layer_types, no_rope_layers, ...)
+        if "layer" in key and isinstance(value, list) and len(value) == len(layers):
+            cfg[key] = [value[i] for i in keep]
     cfg["lightning_drop"] = info
     new_config = getattr(transformers, spec.config_class)(**cfg)
     if getattr(new_config, "layer_types", None) is not None and getattr(config, "layer_types", None) is not None:

@@ -16,11 +16,11 @@ from typing import Any, Callable
 import torch
 from torch import nn
 
-from ..core.architectures import decoder_spec
 from .dropped_checkpoint import is_llm_drop_config, load_complete, load_dropped, read_config
 from ..errors import UserError, param
 from .gguf_loading import SMOLLM2, gguf_architecture, gguf_checkpoint_dir, smollm2_dir
 from .tiny_models import TINY_FAMILIES, byte_tokenizer, tiny_model
+from .family_inference import check_family, with_family
 
 TINY_PREFIX = "tiny-"
 REMOTE_CODE_ENV = "LIGHTNING_DROP_TRUST_REMOTE_CODE"
@@ -213,17 +213,15 @@ def _load_local(path: Path, dtype: torch.dtype) -> nn.Module:
         from .nemotron_nas import load_nemotron_nas
 
         return load_nemotron_nas(path)[0].to(dtype)
-    if config.get("quantization_config") is None:
-        decoder_spec(model_type)  # refuse unsupported (and vision) architectures with what is supported
+    if config.get("quantization_config") is None:  # refuse unsupported (and vision) architectures, or infer
+        check_family(path, model_type)
     if model_type.startswith("dropped_") or is_llm_drop_config(config):
         return load_dropped(path, dtype=dtype)
     from transformers import AutoModelForCausalLM
     from transformers.models.auto.configuration_auto import CONFIG_MAPPING
-
     if model_type not in CONFIG_MAPPING:
         return _load_remote_code(path, config, dtype)
-    return from_pretrained(partial(load_complete, AutoModelForCausalLM.from_pretrained), path, dtype=dtype)
-
+    return with_family(from_pretrained(partial(load_complete, AutoModelForCausalLM.from_pretrained), path, dtype=dtype))
 
 
 def _load_remote_code(path: Path, config: dict, dtype: torch.dtype) -> nn.Module:

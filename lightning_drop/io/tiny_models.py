@@ -10,9 +10,12 @@ import torch
 from torch import nn
 
 from ..core.architectures import SPECS
+from ..core.decoder_families import LLAMA_LIKE_FAMILIES
 from .tiny_configs import causal_lm_class, shrunk_config
 
-TINY_FAMILIES = {spec.family: spec for spec in SPECS if spec.family != "baichuan"}
+# families with a hand-sized tiny config (Baichuan ships no transformers class); the Llama-like families are
+# their config classes' defaults, shrunk (`tiny_config` reaches them by model type)
+TINY_FAMILIES = {spec.family: spec for spec in SPECS if spec.family != "baichuan" and spec.family not in LLAMA_LIKE_FAMILIES}
 _TINY_BASE = dict(vocab_size=320, hidden_size=64, intermediate_size=128, num_hidden_layers=4,
                   num_attention_heads=4, num_key_value_heads=2, max_position_embeddings=512,
                   tie_word_embeddings=False)
