@@ -3,7 +3,6 @@ catalogue name `tiny-<model_type>`, or is refused with its reason: none is skipp
 
 from __future__ import annotations
 
-import time
 
 import pytest
 import torch
@@ -31,7 +30,6 @@ def test_most_types_build_and_every_refusal_names_a_known_type():
 @pytest.mark.parametrize("model_type", [pytest.param(t, marks=pytest.mark.slow) if t in HEAVY else t
                                         for t in BUILT])
 def test_tiny_model_of_every_type_runs(model_type):
-    start = time.perf_counter()
     model, tok = load_model(f"tiny-{model_type}")
     config = model.config
     for key in ("vocab_size", "hidden_size", "num_hidden_layers"):
@@ -48,7 +46,6 @@ def test_tiny_model_of_every_type_runs(model_type):
     assert logits.shape[:2] == ids.shape
     assert torch.isfinite(logits).all()
     assert sum(p.numel() for p in model.parameters()) < 20_000_000
-    assert time.perf_counter() - start < 10
 
 
 def test_family_tiny_configs_are_unchanged():
