@@ -264,7 +264,6 @@ def _batches(windows: Any, batch_size: int) -> list[dict[str, torch.Tensor]]:
 
 
 # ---------------------------------------------------------------------------------------------------- scoring
-@torch.no_grad()
 def check_streamable(metric: ImportanceMetric, span: int | None = None) -> None:
     """Refuse what one layer in memory cannot score: a model metric (`loss`) runs every layer after a
     candidate's for each candidate, a span compares states several layers apart."""
@@ -274,6 +273,7 @@ def check_streamable(metric: ImportanceMetric, span: int | None = None) -> None:
                         "leave out --stream (score in memory, e.g. --dtype bfloat16) or use --metric cosine")
 
 
+@torch.no_grad()
 def stream_importance(model_dir: str | os.PathLike, windows: Any,
                       metric: str | Callable | ImportanceMetric = "cosine", batch_size: int = 4,
                       device: str | torch.device = "cpu", offload_dir: str | os.PathLike | None = None,
