@@ -99,7 +99,7 @@ def speed_main(model: str, baseline: str | None = None, batch_size: int | None =
     )
     from ..io.model_loading import load_model
     from ..measure.speed import INTERLEAVE, measure_generation, peak_rss_bytes, print_speed, sdr
-    from .drop import check_device
+    from .drop_request import check_device
 
     if ideal and not baseline:
         raise UserError("--ideal needs --baseline: the ideal speedup is profiled on the undropped model")
