@@ -20,7 +20,8 @@ import torch
 
 from lightning_drop import apply_drop, get_spec
 from lightning_drop.io.model_loading import load_model
-from lightning_drop.measure.speed import generate_lockstep, random_prompt, place_weights_alike
+from lightning_drop.measure.memory import random_prompt
+from lightning_drop.measure.speed import generate_lockstep, place_weights_alike
 
 
 def _hook_all(model: torch.nn.Module, dropped: set[int], acc: dict[tuple[str, str], float], now) -> list[Any]:

@@ -13,7 +13,7 @@ import _common  # noqa: F401  (offline environment)
 
 from lightning_drop import apply_drop
 from lightning_drop.io.model_loading import load_model
-from lightning_drop.measure.speed import count_params, kv_cache_bytes_per_token
+from lightning_drop.measure.memory import count_params, kv_cache_bytes_per_token
 
 
 def main(argv=None) -> int:

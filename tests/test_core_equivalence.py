@@ -228,7 +228,7 @@ def test_cached_generation_equals_uncached_left_padded(family, attn):
 def test_a_dropped_first_attention_keeps_only_a_token_count():
     """Transformers reads a cache's length from layer 0: with layer 0's attention dropped that slot holds one
     boolean expanded to the tokens seen (no per-token storage), and reports them."""
-    from lightning_drop.measure.speed import kv_cache_bytes_per_token
+    from lightning_drop.measure.memory import kv_cache_bytes_per_token
 
     model, _ = tiny_model("llama")  # 4 layers
     per_layer = kv_cache_bytes_per_token(model) / 4

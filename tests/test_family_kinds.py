@@ -21,7 +21,7 @@ from lightning_drop import apply_drop, dropped_layers, get_spec, load_dropped, s
 from lightning_drop.cli import main
 from lightning_drop.io.model_loading import tiny_model
 from lightning_drop.measure.plots import MIXER_LABELS, score_panel
-from lightning_drop.measure.speed import cache_bytes_by_kind
+from lightning_drop.measure.memory import cache_bytes_by_kind
 from lightning_drop.scoring.importance import compute_importance
 
 X = torch.randint(0, 256, (2, 20), generator=torch.Generator().manual_seed(0))

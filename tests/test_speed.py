@@ -19,14 +19,8 @@ from lightning_drop import apply_drop  # noqa: E402
 from lightning_drop.callbacks.speed import SpeedBenchmark  # noqa: E402
 from lightning_drop.measure.ideal_speedup import dropped_part_modules, profile_drop, realized_gain  # noqa: E402
 from lightning_drop.io.model_loading import load_model  # noqa: E402
-from lightning_drop.measure.speed import (  # noqa: E402
-    compare_speed,
-    count_params,
-    kv_cache_bytes_per_token,
-    measure_generation,
-    sdr,
-    weight_bytes,
-)
+from lightning_drop.measure.memory import count_params, kv_cache_bytes_per_token, weight_bytes  # noqa: E402
+from lightning_drop.measure.speed import compare_speed, measure_generation, sdr  # noqa: E402
 
 
 def _tiny(family="llama", attn=(), mlp=()):
@@ -47,7 +41,8 @@ def test_measure_generation_counts_and_positive_times():
 @pytest.mark.parametrize("family,attn", [("llama", ()), ("llama", (0, 2)), ("gemma2", (1,))])
 def test_timed_decode_generates_what_generate_does(family, attn):
     """The timed loop really decodes with its KV cache fed back: same greedy tokens as `generate`."""
-    from lightning_drop.measure.speed import generate_once, random_prompt
+    from lightning_drop.measure.memory import random_prompt
+    from lightning_drop.measure.speed import generate_once
 
     model = _tiny(family, attn=attn).eval()
     ids = random_prompt(model, 2, 12)  # longer than gemma2's tiny sliding window (8)
@@ -60,7 +55,8 @@ def test_timed_decode_generates_what_generate_does(family, attn):
 
 def test_lockstep_generation_equals_separate_runs():
     """Interleaving two models step by step must not mix their caches: each generates what it does alone."""
-    from lightning_drop.measure.speed import generate_lockstep, generate_once, random_prompt
+    from lightning_drop.measure.memory import random_prompt
+    from lightning_drop.measure.speed import generate_lockstep, generate_once
 
     base, dropped = _tiny("gemma2").eval(), _tiny("gemma2", attn=(0, 2)).eval()
     ids = random_prompt(base, 2, 12)

@@ -54,15 +54,8 @@ from torch import nn
 
 from lightning_drop.errors import UserError
 from lightning_drop.lightning.module import lm_batch
-from lightning_drop.io.teacher_logits import (
-    TeacherLogitStore,
-    check_store_options,
-    fingerprint,
-    output_vocab_size,
-    prepare_store,
-    training_windows,
-)
-from lightning_drop.lightning.distributed import is_fsdp2, is_sharded, shard_model
+from lightning_drop.io.teacher_logits import TeacherLogitStore, check_store_options, fingerprint
+from lightning_drop.lightning.distributed import is_fsdp2
 
 from ._common import ensure_unsharded, hf_of, rebuild_optimizers
 from .distill_loss import hidden_loss, kd_and_lm_loss, topk_kd_and_lm_loss
@@ -72,8 +65,10 @@ from .teacher import (
     copied_teacher_state,
     frozen,
     load_teacher,
+    place_teacher,
     restored_teacher,
     shared_blocks,
+    stored_teacher_logits,
     teacher_dtype_of,
 )
 from .trainable import DEFAULT_TARGETS, LoRASettings, TrainableSet
@@ -213,7 +208,7 @@ class Distillation(FitEndMember):
         model = restored_teacher(state, self.teacher, self._fingerprint)
         if model is not None:
             self._adopt(model, state["teacher_step"], state["teacher_fingerprint"], state["teacher_config"])
-            self._place_teacher(trainer)
+            place_teacher(self.teacher, trainer, self.teacher_device, self.teacher_dtype)
         self.teacher_step = state["teacher_step"]
 
     # ---------------------------------------------------------------------------------------- teacher
@@ -228,7 +223,7 @@ class Distillation(FitEndMember):
         model = hf_of(pl_module)
         self._adopt(copy.deepcopy(model), trainer.global_step, fingerprint(model), model.config.to_dict())
         if self.started_at is not None:
-            self._place_teacher(trainer)
+            place_teacher(self.teacher, trainer, self.teacher_device, self.teacher_dtype)
 
     def after_drop(self, trainer: pl.Trainer, pl_module: pl.LightningModule) -> None:
         """After a round: start healing (`first_drop`), or make the new model trainable again (the drop
@@ -245,16 +240,6 @@ class Distillation(FitEndMember):
                config: dict[str, Any] | None) -> None:
         self.teacher = frozen(model)
         self.teacher_step, self._fingerprint, self._config = step, mark, config
-
-    def _place_teacher(self, trainer: pl.Trainer) -> None:
-        strategy = trainer.strategy
-        if self.teacher is not None and is_fsdp2(strategy):  # sharded as the student is: frozen, no optimizer
-            if not is_sharded(self.teacher):
-                self.teacher.to(device=strategy.root_device, dtype=self.teacher_dtype)
-                shard_model(self.teacher, strategy.device_mesh["data_parallel"], strategy.root_device)
-        elif self.teacher is not None:
-            device = self.teacher_device or trainer.strategy.root_device
-            self.teacher.to(device=device, dtype=self.teacher_dtype)
 
     # ------------------------------------------------------------------------------------- objective
     def objective(self, module: pl.LightningModule, batch: dict[str, torch.Tensor]) -> tuple[torch.Tensor,
@@ -352,7 +337,7 @@ class Distillation(FitEndMember):
 
     def _start(self, trainer: pl.Trainer, pl_module: pl.LightningModule, at: int | None = None) -> None:
         what = self.trainable.apply(pl_module)
-        self._place_teacher(trainer)
+        place_teacher(self.teacher, trainer, self.teacher_device, self.teacher_dtype)
         if self.teacher_logits is not None:
             self._open_store(trainer, pl_module)
         pl_module.set_training_objective(self.objective)
@@ -365,21 +350,12 @@ class Distillation(FitEndMember):
                        f"T={self.temperature}, hidden_weight={self.hidden_weight}")
 
     def _open_store(self, trainer: pl.Trainer, pl_module: pl.LightningModule) -> None:
-        """The teacher's top-k over every training window, written by rank zero when absent; then the teacher
-        is freed, so training holds the student alone. Every rank calls it (one barrier each)."""
-        if trainer.datamodule is None:
-            raise MisconfigurationException("Distillation: teacher_logits stores the teacher over the training "
-                                            "windows of a LightningDataModule: fit with `datamodule=`")
-        loader = trainer.datamodule.train_dataloader()
-        try:
-            self._store = prepare_store(
-                self.teacher_logits, training_windows(loader.dataset), teacher=self.teacher,
-                k=self.teacher_logits_k, temperature=self.temperature, dtype=self.teacher_logits_dtype,
-                vocab_size=output_vocab_size(self.teacher if self.teacher is not None else hf_of(pl_module)),
-                batch_size=loader.batch_size or 8, writer=trainer.is_global_zero, barrier=trainer.strategy.barrier,
-                digest=self._store_digest, log=rank_zero_info)
-        except UserError as err:
-            raise MisconfigurationException(f"Distillation: {err}") from err
+        """Replace the teacher by its stored top-k (`teacher.stored_teacher_logits`), so training holds the
+        student alone. Every rank calls it."""
+        assert self.teacher_logits is not None, "Distillation: no teacher_logits directory (checked by the caller)"
+        self._store = stored_teacher_logits(self.teacher_logits, trainer, pl_module, self.teacher,
+                                            k=self.teacher_logits_k, temperature=self.temperature,
+                                            dtype=self.teacher_logits_dtype, digest=self._store_digest)
         self.teacher = None
 
     def finish(self, pl_module: pl.LightningModule) -> None:

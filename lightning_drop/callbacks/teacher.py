@@ -1,4 +1,5 @@
-"""Where a distillation teacher comes from, whether it fits its student, and how a resumed fit gets it back.
+"""Where a distillation teacher comes from, whether it fits its student, where it runs (or its stored top-k
+instead of it), and how a resumed fit gets it back.
 
 A teacher given by reference is loaded through `model_loading.load_model`; any teacher must predict over the
 student's vocabulary with the student's tokenizer (checked when the tokenizer is known), and block outputs
@@ -17,10 +18,13 @@ from typing import Any
 
 import lightning.pytorch as pl
 import torch
+from lightning.pytorch.utilities import rank_zero_info
 from lightning.pytorch.utilities.exceptions import MisconfigurationException
 from torch import nn
 
-from lightning_drop.io.teacher_logits import output_vocab_size
+from lightning_drop.errors import UserError
+from lightning_drop.io.teacher_logits import TeacherLogitStore, output_vocab_size, prepare_store, training_windows
+from lightning_drop.lightning.distributed import is_fsdp2, is_sharded, shard_model
 from lightning_drop.lightning.module import model_from_config
 from lightning_drop.lightning.sharded_weights import full_tensors
 
@@ -125,3 +129,36 @@ def restored_teacher(state: dict[str, Any], current: nn.Module | None, mark: tor
             "checkpoint's fit copied (a random init without a fixed seed, or a module trained before the "
             "fit?): resume with the same model and seed_everything")
     return None
+
+
+def place_teacher(teacher: nn.Module | None, trainer: pl.Trainer, device: torch.device | None,
+                  dtype: torch.dtype | None) -> None:
+    """Move the teacher where it runs: under FSDP2 sharded as the student is (frozen, so no optimizer sees
+    it), else on `device` (None: the student's) in `dtype` (None: as it is)."""
+    strategy = trainer.strategy
+    if teacher is not None and is_fsdp2(strategy):
+        if not is_sharded(teacher):
+            teacher.to(device=strategy.root_device, dtype=dtype)
+            shard_model(teacher, strategy.device_mesh["data_parallel"], strategy.root_device)
+    elif teacher is not None:
+        teacher.to(device=device or strategy.root_device, dtype=dtype)
+
+
+def stored_teacher_logits(directory: str, trainer: pl.Trainer, pl_module: pl.LightningModule,
+                          teacher: nn.Module | None, k: int, temperature: float, dtype: str,
+                          digest: str | None) -> TeacherLogitStore:
+    """The teacher's top-k over every training window in `directory`, written by rank zero when absent and
+    reused when it matches (`digest`: the store a resumed checkpoint trained with). Every rank calls it (one
+    barrier each)."""
+    if trainer.datamodule is None:
+        raise MisconfigurationException("Distillation: teacher_logits stores the teacher over the training "
+                                        "windows of a LightningDataModule: fit with `datamodule=`")
+    loader = trainer.datamodule.train_dataloader()
+    try:
+        return prepare_store(
+            directory, training_windows(loader.dataset), teacher=teacher, k=k, temperature=temperature, dtype=dtype,
+            vocab_size=output_vocab_size(teacher if teacher is not None else hf_of(pl_module)),
+            batch_size=loader.batch_size or 8, writer=trainer.is_global_zero, barrier=trainer.strategy.barrier,
+            digest=digest, log=rank_zero_info)
+    except UserError as err:
+        raise MisconfigurationException(f"Distillation: {err}") from err

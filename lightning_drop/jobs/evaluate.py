@@ -43,7 +43,7 @@ def eval_main(model: str, tasks: Sequence[str] | str | None = None, preset: str 
         device: where the model runs (cpu, cuda, cuda:1)
         overwrite: replace an existing --output file
     """
-    from .drop import check_device
+    from .drop_request import check_device
     from ..measure.evaluation import dependency_output_to, parse_pairs, prepare_lm_eval, run_lm_eval
     from ..measure.lm_eval_tasks import local_task_dir, prepare_paper_tasks, resolve_tasks
     from ..io.model_loading import load_model

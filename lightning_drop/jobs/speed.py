@@ -98,8 +98,9 @@ def speed_main(model: str, baseline: str | None = None, batch_size: int | None =
         speed_by_context,
     )
     from ..io.model_loading import load_model
-    from ..measure.speed import INTERLEAVE, measure_generation, peak_rss_bytes, print_speed, sdr
-    from .drop import check_device
+    from ..measure.memory import peak_rss_bytes
+    from ..measure.speed import INTERLEAVE, measure_generation, print_speed, sdr
+    from .drop_request import check_device
 
     if ideal and not baseline:
         raise UserError("--ideal needs --baseline: the ideal speedup is profiled on the undropped model")

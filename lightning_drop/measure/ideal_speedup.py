@@ -21,7 +21,8 @@ from torch import nn
 
 from .clocks import resolve_clock, stopwatch
 from ..errors import UserError
-from .speed import check_generation_args, model_device, generate_once, random_prompt
+from .memory import model_device, random_prompt
+from .speed import check_generation_args, generate_once
 
 
 def dropped_part_modules(model: nn.Module, attn: Iterable[int] = (), mlp: Iterable[int] = ()) -> list[nn.Module]:

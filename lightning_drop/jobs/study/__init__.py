@@ -16,9 +16,9 @@ a hash of exactly the settings it depends on (`cache`): a re-run recomputes noth
 computes only the new points, an interrupted sweep resumes where it stopped, and two directions that reach
 the same drop set share its evaluation. SDR is computed on the total (prefill + decode) speedup.
 
-Modules: `config` (the YAML's typed dataclasses), `cache`, `sweep` (inputs, scores, drop sets), `measure`
-(one point's evaluation), `budget` (automated selection), `run` (`Study`, `study_main`), `report` (table,
-HTML and markdown) with `figures` (its PNGs); both are imported only when a report is written, as the
+Modules: `config` (the YAML's typed dataclasses; its `recovery` section in `recovery_config`), `cache`,
+`sweep` (inputs, scores, drop sets), `measure` (one point's evaluation), `budget` (automated selection), `run`
+(`Study`, `study_main`), `report` (table, HTML and markdown) with `figures` (its PNGs); both are imported only when a report is written, as the
 figures load matplotlib.
 """
 

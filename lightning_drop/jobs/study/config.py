@@ -13,13 +13,10 @@ from typing import Any, Mapping
 
 from ...errors import UserError
 from ...core.options import SCHEDULES, TARGETS, CalibrationConfig
-from .construction import build
+from .construction import at_least, build, unique_names
+from .recovery_config import RecoverySpec
 
 QUALITY_KEYS = ("perplexity", "mc")
-
-
-def _at_least(bound: int, default: Any) -> Any:
-    return field(default=default, metadata={"min": bound})
 
 
 def study_calibration() -> CalibrationConfig:
@@ -32,10 +29,10 @@ class PerplexitySpec:
     """Held-out perplexity. `source: calibration` = the calibration source's windows after the calibration ones."""
 
     source: str = "calibration"
-    num_windows: int = _at_least(1, 8)
-    seq_len: int = _at_least(2, 512)
+    num_windows: int = at_least(1, 8)
+    seq_len: int = at_least(2, 512)
     text_field: str = "text"
-    batch_size: int = _at_least(1, 4)
+    batch_size: int = at_least(1, 4)
 
 
 MC_AT = ("all", "largest")
@@ -54,7 +51,7 @@ class MCSpec:
     task: str = "hellaswag_sample"
     data: str | None = "../shared/data/hellaswag_val_first1000.jsonl"
     limit: int | None = 50
-    batch_size: int = _at_least(1, 8)
+    batch_size: int = at_least(1, 8)
     required: bool = False
     at: str = "all"
 
@@ -86,7 +83,7 @@ class EvalSpec:
             self.mc = []
 
     def check(self, where: str) -> None:
-        _unique_names(f"{where}.mc tasks", [m.task for m in self.mc or []])
+        unique_names(f"{where}.mc tasks", [m.task for m in self.mc or []])
         for i, m in enumerate(self.mc or []):
             m.check(f"{where}.mc[{i}]" if len(self.mc or []) > 1 else f"{where}.mc")
 
@@ -100,11 +97,11 @@ class SpeedSpec:
     when it is also in the list."""
 
     enabled: bool = True
-    batch_size: int = _at_least(1, 1)
-    prompt_len: int = _at_least(1, 64)
-    gen_len: int = _at_least(2, 32)
-    repeats: int = _at_least(1, 2)
-    warmup: int = _at_least(0, 1)
+    batch_size: int = at_least(1, 1)
+    prompt_len: int = at_least(1, 64)
+    gen_len: int = at_least(2, 32)
+    repeats: int = at_least(1, 2)
+    warmup: int = at_least(0, 1)
     prompt_lens: list[int] | None = None
 
     def check(self, where: str) -> None:
@@ -130,7 +127,7 @@ class SweepSpec:
     nums_per_target: dict[str, list[int]] = field(default_factory=dict)
     metric: str = "cosine"
     schedule: str = "one-shot"
-    step: int = _at_least(1, 1)
+    step: int = at_least(1, 1)
     calibration: dict[str, Any] = field(default_factory=dict)  # overrides of the study's calibration
     seed: int | None = None
     rule: str | None = None
@@ -177,102 +174,12 @@ class CheckpointSpec:
     """One dropped checkpoint written into the output directory, ready to load."""
 
     target: str = "attn"
-    num: int = _at_least(1, 8)
+    num: int = at_least(1, 8)
     sweep: str = "main"
 
     def check(self, where: str) -> None:
         if self.target not in TARGETS:
             raise UserError(f"{where}.target: unknown target '{self.target}'; choose from {', '.join(TARGETS)}")
-
-
-@dataclass
-class RecoveryTrainSpec:
-    """The recovery training text and budget: `steps` x `batch_size` windows of `seq_len` tokens, cut from the
-    documents of `source` (`calibration`: the calibration source) that come after every held-out window, so
-    no training window shares a document with held-out text."""
-
-    source: str = "calibration"
-    text_field: str = "text"
-    seq_len: int = _at_least(2, 128)
-    batch_size: int = _at_least(1, 4)
-    steps: int = _at_least(1, 40)
-    eval_every: int = _at_least(0, 0)  # held-out perplexity every N steps (the curve); 0: start and end only
-
-    @property
-    def tokens(self) -> int:
-        return self.steps * self.batch_size * self.seq_len
-
-
-@dataclass
-class RecipeSpec:
-    """One recovery recipe: `distillation` holds the arguments of `lightning_drop.callbacks.Distillation`
-    (alpha 0 = the LM loss alone; trainable lora / all / layers); `rounds` > 1 drops in that many rounds with
-    `steps / rounds` healing steps after each (drop, heal, re-score the healed model, drop the next)."""
-
-    name: str
-    lr: float = 1e-3
-    warmup_steps: int = _at_least(0, 0)
-    rounds: int = _at_least(1, 1)
-    distillation: dict[str, Any] = field(default_factory=dict)
-    control: bool = False  # also train the undropped model so: the control that measures mere adaptation
-
-
-@dataclass
-class RecoveryPointSpec:
-    """A drop set to recover: `num` `target` modules of the sweep `sweep`, by `recipes` (None: every recipe)."""
-
-    target: str = "attn"
-    num: int = _at_least(1, 8)
-    sweep: str = "main"
-    recipes: list[str] | None = None
-
-
-@dataclass
-class RecoverySpec:
-    """Recovery of dropped models, measured: every recipe on every point at the same training budget."""
-
-    recipes: list[RecipeSpec] = field(default_factory=list)
-    points: list[RecoveryPointSpec] = field(default_factory=lambda: [RecoveryPointSpec()])
-    train: RecoveryTrainSpec = field(default_factory=RecoveryTrainSpec)
-    save: bool = False  # write each recovered model to OUTPUT/recovered-<point>-<recipe> (a dropped checkpoint)
-
-    def check(self, where: str, sweeps: list[str]) -> None:
-        from lightning.pytorch.utilities.exceptions import MisconfigurationException
-
-        from ...callbacks import Distillation
-
-        if not self.recipes:
-            raise UserError(f"{where}.recipes: give at least one recipe")
-        names = _unique_names(f"{where}.recipes", [r.name for r in self.recipes])
-        for i, r in enumerate(self.recipes):
-            at = f"{where}.recipes[{i}] ({r.name})"
-            if not r.lr > 0:
-                raise UserError(f"{at}.lr must be > 0, got {r.lr}")
-            if r.rounds > self.train.steps:
-                raise UserError(f"{at}.rounds: {r.rounds} rounds need at least as many training steps "
-                                f"({where}.train.steps is {self.train.steps})")
-            for key in ("teacher", "start"):
-                if key in r.distillation:
-                    raise UserError(f"{at}.distillation.{key}: set by the study (the teacher is the undropped "
-                                    "model; rounds > 1 heals between rounds)")
-            if r.control and r.distillation.get("layers") == "near_drops":
-                raise UserError(f"{at}.control: an undropped model has no layers near drops; give layer indices "
-                                "or set control: false")
-            try:
-                Distillation(**r.distillation)
-            except MisconfigurationException as err:
-                raise UserError(f"{at}.distillation: {str(err).removeprefix('Distillation: ')}") from None
-            except TypeError as err:
-                raise UserError(f"{at}.distillation: {err}") from None
-        for i, p in enumerate(self.points):
-            at = f"{where}.points[{i}]"
-            if p.target not in TARGETS:
-                raise UserError(f"{at}.target: unknown target '{p.target}'; choose from {', '.join(TARGETS)}")
-            if p.sweep not in sweeps:
-                raise UserError(f"{at}.sweep: no sweep named '{p.sweep}'; sweeps: {sweeps}")
-            unknown = [n for n in p.recipes or [] if n not in names]
-            if unknown:
-                raise UserError(f"{at}.recipes: no recipe named {unknown}; recipes: {names}")
 
 
 @dataclass
@@ -319,7 +226,7 @@ class StudyConfig:
         self.speed.check("speed")
         if not self.sweeps:
             raise UserError("sweeps: give at least one sweep")
-        names = _unique_names("sweeps", [s.name for s in self.sweeps])
+        names = unique_names("sweeps", [s.name for s in self.sweeps])
         for i, s in enumerate(self.sweeps):
             where = f"sweeps[{i}] ({s.name})"
             s.check(where)
@@ -384,14 +291,6 @@ class StudyConfig:
 
     def to_dict(self) -> dict[str, Any]:
         return dataclasses.asdict(self)
-
-
-def _unique_names(where: str, names: list[str]) -> list[str]:
-    """`names`, or a one-line error naming the repeated ones."""
-    dup = sorted({n for n in names if names.count(n) > 1})
-    if dup:
-        raise UserError(f"{where}: names must be unique, repeated: {dup}")
-    return names
 
 
 def load_config(path: str | os.PathLike) -> StudyConfig:

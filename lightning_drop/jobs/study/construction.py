@@ -22,6 +22,19 @@ _SCALARS: dict[Any, tuple[tuple[type, ...], str]] = {
 }
 
 
+def at_least(bound: int, default: Any) -> Any:
+    """A spec field defaulting to `default` that `build` refuses below `bound`."""
+    return dataclasses.field(default=default, metadata={"min": bound})
+
+
+def unique_names(where: str, names: list[str]) -> list[str]:
+    """`names`, or a one-line error naming the repeated ones."""
+    dup = sorted({n for n in names if names.count(n) > 1})
+    if dup:
+        raise UserError(f"{where}: names must be unique, repeated: {dup}")
+    return names
+
+
 def build(tp: Any, value: Any, where: str) -> Any:
     """A value of type `tp` from YAML data; every error is one line naming the key path `where`."""
     label = where or "config"

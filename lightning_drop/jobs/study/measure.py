@@ -310,7 +310,7 @@ class PointEvaluator:
 
     def evaluate(self, attn: list[int], mlp: list[int]) -> dict[str, Any]:
         from ...core.modeling_dropped import apply_drop
-        from ...measure.speed import count_params, kv_cache_bytes_per_token
+        from ...measure.memory import count_params, kv_cache_bytes_per_token
 
         base = self.inputs.model
         self.inputs.log(f"evaluating drop attention {attn} MLP {mlp}")

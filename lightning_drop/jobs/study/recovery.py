@@ -22,7 +22,7 @@ import lightning.pytorch as pl
 
 from ...errors import UserError
 from .cache import Cache, CacheKeys, key_of
-from .config import RecipeSpec, RecoveryPointSpec, RecoverySpec
+from .recovery_config import RecipeSpec, RecoveryPointSpec, RecoverySpec
 from .measure import PointEvaluator
 from .sweep import DropSets, StudyInputs
 
