@@ -158,7 +158,8 @@ class DropSets:
             return [], []
         calib = self.cfg.calibration_for(sweep)
         span = num if sweep.span else None
-        check_span(span, sweep.metric, target, self.inputs.num_layers, where=f"sweep '{sweep.name}': span")
+        if span is not None:  # the depth is read only where a span needs it (a cached re-run loads no model)
+            check_span(span, sweep.metric, target, self.known_num_layers(), where=f"sweep '{sweep.name}': span")
         if not resolve_schedule(sweep.schedule).rescores:
             d = self.scores(calib, sweep.metric, self.cfg.seed_for(sweep), span)
             return select_modules(ImportanceScores.from_dict(d), target, num)
