@@ -181,6 +181,28 @@ def test_importance_in_one_pass_covers_every_sublayer(family, scoring_passes):
 
 
 @pytest.mark.parametrize("family", FAMILIES)
+def test_loss_metric_scores_the_drop_and_leaves_the_model(family):
+    """The `loss` metric swaps stand-ins in and out of the model itself: a sublayer's score is the loss rise of
+    really dropping it (a hybrid's mixer, a parallel layer's shared norm going with the block only), and the
+    model computes what it did before."""
+    from lightning_drop.scoring.loss_metric import token_loss_sum
+
+    model, _ = built(family)
+    before = logits(model)
+    scores = compute_importance(model, [IDS], metric="loss")
+    torch.testing.assert_close(logits(model), before, atol=0, rtol=0)
+
+    def loss(m: torch.nn.Module) -> float:
+        total, count = token_loss_sum(logits(m), IDS, None)
+        return float(total) / count
+
+    for row, attn, mlp in ((scores.attn, [0], []), (scores.mlp, [], [1]), (scores.block, [2], [2])):
+        dropped = copy.deepcopy(model)
+        apply_drop(dropped, attn=attn, mlp=mlp)
+        assert row[(attn or mlp)[0]] == pytest.approx(loss(dropped) - loss(model), abs=1e-5)
+
+
+@pytest.mark.parametrize("family", FAMILIES)
 def test_lora_finds_the_family_linear_layers(family):
     """LoRA's default targets are the family's own linear layers (GPT-2's Conv1D too): every one in a live
     token mixer (attention, linear attention, Mamba, convolution) or MLP gets an adapter (every live mixer has
