@@ -237,3 +237,20 @@ def test_lora_default_targets_of_llama_are_the_named_defaults():
     from lightning_drop.io.family_inference import lora_targets
 
     assert lora_targets(built("llama")[0]) == list(DEFAULT_TARGETS)
+
+
+def test_add_lora_leaves_a_dropped_mlp_that_is_a_target_name():
+    """BioGPT's MLP is its `fc1` and `fc2` themselves: after an MLP drop the stand-ins carry those names, and
+    `DropModule.add_lora` adapts the live ones only."""
+    from lightning_drop.core.modeling_dropped import is_standin
+    from lightning_drop.lightning.module import DropModule
+
+    module = DropModule(model="tiny-biogpt")
+    module.apply_drop(mlp=[2])
+    module.add_lora(r=2)
+    assert {"fc1", "fc2"} <= set(module.lora_config["target_modules"])
+    layers = get_spec(module.hf_model).get_layers(module.hf_model)
+    for i, layer in enumerate(layers):
+        assert is_standin(layer.fc1) == (i == 2) and hasattr(layer.fc1, "lora_A") == (i != 2)
+    module.merge_lora()
+    assert dropped_layers(module.hf_model) == ([], [2])
