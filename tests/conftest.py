@@ -48,23 +48,37 @@ def byte_tokenizer():
 def scoring_passes():
     """A callable returning the calibration forward passes (batches) run so far in the test.
 
-    Importance scoring runs a model's decoder stack (`model.model`) on its own, while training, validation
-    and generation reach it through the causal LM: a decoder call outside any `*ForCausalLM` call is one
-    scoring batch. Counting passes proves "not scored again" without depending on how scoring is imported.
+    Importance scoring runs a model's decoder stack (`model.model`, GPT-2's `transformer`, ...) on its own,
+    while training, validation and generation reach it through the causal LM (a model with an output head):
+    a decoder call outside any causal-LM call is one scoring batch. Counting passes proves "not scored again"
+    without depending on how scoring is imported.
     """
     from torch import nn
     from torch.nn.modules import module as torch_module
+    from transformers import PreTrainedModel
+
+    from lightning_drop.core.architectures import get_spec
+    from lightning_drop.errors import UserError
 
     state = {"lm": 0, "passes": 0}
 
     def is_lm(mod: nn.Module) -> bool:
-        return type(mod).__name__.endswith("ForCausalLM")
+        return isinstance(mod, PreTrainedModel) and mod.get_output_embeddings() is not None
+
+    def is_decoder(mod: nn.Module) -> bool:
+        """A text family's base model: the module that holds the family's layer list itself."""
+        if not isinstance(mod, PreTrainedModel):
+            return False
+        try:
+            spec = get_spec(mod)
+        except UserError:
+            return False
+        return spec.inputs == "text" and isinstance(getattr(mod, spec.layers.rsplit(".", 1)[-1], None), nn.ModuleList)
 
     def pre(mod: nn.Module, args: tuple) -> None:
         if is_lm(mod):
             state["lm"] += 1
-        elif state["lm"] == 0 and isinstance(getattr(mod, "layers", None), nn.ModuleList) \
-                and hasattr(mod, "embed_tokens"):
+        elif state["lm"] == 0 and is_decoder(mod):
             state["passes"] += 1
 
     def post(mod: nn.Module, args: tuple, output: object) -> None:

@@ -141,8 +141,9 @@ def test_every_dropped_checkpoint_loads_with_remote_code_alone(saved, tmp_path):
 
 
 # MoE families whose first layers are dense by index (or whose layer kinds follow the index): renumbered
-# layers would change kind, so a block drop keeps the dropped format
-NOT_PLAIN = {"flint"}
+# layers would change kind, so a block drop keeps the dropped format. Jamba's config gives attention and
+# expert layers by period and offset only (no per-layer list it accepts), which a cut does not keep.
+NOT_PLAIN = {"flint", "jamba"}
 
 
 @pytest.mark.parametrize("family", FAMILIES)
@@ -180,32 +181,76 @@ def test_importance_in_one_pass_covers_every_sublayer(family, scoring_passes):
 
 
 @pytest.mark.parametrize("family", FAMILIES)
-def test_lora_finds_the_family_linear_layers(family):
-    """LoRARecovery's default targets are the family's own linear layers: every one in a live sublayer gets an
-    adapter (the attention always has some), none is left in a dropped one."""
-    from peft import LoraConfig, get_peft_model
+def test_loss_metric_scores_the_drop_and_leaves_the_model(family):
+    """The `loss` metric swaps stand-ins in and out of the model itself: a sublayer's score is the loss rise of
+    really dropping it (a hybrid's mixer, a parallel layer's shared norm going with the block only), and the
+    model computes what it did before."""
+    from lightning_drop.scoring.loss_metric import token_loss_sum
 
-    from lightning_drop.callbacks.trainable import linear_targets
+    model, _ = built(family)
+    before = logits(model)
+    scores = compute_importance(model, [IDS], metric="loss")
+    torch.testing.assert_close(logits(model), before, atol=0, rtol=0)
+
+    def loss(m: torch.nn.Module) -> float:
+        total, count = token_loss_sum(logits(m), IDS, None)
+        return float(total) / count
+
+    for row, attn, mlp in ((scores.attn, [0], []), (scores.mlp, [], [1]), (scores.block, [2], [2])):
+        dropped = copy.deepcopy(model)
+        apply_drop(dropped, attn=attn, mlp=mlp)
+        assert row[(attn or mlp)[0]] == pytest.approx(loss(dropped) - loss(model), abs=1e-5)
+
+
+@pytest.mark.parametrize("family", FAMILIES)
+def test_lora_finds_the_family_linear_layers(family):
+    """LoRA's default targets are the family's own linear layers (GPT-2's Conv1D too): every one in a live
+    token mixer (attention, linear attention, Mamba, convolution) or MLP gets an adapter (every live mixer has
+    some), none is left in a dropped one."""
+    from peft import LoraConfig, get_peft_model
+    from transformers.pytorch_utils import Conv1D
+
+    from lightning_drop.io.family_inference import lora_excluded, lora_targets
 
     model, _ = built(family)
     spec = get_spec(model)
     apply_drop(model, attn=[1], mlp=[2])
-    targets = linear_targets(model)
-    peft_model = get_peft_model(model, LoraConfig(r=2, target_modules=targets, task_type="CAUSAL_LM"))
+    targets = lora_targets(model)
+    config = LoraConfig(r=2, target_modules=targets, exclude_modules=lora_excluded(model, targets) or None,
+                        task_type="CAUSAL_LM")  # as DropModule.add_lora builds it
+    peft_model = get_peft_model(model, config)
     for i, layer in enumerate(spec.get_layers(peft_model.base_model.model)):
-        for kind, gone in ((spec.attn, i == 1), (spec.mlp, i == 2)):
-            modules = dict(getattr(layer, kind).named_modules())
+        for kind, names, gone in (("mixer", (spec.mixer_name(layer),), i == 1), ("mlp", spec.mlp_modules(layer), i == 2)):
+            modules = {n: m for name in names for n, m in getattr(layer, name).named_modules(prefix=name)}
             adapted = {n.rsplit(".lora_A", 1)[0] for n in modules if n.endswith(".lora_A")}
-            linear = {n for n, m in modules.items() if type(m) is torch.nn.Linear and "lora_" not in n
+            linear = {n for n, m in modules.items() if type(m) in (torch.nn.Linear, Conv1D) and "lora_" not in n
                       and not any(n.startswith(a + ".") for a in adapted)}
             assert not linear, (i, kind, linear)  # no linear layer of a live sublayer left without an adapter
             assert not (gone and adapted), (i, kind, adapted)
-            assert gone or kind == spec.mlp or adapted, (i, kind)  # every live attention has linear layers
+            assert gone or kind == "mlp" or adapted, (i, kind)  # every live token mixer has linear layers
     assert torch.isfinite(logits(peft_model)).all()
 
 
 def test_lora_default_targets_of_llama_are_the_named_defaults():
     """For Llama's layout (SmolLM2) the family's linear layers are exactly the documented default names."""
-    from lightning_drop.callbacks.trainable import DEFAULT_TARGETS, linear_targets
+    from lightning_drop.callbacks.trainable import DEFAULT_TARGETS
+    from lightning_drop.io.family_inference import lora_targets
 
-    assert linear_targets(built("llama")[0]) == list(DEFAULT_TARGETS)
+    assert lora_targets(built("llama")[0]) == list(DEFAULT_TARGETS)
+
+
+def test_add_lora_leaves_a_dropped_mlp_that_is_a_target_name():
+    """BioGPT's MLP is its `fc1` and `fc2` themselves: after an MLP drop the stand-ins carry those names, and
+    `DropModule.add_lora` adapts the live ones only."""
+    from lightning_drop.core.modeling_dropped import is_standin
+    from lightning_drop.lightning.module import DropModule
+
+    module = DropModule(model="tiny-biogpt")
+    module.apply_drop(mlp=[2])
+    module.add_lora(r=2)
+    assert {"fc1", "fc2"} <= set(module.lora_config["target_modules"])
+    layers = get_spec(module.hf_model).get_layers(module.hf_model)
+    for i, layer in enumerate(layers):
+        assert is_standin(layer.fc1) == (i == 2) and hasattr(layer.fc1, "lora_A") == (i != 2)
+    module.merge_lora()
+    assert dropped_layers(module.hf_model) == ([], [2])

@@ -24,9 +24,11 @@ import lightning.pytorch as pl
 from lightning.pytorch.utilities.exceptions import MisconfigurationException
 from torch import nn
 
+from ..core.architectures import LLAMA_LORA_TARGETS
 from ._common import hf_of
 
-DEFAULT_TARGETS = ("q_proj", "k_proj", "v_proj", "o_proj", "gate_proj", "up_proj", "down_proj")
+#: LoRA's default target names (Llama's); as the default they mean the family's own linear layers
+DEFAULT_TARGETS = LLAMA_LORA_TARGETS
 KINDS = ("lora", "all", "layers", "last_layers")
 Kind = Literal["lora", "all", "layers", "last_layers"]
 #: low-precision bases for LoRA: torch dtypes any backend has; `nf4` (4-bit, QLoRA) needs bitsandbytes on CUDA
@@ -185,10 +187,9 @@ class TrainableSet:
                                                 f"(lightning_drop.DropModule), got {type(pl_module).__name__}")
             if not self.attached(pl_module):
                 assert self.lora is not None
-                targets = list(self.lora.target_modules)  # the default names are Llama's: any family's own
-                targets = linear_targets(hf_of(pl_module)) if tuple(targets) == DEFAULT_TARGETS else targets
+                # the default names stand for the family's own targets: add_lora resolves them
                 pl_module.add_lora(r=self.lora.r, alpha=self.lora.alpha, dropout=self.lora.dropout,
-                                   target_modules=targets)
+                                   target_modules=list(self.lora.target_modules))
             assert self.lora is not None
             if self.lora.base_dtype is not None:
                 # also when the adapters came back from a checkpoint (resume): its weights load into this dtype
@@ -257,21 +258,6 @@ def _checked_layers(owner: str, layers: Any) -> list[int] | str:
     if any(not isinstance(i, int) or isinstance(i, bool) or i < 0 for i in layers):
         raise MisconfigurationException(f"{owner}: layers must be indices >= 0, got {list(layers)!r}")
     return sorted(set(layers))
-
-
-def linear_targets(model: nn.Module) -> list[str]:
-    """The names of the linear layers in the live attention and MLP sublayers of `model`, any family (Llama's
-    q/k/v/o and gate/up/down projections; Persimmon's query_key_value, dense, ...): LoRA's default targets.
-    Plain `nn.Linear` only: a router that subclasses it returns routing weights, not features, and stays as
-    it is; mixture-of-experts blocks whose experts are one fused tensor contribute their shared experts only."""
-    from lightning_drop.core.architectures import get_spec
-
-    spec = get_spec(model)
-    names: dict[str, None] = {}
-    for layer in spec.get_layers(model):
-        for sublayer in (getattr(layer, spec.attn), getattr(layer, spec.mlp)):
-            names.update((n.rsplit(".", 1)[-1], None) for n, m in sublayer.named_modules() if type(m) is nn.Linear)
-    return list(names)
 
 
 def _layers(model: nn.Module) -> nn.ModuleList:

@@ -32,6 +32,7 @@ except ImportError:  # pragma: no cover - imported as a flat module next to a ch
 
 DROPPED_PREFIX = "dropped_"
 INPUTS = ("text", "image")
+# LoRA's documented default names (Llama's linear layers); as a default they stand for any family's own targets
 LLAMA_LORA_TARGETS = ("q_proj", "k_proj", "v_proj", "o_proj", "gate_proj", "up_proj", "down_proj")
 # Kinds of token mixer a layer may hold (attention's kind is read from the config's per-layer types).
 MIXER_KINDS = ("full_attention", "sliding_attention", "linear_attention", "mamba", "conv")
@@ -68,7 +69,8 @@ class ArchSpec:
     - `shared_norms`: norms that both sublayers of a parallel layer read; they go only with the whole block
       (in a sequential layer of the same family they are attention's).
     - `full_shape_mlp`: the layer adds into the MLP output in place, so the stand-in returns full-shape zeros.
-    - `lora_targets`: names of the family's linear (or Conv1D) layers that LoRA adapts by default.
+    - `lora_targets`: names of the family's linear (or Conv1D) layers that LoRA adapts by default; empty: the
+      linear layers found in the model's live sublayers (`io.family_inference.lora_targets`).
     """
 
     family: str
@@ -101,7 +103,7 @@ class ArchSpec:
     parallel: bool | tuple[str, ...] = False
     shared_norms: tuple[str, ...] = ()
     full_shape_mlp: bool = False
-    lora_targets: tuple[str, ...] = LLAMA_LORA_TARGETS
+    lora_targets: tuple[str, ...] = ()
 
     def __post_init__(self) -> None:
         if self.inputs not in INPUTS:

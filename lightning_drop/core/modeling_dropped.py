@@ -205,10 +205,10 @@ def standins_swapped(model: nn.Module, index: int, attn: bool, mlp: bool) -> Ite
     modules back afterwards: scoring a drop by running the model without it needs no copy of the model."""
     spec = get_spec(model)
     layer = spec.get_layers(model)[index]
-    names = [*((spec.attn, *spec.attn_norms) if attn else ()),
-             *((spec.mlp, *spec.mlp_parts, *spec.mlp_norms) if mlp else ())]
-    saved = {name: getattr(layer, name) for name in names}
-    _replace_modules(layer, spec, attn, mlp, index)
+    # every module either sublayer may replace, under the names this layer has (a hybrid's mixer, Falcon's
+    # optional norms, a parallel layer's shared norm, which goes once both sublayers are stand-ins)
+    saved = {name: getattr(layer, name) for name in (*spec.attn_modules(layer), *spec.mlp_modules(layer))}
+    _replace_modules(layer, spec, attn, mlp, index, spec.inputs == "text" and spec.is_parallel(model.config))
     try:
         yield
     finally:

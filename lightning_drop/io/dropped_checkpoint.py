@@ -4,9 +4,10 @@ Three shapes, chosen from what was dropped:
 - nothing dropped: the model's own `save_pretrained` output;
 - only whole blocks: a plain checkpoint of the original architecture with fewer (renumbered) layers, with
   `config.json["lightning_drop"] = {"dropped_blocks": [...], "original_num_hidden_layers": N}` (staged
-  families: per-stage `depths` shrink, plus `original_depths`). The dropped format is kept when the
-  renumbered config would not rebuild the same modules (DeepSeek's dense first layers, a SwinV2 block whose
-  window shift would change, an emptied stage);
+  families: per-stage `depths` shrink, plus `original_depths`); per-layer lists are cut and lists of layer
+  indices renumbered. The dropped format is kept when the renumbered config would not rebuild the same
+  modules (DeepSeek's dense first layers, Jamba's kinds by period and offset, a SwinV2 block whose window
+  shift would change, an emptied stage);
 - attention/MLP sublayers: `model_type: dropped_<base>` with `drop_attn_list`/`drop_mlp_list`, plus this
   package's self-contained `modeling_dropped.py` (and the architecture files it imports) referenced from
   `auto_map` (for `trust_remote_code=True`).
@@ -74,7 +75,9 @@ def compact_blocks(model: nn.Module, spec: ArchSpec, blocks: list[int]) -> nn.Mo
     else:
         cfg[spec.num_layers_key] = len(keep)
     for key, value in list(cfg.items()):  # per-layer lists (layer_types, mlp_layer_types, no_rope_layers, ...)
-        if "layer" in key and isinstance(value, list) and len(value) == len(layers):
+        if _is_layer_index_list(key, value, len(layers)):  # Bamba's attn_layer_indices: kept ones, renumbered
+            cfg[key] = [keep.index(i) for i in value if i in keep]
+        elif "layer" in key and isinstance(value, list) and len(value) == len(layers):
             cfg[key] = [value[i] for i in keep]
     cfg["lightning_drop"] = info
     new_config = getattr(transformers, spec.config_class)(**cfg)
@@ -106,6 +109,12 @@ def compact_blocks(model: nn.Module, spec: ArchSpec, blocks: list[int]) -> nn.Mo
     if getattr(model, "generation_config", None) is not None:
         plain.generation_config = model.generation_config
     return plain.eval()
+
+
+def _is_layer_index_list(key: str, value: Any, num_layers: int) -> bool:
+    """A config field listing layers by index (`attn_layer_indices`): the layers of one kind."""
+    return (key.endswith(("layer_indices", "layer_ids")) and isinstance(value, list)
+            and all(isinstance(i, int) and not isinstance(i, bool) and 0 <= i < num_layers for i in value))
 
 
 def checkpoint_kind(model: nn.Module) -> str:

@@ -6,6 +6,9 @@ whose names match one of the known norm layouts (`NORM_LAYOUTS`). The names are 
 layer's forward does, so the guess is tested on the user's own model: logits with some sublayers replaced by
 the drop stand-ins must equal the original model's logits with the same sublayers' outputs set to zero
 (`prove_spec`, a few tokens: seconds). Only a proven spec is registered (`register_family`).
+
+A family that does not name its LoRA targets gets them from the model the same way: the linear layers of its
+live sublayers (`lora_targets`).
 """
 
 from __future__ import annotations
@@ -20,7 +23,7 @@ from torch import nn
 
 from ..core.architectures import ArchSpec, decoder_spec, get_spec, register_family
 from ..core.decoder_families import NORM_LAYOUTS
-from ..core.modeling_dropped import replace_sublayers
+from ..core.modeling_dropped import is_standin, replace_sublayers
 from ..errors import UserError
 from .tiny_configs import causal_lm_class
 
@@ -68,6 +71,34 @@ def infer_spec(model: nn.Module) -> ArchSpec:
                         f"({', '.join(NORM_LAYOUTS)}); one norm for both sublayers is a parallel residual")
     return ArchSpec(family=model_type, model_types=(model_type,), causal_lm_class=_base_name(type(model)),
                     config_class=_base_name(type(config)), attn=attn, mlp=mlp, **NORM_LAYOUTS[layout])
+
+
+def linear_targets(model: nn.Module) -> list[str]:
+    """The names of the linear layers (`nn.Linear`, GPT-2's `Conv1D`) in the live token mixers (attention,
+    linear attention, Mamba, convolution) and MLP sublayers of `model`, any family. Exact types only: a router
+    that subclasses `nn.Linear` returns routing weights, not features, and stays as it is; mixture-of-experts
+    blocks whose experts are one fused tensor contribute their shared experts only."""
+    from transformers.pytorch_utils import Conv1D
+
+    spec = get_spec(model)
+    names: dict[str, None] = {}
+    for layer in spec.get_layers(model):
+        for name in (*spec.attn_modules(layer, parallel=True), *spec.mlp_modules(layer)):
+            names.update((n.rsplit(".", 1)[-1], None) for n, m in getattr(layer, name).named_modules(prefix=name)
+                         if type(m) in (nn.Linear, Conv1D))
+    return list(names)
+
+
+def lora_targets(model: nn.Module) -> list[str]:
+    """LoRA's default targets for `model`: its family's `lora_targets` where the family names them, else the
+    linear layers found in the model (`linear_targets`)."""
+    return list(get_spec(model).lora_targets) or linear_targets(model)
+
+
+def lora_excluded(model: nn.Module, targets: list[str]) -> list[str]:
+    """Full names of the dropped sublayers' stand-ins that the target names would match (BioGPT's MLP is its
+    `fc1` itself): they have nothing to adapt, and peft refuses modules that are not layers it knows."""
+    return [n for n, m in model.named_modules() if is_standin(m) and n.rsplit(".", 1)[-1] in targets]
 
 
 def proof_drops(num_layers: int) -> tuple[list[int], list[int]]:

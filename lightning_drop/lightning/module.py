@@ -43,8 +43,9 @@ from .distributed import (check_strategy, drop_gathered, gathered_dir, is_fsdp2,
                           sharded_strategy, unshard_module)
 from .task import build_model, build_task, lm_batch  # noqa: F401  (build_model, lm_batch: public helpers)
 from ..errors import UserError
-from ..core.architectures import LLAMA_LORA_TARGETS, get_spec
+from ..core.architectures import LLAMA_LORA_TARGETS
 from ..core.modeling_dropped import apply_drop, dropped_layers
+from ..io.family_inference import lora_excluded, lora_targets
 from ..io.training_checkpoint import CKPT_KEY, checkpoint_meta, model_from_config, refuse_other_model, resume_path
 
 LOG_DIR = "{log_dir}"  # the one placeholder of `DropModule(save_dir=...)`: the logger's run folder
@@ -201,11 +202,10 @@ class DropModule(pl.LightningModule):
         if self.lora_config is not None:
             raise UserError("LoRA adapters are already attached")
         # the default (Llama's names) means the family's own linear layers: GPT-2's Conv1D c_attn/c_proj/c_fc, ...
-        family_targets = get_spec(self.hf_model).lora_targets
-        targets = list(family_targets if not target_modules or tuple(target_modules) == LLAMA_LORA_TARGETS
+        targets = list(lora_targets(self.hf_model) if not target_modules or tuple(target_modules) == LLAMA_LORA_TARGETS
                        else target_modules)
         config = LoraConfig(r=r, lora_alpha=alpha, lora_dropout=dropout, target_modules=targets, bias="none",
-                            task_type="CAUSAL_LM")
+                            exclude_modules=lora_excluded(self.hf_model, targets) or None, task_type="CAUSAL_LM")
         try:
             self.model = get_peft_model(self.model, config)
         except ValueError as err:

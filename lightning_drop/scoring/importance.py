@@ -355,9 +355,13 @@ def _feed(acc: ImportanceAccumulator, spec: ArchSpec, inputs: dict[str, torch.Te
 
 
 def decoder_body(model: nn.Module) -> nn.Module:
-    """The model without its LM head: scores need hidden states, not logits."""
-    inner = getattr(model, "model", None)
-    return inner if isinstance(inner, nn.Module) and hasattr(inner, "layers") else model
+    """The model without its LM head (the module holding the spec's layer list: `model`, GPT-2's
+    `transformer`, ...): scores need hidden states, not logits over the vocabulary."""
+    *path, layers = get_spec(model).layers.split(".")
+    inner: object = model
+    for part in path:
+        inner = getattr(inner, part, None)
+    return inner if isinstance(inner, nn.Module) and hasattr(inner, layers) else model
 
 
 @torch.no_grad()
