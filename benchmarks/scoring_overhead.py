@@ -23,7 +23,8 @@ import torch
 sys.path.insert(0, os.path.join(os.path.dirname(__file__), ".."))
 
 from lightning_drop.io.text_data import calibration_windows, CalibrationConfig  # noqa: E402
-from lightning_drop.scoring.importance import decoder_body, compute_importance  # noqa: E402
+from lightning_drop.scoring.forward_pass import decoder_body  # noqa: E402
+from lightning_drop.scoring.importance import compute_importance  # noqa: E402
 from lightning_drop.io.model_loading import load_model  # noqa: E402
 
 sys.path.insert(0, os.path.dirname(__file__))

@@ -18,8 +18,7 @@ from __future__ import annotations
 
 import operator
 import re
-from contextlib import contextmanager
-from typing import Any, Iterable, Iterator, Sequence
+from typing import Any, Iterable, Sequence
 
 import torch
 import transformers
@@ -197,23 +196,6 @@ def _replace_modules(layer: nn.Module, spec: ArchSpec, attn: bool, mlp: bool, in
         _to_identity(layer, spec.mlp_norms)
     if parallel and is_standin(getattr(layer, spec.mixer_name(layer))) and is_standin(getattr(layer, spec.mlp)):
         _to_identity(layer, spec.shared_norms)  # read by both sublayers: gone with the whole block only
-
-
-@contextmanager
-def standins_swapped(model: nn.Module, index: int, attn: bool, mlp: bool) -> Iterator[None]:
-    """Layer `index` of `model` with its attention and/or MLP replaced by stand-ins while inside, its own
-    modules back afterwards: scoring a drop by running the model without it needs no copy of the model."""
-    spec = get_spec(model)
-    layer = spec.get_layers(model)[index]
-    # every module either sublayer may replace, under the names this layer has (a hybrid's mixer, Falcon's
-    # optional norms, a parallel layer's shared norm, which goes once both sublayers are stand-ins)
-    saved = {name: getattr(layer, name) for name in (*spec.attn_modules(layer), *spec.mlp_modules(layer))}
-    _replace_modules(layer, spec, attn, mlp, index, spec.inputs == "text" and spec.is_parallel(model.config))
-    try:
-        yield
-    finally:
-        for name, module in saved.items():
-            setattr(layer, name, module)
 
 
 def apply_drop(model: nn.Module, attn: Iterable[Any] = (), mlp: Iterable[Any] = ()) -> nn.Module:
@@ -400,7 +382,9 @@ def register_auto_classes() -> None:
             auto.register(config_cls, dropped_model_class(spec, name), exist_ok=True)
 
 
-def replace_sublayers(layer: nn.Module, spec: ArchSpec, attn: bool, mlp: bool, index: int | None = None) -> None:
+def replace_sublayers(layer: nn.Module, spec: ArchSpec, attn: bool, mlp: bool, index: int | None = None,
+                      parallel: bool = False) -> None:
     """Put the stand-ins of a dropped attention and/or MLP into one `layer`, as `apply_drop` does, leaving the
-    model's class and config alone: a trial drop (proving an inferred family) that the caller undoes."""
-    _replace_modules(layer, spec, attn, mlp, index)
+    model's class and config alone: a trial drop (proving an inferred family, scoring a drop) that the caller
+    undoes. `parallel`: the layer is a parallel-residual one (its shared norm goes with both sublayers)."""
+    _replace_modules(layer, spec, attn, mlp, index, parallel)

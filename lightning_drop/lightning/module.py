@@ -27,7 +27,6 @@ them back on resume:
 
 from __future__ import annotations
 
-import math
 import os
 import re
 from typing import Any, Literal, NamedTuple, Protocol
@@ -38,6 +37,7 @@ from lightning.pytorch.utilities import rank_zero_info
 from lightning.pytorch.utilities.exceptions import MisconfigurationException
 from torch import nn
 
+from .optimization import check_settings, configure
 from .sharded_weights import empty_model, materialize
 from .distributed import (check_strategy, drop_gathered, gathered_dir, is_fsdp2, is_sharded, save_sharded, shard_model,
                           sharded_strategy, unshard_module)
@@ -72,10 +72,6 @@ class TrainingObjective(Protocol):
 
     def __call__(self, module: DropModule, batch: dict[str, torch.Tensor]) -> tuple[torch.Tensor,
                                                                                dict[str, torch.Tensor]]: ...
-
-
-OPTIMIZERS = ("adamw", "adam", "sgd")
-SCHEDULERS = ("constant", "cosine", "linear")
 
 
 def is_peft(model: nn.Module) -> bool:
@@ -138,20 +134,7 @@ class DropModule(pl.LightningModule):
         load_sharded: bool = False,
     ) -> None:
         super().__init__()
-        if optimizer not in OPTIMIZERS:
-            raise UserError(f"unknown optimizer '{optimizer}'; choose from {', '.join(OPTIMIZERS)}")
-        if scheduler not in SCHEDULERS:
-            raise UserError(f"unknown scheduler '{scheduler}'; choose from {', '.join(SCHEDULERS)}")
-        if not lr > 0:
-            raise UserError(f"lr must be > 0, got {lr}")
-        if weight_decay < 0:
-            raise UserError(f"weight_decay must be >= 0, got {weight_decay}")
-        if not isinstance(warmup_steps, int) or warmup_steps < 0:
-            raise UserError(f"warmup_steps must be an integer >= 0, got {warmup_steps!r}")
-        if max_steps is not None and (not isinstance(max_steps, int) or max_steps < 1):
-            raise UserError(f"max_steps must be an integer >= 1 or None, got {max_steps!r}")
-        if not 0.0 <= min_lr_ratio <= 1.0:
-            raise UserError(f"min_lr_ratio must be in [0, 1], got {min_lr_ratio}")
+        check_settings(optimizer, scheduler, lr, weight_decay, warmup_steps, max_steps, min_lr_ratio)
         other = set(re.findall(r"\{[^{}]*\}", save_dir or "")) - {LOG_DIR}
         if other:
             raise UserError(f"save_dir {save_dir!r}: unknown placeholder {sorted(other)[0]} (the one placeholder is "
@@ -353,40 +336,8 @@ class DropModule(pl.LightningModule):
         drop_gathered(self)
 
     def configure_optimizers(self) -> Any:
-        hp = self.hparams
-        decay, no_decay = [], []
-        for name, p in self.named_parameters():
-            if p.requires_grad:
-                (decay if p.ndim >= 2 else no_decay).append(p)
-        if not decay and not no_decay:
-            raise UserError("no trainable parameters (everything is frozen)")
-        groups = [g for g in ({"params": decay, "weight_decay": hp.weight_decay},
-                              {"params": no_decay, "weight_decay": 0.0}) if g["params"]]
-        if hp.optimizer == "sgd":
-            opt = torch.optim.SGD(groups, lr=hp.lr, momentum=hp.momentum)
-        else:
-            opt = {"adamw": torch.optim.AdamW, "adam": torch.optim.Adam}[hp.optimizer](groups, lr=hp.lr,
-                                                                                      betas=tuple(hp.betas))
-        if hp.scheduler == "constant" and hp.warmup_steps == 0:
-            return opt
-        total = hp.max_steps
-        if total is None:
-            total = self.trainer.estimated_stepping_batches if self._trainer is not None else 1000
-            total = int(total) if math.isfinite(total) else 1000
-        warmup, kind, floor, offset = hp.warmup_steps, hp.scheduler, hp.min_lr_ratio, self.lr_step_offset
-
-        def factor(step: int) -> float:
-            s = step + offset
-            if s < warmup:
-                return (s + 1) / warmup
-            if kind == "constant":
-                return 1.0
-            progress = min(1.0, (s - warmup) / max(1, total - warmup))
-            shape = 0.5 * (1.0 + math.cos(math.pi * progress)) if kind == "cosine" else 1.0 - progress
-            return floor + (1.0 - floor) * shape
-
-        sched = torch.optim.lr_scheduler.LambdaLR(opt, factor)
-        return {"optimizer": opt, "lr_scheduler": {"scheduler": sched, "interval": "step"}}
+        estimate = self.trainer.estimated_stepping_batches if self._trainer is not None else None
+        return configure(self.parameters(), self.hparams, estimate, self.lr_step_offset)
 
     def on_train_end(self) -> None:
         if self.save_path and is_sharded(self.model):

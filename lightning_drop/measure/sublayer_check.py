@@ -17,7 +17,7 @@ from torch import nn
 from torch.utils.flop_counter import FlopCounterMode
 
 from ..core.architectures import get_spec
-from ..scoring.importance import model_inputs
+from ..scoring.forward_pass import model_inputs
 from ..core.modeling_dropped import dropped_layers, normalize_drop_list
 
 _NORMS = (nn.LayerNorm, nn.GroupNorm, nn.modules.batchnorm._BatchNorm, nn.RMSNorm)

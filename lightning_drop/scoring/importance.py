@@ -4,9 +4,8 @@ For every layer three residual-stream states are captured with hooks: X (layer i
 `spec.mlp_entry`, i.e. after the attention residual) and Y (layer output). Attention is scored on (X, h),
 the MLP on (h, Y) and the block on (X, Y). In a parallel-residual layer both sublayers read X: each is scored
 on (X, X + its output), the block on (X, Y). Per-token scores are reduced immediately over real tokens only,
-into torchmetrics states (float64) read through `compute()`, so DDP ranks end with identical scores. A
-small input adapter (`model_inputs`) turns text batches (ids + attention mask) and image batches
-(pixel_values) into one forward pass.
+into torchmetrics states (float64) read through `compute()`, so DDP ranks end with identical scores. Text
+and image batches become one forward pass through `forward_pass.model_inputs` and `run_forward`.
 """
 
 from __future__ import annotations
@@ -25,6 +24,7 @@ from torchmetrics.aggregation import SumMetric
 from ..core.architectures import ArchSpec, get_spec
 from ..errors import UserError
 from ..core.modeling_dropped import dropped_layers, is_standin
+from .forward_pass import hidden_of, model_inputs, run_forward
 from .metrics import ImportanceMetric, positional_scores, resolve_metric, token_scores
 from ..core.options import METRICS  # noqa: F401  (the shipped names, for callers that list them)
 
@@ -74,10 +74,6 @@ class ImportanceScores:
         if kind not in KINDS:
             raise UserError(f"unknown kind '{kind}'; choose from {', '.join(KINDS)}")
         return getattr(self, kind)
-
-
-def hidden_of(value: Any) -> torch.Tensor:
-    return value[0] if isinstance(value, (tuple, list)) else value
 
 
 def _hidden_arg(args: tuple, kwargs: dict) -> torch.Tensor:
@@ -302,48 +298,6 @@ def _has_drops(model: nn.Module) -> bool:
     return bool(attn or mlp)
 
 
-def as_batch(batch: Any, device: torch.device) -> dict[str, torch.Tensor]:
-    """Text batches: a tensor of ids, or a dict with `input_ids` (and optionally `attention_mask`)."""
-    if isinstance(batch, torch.Tensor):
-        batch = {"input_ids": batch}
-    if "input_ids" not in batch:
-        raise UserError("calibration batches need 'input_ids'")
-    out = {"input_ids": batch["input_ids"].to(device)}
-    if batch.get("attention_mask") is not None:
-        out["attention_mask"] = batch["attention_mask"].to(device)
-    return out
-
-
-def _as_pixels(batch: Any, device: torch.device) -> dict[str, torch.Tensor]:
-    """Image batches: an image tensor, (images, labels) as image datamodules yield, or a dict with
-    `pixel_values`."""
-    if isinstance(batch, torch.Tensor):
-        x = batch
-    elif isinstance(batch, dict):
-        if "pixel_values" not in batch:
-            raise UserError("calibration batches need 'pixel_values'")
-        x = batch["pixel_values"]
-    elif isinstance(batch, (tuple, list)) and batch and isinstance(batch[0], torch.Tensor):
-        x = batch[0]
-    else:
-        raise UserError(f"calibration batches must be image tensors, (images, labels) or dicts, got {type(batch).__name__}")
-    if x.dim() != 4:
-        raise UserError(f"images must be (batch, channels, height, width), got shape {tuple(x.shape)}")
-    return {"pixel_values": x.to(device)}
-
-
-def model_inputs(spec: ArchSpec, batch: Any, device: torch.device) -> dict[str, torch.Tensor]:
-    """Keyword arguments of one forward pass of a `spec` model over `batch`, on `device`."""
-    return as_batch(batch, device) if spec.inputs == "text" else _as_pixels(batch, device)
-
-
-def run_forward(spec: ArchSpec, model: nn.Module, inputs: dict[str, torch.Tensor]) -> Any:
-    """One forward pass of the model without its task head (scores need hidden states, not logits)."""
-    if spec.inputs == "text":
-        return decoder_body(model)(**inputs, use_cache=False)
-    return spec.base_model(model)(**inputs)
-
-
 def _feed(acc: ImportanceAccumulator, spec: ArchSpec, inputs: dict[str, torch.Tensor]) -> None:
     """Tell the accumulator which tokens of the next forward are real, and how many there are."""
     mask = inputs.get("attention_mask")
@@ -352,16 +306,6 @@ def _feed(acc: ImportanceAccumulator, spec: ArchSpec, inputs: dict[str, torch.Te
         acc.count_tokens(int(mask.sum()) if mask is not None else inputs["input_ids"].numel())
     else:
         acc.count_next_forward()
-
-
-def decoder_body(model: nn.Module) -> nn.Module:
-    """The model without its LM head (the module holding the spec's layer list: `model`, GPT-2's
-    `transformer`, ...): scores need hidden states, not logits over the vocabulary."""
-    *path, layers = get_spec(model).layers.split(".")
-    inner: object = model
-    for part in path:
-        inner = getattr(inner, part, None)
-    return inner if isinstance(inner, nn.Module) and hasattr(inner, layers) else model
 
 
 @torch.no_grad()

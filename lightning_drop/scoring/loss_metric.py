@@ -22,10 +22,27 @@ import torch.nn.functional as F
 from torch import nn
 
 from ..core.architectures import get_spec
-from ..core.modeling_dropped import dropped_layers, standins_swapped
+from ..core.modeling_dropped import dropped_layers, replace_sublayers
 from ..errors import UserError
 
 KINDS = ("attn", "mlp", "block")
+
+
+@contextmanager
+def standins_swapped(model: nn.Module, index: int, attn: bool, mlp: bool) -> Iterator[None]:
+    """Layer `index` of `model` with its attention and/or MLP replaced by stand-ins while inside, its own
+    modules back afterwards: scoring a drop by running the model without it needs no copy of the model."""
+    spec = get_spec(model)
+    layer = spec.get_layers(model)[index]
+    # every module either sublayer may replace, under the names this layer has (a hybrid's mixer, Falcon's
+    # optional norms, a parallel layer's shared norm, which goes once both sublayers are stand-ins)
+    saved = {name: getattr(layer, name) for name in (*spec.attn_modules(layer), *spec.mlp_modules(layer))}
+    replace_sublayers(layer, spec, attn, mlp, index, spec.inputs == "text" and spec.is_parallel(model.config))
+    try:
+        yield
+    finally:
+        for name, module in saved.items():
+            setattr(layer, name, module)
 
 
 def require_lm_head(model: nn.Module, what: str = "metric 'loss'") -> None:

@@ -41,7 +41,8 @@ from torch import nn
 from ..core.architectures import get_spec
 from ..io.dropped_checkpoint import is_llm_drop_config, read_config, require_weights
 from ..errors import UserError
-from .importance import ImportanceAccumulator, ImportanceScores, as_batch, decoder_body, hidden_of, compute_importance
+from .forward_pass import as_batch, decoder_body, hidden_of
+from .importance import ImportanceAccumulator, ImportanceScores, compute_importance
 from .metrics import ImportanceMetric, resolve_metric
 from ..core.modeling_dropped import apply_drop, dropped_classes, normalize_drop_list, register_auto_classes
 
