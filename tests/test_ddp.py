@@ -287,8 +287,11 @@ SMOLLM2_STEPS = ("--trainer.max_steps", "1", "--trainer.val_check_interval", "1"
                  "--data.init_args.seq_len", "64", "--data.init_args.calibration_samples", "4")
 CASES = {
     # (scoring during training under DDP: test_fit_end_callbacks_under_ddp, every step)
+    # (the last callback is the ModelCheckpoint: one checkpoint, at the last step)
     "track_random_init.yaml": Case(("--trainer.max_steps", "6", "--trainer.val_check_interval", "3",
-                                    "--trainer.limit_val_batches", "2"), check_track_random_init, 300),
+                                    "--trainer.limit_val_batches", "2",
+                                    "--trainer.callbacks.init_args.every_n_train_steps", "6"),
+                                   check_track_random_init, 300),
     # the config's own CI smoke settings, a little more than one epoch (10 steps per rank)
     "vision_digits.yaml": Case(("--trainer.max_steps", "12", "--trainer.limit_val_batches", "1",
                                 "--trainer.callbacks.init_args.head_epochs", "1"), check_vision_digits, 300),
