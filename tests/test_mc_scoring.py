@@ -92,16 +92,21 @@ def nothing_said_yet(monkeypatch):
     monkeypatch.setattr(mc_scoring, "_said", set())
 
 
+def plain_twice_said_once(model, tok, requests, caplog, reason: str) -> None:
+    """Scored twice, every request takes the plain path, and `reason` is logged once (not per call)."""
+    with caplog.at_level(logging.INFO, logger="lightning_drop.measure.mc_scoring"):
+        lm = _compare(model, tok, requests)
+        _compare(model, tok, requests)
+    assert lm.shared_requests == 0 and lm.plain_requests == len(requests)
+    said = [r.message for r in caplog.records if reason in r.message]
+    assert len(said) == 1, said
+
+
 def test_requests_sharing_no_context_take_the_plain_path_said_once(shared_dir, tmp_path, caplog):
     model, tok = tiny_model("llama")
     requests = _requests("hellaswag_sample", 6, shared_dir, tmp_path)
     firsts = [r for r in requests if r.idx == 0]  # one ending per context: no context is shared
-    with caplog.at_level(logging.INFO, logger="lightning_drop.measure.mc_scoring"):
-        lm = _compare(model, tok, firsts)
-        _compare(model, tok, firsts)
-    assert lm.shared_requests == 0 and lm.plain_requests == len(firsts)
-    said = [r.message for r in caplog.records if "share no context" in r.message]
-    assert len(said) == 1, said
+    plain_twice_said_once(model, tok, firsts, caplog, "share no context")
     mixed = _compare(model, tok, firsts[:2] + requests[8:])  # two alone, the rest in groups of four
     assert mixed.plain_requests == 2 and mixed.shared_requests == len(requests) - 8
 
@@ -128,12 +133,7 @@ def test_a_model_without_a_reusable_decoder_falls_back_said_once(shared_dir, tmp
     torch.manual_seed(0)
     model = GPT2LMHeadModel(GPT2Config(vocab_size=len(tok), n_embd=32, n_layer=2, n_head=2, n_positions=1024)).eval()
     requests = _requests("hellaswag_sample", 4, shared_dir, tmp_path)
-    with caplog.at_level(logging.INFO, logger="lightning_drop.measure.mc_scoring"):
-        lm = _compare(model, tok, requests)
-        _compare(model, tok, requests)
-    assert lm.shared_requests == 0 and lm.plain_requests == len(requests)
-    said = [r.message for r in caplog.records if "no decoder whose cache can be reused" in r.message]
-    assert len(said) == 1, said
+    plain_twice_said_once(model, tok, requests, caplog, "no decoder whose cache can be reused")
 
 
 def test_run_lm_eval_uses_the_shared_scorer_with_hflms_accuracy(shared_dir, tmp_path, monkeypatch):
