@@ -11,8 +11,12 @@ are those of `HFLM` (same tokenization, same log-softmax dtype, same greedy test
 What keeps the plain `HFLM` path, said once per process in the log:
 - requests whose context no other request shares (rolling perplexity windows, tasks with a context per
   choice), contexts of a single token, and pairs that `HFLM` would truncate;
-- a model whose cache cannot be reused: no decoder at `model.model`, no output embeddings, a seq2seq model,
-  or a first shared group that scores differently from the plain path (checked once per model).
+- a hybrid with recurrent token mixers (linear attention, Mamba, convolutions), whose carried state would be
+  summed in another order than lm-eval's single pass;
+- a model whose cache cannot be reused: a family this project does not describe (its decoder body, `model`,
+  GPT-2's `transformer`, ..., is found through the family's description), no output embeddings, a seq2seq
+  model, or a first shared group that scores differently from the plain path (checked once per model: a
+  family whose decoder takes no position ids or whose cache reordering differs shows it there).
 
 `quiet_git_probe` keeps lm-eval's evaluator, which every evaluation here runs this scorer under, from printing
 git's complaint where the working directory is not a repository.
@@ -35,6 +39,10 @@ from typing import Any
 import torch
 from lm_eval.models.huggingface import HFLM
 
+from ..core.architectures import get_spec
+from ..errors import UserError
+from ..scoring.forward_pass import decoder_body
+
 log = logging.getLogger(__name__)
 
 #: Distinct contexts run in one batch, and continuations run in one batch (the batch's rows sorted by length).
@@ -43,6 +51,9 @@ log = logging.getLogger(__name__)
 #: 64/32 1.57x faster; (8 contexts, all their rows in one batch: 1.62x).
 CONTEXTS_PER_BATCH = 32
 ROWS_PER_BATCH = 16
+
+#: Token mixers whose cache is keys and values, reused exactly; recurrent mixers keep the plain path.
+ATTENTION_KINDS = {"full_attention", "sliding_attention"}
 
 _said: set[str] = set()
 # model -> whether its cache reuse matched the plain path on its first shared group (checked once per model)
@@ -108,10 +119,16 @@ class SharedContextLM(HFLM):
         """Whether this model's KV cache can be reused: its first shared `group` scores as on the plain path
         (checked once per model object; see the module)."""
         model = causal_lm(self.model)
-        if self.backend != "causal" or not isinstance(getattr(model, "model", None), torch.nn.Module) \
-                or model.get_output_embeddings() is None:
+        if self.backend != "causal" or _decoder(model) is None or model.get_output_embeddings() is None:
             _say_once(f"{type(model).__name__}: no decoder whose cache can be reused; multiple-choice requests "
                       "are scored on lm-eval's plain path")
+            return False
+        recurrent = sorted(set(get_spec(model).mixer_kinds(model)) - ATTENTION_KINDS)
+        if recurrent:
+            # a scan or a chunked delta rule carried across the context's end sums in another order than one
+            # pass over the whole sequence: per-request differences reached 0.09 nats on a tiny Qwen3-Next, not HFLM's
+            _say_once(f"{type(model).__name__}: its {', '.join(recurrent)} mixers carry a recurrent state, which "
+                      "is not reused; multiple-choice requests are scored on lm-eval's plain path")
             return False
         if model not in _verdicts:
             idx = group[1]
@@ -163,8 +180,9 @@ class SharedContextLM(HFLM):
             mask[g, width - n:] = 1
         ids, mask = ids.to(dev), mask.to(dev)
         cache = DynamicCache(config=model.config)
-        model.model(input_ids=ids, attention_mask=mask, position_ids=(mask.cumsum(-1) - 1).clamp(min=0),
-                    **{_cache_argument(model.model): cache, "use_cache": True})
+        decoder = _decoder(model)
+        decoder(input_ids=ids, attention_mask=mask, position_ids=(mask.cumsum(-1) - 1).clamp(min=0),
+                **{_cache_argument(decoder): cache, "use_cache": True})
 
         # one row per continuation (the context's last token, then the continuation but its last token),
         # rows of similar lengths together (less right padding), each batch of rows on its own copy of the
@@ -194,8 +212,9 @@ class SharedContextLM(HFLM):
         full_mask = torch.cat([prefix_mask.index_select(0, which), read.long()], dim=1)
         start = torch.tensor(prefix_lens, device=dev).index_select(0, which)
         positions = start[:, None] + torch.arange(span, device=dev)[None, :]
-        hidden = model.model(input_ids=cont_ids.to(dev), attention_mask=full_mask, position_ids=positions,
-                             **{_cache_argument(model.model): cache, "use_cache": True}).last_hidden_state
+        decoder = _decoder(model)
+        hidden = decoder(input_ids=cont_ids.to(dev), attention_mask=full_mask, position_ids=positions,
+                         **{_cache_argument(decoder): cache, "use_cache": True}).last_hidden_state
         logits = _head(model, hidden[read])  # only the positions that are read
         logp = torch.log_softmax(logits, dim=-1, dtype=self.softmax_dtype)
         target = torch.tensor([t for c in conts for t in c], device=dev)
@@ -245,6 +264,16 @@ def causal_lm(model: torch.nn.Module) -> Any:
     is the whole causal LM, not its decoder, which would make every request take the plain path."""
     get_base_model = getattr(model, "get_base_model", None)
     return get_base_model() if callable(get_base_model) else model
+
+
+def _decoder(model: torch.nn.Module) -> torch.nn.Module | None:
+    """The causal LM's decoder body (without its head), found through its family's description; None for a
+    model no family describes, or whose body is the whole model."""
+    try:
+        body = decoder_body(model)
+    except UserError:
+        return None
+    return body if body is not model else None
 
 
 def _rows_of(cache: Any, which: torch.Tensor) -> Any:
