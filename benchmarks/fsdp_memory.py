@@ -231,7 +231,8 @@ def main(argv: list[str] | None = None) -> int:
     from _common import machine_label  # benchmarks/_common.py, next to this script
 
     print(f"model: {weights / gib:.2f} GiB of float32 weights "
-          f"({weights // 4 / 1e9:.2f}B parameters), {args.steps} AdamW steps on 2 CPU processes; {machine_label()}")
+          f"({weights // 4 / 1e9:.2f}B parameters), {args.steps} AdamW steps on 2 CPU processes"
+          f"{' (FSDP2: 3, with drops after steps 1 and 2)' if args.compare_drops else ''}; {machine_label()}")
     print(f"{'strategy':8} {'rank':>4} {'peak RSS GiB':>12} {'x weights':>9} {'x DDP':>6}")
     for strategy in args.strategies:
         for rank, rec in enumerate(results[strategy]["ranks"]):
