@@ -43,7 +43,8 @@ def _mixed_tensors() -> dict[str, torch.Tensor]:
 @pytest.mark.parametrize("dtype", [None, torch.float32, torch.bfloat16])
 @pytest.mark.parametrize("chunk", [None, 16])  # 16 bytes: every cast goes through several staging chunks
 def test_reused_buffer_reads_and_tensor_by_tensor_writes_are_exact(tmp_path, monkeypatch, dtype, chunk):
-    """Reads into one reused buffer equal fresh reads; write_safetensors writes save_file's bytes."""
+    """Reads into one reused buffer equal fresh reads; write_safetensors writes save_file's bytes, tensor by
+    tensor or slice by slice."""
     from safetensors.torch import save_file
 
     if chunk is not None:
@@ -57,6 +58,7 @@ def test_reused_buffer_reads_and_tensor_by_tensor_writes_are_exact(tmp_path, mon
             got = ct.get_many(list(tensors), dtype=dtype, into=buffer)
             for k, v in ref.items():
                 assert got[k].dtype == v.dtype and got[k].shape == v.shape and torch.equal(got[k], v), k
-        write_safetensors(tmp_path / "ours.safetensors", ct, {k: k for k in tensors}, dtype)
+        # None: each tensor whole; 16 bytes: every tensor in several slices, read, cast and written in turn
+        write_safetensors(tmp_path / "ours.safetensors", ct, {k: k for k in tensors}, dtype, slice_bytes=chunk)
     save_file(ref, str(tmp_path / "ref.safetensors"), metadata={"format": "pt"})
     assert (tmp_path / "ours.safetensors").read_bytes() == (tmp_path / "ref.safetensors").read_bytes()

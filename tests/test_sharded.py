@@ -5,8 +5,11 @@ fails the test).
 - The same 5-step fit (fixed seed, fit-start drop, LoRA, a fit-end perplexity, saved dropped checkpoint) under
   DDP and under FSDP2 with the shipped overlay `configs/sharded/recover_fsdp2.yaml` makes the same drop, the
   same losses within floating-point tolerance, the same perplexity and the same saved checkpoint.
+- Mid-training drops rebuild only the layers they change and give DDP's drops, losses and checkpoint.
 - (slow) A mid-training iterative drop with the tracker and distillation runs sharded to the end; a sharded
   checkpoint resumes with the same losses, also on 1 process; a resume from another drop plan is refused.
+- The dropped checkpoint written from sharded weights with large tensors gathered in row slices equals the
+  unsharded model's.
 - Bad setups end every started rank with one line, none left waiting.
 """
 
@@ -111,6 +114,90 @@ def test_fsdp2_fit_equals_ddp(tmp_path, c4_path, monkeypatch):
     ppl_ddp, ppl_fsdp = (json.loads((run.cwd / "ppl.json").read_text())["perplexity"] for run in (ddp, fsdp))
     assert ppl_fsdp == pytest.approx(ppl_ddp, rel=1e-5) and ppl_ddp > 1
     assert not list(scratch.glob("lightning_drop_gathered_*")), "the gathered copy was left behind"
+
+
+# ------------------------------------------------------------ the dropped checkpoint from sharded weights
+def _gather_worker(rank: int, root: str, slice_bytes: int) -> None:
+    """One of 2 gloo processes: shard a dropped tiny Llama, gather it to rank zero with `slice_bytes`, write it."""
+    import torch
+    import torch.distributed as dist
+    from torch.distributed.device_mesh import init_device_mesh
+
+    from lightning_drop import apply_drop, get_spec, save_dropped
+    from lightning_drop.io.model_loading import tiny_model
+    from lightning_drop.lightning.distributed import shard_model
+    from lightning_drop.lightning.sharded_weights import gather_to_directory
+    from lightning_drop.scoring.streamed_writer import write_dropped_streaming
+
+    dist.init_process_group("gloo", init_method=f"file://{root}/rendezvous", rank=rank, world_size=2)
+    try:
+        model, tokenizer = tiny_model("llama")  # the same weights on both ranks (seeded)
+        apply_drop(model, attn=[1])
+        if rank == 0:
+            save_dropped(model, f"{root}/whole", tokenizer=tokenizer)
+        prefix = get_spec(model).layer_prefix
+        shard_model(model, init_device_mesh("cpu", (2,), mesh_dim_names=("dp",))["dp"], torch.device("cpu"))
+        sliced = gather_to_directory(model, f"{root}/gathered" if rank == 0 else None, model.config, None, prefix,
+                                     slice_bytes)
+        if rank == 0:
+            write_dropped_streaming(f"{root}/gathered", f"{root}/sharded", tokenizer=tokenizer, dtype=torch.float32,
+                                    slice_bytes=slice_bytes)
+            Path(f"{root}/sliced.json").write_text(json.dumps(sliced))
+        dist.barrier()
+    finally:
+        dist.destroy_process_group()
+
+
+def test_sharded_save_gathers_large_tensors_in_row_slices(tmp_path):
+    """With a slice smaller than the embedding (320 rows x 64, 80 kB; slices of 78 rows, so each rank's 160
+    rows end in a short slice) the large tensors leave the ranks in row slices and are written slice by slice;
+    the dropped checkpoint equals the one saved from the unsharded model."""
+    import multiprocessing
+
+    context = multiprocessing.get_context("spawn")
+    procs = [context.Process(target=_gather_worker, args=(rank, str(tmp_path), 20_000)) for rank in (0, 1)]
+    for proc in procs:
+        proc.start()
+    for proc in procs:
+        proc.join(timeout=240)
+    hung = [proc for proc in procs if proc.is_alive()]
+    for proc in hung:
+        proc.kill()
+    assert not hung and [proc.exitcode for proc in procs] == [0, 0]
+    sliced = json.loads((tmp_path / "sliced.json").read_text())
+    assert {"model.embed_tokens.weight", "lm_head.weight", "model.layers.0.mlp.down_proj.weight"} <= set(sliced)
+    assert "model.norm.weight" not in sliced and "model.layers.0.self_attn.q_proj.weight" not in sliced
+    assert_same_checkpoint(tmp_path / "whole", tmp_path / "sharded")
+
+
+# ---------------------------------------------------- a mid-training drop, layer by layer, equals DDP
+def test_mid_fit_drops_rebuild_only_changed_layers_and_equal_ddp(tmp_path, c4_path):
+    """Iterative rounds at steps 0 (fit start, before sharding), 2 and 4 (inside the sharded model: only the
+    changed layer is gathered, rebuilt and sharded again, the others and their optimizer state stay): the same
+    drops, losses within 1e-5 and the same saved checkpoint as DDP."""
+    import torch
+
+    cb = "lightning_drop.callbacks."
+    config = tiny_config(tmp_path, c4_path, [
+        {"class_path": cb + "LayerDrop", "init_args": {"target": "attn", "num": 3, "schedule": "iterative",
+                                                        "every_n_steps": 2, "calibration_seq_len": 32,
+                                                        "calibration_samples": 4, "calibration_batch_size": 2}}],
+        max_steps=6)
+    ddp = run_ddp(tmp_path / "ddp", ["--config", str(config)], timeout=240)
+    fsdp = run_ddp(tmp_path / "fsdp2", ["--config", str(config)], timeout=240, flags=FSDP2_FLAGS)
+    for run in (ddp, fsdp):
+        assert_clean_ddp_run(run)
+        assert run.count("saved the dropped model to saved") == 1
+    rounds = DROP_LINE.findall(fsdp.log)
+    assert rounds == DROP_LINE.findall(ddp.log)
+    assert [r.split(" at step ")[1].split(":")[0] for r in rounds] == ["0", "2", "4"]
+    assert fsdp.count("dropped inside the sharded model: rebuilt only the changed layers [") == 2
+    assert "FSDPDroppedLlamaForCausalLM" in fsdp.log and "FSDP" not in ddp.log  # the model really was sharded
+    loss_ddp, loss_fsdp = losses(ddp.cwd), losses(fsdp.cwd)
+    assert sorted(loss_ddp) == sorted(loss_fsdp) == [0, 1, 2, 3, 4, 5]
+    torch.testing.assert_close(torch.tensor(list(loss_fsdp.values())), torch.tensor(list(loss_ddp.values())),
+                               atol=1e-5, rtol=1e-5)
+    assert_same_checkpoint(ddp.cwd / "saved", fsdp.cwd / "saved")
 
 
 # -------------------------------------------------------- a mid-training iterative drop, sharded, to the end

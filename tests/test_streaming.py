@@ -262,8 +262,8 @@ def test_lightning_fsdp_refuses_cpu():
         pl.Trainer(accelerator="cpu", strategy="fsdp", devices=2, logger=False)
 
 
-def test_dropped_writer_holds_one_tensor_at_a_time(tmp_path, monkeypatch):
-    """Whatever the shard size, the writer's memory is its largest tensor, not a shard."""
+def test_dropped_writer_holds_one_slice_at_a_time(tmp_path, monkeypatch):
+    """Whatever the shard size, the writer's memory is one slice of one tensor, less than the largest tensor."""
     src = _save(tmp_path, "llama")
     sizes: list[int] = []
 
@@ -274,7 +274,13 @@ def test_dropped_writer_holds_one_tensor_at_a_time(tmp_path, monkeypatch):
             return out
 
     monkeypatch.setattr(streamed_writer, "ReusedBuffer", Recording)
-    write_dropped_streaming(src, tmp_path / "out", [1], [2], dtype=torch.float32, max_shard_size="10GB")
+    write_dropped_streaming(src, tmp_path / "out", [1], [2], dtype=torch.bfloat16, max_shard_size="10GB",
+                            slice_bytes=4096)
     written = _tensors(tmp_path / "out")
-    assert len(list((tmp_path / "out").glob("*.safetensors"))) == 1 and len(sizes) == len(written)
-    assert max(sizes) == max(t.numel() * t.element_size() for t in written.values())
+    assert len(list((tmp_path / "out").glob("*.safetensors"))) == 1 and len(sizes) > len(written)
+    largest = max(t.numel() * t.element_size() for t in written.values())
+    assert max(sizes) <= 2 * 4096 + 2 * 64 < largest  # a slice and its staging (for the cast), 64-byte aligned
+    reference = tmp_path / "whole"
+    write_dropped_streaming(src, reference, [1], [2], dtype=torch.bfloat16, slice_bytes=None)
+    assert _tensors(reference).keys() == written.keys()
+    assert all(torch.equal(_tensors(reference)[k], t) for k, t in written.items())

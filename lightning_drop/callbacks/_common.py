@@ -118,15 +118,15 @@ def rebuild_optimizers(trainer: pl.Trainer, pl_module: pl.LightningModule) -> No
     from lightning.fabric.utilities.optimizer import _optimizers_to_device
     from torch.nn.parallel import DistributedDataParallel
 
-    from lightning_drop.lightning.distributed import is_fsdp2, is_sharded, reshard_module
+    from lightning_drop.lightning.distributed import is_fsdp2, reshard_module
 
     old_state = {id(p): s for opt in trainer.optimizers for p, s in opt.state.items()}
     if hasattr(pl_module, "lr_step_offset"):
         pl_module.lr_step_offset = trainer.global_step
     strategy = trainer.strategy
-    if is_fsdp2(strategy) and not is_sharded(pl_module):  # made plain for the change (`ensure_unsharded`)
-        by_name = reshard_module(pl_module)
-        old_state = {id(p): by_name[n] for n, p in pl_module.named_parameters() if n in by_name}
+    if is_fsdp2(strategy) and hasattr(pl_module, "unshard"):  # sharded again if made plain for the change
+        by_name = reshard_module(pl_module)  # the state of parameters that are new objects now, by name
+        old_state.update({id(p): by_name[n] for n, p in pl_module.named_parameters() if n in by_name})
     if isinstance(strategy.model, DistributedDataParallel) and hasattr(strategy, "_setup_model"):
         strategy.model = strategy._setup_model(strategy.lightning_module)
         if hasattr(strategy, "_register_ddp_hooks"):

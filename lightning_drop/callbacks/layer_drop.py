@@ -190,11 +190,16 @@ class LayerDrop(FitEndMember):
                                self.keep, sorted(set(cur_attn) - set(walk_attn)), sorted(set(cur_mlp) - set(walk_mlp)),
                                start=self.dropped_count, walked=(walk_attn, walk_mlp), rule=self._rule))
         attn, mlp, scores = rnd.attn, rnd.mlp, rnd.scores
-        ensure_unsharded(trainer, pl_module)  # sharded: the change is made on the plain model, sharded again later
+        swap = _swaps_layers(trainer, pl_module)
+        if not swap:  # sharded: the change is made on the plain model, sharded again later
+            ensure_unsharded(trainer, pl_module)
         record_of_fit = FitEnd.of(trainer)
         record_of_fit.before_drop(trainer, pl_module)
         model = hf_of(pl_module)  # a recovery healing between rounds may have merged its adapters just now
-        apply_drop(model, attn=attn, mlp=mlp)
+        if swap:  # sharded: only the layers that change are gathered, rebuilt and sharded again
+            pl_module.apply_drop(attn, mlp)
+        else:
+            apply_drop(model, attn=attn, mlp=mlp)
         if self.target == "block":  # a block whose attention was already gone drops only its MLP
             modules = [f"block.{i}" for i in sorted(set(attn) | set(mlp))]
         else:
@@ -366,6 +371,22 @@ class LayerDrop(FitEndMember):
 
     def on_train_end(self, trainer: pl.Trainer, pl_module: pl.LightningModule) -> None:
         self.drop_at_fit_end(trainer, pl_module)
+
+
+def _swaps_layers(trainer: pl.Trainer, pl_module: pl.LightningModule) -> bool:
+    """Whether a drop in the sharded model rebuilds only the layers it changes (`DropModule.apply_drop` swaps
+    them under FSDP2) rather than making the whole model plain first (`ensure_unsharded`).
+
+    Not when a callback of the fit acts at drops (`FitEndMember.before_drop` / `after_drop`: Distillation merges
+    and attaches adapters there), as those changes need the plain model.
+    """
+    from lightning_drop.lightning.distributed import is_sharded, layer_swap_refusal
+
+    reacting = [cb for cb in trainer.callbacks if isinstance(cb, FitEndMember)
+                and (type(cb).before_drop is not FitEndMember.before_drop
+                     or type(cb).after_drop is not FitEndMember.after_drop)]
+    return (is_sharded(pl_module) and hasattr(pl_module, "unshard") and not reacting
+            and layer_swap_refusal(pl_module) is None)
 
 
 def dropped_layers_of(model: Any) -> tuple[list[int], list[int]]:

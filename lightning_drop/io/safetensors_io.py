@@ -12,7 +12,7 @@ from __future__ import annotations
 import json
 import os
 from pathlib import Path
-from typing import Any, Iterable, Sequence
+from typing import Any, Callable, Iterable, Iterator, Sequence
 
 import torch
 
@@ -21,6 +21,7 @@ from ..errors import UserError
 
 INDEX_NAME = "model.safetensors.index.json"
 SINGLE_NAME = "model.safetensors"
+SLICE_BYTES = 16 * 2**20  # bytes of one tensor in memory at once where tensors are copied in slices
 _TORCH_DTYPES = {"F64": torch.float64, "F32": torch.float32, "F16": torch.float16, "BF16": torch.bfloat16,
                  "I64": torch.int64, "I32": torch.int32, "I16": torch.int16, "I8": torch.int8, "U8": torch.uint8,
                  "BOOL": torch.bool, "F8_E4M3": torch.float8_e4m3fn, "F8_E5M2": torch.float8_e5m2}
@@ -125,6 +126,37 @@ class SafetensorsShards:
                         _read_cast(f, data_start, header[n], label, target, staging)
                     out[n] = target
         return {n: out[n] for n in names}
+
+    def read_slices(self, name: str, dtype: torch.dtype | None = None, into: ReusedBuffer | None = None,
+                    slice_bytes: int | None = SLICE_BYTES) -> Iterator[torch.Tensor]:
+        """The tensor `name` as consecutive flat slices of at most `slice_bytes` (None: one slice), floating
+        tensors cast to `dtype`; each slice is a view of `into` valid until the next one, so copying a tensor
+        of any size takes one slice of memory."""
+        if name not in self.weight_map:
+            raise KeyError(name)
+        st_dtype, shape = self._header(name)
+        if st_dtype not in _TORCH_DTYPES:
+            raise UserError(f"{self.weight_map[name].name}:{name}: unsupported safetensors dtype {st_dtype}")
+        src = _TORCH_DTYPES[st_dtype]
+        out = dtype if dtype is not None and src.is_floating_point and src != dtype else src
+        numel, into = _numel(shape), into or ReusedBuffer()
+        step = numel if slice_bytes is None else max(1, slice_bytes // max(src.itemsize, out.itemsize))
+        path = self.weight_map[name]
+        data_start, header = self._file_header(path)
+        label = f"{path.name}:{name}"
+        with open(path, "rb") as f:
+            _seek_tensor(f, data_start, header[name], label, numel * src.itemsize)
+            for start in range(0, numel, max(step, 1)):
+                n = min(step, numel - start)
+                if out == src:
+                    view = into.views([((n,), src)])[0]
+                    _read_exactly(f, view, label)
+                else:
+                    view, staging = into.views([((n,), out)], n * src.itemsize)
+                    chunk = staging.view(src)
+                    _read_exactly(f, chunk, label)
+                    view.copy_(chunk)
+                yield view
 
     def _places(self, names: list[str], dtype: torch.dtype | None,
                 into: ReusedBuffer) -> dict[str, tuple[torch.Tensor, torch.Tensor | None]]:
@@ -261,23 +293,33 @@ class ReusedBuffer:
 # ------------------------------------------------------------------------------------------------- writing
 def write_safetensors(path: str | os.PathLike, tensors: SafetensorsShards, names: dict[str, str],
                       dtype: torch.dtype | None = None, buffer: ReusedBuffer | None = None,
-                      metadata: dict[str, str] | None = None) -> None:
+                      metadata: dict[str, str] | None = None, slice_bytes: int | None = SLICE_BYTES) -> None:
     """The safetensors file `safetensors.torch.save_file` writes for {name: tensors[source]} (floating
-    tensors cast to `dtype`), byte for byte, but written one tensor at a time.
+    tensors cast to `dtype`), byte for byte, but written one slice of one tensor at a time.
 
     `save_file` needs every tensor of the file in memory at once: with the default 2GB shards that alone
-    was most of a small model. Here the header is computed from the source headers, and each tensor is read
-    (into `buffer`) and written in turn, so memory is one tensor.
+    was most of a small model, and a 49,152-row embedding alone is a large part of a layer-by-layer write.
+    Here the header is computed from the source headers, and each tensor is copied in slices of at most
+    `slice_bytes` (read into `buffer`; None: whole tensors), so memory is one slice.
     """
-    from safetensors.torch import save
-
-    metadata = {"format": "pt"} if metadata is None else metadata
     buffer = buffer or ReusedBuffer()
     layout: dict[str, tuple[torch.dtype, list[int]]] = {}
     for name, src in names.items():
         st_dtype, shape = tensors._header(src)
         cast = dtype is not None and is_float_dtype(st_dtype)
         layout[name] = (dtype if cast else _TORCH_DTYPES[st_dtype], shape)  # type: ignore[assignment]
+    write_streamed(path, layout, lambda name: tensors.read_slices(names[name], dtype, buffer, slice_bytes),
+                   metadata)
+
+
+def write_streamed(path: str | os.PathLike, layout: dict[str, tuple[torch.dtype, Sequence[int]]],
+                   pieces: Callable[[str], Iterable[torch.Tensor]], metadata: dict[str, str] | None = None) -> None:
+    """The safetensors file `save_file` writes for tensors of `layout` ({name: (dtype, shape)}), byte for
+    byte, where the data of each tensor comes as `pieces(name)`: consecutive slices (any shape, its dtype),
+    written as they come. The header is written first, from the final shapes: no tensor need ever be whole."""
+    from safetensors.torch import save
+
+    metadata = {"format": "pt"} if metadata is None else metadata
     # safetensors' own order of the tensors in the file (by dtype, then name), from one-element stand-ins
     probe = save({name: torch.zeros(1, dtype=d) for name, (d, _) in layout.items()}, metadata=metadata)
     probe_header = json.loads(probe[8:8 + int.from_bytes(probe[:8], "little")])
@@ -288,7 +330,7 @@ def write_safetensors(path: str | os.PathLike, tensors: SafetensorsShards, names
     for name in order:
         d, shape = layout[name]
         nbytes = _numel(shape) * d.itemsize
-        header[name] = {"dtype": _ST_DTYPES[d], "shape": shape, "data_offsets": [offset, offset + nbytes]}
+        header[name] = {"dtype": _ST_DTYPES[d], "shape": list(shape), "data_offsets": [offset, offset + nbytes]}
         offset += nbytes
     text = json.dumps(header, separators=(",", ":"), ensure_ascii=False).encode()
     text += b" " * (-len(text) % 8)  # the data starts 8-byte aligned, as safetensors pads it
@@ -296,9 +338,16 @@ def write_safetensors(path: str | os.PathLike, tensors: SafetensorsShards, names
         f.write(len(text).to_bytes(8, "little"))
         f.write(text)
         for name in order:
-            t = tensors.get_many([names[name]], dtype=dtype, into=buffer)[names[name]]
-            if t.numel():
-                f.write(memoryview(t.reshape(-1).view(torch.uint8).numpy()))
+            written = 0
+            for piece in pieces(name):
+                if piece.dtype != layout[name][0]:
+                    raise RuntimeError(f"{name}: a {piece.dtype} slice for a {layout[name][0]} tensor")
+                if piece.numel():
+                    f.write(memoryview(piece.contiguous().reshape(-1).view(torch.uint8).numpy()))
+                written += piece.numel() * piece.element_size()
+            begin, end = header[name]["data_offsets"]
+            if written != end - begin:  # a short or long stream would shift every later tensor
+                raise RuntimeError(f"{name}: {written} bytes written for a tensor of {end - begin}")
 
 
 def is_float_dtype(st_dtype: str) -> bool:

@@ -12,9 +12,10 @@ many (`trainer.num_nodes`):
 Everything DDP does works sharded with the same decisions (fit-start drops happen in `Callback.setup`,
 before sharding; later drops and scoring run on the sharded layers, whose hooks see full parameters). What
 needs the whole model after training (the fit-end measurements, `DropModule(save_dir=...)`) gets it through
-`gather_to_directory`: parameters are gathered one at a time (a collective on every rank) and rank zero
-writes them, LoRA merged, one decoder layer per safetensors file; the saved checkpoint is then written from
-there by the streamed writer, so rank zero never holds the whole model for saving.
+`gather_to_directory`: parameters are gathered one at a time (a collective on every rank), large ones (the
+embedding, the head) in row slices, and rank zero writes them, LoRA merged, one decoder layer per safetensors
+file; the saved checkpoint is then written from there by the streamed writer, one slice at a time, so rank
+zero holds at most one layer or one slice of one tensor for saving.
 
 Refused at setup, one line on every rank: FSDP1 (`FSDPStrategy`, CUDA only) and DeepSpeed ZeRO-3 (use
 `fsdp2`), and a tensor-parallel dimension (`tensor_parallel_size > 1`: use `tensor_parallel_size: 1`).
@@ -28,11 +29,13 @@ from typing import Any
 
 import torch
 from lightning.pytorch.strategies import ModelParallelStrategy, StrategyRegistry
+from lightning.pytorch.utilities import rank_zero_info
 from torch import nn
 
 from ..core.architectures import get_spec
 from ..errors import UserError
-from .sharded_weights import find_decoder, full_tensors, gather_to_directory
+from ..io.safetensors_io import SLICE_BYTES
+from .sharded_weights import find_decoder, full_tensors, gather_to_directory, unsharded_class
 
 STRATEGY_NAME = "fsdp2"
 
@@ -130,19 +133,26 @@ def shard_model(model: nn.Module, mesh: Any, device: torch.device) -> None:
 
     bf16 compute with fp32 gradient reduction on GPU; full precision on CPU, where bf16 matmuls are slow.
     """
-    from torch.distributed.fsdp import MixedPrecisionPolicy, fully_shard
+    from torch.distributed.fsdp import fully_shard
 
     if is_sharded(model):
         return
     if device.type == "cpu":
         _fixed_mmap_threshold()
+    hf = find_decoder(model)
+    for layer in get_spec(hf).get_layers(hf):
+        fully_shard(layer, **_shard_settings(mesh, device))
+    fully_shard(model, **_shard_settings(mesh, device))
+
+
+def _shard_settings(mesh: Any, device: torch.device) -> dict[str, Any]:
+    """`fully_shard`'s arguments for every unit: the mesh, and bf16 compute with fp32 reduction on GPU."""
+    from torch.distributed.fsdp import MixedPrecisionPolicy
+
     kwargs: dict[str, Any] = {"mesh": mesh}
     if device.type == "cuda":
         kwargs["mp_policy"] = MixedPrecisionPolicy(param_dtype=torch.bfloat16, reduce_dtype=torch.float32)
-    hf = find_decoder(model)
-    for layer in get_spec(hf).get_layers(hf):
-        fully_shard(layer, **kwargs)
-    fully_shard(model, **kwargs)
+    return kwargs
 
 
 def _fixed_mmap_threshold(size: int = 128 * 1024) -> None:
@@ -192,11 +202,12 @@ def _contains(parent: nn.Module, child: nn.Module) -> bool:
 
 
 # ----------------------------------------------------------------------------- DropModule, sharded
-def gathered_dir(module: Any) -> str | None:
+def gathered_dir(module: Any, slice_bytes: int | None = SLICE_BYTES) -> str | None:
     """The full weights of `module.model` (sharded) as a Hugging Face directory on rank zero, None elsewhere.
 
     A collective: every rank calls it. Gathered once per model state (step, drops, adapters) and kept in a
-    temporary directory until `drop_gathered` (the module's teardown).
+    temporary directory until `drop_gathered` (the module's teardown); tensors larger than `slice_bytes` leave
+    the ranks in row slices (`gather_to_directory`).
     """
     import tempfile
 
@@ -208,7 +219,7 @@ def gathered_dir(module: Any) -> str | None:
     drop_gathered(module)
     directory = tempfile.mkdtemp(prefix="lightning_drop_gathered_") if trainer.is_global_zero else None
     gather_to_directory(module.model, directory, module.hf_model.config, module.lora_config,
-                        get_spec(module.hf_model).layer_prefix)
+                        get_spec(module.hf_model).layer_prefix, slice_bytes)
     module._gathered = (key, directory)
     trainer.strategy.barrier("gathered_dir")
     return directory
@@ -224,17 +235,19 @@ def drop_gathered(module: Any) -> None:
     module._gathered = None
 
 
-def save_sharded(module: Any, out_dir: str) -> None:
-    """Write the dropped checkpoint of a sharded `module.model`: gathered a layer at a time, then written by the
-    streamed writer on rank zero, which never holds the whole model. Every rank calls it."""
+def save_sharded(module: Any, out_dir: str, slice_bytes: int | None = SLICE_BYTES) -> None:
+    """Write the dropped checkpoint of a sharded `module.model`: gathered a layer (or a row slice of a tensor
+    larger than `slice_bytes`) at a time, then written by the streamed writer on rank zero, one slice at a
+    time: rank zero holds one layer or one slice, never the whole model. Every rank calls it."""
     from lightning.pytorch.utilities import rank_zero_info
 
     from ..scoring.streamed_writer import write_dropped_streaming
 
-    source = gathered_dir(module)
+    source = gathered_dir(module, slice_bytes)
     if module.trainer.is_global_zero:
         write_dropped_streaming(source, out_dir, tokenizer=module.tokenizer,
-                                dtype=getattr(torch, module.hparams.dtype), max_shard_size="5GB")
+                                dtype=getattr(torch, module.hparams.dtype), max_shard_size="5GB",
+                                slice_bytes=slice_bytes)
         rank_zero_info(f"saved the {'dropped ' if any(module.drop_plan) else ''}model to {out_dir}")
     module.trainer.strategy.barrier("save_sharded")
 
@@ -251,7 +264,7 @@ def unshard_module(module: Any) -> None:
         return
     old = module.model
     trainer = getattr(module, "_trainer", None)
-    names = {id(p): n for n, p in old.named_parameters()}
+    names = {id(p): n for n, p in module.named_parameters()}  # the names `rebuild_optimizers` looks them up by
     module._state_by_name = {names[id(p)]: s for opt in (trainer.optimizers if trainer is not None else [])
                              for p, s in opt.state.items() if id(p) in names}
     trainable = {n: p.requires_grad for n, p in old.named_parameters()}
@@ -277,9 +290,96 @@ def unshard_module(module: Any) -> None:
 
 
 def reshard_module(module: Any) -> dict[str, Any]:
-    """Shard `module.model` again after `unshard_module` (every rank); returns the kept optimizer state by name."""
+    """Shard `module.model` again after `unshard_module` (every rank; nothing to do after `swap_dropped_layers`);
+    returns the kept optimizer state by name (names of `module.named_parameters()`)."""
     strategy = module.trainer.strategy
     shard_model(module.model, strategy.device_mesh["data_parallel"], strategy.root_device)
     state = getattr(module, "_state_by_name", None) or {}
     module._state_by_name = None
     return state
+
+
+# ------------------------------------------------------------------------- a drop inside the sharded model
+def layer_swap_refusal(module: Any) -> str | None:
+    """Why a drop in the sharded `module.model` cannot swap sublayers layer by layer (`swap_dropped_layers`),
+    or None when it can. Then only the layers that change are gathered; else the whole model is (`unshard_module`)."""
+    from torch.distributed.fsdp import FSDPModule
+
+    model = getattr(module, "model", None)
+    if not isinstance(model, nn.Module) or not is_sharded(model):
+        return "the model is not sharded"
+    if getattr(module, "lora_config", None) is not None:
+        # a layer is rebuilt from the model's config, which knows nothing of peft's adapters inside it
+        return "LoRA adapters are attached"
+    spec = get_spec(module.hf_model)
+    if spec.staged or not isinstance(module.hf_model, FSDPModule):
+        return "the layers are not one list under a sharded root"  # staged families: no list to put a layer back in
+    if not all(isinstance(layer, FSDPModule) for layer in spec.get_layers(module.hf_model)):
+        return "a decoder layer is not a unit of its own"
+    return None
+
+
+def swap_dropped_layers(module: Any, attn: list[int], mlp: list[int]) -> None:
+    """Drop sublayers of the sharded `module.model` layer by layer (every rank; collectives): each decoder layer
+    that changes is gathered (that layer only), rebuilt plain, dropped (`apply_drop`, which also marks the
+    model and its config dropped) and sharded again; the other layers and the root stay sharded as they are.
+
+    The optimizer state of the rebuilt layers' surviving parameters is kept by name (`module._state_by_name`,
+    picked up by `reshard_module`): each keeps its shape and sharding, so its state still fits.
+    """
+    from torch.distributed.fsdp import FSDPModule, fully_shard
+
+    from ..core.modeling_dropped import apply_drop
+
+    refusal = layer_swap_refusal(module)
+    if refusal is not None:
+        raise RuntimeError(f"cannot drop layer by layer in the sharded model: {refusal}")
+    hf, strategy = module.hf_model, module.trainer.strategy
+    spec, config = get_spec(hf), hf.config.to_dict()
+    with torch.device("meta"):
+        apply_drop(module._model_from_config(config), attn=attn, mlp=mlp)  # a wrong request fails before any change
+        template = spec.get_layers(module._model_from_config(config))
+    layers, changed = spec.get_layers(hf), sorted(set(attn) | set(mlp))
+    names = {id(p): n for n, p in module.named_parameters()}
+    rebuilt = {id(p) for i in changed for p in layers[i].parameters()}
+    module._state_by_name = {names[id(p)]: s for opt in module.trainer.optimizers for p, s in opt.state.items()
+                             if id(p) in rebuilt}
+    for i in changed:
+        old, new = layers[i], template[i]
+        full = dict(full_tensors(old, keep=True))
+        new.to_empty(device=strategy.root_device)
+        new.load_state_dict(full, strict=True)
+        for name, buffer in old.named_buffers():  # non-persistent ones (not in a state dict) as they were
+            owner, _, leaf = name.rpartition(".")
+            target = new.get_submodule(owner)
+            if leaf in target._non_persistent_buffers_set:
+                target.register_buffer(leaf, buffer.detach().clone(), persistent=False)
+        trainable = {n: p.requires_grad for n, p in old.named_parameters()}
+        for n, p in new.named_parameters():
+            p.requires_grad_(trainable.get(n, p.requires_grad))
+        layers[i] = new
+        del old, full
+    sharded_class, plain = type(hf), unsharded_class(hf)
+    hf.__class__ = plain  # so that apply_drop switches it to the dropped class where it is not one yet
+    apply_drop(hf, attn=attn, mlp=mlp)
+    if type(hf) is plain:
+        hf.__class__ = sharded_class
+    else:  # back under FSDP as `fully_shard` puts a class it shards: a subclass of FSDPModule and of it
+        hf.__class__ = type(f"FSDP{type(hf).__name__}", (FSDPModule, type(hf)),
+                            {k: v for k, v in vars(sharded_class).items() if k == "__deepcopy__"})
+    for i in changed:
+        fully_shard(layers[i], **_shard_settings(strategy.device_mesh["data_parallel"], strategy.root_device))
+    _new_root_init(hf)
+    rank_zero_info(f"dropped inside the sharded model: rebuilt only the changed layers {changed}")
+
+
+def _new_root_init(root: nn.Module) -> None:
+    """Make the root's first-forward set-up (which FSDP2 runs once) run again, so that layers sharded after it
+    join the root's units rather than each becoming a root of its own at its first forward."""
+    from torch.distributed.fsdp import FSDPModule
+
+    states = [m._get_fsdp_state() for m in root.modules() if isinstance(m, FSDPModule)]
+    states[0]._state_ctx.all_states.clear()  # the root's record of its units, shared with them
+    for state in states:
+        state._is_root = None
+    states[0]._lazy_init()

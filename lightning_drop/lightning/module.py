@@ -40,7 +40,7 @@ from torch import nn
 from .optimization import check_settings, configure
 from .sharded_weights import empty_model, materialize
 from .distributed import (check_strategy, drop_gathered, gathered_dir, is_fsdp2, is_sharded, save_sharded, shard_model,
-                          sharded_strategy, unshard_module)
+                          sharded_strategy, swap_dropped_layers, unshard_module)
 from .task import build_model, build_task, lm_batch  # noqa: F401  (build_model, lm_batch: public helpers)
 from ..errors import UserError
 from ..core.architectures import LLAMA_LORA_TARGETS
@@ -174,8 +174,12 @@ class DropModule(pl.LightningModule):
         return DropPlan(*dropped_layers(self.hf_model))
 
     def apply_drop(self, attn: list[int] = (), mlp: list[int] = ()) -> None:  # type: ignore[assignment]
-        """Drop more sublayers in place (the optimizer must be rebuilt if one exists)."""
-        apply_drop(self.hf_model, attn=list(attn), mlp=list(mlp))
+        """Drop more sublayers in place (the optimizer must be rebuilt if one exists). Sharded under FSDP2, only
+        the layers that change are gathered, rebuilt and sharded again (`swap_dropped_layers`)."""
+        if is_sharded(self.model):
+            swap_dropped_layers(self, list(attn), list(mlp))
+        else:
+            apply_drop(self.hf_model, attn=list(attn), mlp=list(mlp))
 
     def add_lora(self, r: int = 8, alpha: int = 16, dropout: float = 0.0,
                  target_modules: list[str] | None = None) -> None:

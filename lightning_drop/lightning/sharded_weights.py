@@ -1,5 +1,6 @@
 """The weights of a sharded model in and out of safetensors: each rank reads only its own shards at load; the
-full weights leave one tensor at a time (gathered to rank zero, LoRA merged) for saving and measuring.
+full weights leave one tensor, or one row slice of a large one, at a time (gathered to rank zero, LoRA merged)
+for saving and measuring.
 
 Used by `DropModule` through `lightning_drop.lightning.distributed`; nothing here needs Lightning.
 """
@@ -8,6 +9,7 @@ from __future__ import annotations
 
 import copy
 import json
+import math
 import os
 import re
 from collections.abc import Iterator
@@ -19,6 +21,7 @@ from torch import nn
 
 from ..core.architectures import get_spec
 from ..errors import UserError
+from ..io.safetensors_io import SLICE_BYTES
 
 _PEFT_PREFIX = "base_model.model."
 _LORA_RE = re.compile(r"\.lora_(A|B)\.[^.]+\.weight$")
@@ -127,7 +130,6 @@ def _local_rows(tensor: Any) -> tuple[torch.Tensor, int]:
 def _init_adapter(name: str, tensor: Any) -> None:
     """LoRA's initialization of a new adapter (A: Kaiming-uniform, B: zeros), the same full tensor on every rank
     (a generator seeded by the name) of which each rank keeps its rows."""
-    import math
     import zlib
 
     local, start = _local_rows(tensor)
@@ -162,8 +164,6 @@ def full_tensors(model: nn.Module, keep: bool) -> Iterator[tuple[str, torch.Tens
         yield name, (tensor.detach().cpu() if keep else None)
 
 
-
-
 def _merged_lora(tensors: dict[str, torch.Tensor], lora: dict[str, Any] | None) -> dict[str, torch.Tensor]:
     """Plain transformers names and weights of one group of peft tensors, adapters folded in (W + s * B @ A)."""
     out, adapters = {}, {}
@@ -182,33 +182,101 @@ def _merged_lora(tensors: dict[str, torch.Tensor], lora: dict[str, Any] | None) 
     return out
 
 
+def row_slices(tensor: torch.Tensor, slice_bytes: int, keep: bool) -> Iterator[torch.Tensor]:
+    """The rows of `tensor` (a parameter sharded along dim 0, or a plain tensor), in order, at most about
+    `slice_bytes` at a time, as CPU tensors on the rank that keeps them (`keep`: global rank zero); the other
+    ranks send their rows to it, point to point, and yield nothing. Every rank must exhaust it.
+
+    Gathering a whole embedding (`full_tensor`) put it on every rank at once; this way the keeping rank
+    holds one slice, and the others nothing beyond their shards.
+    """
+    import torch.distributed as dist
+    from torch.distributed.tensor import DTensor
+
+    rows = tensor.shape[0]
+    step = max(1, slice_bytes // max(1, math.prod(tensor.shape[1:]) * tensor.element_size()))
+    if not isinstance(tensor, DTensor):
+        for start in range(0, rows if keep else 0, step):
+            yield tensor.detach()[start:start + step].cpu()
+        return
+    group = tensor.device_mesh.get_group()
+    me, world, keeper = dist.get_rank(group), dist.get_world_size(group), dist.get_group_rank(group, 0)
+    if keep != (me == keeper):
+        raise RuntimeError(f"rank {me} of the mesh {'keeps' if keep else 'does not keep'} the gathered rows, "
+                           f"but global rank zero is rank {keeper} of it")
+    local = tensor.to_local().detach()
+    chunk = -(-rows // world)  # FSDP2's dim-0 shards: torch.chunk's sizes
+    for rank in range(world):
+        first, stop = min(rows, rank * chunk), min(rows, (rank + 1) * chunk)
+        for start in range(first, stop, step):
+            end = min(stop, start + step)
+            if rank == me == keeper:
+                yield local[start - first:end - first].cpu()
+            elif rank == me:
+                dist.send(local[start - first:end - first].contiguous(), group=group, group_dst=keeper)
+            elif me == keeper:
+                piece = torch.empty((end - start, *tensor.shape[1:]), dtype=local.dtype, device=local.device)
+                dist.recv(piece, group=group, group_src=rank)
+                yield piece.cpu()
+
+
+def _sliced(name: str, tensor: torch.Tensor, slice_bytes: int | None) -> bool:
+    """Whether `tensor` leaves the ranks in row slices: larger than a slice, and no LoRA merge needs it whole."""
+    return (slice_bytes is not None and tensor.dim() >= 1 and tensor.numel() * tensor.element_size() > slice_bytes
+            and not _LORA_RE.search(name) and ".base_layer." not in name)
+
+
 def gather_to_directory(model: nn.Module, directory: str | os.PathLike | None, config: Any,
-                        lora: dict[str, Any] | None, group_prefix: str) -> None:
+                        lora: dict[str, Any] | None, group_prefix: str,
+                        slice_bytes: int | None = SLICE_BYTES) -> list[str]:
     """Write the full weights of a sharded `model` as a plain Hugging Face directory (rank zero's `directory`;
-    None on the other ranks, which take part in the gathers only).
+    None on the other ranks, which take part in the gathers only); returns the names written in row slices.
 
     One safetensors file per decoder layer (names starting `group_prefix.<i>.`) and per run of other tensors
-    (embedding, final norm and head), LoRA merged: rank zero holds one layer (or the embedding) at a time. `config` (the model's transformers config) is saved with it.
+    (final norm), LoRA merged; a tensor larger than `slice_bytes` (None: none), such as the embedding and the
+    head, is gathered and written in row slices into a file of its own (`row_slices`). So rank zero holds at
+    most one layer, or one slice of one tensor. `config` (the model's transformers config) is saved with it.
     """
-    from safetensors.torch import save_file
+    from torch.distributed.tensor import DTensor
+
+    from ..io.safetensors_io import write_streamed
 
     keep = directory is not None
     layer_re = re.compile(rf"(?:^|\.){re.escape(group_prefix)}\.(\d+)\.")  # also under a peft prefix
     group: dict[str, torch.Tensor] = {}
     label: str | None = None
     weight_map: dict[str, str] = {}
+    sliced: list[str] = []
+
+    def file_name(what: str) -> str:
+        return f"part-{len(set(weight_map.values())):05d}-{what}.safetensors"
 
     def flush() -> None:
         # a run of tensors of one layer (or of the embedding / head between layers) is complete: write it
-        tensors = _merged_lora(group, lora)
-        file = f"part-{len(set(weight_map.values())):05d}-{label}.safetensors"
-        save_file({k: v.contiguous() for k, v in tensors.items()}, str(Path(directory) / file))  # type: ignore[arg-type]
+        tensors = {k: v.contiguous() for k, v in _merged_lora(group, lora).items()}
+        file = file_name(str(label))
+        write_streamed(Path(directory) / file, {k: (v.dtype, v.shape) for k, v in tensors.items()},  # type: ignore[arg-type]
+                       lambda k: [tensors[k]])
         weight_map.update({k: file for k in tensors})
         group.clear()
 
     if keep:
         Path(directory).mkdir(parents=True, exist_ok=True)  # type: ignore[arg-type]
-    for name, tensor in full_tensors(model, keep):
+    for name, tensor in model.state_dict(keep_vars=True).items():
+        if _sliced(name, tensor, slice_bytes):
+            rows = row_slices(tensor, slice_bytes, keep)  # type: ignore[arg-type]
+            if not keep:
+                for _ in rows:
+                    pass
+                continue
+            if group:
+                flush()
+            stored, file = _stored_name(name), file_name("sliced")
+            write_streamed(Path(directory) / file, {stored: (tensor.dtype, tensor.shape)}, lambda _: rows)  # type: ignore[arg-type]
+            weight_map[stored] = file
+            sliced.append(stored)
+            continue
+        full = tensor.full_tensor() if isinstance(tensor, DTensor) else tensor
         if not keep:
             continue
         m = layer_re.search(name)
@@ -216,9 +284,9 @@ def gather_to_directory(model: nn.Module, directory: str | os.PathLike | None, c
         if now != label and group:
             flush()
         label = now
-        group[name] = tensor  # type: ignore[assignment]
+        group[name] = full.detach().cpu()
     if not keep:
-        return
+        return []
     if group:
         flush()
     target = Path(directory)  # type: ignore[arg-type]
@@ -227,6 +295,7 @@ def gather_to_directory(model: nn.Module, directory: str | os.PathLike | None, c
     config = copy.deepcopy(config)
     config.architectures = [unsharded_class(find_decoder(model)).__name__]
     config.save_pretrained(target)
+    return sliced
 
 
 def unsharded_class(module: nn.Module) -> type:

@@ -2,8 +2,8 @@
 
 `write_dropped_streaming` makes the choices `dropped_checkpoint.save_dropped` makes for the in-memory model
 (drop lists, compacted blocks, remote code) on a meta-device copy (`streaming.meta_model`), then copies
-every kept tensor from the source shards into new ones, one tensor at a time; each shard is byte for byte
-what `safetensors` writes, and the checkpoint appears atomically.
+every kept tensor from the source shards into new ones, one slice of one tensor at a time; each shard is
+byte for byte what `safetensors` writes, and the checkpoint appears atomically.
 """
 
 from __future__ import annotations
@@ -24,6 +24,7 @@ from ..core.modeling_dropped import apply_drop, dropped_classes, dropped_layers
 from ..io.safetensors_io import (
     INDEX_NAME,
     SINGLE_NAME,
+    SLICE_BYTES,
     ReusedBuffer,
     SafetensorsShards,
     is_float_dtype,
@@ -70,12 +71,14 @@ def _target_model(model_dir: Path, config: Any, dtype: torch.dtype, attn: Sequen
 def write_dropped_streaming(model_dir: str | os.PathLike, out_dir: str | os.PathLike, attn: Sequence[int] = (),
                             mlp: Sequence[int] = (), tokenizer: Any = None, dtype: torch.dtype | str | None = None,
                             max_shard_size: int | str = "2GB",
-                            extra: Callable[[Path], None] | None = None) -> Path:
+                            extra: Callable[[Path], None] | None = None,
+                            slice_bytes: int | None = SLICE_BYTES) -> Path:
     """Write what `save_dropped(load_model(model_dir) with attn/mlp dropped)` writes, one shard at a time.
 
     `attn`/`mlp` are the drop lists (original layer indices; the checkpoint's own drops are kept either way).
     Tensors are cast to `dtype` (default: the checkpoint's own `dtype`), as the in-memory path saves the
-    model in the dtype it was loaded with. Memory: the largest tensor, whatever `max_shard_size` is.
+    model in the dtype it was loaded with. Memory: one slice of one tensor (`slice_bytes`; None: the largest
+    tensor), whatever `max_shard_size` is.
     """
     from transformers.modeling_utils import remove_tied_weights_from_state_dict
 
@@ -122,9 +125,10 @@ def write_dropped_streaming(model_dir: str | os.PathLike, out_dir: str | os.Path
                  [f"model-{i + 1:05d}-of-{len(shards):05d}.safetensors" for i in range(len(shards))])
         with atomic_dir(out_dir) as tmp:
             weight_map = {}
-            buffer = ReusedBuffer()  # one allocation for every tensor, for the reason given there
+            buffer = ReusedBuffer()  # one allocation for every slice, for the reason given there
             for name, keys in zip(names, shards):
-                write_safetensors(tmp / name, tensors, {k: source[k] for k in keys}, dtype, buffer)
+                write_safetensors(tmp / name, tensors, {k: source[k] for k in keys}, dtype, buffer,
+                                  slice_bytes=slice_bytes)
                 weight_map.update({k: name for k in keys})
             if len(shards) > 1:
                 index = {"metadata": {"total_parameters": target.num_parameters(), "total_size": sum(sizes.values())},
