@@ -31,7 +31,7 @@ from ..core.architectures import DROPPED_PREFIX, ArchSpec, get_spec
 from .atomic_io import atomic_dir, atomic_write_text
 from .output_targets import check_output
 from ..errors import UserError, param
-from ..core.modeling_dropped import dropped_layers
+from ..core.modeling_dropped import drop_lists, dropped_layers
 
 # Copied next to a dropped checkpoint: modeling_dropped.py and every file it imports relatively.
 _REMOTE_FILES = ("modeling_dropped.py", "architectures.py", "decoder_families.py", "vision_families.py")
@@ -72,7 +72,7 @@ def compact_blocks(model: nn.Module, spec: ArchSpec, blocks: list[int]) -> nn.Mo
             return None
         info["original_depths"] = list(config.depths)
         cfg["depths"] = depths
-    else:
+    elif not isinstance(cfg.get(spec.num_layers_key), list):  # a per-layer type list is cut below, as the others
         cfg[spec.num_layers_key] = len(keep)
     for key, value in list(cfg.items()):  # per-layer lists (layer_types, mlp_layer_types, no_rope_layers, ...)
         if _is_layer_index_list(key, value, len(layers)):  # Bamba's attn_layer_indices: kept ones, renumbered
@@ -120,9 +120,10 @@ def _is_layer_index_list(key: str, value: Any, num_layers: int) -> bool:
 def checkpoint_kind(model: nn.Module) -> str:
     """'plain', 'blocks' or 'dropped': the shape `save_dropped` will write."""
     attn, mlp = dropped_layers(model)
-    if not attn and not mlp:
+    real_attn, real_mlp = drop_lists(model)  # gone, less what a single-sublayer layer never had
+    if not real_attn and not real_mlp:
         return "plain"
-    return "blocks" if attn == mlp else "dropped"
+    return "blocks" if set(real_attn) | set(real_mlp) <= set(attn) & set(mlp) else "dropped"
 
 
 def save_dropped(model: nn.Module, out_dir: str | os.PathLike, tokenizer: Any = None,
@@ -135,7 +136,7 @@ def save_dropped(model: nn.Module, out_dir: str | os.PathLike, tokenizer: Any = 
     with the checkpoint.
     """
     spec = get_spec(model)
-    attn, _ = dropped_layers(model)
+    attn, mlp = dropped_layers(model)
     kind = checkpoint_kind(model)
     out_dir = check_output(out_dir, overwrite=overwrite, option="save_dropped: out_dir",
                            sources=[getattr(model.config, "_name_or_path", None) or None],
@@ -143,7 +144,7 @@ def save_dropped(model: nn.Module, out_dir: str | os.PathLike, tokenizer: Any = 
     with atomic_dir(out_dir) as tmp:
         target = model
         if kind == "blocks":
-            target = compact_blocks(model, spec, attn) or model
+            target = compact_blocks(model, spec, sorted(set(attn) & set(mlp))) or model
             if target is model:
                 kind = "dropped"
         target.save_pretrained(tmp, safe_serialization=True, max_shard_size=max_shard_size)
