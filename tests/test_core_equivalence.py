@@ -61,7 +61,8 @@ def refuses_every_mixer(model, attn) -> bool:
 
 # FlopCounterMode's module tracker fails inside the hub-kernel wrappers of Mamba/conv/DeltaNet mixers
 # ("Expected gradient function to be set"); their drops are proven by the zeroed reference and generation.
-NO_FLOP_COUNT = {"qwen3_next", "qwen3_5_text", "qwen3_5_moe_text", "jamba", "bamba", "lfm2", "granitemoehybrid"}
+NO_FLOP_COUNT = {"qwen3_next", "qwen3_5_text", "qwen3_5_moe_text", "jamba", "bamba", "lfm2", "granitemoehybrid",
+                 "nemotron_h"}
 
 
 def zeroed_sublayers(model, attn, mlp):

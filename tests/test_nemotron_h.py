@@ -22,8 +22,8 @@ from lightning_drop.measure.memory import cache_bytes_by_kind
 from lightning_drop.scoring.importance import compute_importance
 
 X = torch.randint(0, 256, (2, 20), generator=torch.Generator().manual_seed(0))
-KINDS = ["mamba", "mlp", "full_attention", "mlp", "mamba", "mlp"]  # the tiny model: M E * - M -
-MIXERS, MLPS = [0, 2, 4], [1, 3, 5]
+KINDS = ["mamba", "mlp", "mlp", "mlp", "full_attention", "mamba"]  # the tiny model: M E - - * M
+MIXERS, MLPS = [0, 4, 5], [1, 2, 3]
 
 
 @pytest.fixture
@@ -38,8 +38,8 @@ def _logits(m: torch.nn.Module) -> torch.Tensor:
 
 def test_each_layer_is_one_sublayer_of_its_kind(model):
     spec = get_spec(model)
-    assert model.config.layers_block_type == ["linear_attention", "moe", "full_attention", "mlp", "linear_attention",
-                                              "mlp"]
+    assert model.config.layers_block_type == ["linear_attention", "moe", "mlp", "mlp", "full_attention",
+                                              "linear_attention"]
     assert spec.mixer_kinds(model) == KINDS
     # the sublayer a layer never had is gone; nothing is dropped yet
     assert dropped_layers(model) == (MLPS, MIXERS) and drop_lists(model) == ([], [])
@@ -70,22 +70,36 @@ def test_scores_are_the_layer_score_of_its_one_sublayer(model):
     assert all(v > 0 for v in scores.block)
 
 
+def test_a_cut_whose_first_layer_mixes_no_tokens_keeps_the_dropped_format(model, tmp_path):
+    """Transformers reads a cache's length from layer 0; a plain model starting with an MLP layer has no slot
+    for it, so dropping layer 0 alone (next: the MoE layer) keeps the layer numbering and generates."""
+    apply_drop(model, attn=[0])
+    out = save_dropped(model, tmp_path / "d")
+    config = json.loads((out / "config.json").read_text())
+    assert config["model_type"] == "dropped_nemotron_h" and config["drop_attn_list"] == [0]
+    loaded = load_dropped(out)
+    prompt = X[:1, :10]
+    torch.testing.assert_close(_logits(loaded), _logits(model), atol=1e-5, rtol=1e-5)
+    assert torch.equal(loaded.generate(prompt, max_new_tokens=4, do_sample=False),
+                       model.generate(prompt, max_new_tokens=4, do_sample=False, use_cache=False))
+
+
 def test_dropping_the_one_sublayer_drops_the_layer(model, tmp_path):
     full = _logits(model)
-    apply_drop(model, attn=[2], mlp=[2, 3])  # layer 2 as a block (its attention), layer 3's MLP
-    assert drop_lists(model) == ([2], [3]) and model.config.drop_attn_list == [2]
+    apply_drop(model, attn=[4], mlp=[3, 4])  # layer 4 as a block (its attention), layer 3's MLP
+    assert drop_lists(model) == ([4], [3]) and model.config.drop_attn_list == [4]
     assert model.config.drop_mlp_list == [3]
-    assert set(dropped_layers(model)[0]) & set(dropped_layers(model)[1]) == {2, 3}  # both are dropped blocks
+    assert set(dropped_layers(model)[0]) & set(dropped_layers(model)[1]) == {3, 4}  # both are dropped blocks
     assert checkpoint_kind(model) == "blocks" and not torch.allclose(_logits(model), full)
     out = save_dropped(model, tmp_path / "blocks")
     config = json.loads((out / "config.json").read_text())
-    assert config["model_type"] == "nemotron_h" and config["lightning_drop"]["dropped_blocks"] == [2, 3]
-    assert config["layers_block_type"] == ["linear_attention", "moe", "linear_attention", "mlp"]
+    assert config["model_type"] == "nemotron_h" and config["lightning_drop"]["dropped_blocks"] == [3, 4]
+    assert config["layers_block_type"] == ["linear_attention", "moe", "mlp", "linear_attention"]
 
 
 @pytest.mark.parametrize("attn,mlp,message", [([1], [], "layer 1 of this nemotron_h model has no token mixer"),
                                               ([], [0], "layer 0 of this nemotron_h model has no MLP"),
-                                              ([0, 2, 4], [], "every token mixer")])
+                                              ([0, 4, 5], [], "every token mixer")])
 def test_a_sublayer_the_layer_lacks_is_refused_and_nothing_changes(model, attn, mlp, message):
     before = {k: v.clone() for k, v in model.state_dict().items()}
     with pytest.raises(UserError, match=message):
@@ -97,7 +111,7 @@ def test_a_dropped_mixer_caches_nothing(model):
     before = cache_bytes_by_kind(model, prompt_len=12)
     assert set(before["kv_bytes_per_token"]) == {"mamba", "full_attention"}  # MLP layers cache nothing
     assert before["state_bytes_per_sequence"]["mamba"] > 0 and before["kv_bytes_per_token"]["full_attention"] > 0
-    apply_drop(model, attn=[2, 4])
+    apply_drop(model, attn=[4, 5])  # the only attention layer too: masks are still sized (from its kept slot)
     after = cache_bytes_by_kind(model, prompt_len=12)
     assert after["kv_bytes_per_token"]["full_attention"] == 0
     assert after["state_bytes_per_sequence"]["mamba"] == pytest.approx(before["state_bytes_per_sequence"]["mamba"] / 2)
@@ -126,11 +140,22 @@ def test_drop_by_mixer_kind_through_the_command_line(tmp_path, capsys):
     assert len(report["drop_attn_list"]) == 1 and KINDS[report["drop_attn_list"][0]] == "mamba"
     by_kind = report["importance_by_kind"]
     assert set(by_kind) == {"mamba", "full_attention"} and by_kind["mamba"]["dropped"] == report["drop_attn_list"]
-    assert by_kind["mamba"]["min"] == min(report["attn"][i] for i in (0, 4))
-    assert "  mamba: layers [0, 4]" in printed and "  full_attention: layers [2]" in printed
-    config = json.loads((out / "config.json").read_text())  # a layer's one sublayer dropped: the layer is gone
-    assert config["model_type"] == "nemotron_h" and config["lightning_drop"]["dropped_blocks"] == report["drop_attn_list"]
-    assert len(load_dropped(out).config.layers_block_type) == 5
+    assert by_kind["mamba"]["min"] == min(report["attn"][i] for i in (0, 5))
+    assert "  mamba: layers [0, 5]" in printed and "  full_attention: layers [4]" in printed
+    _written_as_layers(out, report["drop_attn_list"], [])
+
+
+def _written_as_layers(out: Path, attn: list[int], mlp: list[int]) -> None:
+    """A drop of layers' one sublayers is a plain checkpoint of fewer layers, unless its first kept layer would
+    mix no tokens (no cache slot to read the length from): then the dropped format."""
+    config = json.loads((out / "config.json").read_text())
+    first = min(set(range(6)) - set(attn + mlp))
+    if KINDS[first] == "mlp":
+        assert config["model_type"] == "dropped_nemotron_h"
+        assert (config["drop_attn_list"], config["drop_mlp_list"]) == (attn, mlp)
+    else:
+        assert config["model_type"] == "nemotron_h" and config["lightning_drop"]["dropped_blocks"] == sorted(attn + mlp)
+    assert drop_lists(load_dropped(out)) == ((attn, mlp) if KINDS[first] == "mlp" else ([], []))
 
 
 def test_block_drop_through_the_command_line(tmp_path):
@@ -139,8 +164,7 @@ def test_block_drop_through_the_command_line(tmp_path):
     report = json.loads((out / "importance.json").read_text())
     attn, mlp = report["drop_attn_list"], report["drop_mlp_list"]
     assert len(attn) + len(mlp) == 2 and set(attn) <= set(MIXERS) and set(mlp) <= set(MLPS)
-    config = json.loads((out / "config.json").read_text())
-    assert config["model_type"] == "nemotron_h" and config["lightning_drop"]["dropped_blocks"] == sorted(attn + mlp)
+    _written_as_layers(out, attn, mlp)
 
 
 @pytest.mark.parametrize("extra,expect", [(["--target", "attn", "--num", "3"], "would have none"),

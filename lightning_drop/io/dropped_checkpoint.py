@@ -7,7 +7,7 @@ Three shapes, chosen from what was dropped:
   families: per-stage `depths` shrink, plus `original_depths`); per-layer lists are cut and lists of layer
   indices renumbered. The dropped format is kept when the renumbered config would not rebuild the same
   modules (DeepSeek's dense first layers, Jamba's kinds by period and offset, a SwinV2 block whose window
-  shift would change, an emptied stage);
+  shift would change, an emptied stage) or a working cache (a Nemotron-H model whose first layer would be an MLP);
 - attention/MLP sublayers: `model_type: dropped_<base>` with `drop_attn_list`/`drop_mlp_list`, plus this
   package's self-contained `modeling_dropped.py` (and the architecture files it imports) referenced from
   `auto_map` (for `trust_remote_code=True`).
@@ -59,6 +59,8 @@ def compact_blocks(model: nn.Module, spec: ArchSpec, blocks: list[int]) -> nn.Mo
     gone = set(blocks)
     layers = spec.get_layers(model)
     keep = [i for i in range(len(layers)) if i not in gone]
+    if spec.layer_kind(layers[keep[0]]) == "mlp":  # transformers reads the cache's length from the first layer:
+        return None  # a first layer that mixes no tokens (Nemotron-H's MLP) has no cache slot to read it from
     cfg = config.to_dict()
     for key in _NOT_PLAIN:
         cfg.pop(key, None)

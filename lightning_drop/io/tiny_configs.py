@@ -66,10 +66,11 @@ FAMILY_OVERRIDES: dict[str, dict[str, Any]] = {
     "bamba": {"attn_layer_indices": [1, 3]},
     "lfm2": {"layer_types": ["conv", "full_attention", "conv", "full_attention"]},
     "granitemoehybrid": {"layer_types": ["linear_attention", "full_attention", "linear_attention", "full_attention"]},
-    # one sublayer per layer: Mamba-2 ("linear_attention") first, as in the released checkpoints, and three token
-    # mixers, so that tests can drop two of them, an MLP and an MoE layer and keep one mixer of each kind
-    "nemotron_h": {"layers_block_type": ["linear_attention", "moe", "full_attention", "mlp", "linear_attention",
-                                         "mlp"]},
+    # one sublayer per layer: Mamba-2 ("linear_attention") first, as in the released checkpoints; three token
+    # mixers, so that a test can drop two and keep one, and MLP layers after the first drops, so that a cut
+    # may start with a layer that mixes no tokens
+    "nemotron_h": {"layers_block_type": ["linear_attention", "moe", "mlp", "mlp", "full_attention",
+                                         "linear_attention"]},
 }
 
 # Model types that cannot be a tiny decoder here, and why (checked by the tests: each must still fail to build).
