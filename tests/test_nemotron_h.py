@@ -70,13 +70,15 @@ def test_scores_are_the_layer_score_of_its_one_sublayer(model):
     assert all(v > 0 for v in scores.block)
 
 
-def test_a_cut_whose_first_layer_mixes_no_tokens_keeps_the_dropped_format(model, tmp_path):
-    """Transformers reads a cache's length from layer 0; a plain model starting with an MLP layer has no slot
-    for it, so dropping layer 0 alone (next: the MoE layer) keeps the layer numbering and generates."""
-    apply_drop(model, attn=[0])
+@pytest.mark.parametrize("layer", [0, 4])
+def test_a_cut_the_cache_could_not_follow_keeps_the_dropped_format(model, tmp_path, layer):
+    """Transformers reads a cache's length from layer 0 and sizes masks from an attention slot: a plain model
+    starting with an MLP layer (layer 0 cut: the MoE layer comes first) or without attention (layer 4 cut) has
+    no such slot, so these cuts keep the layer numbering, the stand-in keeping the slot, and generate."""
+    apply_drop(model, attn=[layer])
     out = save_dropped(model, tmp_path / "d")
     config = json.loads((out / "config.json").read_text())
-    assert config["model_type"] == "dropped_nemotron_h" and config["drop_attn_list"] == [0]
+    assert config["model_type"] == "dropped_nemotron_h" and config["drop_attn_list"] == [layer]
     loaded = load_dropped(out)
     prompt = X[:1, :10]
     torch.testing.assert_close(_logits(loaded), _logits(model), atol=1e-5, rtol=1e-5)
@@ -86,15 +88,15 @@ def test_a_cut_whose_first_layer_mixes_no_tokens_keeps_the_dropped_format(model,
 
 def test_dropping_the_one_sublayer_drops_the_layer(model, tmp_path):
     full = _logits(model)
-    apply_drop(model, attn=[4], mlp=[3, 4])  # layer 4 as a block (its attention), layer 3's MLP
-    assert drop_lists(model) == ([4], [3]) and model.config.drop_attn_list == [4]
+    apply_drop(model, attn=[5], mlp=[3, 5])  # layer 5 as a block (its Mamba mixer), layer 3's MLP
+    assert drop_lists(model) == ([5], [3]) and model.config.drop_attn_list == [5]
     assert model.config.drop_mlp_list == [3]
-    assert set(dropped_layers(model)[0]) & set(dropped_layers(model)[1]) == {3, 4}  # both are dropped blocks
+    assert set(dropped_layers(model)[0]) & set(dropped_layers(model)[1]) == {3, 5}  # both are dropped blocks
     assert checkpoint_kind(model) == "blocks" and not torch.allclose(_logits(model), full)
     out = save_dropped(model, tmp_path / "blocks")
     config = json.loads((out / "config.json").read_text())
-    assert config["model_type"] == "nemotron_h" and config["lightning_drop"]["dropped_blocks"] == [3, 4]
-    assert config["layers_block_type"] == ["linear_attention", "moe", "mlp", "linear_attention"]
+    assert config["model_type"] == "nemotron_h" and config["lightning_drop"]["dropped_blocks"] == [3, 5]
+    assert config["layers_block_type"] == ["linear_attention", "moe", "mlp", "full_attention"]
 
 
 @pytest.mark.parametrize("attn,mlp,message", [([1], [], "layer 1 of this nemotron_h model has no token mixer"),
@@ -147,15 +149,15 @@ def test_drop_by_mixer_kind_through_the_command_line(tmp_path, capsys):
 
 def _written_as_layers(out: Path, attn: list[int], mlp: list[int]) -> None:
     """A drop of layers' one sublayers is a plain checkpoint of fewer layers, unless its first kept layer would
-    mix no tokens (no cache slot to read the length from): then the dropped format."""
+    mix no tokens or no attention layer would be left (no cache slot to read from): then the dropped format."""
     config = json.loads((out / "config.json").read_text())
     first = min(set(range(6)) - set(attn + mlp))
-    if KINDS[first] == "mlp":
+    if KINDS[first] == "mlp" or 4 in attn:
         assert config["model_type"] == "dropped_nemotron_h"
         assert (config["drop_attn_list"], config["drop_mlp_list"]) == (attn, mlp)
     else:
         assert config["model_type"] == "nemotron_h" and config["lightning_drop"]["dropped_blocks"] == sorted(attn + mlp)
-    assert drop_lists(load_dropped(out)) == ((attn, mlp) if KINDS[first] == "mlp" else ([], []))
+    assert drop_lists(load_dropped(out)) == ((attn, mlp) if config["model_type"].startswith("dropped_") else ([], []))
 
 
 def test_block_drop_through_the_command_line(tmp_path):

@@ -36,6 +36,8 @@ INPUTS = ("text", "image")
 LLAMA_LORA_TARGETS = ("q_proj", "k_proj", "v_proj", "o_proj", "gate_proj", "up_proj", "down_proj")
 # Kinds of token mixer a layer may hold (attention's kind is read from the config's per-layer types).
 MIXER_KINDS = ("full_attention", "sliding_attention", "linear_attention", "mamba", "conv")
+# Per-layer config types whose cache slot holds keys and values: transformers sizes attention masks from one.
+ATTENTION_LAYER_TYPES = ("full_attention", "sliding_attention", "chunked_attention")
 
 
 @dataclass(frozen=True)

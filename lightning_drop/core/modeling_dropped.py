@@ -30,9 +30,11 @@ except ImportError:
     UserError = ValueError
 
 try:  # inside the package
-    from .architectures import ALL_SPECS, DROPPED_PREFIX, SPECS, ArchSpec, get_spec, spec_for_model_type  # noqa: F401
+    from .architectures import (ALL_SPECS, ATTENTION_LAYER_TYPES, DROPPED_PREFIX, SPECS, ArchSpec,  # noqa: F401
+                                get_spec, spec_for_model_type)
 except ImportError:  # pragma: no cover - imported as a flat module next to a checkpoint
-    from architectures import ALL_SPECS, DROPPED_PREFIX, SPECS, ArchSpec, get_spec, spec_for_model_type  # type: ignore  # noqa: F401
+    from architectures import (ALL_SPECS, ATTENTION_LAYER_TYPES, DROPPED_PREFIX, SPECS, ArchSpec,  # type: ignore  # noqa: F401
+                               get_spec, spec_for_model_type)
 
 
 class DroppedAttention(nn.Module):
@@ -324,13 +326,11 @@ class _NoKVForDroppedAttention:
         modes = ["reuse" if i in dropped else None for i in range(self.num_hidden_layers)]  # type: ignore[attr-defined]
         modes[0] = None  # the slot the cache's length is read from (see DroppedAttention)
         types = getattr(self, "layer_types", None) or ()
-        attention = [i for i, t in enumerate(types) if t in _ATTENTION_TYPES]
+        attention = [i for i, t in enumerate(types) if t in ATTENTION_LAYER_TYPES]
         if attention and all(modes[i] == "reuse" for i in attention):  # masks are sized from an attention slot
             modes[attention[0]] = None
         return modes
 
-
-_ATTENTION_TYPES = ("full_attention", "sliding_attention", "chunked_attention")
 
 
 class _DroppedModelMixin:

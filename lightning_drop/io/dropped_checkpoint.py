@@ -7,7 +7,8 @@ Three shapes, chosen from what was dropped:
   families: per-stage `depths` shrink, plus `original_depths`); per-layer lists are cut and lists of layer
   indices renumbered. The dropped format is kept when the renumbered config would not rebuild the same
   modules (DeepSeek's dense first layers, Jamba's kinds by period and offset, a SwinV2 block whose window
-  shift would change, an emptied stage) or a working cache (a Nemotron-H model whose first layer would be an MLP);
+  shift would change, an emptied stage) or a working cache (a Nemotron-H model whose first layer would be an MLP,
+  a hybrid left without attention layers);
 - attention/MLP sublayers: `model_type: dropped_<base>` with `drop_attn_list`/`drop_mlp_list`, plus this
   package's self-contained `modeling_dropped.py` (and the architecture files it imports) referenced from
   `auto_map` (for `trust_remote_code=True`).
@@ -27,7 +28,7 @@ from typing import Any, Callable, Iterable, Iterator, Sequence
 import torch
 from torch import nn
 
-from ..core.architectures import DROPPED_PREFIX, ArchSpec, get_spec
+from ..core.architectures import ATTENTION_LAYER_TYPES, DROPPED_PREFIX, ArchSpec, get_spec
 from .atomic_io import atomic_dir, atomic_write_text
 from .output_targets import check_output
 from ..errors import UserError, param
@@ -61,6 +62,9 @@ def compact_blocks(model: nn.Module, spec: ArchSpec, blocks: list[int]) -> nn.Mo
     keep = [i for i in range(len(layers)) if i not in gone]
     if spec.layer_kind(layers[keep[0]]) == "mlp":  # transformers reads the cache's length from the first layer:
         return None  # a first layer that mixes no tokens (Nemotron-H's MLP) has no cache slot to read it from
+    types = list(getattr(config, "layer_types", None) or ())
+    if any(t in ATTENTION_LAYER_TYPES for t in types) and not any(types[i] in ATTENTION_LAYER_TYPES for i in keep):
+        return None  # a hybrid cut to no attention layer: its masks are still sized from an attention cache slot
     cfg = config.to_dict()
     for key in _NOT_PLAIN:
         cfg.pop(key, None)
