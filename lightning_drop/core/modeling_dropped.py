@@ -166,10 +166,8 @@ def dropped_layers(model: nn.Module) -> tuple[list[int], list[int]]:
 
 
 def drop_lists(model: nn.Module) -> tuple[list[int], list[int]]:
-    """(attention indices, MLP indices) of the sublayers dropped from `model`: `dropped_layers` without those a
-    single-sublayer layer never had (what configs and reports list)."""
-    spec = get_spec(model)
-    return _held(spec, spec.get_layers(model), *dropped_layers(model))
+    """`dropped_layers` less the sublayers a single-sublayer layer never had: the drops configs and reports list."""
+    return _held(get_spec(model), get_spec(model).get_layers(model), *dropped_layers(model))
 
 
 def _held(spec: ArchSpec, layers: Sequence[nn.Module], attn: Iterable[int],
@@ -195,9 +193,8 @@ def _check_indices(name: str, indices: Sequence[Any], num_layers: int, names: Se
 
 
 class DroppedIdentity(nn.Identity):
-    """Stands in for a module of a removed sublayer (its norm, LayerScale): passes its input through. It keeps the
-    old module's weight dtype as a 0-d `weight` buffer (never saved), for layers that cast their input to
-    `norm.weight.dtype` before the norm (Nemotron-H)."""
+    """A removed sublayer's norm or LayerScale: passes its input through, keeping the weight's dtype as a 0-d
+    unsaved buffer for layers that cast to `norm.weight.dtype` first (Nemotron-H)."""
 
     def __init__(self, old: nn.Module | None = None) -> None:
         super().__init__()
@@ -275,21 +272,18 @@ def _one_sublayer_each(spec: ArchSpec, layers: Sequence[nn.Module], attn: list[i
     i.e. the layer's one sublayer; an index in one list naming a sublayer its layer lacks is refused."""
     if not spec.layer_roles:
         return attn, mlp
-    wrong = [(i, kind) for kind, indices in (("attn", attn), ("mlp", mlp)) for i in indices
-             if not spec.holds(layers[i], kind) and not (i in attn and i in mlp)]
-    if wrong:
-        i, kind = wrong[0]
-        has = spec.layer_kind(layers[i])
-        raise UserError(f"layer {i} of this {spec.family} model has no {'token mixer' if kind == 'attn' else 'MLP'}: "
-                        f"its one sublayer is {'an MLP' if has == 'mlp' else f'a {has} mixer'} (drop it as "
-                        f"{'an MLP' if has == 'mlp' else 'attention'}, or the whole layer as a block)")
+    for i in sorted(set(attn) ^ set(mlp)):
+        if not spec.holds(layers[i], "attn" if i in attn else "mlp"):
+            has = spec.layer_kind(layers[i])
+            raise UserError(f"layer {i} of this {spec.family} model has no {'MLP' if i in mlp else 'token mixer'}: its "
+                            f"one sublayer is {'an MLP' if has == 'mlp' else f'a {has} mixer'} (drop it under its own "
+                            "kind, or the layer as a block)")
     both = sorted(set(attn) | set(mlp))
     return _held(spec, layers, both, both)
 
 
 def _mark_dropped(model: nn.Module, spec: ArchSpec, attn: list[int], mlp: list[int]) -> None:
-    """Switch the model and its config to the dropped classes and record the drop lists (the drops alone: not
-    the sublayers a single-sublayer layer never had)."""
+    """Switch the model and its config to the dropped classes and record the drop lists (`drop_lists`')."""
     attn, mlp = _held(spec, spec.get_layers(model), attn, mlp)
     config_cls = dropped_config_class(spec)
     config = model.config
