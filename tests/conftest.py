@@ -89,3 +89,24 @@ def scoring_passes():
     yield lambda: state["passes"]
     for h in handles:
         h.remove()
+
+
+@pytest.fixture(scope="session")
+def layer_drops():
+    """`fit(model, attn, mlp) -> (attn, mlp, gone)`: a test's drop as the model's layers hold it, and what
+    `dropped_layers` reports after it. In a family whose layers hold one sublayer each (Nemotron-H) an index in
+    either list names its layer's one sublayer, and the sublayer a layer never had counts as gone; in every
+    other family the lists are the drop and `gone` equals them."""
+    from lightning_drop import get_spec
+
+    def fit(model, attn, mlp):
+        spec = get_spec(model)
+        layers = spec.get_layers(model)
+        both = sorted(set(attn) | set(mlp)) if spec.layer_roles else None
+        lists = [sorted(wanted) if both is None else [i for i in both if spec.holds(layers[i], kind)]
+                 for kind, wanted in (("attn", attn), ("mlp", mlp))]
+        gone = tuple(sorted(set(drop) | {i for i, layer in enumerate(layers) if not spec.holds(layer, kind)})
+                     for kind, drop in zip(("attn", "mlp"), lists))
+        return lists[0], lists[1], gone
+
+    return fit

@@ -3,6 +3,8 @@
 Dropped = zeroed (the original model with the chosen sublayers' residual contributions set to zero),
 physical removal, the run-time check that dropped sublayers never run, save/reload with the same outputs
 (sublayer drops and block-only plain checkpoints); cached = uncached generation for the families that generate.
+In a family whose layers hold one sublayer each (Nemotron-H) a drop index names its layer's one sublayer
+(`layer_drops`).
 """
 
 from __future__ import annotations
@@ -59,7 +61,8 @@ def refuses_every_mixer(model, attn) -> bool:
 
 # FlopCounterMode's module tracker fails inside the hub-kernel wrappers of Mamba/conv/DeltaNet mixers
 # ("Expected gradient function to be set"); their drops are proven by the zeroed reference and generation.
-NO_FLOP_COUNT = {"qwen3_next", "qwen3_5_text", "qwen3_5_moe_text", "jamba", "bamba", "lfm2", "granitemoehybrid"}
+NO_FLOP_COUNT = {"qwen3_next", "qwen3_5_text", "qwen3_5_moe_text", "jamba", "bamba", "lfm2", "granitemoehybrid",
+                 "nemotron_h"}
 
 
 def zeroed_sublayers(model, attn, mlp):
@@ -70,8 +73,9 @@ def zeroed_sublayers(model, attn, mlp):
 
 @pytest.mark.parametrize("family", ALL)
 @pytest.mark.parametrize("attn,mlp", [([0, 2], [1]), ([1], [1, 3]), ([0, 1, 2, 3], [2])])
-def test_forward_equals_zeroed_reference(family, attn, mlp):
+def test_forward_equals_zeroed_reference(family, attn, mlp, layer_drops):
     model, x = build(family)
+    attn, mlp, gone = layer_drops(model, attn, mlp)
     if refuses_every_mixer(model, attn):
         return
     with zeroed_sublayers(model, attn, mlp):
@@ -89,7 +93,7 @@ def test_forward_equals_zeroed_reference(family, attn, mlp):
         for i in indices:
             for name in names:  # the sublayer, its norms and (DINO) its LayerScale are gone
                 assert not any(k.startswith(prefixes[i] + name + ".") for k in keys), (i, name)
-    assert dropped_layers(model) == (sorted(attn), sorted(mlp))
+    assert dropped_layers(model) == gone
     assert model.config.drop_attn_list == sorted(attn) and model.config.drop_mlp_list == sorted(mlp)
 
 
@@ -141,28 +145,29 @@ def _saved_keys(directory):
 
 
 @pytest.mark.parametrize("family", ALL)
-def test_sublayer_drop_roundtrips_through_save_and_reload(tmp_path, family):
+def test_sublayer_drop_roundtrips_through_save_and_reload(tmp_path, family, layer_drops):
     model, x = build(family)
     spec = get_spec(model)
-    apply_drop(model, attn=[0, 2], mlp=[1])
+    attn, mlp, dropped = layer_drops(model, [0, 2], [1])
+    apply_drop(model, attn=attn, mlp=mlp)
     expected = output(model, x)
     out = save_dropped(model, tmp_path / "drop")
     config = json.loads((out / "config.json").read_text())
     assert config["model_type"] == f"dropped_{spec.model_types[0]}"
-    assert config["drop_attn_list"] == [0, 2] and config["drop_mlp_list"] == [1]
+    assert config["drop_attn_list"] == attn and config["drop_mlp_list"] == mlp
     auto = getattr(transformers, spec.auto_class(type(model).__name__))
     assert config["auto_map"][auto.__name__] == f"modeling_dropped.{type(model).__name__}"
     for name in ("modeling_dropped.py", "architectures.py", "decoder_families.py", "vision_families.py"):
         assert (out / name).is_file(), name
     prefixes = spec.layer_prefixes(model)
     parallel = spec.inputs == "text" and spec.is_parallel(model.config)
-    gone = [prefixes[i] + n + "." for i in (0, 2) for n in spec.attn_modules(parallel=parallel)]
-    gone += [prefixes[1] + n + "." for n in spec.mlp_modules()]
+    gone = [prefixes[i] + n + "." for i in attn for n in spec.attn_modules(parallel=parallel)]
+    gone += [prefixes[i] + n + "." for i in mlp for n in spec.mlp_modules()]
     assert not any(k.startswith(g) for k in _saved_keys(out) for g in gone)
     for loaded in (auto.from_pretrained(out), load_dropped(out)):  # registered classes, no trust_remote_code
         assert type(loaded).__name__ == type(model).__name__
         torch.testing.assert_close(output(loaded.eval(), x), expected, atol=1e-5, rtol=1e-5)
-        assert dropped_layers(loaded) == ([0, 2], [1])
+        assert dropped_layers(loaded) == dropped
 
 
 @pytest.mark.parametrize("family,blocks,plain", [
@@ -212,11 +217,12 @@ def _greedy(model, batch, use_cache, n=12):
 
 @pytest.mark.parametrize("family", TEXT)
 @pytest.mark.parametrize("attn", [[0], [0, 1, 2], [0, 1, 2, 3]])
-def test_cached_generation_equals_uncached_left_padded(family, attn):
+def test_cached_generation_equals_uncached_left_padded(family, attn, layer_drops):
     model, tok = tiny_model(family)
+    attn, mlp, _ = layer_drops(model, attn, [3])
     if refuses_every_mixer(model, attn):
         return
-    apply_drop(model, attn=attn, mlp=[3])
+    apply_drop(model, attn=attn, mlp=mlp)
     batch = _left_padded_batch(tok)
     assert (batch["attention_mask"] == 0).any()  # padding really present
     with torch.no_grad():

@@ -5,7 +5,8 @@ batch, a dropped checkpoint that reloads with the same logits (in process, and w
 where lightning_drop is not importable), a block-only drop written as a plain checkpoint of the original
 architecture (or, where renumbered layers would not rebuild the same modules, the dropped format), importance
 of every sublayer kind in one pass, and LoRA adapters on the family's linear layers. A family added to
-`decoder_families.py` joins the matrix by being there.
+`decoder_families.py` joins the matrix by being there. In a family whose layers hold one sublayer each
+(Nemotron-H) a drop index names its layer's one sublayer (`layer_drops`).
 """
 
 from __future__ import annotations
@@ -53,10 +54,10 @@ def test_the_matrix_covers_dense_and_moe_families():
 
 
 @pytest.mark.parametrize("family", FAMILIES)
-def test_dropped_equals_zeroed(family):
+def test_dropped_equals_zeroed(family, layer_drops):
     model, _ = built(family)
     spec = get_spec(model)
-    attn, mlp = proof_drops(len(spec.get_layers(model)))  # first attention, a middle block, last MLP
+    attn, mlp, gone = layer_drops(model, *proof_drops(len(spec.get_layers(model))))  # first attention, a middle block, last MLP
     full = logits(model)
     with zeroed_outputs(model, spec, attn, mlp):
         ref = logits(model)
@@ -65,13 +66,14 @@ def test_dropped_equals_zeroed(family):
     apply_drop(model, attn=attn, mlp=mlp)
     torch.testing.assert_close(logits(model), ref, atol=1e-5, rtol=1e-5)
     assert sum(p.numel() for p in model.parameters()) < n_params
-    assert dropped_layers(model) == (attn, mlp)
+    assert dropped_layers(model) == gone
 
 
 @pytest.mark.parametrize("family", FAMILIES)
-def test_cached_generation_equals_uncached_left_padded(family):
+def test_cached_generation_equals_uncached_left_padded(family, layer_drops):
     model, tok = built(family)
-    apply_drop(model, attn=[0, 2], mlp=[3])
+    attn, mlp, _ = layer_drops(model, [0, 2], [3])
+    apply_drop(model, attn=attn, mlp=mlp)
     tok.padding_side = "left"
     batch = tok(["The quick brown fox jumps over the lazy dog", "Hi"], return_tensors="pt", padding=True)
     assert (batch["attention_mask"] == 0).any()
@@ -84,25 +86,33 @@ def test_cached_generation_equals_uncached_left_padded(family):
         assert torch.equal(greedy(True), greedy(False))
 
 
+SAVED_DROP = ([1, 3], [0])
+
+
 @pytest.fixture(scope="module")
-def saved(tmp_path_factory):
+def saved(tmp_path_factory, layer_drops):
     """Every family dropped (attention 1, 3; MLP 0) and saved: {family: (directory, expected logits)}."""
     root = tmp_path_factory.mktemp("matrix")
     out = {}
     for family in FAMILIES:
         model, tok = built(family)
-        apply_drop(model, attn=[1, 3], mlp=[0])
+        attn, mlp, _ = layer_drops(model, *SAVED_DROP)
+        apply_drop(model, attn=attn, mlp=mlp)
         out[family] = (save_dropped(model, root / family, tok), logits(model))
     return out
 
 
 @pytest.mark.parametrize("family", FAMILIES)
-def test_dropped_checkpoint_reloads_in_process(saved, family):
+def test_dropped_checkpoint_reloads_in_process(saved, family, layer_drops):
     directory, expected = saved[family]
     config = json.loads((directory / "config.json").read_text())
+    # Nemotron-H: every drop is a whole layer, but this cut would start with an MLP layer (no cache slot for the
+    # length), so it keeps the dropped format too
+    attn, mlp, gone = layer_drops(built(family)[0], *SAVED_DROP)
     assert config["model_type"] == f"dropped_{TEXT_SPECS[family].model_types[0]}"
+    assert (config["drop_attn_list"], config["drop_mlp_list"]) == (attn, mlp)  # the drops, not what never was
     for loaded in (transformers.AutoModelForCausalLM.from_pretrained(directory), load_dropped(directory)):
-        assert dropped_layers(loaded) == ([1, 3], [0])
+        assert dropped_layers(loaded) == gone
         torch.testing.assert_close(logits(loaded.eval()), expected, atol=1e-5, rtol=1e-5)
 
 
@@ -168,20 +178,23 @@ def test_block_only_drop_writes_the_original_architecture(tmp_path, family):
 
 
 @pytest.mark.parametrize("family", FAMILIES)
-def test_importance_in_one_pass_covers_every_sublayer(family, scoring_passes):
+def test_importance_in_one_pass_covers_every_sublayer(family, scoring_passes, layer_drops):
     model, _ = built(family)
-    apply_drop(model, attn=[1], mlp=[2])
+    attn, mlp, (gone_attn, gone_mlp) = layer_drops(model, [1], [2])
+    apply_drop(model, attn=attn, mlp=mlp)
     scores = compute_importance(model, [IDS])
     n = len(get_spec(model).get_layers(model))
     assert scoring_passes() == 1
-    assert [s is None for s in scores.attn] == [i == 1 for i in range(n)]
-    assert [s is None for s in scores.mlp] == [i == 2 for i in range(n)]
+    assert [s is None for s in scores.attn] == [i in gone_attn for i in range(n)]
+    assert [s is None for s in scores.mlp] == [i in gone_mlp for i in range(n)]
+    assert [s is None for s in scores.block] == [i in gone_attn and i in gone_mlp for i in range(n)]
     live = [s for s in scores.attn + scores.mlp + scores.block if s is not None]
-    assert len(live) == 3 * n - 2 and all(torch.isfinite(torch.tensor(live)))
+    assert len(live) == 3 * n - len(gone_attn) - len(gone_mlp) - len(set(gone_attn) & set(gone_mlp))
+    assert all(torch.isfinite(torch.tensor(live)))
 
 
 @pytest.mark.parametrize("family", FAMILIES)
-def test_loss_metric_scores_the_drop_and_leaves_the_model(family):
+def test_loss_metric_scores_the_drop_and_leaves_the_model(family, layer_drops):
     """The `loss` metric swaps stand-ins in and out of the model itself: a sublayer's score is the loss rise of
     really dropping it (a hybrid's mixer, a parallel layer's shared norm going with the block only), and the
     model computes what it did before."""
@@ -197,13 +210,14 @@ def test_loss_metric_scores_the_drop_and_leaves_the_model(family):
         return float(total) / count
 
     for row, attn, mlp in ((scores.attn, [0], []), (scores.mlp, [], [1]), (scores.block, [2], [2])):
+        attn, mlp, _ = layer_drops(model, attn, mlp)
         dropped = copy.deepcopy(model)
         apply_drop(dropped, attn=attn, mlp=mlp)
         assert row[(attn or mlp)[0]] == pytest.approx(loss(dropped) - loss(model), abs=1e-5)
 
 
 @pytest.mark.parametrize("family", FAMILIES)
-def test_lora_finds_the_family_linear_layers(family):
+def test_lora_finds_the_family_linear_layers(family, layer_drops):
     """LoRA's default targets are the family's own linear layers (GPT-2's Conv1D too): every one in a live
     token mixer (attention, linear attention, Mamba, convolution) or MLP gets an adapter (every live mixer has
     some), none is left in a dropped one."""
@@ -214,20 +228,22 @@ def test_lora_finds_the_family_linear_layers(family):
 
     model, _ = built(family)
     spec = get_spec(model)
-    apply_drop(model, attn=[1], mlp=[2])
+    attn, mlp, _ = layer_drops(model, [1], [2])
+    apply_drop(model, attn=attn, mlp=mlp)
     targets = lora_targets(model)
     config = LoraConfig(r=2, target_modules=targets, exclude_modules=lora_excluded(model, targets) or None,
                         task_type="CAUSAL_LM")  # as DropModule.add_lora builds it
     peft_model = get_peft_model(model, config)
     for i, layer in enumerate(spec.get_layers(peft_model.base_model.model)):
-        for kind, names, gone in (("mixer", (spec.mixer_name(layer),), i == 1), ("mlp", spec.mlp_modules(layer), i == 2)):
+        mixer = (spec.mixer_name(layer),) if spec.holds(layer, "attn") else ()  # Nemotron-H: a layer may have none
+        for kind, names, gone in (("mixer", mixer, i in attn), ("mlp", spec.mlp_modules(layer), i in mlp)):
             modules = {n: m for name in names for n, m in getattr(layer, name).named_modules(prefix=name)}
             adapted = {n.rsplit(".lora_A", 1)[0] for n in modules if n.endswith(".lora_A")}
             linear = {n for n, m in modules.items() if type(m) in (torch.nn.Linear, Conv1D) and "lora_" not in n
                       and not any(n.startswith(a + ".") for a in adapted)}
             assert not linear, (i, kind, linear)  # no linear layer of a live sublayer left without an adapter
             assert not (gone and adapted), (i, kind, adapted)
-            assert gone or kind == "mlp" or adapted, (i, kind)  # every live token mixer has linear layers
+            assert gone or kind == "mlp" or not names or adapted, (i, kind)  # every live token mixer has linear layers
     assert torch.isfinite(logits(peft_model)).all()
 
 

@@ -76,6 +76,37 @@ def test_sweep_writes_everything_and_rerun_recomputes_nothing(tmp_path, c4_path,
     assert [r["perplexity"] for r in doc2["rows"]] == [r["perplexity"] for r in doc["rows"]]
 
 
+def test_hybrid_study_reports_importance_per_mixer_kind(tmp_path, c4_path):
+    """A tiny Qwen3-Next (linear attention in three layers, full attention in the fourth): the per-kind section's
+    numbers are the per-layer token-mixer scores aggregated over each kind, its drops the rows' attention drops
+    sorted by kind, in the results JSON and the report."""
+    out = tmp_path / "out"
+    cfg = tiny_config(out, c4_path, model="tiny-qwen3_next", speed={"enabled": False})
+    cfg["sweeps"][0]["targets"] = ["attn", "block"]
+    _, doc = run(cfg)
+    summary = doc["importance_by_kind"]
+    (label, scores), = doc["scores"].items()
+    kinds = scores["extra"]["mixer_kinds"]
+    assert set(summary["scores"][label]) == set(kinds) == {"linear_attention", "full_attention"}
+    md = (out / "report.md").read_text()
+    assert "## Importance per mixer kind" in md
+    for kind, entry in summary["scores"][label].items():
+        values = [v for v, k in zip(scores["attn"], kinds) if k == kind]
+        assert entry["layers"] == [i for i, k in enumerate(kinds) if k == kind]
+        assert entry["mean"] == pytest.approx(sum(values) / len(values)) and entry["min"] == min(values)
+        assert f"{entry['mean']:.4f}" in md and f"{entry['min']:.4f}" in md
+    dropping = [r for r in doc["rows"] if r["num"] > 0 and r["drop_attn"]]
+    assert {f"{r['target']}-{r['num']}" for r in dropping} == set(summary["drops"]) == {"attn-1", "attn-2", "block-1",
+                                                                                         "block-2"}
+    for r in dropping:
+        by_kind = summary["drops"][f"{r['target']}-{r['num']}"]
+        assert sorted(i for layers in by_kind.values() for i in layers) == r["drop_attn"]
+        assert all(kinds[i] == kind for kind, layers in by_kind.items() for i in layers)
+        assert f"| {r['target']}-{r['num']} drops |" in md
+    assert json.loads((out / "results.json").read_text())["importance_by_kind"] == summary
+    assert "Importance per mixer kind" in (out / "report.html").read_text()
+
+
 def test_extended_sweep_computes_only_new_points(tmp_path, c4_path):
     cfg = tiny_config(tmp_path, c4_path, speed={"enabled": False})
     _, doc = run(cfg)

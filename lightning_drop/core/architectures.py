@@ -36,6 +36,8 @@ INPUTS = ("text", "image")
 LLAMA_LORA_TARGETS = ("q_proj", "k_proj", "v_proj", "o_proj", "gate_proj", "up_proj", "down_proj")
 # Kinds of token mixer a layer may hold (attention's kind is read from the config's per-layer types).
 MIXER_KINDS = ("full_attention", "sliding_attention", "linear_attention", "mamba", "conv")
+# Per-layer config types whose cache slot holds keys and values: transformers sizes attention masks from one.
+ATTENTION_LAYER_TYPES = ("full_attention", "sliding_attention", "chunked_attention")
 
 
 @dataclass(frozen=True)
@@ -60,7 +62,8 @@ class ArchSpec:
     - `base_prefix`: attribute holding the base model inside task heads (`vit`, `dinov2`, ...).
     - `full_shape_attn`: the layer reshapes the attention output (SwinV2 windows), so the stand-in returns
       zeros of the input's shape instead of a broadcast scalar zero.
-    - `num_layers_key`: config field with the number of layers (a list of per-stage depths is summed).
+    - `num_layers_key`: config field with the number of layers (a list of per-stage depths is summed; a list of
+      per-layer types, Nemotron-H's `layers_block_type`, counts its entries).
     - `mixers`: token mixers other than `attn` that a layer may hold in its place (hybrids), module name ->
       kind (`linear_attention`, `mamba`, `conv`); they return the mixed states alone, not a tuple. The layer's
       token mixer is whichever of `attn` and these it has; `--target attn` drops token mixers of any kind.
@@ -71,6 +74,9 @@ class ArchSpec:
     - `full_shape_mlp`: the layer adds into the MLP output in place, so the stand-in returns full-shape zeros.
     - `lora_targets`: names of the family's linear (or Conv1D) layers that LoRA adapts by default; empty: the
       linear layers found in the model's live sublayers (`io.family_inference.lora_targets`).
+    - `layer_roles`: layers of ONE sublayer each (Nemotron-H), at `attn` (== `mlp`), whose kind the layer's
+      `role_attr` (its entry of the config's per-layer types) names: type -> a token-mixer kind, or "mlp" (an
+      MLP or MoE). The sublayer a layer lacks counts as gone, so dropping its one sublayer drops the layer.
     """
 
     family: str
@@ -104,6 +110,8 @@ class ArchSpec:
     shared_norms: tuple[str, ...] = ()
     full_shape_mlp: bool = False
     lora_targets: tuple[str, ...] = ()
+    layer_roles: dict[str, str] = field(default_factory=dict)
+    role_attr: str = "block_type"
 
     def __post_init__(self) -> None:
         if self.inputs not in INPUTS:
@@ -178,7 +186,7 @@ class ArchSpec:
         """Number of (flat) layers a config or config dict describes; None when it does not say."""
         value = config.get(self.num_layers_key) if isinstance(config, dict) else getattr(config, self.num_layers_key, None)
         if isinstance(value, (list, tuple)):
-            return sum(int(d) for d in value)
+            return len(value) if all(isinstance(d, str) for d in value) else sum(int(d) for d in value)
         return None if value is None else int(value)
 
     # ---------------------------------------------------------------------------------------- sublayers
@@ -188,6 +196,21 @@ class ArchSpec:
             return self.parallel
         text = getattr(config, "get_text_config", lambda **_: config)(decoder=True)
         return any(bool(getattr(text, key, False)) for key in self.parallel)
+
+    @property
+    def hybrid(self) -> bool:
+        """Whether a layer's token mixer may be of another kind than attention (or absent)."""
+        return bool(self.mixers or self.layer_roles)
+
+    def layer_kind(self, layer: nn.Module) -> str | None:
+        """A single-sublayer layer's kind (a token-mixer kind or "mlp"); None where layers hold both sublayers."""
+        return self.layer_roles[getattr(layer, self.role_attr)] if self.layer_roles else None
+
+    def holds(self, layer: nn.Module, kind: str) -> bool:
+        """Whether `layer` has a token mixer (`kind` "attn") or an MLP ("mlp"): every layer has both, except in
+        single-sublayer families."""
+        role = self.layer_kind(layer)
+        return role is None or (role == "mlp") == (kind == "mlp")
 
     def mixer_name(self, layer: nn.Module) -> str:
         """The module name of a layer's token mixer: `attn`, or the hybrid mixer the layer holds instead."""
@@ -201,14 +224,17 @@ class ArchSpec:
 
     def mixer_kinds(self, model: nn.Module) -> list[str]:
         """Each layer's token-mixer kind: a hybrid mixer's from `mixers`; attention's from the config's per-layer
-        types (sliding or chunked windows are `sliding_attention`), as transformers' caches read them."""
+        types (sliding or chunked windows are `sliding_attention`), as transformers' caches read them; a
+        single-sublayer layer's from `layer_roles` ("mlp": it mixes no tokens)."""
         config = getattr(model, "config", None)
         text = config.get_text_config(decoder=True) if hasattr(config, "get_text_config") else config
         types = getattr(text, "layer_types", None)
         kinds = []
         for i, layer in enumerate(self.get_layers(model)):
-            name = self.mixer_name(layer)
-            if name in self.mixers:
+            name, role = self.mixer_name(layer), self.layer_kind(layer)
+            if role is not None:  # a single-sublayer layer: its own kind ("mlp" where it mixes no tokens)
+                kinds.append(role)
+            elif name in self.mixers:
                 kinds.append(self.mixers[name])
             elif isinstance(types, (list, tuple)) and i < len(types):
                 kinds.append("sliding_attention" if types[i] in ("sliding_attention", "chunked_attention")
@@ -220,12 +246,16 @@ class ArchSpec:
 
     def attn_modules(self, layer: nn.Module | None = None, parallel: bool = False) -> tuple[str, ...]:
         """Every module of a layer that belongs to its attention (token-mixer) sublayer; given the layer, only
-        those it has (a hybrid layer holds one of the mixers)."""
+        those it has (a hybrid layer holds one of the mixers; a single-sublayer MLP layer none)."""
+        if layer is not None and not self.holds(layer, "attn"):
+            return ()
         names = (self.attn, *self.mixers, *self.attn_norms, *(() if parallel else self.shared_norms))
         return _present(layer, names)
 
     def mlp_modules(self, layer: nn.Module | None = None) -> tuple[str, ...]:
-        """Every module of a layer that belongs to its MLP sublayer."""
+        """Every module of a layer that belongs to its MLP sublayer (none in a single-sublayer token-mixer layer)."""
+        if layer is not None and not self.holds(layer, "mlp"):
+            return ()
         return _present(layer, (self.mlp, *self.mlp_parts, *self.mlp_norms))
 
     @property

@@ -205,4 +205,16 @@ _LLAMA_LIKE: tuple[dict[str, Any], ...] = (
     _llama_like("vaultgemma", "VaultGemmaForCausalLM", "VaultGemmaConfig", _PRE_NORM_FFN),
 )
 DECODER_FAMILIES += _GPT2_STYLE + _PARALLEL_RESIDUAL + _HYBRID + _LLAMA_LIKE
+
+# Single-sublayer layers: Nemotron-H's layer is x + mixer(norm(x)), its one `mixer` a Mamba-2, attention, MLP or
+# MoE block as the layer's `block_type` (its entry of the config's `layers_block_type`) says; "linear_attention"
+# is its name for Mamba-2. Dropping a layer's mixer drops the layer.
+_SINGLE_SUBLAYER: tuple[dict[str, Any], ...] = (
+    _decoder("nemotron_h", "nemotron_h", "NemotronHForCausalLM", "NemotronHConfig",
+             dict(attn_norms=("norm",), mlp_norms=("norm",), mlp_entry="norm"), attn="mixer", mlp="mixer",
+             layer_roles={"full_attention": "full_attention", "linear_attention": "mamba", "mlp": "mlp",
+                          "moe": "mlp"}, role_attr="block_type", num_layers_key="layers_block_type",
+             tiny_overrides=None),
+)
+DECODER_FAMILIES += _SINGLE_SUBLAYER
 LLAMA_LIKE_FAMILIES = tuple(f["family"] for f in _LLAMA_LIKE)

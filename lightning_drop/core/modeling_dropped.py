@@ -30,9 +30,11 @@ except ImportError:
     UserError = ValueError
 
 try:  # inside the package
-    from .architectures import ALL_SPECS, DROPPED_PREFIX, SPECS, ArchSpec, get_spec, spec_for_model_type  # noqa: F401
+    from .architectures import (ALL_SPECS, ATTENTION_LAYER_TYPES, DROPPED_PREFIX, SPECS, ArchSpec,  # noqa: F401
+                                get_spec, spec_for_model_type)
 except ImportError:  # pragma: no cover - imported as a flat module next to a checkpoint
-    from architectures import ALL_SPECS, DROPPED_PREFIX, SPECS, ArchSpec, get_spec, spec_for_model_type  # type: ignore  # noqa: F401
+    from architectures import (ALL_SPECS, ATTENTION_LAYER_TYPES, DROPPED_PREFIX, SPECS, ArchSpec,  # type: ignore  # noqa: F401
+                               get_spec, spec_for_model_type)
 
 
 class DroppedAttention(nn.Module):
@@ -40,8 +42,9 @@ class DroppedAttention(nn.Module):
     mixer): adds nothing (a broadcast zero), caches nothing. Attention returns (states, weights); the other
     mixers return the states alone (`tuple_output=False`).
 
-    Transformers reads a cache's sequence length from its first layer, so the first layer keeps a cache slot
-    even when its mixer is dropped. For attention the stand-in keeps there a boolean of shape
+    Transformers reads a cache's sequence length from its first layer, and sizes attention masks from its first
+    attention layer, so those keep a cache slot even when their mixer is dropped (`kv_sharing_modes`; every
+    other dropped layer's slot is a storage-free `DummyLayer`). For attention the stand-in keeps there a boolean of shape
     (batch, 1, tokens, 1) that is one element expanded (stride 0): the slot reports the tokens seen and holds
     no per-token storage (a slot with no elements would report length 0). A recurrent slot (linear attention,
     Mamba, convolution) only has its token count advanced; its state is never allocated.
@@ -53,18 +56,19 @@ class DroppedAttention(nn.Module):
         self.tuple_output = tuple_output
 
     def forward(self, hidden_states: torch.Tensor, *args: Any, **kwargs: Any) -> Any:
-        if self.layer_idx == 0 and hidden_states.dim() == 3:
+        i = self.layer_idx
+        if i is not None and hidden_states.dim() == 3:
             cache = next((v for v in (*args, *kwargs.values()) if isinstance(v, transformers.Cache)), None)
             layers = getattr(cache, "layers", None)
-            kind = type(layers[0]).__name__ if layers else None
+            kind = type(layers[i]).__name__ if layers and i < len(layers) else None
             batch, tokens = hidden_states.shape[:2]
             if kind in _LENGTH_ONLY_LAYERS:
                 mark = hidden_states.new_zeros((), dtype=torch.bool)
-                cache.update(mark.expand(batch, 1, tokens, 1), mark.expand(batch, 1, tokens, 1), 0)
-                slot = layers[0]
+                cache.update(mark.expand(batch, 1, tokens, 1), mark.expand(batch, 1, tokens, 1), i)
+                slot = layers[i]
                 slot.keys = slot.values = mark.expand(*slot.keys.shape)  # the update concatenated: drop that storage
             elif kind in _RECURRENT_LAYERS:
-                slot = layers[0]
+                slot = layers[i]
                 slot.cumulative_length_linear = slot.cumulative_length_linear.to(hidden_states.device) + tokens
         zero = hidden_states.new_zeros(())
         return (zero, None) if self.tuple_output else zero
@@ -149,12 +153,27 @@ def normalize_drop_list(value: Any, num_layers: int | None = None) -> list[int]:
 
 
 def dropped_layers(model: nn.Module) -> tuple[list[int], list[int]]:
-    """(attention indices, MLP indices) currently dropped in `model`, read from the modules themselves."""
+    """(attention indices, MLP indices) of the sublayers gone from `model`, read from the modules themselves.
+
+    In a family whose layers hold one sublayer each (Nemotron-H) the sublayer a layer never had counts as gone:
+    a layer is a dropped block once its one sublayer is dropped. `drop_lists` gives the drops alone."""
     spec = get_spec(model)
     layers = spec.get_layers(model)
-    attn = [i for i, layer in enumerate(layers) if is_standin(getattr(layer, spec.mixer_name(layer)))]
-    mlp = [i for i, layer in enumerate(layers) if is_standin(getattr(layer, spec.mlp))]
+    attn = [i for i, layer in enumerate(layers)
+            if not spec.holds(layer, "attn") or is_standin(getattr(layer, spec.mixer_name(layer)))]
+    mlp = [i for i, layer in enumerate(layers) if not spec.holds(layer, "mlp") or is_standin(getattr(layer, spec.mlp))]
     return attn, mlp
+
+
+def drop_lists(model: nn.Module) -> tuple[list[int], list[int]]:
+    """`dropped_layers` less the sublayers a single-sublayer layer never had: the drops configs and reports list."""
+    return _held(get_spec(model), get_spec(model).get_layers(model), *dropped_layers(model))
+
+
+def _held(spec: ArchSpec, layers: Sequence[nn.Module], attn: Iterable[int],
+          mlp: Iterable[int]) -> tuple[list[int], list[int]]:
+    """`attn` / `mlp` less the sublayers their layers do not have (single-sublayer families)."""
+    return [i for i in attn if spec.holds(layers[i], "attn")], [i for i in mlp if spec.holds(layers[i], "mlp")]
 
 
 def _check_indices(name: str, indices: Sequence[Any], num_layers: int, names: Sequence[str] = ()) -> list[int]:
@@ -173,18 +192,32 @@ def _check_indices(name: str, indices: Sequence[Any], num_layers: int, names: Se
     return sorted(seen)
 
 
+class DroppedIdentity(nn.Identity):
+    """A removed sublayer's norm or LayerScale: passes its input through, keeping the weight's dtype as a 0-d
+    unsaved buffer for layers that cast to `norm.weight.dtype` first (Nemotron-H)."""
+
+    def __init__(self, old: nn.Module | None = None) -> None:
+        super().__init__()
+        weight = getattr(old, "weight", None)
+        if isinstance(weight, torch.Tensor):
+            self.register_buffer("weight", weight.new_zeros(()), persistent=False)
+
+
 def _to_identity(layer: nn.Module, names: Iterable[str]) -> None:
     for name in names:
         if isinstance(getattr(layer, name, None), nn.Module):  # a family's optional norms may be absent or None
-            setattr(layer, name, nn.Identity())
+            setattr(layer, name, DroppedIdentity(getattr(layer, name)))
 
 
 def _replace_modules(layer: nn.Module, spec: ArchSpec, attn: bool, mlp: bool, index: int | None = None,
                      parallel: bool = False) -> None:
+    attn, mlp = attn and spec.holds(layer, "attn"), mlp and spec.holds(layer, "mlp")  # a block: the layer's own
     if attn:
-        mixer = spec.mixer_name(layer)
+        mixer, role = spec.mixer_name(layer), spec.layer_kind(layer)
+        # attention returns (states, weights); other token mixers return the states alone
+        tuple_output = mixer not in spec.mixers if role is None else role in ("full_attention", "sliding_attention")
         setattr(layer, mixer, DroppedWindowAttention() if spec.full_shape_attn
-                else DroppedAttention(index, tuple_output=mixer not in spec.mixers))
+                else DroppedAttention(index, tuple_output=tuple_output))
         _to_identity(layer, (*spec.attn_norms, *(() if parallel else spec.shared_norms)))
     if mlp:
         for name in (spec.mlp, *spec.mlp_parts):
@@ -201,7 +234,9 @@ def _replace_modules(layer: nn.Module, spec: ArchSpec, attn: bool, mlp: bool, in
 def apply_drop(model: nn.Module, attn: Iterable[Any] = (), mlp: Iterable[Any] = ()) -> nn.Module:
     """Drop attention sublayers `attn` and MLP sublayers `mlp` (original layer indices) in place.
 
-    Staged families also accept block names ("1.0"). A block is dropped by listing its index in both.
+    Staged families also accept block names ("1.0"). A block is dropped by listing its index in both; in a
+    single-sublayer family (Nemotron-H) that drops the layer's one sublayer, which may also be listed alone
+    under its own kind.
     Drops accumulate over calls (iterative dropping). Raises ValueError for an index out of range, a
     duplicate, a sublayer already dropped, or a request that would leave no attention and no MLP at all;
     nothing is changed when it raises.
@@ -213,6 +248,7 @@ def apply_drop(model: nn.Module, attn: Iterable[Any] = (), mlp: Iterable[Any] = 
     names = spec.block_names(model) if spec.staged else ()
     attn = _check_indices("attention", list(attn), n, names)
     mlp = _check_indices("MLP", list(mlp), n, names)
+    attn, mlp = _one_sublayer_each(spec, layers, attn, mlp)
     old_attn, old_mlp = dropped_layers(model)
     again = sorted(set(attn) & set(old_attn)), sorted(set(mlp) & set(old_mlp))
     if again[0] or again[1]:
@@ -220,7 +256,7 @@ def apply_drop(model: nn.Module, attn: Iterable[Any] = (), mlp: Iterable[Any] = 
     new_attn, new_mlp = sorted(set(old_attn) | set(attn)), sorted(set(old_mlp) | set(mlp))
     if len(new_attn) == n and len(new_mlp) == n:
         raise UserError(f"refusing to drop every block: all {n} attention and all {n} MLP sublayers would be gone")
-    if len(new_attn) == n and spec.mixers:  # transformers' hybrid caches and masks need one token mixer
+    if len(new_attn) == n and spec.hybrid:  # transformers' hybrid caches and masks need one token mixer
         raise UserError(f"refusing to drop every token mixer: all {n} layers of this {spec.family} model would mix "
                         "no tokens")
     parallel = spec.is_parallel(model.config)
@@ -230,8 +266,25 @@ def apply_drop(model: nn.Module, attn: Iterable[Any] = (), mlp: Iterable[Any] = 
     return model
 
 
+def _one_sublayer_each(spec: ArchSpec, layers: Sequence[nn.Module], attn: list[int],
+                       mlp: list[int]) -> tuple[list[int], list[int]]:
+    """Requested drops as the layers hold them: in a single-sublayer family an index in both lists is the block,
+    i.e. the layer's one sublayer; an index in one list naming a sublayer its layer lacks is refused."""
+    if not spec.layer_roles:
+        return attn, mlp
+    for i in sorted(set(attn) ^ set(mlp)):
+        if not spec.holds(layers[i], "attn" if i in attn else "mlp"):
+            has = spec.layer_kind(layers[i])
+            raise UserError(f"layer {i} of this {spec.family} model has no {'MLP' if i in mlp else 'token mixer'}: its "
+                            f"one sublayer is {'an MLP' if has == 'mlp' else f'a {has} mixer'} (drop it under its own "
+                            "kind, or the layer as a block)")
+    both = sorted(set(attn) | set(mlp))
+    return _held(spec, layers, both, both)
+
+
 def _mark_dropped(model: nn.Module, spec: ArchSpec, attn: list[int], mlp: list[int]) -> None:
-    """Switch the model and its config to the dropped classes and record the drop lists."""
+    """Switch the model and its config to the dropped classes and record the drop lists (`drop_lists`')."""
+    attn, mlp = _held(spec, spec.get_layers(model), attn, mlp)
     config_cls = dropped_config_class(spec)
     config = model.config
     if not isinstance(config, config_cls):
@@ -266,7 +319,12 @@ class _NoKVForDroppedAttention:
         dropped = set(self.drop_attn_list)  # type: ignore[attr-defined]
         modes = ["reuse" if i in dropped else None for i in range(self.num_hidden_layers)]  # type: ignore[attr-defined]
         modes[0] = None  # the slot the cache's length is read from (see DroppedAttention)
+        types = getattr(self, "layer_types", None) or ()
+        attention = [i for i, t in enumerate(types) if t in ATTENTION_LAYER_TYPES]
+        if attention and all(modes[i] == "reuse" for i in attention):  # masks are sized from an attention slot
+            modes[attention[0]] = None
         return modes
+
 
 
 class _DroppedModelMixin:

@@ -7,7 +7,8 @@ Three shapes, chosen from what was dropped:
   families: per-stage `depths` shrink, plus `original_depths`); per-layer lists are cut and lists of layer
   indices renumbered. The dropped format is kept when the renumbered config would not rebuild the same
   modules (DeepSeek's dense first layers, Jamba's kinds by period and offset, a SwinV2 block whose window
-  shift would change, an emptied stage);
+  shift would change, an emptied stage) or a working cache (a Nemotron-H model whose first layer would be an MLP,
+  a hybrid left without attention layers);
 - attention/MLP sublayers: `model_type: dropped_<base>` with `drop_attn_list`/`drop_mlp_list`, plus this
   package's self-contained `modeling_dropped.py` (and the architecture files it imports) referenced from
   `auto_map` (for `trust_remote_code=True`).
@@ -27,11 +28,11 @@ from typing import Any, Callable, Iterable, Iterator, Sequence
 import torch
 from torch import nn
 
-from ..core.architectures import DROPPED_PREFIX, ArchSpec, get_spec
+from ..core.architectures import ATTENTION_LAYER_TYPES, DROPPED_PREFIX, ArchSpec, get_spec
 from .atomic_io import atomic_dir, atomic_write_text
 from .output_targets import check_output
 from ..errors import UserError, param
-from ..core.modeling_dropped import dropped_layers
+from ..core.modeling_dropped import drop_lists, dropped_layers
 
 # Copied next to a dropped checkpoint: modeling_dropped.py and every file it imports relatively.
 _REMOTE_FILES = ("modeling_dropped.py", "architectures.py", "decoder_families.py", "vision_families.py")
@@ -59,6 +60,11 @@ def compact_blocks(model: nn.Module, spec: ArchSpec, blocks: list[int]) -> nn.Mo
     gone = set(blocks)
     layers = spec.get_layers(model)
     keep = [i for i in range(len(layers)) if i not in gone]
+    if spec.layer_kind(layers[keep[0]]) == "mlp":  # transformers reads the cache's length from the first layer:
+        return None  # a first layer that mixes no tokens (Nemotron-H's MLP) has no cache slot to read it from
+    types = list(getattr(config, "layer_types", None) or ())
+    if any(t in ATTENTION_LAYER_TYPES for t in types) and not any(types[i] in ATTENTION_LAYER_TYPES for i in keep):
+        return None  # a hybrid cut to no attention layer: its masks are still sized from an attention cache slot
     cfg = config.to_dict()
     for key in _NOT_PLAIN:
         cfg.pop(key, None)
@@ -72,7 +78,7 @@ def compact_blocks(model: nn.Module, spec: ArchSpec, blocks: list[int]) -> nn.Mo
             return None
         info["original_depths"] = list(config.depths)
         cfg["depths"] = depths
-    else:
+    elif not isinstance(cfg.get(spec.num_layers_key), list):  # a per-layer type list is cut below, as the others
         cfg[spec.num_layers_key] = len(keep)
     for key, value in list(cfg.items()):  # per-layer lists (layer_types, mlp_layer_types, no_rope_layers, ...)
         if _is_layer_index_list(key, value, len(layers)):  # Bamba's attn_layer_indices: kept ones, renumbered
@@ -120,9 +126,10 @@ def _is_layer_index_list(key: str, value: Any, num_layers: int) -> bool:
 def checkpoint_kind(model: nn.Module) -> str:
     """'plain', 'blocks' or 'dropped': the shape `save_dropped` will write."""
     attn, mlp = dropped_layers(model)
-    if not attn and not mlp:
+    real_attn, real_mlp = drop_lists(model)  # gone, less what a single-sublayer layer never had
+    if not real_attn and not real_mlp:
         return "plain"
-    return "blocks" if attn == mlp else "dropped"
+    return "blocks" if set(real_attn) | set(real_mlp) <= set(attn) & set(mlp) else "dropped"
 
 
 def save_dropped(model: nn.Module, out_dir: str | os.PathLike, tokenizer: Any = None,
@@ -135,7 +142,7 @@ def save_dropped(model: nn.Module, out_dir: str | os.PathLike, tokenizer: Any = 
     with the checkpoint.
     """
     spec = get_spec(model)
-    attn, _ = dropped_layers(model)
+    attn, mlp = dropped_layers(model)
     kind = checkpoint_kind(model)
     out_dir = check_output(out_dir, overwrite=overwrite, option="save_dropped: out_dir",
                            sources=[getattr(model.config, "_name_or_path", None) or None],
@@ -143,7 +150,7 @@ def save_dropped(model: nn.Module, out_dir: str | os.PathLike, tokenizer: Any = 
     with atomic_dir(out_dir) as tmp:
         target = model
         if kind == "blocks":
-            target = compact_blocks(model, spec, attn) or model
+            target = compact_blocks(model, spec, sorted(set(attn) & set(mlp))) or model
             if target is model:
                 kind = "dropped"
         target.save_pretrained(tmp, safe_serialization=True, max_shard_size=max_shard_size)

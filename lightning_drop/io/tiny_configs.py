@@ -28,7 +28,7 @@ _SIZES: dict[tuple[str, ...], Any] = {
      "linear_value_head_dim", "mamba_d_head", "mamba_head_dim"): HEAD_DIM,
     ("intermediate_size", "n_inner", "ffn_dim", "ffn_hidden_size", "encoder_ffn_dim", "decoder_ffn_dim",
      "dense_intermediate_size"): 128,
-    ("moe_intermediate_size", "shared_expert_intermediate_size"): 32,
+    ("moe_intermediate_size", "shared_expert_intermediate_size", "moe_shared_expert_intermediate_size"): 32,
     ("num_experts", "n_routed_experts", "num_local_experts", "moe_num_experts"): 4,
     ("num_experts_per_tok", "moe_topk", "num_experts_per_token", "moe_k"): 2,
     ("n_shared_experts", "num_shared_experts", "moe_num_shared_experts"): 1,
@@ -39,7 +39,7 @@ _SIZES: dict[tuple[str, ...], Any] = {
     ("state_size", "mamba_d_state", "ssm_state_size"): 16,
     ("linear_num_key_heads", "linear_num_value_heads"): HEADS,
     # Mamba-2 mixers: heads x head_dim must equal expand (2) x hidden
-    ("mamba_n_heads",): 2 * HIDDEN // HEAD_DIM, ("mamba_d_ssm",): 2 * HIDDEN,
+    ("mamba_n_heads", "mamba_num_heads"): 2 * HIDDEN // HEAD_DIM, ("mamba_d_ssm",): 2 * HIDDEN,
     ("rotary_dim",): HEAD_DIM // 2,
     ("mamba_n_groups", "n_groups"): 1,
     ("time_step_rank", "mamba_dt_rank"): 8,
@@ -66,6 +66,11 @@ FAMILY_OVERRIDES: dict[str, dict[str, Any]] = {
     "bamba": {"attn_layer_indices": [1, 3]},
     "lfm2": {"layer_types": ["conv", "full_attention", "conv", "full_attention"]},
     "granitemoehybrid": {"layer_types": ["linear_attention", "full_attention", "linear_attention", "full_attention"]},
+    # one sublayer per layer: Mamba-2 ("linear_attention") first, as in the released checkpoints; three token
+    # mixers, so that a test can drop two and keep one, and MLP layers after the first drops, so that a cut
+    # may start with a layer that mixes no tokens
+    "nemotron_h": {"layers_block_type": ["linear_attention", "moe", "mlp", "mlp", "full_attention",
+                                         "linear_attention"]},
 }
 
 # Model types that cannot be a tiny decoder here, and why (checked by the tests: each must still fail to build).

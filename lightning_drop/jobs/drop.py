@@ -42,7 +42,7 @@ def run_drop(job: DropJob, progress: bool = True) -> dict[str, Any]:
 
     spec = get_spec(model)
     kinds = spec.mixer_kinds(model)
-    keep = mixer_keep(job, kinds, dropped_layers(model)[0], hybrid=bool(spec.mixers))
+    keep = mixer_keep(job, kinds, dropped_layers(model)[0], hybrid=spec.hybrid)
     num = check_request(job, model.config.num_hidden_layers, *dropped_layers(model), keep=keep)
     if resolve_metric(job.metric).model is not None:
         require_lm_head(model, f"--metric {job.metric}")
@@ -181,7 +181,10 @@ def build_report(job: DropJob, result: DropResult, windows: torch.Tensor,
     if job.mixers:
         report["mixers"] = list(job.mixers)
     if set(kinds) - {"full_attention"}:  # hybrids and sliding windows: each layer's token-mixer kind
+        from ..scoring.importance import importance_by_kind
+
         report["mixer_kinds"] = list(kinds)
+        report["importance_by_kind"] = importance_by_kind(first, result.attn)
     from ..scoring.schedule import resolve_schedule
 
     if resolve_schedule(job.schedule).rescores:
@@ -256,4 +259,16 @@ def drop_main(model: str, output: str, target: Target = "attn", num: int | None 
                                                 seq_len=seq_len, shuffle=shuffle, seed=seed))
     report = run_drop(job)
     print(f"{summary(report)}; wrote {output} (importance.json, importance.png)")
+    for line in kind_lines(report.get("importance_by_kind") or {}):
+        print(line)
     return report
+
+
+def kind_lines(by_kind: dict[str, dict[str, Any]]) -> list[str]:
+    """One line per token-mixer kind of a hybrid (`importance_by_kind`): its layers, mean and lowest score, and
+    the layers of that kind the drop chose."""
+    def f(v: float | None) -> str:
+        return "-" if v is None else f"{v:.4f}"
+
+    return [f"  {kind}: layers {entry['layers']}, mean {f(entry['mean'])}, lowest {f(entry['min'])}, dropped "
+            f"{entry['dropped']}" for kind, entry in by_kind.items()]

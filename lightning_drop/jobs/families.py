@@ -116,13 +116,16 @@ def _row(model_type: str) -> dict[str, Any]:
         spec = get_spec(model_type)
         mixers = "".join(f" or `{name}` ({kind})" for name, kind in spec.mixers.items())
         sublayers = f"attn `{spec.attn}`{mixers}, mlp `{spec.mlp}`"
+        if spec.layer_roles:  # Nemotron-H: one sublayer per layer, of the kind the layer's type names
+            sublayers = f"one per layer: `{spec.attn}` ({'/'.join(dict.fromkeys(spec.layer_roles.values()))})"
         if isinstance(spec.parallel, bool):
             parallel = ", parallel residual" if spec.parallel else ""
         else:
             parallel = ", parallel residual if " + " or ".join(f"`{k}`" for k in spec.parallel)
         return dict(model_type=model_type, status="supported", sublayers=sublayers, engines=engines,
                     layout=f"{spec.layers}[i]{parallel}"
-                    + (f", hybrid ({'/'.join((spec.attn, *spec.mixers))})" if spec.mixers else ""))
+                    + (f", hybrid ({'/'.join((spec.attn, *spec.mixers))})" if spec.mixers else "")
+                    + (f", hybrid (kind by the layer's `{spec.role_attr}`)" if spec.layer_roles else ""))
     if model_type in NOT_PROVEN:
         return dict(model_type=model_type, status="not yet", sublayers="", engines=[], layout=NOT_PROVEN[model_type])
     if model_type in REFUSED:

@@ -32,10 +32,12 @@ def dropped_part_modules(model: nn.Module, attn: Iterable[int] = (), mlp: Iterab
     spec = get_spec(model)
     layers = spec.get_layers(model)
     mods: list[nn.Module] = []
-    for names, idx in (((spec.attn, *spec.attn_norms), attn), ((spec.mlp, *spec.mlp_norms), mlp)):
+    for kind, names, idx in (("attn", (spec.attn, *spec.attn_norms), attn), ("mlp", (spec.mlp, *spec.mlp_norms), mlp)):
         for i in idx:
             if not 0 <= i < len(layers):
                 raise UserError(f"layer index {i} out of range (model has {len(layers)} layers)")
+            if not spec.holds(layers[i], kind):  # gone by never having been there (Nemotron-H): removes nothing
+                continue
             for n in names:
                 mods.append(getattr(layers[i], n))
     return mods

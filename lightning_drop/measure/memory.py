@@ -78,7 +78,7 @@ def cache_bytes_by_kind(model: nn.Module, prompt_len: int = 32, batch_size: int 
     """Per token-mixer kind (full/sliding attention, linear attention, Mamba, conv): KV-cache bytes per token
     and recurrent/conv-state bytes per sequence, measured from a real cache after a prompt. A dropped mixer
     holds neither, so its kind counts only its kept layers. Empty for a model of no known family."""
-    from ..core.architectures import get_spec
+    from ..core.architectures import MIXER_KINDS, get_spec
 
     try:
         kinds = get_spec(model).mixer_kinds(model)
@@ -87,10 +87,13 @@ def cache_bytes_by_kind(model: nn.Module, prompt_len: int = 32, batch_size: int 
     ids = random_prompt(model, batch_size, prompt_len)
     cache = new_cache(model)
     model(input_ids=ids, **{cache_kw(model): cache}, use_cache=True, logits_to_keep=1)
-    per_token: dict[str, float] = dict.fromkeys(kinds, 0.0)
-    per_sequence: dict[str, float] = dict.fromkeys(kinds, 0.0)
+    mixers = [k for k in kinds if k in MIXER_KINDS]  # a layer that mixes no tokens (Nemotron-H's MLP) caches nothing
+    per_token: dict[str, float] = dict.fromkeys(mixers, 0.0)
+    per_sequence: dict[str, float] = dict.fromkeys(mixers, 0.0)
     seen: set[int] = set()
     for kind, layer in zip(kinds, cache.layers):
+        if kind not in per_token:
+            continue
         per_token[kind] += _tensor_bytes((getattr(layer, "keys", None), getattr(layer, "values", None)), seen) / (
             batch_size * prompt_len)
         states = [*(getattr(layer, "conv_states", None) or {}).values(),

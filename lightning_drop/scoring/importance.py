@@ -3,9 +3,10 @@
 For every layer three residual-stream states are captured with hooks: X (layer input), h (the input of
 `spec.mlp_entry`, i.e. after the attention residual) and Y (layer output). Attention is scored on (X, h),
 the MLP on (h, Y) and the block on (X, Y). In a parallel-residual layer both sublayers read X: each is scored
-on (X, X + its output), the block on (X, Y). Per-token scores are reduced immediately over real tokens only,
-into torchmetrics states (float64) read through `compute()`, so DDP ranks end with identical scores. Text
-and image batches become one forward pass through `forward_pass.model_inputs` and `run_forward`.
+on (X, X + its output), the block on (X, Y). A layer of one sublayer (Nemotron-H) scores it, and the block, on
+(X, Y); the sublayer it lacks is None, like a dropped one. Per-token scores are reduced immediately over real
+tokens only, into torchmetrics states (float64) read through `compute()`, so DDP ranks end with identical
+scores. Text and image batches become one forward pass through `forward_pass.model_inputs` and `run_forward`.
 """
 
 from __future__ import annotations
@@ -21,7 +22,7 @@ from torch import nn
 from torchmetrics import Metric
 from torchmetrics.aggregation import SumMetric
 
-from ..core.architectures import ArchSpec, get_spec
+from ..core.architectures import MIXER_KINDS, ArchSpec, get_spec
 from ..errors import UserError
 from ..core.modeling_dropped import dropped_layers, is_standin
 from .forward_pass import hidden_of, model_inputs, run_forward
@@ -166,7 +167,7 @@ class ImportanceAccumulator:
         slot, src, dst = (spec.attn, spec.attn_in, spec.attn_out) if kind == "attn" else (spec.mlp, spec.mlp_in, spec.mlp_out)
         if kind == "attn":
             slot, (src, dst) = spec.mixer_name(layer), spec.mixer_ends(layer)
-        if is_standin(getattr(layer, slot)):
+        if not spec.holds(layer, kind) or is_standin(getattr(layer, slot)):
             return None
         return (layer if not src else getattr(layer, src)), getattr(layer, dst)
 
@@ -175,6 +176,8 @@ class ImportanceAccumulator:
         spec, handles = self.spec, []
         state: dict[int, dict[str, torch.Tensor]] = {}
         parallel = spec.inputs == "text" and spec.is_parallel(self.model.config)
+        # a single-sublayer layer's one sublayer runs from X to Y: h is X before an MLP, Y after a token mixer
+        roles = [spec.layer_kind(layer) for layer in self.layers]
 
         def layer_pre(i: int) -> Callable:
             def fn(module: nn.Module, args: tuple, kwargs: dict) -> None:
@@ -210,7 +213,8 @@ class ImportanceAccumulator:
                             self._reduce(kind, i, s["x"], s["x"] + s[kind])
                     self._reduce("block", i, s["x"], y)
                     return
-                self._reduce_layer(i, s["x"], s["h"], y)
+                h = s["h"] if roles[i] is None else s["x"] if roles[i] == "mlp" else y
+                self._reduce_layer(i, s["x"], h, y)
             return fn
 
         def out(i: int, key: str) -> Callable:
@@ -241,7 +245,7 @@ class ImportanceAccumulator:
                 elif parallel:
                     for kind, name in (("attn", spec.mixer_name(layer)), ("mlp", spec.mlp)):
                         handles.append(getattr(layer, name).register_forward_hook(out(i, kind), with_kwargs=True))
-                else:
+                elif roles[i] is None:
                     entry = getattr(layer, spec.mlp_entry)
                     handles.append(entry.register_forward_pre_hook(pre(i, "h"), with_kwargs=True))
             yield self
@@ -288,6 +292,23 @@ def _extra(spec: ArchSpec, model: nn.Module) -> dict[str, Any]:
         if set(kinds) != {"full_attention"}:
             extra["mixer_kinds"] = kinds
     return extra
+
+
+def importance_by_kind(scores: ImportanceScores | Mapping[str, Any],
+                       drop_attn: Sequence[int] = ()) -> dict[str, dict[str, Any]]:
+    """Token-mixer importance per mixer kind, from each layer's kind (`extra["mixer_kinds"]`): the layers of each
+    kind, the mean and the lowest attention-row score of those still there (None once all are gone), and which
+    of `drop_attn` are of that kind. Empty where the scores name no kinds (every layer full attention); a layer
+    that mixes no tokens (a single-sublayer MLP layer) is of no mixer kind."""
+    data = scores.to_dict() if isinstance(scores, ImportanceScores) else scores
+    kinds = (data.get("extra") or {}).get("mixer_kinds") or []
+    out: dict[str, dict[str, Any]] = {}
+    for kind in (k for k in dict.fromkeys(kinds) if k in MIXER_KINDS):
+        layers = [i for i, k in enumerate(kinds) if k == kind]
+        values = [data["attn"][i] for i in layers if data["attn"][i] is not None]
+        out[kind] = {"layers": layers, "mean": sum(values) / len(values) if values else None,
+                     "min": min(values, default=None), "dropped": [i for i in drop_attn if kinds[i] == kind]}
+    return out
 
 
 def _has_drops(model: nn.Module) -> bool:

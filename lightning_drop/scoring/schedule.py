@@ -24,7 +24,7 @@ from ..core.architectures import get_spec
 from ..errors import UserError
 from .importance import ImportanceScores, compute_importance
 from .metrics import ImportanceMetric, resolve_metric
-from ..core.modeling_dropped import apply_drop, dropped_layers
+from ..core.modeling_dropped import apply_drop, drop_lists, dropped_layers
 from ..core.options import SCHEDULES, TARGETS
 from .registry import Registry, check_arity
 from .selection import RuleFn, check_span, require_droppable, resolve_rule, target_kinds
@@ -220,6 +220,6 @@ def drop_by_importance(model: nn.Module, batches: Iterable[Any] | Callable[[], I
                            *dropped_layers(model), rule=pick):
         apply_drop(model, attn=rnd.attn, mlp=rnd.mlp)  # the next round scores the dropped model
         result.record(rnd.scores, rnd.attn, rnd.mlp)
-    result.attn, result.mlp = dropped_layers(model)
+    result.attn, result.mlp = drop_lists(model)  # not the sublayers a single-sublayer layer never had
     result.seconds = time.perf_counter() - start
     return result

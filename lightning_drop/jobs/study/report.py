@@ -13,6 +13,7 @@ from typing import Any, Mapping, Sequence
 
 from ...io.atomic_io import atomic_write_text
 from ...measure.significance import Z, diff_stderr
+from .kinds_report import KINDS_CAPTION, KINDS_TITLE, kinds_table
 
 # The figures moved to `figures`; their public names stay importable from this module.
 from .figures import (  # noqa: F401  (re-exports)
@@ -181,13 +182,13 @@ def write_report(doc: Mapping[str, Any], out_dir: str | os.PathLike) -> Path:
     # sections of a table with its figure: (title, (header, rows, figure, caption)) where the study has them
     from .rules_report import rules_section
 
-    sections = [(title, sec) for title, sec in ((RULES_TITLE, rules_section(doc, fig_dir)),
+    sections = [(title, sec) for title, sec in ((KINDS_TITLE, _kinds(doc)), (RULES_TITLE, rules_section(doc, fig_dir)),
                                                 (CONTEXT_TITLE, _context(doc, fig_dir)),
                                                 ("Recovery", _recovery(doc, fig_dir))) if sec is not None]
     for title, (header, rows, fig, caption) in sections:
         md += ["", f"## {title}", "", caption, "", "| " + " | ".join(header) + " |", "|" + "---|" * len(header)]
         md += ["| " + " | ".join(row) + " |" for row in rows]
-        md += ["", f"![{title}](figures/{fig.name})"]
+        md += ["", f"![{title}](figures/{fig.name})"] if fig is not None else []
     if doc.get("notes"):
         md += ["", "## Notes", ""] + [f"- {n}" for n in doc["notes"]]
     atomic_write_text(out / "report.md", "\n".join(md) + "\n")
@@ -214,11 +215,13 @@ def write_report(doc: Mapping[str, Any], out_dir: str | os.PathLike) -> Path:
     if doc.get("selection"):
         parts.append(f"<h2>Automated selection</h2><p>{esc(doc['selection']['message'])}</p>")
     for title, (header, rows, fig, caption) in sections:
-        data = base64.b64encode(fig.read_bytes()).decode()
         parts.append(f"<h2>{esc(title)}</h2><p>{esc(caption)}</p><table><tr>"
                      + "".join(f"<th>{esc(c)}</th>" for c in header) + "</tr>")
         parts += ["<tr>" + "".join(f"<td>{esc(v)}</td>" for v in row) + "</tr>" for row in rows]
-        parts.append(f"</table><figure><img alt='{esc(title)}' src='data:image/png;base64,{data}'></figure>")
+        parts.append("</table>")
+        if fig is not None:
+            data = base64.b64encode(fig.read_bytes()).decode()
+            parts.append(f"<figure><img alt='{esc(title)}' src='data:image/png;base64,{data}'></figure>")
     for name, title, path, caption in figs:
         data = base64.b64encode(Path(path).read_bytes()).decode()
         parts.append(f"<h2>{esc(title)}</h2><figure><img alt='{esc(title)}' src='data:image/png;base64,{data}'>"
@@ -232,6 +235,15 @@ def write_report(doc: Mapping[str, Any], out_dir: str | os.PathLike) -> Path:
 
 
 CONTEXT_TITLE = "Speedup against context length"
+
+
+def _kinds(doc: Mapping[str, Any]) -> tuple[list[str], list[list[str]], None, str] | None:
+    """The per-mixer-kind table of a hybrid model's study (no figure of its own: the importance figure marks
+    each layer's kind)."""
+    if not doc.get("importance_by_kind"):
+        return None
+    header, rows = kinds_table(doc["importance_by_kind"])
+    return header, rows, None, KINDS_CAPTION
 RULES_TITLE = "Selection rules compared"
 
 

@@ -136,6 +136,11 @@ class Study:
                "notes": self.inputs.notes, "heldout": {"perplexity": self.points.eval_key()["perplexity"]},
                "computed_this_run": dict(self.cache.computed), "reused_this_run": dict(self.cache.reused),
                "retimed_this_run": self.cache.retimed, "machine": self.points.machine(), "seconds_this_run": None}
+        from .kinds_report import kinds_summary
+
+        by_kind = kinds_summary(doc)  # hybrids: token-mixer importance per mixer kind
+        if by_kind is not None:
+            doc["importance_by_kind"] = by_kind
         main = self.cfg.sweeps[0]
         if resolve_schedule(main.schedule).rescores:
             doc["drop_order"] = self.drops.iterative_sets(main)
