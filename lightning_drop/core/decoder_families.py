@@ -204,5 +204,15 @@ _LLAMA_LIKE: tuple[dict[str, Any], ...] = (
     _llama_like("starcoder2", "Starcoder2ForCausalLM", "Starcoder2Config"),
     _llama_like("vaultgemma", "VaultGemmaForCausalLM", "VaultGemmaConfig", _PRE_NORM_FFN),
 )
-DECODER_FAMILIES += _GPT2_STYLE + _PARALLEL_RESIDUAL + _HYBRID + _LLAMA_LIKE
+
+# Mixture-of-experts blocks that return (output, router scores), which the layer unpacks: a dropped MLP returns
+# the pair too. Llama 4 interleaves them with dense MLPs (`is_moe_layer`) and reshapes the MLP output.
+_MOE_PAIR: tuple[dict[str, Any], ...] = (
+    _llama_like("gpt_oss", "GptOssForCausalLM", "GptOssConfig", mlp_pair=True, tiny_overrides=None),
+    # a multimodal llama4 checkpoint loads as its text model (AutoModelForCausalLM gives Llama4ForCausalLM)
+    {**_decoder("llama4", "llama4_text", "Llama4ForCausalLM", "Llama4TextConfig", _PRE_NORM, mlp="feed_forward",
+                mlp_pair="is_moe_layer", full_shape_mlp=True, tiny_overrides=None), "model_types": ("llama4_text", "llama4")},
+)
+
+DECODER_FAMILIES += _GPT2_STYLE + _PARALLEL_RESIDUAL + _HYBRID + _LLAMA_LIKE + _MOE_PAIR
 LLAMA_LIKE_FAMILIES = tuple(f["family"] for f in _LLAMA_LIKE)

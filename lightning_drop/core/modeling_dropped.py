@@ -37,8 +37,9 @@ except ImportError:  # pragma: no cover - imported as a flat module next to a ch
 
 class DroppedAttention(nn.Module):
     """Stands in for a removed token mixer (attention, or a hybrid's linear-attention, Mamba or convolution
-    mixer): adds nothing (a broadcast zero), caches nothing. Attention returns (states, weights); the other
-    mixers return the states alone (`tuple_output=False`).
+    mixer): adds nothing (a broadcast zero), caches nothing. It returns what the family's attention does
+    (`returns`, `ArchSpec.attn_returns`: (states, weights) by default); the other mixers return the states alone
+    (`returns="states"`).
 
     Transformers reads a cache's sequence length from its first layer, so the first layer keeps a cache slot
     even when its mixer is dropped. For attention the stand-in keeps there a boolean of shape
@@ -47,10 +48,10 @@ class DroppedAttention(nn.Module):
     Mamba, convolution) only has its token count advanced; its state is never allocated.
     """
 
-    def __init__(self, layer_idx: int | None = None, tuple_output: bool = True) -> None:
+    def __init__(self, layer_idx: int | None = None, returns: str = "pair") -> None:
         super().__init__()
         self.layer_idx = layer_idx
-        self.tuple_output = tuple_output
+        self.returns = returns
 
     def forward(self, hidden_states: torch.Tensor, *args: Any, **kwargs: Any) -> Any:
         if self.layer_idx == 0 and hidden_states.dim() == 3:
@@ -66,11 +67,16 @@ class DroppedAttention(nn.Module):
             elif kind in _RECURRENT_LAYERS:
                 slot = layers[0]
                 slot.cumulative_length_linear = slot.cumulative_length_linear.to(hidden_states.device) + tokens
-        zero = hidden_states.new_zeros(())
-        return (zero, None) if self.tuple_output else zero
+        if self.returns == "residual":  # Bloom's attention adds the residual (its second argument) itself
+            return (args[0] if args else kwargs["residual"]), None
+        return _RETURNS[self.returns](hidden_states.new_zeros(()))
 
 
 _RECURRENT_LAYERS = ("LinearAttentionLayer",)
+# What a token mixer returns, built around its (zero) states: `ArchSpec.attn_returns`, or "states" for the
+# hybrids' other mixers.
+_RETURNS = {"states": lambda z: z, "pair": lambda z: (z, None), "triple": lambda z: (z, None, None),
+            "list": lambda z: [z]}
 # Cache layers that grow with what is appended (a static layer preallocates full-width storage instead).
 _LENGTH_ONLY_LAYERS = ("DynamicLayer", "DynamicSlidingWindowLayer")
 
@@ -84,14 +90,17 @@ class DroppedWindowAttention(nn.Module):
 
 class DroppedMLP(nn.Module):
     """Stands in for (one part of) a removed MLP (or MoE) sublayer: adds nothing. `full_shape`: zeros of the
-    input's shape, for layers that add into the MLP output in place (Falcon's parallel layer)."""
+    input's shape, for layers that add into the MLP output in place (Falcon's parallel layer) or reshape it
+    (Llama 4). `pair`: returns (zeros, None) where the layer unpacks a MoE block's (output, router scores)."""
 
-    def __init__(self, full_shape: bool = False) -> None:
+    def __init__(self, full_shape: bool = False, pair: bool = False) -> None:
         super().__init__()
         self.full_shape = full_shape
+        self.pair = pair
 
-    def forward(self, hidden_states: torch.Tensor, *args: Any, **kwargs: Any) -> torch.Tensor:
-        return torch.zeros_like(hidden_states) if self.full_shape else hidden_states.new_zeros(())
+    def forward(self, hidden_states: torch.Tensor, *args: Any, **kwargs: Any) -> Any:
+        zero = torch.zeros_like(hidden_states) if self.full_shape else hidden_states.new_zeros(())
+        return (zero, None) if self.pair else zero
 
 
 class DroppedResidualOutput(nn.Module):
@@ -102,8 +111,9 @@ class DroppedResidualOutput(nn.Module):
         return input_tensor
 
 
-# Class names of MLP parts whose forward is (hidden_states, input_tensor) -> hidden + input_tensor.
-RESIDUAL_OUTPUTS = ("ViTOutput", "Dinov2Output")
+# Class names of MLP parts whose forward is (hidden_states, input_tensor) -> hidden + input_tensor (Bloom's and
+# MPT's MLP(hidden, residual) too).
+RESIDUAL_OUTPUTS = ("ViTOutput", "Dinov2Output", "BloomMLP", "MptMLP")
 STANDINS = (DroppedAttention, DroppedWindowAttention, DroppedMLP, DroppedResidualOutput)
 
 
@@ -184,7 +194,7 @@ def _replace_modules(layer: nn.Module, spec: ArchSpec, attn: bool, mlp: bool, in
     if attn:
         mixer = spec.mixer_name(layer)
         setattr(layer, mixer, DroppedWindowAttention() if spec.full_shape_attn
-                else DroppedAttention(index, tuple_output=mixer not in spec.mixers))
+                else DroppedAttention(index, "states" if mixer in spec.mixers else spec.attn_returns))
         _to_identity(layer, (*spec.attn_norms, *(() if parallel else spec.shared_norms)))
     if mlp:
         for name in (spec.mlp, *spec.mlp_parts):
@@ -192,7 +202,7 @@ def _replace_modules(layer: nn.Module, spec: ArchSpec, attn: bool, mlp: bool, in
             if part is None and name != spec.mlp:  # an optional part (Granite-4's routed experts in a dense layer)
                 continue
             setattr(layer, name, DroppedResidualOutput() if type(part).__name__ in RESIDUAL_OUTPUTS
-                    else DroppedMLP(spec.full_shape_mlp))
+                    else DroppedMLP(spec.full_shape_mlp, spec.mlp_returns_pair(layer)))
         _to_identity(layer, spec.mlp_norms)
     if parallel and is_standin(getattr(layer, spec.mixer_name(layer))) and is_standin(getattr(layer, spec.mlp)):
         _to_identity(layer, spec.shared_norms)  # read by both sublayers: gone with the whole block only
@@ -346,9 +356,24 @@ def dropped_model_class(spec: ArchSpec, base_name: str) -> type:
     key = (spec.family, base_name)
     if key not in _MODELS:
         base_model = _transformers_class(spec, base_name)
-        _MODELS[key] = type(f"Dropped{base_name}", (_DroppedModelMixin, base_model),
+        _MODELS[key] = type(dropped_class_name(spec, base_name), (_DroppedModelMixin, base_model),
                             {"__module__": __name__, "config_class": dropped_config_class(spec)})
     return _MODELS[key]
+
+
+def dropped_class_name(spec: ArchSpec, base_name: str) -> str:
+    """`Dropped<ModelClass>`; a family served by another family's class (Exaone by `LlamaForCausalLM`) puts its
+    config's name in front (`DroppedExaoneLlamaForCausalLM`), so that its checkpoints' `auto_map` names its own."""
+    owner = next((s for s in ALL_SPECS if base_name in s.model_classes), spec)
+    prefix = "" if owner.family == spec.family else spec.config_class.removesuffix("Config")
+    return f"Dropped{prefix}{base_name}"
+
+
+def base_class_name(model: nn.Module) -> str:
+    """The transformers class a model is, or that its dropped class extends (`LlamaForCausalLM` for both
+    `DroppedLlamaForCausalLM` and `DroppedExaoneLlamaForCausalLM`)."""
+    cls = type(model)
+    return cls.__bases__[-1].__name__ if issubclass(cls, _DroppedModelMixin) else cls.__name__
 
 
 def dropped_classes(spec: ArchSpec) -> tuple[type, type]:
@@ -362,7 +387,7 @@ def __getattr__(name: str) -> type:
         if name == f"Dropped{spec.config_class}":
             return dropped_config_class(spec)
         for cls in spec.model_classes:
-            if name == f"Dropped{cls}":
+            if name == dropped_class_name(spec, cls):
                 return dropped_model_class(spec, cls)
     raise AttributeError(name)
 

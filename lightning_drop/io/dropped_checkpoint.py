@@ -7,7 +7,7 @@ Three shapes, chosen from what was dropped:
   families: per-stage `depths` shrink, plus `original_depths`); per-layer lists are cut and lists of layer
   indices renumbered. The dropped format is kept when the renumbered config would not rebuild the same
   modules (DeepSeek's dense first layers, Jamba's kinds by period and offset, a SwinV2 block whose window
-  shift would change, an emptied stage);
+  shift would change, an emptied stage) or the dropped block is no identity (GPT-1's post-norms stay);
 - attention/MLP sublayers: `model_type: dropped_<base>` with `drop_attn_list`/`drop_mlp_list`, plus this
   package's self-contained `modeling_dropped.py` (and the architecture files it imports) referenced from
   `auto_map` (for `trust_remote_code=True`).
@@ -31,7 +31,7 @@ from ..core.architectures import DROPPED_PREFIX, ArchSpec, get_spec
 from .atomic_io import atomic_dir, atomic_write_text
 from .output_targets import check_output
 from ..errors import UserError, param
-from ..core.modeling_dropped import dropped_layers
+from ..core.modeling_dropped import base_class_name, dropped_layers
 
 # Copied next to a dropped checkpoint: modeling_dropped.py and every file it imports relatively.
 _REMOTE_FILES = ("modeling_dropped.py", "architectures.py", "decoder_families.py", "vision_families.py")
@@ -42,17 +42,14 @@ _NOT_PLAIN = ("drop_attn_list", "drop_mlp_list", "base_model_type", "auto_map", 
               "transformers_version", "stage_names", "out_features", "out_indices", "_out_features", "_out_indices")
 
 
-def _base_class_name(model: nn.Module) -> str:
-    name = type(model).__name__
-    return name[len("Dropped"):] if name.startswith("Dropped") else name
-
-
 def compact_blocks(model: nn.Module, spec: ArchSpec, blocks: list[int]) -> nn.Module | None:
     """A plain base-architecture model without the dropped blocks, sharing tensors with `model`.
 
     Returns None when the renumbered config would not rebuild the same modules, in which case the caller
     keeps the dropped format.
     """
+    if spec.residual_norms:  # a dropped block still normalizes the residual stream (post-norm): no layer to cut
+        return None
     import transformers
 
     config = model.config
@@ -84,7 +81,7 @@ def compact_blocks(model: nn.Module, spec: ArchSpec, blocks: list[int]) -> nn.Mo
     if getattr(new_config, "layer_types", None) is not None and getattr(config, "layer_types", None) is not None:
         if list(new_config.layer_types) != [config.layer_types[i] for i in keep]:
             return None
-    cls = getattr(transformers, _base_class_name(model))
+    cls = getattr(transformers, base_class_name(model))
     with torch.device("meta"):
         plain = cls(new_config)
     new_layers = spec.get_layers(plain)
@@ -112,8 +109,8 @@ def compact_blocks(model: nn.Module, spec: ArchSpec, blocks: list[int]) -> nn.Mo
 
 
 def _is_layer_index_list(key: str, value: Any, num_layers: int) -> bool:
-    """A config field listing layers by index (`attn_layer_indices`): the layers of one kind."""
-    return (key.endswith(("layer_indices", "layer_ids")) and isinstance(value, list)
+    """A config field listing layers by index (`attn_layer_indices`, Llama 4's `moe_layers`): the layers of one kind."""
+    return (key.endswith(("layer_indices", "layer_ids", "moe_layers")) and isinstance(value, list)
             and all(isinstance(i, int) and not isinstance(i, bool) and 0 <= i < num_layers for i in value))
 
 

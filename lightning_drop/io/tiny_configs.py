@@ -66,6 +66,8 @@ FAMILY_OVERRIDES: dict[str, dict[str, Any]] = {
     "bamba": {"attn_layer_indices": [1, 3]},
     "lfm2": {"layer_types": ["conv", "full_attention", "conv", "full_attention"]},
     "granitemoehybrid": {"layer_types": ["linear_attention", "full_attention", "linear_attention", "full_attention"]},
+    # dense and MoE feed-forwards interleaved, and attention chunks shorter than a test sequence
+    "llama4_text": {"moe_layers": [1, 3], "attention_chunk_size": WINDOW},
 }
 
 # Model types that cannot be a tiny decoder here, and why (checked by the tests: each must still fail to build).
@@ -197,8 +199,13 @@ def shrunk_config(model_type: str, special_ids: dict[str, int], **overrides: Any
     `special_ids` (pad/bos/eos of the tokenizer used with it) so that they lie inside the small vocabulary."""
     if model_type in REFUSED:
         raise UserError(f"no tiny '{model_type}' model: {REFUSED[model_type]}")
+    from transformers.models.auto.configuration_auto import CONFIG_MAPPING
+
     cls = causal_lm_class(model_type)
-    config = cls.config_class()
+    # a type served by another type's class (Exaone by LlamaForCausalLM) keeps its own flat config class; a
+    # multimodal type's (Llama 4's, with sub-configs) is not the causal LM's
+    own = CONFIG_MAPPING[model_type] if model_type in CONFIG_MAPPING else cls.config_class
+    config = (cls.config_class if getattr(own, "sub_configs", None) else own)()
     _shrink(config, special_ids)
     for key, value in overrides.items():
         setattr(config, key, value)

@@ -168,7 +168,7 @@ class ImportanceAccumulator:
             slot, (src, dst) = spec.mixer_name(layer), spec.mixer_ends(layer)
         if is_standin(getattr(layer, slot)):
             return None
-        return (layer if not src else getattr(layer, src)), getattr(layer, dst)
+        return (layer if not src else layer.get_submodule(src)), layer.get_submodule(dst)  # Bloom's `mlp.dense_4h_to_h`
 
     @contextmanager
     def hooks(self) -> Iterator["ImportanceAccumulator"]:
