@@ -85,9 +85,10 @@ def compact_blocks(model: nn.Module, spec: ArchSpec, blocks: list[int]) -> nn.Mo
     with torch.device("meta"):
         plain = cls(new_config)
     new_layers = spec.get_layers(plain)
-    for new_i, old_i in enumerate(keep):  # SwinV2: shifts alternate by position inside a stage
-        if getattr(new_layers[new_i], "shift_size", None) != getattr(layers[old_i], "shift_size", None):
-            return None
+    # each kept layer must be rebuilt with its own settings: SwinV2's shifts alternate by position inside a stage,
+    # MiniCPM3 scales every residual branch by 1 / sqrt(number of layers)
+    if any(_layer_settings(new_layers[new_i]) != _layer_settings(layers[old_i]) for new_i, old_i in enumerate(keep)):
+        return None
     old_prefixes, new_prefixes = spec.layer_prefixes(model), spec.layer_prefixes(plain)
     remap = {old_prefixes[old]: new_prefixes[new] for new, old in enumerate(keep)}
     state = {}
@@ -106,6 +107,16 @@ def compact_blocks(model: nn.Module, spec: ArchSpec, blocks: list[int]) -> nn.Mo
     if getattr(model, "generation_config", None) is not None:
         plain.generation_config = model.generation_config
     return plain.eval()
+
+
+# attributes that give a layer's position (renumbered with it), not its settings
+_POSITION = ("idx", "_id", "_number", "_index")
+
+
+def _layer_settings(layer: nn.Module) -> dict[str, Any]:
+    """A layer's own scalar settings (window shift, residual scale, kind), not its position in the list."""
+    return {k: v for k, v in vars(layer).items() if isinstance(v, (bool, int, float, str))
+            and not k.endswith(_POSITION) and not k.startswith("_") and k != "training"}
 
 
 def _is_layer_index_list(key: str, value: Any, num_layers: int) -> bool:

@@ -68,6 +68,8 @@ FAMILY_OVERRIDES: dict[str, dict[str, Any]] = {
     "granitemoehybrid": {"layer_types": ["linear_attention", "full_attention", "linear_attention", "full_attention"]},
     # dense and MoE feed-forwards interleaved, and attention chunks shorter than a test sequence
     "llama4_text": {"moe_layers": [1, 3], "attention_chunk_size": WINDOW},
+    # multi-head latent attention expands its one shared latent to every head: as many KV heads as heads
+    **dict.fromkeys(("axk1", "glm4_moe_lite", "minicpm3", "sarvam_mla", "youtu"), {"num_key_value_heads": HEADS}),
 }
 
 # Model types that cannot be a tiny decoder here, and why (checked by the tests: each must still fail to build).

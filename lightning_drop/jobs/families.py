@@ -92,8 +92,6 @@ def layout(model: Any, encoder_decoder: bool = False) -> str:
 NOT_PROVEN = {
     "minimax": "Llama-like names, but dropped != zeroed (2e-5 apart: its lightning attention layers)",
     "emu3": "its causal LM's config is another model type (emu3_text_model) than the checkpoint's",
-    **dict.fromkeys(("axk1", "glm4_moe_lite", "minicpm3", "youtu"), "Llama-like names, but generation with a dropped "
-                    "first attention fails: its attention cache keeps another layout"),
     "diffllama": "Llama-like names, but its attention depends on the layer's index, so a block drop cannot "
                  "renumber the layers",
     "moshi": "Llama-like names, but cached != uncached greedy generation after a drop",
