@@ -29,7 +29,9 @@ def test_table_statuses_and_layouts_come_from_the_code(capsys):
     assert "parallel residual" in rows["gpt_neox"]["layout"]
     assert "hybrid" in rows["qwen3_next"]["layout"] and "linear_attn" in rows["qwen3_next"]["layout"]
     assert rows["granitemoe"]["status"] == "supported" and "mlp `block_sparse_moe`" in rows["granitemoe"]["sublayers"]
-    assert rows["gpt_oss"]["status"] == "not yet" and "router scores" in rows["gpt_oss"]["layout"]
+    assert rows["gpt_oss"]["status"] == "supported" and rows["llama4_text"]["status"] == "supported"  # MoE pairs
+    assert "post-norm" in rows["openai-gpt"]["layout"] and rows["exaone"]["status"] == "supported"
+    assert rows["jetmoe"]["status"] == rows["youtu"]["status"] == rows["bloom"]["status"] == "supported"
     assert "mlp (MoE)" in rows["bailing_hybrid"]["layout"]
     assert "hybrid" in rows["lfm2"]["layout"] and "conv" in rows["lfm2"]["layout"]
     assert "hybrid" not in rows["llama4_text"]["layout"]  # chunked + full attention: one mixer kind, two masks

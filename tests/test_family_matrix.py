@@ -152,8 +152,10 @@ def test_every_dropped_checkpoint_loads_with_remote_code_alone(saved, tmp_path):
 
 # MoE families whose first layers are dense by index (or whose layer kinds follow the index): renumbered
 # layers would change kind, so a block drop keeps the dropped format. Jamba's config gives attention and
-# expert layers by period and offset only (no per-layer list it accepts), which a cut does not keep.
-NOT_PLAIN = {"flint", "jamba"}
+# expert layers by period and offset only (no per-layer list it accepts), which a cut does not keep. A post-norm
+# family's dropped block keeps its norms (`ArchSpec.residual_norms`), so there is no layer to cut. MiniCPM3 scales
+# each residual branch by 1 / sqrt(number of layers), which a cut would change.
+NOT_PLAIN = {"flint", "jamba", "minicpm3"}
 
 
 @pytest.mark.parametrize("family", FAMILIES)
@@ -165,7 +167,7 @@ def test_block_only_drop_writes_the_original_architecture(tmp_path, family):
     expected = logits(model)
     out = save_dropped(model, tmp_path / "blocks")
     config = json.loads((out / "config.json").read_text())
-    if family in NOT_PLAIN:
+    if family in NOT_PLAIN or spec.residual_norms:
         assert config["model_type"] == f"dropped_{spec.model_types[0]}"
         loaded = load_dropped(out)
     else:
@@ -258,7 +260,7 @@ def test_lora_default_targets_of_llama_are_the_named_defaults():
 def test_add_lora_leaves_a_dropped_mlp_that_is_a_target_name():
     """BioGPT's MLP is its `fc1` and `fc2` themselves: after an MLP drop the stand-ins carry those names, and
     `DropModule.add_lora` adapts the live ones only."""
-    from lightning_drop.core.modeling_dropped import is_standin
+    from lightning_drop.core.standins import is_standin
     from lightning_drop.lightning.module import DropModule
 
     module = DropModule(model="tiny-biogpt")

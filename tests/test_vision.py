@@ -33,7 +33,7 @@ def _out(model, x=X):
 def test_really_skipped_catches_a_standin_that_runs_the_original(monkeypatch):
     """A stand-in patched to run the original attention (held outside the module tree, so no hook sits on
     it): only the FLOPs counted inside the slot can see it."""
-    from lightning_drop.core.modeling_dropped import DroppedAttention
+    from lightning_drop.core.standins import DroppedAttention
 
     full = tiny_vision_model("vit")
     original = vision_spec(full).get_layers(full)[1].attention

@@ -38,6 +38,8 @@ LLAMA_LORA_TARGETS = ("q_proj", "k_proj", "v_proj", "o_proj", "gate_proj", "up_p
 MIXER_KINDS = ("full_attention", "sliding_attention", "linear_attention", "mamba", "conv")
 # Per-layer config types whose cache slot holds keys and values: transformers sizes attention masks from one.
 ATTENTION_LAYER_TYPES = ("full_attention", "sliding_attention", "chunked_attention")
+# What a family's attention module returns (`ArchSpec.attn_returns`).
+ATTN_RETURNS = ("pair", "triple", "list", "residual")
 
 
 @dataclass(frozen=True)
@@ -71,7 +73,16 @@ class ArchSpec:
       config fields any of which says so (families with both layouts). Each is scored on (X, X + its output).
     - `shared_norms`: norms that both sublayers of a parallel layer read; they go only with the whole block
       (in a sequential layer of the same family they are attention's).
-    - `full_shape_mlp`: the layer adds into the MLP output in place, so the stand-in returns full-shape zeros.
+    - `full_shape_mlp`: the layer adds into (or reshapes) the MLP output, so the stand-in returns full-shape zeros.
+    - `mlp_pair`: the MLP (a mixture-of-experts block) returns (output, router scores), which the layer unpacks:
+      True, or the layer attribute that says so per layer (Llama 4's `is_moe_layer`); its stand-in returns a pair.
+    - `attn_returns`: what the attention module returns, so that its stand-in returns the same: "pair" (states,
+      weights), "triple" (a third value: JetMoE's router loss, GPT-NeoX-Japanese's bias), "list" ([states], GPT-1)
+      or "residual" (Bloom: it adds the residual, its second argument, itself: (residual + states, weights)).
+    - `residual_norms`: norms of the residual stream itself, after a sublayer's add (GPT-1's post-norm `ln_1`,
+      `ln_2`). They stay when a sublayer is dropped (zeroing it still normalizes), so a dropped block is not an
+      identity: its checkpoint keeps the dropped format. Attention is scored on (X, `ln_1`(X + attn)), the MLP on
+      (h, `ln_2`(h + mlp)), h being the MLP's input.
     - `lora_targets`: names of the family's linear (or Conv1D) layers that LoRA adapts by default; empty: the
       linear layers found in the model's live sublayers (`io.family_inference.lora_targets`).
     - `layer_roles`: layers of ONE sublayer each (Nemotron-H), at `attn` (== `mlp`), whose kind the layer's
@@ -109,6 +120,9 @@ class ArchSpec:
     parallel: bool | tuple[str, ...] = False
     shared_norms: tuple[str, ...] = ()
     full_shape_mlp: bool = False
+    mlp_pair: bool | str = False
+    attn_returns: str = "pair"
+    residual_norms: tuple[str, ...] = ()
     lora_targets: tuple[str, ...] = ()
     layer_roles: dict[str, str] = field(default_factory=dict)
     role_attr: str = "block_type"
@@ -116,6 +130,9 @@ class ArchSpec:
     def __post_init__(self) -> None:
         if self.inputs not in INPUTS:
             raise ValueError(f"ArchSpec {self.family}: inputs must be one of {INPUTS}, got {self.inputs!r}")
+        if self.attn_returns not in ATTN_RETURNS:
+            raise ValueError(f"ArchSpec {self.family}: attn_returns must be one of {ATTN_RETURNS}, "
+                             f"got {self.attn_returns!r}")
         defaults = {"attn_in": self.attn, "attn_out": self.attn, "mlp_in": self.mlp, "mlp_out": self.mlp,
                     "model_classes": (self.causal_lm_class,) if self.causal_lm_class else ()}
         for name, value in defaults.items():
@@ -211,6 +228,9 @@ class ArchSpec:
         single-sublayer families."""
         role = self.layer_kind(layer)
         return role is None or (role == "mlp") == (kind == "mlp")
+    def mlp_returns_pair(self, layer: nn.Module) -> bool:
+        """Whether this layer's MLP returns (output, router scores) rather than the output alone."""
+        return self.mlp_pair if isinstance(self.mlp_pair, bool) else bool(getattr(layer, self.mlp_pair, False))
 
     def mixer_name(self, layer: nn.Module) -> str:
         """The module name of a layer's token mixer: `attn`, or the hybrid mixer the layer holds instead."""

@@ -204,7 +204,77 @@ _LLAMA_LIKE: tuple[dict[str, Any], ...] = (
     _llama_like("starcoder2", "Starcoder2ForCausalLM", "Starcoder2Config"),
     _llama_like("vaultgemma", "VaultGemmaForCausalLM", "VaultGemmaConfig", _PRE_NORM_FFN),
 )
-DECODER_FAMILIES += _GPT2_STYLE + _PARALLEL_RESIDUAL + _HYBRID + _LLAMA_LIKE
+
+# Mixture-of-experts blocks that return (output, router scores), which the layer unpacks: a dropped MLP returns
+# the pair too. Llama 4 interleaves them with dense MLPs (`is_moe_layer`) and reshapes the MLP output.
+_MOE_PAIR: tuple[dict[str, Any], ...] = (
+    _llama_like("gpt_oss", "GptOssForCausalLM", "GptOssConfig", mlp_pair=True, tiny_overrides=None),
+    # a multimodal llama4 checkpoint loads as its text model (AutoModelForCausalLM gives Llama4ForCausalLM)
+    {**_decoder("llama4", "llama4_text", "Llama4ForCausalLM", "Llama4TextConfig", _PRE_NORM, mlp="feed_forward",
+                mlp_pair="is_moe_layer", full_shape_mlp=True, tiny_overrides=None), "model_types": ("llama4_text", "llama4")},
+)
+
+# GPT-1: post-norm after the residual, n = ln_1(x + attn(x)), y = ln_2(n + mlp(n)); the norms belong to the
+# residual stream and stay when a sublayer is dropped. Its attention returns a list its layer extends.
+_RESIDUAL_POST_NORM: tuple[dict[str, Any], ...] = (
+    _decoder("openai-gpt", "openai-gpt", "OpenAIGPTLMHeadModel", "OpenAIGPTConfig",
+             dict(layers="transformer.h", attn="attn", mlp="mlp", attn_norms=(), mlp_norms=(), mlp_entry="mlp"),
+             residual_norms=("ln_1", "ln_2"), attn_returns="list", num_layers_key="n_layer", tiny_overrides=None,
+             lora_targets=("c_attn", "c_proj", "c_fc")),
+)
+
+# Attention modules that return something else than (states, weights): a third value (JetMoE's router loss,
+# GPT-NeoX-Japanese's bias, added by the layer), or the residual stream itself (Bloom's attention and MLP add the
+# residual they are given: the stand-ins return it; the contributions are their `dense` outputs).
+_OTHER_RETURNS: tuple[dict[str, Any], ...] = (
+    _llama_like("jetmoe", "JetMoeForCausalLM", "JetMoeConfig", attn="self_attention", attn_returns="triple",
+                tiny_overrides=None),
+    _decoder("gpt_neox_japanese", "gpt_neox_japanese", "GPTNeoXJapaneseForCausalLM", "GPTNeoXJapaneseConfig",
+             _PRE_NORM, layers="gpt_neox_japanese.layers", attn="attention", attn_returns="triple",
+             tiny_overrides=None),
+    _decoder("bloom", "bloom", "BloomForCausalLM", "BloomConfig", _PRE_NORM, layers="transformer.h",
+             attn="self_attention", attn_returns="residual", attn_out="self_attention.dense",
+             mlp_out="mlp.dense_4h_to_h", num_layers_key="n_layer", tiny_overrides=None),
+)
+
+# Model types with a config class of their own, served by another family's model class: their dropped classes
+# carry the config's name (`DroppedExaoneLlamaForCausalLM`, see modeling_dropped.dropped_class_name).
+_SERVED_BY_OTHERS: tuple[dict[str, Any], ...] = (
+    _decoder("exaone", "exaone", "LlamaForCausalLM", "ExaoneConfig", _PRE_NORM, tiny_overrides=None),
+    _decoder("internlm3", "internlm3", "LlamaForCausalLM", "InternLM3Config", _PRE_NORM, tiny_overrides=None),
+    _decoder("iquestcoder", "iquestcoder", "LlamaForCausalLM", "IQuestCoderConfig", _PRE_NORM, tiny_overrides=None),
+    _decoder("param2moe", "param2moe", "Glm4MoeForCausalLM", "Param2MoeConfig", _PRE_NORM, tiny_overrides=None),
+    _decoder("sarvam_moe", "sarvam_moe", "Glm4MoeForCausalLM", "SarvamMoEConfig", _PRE_NORM, tiny_overrides=None),
+    _decoder("sarvam_mla", "sarvam_mla", "DeepseekV3ForCausalLM", "SarvamMLAConfig", _PRE_NORM, tiny_overrides=None),
+)
+
+# Pre-norm decoders under further names: XGLM's MLP is two modules of the layer (as BioGPT's); MPT's MLP adds
+# the residual it is given itself (its contribution is `down_proj`'s output); ModernBERT's decoder has no
+# attention norm in layer 0; Cohere2-MoE is Cohere2's parallel layer with an MoE block.
+_MORE_NAMES: tuple[dict[str, Any], ...] = (
+    _decoder("xglm", "xglm", "XGLMForCausalLM", "XGLMConfig",
+             dict(mlp="fc1", mlp_parts=("fc2",), mlp_out="fc2", attn_norms=("self_attn_layer_norm",),
+                  mlp_norms=("final_layer_norm",), mlp_entry="final_layer_norm"),
+             num_layers_key="num_layers", tiny_overrides=None),
+    _decoder("mpt", "mpt", "MptForCausalLM", "MptConfig",
+             dict(attn_norms=("norm_1",), mlp_norms=("norm_2",), mlp_entry="norm_2"), layers="transformer.blocks",
+             attn="attn", mlp="ffn", mlp_out="ffn.down_proj", num_layers_key="n_layers", tiny_overrides=None),
+    _decoder("modernbert-decoder", "modernbert-decoder", "ModernBertDecoderForCausalLM", "ModernBertDecoderConfig",
+             dict(attn_norms=("attn_norm",), mlp_norms=("mlp_norm",), mlp_entry="mlp_norm"), attn="attn",
+             tiny_overrides=None),
+    _decoder("cohere2_moe", "cohere2_moe", "Cohere2MoeForCausalLM", "Cohere2MoeConfig", _SHARED_NORM,
+             shared_norms=("input_layernorm",), tiny_overrides=None),
+)
+
+# Llama's layout with multi-head latent attention (a compressed KV cache, as DeepSeek-V3's).
+_LATENT_ATTENTION: tuple[dict[str, Any], ...] = (
+    _llama_like("axk1", "AXK1ForCausalLM", "AXK1Config", tiny_overrides=None),  # MoE
+    _llama_like("glm4_moe_lite", "Glm4MoeLiteForCausalLM", "Glm4MoeLiteConfig", tiny_overrides=None),  # MoE
+    _llama_like("minicpm3", "MiniCPM3ForCausalLM", "MiniCPM3Config", tiny_overrides=None),
+    _llama_like("youtu", "YoutuForCausalLM", "YoutuConfig", tiny_overrides=None),
+)
+DECODER_FAMILIES += (_GPT2_STYLE + _PARALLEL_RESIDUAL + _HYBRID + _LLAMA_LIKE + _MOE_PAIR + _RESIDUAL_POST_NORM
+                     + _OTHER_RETURNS + _SERVED_BY_OTHERS + _MORE_NAMES + _LATENT_ATTENTION)
 
 # Single-sublayer layers: Nemotron-H's layer is x + mixer(norm(x)), its one `mixer` a Mamba-2, attention, MLP or
 # MoE block as the layer's `block_type` (its entry of the config's `layers_block_type`) says; "linear_attention"

@@ -20,7 +20,6 @@ import operator
 import re
 from typing import Any, Iterable, Sequence
 
-import torch
 import transformers
 from torch import nn
 
@@ -30,90 +29,18 @@ except ImportError:
     UserError = ValueError
 
 try:  # inside the package
+    from .standins import (RESIDUAL_OUTPUTS, DroppedAttention, DroppedIdentity, DroppedMLP,
+                           DroppedResidualOutput, DroppedWindowAttention, is_standin)
+except ImportError:  # pragma: no cover - imported as a flat module next to a checkpoint
+    from standins import (RESIDUAL_OUTPUTS, DroppedAttention, DroppedIdentity, DroppedMLP,  # type: ignore
+                          DroppedResidualOutput, DroppedWindowAttention, is_standin)
+
+try:  # inside the package
     from .architectures import (ALL_SPECS, ATTENTION_LAYER_TYPES, DROPPED_PREFIX, SPECS, ArchSpec,  # noqa: F401
                                 get_spec, spec_for_model_type)
 except ImportError:  # pragma: no cover - imported as a flat module next to a checkpoint
     from architectures import (ALL_SPECS, ATTENTION_LAYER_TYPES, DROPPED_PREFIX, SPECS, ArchSpec,  # type: ignore  # noqa: F401
                                get_spec, spec_for_model_type)
-
-
-class DroppedAttention(nn.Module):
-    """Stands in for a removed token mixer (attention, or a hybrid's linear-attention, Mamba or convolution
-    mixer): adds nothing (a broadcast zero), caches nothing. Attention returns (states, weights); the other
-    mixers return the states alone (`tuple_output=False`).
-
-    Transformers reads a cache's sequence length from its first layer, and sizes attention masks from its first
-    attention layer, so those keep a cache slot even when their mixer is dropped (`kv_sharing_modes`; every
-    other dropped layer's slot is a storage-free `DummyLayer`). For attention the stand-in keeps there a boolean of shape
-    (batch, 1, tokens, 1) that is one element expanded (stride 0): the slot reports the tokens seen and holds
-    no per-token storage (a slot with no elements would report length 0). A recurrent slot (linear attention,
-    Mamba, convolution) only has its token count advanced; its state is never allocated.
-    """
-
-    def __init__(self, layer_idx: int | None = None, tuple_output: bool = True) -> None:
-        super().__init__()
-        self.layer_idx = layer_idx
-        self.tuple_output = tuple_output
-
-    def forward(self, hidden_states: torch.Tensor, *args: Any, **kwargs: Any) -> Any:
-        i = self.layer_idx
-        if i is not None and hidden_states.dim() == 3:
-            cache = next((v for v in (*args, *kwargs.values()) if isinstance(v, transformers.Cache)), None)
-            layers = getattr(cache, "layers", None)
-            kind = type(layers[i]).__name__ if layers and i < len(layers) else None
-            batch, tokens = hidden_states.shape[:2]
-            if kind in _LENGTH_ONLY_LAYERS:
-                mark = hidden_states.new_zeros((), dtype=torch.bool)
-                cache.update(mark.expand(batch, 1, tokens, 1), mark.expand(batch, 1, tokens, 1), i)
-                slot = layers[i]
-                slot.keys = slot.values = mark.expand(*slot.keys.shape)  # the update concatenated: drop that storage
-            elif kind in _RECURRENT_LAYERS:
-                slot = layers[i]
-                slot.cumulative_length_linear = slot.cumulative_length_linear.to(hidden_states.device) + tokens
-        zero = hidden_states.new_zeros(())
-        return (zero, None) if self.tuple_output else zero
-
-
-_RECURRENT_LAYERS = ("LinearAttentionLayer",)
-# Cache layers that grow with what is appended (a static layer preallocates full-width storage instead).
-_LENGTH_ONLY_LAYERS = ("DynamicLayer", "DynamicSlidingWindowLayer")
-
-
-class DroppedWindowAttention(nn.Module):
-    """For layers that reshape the attention output (SwinV2 windows): zeros of the input's shape."""
-
-    def forward(self, hidden_states: torch.Tensor, *args: Any, **kwargs: Any) -> tuple[torch.Tensor, None]:
-        return torch.zeros_like(hidden_states), None
-
-
-class DroppedMLP(nn.Module):
-    """Stands in for (one part of) a removed MLP (or MoE) sublayer: adds nothing. `full_shape`: zeros of the
-    input's shape, for layers that add into the MLP output in place (Falcon's parallel layer)."""
-
-    def __init__(self, full_shape: bool = False) -> None:
-        super().__init__()
-        self.full_shape = full_shape
-
-    def forward(self, hidden_states: torch.Tensor, *args: Any, **kwargs: Any) -> torch.Tensor:
-        return torch.zeros_like(hidden_states) if self.full_shape else hidden_states.new_zeros(())
-
-
-class DroppedResidualOutput(nn.Module):
-    """For MLP output modules that add the residual themselves (`ViTOutput(hidden, input_tensor)` in
-    transformers 4.x): returns the residual unchanged. Selected by naming the part in `RESIDUAL_OUTPUTS`."""
-
-    def forward(self, hidden_states: torch.Tensor, input_tensor: torch.Tensor, *args: Any, **kwargs: Any) -> torch.Tensor:
-        return input_tensor
-
-
-# Class names of MLP parts whose forward is (hidden_states, input_tensor) -> hidden + input_tensor.
-RESIDUAL_OUTPUTS = ("ViTOutput", "Dinov2Output")
-STANDINS = (DroppedAttention, DroppedWindowAttention, DroppedMLP, DroppedResidualOutput)
-
-
-def is_standin(module: nn.Module | None) -> bool:
-    """Whether `module` is one of the stand-ins of a dropped sublayer."""
-    return isinstance(module, STANDINS)
 
 
 def _as_index(v: Any) -> int | None:
@@ -192,17 +119,6 @@ def _check_indices(name: str, indices: Sequence[Any], num_layers: int, names: Se
     return sorted(seen)
 
 
-class DroppedIdentity(nn.Identity):
-    """A removed sublayer's norm or LayerScale: passes its input through, keeping the weight's dtype as a 0-d
-    unsaved buffer for layers that cast to `norm.weight.dtype` first (Nemotron-H)."""
-
-    def __init__(self, old: nn.Module | None = None) -> None:
-        super().__init__()
-        weight = getattr(old, "weight", None)
-        if isinstance(weight, torch.Tensor):
-            self.register_buffer("weight", weight.new_zeros(()), persistent=False)
-
-
 def _to_identity(layer: nn.Module, names: Iterable[str]) -> None:
     for name in names:
         if isinstance(getattr(layer, name, None), nn.Module):  # a family's optional norms may be absent or None
@@ -214,10 +130,10 @@ def _replace_modules(layer: nn.Module, spec: ArchSpec, attn: bool, mlp: bool, in
     attn, mlp = attn and spec.holds(layer, "attn"), mlp and spec.holds(layer, "mlp")  # a block: the layer's own
     if attn:
         mixer, role = spec.mixer_name(layer), spec.layer_kind(layer)
-        # attention returns (states, weights); other token mixers return the states alone
-        tuple_output = mixer not in spec.mixers if role is None else role in ("full_attention", "sliding_attention")
+        # attention returns what the family's attention does; other token mixers return the states alone
+        attention = mixer not in spec.mixers if role is None else role in ("full_attention", "sliding_attention")
         setattr(layer, mixer, DroppedWindowAttention() if spec.full_shape_attn
-                else DroppedAttention(index, tuple_output=tuple_output))
+                else DroppedAttention(index, spec.attn_returns if attention else "states"))
         _to_identity(layer, (*spec.attn_norms, *(() if parallel else spec.shared_norms)))
     if mlp:
         for name in (spec.mlp, *spec.mlp_parts):
@@ -225,7 +141,7 @@ def _replace_modules(layer: nn.Module, spec: ArchSpec, attn: bool, mlp: bool, in
             if part is None and name != spec.mlp:  # an optional part (Granite-4's routed experts in a dense layer)
                 continue
             setattr(layer, name, DroppedResidualOutput() if type(part).__name__ in RESIDUAL_OUTPUTS
-                    else DroppedMLP(spec.full_shape_mlp))
+                    else DroppedMLP(spec.full_shape_mlp, spec.mlp_returns_pair(layer)))
         _to_identity(layer, spec.mlp_norms)
     if parallel and is_standin(getattr(layer, spec.mixer_name(layer))) and is_standin(getattr(layer, spec.mlp)):
         _to_identity(layer, spec.shared_norms)  # read by both sublayers: gone with the whole block only
@@ -404,9 +320,24 @@ def dropped_model_class(spec: ArchSpec, base_name: str) -> type:
     key = (spec.family, base_name)
     if key not in _MODELS:
         base_model = _transformers_class(spec, base_name)
-        _MODELS[key] = type(f"Dropped{base_name}", (_DroppedModelMixin, base_model),
+        _MODELS[key] = type(dropped_class_name(spec, base_name), (_DroppedModelMixin, base_model),
                             {"__module__": __name__, "config_class": dropped_config_class(spec)})
     return _MODELS[key]
+
+
+def dropped_class_name(spec: ArchSpec, base_name: str) -> str:
+    """`Dropped<ModelClass>`; a family served by another family's class (Exaone by `LlamaForCausalLM`) puts its
+    config's name in front (`DroppedExaoneLlamaForCausalLM`), so that its checkpoints' `auto_map` names its own."""
+    owner = next((s for s in ALL_SPECS if base_name in s.model_classes), spec)
+    prefix = "" if owner.family == spec.family else spec.config_class.removesuffix("Config")
+    return f"Dropped{prefix}{base_name}"
+
+
+def base_class_name(model: nn.Module) -> str:
+    """The transformers class a model is, or that its dropped class extends (`LlamaForCausalLM` for both
+    `DroppedLlamaForCausalLM` and `DroppedExaoneLlamaForCausalLM`)."""
+    cls = type(model)
+    return cls.__bases__[-1].__name__ if issubclass(cls, _DroppedModelMixin) else cls.__name__
 
 
 def dropped_classes(spec: ArchSpec) -> tuple[type, type]:
@@ -420,7 +351,7 @@ def __getattr__(name: str) -> type:
         if name == f"Dropped{spec.config_class}":
             return dropped_config_class(spec)
         for cls in spec.model_classes:
-            if name == f"Dropped{cls}":
+            if name == dropped_class_name(spec, cls):
                 return dropped_model_class(spec, cls)
     raise AttributeError(name)
 

@@ -7,8 +7,9 @@ Three shapes, chosen from what was dropped:
   families: per-stage `depths` shrink, plus `original_depths`); per-layer lists are cut and lists of layer
   indices renumbered. The dropped format is kept when the renumbered config would not rebuild the same
   modules (DeepSeek's dense first layers, Jamba's kinds by period and offset, a SwinV2 block whose window
-  shift would change, an emptied stage) or a working cache (a Nemotron-H model whose first layer would be an MLP,
-  a hybrid left without attention layers);
+  shift would change, an emptied stage), the dropped block is no identity (GPT-1's post-norms stay), or the cut
+  would not leave a working cache (a Nemotron-H model whose first layer would be an MLP, a hybrid left without
+  attention layers);
 - attention/MLP sublayers: `model_type: dropped_<base>` with `drop_attn_list`/`drop_mlp_list`, plus this
   package's self-contained `modeling_dropped.py` (and the architecture files it imports) referenced from
   `auto_map` (for `trust_remote_code=True`).
@@ -32,20 +33,15 @@ from ..core.architectures import ATTENTION_LAYER_TYPES, DROPPED_PREFIX, ArchSpec
 from .atomic_io import atomic_dir, atomic_write_text
 from .output_targets import check_output
 from ..errors import UserError, param
-from ..core.modeling_dropped import drop_lists, dropped_layers
+from ..core.modeling_dropped import base_class_name, drop_lists, dropped_layers
 
 # Copied next to a dropped checkpoint: modeling_dropped.py and every file it imports relatively.
-_REMOTE_FILES = ("modeling_dropped.py", "architectures.py", "decoder_families.py", "vision_families.py")
+_REMOTE_FILES = ("modeling_dropped.py", "standins.py", "architectures.py", "decoder_families.py", "vision_families.py")
 #: the remote-code files live together in core/ and keep their names inside a checkpoint
 _PACKAGE_DIR = Path(__file__).resolve().parent.parent / "core"
 # Config fields that describe the drop or the old layer count, not the plain renumbered model.
 _NOT_PLAIN = ("drop_attn_list", "drop_mlp_list", "base_model_type", "auto_map", "architectures", "model_type",
               "transformers_version", "stage_names", "out_features", "out_indices", "_out_features", "_out_indices")
-
-
-def _base_class_name(model: nn.Module) -> str:
-    name = type(model).__name__
-    return name[len("Dropped"):] if name.startswith("Dropped") else name
 
 
 def compact_blocks(model: nn.Module, spec: ArchSpec, blocks: list[int]) -> nn.Module | None:
@@ -54,6 +50,8 @@ def compact_blocks(model: nn.Module, spec: ArchSpec, blocks: list[int]) -> nn.Mo
     Returns None when the renumbered config would not rebuild the same modules, in which case the caller
     keeps the dropped format.
     """
+    if spec.residual_norms:  # a dropped block still normalizes the residual stream (post-norm): no layer to cut
+        return None
     import transformers
 
     config = model.config
@@ -90,13 +88,14 @@ def compact_blocks(model: nn.Module, spec: ArchSpec, blocks: list[int]) -> nn.Mo
     if getattr(new_config, "layer_types", None) is not None and getattr(config, "layer_types", None) is not None:
         if list(new_config.layer_types) != [config.layer_types[i] for i in keep]:
             return None
-    cls = getattr(transformers, _base_class_name(model))
+    cls = getattr(transformers, base_class_name(model))
     with torch.device("meta"):
         plain = cls(new_config)
     new_layers = spec.get_layers(plain)
-    for new_i, old_i in enumerate(keep):  # SwinV2: shifts alternate by position inside a stage
-        if getattr(new_layers[new_i], "shift_size", None) != getattr(layers[old_i], "shift_size", None):
-            return None
+    # each kept layer must be rebuilt with its own settings: SwinV2's shifts alternate by position inside a stage,
+    # MiniCPM3 scales every residual branch by 1 / sqrt(number of layers)
+    if any(_layer_settings(new_layers[new_i]) != _layer_settings(layers[old_i]) for new_i, old_i in enumerate(keep)):
+        return None
     old_prefixes, new_prefixes = spec.layer_prefixes(model), spec.layer_prefixes(plain)
     remap = {old_prefixes[old]: new_prefixes[new] for new, old in enumerate(keep)}
     state = {}
@@ -117,9 +116,19 @@ def compact_blocks(model: nn.Module, spec: ArchSpec, blocks: list[int]) -> nn.Mo
     return plain.eval()
 
 
+# attributes that give a layer's position (renumbered with it), not its settings
+_POSITION = ("idx", "_id", "_number", "_index")
+
+
+def _layer_settings(layer: nn.Module) -> dict[str, Any]:
+    """A layer's own scalar settings (window shift, residual scale, kind), not its position in the list."""
+    return {k: v for k, v in vars(layer).items() if isinstance(v, (bool, int, float, str))
+            and not k.endswith(_POSITION) and not k.startswith("_") and k != "training"}
+
+
 def _is_layer_index_list(key: str, value: Any, num_layers: int) -> bool:
-    """A config field listing layers by index (`attn_layer_indices`): the layers of one kind."""
-    return (key.endswith(("layer_indices", "layer_ids")) and isinstance(value, list)
+    """A config field listing layers by index (`attn_layer_indices`, Llama 4's `moe_layers`): the layers of one kind."""
+    return (key.endswith(("layer_indices", "layer_ids", "moe_layers")) and isinstance(value, list)
             and all(isinstance(i, int) and not isinstance(i, bool) and 0 <= i < num_layers for i in value))
 
 

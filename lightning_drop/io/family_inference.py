@@ -23,7 +23,8 @@ from torch import nn
 
 from ..core.architectures import ArchSpec, decoder_spec, get_spec, register_family
 from ..core.decoder_families import NORM_LAYOUTS
-from ..core.modeling_dropped import is_standin, replace_sublayers
+from ..core.modeling_dropped import replace_sublayers
+from ..core.standins import is_standin
 from ..errors import UserError
 from .tiny_configs import causal_lm_class
 
@@ -117,14 +118,16 @@ def zeroed_outputs(model: nn.Module, spec: ArchSpec, attn: list[int], mlp: list[
     layers = spec.get_layers(model)
 
     def zero(module: nn.Module, args: Any, out: Any) -> Any:
+        if isinstance(out, list):  # GPT-1's attention returns a list, which its layer extends
+            return [torch.zeros_like(out[0]), *out[1:]]
         return (torch.zeros_like(out[0]), *out[1:]) if isinstance(out, tuple) else torch.zeros_like(out)
 
     # a hybrid layer's token mixer may be of another kind than attention, under its own name
-    handles = [getattr(layers[i], spec.mixer_ends(layers[i])[1]).register_forward_hook(zero) for i in attn]
+    handles = [layers[i].get_submodule(spec.mixer_ends(layers[i])[1]).register_forward_hook(zero) for i in attn]
     # a decoder MLP of several parts (Granite-4's shared MLP + routed experts) contributes their sum
     parts = spec.mlp_parts if spec.inputs == "text" else ()
-    handles += [getattr(layers[i], name).register_forward_hook(zero) for i in mlp for name in (spec.mlp_out, *parts)
-                if getattr(layers[i], name, None) is not None]
+    handles += [layers[i].get_submodule(name).register_forward_hook(zero) for i in mlp  # a path: Bloom's `mlp.dense_4h_to_h`
+                for name in (spec.mlp_out, *(p for p in parts if getattr(layers[i], p, None) is not None))]
     try:
         yield model
     finally:

@@ -71,6 +71,10 @@ FAMILY_OVERRIDES: dict[str, dict[str, Any]] = {
     # may start with a layer that mixes no tokens
     "nemotron_h": {"layers_block_type": ["linear_attention", "moe", "mlp", "mlp", "full_attention",
                                          "linear_attention"]},
+    # dense and MoE feed-forwards interleaved, and attention chunks shorter than a test sequence
+    "llama4_text": {"moe_layers": [1, 3], "attention_chunk_size": WINDOW},
+    # multi-head latent attention expands its one shared latent to every head: as many KV heads as heads
+    **dict.fromkeys(("axk1", "glm4_moe_lite", "minicpm3", "sarvam_mla", "youtu"), {"num_key_value_heads": HEADS}),
 }
 
 # Model types that cannot be a tiny decoder here, and why (checked by the tests: each must still fail to build).
@@ -202,8 +206,13 @@ def shrunk_config(model_type: str, special_ids: dict[str, int], **overrides: Any
     `special_ids` (pad/bos/eos of the tokenizer used with it) so that they lie inside the small vocabulary."""
     if model_type in REFUSED:
         raise UserError(f"no tiny '{model_type}' model: {REFUSED[model_type]}")
+    from transformers.models.auto.configuration_auto import CONFIG_MAPPING
+
     cls = causal_lm_class(model_type)
-    config = cls.config_class()
+    # a type served by another type's class (Exaone by LlamaForCausalLM) keeps its own flat config class; a
+    # multimodal type's (Llama 4's, with sub-configs) is not the causal LM's
+    own = CONFIG_MAPPING[model_type] if model_type in CONFIG_MAPPING else cls.config_class
+    config = (cls.config_class if getattr(own, "sub_configs", None) else own)()
     _shrink(config, special_ids)
     for key, value in overrides.items():
         setattr(config, key, value)

@@ -90,13 +90,8 @@ def layout(model: Any, encoder_decoder: bool = False) -> str:
 
 # Types with Llama's module names that failed the family matrix (tests/test_family_matrix.py), and how
 NOT_PROVEN = {
-    **dict.fromkeys(("gpt_oss", "llama4", "llama4_text"), "Llama-like names, but the layer unpacks its MoE block's "
-                    "(output, router scores) pair, which a dropped MLP does not return"),
-    "jetmoe": "Llama-like names, but its attention returns three values where a dropped attention returns two",
     "minimax": "Llama-like names, but dropped != zeroed (2e-5 apart: its lightning attention layers)",
     "emu3": "its causal LM's config is another model type (emu3_text_model) than the checkpoint's",
-    **dict.fromkeys(("axk1", "glm4_moe_lite", "minicpm3", "youtu"), "Llama-like names, but generation with a dropped "
-                    "first attention fails: its attention cache keeps another layout"),
     "diffllama": "Llama-like names, but its attention depends on the layer's index, so a block drop cannot "
                  "renumber the layers",
     "moshi": "Llama-like names, but cached != uncached greedy generation after a drop",
@@ -122,6 +117,9 @@ def _row(model_type: str) -> dict[str, Any]:
             parallel = ", parallel residual" if spec.parallel else ""
         else:
             parallel = ", parallel residual if " + " or ".join(f"`{k}`" for k in spec.parallel)
+        if spec.residual_norms:  # how importance reads a post-norm layer, whose norms stay with a dropped sublayer
+            parallel += (", post-norm: attn scored on (X, " + spec.residual_norms[0] + "(X + attn)), mlp on (h, "
+                         + spec.residual_norms[-1] + "(h + mlp)); a dropped block keeps its norms")
         return dict(model_type=model_type, status="supported", sublayers=sublayers, engines=engines,
                     layout=f"{spec.layers}[i]{parallel}"
                     + (f", hybrid ({'/'.join((spec.attn, *spec.mixers))})" if spec.mixers else "")

@@ -55,7 +55,7 @@ def new_cache(model: nn.Module) -> Any:
 
 def cache_bytes(cache: Any) -> int:
     """Bytes held by the key/value tensors of a transformers cache (shared tensors counted once). A boolean
-    slot is the token counter a dropped first attention keeps (`modeling_dropped.DroppedAttention`): one
+    slot is the token counter a dropped first attention keeps (`standins.DroppedAttention`): one
     element expanded, no keys or values, so not counted."""
     seen: set[int] = set()
     layers = getattr(cache, "layers", None)

@@ -24,7 +24,8 @@ from torchmetrics.aggregation import SumMetric
 
 from ..core.architectures import MIXER_KINDS, ArchSpec, get_spec
 from ..errors import UserError
-from ..core.modeling_dropped import dropped_layers, is_standin
+from ..core.modeling_dropped import dropped_layers
+from ..core.standins import is_standin
 from .forward_pass import hidden_of, model_inputs, run_forward
 from .metrics import ImportanceMetric, positional_scores, resolve_metric, token_scores
 from ..core.options import METRICS  # noqa: F401  (the shipped names, for callers that list them)
@@ -169,7 +170,7 @@ class ImportanceAccumulator:
             slot, (src, dst) = spec.mixer_name(layer), spec.mixer_ends(layer)
         if not spec.holds(layer, kind) or is_standin(getattr(layer, slot)):
             return None
-        return (layer if not src else getattr(layer, src)), getattr(layer, dst)
+        return (layer if not src else layer.get_submodule(src)), layer.get_submodule(dst)  # Bloom's `mlp.dense_4h_to_h`
 
     @contextmanager
     def hooks(self) -> Iterator["ImportanceAccumulator"]:
