@@ -173,9 +173,6 @@ SPAN_CASES = [
     ("span-streamed", lambda w, t: [D, "--model", str(w / "model"), "--metric", "angular", "--target", "block",
                                     "--span", "2", "--stream", *_calib(w), "--output", str(t / "o")],
      "--span needs the whole model for every candidate, which --stream never holds"),
-    ("loss-streamed", lambda w, t: [D, "--model", str(w / "model"), "--metric", "loss", "--stream", *_calib(w),
-                                    "--num", "1", "--output", str(t / "o")],
-     "--metric loss needs the whole model for every candidate, which --stream never holds: leave out --stream"),
     ("loss-without-text", lambda w, t: [D, "--model", str(w / "model"), "--metric", "loss", "--calibration",
                                         str(w / "empty.jsonl"), *COMMON, "--output", str(t / "o")], "empty.jsonl"),
 ]
@@ -233,3 +230,17 @@ def test_study_sweeps_loss_greedy_and_spans(tmp_path, c4_path):
     bad = tiny_config(tmp_path, c4_path, sweeps=[{"targets": ["attn"], "metric": "angular", "span": True}])
     with pytest.raises(UserError, match=r"span drops consecutive blocks: it needs the block target, not 'attn'"):
         run(bad)
+
+
+def test_loss_streams_through_the_command_line(world, tmp_path, capsys):  # noqa: F811
+    """`--metric loss --stream` was refused; it now runs every candidate's tail layer by layer."""
+    from lightning_drop.cli import main
+
+    out = tmp_path / "o"
+    assert main([D, "--model", str(world / "model"), "--metric", "loss", "--stream", *_calib(world), "--num", "1",
+                 "--output", str(out)]) == 0
+    import json
+
+    report = json.loads((out / "importance.json").read_text())
+    assert report["streamed"] is True and report["cost"]["layer_loads"] == 4 and len(report["drop_attn_list"]) == 1
+    assert "4 layer loads" in capsys.readouterr().out

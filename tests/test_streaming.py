@@ -203,6 +203,7 @@ def test_drop_stream_command_matches_in_memory(tmp_path, c4_path, target, num):
     rep_mem = json.loads((tmp_path / "mem" / "importance.json").read_text())
     rep_str = json.loads((tmp_path / "str" / "importance.json").read_text())
     assert rep_str.pop("streamed") is True
+    assert rep_str["cost"].pop("layer_loads") == 4  # one read of each layer
     for kind in ("attn", "mlp", "block"):
         assert rep_mem.pop(kind) == pytest.approx(rep_str.pop(kind), abs=1e-5)
     assert rep_mem["cost"].pop("seconds") > 0 and rep_str["cost"].pop("seconds") > 0  # timings differ

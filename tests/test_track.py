@@ -62,13 +62,13 @@ def test_offline_scores_of_saved_checkpoints_equal_the_live_ones(fit, tmp_path, 
     assert (out / "importance_heatmap.png").stat().st_size > 1000
 
 
-def _fails(args: list[str], watched, capsys, expect: str) -> None:
+def _fails(args: list[str], watched, capsys, expect: str, command: str = "track") -> None:
     before = {str(p): _fingerprint(p) for p in watched}
     code = main(args)
     err = capsys.readouterr().err
     lines = [line for line in err.splitlines() if ERROR_LINE in line]
     assert code == 2 and "Traceback" not in err and len(lines) == 1, err
-    assert lines[0].startswith("lightning-drop track: error: ") and expect in lines[0], lines[0]
+    assert lines[0].startswith(f"lightning-drop {command}: error: ") and expect in lines[0], lines[0]
     assert {str(p): _fingerprint(p) for p in watched} == before
 
 
@@ -97,3 +97,57 @@ def test_bad_series_fail_in_one_line_and_write_nothing(fit, tmp_path, c4_path, c
     (out / "notes.txt").write_text("mine")
     _fails(["track", "--models", ckpt, *common], watched, capsys, "already exists and is not empty")
     assert not (out / "importance_history.json").exists()
+
+
+# --------------------------------------------------------------------------------------- the study's track axis
+def _study(tmp_path, c4_path, models: list[str]) -> dict:
+    from test_study import tiny_config
+
+    cfg = tiny_config(tmp_path / "study", c4_path, speed={"enabled": False},
+                      sweeps=[{"name": "main", "targets": ["attn"], "nums": [0, 1]}], track={"models": models})
+    cfg["calibration"] = {"source": str(c4_path), "num_samples": 4, "seq_len": 32, "batch_size": 2}  # as WINDOWS
+    return cfg
+
+
+def test_study_track_axis_gives_the_track_command_scores(fit, tmp_path, c4_path, capsys):
+    from test_study import run
+
+    ckpts = [str(p) for p in fit["ckpts"]]
+    _, doc = run(_study(tmp_path, c4_path, ckpts))
+    assert main(["track", "--models", *ckpts, "--output", str(tmp_path / "track"), "--calibration", str(c4_path),
+                 *WINDOWS, "--tokenizer", "tiny-llama"]) == 0
+    cli = json.loads((tmp_path / "track" / "importance_history.json").read_text())
+    out = tmp_path / "study"
+    files = json.loads((out / "track" / "importance_history.json").read_text())
+    assert files["calibration"] == cli["calibration"] == doc["track"]["calibration"]  # the same windows
+    for history in (doc["track"]["history"], files["history"]):
+        assert [(e["step"], e["checkpoint"]) for e in history] == [(e["step"], e["checkpoint"]) for e in cli["history"]]
+        for got, want in zip(history, cli["history"]):
+            for kind in ("attn", "mlp", "block"):
+                torch.testing.assert_close(torch.tensor(got[kind]), torch.tensor(want[kind]), rtol=1e-6, atol=0)
+    assert (out / "track" / "importance_history.csv").read_text().splitlines()[0].startswith("step,event,checkpoint")
+    report = (out / "report.md").read_text()
+    assert "## Importance across checkpoints" in report and "![Importance across checkpoints]" in report
+    for e in cli["history"]:
+        for kind in ("attn", "mlp", "block"):
+            assert "| " + " | ".join([str(e["step"]), kind, *(f"{v:.4g}" for v in e[kind])]) + " |" in report
+    assert (out / "figures" / "track_heatmap.png").stat().st_size > 1000
+    assert "Importance across checkpoints" in (out / "report.html").read_text()
+    assert doc["computed_this_run"]["track"] == 3
+    _, again = run(_study(tmp_path, c4_path, ckpts))  # a rerun reads every checkpoint's scores from the cache
+    assert again["computed_this_run"].get("track", 0) == 0 and again["reused_this_run"]["track"] == 3
+    assert again["track"]["history"] == doc["track"]["history"]
+
+
+def test_study_with_a_bad_series_fails_in_one_line_and_writes_nothing(fit, tmp_path, c4_path, capsys):
+    import yaml
+
+    ckpt = str(fit["ckpts"][0])
+    watched = [tmp_path, fit["root"]]
+    for models, expect in (([ckpt, "tiny-qwen2"], "track.models: tiny-qwen2 is another model than tiny-llama"),
+                           ([ckpt, str(tmp_path / "missing.ckpt")], "track.models: checkpoint not found"),
+                           ([], "track.models: give at least one checkpoint")):
+        config = tmp_path / "study.yaml"
+        config.write_text(yaml.safe_dump(_study(tmp_path, c4_path, models)))
+        _fails(["study", "--config", str(config)], watched, capsys, expect, "study")
+        assert not (tmp_path / "study").exists()

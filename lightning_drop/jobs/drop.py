@@ -79,7 +79,8 @@ def summary(report: dict[str, Any]) -> str:
     cost = report["cost"]
     return (f"dropped attention {report['drop_attn_list']} MLP {report['drop_mlp_list']} "
             f"({report['metric']}, {report['schedule']}; selection cost {cost['forward_passes']:g} forward passes, "
-            f"{cost['seconds']:.1f} s)")
+            + (f"{cost['layer_loads']} layer loads, " if "layer_loads" in cost else "")
+            + f"{cost['seconds']:.1f} s)")
 
 
 def _holds_source_weights(job: DropJob) -> bool:
@@ -117,6 +118,7 @@ def run_drop_streamed(job: DropJob, progress: bool = True) -> dict[str, Any]:
     from ..scoring.schedule import DropResult
     from ..scoring.streamed_writer import write_dropped_streaming
     from ..scoring.streaming import stream_importance
+    from ..scoring.selection import target_kinds
     from ..io.text_data import calibration_windows
 
     path = Path(resolve(job.model))
@@ -145,7 +147,8 @@ def run_drop_streamed(job: DropJob, progress: bool = True) -> dict[str, Any]:
     def score(attn: list[int], mlp: list[int], index: int) -> ImportanceScores:
         return stream_importance(path, windows, metric=job.metric, batch_size=job.batch_size, device=job.device,
                                  offload_dir=job.offload_dir, dtype=job.dtype, drop_attn=attn, drop_mlp=mlp,
-                                 seed=job.calibration.seed + index, progress=progress)
+                                 seed=job.calibration.seed + index, progress=progress,
+                                 kinds=target_kinds(job.target))
 
     result, start = DropResult([], []), time.perf_counter()
     attn, mlp = list(base_attn), list(base_mlp)
@@ -156,6 +159,8 @@ def run_drop_streamed(job: DropJob, progress: bool = True) -> dict[str, Any]:
     result.attn, result.mlp, result.seconds = attn, mlp, time.perf_counter() - start
     report = build_report(job, result, windows)
     report["streamed"] = True
+    # every round reads each decoder layer once (the loss metric runs all its candidates in that one sweep)
+    report["cost"]["layer_loads"] = sum(r.extra.get("layer_loads", 0) for r in result.rounds)
     if job.output is not None:
         with _result_kept(report):
             write_dropped_streaming(path, job.output, result.attn, result.mlp, tokenizer=tok,

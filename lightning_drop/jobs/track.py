@@ -12,10 +12,15 @@ from __future__ import annotations
 
 import time
 from pathlib import Path
-from typing import Any, Literal, Sequence
+from typing import TYPE_CHECKING, Any, Literal, Sequence
 
 from ..errors import UserError
 from ..io.output_targets import check_output
+
+if TYPE_CHECKING:
+    import torch
+
+    from ..io.model_series import SeriesItem
 
 TrackDtype = Literal["float32", "bfloat16", "float16"]
 
@@ -45,7 +50,6 @@ def track_main(models: Sequence[str], output: str, metric: str = "cosine", calib
 
     Returns the document that OUTPUT/importance_history.json holds.
     """
-    from ..io.model_series import check_series, describe
     from ..io.text_data import check_source
     from ..scoring.metrics import resolve_metric
 
@@ -57,42 +61,83 @@ def track_main(models: Sequence[str], output: str, metric: str = "cosine", calib
     resolve_metric(metric)
     check_output(output, overwrite=overwrite, sources=[*models, calibration, tokenizer])
     check_source(calibration)
-    items = [describe(m) for m in models]  # missing files, revisions not in the cache: before any loading
-    check_series(items)
+    items = series_items(models, "--models")  # missing files, revisions not in the cache: before any loading
     return _score_series(items, Path(output), metric, calibration, text_field, num_samples, seq_len, batch_size,
                          tokenizer, dtype, not linear_color)
 
 
-def _score_series(items: Sequence[Any], output: Path, metric: str, calibration: str, text_field: str,
-                  num_samples: int, seq_len: int, batch_size: int, tokenizer: str | None, dtype: str,
-                  log_color: bool) -> dict[str, Any]:
+def series_items(models: Sequence[str], where: str, like: str | None = None) -> list[SeriesItem]:
+    """Each checkpoint described without loading weights and checked to be one model's (of `like`'s
+    architecture and vocabulary when given): a missing file, a revision not in the offline cache or a mixed
+    series is one line naming `where`, before any loading."""
+    from ..io.model_series import check_series, describe
+
+    if not models:
+        raise UserError(f"{where}: give at least one checkpoint")
+    try:
+        items = [describe(m) for m in models]
+        check_series([describe(like), *items] if like is not None else items)
+    except (UserError, FileNotFoundError) as err:
+        raise UserError(f"{where}: {err}") from None
+    return items
+
+
+def series_record(source: str, windows: torch.Tensor) -> dict[str, Any]:
+    """The calibration record a history carries (the live tracker's shape): two histories scored the same
+    windows iff their `windows_sha256` agree."""
+    from ..measure.importance_history import windows_digest
+
+    return {"source": source, "samples": int(windows.shape[0]), "seq_len": int(windows.shape[1]), "limit": None,
+            "windows_sha256": windows_digest(windows)}
+
+
+def score_checkpoint(item: SeriesItem, windows: torch.Tensor, batch_size: int, metric: str, dtype: str, tok: Any,
+                     tokenizer: str | None = None) -> dict[str, Any]:
+    """One history entry: `item` loaded alone (then freed) and scored on `windows` by `batch_size`."""
     import torch
 
-    from ..io.atomic_io import atomic_dir, save_figure
     from ..io.model_loading import check_tokenizer
-    from ..io.model_series import load_item, series_tokenizer
-    from ..io.text_data import load_documents, make_windows
-    from ..measure.importance_history import HEATMAP_PNG, KINDS, history_figure, windows_digest, write_history
+    from ..io.model_series import load_item
+    from ..measure.importance_history import KINDS
     from ..scoring.importance import compute_importance
+
+    batches = [{"input_ids": windows[i:i + batch_size], "attention_mask": torch.ones_like(windows[i:i + batch_size])}
+               for i in range(0, len(windows), batch_size)]
+    model, _ = load_item(item, getattr(torch, dtype))
+    check_tokenizer(tok, model.get_input_embeddings().num_embeddings, item.ref, tokenizer)
+    scores = compute_importance(model, batches, metric=metric)
+    del model
+    return {"step": item.step, "label": item.label, "checkpoint": item.ref, "event": "checkpoint",
+            "metric": metric, "num_tokens": scores.num_tokens, **{k: scores.row(k) for k in KINDS}}
+
+
+def write_series(directory: Path, metric: str, history: Sequence[dict[str, Any]], record: dict[str, Any],
+                 log_color: bool = True) -> None:
+    """The history's JSON and CSV and its layer x checkpoint heatmaps into `directory`."""
+    from ..io.atomic_io import save_figure
+    from ..measure.importance_history import HEATMAP_PNG, history_figure, write_history
+
+    write_history(directory, metric, history, record)
+    save_figure(history_figure(history, metric, "checkpoint", log_color), directory / HEATMAP_PNG, dpi=110)
+
+
+def _score_series(items: Sequence[SeriesItem], output: Path, metric: str, calibration: str, text_field: str,
+                  num_samples: int, seq_len: int, batch_size: int, tokenizer: str | None, dtype: str,
+                  log_color: bool) -> dict[str, Any]:
+    from ..io.atomic_io import atomic_dir
+    from ..io.model_series import series_tokenizer
+    from ..io.text_data import load_documents, make_windows
+    from ..measure.importance_history import HEATMAP_PNG
 
     tok = series_tokenizer(items, tokenizer)
     windows = make_windows(tok, load_documents(calibration, text_field=text_field), seq_len, num_samples)
-    batches = [{"input_ids": windows[i:i + batch_size], "attention_mask": torch.ones_like(windows[i:i + batch_size])}
-               for i in range(0, len(windows), batch_size)]
-    record = {"source": calibration, "samples": num_samples, "seq_len": seq_len, "limit": None,
-              "windows_sha256": windows_digest(windows)}
+    record = series_record(calibration, windows)
     history: list[dict[str, Any]] = []
     for n, item in enumerate(items, 1):
         t0 = time.perf_counter()
-        model, _ = load_item(item, getattr(torch, dtype))
-        check_tokenizer(tok, model.get_input_embeddings().num_embeddings, item.ref, tokenizer)
-        scores = compute_importance(model, batches, metric=metric)
-        del model
-        history.append({"step": item.step, "label": item.label, "checkpoint": item.ref, "event": "checkpoint",
-                        "metric": metric, "num_tokens": scores.num_tokens, **{k: scores.row(k) for k in KINDS}})
+        history.append(score_checkpoint(item, windows, batch_size, metric, dtype, tok, tokenizer))
         print(f"[{n}/{len(items)}] {item.ref}: scored in {time.perf_counter() - t0:.1f} s", flush=True)
     with atomic_dir(output) as tmp:
-        write_history(tmp, metric, history, record)
-        save_figure(history_figure(history, metric, "checkpoint", log_color), tmp / HEATMAP_PNG, dpi=110)
+        write_series(tmp, metric, history, record, log_color)
     print(f"wrote {output}/importance_history.json, .csv and {HEATMAP_PNG} ({len(items)} checkpoints)")
     return {"metric": metric, "history": history, "calibration": record}

@@ -312,6 +312,14 @@ def importance_by_kind(scores: ImportanceScores | Mapping[str, Any],
     return out
 
 
+def model_metric_scores(measure: ImportanceMetric, model: nn.Module, out: dict[str, Any]) -> ImportanceScores:
+    """The scores a model metric returned (`rows`, `num_tokens`, anything else kept as extra), with the block
+    names and token-mixer kinds every score carries; in memory and streamed alike."""
+    rows = out["rows"]
+    extra = {**_extra(get_spec(model), model), **{k: v for k, v in out.items() if k not in ("rows", "num_tokens")}}
+    return ImportanceScores(measure.name, rows["attn"], rows["mlp"], rows["block"], out["num_tokens"], extra)
+
+
 def _has_drops(model: nn.Module) -> bool:
     try:
         attn, mlp = dropped_layers(model)
@@ -364,9 +372,7 @@ def compute_importance(model: nn.Module, batches: Iterable[Any], metric: str | I
         finally:
             if bar is not None:
                 bar.close()
-        rows = out["rows"]
-        extra = {**_extra(spec, model), **{k: v for k, v in out.items() if k not in ("rows", "num_tokens")}}
-        return ImportanceScores(measure.name, rows["attn"], rows["mlp"], rows["block"], out["num_tokens"], extra)
+        return model_metric_scores(measure, model, out)
     acc = ImportanceAccumulator(model, measure, spec, span=span)
     acc.to(device)
     was_training = model.training

@@ -14,8 +14,8 @@ benchmark's reference).
 from __future__ import annotations
 
 import time
-from contextlib import ExitStack, contextmanager
-from typing import Any, Iterable, Iterator, Sequence
+from contextlib import AbstractContextManager, ExitStack, contextmanager
+from typing import Any, Callable, Iterable, Iterator, Protocol, Sequence
 
 import torch
 import torch.nn.functional as F
@@ -77,7 +77,7 @@ def _replayed(layers: Sequence[nn.Module], outputs: Sequence[Any]) -> Iterator[N
             layer.__dict__.pop("forward", None)
 
 
-def _candidates(model: nn.Module, kinds: Sequence[str]) -> list[tuple[str, int, bool, bool]]:
+def loss_candidates(model: nn.Module, kinds: Sequence[str]) -> list[tuple[str, int, bool, bool]]:
     """(kind, layer, swap attention, swap MLP) for every module still in the model."""
     gone_attn, gone_mlp = (set(x) for x in dropped_layers(model))
     out = []
@@ -90,6 +90,26 @@ def _candidates(model: nn.Module, kinds: Sequence[str]) -> list[tuple[str, int, 
     return out
 
 
+def _check_kinds(model: nn.Module, kinds: Sequence[str]) -> None:
+    require_lm_head(model)
+    unknown = [k for k in kinds if k not in KINDS]
+    if unknown:
+        raise UserError(f"unknown kind {unknown[0]!r}; choose from {', '.join(KINDS)}")
+
+
+def _result(model: nn.Module, todo: list[tuple[str, int, bool, bool]], totals: list[float], base: float,
+            count: int, cost: dict[str, Any]) -> dict[str, Any]:
+    """`loss_scores`'s answer from the summed losses: each candidate's rise of the mean loss."""
+    if count == 0:
+        raise UserError("metric 'loss' needs calibration text: the batches held no token to predict")
+    n = len(get_spec(model).get_layers(model))
+    rows: dict[str, list[float | None]] = {kind: [None] * n for kind in KINDS}
+    for (kind, i, _, _), total in zip(todo, totals):
+        rows[kind][i] = (total - base) / count
+    dropped = dict(zip(("attn", "mlp"), dropped_layers(model)))
+    return {"rows": rows, "base_loss": base / count, "num_tokens": count, "dropped": dropped, "cost": cost}
+
+
 @torch.no_grad()
 def loss_scores(model: nn.Module, inputs: Iterable[dict[str, torch.Tensor]], kinds: Sequence[str] = KINDS,
                 reuse_prefix: bool = True) -> dict[str, Any]:
@@ -99,13 +119,10 @@ def loss_scores(model: nn.Module, inputs: Iterable[dict[str, torch.Tensor]], kin
     base loss, the number of predicted tokens and the cost: `forward_passes` counts layer forwards as a
     fraction of full passes over the calibration text, `head_passes` the LM head passes, `seconds` the time.
     """
-    require_lm_head(model)
-    unknown = [k for k in kinds if k not in KINDS]
-    if unknown:
-        raise UserError(f"unknown kind {unknown[0]!r}; choose from {', '.join(KINDS)}")
+    _check_kinds(model, kinds)
     start = time.perf_counter()
     layers = get_spec(model).get_layers(model)
-    n, todo = len(layers), _candidates(model, kinds)
+    n, todo = len(layers), loss_candidates(model, kinds)
     base, totals, count, layer_runs, heads, batches = 0.0, [0.0] * len(todo), 0, 0, 0, 0
     was_training = model.training
     model.eval()
@@ -129,12 +146,71 @@ def loss_scores(model: nn.Module, inputs: Iterable[dict[str, torch.Tensor]], kin
                 heads += 1
     finally:
         model.train(was_training)
-    if count == 0:
-        raise UserError("metric 'loss' needs calibration text: the batches held no token to predict")
-    rows: dict[str, list[float | None]] = {kind: [None] * n for kind in KINDS}
-    for (kind, i, _, _), total in zip(todo, totals):
-        rows[kind][i] = (total - base) / count
-    dropped = dict(zip(("attn", "mlp"), dropped_layers(model)))
-    return {"rows": rows, "base_loss": base / count, "num_tokens": count, "dropped": dropped,
-            "cost": {"forward_passes": layer_runs / n / batches, "head_passes": heads / batches,
-                     "candidates": len(todo), "seconds": time.perf_counter() - start}}
+    cost = {"forward_passes": layer_runs / n / max(batches, 1), "head_passes": heads / max(batches, 1),
+            "candidates": len(todo), "seconds": time.perf_counter() - start}
+    return _result(model, todo, totals, base, count, cost)
+
+
+class StreamedModel(Protocol):
+    """What `streamed_loss_scores` needs of a model that is never built (`streaming.LayerStream`)."""
+
+    model: nn.Module  # on the meta device: its layers hold weights only while `sweep` runs them
+    batches: list[dict[str, torch.Tensor]]
+    store: Any  # the base hidden states, one per batch (`items`)
+    layer_loads: int
+
+    def new_store(self) -> Any: ...
+    def batch(self, b: int) -> tuple[torch.Tensor, torch.Tensor | None]: ...
+    def start(self) -> list[int]: ...
+    def sweep(self, each: Callable[..., None] | None = None, on_layer: Callable[[int, nn.Module], None] | None = None,
+              progress: bool = False) -> None: ...
+    def head(self) -> AbstractContextManager[Callable[[int, torch.Tensor], torch.Tensor]]: ...
+
+
+@torch.no_grad()
+def streamed_loss_scores(stream: StreamedModel, kinds: Sequence[str] = KINDS,
+                         on_layer: Callable[[int, nn.Module], None] | None = None,
+                         progress: bool = False) -> dict[str, Any]:
+    """`loss_scores` with one decoder layer in memory at a time, in one sweep over the layers.
+
+    Layer j is read once and runs the base hidden states and, for every candidate that has reached it, that
+    candidate's own: a candidate at layer i starts from the base input of layer i, run with its stand-ins
+    swapped in (`standins_swapped`), and follows the unchanged layers after it. The final norm and LM head
+    are then read once and give every state's loss. Same layer forwards as `loss_scores` (which reuses the
+    prefix the same way), one read of each layer per round; memory holds one copy of the calibration hidden
+    states per candidate, plus the base's.
+    """
+    model = stream.model
+    _check_kinds(model, kinds)
+    start = time.perf_counter()
+    n, todo = len(get_spec(model).get_layers(model)), loss_candidates(model, kinds)
+    stream.start()
+    states: list[Any] = [None] * len(todo)
+    starting = {i: [c for c, t in enumerate(todo) if t[1] == i] for i in range(n)}
+
+    def each(j: int, layer: nn.Module, b: int, hidden: torch.Tensor, run: Callable) -> None:
+        for c, state in enumerate(states):  # candidates past their own layer run this one unchanged
+            if state is not None and todo[c][1] < j:
+                state.set(b, run(state.items[b].to(hidden.device)))
+        for c in starting[j]:
+            _, _, attn, mlp = todo[c]
+            with standins_swapped(model, j, attn, mlp):
+                out = run(hidden)
+            if states[c] is None:
+                states[c] = stream.new_store()
+            states[c].add(out.clone())  # a layer of two stand-ins may hand back `hidden` itself
+
+    stream.sweep(each, on_layer, progress)
+    base, totals, count = 0.0, [0.0] * len(todo), 0
+    with stream.head() as logits_of:
+        for b in range(len(stream.batches)):
+            ids, mask = stream.batch(b)
+            total, tokens = token_loss_sum(logits_of(b, stream.store.items[b]), ids, mask)
+            base, count = base + float(total), count + tokens
+            for c, state in enumerate(states):
+                totals[c] += float(token_loss_sum(logits_of(b, state.items[b]), ids, mask)[0])
+    layer_runs = n + sum(n - i - (kind == "block") for kind, i, _, _ in todo)
+    stored = sum(s.nbytes() for s in (stream.store, *states) if s is not None)
+    cost = {"forward_passes": layer_runs / n, "head_passes": 1 + len(todo), "candidates": len(todo),
+            "hidden_bytes": stored, "seconds": time.perf_counter() - start}
+    return _result(model, todo, totals, base, count, cost)

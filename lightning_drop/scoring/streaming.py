@@ -17,6 +17,11 @@ during the first pass) + one batch of activations, whatever the number of layers
 the same buffer (`safetensors_io.ReusedBuffer`), the hidden states are updated in place, and the heap's free
 pages are handed back after each layer (see `_trim_heap`).
 
+The `loss` metric streams too (`LayerStream`, driven by `loss_metric.streamed_loss_scores`): in one sweep per
+round each layer, read once, runs the base hidden states and the hidden states of every candidate that has
+reached it (a candidate starts at its own layer with its stand-ins swapped in), and the final norm and LM head
+then turn each into a loss. Memory adds one copy of the hidden states per candidate.
+
 `streamed_writer.write_dropped_streaming` writes the same checkpoint as `dropped_checkpoint.save_dropped` would for the in-memory
 model (same tensors, names, config, remote code, tokenizer files; each shard byte for byte what
 `safetensors` writes), one tensor at a time, copying tensors from the source shards and skipping the
@@ -33,18 +38,19 @@ import ctypes
 import os
 import tempfile
 from pathlib import Path
-from typing import Any, Callable, Iterable, Sequence
+from typing import Any, Callable, Iterable, Iterator, Sequence
 
 import torch
 from torch import nn
 
-from ..core.architectures import get_spec
-from ..io.dropped_checkpoint import is_llm_drop_config, read_config, require_weights
 from ..errors import UserError
+from .checkpoint_meta import check_weights, load_config, load_generation_config, meta_model  # noqa: F401  (re-export)
 from .forward_pass import as_batch, decoder_body, hidden_of
-from .importance import ImportanceAccumulator, ImportanceScores, compute_importance
+from .importance import KINDS, ImportanceAccumulator, ImportanceScores, compute_importance, model_metric_scores
+from .loss_metric import loss_scores, streamed_loss_scores
 from .metrics import ImportanceMetric, resolve_metric
-from ..core.modeling_dropped import apply_drop, dropped_classes, normalize_drop_list, register_auto_classes
+from ..core.architectures import get_spec
+from ..core.modeling_dropped import apply_drop
 
 # The safetensors reading and writing that lived here moved to `safetensors_io`; its names stay importable
 # from `lightning_drop.scoring.streaming`.
@@ -56,72 +62,6 @@ from ..io.safetensors_io import (  # noqa: F401  (INDEX_NAME, SINGLE_NAME, the h
     read_safetensors_header,
     write_safetensors,
 )
-
-
-# ------------------------------------------------------------------------------------------------ meta model
-def load_config(model_dir: str | os.PathLike) -> Any:
-    """The transformers config of a checkpoint directory (plain, dropped, or LLM-Drop reference format)."""
-    from transformers import AutoConfig
-
-    register_auto_classes()
-    raw = read_config(model_dir)
-    if is_llm_drop_config(raw):
-        spec = get_spec(raw["model_type"])
-        config_cls, _ = dropped_classes(spec)
-        cfg = dict(raw)
-        for key in ("auto_map", "architectures", "model_type"):
-            cfg.pop(key, None)
-        n = cfg.get("num_hidden_layers")
-        cfg["drop_attn_list"] = normalize_drop_list(cfg.get("drop_attn_list"), n)
-        cfg["drop_mlp_list"] = normalize_drop_list(cfg.get("drop_mlp_list"), n)
-        cfg["base_model_type"] = raw["model_type"]
-        return config_cls(**cfg)
-    get_spec(str(raw.get("model_type", "")))  # one-line error for an unsupported architecture
-    return AutoConfig.from_pretrained(str(model_dir))
-
-
-def meta_model(config: Any, dtype: torch.dtype = torch.float32) -> nn.Module:
-    """The CausalLM of `config` on the meta device (no storage), dropped stand-ins in place."""
-    import transformers
-
-    spec = get_spec(config)
-    config_cls, model_cls = dropped_classes(spec)
-    cls = model_cls if isinstance(config, config_cls) else getattr(transformers, spec.causal_lm_class)
-    with torch.device("meta"):
-        model = cls(config)
-    return model.to(dtype).eval()
-
-
-def check_weights(model_dir: str | os.PathLike, model: nn.Module) -> None:
-    """Refuse, before any layer runs, a checkpoint whose tensors are not exactly the (meta) model's.
-
-    What `dropped_checkpoint.load_complete` refuses for a loaded model, read from the safetensors headers:
-    a missing tensor would otherwise end the run late, an unexpected one be silently skipped.
-    """
-    import re
-
-    from transformers.modeling_utils import remove_tied_weights_from_state_dict
-
-    state = model.state_dict()
-    expected = {k: tuple(v.shape) for k, v in remove_tied_weights_from_state_dict(state, model).items()}
-    with SafetensorsShards(model_dir) as tensors:
-        found = {k: tuple(tensors._header(k)[1]) for k in tensors.keys()}
-
-    def ignored(key: str, patterns: Any) -> bool:
-        return any(re.search(p, key) for p in patterns or ())
-
-    missing = [k for k in expected if k not in found and not ignored(k, model._keys_to_ignore_on_load_missing)]
-    unexpected = [k for k in found if k not in state and not ignored(k, model._keys_to_ignore_on_load_unexpected)]
-    mismatched = [(k, found[k], expected[k]) for k in expected if k in found and found[k] != expected[k]]
-    require_weights(model_dir, missing, unexpected, mismatched)
-
-
-def load_generation_config(model_dir: Path, config: Any) -> Any:
-    from transformers import GenerationConfig
-
-    if (model_dir / "generation_config.json").is_file():
-        return GenerationConfig.from_pretrained(str(model_dir))
-    return GenerationConfig.from_model_config(config)
 
 
 # ------------------------------------------------------------------------------------ layer argument probing
@@ -266,12 +206,171 @@ def _batches(windows: Any, batch_size: int) -> list[dict[str, torch.Tensor]]:
 
 # ---------------------------------------------------------------------------------------------------- scoring
 def check_streamable(metric: ImportanceMetric, span: int | None = None) -> None:
-    """Refuse what one layer in memory cannot score: a model metric (`loss`) runs every layer after a
-    candidate's for each candidate, a span compares states several layers apart."""
-    if metric.model is not None or span is not None:
-        what = f"--metric {metric.name}" if metric.model is not None else "--span"
+    """Refuse what one layer in memory cannot score: a span compares states several layers apart, and a
+    model metric other than `loss` runs a model that is never built (`loss` streams each candidate's tail)."""
+    if span is not None or (metric.model is not None and metric.model is not loss_scores):
+        what = f"--metric {metric.name}" if span is None else "--span"
         raise UserError(f"{what} needs the whole model for every candidate, which --stream never holds: "
                         "leave out --stream (score in memory, e.g. --dtype bfloat16) or use --metric cosine")
+
+
+class _Replay(nn.Module):
+    """Stands in for every decoder layer when only the final norm and LM head are to run: the output is
+    the given last hidden states, whatever the input."""
+
+    def __init__(self) -> None:
+        super().__init__()
+        self.value: torch.Tensor | None = None
+
+    def forward(self, *args: Any, **kwargs: Any) -> Any:
+        return self.value
+
+
+class LayerStream:
+    """A checkpoint's CausalLM on the meta device and the hidden states of its calibration batches, run
+    one decoder layer at a time: each layer is read from the safetensors files, run over every batch and
+    freed. `stream_importance` scores with it; the `loss` metric (`streamed_loss_scores`) also runs every
+    candidate's tail and the LM head with it.
+
+    Use: construct (checks the weights), `start()` (layer-0 inputs), `sweep(...)` (every layer once),
+    `head()` (the logits of final hidden states), `close()`.
+    """
+
+    def __init__(self, model_dir: str | os.PathLike, windows: Any, batch_size: int = 4,
+                 device: str | torch.device = "cpu", offload_dir: str | os.PathLike | None = None,
+                 dtype: torch.dtype | str = torch.float32, drop_attn: Sequence[int] = (),
+                 drop_mlp: Sequence[int] = ()) -> None:
+        self.dtype = getattr(torch, dtype) if isinstance(dtype, str) else dtype
+        self.device, self.model_dir, self.offload_dir = torch.device(device), Path(model_dir), offload_dir
+        self.config = load_config(self.model_dir)
+        self.model = meta_model(self.config, self.dtype)
+        check_weights(self.model_dir, self.model)
+        # every name of each parameter: a tied LM head is stored under the embedding's name
+        names: dict[int, list[str]] = {}
+        for name, param in self.model.named_parameters(remove_duplicate=False):
+            names.setdefault(id(param), []).append(name)
+        self._aliases = {name: group for group in names.values() for name in group}
+        if drop_attn or drop_mlp:
+            apply_drop(self.model, attn=list(drop_attn), mlp=list(drop_mlp))
+        self.spec = get_spec(self.model)
+        self.layers = self.spec.get_layers(self.model)
+        self.decoder = decoder_body(self.model)
+        self.windows, self.batch_size = windows, batch_size
+        self.batches: list[dict[str, torch.Tensor]] = []
+        self.layer_loads, self.layer_bytes, self.embed_bytes = 0, 0, 0
+        self._stack = contextlib.ExitStack()
+        self.store = self.new_store()
+        self._weights = ReusedBuffer()
+
+    def new_store(self) -> _HiddenStore:
+        """An empty store of one hidden state per batch (memory-mapped under `offload_dir` if given)."""
+        store = _HiddenStore(self.offload_dir)
+        self._stack.callback(store.close)
+        return store
+
+    def batch(self, b: int) -> tuple[torch.Tensor, torch.Tensor | None]:
+        """(input ids, attention mask or None) of batch `b`, on the device."""
+        batch = self.batches[b]
+        mask = batch.get("attention_mask")
+        return batch["input_ids"].to(self.device), mask.to(self.device) if mask is not None else None
+
+    def start(self) -> list[int]:
+        """Read the embedding, store every batch's layer-0 input (exactly as the decoder computes it) and free
+        the embedding again; returns each batch's number of real tokens."""
+        self.batches = _batches(self.windows, self.batch_size)
+        if not self.batches:
+            raise UserError("no calibration data: the batches held no real tokens")
+        self.tensors = self._stack.enter_context(SafetensorsShards(self.model_dir))
+        _materialize_outside_layers(self.model, self.decoder, self.tensors, self.config, self.dtype, self.device)
+        embed = self.decoder.get_input_embeddings()
+        self.embed_bytes = sum(p.numel() * p.element_size() for p in embed.parameters())
+        self.probe = _LayerArgs(self.decoder, len(self.layers))
+        tokens = []
+        for b in range(len(self.batches)):
+            ids, mask = self.batch(b)
+            args, kwargs = self.probe(0, mask, input_ids=ids)
+            self.store.add(args[0] if args else kwargs["hidden_states"])
+            tokens.append(int(mask.sum()) if mask is not None else ids.numel())
+        _release(embed)
+        _trim_heap()
+        return tokens
+
+    def sweep(self, each: Callable[[int, nn.Module, int, torch.Tensor, Callable], None] | None = None,
+              on_layer: Callable[[int, nn.Module], None] | None = None, progress: bool = False) -> None:
+        """Every layer i in turn, read once: for each batch b, `each(i, layer, b, hidden, run)` (if given) sees
+        the batch's input `hidden` to layer i and `run`, which applies layer i to any hidden states of that
+        batch with the arguments the decoder would pass; then the stored state becomes layer i's output."""
+        order: Iterable[int] = range(len(self.layers))
+        if progress:
+            from tqdm.auto import tqdm
+
+            order = tqdm(order, desc="layers (streamed)", unit="layer")
+        # closing the bar at once ends its line, also when the loop is interrupted
+        with contextlib.closing(order) if progress else contextlib.nullcontext():
+            for i in order:
+                layer = self.layers[i]
+                names = {k: f"{self.spec.layer_prefix}.{i}.{k}" for k in layer.state_dict()}
+                state = self.tensors.get_many(names.values(), what=f"layer {i}", dtype=self.dtype, into=self._weights)
+                layer.load_state_dict({k: state[v] for k, v in names.items()}, assign=True, strict=True)
+                del state
+                layer.to(self.device)
+                self.layer_loads += 1
+                self.layer_bytes = max(self.layer_bytes, sum(p.numel() * p.element_size() for p in layer.parameters()))
+                for b in range(len(self.batches)):
+                    _, mask = self.batch(b)
+                    hidden = self.store.items[b].to(self.device)
+                    args, kwargs = self.probe(i, mask, inputs_embeds=hidden)
+
+                    def run(h: torch.Tensor, layer: nn.Module = layer, args: tuple = args,
+                            kwargs: dict = kwargs) -> torch.Tensor:
+                        return hidden_of(layer(h, *args[1:], **kwargs) if args
+                                         else layer(**{**kwargs, "hidden_states": h}))
+
+                    if each is not None:
+                        each(i, layer, b, hidden, run)
+                    self.store.set(b, run(hidden))
+                    del hidden, args, kwargs, run
+                if on_layer is not None:
+                    on_layer(i, layer)
+                _release(layer)
+                _trim_heap()
+
+    @contextlib.contextmanager
+    def head(self) -> Iterator[Callable[[int, torch.Tensor], torch.Tensor]]:
+        """Inside: `logits(b, last)` of batch b from its last layer's output, by the family's own forward
+        (final norm, LM head, any soft-capping) with every layer replaying `last`; the modules outside the
+        layers and the embedding are read once on entry and freed on exit."""
+        prefixes = (f"{self.spec.layer_prefix}.",
+                    next(f"{n}." for n, m in self.model.named_modules() if m is self.decoder.get_input_embeddings()))
+        wanted = [k for k in self.model.state_dict() if not k.startswith(prefixes)]
+        stored = set(self.tensors.keys())
+        source = {k: next((a for a in self._aliases.get(k, [k]) if a in stored), k) for k in wanted}
+        state = self.tensors.get_many(dict.fromkeys(source.values()), what="the final norm and LM head",
+                                      dtype=self.dtype, into=ReusedBuffer())
+        self.model.load_state_dict({k: state[v] for k, v in source.items()}, assign=True, strict=False)
+        owners = [self.model.get_submodule(k.rpartition(".")[0]) for k in wanted]
+        for module in owners:
+            module.to(self.device)
+        replay = _Replay()
+        replays = nn.ModuleList([replay] * len(self.layers))
+
+        def logits(b: int, last: torch.Tensor) -> torch.Tensor:
+            _, mask = self.batch(b)
+            real, self.decoder.layers, replay.value = self.decoder.layers, replays, last.to(self.device)
+            try:
+                return self.model(inputs_embeds=replay.value, attention_mask=mask, use_cache=False).logits
+            finally:
+                self.decoder.layers, replay.value = real, None
+
+        try:
+            yield logits
+        finally:
+            for module in owners:
+                _release(module)
+            _trim_heap()
+
+    def close(self) -> None:
+        self._stack.close()
 
 
 @torch.no_grad()
@@ -281,7 +380,8 @@ def stream_importance(model_dir: str | os.PathLike, windows: Any,
                       dtype: torch.dtype | str = torch.float32, drop_attn: Sequence[int] = (),
                       drop_mlp: Sequence[int] = (), seed: int = 0, progress: bool = False,
                       stats: dict[str, Any] | None = None,
-                      on_layer: Callable[[int, nn.Module], None] | None = None) -> ImportanceScores:
+                      on_layer: Callable[[int, nn.Module], None] | None = None,
+                      kinds: Sequence[str] = KINDS) -> ImportanceScores:
     """`compute_importance` of the checkpoint in `model_dir` with one decoder layer in memory at a time.
 
     `windows` is a LongTensor (samples x seq_len, cut into `batch_size` batches) or an iterable of batches
@@ -290,81 +390,31 @@ def stream_importance(model_dir: str | os.PathLike, windows: Any,
     sizes that bound memory (bytes of the largest layer, the embedding and the hidden states). `on_layer(i,
     layer)` is called once layer i has run over every batch, before its weights are released (memory probes,
     progress); the layer's weights are views of a buffer that the next layer overwrites, so keep none of them.
+    `kinds`: the rows the `loss` metric scores (its cost grows with the candidates; see `streamed_loss_scores`).
     """
     measure = resolve_metric(metric)
     check_streamable(measure)
-    if isinstance(dtype, str):
-        dtype = getattr(torch, dtype)
-    device = torch.device(device)
-    model_dir = Path(model_dir)
-    config = load_config(model_dir)
-    model = meta_model(config, dtype)
-    check_weights(model_dir, model)
-    if drop_attn or drop_mlp:
-        apply_drop(model, attn=list(drop_attn), mlp=list(drop_mlp))
-    if measure.positional is not None:  # no data pass, nothing loaded
-        return compute_importance(model, [], metric=measure, seed=seed)
-    spec = get_spec(model)
-    layers = spec.get_layers(model)
-    decoder = decoder_body(model)
-    batches = _batches(windows, batch_size)
-    if not batches:
-        raise UserError("no calibration data: the batches held no real tokens")
-    acc = ImportanceAccumulator(model, measure, spec).to(device)
-    store = _HiddenStore(offload_dir)
-    weights = ReusedBuffer()
-    layer_bytes = 0
+    stream = LayerStream(model_dir, windows, batch_size, device, offload_dir, dtype, drop_attn, drop_mlp)
     try:
-        with SafetensorsShards(model_dir) as tensors:
-            _materialize_outside_layers(model, decoder, tensors, config, dtype, device)
-            embed = decoder.get_input_embeddings()
-            embed_bytes = sum(p.numel() * p.element_size() for p in embed.parameters())
-            probe = _LayerArgs(decoder, len(layers))
-            for batch in batches:  # layer-0 inputs, exactly as the decoder computes them
-                mask = batch.get("attention_mask")
-                args, kwargs = probe(0, mask.to(device) if mask is not None else None,
-                                     input_ids=batch["input_ids"].to(device))
-                store.add(args[0] if args else kwargs["hidden_states"])
-                acc.count_tokens(int(mask.sum()) if mask is not None else batch["input_ids"].numel())
+        if measure.positional is not None:  # no data pass, nothing loaded
+            return compute_importance(stream.model, [], metric=measure, seed=seed)
+        if measure.model is not None:
+            out = streamed_loss_scores(stream, kinds, on_layer=on_layer, progress=progress)
+            scores = model_metric_scores(measure, stream.model, out)
+        else:
+            acc = ImportanceAccumulator(stream.model, measure, stream.spec).to(stream.device)
+            for count in stream.start():
+                acc.count_tokens(count)
             if acc.num_tokens == 0:
                 raise UserError("no calibration data: the batches held no real tokens")
-            _release(embed)
-            _trim_heap()
-            order: Iterable[int] = range(len(layers))
-            if progress:
-                from tqdm.auto import tqdm
-
-                order = tqdm(order, desc="layers (streamed)", unit="layer")
-            # closing the bar at once ends its line, also when the loop is interrupted
-            with acc.hooks(), contextlib.closing(order) if progress else contextlib.nullcontext():
-                for i in order:
-                    layer = layers[i]
-                    names = {k: f"{spec.layer_prefix}.{i}.{k}" for k in layer.state_dict()}
-                    state = tensors.get_many(names.values(), what=f"layer {i}", dtype=dtype, into=weights)
-                    layer.load_state_dict({k: state[v] for k, v in names.items()}, assign=True, strict=True)
-                    del state
-                    layer.to(device)
-                    layer_bytes = max(layer_bytes, sum(p.numel() * p.element_size() for p in layer.parameters()))
-                    for b, batch in enumerate(batches):
-                        mask = batch.get("attention_mask")
-                        mask = mask.to(device) if mask is not None else None
-                        hidden = store.items[b].to(device)
-                        args, kwargs = probe(i, mask, inputs_embeds=hidden)
-                        acc.set_mask(mask)
-                        if args:
-                            out = layer(hidden, *args[1:], **kwargs)
-                        else:
-                            out = layer(**{**kwargs, "hidden_states": hidden})
-                        store.set(b, hidden_of(out))
-                        del out, hidden, args, kwargs
-                    if on_layer is not None:
-                        on_layer(i, layer)
-                    _release(layer)
-                    _trim_heap()
+            with acc.hooks():
+                stream.sweep(lambda i, layer, b, hidden, run: acc.set_mask(stream.batch(b)[1]), on_layer, progress)
+            scores = acc.scores()
         if stats is not None:
-            stats.update(layer_bytes=layer_bytes, embedding_bytes=embed_bytes, hidden_bytes=store.nbytes())
+            stats.update(layer_bytes=stream.layer_bytes, embedding_bytes=stream.embed_bytes,
+                         hidden_bytes=stream.store.nbytes())
     finally:
-        store.close()
-    scores = acc.scores()
+        stream.close()
     scores.extra["streamed"] = True
+    scores.extra["layer_loads"] = stream.layer_loads
     return scores

@@ -203,6 +203,29 @@ class SelectionSpec:
 
 
 @dataclass
+class TrackSpec:
+    """The importance of every block, attention and MLP layer across a series of checkpoints of the study's
+    model (the paper's Figure 7: redundancy through training), scored on the study's calibration windows by
+    the code of `lightning-drop track`. `models`: in order, training checkpoints (.ckpt) of a DropModule fit,
+    Hugging Face directories, catalogue names or hub ids with @revision; all of the study model's
+    architecture and vocabulary (the windows are cut by its tokenizer)."""
+
+    models: list[str] = field(default_factory=list)
+    metric: str = "cosine"
+    linear_color: bool = False
+
+    def check(self, where: str, model: str) -> None:
+        from ...scoring.metrics import resolve_metric
+        from ..track import series_items
+
+        try:
+            resolve_metric(self.metric)
+        except UserError as err:
+            raise UserError(f"{where}.metric: {err}") from None
+        series_items(self.models, f"{where}.models", like=model)  # reads configs only, no weights
+
+
+@dataclass
 class StudyConfig:
     """A study: what `configs/study/*.yaml` holds (validated on construction through `from_dict`)."""
 
@@ -218,6 +241,7 @@ class StudyConfig:
     checkpoint: CheckpointSpec | None = None
     selection: SelectionSpec = field(default_factory=SelectionSpec)
     recovery: RecoverySpec | None = None
+    track: TrackSpec | None = None
 
     def check(self) -> None:
         if self.dtype not in ("auto", "float32", "bfloat16", "float16"):
@@ -249,6 +273,8 @@ class StudyConfig:
             if source in self.eval.domains:
                 raise UserError(f"recovery.train.source: {source} is also in eval.domains, whose held-out windows "
                                 "would be trained on; train on another source")
+        if self.track is not None:  # last: it reads the checkpoints' configs
+            self.track.check("track", self.model)
 
     def _check_heldout(self) -> None:
         """Held-out perplexity windows start after the calibration tokens, which a shuffled calibration breaks."""

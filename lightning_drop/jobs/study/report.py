@@ -181,10 +181,12 @@ def write_report(doc: Mapping[str, Any], out_dir: str | os.PathLike) -> Path:
         md += ["", "## Automated selection", "", doc["selection"]["message"]]
     # sections of a table with its figure: (title, (header, rows, figure, caption)) where the study has them
     from .rules_report import rules_section
+    from .track_axis import TRACK_TITLE, track_section
 
     sections = [(title, sec) for title, sec in ((KINDS_TITLE, _kinds(doc)), (RULES_TITLE, rules_section(doc, fig_dir)),
                                                 (CONTEXT_TITLE, _context(doc, fig_dir)),
-                                                ("Recovery", _recovery(doc, fig_dir))) if sec is not None]
+                                                ("Recovery", _recovery(doc, fig_dir)),
+                                                (TRACK_TITLE, track_section(doc, fig_dir))) if sec is not None]
     for title, (header, rows, fig, caption) in sections:
         md += ["", f"## {title}", "", caption, "", "| " + " | ".join(header) + " |", "|" + "---|" * len(header)]
         md += ["| " + " | ".join(row) + " |" for row in rows]

@@ -136,6 +136,11 @@ class Study:
                "notes": self.inputs.notes, "heldout": {"perplexity": self.points.eval_key()["perplexity"]},
                "computed_this_run": dict(self.cache.computed), "reused_this_run": dict(self.cache.reused),
                "retimed_this_run": self.cache.retimed, "machine": self.points.machine(), "seconds_this_run": None}
+        if self.cfg.track is not None:
+            from .track_axis import track_history
+
+            doc["track"] = track_history(self.inputs, self.cache, self.keys, self.out)
+            doc["computed_this_run"], doc["reused_this_run"] = dict(self.cache.computed), dict(self.cache.reused)
         from .kinds_report import kinds_summary
 
         by_kind = kinds_summary(doc)  # hybrids: token-mixer importance per mixer kind
