@@ -45,7 +45,7 @@ def test_drop_parser_defaults_match_the_library():
     """The parser's choices and defaults come from the light options module; the library uses the same ones."""
     from lightning_drop.cli import build_parser
     from lightning_drop.io.text_data import CalibrationConfig
-    from lightning_drop.scoring.importance import METRICS
+    from lightning_drop.core.options import METRICS
     from lightning_drop.core.options import CalibrationConfig as LightCalibrationConfig
     from lightning_drop.core.options import SCHEDULES, TARGETS
 

@@ -37,7 +37,7 @@ class ImportanceTracker(Callback):
 
     Args:
         every_n_steps: score every this many optimizer steps (also at fit start and fit end).
-        metric: importance metric (`lightning_drop.scoring.importance.METRICS`).
+        metric: importance metric (`lightning_drop.core.options.METRICS`).
         calibration_source / calibration_samples / calibration_seq_len / calibration_batch_size: as on
             `LayerDrop` (None = the datamodule's `calibration_batch()`).
         calibration_limit: keep only the first rows (windows, images) of the datamodule's calibration batch.

@@ -126,8 +126,10 @@ def run_drop_streamed(job: DropJob, progress: bool = True) -> dict[str, Any]:
         raise UserError(f"--stream needs a local checkpoint directory with config.json and safetensors files, "
                          f"got '{job.model}'")
     config = read_config(path)
-    n_layers = int(config["num_hidden_layers"])
     from ..core.modeling_dropped import normalize_drop_list
+    from ..scoring.checkpoint_meta import load_config
+
+    n_layers = int(load_config(path).num_hidden_layers)  # some configs derive it (Nemotron-H: from its pattern)
 
     base_attn = normalize_drop_list(config.get("drop_attn_list"), n_layers)
     base_mlp = normalize_drop_list(config.get("drop_mlp_list"), n_layers)

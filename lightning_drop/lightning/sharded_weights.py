@@ -50,7 +50,7 @@ def empty_model(directory: str | os.PathLike, dtype: torch.dtype) -> nn.Module:
     from accelerate import init_empty_weights
 
     from ..core.modeling_dropped import dropped_classes
-    from ..scoring.streaming import load_config
+    from ..scoring.checkpoint_meta import load_config
 
     config = load_config(directory)
     spec = get_spec(config)

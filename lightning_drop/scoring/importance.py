@@ -28,7 +28,6 @@ from ..core.modeling_dropped import dropped_layers
 from ..core.standins import is_standin
 from .forward_pass import hidden_of, model_inputs, run_forward
 from .metrics import ImportanceMetric, positional_scores, resolve_metric, token_scores
-from ..core.options import METRICS  # noqa: F401  (the shipped names, for callers that list them)
 
 KINDS = ("attn", "mlp", "block")
 

@@ -1,7 +1,7 @@
 """The dropped checkpoint of a model larger than memory, written shard by shard from the source's files.
 
 `write_dropped_streaming` makes the choices `dropped_checkpoint.save_dropped` makes for the in-memory model
-(drop lists, compacted blocks, remote code) on a meta-device copy (`streaming.meta_model`), then copies
+(drop lists, compacted blocks, remote code) on a meta-device copy (`checkpoint_meta.meta_model`), then copies
 every kept tensor from the source shards into new ones, one slice of one tensor at a time; each shard is
 byte for byte what `safetensors` writes, and the checkpoint appears atomically.
 """
@@ -30,7 +30,7 @@ from ..io.safetensors_io import (
     is_float_dtype,
     write_safetensors,
 )
-from .streaming import load_generation_config, load_config, meta_model
+from .checkpoint_meta import load_config, load_generation_config, meta_model
 
 
 def _parse_size(size: int | str) -> int:

@@ -44,7 +44,7 @@ import torch
 from torch import nn
 
 from ..errors import UserError
-from .checkpoint_meta import check_weights, load_config, load_generation_config, meta_model  # noqa: F401  (re-export)
+from .checkpoint_meta import check_weights, load_config, meta_model
 from .forward_pass import as_batch, decoder_body, hidden_of
 from .importance import KINDS, ImportanceAccumulator, ImportanceScores, compute_importance, model_metric_scores
 from .loss_metric import loss_scores, streamed_loss_scores
@@ -52,16 +52,7 @@ from .metrics import ImportanceMetric, resolve_metric
 from ..core.architectures import get_spec
 from ..core.modeling_dropped import apply_drop
 
-# The safetensors reading and writing that lived here moved to `safetensors_io`; its names stay importable
-# from `lightning_drop.scoring.streaming`.
-from ..io.safetensors_io import (  # noqa: F401  (INDEX_NAME, SINGLE_NAME, the header reader, writer: re-exports)
-    INDEX_NAME,
-    SINGLE_NAME,
-    ReusedBuffer,
-    SafetensorsShards,
-    read_safetensors_header,
-    write_safetensors,
-)
+from ..io.safetensors_io import ReusedBuffer, SafetensorsShards
 
 
 # ------------------------------------------------------------------------------------ layer argument probing
