@@ -92,6 +92,29 @@ def test_lm_eval_tiny_model_on_local_hellaswag_sample(tiny, tmp_path):
     assert res["average_stderr"] == pytest.approx(se)  # one task: the average is its score
 
 
+@needs_data
+def test_a_task_of_the_include_path_is_found_without_lm_evals_own_index(tmp_path, monkeypatch):
+    """Indexing lm-eval's several thousand shipped task YAMLs costs seconds on every call: a task the include
+    path defines is built from that path's index alone."""
+    import lm_eval.tasks
+
+    from lightning_drop.measure.evaluation import prepare_lm_eval
+
+    indexed: list[bool] = []
+    real = lm_eval.tasks.TaskManager
+
+    class Recording(real):
+        def __init__(self, *args, include_defaults: bool = True, **kwargs):
+            indexed.append(include_defaults)
+            super().__init__(*args, include_defaults=include_defaults, **kwargs)
+
+    monkeypatch.setattr(lm_eval.tasks, "TaskManager", Recording)
+    include = local_task_dir({"hellaswag_sample": _rows(tmp_path, 3)}, tmp_path / "tasks")
+    prepared = prepare_lm_eval(["hellaswag_sample"], limit=3, include_path=include)
+    assert indexed == [False]
+    assert len(prepared.loaded[None]["tasks"]["hellaswag_sample"].eval_docs) == 3
+
+
 def test_average_stderr_of_independent_tasks():
     from lightning_drop.measure.evaluation import average_stderr, primary_stderr, result_stderrs
 

@@ -152,8 +152,6 @@ def prepare_lm_eval(tasks: Sequence[str] | str, num_fewshot: int | Mapping[str, 
     """Find and build the tasks (this loads their data) and check the limit against their documents, so that
     every mistake in the request — an unknown task, a dataset only the network has, a limit too large —
     is reported before any model loads."""
-    from lm_eval.tasks import TaskManager
-
     plan = resolve_tasks(tasks, num_fewshot=num_fewshot)
     if limit is not None and limit <= 0:
         raise UserError(f"limit must be > 0, got {limit}")
@@ -163,7 +161,7 @@ def prepare_lm_eval(tasks: Sequence[str] | str, num_fewshot: int | Mapping[str, 
             if not Path(p).exists():
                 raise FileNotFoundError(f"include_path not found: {p}")
         include_path = [str(p) for p in paths]
-    tm = TaskManager(include_path=include_path)
+    tm = _task_manager(list(plan), include_path)
     missing = [t for t in plan if t not in tm.all_tasks]
     if missing:
         raise UserError(f"unknown lm-eval task(s) {missing}; pass {param('include_path', 'DIR', 'DIR')} for local "
@@ -185,6 +183,22 @@ def prepare_lm_eval(tasks: Sequence[str] | str, num_fewshot: int | Mapping[str, 
             raise _needs_network(tm, names, err) from None
     _check_limit({name: task for d in loaded.values() for name, task in d["tasks"].items()}, limit)
     return PreparedTasks(plan, tm, loaded, limit)
+
+
+def _task_manager(names: Sequence[str], include_path: list[str] | None) -> Any:
+    """lm-eval's task index over `include_path` alone when it defines every task asked for (as a task, not a
+    group or tag, which may name lm-eval's own); over lm-eval's several thousand shipped YAMLs too otherwise.
+
+    Indexing the shipped YAMLs takes seconds on every call, more than a small evaluation; an include path's
+    task takes precedence over a shipped one of the same name either way, so both indexes give the same task.
+    """
+    from lm_eval.tasks import TaskManager
+
+    if include_path:
+        local = TaskManager(include_path=include_path, include_defaults=False)
+        if set(names) <= set(local.all_subtasks):
+            return local
+    return TaskManager(include_path=include_path)
 
 
 def _undefined(names: Sequence[str], err: Exception) -> UserError:

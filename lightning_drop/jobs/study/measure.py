@@ -341,8 +341,8 @@ class PointEvaluator:
     def mc_eval(self, model: Any, mc: MCSpec) -> dict[str, Any]:
         """lm-eval on the in-memory model, with one TaskManager that indexes only the study's tasks.
 
-        (`evaluation.run_lm_eval` builds a TaskManager over all of lm-eval's several thousand task YAMLs on
-        every call, which costs more than the evaluation itself at this size.)
+        (`evaluation.run_lm_eval` builds a TaskManager on every call, which costs more than the evaluation
+        itself at this size.)
         """
         from lm_eval import simple_evaluate
         from lm_eval.tasks import TaskManager
