@@ -113,3 +113,11 @@ class DroppedIdentity(nn.Identity):
         weight = getattr(old, "weight", None)
         if isinstance(weight, torch.Tensor):
             self.register_buffer("weight", weight.new_zeros(()), persistent=False)
+
+    def _apply(self, fn: Any, recurse: bool = True) -> "DroppedIdentity":
+        # On a model built on the meta device (streamed or sharded loading) the marker has no data, and no
+        # checkpoint holds it: it is a zero, so it is made real before a move, which would refuse to copy it.
+        weight = self._buffers.get("weight")
+        if weight is not None and weight.is_meta:
+            self._buffers["weight"] = torch.zeros((), dtype=weight.dtype)
+        return super()._apply(fn, recurse)
