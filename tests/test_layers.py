@@ -211,11 +211,6 @@ def test_the_graph_check_sees_a_cycle_a_string_import_and_a_private_name(tmp_pat
 
 #: (old module, new module, names that moved there): code written against the old paths keeps working.
 MOVED_NAMES = [
-    ("lightning_drop.scoring.streaming", "lightning_drop.scoring.checkpoint_meta", [
-        "check_weights", "load_config", "load_generation_config", "meta_model"]),
-    ("lightning_drop.scoring.streaming", "lightning_drop.io.safetensors_io", [
-        "INDEX_NAME", "SINGLE_NAME", "ReusedBuffer", "SafetensorsShards", "read_safetensors_header",
-        "write_safetensors"]),
     ("lightning_drop.measure.quantize", "lightning_drop.measure.quality_table", [
         "QUALITY_TABLE", "TABLE_ORDER", "format_quality_table", "quality_report", "quality_table",
         "write_quality_table"]),

@@ -26,7 +26,9 @@ def weight_bytes(model: nn.Module) -> int:
     """Bytes of parameters and persistent buffers (tied tensors counted once)."""
     seen: set[int] = set()
     total = 0
-    for t in list(model.parameters()) + list(model.buffers()):
+    persistent = [buf for mod in model.modules() for name, buf in mod.named_buffers(recurse=False)
+                  if name not in mod._non_persistent_buffers_set]  # what a checkpoint holds, no rotary tables
+    for t in list(model.parameters()) + persistent:
         if t.data_ptr() in seen:
             continue
         seen.add(t.data_ptr())
