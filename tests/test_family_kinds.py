@@ -173,6 +173,8 @@ DROP = ["drop", "--calibration", "c4-sample", "--num-samples", "4", "--seq-len",
     (["--model", "tiny-jamba", "--num", "4"], "would have none"),
     (["--model", "tiny-jamba", "--num", "1", "--mixers", "mamba", "--target", "mlp"], "restricts --target attn"),
     (["--model", "tiny-lfm2", "--num", "3", "--mixers", "conv"], "cannot drop 3 attn"),
+    (["--model", "tiny-nemotron_h", "--num", "3"], "would have none"),  # one sublayer per layer: 3 mixers
+    (["--model", "tiny-nemotron_h", "--num", "1", "--mixers", "conv"], "no such token mixer"),
 ])
 def test_bad_mixer_requests_are_one_line_and_write_nothing(tmp_path, capsys, extra, expect):
     (tmp_path / "mine.txt").write_text("keep me")
