@@ -8,14 +8,12 @@ anything fails.
 from __future__ import annotations
 
 import hashlib
-import json
 import subprocess
 import sys
 from pathlib import Path
 from typing import Callable
 
 import pytest
-import torch
 
 from lightning_drop.cli import main
 from lightning_drop.io.tiny_models import tiny_model
@@ -29,33 +27,6 @@ def _fingerprint(root: Path) -> dict[str, str]:
         rel = str(p.relative_to(root))
         out[rel] = "dir" if p.is_dir() else hashlib.sha256(p.read_bytes()).hexdigest()
     return out
-
-
-@pytest.fixture(scope="module")
-def world(tmp_path_factory, c4_path) -> dict[str, Path]:
-    """Inputs every case can point at: a saved tiny model, data files, a user's folder with a file in it."""
-    import lightning_drop as ld
-
-    root = tmp_path_factory.mktemp("world")
-    model, tok = tiny_model("llama")
-    ld.save_dropped(model, root / "model", tok)
-    nan_model, _ = tiny_model("llama")
-    with torch.no_grad():
-        for p in nan_model.parameters():
-            p.fill_(float("nan"))
-    ld.save_dropped(nan_model, root / "nan-model", tok)
-    (root / "user").mkdir()
-    (root / "user" / "notes.txt").write_text("mine")
-    (root / "results.json").write_text('{"mine": true}\n')
-    lines = c4_path.read_text().splitlines()[:40]
-    (root / "c4.jsonl").write_text("\n".join(lines) + "\n")
-    (root / "notext.jsonl").write_text("\n".join(json.dumps({"body": json.loads(x)["text"]}) for x in lines) + "\n")
-    (root / "latin1.txt").write_bytes("caf\xe9 cr\xe8me ".encode("latin-1") * 200)
-    (root / "empty.jsonl").write_text("\n")
-    hs = [{"ctx": "a b", "endings": ["c", "d", "e", "f"]}] * 3  # no "label"
-    (root / "hs_nolabel.jsonl").write_text("\n".join(json.dumps(r) for r in hs) + "\n")
-    (root / "hs.jsonl").write_text("\n".join(json.dumps({**r, "label": 1}) for r in hs) + "\n")
-    return root
 
 
 def _copy_model(world: Path, name: str, tmp: Path) -> Path:

@@ -15,8 +15,7 @@ import signal
 from pathlib import Path
 
 import pytest
-import torch
-from test_bad_inputs import ERROR_LINE, _fingerprint, world  # noqa: F401  (world: the shared inputs fixture)
+from test_bad_inputs import ERROR_LINE, _fingerprint
 
 from lightning_drop.cli import main
 

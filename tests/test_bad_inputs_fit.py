@@ -14,7 +14,7 @@ from typing import Callable
 import pytest
 import torch
 import yaml
-from test_bad_inputs import FIT, _fingerprint, world  # noqa: F401  (world: a fixture)
+from test_bad_inputs import FIT, _fingerprint
 from test_configs import REPO, shrink
 
 from lightning_drop.cli import main

@@ -16,7 +16,7 @@ import pytest
 import torch
 from safetensors import safe_open
 from safetensors.torch import load_file, save_file
-from test_bad_inputs import _copy_model, _fails_in_one_line, world  # noqa: F401  (world: the shared fixture)
+from test_bad_inputs import _copy_model, _fails_in_one_line
 
 import lightning_drop as ld
 from lightning_drop.cli import main

@@ -16,7 +16,7 @@ from pathlib import Path
 
 import pytest
 import yaml
-from test_bad_inputs import COMMON, D, ERROR_LINE, FIT, _fails_in_one_line, _fingerprint, world  # noqa: F401
+from test_bad_inputs import COMMON, D, ERROR_LINE, FIT, _fails_in_one_line, _fingerprint
 from test_study import tiny_config
 
 from lightning_drop.cli import main

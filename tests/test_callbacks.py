@@ -12,7 +12,7 @@ import pytest
 import torch
 from lightning.pytorch.utilities.exceptions import MisconfigurationException
 
-from lightning_drop.callbacks import Distillation, ImportanceTracker, LayerDrop, LoRARecovery, PerplexityCallback
+from lightning_drop.callbacks import ImportanceTracker, LayerDrop, LoRARecovery, PerplexityCallback
 from lightning_drop.lightning.datamodule import TextDataModule
 from lightning_drop.core.modeling_dropped import dropped_layers
 from lightning_drop.lightning.module import DropModule

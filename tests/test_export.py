@@ -18,7 +18,8 @@ gguf = pytest.importorskip("gguf")
 
 from lightning_drop.io.dropped_checkpoint import save_dropped  # noqa: E402
 from lightning_drop.export import export_gguf, export_nemotron_nas, load_nemotron_nas  # noqa: E402
-from lightning_drop.export.nemotron import choose_ffn_mult, ffn_mult_to_intermediate_size  # noqa: E402
+from lightning_drop.export.nemotron import choose_ffn_mult  # noqa: E402
+from lightning_drop.io.nemotron_nas import ffn_mult_to_intermediate_size  # noqa: E402
 from lightning_drop.core.modeling_dropped import apply_drop, dropped_layers  # noqa: E402
 from lightning_drop.io.tiny_models import tiny_model  # noqa: E402
 

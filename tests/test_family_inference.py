@@ -3,7 +3,6 @@ or refused in one line naming what did not match, before its weights load and wi
 
 from __future__ import annotations
 
-import hashlib
 
 import pytest
 
@@ -13,11 +12,8 @@ from lightning_drop.core import architectures
 from lightning_drop.errors import UserError
 from lightning_drop.io.family_inference import infer_spec, prove_spec, spec_or_inferred
 from lightning_drop.io.model_loading import load_model, tiny_model
+from test_bad_inputs import _fingerprint
 
-
-def _fingerprint(root):
-    return {str(p.relative_to(root)): p.is_dir() or hashlib.sha256(p.read_bytes()).hexdigest()
-            for p in sorted(root.rglob("*"))}
 
 
 @pytest.fixture

@@ -9,9 +9,7 @@ restricts a drop to kinds.
 
 from __future__ import annotations
 
-import hashlib
 import json
-from pathlib import Path
 
 import pytest
 import torch
@@ -22,6 +20,7 @@ from lightning_drop.cli import main
 from lightning_drop.io.model_loading import tiny_model
 from lightning_drop.measure.plots import MIXER_LABELS, score_panel
 from lightning_drop.measure.memory import cache_bytes_by_kind
+from test_bad_inputs import _fingerprint
 from lightning_drop.scoring.importance import compute_importance
 
 X = torch.randint(0, 256, (2, 20), generator=torch.Generator().manual_seed(0))
@@ -158,10 +157,6 @@ def test_hybrid_mixer_kinds_scores_and_state(family):
     assert cached.shape == full_gen.shape
     assert compute_importance(model, [X]).attn[recurrent[0]] is None
 
-
-def _fingerprint(root: Path) -> dict[str, str]:
-    return {str(p.relative_to(root)): "dir" if p.is_dir() else hashlib.sha256(p.read_bytes()).hexdigest()
-            for p in sorted(root.rglob("*"))}
 
 
 DROP = ["drop", "--calibration", "c4-sample", "--num-samples", "4", "--seq-len", "32", "--target", "attn"]

@@ -22,7 +22,8 @@ from lightning_drop.callbacks._common import rebuild_optimizers
 from lightning_drop.callbacks.fit_end import FitEnd, FitEndMember
 from lightning_drop.lightning.datamodule import TextDataModule
 from lightning_drop.core.modeling_dropped import dropped_layers
-from lightning_drop.lightning.module import DropModule, build_model
+from lightning_drop.lightning.module import DropModule
+from lightning_drop.lightning.task import build_model
 
 torch.set_num_threads(1)
 

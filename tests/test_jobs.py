@@ -11,7 +11,6 @@ from pathlib import Path
 from typing import Literal
 
 import pytest
-import yaml
 
 from lightning_drop.cli import COMMANDS, build_parser
 from lightning_drop.errors import UserError

@@ -11,7 +11,7 @@ import pytest
 import torch
 from lightning.pytorch.utilities.exceptions import MisconfigurationException
 
-from test_bad_inputs import COMMON, D, _fails_in_one_line, world  # noqa: F401  (world: a fixture)
+from test_bad_inputs import COMMON, D, _fails_in_one_line
 from test_bad_inputs_fit import _yaml
 from lightning_drop.callbacks import LayerDrop
 from lightning_drop.core.modeling_dropped import apply_drop

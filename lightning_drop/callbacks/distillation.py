@@ -53,7 +53,7 @@ from lightning.pytorch.utilities.exceptions import MisconfigurationException
 from torch import nn
 
 from lightning_drop.errors import UserError
-from lightning_drop.lightning.module import lm_batch
+from lightning_drop.lightning.task import lm_batch
 from lightning_drop.io.teacher_logits import TeacherLogitStore, check_store_options, fingerprint
 from lightning_drop.lightning.distributed import is_fsdp2
 

@@ -143,7 +143,7 @@ class LMEvalCallback(FitEndMeasurement):
             metrics[f"{self.prefix}average"] = res["average"]
             log_to_loggers(trainer, metrics)
             if self.output:
-                from lightning_drop.measure.evaluation import write_json
+                from lightning_drop.io.atomic_io import write_json
 
                 write_json(self.output, res)
             from lightning_drop.measure.evaluation import plus_minus, result_stderrs
@@ -201,7 +201,7 @@ class PerplexityCallback(FitEndMeasurement):
             self.value = self.compute(model, tok)
             log_to_loggers(trainer, {self.name: self.value})
             if self.output:
-                from lightning_drop.measure.evaluation import write_json
+                from lightning_drop.io.atomic_io import write_json
 
                 write_json(self.output, {"perplexity": self.value, "data": self.data, "seq_len": self.seq_len,
                                          "num_windows": self.num_windows, "global_step": trainer.global_step})

@@ -25,11 +25,11 @@ from lightning.pytorch.callbacks import Callback
 from lightning.pytorch.utilities.exceptions import MisconfigurationException
 
 from lightning_drop.io.atomic_io import atomic_file
-from lightning_drop.measure.importance_history import HEATMAP_PNG, HISTORY_JSON, KINDS, history_figure, write_history
+from lightning_drop.measure.importance_history import HEATMAP_PNG, KINDS, history_figure, write_history
 
 from ._common import CalibrationSource, hf_of, log_to_loggers
 
-__all__ = ["HISTORY_JSON", "KINDS", "ImportanceTracker"]
+__all__ = ["ImportanceTracker"]
 
 
 class ImportanceTracker(Callback):

@@ -22,7 +22,7 @@ from typing import Any
 import lightning.pytorch as pl
 from lightning.pytorch.utilities import rank_zero_info
 
-from lightning_drop.measure.quantize import BACKENDS, BITS, METHODS, QUANT_REPORT, check_args, require_backend
+from lightning_drop.measure.quantize import QUANT_REPORT, check_args, require_backend
 
 from ..errors import UserError
 from ._common import log_to_loggers
@@ -131,4 +131,4 @@ class QuantizeCallback(FitEndMeasurement):
         return self.result if trainer.is_global_zero else None
 
 
-__all__ = ["QuantizeCallback", "METHODS", "BITS", "BACKENDS"]
+__all__ = ["QuantizeCallback"]

@@ -99,7 +99,7 @@ class SpeedBenchmark(FitEndMeasurement):
                     metrics[k] = res[k]
             log_to_loggers(trainer, {f"{self.prefix}{k}": v for k, v in metrics.items()})
             if self.output:
-                from lightning_drop.measure.evaluation import write_json
+                from lightning_drop.io.atomic_io import write_json
 
                 write_json(self.output, res)
             from lightning_drop.measure.speed import print_speed

@@ -25,7 +25,7 @@ from torch import nn
 from lightning_drop.errors import UserError
 from lightning_drop.io.teacher_logits import TeacherLogitStore, output_vocab_size, prepare_store, training_windows
 from lightning_drop.lightning.distributed import is_fsdp2, is_sharded, shard_model
-from lightning_drop.lightning.module import model_from_config
+from lightning_drop.io.training_checkpoint import model_from_config
 from lightning_drop.lightning.sharded_weights import full_tensors
 
 from ._common import hf_of

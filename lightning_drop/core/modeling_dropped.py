@@ -36,10 +36,10 @@ except ImportError:  # pragma: no cover - imported as a flat module next to a ch
                           DroppedResidualOutput, DroppedWindowAttention, is_standin)
 
 try:  # inside the package
-    from .architectures import (ALL_SPECS, ATTENTION_LAYER_TYPES, DROPPED_PREFIX, SPECS, ArchSpec,  # noqa: F401
+    from .architectures import (ALL_SPECS, ATTENTION_LAYER_TYPES, DROPPED_PREFIX, ArchSpec,
                                 get_spec, spec_for_model_type)
 except ImportError:  # pragma: no cover - imported as a flat module next to a checkpoint
-    from architectures import (ALL_SPECS, ATTENTION_LAYER_TYPES, DROPPED_PREFIX, SPECS, ArchSpec,  # type: ignore  # noqa: F401
+    from architectures import (ALL_SPECS, ATTENTION_LAYER_TYPES, DROPPED_PREFIX, ArchSpec,  # type: ignore
                                get_spec, spec_for_model_type)
 
 

@@ -6,6 +6,7 @@
 """
 
 from .gguf_deci import export_gguf
-from .nemotron import export_nemotron_nas, load_nemotron_nas
+from ..io.nemotron_nas import load_nemotron_nas
+from .nemotron import export_nemotron_nas
 
 __all__ = ["export_gguf", "export_nemotron_nas", "load_nemotron_nas"]

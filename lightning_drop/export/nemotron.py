@@ -40,13 +40,7 @@ import torch
 from torch import nn
 
 from ..errors import UserError
-from ..io.nemotron_nas import (  # noqa: F401  (the format's reader and width formula, re-exported)
-    FFN_MULTIPLE as _MULTIPLE,
-    find_multiple,
-    ffn_mult_to_intermediate_size,
-    load_nemotron_nas,
-    load_nemotron_tokenizer,
-)
+from ..io.nemotron_nas import FFN_MULTIPLE as _MULTIPLE, ffn_mult_to_intermediate_size, find_multiple
 
 SUPPORTED_FAMILIES = ("llama", "mistral")
 _DTYPES = {"bf16": torch.bfloat16, "f16": torch.float16, "f32": torch.float32}

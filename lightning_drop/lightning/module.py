@@ -41,7 +41,7 @@ from .optimization import check_settings, configure
 from .sharded_weights import empty_model, materialize
 from .distributed import (check_strategy, drop_gathered, gathered_dir, is_fsdp2, is_sharded, save_sharded, shard_model,
                           sharded_strategy, swap_dropped_layers, unshard_module)
-from .task import build_model, build_task, lm_batch  # noqa: F401  (build_model, lm_batch: public helpers)
+from .task import build_task
 from ..errors import UserError
 from ..core.architectures import LLAMA_LORA_TARGETS
 from ..core.modeling_dropped import apply_drop, dropped_layers

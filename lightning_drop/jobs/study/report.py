@@ -15,21 +15,14 @@ from ...io.atomic_io import atomic_write_text
 from ...measure.significance import Z, diff_stderr
 from .kinds_report import KINDS_CAPTION, KINDS_TITLE, kinds_table
 
-# The figures moved to `figures`; their public names stay importable from this module.
-from .figures import (  # noqa: F401  (re-exports)
+from .figures import (
     acc_cell,
-    COLORS,
     LABELS,
-    LINESTYLES,
-    MARKERS,
-    SPEEDUP_KEY,
     baseline_row,
     main_sweep,
     mc_series,
     mc_tasks,
     context_series,
-    drop_order,
-    pareto_front,
     plot_drop_order,
     plot_importance_heatmap,
     plot_quality_vs_num,
