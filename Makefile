@@ -29,11 +29,15 @@ $(STAMP): pyproject.toml
 run: $(STAMP)
 	$(VENV)/bin/lightning-drop study --config configs/study/quickstart.yaml
 
+# One pytest worker per core (pytest-xdist); the tests that start several processes (DDP, FSDP2) form one
+# group that runs on one worker, one at a time.
+XDIST := -n auto --dist loadgroup
+
 test: $(STAMP)
-	$(PY) -m pytest -q
+	$(PY) -m pytest -q $(XDIST)
 
 test-fast: $(STAMP)
-	$(PY) -m pytest -q -m "not slow"
+	$(PY) -m pytest -q $(XDIST) -m "not slow"
 
 # The engine checks (slow, real SmolLM2): vLLM needs `make setup-vllm`, llama.cpp `.venv-engines` (see bench);
 # each test skips with its install line when its engine is absent.

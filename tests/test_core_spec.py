@@ -153,6 +153,7 @@ def _ddp_worker(rank, world, init_file, pixels, out):
     dist.destroy_process_group()
 
 
+@pytest.mark.xdist_group("processes")  # two processes: one such test at a time
 def test_vision_scores_are_synced_across_ddp_ranks(tmp_path):
     import torch.multiprocessing as mp
 

@@ -29,6 +29,9 @@ from pathlib import Path
 import pytest
 import yaml
 
+# several processes each: pytest-xdist (`--dist loadgroup`) runs these one at a time on one worker
+pytestmark = pytest.mark.xdist_group("processes")
+
 REPO = Path(__file__).resolve().parents[1]
 CONFIGS = REPO / "configs"
 DDP_FLAGS = ("--trainer.strategy", "ddp", "--trainer.devices", "2", "--trainer.accelerator", "cpu")

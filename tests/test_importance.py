@@ -230,6 +230,7 @@ def _ddp_worker(rank, world, init_file, ids, out):
     dist.destroy_process_group()
 
 
+@pytest.mark.xdist_group("processes")  # two processes: one such test at a time
 def test_ddp_two_processes_match_one(tmp_path):
     import torch.multiprocessing as mp
 

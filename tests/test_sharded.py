@@ -25,6 +25,9 @@ import yaml
 
 from test_ddp import CONFIGS, assert_clean_ddp_run, run_ddp
 
+# several processes each: pytest-xdist (`--dist loadgroup`) runs these one at a time on one worker
+pytestmark = pytest.mark.xdist_group("processes")
+
 OVERLAY = CONFIGS / "sharded" / "recover_fsdp2.yaml"
 FSDP2_FLAGS = ("--config", str(OVERLAY))  # the shipped overlay: cpu, 2 devices, FSDP2Strategy
 DROP_LINE = re.compile(r"LayerDrop round \d+ at step \d+: dropped attention \[[^\]]*\], MLP \[[^\]]*\]")

@@ -348,6 +348,7 @@ def test_bad_setups_fail_before_training(tmp_path, c4_path):
 
 
 # --------------------------------------------------------------------------------------------------- DDP
+@pytest.mark.xdist_group("processes")  # two processes: one such test at a time
 def test_rank_zero_writes_the_store_and_both_ranks_train_from_it(tmp_path, c4_path, monkeypatch):
     """2 CPU processes: one write (rank zero), a barrier on both, both ranks read it; no teacher while training."""
     from test_ddp import assert_clean_ddp_run, run_ddp
