@@ -281,7 +281,7 @@ class Distillation(FitEndMember):
     def setup(self, trainer: pl.Trainer, pl_module: pl.LightningModule, stage: str) -> None:
         if stage != "fit":
             return
-        refuse_tensor_parallel(trainer, "Distillation (a teacher and its adapters beside a tensor-parallel student)")
+        refuse_tensor_parallel(trainer, "Distillation (its teacher is sharded along data parallelism only)")
         if self.teacher_device is not None and is_fsdp2(trainer.strategy):
             raise MisconfigurationException(
                 f"Distillation: teacher_device={str(self.teacher_device)!r} would hold the whole teacher on one device, "
