@@ -7,6 +7,7 @@
   one process (both ranks of the tensor-parallel run see every batch, as the one process does).
 - What cannot run split (LoRA, Distillation, `load_sharded`) and plans that do not fit the model end every
   rank with one line at setup, none left waiting.
+- The overlay composes with a full-weight config as docs/scale.md shows.
 """
 
 from __future__ import annotations
@@ -167,3 +168,16 @@ def test_bad_tensor_parallel_setups_end_every_rank_in_one_line(tmp_path, c4_path
     errors = [line for line in run.log.splitlines() if "error: " in line]
     assert errors and all(message in line for line in errors), run.log[-3000:]
     assert "Traceback (most recent call last)" not in run.log and not (run.cwd / "saved").exists()
+
+
+def test_overlay_composes_with_a_full_weight_config(capsys):
+    """The command docs/scale.md shows: the overlay gives the module the shipped plan and Lightning's layout."""
+    from lightning_drop.lightning.cli import run_lightning_cli
+
+    with pytest.raises(SystemExit):
+        run_lightning_cli(["fit", "--config", str(CONFIGS / "track_random_init.yaml"), *TP_FLAGS, "--print_config"])
+    printed = yaml.safe_load(capsys.readouterr().out)
+    assert printed["model"]["init_args"]["tp_plan"] == "auto" and printed["model"]["init_args"]["model"] == "tiny-llama"
+    strategy = printed["trainer"]["strategy"]
+    assert strategy["class_path"] == "lightning_drop.lightning.distributed.FSDP2Strategy"
+    assert strategy["init_args"]["tensor_parallel_size"] == strategy["init_args"]["data_parallel_size"] == "auto"
