@@ -162,7 +162,8 @@ def is_sharded(model: nn.Module) -> bool:
     return any(isinstance(m, FSDPModule) for m in model.modules())
 
 
-def shard_model(model: nn.Module, mesh: Any, device: torch.device, tp: tuple[Any, dict[str, str]] | None = None) -> None:
+def shard_model(model: nn.Module, mesh: Any, device: torch.device,
+                tp: tuple[Any, dict[str, str]] | None = None) -> None:
     """`fully_shard` every decoder layer of `model`, then `model` itself (a no-op when already sharded); with `tp`
     ((tensor-parallel mesh, plan), `tensor_plan`) the plan's linear layers are split over that mesh first.
 
