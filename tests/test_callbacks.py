@@ -309,7 +309,8 @@ def fsdp2_trainer(callbacks=(), **kw):
 
 
 def test_callbacks_accept_fsdp2_and_other_shardings_are_refused(tmp_path, c4_path):
-    """Under FSDP2 every callback sets up as under DDP; FSDP1 and tensor parallelism are one-line refusals."""
+    """Under FSDP2 every callback sets up as under DDP; FSDP1 and tensor parallelism without a plan are one-line
+    refusals (plans: tests/test_tensor_parallel.py)."""
     from lightning.pytorch.strategies import FSDPStrategy, ModelParallelStrategy
 
     from lightning_drop.callbacks import LMEvalCallback, SpeedBenchmark
@@ -329,7 +330,7 @@ def test_callbacks_accept_fsdp2_and_other_shardings_are_refused(tmp_path, c4_pat
     assert saver.save_path == str(tmp_path / "out")
     for strategy, match in ((FSDPStrategy(), "FSDPStrategy is not supported: shard with FSDP2"),
                             (ModelParallelStrategy(data_parallel_size=1, tensor_parallel_size=2),
-                             "tensor_parallel_size=2, but DropModule shards only along data parallelism")):
+                             "tensor parallelism needs a plan: set model.init_args.tp_plan: auto")):
         other = DropModule("tiny-llama")
         other._trainer = SimpleNamespace(strategy=strategy, datamodule=None)
         with pytest.raises(UserError, match=match):

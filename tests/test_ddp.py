@@ -181,8 +181,9 @@ def callback_state(ckpt: dict, name: str) -> dict:
 # ---------------------------------------------------------------------------- every shipped fit config
 def fit_configs() -> list[Path]:
     """Every YAML under configs/ that LightningCLI `fit` reads alone (it configures a `trainer` and a `model`;
-    the configs/sharded/ overlays are composed with one of these: tests/test_sharded.py)."""
-    return sorted(p for p in CONFIGS.rglob("*.yaml") if {"trainer", "model"} <= set(yaml.safe_load(p.read_text()) or {}))
+    the configs/sharded/ overlays are composed with one of these: tests/test_sharded.py, test_tensor_parallel.py)."""
+    return sorted(p for p in CONFIGS.rglob("*.yaml") if p.parent.name != "sharded"
+                  and {"trainer", "model"} <= set(yaml.safe_load(p.read_text()) or {}))
 
 
 def check_track_random_init(run: Run) -> None:
@@ -312,7 +313,11 @@ def test_every_fit_config_has_a_ddp_case():
     others = [p for p in CONFIGS.rglob("*.yaml") if str(p.relative_to(CONFIGS)) not in names]
     for path in others:  # `lightning-drop study` configs (no trainer, a sweep) and the sharded overlays
         doc = yaml.safe_load(path.read_text())
-        assert (path.parent.name == "study" and "sweeps" in doc) or (path.parent.name == "sharded" and "model" not in doc), path
+        # an overlay chooses no model; it may give the module its tensor-parallel plan
+        model = doc.get("model") if path.parent.name == "sharded" else None
+        overlay = path.parent.name == "sharded" and (model is None or (set(model) == {"init_args"}
+                                                                      and set(model["init_args"]) == {"tp_plan"}))
+        assert (path.parent.name == "study" and "sweeps" in doc) or overlay, path
 
 
 @pytest.mark.parametrize("name", [pytest.param(n, marks=[pytest.mark.slow] if c.slow else [])

@@ -78,7 +78,7 @@ def saved_tensors(model_dir: Path) -> dict:
     return out
 
 
-def assert_same_checkpoint(a: Path, b: Path) -> None:
+def assert_same_checkpoint(a: Path, b: Path, atol: float = 1e-5) -> None:
     import torch
 
     config_a, config_b = (json.loads((d / "config.json").read_text()) for d in (a, b))
@@ -86,7 +86,7 @@ def assert_same_checkpoint(a: Path, b: Path) -> None:
     ta, tb = saved_tensors(a), saved_tensors(b)
     assert sorted(ta) == sorted(tb) and not [k for k in ta if "lora_" in k]
     for key in ta:
-        torch.testing.assert_close(ta[key], tb[key], atol=1e-5, rtol=1e-5, msg=key)
+        torch.testing.assert_close(ta[key], tb[key], atol=atol, rtol=1e-5, msg=key)
 
 
 # ------------------------------------------------------------------------------ DDP == FSDP2 (5 steps)
@@ -120,8 +120,9 @@ def test_fsdp2_fit_equals_ddp(tmp_path, c4_path, monkeypatch):
 
 
 # ------------------------------------------------------------ the dropped checkpoint from sharded weights
-def _gather_worker(rank: int, root: str, slice_bytes: int) -> None:
-    """One of 2 gloo processes: shard a dropped tiny Llama, gather it to rank zero with `slice_bytes`, write it."""
+def _gather_worker(rank: int, root: str, slice_bytes: int, tensor_parallel: bool) -> None:
+    """One of 2 gloo processes: shard a dropped tiny Llama (with `tensor_parallel`, split by transformers' plan
+    over both processes first), gather it to rank zero with `slice_bytes`, write it."""
     import torch
     import torch.distributed as dist
     from torch.distributed.device_mesh import init_device_mesh
@@ -139,7 +140,12 @@ def _gather_worker(rank: int, root: str, slice_bytes: int) -> None:
         if rank == 0:
             save_dropped(model, f"{root}/whole", tokenizer=tokenizer)
         prefix = get_spec(model).layer_prefix
-        shard_model(model, init_device_mesh("cpu", (2,), mesh_dim_names=("dp",))["dp"], torch.device("cpu"))
+        if tensor_parallel:
+            mesh = init_device_mesh("cpu", (1, 2), mesh_dim_names=("data_parallel", "tensor_parallel"))
+            shard_model(model, mesh["data_parallel"], torch.device("cpu"),
+                        (mesh["tensor_parallel"], model.config.base_model_tp_plan))
+        else:
+            shard_model(model, init_device_mesh("cpu", (2,), mesh_dim_names=("dp",))["dp"], torch.device("cpu"))
         sliced = gather_to_directory(model, f"{root}/gathered" if rank == 0 else None, model.config, None, prefix,
                                      slice_bytes)
         if rank == 0:
@@ -151,14 +157,17 @@ def _gather_worker(rank: int, root: str, slice_bytes: int) -> None:
         dist.destroy_process_group()
 
 
-def test_sharded_save_gathers_large_tensors_in_row_slices(tmp_path):
+@pytest.mark.parametrize("tensor_parallel", [False, True], ids=["fsdp2", "tensor_parallel"])
+def test_sharded_save_gathers_large_tensors_in_row_slices(tmp_path, tensor_parallel):
     """With a slice smaller than the embedding (320 rows x 64, 80 kB; slices of 78 rows, so each rank's 160
     rows end in a short slice) the large tensors leave the ranks in row slices and are written slice by slice;
-    the dropped checkpoint equals the one saved from the unsharded model."""
+    the dropped checkpoint equals the one saved from the unsharded model. Split for tensor parallelism (or
+    sharded over the data-parallel part of the processes only), every tensor is gathered whole instead."""
     import multiprocessing
 
     context = multiprocessing.get_context("spawn")
-    procs = [context.Process(target=_gather_worker, args=(rank, str(tmp_path), 20_000)) for rank in (0, 1)]
+    procs = [context.Process(target=_gather_worker, args=(rank, str(tmp_path), 20_000, tensor_parallel))
+             for rank in (0, 1)]
     for proc in procs:
         proc.start()
     for proc in procs:
@@ -168,8 +177,11 @@ def test_sharded_save_gathers_large_tensors_in_row_slices(tmp_path):
         proc.kill()
     assert not hung and [proc.exitcode for proc in procs] == [0, 0]
     sliced = json.loads((tmp_path / "sliced.json").read_text())
-    assert {"model.embed_tokens.weight", "lm_head.weight", "model.layers.0.mlp.down_proj.weight"} <= set(sliced)
-    assert "model.norm.weight" not in sliced and "model.layers.0.self_attn.q_proj.weight" not in sliced
+    if tensor_parallel:
+        assert sliced == []
+    else:
+        assert {"model.embed_tokens.weight", "lm_head.weight", "model.layers.0.mlp.down_proj.weight"} <= set(sliced)
+        assert "model.norm.weight" not in sliced and "model.layers.0.self_attn.q_proj.weight" not in sliced
     assert_same_checkpoint(tmp_path / "whole", tmp_path / "sharded")
 
 
@@ -292,7 +304,7 @@ def sharded_checkpoint(tmp_path_factory, c4_path) -> Path:
 
 @pytest.mark.parametrize("extra, message", [
     (("--trainer.strategy.init_args.tensor_parallel_size", "2", "--trainer.strategy.init_args.data_parallel_size",
-      "1"), "tensor_parallel_size=2, but DropModule shards only along data parallelism"),
+      "1"), "tensor parallelism needs a plan: set model.init_args.tp_plan: auto"),
     (("--trainer.callbacks+=lightning_drop.callbacks.Distillation", "--trainer.callbacks.teacher_device", "cpu"),
      "teacher_device='cpu' would hold the whole teacher on one device"),
     pytest.param(("--trainer.callbacks.target", "mlp", "--ckpt_path", "{ckpt}"), "was written by another drop plan",

@@ -73,10 +73,15 @@ class CalibrationSource:
             if "input_ids" in batch:
                 self._digest = windows_digest(batch["input_ids"])
             self._batches = split_batch(batch, self.batch_size)
-        world = getattr(trainer, "world_size", 1)
+        world, rank = getattr(trainer, "world_size", 1), getattr(trainer, "global_rank", 0)
+        mesh = getattr(getattr(trainer, "strategy", None), "_device_mesh", None)  # ModelParallelStrategy's, once set up
+        if mesh is not None:
+            # shares by data-parallel rank: the processes of a tensor-parallel group split one forward, so they
+            # score the same batches (their synced sums grow alike)
+            world, rank = mesh["data_parallel"].size(), mesh["data_parallel"].get_local_rank()
         if len(self._batches) % world and isinstance(pl_module, nn.Module) and is_sharded(pl_module):
             return list(self._batches)
-        return self._batches[getattr(trainer, "global_rank", 0)::world]
+        return self._batches[rank::world]
 
     def record(self) -> dict[str, Any]:
         """Which windows were scored: the options, and the digest of the token windows once loaded (an

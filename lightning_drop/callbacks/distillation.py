@@ -55,7 +55,7 @@ from torch import nn
 from lightning_drop.errors import UserError
 from lightning_drop.lightning.task import lm_batch
 from lightning_drop.io.teacher_logits import TeacherLogitStore, check_store_options, fingerprint
-from lightning_drop.lightning.distributed import is_fsdp2
+from lightning_drop.lightning.distributed import is_fsdp2, refuse_tensor_parallel
 
 from ._common import ensure_unsharded, hf_of, rebuild_optimizers
 from .distill_loss import hidden_loss, kd_and_lm_loss, topk_kd_and_lm_loss
@@ -281,6 +281,7 @@ class Distillation(FitEndMember):
     def setup(self, trainer: pl.Trainer, pl_module: pl.LightningModule, stage: str) -> None:
         if stage != "fit":
             return
+        refuse_tensor_parallel(trainer, "Distillation (its teacher is sharded along data parallelism only)")
         if self.teacher_device is not None and is_fsdp2(trainer.strategy):
             raise MisconfigurationException(
                 f"Distillation: teacher_device={str(self.teacher_device)!r} would hold the whole teacher on one device, "

@@ -17,6 +17,7 @@ import lightning.pytorch as pl
 from lightning.pytorch.utilities import rank_zero_info
 from lightning.pytorch.utilities.exceptions import MisconfigurationException
 
+from lightning_drop.lightning.distributed import refuse_tensor_parallel
 
 from ._common import ensure_unsharded, rebuild_optimizers
 from .fit_end import FitEnd, FitEndMember
@@ -70,6 +71,8 @@ class LoRARecovery(FitEndMember):
     def setup(self, trainer: pl.Trainer, pl_module: pl.LightningModule, stage: str) -> None:
         if stage != "fit":
             return
+        # peft wraps the linear layers a tensor-parallel plan splits, and its adapters would not be split alike
+        refuse_tensor_parallel(trainer, "LoRARecovery (LoRA adapters on tensor-parallel layers)")
         # role `adapters`: the merge is a finishing step; drops listed later are checked when they join
         record = FitEnd.of(trainer).join(self, "adapters", finish=lambda tr, module: self.merge_now(module))
         late = [d for d in record.drops() if getattr(d, "when", None) == "fit_end"]

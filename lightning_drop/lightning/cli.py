@@ -79,7 +79,8 @@ class DropCLI(LightningCLI):
         from lightning_drop.lightning.distributed import check_strategy
 
         config = self.config_init[self.subcommand] if self.subcommand else self.config_init
-        check_strategy(self.trainer.strategy)  # every rank runs this command: one line each, before any work
+        # every rank runs this command: one line each, before any work
+        check_strategy(self.trainer.strategy, self.model)
         self._check_save_dir()
         path = config.get("ckpt_path")
         if isinstance(path, (str, os.PathLike)) and os.path.exists(path):

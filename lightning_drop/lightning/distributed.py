@@ -1,11 +1,14 @@
-"""Sharded training of DropModule: FSDP2 (`fully_shard`) per decoder layer under Lightning's ModelParallelStrategy.
+"""Sharded training of DropModule: FSDP2 (`fully_shard`) per decoder layer under Lightning's ModelParallelStrategy,
+with tensor parallelism where the user gives a plan.
 
 `DropModule.configure_model` calls `shard_model` when the trainer's strategy is a `ModelParallelStrategy`:
 every decoder layer (found through the model's ArchSpec, so every family and its dropped variant) and then
 the root are sharded with `torch.distributed.fsdp.fully_shard` over the mesh's `data_parallel` dimension,
-in bf16 mixed precision on GPU. `FSDP2Strategy` (`--trainer.strategy fsdp2`) is that strategy with a pure
-data-parallel mesh (every process holds one shard); it runs on CPU (gloo) as on GPU (NCCL), on one node or
-many (`trainer.num_nodes`):
+in bf16 mixed precision on GPU. With `tensor_parallel_size > 1` the module's `tp_plan` (`auto`: the plan
+transformers ships with the model's config) is applied first over the `tensor_parallel` dimension
+(`lightning_drop.lightning.tensor_parallel`). `FSDP2Strategy` (`--trainer.strategy fsdp2`) is that strategy
+with a pure data-parallel mesh by default (every process holds one shard); it runs on CPU (gloo) as on GPU
+(NCCL), on one node or many (`trainer.num_nodes`):
 
     lightning-drop fit --config configs/sharded/recover_fsdp2.yaml --trainer.devices 8 --trainer.num_nodes 2
 
@@ -18,14 +21,15 @@ file; the saved checkpoint is then written from there by the streamed writer, on
 zero holds at most one layer or one slice of one tensor for saving.
 
 Refused at setup, one line on every rank: FSDP1 (`FSDPStrategy`, CUDA only) and DeepSpeed ZeRO-3 (use
-`fsdp2`), and a tensor-parallel dimension (`tensor_parallel_size > 1`: use `tensor_parallel_size: 1`).
+`fsdp2`); with `tensor_parallel_size > 1`, a missing or unusable plan (`check_plan`), `load_sharded` and the
+callbacks that attach LoRA adapters or hold a teacher (use `tensor_parallel_size: 1`).
 """
 
 from __future__ import annotations
 
 from collections.abc import Iterator
 from contextlib import contextmanager
-from typing import Any
+from typing import Any, Literal
 
 import torch
 from lightning.pytorch.strategies import ModelParallelStrategy, StrategyRegistry
@@ -36,6 +40,7 @@ from ..core.architectures import get_spec
 from ..errors import UserError
 from ..io.safetensors_io import SLICE_BYTES
 from .sharded_weights import find_decoder, full_tensors, gather_to_directory, unsharded_class
+from .tensor_parallel import base_model, check_plan, layer_prefix, parallelize, resolve_plan
 
 STRATEGY_NAME = "fsdp2"
 
@@ -44,17 +49,20 @@ class FSDP2Strategy(ModelParallelStrategy):
     """`ModelParallelStrategy` with a data-parallel mesh by default: all processes of all nodes shard the model.
 
     Lightning's own default (`auto`) puts every process of a node into the tensor-parallel dimension, which
-    `DropModule` does not shard along; here `data_parallel_size="auto"` means world size / tensor size.
+    needs a plan (`DropModule(tp_plan=...)`); here `data_parallel_size="auto"` means world size / tensor size,
+    and `tensor_parallel_size: auto` (with `data_parallel_size: auto`) is Lightning's layout: tensor
+    parallelism over the processes of a node, data parallelism across nodes.
     Writable in YAML as `trainer.strategy: fsdp2` or with its class path and any init arg of the parent.
     """
 
     strategy_name = STRATEGY_NAME
 
-    def __init__(self, data_parallel_size: int | str = "auto", tensor_parallel_size: int = 1, **kwargs: Any) -> None:
+    def __init__(self, data_parallel_size: int | Literal["auto"] = "auto",
+                 tensor_parallel_size: int | Literal["auto"] = 1, **kwargs: Any) -> None:
         super().__init__(data_parallel_size=data_parallel_size, tensor_parallel_size=tensor_parallel_size, **kwargs)
 
     def setup_environment(self) -> None:
-        check_strategy(self)  # before any process group, callback or model work: one line on every rank
+        check_strategy(self, self.lightning_module)  # before any process group or callback: one line on every rank
         if self._data_parallel_size == "auto" and isinstance(self._tensor_parallel_size, int):
             self._data_parallel_size = max(1, self.num_nodes * self.num_processes // self._tensor_parallel_size)
         super().setup_environment()
@@ -84,8 +92,12 @@ def is_fsdp2(strategy: Any) -> bool:
     return isinstance(strategy, ModelParallelStrategy)
 
 
-def check_strategy(strategy: Any) -> None:
-    """Refuse, on every rank before any model work, a sharding this project cannot train with (one line)."""
+def check_strategy(strategy: Any, module: Any = None) -> None:
+    """Refuse, on every rank before any model work, a sharding this project cannot train with (one line).
+
+    With a tensor-parallel dimension, `module` (a DropModule) must bring a plan that fits its model (`check_plan`)
+    and must not read its weights after sharding (`load_sharded`, which reads data-parallel rows only).
+    """
     name = sharded_strategy(strategy)
     if name is None:
         return
@@ -93,10 +105,32 @@ def check_strategy(strategy: Any) -> None:
         raise UserError(f"{name} is not supported: shard with FSDP2 (`--trainer.strategy fsdp2`, Lightning's "
                         "ModelParallelStrategy), or use `ddp`")
     tp = _tensor_parallel_processes(strategy)
-    if tp > 1:
-        raise UserError(f"{name}: tensor_parallel_size={tp}, but DropModule shards only along data parallelism "
-                        "(drops replace whole sublayers): set tensor_parallel_size: 1 and data_parallel_size to the "
-                        "number of processes (`--trainer.strategy fsdp2` does)")
+    hf_model = getattr(module, "hf_model", None) if module is not None else None
+    if tp <= 1 or hf_model is None:
+        return
+    hparams = getattr(module, "hparams", {})
+    if hparams.get("load_sharded"):
+        raise UserError(f"{name}: load_sharded reads each process's data-parallel rows, not tensor-parallel "
+                        "splits: load the model whole (load_sharded: false) or use tensor_parallel_size: 1")
+    check_plan(hf_model, hparams.get("tp_plan"), tp)
+
+
+def refuse_tensor_parallel(trainer: Any, what: str) -> None:
+    """Raise (one line, at setup, on every rank alike) if the trainer splits tensors: `what` cannot run so."""
+    from lightning.pytorch.utilities.exceptions import MisconfigurationException
+
+    strategy = getattr(trainer, "strategy", None)
+    if is_fsdp2(strategy) and _tensor_parallel_processes(strategy) > 1:
+        raise MisconfigurationException(f"{what} cannot run with tensor parallelism (tensor_parallel_size="
+                                        f"{_tensor_parallel_processes(strategy)}): use tensor_parallel_size: 1")
+
+
+def tensor_plan(module: Any) -> tuple[Any, dict[str, str]] | None:
+    """(tensor-parallel mesh, plan) of a DropModule whose trainer's mesh has a tensor-parallel dimension, else None."""
+    strategy = module.trainer.strategy
+    if not is_fsdp2(strategy) or strategy.device_mesh["tensor_parallel"].size() == 1:
+        return None
+    return strategy.device_mesh["tensor_parallel"], resolve_plan(module.hf_model, module.hparams.get("tp_plan"))
 
 
 def _tensor_parallel_processes(strategy: Any) -> int:
@@ -128,8 +162,10 @@ def is_sharded(model: nn.Module) -> bool:
     return any(isinstance(m, FSDPModule) for m in model.modules())
 
 
-def shard_model(model: nn.Module, mesh: Any, device: torch.device) -> None:
-    """`fully_shard` every decoder layer of `model`, then `model` itself (a no-op when already sharded).
+def shard_model(model: nn.Module, mesh: Any, device: torch.device,
+                tp: tuple[Any, dict[str, str]] | None = None) -> None:
+    """`fully_shard` every decoder layer of `model`, then `model` itself (a no-op when already sharded); with `tp`
+    ((tensor-parallel mesh, plan), `tensor_plan`) the plan's linear layers are split over that mesh first.
 
     bf16 compute with fp32 gradient reduction on GPU; full precision on CPU, where bf16 matmuls are slow.
     """
@@ -140,6 +176,9 @@ def shard_model(model: nn.Module, mesh: Any, device: torch.device) -> None:
     if device.type == "cpu":
         _fixed_mmap_threshold()
     hf = find_decoder(model)
+    if tp is not None:
+        split = parallelize(base_model(hf), *tp)
+        rank_zero_info(f"tensor parallelism over {tp[0].size()} processes: split {len(split)} linear layers")
     for layer in get_spec(hf).get_layers(hf):
         fully_shard(layer, **_shard_settings(mesh, device))
     fully_shard(model, **_shard_settings(mesh, device))
@@ -293,7 +332,7 @@ def reshard_module(module: Any) -> dict[str, Any]:
     """Shard `module.model` again after `unshard_module` (every rank; nothing to do after `swap_dropped_layers`);
     returns the kept optimizer state by name (names of `module.named_parameters()`)."""
     strategy = module.trainer.strategy
-    shard_model(module.model, strategy.device_mesh["data_parallel"], strategy.root_device)
+    shard_model(module.model, strategy.device_mesh["data_parallel"], strategy.root_device, tensor_plan(module))
     state = getattr(module, "_state_by_name", None) or {}
     module._state_by_name = None
     return state
@@ -367,7 +406,10 @@ def swap_dropped_layers(module: Any, attn: list[int], mlp: list[int]) -> None:
     else:  # back under FSDP as `fully_shard` puts a class it shards: a subclass of FSDPModule and of it
         hf.__class__ = type(f"FSDP{type(hf).__name__}", (FSDPModule, type(hf)),
                             {k: v for k, v in vars(sharded_class).items() if k == "__deepcopy__"})
+    tp = tensor_plan(module)
     for i in changed:
+        if tp is not None:  # split as the plan splits the other layers, so their optimizer state still fits
+            parallelize(layers[i], *tp, prefix=layer_prefix(hf, layers[i]))
         fully_shard(layers[i], **_shard_settings(strategy.device_mesh["data_parallel"], strategy.root_device))
     _new_root_init(hf)
     rank_zero_info(f"dropped inside the sharded model: rebuilt only the changed layers {changed}")

@@ -39,8 +39,9 @@ from torch import nn
 
 from .optimization import check_settings, configure
 from .sharded_weights import empty_model, materialize
+from .tensor_parallel import clip_grad_norm
 from .distributed import (check_strategy, drop_gathered, gathered_dir, is_fsdp2, is_sharded, save_sharded, shard_model,
-                          sharded_strategy, swap_dropped_layers, unshard_module)
+                          sharded_strategy, swap_dropped_layers, tensor_plan, unshard_module)
 from .task import build_task
 from ..errors import UserError
 from ..core.architectures import LLAMA_LORA_TARGETS
@@ -110,6 +111,10 @@ class DropModule(pl.LightningModule):
             FSDP2 sharded it: each rank reads only its own rows from the safetensors files (`model` must be a
             checkpoint directory). The weights exist only from then on, so a fit-start drop is refused: drop
             first (`lightning-drop drop --stream`), then recover the dropped checkpoint.
+        tp_plan: tensor parallelism under `ModelParallelStrategy` with `tensor_parallel_size > 1` (ignored
+            without one): `auto`, the plan transformers ships with the model's config, or a mapping of module
+            globs relative to the base model (`layers.*.self_attn.q_proj`) to `colwise` or `rowwise`
+            (`lightning_drop.lightning.tensor_parallel`).
     """
 
     def __init__(
@@ -132,6 +137,7 @@ class DropModule(pl.LightningModule):
         family: str | None = None,
         num_labels: int | None = None,
         load_sharded: bool = False,
+        tp_plan: Literal["auto"] | dict[str, str] | None = None,
     ) -> None:
         super().__init__()
         check_settings(optimizer, scheduler, lr, weight_decay, warmup_steps, max_steps, min_lr_ratio)
@@ -278,7 +284,7 @@ class DropModule(pl.LightningModule):
             raise UserError(f"the datamodule's tokenizer has {len(tok)} tokens but the model embeds only "
                              f"{emb.num_embeddings}: set the datamodule's tokenizer to the model's")
         if self._trainer is not None:
-            check_strategy(self.trainer.strategy)
+            check_strategy(self.trainer.strategy, self)
         if self.hparams.save_dir and self._trainer is not None and stage == "fit":
             self.save_path = self.check_save_dir(str(self.trainer.log_dir or self.trainer.default_root_dir))
 
@@ -303,7 +309,8 @@ class DropModule(pl.LightningModule):
 
     def configure_model(self) -> None:
         """Rebuild the checkpoint's architecture before sharding when the strategy restores after setup, then
-        shard every decoder layer and the root with FSDP2 under `ModelParallelStrategy`."""
+        shard every decoder layer and the root with FSDP2 under `ModelParallelStrategy` (after splitting the
+        `tp_plan`'s linear layers over its tensor-parallel dimension, where it has one)."""
         trainer = self._trainer
         if trainer is None or not getattr(trainer.strategy, "restore_checkpoint_after_setup", False):
             self._materialize()
@@ -316,7 +323,7 @@ class DropModule(pl.LightningModule):
             self._restore_architecture(state)
         if is_fsdp2(trainer.strategy):
             strategy = trainer.strategy
-            shard_model(self.model, strategy.device_mesh["data_parallel"], strategy.root_device)
+            shard_model(self.model, strategy.device_mesh["data_parallel"], strategy.root_device, tensor_plan(self))
         self._materialize()
 
     def _materialize(self) -> None:
@@ -338,6 +345,16 @@ class DropModule(pl.LightningModule):
 
     def teardown(self, stage: str) -> None:
         drop_gathered(self)
+
+    def configure_gradient_clipping(self, optimizer: Any, gradient_clip_val: float | None = None,
+                                    gradient_clip_algorithm: str | None = None) -> None:
+        """Norm clipping under tensor parallelism through `clip_grad_norm` (the gradients lie on two meshes, which
+        torch's clipping cannot stack); everything else as Lightning clips."""
+        if gradient_clip_val and (gradient_clip_algorithm or "norm") == "norm" and self._trainer is not None \
+                and tensor_plan(self) is not None:
+            clip_grad_norm([p for group in optimizer.param_groups for p in group["params"]], float(gradient_clip_val))
+            return
+        super().configure_gradient_clipping(optimizer, gradient_clip_val, gradient_clip_algorithm)
 
     def configure_optimizers(self) -> Any:
         estimate = self.trainer.estimated_stepping_batches if self._trainer is not None else None

@@ -221,7 +221,17 @@ def row_slices(tensor: torch.Tensor, slice_bytes: int, keep: bool) -> Iterator[t
 
 
 def _sliced(name: str, tensor: torch.Tensor, slice_bytes: int | None) -> bool:
-    """Whether `tensor` leaves the ranks in row slices: larger than a slice, and no LoRA merge needs it whole."""
+    """Whether `tensor` leaves the ranks in row slices: larger than a slice, no LoRA merge needs it whole, and
+    plain or sharded in dim-0 rows over all processes (`row_slices`); a tensor also split for tensor parallelism,
+    or sharded over a part of the processes only, is gathered whole (`full_tensor`)."""
+    from torch.distributed.tensor import DTensor
+
+    if isinstance(tensor, DTensor):
+        import torch.distributed as dist
+
+        mesh = tensor.device_mesh
+        if mesh.ndim != 1 or mesh.size() != dist.get_world_size():
+            return False
     return (slice_bytes is not None and tensor.dim() >= 1 and tensor.numel() * tensor.element_size() > slice_bytes
             and not _LORA_RE.search(name) and ".base_layer." not in name)
 
