@@ -33,11 +33,16 @@ MIXER_LABELS = {"full_attention": "attn", "sliding_attention": "swa", "linear_at
                 "conv": "conv"}
 
 
-class _PlainLog(LogFormatter):
-    """Log-scale tick labels as plain numbers (0.2), not 2 x 10^-1."""
+class PlainLogFormatter(LogFormatter):
+    """Log-scale tick labels as plain numbers (0.2, 150), not 2 x 10^-1; between decades only where the axis
+    spans two decades or less, so a wide axis is not crowded with labels."""
+
+    def __init__(self, fmt: str = "{:.2g}") -> None:
+        super().__init__(labelOnlyBase=False, minor_thresholds=(2, 0.5))
+        self.fmt = fmt
 
     def _num_to_string(self, x: float, vmin: float, vmax: float) -> str:
-        return f"{x:.2g}"
+        return self.fmt.format(x)
 
 
 @dataclass
@@ -110,8 +115,8 @@ def importance_figure(panels: Sequence[Panel], *, row_axis: str = "", log_color:
         ax.set_title(p.title + ("\nred outline: dropped" if p.marked else ""), fontsize=10)
         cb = fig.colorbar(im, ax=ax, pad=0.01, shrink=0.9)
         if norm is not None:
-            cb.ax.yaxis.set_major_formatter(_PlainLog(labelOnlyBase=False, minor_thresholds=(2, 0.5)))
-            cb.ax.yaxis.set_minor_formatter(_PlainLog(labelOnlyBase=False, minor_thresholds=(2, 0.5)))
+            cb.ax.yaxis.set_major_formatter(PlainLogFormatter())
+            cb.ax.yaxis.set_minor_formatter(PlainLogFormatter())
         cb.set_label(METRIC_LABELS.get(p.metric, p.metric) + (" (log)" if norm is not None else ""), fontsize=8)
     if title:
         fig.suptitle(title, fontsize=11)

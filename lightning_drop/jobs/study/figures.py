@@ -18,6 +18,7 @@ import matplotlib.pyplot as plt  # noqa: E402
 from matplotlib.ticker import FuncFormatter, MaxNLocator  # noqa: E402
 
 from ...io.atomic_io import save_figure  # noqa: E402
+from ...measure.plots import PlainLogFormatter  # noqa: E402
 from ...measure.significance import Z, diff_stderr  # noqa: E402
 
 _PLAIN = FuncFormatter(lambda v, _: f"{v:g}")
@@ -26,8 +27,8 @@ _PLAIN = FuncFormatter(lambda v, _: f"{v:g}")
 def log_y(ax: Any) -> None:
     """Log y axis with plain numbers (20, 50, 100) instead of 2 x 10^1."""
     ax.set_yscale("log")
-    ax.yaxis.set_major_formatter(_PLAIN)
-    ax.yaxis.set_minor_formatter(_PLAIN)
+    ax.yaxis.set_major_formatter(PlainLogFormatter("{:g}"))
+    ax.yaxis.set_minor_formatter(PlainLogFormatter("{:g}"))
     ax.tick_params(axis="y", which="minor", labelsize=7)
 
 
