@@ -34,10 +34,11 @@ class CheckpointNames:
     """Model name <-> stored tensor(s) of one checkpoint for one (meta) model.
 
     `stored(name)` is the one stored tensor a model tensor is read from unchanged (None for a converted
-    one); `read(...)` returns model tensors, converting where the mapping says so.
+    one); `read(...)` returns model tensors, converting where the mapping says so. `model_names`: the
+    model's tensor names where they are not its state dict's (a LoRA-wrapped model's base names).
     """
 
-    def __init__(self, model: nn.Module, stored_keys: Iterable[str]) -> None:
+    def __init__(self, model: nn.Module, stored_keys: Iterable[str], model_names: Iterable[str] | None = None) -> None:
         from transformers.conversion_mapping import get_model_conversion_mapping
         from transformers.core_model_loading import (WeightConverter, WeightRenaming, dot_natural_key,
                                                      rename_source_key)
@@ -47,7 +48,7 @@ class CheckpointNames:
         renamings = [t for t in mapping if isinstance(t, WeightRenaming)]
         converters = [t for t in mapping if isinstance(t, WeightConverter)]
         by_pattern = {p: c for c in converters for p in c.source_patterns}
-        meta = model.state_dict()
+        meta: dict[str, Any] = model.state_dict() if model_names is None else dict.fromkeys(model_names, True)
         prefix = getattr(model, "base_model_prefix", None)
         self.groups: dict[str, _Group] = {}
         self.unexpected: list[str] = []

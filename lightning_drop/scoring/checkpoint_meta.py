@@ -52,6 +52,7 @@ def meta_model(config: Any, dtype: torch.dtype = torch.float32) -> nn.Module:
     cls = model_cls if isinstance(config, config_cls) else getattr(transformers, spec.causal_lm_class)
     with init_empty_weights(include_buffers=False):
         model = cls(config)
+    model.tie_weights()  # the empty-weights context re-registers each parameter, which undoes the tying
     return model.to(dtype).eval()
 
 
