@@ -17,7 +17,7 @@ from typing import Any, Iterable
 import torch
 from torch import nn
 
-from .safetensors_io import _TORCH_DTYPES, ReusedBuffer, SafetensorsShards
+from .safetensors_io import ReusedBuffer, SafetensorsShards
 
 
 class _Group:
@@ -87,13 +87,10 @@ class CheckpointNames:
         out: dict[str, tuple[int, ...]] = {}
         for group in self.groups.values():
             if group.converter is None:
-                out[group.first] = tuple(shards._header(group.sources[0][1])[1])
-                continue
-            metas = {}
-            for _, key in group.sources:
-                st_dtype, shape = shards._header(key)
-                metas[key] = torch.empty(shape, dtype=_TORCH_DTYPES.get(st_dtype, torch.float32), device="meta")
-            out.update({k: tuple(v.shape) for k, v in self._convert(group, metas).items()})
+                out[group.first] = tuple(shards.meta(group.sources[0][1]).shape)
+            else:
+                metas = {key: shards.meta(key) for _, key in group.sources}
+                out.update({k: tuple(v.shape) for k, v in self._convert(group, metas).items()})
         return out
 
     def read(self, shards: SafetensorsShards, names: Iterable[str], what: str = "",

@@ -9,8 +9,8 @@ every window batch, scored with the very hooks of `lightning_drop.scoring.import
 
 What each layer receives besides its hidden states (causal/sliding-window masks for `config.layer_types[i]`,
 rotary position embeddings, position ids) is not re-implemented here: a probe stands in for the layers and
-the family's own decoder `forward` is run until it calls layer i, so the arguments are exactly the ones the
-full model would pass. The layer-0 hidden states are captured the same way from a real embedding.
+the family's own decoder `forward` is run until it calls layer i (`layer_probe`), so the arguments are exactly
+the ones the full model would pass. The layer-0 hidden states are captured the same way from a real embedding.
 
 Peak memory ~ one layer + all hidden states (N x seq_len x hidden x dtype bytes) + the embedding (only
 during the first pass) + one batch of activations, whatever the number of layers: every layer is read into
@@ -27,8 +27,9 @@ model (same tensors, names, config, remote code, tokenizer files; each shard byt
 `safetensors` writes), one tensor at a time, copying tensors from the source shards and skipping the
 dropped modules' tensors.
 
-The safetensors files themselves are read and written by `lightning_drop.io.safetensors_io`; this module
-decides what to read, when, and what to write.
+The safetensors files themselves are read and written by `lightning_drop.io.safetensors_io`, under the names
+transformers gives their tensors (`lightning_drop.io.checkpoint_names`: renamed prefixes, fused MoE experts);
+the layer arguments come from `layer_probe`; this module decides what to read, when, and what to write.
 """
 
 from __future__ import annotations
