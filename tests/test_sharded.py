@@ -411,3 +411,23 @@ def test_fit_end_drop_and_measurement_sharded_equal_ddp(tmp_path, c4_path):
     ppl_ddp, ppl_fsdp = (json.loads((run.cwd / "ppl.json").read_text())["perplexity"] for run in (ddp, fsdp))
     assert ppl_fsdp == pytest.approx(ppl_ddp, rel=1e-5)
     assert_same_checkpoint(ddp.cwd / "saved", fsdp.cwd / "saved")
+
+
+@pytest.mark.parametrize("family", ["deepseek_v3", "nemotron_h"])
+def test_sharded_loading_reads_checkpoints_transformers_converts(tmp_path, family):
+    """What `load_sharded` reads by the model's names is found in checkpoints whose names transformers renames
+    (Nemotron-H's `backbone.`) or fuses (per-expert MoE tensors): the same weights as `load_dropped`."""
+    import torch
+
+    from lightning_drop import load_dropped
+    from lightning_drop.io.model_loading import tiny_model
+    from lightning_drop.lightning.sharded_weights import empty_model, materialize
+
+    model, _ = tiny_model(family)
+    model.save_pretrained(tmp_path)
+    empty = empty_model(tmp_path, torch.float32)
+    materialize(empty, tmp_path, torch.device("cpu"))
+    expected = load_dropped(tmp_path).state_dict()
+    got = empty.state_dict()
+    assert got.keys() == expected.keys()
+    assert all(torch.equal(got[k], expected[k]) for k in expected)

@@ -10,6 +10,7 @@ import torch
 
 from test_streaming import _assert_close, _assert_same_checkpoint, _save, _windows
 from lightning_drop.cli import main
+from lightning_drop.core.architectures import get_spec
 from lightning_drop.core.modeling_dropped import apply_drop
 from lightning_drop.errors import UserError
 from lightning_drop.io.dropped_checkpoint import load_dropped
@@ -33,6 +34,9 @@ def _padded() -> list[dict[str, torch.Tensor]]:
     ("llama", ((1,), (2,)), {}),  # candidates skip what is gone; a half-dropped block still is one
     ("llama", ((), ()), {"tie_word_embeddings": True}),  # the LM head is stored as the embedding
     ("gemma2", ((), ()), {}),  # sandwich norms, sliding windows, scaled embedding, final logit soft-capping
+    ("gpt_neox", ((), ()), {}),  # the LM head is stored as `embed_out` (renamed on load)
+    ("gpt2", ((), ()), {}),  # layers in `transformer.h`, learned positions
+    ("deepseek_v3", ((), ()), {}),  # per-expert tensors fused on load
 ])
 def test_streamed_loss_equals_in_memory(tmp_path, monkeypatch, family, drops, overrides):
     src = _save(tmp_path, family, **overrides)
@@ -45,7 +49,7 @@ def test_streamed_loss_equals_in_memory(tmp_path, monkeypatch, family, drops, ov
     monkeypatch.setattr(streaming, "meta_model", lambda *a, **k: built.append(real_meta(*a, **k)) or built[-1])
 
     def on_layer(i, layer):  # the model holds weights in this one layer only
-        layers = built[0].model.layers
+        layers = get_spec(built[0]).get_layers(built[0])
         live.append([j for j, lay in enumerate(layers) if any(p.device.type != "meta" for p in lay.parameters())])
 
     got = stream_importance(src, batches, metric="loss", drop_attn=drops[0], drop_mlp=drops[1], on_layer=on_layer)

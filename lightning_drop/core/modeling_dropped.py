@@ -357,8 +357,12 @@ def __getattr__(name: str) -> type:
 
 
 def register_auto_classes() -> None:
-    """Let transformers' Auto classes load dropped checkpoints of every family without remote code."""
+    """Let transformers' Auto classes load dropped checkpoints of every family without remote code, with the
+    family's checkpoint conversion mapping (renamed prefixes, per-expert tensors fused on load), which
+    transformers looks up by model type."""
     from transformers import AutoConfig
+    from transformers.conversion_mapping import (get_checkpoint_conversion_mapping,
+                                                 register_checkpoint_conversion_mapping)
 
     for spec in ALL_SPECS:
         try:
@@ -366,9 +370,16 @@ def register_auto_classes() -> None:
         except ValueError:
             continue  # family not shipped by this transformers (e.g. Baichuan)
         AutoConfig.register(config_cls.model_type, config_cls, exist_ok=True)
+        mapping = get_checkpoint_conversion_mapping(spec.model_types[0])
+        if mapping is not None and get_checkpoint_conversion_mapping(config_cls.model_type) is None:
+            register_checkpoint_conversion_mapping(config_cls.model_type, mapping)
         for name in spec.model_classes:
             auto = getattr(transformers, spec.auto_class(name))
-            auto.register(config_cls, dropped_model_class(spec, name), exist_ok=True)
+            dropped = dropped_model_class(spec, name)
+            auto.register(config_cls, dropped, exist_ok=True)
+            mapping = get_checkpoint_conversion_mapping(name)  # a class's own mapping (GPT-NeoX's `embed_out`)
+            if mapping is not None and get_checkpoint_conversion_mapping(dropped.__name__) is None:
+                register_checkpoint_conversion_mapping(dropped.__name__, mapping)
 
 
 def replace_sublayers(layer: nn.Module, spec: ArchSpec, attn: bool, mlp: bool, index: int | None = None,

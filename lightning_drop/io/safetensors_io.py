@@ -195,6 +195,11 @@ class SafetensorsShards:
     def dtype_of(self, name: str) -> str:
         return self._header(name)[0]
 
+    def meta(self, name: str) -> torch.Tensor:
+        """The stored tensor `name` on the meta device: its dtype and shape, no data."""
+        st_dtype, shape = self._header(name)
+        return torch.empty(shape, dtype=_TORCH_DTYPES.get(st_dtype, torch.uint8), device="meta")
+
 
 def _read_tensor(f: Any, data_start: int, info: dict[str, Any], label: str) -> torch.Tensor:
     """One tensor of an open safetensors file, read into fresh (non-mapped) memory."""

@@ -21,7 +21,8 @@ from torch import nn
 
 from ..core.architectures import get_spec
 from ..errors import UserError
-from ..io.safetensors_io import SLICE_BYTES
+from ..io.checkpoint_names import CheckpointNames
+from ..io.safetensors_io import SLICE_BYTES, SafetensorsShards
 
 _PEFT_PREFIX = "base_model.model."
 _LORA_RE = re.compile(r"\.lora_(A|B)\.[^.]+\.weight$")
@@ -76,6 +77,8 @@ def materialize(model: nn.Module, directory: str | os.PathLike, device: torch.de
     index = directory / "model.safetensors.index.json"
     weight_map = (json.loads(index.read_text())["weight_map"] if index.is_file()
                   else dict.fromkeys(_keys(directory / "model.safetensors"), "model.safetensors"))
+    # the checkpoint's names are not always the model's: transformers renames and fuses some on load
+    names = CheckpointNames(find_decoder(model), weight_map, [_stored_name(n) for n in model.state_dict()])
     real = {n: b for n, b in model.named_buffers() if not b.is_meta}
     model.to_empty(device=device)
     for name, buffer in real.items():
@@ -85,21 +88,26 @@ def materialize(model: nn.Module, directory: str | os.PathLike, device: torch.de
     done: set[int] = set()
     with ExitStack() as stack, torch.no_grad():
         files: dict[str, Any] = {}
+        shards = stack.enter_context(SafetensorsShards(directory))
         for name, tensor in model.state_dict(keep_vars=True).items():
             if id(tensor) in done or name in real:
                 continue
             done.add(id(tensor))
-            stored = _stored_name(name)
-            if stored not in weight_map and _LORA_RE.search(name):
+            wanted = _stored_name(name)
+            if wanted not in names and _LORA_RE.search(name):
                 _init_adapter(name, tensor)  # a fresh adapter: not in the checkpoint
                 continue
-            if stored not in weight_map:
-                raise UserError(f"{directory}: no tensor {stored} in its safetensors files (config.json and weights "
+            if wanted not in names:
+                raise UserError(f"{directory}: no tensor {wanted} in its safetensors files (config.json and weights "
                                 "disagree)")
-            file = weight_map[stored]
-            if file not in files:
-                files[file] = stack.enter_context(safe_open(str(directory / file), framework="pt"))
-            rows = files[file].get_slice(stored)
+            stored = names.stored(wanted)
+            if stored is None:  # converted on load (fused experts): the whole tensor, then this rank's rows
+                rows: Any = names.read(shards, [wanted], "the model")[wanted]
+            else:
+                file = weight_map[stored]
+                if file not in files:
+                    files[file] = stack.enter_context(safe_open(str(directory / file), framework="pt"))
+                rows = files[file].get_slice(stored)
             if isinstance(tensor, DTensor):
                 local, start = _local_rows(tensor)
                 if local.numel():

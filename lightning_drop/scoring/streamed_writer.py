@@ -30,6 +30,7 @@ from ..io.safetensors_io import (
     is_float_dtype,
     write_safetensors,
 )
+from ..io.checkpoint_names import CheckpointNames
 from .checkpoint_meta import load_config, load_generation_config, meta_model
 
 
@@ -58,7 +59,8 @@ def _target_model(model_dir: Path, config: Any, dtype: torch.dtype, attn: Sequen
     kind = checkpoint_kind(model)
     target, remap = model, {}
     if kind == "blocks":
-        blocks = dropped_layers(model)[0]
+        gone_attn, gone_mlp = dropped_layers(model)
+        blocks = sorted(set(gone_attn) & set(gone_mlp))  # a hybrid's lists also name the layers it lacks
         target = compact_blocks(model, spec, blocks) or model
         if target is model:
             kind = "dropped"
@@ -92,25 +94,34 @@ def write_dropped_streaming(model_dir: str | os.PathLike, out_dir: str | os.Path
     spec = get_spec(model)
     expected = list(remove_tied_weights_from_state_dict(target.state_dict(), target))
     layer_re = re.compile(rf"^{re.escape(spec.layer_prefix)}\.(\d+)\.")
+    old_index = {new: old for old, new in remap.items()}
 
-    def rename(key: str) -> str:
+    def renumbered(key: str, to_source: bool) -> tuple[str, int, int]:
+        """(`key` with its layer index mapped to the source's (or back), old index, new index)."""
         m = layer_re.match(key)
-        if m and remap:
-            old = int(m.group(1))
-            return f"{spec.layer_prefix}.{remap[old]}." + key[m.end():] if old in remap else ""
-        return key
+        if not m or not remap:
+            return key, -1, -1
+        i = int(m.group(1))
+        j = old_index[i] if to_source else remap[i]
+        return f"{spec.layer_prefix}.{j}." + key[m.end():], i, j
 
     limit = _parse_size(max_shard_size)
     with SafetensorsShards(model_dir) as tensors:
-        source = {}
-        for key in tensors.keys():
-            new = rename(key)
-            if new:
-                source.setdefault(new, key)
-        missing = [k for k in expected if k not in source]
+        # the target's tensors under the checkpoint's own names, as `save_pretrained` writes them back
+        names = CheckpointNames(model, tensors.keys())
+        source: dict[str, str] = {}
+        missing = []
+        for key in expected:
+            src_key, new, old = renumbered(key, to_source=True)
+            if src_key not in names:
+                missing.append(key)
+            for stored in names.sources([src_key]):
+                out = stored if new == old else re.sub(rf"(^|\.){old}\.", rf"\g<1>{new}.", stored, count=1)
+                source.setdefault(out, stored)
         if missing:
             raise UserError(f"{model_dir} lacks tensors the dropped model needs: {', '.join(missing[:5])}"
                              f"{' ...' if len(missing) > 5 else ''}")
+        expected = list(source)
         shards: list[list[str]] = [[]]
         size = 0
         sizes = {k: tensors.nbytes(source[k], dtype if is_float_dtype(tensors.dtype_of(source[k])) else None)

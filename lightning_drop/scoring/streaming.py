@@ -9,8 +9,8 @@ every window batch, scored with the very hooks of `lightning_drop.scoring.import
 
 What each layer receives besides its hidden states (causal/sliding-window masks for `config.layer_types[i]`,
 rotary position embeddings, position ids) is not re-implemented here: a probe stands in for the layers and
-the family's own decoder `forward` is run until it calls layer i, so the arguments are exactly the ones the
-full model would pass. The layer-0 hidden states are captured the same way from a real embedding.
+the family's own decoder `forward` is run until it calls layer i (`layer_probe`), so the arguments are exactly
+the ones the full model would pass. The layer-0 hidden states are captured the same way from a real embedding.
 
 Peak memory ~ one layer + all hidden states (N x seq_len x hidden x dtype bytes) + the embedding (only
 during the first pass) + one batch of activations, whatever the number of layers: every layer is read into
@@ -27,8 +27,9 @@ model (same tensors, names, config, remote code, tokenizer files; each shard byt
 `safetensors` writes), one tensor at a time, copying tensors from the source shards and skipping the
 dropped modules' tensors.
 
-The safetensors files themselves are read and written by `lightning_drop.io.safetensors_io`; this module
-decides what to read, when, and what to write.
+The safetensors files themselves are read and written by `lightning_drop.io.safetensors_io`, under the names
+transformers gives their tensors (`lightning_drop.io.checkpoint_names`: renamed prefixes, fused MoE experts);
+the layer arguments come from `layer_probe`; this module decides what to read, when, and what to write.
 """
 
 from __future__ import annotations
@@ -53,78 +54,20 @@ from ..core.architectures import get_spec
 from ..core.modeling_dropped import apply_drop
 
 from ..io.safetensors_io import ReusedBuffer, SafetensorsShards
-
-
-# ------------------------------------------------------------------------------------ layer argument probing
-class _Reached(Exception):
-    def __init__(self, args: tuple, kwargs: dict) -> None:
-        super().__init__("probe reached")
-        self.args, self.kwargs = args, kwargs
-
-
-class _Probe(nn.Module):
-    """Stands in for decoder layer `index`: passes the hidden states on, or stops the forward at the target."""
-
-    def __init__(self, index: int, target: list[int]) -> None:
-        super().__init__()
-        self.index, self.target = index, target
-
-    def forward(self, *args: Any, **kwargs: Any) -> Any:
-        if self.index == self.target[0]:
-            raise _Reached(args, kwargs)
-        return args[0] if args else kwargs["hidden_states"]
-
-
-class _LayerArgs:
-    """The exact (args, kwargs) the family's decoder forward passes to layer i, for one batch.
-
-    The decoder runs with probes in place of its layers; masks, rotary embeddings and position ids are
-    built by the family's own code from the batch's shape and attention mask.
-    """
-
-    def __init__(self, decoder: nn.Module, num_layers: int) -> None:
-        self.decoder = decoder
-        self.target = [0]
-        self.probes = nn.ModuleList([_Probe(j, self.target) for j in range(num_layers)])
-
-    def __call__(self, i: int, attention_mask: torch.Tensor | None, input_ids: torch.Tensor | None = None,
-                 inputs_embeds: torch.Tensor | None = None) -> tuple[tuple, dict]:
-        real = self.decoder.layers
-        self.target[0] = i
-        self.decoder.layers = self.probes
-        try:
-            self.decoder(input_ids=input_ids, inputs_embeds=inputs_embeds, attention_mask=attention_mask,
-                         use_cache=False)
-        except _Reached as reached:
-            return reached.args, reached.kwargs
-        finally:
-            self.decoder.layers = real
-        raise RuntimeError(f"{type(self.decoder).__name__}.forward never called layer {i}")
-
-
-def _materialize_outside_layers(model: nn.Module, decoder: nn.Module, tensors: SafetensorsShards,
-                                config: Any, dtype: torch.dtype, device: torch.device) -> None:
-    """Real embedding (from the checkpoint) and rotary embedding on `device`; layers and norm stay meta."""
-    prefix = next(name for name, mod in model.named_modules() if mod is decoder)
-    embed = decoder.get_input_embeddings()
-    embed_name = next(name for name, mod in decoder.named_children() if mod is embed)
-    # Non-persistent buffers (e.g. Gemma's embed_scale) come from the family's own initializer.
-    for name, buf in list(embed.named_buffers(recurse=False)):
-        embed._buffers[name] = torch.empty_like(buf, device="cpu")
-    model._init_weights(embed)
-    keys = {k: f"{prefix}.{embed_name}.{k}" for k in embed.state_dict()}
-    state = tensors.get_many(keys.values(), what="the embedding", dtype=dtype, into=ReusedBuffer())
-    embed.load_state_dict({k: state[v] for k, v in keys.items()}, assign=True, strict=True)
-    embed.to(device)
-    rotary = getattr(decoder, "rotary_emb", None)
-    if isinstance(rotary, nn.Module):
-        with torch.device(device):
-            decoder.rotary_emb = type(rotary)(config)
+from .layer_probe import LayerArgs, Replay, layers_replaced
 
 
 def _release(module: nn.Module) -> None:
-    """Give a module's storage back (its parameters become meta tensors again)."""
-    module.to_empty(device="meta")
+    """Give a module's weights back: its parameters and persistent buffers become meta tensors again. The
+    non-persistent buffers (rotary tables, sinusoidal positions) were computed at construction, are in no
+    checkpoint, and stay for the module's next load."""
+    for sub in module.modules():
+        for name, param in sub._parameters.items():
+            if param is not None:
+                sub._parameters[name] = nn.Parameter(torch.empty_like(param, device="meta"), param.requires_grad)
+        for name, buf in sub._buffers.items():
+            if buf is not None and name not in sub._non_persistent_buffers_set:
+                sub._buffers[name] = torch.empty_like(buf, device="meta")
 
 
 def _malloc_trim() -> Callable[[int], int] | None:
@@ -205,18 +148,6 @@ def check_streamable(metric: ImportanceMetric, span: int | None = None) -> None:
                         "leave out --stream (score in memory, e.g. --dtype bfloat16) or use --metric cosine")
 
 
-class _Replay(nn.Module):
-    """Stands in for every decoder layer when only the final norm and LM head are to run: the output is
-    the given last hidden states, whatever the input."""
-
-    def __init__(self) -> None:
-        super().__init__()
-        self.value: torch.Tensor | None = None
-
-    def forward(self, *args: Any, **kwargs: Any) -> Any:
-        return self.value
-
-
 class LayerStream:
     """A checkpoint's CausalLM on the meta device and the hidden states of its calibration batches, run
     one decoder layer at a time: each layer is read from the safetensors files, run over every batch and
@@ -235,7 +166,7 @@ class LayerStream:
         self.device, self.model_dir, self.offload_dir = torch.device(device), Path(model_dir), offload_dir
         self.config = load_config(self.model_dir)
         self.model = meta_model(self.config, self.dtype)
-        check_weights(self.model_dir, self.model)
+        self.names = check_weights(self.model_dir, self.model)
         # every name of each parameter: a tied LM head is stored under the embedding's name
         names: dict[int, list[str]] = {}
         for name, param in self.model.named_parameters(remove_duplicate=False):
@@ -246,6 +177,7 @@ class LayerStream:
         self.spec = get_spec(self.model)
         self.layers = self.spec.get_layers(self.model)
         self.decoder = decoder_body(self.model)
+        self.layers_attr = self.spec.layers.split(".")[-1]
         self.windows, self.batch_size = windows, batch_size
         self.batches: list[dict[str, torch.Tensor]] = []
         self.layer_loads, self.layer_bytes, self.embed_bytes = 0, 0, 0
@@ -265,6 +197,40 @@ class LayerStream:
         mask = batch.get("attention_mask")
         return batch["input_ids"].to(self.device), mask.to(self.device) if mask is not None else None
 
+    def _name_of(self, module: nn.Module) -> str:
+        return next(name for name, mod in self.model.named_modules() if mod is module)
+
+    def _read_state(self, keys: list[str], what: str) -> list[nn.Module]:
+        """Read the model tensors `keys` (a tied one from wherever the checkpoint stores it) into the meta
+        model and move their modules to the device; returns those modules."""
+        source = {k: next((a for a in self._aliases.get(k, [k]) if a in self.names), k) for k in keys}
+        state = self.names.read(self.tensors, dict.fromkeys(source.values()), what, self.dtype, ReusedBuffer())
+        self.model.load_state_dict({k: state[v] for k, v in source.items()}, assign=True, strict=False)
+        owners = list({id(m): m for m in (self.model.get_submodule(k.rpartition(".")[0]) for k in keys)}.values())
+        for module in owners:
+            module.to(self.device)
+        return owners
+
+    def _materialize_outside_layers(self) -> None:
+        """Real weights of the decoder outside its layers (embedding, learned positions, norms) from the
+        checkpoint and its buffers on the device; the layers stay meta. A rotary embedding is rebuilt on the
+        device as the family builds it (its tables in float32 whatever the dtype)."""
+        prefix = self._name_of(self.decoder)
+        prefix = f"{prefix}." if prefix else ""
+        layers = f"{prefix}{self.layers_attr}."
+        self._read_state([k for k in self.model.state_dict() if k.startswith(prefix) and not k.startswith(layers)],
+                         "the embedding")
+        for name, child in self.decoder.named_children():
+            if name != self.layers_attr:
+                child.to(self.device)
+        for name, buf in list(self.decoder._buffers.items()):
+            if buf is not None:
+                self.decoder._buffers[name] = buf.to(self.device)
+        rotary = getattr(self.decoder, "rotary_emb", None)
+        if isinstance(rotary, nn.Module):
+            with torch.device(self.device):
+                self.decoder.rotary_emb = type(rotary)(self.config)
+
     def start(self) -> list[int]:
         """Read the embedding, store every batch's layer-0 input (exactly as the decoder computes it) and free
         the embedding again; returns each batch's number of real tokens."""
@@ -272,10 +238,10 @@ class LayerStream:
         if not self.batches:
             raise UserError("no calibration data: the batches held no real tokens")
         self.tensors = self._stack.enter_context(SafetensorsShards(self.model_dir))
-        _materialize_outside_layers(self.model, self.decoder, self.tensors, self.config, self.dtype, self.device)
+        self._materialize_outside_layers()
         embed = self.decoder.get_input_embeddings()
         self.embed_bytes = sum(p.numel() * p.element_size() for p in embed.parameters())
-        self.probe = _LayerArgs(self.decoder, len(self.layers))
+        self.probe = LayerArgs(self.decoder, self.layers_attr, self.layers)
         tokens = []
         for b in range(len(self.batches)):
             ids, mask = self.batch(b)
@@ -301,7 +267,7 @@ class LayerStream:
             for i in order:
                 layer = self.layers[i]
                 names = {k: f"{self.spec.layer_prefix}.{i}.{k}" for k in layer.state_dict()}
-                state = self.tensors.get_many(names.values(), what=f"layer {i}", dtype=self.dtype, into=self._weights)
+                state = self.names.read(self.tensors, names.values(), f"layer {i}", self.dtype, self._weights)
                 layer.load_state_dict({k: state[v] for k, v in names.items()}, assign=True, strict=True)
                 del state
                 layer.to(self.device)
@@ -331,27 +297,20 @@ class LayerStream:
         """Inside: `logits(b, last)` of batch b from its last layer's output, by the family's own forward
         (final norm, LM head, any soft-capping) with every layer replaying `last`; the modules outside the
         layers and the embedding are read once on entry and freed on exit."""
-        prefixes = (f"{self.spec.layer_prefix}.",
-                    next(f"{n}." for n, m in self.model.named_modules() if m is self.decoder.get_input_embeddings()))
+        prefixes = (f"{self.spec.layer_prefix}.", self._name_of(self.decoder.get_input_embeddings()) + ".")
         wanted = [k for k in self.model.state_dict() if not k.startswith(prefixes)]
-        stored = set(self.tensors.keys())
-        source = {k: next((a for a in self._aliases.get(k, [k]) if a in stored), k) for k in wanted}
-        state = self.tensors.get_many(dict.fromkeys(source.values()), what="the final norm and LM head",
-                                      dtype=self.dtype, into=ReusedBuffer())
-        self.model.load_state_dict({k: state[v] for k, v in source.items()}, assign=True, strict=False)
-        owners = [self.model.get_submodule(k.rpartition(".")[0]) for k in wanted]
-        for module in owners:
-            module.to(self.device)
-        replay = _Replay()
+        owners = self._read_state(wanted, "the final norm and LM head")
+        replay = Replay()
         replays = nn.ModuleList([replay] * len(self.layers))
 
         def logits(b: int, last: torch.Tensor) -> torch.Tensor:
             _, mask = self.batch(b)
-            real, self.decoder.layers, replay.value = self.decoder.layers, replays, last.to(self.device)
+            replay.value = last.to(self.device)
             try:
-                return self.model(inputs_embeds=replay.value, attention_mask=mask, use_cache=False).logits
+                with layers_replaced(self.decoder, self.layers_attr, replays):
+                    return self.model(inputs_embeds=replay.value, attention_mask=mask, use_cache=False).logits
             finally:
-                self.decoder.layers, replay.value = real, None
+                replay.value = None
 
         try:
             yield logits
