@@ -312,6 +312,7 @@ def dropped_config_class(spec: ArchSpec) -> type:
                 "base_model_type": None,
             },
         )
+        _inherit_conversion_mapping(spec.model_types[0], _CONFIGS[spec.family].model_type)
     return _CONFIGS[spec.family]
 
 
@@ -322,7 +323,21 @@ def dropped_model_class(spec: ArchSpec, base_name: str) -> type:
         base_model = _transformers_class(spec, base_name)
         _MODELS[key] = type(dropped_class_name(spec, base_name), (_DroppedModelMixin, base_model),
                             {"__module__": __name__, "config_class": dropped_config_class(spec)})
+        _inherit_conversion_mapping(base_name, _MODELS[key].__name__)  # a class's own (GPT-NeoX's `embed_out`)
     return _MODELS[key]
+
+
+def _inherit_conversion_mapping(source: str, dropped: str) -> None:
+    """Give a dropped type its family's checkpoint conversion mapping (renamed prefixes, per-expert tensors
+    fused on load), which transformers looks up by model type or class name. Done where the class is built,
+    so a checkpoint loaded through its remote code alone (no lightning_drop installed) reads its tensors as
+    one loaded through the package does."""
+    from transformers.conversion_mapping import (get_checkpoint_conversion_mapping,
+                                                 register_checkpoint_conversion_mapping)
+
+    mapping = get_checkpoint_conversion_mapping(source)
+    if mapping is not None and get_checkpoint_conversion_mapping(dropped) is None:
+        register_checkpoint_conversion_mapping(dropped, mapping)
 
 
 def dropped_class_name(spec: ArchSpec, base_name: str) -> str:
@@ -357,12 +372,8 @@ def __getattr__(name: str) -> type:
 
 
 def register_auto_classes() -> None:
-    """Let transformers' Auto classes load dropped checkpoints of every family without remote code, with the
-    family's checkpoint conversion mapping (renamed prefixes, per-expert tensors fused on load), which
-    transformers looks up by model type."""
+    """Let transformers' Auto classes load dropped checkpoints of every family without remote code."""
     from transformers import AutoConfig
-    from transformers.conversion_mapping import (get_checkpoint_conversion_mapping,
-                                                 register_checkpoint_conversion_mapping)
 
     for spec in ALL_SPECS:
         try:
@@ -370,16 +381,9 @@ def register_auto_classes() -> None:
         except ValueError:
             continue  # family not shipped by this transformers (e.g. Baichuan)
         AutoConfig.register(config_cls.model_type, config_cls, exist_ok=True)
-        mapping = get_checkpoint_conversion_mapping(spec.model_types[0])
-        if mapping is not None and get_checkpoint_conversion_mapping(config_cls.model_type) is None:
-            register_checkpoint_conversion_mapping(config_cls.model_type, mapping)
         for name in spec.model_classes:
             auto = getattr(transformers, spec.auto_class(name))
-            dropped = dropped_model_class(spec, name)
-            auto.register(config_cls, dropped, exist_ok=True)
-            mapping = get_checkpoint_conversion_mapping(name)  # a class's own mapping (GPT-NeoX's `embed_out`)
-            if mapping is not None and get_checkpoint_conversion_mapping(dropped.__name__) is None:
-                register_checkpoint_conversion_mapping(dropped.__name__, mapping)
+            auto.register(config_cls, dropped_model_class(spec, name), exist_ok=True)
 
 
 def replace_sublayers(layer: nn.Module, spec: ArchSpec, attn: bool, mlp: bool, index: int | None = None,
