@@ -64,7 +64,7 @@ class CalibrationSource:
         on a sharded model, whose every forward is a collective: when the batches do not split evenly there,
         every rank scores all of them (the synced sums grow N-fold, their ratios stay the same).
         """
-        from lightning_drop.lightning.distributed import is_sharded
+        from lightning_drop.lightning.distributed import data_parallel_share, is_sharded
 
         if self._batches is None:
             from lightning_drop.measure.importance_history import windows_digest
@@ -73,12 +73,8 @@ class CalibrationSource:
             if "input_ids" in batch:
                 self._digest = windows_digest(batch["input_ids"])
             self._batches = split_batch(batch, self.batch_size)
-        world, rank = getattr(trainer, "world_size", 1), getattr(trainer, "global_rank", 0)
-        mesh = getattr(getattr(trainer, "strategy", None), "_device_mesh", None)  # ModelParallelStrategy's, once set up
-        if mesh is not None:
-            # shares by data-parallel rank: the processes of a tensor-parallel group split one forward, so they
-            # score the same batches (their synced sums grow alike)
-            world, rank = mesh["data_parallel"].size(), mesh["data_parallel"].get_local_rank()
+        # a tensor-parallel group splits one forward: its processes score the same share (their sums grow alike)
+        rank, world = data_parallel_share(trainer)
         if len(self._batches) % world and isinstance(pl_module, nn.Module) and is_sharded(pl_module):
             return list(self._batches)
         return self._batches[rank::world]

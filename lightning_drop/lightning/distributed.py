@@ -104,7 +104,7 @@ def check_strategy(strategy: Any, module: Any = None) -> None:
     if not is_fsdp2(strategy):
         raise UserError(f"{name} is not supported: shard with FSDP2 (`--trainer.strategy fsdp2`, Lightning's "
                         "ModelParallelStrategy), or use `ddp`")
-    tp = _tensor_parallel_processes(strategy)
+    tp = tensor_parallel_size(strategy)
     hf_model = getattr(module, "hf_model", None) if module is not None else None
     if tp <= 1 or hf_model is None:
         return
@@ -119,23 +119,26 @@ def refuse_tensor_parallel(trainer: Any, what: str) -> None:
     """Raise (one line, at setup, on every rank alike) if the trainer splits tensors: `what` cannot run so."""
     from lightning.pytorch.utilities.exceptions import MisconfigurationException
 
-    strategy = getattr(trainer, "strategy", None)
-    if is_fsdp2(strategy) and _tensor_parallel_processes(strategy) > 1:
-        raise MisconfigurationException(f"{what} cannot run with tensor parallelism (tensor_parallel_size="
-                                        f"{_tensor_parallel_processes(strategy)}): use tensor_parallel_size: 1")
+    tp = tensor_parallel_size(getattr(trainer, "strategy", None))
+    if tp > 1:
+        raise MisconfigurationException(f"{what} cannot run with tensor parallelism (tensor_parallel_size={tp}): "
+                                        "use tensor_parallel_size: 1")
 
 
 def tensor_plan(module: Any) -> tuple[Any, dict[str, str]] | None:
     """(tensor-parallel mesh, plan) of a DropModule whose trainer's mesh has a tensor-parallel dimension, else None."""
     strategy = module.trainer.strategy
-    if not is_fsdp2(strategy) or strategy.device_mesh["tensor_parallel"].size() == 1:
+    if tensor_parallel_size(strategy) == 1:
         return None
     return strategy.device_mesh["tensor_parallel"], resolve_plan(module.hf_model, module.hparams.get("tp_plan"))
 
 
-def _tensor_parallel_processes(strategy: Any) -> int:
-    """The size of the mesh's tensor-parallel dimension, before the mesh exists as after (Lightning's `auto`
-    puts every process of a node there unless the data-parallel size is given)."""
+def tensor_parallel_size(strategy: Any) -> int:
+    """How many processes split each tensor: the size of a ModelParallelStrategy's tensor-parallel dimension,
+    before the mesh exists as after (Lightning's `auto` puts every process of a node there unless the
+    data-parallel size is given); 1 under any other strategy."""
+    if not is_fsdp2(strategy):
+        return 1
     mesh = getattr(strategy, "_device_mesh", None)
     if mesh is not None:
         return int(mesh["tensor_parallel"].size())
@@ -144,6 +147,15 @@ def _tensor_parallel_processes(strategy: Any) -> int:
         return int(tp)
     world = getattr(strategy, "num_nodes", 1) * (getattr(strategy, "num_processes", 1) or 1)
     return world // int(dp) if dp != "auto" else (getattr(strategy, "num_processes", 1) or 1)
+
+
+def data_parallel_share(trainer: Any) -> tuple[int, int]:
+    """(this process's index, number of processes) among those that take different batches: every process,
+    except that the processes of a tensor-parallel group split one forward and so take the same batches."""
+    mesh = getattr(getattr(trainer, "strategy", None), "_device_mesh", None)  # ModelParallelStrategy's, once set up
+    if mesh is not None:
+        return mesh["data_parallel"].get_local_rank(), mesh["data_parallel"].size()
+    return getattr(trainer, "global_rank", 0), getattr(trainer, "world_size", 1)
 
 
 def refuse_if_sharded(trainer: Any, what: str, instead: str) -> None:

@@ -41,7 +41,8 @@ from .optimization import check_settings, configure
 from .sharded_weights import empty_model, materialize
 from .tensor_parallel import clip_grad_norm
 from .distributed import (check_strategy, drop_gathered, gathered_dir, is_fsdp2, is_sharded, save_sharded, shard_model,
-                          sharded_strategy, swap_dropped_layers, tensor_plan, unshard_module)
+                          sharded_strategy, swap_dropped_layers, tensor_parallel_size, tensor_plan,
+                          unshard_module)
 from .task import build_task
 from ..errors import UserError
 from ..core.architectures import LLAMA_LORA_TARGETS
@@ -351,7 +352,7 @@ class DropModule(pl.LightningModule):
         """Norm clipping under tensor parallelism through `clip_grad_norm` (the gradients lie on two meshes, which
         torch's clipping cannot stack); everything else as Lightning clips."""
         if gradient_clip_val and (gradient_clip_algorithm or "norm") == "norm" and self._trainer is not None \
-                and tensor_plan(self) is not None:
+                and tensor_parallel_size(self.trainer.strategy) > 1:
             clip_grad_norm([p for group in optimizer.param_groups for p in group["params"]], float(gradient_clip_val))
             return
         super().configure_gradient_clipping(optimizer, gradient_clip_val, gradient_clip_algorithm)
